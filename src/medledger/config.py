@@ -1,0 +1,135 @@
+"""Node configuration: ``node.toml`` in the node directory, overridable by environment.
+
+::
+
+    [node]
+    name = "St. Mary Hospital"      # display name (not PHI)
+    institution = "st-mary"        # stable id used on chains
+    chain = "private:st-mary"
+
+    [sequencer]
+    max_txs = 4096
+    max_wait_ms = 0.0
+
+    [keys]
+    signing_fingerprint = "…"      # hex SHA-256 of the public key's DER SPKI
+    signing_public_key = "-----BEGIN PUBLIC KEY-----…"
+
+Environment: ``MEDLEDGER_MAX_TXS`` and ``MEDLEDGER_MAX_WAIT_MS`` override the
+sequencer settings; ``MEDLEDGER_PASSPHRASE`` supplies the keystore passphrase.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from medledger.core.errors import InvalidInput, NotFound
+from medledger.core.keys import VerifyingKey
+from medledger.ledger.private import SequencerConfig
+from medledger.storage.keystore import atomic_write
+
+__all__ = ["CONFIG_FILE", "NodeConfig", "NodePaths", "institution_id", "load_config"]
+
+CONFIG_FILE = "node.toml"
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def institution_id(text: str) -> str:
+    """A chain-safe id: lowercase letters, digits and dashes, at most 63 characters."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63].strip("-")
+    if not _ID.match(slug):
+        raise InvalidInput(f"cannot derive an institution id from {text!r}; pass --id")
+    return slug
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodePaths:
+    """Where a node keeps its files, all inside one directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def keystore(self) -> Path:
+        return self.root / "keystore.json"
+
+    @property
+    def chain_db(self) -> Path:
+        return self.root / "chain.db"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    name: str
+    institution: str
+    chain: str
+    sequencer: SequencerConfig
+    signing_key: VerifyingKey
+
+    def to_toml(self) -> bytes:
+        doc = {
+            "node": {"name": self.name, "institution": self.institution, "chain": self.chain},
+            "sequencer": {
+                "max_txs": self.sequencer.max_txs,
+                "max_wait_ms": float(self.sequencer.max_wait_ms),
+            },
+            "keys": {
+                "signing_fingerprint": self.signing_key.fingerprint,
+                "signing_public_key": self.signing_key.pem(),
+            },
+        }
+        return tomli_w.dumps(doc, multiline_strings=True).encode()
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, self.to_toml(), mode=0o644)
+
+
+def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name)
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{CONFIG_FILE}: missing [{name}] section")
+    return value
+
+
+def load_config(root: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read ``node.toml`` from ``root``; raise :class:`NotFound` / :class:`InvalidInput`."""
+    env = os.environ if env is None else env
+    path = NodePaths(root=root).config
+    if not root.is_dir():
+        raise NotFound(f"node directory {root} does not exist")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(
+            f"{root} is not a medledger node (no {CONFIG_FILE}); run 'medledger node init'"
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{path}: {exc}") from None
+    node, seq, keys = _section(doc, "node"), _section(doc, "sequencer"), _section(doc, "keys")
+    try:
+        max_txs = int(env.get("MEDLEDGER_MAX_TXS", seq.get("max_txs", 4096)))
+        max_wait = float(env.get("MEDLEDGER_MAX_WAIT_MS", seq.get("max_wait_ms", 0.0)))
+        key = VerifyingKey.from_pem(str(keys["signing_public_key"]))
+        config = NodeConfig(
+            name=str(node["name"]),
+            institution=str(node["institution"]),
+            chain=str(node["chain"]),
+            sequencer=SequencerConfig(max_txs=max_txs, max_wait_ms=max_wait),
+            signing_key=key,
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"{path}: invalid setting ({exc})") from None
+    if key.fingerprint != keys.get("signing_fingerprint"):
+        raise InvalidInput(f"{path}: signing_fingerprint does not match signing_public_key")
+    return config

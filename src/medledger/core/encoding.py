@@ -1,0 +1,152 @@
+"""Canonical JSON: the byte form that every hash and signature in medledger covers.
+
+The format is fixed (DESIGN.md, "Fixed formats")::
+
+    json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+over ``str``, ``int``, ``bool``, ``None``, ``list`` and ``dict`` with ``str`` keys
+only. On that subset this is RFC 8785 (JCS) output. Floats are rejected because
+their text form is not unique across implementations; so are non-string keys,
+strings that are not valid Unicode scalar sequences (lone surrogates), and
+integers outside the IEEE-754 safe range (|n| > 2**53 - 1), which JCS
+implementations in other languages could not round-trip.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
+from medledger.core.errors import InvalidInput
+
+__all__ = ["JSONValue", "MAX_DEPTH", "MAX_SAFE_INTEGER", "canonical_bytes", "parse_canonical"]
+
+JSONValue: TypeAlias = "bool | int | str | list[JSONValue] | dict[str, JSONValue] | None"
+
+MAX_SAFE_INTEGER = 2**53 - 1
+#: Nesting deeper than this is refused: it protects parsers (ours and the
+#: auditors') from stack exhaustion and no medledger object needs it.
+MAX_DEPTH = 64
+
+
+def _check(value: Any, path: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise InvalidInput(f"canonical JSON: nesting deeper than {MAX_DEPTH} at {path}")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            raise InvalidInput(f"canonical JSON: integer outside the safe range at {path}")
+        return
+    if isinstance(value, str):
+        _check_str(value, path)
+        return
+    if isinstance(value, float):
+        raise InvalidInput(f"canonical JSON: floats are not allowed (at {path})")
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check(item, f"{path}[{i}]", depth + 1)
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidInput(f"canonical JSON: non-string key {key!r} at {path}")
+            _check_str(key, path)
+            _check(item, f"{path}.{key}", depth + 1)
+        return
+    raise InvalidInput(f"canonical JSON: unsupported type {type(value).__name__} at {path}")
+
+
+def _check_str(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"canonical JSON: string is not valid Unicode at {path}") from None
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Fast acceptance test on exact built-in types; ``False`` means "look closer".
+
+    Unicode validity is left to the final UTF-8 encode, which raises on lone
+    surrogates; :func:`_check` then finds the path for the error message.
+    """
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return True
+    if t is int:
+        return bool(-MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER)
+    if depth >= MAX_DEPTH:
+        return False
+    if t is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            if type(item) is not str and not _plain(item, depth + 1):
+                return False
+        return True
+    if t is list or t is tuple:
+        return all(type(item) is str or _plain(item, depth + 1) for item in value)
+    return False
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """Return the canonical JSON bytes of ``value``.
+
+    Raises :class:`InvalidInput` (naming the JSON path) for floats, NaN,
+    non-string keys, lone surrogates, unsafe integers, nesting deeper than
+    :data:`MAX_DEPTH` or any type outside the JSON subset. Tuples encode as lists.
+    """
+    if not _plain(value, 0):
+        _check(value, "$", 0)
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except UnicodeEncodeError:
+        _check(value, "$", 0)
+        raise InvalidInput("canonical JSON: string is not valid Unicode") from None
+
+
+def _reject_float(text: str) -> Any:
+    raise InvalidInput(f"canonical JSON: floats are not allowed ({text})")
+
+
+def _reject_constant(text: str) -> Any:
+    raise InvalidInput(f"canonical JSON: {text} is not allowed")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidInput(f"canonical JSON: duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_canonical(data: bytes) -> Any:
+    """Parse bytes that must already be canonical JSON and return the value.
+
+    Raises :class:`InvalidInput` for invalid UTF-8, invalid JSON, floats, NaN,
+    duplicate keys, or any byte sequence that is not exactly the canonical
+    encoding of the value it denotes (so a hash over ``data`` is unambiguous).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"canonical JSON: invalid UTF-8 at byte {exc.start}") from None
+    try:
+        value = json.loads(
+            text,
+            parse_float=_reject_float,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_no_duplicates,
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"canonical JSON: {exc.msg} at byte {exc.pos}") from None
+    except RecursionError:
+        raise InvalidInput("canonical JSON: nesting too deep") from None
+    if canonical_bytes(value) != data:
+        raise InvalidInput("canonical JSON: bytes are valid JSON but not in canonical form")
+    return value

@@ -1,0 +1,106 @@
+"""The one error hierarchy of medledger.
+
+Every failure medledger reports on purpose is a :class:`MedledgerError`.
+Callers catch the narrowest class they can act on; the API and the CLI map
+errors to HTTP / OperationOutcome and exit codes in exactly one place each.
+
+::
+
+    MedledgerError
+    ├── VerificationError          something does not check out
+    │   ├── InvalidSignature       a signature does not verify under the key
+    │   ├── RootMismatch           a recomputed Merkle root differs (has both roots)
+    │   ├── InconsistentLog        two log states cannot both be true
+    │   └── IntegrityError         stored bytes do not match their hash / chain
+    ├── InvalidInput               malformed or unacceptable input
+    ├── NotFound                   no such block, transaction, record or key
+    ├── Conflict                   a write contradicts current state
+    ├── ConsentDenied              no consent authorizes the request
+    ├── KeyStoreError              keystore missing, locked or wrong passphrase
+    ├── StorageError               the storage backend failed or is corrupt
+    │   └── RetryableStorageError  a transient failure; the same call may succeed
+    └── OrderingError              the consortium ordering service failed
+
+Messages are one line, name *what* and *where* (height, index, record), and
+never contain PHI or key material.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Conflict",
+    "ConsentDenied",
+    "InconsistentLog",
+    "IntegrityError",
+    "InvalidInput",
+    "InvalidSignature",
+    "KeyStoreError",
+    "MedledgerError",
+    "NotFound",
+    "OrderingError",
+    "RetryableStorageError",
+    "RootMismatch",
+    "StorageError",
+    "VerificationError",
+]
+
+
+class MedledgerError(Exception):
+    """Base of every error medledger raises on purpose."""
+
+
+class VerificationError(MedledgerError):
+    """A signature, hash, proof or chain link does not check out."""
+
+
+class InvalidSignature(VerificationError):
+    """A signature does not verify under the claimed key."""
+
+
+class RootMismatch(VerificationError):
+    """A Merkle root recomputed from a proof differs from the expected root."""
+
+    def __init__(self, message: str, *, expected: bytes, calculated: bytes) -> None:
+        super().__init__(f"{message}: expected {expected.hex()}, calculated {calculated.hex()}")
+        self.expected = expected
+        self.calculated = calculated
+
+
+class InconsistentLog(VerificationError):
+    """Two states of an append-only log cannot both be true (history was rewritten)."""
+
+
+class IntegrityError(VerificationError):
+    """Stored bytes do not match the hash or chain that commits to them."""
+
+
+class InvalidInput(MedledgerError):
+    """Input is malformed or not acceptable; nothing was changed."""
+
+
+class NotFound(MedledgerError):
+    """The requested block, transaction, record or key does not exist."""
+
+
+class Conflict(MedledgerError):
+    """The write contradicts the current state (e.g. a stale version)."""
+
+
+class ConsentDenied(MedledgerError):
+    """No final, unrevoked, unexpired consent authorizes the request."""
+
+
+class KeyStoreError(MedledgerError):
+    """The keystore is missing, corrupt, or the passphrase is wrong."""
+
+
+class StorageError(MedledgerError):
+    """The storage backend failed or holds data it cannot read."""
+
+
+class RetryableStorageError(StorageError):
+    """A transient storage failure; retrying the same call may succeed."""
+
+
+class OrderingError(MedledgerError):
+    """The consortium ordering service failed or refused a transaction."""

@@ -1,0 +1,358 @@
+"""An institution's private chain: one sequencer, group commit, signed blocks.
+
+Writers call :meth:`PrivateChain.submit` concurrently. Transactions wait in
+a queue; the sequencer drains whatever is queued (up to ``max_txs``), builds
+one block — RFC 6962 log update, header, ECDSA signature — and writes it in
+one storage transaction (one fsync). Only after that commit returns does
+each writer get its :class:`~medledger.core.models.Receipt`: **an ack means
+durable**. While one block commits on the storage thread, new submissions
+queue up, so the previous commit is the batching window: under load blocks
+grow, and at low load a lone write is committed at once (``max_wait_ms=0``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from medledger.core.encoding import canonical_bytes
+from medledger.core.errors import (
+    IntegrityError,
+    InvalidInput,
+    MedledgerError,
+    StorageError,
+)
+from medledger.core.hashing import ZERO_HASH, sha256
+from medledger.core.keys import SigningKey
+from medledger.core.merkle import CompactRange, leaf_hash, range_nodes
+from medledger.core.models import BlockHeader, Receipt, Transaction
+from medledger.ledger.clock import Clock, SystemClock
+from medledger.storage.ports import ChainStore, NewBlock
+
+__all__ = ["GENESIS_TX", "MAX_TX_BYTES", "PrivateChain", "SequencerConfig"]
+
+GENESIS_TX = "chain.genesis"
+#: A single transaction larger than this is refused: records live in the blob
+#: store, and chains carry only hashes and pseudonyms.
+MAX_TX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SequencerConfig:
+    """When the sequencer cuts a block.
+
+    ``max_txs``: most transactions in one block. ``max_wait_ms``: how long to
+    wait for more transactions when fewer than ``max_txs`` are queued (0 = cut
+    at once; the previous commit is already a batching window).
+    """
+
+    max_txs: int = 4096
+    max_wait_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_txs < 1:
+            raise InvalidInput("max_txs must be at least 1")
+        if self.max_wait_ms < 0:
+            raise InvalidInput("max_wait_ms must not be negative")
+
+
+def _as_storage_error(exc: BaseException) -> Exception:
+    if isinstance(exc, MedledgerError):
+        return exc
+    return StorageError(f"block commit failed: {type(exc).__name__}: {exc}")
+
+
+async def _outcome(fut: asyncio.Future[None]) -> Exception | None:
+    """``None`` if the commit succeeded, else the error to give its writers."""
+    try:
+        await fut
+    except Exception as exc:
+        return _as_storage_error(exc)
+    return None
+
+
+def _fail_all(batch: Sequence[_Pending], exc: Exception) -> None:
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)
+
+
+@dataclass(slots=True)
+class _Pending:
+    data: bytes
+    tx_hash: bytes
+    future: asyncio.Future[Receipt]
+
+
+class PrivateChain:
+    """One institution's chain over a :class:`ChainStore`.
+
+    Create a new chain with :meth:`create` (writes the genesis block), open an
+    existing one with the constructor. Call :meth:`close` to drain the queue.
+    """
+
+    def __init__(
+        self,
+        store: ChainStore,
+        key: SigningKey,
+        *,
+        proposer: str,
+        config: SequencerConfig | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._proposer = proposer
+        self._config = config or SequencerConfig()
+        self._clock: Clock = clock or SystemClock()
+        head = store.head()
+        if head is None:
+            raise StorageError("chain has no genesis block; create it with PrivateChain.create")
+        header = BlockHeader.decode(head.header_bytes)
+        self.chain_id = header.chain
+        self._head, self._head_hash = header, head.block_hash
+        self._tip, self._tip_hash = header, head.block_hash
+        self._log = self._load_log(header)
+        self._queue: list[_Pending] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medledger-commit")
+
+    def _load_log(self, header: BlockHeader) -> CompactRange:
+        nodes = range_nodes(0, header.log_size)
+        fetched = self._store.node_hashes(nodes)
+        log = CompactRange(header.log_size, [fetched[n] for n in nodes])
+        if log.root() != header.log_root:
+            raise IntegrityError(
+                f"block {header.height}: stored Merkle nodes do not give the head's log root"
+            )
+        return log
+
+    @classmethod
+    def create(
+        cls,
+        store: ChainStore,
+        key: SigningKey,
+        *,
+        chain_id: str,
+        institution: str,
+        name: str,
+        config: SequencerConfig | None = None,
+        clock: Clock | None = None,
+    ) -> PrivateChain:
+        """Write the genesis block (height 0, one ``chain.genesis`` tx naming the key)."""
+        clk: Clock = clock or SystemClock()
+        now = clk.now_ms()
+        genesis = Transaction(
+            type=GENESIS_TX,
+            chain=chain_id,
+            body={
+                "institution": institution,
+                "name": name,
+                "signing_key": key.public.der().hex(),
+                "signing_fingerprint": key.fingerprint,
+            },
+            time_ms=now,
+        )
+        data = genesis.encode()
+        log = CompactRange()
+        nodes = log.append(leaf_hash(data))[1:]
+        header = BlockHeader(
+            chain=chain_id,
+            height=0,
+            prev_hash=ZERO_HASH,
+            tx_root=log.root(),
+            tx_count=1,
+            log_size=1,
+            log_root=log.root(),
+            time_ms=now,
+            proposer=institution,
+        )
+        header_bytes = header.encode()
+        block_hash = sha256(header_bytes)
+        store.append_block(
+            NewBlock(
+                header=header,
+                header_bytes=header_bytes,
+                block_hash=block_hash,
+                signatures=(key.sign(block_hash),),
+                first_index=0,
+                tx_data=[data],
+                tx_hashes=[sha256(data)],
+                nodes=nodes,
+            )
+        )
+        return cls(store, key, proposer=institution, config=config, clock=clk)
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def head(self) -> BlockHeader:
+        """Header of the last durable block."""
+        return self._head
+
+    @property
+    def head_hash(self) -> bytes:
+        return self._head_hash
+
+    @property
+    def store(self) -> ChainStore:
+        return self._store
+
+    # -- writing ---------------------------------------------------------------
+
+    async def submit(self, tx_type: str, body: dict[str, Any]) -> Receipt:
+        """Append a transaction of ``tx_type`` with ``body``; return once durable."""
+        tx = Transaction(type=tx_type, chain=self.chain_id, body=body, time_ms=self._clock.now_ms())
+        return await self.submit_tx(tx)
+
+    async def submit_tx(self, tx: Transaction) -> Receipt:
+        """Append ``tx`` (which must name this chain); return once its block is durable.
+
+        Raises :class:`InvalidInput` for a transaction this chain refuses, and
+        :class:`StorageError` if the block could not be committed (then the
+        transaction is not on the chain).
+        """
+        if tx.chain != self.chain_id:
+            raise InvalidInput(f"transaction names chain {tx.chain!r}, not {self.chain_id!r}")
+        if tx.type == GENESIS_TX:
+            raise InvalidInput("a chain has exactly one genesis transaction")
+        data = canonical_bytes(tx.to_json())
+        if len(data) > MAX_TX_BYTES:
+            raise InvalidInput(f"transaction is {len(data)} bytes; the limit is {MAX_TX_BYTES}")
+        if self._closing:
+            raise StorageError("chain is closing; no new transactions accepted")
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._sequence(), name="medledger-sequencer")
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        self._queue.append(_Pending(data, sha256(data), fut))
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await fut
+
+    async def _sequence(self) -> None:
+        """Cut, sign and commit blocks until closed.
+
+        Two-stage pipeline: while block N is being written on the commit
+        thread, block N+1 is built (hashing, signing) here. Writers of N are
+        acknowledged only after N's commit returned; if it fails, N and the
+        block built on top of it are both failed and the tip rolls back.
+        """
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        inflight: tuple[NewBlock, list[_Pending], asyncio.Future[None]] | None = None
+        while True:
+            if not self._queue:
+                if inflight is not None:
+                    # Wait for the commit *or* new writers, so the next block is
+                    # built on this thread while the commit thread writes.
+                    woken: asyncio.Future[Any] = asyncio.ensure_future(self._wakeup.wait())
+                    await asyncio.wait([inflight[2], woken], return_when=asyncio.FIRST_COMPLETED)
+                    if not woken.done():
+                        woken.cancel()
+                    self._wakeup.clear()
+                    if inflight[2].done():
+                        self._finish(*inflight[:2], await _outcome(inflight[2]))
+                        inflight = None
+                    else:
+                        await asyncio.sleep(0)  # let every writer that is ready enqueue
+                    continue
+                if self._closing:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            if (
+                inflight is None
+                and self._config.max_wait_ms
+                and len(self._queue) < self._config.max_txs
+            ):
+                await asyncio.sleep(self._config.max_wait_ms / 1000)
+            take = min(len(self._queue), self._config.max_txs)
+            batch = self._queue[:take]
+            del self._queue[:take]
+            try:
+                block = self._build(batch)
+            except Exception as exc:  # a bug: never ack, never leave the tip advanced
+                self._rollback()
+                _fail_all(batch, _as_storage_error(exc))
+                continue
+            if inflight is not None:
+                failure = await _outcome(inflight[2])
+                self._finish(*inflight[:2], failure)
+                inflight = None
+                if failure is not None:
+                    self._rollback()
+                    _fail_all(batch, failure)
+                    continue
+            fut = loop.run_in_executor(self._executor, self._store.append_block, block)
+            inflight = (block, batch, fut)
+
+    def _finish(self, block: NewBlock, batch: list[_Pending], failure: Exception | None) -> None:
+        if failure is not None:
+            self._rollback()
+            _fail_all(batch, failure)
+            return
+        self._head, self._head_hash = block.header, block.block_hash
+        height, first = block.header.height, block.first_index
+        for i, p in enumerate(batch):
+            if not p.future.done():
+                p.future.set_result(Receipt(height=height, index=first + i, tx_hash=p.tx_hash))
+
+    def _rollback(self) -> None:
+        """Return the tip to the last committed block (rebuilding the log from storage)."""
+        self._tip, self._tip_hash = self._head, self._head_hash
+        self._log = self._load_log(self._head)
+
+    def _build(self, batch: Sequence[_Pending]) -> NewBlock:
+        """Extend the log with ``batch`` and return the signed block (not yet stored)."""
+        first = self._log.size
+        created = []
+        block_log = CompactRange()
+        append, block_append = self._log.append, block_log.append
+        for p in batch:
+            leaf = leaf_hash(p.data)
+            # Level-0 hashes are derivable from the stored transaction; keep the rest.
+            created.extend(append(leaf)[1:])
+            block_append(leaf)
+        prev = self._tip
+        header = BlockHeader(
+            chain=self.chain_id,
+            height=prev.height + 1,
+            prev_hash=self._tip_hash,
+            tx_root=block_log.root(),
+            tx_count=len(batch),
+            log_size=self._log.size,
+            log_root=self._log.root(),
+            time_ms=max(self._clock.now_ms(), prev.time_ms),
+            proposer=self._proposer,
+        )
+        header_bytes = header.encode()
+        block_hash = sha256(header_bytes)
+        self._tip, self._tip_hash = header, block_hash
+        return NewBlock(
+            header=header,
+            header_bytes=header_bytes,
+            block_hash=block_hash,
+            signatures=(self._key.sign(block_hash),),
+            first_index=first,
+            tx_data=[p.data for p in batch],
+            tx_hashes=[p.tx_hash for p in batch],
+            nodes=created,
+        )
+
+    async def close(self) -> None:
+        """Stop accepting writes, commit everything queued, stop the sequencer."""
+        self._closing = True
+        if self._task is not None and self._wakeup is not None:
+            self._wakeup.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)

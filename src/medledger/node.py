@@ -1,0 +1,118 @@
+"""Composition root: configuration → adapters → ledger. The only place that wires.
+
+``init_node`` creates a node directory (keystore, chain with its genesis
+block, ``node.toml``); ``open_node`` unlocks and opens it for writing;
+``open_chain`` opens only the chain for reading and verification, which needs
+no passphrase.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from medledger.config import NodeConfig, NodePaths, institution_id, load_config
+from medledger.core.errors import Conflict, IntegrityError, InvalidInput
+from medledger.ledger.clock import Clock
+from medledger.ledger.private import PrivateChain, SequencerConfig
+from medledger.storage.keystore import FileKeyStore, KdfParams
+from medledger.storage.sqlite import SqliteChainStore
+
+__all__ = ["Node", "init_node", "open_chain", "open_node"]
+
+
+@dataclass(slots=True)
+class Node:
+    """An opened institution node."""
+
+    config: NodeConfig
+    paths: NodePaths
+    keystore: FileKeyStore
+    store: SqliteChainStore
+    chain: PrivateChain
+
+    async def close(self) -> None:
+        """Commit everything queued, then release storage."""
+        await self.chain.close()
+        self.store.close()
+
+
+def init_node(
+    root: Path,
+    *,
+    name: str,
+    passphrase: bytes,
+    institution: str | None = None,
+    sequencer: SequencerConfig | None = None,
+    kdf: KdfParams | None = None,
+    clock: Clock | None = None,
+) -> NodeConfig:
+    """Create a new node in ``root`` (absent or empty). Leaves nothing behind on failure."""
+    if not name.strip():
+        raise InvalidInput("the institution name must not be empty")
+    inst = institution_id(institution or name)
+    if institution is not None and inst != institution:
+        raise InvalidInput(
+            f"institution id {institution!r} must be lowercase letters, digits and dashes"
+        )
+    created_root = not root.exists()
+    if not created_root and (not root.is_dir() or any(root.iterdir())):
+        raise Conflict(f"{root} exists and is not an empty directory")
+    paths = NodePaths(root=root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        keystore = FileKeyStore.create(paths.keystore, passphrase, params=kdf)
+        key = keystore.signing_key()
+        chain_id = f"private:{inst}"
+        store = SqliteChainStore.create(paths.chain_db, chain_id)
+        try:
+            PrivateChain.create(
+                store, key, chain_id=chain_id, institution=inst, name=name, clock=clock
+            )
+        finally:
+            store.close()
+        config = NodeConfig(
+            name=name,
+            institution=inst,
+            chain=chain_id,
+            sequencer=sequencer or SequencerConfig(),
+            signing_key=key.public,
+        )
+        config.save(paths.config)
+    except BaseException:
+        if created_root:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for child in root.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+    return config
+
+
+def open_chain(root: Path) -> tuple[NodeConfig, SqliteChainStore]:
+    """Open a node's chain for reading (no passphrase). Caller closes the store."""
+    config = load_config(root)
+    return config, SqliteChainStore.open(NodePaths(root=root).chain_db)
+
+
+def open_node(root: Path, passphrase: bytes, *, clock: Clock | None = None) -> Node:
+    """Unlock the keystore and open the chain for writing."""
+    config = load_config(root)
+    paths = NodePaths(root=root)
+    keystore = FileKeyStore.open(paths.keystore, passphrase)
+    key = keystore.signing_key()
+    if key.public != config.signing_key:
+        raise IntegrityError("the keystore's signing key is not the one in node.toml")
+    store = SqliteChainStore.open(paths.chain_db)
+    try:
+        chain = PrivateChain(
+            store, key, proposer=config.institution, config=config.sequencer, clock=clock
+        )
+    except BaseException:
+        store.close()
+        raise
+    return Node(config=config, paths=paths, keystore=keystore, store=store, chain=chain)

@@ -1,0 +1,375 @@
+"""SQLite adapter of :class:`~medledger.storage.ports.ChainStore`: the embedded default.
+
+WAL journal with ``synchronous=FULL``: a committed block is on disk (one WAL
+fsync per block) before ``append_block`` returns. One writer connection,
+used by the sequencer's single commit thread; readers get their own
+connection per thread and never block the writer (WAL snapshot isolation).
+
+Merkle nodes are keyed so that creation order is key order::
+
+    key(level, index) = (last_leaf(level, index) << 6) | level,
+    last_leaf = ((index + 1) << level) - 1
+
+so appends go to the right edge of the B-tree, proofs fetch each node by
+primary key, and full verification streams nodes in the order it rebuilds them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from medledger.core.errors import Conflict, InvalidInput, NotFound, StorageError
+from medledger.core.hashing import sha256
+from medledger.core.merkle import NodeID, leaf_hash
+from medledger.core.models import Signature
+from medledger.storage.ports import NewBlock, StoredBlock
+
+__all__ = ["SCHEMA_VERSION", "SqliteChainStore", "node_key", "node_from_key"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE blocks (
+    height INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL,
+    header BLOB NOT NULL,
+    signatures TEXT NOT NULL,
+    first_index INTEGER NOT NULL,
+    tx_count INTEGER NOT NULL
+);
+CREATE INDEX blocks_by_first_index ON blocks(first_index);
+-- hkey: the first 8 bytes of the tx hash as a signed integer. A small integer
+-- index costs far less per insert than a 32-byte blob index; lookups confirm
+-- the full hash against the data.
+CREATE TABLE txs (idx INTEGER PRIMARY KEY, hkey INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE INDEX txs_by_hkey ON txs(hkey);
+-- Perfect subtrees of level >= 1; leaf hashes are derived from txs.data.
+CREATE TABLE nodes (id INTEGER PRIMARY KEY, hash BLOB NOT NULL);
+"""
+
+
+def node_key(node: NodeID) -> int:
+    """Primary key of a Merkle node; increasing in creation order."""
+    return ((((node.index + 1) << node.level) - 1) << 6) | node.level
+
+
+def node_from_key(key: int) -> NodeID:
+    level = key & 63
+    last = key >> 6
+    return NodeID(level, ((last + 1) >> level) - 1)
+
+
+def _hkey(tx_hash: bytes) -> int:
+    return int.from_bytes(tx_hash[:8], "big", signed=True)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def _storage_error(path: Path, exc: sqlite3.Error) -> StorageError:
+    return StorageError(f"{path}: {exc}")
+
+
+class SqliteChainStore:
+    """A chain in one SQLite file. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, path: Path, chain: str, writer: sqlite3.Connection) -> None:
+        self.path = path
+        self.chain = chain
+        self._writer = writer
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path, chain: str) -> SqliteChainStore:
+        """Create a new, empty chain database at ``path`` (which must not exist)."""
+        if path.exists():
+            raise Conflict(f"{path} already exists")
+        try:
+            conn = _connect(path)
+            conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+            conn.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?)",
+                [("schema_version", str(SCHEMA_VERSION)), ("chain", chain)],
+            )
+        except sqlite3.Error as exc:
+            raise _storage_error(path, exc) from None
+        return cls(path, chain, conn)
+
+    @classmethod
+    def open(cls, path: Path) -> SqliteChainStore:
+        """Open an existing chain database; never creates or alters one."""
+        if not path.is_file():
+            raise NotFound(f"no chain database at {path}")
+        try:
+            conn = sqlite3.connect(
+                f"file:{path}?mode=rw",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=30,
+            )
+            rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"{path} is not a readable medledger chain database ({exc})"
+            ) from None
+        if rows.get("schema_version") != str(SCHEMA_VERSION) or "chain" not in rows:
+            conn.close()
+            raise StorageError(
+                f"{path}: unsupported schema version {rows.get('schema_version')!r} "
+                f"(this medledger reads {SCHEMA_VERSION})"
+            )
+        return cls(path, rows["chain"], conn)
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._writer.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(
+                    f"file:{self.path}?mode=rw",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=30,
+                )
+            except sqlite3.Error as exc:
+                raise _storage_error(self.path, exc) from None
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from None
+
+    # -- writes ------------------------------------------------------------
+
+    def append_block(self, block: NewBlock) -> None:
+        height = block.header.height
+        first = block.first_index
+        sigs = json.dumps([s.to_json() for s in block.signatures], separators=(",", ":"))
+        with self._write_lock:
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    row = conn.execute("SELECT MAX(height) FROM blocks").fetchone()
+                    expected = 0 if row[0] is None else row[0] + 1
+                    if height != expected:
+                        raise Conflict(f"block height {height} does not follow head {expected - 1}")
+                    conn.execute(
+                        "INSERT INTO blocks(height, hash, header, signatures, first_index, tx_count)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            height,
+                            block.block_hash,
+                            block.header_bytes,
+                            sigs,
+                            first,
+                            len(block.tx_data),
+                        ),
+                    )
+                    conn.executemany(
+                        "INSERT INTO txs(idx, hkey, data) VALUES (?, ?, ?)",
+                        [
+                            (first + i, _hkey(h), d)
+                            for i, (h, d) in enumerate(
+                                zip(block.tx_hashes, block.tx_data, strict=True)
+                            )
+                        ],
+                    )
+                    conn.executemany(
+                        "INSERT INTO nodes(id, hash) VALUES (?, ?)",
+                        [(node_key(n), h) for n, h in block.nodes],
+                    )
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise _storage_error(self.path, exc) from None
+
+    # -- reads -------------------------------------------------------------
+
+    def _stored(self, row: Any, txs: tuple[bytes, ...]) -> StoredBlock:
+        height, block_hash, header, sigs, first = row
+        try:
+            signatures = tuple(Signature.from_json(s) for s in json.loads(sigs))
+        except (ValueError, TypeError, InvalidInput) as exc:
+            raise StorageError(
+                f"block {height}: stored signatures are unreadable ({exc})"
+            ) from None
+        return StoredBlock(
+            height=height,
+            header_bytes=bytes(header),
+            block_hash=bytes(block_hash),
+            signatures=signatures,
+            first_index=first,
+            tx_data=txs,
+        )
+
+    _BLOCK_COLS = "height, hash, header, signatures, first_index"
+
+    def head(self) -> StoredBlock | None:
+        rows = self._query(
+            f"SELECT {self._BLOCK_COLS}, tx_count FROM blocks ORDER BY height DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        return self._with_txs(rows[0])
+
+    def head_header_bytes(self) -> bytes | None:
+        rows = self._query("SELECT header FROM blocks ORDER BY height DESC LIMIT 1")
+        return bytes(rows[0][0]) if rows else None
+
+    def _with_txs(self, row: Any) -> StoredBlock:
+        first, count = row[4], row[5]
+        txs = self._query(
+            "SELECT data FROM txs WHERE idx >= ? AND idx < ? ORDER BY idx", (first, first + count)
+        )
+        return self._stored(row[:5], tuple(bytes(t[0]) for t in txs))
+
+    def block(self, height: int) -> StoredBlock:
+        rows = self._query(
+            f"SELECT {self._BLOCK_COLS}, tx_count FROM blocks WHERE height = ?", (height,)
+        )
+        if not rows:
+            raise NotFound(f"no block at height {height}")
+        return self._with_txs(rows[0])
+
+    def iter_blocks(self, start: int = 0, end: int | None = None) -> Iterator[StoredBlock]:
+        stop = end if end is not None else 2**62
+        try:
+            conn = self._reader()
+            blocks = conn.execute(
+                f"SELECT {self._BLOCK_COLS}, tx_count FROM blocks"
+                " WHERE height >= ? AND height < ? ORDER BY height",
+                (start, stop),
+            )
+            first_row = None
+            pending: list[Any] = []
+            # Stream transactions alongside blocks with a second cursor.
+            txs_cur: sqlite3.Cursor | None = None
+            carry: tuple[int, bytes] | None = None
+            while True:
+                batch = blocks.fetchmany(256)
+                if not batch:
+                    break
+                for row in batch:
+                    if first_row is None:
+                        first_row = row
+                        txs_cur = conn.execute(
+                            "SELECT idx, data FROM txs WHERE idx >= ? ORDER BY idx", (row[4],)
+                        )
+                    assert txs_cur is not None
+                    lo, hi = row[4], row[4] + row[5]
+                    pending.clear()
+                    while True:
+                        if carry is None:
+                            nxt = txs_cur.fetchone()
+                            if nxt is None:
+                                break
+                            carry = (nxt[0], bytes(nxt[1]))
+                        if carry[0] < lo:
+                            carry = None
+                            continue
+                        if carry[0] >= hi:
+                            break
+                        pending.append(carry[1])
+                        carry = None
+                    yield self._stored(row[:5], tuple(pending))
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from None
+
+    def node_hashes(self, ids: Sequence[NodeID]) -> dict[NodeID, bytes]:
+        # One primary-key lookup per node: an IN (...) list made SQLite scan.
+        out: dict[NodeID, bytes] = {}
+        try:
+            cur = self._reader()
+            for node in ids:
+                if node in out:
+                    continue
+                if node.level == 0:
+                    row = cur.execute(
+                        "SELECT data FROM txs WHERE idx = ?", (node.index,)
+                    ).fetchone()
+                    if row is not None:
+                        out[node] = leaf_hash(bytes(row[0]))
+                        continue
+                else:
+                    row = cur.execute(
+                        "SELECT hash FROM nodes WHERE id = ?", (node_key(node),)
+                    ).fetchone()
+                    if row is not None:
+                        out[node] = bytes(row[0])
+                        continue
+                raise NotFound(f"merkle node level {node.level} index {node.index} not stored")
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from None
+        return out
+
+    def iter_nodes(self) -> Iterator[tuple[NodeID, bytes]]:
+        try:
+            cur = self._reader().execute("SELECT id, hash FROM nodes ORDER BY id")
+            while True:
+                batch = cur.fetchmany(4096)
+                if not batch:
+                    return
+                for key, h in batch:
+                    yield node_from_key(key), bytes(h)
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from None
+
+    def tx_location(self, tx_hash: bytes) -> tuple[int, int]:
+        for idx, data in self._query("SELECT idx, data FROM txs WHERE hkey = ?", (_hkey(tx_hash),)):
+            if sha256(bytes(data)) == tx_hash:
+                rows = self._query(
+                    "SELECT height FROM blocks WHERE first_index <= ?"
+                    " ORDER BY first_index DESC LIMIT 1",
+                    (idx,),
+                )
+                if rows:
+                    return int(rows[0][0]), int(idx)
+        raise NotFound(f"no transaction {tx_hash.hex()}")
+
+    def tx_data(self, index: int) -> bytes:
+        rows = self._query("SELECT data FROM txs WHERE idx = ?", (index,))
+        if not rows:
+            raise NotFound(f"no transaction at log index {index}")
+        return bytes(rows[0][0])
+
+    def counts(self) -> tuple[int, int, int]:
+        rows = self._query(
+            "SELECT (SELECT COUNT(*) FROM blocks), (SELECT COUNT(*) FROM txs),"
+            " (SELECT COUNT(*) FROM nodes)"
+        )
+        b, t, n = rows[0]
+        return int(b), int(t), int(n)
