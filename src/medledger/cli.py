@@ -174,6 +174,8 @@ def chain_show(root: Path, as_json: bool) -> None:
 )
 def chain_export(root: Path, start: int, end: int | None) -> None:
     """Print blocks as JSON lines: {header, hash, signatures, txs}."""
+    if end is not None and end < start:
+        _fail(f"--to {end} is before --from {start}", 2)
     with _chain(root) as (_, store):
         stop = None if end is None else end + 1
         out = sys.stdout
@@ -390,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"verification FAILED: {exc}", EXIT_TAMPERED)
     except MedledgerError as exc:
         _fail(str(exc))
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except OSError as exc:
         _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
     except KeyboardInterrupt:

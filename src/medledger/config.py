@@ -68,6 +68,14 @@ class NodePaths:
     def chain_db(self) -> Path:
         return self.root / "chain.db"
 
+    @property
+    def records_db(self) -> Path:
+        return self.root / "records.db"
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
@@ -120,6 +128,11 @@ def load_config(root: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
     try:
         max_txs = int(env.get("MEDLEDGER_MAX_TXS", seq.get("max_txs", 4096)))
         max_wait = float(env.get("MEDLEDGER_MAX_WAIT_MS", seq.get("max_wait_ms", 0.0)))
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(
+            f"invalid sequencer setting in {path} or the environment ({exc})"
+        ) from None
+    try:
         key = VerifyingKey.from_pem(str(keys["signing_public_key"]))
         config = NodeConfig(
             name=str(node["name"]),
@@ -128,7 +141,7 @@ def load_config(root: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
             sequencer=SequencerConfig(max_txs=max_txs, max_wait_ms=max_wait),
             signing_key=key,
         )
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, InvalidInput) as exc:
         raise InvalidInput(f"{path}: invalid setting ({exc})") from None
     if key.fingerprint != keys.get("signing_fingerprint"):
         raise InvalidInput(f"{path}: signing_fingerprint does not match signing_public_key")

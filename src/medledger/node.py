@@ -8,6 +8,7 @@ no passphrase.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,11 @@ from medledger.config import NodeConfig, NodePaths, institution_id, load_config
 from medledger.core.errors import Conflict, IntegrityError, InvalidInput
 from medledger.ledger.clock import Clock
 from medledger.ledger.private import PrivateChain, SequencerConfig
+from medledger.services.keys import InstitutionKeys
+from medledger.services.records import RecordsService
+from medledger.storage.blobs import FileBlobStore
 from medledger.storage.keystore import FileKeyStore, KdfParams
+from medledger.storage.records import SqliteRecordIndex
 from medledger.storage.sqlite import SqliteChainStore
 
 __all__ = ["Node", "init_node", "open_chain", "open_node"]
@@ -31,10 +36,14 @@ class Node:
     keystore: FileKeyStore
     store: SqliteChainStore
     chain: PrivateChain
+    index: SqliteRecordIndex
+    records: RecordsService
 
     async def close(self) -> None:
         """Commit everything queued, then release storage."""
+        await self.records.close()
         await self.chain.close()
+        await self.index.close()
         self.store.close()
 
 
@@ -72,6 +81,8 @@ def init_node(
             )
         finally:
             store.close()
+        paths.blobs.mkdir()
+        asyncio.run(SqliteRecordIndex(paths.records_db).close())
         config = NodeConfig(
             name=name,
             institution=inst,
@@ -112,7 +123,24 @@ def open_node(root: Path, passphrase: bytes, *, clock: Clock | None = None) -> N
         chain = PrivateChain(
             store, key, proposer=config.institution, config=config.sequencer, clock=clock
         )
+        index = SqliteRecordIndex(paths.records_db)
     except BaseException:
         store.close()
         raise
-    return Node(config=config, paths=paths, keystore=keystore, store=store, chain=chain)
+    records = RecordsService(
+        institution=config.institution,
+        chain=chain,
+        index=index,
+        blobs=FileBlobStore(paths.blobs),
+        keys=InstitutionKeys(keystore),
+        clock=clock,
+    )
+    return Node(
+        config=config,
+        paths=paths,
+        keystore=keystore,
+        store=store,
+        chain=chain,
+        index=index,
+        records=records,
+    )

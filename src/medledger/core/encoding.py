@@ -15,7 +15,6 @@ implementations in other languages could not round-trip.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 from medledger.core.errors import InvalidInput
@@ -31,8 +30,7 @@ MAX_DEPTH = 64
 
 
 def _check(value: Any, path: str, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise InvalidInput(f"canonical JSON: nesting deeper than {MAX_DEPTH} at {path}")
+    """Slow, precise validation: raises :class:`InvalidInput` naming the JSON path."""
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, int):
@@ -44,18 +42,23 @@ def _check(value: Any, path: str, depth: int) -> None:
         return
     if isinstance(value, float):
         raise InvalidInput(f"canonical JSON: floats are not allowed (at {path})")
-    if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _check(item, f"{path}[{i}]", depth + 1)
-        return
-    if isinstance(value, Mapping):
+    if not isinstance(value, list | tuple | dict):
+        raise InvalidInput(f"canonical JSON: unsupported type {type(value).__name__} at {path}")
+    if depth >= MAX_DEPTH:
+        raise InvalidInput(f"canonical JSON: nesting deeper than {MAX_DEPTH} at {path}")
+    if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidInput(f"canonical JSON: non-string key {key!r} at {path}")
             _check_str(key, path)
+            if not _bmp_key(key):
+                raise InvalidInput(
+                    f"canonical JSON: object key outside the Basic Multilingual Plane at {path}"
+                )
             _check(item, f"{path}.{key}", depth + 1)
         return
-    raise InvalidInput(f"canonical JSON: unsupported type {type(value).__name__} at {path}")
+    for i, item in enumerate(value):
+        _check(item, f"{path}[{i}]", depth + 1)
 
 
 def _check_str(value: str, path: str) -> None:
@@ -65,11 +68,18 @@ def _check_str(value: str, path: str) -> None:
         raise InvalidInput(f"canonical JSON: string is not valid Unicode at {path}") from None
 
 
+def _bmp_key(key: str) -> bool:
+    # Python sorts keys by code point, RFC 8785 by UTF-16 code unit; the two
+    # orders agree exactly when no key has a character beyond U+FFFF.
+    return key.isascii() or max(key) <= "\uffff"
+
+
 def _plain(value: Any, depth: int) -> bool:
     """Fast acceptance test on exact built-in types; ``False`` means "look closer".
 
     Unicode validity is left to the final UTF-8 encode, which raises on lone
     surrogates; :func:`_check` then finds the path for the error message.
+    Containers nest at most :data:`MAX_DEPTH` deep (the top level is depth 0).
     """
     t = type(value)
     if t is str or t is bool or value is None:
@@ -80,7 +90,7 @@ def _plain(value: Any, depth: int) -> bool:
         return False
     if t is dict:
         for key, item in value.items():
-            if type(key) is not str:
+            if type(key) is not str or not _bmp_key(key):
                 return False
             if type(item) is not str and not _plain(item, depth + 1):
                 return False
@@ -125,6 +135,25 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Built once: constructing a decoder per call was a measurable share of
+# verifying a large chain.
+_FAST = json.JSONDecoder(parse_float=_reject_float, parse_constant=_reject_constant)
+_STRICT = json.JSONDecoder(
+    parse_float=_reject_float, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
+)
+
+
+def _decode(decoder: json.JSONDecoder, text: str) -> Any:
+    try:
+        return decoder.decode(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"canonical JSON: {exc.msg} at byte {exc.pos}") from None
+    except RecursionError:
+        raise InvalidInput("canonical JSON: nesting too deep") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise InvalidInput(f"canonical JSON: {exc}") from None
+
+
 def parse_canonical(data: bytes) -> Any:
     """Parse bytes that must already be canonical JSON and return the value.
 
@@ -136,17 +165,11 @@ def parse_canonical(data: bytes) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"canonical JSON: invalid UTF-8 at byte {exc.start}") from None
-    try:
-        value = json.loads(
-            text,
-            parse_float=_reject_float,
-            parse_constant=_reject_constant,
-            object_pairs_hook=_no_duplicates,
-        )
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"canonical JSON: {exc.msg} at byte {exc.pos}") from None
-    except RecursionError:
-        raise InvalidInput("canonical JSON: nesting too deep") from None
+    value = _decode(_FAST, text)
+    # Duplicate keys cannot survive this comparison (the re-encoding has each
+    # key once), so the slower duplicate-detecting parse runs only to explain
+    # a failure.
     if canonical_bytes(value) != data:
+        _decode(_STRICT, text)
         raise InvalidInput("canonical JSON: bytes are valid JSON but not in canonical form")
     return value

@@ -14,7 +14,9 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     │   └── IntegrityError         stored bytes do not match their hash / chain
     ├── InvalidInput               malformed or unacceptable input
     ├── NotFound                   no such block, transaction, record or key
+    │   └── Gone                   it existed and was erased (FHIR 410)
     ├── Conflict                   a write contradicts current state
+    │   └── PreconditionFailed     If-Match names another version (HTTP 412)
     ├── ConsentDenied              no consent authorizes the request
     ├── KeyStoreError              keystore missing, locked or wrong passphrase
     ├── StorageError               the storage backend failed or is corrupt
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 __all__ = [
     "Conflict",
+    "Gone",
+    "PreconditionFailed",
     "ConsentDenied",
     "InconsistentLog",
     "IntegrityError",
@@ -82,8 +86,16 @@ class NotFound(MedledgerError):
     """The requested block, transaction, record or key does not exist."""
 
 
+class Gone(NotFound):
+    """The resource existed and was erased (crypto-shredded)."""
+
+
 class Conflict(MedledgerError):
     """The write contradicts the current state (e.g. a stale version)."""
+
+
+class PreconditionFailed(Conflict):
+    """A conditional write's precondition (``If-Match``) does not hold."""
 
 
 class ConsentDenied(MedledgerError):

@@ -195,10 +195,10 @@ def assemble_proof(ranges: Iterable[tuple[int, int]], nodes: Mapping[NodeID, byt
     return proof
 
 
-def _check_proof_hashes(proof: Sequence[bytes]) -> None:
-    for h in proof:
+def _check_proof_hashes(proof: Sequence[bytes], *hashes: bytes) -> None:
+    for h in (*hashes, *proof):
         if not isinstance(h, bytes) or len(h) != 32:
-            raise InvalidInput("proof hashes must be 32 bytes each")
+            raise InvalidInput("proof, leaf and root hashes must be 32 bytes each")
 
 
 def verify_inclusion(
@@ -209,7 +209,7 @@ def verify_inclusion(
     RFC 9162 §2.1.3.2. Returns ``None``; raises :class:`RootMismatch` (with
     both roots) or :class:`InvalidInput` for a malformed proof.
     """
-    _check_proof_hashes(proof)
+    _check_proof_hashes(proof, leaf, root)
     if not 0 <= index < size:
         raise InvalidInput(f"index {index} is outside a tree of size {size}")
     fn, sn, r = index, size - 1, leaf
@@ -241,7 +241,7 @@ def verify_consistency(
     the proof shows the two trees disagree, :class:`InvalidInput` for a
     malformed proof.
     """
-    _check_proof_hashes(proof)
+    _check_proof_hashes(proof, old_root, new_root)
     if not 0 <= old_size <= new_size:
         raise InvalidInput(f"bad sizes for a consistency proof: {old_size} -> {new_size}")
     if old_size == new_size:
@@ -308,6 +308,8 @@ class CompactRange:
     def __init__(self, size: int = 0, hashes: Sequence[bytes] = ()) -> None:
         """Resume from a tree of ``size`` leaves given the hashes of ``range_nodes(0, size)``."""
         nodes = range_nodes(0, size)
+        if any(not isinstance(h, bytes) or len(h) != 32 for h in hashes):
+            raise InvalidInput("compact range hashes must be 32 bytes each")
         if len(nodes) != len(hashes):
             raise InvalidInput(
                 f"compact range of size {size} needs {len(nodes)} hashes, got {len(hashes)}"
@@ -326,6 +328,8 @@ class CompactRange:
 
     def append(self, leaf: bytes) -> list[tuple[NodeID, bytes]]:
         """Add the leaf with hash ``leaf``; return the perfect subtrees it completes."""
+        if len(leaf) != 32:
+            raise InvalidInput("a leaf hash must be 32 bytes")
         index = self._size
         node, h = NodeID(0, index), leaf
         created = [(node, h)]

@@ -86,6 +86,7 @@ class _Pending:
     data: bytes
     tx_hash: bytes
     future: asyncio.Future[Receipt]
+    group_tail: int = 0  # how many later queue entries belong to the same atomic group
 
 
 class PrivateChain:
@@ -218,6 +219,32 @@ class PrivateChain:
         :class:`StorageError` if the block could not be committed (then the
         transaction is not on the chain).
         """
+        return (await self.submit_many([tx]))[0]
+
+    async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]:
+        """Append ``txs`` atomically: all in one block, in order, or none of them."""
+        encoded = [self._encode(tx) for tx in txs]
+        if not encoded:
+            return []
+        if self._closing:
+            raise StorageError("chain is closing; no new transactions accepted")
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._sequence(), name="medledger-sequencer")
+        futures: list[asyncio.Future[Receipt]] = []
+        last = len(encoded) - 1
+        for i, data in enumerate(encoded):
+            fut: asyncio.Future[Receipt] = loop.create_future()
+            self._queue.append(_Pending(data, sha256(data), fut, last - i))
+            futures.append(fut)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        if len(futures) == 1:
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
+
+    def _encode(self, tx: Transaction) -> bytes:
         if tx.chain != self.chain_id:
             raise InvalidInput(f"transaction names chain {tx.chain!r}, not {self.chain_id!r}")
         if tx.type == GENESIS_TX:
@@ -225,17 +252,7 @@ class PrivateChain:
         data = canonical_bytes(tx.to_json())
         if len(data) > MAX_TX_BYTES:
             raise InvalidInput(f"transaction is {len(data)} bytes; the limit is {MAX_TX_BYTES}")
-        if self._closing:
-            raise StorageError("chain is closing; no new transactions accepted")
-        loop = asyncio.get_running_loop()
-        if self._task is None:
-            self._wakeup = asyncio.Event()
-            self._task = loop.create_task(self._sequence(), name="medledger-sequencer")
-        fut: asyncio.Future[Receipt] = loop.create_future()
-        self._queue.append(_Pending(data, sha256(data), fut))
-        assert self._wakeup is not None
-        self._wakeup.set()
-        return await fut
+        return data
 
     async def _sequence(self) -> None:
         """Cut, sign and commit blocks until closed.
@@ -276,6 +293,7 @@ class PrivateChain:
             ):
                 await asyncio.sleep(self._config.max_wait_ms / 1000)
             take = min(len(self._queue), self._config.max_txs)
+            take += self._queue[take - 1].group_tail  # never split a submit_many group
             batch = self._queue[:take]
             del self._queue[:take]
             try:

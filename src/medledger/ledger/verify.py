@@ -31,7 +31,7 @@ from medledger.core.errors import (
 )
 from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import VerifyingKey
-from medledger.core.merkle import CompactRange, NodeID, leaf_hash, verify_consistency
+from medledger.core.merkle import EMPTY_ROOT, CompactRange, NodeID, leaf_hash, verify_consistency
 from medledger.core.models import BlockHeader, Transaction
 from medledger.ledger.private import GENESIS_TX
 from medledger.ledger.proofs import consistency_proof
@@ -51,7 +51,7 @@ class Checkpoint:
 def parse_checkpoint(text: str) -> Checkpoint:
     """Parse ``SIZE:ROOTHEX`` as given to ``verify --anchor``."""
     size_text, sep, root_text = text.partition(":")
-    if not sep or not size_text.isdigit():
+    if not sep or not (size_text.isascii() and size_text.isdigit()):
         raise InvalidInput(f"anchor must be SIZE:ROOT (hex), got {text!r}")
     try:
         root = bytes.fromhex(root_text)
@@ -95,6 +95,9 @@ def verify_chain(
     number of transactions verified after each block.
     """
     pending_checks = sorted(checkpoints, key=lambda c: c.size)
+    while pending_checks and pending_checks[0].size == 0:
+        if pending_checks.pop(0).root != EMPTY_ROOT:
+            raise InconsistentLog("a root other than the empty tree's was published for size 0")
     log = CompactRange()
     stored_nodes: Iterator[tuple[NodeID, bytes]] = store.iter_nodes()
     key: VerifyingKey | None = expected_key

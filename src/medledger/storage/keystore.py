@@ -32,11 +32,14 @@ from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import InvalidInput, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey
 
-__all__ = ["FileKeyStore", "KdfParams", "KeyStore", "atomic_write"]
+__all__ = ["CURRENT_KEK", "FileKeyStore", "KdfParams", "KeyStore", "atomic_write"]
 
 FORMAT = "medledger-keystore"
 VERSION = 1
 SIGNING_KEY = "signing_key"
+#: Name of the secret holding the id of the KEK new data keys are wrapped with;
+#: each KEK is stored as ``kek:<id>``.
+CURRENT_KEK = "kek_current"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +61,10 @@ class KeyStore(Protocol):
     def put_secret(self, name: str, value: bytes) -> None: ...
 
     def delete_secret(self, name: str) -> None: ...
+
+    def update(self, changes: Mapping[str, bytes | None]) -> None:
+        """Set (or, for ``None``, delete) several secrets in one atomic write."""
+        ...
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -107,9 +114,11 @@ class FileKeyStore:
         if path.exists():
             raise KeyStoreError(f"{path} already exists")
         key = signing_key or SigningKey.generate()
+        kek_id = secrets.token_hex(8)
         items = {
             SIGNING_KEY: key.to_pkcs8_der(),  # sealed below, never written in clear
-            "kek": secrets.token_bytes(32),
+            f"kek:{kek_id}": secrets.token_bytes(32),
+            CURRENT_KEK: kek_id.encode(),
             "search_key": secrets.token_bytes(32),
         }
         store = cls(path, passphrase, params or KdfParams(), items)
@@ -187,11 +196,18 @@ class FileKeyStore:
             raise NotFound(f"no secret {name!r} in the keystore") from None
 
     def put_secret(self, name: str, value: bytes) -> None:
-        self._items[name] = value
-        self._save()
+        self.update({name: value})
 
     def delete_secret(self, name: str) -> None:
-        self._items.pop(name, None)
+        self.update({name: None})
+
+    def update(self, changes: Mapping[str, bytes | None]) -> None:
+        """Set (or, for ``None``, delete) several secrets in one atomic write."""
+        for name, value in changes.items():
+            if value is None:
+                self._items.pop(name, None)
+            else:
+                self._items[name] = value
         self._save()
 
     def names(self) -> Mapping[str, int]:

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from medledger.core.errors import Conflict, InvalidInput, NotFound, StorageError
+from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, StorageError
 from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
 from medledger.core.models import Signature
@@ -224,7 +224,8 @@ class SqliteChainStore:
         try:
             signatures = tuple(Signature.from_json(s) for s in json.loads(sigs))
         except (ValueError, TypeError, InvalidInput) as exc:
-            raise StorageError(
+            # Unreadable signatures are tampering evidence, not a backend failure.
+            raise IntegrityError(
                 f"block {height}: stored signatures are unreadable ({exc})"
             ) from None
         return StoredBlock(

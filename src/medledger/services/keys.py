@@ -1,0 +1,66 @@
+"""The institution's record keys: KEKs (rotatable), search key, pseudonyms.
+
+* KEKs are stored in the keystore as ``kek:<id>``; ``kek_current`` names the
+  one that wraps new data keys. Rotation adds a KEK, makes it current,
+  re-wraps every data key, then destroys the old KEK.
+* Search tokens, patient pseudonyms and record references are all HMACs
+  under the search key with distinct labels, so one never collides with
+  another and none reveals its input without the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from medledger.core.errors import KeyStoreError, NotFound
+from medledger.storage.keystore import CURRENT_KEK, KeyStore
+
+__all__ = ["InstitutionKeys"]
+
+
+class InstitutionKeys:
+    """Record-level key operations over a :class:`KeyStore`."""
+
+    def __init__(self, keystore: KeyStore) -> None:
+        self._store = keystore
+        self.search_key = keystore.secret("search_key")
+        self._keks: dict[str, bytes] = {}
+
+    def current_kek(self) -> tuple[str, bytes]:
+        kek_id = self._store.secret(CURRENT_KEK).decode()
+        return kek_id, self.kek(kek_id)
+
+    def kek(self, kek_id: str) -> bytes:
+        key = self._keks.get(kek_id)
+        if key is None:
+            try:
+                key = self._store.secret(f"kek:{kek_id}")
+            except NotFound:
+                raise KeyStoreError(f"key-encryption key {kek_id} is not in the keystore") from None
+            self._keks[kek_id] = key
+        return key
+
+    def add_current_kek(self) -> str:
+        """Create a new KEK and make it current (the old one stays until destroyed)."""
+        kek_id = secrets.token_hex(8)
+        self._store.update({f"kek:{kek_id}": secrets.token_bytes(32), CURRENT_KEK: kek_id.encode()})
+        return kek_id
+
+    def destroy_kek(self, kek_id: str) -> None:
+        if self._store.secret(CURRENT_KEK).decode() == kek_id:
+            raise KeyStoreError("cannot destroy the current key-encryption key")
+        self._store.update({f"kek:{kek_id}": None})
+        self._keks.pop(kek_id, None)
+
+    def _mac(self, label: str, text: str) -> str:
+        return hmac.new(self.search_key, f"{label}|{text}".encode(), hashlib.sha256).hexdigest()
+
+    def pseudonym(self, patient_reference: str | None) -> str | None:
+        """Stable pseudonym of ``Patient/<id>`` used on chains (never the id itself)."""
+        return None if patient_reference is None else self._mac("pseudonym", patient_reference)
+
+    def record_ref(self, resource_type: str, rid: str) -> str:
+        """The on-chain name of a resource: its id could be an MRN, so it is keyed-hashed."""
+        return self._mac("record", f"{resource_type}/{rid}")

@@ -1,0 +1,496 @@
+"""The records service: FHIR resources stored encrypted, committed on the private chain.
+
+Write (create/update): validate → assign ``id``/``meta`` → seal with a fresh
+data key (AES-256-GCM, AAD = institution/type/id/version) → blob store →
+index row with the wrapped key and search tokens → ``record.put`` on the
+private chain (type, keyed record ref, version, blob hash, patient
+pseudonym — never plaintext or PHI). It returns only after the chain commit
+is durable; if the commit fails the index row is removed again.
+
+Read: index row → the chain transaction it names (its blob hash, version and
+ref must match) → blob (re-hashed) → unwrap the data key → decrypt. Any
+mismatch raises :class:`IntegrityError`; erased resources raise :class:`Gone`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from medledger.core.envelope import RecordContext, open_record, seal_record, unwrap_key, wrap_key
+from medledger.core.errors import (
+    Gone,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+)
+from medledger.core.hashing import sha256
+from medledger.core.models import Transaction
+from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.private import PrivateChain
+from medledger.services.fhir import (
+    FhirInvalid,
+    Issue,
+    dump_resource,
+    load_json,
+    validate_id,
+    validate_resource,
+)
+from medledger.services.keys import InstitutionKeys
+from medledger.services.search import patient_reference, query_tokens, resource_tokens
+from medledger.storage.batching import GroupCommitter
+from medledger.storage.blobs import BlobStore
+from medledger.storage.records import RecordIndex, VersionRow
+
+__all__ = ["RECORD_ERASE", "RECORD_PUT", "RecordsService", "StoredResource", "VersionInfo"]
+
+RECORD_PUT = "record.put"
+RECORD_ERASE = "record.erase"
+KEY_ROTATE = "key.rotate"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredResource:
+    """A resource version as stored: the exact JSON bytes and where it is on the chain."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: str
+    data: bytes
+    tx_hash: bytes
+
+    def resource(self) -> dict[str, Any]:
+        value: dict[str, Any] = load_json(self.data, max_bytes=len(self.data))
+        return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionInfo:
+    """One entry of a history: a readable version, or an erased one (``stored`` is ``None``)."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: str
+    stored: StoredResource | None
+
+
+def _instant(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+class RecordsService:
+    """Create, update, read, history, search and erase FHIR resources of one institution."""
+
+    def __init__(
+        self,
+        *,
+        institution: str,
+        chain: PrivateChain,
+        index: RecordIndex,
+        blobs: BlobStore,
+        keys: InstitutionKeys,
+        clock: Clock | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._institution = institution
+        self._chain = chain
+        self._index = index
+        self._blobs = blobs
+        self._keys = keys
+        self._clock: Clock = clock or SystemClock()
+        self._random = random_bytes
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Blobs of concurrent writes share one file-system flush.
+        self._blob_writes: GroupCommitter[bytes] = GroupCommitter(
+            self._put_blobs, name="medledger-blobs"
+        )
+        self._inflight: Counter[str] = Counter()
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def create(self, resource: Mapping[str, Any]) -> StoredResource:
+        """Store a new resource under a server-assigned id; returns version 1."""
+        validate_resource(dict(resource))
+        rtype = str(resource["resourceType"])
+        return (await self._write_many([(rtype, str(uuid.uuid4()), dict(resource), None, True)]))[0]
+
+    async def update(
+        self,
+        resource_type: str,
+        rid: str,
+        resource: Mapping[str, Any],
+        *,
+        if_match: int | None = None,
+    ) -> tuple[StoredResource, bool]:
+        """Store a new version (or the first, update-as-create); returns it and whether it was created.
+
+        ``if_match`` is the version the client last saw; a different current
+        version raises :class:`PreconditionFailed`.
+        """
+        validate_id(rid)
+        validate_resource(dict(resource), expected_type=resource_type)
+        if "id" in resource and resource["id"] != rid:
+            raise FhirInvalid(
+                [
+                    Issue(
+                        severity="error",
+                        code="invalid",
+                        diagnostics=f"resource id {resource['id']!r} does not match {rid!r}",
+                        expression=(f"{resource_type}.id",),
+                    )
+                ]
+            )
+        stored = (await self._write_many([(resource_type, rid, dict(resource), if_match, False)]))[
+            0
+        ]
+        return stored, stored.version == 1
+
+    async def _write_many(
+        self, items: Sequence[tuple[str, str, dict[str, Any], int | None, bool]]
+    ) -> list[StoredResource]:
+        """Write several versions all-or-nothing: one index batch, one chain block."""
+        keys = sorted({(t, i) for t, i, *_ in items})
+        locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
+        for lock in locks:
+            await lock.acquire()
+        kek_id, kek = self._keys.current_kek()
+        self._inflight[kek_id] += 1
+        written: list[VersionRow] = []
+        try:
+            prepared = []
+            for rtype, rid, resource, if_match, new in items:
+                latest = self._index.latest(rtype, rid)
+                if new and latest is not None:
+                    raise PreconditionFailed(f"{rtype}/{rid} already exists")
+                current = latest.version if latest is not None else 0
+                if if_match is not None and if_match != current:
+                    raise PreconditionFailed(
+                        f"{rtype}/{rid} is at version {current}, not {if_match}"
+                    )
+                prepared.append(await self._seal(rtype, rid, current + 1, resource, kek_id, kek))
+            for row, tokens, _stored, _tx in prepared:
+                await self._index.put_version(row, tokens)
+                written.append(row)
+            await self._chain.submit_many([tx for *_, tx in prepared])
+            return [stored for _, _, stored, _ in prepared]
+        except BaseException:
+            for row in written:
+                await self._index.remove_version(row.resource_type, row.id, row.version)
+            raise
+        finally:
+            self._inflight[kek_id] -= 1
+            for lock in locks:
+                lock.release()
+
+    def _put_blobs(self, blobs: Sequence[bytes]) -> list[BaseException | None]:
+        self._blobs.put_many(blobs)
+        return [None] * len(blobs)
+
+    async def close(self) -> None:
+        await self._blob_writes.close()
+
+    async def _seal(
+        self, rtype: str, rid: str, version: int, resource: dict[str, Any], kek_id: str, kek: bytes
+    ) -> tuple[VersionRow, set[bytes], StoredResource, Transaction]:
+        now = self._clock.now_ms()
+        meta = dict(resource.get("meta") or {})
+        meta.update(versionId=str(version), lastUpdated=_instant(now))
+        body = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}
+        final = {"resourceType": rtype, "id": rid, "meta": meta, **body}
+        data = dump_resource(final)
+        context = RecordContext(
+            institution=self._institution, resource_type=rtype, id=rid, version=version
+        )
+        dek = self._random(32)
+        blob = seal_record(dek, self._random(12), data, context)
+        await self._blob_writes.submit(blob)
+        blob_hash = sha256(blob)
+        pseudonym = self._keys.pseudonym(patient_reference(final))
+        tx = Transaction(
+            type=RECORD_PUT,
+            chain=self._chain.chain_id,
+            body={
+                "resource_type": rtype,
+                "ref": self._keys.record_ref(rtype, rid),
+                "version": version,
+                "blob": blob_hash.hex(),
+                "patient": pseudonym,
+            },
+            time_ms=now,
+        )
+        row = VersionRow(
+            resource_type=rtype,
+            id=rid,
+            version=version,
+            blob_hash=blob_hash,
+            wrapped_dek=wrap_key(kek, self._random(12), dek, blob_hash),
+            kek_id=kek_id,
+            patient=pseudonym,
+            updated_ms=now,
+            tx_hash=tx.hash(),
+        )
+        stored = StoredResource(
+            resource_type=rtype,
+            id=rid,
+            version=version,
+            last_updated=_instant(now),
+            data=data,
+            tx_hash=row.tx_hash,
+        )
+        return row, resource_tokens(self._keys.search_key, final), stored, tx
+
+    async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply a FHIR ``transaction`` Bundle all-or-nothing; return the transaction-response."""
+        validate_resource(dict(bundle), expected_type="Bundle")
+        if bundle.get("type") != "transaction":
+            raise InvalidInput("only Bundles of type 'transaction' can be submitted")
+        entries = bundle.get("entry") or []
+        plan: list[tuple[str, str, dict[str, Any], int | None, bool]] = []
+        urls: dict[str, str] = {}
+        for n, entry in enumerate(entries):
+            request, resource = entry.get("request") or {}, entry.get("resource")
+            method, url = request.get("method"), str(request.get("url", ""))
+            if not isinstance(resource, dict) or method not in ("POST", "PUT"):
+                raise FhirInvalid(
+                    [
+                        Issue(
+                            severity="error",
+                            code="not-supported",
+                            diagnostics="transaction entries must POST or PUT a resource",
+                            expression=(f"Bundle.entry[{n}]",),
+                        )
+                    ]
+                )
+            rtype = str(resource.get("resourceType"))
+            if method == "POST":
+                rid, new = str(uuid.uuid4()), True
+            else:
+                parts = url.split("/")
+                if len(parts) != 2 or parts[0] != rtype:
+                    raise FhirInvalid(
+                        [
+                            Issue(
+                                severity="error",
+                                code="invalid",
+                                diagnostics=f"PUT url must be {rtype}/<id>",
+                                expression=(f"Bundle.entry[{n}].request.url",),
+                            )
+                        ]
+                    )
+                rid, new = validate_id(parts[1]), False
+            if isinstance(entry.get("fullUrl"), str):
+                urls[entry["fullUrl"]] = f"{rtype}/{rid}"
+            plan.append((rtype, rid, resource, None, new))
+        resolved = [(t, i, _resolve_refs(r, urls), m, n) for t, i, r, m, n in plan]
+        for n, (_t, _i, resource, _m, _new) in enumerate(resolved):
+            try:
+                validate_resource(resource)
+            except FhirInvalid as exc:
+                raise FhirInvalid(
+                    [
+                        Issue(
+                            severity=i.severity,
+                            code=i.code,
+                            diagnostics=i.diagnostics,
+                            expression=tuple(
+                                f"Bundle.entry[{n}].resource.{e}" for e in i.expression
+                            ),
+                        )
+                        for i in exc.issues
+                    ]
+                ) from None
+        stored = await self._write_many(resolved)
+        return {
+            "resourceType": "Bundle",
+            "type": "transaction-response",
+            "entry": [
+                {
+                    "response": {
+                        "status": "201 Created" if s.version == 1 else "200 OK",
+                        "location": f"{s.resource_type}/{s.id}/_history/{s.version}",
+                        "etag": f'W/"{s.version}"',
+                        "lastModified": s.last_updated,
+                    }
+                }
+                for s in stored
+            ],
+        }
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def read(self, resource_type: str, rid: str) -> StoredResource:
+        row = self._index.latest(resource_type, rid)
+        if row is None:
+            raise NotFound(f"{resource_type}/{rid} does not exist")
+        return await asyncio.to_thread(self._open, row)
+
+    async def vread(self, resource_type: str, rid: str, version: int) -> StoredResource:
+        row = self._index.get_version(resource_type, rid, version)
+        if row is None:
+            raise NotFound(f"{resource_type}/{rid} has no version {version}")
+        return await asyncio.to_thread(self._open, row)
+
+    def _open(self, row: VersionRow) -> StoredResource:
+        where = f"{row.resource_type}/{row.id}/_history/{row.version}"
+        if row.erased or row.wrapped_dek is None or row.kek_id is None:
+            raise Gone(f"{row.resource_type}/{row.id} was erased")
+        store = self._chain.store
+        try:
+            _, index = store.tx_location(row.tx_hash)
+        except NotFound:
+            raise IntegrityError(f"{where}: its chain transaction is missing") from None
+        tx = Transaction.decode(store.tx_data(index))
+        expected = {
+            "resource_type": row.resource_type,
+            "version": row.version,
+            "blob": row.blob_hash.hex(),
+            "ref": self._keys.record_ref(row.resource_type, row.id),
+        }
+        if tx.type != RECORD_PUT or any(tx.body.get(k) != v for k, v in expected.items()):
+            raise IntegrityError(f"{where}: the index does not match the chain transaction")
+        blob = self._blobs.get(row.blob_hash)
+        dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
+        context = RecordContext(
+            institution=self._institution,
+            resource_type=row.resource_type,
+            id=row.id,
+            version=row.version,
+        )
+        data = open_record(dek, blob, context)
+        return StoredResource(
+            resource_type=row.resource_type,
+            id=row.id,
+            version=row.version,
+            last_updated=_instant(row.updated_ms),
+            data=data,
+            tx_hash=row.tx_hash,
+        )
+
+    async def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
+        """Every version, newest first; erased versions have ``stored=None``."""
+        rows = self._index.history(resource_type, rid)
+        if not rows:
+            raise NotFound(f"{resource_type}/{rid} does not exist")
+        return [await self._info(r) for r in rows]
+
+    async def type_history(self, resource_type: str, limit: int = 100) -> list[VersionInfo]:
+        return [await self._info(r) for r in self._index.type_history(resource_type, limit)]
+
+    async def _info(self, row: VersionRow) -> VersionInfo:
+        stored = None if row.erased else await asyncio.to_thread(self._open, row)
+        return VersionInfo(
+            resource_type=row.resource_type,
+            id=row.id,
+            version=row.version,
+            last_updated=_instant(row.updated_ms),
+            stored=stored,
+        )
+
+    async def search(
+        self, resource_type: str, params: Mapping[str, Sequence[str]]
+    ) -> list[StoredResource]:
+        """Latest versions matching every parameter (see ``services.search``)."""
+        groups = query_tokens(self._keys.search_key, resource_type, params)
+        ids = self._index.search(resource_type, groups) if groups else []
+        if not groups:
+            ids = [r.id for r in self._index.type_history(resource_type, 10**9) if not r.erased]
+            ids = sorted(set(ids))
+        out = []
+        for rid in ids:
+            row = self._index.latest(resource_type, rid)
+            if row is not None and not row.erased:
+                out.append(await asyncio.to_thread(self._open, row))
+        return out
+
+    # -- erasure and keys -----------------------------------------------------------------
+
+    async def erase(self, resource_type: str, rid: str) -> int:
+        """Crypto-shred every version of a resource and append a ``record.erase`` tombstone."""
+        validate_id(rid)
+        lock = self._locks.setdefault((resource_type, rid), asyncio.Lock())
+        async with lock:
+            latest = self._index.latest(resource_type, rid)
+            if latest is None:
+                raise NotFound(f"{resource_type}/{rid} does not exist")
+            if latest.erased:
+                raise Gone(f"{resource_type}/{rid} was already erased")
+            blob_hashes = await self._index.erase(resource_type, rid)
+            for h in blob_hashes:
+                await asyncio.to_thread(self._blobs.delete, h)
+            await self._chain.submit(
+                RECORD_ERASE,
+                {
+                    "resource_type": resource_type,
+                    "ref": self._keys.record_ref(resource_type, rid),
+                    "versions": len(blob_hashes),
+                    "patient": latest.patient,
+                },
+            )
+            return len(blob_hashes)
+
+    async def erase_patient(self, patient_id: str) -> int:
+        """Erase the Patient and every resource about them; returns resources erased."""
+        validate_id(patient_id)
+        pseudonym = self._keys.pseudonym(f"Patient/{patient_id}")
+        assert pseudonym is not None
+        erased = 0
+        for rtype, rid in self._index.records_of_patient(pseudonym):
+            latest = self._index.latest(rtype, rid)
+            if latest is not None and not latest.erased:
+                await self.erase(rtype, rid)
+                erased += 1
+        if erased == 0:
+            raise NotFound(f"no records of Patient/{patient_id}")
+        return erased
+
+    async def rotate_kek(self) -> dict[str, Any]:
+        """New KEK; re-wrap every data key; ``key.rotate`` on the chain; destroy the old KEK."""
+        old_id, old = self._keys.current_kek()
+        new_id = self._keys.add_current_kek()
+        new = self._keys.kek(new_id)
+        # Writes that picked the old KEK before the switch must land before the sweep.
+        while self._inflight[old_id]:
+            await asyncio.sleep(0.001)
+
+        def rewrap(row: VersionRow) -> bytes:
+            assert row.wrapped_dek is not None
+            dek = unwrap_key(old, row.wrapped_dek, row.blob_hash)
+            return wrap_key(new, self._random(12), dek, row.blob_hash)
+
+        count = await self._index.rewrap(old_id, new_id, rewrap)
+        if self._index.count_wrapped_by(old_id):
+            raise IntegrityError("data keys still wrapped by the old KEK; it was kept")
+        await self._chain.submit(
+            KEY_ROTATE, {"purpose": "kek", "old": old_id, "new": new_id, "rewrapped": count}
+        )
+        self._keys.destroy_kek(old_id)
+        return {"old": old_id, "new": new_id, "rewrapped": count}
+
+
+def _resolve_refs(value: Any, urls: Mapping[str, str]) -> Any:
+    """Replace transaction-local references (``urn:uuid:…``) with the assigned ``Type/id``."""
+    if isinstance(value, dict):
+        return {
+            k: (
+                urls.get(v, v)
+                if k == "reference" and isinstance(v, str)
+                else _resolve_refs(v, urls)
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_resolve_refs(v, urls) for v in value]
+    return value

@@ -1,0 +1,306 @@
+"""Blind-index search: HMAC tokens of normalized terms, never a plaintext index.
+
+A token is ``HMAC-SHA256(search key, "<type>|<param>|<term>")`` truncated to
+16 bytes. The index maps tokens to record ids; without the institution's
+search key, tokens reveal nothing but equality.
+
+Supported parameters (``SEARCH_PARAMS``):
+
+* Patient: ``identifier`` (``system|value`` or ``value``), ``name``,
+  ``family``, ``given`` (case- and accent-insensitive, "starts with" as FHIR
+  string search: every prefix of each name word is indexed), ``birthdate``,
+  ``gender``.
+* Observation, Condition, MedicationRequest, Encounter, DiagnosticReport,
+  AllergyIntolerance, Immunization, Procedure: ``patient``
+  (``Patient/id`` or ``id``), ``code`` (``system|code`` or ``code``),
+  ``date`` (``YYYY-MM-DD``, ``YYYY-MM``, ``YYYY``, with ``eq``/``ge``/``le``/
+  ``gt``/``lt`` prefixes, by day).
+
+Dates are indexed at day, month and year granularity, so a range is answered
+by a handful of token look-ups (whole years, whole months, then days).
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import hmac
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import date, timedelta
+from typing import Any
+
+from medledger.core.errors import InvalidInput
+
+__all__ = [
+    "SEARCH_PARAMS",
+    "TOKEN_SIZE",
+    "patient_reference",
+    "query_tokens",
+    "resource_tokens",
+]
+
+TOKEN_SIZE = 16
+_CLINICAL = ("patient", "code", "date")
+SEARCH_PARAMS: dict[str, tuple[str, ...]] = {
+    "Patient": ("identifier", "name", "family", "given", "birthdate", "gender"),
+    **{
+        t: _CLINICAL
+        for t in (
+            "Observation",
+            "Condition",
+            "MedicationRequest",
+            "Encounter",
+            "DiagnosticReport",
+            "AllergyIntolerance",
+            "Immunization",
+            "Procedure",
+        )
+    },
+}
+# Where each clinical type keeps its "code" and "date".
+_CODE_FIELDS: dict[str, tuple[str, ...]] = {
+    "Observation": ("code",),
+    "Condition": ("code",),
+    "MedicationRequest": ("medicationCodeableConcept",),
+    "Encounter": ("type", "class", "serviceType"),
+    "DiagnosticReport": ("code",),
+    "AllergyIntolerance": ("code",),
+    "Immunization": ("vaccineCode",),
+    "Procedure": ("code",),
+}
+_DATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
+    "Condition": ("onsetDateTime", "recordedDate"),
+    "MedicationRequest": ("authoredOn",),
+    "Encounter": ("period.start",),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
+    "AllergyIntolerance": ("onsetDateTime", "recordedDate"),
+    "Immunization": ("occurrenceDateTime",),
+    "Procedure": ("performedDateTime", "performedPeriod.start"),
+}
+_PATIENT_FIELDS = ("subject", "patient")
+_DAY = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+def _token(key: bytes, rtype: str, param: str, term: str) -> bytes:
+    return hmac.new(key, f"{rtype}|{param}|{term}".encode(), hashlib.sha256).digest()[:TOKEN_SIZE]
+
+
+def normalize(text: str) -> str:
+    """Case-fold, strip accents, collapse white space (FHIR string matching)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(stripped.casefold().split())
+
+
+def patient_reference(resource: Mapping[str, Any]) -> str | None:
+    """The ``Patient/<id>`` a resource is about, if any (a Patient is about itself)."""
+    if resource.get("resourceType") == "Patient":
+        rid = resource.get("id")
+        return f"Patient/{rid}" if isinstance(rid, str) else None
+    for name in _PATIENT_FIELDS:
+        ref = resource.get(name)
+        if isinstance(ref, dict):
+            value = ref.get("reference")
+            if isinstance(value, str) and value.startswith("Patient/"):
+                return value
+    return None
+
+
+def _get(resource: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = resource
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _codings(value: Any) -> Iterator[Mapping[str, Any]]:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, dict):
+            if "coding" in item and isinstance(item["coding"], list):
+                yield from (c for c in item["coding"] if isinstance(c, dict))
+            elif "code" in item:  # a bare Coding (Encounter.class)
+                yield item
+
+
+def _code_terms(system: Any, code: Any) -> list[str]:
+    if not isinstance(code, str):
+        return []
+    terms = [code]
+    if isinstance(system, str):
+        terms.append(f"{system}|{code}")
+    return terms
+
+
+def _day(value: Any) -> date | None:
+    if not isinstance(value, str):
+        return None
+    m = _DAY.match(value)
+    if not m or not m.group(3):
+        return None
+    try:
+        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    except ValueError:
+        return None
+
+
+def _date_terms(day: date) -> list[str]:
+    return [f"d:{day.isoformat()}", f"m:{day:%Y-%m}", f"y:{day:%Y}"]
+
+
+def _words(text: str) -> Iterator[str]:
+    for word in normalize(text).replace(",", " ").split():
+        for end in range(1, len(word) + 1):
+            yield word[:end]
+
+
+def resource_terms(resource: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """The ``(param, term)`` pairs a resource is findable by."""
+    rtype = resource.get("resourceType")
+    terms: set[tuple[str, str]] = set()
+    if rtype == "Patient":
+        for ident in resource.get("identifier") or []:
+            if isinstance(ident, dict):
+                terms.update(
+                    ("identifier", t) for t in _code_terms(ident.get("system"), ident.get("value"))
+                )
+        for name in resource.get("name") or []:
+            if not isinstance(name, dict):
+                continue
+            family = name.get("family")
+            givens = [g for g in name.get("given") or [] if isinstance(g, str)]
+            if isinstance(family, str):
+                terms.update(("family", w) for w in _words(family))
+                terms.update(("name", w) for w in _words(family))
+            for g in givens:
+                terms.update(("given", w) for w in _words(g))
+                terms.update(("name", w) for w in _words(g))
+            if isinstance(name.get("text"), str):
+                terms.update(("name", w) for w in _words(name["text"]))
+        if isinstance(resource.get("gender"), str):
+            terms.add(("gender", resource["gender"]))
+        day = _day(resource.get("birthDate"))
+        if day is not None:
+            terms.update(("birthdate", t) for t in _date_terms(day))
+        return terms
+    if rtype not in _CODE_FIELDS:
+        return terms
+    ref = patient_reference(resource)
+    if ref is not None:
+        terms.add(("patient", ref))
+    for field in _CODE_FIELDS[rtype]:
+        for coding in _codings(resource.get(field)):
+            terms.update(("code", t) for t in _code_terms(coding.get("system"), coding.get("code")))
+    for field in _DATE_FIELDS[rtype]:
+        day = _day(_get(resource, field))
+        if day is not None:
+            terms.update(("date", t) for t in _date_terms(day))
+    return terms
+
+
+def resource_tokens(key: bytes, resource: Mapping[str, Any]) -> set[bytes]:
+    """Blind-index tokens for a resource (its latest version is what search finds)."""
+    rtype = str(resource.get("resourceType"))
+    return {_token(key, rtype, p, t) for p, t in resource_terms(resource)}
+
+
+# -- queries ----------------------------------------------------------------------
+
+_PREFIXES = ("eq", "ge", "le", "gt", "lt")
+_MIN_DAY, _MAX_DAY = date(1800, 1, 1), date(2200, 12, 31)
+
+
+def _range_for(value: str) -> tuple[date, date]:
+    """The inclusive day range a FHIR date search value denotes."""
+    prefix = value[:2] if value[:2] in _PREFIXES else "eq"
+    text = value[2:] if value[:2] in _PREFIXES else value
+    m = _DAY.fullmatch(text)
+    if not m:
+        raise InvalidInput(f"date search value {value!r} must be YYYY, YYYY-MM or YYYY-MM-DD")
+    year, month, day = int(m.group(1)), m.group(2), m.group(3)
+    try:
+        if day:
+            lo = hi = date(year, int(month), int(day))
+        elif month:
+            lo = date(year, int(month), 1)
+            hi = date(year, int(month), calendar.monthrange(year, int(month))[1])
+        else:
+            lo, hi = date(year, 1, 1), date(year, 12, 31)
+    except ValueError:
+        raise InvalidInput(f"date search value {value!r} is not a real date") from None
+    if prefix == "eq":
+        return lo, hi
+    if prefix == "ge":
+        return lo, _MAX_DAY
+    if prefix == "gt":
+        return hi + timedelta(days=1), _MAX_DAY
+    if prefix == "le":
+        return _MIN_DAY, hi
+    return _MIN_DAY, lo - timedelta(days=1)  # lt
+
+
+def _range_terms(lo: date, hi: date) -> list[str]:
+    """Cover ``[lo, hi]`` with whole years, whole months and single days."""
+    terms: list[str] = []
+    day = lo
+    while day <= hi:
+        year_end = date(day.year, 12, 31)
+        month_end = date(day.year, day.month, calendar.monthrange(day.year, day.month)[1])
+        if day.month == 1 and day.day == 1 and year_end <= hi:
+            terms.append(f"y:{day:%Y}")
+            day = year_end + timedelta(days=1)
+        elif day.day == 1 and month_end <= hi:
+            terms.append(f"m:{day:%Y-%m}")
+            day = month_end + timedelta(days=1)
+        else:
+            terms.append(f"d:{day.isoformat()}")
+            day += timedelta(days=1)
+    return terms
+
+
+def _param_terms(rtype: str, param: str, value: str) -> list[str]:
+    if param in ("date", "birthdate"):
+        lo, hi = _range_for(value)
+        return _range_terms(lo, hi) if lo <= hi else []
+    if param in ("name", "family", "given"):
+        words = normalize(value).split()
+        if len(words) != 1:
+            raise InvalidInput(f"{param} search takes one word, got {value!r}")
+        return words
+    if param == "patient" and rtype != "Patient" and not value.startswith("Patient/"):
+        return [f"Patient/{value}"]
+    return [value]
+
+
+def query_tokens(key: bytes, rtype: str, params: Mapping[str, Iterable[str]]) -> list[set[bytes]]:
+    """For each parameter, the set of tokens any of which matches (all parameters must match).
+
+    ``params`` maps a parameter to its values; each value may hold comma
+    separated alternatives (FHIR OR). Raises :class:`InvalidInput` for an
+    unsupported type, parameter or value.
+    """
+    allowed = SEARCH_PARAMS.get(rtype)
+    if allowed is None:
+        raise InvalidInput(f"search is not supported for {rtype}")
+    groups: list[set[bytes]] = []
+    for param, values in params.items():
+        if param not in allowed:
+            raise InvalidInput(
+                f"unsupported search parameter {param!r} for {rtype} (supported: {', '.join(allowed)})"
+            )
+        for value in values:
+            alternatives = [v for v in value.split(",") if v]
+            if not alternatives:
+                raise InvalidInput(f"empty value for search parameter {param!r}")
+            tokens = {
+                _token(key, rtype, param, term)
+                for alt in alternatives
+                for term in _param_terms(rtype, param, alt)
+            }
+            groups.append(tokens)
+    return groups

@@ -1,0 +1,359 @@
+"""The record index: versions, wrapped data keys and blind-index tokens (SQLite).
+
+Holds no plaintext: per version the blob hash, the data key wrapped by the
+institution KEK (``NULL`` once crypto-shredded), the patient pseudonym, the
+chain transaction hash, and the HMAC tokens search uses. Writes are group
+committed (``synchronous=FULL``): a ``put_version`` that returned is durable.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from medledger.core.errors import Conflict, NotFound, StorageError
+from medledger.storage.batching import GroupCommitter
+
+__all__ = ["RecordIndex", "SqliteRecordIndex", "VersionRow"]
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE versions (
+    rtype TEXT NOT NULL,
+    rid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    blob_hash BLOB NOT NULL,
+    wrapped_dek BLOB,
+    kek_id TEXT,
+    patient TEXT,
+    updated_ms INTEGER NOT NULL,
+    tx_hash BLOB NOT NULL,
+    erased INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (rtype, rid, version)
+) WITHOUT ROWID;
+CREATE INDEX versions_by_patient ON versions(patient);
+CREATE INDEX versions_by_kek ON versions(kek_id);
+CREATE INDEX versions_by_updated ON versions(rtype, updated_ms);
+CREATE TABLE tokens (token BLOB NOT NULL, rtype TEXT NOT NULL, rid TEXT NOT NULL);
+CREATE INDEX tokens_by_token ON tokens(token, rtype);
+CREATE INDEX tokens_by_record ON tokens(rtype, rid);
+"""
+_COLS = "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionRow:
+    """One stored version of one resource."""
+
+    resource_type: str
+    id: str
+    version: int
+    blob_hash: bytes
+    wrapped_dek: bytes | None
+    kek_id: str | None
+    patient: str | None
+    updated_ms: int
+    tx_hash: bytes
+    erased: bool = False
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.resource_type,
+            self.id,
+            self.version,
+            self.blob_hash,
+            self.wrapped_dek,
+            self.kek_id,
+            self.patient,
+            self.updated_ms,
+            self.tx_hash,
+            int(self.erased),
+        )
+
+
+def _row(r: Sequence[Any]) -> VersionRow:
+    return VersionRow(
+        resource_type=r[0],
+        id=r[1],
+        version=r[2],
+        blob_hash=bytes(r[3]),
+        wrapped_dek=None if r[4] is None else bytes(r[4]),
+        kek_id=r[5],
+        patient=r[6],
+        updated_ms=r[7],
+        tx_hash=bytes(r[8]),
+        erased=bool(r[9]),
+    )
+
+
+class RecordIndex(Protocol):
+    """Port for the record index (SQLite here; PostgreSQL later)."""
+
+    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None: ...
+    async def remove_version(self, resource_type: str, rid: str, version: int) -> None: ...
+    async def erase(self, resource_type: str, rid: str) -> list[bytes]: ...
+    async def rewrap(
+        self, old_kek_id: str, new_kek_id: str, fn: Callable[[VersionRow], bytes]
+    ) -> int: ...
+    def latest(self, resource_type: str, rid: str) -> VersionRow | None: ...
+    def get_version(self, resource_type: str, rid: str, version: int) -> VersionRow | None: ...
+    def history(self, resource_type: str, rid: str) -> list[VersionRow]: ...
+    def type_history(self, resource_type: str, limit: int) -> list[VersionRow]: ...
+    def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]: ...
+    def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]: ...
+    def count_wrapped_by(self, kek_id: str) -> int: ...
+    async def close(self) -> None: ...
+
+
+class SqliteRecordIndex:
+    """:class:`RecordIndex` in one SQLite file (WAL, ``synchronous=FULL``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        new = not path.exists()
+        try:
+            self._writer = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            self._writer.execute("PRAGMA journal_mode=WAL")
+            self._writer.execute("PRAGMA synchronous=FULL")
+            # Erased keys and tokens are overwritten, not left in free pages.
+            self._writer.execute("PRAGMA secure_delete=ON")
+            if new:
+                self._writer.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                self._writer.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            version = self._writer.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{path} is not a readable record index ({exc})") from None
+        if version is None or version[0] != str(SCHEMA_VERSION):
+            raise StorageError(f"{path}: unsupported record index schema")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._writes: GroupCommitter[tuple[str, Any]] = GroupCommitter(
+            self._apply, name="medledger-index"
+        )
+
+    # -- writes (one transaction per batch) ------------------------------------
+
+    def _apply(self, ops: Sequence[tuple[str, Any]]) -> list[BaseException | None]:
+        conn = self._writer
+        results: list[BaseException | None] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for kind, arg in ops:
+                try:
+                    results.append(self._one(conn, kind, arg))
+                except sqlite3.IntegrityError:
+                    results.append(
+                        Conflict(
+                            f"{arg[0].resource_type}/{arg[0].id} version "
+                            f"{arg[0].version} already exists"
+                        )
+                    )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            err = StorageError(f"{self.path}: {exc}")
+            return [err] * len(ops)
+        return results
+
+    @staticmethod
+    def _one(conn: sqlite3.Connection, kind: str, arg: Any) -> None:
+        if kind == "put":
+            row, tokens = arg
+            conn.execute(
+                f"INSERT INTO versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", row.values()
+            )
+            conn.execute(
+                "DELETE FROM tokens WHERE rtype = ? AND rid = ?", (row.resource_type, row.id)
+            )
+            conn.executemany(
+                "INSERT INTO tokens VALUES (?, ?, ?)",
+                [(t, row.resource_type, row.id) for t in tokens],
+            )
+        elif kind == "remove":
+            conn.execute("DELETE FROM versions WHERE rtype = ? AND rid = ? AND version = ?", arg)
+        else:
+            raise StorageError(f"unknown index operation {kind}")
+
+    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None:
+        """Add a version and make ``tokens`` the resource's search tokens; ``Conflict`` if taken."""
+        await self._writes.submit(("put", (row, tokens)))
+
+    async def remove_version(self, resource_type: str, rid: str, version: int) -> None:
+        """Undo a ``put_version`` whose chain commit failed."""
+        await self._writes.submit(("remove", (resource_type, rid, version)))
+
+    async def erase(self, resource_type: str, rid: str) -> list[bytes]:
+        """Destroy every wrapped data key and token of a resource; return its blob hashes."""
+
+        def run() -> list[bytes]:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT blob_hash FROM versions WHERE rtype = ? AND rid = ?",
+                    (resource_type, rid),
+                ).fetchall()
+                if not rows:
+                    raise NotFound(f"{resource_type}/{rid} does not exist")
+                conn.execute(
+                    "UPDATE versions SET wrapped_dek = NULL, kek_id = NULL, erased = 1"
+                    " WHERE rtype = ? AND rid = ?",
+                    (resource_type, rid),
+                )
+                conn.execute("DELETE FROM tokens WHERE rtype = ? AND rid = ?", (resource_type, rid))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            # Overwritten pages of the old keys must not linger in the WAL or free pages.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return [bytes(r[0]) for r in rows]
+
+        result: list[bytes] = await self._exclusive(run)
+        return result
+
+    async def rewrap(
+        self, old_kek_id: str, new_kek_id: str, fn: Callable[[VersionRow], bytes]
+    ) -> int:
+        """Re-wrap every data key wrapped by ``old_kek_id`` (``fn`` gives the new wrapping)."""
+
+        def run() -> int:
+            conn = self._writer
+            done = 0
+            while True:
+                rows = [
+                    _row(r)
+                    for r in conn.execute(
+                        f"SELECT {_COLS} FROM versions WHERE kek_id = ? LIMIT 2000", (old_kek_id,)
+                    )
+                ]
+                if not rows:
+                    break
+                updates = [(fn(r), new_kek_id, r.resource_type, r.id, r.version) for r in rows]
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    "UPDATE versions SET wrapped_dek = ?, kek_id = ? WHERE rtype = ?"
+                    " AND rid = ? AND version = ? AND kek_id IS NOT NULL",
+                    updates,
+                )
+                conn.execute("COMMIT")
+                done += len(rows)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return done
+
+        count: int = await self._exclusive(run)
+        return count
+
+    async def _exclusive(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await self._writes.run_exclusive(fn)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: {exc}") from None
+
+    # -- reads -------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=30,
+            )
+            self._local.conn = conn
+            with self._lock:
+                self._readers.append(conn)
+        return conn
+
+    def _rows(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        try:
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: {exc}") from None
+
+    def latest(self, resource_type: str, rid: str) -> VersionRow | None:
+        rows = self._rows(
+            f"SELECT {_COLS} FROM versions WHERE rtype = ? AND rid = ?"
+            " ORDER BY version DESC LIMIT 1",
+            (resource_type, rid),
+        )
+        return _row(rows[0]) if rows else None
+
+    def get_version(self, resource_type: str, rid: str, version: int) -> VersionRow | None:
+        rows = self._rows(
+            f"SELECT {_COLS} FROM versions WHERE rtype = ? AND rid = ? AND version = ?",
+            (resource_type, rid, version),
+        )
+        return _row(rows[0]) if rows else None
+
+    def history(self, resource_type: str, rid: str) -> list[VersionRow]:
+        return [
+            _row(r)
+            for r in self._rows(
+                f"SELECT {_COLS} FROM versions WHERE rtype = ? AND rid = ? ORDER BY version DESC",
+                (resource_type, rid),
+            )
+        ]
+
+    def type_history(self, resource_type: str, limit: int) -> list[VersionRow]:
+        return [
+            _row(r)
+            for r in self._rows(
+                f"SELECT {_COLS} FROM versions WHERE rtype = ? ORDER BY updated_ms DESC LIMIT ?",
+                (resource_type, limit),
+            )
+        ]
+
+    def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
+        """Ids whose tokens match at least one token of every group."""
+        found: set[str] | None = None
+        for group in sorted(groups, key=len):
+            tokens = list(group)
+            ids: set[str] = set()
+            for start in range(0, len(tokens), 500):
+                chunk = tokens[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                ids.update(
+                    r[0]
+                    for r in self._rows(
+                        f"SELECT rid FROM tokens WHERE rtype = ? AND token IN ({marks})",
+                        (resource_type, *chunk),
+                    )
+                )
+            found = ids if found is None else found & ids
+            if not found:
+                return []
+        return sorted(found or ())
+
+    def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]:
+        return [
+            (r[0], r[1])
+            for r in self._rows(
+                "SELECT DISTINCT rtype, rid FROM versions WHERE patient = ?", (pseudonym,)
+            )
+        ]
+
+    def count_wrapped_by(self, kek_id: str) -> int:
+        return int(self._rows("SELECT COUNT(*) FROM versions WHERE kek_id = ?", (kek_id,))[0][0])
+
+    async def close(self) -> None:
+        await self._writes.close()
+        with self._lock:
+            for conn in self._readers:
+                conn.close()
+        self._writer.close()

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medledger.core.errors import InvalidInput, KeyStoreError, NotFound
+from medledger.storage.keystore import FileKeyStore, KdfParams
+
+FAST = KdfParams(n=2**12)
+
+
+def test_create_open_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "ks.json"
+    ks = FileKeyStore.create(path, b"pw", params=FAST)
+    reopened = FileKeyStore.open(path, b"pw")
+    assert reopened.signing_key().fingerprint == ks.signing_key().fingerprint
+    kek = "kek:" + ks.secret("kek_current").decode()
+    assert reopened.secret(kek) == ks.secret(kek) and len(ks.secret(kek)) == 32
+    assert reopened.secret("search_key") != reopened.secret(kek)
+
+
+def test_no_secret_appears_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ks.json"
+    ks = FileKeyStore.create(path, b"pw", params=FAST)
+    raw = path.read_bytes()
+    kek = ks.secret("kek:" + ks.secret("kek_current").decode())
+    for secret in (kek, ks.secret("search_key"), ks.signing_key().to_pkcs8_der()):
+        assert secret not in raw and secret.hex().encode() not in raw
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_wrong_passphrase_and_corruption_fail_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "ks.json"
+    FileKeyStore.create(path, b"pw", params=FAST)
+    before = path.read_bytes()
+    with pytest.raises(KeyStoreError, match="wrong passphrase"):
+        FileKeyStore.open(path, b"nope")
+    assert path.read_bytes() == before
+    doc = json.loads(before)
+    doc["kdf"]["n"] = 2**10  # weakening the KDF is detected (bound as associated data)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeyStoreError):
+        FileKeyStore.open(path, b"pw")
+    path.write_bytes(before[: len(before) // 2])
+    with pytest.raises(KeyStoreError, match="corrupt"):
+        FileKeyStore.open(path, b"pw")
+    with pytest.raises(NotFound):
+        FileKeyStore.open(tmp_path / "missing.json", b"pw")
+
+
+def test_put_and_delete_secret_persist(tmp_path: Path) -> None:
+    path = tmp_path / "ks.json"
+    ks = FileKeyStore.create(path, b"pw", params=FAST)
+    ks.put_secret("kek-2", b"\x01" * 32)
+    assert FileKeyStore.open(path, b"pw").secret("kek-2") == b"\x01" * 32
+    ks.delete_secret("kek-2")
+    with pytest.raises(NotFound):
+        FileKeyStore.open(path, b"pw").secret("kek-2")
+    assert not list(tmp_path.glob(".ks.json.tmp-*"))
+
+
+def test_create_refuses_empty_passphrase_and_existing_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        FileKeyStore.create(tmp_path / "a.json", b"", params=FAST)
+    FileKeyStore.create(tmp_path / "b.json", b"pw", params=FAST)
+    with pytest.raises(KeyStoreError):
+        FileKeyStore.create(tmp_path / "b.json", b"pw", params=FAST)
