@@ -66,6 +66,11 @@ def _hc(left: bytes, right: bytes) -> bytes:
     return _sha(b"\x01", left, right)
 
 
+def _bad_id(value: Any) -> str:
+    """Short test id for a value that is not a 32-byte hash."""
+    return "None" if value is None else f"{type(value).__name__}{len(value)}"
+
+
 # ---------------------------------------------------------------------------
 # Published vectors (transparency-dev/merkle testonly/constants.go).
 # ---------------------------------------------------------------------------
@@ -414,6 +419,38 @@ def test_compact_range_rejects_wrong_resume_state(size: int, hashes: list[bytes]
         CompactRange(size, hashes)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [b"", b"\x07" * 31, b"\x07" * 33, ROOTS[3] + ROOTS[3], bytearray(32), "00" * 16],
+    ids=_bad_id,
+)
+def test_compact_range_rejects_non_32_byte_hashes(bad: Any) -> None:
+    # Resume state: the right number of hashes, one of them not 32-byte bytes.
+    CompactRange(3, [ROOTS[2], NODE_HASHES[0][2]])
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        CompactRange(1, [bad])
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        CompactRange(3, [ROOTS[2], bad])
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        CompactRange(3, [bad, NODE_HASHES[0][2]])
+
+
+@pytest.mark.parametrize("length", [0, 1, 31, 33, 64])
+def test_compact_range_append_rejects_non_32_byte_leaf(length: int) -> None:
+    cr = CompactRange()
+    for data in LEAF_INPUTS[:3]:
+        cr.append(leaf_hash(data))
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        cr.append(b"\x07" * length)
+    # The rejected append left the range untouched.
+    assert (cr.size, cr.root()) == (3, ROOTS[3])
+    assert cr.nodes() == [(NodeID(1, 0), NODE_HASHES[1][0]), (NodeID(0, 2), NODE_HASHES[0][2])]
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        CompactRange().append(b"\x07" * length)
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        root_from_leaf_hashes([NODE_HASHES[0][0], b"\x07" * length])
+
+
 # ---------------------------------------------------------------------------
 # Golden proofs: node ids (proof_test.go) and hashes (verify_test.go).
 # ---------------------------------------------------------------------------
@@ -652,7 +689,9 @@ def _inclusion_probes(index: int, size: int, proof: list[bytes]) -> Iterator[_In
     yield p("index=size", proof, (InvalidInput,), index_=size)
     yield p("size*2", proof, _FAIL, size_=size * 2)
     yield p("size/2", proof, _FAIL, size_=size // 2)
-    yield p("wrong leaf", proof, _FAIL, leaf_=b"WrongLeaf")
+    yield p("wrong leaf", proof, (InvalidInput,), leaf_=b"WrongLeaf")
+    yield p("short root", proof, (InvalidInput,), root_=root[:31])
+    yield p("long leaf", proof, (InvalidInput,), leaf_=leaf + b"\x00")
     yield p("other leaf", proof, (RootMismatch,), leaf_=SOME_HASH)
     yield p("empty root", proof, (RootMismatch,), root_=EMPTY_ROOT)
     yield p("random root", proof, (RootMismatch,), root_=SOME_HASH)
@@ -701,15 +740,17 @@ def test_corrupted_inclusion_proof_fails(index: int, size: int, proof: list[byte
         else:
             wrong.append(f"{p.desc}: verified")
     assert wrong == []
-    assert len(probes) >= 17
+    assert len(probes) >= 19
 
 
 @pytest.mark.parametrize(("index", "size"), [(0, 0), (0, 1), (1, 0), (2, 1), (-3, 6), (3, -3)])
 def test_inclusion_trivial_probes_fail(index: int, size: int) -> None:
     # verify_test.go TestVerifyInclusion probes and CT bad-indices cases.
-    for leaf, root in [(SOME_HASH, b""), (b"", EMPTY_ROOT), (SOME_HASH, EMPTY_ROOT)]:
-        with pytest.raises(_FAIL):
+    for leaf, root in [(SOME_HASH, b""), (b"", EMPTY_ROOT)]:
+        with pytest.raises(InvalidInput, match="32 bytes"):
             verify_inclusion(leaf, index, size, [], root)
+    with pytest.raises(_FAIL):
+        verify_inclusion(SOME_HASH, index, size, [], EMPTY_ROOT)
 
 
 _DATA_HASH = _sha(b"\x00", b"data")
@@ -721,36 +762,74 @@ _DATA_HASH = _sha(b"\x00", b"data")
         (_DATA_HASH, _DATA_HASH, True),
         (_DATA_HASH, b"", False),
         (b"", _DATA_HASH, False),
-        pytest.param(
-            b"",
-            b"",
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: verify_inclusion does not check that the leaf (and root) are "
-                "32-byte hashes; Go's VerifyInclusion rejects this 'wrong hash size' case",
-            ),
-        ),
+        (b"", b"", False),
     ],
 )
 def test_inclusion_single_entry(root: bytes, leaf: bytes, ok: bool) -> None:
-    # verify_test.go TestVerifyInclusionSingleEntry.
+    # verify_test.go TestVerifyInclusionSingleEntry: the failures are all
+    # "wrong hash size", which is InvalidInput here.
     if ok:
         verify_inclusion(leaf, 0, 1, [], root)
     else:
-        with pytest.raises(_FAIL):
+        with pytest.raises(InvalidInput, match="32 bytes"):
             verify_inclusion(leaf, 0, 1, [], root)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: verify_inclusion accepts a leaf that is not a 32-byte hash when it equals "
-    "the root of a 1-leaf tree (Go's RootFromInclusionProof checks the leaf hash size)",
-)
+# Not 32-byte ``bytes``: wrong lengths, and the right length in the wrong type.
+_NOT_HASHES: list[Any] = [
+    b"",
+    b"\x07",
+    b"\x07" * 31,
+    b"\x07" * 33,
+    b"\x07" * 64,
+    bytearray(32),
+    memoryview(bytes(32)),
+    "00" * 16,
+    bytes(32).hex(),
+    None,
+]
+
+
 @pytest.mark.parametrize("length", [0, 1, 31, 33, 64])
 def test_inclusion_rejects_non_hash_leaf(length: int) -> None:
-    with pytest.raises(InvalidInput):
+    # A 1-leaf tree's root is its leaf hash, so equal leaf and root would
+    # "verify" if the size of either went unchecked.
+    with pytest.raises(InvalidInput, match="32 bytes"):
         verify_inclusion(b"\x07" * length, 0, 1, [], b"\x07" * length)
+
+
+@pytest.mark.parametrize("bad", _NOT_HASHES, ids=_bad_id)
+def test_inclusion_requires_32_byte_leaf_root_and_proof(bad: Any) -> None:
+    index, size, proof = INCLUSION_VECTORS[1]
+    leaf, root = NODE_HASHES[0][index], ROOTS[size]
+    verify_inclusion(leaf, index, size, proof, root)  # the unaltered call verifies
+    for args in [
+        (bad, index, size, proof, root),
+        (leaf, index, size, proof, bad),
+        (leaf, index, size, [bad, *proof[1:]], root),
+        (leaf, index, size, [*proof[:-1], bad], root),
+        (leaf, index, size, [*proof, bad], root),
+        (bad, 0, 1, [], bad),
+    ]:
+        with pytest.raises(InvalidInput, match="32 bytes"):
+            verify_inclusion(*args)
+
+
+@pytest.mark.parametrize(
+    ("index", "size", "proof"),
+    [(5, 3, []), (-1, 8, []), (0, 0, []), (0, 8, []), (0, 1, [ZEROS]), (0, 8, [ZEROS] * 9)],
+)
+def test_inclusion_hash_size_is_checked_before_anything_else(
+    index: int, size: int, proof: list[bytes]
+) -> None:
+    # Each call is also wrong in another way (index, size or proof length);
+    # the hash-size error must win.
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        verify_inclusion(b"short", index, size, proof, ZEROS)
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        verify_inclusion(ZEROS, index, size, proof, b"short")
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        verify_inclusion(ZEROS, index, size, [*proof, b"short"], ZEROS)
 
 
 def test_inclusion_rejects_non_bytes_proof_items() -> None:
@@ -803,8 +882,10 @@ def _consistency_probes(old: int, new: int, proof: list[bytes]) -> Iterator[_Con
     yield p("size2*2", proof, _FAIL, new_=new * 2)
     yield p("size2/2", proof, _FAIL, new_=new // 2)
     yield p("old>new", proof, (InvalidInput,), old_=new + 1)
-    yield p("wrong root1", proof, _FAIL, r1_=b"WrongRoot")
-    yield p("wrong root2", proof, _FAIL, r2_=b"WrongRoot")
+    yield p("wrong root1", proof, (InvalidInput,), r1_=b"WrongRoot")
+    yield p("wrong root2", proof, (InvalidInput,), r2_=b"WrongRoot")
+    yield p("31-byte root1", proof, (InvalidInput,), r1_=r1[:31])
+    yield p("33-byte root2", proof, (InvalidInput,), r2_=r2 + b"\x00")
     yield p("random root1", proof, (InconsistentLog, RootMismatch), r1_=SOME_HASH)
     yield p("random root2", proof, (RootMismatch,), r2_=SOME_HASH)
     yield p("flipped root2", proof, (RootMismatch,), r2_=_flip(r2, 31, 1))
@@ -852,10 +933,15 @@ def test_corrupted_consistency_proof_fails(old: int, new: int, proof: list[bytes
         else:
             wrong.append(f"{p.desc}: verified")
     assert wrong == []
-    assert len(probes) >= 23
+    assert len(probes) >= 25
 
 
-_R1, _R2 = b"don't care 1", b"don't care 2"
+# Go's table uses the 12-byte roots "don't care 1" / "don't care 2" where the
+# case is about sizes or proof shape. Roots must be 32-byte hashes here, so
+# the placeholders are the SHA-256 of that text; the short originals are kept
+# for the cases below that are about the hash size.
+_T1, _T2 = b"don't care 1", b"don't care 2"
+_R1, _R2 = _sha(_T1), _sha(_T2)
 _E = _h(EMPTY_HEX)
 
 
@@ -882,6 +968,21 @@ _E = _h(EMPTY_HEX)
         (-1, 8, _E, ROOTS[8], [], InvalidInput),
         (8, 6, ROOTS[8], ROOTS[6], list(CONSISTENCY_VECTORS[2][2]), InvalidInput),
         (8, 8, ROOTS[8], ROOTS[7], [], InconsistentLog),
+        # Go's placeholders verbatim: not 32 bytes, so InvalidInput, even where
+        # the sizes alone would give InconsistentLog or success.
+        (0, 0, _T1, _T2, [], InvalidInput),
+        (1, 1, _T1, _T2, [], InvalidInput),
+        (0, 0, _T1, _T1, [], InvalidInput),
+        (0, 1, _T1, _T2, [], InvalidInput),
+        (1, 1, _T2, _T2, [], InvalidInput),
+        (0, 0, _E, _T2, [], InvalidInput),
+        (1, 1, _T1, _E, [], InvalidInput),
+        (6, 8, _T1, ROOTS[8], list(CONSISTENCY_VECTORS[2][2]), InvalidInput),
+        (6, 8, ROOTS[6], _T2, list(CONSISTENCY_VECTORS[2][2]), InvalidInput),
+        (6, 8, ROOTS[6][:31], ROOTS[8], list(CONSISTENCY_VECTORS[2][2]), InvalidInput),
+        (6, 8, ROOTS[6], ROOTS[8] + b"\x00", list(CONSISTENCY_VECTORS[2][2]), InvalidInput),
+        (0, 0, b"", b"", [], InvalidInput),
+        (0, 0, _E, _E, [b""], InvalidInput),
     ],
 )
 def test_consistency_edge_cases(
@@ -897,6 +998,44 @@ def test_consistency_edge_cases(
     else:
         with pytest.raises(raises):
             verify_consistency(old, new, proof, r1, r2)
+
+
+@pytest.mark.parametrize("bad", _NOT_HASHES, ids=_bad_id)
+def test_consistency_requires_32_byte_roots_and_proof(bad: Any) -> None:
+    old, new, proof = CONSISTENCY_VECTORS[2]
+    r1, r2 = ROOTS[old], ROOTS[new]
+    verify_consistency(old, new, proof, r1, r2)  # the unaltered call verifies
+    for args in [
+        (old, new, proof, bad, r2),
+        (old, new, proof, r1, bad),
+        (old, new, [bad, *proof[1:]], r1, r2),
+        (old, new, [*proof[:-1], bad], r1, r2),
+        (old, new, [*proof, bad], r1, r2),
+        (0, 0, [], bad, bad),
+        (3, 3, [], bad, bad),
+        (0, 5, [], bad, bad),
+    ]:
+        with pytest.raises(InvalidInput, match="32 bytes"):
+            verify_consistency(*args)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "proof"),
+    [(3, 3, []), (0, 0, []), (0, 4, []), (5, 3, []), (-1, 4, []), (2, 4, []), (3, 3, [ZEROS])],
+)
+def test_consistency_hash_size_is_checked_before_anything_else(
+    old: int, new: int, proof: list[bytes]
+) -> None:
+    # With 32-byte roots these calls succeed or fail for another reason
+    # (sizes, proof shape, two roots for one size); the hash-size error must win.
+    for r1, r2, proof_ in [
+        (b"short", ONES, proof),
+        (ZEROS, b"short", proof),
+        (b"short", b"short", proof),
+        (ZEROS, ONES, [*proof, b"short"]),
+    ]:
+        with pytest.raises(InvalidInput, match="32 bytes"):
+            verify_consistency(old, new, proof_, r1, r2)
 
 
 _P68 = CONSISTENCY_VECTORS[2][2]
@@ -1063,11 +1202,16 @@ class _Reject(Exception):
     pass
 
 
+def _is_hash(h: object) -> bool:
+    """The verifiers' input contract: leaf, roots and proof items are 32-byte ``bytes``."""
+    return isinstance(h, bytes) and len(h) == 32
+
+
 def _ref_inclusion_ok(
     leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes
 ) -> bool:
     """Reference verifier: rebuild the root by walking PATH's recursion backwards."""
-    if not 0 <= index < size or any(len(h) != 32 for h in proof):
+    if not all(_is_hash(h) for h in (leaf, root, *proof)) or not 0 <= index < size:
         return False
     rest = list(proof)
 
@@ -1093,7 +1237,7 @@ def _ref_consistency_ok(
     old: int, new: int, proof: Sequence[bytes], old_root: bytes, new_root: bytes
 ) -> bool:
     """Reference verifier: rebuild both roots by walking SUBPROOF's recursion backwards."""
-    if not 0 <= old <= new or any(len(h) != 32 for h in proof):
+    if not all(_is_hash(h) for h in (old_root, new_root, *proof)) or not 0 <= old <= new:
         return False
     if old == new:
         return not proof and old_root == new_root
@@ -1317,7 +1461,13 @@ def test_prop_inclusion_proof_verifies(si: tuple[int, int]) -> None:
     assert _ref_inclusion_ok(log.leaves[index], index, size, proof, log.roots[size])
 
 
-_INCLUSION_OPS = ["flip", "drop", "insert", "root", "leaf", "index"]
+_INCLUSION_OPS = ["flip", "drop", "insert", "root", "leaf", "index", "resize"]
+_NOT_32 = st.integers(0, 64).filter(lambda n: n != 32)
+
+
+def _resize(h: bytes, length: int) -> bytes:
+    """``h`` cut or zero-padded to ``length`` bytes."""
+    return (h + bytes(64))[:length]
 
 
 @_FAST
@@ -1351,9 +1501,20 @@ def test_prop_altered_inclusion_proof_fails(
         bit = data.draw(st.integers(0, 255))
         leaf = _flip(leaf, bit // 8, 1 << (bit % 8))
         expected = (RootMismatch,)
-    else:
+    elif op == "index":
         index = data.draw(st.integers(-2, size + 2).filter(lambda i: i != index))
         expected = (RootMismatch, InvalidInput)
+    else:
+        # Any one of leaf, root or a proof hash not 32 bytes long.
+        length = data.draw(_NOT_32)
+        j = data.draw(st.integers(-2, len(proof) - 1))
+        if j == -2:
+            leaf = _resize(leaf, length)
+        elif j == -1:
+            root = _resize(root, length)
+        else:
+            proof[j] = _resize(proof[j], length)
+        expected = (InvalidInput,)
     assert not _ref_inclusion_ok(leaf, index, size, proof, root)
     with pytest.raises(expected):
         verify_inclusion(leaf, index, size, proof, root)
@@ -1397,7 +1558,7 @@ def _strict_old_and_new(draw: st.DrawFn) -> tuple[int, int]:
     return draw(st.integers(1, new - 1)), new
 
 
-_CONSISTENCY_OPS = ["flip", "drop", "insert", "old_root", "new_root", "swap", "empty"]
+_CONSISTENCY_OPS = ["flip", "drop", "insert", "old_root", "new_root", "swap", "empty", "resize"]
 
 
 @_FAST
@@ -1432,8 +1593,19 @@ def test_prop_altered_consistency_proof_fails(
     elif op == "swap":
         r1, r2 = r2, r1
         expected = (InconsistentLog, RootMismatch)
-    else:
+    elif op == "empty":
         proof = []
+        expected = (InvalidInput,)
+    else:
+        # Any one of the roots or a proof hash not 32 bytes long.
+        length = data.draw(_NOT_32)
+        j = data.draw(st.integers(-2, len(proof) - 1))
+        if j == -2:
+            r1 = _resize(r1, length)
+        elif j == -1:
+            r2 = _resize(r2, length)
+        else:
+            proof[j] = _resize(proof[j], length)
         expected = (InvalidInput,)
     assert not _ref_consistency_ok(old, new, proof, r1, r2)
     with pytest.raises(expected):
