@@ -8,7 +8,6 @@ no passphrase.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +81,7 @@ def init_node(
         finally:
             store.close()
         paths.blobs.mkdir()
-        asyncio.run(SqliteRecordIndex(paths.records_db).close())
+        SqliteRecordIndex.initialize(paths.records_db)
         config = NodeConfig(
             name=name,
             institution=inst,

@@ -44,7 +44,8 @@ Contract
 * Output is plain ``dict``/``list``/``str``/``int``/``float``/``bool``, built
   fresh on every call (callers may mutate it), valid against the
   ``fhir.resources`` R4B models (checked by the tests, not here: speed).
-  ~100,000 resources take about a second.
+  1,000 patients x 100 resources take ~1.5 s streamed with
+  :func:`iter_patients`, ~3 s as one list (2-core CI-class machine).
 """
 
 from __future__ import annotations
@@ -406,13 +407,22 @@ def generate_patient(
 def iter_patients(
     count: int, *, seed: int = 0, start_index: int = 0, resources_per_patient: int = 100
 ) -> Iterator[PatientBundle]:
-    """Lazily yield patients ``start_index .. start_index + count - 1`` (see :func:`generate_patient`)."""
+    """Lazily yield patients ``start_index .. start_index + count - 1`` (see :func:`generate_patient`).
+
+    Arguments are checked at the call, not at the first ``next()``. Streaming
+    keeps memory flat and avoids the garbage collector's bookkeeping of a
+    large live list, so it is the fastest way to feed a benchmark.
+    """
     if count < 0:
         raise InvalidInput(f"synthetic patient count must be >= 0, got {count}")
     if start_index < 0:
         raise InvalidInput(f"synthetic start_index must be >= 0, got {start_index}")
-    for index in range(start_index, start_index + count):
-        yield generate_patient(index, seed=seed, resources_per_patient=resources_per_patient)
+    if resources_per_patient < 0:
+        raise InvalidInput(f"resources_per_patient must be >= 0, got {resources_per_patient}")
+    return (
+        generate_patient(index, seed=seed, resources_per_patient=resources_per_patient)
+        for index in range(start_index, start_index + count)
+    )
 
 
 def generate_patients(

@@ -96,6 +96,10 @@ class ChainStore(Protocol):
         """``(height, log index)`` of a transaction; raises ``NotFound``."""
         ...
 
+    def tx_by_hash(self, tx_hash: bytes) -> tuple[int, bytes]:
+        """``(log index, canonical bytes)`` of a transaction; raises ``NotFound``."""
+        ...
+
     def tx_data(self, index: int) -> bytes:
         """Canonical bytes of the transaction at log ``index``; raises ``NotFound``."""
         ...

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.storage.batching import GroupCommitter
+from medledger.storage.sqlite import sqlite_uri
 
 __all__ = ["RecordIndex", "SqliteRecordIndex", "VersionRow"]
 
@@ -112,6 +113,20 @@ class RecordIndex(Protocol):
 
 class SqliteRecordIndex:
     """:class:`RecordIndex` in one SQLite file (WAL, ``synchronous=FULL``)."""
+
+    @classmethod
+    def initialize(cls, path: Path) -> None:
+        """Create an empty index at ``path`` (synchronously, for node creation)."""
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot create record index {path} ({exc})") from None
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -269,7 +284,7 @@ class SqliteRecordIndex:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(
-                f"file:{self.path}?mode=ro",
+                sqlite_uri(self.path, "ro"),
                 uri=True,
                 isolation_level=None,
                 check_same_thread=False,

@@ -29,7 +29,7 @@ from medledger.core.merkle import NodeID, leaf_hash
 from medledger.core.models import Signature
 from medledger.storage.ports import NewBlock, StoredBlock
 
-__all__ = ["SCHEMA_VERSION", "SqliteChainStore", "node_key", "node_from_key"]
+__all__ = ["SCHEMA_VERSION", "SqliteChainStore", "node_from_key", "node_key", "sqlite_uri"]
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +63,11 @@ def node_from_key(key: int) -> NodeID:
     level = key & 63
     last = key >> 6
     return NodeID(level, ((last + 1) >> level) - 1)
+
+
+def sqlite_uri(path: Path, mode: str) -> str:
+    """A ``file:`` URI for ``path`` (percent-encoded: '#', '?' and '%' are legal in names)."""
+    return f"{path.absolute().as_uri()}?mode={mode}"
 
 
 def _hkey(tx_hash: bytes) -> int:
@@ -118,25 +123,30 @@ class SqliteChainStore:
             raise NotFound(f"no chain database at {path}")
         try:
             conn = sqlite3.connect(
-                f"file:{path}?mode=rw",
+                sqlite_uri(path, "rw"),
                 uri=True,
                 isolation_level=None,
                 check_same_thread=False,
                 timeout=30,
             )
             rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise StorageError(
                 f"{path} is not a readable medledger chain database ({exc})"
             ) from None
+        # Check what the file is before any PRAGMA that could change it.
         if rows.get("schema_version") != str(SCHEMA_VERSION) or "chain" not in rows:
             conn.close()
             raise StorageError(
-                f"{path}: unsupported schema version {rows.get('schema_version')!r} "
-                f"(this medledger reads {SCHEMA_VERSION})"
+                f"{path}: not a medledger chain database of schema version {SCHEMA_VERSION}"
+                f" (found {rows.get('schema_version')!r})"
             )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StorageError(f"{path}: {exc}") from None
         return cls(path, rows["chain"], conn)
 
     def close(self) -> None:
@@ -151,7 +161,7 @@ class SqliteChainStore:
         if conn is None:
             try:
                 conn = sqlite3.connect(
-                    f"file:{self.path}?mode=rw",
+                    sqlite_uri(self.path, "rw"),
                     uri=True,
                     isolation_level=None,
                     check_same_thread=False,
@@ -349,17 +359,21 @@ class SqliteChainStore:
         except sqlite3.Error as exc:
             raise _storage_error(self.path, exc) from None
 
-    def tx_location(self, tx_hash: bytes) -> tuple[int, int]:
+    def tx_by_hash(self, tx_hash: bytes) -> tuple[int, bytes]:
         for idx, data in self._query("SELECT idx, data FROM txs WHERE hkey = ?", (_hkey(tx_hash),)):
             if sha256(bytes(data)) == tx_hash:
-                rows = self._query(
-                    "SELECT height FROM blocks WHERE first_index <= ?"
-                    " ORDER BY first_index DESC LIMIT 1",
-                    (idx,),
-                )
-                if rows:
-                    return int(rows[0][0]), int(idx)
+                return int(idx), bytes(data)
         raise NotFound(f"no transaction {tx_hash.hex()}")
+
+    def tx_location(self, tx_hash: bytes) -> tuple[int, int]:
+        idx, _ = self.tx_by_hash(tx_hash)
+        rows = self._query(
+            "SELECT height FROM blocks WHERE first_index <= ? ORDER BY first_index DESC LIMIT 1",
+            (idx,),
+        )
+        if not rows:
+            raise NotFound(f"no block holds transaction {tx_hash.hex()}")
+        return int(rows[0][0]), idx
 
     def tx_data(self, index: int) -> bytes:
         rows = self._query("SELECT data FROM txs WHERE idx = ?", (index,))

@@ -1,0 +1,59 @@
+"""The ``medledger`` command line.
+
+Every command reports a failure as one line on stderr (``error: …``) and a
+non-zero exit status, never a traceback: 1 for errors, 2 for usage errors,
+3 when verification finds tampering.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from medledger.cli.bench import bench, demo
+from medledger.cli.chain import chain, node, verify
+from medledger.cli.common import EXIT_TAMPERED, fail
+from medledger.cli.records import keys, record
+from medledger.core.errors import MedledgerError, VerificationError
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medledger")
+def cli() -> None:
+    """medledger: secure health-information storage on a hybrid blockchain."""
+
+
+for command in (node, chain, verify, record, keys, bench, demo):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="medledger", standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except VerificationError as exc:
+        fail(f"verification FAILED: {exc}", EXIT_TAMPERED)
+    except MedledgerError as exc:
+        fail(str(exc))
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except OSError as exc:
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""What every ``medledger`` command shares: options, passphrase, output, failure."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import simplejson
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_TAMPERED",
+    "PASSPHRASE_ENV",
+    "dir_option",
+    "emit",
+    "fail",
+    "progress",
+    "read_passphrase",
+]
+
+EXIT_ERROR = 1
+EXIT_TAMPERED = 3
+PASSPHRASE_ENV = "MEDLEDGER_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
+
+dir_option = click.option(
+    "--dir",
+    "root",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The node directory.",
+)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """Print one ``error:`` line on stderr and exit with ``code``."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def read_passphrase(*, confirm: bool) -> bytes:
+    """The keystore passphrase from ``MEDLEDGER_PASSPHRASE`` or an interactive prompt."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is None:
+        if not sys.stdin.isatty():
+            fail(f"no passphrase: set {PASSPHRASE_ENV} or run in a terminal")
+        value = click.prompt("Keystore passphrase", hide_input=True, confirmation_prompt=confirm)
+    if not value:
+        fail("the passphrase must not be empty")
+    return value.encode("utf-8")
+
+
+def emit(obj: Any) -> None:
+    """Print ``obj`` as indented JSON on stdout (FHIR decimals keep their precision)."""
+    click.echo(simplejson.dumps(obj, indent=2, ensure_ascii=False, use_decimal=True))
+
+
+@contextmanager
+def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on an interactive stderr; silent otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda _done: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda done: bar.update(task, completed=done)
