@@ -82,6 +82,23 @@ def _fail_all(batch: Sequence[_Pending], exc: Exception) -> None:
 
 
 @dataclass(slots=True)
+class _Tip:
+    """The tip to return to if a block is not committed."""
+
+    log: CompactRange
+    header: BlockHeader
+    block_hash: bytes
+
+
+@dataclass(slots=True)
+class _InFlight:
+    block: NewBlock
+    batch: list[_Pending]
+    commit: asyncio.Future[None]
+    before: _Tip
+
+
+@dataclass(slots=True)
 class _Pending:
     data: bytes
     tx_hash: bytes
@@ -229,6 +246,10 @@ class PrivateChain:
         if self._closing:
             raise StorageError("chain is closing; no new transactions accepted")
         loop = asyncio.get_running_loop()
+        if self._task is not None and self._task.get_loop() is not loop:
+            if not self._task.done():
+                raise StorageError("this chain's sequencer runs in another event loop")
+            self._task = None
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._sequence(), name="medledger-sequencer")
@@ -264,19 +285,21 @@ class PrivateChain:
         """
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
-        inflight: tuple[NewBlock, list[_Pending], asyncio.Future[None]] | None = None
+        inflight: _InFlight | None = None
         while True:
             if not self._queue:
                 if inflight is not None:
                     # Wait for the commit *or* new writers, so the next block is
                     # built on this thread while the commit thread writes.
                     woken: asyncio.Future[Any] = asyncio.ensure_future(self._wakeup.wait())
-                    await asyncio.wait([inflight[2], woken], return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        [inflight.commit, woken], return_when=asyncio.FIRST_COMPLETED
+                    )
                     if not woken.done():
                         woken.cancel()
                     self._wakeup.clear()
-                    if inflight[2].done():
-                        self._finish(*inflight[:2], await _outcome(inflight[2]))
+                    if inflight.commit.done():
+                        self._finish(inflight, await _outcome(inflight.commit))
                         inflight = None
                     else:
                         await asyncio.sleep(0)  # let every writer that is ready enqueue
@@ -296,38 +319,39 @@ class PrivateChain:
             take += self._queue[take - 1].group_tail  # never split a submit_many group
             batch = self._queue[:take]
             del self._queue[:take]
+            saved = _Tip(self._log.copy(), self._tip, self._tip_hash)
             try:
                 block = self._build(batch)
             except Exception as exc:  # a bug: never ack, never leave the tip advanced
-                self._rollback()
+                self._restore(saved)
                 _fail_all(batch, _as_storage_error(exc))
                 continue
             if inflight is not None:
-                failure = await _outcome(inflight[2])
-                self._finish(*inflight[:2], failure)
+                failure = await _outcome(inflight.commit)
+                self._finish(inflight, failure)
                 inflight = None
                 if failure is not None:
-                    self._rollback()
+                    # This block was built on the one that failed: it fails too.
                     _fail_all(batch, failure)
                     continue
             fut = loop.run_in_executor(self._executor, self._store.append_block, block)
-            inflight = (block, batch, fut)
+            inflight = _InFlight(block, batch, fut, saved)
 
-    def _finish(self, block: NewBlock, batch: list[_Pending], failure: Exception | None) -> None:
+    def _finish(self, inflight: _InFlight, failure: Exception | None) -> None:
         if failure is not None:
-            self._rollback()
-            _fail_all(batch, failure)
+            _fail_all(inflight.batch, failure)
+            self._restore(inflight.before)
             return
+        block = inflight.block
         self._head, self._head_hash = block.header, block.block_hash
         height, first = block.header.height, block.first_index
-        for i, p in enumerate(batch):
+        for i, p in enumerate(inflight.batch):
             if not p.future.done():
                 p.future.set_result(Receipt(height=height, index=first + i, tx_hash=p.tx_hash))
 
-    def _rollback(self) -> None:
-        """Return the tip to the last committed block (rebuilding the log from storage)."""
-        self._tip, self._tip_hash = self._head, self._head_hash
-        self._log = self._load_log(self._head)
+    def _restore(self, saved: _Tip) -> None:
+        """Put the tip back where it was before a block that was not committed."""
+        self._log, self._tip, self._tip_hash = saved.log, saved.header, saved.block_hash
 
     def _build(self, batch: Sequence[_Pending]) -> NewBlock:
         """Extend the log with ``batch`` and return the signed block (not yet stored)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from medledger.core.errors import (
     InconsistentLog,
@@ -32,12 +33,19 @@ from medledger.core.errors import (
 from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import VerifyingKey
 from medledger.core.merkle import EMPTY_ROOT, CompactRange, NodeID, leaf_hash, verify_consistency
-from medledger.core.models import BlockHeader, Transaction
+from medledger.core.models import BlockHeader, Signature, Transaction
 from medledger.ledger.private import GENESIS_TX
 from medledger.ledger.proofs import consistency_proof
 from medledger.storage.ports import ChainStore
 
-__all__ = ["Checkpoint", "VerifyReport", "parse_checkpoint", "verify_chain"]
+__all__ = [
+    "BlockPolicy",
+    "Checkpoint",
+    "PrivateChainPolicy",
+    "VerifyReport",
+    "parse_checkpoint",
+    "verify_chain",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,26 +89,72 @@ def _fail(
     return cls(f"block {height}: {what}")
 
 
+class BlockPolicy(Protocol):
+    """What makes a block valid beyond structure: its transactions and its signatures."""
+
+    def begin_block(self, height: int) -> None:
+        """Called before a block's transactions are checked."""
+        ...
+
+    def transaction(self, height: int, index: int, tx: Transaction) -> None:
+        """Check (and account for) one transaction; ``index`` 0 of height 0 is the genesis tx."""
+        ...
+
+    def signatures(self, height: int, block_hash: bytes, signatures: Sequence[Signature]) -> None:
+        """Check the block's signatures; raise :class:`VerificationError`."""
+        ...
+
+    def signer(self) -> str:
+        """Who signs this chain, for the report."""
+        ...
+
+
+class PrivateChainPolicy:
+    """An institution's chain: every block signed by the key its genesis names."""
+
+    def __init__(self, expected_key: VerifyingKey | None) -> None:
+        self._expected = expected_key
+        self._key: VerifyingKey | None = None
+
+    def begin_block(self, height: int) -> None:
+        return None
+
+    def transaction(self, height: int, index: int, tx: Transaction) -> None:
+        if height == 0 and index == 0:
+            self._key = _genesis_key(tx, self._expected)
+        elif tx.type == GENESIS_TX:
+            raise _fail(height, f"transaction {index} is a second genesis")
+
+    def signatures(self, height: int, block_hash: bytes, signatures: Sequence[Signature]) -> None:
+        if self._key is None:
+            raise _fail(height, "no genesis transaction names the institution key")
+        _check_signatures(height, self._key, signatures, block_hash)
+
+    def signer(self) -> str:
+        return self._key.fingerprint if self._key else ""
+
+
 def verify_chain(
     store: ChainStore,
     *,
     expected_key: VerifyingKey | None = None,
+    policy: BlockPolicy | None = None,
     checkpoints: Sequence[Checkpoint] = (),
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Verify the whole chain in ``store``; return a report or raise at the first problem.
 
-    ``expected_key`` is the institution key from the node's configuration; the
-    genesis block must name the same key. ``progress`` is called with the
-    number of transactions verified after each block.
+    ``policy`` judges transactions and signatures (default: a private chain,
+    whose genesis must name ``expected_key`` when given). ``progress`` is
+    called with the number of transactions verified after each block.
     """
+    policy = policy if policy is not None else PrivateChainPolicy(expected_key)
     pending_checks = sorted(checkpoints, key=lambda c: c.size)
     while pending_checks and pending_checks[0].size == 0:
         if pending_checks.pop(0).root != EMPTY_ROOT:
             raise InconsistentLog("a root other than the empty tree's was published for size 0")
     log = CompactRange()
     stored_nodes: Iterator[tuple[NodeID, bytes]] = store.iter_nodes()
-    key: VerifyingKey | None = expected_key
     chain_id = ""
     prev_hash, prev_time, height = ZERO_HASH, 0, -1
     for block in store.iter_blocks():
@@ -132,6 +186,7 @@ def verify_chain(
             )
         block_log = CompactRange()
         created: list[tuple[NodeID, bytes]] = []
+        policy.begin_block(h)
         for i, data in enumerate(block.tx_data):
             try:
                 tx = Transaction.decode(data)
@@ -141,10 +196,7 @@ def verify_chain(
                 ) from None
             if tx.chain != chain_id:
                 raise _fail(h, f"transaction {block.first_index + i} names another chain")
-            if h == 0 and i == 0:
-                key = _genesis_key(tx, expected_key)
-            elif tx.type == GENESIS_TX:
-                raise _fail(h, f"transaction {block.first_index + i} is a second genesis")
+            policy.transaction(h, block.first_index + i, tx)
             leaf = leaf_hash(data)
             block_log.append(leaf)
             created.extend(log.append(leaf)[1:])
@@ -171,8 +223,7 @@ def verify_chain(
                     h,
                     f"stored Merkle node level {node.level} index {node.index} is wrong or missing",
                 )
-        assert key is not None
-        _check_signatures(h, key, block.signatures, block.block_hash)
+        policy.signatures(h, block.block_hash, block.signatures)
         prev_hash, prev_time = block.block_hash, header.time_ms
         if progress is not None:
             progress(log.size)
@@ -196,14 +247,13 @@ def verify_chain(
             verify_consistency(cp.size, log.size, proof, cp.root, log.root())
         except MedledgerError as exc:
             raise InconsistentLog(f"consistency proof from size {cp.size} fails: {exc}") from None
-    assert key is not None
     return VerifyReport(
         chain=chain_id,
         blocks=height + 1,
         log_size=log.size,
         log_root=log.root(),
         head_hash=prev_hash,
-        signer=key.fingerprint,
+        signer=policy.signer(),
         checkpoints=len(checkpoints),
     )
 
@@ -236,10 +286,8 @@ def _genesis_key(tx: Transaction, expected: VerifyingKey | None) -> VerifyingKey
 
 
 def _check_signatures(
-    height: int, key: VerifyingKey, signatures: Sequence[object], block_hash: bytes
+    height: int, key: VerifyingKey, signatures: Sequence[Signature], block_hash: bytes
 ) -> None:
-    from medledger.core.models import Signature
-
     for sig in signatures:
         if isinstance(sig, Signature) and sig.signer == key.fingerprint:
             try:

@@ -122,7 +122,9 @@ class SqliteRecordIndex:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
-                conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
             finally:
                 conn.close()
         except sqlite3.Error as exc:

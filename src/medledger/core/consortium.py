@@ -1,0 +1,236 @@
+"""Consortium rules that every member (and any auditor) applies identically. Pure.
+
+* Genesis document: consortium id, parameters and the founding members; the
+  consortium chain's block 0 carries it as a ``consortium.genesis`` tx.
+* Quorums: with n members, f = ⌊(n-1)/3⌋ may be Byzantine; a block is final
+  with signatures from ⌊(n+f)/2⌋+1 distinct members (DESIGN.md, "Finality").
+* Membership changes (``member.add``, ``member.remove``, ``member.rotate``)
+  need that same quorum of *current* members' signatures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from medledger.core.encoding import canonical_bytes
+from medledger.core.errors import InvalidInput, MedledgerError
+from medledger.core.hashing import sha256
+from medledger.core.keys import VerifyingKey
+
+__all__ = [
+    "CONSORTIUM_GENESIS",
+    "ConsortiumParams",
+    "Genesis",
+    "Member",
+    "MemberSet",
+    "consortium_chain_id",
+    "max_faulty",
+    "quorum",
+]
+
+CONSORTIUM_GENESIS = "consortium.genesis"
+
+
+def max_faulty(n: int) -> int:
+    """f = ⌊(n-1)/3⌋: how many Byzantine members ``n`` members tolerate."""
+    if n < 1:
+        raise InvalidInput("a consortium needs at least one member")
+    return (n - 1) // 3
+
+
+def quorum(n: int) -> int:
+    """⌊(n+f)/2⌋+1 signatures make a block final among ``n`` members."""
+    return (n + max_faulty(n)) // 2 + 1
+
+
+def consortium_chain_id(consortium: str) -> str:
+    return f"consortium:{consortium}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Member:
+    """A member institution as the consortium knows it."""
+
+    id: str
+    name: str
+    signing_key: VerifyingKey
+    hpke_key: str = ""  # hex public key for sharing (empty until the member publishes one)
+    peer_url: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        return self.signing_key.fingerprint
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "signing_key": self.signing_key.der().hex(),
+            "hpke_key": self.hpke_key,
+            "peer_url": self.peer_url,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> Member:
+        if not isinstance(value, dict) or set(value) != {
+            "id",
+            "name",
+            "signing_key",
+            "hpke_key",
+            "peer_url",
+        }:
+            raise InvalidInput("member must have exactly id, name, signing_key, hpke_key, peer_url")
+        if not all(isinstance(value[k], str) for k in value) or not value["id"]:
+            raise InvalidInput("member fields must be strings and id non-empty")
+        try:
+            key = VerifyingKey.from_der(bytes.fromhex(value["signing_key"]))
+        except ValueError:
+            raise InvalidInput(f"member {value['id']}: signing_key is not hex") from None
+        return cls(
+            id=value["id"],
+            name=value["name"],
+            signing_key=key,
+            hpke_key=value["hpke_key"],
+            peer_url=value["peer_url"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsortiumParams:
+    """Block cutting and anchoring parameters, fixed in the genesis document."""
+
+    max_block_txs: int = 500
+    max_block_bytes: int = 1024 * 1024
+    cut_after_ms: int = 20
+    anchor_interval_ms: int = 200
+    max_clock_skew_ms: int = 30_000
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_block_txs": self.max_block_txs,
+            "max_block_bytes": self.max_block_bytes,
+            "cut_after_ms": self.cut_after_ms,
+            "anchor_interval_ms": self.anchor_interval_ms,
+            "max_clock_skew_ms": self.max_clock_skew_ms,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> ConsortiumParams:
+        defaults = cls().to_json()
+        if not isinstance(value, dict) or set(value) - set(defaults):
+            raise InvalidInput("params has unknown fields")
+        merged = {**defaults, **value}
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in merged.values()
+        ):
+            raise InvalidInput("params must be positive integers")
+        return cls(**merged)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Genesis:
+    """The consortium's founding document."""
+
+    consortium: str
+    time_ms: int
+    members: tuple[Member, ...]
+    params: ConsortiumParams = field(default_factory=ConsortiumParams)
+
+    def __post_init__(self) -> None:
+        if not self.consortium or not self.members:
+            raise InvalidInput("genesis needs a consortium id and at least one member")
+        ids = [m.id for m in self.members]
+        keys = [m.fingerprint for m in self.members]
+        if len(set(ids)) != len(ids) or len(set(keys)) != len(keys):
+            raise InvalidInput("genesis members must have distinct ids and keys")
+
+    @property
+    def chain_id(self) -> str:
+        return consortium_chain_id(self.consortium)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "consortium": self.consortium,
+            "time_ms": self.time_ms,
+            "params": self.params.to_json(),
+            "members": [m.to_json() for m in self.members],
+        }
+
+    def hash(self) -> bytes:
+        return sha256(canonical_bytes(self.to_json()))
+
+    @classmethod
+    def from_json(cls, value: Any) -> Genesis:
+        if not isinstance(value, dict) or set(value) != {
+            "consortium",
+            "time_ms",
+            "params",
+            "members",
+        }:
+            raise InvalidInput("genesis must have exactly consortium, time_ms, params, members")
+        if not isinstance(value["consortium"], str) or not isinstance(value["time_ms"], int):
+            raise InvalidInput("genesis consortium must be a string and time_ms an integer")
+        if not isinstance(value["members"], list):
+            raise InvalidInput("genesis members must be a list")
+        return cls(
+            consortium=value["consortium"],
+            time_ms=value["time_ms"],
+            params=ConsortiumParams.from_json(value["params"]),
+            members=tuple(Member.from_json(m) for m in value["members"]),
+        )
+
+
+def _verifies(member: Member, signature: Any, message: bytes) -> bool:
+    try:
+        member.signing_key.verify(signature, message)
+    except MedledgerError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSet:
+    """The active members at some height, with lookups by id and key fingerprint."""
+
+    members: tuple[Member, ...]
+
+    def by_id(self, member_id: str) -> Member | None:
+        return next((m for m in self.members if m.id == member_id), None)
+
+    def by_fingerprint(self, fingerprint: str) -> Member | None:
+        return next((m for m in self.members if m.fingerprint == fingerprint), None)
+
+    @property
+    def quorum(self) -> int:
+        return quorum(len(self.members))
+
+    def quorum_signers(self, message: bytes, signatures: Any) -> set[str]:
+        """Ids of distinct current members whose signature over ``message`` verifies."""
+        signers: set[str] = set()
+        for sig in signatures:
+            member = self.by_fingerprint(sig.signer)
+            if member is not None and member.id not in signers and _verifies(member, sig, message):
+                signers.add(member.id)
+        return signers
+
+    def with_member(self, member: Member) -> MemberSet:
+        if self.by_id(member.id) or self.by_fingerprint(member.fingerprint):
+            raise InvalidInput(f"member {member.id} (or its key) is already in the consortium")
+        return MemberSet((*self.members, member))
+
+    def without(self, member_id: str) -> MemberSet:
+        if self.by_id(member_id) is None:
+            raise InvalidInput(f"{member_id} is not a member")
+        if len(self.members) == 1:
+            raise InvalidInput("the last member cannot be removed")
+        return MemberSet(tuple(m for m in self.members if m.id != member_id))
+
+    def rotated(self, member_id: str, key: VerifyingKey, hpke_key: str | None = None) -> MemberSet:
+        old = self.by_id(member_id)
+        if old is None:
+            raise InvalidInput(f"{member_id} is not a member")
+        if self.by_fingerprint(key.fingerprint):
+            raise InvalidInput("that key already belongs to a member")
+        new = replace(old, signing_key=key, hpke_key=old.hpke_key if hpke_key is None else hpke_key)
+        return MemberSet(tuple(new if m.id == member_id else m for m in self.members))

@@ -1,0 +1,465 @@
+"""A member's view of the consortium chain: validate, cut, vote, finalize.
+
+Every member consumes the same ordered stream (see ``ledger.ordering``) and
+applies the same deterministic rules, so honest members cut byte-identical
+blocks without talking to each other:
+
+* ``tx`` messages are validated against the state so far (``ConsortiumState``);
+  valid ones join the pending block, invalid ones are dropped by everyone
+  (the submitter learns why).
+* A block is cut when it reaches ``max_block_txs`` or ``max_block_bytes``, or
+  when a ``cut`` marker for the next height arrives. Markers are how time
+  enters the order: a member whose oldest pending tx is ``cut_after_ms`` old
+  publishes one (de-duplicated by message id), as Fabric's Kafka orderer did
+  with time-to-cut messages; no local clock decides a block boundary.
+* Each member signs the block hash and publishes a ``vote``. A block is final
+  with votes from a quorum of ⌊(n+f)/2⌋+1 members; only final blocks are
+  stored, with their votes as the finality certificate. A member voting for
+  two different blocks at one height is recorded as equivocation evidence
+  and no longer counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis, MemberSet
+from medledger.core.encoding import canonical_bytes, parse_canonical
+from medledger.core.errors import (
+    InvalidInput,
+    MedledgerError,
+    OrderingError,
+    VerificationError,
+)
+from medledger.core.hashing import ZERO_HASH, hash_from_hex, sha256
+from medledger.core.keys import SigningKey
+from medledger.core.merkle import CompactRange, leaf_hash
+from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
+from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.consortium_rules import ConsortiumState
+from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, Orderer
+from medledger.storage.ports import ChainStore, NewBlock
+
+__all__ = ["ConsortiumMember", "Evidence", "genesis_block"]
+
+log = logging.getLogger(__name__)
+
+MSG_TX, MSG_CUT, MSG_VOTE = "tx", "cut", "vote"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evidence:
+    """Proof that ``member`` signed two different blocks at ``height``."""
+
+    member: str
+    height: int
+    first_hash: bytes
+    first: Signature
+    second_hash: bytes
+    second: Signature
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "member": self.member,
+            "height": self.height,
+            "votes": [
+                {"block_hash": self.first_hash.hex(), "signature": self.first.to_json()},
+                {"block_hash": self.second_hash.hex(), "signature": self.second.to_json()},
+            ],
+        }
+
+
+def genesis_block(genesis: Genesis) -> NewBlock:
+    """Block 0 of the consortium chain: the genesis document as its only transaction."""
+    tx = Transaction(
+        type=CONSORTIUM_GENESIS,
+        chain=genesis.chain_id,
+        body=genesis.to_json(),
+        time_ms=genesis.time_ms,
+    )
+    data = tx.encode()
+    log_range = CompactRange()
+    nodes = log_range.append(leaf_hash(data))[1:]
+    header = BlockHeader(
+        chain=genesis.chain_id,
+        height=0,
+        prev_hash=ZERO_HASH,
+        tx_root=log_range.root(),
+        tx_count=1,
+        log_size=1,
+        log_root=log_range.root(),
+        time_ms=genesis.time_ms,
+        proposer=genesis.consortium,
+    )
+    header_bytes = header.encode()
+    return NewBlock(
+        header=header,
+        header_bytes=header_bytes,
+        block_hash=sha256(header_bytes),
+        signatures=(),
+        first_index=0,
+        tx_data=[data],
+        tx_hashes=[sha256(data)],
+        nodes=nodes,
+    )
+
+
+@dataclass(slots=True)
+class _Cut:
+    """A block cut locally, waiting for a quorum of votes."""
+
+    block: NewBlock
+    members: MemberSet  # who may vote on it
+    state: ConsortiumState  # the state after it
+
+
+@dataclass(slots=True)
+class _Pending:
+    txs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (data, hash)
+    size: int = 0
+    first_seen: float | None = None
+    marker_sent: bool = False
+
+
+class ConsortiumMember:
+    """Runs one member's consortium chain over an :class:`Orderer` and a :class:`ChainStore`."""
+
+    def __init__(
+        self,
+        *,
+        genesis: Genesis,
+        member_id: str,
+        key: SigningKey,
+        orderer: Orderer,
+        store: ChainStore,
+        clock: Clock | None = None,
+        monotonic: Callable[[], float] | None = None,
+    ) -> None:
+        if genesis.members and all(m.id != member_id for m in genesis.members):
+            log.info("starting as an observer: %s is not a founding member", member_id)
+        self.genesis = genesis
+        self.member_id = member_id
+        self._key = key
+        self._orderer = orderer
+        self._store = store
+        self._clock: Clock = clock or SystemClock()
+        self._monotonic = monotonic or time.monotonic
+        self._background: set[asyncio.Task[None]] = set()
+        self.chain_id = genesis.chain_id
+        # Tip (cut, maybe not final) and committed (final, stored) positions.
+        first = genesis_block(genesis)
+        self._tip_header = first.header
+        self._tip_hash = first.block_hash
+        self._log = CompactRange()
+        self._log.append(leaf_hash(first.tx_data[0]))
+        self._state = ConsortiumState.from_genesis(genesis)
+        self._pending = _Pending()
+        self._cuts: dict[int, _Cut] = {}
+        self._votes: dict[int, dict[str, tuple[bytes, Signature]]] = {}
+        self._final_height = 0
+        self._final_state = self._state
+        self._evidence: list[Evidence] = []
+        self._equivocators: set[str] = set()
+        self._waiters: dict[bytes, asyncio.Future[Receipt]] = {}
+        self._final_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._diverged: str | None = None
+        self._stored_height = self._check_stored_genesis(first)
+
+    def _check_stored_genesis(self, first: NewBlock) -> int:
+        head = self._store.head_header_bytes()
+        if head is None:
+            self._store.append_block(first)
+            return 0
+        stored = self._store.block(0)
+        if stored.block_hash != first.block_hash:
+            raise VerificationError("the stored consortium chain has a different genesis block")
+        return BlockHeader.decode(head).height
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Replay the ordered stream from the start, then follow it and run the cut timer."""
+        self._tasks = [
+            asyncio.create_task(self._consume(), name=f"consortium-consume-{self.member_id}"),
+            asyncio.create_task(self._cut_timer(), name=f"consortium-cut-{self.member_id}"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(OrderingError("consortium member is shutting down"))
+
+    # -- submitting ---------------------------------------------------------------------
+
+    async def submit(self, tx: Transaction, *, timeout: float = 30.0) -> Receipt:
+        """Publish ``tx`` and wait until it is in a final block (or refused by the rules).
+
+        Raises :class:`InvalidInput` / :class:`VerificationError` with the reason every
+        member refuses it, or :class:`OrderingError` if ordering fails or times out.
+        """
+        data = tx.encode()
+        if len(data) > MAX_MESSAGE_BYTES // 2:
+            raise InvalidInput(f"transaction of {len(data)} bytes is too large for the consortium")
+        # Refuse early what every member would refuse; the ordered check is authoritative.
+        self._state.copy().check(tx, last_block_time=self._tip_header.time_ms)
+        tx_hash = sha256(data)
+        fut = self._waiters.get(tx_hash)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters[tx_hash] = fut
+        envelope = canonical_bytes({"kind": MSG_TX, "tx": tx.to_json()})
+        await self._orderer.publish(f"tx-{tx_hash.hex()}", envelope)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            raise OrderingError(
+                f"transaction {tx_hash.hex()[:16]}… was not final within {timeout} s"
+            ) from None
+
+    # -- the ordered stream ---------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        async for msg in self._orderer.read(1):
+            try:
+                envelope = parse_canonical(msg.payload)
+                if not isinstance(envelope, dict):
+                    raise InvalidInput("message is not an object")
+                kind = envelope.get("kind")
+                if kind == MSG_TX:
+                    self._on_tx(envelope)
+                elif kind == MSG_CUT:
+                    self._on_cut(envelope)
+                elif kind == MSG_VOTE:
+                    self._on_vote(envelope)
+                else:
+                    raise InvalidInput(f"unknown message kind {kind!r}")
+            except MedledgerError as exc:
+                log.info("message %d ignored: %s", msg.seq, exc)
+
+    def _on_tx(self, envelope: dict[str, Any]) -> None:
+        tx = Transaction.from_json(envelope.get("tx"))
+        data = tx.encode()
+        tx_hash = sha256(data)
+        try:
+            self._state.check(tx, last_block_time=self._tip_header.time_ms)
+        except MedledgerError as exc:
+            fut = self._waiters.pop(tx_hash, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            return
+        self._state.apply(tx, tx_hash)
+        p = self._pending
+        p.txs.append((data, tx_hash))
+        p.size += len(data)
+        if p.first_seen is None:
+            p.first_seen = self._monotonic()
+        params = self.genesis.params
+        if len(p.txs) >= params.max_block_txs or p.size >= params.max_block_bytes:
+            self._cut(time_ms=max(self._tip_header.time_ms, tx.time_ms))
+
+    def _on_cut(self, envelope: dict[str, Any]) -> None:
+        height, time_ms = envelope.get("height"), envelope.get("time_ms")
+        if not isinstance(height, int) or not isinstance(time_ms, int):
+            raise InvalidInput("cut marker needs integer height and time_ms")
+        if height == self._tip_header.height + 1 and self._pending.txs:
+            self._cut(time_ms=max(self._tip_header.time_ms, time_ms))
+
+    def _cut(self, *, time_ms: int) -> None:
+        p = self._pending
+        self._pending = _Pending()
+        first_index = self._log.size
+        block_log = CompactRange()
+        nodes = []
+        for data, _ in p.txs:
+            leaf = leaf_hash(data)
+            block_log.append(leaf)
+            nodes.extend(self._log.append(leaf)[1:])
+        header = BlockHeader(
+            chain=self.chain_id,
+            height=self._tip_header.height + 1,
+            prev_hash=self._tip_hash,
+            tx_root=block_log.root(),
+            tx_count=len(p.txs),
+            log_size=self._log.size,
+            log_root=self._log.root(),
+            time_ms=time_ms,
+            proposer=self.genesis.consortium,
+        )
+        header_bytes = header.encode()
+        block_hash = sha256(header_bytes)
+        block = NewBlock(
+            header=header,
+            header_bytes=header_bytes,
+            block_hash=block_hash,
+            signatures=(),
+            first_index=first_index,
+            tx_data=[d for d, _ in p.txs],
+            tx_hashes=[h for _, h in p.txs],
+            nodes=nodes,
+        )
+        voters = (
+            self._cuts[header.height - 1].state.members
+            if header.height - 1 in self._cuts
+            else self._final_state.members
+        )
+        self._cuts[header.height] = _Cut(block=block, members=voters, state=self._state.copy())
+        self._tip_header, self._tip_hash = header, block_hash
+        if header.height <= self._stored_height:
+            stored = self._store.block(header.height)
+            if stored.block_hash != block_hash:
+                self._diverged = f"block {header.height} differs from the stored final block"
+                log.error("consortium divergence: %s", self._diverged)
+        self._publish(
+            self._vote_message(header.height, block_hash), f"vote-{self.member_id}-{header.height}"
+        )
+        self._try_finalize()
+
+    def _vote_message(self, height: int, block_hash: bytes) -> bytes:
+        return canonical_bytes(
+            {
+                "kind": MSG_VOTE,
+                "height": height,
+                "block_hash": block_hash.hex(),
+                "signature": self._key.sign(block_hash).to_json(),
+            }
+        )
+
+    def _publish(self, payload: bytes, msg_id: str) -> None:
+        async def go() -> None:
+            try:
+                await self._orderer.publish(msg_id, payload)
+            except OrderingError as exc:
+                log.warning("publish %s failed: %s", msg_id, exc)
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_vote(self, envelope: dict[str, Any]) -> None:
+        height = envelope.get("height")
+        if not isinstance(height, int) or height < 1:
+            raise InvalidInput("vote needs a positive integer height")
+        block_hash = hash_from_hex(envelope.get("block_hash"), "vote block_hash")
+        sig = Signature.from_json(envelope.get("signature"))
+        members = self._cuts[height].members if height in self._cuts else self._final_state.members
+        member = members.by_fingerprint(sig.signer)
+        if member is None:
+            raise InvalidInput(f"vote at height {height} from a non-member key")
+        member.signing_key.verify(sig, block_hash)
+        votes = self._votes.setdefault(height, {})
+        previous = votes.get(member.id)
+        if previous is not None:
+            if previous[0] != block_hash and member.id not in self._equivocators:
+                self._equivocators.add(member.id)
+                self._evidence.append(
+                    Evidence(
+                        member=member.id,
+                        height=height,
+                        first_hash=previous[0],
+                        first=previous[1],
+                        second_hash=block_hash,
+                        second=sig,
+                    )
+                )
+                log.warning("equivocation by %s at height %d", member.id, height)
+            return
+        votes[member.id] = (block_hash, sig)
+        self._try_finalize()
+
+    def _try_finalize(self) -> None:
+        while True:
+            height = self._final_height + 1
+            cut = self._cuts.get(height)
+            if cut is None:
+                return
+            votes = self._votes.get(height, {})
+            good = sorted(
+                (
+                    sig
+                    for member, (h, sig) in votes.items()
+                    if h == cut.block.block_hash and member not in self._equivocators
+                ),
+                key=lambda s: s.signer,
+            )
+            if len(good) < cut.members.quorum:
+                return
+            if height > self._stored_height:
+                self._store.append_block(replace(cut.block, signatures=tuple(good)))
+                self._stored_height = height
+            self._final_height = height
+            self._final_state = cut.state
+            del self._cuts[height]
+            self._votes.pop(height, None)
+            first = cut.block.first_index
+            for i, tx_hash in enumerate(cut.block.tx_hashes):
+                fut = self._waiters.pop(tx_hash, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(Receipt(height=height, index=first + i, tx_hash=tx_hash))
+            self._final_event.set()
+            self._final_event = asyncio.Event()
+
+    async def _cut_timer(self) -> None:
+        period = self.genesis.params.cut_after_ms / 1000
+        while True:
+            await asyncio.sleep(period / 2)
+            p = self._pending
+            if (
+                p.txs
+                and not p.marker_sent
+                and p.first_seen is not None
+                and self._monotonic() - p.first_seen >= period
+            ):
+                p.marker_sent = True
+                height = self._tip_header.height + 1
+                marker = canonical_bytes(
+                    {"kind": MSG_CUT, "height": height, "time_ms": self._clock.now_ms()}
+                )
+                self._publish(marker, f"cut-{self.genesis.consortium}-{height}")
+
+    # -- views ------------------------------------------------------------------------------
+
+    @property
+    def final_height(self) -> int:
+        return self._final_height
+
+    @property
+    def state(self) -> ConsortiumState:
+        """The state as of the last final block."""
+        return self._final_state
+
+    @property
+    def evidence(self) -> tuple[Evidence, ...]:
+        return tuple(self._evidence)
+
+    async def wait_final(self, height: int, timeout: float = 30.0) -> None:
+        """Wait until ``height`` is final here."""
+
+        async def until() -> None:
+            while self._final_height < height:
+                await self._final_event.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "consortium": self.genesis.consortium,
+            "member": self.member_id,
+            "final_height": self._final_height,
+            "tip_height": self._tip_header.height,
+            "members": [m.id for m in self._final_state.members.members],
+            "anchors": {k: a.to_json() for k, a in sorted(self._final_state.anchors.items())},
+            "evidence": [e.to_json() for e in self._evidence],
+            "diverged": self._diverged,
+        }

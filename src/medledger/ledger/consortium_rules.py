@@ -1,0 +1,207 @@
+"""The consortium's transaction rules: a deterministic state machine over final txs.
+
+``check`` says whether a transaction is acceptable *now* (raising the reason
+every honest member gives), ``apply`` updates the state. Rules:
+
+* Every tx names this consortium chain, carries at least one author
+  signature, is not a replay (its hash was never accepted), and is not older
+  than the last block's time minus ``max_clock_skew_ms``.
+* ``anchor`` — signed by the member it anchors; ``log_size`` grows; the
+  RFC 6962 consistency proof from the previous anchor verifies, so an
+  institution that rewrote its private history cannot anchor again.
+* ``member.add`` / ``member.remove`` / ``member.rotate`` — signed by a
+  quorum of current members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from medledger.core.consortium import Genesis, Member, MemberSet
+from medledger.core.errors import InconsistentLog, InvalidInput, InvalidSignature, MedledgerError
+from medledger.core.hashing import hash_from_hex
+from medledger.core.keys import VerifyingKey
+from medledger.core.merkle import verify_consistency
+from medledger.core.models import Transaction
+
+__all__ = ["ANCHOR", "MEMBER_TYPES", "AnchorRecord", "ConsortiumState"]
+
+ANCHOR = "anchor"
+MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE = "member.add", "member.remove", "member.rotate"
+MEMBER_TYPES = frozenset({MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE})
+_ANCHOR_FIELDS = {
+    "institution",
+    "height",
+    "log_size",
+    "log_root",
+    "block_hash",
+    "prev_size",
+    "proof",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnchorRecord:
+    """The latest anchored state of one institution's private chain."""
+
+    institution: str
+    height: int
+    log_size: int
+    log_root: bytes
+    block_hash: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "institution": self.institution,
+            "height": self.height,
+            "log_size": self.log_size,
+            "log_root": self.log_root.hex(),
+            "block_hash": self.block_hash.hex(),
+        }
+
+
+class ConsortiumState:
+    """Members, latest anchors and accepted tx hashes, as of some point in the order."""
+
+    def __init__(
+        self,
+        *,
+        chain_id: str,
+        members: MemberSet,
+        skew_ms: int,
+        anchors: dict[str, AnchorRecord] | None = None,
+        seen: set[bytes] | None = None,
+    ) -> None:
+        self.chain_id = chain_id
+        self.members = members
+        self.skew_ms = skew_ms
+        self.anchors: dict[str, AnchorRecord] = anchors or {}
+        # Shared, append-only across copies: the order is never rolled back.
+        self.seen: set[bytes] = seen if seen is not None else set()
+
+    @classmethod
+    def from_genesis(cls, genesis: Genesis) -> ConsortiumState:
+        return cls(
+            chain_id=genesis.chain_id,
+            members=MemberSet(genesis.members),
+            skew_ms=genesis.params.max_clock_skew_ms,
+        )
+
+    def copy(self) -> ConsortiumState:
+        return ConsortiumState(
+            chain_id=self.chain_id,
+            members=self.members,
+            skew_ms=self.skew_ms,
+            anchors=dict(self.anchors),
+            seen=self.seen,
+        )
+
+    # -- checking ------------------------------------------------------------------------
+
+    def check(self, tx: Transaction, *, last_block_time: int) -> None:
+        """Return if ``tx`` is acceptable now; raise the reason otherwise."""
+        if tx.chain != self.chain_id:
+            raise InvalidInput(f"transaction names chain {tx.chain!r}, not {self.chain_id!r}")
+        if tx.hash() in self.seen:
+            raise InvalidInput("transaction was already accepted (replay)")
+        if not tx.signatures:
+            raise InvalidSignature("consortium transactions must be signed")
+        if tx.time_ms < last_block_time - self.skew_ms:
+            raise InvalidInput("transaction is older than the allowed clock skew")
+        if tx.type == ANCHOR:
+            self._check_anchor(tx)
+        elif tx.type in MEMBER_TYPES:
+            self._check_membership(tx)
+        else:
+            raise InvalidInput(f"unknown consortium transaction type {tx.type!r}")
+
+    def _signer(self, tx: Transaction) -> Member:
+        if len(tx.signatures) != 1:
+            raise InvalidSignature(f"{tx.type} must carry exactly one signature")
+        member = self.members.by_fingerprint(tx.signatures[0].signer)
+        if member is None:
+            raise InvalidSignature(f"{tx.type} signed by a key that is not a current member's")
+        member.signing_key.verify(tx.signatures[0], tx.signing_bytes())
+        return member
+
+    def _check_anchor(self, tx: Transaction) -> None:
+        member = self._signer(tx)
+        body = tx.body
+        if set(body) != _ANCHOR_FIELDS:
+            raise InvalidInput(f"anchor must have exactly {', '.join(sorted(_ANCHOR_FIELDS))}")
+        if body["institution"] != member.id:
+            raise InvalidSignature(
+                f"anchor for {body['institution']!r} signed by member {member.id!r}"
+            )
+        for name in ("height", "log_size", "prev_size"):
+            if not isinstance(body[name], int) or isinstance(body[name], bool) or body[name] < 0:
+                raise InvalidInput(f"anchor {name} must be a non-negative integer")
+        log_root = hash_from_hex(body["log_root"], "anchor log_root")
+        hash_from_hex(body["block_hash"], "anchor block_hash")
+        if not isinstance(body["proof"], list):
+            raise InvalidInput("anchor proof must be a list of hex hashes")
+        proof = [hash_from_hex(h, "anchor proof hash") for h in body["proof"]]
+        prev = self.anchors.get(member.id)
+        prev_size, prev_root = (prev.log_size, prev.log_root) if prev else (0, b"")
+        if body["prev_size"] != prev_size:
+            raise InconsistentLog(
+                f"anchor of {member.id} builds on size {body['prev_size']}, but the last anchor "
+                f"is at size {prev_size}"
+            )
+        if body["log_size"] <= prev_size or (prev is not None and body["height"] <= prev.height):
+            raise InvalidInput(f"anchor of {member.id} does not advance its chain")
+        if prev is None:
+            if proof:
+                raise InvalidInput("a first anchor carries no consistency proof")
+            return
+        try:
+            verify_consistency(prev_size, body["log_size"], proof, prev_root, log_root)
+        except MedledgerError as exc:
+            raise InconsistentLog(
+                f"anchor of {member.id} is not consistent with its previous anchor: {exc}"
+            ) from None
+
+    def _check_membership(self, tx: Transaction) -> None:
+        signers = self.members.quorum_signers(tx.signing_bytes(), tx.signatures)
+        if len(signers) < self.members.quorum:
+            raise InvalidSignature(
+                f"{tx.type} needs {self.members.quorum} member signatures, has {len(signers)}"
+            )
+        self._membership_result(tx)
+
+    def _membership_result(self, tx: Transaction) -> MemberSet:
+        body = tx.body
+        if tx.type == MEMBER_ADD:
+            return self.members.with_member(Member.from_json(body.get("member")))
+        if tx.type == MEMBER_REMOVE:
+            return self.members.without(str(body.get("id")))
+        key_hex = body.get("signing_key")
+        if not isinstance(key_hex, str):
+            raise InvalidInput("member.rotate needs signing_key (hex DER)")
+        try:
+            key = VerifyingKey.from_der(bytes.fromhex(key_hex))
+        except ValueError:
+            raise InvalidInput("member.rotate signing_key is not hex") from None
+        hpke = body.get("hpke_key")
+        return self.members.rotated(
+            str(body.get("id")), key, hpke if isinstance(hpke, str) else None
+        )
+
+    # -- applying ------------------------------------------------------------------------
+
+    def apply(self, tx: Transaction, tx_hash: bytes) -> None:
+        """Record an accepted tx (``check`` passed) in the state."""
+        self.seen.add(tx_hash)
+        if tx.type == ANCHOR:
+            body = tx.body
+            record = AnchorRecord(
+                institution=body["institution"],
+                height=body["height"],
+                log_size=body["log_size"],
+                log_root=bytes.fromhex(body["log_root"]),
+                block_hash=bytes.fromhex(body["block_hash"]),
+            )
+            self.anchors[record.institution] = record
+        elif tx.type in MEMBER_TYPES:
+            self.members = self._membership_result(tx)

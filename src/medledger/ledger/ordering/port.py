@@ -1,0 +1,50 @@
+"""The ordering port: publish messages, read them back in one total order.
+
+Guarantees every adapter keeps (one conformance suite checks them all):
+
+* ``publish`` returns the message's sequence number (1, 2, 3, …) only once
+  the message is durable in the order; every reader sees the same message at
+  the same sequence, forever.
+* Publishing the same ``msg_id`` again within the de-duplication window
+  returns the original sequence and adds nothing (``Nats-Msg-Id`` semantics),
+  so a retried publish cannot duplicate a transaction.
+* ``read(start)`` yields ``(seq, payload)`` for every message from ``start``
+  in sequence order, without gaps, then waits for new ones — a member that
+  was down replays from where it stopped.
+* Failures raise :class:`~medledger.core.errors.OrderingError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["MAX_MESSAGE_BYTES", "OrderedMessage", "Orderer"]
+
+#: The largest message an orderer accepts (NATS' default max_payload is 1 MiB).
+MAX_MESSAGE_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrderedMessage:
+    """A message at its place in the total order."""
+
+    seq: int
+    payload: bytes
+
+
+class Orderer(Protocol):
+    async def publish(self, msg_id: str, payload: bytes) -> int:
+        """Append ``payload`` (de-duplicated by ``msg_id``); return its sequence once durable."""
+        ...
+
+    def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
+        """Every message from sequence ``start`` on, in order; waits for new ones."""
+        ...
+
+    async def last_seq(self) -> int:
+        """The sequence of the last message in the order (0 if empty)."""
+        ...
+
+    async def close(self) -> None: ...

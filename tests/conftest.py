@@ -1,0 +1,68 @@
+"""Shared fixtures: a deterministic clock and a node factory with a fast KDF.
+
+The default keystore KDF (scrypt n=2**15) costs ~0.1 s per unlock; tests use
+n=2**12, which exercises the same code in a few milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from medledger.config import NodeConfig
+from medledger.ledger.private import SequencerConfig
+from medledger.node import init_node
+from medledger.storage.keystore import KdfParams
+
+#: Passphrase of every node made by ``make_node``.
+PASSPHRASE = b"correct horse battery staple"
+FAST_KDF = KdfParams(n=2**12)
+
+
+class StepClock:
+    """A clock that starts at ``start`` ms and advances ``step`` ms on every reading."""
+
+    def __init__(self, start: int = 1_700_000_000_000, step: int = 1) -> None:
+        self._now = start
+        self._step = step
+
+    def now_ms(self) -> int:
+        now = self._now
+        self._now += self._step
+        return now
+
+
+@pytest.fixture
+def clock() -> StepClock:
+    return StepClock()
+
+
+@pytest.fixture
+def passphrase() -> bytes:
+    return PASSPHRASE
+
+
+MakeNode = Callable[..., tuple[Path, NodeConfig]]
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, clock: StepClock) -> MakeNode:
+    """Factory: ``make_node(name="St. Mary", sequencer=None) -> (root, config)``.
+
+    Each call creates a fresh node directory under ``tmp_path`` with a fast
+    KDF, the fixed-step ``clock`` for its genesis block, and ``PASSPHRASE``.
+    """
+    counter = iter(range(1_000_000))
+
+    def make(
+        name: str = "St. Mary Hospital", sequencer: SequencerConfig | None = None
+    ) -> tuple[Path, NodeConfig]:
+        root = tmp_path / f"node-{next(counter)}"
+        config = init_node(
+            root, name=name, passphrase=PASSPHRASE, sequencer=sequencer, kdf=FAST_KDF, clock=clock
+        )
+        return root, config
+
+    return make
