@@ -92,8 +92,8 @@ def _fail(
 class BlockPolicy(Protocol):
     """What makes a block valid beyond structure: its transactions and its signatures."""
 
-    def begin_block(self, height: int) -> None:
-        """Called before a block's transactions are checked."""
+    def begin_block(self, height: int, prev_time_ms: int) -> None:
+        """Called before a block's transactions are checked (with the previous block's time)."""
         ...
 
     def transaction(self, height: int, index: int, tx: Transaction) -> None:
@@ -116,7 +116,7 @@ class PrivateChainPolicy:
         self._expected = expected_key
         self._key: VerifyingKey | None = None
 
-    def begin_block(self, height: int) -> None:
+    def begin_block(self, height: int, prev_time_ms: int) -> None:
         return None
 
     def transaction(self, height: int, index: int, tx: Transaction) -> None:
@@ -186,7 +186,7 @@ def verify_chain(
             )
         block_log = CompactRange()
         created: list[tuple[NodeID, bytes]] = []
-        policy.begin_block(h)
+        policy.begin_block(h, prev_time)
         for i, data in enumerate(block.tx_data):
             try:
                 tx = Transaction.decode(data)

@@ -1,0 +1,103 @@
+"""Anchoring: publish each institution's private-chain root on the consortium chain.
+
+Every ``anchor_interval_ms`` (default 200 ms) when the private chain has grown,
+the institution submits an ``anchor`` tx — private height, log size, log root,
+block hash and the RFC 6962 consistency proof from its previous final anchor —
+signed with its member key. Every member checks the proof before the anchor
+can be final, so once a root is anchored no one, including the institution,
+can present a different history for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from medledger.core.errors import MedledgerError
+from medledger.core.keys import SigningKey
+from medledger.core.models import Receipt, Transaction
+from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium_rules import ANCHOR
+from medledger.ledger.private import PrivateChain
+from medledger.ledger.proofs import consistency_proof
+
+__all__ = ["Anchorer"]
+
+log = logging.getLogger(__name__)
+
+
+class Anchorer:
+    """Anchors one institution's private chain on the consortium chain."""
+
+    def __init__(
+        self,
+        *,
+        institution: str,
+        chain: PrivateChain,
+        member: ConsortiumMember,
+        key: SigningKey,
+        interval_ms: int | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._institution = institution
+        self._chain = chain
+        self._member = member
+        self._key = key
+        self._interval = (interval_ms or member.genesis.params.anchor_interval_ms) / 1000
+        self._clock: Clock = clock or SystemClock()
+        self._task: asyncio.Task[None] | None = None
+
+    def anchor_tx(self) -> Transaction | None:
+        """The signed anchor for the current private head, or ``None`` if nothing is new."""
+        head = self._chain.head
+        prev = self._member.state.anchors.get(self._institution)
+        if prev is not None and prev.log_size >= head.log_size:
+            return None
+        prev_size = prev.log_size if prev is not None else 0
+        proof = consistency_proof(self._chain.store, prev_size, head.log_size) if prev else []
+        unsigned = Transaction(
+            type=ANCHOR,
+            chain=self._member.chain_id,
+            body={
+                "institution": self._institution,
+                "height": head.height,
+                "log_size": head.log_size,
+                "log_root": head.log_root.hex(),
+                "block_hash": self._chain.head_hash.hex(),
+                "prev_size": prev_size,
+                "proof": [h.hex() for h in proof],
+            },
+            time_ms=self._clock.now_ms(),
+        )
+        return Transaction(
+            type=unsigned.type,
+            chain=unsigned.chain,
+            body=unsigned.body,
+            time_ms=unsigned.time_ms,
+            signatures=(self._key.sign(unsigned.signing_bytes()),),
+        )
+
+    async def anchor_once(self) -> Receipt | None:
+        """Anchor the current head now; returns where the anchor became final."""
+        tx = self.anchor_tx()
+        return None if tx is None else await self._member.submit(tx)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="medledger-anchorer")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.anchor_once()
+            except MedledgerError as exc:
+                log.warning("anchoring failed, will retry: %s", exc)
+            await asyncio.sleep(self._interval)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,91 @@
+"""Verifying a consortium chain from its store alone, as an auditor would.
+
+:class:`ConsortiumPolicy` plugs into :func:`~medledger.ledger.verify.verify_chain`:
+block 0 must be exactly the genesis document's block; every later block needs
+a finality certificate of votes from a quorum of the members active when it
+was cut; and every transaction is re-validated with the consortium rules
+(signatures, membership quorums, anchor consistency proofs, no replays).
+:func:`anchored_checkpoints` lists one institution's final anchors, so its
+private chain can be checked against all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis
+from medledger.core.encoding import canonical_bytes
+from medledger.core.errors import InvalidInput, InvalidSignature, MedledgerError, VerificationError
+from medledger.core.models import Signature, Transaction
+from medledger.ledger.consortium_rules import ANCHOR, ConsortiumState
+from medledger.ledger.verify import Checkpoint
+from medledger.storage.ports import ChainStore
+
+__all__ = ["ConsortiumPolicy", "anchored_checkpoints"]
+
+
+class ConsortiumPolicy:
+    """Block rules of a consortium chain (see module docstring)."""
+
+    def __init__(self, genesis: Genesis) -> None:
+        self._genesis = genesis
+        self._state = ConsortiumState.from_genesis(genesis)
+        self._voters = self._state.members
+        self._last_time = genesis.time_ms
+
+    def begin_block(self, height: int, prev_time_ms: int) -> None:
+        self._voters = self._state.members
+        self._last_time = prev_time_ms
+
+    def transaction(self, height: int, index: int, tx: Transaction) -> None:
+        if height == 0:
+            if (
+                index != 0
+                or tx.type != CONSORTIUM_GENESIS
+                or canonical_bytes(tx.body) != canonical_bytes(self._genesis.to_json())
+            ):
+                raise VerificationError("block 0: not this consortium's genesis document")
+            return
+        try:
+            self._state.check(tx, last_block_time=self._last_time)
+        except MedledgerError as exc:
+            raise VerificationError(
+                f"block {height}: transaction {index} is invalid: {exc}"
+            ) from None
+        self._state.apply(tx, tx.hash())
+
+    def signatures(self, height: int, block_hash: bytes, signatures: Sequence[Signature]) -> None:
+        if height == 0:
+            return
+        signers = self._voters.quorum_signers(block_hash, signatures)
+        if len(signers) < self._voters.quorum:
+            raise InvalidSignature(
+                f"block {height}: finality certificate has {len(signers)} valid member signatures, "
+                f"{self._voters.quorum} needed"
+            )
+
+    def signer(self) -> str:
+        return f"a quorum of {self._genesis.consortium} members"
+
+    @property
+    def state(self) -> ConsortiumState:
+        return self._state
+
+
+def anchored_checkpoints(store: ChainStore, institution: str) -> list[Checkpoint]:
+    """Every final anchor of ``institution`` in a consortium chain, as checkpoints."""
+    out = []
+    for block in store.iter_blocks(1):
+        for data in block.tx_data:
+            tx = Transaction.decode(data)
+            if tx.type == ANCHOR and tx.body.get("institution") == institution:
+                try:
+                    out.append(
+                        Checkpoint(
+                            size=int(tx.body["log_size"]),
+                            root=bytes.fromhex(str(tx.body["log_root"])),
+                        )
+                    )
+                except (KeyError, ValueError):
+                    raise InvalidInput(f"block {block.height}: malformed anchor") from None
+    return out
