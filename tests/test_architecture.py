@@ -21,6 +21,7 @@ LAYERS = {
     "cli": 6,
     "demo": 6,
     "benchmarks": 6,
+    "network": 6,
 }
 # core is pure: no I/O, clock, randomness, concurrency or logging.
 CORE_FORBIDDEN = {

@@ -76,6 +76,14 @@ class NodePaths:
     def blobs(self) -> Path:
         return self.root / "blobs"
 
+    @property
+    def genesis(self) -> Path:
+        return self.root / "genesis.json"
+
+    @property
+    def consortium_db(self) -> Path:
+        return self.root / "consortium.db"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:

@@ -1,11 +1,12 @@
 """``medledger demo``: the guided story, narrated for someone seeing medledger first.
 
-One institution's node: FHIR records written encrypted by concurrent
-clinical systems and committed on its private chain; what the chain holds
-(no patient data); search without a plaintext index; proofs an outsider can
-check; erasure and key rotation; and three attacks on the stored chain, each
-caught by ``verify``. Later capabilities (consortium, consent, sharing)
-extend it.
+Three hospitals on this machine form a consortium (solo ordering). One
+writes FHIR records, encrypted, on its private chain; the chain holds no
+patient data; search works without a plaintext index; private heads are
+anchored on the consortium chain; erasure, key rotation, inclusion proofs;
+a Byzantine member's equivocation is recorded; and three attacks on the
+stored chain are each caught by ``verify`` — the re-signed rewrite only
+with the consortium's anchors.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ import sqlite3
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from medledger.config import NodePaths
-from medledger.core.errors import Gone, VerificationError
-from medledger.core.merkle import leaf_hash, verify_consistency, verify_inclusion
+from medledger.config import NodePaths, load_config
+from medledger.core.consortium import ConsortiumParams, quorum
+from medledger.core.encoding import canonical_bytes
+from medledger.core.errors import Gone, InvalidInput, VerificationError
+from medledger.core.hashing import sha256
+from medledger.core.merkle import leaf_hash, verify_inclusion
+from medledger.ledger.consortium_verify import anchored_checkpoints
 from medledger.ledger.private import PrivateChain
-from medledger.ledger.proofs import consistency_proof, inclusion_proof, root_at
+from medledger.ledger.proofs import inclusion_proof
 from medledger.ledger.verify import Checkpoint, verify_chain
-from medledger.node import Node, init_node, open_chain, open_node
+from medledger.network import LocalNetwork
+from medledger.node import Node, load_genesis, open_chain
 from medledger.services.synthetic import PatientBundle, generate_patients
 from medledger.storage.keystore import FileKeyStore, KdfParams
 from medledger.storage.sqlite import SqliteChainStore
@@ -44,7 +51,9 @@ def run_demo(root: Path | None) -> None:
     tmp = None
     if root is None:
         tmp = tempfile.mkdtemp(prefix="medledger-demo-")
-        root = Path(tmp) / "st-mary"
+        root = Path(tmp) / "network"
+    elif root.exists() and any(root.iterdir()):
+        raise InvalidInput(f"{root} is not empty; give a new directory for the demo network")
     try:
         asyncio.run(_story(console, root))
     finally:
@@ -64,7 +73,14 @@ async def _write_patients(node: Node, bundles: list[PatientBundle], writers: int
     return time.perf_counter() - start
 
 
-def _verify_line(root: Path, checkpoints: tuple[Checkpoint, ...] = ()) -> tuple[bool, str]:
+def _verify_line(root: Path, *, consortium: bool = False) -> tuple[bool, str]:
+    checkpoints: list[Checkpoint] = []
+    if consortium:
+        cstore = SqliteChainStore.open(NodePaths(root=root).consortium_db)
+        try:
+            checkpoints = anchored_checkpoints(cstore, load_config(root).institution)
+        finally:
+            cstore.close()
     config, store = open_chain(root)
     try:
         r = verify_chain(store, expected_key=config.signing_key, checkpoints=checkpoints)
@@ -88,64 +104,95 @@ async def _story(console: Console, root: Path) -> None:
     say(
         Panel.fit(
             "[bold]medledger[/] keeps health records for collaborating institutions on a hybrid "
-            "blockchain.\nEach institution writes to its own fast, private chain; records are "
-            "FHIR R4, encrypted off-chain; chains hold only hashes and pseudonyms.\nThis demo runs "
-            "one institution's node: encrypted writes, search, proofs, erasure, and tampering caught.",
+            "blockchain.\nEach institution writes to its own fast, private chain; a consortium chain "
+            "shared by all anchors those chains; records are FHIR R4, encrypted off-chain; chains "
+            "hold only hashes and pseudonyms.\nThis demo runs three hospitals on this machine.",
             title="medledger demo",
         )
     )
 
-    say("\n[bold]1. An institution sets up its node[/]")
-    config = init_node(root, name="St. Mary Hospital", passphrase=_PASS, kdf=KdfParams(n=2**14))
+    say("\n[bold]1. Three hospitals set up nodes and form a consortium[/]")
+    net = await LocalNetwork.create(
+        root,
+        ["St. Mary Hospital", "General Hospital", "Riverside Clinic"],
+        passphrase=_PASS,
+        consortium="city-health",
+        kdf=KdfParams(n=2**14),
+        params=ConsortiumParams(cut_after_ms=10, anchor_interval_ms=100),
+    )
+    try:
+        await _narrate(say, net, root)
+    finally:
+        await net.close()
+    await _attacks(say, root / "st-mary-hospital")
+    say("\n[bold]What to try next[/]")
+    say("   make test                                  # the whole test suite")
+    say("   medledger bench private --quick            # group commit, proofs, verify")
+    say("   medledger bench records --quick            # encrypted FHIR writes, reads, search")
+    say("   medledger demo --dir ./demo-net            # keep the network, then explore a node:")
+    say("   medledger consortium status --dir ./demo-net/st-mary-hospital")
+    say("   medledger verify --consortium --dir ./demo-net/st-mary-hospital")
     say(
-        f"   Created [cyan]{config.institution}[/] in {root}: a passphrase-protected keystore "
-        "(scrypt + AES-256-GCM) with its ECDSA P-256 signing key, key-encryption key and search "
-        f"key, and a private chain whose genesis block names the signing key "
-        f"({config.signing_key.fingerprint[:16]}…)."
+        "   MEDLEDGER_PASSPHRASE=demo-passphrase medledger record search "
+        "--dir ./demo-net/st-mary-hospital Patient gender=female"
     )
 
-    say("\n[bold]2. 32 clinical systems write 40 synthetic patients' records at once[/]")
+
+async def _narrate(say: Any, net: LocalNetwork, root: Path) -> None:
+    node = net.nodes["st-mary-hospital"]
+    genesis = load_genesis(node.paths.genesis)
+    say(
+        f"   Each node has a passphrase-protected keystore (scrypt + AES-256-GCM) with its ECDSA "
+        f"P-256 signing key, key-encryption key and search key, and its own private chain. The "
+        f"genesis document lists the {len(genesis.members)} members; a consortium block is final "
+        f"with {quorum(len(genesis.members))} member signatures."
+    )
+
+    say("\n[bold]2. St. Mary's clinical systems write 40 synthetic patients' records at once[/]")
     bundles = generate_patients(40, seed=2026, resources_per_patient=25)
-    node = open_node(root, _PASS)
     elapsed = await _write_patients(node, bundles, 32)
     n = sum(1 + len(b.resources) for b in bundles)
-    head = node.chain.head
     say(
-        f"   {n:,} FHIR resources (patients, encounters, observations, conditions, medications…) "
-        f"validated, each encrypted under its own AES-256-GCM key and committed in {elapsed:.1f} s "
-        f"({n / elapsed:,.0f}/s) in {head.height} blocks. The sequencer [italic]group-commits[/]: "
-        "whatever is queued becomes one signed block and one fsync, and a writer is answered "
-        "only once its block is on disk."
+        f"   {n:,} FHIR resources validated, each encrypted under its own AES-256-GCM key, and "
+        f"committed on St. Mary's private chain in {elapsed:.1f} s ({n / elapsed:,.0f}/s, "
+        f"{node.chain.head.height} blocks). The sequencer [italic]group-commits[/]: whatever is "
+        "queued becomes one signed block and one fsync, and a writer is answered only once its "
+        "block is on disk — that is the hybrid design's fast path: no consortium round trip."
     )
     alice = bundles[0]
     family = alice.patient["name"][0]["family"]
     obs = next(r for r in alice.resources if r["resourceType"] == "Observation")
     stored = await node.records.read("Observation", obs["id"])
     _, tx_data = node.store.tx_by_hash(stored.tx_hash)
+    coding = obs["code"]["coding"][0]
     say(
         f"   Reading Observation/{obs['id'][:8]}… of patient {family} decrypts it: "
-        f"{obs['code']['coding'][0].get('display', obs['code']['coding'][0]['code'])}."
+        f"{coding.get('display', coding['code'])}. What the chain holds for it — no name, no code, "
+        "no value:"
     )
-    say("   What the chain holds for that record — no name, no code, no value:")
     say(f"   [dim]{json.loads(tx_data)['body']}[/]")
     hits = _found_on_disk(root, family)
     say(
-        f"   Searching every file of the node for the name {family!r}: "
+        f"   Searching every file of all three nodes for the name {family!r}: "
         f"{'found in ' + ', '.join(hits) if hits else 'not found anywhere'}."
     )
-
-    say("\n[bold]3. Search without a plaintext index[/]")
     found = await node.records.search("Observation", {"patient": [alice.patient_id]})
     by_name = await node.records.search("Patient", {"family": [family[:3]]})
     say(
-        f"   Observation?patient={alice.patient_id[:8]}… → {len(found)} results; "
-        f"Patient?family={family[:3]} → {len(by_name)} result(s). The index stores only "
-        "HMAC tokens of normalized terms under the institution's search key."
+        f"   Search still works without a plaintext index: Observation?patient=… → {len(found)}, "
+        f"Patient?family={family[:3]} → {len(by_name)} (HMAC tokens under the search key)."
     )
-    checkpoint = Checkpoint(size=node.chain.head.log_size, root=node.chain.head.log_root)
+
+    say("\n[bold]3. Anchoring: every private chain becomes globally tamper-evident[/]")
+    start = time.perf_counter()
+    await net.wait_anchored()
+    waited = time.perf_counter() - start
+    anchor = node.consortium.state.anchors["st-mary-hospital"] if node.consortium else None
     say(
-        f"   An auditor notes today's checkpoint: size {checkpoint.size}, root "
-        f"{checkpoint.root.hex()[:32]}…"
+        f"   Within {waited * 1000:.0f} ms St. Mary's head (log size "
+        f"{anchor.log_size if anchor else '?'}) was anchored on the consortium chain: the anchor "
+        "carries an RFC 6962 consistency proof from the previous anchor, every member checked it, "
+        "and a quorum signed the block. From now on not even St. Mary can rewrite that history."
     )
 
     say("\n[bold]4. Erasure (right to be forgotten) and key rotation[/]")
@@ -158,41 +205,51 @@ async def _story(console: Console, root: Path) -> None:
     rotation = await node.records.rotate_kek()
     again = await node.records.read("Observation", obs["id"])
     say(
-        f"   Erasing patient #2 crypto-shreds {erased} resources: their data keys and ciphertexts "
-        f"are destroyed and tombstones appended; reading them now gives {gone}, while the chain "
-        "still verifies."
+        f"   Erasing patient #2 crypto-shreds {erased} resources (data keys and ciphertexts "
+        f"destroyed, tombstones appended); reading them now gives {gone}, and the chain still "
+        "verifies."
     )
     say(
-        f"   Rotating the key-encryption key re-wrapped {rotation['rewrapped']:,} data keys without "
-        f"re-encrypting any record, and destroyed the old key; reads still work "
-        f"(Observation version {again.version})."
+        f"   Rotating the key-encryption key re-wrapped {rotation['rewrapped']:,} data keys "
+        f"without re-encrypting any record; reads still work (Observation v{again.version})."
     )
-    await node.close()
+    await net.wait_anchored()
 
     say("\n[bold]5. Proofs an outsider can check (RFC 6962, as Certificate Transparency uses)[/]")
-    _, store = open_chain(root)
-    try:
-        size = store.counts()[1]
-        root_hash = root_at(store, size)
-        index, data = store.tx_by_hash(stored.tx_hash)
-        proof = inclusion_proof(store, index, size)
-        verify_inclusion(leaf_hash(data), index, size, proof, root_hash)
-        say(
-            f"   The Observation's record.put is entry {index} of {size}: proven with {len(proof)} "
-            f"hashes against root {root_hash.hex()[:16]}… — verified."
-        )
-        cproof = consistency_proof(store, checkpoint.size, size)
-        verify_consistency(checkpoint.size, size, cproof, checkpoint.root, root_hash)
-        say(
-            f"   Today's chain extends the auditor's checkpoint: proven with {len(cproof)} hashes "
-            "— nothing earlier was changed."
-        )
-    finally:
-        store.close()
-    _, line = _verify_line(root)
-    say(f"   [green]medledger verify[/]: {line}")
+    store = node.store
+    size = node.chain.head.log_size
+    root_hash = node.chain.head.log_root
+    index, data = store.tx_by_hash(stored.tx_hash)
+    proof = inclusion_proof(store, index, size)
+    verify_inclusion(leaf_hash(data), index, size, proof, root_hash)
+    say(
+        f"   The Observation's record.put is entry {index} of {size}: proven with {len(proof)} "
+        f"hashes against the anchored root {root_hash.hex()[:16]}… — verified."
+    )
+    # A Byzantine member signs a conflicting block: the others record the evidence.
+    evil = net.nodes["riverside-clinic"]
+    height = node.consortium.final_height if node.consortium else 1
+    fake = sha256(b"a conflicting block")
+    vote = canonical_bytes(
+        {
+            "kind": "vote",
+            "height": height,
+            "block_hash": fake.hex(),
+            "signature": evil.keystore.signing_key().sign(fake).to_json(),
+        }
+    )
+    await net.orderers[0].publish("equivocation-demo", vote)
+    await asyncio.sleep(0.1)
+    evidence = node.consortium.evidence if node.consortium else ()
+    say(
+        f"   Riverside signs a second, conflicting block at height {height}: "
+        f"{'every member records equivocation evidence against ' + evidence[0].member if evidence else 'not detected (unexpected)'}"
+        "; it is no longer counted toward finality."
+    )
 
-    say("\n[bold]6. Attacks on the stored chain[/] (each on a copy of the node)")
+
+async def _attacks(say: Any, root: Path) -> None:
+    say("\n[bold]6. Attacks on St. Mary's stored chain[/] (each on a copy of the node)")
     table = Table(show_lines=True)
     table.add_column("attack")
     table.add_column("medledger verify says")
@@ -213,28 +270,24 @@ async def _story(console: Console, root: Path) -> None:
         _verdict(_verify_line(c)),
     )
     table.add_row(
-        "… the same, checked against the auditor's earlier checkpoint",
-        _verdict(_verify_line(c, (checkpoint,))),
+        "… the same, checked against the consortium's final anchors (verify --consortium)",
+        _verdict(_verify_line(c, consortium=True)),
     )
     say(table)
     for p in (a, b, c):
         shutil.rmtree(p, ignore_errors=True)
     say(
-        "   A re-signed history is internally perfect; only a root published earlier exposes it. "
-        "That is what the consortium chain is for: every institution's roots are anchored there, "
-        "final once a quorum of members signs, so no single institution can rewrite its past."
+        "   A re-signed history is internally perfect; the roots anchored on the consortium "
+        "chain, final under a quorum of members' signatures, expose it."
     )
 
-    say("\n[bold]What to try next[/]")
-    say("   make test                                  # the whole test suite")
-    say("   medledger bench private --quick            # group commit, proofs, verify")
-    say("   medledger bench records --quick            # encrypted FHIR writes, reads, search")
-    say("   medledger demo --dir ./demo-node           # keep the node, then explore it:")
-    say(
-        "   MEDLEDGER_PASSPHRASE=demo-passphrase medledger record search --dir ./demo-node "
-        "Patient gender=female"
-    )
-    say("   medledger chain export --dir ./demo-node | head -2; medledger verify --dir ./demo-node")
+
+class _FixedClock:
+    def __init__(self, ms: int) -> None:
+        self._ms = ms
+
+    def now_ms(self) -> int:
+        return self._ms
 
 
 def _verdict(result: tuple[bool, str]) -> str:
@@ -264,17 +317,23 @@ async def _rewrite_history(root: Path) -> None:
     key = FileKeyStore.open(paths.keystore, _PASS).signing_key()
     _, old = open_chain(root)
     try:
-        genesis = json.loads(old.block(0).tx_data[0])["body"]
+        first = json.loads(old.block(0).tx_data[0])
+        genesis, genesis_time = first["body"], first["time_ms"]
         txs = [json.loads(old.tx_data(i)) for i in range(1, old.counts()[1])]
     finally:
         old.close()
-    txs[50]["body"]["blob"] = "0" * 64  # the record an insider wanted to change
+    txs[50]["body"]["version"] = 7  # the record an insider wanted to change
     fresh = paths.chain_db.with_suffix(".new")
     store = SqliteChainStore.create(fresh, f"private:{genesis['institution']}")
+    # Same genesis transaction and time as the original: a careful forger.
     chain = PrivateChain.create(
-        store, key, chain_id=store.chain, institution=genesis["institution"], name=genesis["name"]
-    )
-    # Tasks start in creation order, so the log order is kept while blocks batch.
+        store,
+        key,
+        chain_id=store.chain,
+        institution=genesis["institution"],
+        name=genesis["name"],
+        clock=_FixedClock(genesis_time),
+    )  # Tasks start in creation order, so the log order is kept while blocks batch.
     await asyncio.gather(*(chain.submit(tx["type"], tx["body"]) for tx in txs))
     await chain.close()
     store.close()

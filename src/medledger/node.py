@@ -8,22 +8,27 @@ no passphrase.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from medledger.config import NodeConfig, NodePaths, institution_id, load_config
-from medledger.core.errors import Conflict, IntegrityError, InvalidInput
+from medledger.core.consortium import ConsortiumParams, Genesis, Member
+from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.clock import Clock
+from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records import RecordsService
 from medledger.storage.blobs import FileBlobStore
-from medledger.storage.keystore import FileKeyStore, KdfParams
+from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.records import SqliteRecordIndex
 from medledger.storage.sqlite import SqliteChainStore
 
-__all__ = ["Node", "init_node", "open_chain", "open_node"]
+__all__ = ["Node", "init_node", "load_genesis", "open_chain", "open_node", "write_genesis"]
 
 
 @dataclass(slots=True)
@@ -37,13 +42,81 @@ class Node:
     chain: PrivateChain
     index: SqliteRecordIndex
     records: RecordsService
+    consortium: ConsortiumMember | None = None
+    anchorer: Anchorer | None = None
+    _consortium_store: SqliteChainStore | None = None
+
+    async def join_consortium(self, orderer: Orderer, *, anchor: bool = True) -> ConsortiumMember:
+        """Start this node's consortium member over ``orderer`` (genesis from genesis.json)."""
+        genesis = load_genesis(self.paths.genesis)
+        path = self.paths.consortium_db
+        store = (
+            SqliteChainStore.open(path)
+            if path.exists()
+            else SqliteChainStore.create(path, genesis.chain_id)
+        )
+        key = self.keystore.signing_key()
+        member = ConsortiumMember(
+            genesis=genesis,
+            member_id=self.config.institution,
+            key=key,
+            orderer=orderer,
+            store=store,
+            evidence_path=self.paths.root / "evidence.jsonl",
+        )
+        await member.start()
+        self.consortium, self._consortium_store = member, store
+        if anchor:
+            self.anchorer = Anchorer(
+                institution=self.config.institution, chain=self.chain, member=member, key=key
+            )
+            self.anchorer.start()
+        return member
 
     async def close(self) -> None:
         """Commit everything queued, then release storage."""
+        if self.anchorer is not None:
+            await self.anchorer.close()
         await self.records.close()
         await self.chain.close()
+        if self.consortium is not None:
+            await self.consortium.close()
         await self.index.close()
         self.store.close()
+        if self._consortium_store is not None:
+            self._consortium_store.close()
+
+
+def load_genesis(path: Path) -> Genesis:
+    """Read a genesis document (JSON) written by ``medledger consortium init``."""
+    try:
+        return Genesis.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise NotFound(f"no genesis document at {path}; run 'medledger consortium init'") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{path}: not a genesis document ({exc})") from None
+
+
+def write_genesis(
+    consortium: str, roots: list[Path], *, time_ms: int, params: ConsortiumParams | None = None
+) -> Genesis:
+    """A genesis of the nodes in ``roots``, copied into each node directory."""
+    members = []
+    for root in roots:
+        config = load_config(root)
+        members.append(
+            Member(id=config.institution, name=config.name, signing_key=config.signing_key)
+        )
+    genesis = Genesis(
+        consortium=consortium,
+        time_ms=time_ms,
+        members=tuple(members),
+        params=params or ConsortiumParams(),
+    )
+    data = (json.dumps(genesis.to_json(), indent=2) + "\n").encode()
+    for root in roots:
+        atomic_write(NodePaths(root=root).genesis, data, mode=0o644)
+    return genesis
 
 
 def init_node(

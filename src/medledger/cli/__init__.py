@@ -15,6 +15,7 @@ import click
 from medledger.cli.bench import bench, demo
 from medledger.cli.chain import chain, node, verify
 from medledger.cli.common import EXIT_TAMPERED, fail
+from medledger.cli.consortium import consortium
 from medledger.cli.records import keys, record
 from medledger.core.errors import MedledgerError, VerificationError
 
@@ -27,7 +28,7 @@ def cli() -> None:
     """medledger: secure health-information storage on a hybrid blockchain."""
 
 
-for command in (node, chain, verify, record, keys, bench, demo):
+for command in (node, chain, verify, consortium, record, keys, bench, demo):
     cli.add_command(command)
 
 

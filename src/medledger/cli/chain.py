@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from medledger.cli.common import dir_option, emit, fail, progress, read_passphrase
+from medledger.config import load_config
 from medledger.core.hashing import hash_from_hex
 from medledger.core.merkle import leaf_hash
 from medledger.core.models import Block, BlockHeader, Transaction
@@ -69,7 +70,6 @@ def node_init(root: Path, name: str, institution: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def node_show(root: Path, as_json: bool) -> None:
     """Show the node's identity and public keys (no passphrase needed)."""
-    from medledger.config import load_config
 
     config = load_config(root)
     info = {
@@ -218,9 +218,33 @@ def proof_consistency(root: Path, old_size: int, new_size: int | None) -> None:
     metavar="SIZE:ROOT",
     help="A previously published log size and root the chain must be consistent with (repeatable).",
 )
-def verify(root: Path, anchors: tuple[str, ...]) -> None:
+@click.option(
+    "--consortium",
+    "with_consortium",
+    is_flag=True,
+    help="Also verify the consortium chain and this chain against every final anchor of it.",
+)
+def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool) -> None:
     """Re-derive and check every block, signature, root and proof node of the chain."""
     checkpoints = [parse_checkpoint(a) for a in anchors]
+    if with_consortium:
+        from medledger.cli.consortium import verify_consortium_store
+        from medledger.config import NodePaths
+        from medledger.ledger.consortium_verify import anchored_checkpoints
+        from medledger.storage.sqlite import SqliteChainStore
+
+        creport, _ = verify_consortium_store(root)
+        click.echo(
+            f"OK: {creport.chain}: {creport.blocks} blocks, {creport.log_size} transactions, "
+            f"every block final under a quorum certificate, every transaction re-validated"
+        )
+        config = load_config(root)
+        cstore = SqliteChainStore.open(NodePaths(root=root).consortium_db)
+        try:
+            anchored = anchored_checkpoints(cstore, config.institution)
+        finally:
+            cstore.close()
+        checkpoints.extend(anchored)
     with _chain(root) as (config, store):
         total = head_header(store).log_size
         with progress("verifying", total) as advance:

@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis, MemberSet
@@ -51,6 +52,8 @@ __all__ = ["ConsortiumMember", "Evidence", "genesis_block"]
 log = logging.getLogger(__name__)
 
 MSG_TX, MSG_CUT, MSG_VOTE = "tx", "cut", "vote"
+#: How many final heights' votes are kept to detect late equivocation.
+_VOTE_MEMORY = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +143,7 @@ class ConsortiumMember:
         store: ChainStore,
         clock: Clock | None = None,
         monotonic: Callable[[], float] | None = None,
+        evidence_path: Path | None = None,
     ) -> None:
         if genesis.members and all(m.id != member_id for m in genesis.members):
             log.info("starting as an observer: %s is not a founding member", member_id)
@@ -150,6 +154,7 @@ class ConsortiumMember:
         self._store = store
         self._clock: Clock = clock or SystemClock()
         self._monotonic = monotonic or time.monotonic
+        self._evidence_path = evidence_path
         self._background: set[asyncio.Task[None]] = set()
         self.chain_id = genesis.chain_id
         # Tip (cut, maybe not final) and committed (final, stored) positions.
@@ -378,6 +383,19 @@ class ConsortiumMember:
         votes[member.id] = (block_hash, sig)
         self._try_finalize()
 
+    def _record_evidence(self, evidence: Evidence) -> None:
+        """Append evidence to the evidence file (kept across restarts, shown by status)."""
+        if self._evidence_path is None:
+            return
+        line = canonical_bytes(evidence.to_json()) + b"\n"
+        try:
+            existing = self._evidence_path.read_bytes() if self._evidence_path.exists() else b""
+            if line not in existing:
+                with self._evidence_path.open("ab") as f:
+                    f.write(line)
+        except OSError as exc:
+            log.error("cannot record equivocation evidence: %s", exc)
+
     def _try_finalize(self) -> None:
         while True:
             height = self._final_height + 1
@@ -401,7 +419,8 @@ class ConsortiumMember:
             self._final_height = height
             self._final_state = cut.state
             del self._cuts[height]
-            self._votes.pop(height, None)
+            # Keep recent votes: a conflicting vote for a final height is still evidence.
+            self._votes.pop(height - _VOTE_MEMORY, None)
             first = cut.block.first_index
             for i, tx_hash in enumerate(cut.block.tx_hashes):
                 fut = self._waiters.pop(tx_hash, None)

@@ -1,0 +1,140 @@
+"""Several institution nodes on this machine, sharing one ordering service.
+
+The embedded default network (``medledger demo``, the benchmarks, the
+scenario tests): every node keeps its own directory — keys, private chain,
+records, its copy of the consortium chain — and all of them join one
+consortium whose genesis lists them. Ordering is ``solo`` (one in-process
+order, persisted in ``<base>/order.db``) or ``jetstream`` (a NATS cluster
+started by this module, one JetStream connection per member).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medledger.config import CONFIG_FILE, institution_id
+from medledger.core.consortium import ConsortiumParams
+from medledger.core.errors import InvalidInput, OrderingError
+from medledger.ledger.ordering.port import Orderer
+from medledger.ledger.ordering.solo import SoloOrderer
+from medledger.node import Node, init_node, open_node, write_genesis
+from medledger.storage.keystore import KdfParams
+
+__all__ = ["LocalNetwork"]
+
+
+class LocalNetwork:
+    """Nodes in ``base/<institution>/`` joined in one consortium (see module docstring)."""
+
+    def __init__(
+        self, base: Path, nodes: dict[str, Node], orderers: list[Orderer], cluster: Any = None
+    ) -> None:
+        self.base = base
+        self.nodes = nodes
+        self._orderers = orderers
+        self._cluster = cluster
+
+    @classmethod
+    async def create(
+        cls,
+        base: Path,
+        names: Sequence[str],
+        *,
+        passphrase: bytes,
+        consortium: str = "local",
+        ordering: str = "solo",
+        params: ConsortiumParams | None = None,
+        kdf: KdfParams | None = None,
+    ) -> LocalNetwork:
+        """Create the nodes and the genesis, then open the network."""
+        base.mkdir(parents=True, exist_ok=True)
+        roots = []
+        for name in names:
+            root = base / institution_id(name)
+            init_node(root, name=name, passphrase=passphrase, kdf=kdf)
+            roots.append(root)
+        write_genesis(consortium, roots, time_ms=time.time_ns() // 1_000_000, params=params)
+        return await cls.open(base, passphrase=passphrase, ordering=ordering)
+
+    @classmethod
+    async def open(
+        cls, base: Path, *, passphrase: bytes, ordering: str = "solo", anchor: bool = True
+    ) -> LocalNetwork:
+        """Open every node under ``base`` and join it to the consortium."""
+        roots = sorted(p.parent for p in base.glob(f"*/{CONFIG_FILE}"))
+        if not roots:
+            raise InvalidInput(f"no nodes under {base}")
+        orderers: list[Orderer] = []
+        cluster = None
+        if ordering == "solo":
+            shared = SoloOrderer(base / "order.db")
+            orderers.append(shared)
+            per_node: list[Orderer] = [shared] * len(roots)
+        elif ordering == "jetstream":
+            cluster, per_node = await _jetstream(base, len(roots))
+            orderers.extend(per_node)
+        else:
+            raise InvalidInput(f"unknown ordering {ordering!r} (solo or jetstream)")
+        nodes: dict[str, Node] = {}
+        try:
+            for root, orderer in zip(roots, per_node, strict=True):
+                node = open_node(root, passphrase)
+                nodes[node.config.institution] = node
+                await node.join_consortium(orderer, anchor=anchor)
+        except BaseException:
+            for node in nodes.values():
+                await node.close()
+            raise
+        return cls(base, nodes, orderers, cluster)
+
+    @property
+    def orderers(self) -> list[Orderer]:
+        return list(self._orderers)
+
+    async def wait_anchored(self, timeout: float = 30.0) -> None:
+        """Wait until every node's current private head is covered by a final anchor everywhere."""
+        targets = {i: n.chain.head.log_size for i, n in self.nodes.items()}
+
+        async def done() -> None:
+            while True:
+                if all(
+                    (a := n.consortium.state.anchors.get(i)) is not None and a.log_size >= size
+                    for n in self.nodes.values()
+                    if n.consortium is not None
+                    for i, size in targets.items()
+                ):
+                    return
+                await asyncio.sleep(0.01)
+
+        try:
+            await asyncio.wait_for(done(), timeout)
+        except TimeoutError:
+            raise OrderingError(f"private heads were not anchored within {timeout} s") from None
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            await node.close()
+        for orderer in {id(o): o for o in self._orderers}.values():
+            await orderer.close()
+        if self._cluster is not None:
+            self._cluster.stop()
+
+
+async def _jetstream(base: Path, count: int) -> tuple[Any, list[Orderer]]:
+    from medledger.ledger.ordering.jetstream import JetStreamOrderer
+    from medledger.ledger.ordering.natsserver import NatsCluster
+
+    cluster = NatsCluster(base / "nats", size=3)
+    cluster.start()
+    orderers: list[Orderer] = []
+    for _ in range(count):
+        orderers.append(
+            await JetStreamOrderer.connect(
+                cluster.client_urls(), stream="CONSORTIUM", subject="consortium.order", replicas=3
+            )
+        )
+    return cluster, orderers
