@@ -114,6 +114,60 @@ def bench_records(
     )
 
 
+@bench.command("consortium")
+@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option(
+    "--ordering",
+    "orderings",
+    multiple=True,
+    type=click.Choice(["solo", "jetstream"]),
+    default=("solo", "jetstream"),
+    show_default=True,
+)
+@click.option(
+    "--members",
+    "sizes",
+    multiple=True,
+    type=click.IntRange(min=1),
+    default=(4, 7, 10),
+    show_default=True,
+)
+@click.option("--rate", type=click.IntRange(min=1), default=1_000, show_default=True)
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option(
+    "--txs",
+    type=click.IntRange(min=10),
+    default=20_000,
+    show_default=True,
+    help="Transactions for the throughput run.",
+)
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+def bench_consortium(
+    root: Path | None,
+    orderings: tuple[str, ...],
+    sizes: tuple[int, ...],
+    rate: int,
+    seconds: float,
+    txs: int,
+    json_out: Path | None,
+    quick: bool,
+) -> None:
+    """Consortium submit-to-final latency and throughput, solo and JetStream, 4/7/10 members."""
+    from medledger.benchmarks.consortium import run_consortium_bench
+
+    run_consortium_bench(
+        root=root,
+        orderings=orderings,
+        sizes=sizes,
+        rate=rate,
+        seconds=seconds,
+        txs=txs,
+        json_out=json_out,
+        quick=quick,
+    )
+
+
 @click.command()
 @click.option(
     "--dir",
