@@ -1680,3 +1680,18 @@ def test_prop_proof_ranges_are_rfc_subtrees(si: tuple[int, int]) -> None:
         assert levels == sorted(set(levels), reverse=True)
         if begin:  # a right-hand part of an RFC split sits inside one aligned block
             assert end - begin <= begin & -begin
+
+
+@given(st.integers(min_value=0, max_value=300))
+@settings(max_examples=40, deadline=None)
+def test_push_matches_append(size: int) -> None:
+    """``push`` (no subtree list) keeps exactly the state ``append`` keeps."""
+    appended, pushed = CompactRange(), CompactRange()
+    for i in range(size):
+        leaf = hashlib.sha256(i.to_bytes(4, "big")).digest()
+        appended.append(leaf)
+        pushed.push(leaf)
+        assert pushed.nodes() == appended.nodes()
+    assert pushed.root() == appended.root() and pushed.size == appended.size
+    with pytest.raises(InvalidInput):
+        pushed.push(b"short")

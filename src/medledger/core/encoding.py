@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any, TypeAlias
 
+import orjson
+
 from medledger.core.errors import InvalidInput
 
 __all__ = ["JSONValue", "MAX_DEPTH", "MAX_SAFE_INTEGER", "canonical_bytes", "parse_canonical"]
@@ -110,10 +112,10 @@ def canonical_bytes(value: Any) -> bytes:
     if not _plain(value, 0):
         _check(value, "$", 0)
     try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
-    except UnicodeEncodeError:
+        # orjson produces exactly the bytes of the formula above on this subset
+        # (a property test holds it to json.dumps) at a tenth of the cost.
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # a lone surrogate: find it for the message
         _check(value, "$", 0)
         raise InvalidInput("canonical JSON: string is not valid Unicode") from None
 
@@ -137,7 +139,6 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 # Built once: constructing a decoder per call was a measurable share of
 # verifying a large chain.
-_FAST = json.JSONDecoder(parse_float=_reject_float, parse_constant=_reject_constant)
 _STRICT = json.JSONDecoder(
     parse_float=_reject_float, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
 )
@@ -162,14 +163,21 @@ def parse_canonical(data: bytes) -> Any:
     encoding of the value it denotes (so a hash over ``data`` is unambiguous).
     """
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"canonical JSON: invalid UTF-8 at byte {exc.start}") from None
-    value = _decode(_FAST, text)
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # Explain the failure with the standard parser (precise position and reason).
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"canonical JSON: invalid UTF-8 at byte {exc.start}") from None
+        # orjson also refuses some valid JSON (e.g. integers beyond 64 bits),
+        # which the canonical check below then rejects with its own reason.
+        value = _decode(_STRICT, text)
+    text = ""
     # Duplicate keys cannot survive this comparison (the re-encoding has each
     # key once), so the slower duplicate-detecting parse runs only to explain
     # a failure.
     if canonical_bytes(value) != data:
-        _decode(_STRICT, text)
+        _decode(_STRICT, text or data.decode("utf-8"))
         raise InvalidInput("canonical JSON: bytes are valid JSON but not in canonical form")
     return value

@@ -344,6 +344,21 @@ class CompactRange:
         self._size = index + 1
         return created
 
+    def push(self, leaf: bytes) -> None:
+        """Like :meth:`append` when the completed subtrees are not needed (cheaper)."""
+        if len(leaf) != 32:
+            raise InvalidInput("a leaf hash must be 32 bytes")
+        size, hashes, h = self._size, self._hashes, leaf
+        # The subtrees completed by leaf number `size` are its trailing one bits.
+        merges = (size ^ (size + 1)).bit_length() - 1
+        for _ in range(merges):
+            h = node_hash(hashes.pop(), h)
+            self._nodes.pop()
+        level = merges
+        self._nodes.append(NodeID(level, size >> level))
+        hashes.append(h)
+        self._size = size + 1
+
     def root(self) -> bytes:
         """The RFC 6962 root of the leaves appended so far."""
         return hash_range(self._hashes)

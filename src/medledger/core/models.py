@@ -90,6 +90,10 @@ class Signature:
         return cls(signer=v["signer"], alg=_str(v["alg"], "signature alg"), sig=raw)
 
 
+_TX_KEYS = frozenset({"type", "chain", "body", "time_ms"})
+_SIGNED_TX_KEYS = _TX_KEYS | {"signatures"}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Transaction:
     """A chain transaction: canonical JSON ``{type, chain, body, time_ms[, signatures]}``.
@@ -134,9 +138,10 @@ class Transaction:
 
     @classmethod
     def from_json(cls, value: Any) -> Transaction:
-        v = _obj(
-            value, {"type", "chain", "body", "time_ms"}, "transaction", frozenset({"signatures"})
-        )
+        if type(value) is dict and (value.keys() == _TX_KEYS or value.keys() == _SIGNED_TX_KEYS):
+            v = value  # the common, well-formed case: field checks happen in __post_init__
+        else:
+            v = _obj(value, set(_TX_KEYS), "transaction", frozenset({"signatures"}))
         sigs = v.get("signatures", [])
         if not isinstance(sigs, list) or ("signatures" in v and not sigs):
             raise InvalidInput("transaction signatures must be a non-empty list when present")

@@ -292,7 +292,7 @@ class ConsortiumMember:
         nodes = []
         for data, _ in p.txs:
             leaf = leaf_hash(data)
-            block_log.append(leaf)
+            block_log.push(leaf)
             nodes.extend(self._log.append(leaf)[1:])
         header = BlockHeader(
             chain=self.chain_id,

@@ -358,7 +358,7 @@ class PrivateChain:
         first = self._log.size
         created = []
         block_log = CompactRange()
-        append, block_append = self._log.append, block_log.append
+        append, block_append = self._log.append, block_log.push
         for p in batch:
             leaf = leaf_hash(p.data)
             # Level-0 hashes are derivable from the stored transaction; keep the rest.

@@ -198,7 +198,7 @@ def verify_chain(
                 raise _fail(h, f"transaction {block.first_index + i} names another chain")
             policy.transaction(h, block.first_index + i, tx)
             leaf = leaf_hash(data)
-            block_log.append(leaf)
+            block_log.push(leaf)
             created.extend(log.append(leaf)[1:])
             while pending_checks and pending_checks[0].size == log.size:
                 cp = pending_checks.pop(0)

