@@ -17,6 +17,7 @@ from medledger.cli.chain import chain, node, verify
 from medledger.cli.common import EXIT_TAMPERED, fail
 from medledger.cli.consortium import consortium
 from medledger.cli.records import keys, record
+from medledger.cli.service import start, token
 from medledger.core.errors import MedledgerError, VerificationError
 
 __all__ = ["cli", "main"]
@@ -28,8 +29,9 @@ def cli() -> None:
     """medledger: secure health-information storage on a hybrid blockchain."""
 
 
-for command in (node, chain, verify, consortium, record, keys, bench, demo):
+for command in (node, chain, verify, consortium, record, keys, token, bench, demo):
     cli.add_command(command)
+node.add_command(start)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from medledger.core.errors import StorageError
 __all__ = ["GroupCommitter"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: ``apply`` returns, per op, ``None`` (done) or the exception for that op's caller.
 ApplyFn = Callable[[Sequence[T]], Sequence[BaseException | None]]
@@ -48,7 +49,7 @@ class GroupCommitter(Generic[T]):
         self._wakeup.set()
         await fut
 
-    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+    async def run_exclusive(self, fn: Callable[[], R]) -> R:
         """Run ``fn`` on the writer thread, between batches."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn)

@@ -1,0 +1,1 @@
+"""The HTTP interface: FHIR R4 REST at /fhir, chain inspection at /chain (FastAPI)."""

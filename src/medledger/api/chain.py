@@ -1,0 +1,124 @@
+"""``/chain``: anyone with an auditor (or clinician) token can verify the node from outside.
+
+Blocks in the export form, heads, RFC 6962 inclusion and consistency proofs of
+the private chain, and the consortium chain's final blocks (signatures are
+the finality certificate), anchors and equivocation evidence.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from medledger.api.auth import require
+from medledger.api.responses import fhir_response
+from medledger.core.errors import InvalidInput, NotFound
+from medledger.core.hashing import hash_from_hex, sha256
+from medledger.core.merkle import leaf_hash
+from medledger.core.models import Block, BlockHeader, Transaction
+from medledger.ledger.proofs import consistency_proof, head_header, inclusion_proof, root_at
+from medledger.node import Node
+from medledger.storage.ports import ChainStore, StoredBlock
+from medledger.storage.tokens import TokenInfo
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/chain", tags=["chains"])
+Auditor = Annotated[TokenInfo, Depends(require("auditor", "clinician"))]
+
+
+def _json(body: Any) -> Response:
+    return fhir_response(body, headers={"Content-Type": "application/json"})
+
+
+def _store(request: Request, which: str) -> ChainStore:
+    node: Node = request.app.state.node
+    if which == "private":
+        private: ChainStore = node.store
+        return private
+    if which == "consortium":
+        store = node.consortium_store
+        if store is None:
+            raise NotFound("this node has not joined a consortium")
+        return store
+    raise NotFound(f"no chain {which!r} (private or consortium)")
+
+
+def _block_json(block: StoredBlock) -> dict[str, Any]:
+    return Block(
+        header=BlockHeader.decode(block.header_bytes),
+        signatures=block.signatures,
+        txs=tuple(Transaction.decode(d) for d in block.tx_data),
+    ).to_json()
+
+
+@router.get("/{which}/head")
+async def head(which: str, request: Request, who: Auditor) -> Response:
+    store = _store(request, which)
+    header = head_header(store)
+    data = store.head_header_bytes()
+    assert data is not None
+    return _json({**header.to_json(), "hash": sha256(data).hex()})
+
+
+@router.get("/{which}/blocks/{height}")
+async def block(which: str, height: int, request: Request, who: Auditor) -> Response:
+    return _json(_block_json(_store(request, which).block(height)))
+
+
+@router.get("/{which}/proof/inclusion")
+async def proof_inclusion(
+    which: str,
+    request: Request,
+    who: Auditor,
+    index: int | None = None,
+    tx: str | None = None,
+    size: int | None = None,
+) -> Response:
+    store = _store(request, which)
+    if (index is None) == (tx is None):
+        raise InvalidInput("give exactly one of index or tx")
+    if tx is not None:
+        index, _ = store.tx_by_hash(hash_from_hex(tx, "tx"))
+    assert index is not None
+    size = size if size is not None else head_header(store).log_size
+    proof = inclusion_proof(store, index, size)
+    data = store.tx_data(index)
+    return _json(
+        {
+            "index": index,
+            "size": size,
+            "tx_hash": sha256(data).hex(),
+            "leaf_hash": leaf_hash(data).hex(),
+            "root": root_at(store, size).hex(),
+            "proof": [h.hex() for h in proof],
+        }
+    )
+
+
+@router.get("/{which}/proof/consistency")
+async def proof_consistency(
+    which: str, request: Request, who: Auditor, old: int, new: int | None = None
+) -> Response:
+    store = _store(request, which)
+    new = new if new is not None else head_header(store).log_size
+    proof = consistency_proof(store, old, new)
+    return _json(
+        {
+            "old_size": old,
+            "new_size": new,
+            "old_root": root_at(store, old).hex(),
+            "new_root": root_at(store, new).hex(),
+            "proof": [h.hex() for h in proof],
+        }
+    )
+
+
+@router.get("/consortium/status")
+async def consortium_status(request: Request, who: Auditor) -> Response:
+    node: Node = request.app.state.node
+    if node.consortium is None:
+        raise NotFound("this node has not joined a consortium")
+    return _json(node.consortium.status())

@@ -1,0 +1,131 @@
+"""The one place where errors become HTTP responses: FHIR OperationOutcomes.
+
+Every error the API returns is an ``OperationOutcome`` with a status code that
+says what kind of failure it was; no traceback or internal detail leaks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medledger.api.responses import fhir_response
+from medledger.core.errors import (
+    Conflict,
+    ConsentDenied,
+    Gone,
+    IntegrityError,
+    InvalidInput,
+    KeyStoreError,
+    MedledgerError,
+    NotFound,
+    OrderingError,
+    PreconditionFailed,
+    RetryableStorageError,
+    StorageError,
+    VerificationError,
+)
+from medledger.services.fhir import FhirInvalid, Issue, operation_outcome
+
+__all__ = ["Forbidden", "TooLarge", "Unauthorized", "install_error_handlers", "outcome_response"]
+
+log = logging.getLogger(__name__)
+
+
+class Unauthorized(MedledgerError):
+    """No valid bearer token (HTTP 401)."""
+
+
+class Forbidden(MedledgerError):
+    """The token's role may not do this (HTTP 403)."""
+
+
+class TooLarge(InvalidInput):
+    """The request body exceeds the limit (HTTP 413)."""
+
+
+# Most specific first.
+_STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (Unauthorized, 401, "login"),
+    (Forbidden, 403, "forbidden"),
+    (ConsentDenied, 403, "forbidden"),
+    (TooLarge, 413, "too-costly"),
+    (Gone, 410, "deleted"),
+    (NotFound, 404, "not-found"),
+    (PreconditionFailed, 412, "conflict"),
+    (Conflict, 409, "conflict"),
+    (FhirInvalid, 400, "invalid"),
+    (InvalidInput, 400, "invalid"),
+    (IntegrityError, 500, "exception"),
+    (VerificationError, 500, "exception"),
+    (RetryableStorageError, 503, "transient"),
+    (StorageError, 503, "exception"),
+    (OrderingError, 503, "transient"),
+    (KeyStoreError, 500, "security"),
+    (MedledgerError, 500, "exception"),
+)
+
+
+def outcome_response(
+    status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[str, str] | None = None
+) -> Response:
+    return fhir_response(operation_outcome(issues), status=status, headers=headers)
+
+
+def _for(exc: MedledgerError) -> Response:
+    for cls, status, code in _STATUS:
+        if isinstance(exc, cls):
+            if isinstance(exc, FhirInvalid):
+                return outcome_response(status, exc.issues)
+            if status >= 500:
+                log.error("request failed: %s: %s", type(exc).__name__, exc)
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return outcome_response(
+                status, [Issue(severity="error", code=code, diagnostics=str(exc))], headers
+            )
+    raise AssertionError("unreachable: MedledgerError is in the table")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error (ours, FastAPI's, Starlette's, unexpected) to an OperationOutcome."""
+
+    async def medledger_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, MedledgerError)
+        return _for(exc)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        issues = [
+            Issue(
+                severity="error",
+                code="invalid",
+                diagnostics=str(e.get("msg", "invalid")),
+                expression=(".".join(str(p) for p in e.get("loc", ())),),
+            )
+            for e in exc.errors()[:20]
+        ]
+        return outcome_response(
+            400, issues or [Issue(severity="error", code="invalid", diagnostics="invalid request")]
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+        return outcome_response(
+            exc.status_code, [Issue(severity="error", code=code, diagnostics=str(exc.detail))]
+        )
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return outcome_response(
+            500, [Issue(severity="fatal", code="exception", diagnostics="internal error")]
+        )
+
+    app.add_exception_handler(MedledgerError, medledger_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

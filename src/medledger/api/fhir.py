@@ -1,0 +1,311 @@
+"""FHIR R4 REST interactions at ``/fhir`` over the records service.
+
+create (POST), read, vread, update (PUT with ``If-Match``), delete (erasure),
+instance and type ``_history``, search (``searchset`` Bundles with paging),
+``transaction`` Bundles, and ``metadata``. Status codes, ``ETag``,
+``Location`` and ``Last-Modified`` as the FHIR RESTful API specifies; every
+error is an OperationOutcome (``api.errors``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response
+
+from medledger.api.auth import require
+from medledger.api.errors import Forbidden, TooLarge
+from medledger.api.responses import fhir_response, raw_fhir_response
+from medledger.core.errors import InvalidInput
+from medledger.services.fhir import MAX_BODY_BYTES, load_json, validate_id
+from medledger.services.records import RecordsService, StoredResource, VersionInfo
+from medledger.services.search import SEARCH_PARAMS, patient_reference
+from medledger.storage.tokens import TokenInfo
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/fhir", tags=["FHIR"])
+Clinical = Annotated[TokenInfo, Depends(require("clinician", "patient"))]
+Writer = Annotated[TokenInfo, Depends(require("clinician"))]
+_RESULT_PARAMS = {"_count", "_offset", "_format"}
+
+
+def _records(request: Request) -> RecordsService:
+    records: RecordsService = request.app.state.node.records
+    return records
+
+
+def _http_date(instant: str) -> str:
+    return format_datetime(datetime.fromisoformat(instant.replace("Z", "+00:00")), usegmt=True)
+
+
+def _headers(s: StoredResource) -> dict[str, str]:
+    return {
+        "ETag": f'W/"{s.version}"',
+        "Last-Modified": _http_date(s.last_updated),
+        "Location": f"/fhir/{s.resource_type}/{s.id}/_history/{s.version}",
+    }
+
+
+async def _body(request: Request) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise TooLarge(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise TooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return load_json(b"".join(chunks))
+
+
+def _check_type(resource_type: str) -> str:
+    if not resource_type.isalpha() or not resource_type[0].isupper():
+        raise InvalidInput(f"{resource_type!r} is not a FHIR resource type")
+    return resource_type
+
+
+def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
+    if who.role != "patient":
+        return
+    if patient_reference(stored.resource()) != f"Patient/{who.patient}":
+        # Indistinguishable from absence: a patient learns nothing about others.
+        raise Forbidden("this token may read only its patient's records")
+
+
+def _if_match(value: str | None) -> int | None:
+    if value is None:
+        return None
+    text = value.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise InvalidInput(f'If-Match must be a version ETag like W/"3", got {value!r}')
+    return int(text)
+
+
+# -- capability statement ------------------------------------------------------------------
+
+
+@router.get("/metadata", summary="CapabilityStatement")
+async def metadata(request: Request) -> Response:
+    """What this server supports — only what is implemented (no auth needed)."""
+    interactions = [
+        {"code": c}
+        for c in (
+            "read",
+            "vread",
+            "update",
+            "delete",
+            "history-instance",
+            "history-type",
+            "create",
+            "search-type",
+        )
+    ]
+    resources = [
+        {
+            "type": rtype,
+            "versioning": "versioned",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": False,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "interaction": interactions,
+            "searchParam": [
+                {
+                    "name": p,
+                    "type": "date"
+                    if p in ("date", "birthdate")
+                    else "reference"
+                    if p == "patient"
+                    else "string"
+                    if p in ("name", "family", "given")
+                    else "token",
+                }
+                for p in params
+            ],
+        }
+        for rtype, params in SEARCH_PARAMS.items()
+    ]
+    return fhir_response(
+        {
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "date": "2026-11-25",
+            "kind": "instance",
+            "software": {"name": "medledger", "version": request.app.version},
+            "implementation": {
+                "description": f"medledger node {request.app.state.node.config.name}"
+            },
+            "fhirVersion": "4.0.1",
+            "format": ["application/fhir+json", "json"],
+            "rest": [
+                {
+                    "mode": "server",
+                    "security": {
+                        "description": "Bearer tokens issued with 'medledger token create'."
+                    },
+                    "resource": resources,
+                    "interaction": [{"code": "transaction"}],
+                }
+            ],
+        }
+    )
+
+
+# -- whole-system ------------------------------------------------------------------------
+
+
+@router.post("", summary="transaction Bundle (all-or-nothing)")
+async def transaction(request: Request, who: Writer) -> Response:
+    bundle = await _body(request)
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise InvalidInput("POST /fhir takes a Bundle of type 'transaction'")
+    return fhir_response(await _records(request).transaction(bundle))
+
+
+# -- type level --------------------------------------------------------------------------
+
+
+@router.post("/{resource_type}", summary="create")
+async def create(resource_type: str, request: Request, who: Writer) -> Response:
+    resource = await _body(request)
+    if not isinstance(resource, dict) or resource.get("resourceType") != _check_type(resource_type):
+        raise InvalidInput(f"body must be a {resource_type} resource")
+    stored = await _records(request).create(resource)
+    return raw_fhir_response(stored.data, status=201, headers=_headers(stored))
+
+
+@router.get("/{resource_type}/_history", summary="type history")
+async def type_history(
+    resource_type: str, request: Request, who: Writer, _count: int = 100
+) -> Response:
+    versions = await _records(request).type_history(_check_type(resource_type), min(_count, 1000))
+    return fhir_response(_history_bundle(versions))
+
+
+@router.get("/{resource_type}", summary="search")
+async def search(resource_type: str, request: Request, who: Clinical) -> Response:
+    _check_type(resource_type)
+    params: dict[str, list[str]] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in _RESULT_PARAMS:
+            params.setdefault(key, []).append(value)
+    count = _int_param(request, "_count", 50, 1, 500)
+    offset = _int_param(request, "_offset", 0, 0, 10**9)
+    records = _records(request)
+    if who.role == "patient" and resource_type == "Patient":
+        if params:
+            raise InvalidInput("a patient token searches Patient without parameters (itself)")
+        found = [await records.read("Patient", str(who.patient))]
+    else:
+        if who.role == "patient":
+            params["patient"] = [f"Patient/{who.patient}"]
+        found = await records.search(resource_type, params)
+    page = found[offset : offset + count]
+    base = f"/fhir/{resource_type}"
+    query = "&".join(f"{k}={v}" for k, vs in params.items() for v in vs)
+    links = [{"relation": "self", "url": f"{base}?{query}&_count={count}&_offset={offset}"}]
+    if offset + count < len(found):
+        links.append(
+            {"relation": "next", "url": f"{base}?{query}&_count={count}&_offset={offset + count}"}
+        )
+    return fhir_response(
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "link": links,
+            "entry": [
+                {"fullUrl": f"{base}/{s.id}", "resource": s.resource(), "search": {"mode": "match"}}
+                for s in page
+            ],
+        }
+    )
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise InvalidInput(f"{name} must be an integer from {lo} to {hi}")
+    return int(text)
+
+
+# -- instance level ------------------------------------------------------------------------
+
+
+@router.get("/{resource_type}/{rid}", summary="read")
+async def read(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
+    stored = await _records(request).read(_check_type(resource_type), validate_id(rid))
+    _patient_may_see(who, stored)
+    return raw_fhir_response(stored.data, headers=_headers(stored))
+
+
+@router.put("/{resource_type}/{rid}", summary="update (or create with this id)")
+async def update(
+    resource_type: str,
+    rid: str,
+    request: Request,
+    who: Writer,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    resource = await _body(request)
+    if not isinstance(resource, dict):
+        raise InvalidInput("body must be a FHIR resource")
+    stored, created = await _records(request).update(
+        _check_type(resource_type), validate_id(rid), resource, if_match=_if_match(if_match)
+    )
+    return raw_fhir_response(stored.data, status=201 if created else 200, headers=_headers(stored))
+
+
+@router.delete("/{resource_type}/{rid}", summary="delete (crypto-shredding erasure)")
+async def delete(resource_type: str, rid: str, request: Request, who: Writer) -> Response:
+    await _records(request).erase(_check_type(resource_type), validate_id(rid))
+    return Response(status_code=204)
+
+
+@router.get("/{resource_type}/{rid}/_history", summary="instance history")
+async def history(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
+    versions = await _records(request).history(_check_type(resource_type), validate_id(rid))
+    if who.role == "patient":
+        for v in versions:
+            if v.stored is not None:
+                _patient_may_see(who, v.stored)
+    return fhir_response(_history_bundle(versions))
+
+
+@router.get("/{resource_type}/{rid}/_history/{vid}", summary="vread")
+async def vread(
+    resource_type: str, rid: str, vid: int, request: Request, who: Clinical
+) -> Response:
+    stored = await _records(request).vread(_check_type(resource_type), validate_id(rid), vid)
+    _patient_may_see(who, stored)
+    return raw_fhir_response(stored.data, headers=_headers(stored))
+
+
+def _history_bundle(versions: list[VersionInfo]) -> dict[str, Any]:
+    entries = []
+    for v in versions:
+        url = f"{v.resource_type}/{v.id}"
+        entry: dict[str, Any] = {
+            "fullUrl": f"/fhir/{url}",
+            "request": {
+                "method": "DELETE" if v.stored is None else "POST" if v.version == 1 else "PUT",
+                "url": url,
+            },
+            "response": {
+                "status": "410 Gone" if v.stored is None else "200 OK",
+                "etag": f'W/"{v.version}"',
+                "lastModified": v.last_updated,
+            },
+        }
+        if v.stored is not None:
+            entry["resource"] = v.stored.resource()
+        entries.append(entry)
+    return {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries}
