@@ -12,11 +12,14 @@ written for rejected input.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date, datetime, time
 from decimal import Decimal
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import simplejson
 from pydantic import ValidationError
@@ -72,6 +75,10 @@ class FhirInvalid(InvalidInput):
         where = f" at {first.expression[0]}" if first.expression else ""
         more = f" (+{len(self.issues) - 1} more)" if len(self.issues) > 1 else ""
         super().__init__(f"{first.diagnostics}{where}{more}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its issues when it crosses a process boundary (validation workers).
+        return (FhirInvalid, (self.issues,))
 
 
 def _invalid(diagnostics: str, expression: str | None = None, code: str = "invalid") -> FhirInvalid:
@@ -169,6 +176,11 @@ def validate_resource(value: Any, *, expected_type: str | None = None) -> dict[s
     model = _model(rtype)
     if "id" in value:
         validate_id(value["id"], f"{rtype}.id")
+    # fhir.resources coerces ("yes" -> True, "3" -> 3); FHIR JSON does not.
+    type_issues: list[Issue] = []
+    _check_json_types(value, model, rtype, type_issues)
+    if type_issues:
+        raise FhirInvalid(type_issues[:20])
     try:
         model.model_validate(value)
     except ValidationError as exc:
@@ -182,9 +194,139 @@ def validate_resource(value: Any, *, expected_type: str | None = None) -> dict[s
             for e in exc.errors(include_url=False, include_input=False)[:20]
         ]
         raise FhirInvalid(issues) from None
-    except (ValueError, TypeError, RecursionError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise _invalid(f"invalid {rtype}: {type(exc).__name__}", rtype) from None
     return value
+
+
+# -- FHIR JSON primitive representation (R4 §2.6.2): booleans are JSON booleans,
+# integers JSON integers, decimals JSON numbers, every other primitive a string.
+
+_KIND_CACHE: dict[Any, dict[str, tuple[str, Any, bool]]] = {}
+
+
+def _field_kinds(model: Any) -> dict[str, tuple[str, Any, bool]]:
+    """For each JSON property of ``model``: (kind, nested model or None, is_list)."""
+    kinds = _KIND_CACHE.get(model)
+    if kinds is None:
+        kinds = {}
+        for field in model.model_fields.values():
+            kinds[field.alias or ""] = _classify(field.annotation)
+        _KIND_CACHE[model] = kinds
+    return kinds
+
+
+def _classify(annotation: Any) -> tuple[str, Any, bool]:
+    is_list = False
+    t = annotation
+    while True:
+        origin = get_origin(t)
+        args = [a for a in get_args(t) if a is not type(None)]
+        if origin in (Union, UnionType) and len(args) == 1:
+            t = args[0]
+        elif origin is list and args:
+            is_list, t = True, args[0]
+        elif origin is Annotated:
+            t = args[0]
+        else:
+            break
+    if t is bool:
+        return "boolean", None, is_list
+    if t is int:
+        return "integer", None, is_list
+    if t is Decimal:
+        return "decimal", None, is_list
+    if isinstance(t, type) and hasattr(t, "get_model_klass"):
+        try:
+            nested = t.get_model_klass()
+        except (AttributeError, KeyError, ImportError, ValueError):
+            return "any", None, is_list
+        name = getattr(nested, "__name__", "")
+        return ("resource" if name in ("Resource", "DomainResource") else "model"), nested, is_list
+    if t in (str, date, datetime, time) or (isinstance(t, type) and issubclass(t, str)):
+        return "string", None, is_list
+    return "any", None, is_list
+
+
+def _json_kind_ok(kind: str, v: Any) -> bool:
+    if kind == "boolean":
+        return type(v) is bool
+    if kind == "integer":
+        return type(v) is int
+    if kind == "decimal":
+        # In-process callers may pass floats; JSON input arrives as Decimal or int.
+        return type(v) in (int, Decimal) or (type(v) is float and math.isfinite(v))
+    if kind == "string":
+        return type(v) is str
+    if kind in ("model", "resource"):
+        return type(v) is dict
+    return True
+
+
+_JSON_NAMES = {
+    "boolean": "a JSON boolean",
+    "integer": "a JSON integer",
+    "decimal": "a JSON number",
+    "string": "a JSON string",
+    "model": "a JSON object",
+    "resource": "a JSON object",
+}
+
+
+def _check_json_types(value: dict[str, Any], model: Any, path: str, issues: list[Issue]) -> None:
+    kinds = _field_kinds(model)
+    for key, item in value.items():
+        spec = kinds.get(key)
+        if spec is None or item is None:
+            continue  # unknown or null properties: the model validation reports them
+        kind, nested, is_list = spec
+        where = f"{path}.{key}"
+        if is_list and type(item) is not list:
+            issues.append(
+                Issue(
+                    severity="error",
+                    code="structure",
+                    diagnostics="must be a JSON array",
+                    expression=(where,),
+                )
+            )
+            continue
+        for i, v in enumerate(item if is_list else [item]):
+            here = f"{where}[{i}]" if is_list else where
+            if not _json_kind_ok(kind, v):
+                issues.append(
+                    Issue(
+                        severity="error",
+                        code="structure",
+                        diagnostics=f"must be {_JSON_NAMES[kind]}",
+                        expression=(here,),
+                    )
+                )
+            elif kind == "model":
+                _check_json_types(v, nested, here, issues)
+            elif kind == "resource":
+                _check_contained(v, here, issues)
+
+
+def _check_contained(value: dict[str, Any], path: str, issues: list[Issue]) -> None:
+    """A resource inside another (Bundle.entry.resource, contained)."""
+    rtype = value.get("resourceType")
+    try:
+        if not isinstance(rtype, str):
+            raise _invalid("resourceType is missing", f"{path}.resourceType", code="required")
+        model = _model(rtype)
+    except FhirInvalid as exc:
+        issues.extend(
+            Issue(
+                severity=i.severity,
+                code=i.code,
+                diagnostics=i.diagnostics,
+                expression=(f"{path}.resourceType",),
+            )
+            for i in exc.issues
+        )
+        return
+    _check_json_types(value, model, path, issues)
 
 
 _MODELS: dict[str, Any] = {}

@@ -46,6 +46,7 @@ from medledger.services.fhir import (
 )
 from medledger.services.keys import InstitutionKeys
 from medledger.services.search import patient_reference, query_tokens, resource_tokens
+from medledger.services.validation import Validator
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.blobs import BlobStore
 from medledger.storage.records import RecordIndex, VersionRow
@@ -105,6 +106,7 @@ class RecordsService:
         keys: InstitutionKeys,
         clock: Clock | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        validator: Validator | None = None,
     ) -> None:
         self._institution = institution
         self._chain = chain
@@ -113,6 +115,7 @@ class RecordsService:
         self._keys = keys
         self._clock: Clock = clock or SystemClock()
         self._random = random_bytes
+        self._validator = validator or Validator()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         # Blobs of concurrent writes share one file-system flush.
         self._blob_writes: GroupCommitter[bytes] = GroupCommitter(
@@ -124,9 +127,10 @@ class RecordsService:
 
     async def create(self, resource: Mapping[str, Any]) -> StoredResource:
         """Store a new resource under a server-assigned id; returns version 1."""
-        validate_resource(dict(resource))
-        rtype = str(resource["resourceType"])
-        return (await self._write_many([(rtype, str(uuid.uuid4()), dict(resource), None, True)]))[0]
+        body = _object(resource)
+        await self._validator.validate(body)
+        rtype = str(body["resourceType"])
+        return (await self._write_many([(rtype, str(uuid.uuid4()), body, None, True)]))[0]
 
     async def update(
         self,
@@ -141,8 +145,9 @@ class RecordsService:
         ``if_match`` is the version the client last saw; a different current
         version raises :class:`PreconditionFailed`.
         """
-        validate_id(rid)
-        validate_resource(dict(resource), expected_type=resource_type)
+        validate_id(rid, f"{resource_type}.id")
+        resource = _object(resource)
+        await self._validator.validate(resource, expected_type=resource_type)
         if "id" in resource and resource["id"] != rid:
             raise FhirInvalid(
                 [
@@ -164,14 +169,24 @@ class RecordsService:
     ) -> list[StoredResource]:
         """Write several versions all-or-nothing: one index batch, one chain block."""
         keys = sorted({(t, i) for t, i, *_ in items})
+        if len(keys) != len(items):
+            raise FhirInvalid(
+                [
+                    Issue(
+                        severity="error",
+                        code="business-rule",
+                        diagnostics="the same resource is written twice in one request",
+                    )
+                ]
+            )
         locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
         for lock in locks:
             await lock.acquire()
         kek_id, kek = self._keys.current_kek()
         self._inflight[kek_id] += 1
         written: list[VersionRow] = []
+        prepared: list[tuple[VersionRow, set[bytes], StoredResource, Transaction]] = []
         try:
-            prepared = []
             for rtype, rid, resource, if_match, new in items:
                 latest = self._index.latest(rtype, rid)
                 if new and latest is not None:
@@ -188,13 +203,25 @@ class RecordsService:
             await self._chain.submit_many([tx for *_, tx in prepared])
             return [stored for _, _, stored, _ in prepared]
         except BaseException:
-            for row in written:
-                await self._index.remove_version(row.resource_type, row.id, row.version)
+            await self._undo(written, [row.blob_hash for row, *_ in prepared])
             raise
         finally:
             self._inflight[kek_id] -= 1
             for lock in locks:
                 lock.release()
+
+    async def _undo(self, written: list[VersionRow], blob_hashes: list[bytes]) -> None:
+        """Take back versions whose chain commit failed: rows, search tokens, blobs."""
+        for row in reversed(written):
+            await self._index.remove_version(row.resource_type, row.id, row.version)
+            previous = self._index.latest(row.resource_type, row.id)
+            tokens: set[bytes] = set()
+            if previous is not None and not previous.erased:
+                # The search index must describe the version that is current again.
+                tokens = resource_tokens(self._keys.search_key, self._open(previous).resource())
+            await self._index.set_tokens(row.resource_type, row.id, tokens)
+        for blob_hash in blob_hashes:
+            await asyncio.to_thread(self._blobs.delete, blob_hash)
 
     def _put_blobs(self, blobs: Sequence[bytes]) -> list[BaseException | None]:
         self._blobs.put_many(blobs)
@@ -202,6 +229,7 @@ class RecordsService:
 
     async def close(self) -> None:
         await self._blob_writes.close()
+        self._validator.close()
 
     async def _seal(
         self, rtype: str, rid: str, version: int, resource: dict[str, Any], kek_id: str, kek: bytes
@@ -291,14 +319,14 @@ class RecordsService:
                             )
                         ]
                     )
-                rid, new = validate_id(parts[1]), False
+                rid, new = validate_id(parts[1], f"Bundle.entry[{n}].request.url"), False
             if isinstance(entry.get("fullUrl"), str):
                 urls[entry["fullUrl"]] = f"{rtype}/{rid}"
             plan.append((rtype, rid, resource, None, new))
         resolved = [(t, i, _resolve_refs(r, urls), m, n) for t, i, r, m, n in plan]
         for n, (_t, _i, resource, _m, _new) in enumerate(resolved):
             try:
-                validate_resource(resource)
+                await self._validator.validate(resource)
             except FhirInvalid as exc:
                 raise FhirInvalid(
                     [
@@ -482,6 +510,20 @@ class RecordsService:
         )
         self._keys.destroy_kek(old_id)
         return {"old": old_id, "new": new_id, "rewrapped": count}
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise FhirInvalid(
+            [
+                Issue(
+                    severity="error",
+                    code="structure",
+                    diagnostics="a FHIR resource must be a JSON object",
+                )
+            ]
+        )
+    return dict(value)
 
 
 def _resolve_refs(value: Any, urls: Mapping[str, str]) -> Any:

@@ -97,6 +97,7 @@ class RecordIndex(Protocol):
 
     async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None: ...
     async def remove_version(self, resource_type: str, rid: str, version: int) -> None: ...
+    async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None: ...
     async def erase(self, resource_type: str, rid: str) -> list[bytes]: ...
     async def rewrap(
         self, old_kek_id: str, new_kek_id: str, fn: Callable[[VersionRow], bytes]
@@ -201,6 +202,12 @@ class SqliteRecordIndex:
             )
         elif kind == "remove":
             conn.execute("DELETE FROM versions WHERE rtype = ? AND rid = ? AND version = ?", arg)
+        elif kind == "tokens":
+            rtype, rid, tokens = arg
+            conn.execute("DELETE FROM tokens WHERE rtype = ? AND rid = ?", (rtype, rid))
+            conn.executemany(
+                "INSERT INTO tokens VALUES (?, ?, ?)", [(t, rtype, rid) for t in tokens]
+            )
         else:
             raise StorageError(f"unknown index operation {kind}")
 
@@ -211,6 +218,10 @@ class SqliteRecordIndex:
     async def remove_version(self, resource_type: str, rid: str, version: int) -> None:
         """Undo a ``put_version`` whose chain commit failed."""
         await self._writes.submit(("remove", (resource_type, rid, version)))
+
+    async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None:
+        """Make ``tokens`` the resource's search tokens (e.g. after undoing a failed write)."""
+        await self._writes.submit(("tokens", (resource_type, rid, tokens)))
 
     async def erase(self, resource_type: str, rid: str) -> list[bytes]:
         """Destroy every wrapped data key and token of a resource; return its blob hashes."""

@@ -1,0 +1,494 @@
+"""Blind-index search: FHIR search semantics through HMAC tokens, and the pure term logic."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import itertools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medledger.core.errors import InvalidInput
+from medledger.node import Node, init_node, open_node
+from medledger.services.search import (
+    SEARCH_PARAMS,
+    TOKEN_SIZE,
+    _range_for,
+    _range_terms,
+    _token,
+    normalize,
+    patient_reference,
+    query_tokens,
+    resource_terms,
+    resource_tokens,
+)
+from medledger.services.synthetic import generate_patient
+from medledger.storage.keystore import KdfParams
+
+T = TypeVar("T")
+PW = b"pw"
+LOINC = "http://loinc.org"
+SCT = "http://snomed.info/sct"
+
+
+def run(root: Path, fn: Callable[[Node], Awaitable[T]]) -> T:
+    async def go() -> T:
+        node = open_node(root, PW)
+        try:
+            return await fn(node)
+        finally:
+            await node.close()
+
+    return asyncio.run(go())
+
+
+def patient(
+    pid: str,
+    family: str,
+    given_names: list[str],
+    birth: str,
+    gender: str,
+    ident: tuple[str, str],
+    text: str | None = None,
+) -> dict[str, Any]:
+    name: dict[str, Any] = {"family": family, "given": given_names}
+    if text is not None:
+        name["text"] = text
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"system": ident[0], "value": ident[1]}],
+        "name": [name],
+        "birthDate": birth,
+        "gender": gender,
+    }
+
+
+def observation(oid: str, pid: str, system: str, code: str, when: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": system, "code": code}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": when,
+    }
+
+
+PATIENTS = [
+    patient("mueller", "Müller", ["Anna", "Maria"], "1980-02-29", "female", ("urn:mrn", "MRN-1")),
+    patient("smith", "Smith", ["John"], "1980-03-01", "male", ("urn:other", "MRN-1")),
+    patient("mulligan", "Mulligan", ["Peter"], "1975-12-31", "male", ("urn:mrn", "X9")),
+    patient("garcia", "García", ["José"], "1999-07-04", "other", ("urn:mrn", "G7"), "José García"),
+]
+OBSERVATIONS = [
+    observation("o1", "mueller", LOINC, "8867-4", "2020-01-15T10:00:00Z"),
+    observation("o2", "mueller", LOINC, "2339-0", "2020-02-29"),
+    observation("o3", "mueller", SCT, "271649006", "2021-12-31T23:59:59+01:00"),
+    observation("o4", "smith", LOINC, "8867-4", "2019-12-31"),
+    observation("o5", "smith", SCT, "8867-4", "2020-06-01"),
+]
+SYNTH = generate_patient(16, seed=3, resources_per_patient=40)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    node_root = tmp_path_factory.mktemp("search") / "node"
+    init_node(node_root, name="Search Test", passphrase=PW, kdf=KdfParams(n=2**12))
+
+    async def fill(node: Node) -> None:
+        for r in [*PATIENTS, *OBSERVATIONS]:
+            await node.records.update(r["resourceType"], r["id"], r)
+        # o6 is written with one code, then updated: only its latest version is findable.
+        await node.records.update(
+            "Observation", "o6", observation("o6", "garcia", LOINC, "1-8", "2000-01-01")
+        )
+        await node.records.update(
+            "Observation", "o6", observation("o6", "garcia", LOINC, "2-6", "2001-01-01")
+        )
+        for r in SYNTH.all_resources():
+            await node.records.update(r["resourceType"], r["id"], r)
+
+    run(node_root, fill)
+    return node_root
+
+
+def search_ids(root: Path, rtype: str, params: Mapping[str, Sequence[str]]) -> set[str]:
+    async def go(node: Node) -> set[str]:
+        found = await node.records.search(rtype, params)
+        for s in found:
+            assert s.resource_type == rtype
+            assert s.resource()["id"] == s.id
+        ids = [s.id for s in found]
+        assert len(ids) == len(set(ids)), "duplicates in search results"
+        return set(ids)
+
+    return run(root, go)
+
+
+def ours(ids: set[str]) -> set[str]:
+    """Results restricted to the hand-made records (the synthetic patient is also stored)."""
+    return ids - {r["id"] for r in SYNTH.all_resources()}
+
+
+# -- Patient ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"identifier": ["MRN-1"]}, {"mueller", "smith"}),
+        ({"identifier": ["urn:mrn|MRN-1"]}, {"mueller"}),
+        ({"identifier": ["urn:other|MRN-1"]}, {"smith"}),
+        ({"identifier": ["urn:none|MRN-1"]}, set()),
+        ({"identifier": ["MRN-"]}, set()),  # tokens match exactly, not by prefix
+        ({"identifier": ["X9,G7"]}, {"mulligan", "garcia"}),
+        ({"name": ["mull"]}, {"mueller", "mulligan"}),
+        ({"name": ["MÜLL"]}, {"mueller", "mulligan"}),
+        ({"name": ["Müller"]}, {"mueller"}),
+        ({"name": ["muller"]}, {"mueller"}),
+        ({"name": ["ller"]}, set()),  # "starts with", not "contains"
+        ({"name": ["m"]}, {"mueller", "mulligan"}),  # Maria, Müller, Mulligan
+        ({"name": ["anna"]}, {"mueller"}),
+        ({"name": ["mar"]}, {"mueller"}),
+        ({"name": ["jose"]}, {"garcia"}),
+        ({"name": ["GARC"]}, {"garcia"}),
+        ({"family": ["mull"]}, {"mueller", "mulligan"}),
+        ({"family": ["anna"]}, set()),
+        ({"given": ["mull"]}, set()),
+        ({"given": ["pete"]}, {"mulligan"}),
+        ({"given": ["JOSÉ"]}, {"garcia"}),
+        ({"name": ["  Mull  "]}, {"mueller", "mulligan"}),
+        ({"birthdate": ["1980-02-29"]}, {"mueller"}),
+        ({"birthdate": ["eq1980-02-29"]}, {"mueller"}),
+        ({"birthdate": ["1980-02"]}, {"mueller"}),
+        ({"birthdate": ["1980"]}, {"mueller", "smith"}),
+        ({"birthdate": ["1980-03-02"]}, set()),
+        ({"birthdate": ["ge1980-03-01"]}, {"smith", "garcia"}),
+        ({"birthdate": ["gt1980-02-29"]}, {"smith", "garcia"}),
+        ({"birthdate": ["gt1980-02"]}, {"smith", "garcia"}),
+        ({"birthdate": ["gt1980"]}, {"garcia"}),
+        ({"birthdate": ["le1980-02-29"]}, {"mueller", "mulligan"}),
+        ({"birthdate": ["lt1980-02-29"]}, {"mulligan"}),
+        ({"birthdate": ["lt1980"]}, {"mulligan"}),
+        ({"birthdate": ["le1975-12-31"]}, {"mulligan"}),
+        ({"birthdate": ["ge1976", "le1980-02-29"]}, {"mueller"}),
+        ({"birthdate": ["1975,1999"]}, {"mulligan", "garcia"}),
+        ({"gender": ["male"]}, {"smith", "mulligan"}),
+        ({"gender": ["female"]}, {"mueller"}),
+        ({"gender": ["male,other"]}, {"smith", "mulligan", "garcia"}),
+        ({"name": ["mull"], "gender": ["male"]}, {"mulligan"}),
+        ({"identifier": ["MRN-1"], "birthdate": ["1980-03"]}, {"smith"}),
+        ({"name": ["mull"], "gender": ["other"]}, set()),
+    ],
+)
+def test_patient_search(root: Path, params: dict[str, list[str]], expected: set[str]) -> None:
+    assert ours(search_ids(root, "Patient", params)) == expected
+
+
+def test_synthetic_patient_is_findable(root: Path) -> None:
+    p = SYNTH.patient
+    ident = p["identifier"][0]
+    family = p["name"][0]["family"]
+    for params in (
+        {"identifier": [ident["value"]]},
+        {"identifier": [f"{ident['system']}|{ident['value']}"]},
+        {"family": [family[:3].lower()], "birthdate": [p["birthDate"]]},
+        {"given": [p["name"][0]["given"][0].upper()], "gender": [p["gender"]]},
+    ):
+        assert SYNTH.patient_id in search_ids(root, "Patient", params), params
+
+
+def test_search_without_params_lists_the_type(root: Path) -> None:
+    assert ours(search_ids(root, "Patient", {})) == {p["id"] for p in PATIENTS}
+
+
+# -- clinical types -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"patient": ["mueller"]}, {"o1", "o2", "o3"}),
+        ({"patient": ["Patient/mueller"]}, {"o1", "o2", "o3"}),
+        ({"patient": ["smith,garcia"]}, {"o4", "o5", "o6"}),
+        ({"patient": ["nobody"]}, set()),
+        ({"code": ["8867-4"]}, {"o1", "o4", "o5"}),
+        ({"code": [f"{LOINC}|8867-4"]}, {"o1", "o4"}),
+        ({"code": [f"{SCT}|8867-4"]}, {"o5"}),
+        ({"code": [f"{SCT}|2339-0"]}, set()),
+        ({"code": ["2339-0,271649006"]}, {"o2", "o3"}),
+        ({"code": ["1-8"]}, set()),  # o6's old code: only the latest version is indexed
+        ({"code": ["2-6"]}, {"o6"}),
+        ({"date": ["2020-01-15"]}, {"o1"}),
+        ({"date": ["eq2020-01-15"]}, {"o1"}),
+        ({"date": ["2020-01"]}, {"o1"}),
+        ({"date": ["2020-02"]}, {"o2"}),
+        ({"date": ["2020"]}, {"o1", "o2", "o5"}),
+        ({"date": ["2021-12-31"]}, {"o3"}),
+        ({"date": ["ge2020-02-29"]}, {"o2", "o3", "o5"}),
+        ({"date": ["gt2020-02-29"]}, {"o3", "o5"}),
+        ({"date": ["le2020-01-15"]}, {"o1", "o4", "o6"}),
+        ({"date": ["lt2020-01-15"]}, {"o4", "o6"}),
+        ({"date": ["lt2020"]}, {"o4", "o6"}),
+        ({"date": ["gt2019-12"]}, {"o1", "o2", "o3", "o5"}),
+        ({"date": ["ge2020-01-16", "le2020-06-01"]}, {"o2", "o5"}),
+        ({"date": ["2019,2021"]}, {"o3", "o4"}),
+        ({"date": ["2000"]}, set()),  # o6's old date
+        ({"date": ["2001-01-01"]}, {"o6"}),
+        ({"patient": ["mueller"], "code": ["8867-4"]}, {"o1"}),
+        ({"patient": ["smith"], "code": ["8867-4"], "date": ["2020"]}, {"o5"}),
+        ({"patient": ["mueller"], "date": ["2019"]}, set()),
+    ],
+)
+def test_observation_search(root: Path, params: dict[str, list[str]], expected: set[str]) -> None:
+    assert ours(search_ids(root, "Observation", params)) == expected
+
+
+def _clinical_cases() -> list[tuple[str, str, dict[str, list[str]]]]:
+    """For one synthetic resource of each clinical type: (type, id, params it must match)."""
+    cases = []
+    seen: set[str] = set()
+    for r in SYNTH.resources:
+        rtype = r["resourceType"]
+        if rtype in seen:
+            continue
+        seen.add(rtype)
+        terms = resource_terms(r)
+        codes = sorted(t for p, t in terms if p == "code" and "|" in t)
+        days = sorted(t[2:] for p, t in terms if p == "date" and t.startswith("d:"))
+        assert codes and days, rtype
+        params = {
+            "patient": [SYNTH.patient_id],
+            "code": [codes[0]],
+            "date": [days[0], f"ge{days[0][:7]}", f"le{days[0][:4]}"],
+        }
+        cases.append((rtype, r["id"], params))
+    return cases
+
+
+@pytest.mark.parametrize(("rtype", "rid", "params"), _clinical_cases(), ids=lambda v: str(v)[:20])
+def test_every_clinical_type_is_searchable(
+    root: Path, rtype: str, rid: str, params: dict[str, list[str]]
+) -> None:
+    assert rid in search_ids(root, rtype, params)
+    assert rid in search_ids(root, rtype, {"patient": [f"Patient/{SYNTH.patient_id}"]})
+    assert rid not in search_ids(root, rtype, {"patient": ["mueller"]})
+
+
+def test_clinical_cases_cover_all_types() -> None:
+    types = {c[0] for c in _clinical_cases()}
+    assert types == set(SEARCH_PARAMS) - {"Patient"}
+
+
+@pytest.mark.parametrize(
+    ("rtype", "params"),
+    [
+        ("Patient", {"foo": ["x"]}),
+        ("Patient", {"code": ["x"]}),
+        ("Patient", {"name": ["two words"]}),
+        ("Patient", {"name": [""]}),
+        ("Patient", {"gender": [","]}),
+        ("Patient", {"birthdate": ["1980-02-30"]}),
+        ("Patient", {"birthdate": ["yesterday"]}),
+        ("Patient", {"birthdate": ["xx1980"]}),
+        ("Patient", {"birthdate": ["1980-1-1"]}),
+        ("Observation", {"name": ["x"]}),
+        ("Observation", {"date": ["2020-13"]}),
+        ("Binary", {}),
+        ("Binary", {"patient": ["x"]}),
+        ("Bundle", {"code": ["x"]}),
+    ],
+)
+def test_unsupported_search_is_invalid_input(
+    root: Path, rtype: str, params: dict[str, list[str]]
+) -> None:
+    async def go(node: Node) -> None:
+        with pytest.raises(InvalidInput):
+            await node.records.search(rtype, params)
+
+    run(root, go)
+
+
+# -- pure: terms, tokens, ranges ----------------------------------------------------------------
+
+
+def test_normalize() -> None:
+    assert normalize("  MÜLLER\tvon  Ölberg ") == "muller von olberg"
+    assert normalize("José") == normalize("JOSE") == "jose"
+    assert normalize("Straße") == "strasse"
+
+
+def test_patient_reference() -> None:
+    assert patient_reference({"resourceType": "Patient", "id": "p"}) == "Patient/p"
+    assert (
+        patient_reference({"resourceType": "Observation", "subject": {"reference": "Patient/x"}})
+        == "Patient/x"
+    )
+    assert (
+        patient_reference({"resourceType": "Immunization", "patient": {"reference": "Patient/y"}})
+        == "Patient/y"
+    )
+    assert (
+        patient_reference({"resourceType": "Observation", "subject": {"reference": "Group/g"}})
+        is None
+    )
+    assert patient_reference({"resourceType": "Observation"}) is None
+
+
+KEY_A = b"A" * 32
+KEY_B = b"B" * 32
+
+
+def test_tokens_are_16_bytes_and_keyed() -> None:
+    assert TOKEN_SIZE == 16
+    tokens_a = resource_tokens(KEY_A, PATIENTS[0])
+    tokens_b = resource_tokens(KEY_B, PATIENTS[0])
+    assert tokens_a and all(len(t) == 16 for t in tokens_a)
+    assert len(tokens_a) == len(resource_terms(PATIENTS[0]))
+    assert tokens_a.isdisjoint(tokens_b)
+    assert _token(KEY_A, "Patient", "name", "mull") != _token(KEY_B, "Patient", "name", "mull")
+    assert _token(KEY_A, "Patient", "name", "mull") != _token(KEY_A, "Patient", "family", "mull")
+    assert _token(KEY_A, "Patient", "code", "x") != _token(KEY_A, "Observation", "code", "x")
+    # No plaintext term appears in any token.
+    for t in tokens_a:
+        assert b"mull" not in t.lower()
+
+
+def test_query_tokens_match_resource_tokens() -> None:
+    tokens = resource_tokens(KEY_A, PATIENTS[0])
+    for params in (
+        {"name": ["MÜLL"]},
+        {"identifier": ["urn:mrn|MRN-1"]},
+        {"birthdate": ["1980-02-29"]},
+        {"birthdate": ["1980"]},
+        {"gender": ["female"]},
+    ):
+        (group,) = query_tokens(KEY_A, "Patient", params)
+        assert all(len(t) == 16 for t in group)
+        assert group & tokens, params
+        (other,) = query_tokens(KEY_B, "Patient", params)
+        assert not other & tokens, params
+    groups = query_tokens(KEY_A, "Patient", {"name": ["a", "b,c"], "gender": ["male"]})
+    assert [len(g) for g in groups] == [1, 2, 1]
+
+
+def test_observation_terms() -> None:
+    terms = resource_terms(OBSERVATIONS[0])
+    assert terms == {
+        ("patient", "Patient/mueller"),
+        ("code", "8867-4"),
+        ("code", f"{LOINC}|8867-4"),
+        ("date", "d:2020-01-15"),
+        ("date", "m:2020-01"),
+        ("date", "y:2020"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "lo", "hi"),
+    [
+        ("2020-02-29", date(2020, 2, 29), date(2020, 2, 29)),
+        ("2020-02", date(2020, 2, 1), date(2020, 2, 29)),
+        ("2019-02", date(2019, 2, 1), date(2019, 2, 28)),
+        ("2020", date(2020, 1, 1), date(2020, 12, 31)),
+        ("ge2020-02", date(2020, 2, 1), date(2200, 12, 31)),
+        ("gt2020-02", date(2020, 3, 1), date(2200, 12, 31)),
+        ("le2020-02", date(1800, 1, 1), date(2020, 2, 29)),
+        ("lt2020-02", date(1800, 1, 1), date(2020, 1, 31)),
+        ("gt2020", date(2021, 1, 1), date(2200, 12, 31)),
+        ("lt2020-03-01", date(1800, 1, 1), date(2020, 2, 29)),
+    ],
+)
+def test_range_for(value: str, lo: date, hi: date) -> None:
+    assert _range_for(value) == (lo, hi)
+
+
+def test_range_terms_examples() -> None:
+    assert _range_terms(date(2020, 1, 1), date(2020, 12, 31)) == ["y:2020"]
+    assert _range_terms(date(2020, 2, 1), date(2020, 2, 29)) == ["m:2020-02"]
+    assert _range_terms(date(2020, 2, 29), date(2020, 2, 29)) == ["d:2020-02-29"]
+    assert _range_terms(date(2020, 1, 30), date(2020, 3, 2)) == [
+        "d:2020-01-30",
+        "d:2020-01-31",
+        "m:2020-02",
+        "d:2020-03-01",
+        "d:2020-03-02",
+    ]
+    assert _range_terms(date(2019, 12, 1), date(2021, 1, 31)) == [
+        "m:2019-12",
+        "y:2020",
+        "m:2021-01",
+    ]
+    assert _range_terms(date(2020, 3, 1), date(2020, 2, 1)) == []
+    whole = _range_terms(date(1800, 1, 1), date(2200, 12, 31))
+    assert whole == [f"y:{y}" for y in range(1800, 2201)]
+
+
+def _term_days(term: str) -> tuple[date, date]:
+    kind, text = term.split(":", 1)
+    if kind == "y":
+        y = int(text)
+        return date(y, 1, 1), date(y, 12, 31)
+    if kind == "m":
+        y, m = map(int, text.split("-"))
+        return date(y, m, 1), date(y, m, calendar.monthrange(y, m)[1])
+    assert kind == "d", term
+    d = date.fromisoformat(text)
+    return d, d
+
+
+def _days(lo: date, hi: date) -> list[date]:
+    return [lo + timedelta(days=i) for i in range((hi - lo).days + 1)]
+
+
+DAYS = st.dates(min_value=date(1990, 1, 1), max_value=date(2030, 12, 31))
+ANY_DAYS = st.dates(min_value=date(1800, 1, 1), max_value=date(2200, 12, 31))
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=DAYS, b=DAYS)
+def test_range_terms_cover_exactly_the_days(a: date, b: date) -> None:
+    lo, hi = min(a, b), max(a, b)
+    expanded: list[date] = []
+    for term in _range_terms(lo, hi):
+        start, end = _term_days(term)
+        expanded.extend(_days(start, end))
+    # Exactly [lo, hi]: nothing missing, nothing outside, nothing twice.
+    assert sorted(expanded) == _days(lo, hi)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=ANY_DAYS, b=ANY_DAYS)
+def test_range_terms_are_contiguous_and_few(a: date, b: date) -> None:
+    lo, hi = min(a, b), max(a, b)
+    terms = _range_terms(lo, hi)
+    intervals = [_term_days(t) for t in terms]
+    assert intervals[0][0] == lo
+    assert intervals[-1][1] == hi
+    for (_, end), (start, _) in itertools.pairwise(intervals):
+        assert start == end + timedelta(days=1)
+    # Whole years, then at most 11 months and 30 days on each side.
+    years = sum(t.startswith("y:") for t in terms)
+    assert len(terms) - years <= 2 * (11 + 30)
+    assert len(set(terms)) == len(terms)
+
+
+@settings(max_examples=40, deadline=None)
+@given(day=DAYS, other=DAYS)
+def test_date_query_matches_iff_in_range(day: date, other: date) -> None:
+    """A resource dated ``day`` matches a date query iff ``day`` lies in the query's range."""
+    obs = observation("x", "p", LOINC, "1", day.isoformat())
+    tokens = resource_tokens(KEY_A, obs)
+    for prefix in ("", "ge", "gt", "le", "lt"):
+        for text in (other.isoformat(), f"{other:%Y-%m}", f"{other:%Y}"):
+            value = prefix + text
+            lo, hi = _range_for(value)
+            (group,) = query_tokens(KEY_A, "Observation", {"date": [value]})
+            assert bool(group & tokens) == (lo <= day <= hi), value
