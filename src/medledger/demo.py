@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ from medledger.config import NodePaths, load_config
 from medledger.core.consortium import ConsortiumParams, quorum
 from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import Gone, InvalidInput, VerificationError
-from medledger.core.hashing import sha256
 from medledger.core.merkle import leaf_hash, verify_inclusion
+from medledger.core.models import BlockHeader
 from medledger.ledger.consortium_verify import anchored_checkpoints
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
@@ -228,14 +229,16 @@ async def _narrate(say: Any, net: LocalNetwork, root: Path) -> None:
     )
     # A Byzantine member signs a conflicting block: the others record the evidence.
     evil = net.nodes["riverside-clinic"]
+    cstore = node.consortium_store
     height = node.consortium.final_height if node.consortium else 1
-    fake = sha256(b"a conflicting block")
+    assert cstore is not None
+    real = BlockHeader.decode(cstore.block(height).header_bytes)
+    fake = replace(real, time_ms=real.time_ms + 1)
     vote = canonical_bytes(
         {
             "kind": "vote",
-            "height": height,
-            "block_hash": fake.hex(),
-            "signature": evil.keystore.signing_key().sign(fake).to_json(),
+            "header": fake.to_json(),
+            "signature": evil.keystore.signing_key().sign(fake.hash()).to_json(),
         }
     )
     await net.orderers[0].publish("equivocation-demo", vote)

@@ -129,7 +129,7 @@ async def _jetstream(base: Path, count: int) -> tuple[Any, list[Orderer]]:
     from medledger.ledger.ordering.natsserver import NatsCluster
 
     cluster = NatsCluster(base / "nats", size=3)
-    cluster.start()
+    await asyncio.to_thread(cluster.start)
     orderers: list[Orderer] = []
     for _ in range(count):
         orderers.append(

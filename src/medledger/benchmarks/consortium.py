@@ -64,7 +64,7 @@ class _Net:
             from medledger.ledger.ordering.natsserver import NatsCluster
 
             self.cluster = NatsCluster(self.root / "nats", size=3)
-            self.cluster.start()
+            await asyncio.to_thread(self.cluster.start)
             self.orderers = [
                 await JetStreamOrderer.connect(
                     self.cluster.client_urls(), stream="BENCH", subject="bench.order", replicas=3

@@ -169,8 +169,9 @@ class Genesis:
             "members",
         }:
             raise InvalidInput("genesis must have exactly consortium, time_ms, params, members")
-        if not isinstance(value["consortium"], str) or not isinstance(value["time_ms"], int):
-            raise InvalidInput("genesis consortium must be a string and time_ms an integer")
+        time_ms = value["time_ms"]
+        if not isinstance(value["consortium"], str) or type(time_ms) is not int or time_ms < 0:
+            raise InvalidInput("genesis consortium must be a string and time_ms an integer >= 0")
         if not isinstance(value["members"], list):
             raise InvalidInput("genesis members must be a list")
         return cls(

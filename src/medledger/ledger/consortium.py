@@ -38,7 +38,7 @@ from medledger.core.errors import (
     OrderingError,
     VerificationError,
 )
-from medledger.core.hashing import ZERO_HASH, hash_from_hex, sha256
+from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
@@ -58,13 +58,17 @@ _VOTE_MEMORY = 1024
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Evidence:
-    """Proof that ``member`` signed two different blocks at ``height``."""
+    """Proof that ``member`` signed two different block headers at ``height``.
+
+    Anyone can check it: both headers name the same chain and height, differ,
+    and the member's key signed the hash of each.
+    """
 
     member: str
     height: int
-    first_hash: bytes
+    first_header: BlockHeader
     first: Signature
-    second_hash: bytes
+    second_header: BlockHeader
     second: Signature
 
     def to_json(self) -> dict[str, Any]:
@@ -72,10 +76,15 @@ class Evidence:
             "member": self.member,
             "height": self.height,
             "votes": [
-                {"block_hash": self.first_hash.hex(), "signature": self.first.to_json()},
-                {"block_hash": self.second_hash.hex(), "signature": self.second.to_json()},
+                {"header": self.first_header.to_json(), "signature": self.first.to_json()},
+                {"header": self.second_header.to_json(), "signature": self.second.to_json()},
             ],
         }
+
+
+def _marker_bytes(chain_id: str, height: int) -> bytes:
+    """What a member signs to ask for a cut at ``height``."""
+    return canonical_bytes({"chain": chain_id, "kind": MSG_CUT, "height": height})
 
 
 def genesis_block(genesis: Genesis) -> NewBlock:
@@ -125,6 +134,7 @@ class _Cut:
 @dataclass(slots=True)
 class _Pending:
     txs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (data, hash)
+    times: list[int] = field(default_factory=list)  # the txs' signed time_ms
     size: int = 0
     first_seen: float | None = None
     marker_sent: bool = False
@@ -166,9 +176,9 @@ class ConsortiumMember:
         self._state = ConsortiumState.from_genesis(genesis)
         self._pending = _Pending()
         self._cuts: dict[int, _Cut] = {}
-        self._votes: dict[int, dict[str, tuple[bytes, Signature]]] = {}
+        self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
         self._final_height = 0
-        self._final_state = self._state
+        self._final_state = self._state.copy()
         self._evidence: list[Evidence] = []
         self._equivocators: set[str] = set()
         self._waiters: dict[bytes, asyncio.Future[Receipt]] = {}
@@ -261,7 +271,9 @@ class ConsortiumMember:
         data = tx.encode()
         tx_hash = sha256(data)
         try:
-            self._state.check(tx, last_block_time=self._tip_header.time_ms, tx_hash=tx_hash)
+            self._state.check(
+                tx, last_block_time=self._tip_header.time_ms, tx_hash=tx_hash, size=len(data)
+            )
         except MedledgerError as exc:
             fut = self._waiters.pop(tx_hash, None)
             if fut is not None and not fut.done():
@@ -269,23 +281,34 @@ class ConsortiumMember:
             return
         self._state.apply(tx, tx_hash)
         p = self._pending
+        p.times.append(tx.time_ms)
         p.txs.append((data, tx_hash))
         p.size += len(data)
         if p.first_seen is None:
             p.first_seen = self._monotonic()
         params = self.genesis.params
         if len(p.txs) >= params.max_block_txs or p.size >= params.max_block_bytes:
-            self._cut(time_ms=max(self._tip_header.time_ms, tx.time_ms))
+            self._cut()
 
     def _on_cut(self, envelope: dict[str, Any]) -> None:
-        height, time_ms = envelope.get("height"), envelope.get("time_ms")
-        if not isinstance(height, int) or not isinstance(time_ms, int):
-            raise InvalidInput("cut marker needs integer height and time_ms")
+        height = envelope.get("height")
+        if not isinstance(height, int):
+            raise InvalidInput("cut marker needs an integer height")
+        # Only members may cut: an outsider's markers could split blocks at will.
+        sig = Signature.from_json(envelope.get("signature"))
+        member = self._state.members.by_fingerprint(sig.signer)
+        if member is None:
+            raise InvalidInput("cut marker not signed by a member")
+        member.signing_key.verify(sig, _marker_bytes(self.chain_id, height))
         if height == self._tip_header.height + 1 and self._pending.txs:
-            self._cut(time_ms=max(self._tip_header.time_ms, time_ms))
+            self._cut()
 
-    def _cut(self, *, time_ms: int) -> None:
+    def _cut(self) -> None:
         p = self._pending
+        # Block time comes from the signed transactions, not from any one clock:
+        # the median, so a single far-off timestamp cannot move it.
+        times = sorted(p.times)
+        time_ms = max(self._tip_header.time_ms, times[len(times) // 2])
         self._pending = _Pending()
         first_index = self._log.size
         block_log = CompactRange()
@@ -329,17 +352,21 @@ class ConsortiumMember:
             if stored.block_hash != block_hash:
                 self._diverged = f"block {header.height} differs from the stored final block"
                 log.error("consortium divergence: %s", self._diverged)
+        # The message id names the key, so a vote re-sent after a key rotation is not
+        # swallowed by de-duplication of the old one.
         self._publish(
-            self._vote_message(header.height, block_hash), f"vote-{self.member_id}-{header.height}"
+            self._vote_message(header, block_hash),
+            f"vote-{self.member_id}-{header.height}-{self._key.fingerprint[:16]}",
         )
         self._try_finalize()
 
-    def _vote_message(self, height: int, block_hash: bytes) -> bytes:
+    def _vote_message(self, header: BlockHeader, block_hash: bytes) -> bytes:
+        # The header travels with the vote: the signature covers only the block
+        # hash (the fixed format), and the header proves which height that is.
         return canonical_bytes(
             {
                 "kind": MSG_VOTE,
-                "height": height,
-                "block_hash": block_hash.hex(),
+                "header": header.to_json(),
                 "signature": self._key.sign(block_hash).to_json(),
             }
         )
@@ -356,10 +383,10 @@ class ConsortiumMember:
         task.add_done_callback(self._background.discard)
 
     def _on_vote(self, envelope: dict[str, Any]) -> None:
-        height = envelope.get("height")
-        if not isinstance(height, int) or height < 1:
-            raise InvalidInput("vote needs a positive integer height")
-        block_hash = hash_from_hex(envelope.get("block_hash"), "vote block_hash")
+        header = BlockHeader.from_json(envelope.get("header"))
+        if header.chain != self.chain_id or header.height < 1:
+            raise InvalidInput("vote for a block of another chain or for genesis")
+        height, block_hash = header.height, header.hash()
         sig = Signature.from_json(envelope.get("signature"))
         members = self._cuts[height].members if height in self._cuts else self._final_state.members
         member = members.by_fingerprint(sig.signer)
@@ -371,19 +398,19 @@ class ConsortiumMember:
         if previous is not None:
             if previous[0] != block_hash and member.id not in self._equivocators:
                 self._equivocators.add(member.id)
-                self._evidence.append(
-                    Evidence(
-                        member=member.id,
-                        height=height,
-                        first_hash=previous[0],
-                        first=previous[1],
-                        second_hash=block_hash,
-                        second=sig,
-                    )
+                evidence = Evidence(
+                    member=member.id,
+                    height=height,
+                    first_header=previous[2],
+                    first=previous[1],
+                    second_header=header,
+                    second=sig,
                 )
+                self._evidence.append(evidence)
+                self._record_evidence(evidence)
                 log.warning("equivocation by %s at height %d", member.id, height)
             return
-        votes[member.id] = (block_hash, sig)
+        votes[member.id] = (block_hash, sig, header)
         self._try_finalize()
 
     def _record_evidence(self, evidence: Evidence) -> None:
@@ -409,7 +436,7 @@ class ConsortiumMember:
             good = sorted(
                 (
                     sig
-                    for member, (h, sig) in votes.items()
+                    for member, (h, sig, _) in votes.items()
                     if h == cut.block.block_hash and member not in self._equivocators
                 ),
                 key=lambda s: s.signer,
@@ -446,7 +473,11 @@ class ConsortiumMember:
                 p.marker_sent = True
                 height = self._tip_header.height + 1
                 marker = canonical_bytes(
-                    {"kind": MSG_CUT, "height": height, "time_ms": self._clock.now_ms()}
+                    {
+                        "kind": MSG_CUT,
+                        "height": height,
+                        "signature": self._key.sign(_marker_bytes(self.chain_id, height)).to_json(),
+                    }
                 )
                 self._publish(marker, f"cut-{self.genesis.consortium}-{height}")
 

@@ -27,8 +27,17 @@ from medledger.core.keys import VerifyingKey
 from medledger.core.merkle import verify_consistency
 from medledger.core.models import Transaction
 
-__all__ = ["ACCESS", "ANCHOR", "MEMBER_TYPES", "AnchorRecord", "ConsortiumState"]
+__all__ = [
+    "ACCESS",
+    "ANCHOR",
+    "MAX_CONSORTIUM_TX_BYTES",
+    "MEMBER_TYPES",
+    "AnchorRecord",
+    "ConsortiumState",
+]
 
+#: Larger consortium transactions are refused by every member (and auditor).
+MAX_CONSORTIUM_TX_BYTES = 64 * 1024
 ANCHOR = "anchor"
 ACCESS = "access"
 MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE = "member.add", "member.remove", "member.rotate"
@@ -111,10 +120,16 @@ class ConsortiumState:
         last_block_time: int,
         tx_hash: bytes | None = None,
         verify_signatures: bool = True,
+        size: int | None = None,
     ) -> None:
         """Return if ``tx`` is acceptable now; raise the reason otherwise."""
         if tx.chain != self.chain_id:
             raise InvalidInput(f"transaction names chain {tx.chain!r}, not {self.chain_id!r}")
+        length = size if size is not None else len(tx.encode())
+        if length > MAX_CONSORTIUM_TX_BYTES:
+            raise InvalidInput(
+                f"transaction of {length} bytes exceeds the limit of {MAX_CONSORTIUM_TX_BYTES}"
+            )
         self._verify = verify_signatures
         if (tx_hash or tx.hash()) in self.seen:
             raise InvalidInput("transaction was already accepted (replay)")

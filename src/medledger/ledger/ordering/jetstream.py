@@ -1,0 +1,506 @@
+"""The ``jetstream`` orderer: the total order is one replicated NATS JetStream stream.
+
+Each consortium member runs one node of a NATS cluster; the stream is
+replicated R3 (or R5) with Raft, so the order survives the crash of a
+minority of nodes (``replicas`` must not exceed the cluster size; a single
+development server takes ``replicas=1``). The stream is append-only by
+configuration: file storage, limits retention with no limits (nothing is
+ever discarded), ``deny_delete`` and ``deny_purge``, ``max_msg_size`` =
+:data:`~medledger.ledger.ordering.port.MAX_MESSAGE_BYTES` plus room for the
+headers (the server counts them; the payload limit is checked here
+exactly), and a ``duplicate_window`` (2 minutes by default) inside which a
+``Nats-Msg-Id`` seen before is not stored again: the ack says
+``duplicate: true`` and carries the original sequence.
+
+How the port's guarantees are kept:
+
+* ``publish``: a JetStream publish acknowledged by the stream leader once a
+  quorum of replicas stored it (with ``sync_interval: always`` on the
+  servers — see :mod:`~medledger.ledger.ordering.natsserver` — also fsynced).
+  A timeout or "no responders" while a leader is being elected is retried
+  with the same ``Nats-Msg-Id`` (so a retry cannot duplicate) until
+  ``retry_for`` seconds have passed.
+* ``read``: an ephemeral pull consumer per reader (deliver by start
+  sequence, no acks, idle heartbeats, in memory, R1). Every delivered stream
+  sequence is checked to be exactly the next one; on a gap, a missed
+  heartbeat (the consumer's node died, or we reconnected elsewhere), a
+  leadership change or a deleted consumer, a new consumer starts from the
+  last yielded sequence + 1, so readers never skip or repeat a message.
+* Every nats error becomes :class:`~medledger.core.errors.OrderingError`
+  with a one-line message naming the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client, Server
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+
+from medledger.core.errors import OrderingError
+from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
+
+__all__ = ["JetStreamOrderer"]
+
+T = TypeVar("T")
+
+_MSG_ID = "Nats-Msg-Id"
+# The server's max_msg_size covers headers + payload; the port limits the payload.
+_HEADER_ROOM = 16 * 1024
+# A publish attempt / API request gets this long before it is retried.
+_ATTEMPT_S = 2.0
+# Reader tuning: messages and bytes per pull request, its lifetime, and the
+# heartbeat the server sends while it has nothing to deliver.
+_BATCH = 256
+_BATCH_BYTES = 8 * 1024 * 1024
+_PULL_EXPIRES_S = 10.0
+_HEARTBEAT_S = 1.0
+# An abandoned reader's consumer is removed by the server after this long.
+_INACTIVE_S = 30.0
+
+
+class _Transient(Exception):
+    """A failure that the same call may not see again (leader election, reconnect)."""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for any nats error."""
+    if isinstance(exc, nats.js.errors.APIError):
+        return f"{exc.description or type(exc).__name__} (code {exc.code}, err_code {exc.err_code})"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# JetStream API errors that pass (nats-server errors.json): not assigned to
+# this server, system temporarily unavailable, cluster cannot handle the
+# request (no leader) — while a cluster elects leaders or recovers — and
+# "duplicate message id is in process" (10158): another publisher's message
+# with this Nats-Msg-Id is being replicated; a retry gets its sequence.
+_TRANSIENT_ERR_CODES = frozenset({10007, 10008, 10009, 10158})
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, nats.js.errors.APIError):
+        return exc.code == 503 or exc.err_code in _TRANSIENT_ERR_CODES
+    return isinstance(
+        exc,
+        (
+            TimeoutError,  # nats.errors.TimeoutError is one
+            nats.errors.NoRespondersError,
+            nats.js.errors.NoStreamResponseError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.OutboundBufferLimitError,
+            nats.errors.StaleConnectionError,
+            nats.errors.FlushTimeoutError,
+            OSError,
+        ),
+    )
+
+
+def _reconnect_backoff(servers: list[Server], _info: dict[str, Any]) -> tuple[Server | None, float]:
+    """Pick the least-failed server; wait 0 s on its first try, then 0.1 s doubling to 2 s."""
+    chosen = min(servers, key=lambda s: s.reconnects)
+    if chosen.reconnects == 0:
+        return chosen, 0.0
+    delay = min(2.0, 0.1 * 2 ** min(chosen.reconnects - 1, 5))
+    return chosen, delay * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not crypto)
+
+
+class _LastError:
+    """nats-py's error callback: keeps the last connection error for our messages.
+
+    nats-py reports connection errors here while it (re)connects; the calls
+    that are affected raise (and are retried) on their own.
+    """
+
+    def __init__(self) -> None:
+        self.text = "no answer"
+
+    async def record(self, exc: Exception) -> None:  # nats-py wants a coroutine function
+        self.text = _describe(exc)
+
+
+class JetStreamOrderer:
+    """A :class:`~medledger.ledger.ordering.port.Orderer` over a replicated JetStream stream.
+
+    Create with :meth:`connect`. One instance is one NATS connection; it is
+    safe for many concurrent ``publish`` calls and ``read`` iterators on one
+    event loop.
+    """
+
+    def __init__(
+        self, nc: Client, *, stream: str, subject: str, retry_for: float, _token: object
+    ) -> None:
+        if _token is not _CONNECT:
+            raise TypeError("use 'await JetStreamOrderer.connect(...)'")
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=_ATTEMPT_S)
+        self._stream = stream
+        self._subject = subject
+        self._retry_for = retry_for
+        self._closed = False
+        self._feeds: set[_Feed] = set()
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: list[str],
+        *,
+        stream: str,
+        subject: str,
+        replicas: int = 3,
+        create: bool = True,
+        duplicate_window: float = 120.0,
+        retry_for: float = 30.0,
+        name: str | None = None,
+    ) -> JetStreamOrderer:
+        """Connect to the NATS servers and make sure the stream exists.
+
+        Lists every server so the client can fail over; after the first
+        connection it reconnects forever with backoff. ``create=False``
+        requires the stream to exist. An existing stream must have exactly
+        ``[subject]`` as its subjects. Operations retry transient failures (no leader, a
+        reconnect) for up to ``retry_for`` seconds, then raise
+        :class:`OrderingError`.
+        """
+        if not servers:
+            raise OrderingError("no NATS servers given")
+        nc = Client()
+        errors = _LastError()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=list(servers),
+                    name=name,
+                    connect_timeout=2,
+                    max_reconnect_attempts=-1,
+                    reconnect_to_server_handler=_reconnect_backoff,
+                    error_cb=errors.record,
+                ),
+                timeout=retry_for,
+            )
+        except TimeoutError:
+            await _close_quietly(nc)
+            raise OrderingError(
+                f"cannot connect to NATS at {', '.join(servers)} within {retry_for:.0f} s:"
+                f" {errors.text}"
+            ) from None
+        except (nats.errors.Error, OSError) as exc:
+            await _close_quietly(nc)
+            raise OrderingError(
+                f"cannot connect to NATS at {', '.join(servers)}: {_describe(exc)}"
+            ) from None
+        orderer = cls(nc, stream=stream, subject=subject, retry_for=retry_for, _token=_CONNECT)
+        try:
+            await orderer._ensure_stream(
+                replicas=replicas, create=create, duplicate_window=duplicate_window
+            )
+        except BaseException:
+            await orderer.close()
+            raise
+        return orderer
+
+    @property
+    def stream(self) -> str:
+        """The JetStream stream that holds the order."""
+        return self._stream
+
+    @property
+    def subject(self) -> str:
+        """The subject every message is published on (the stream's only subject)."""
+        return self._subject
+
+    # -- the port ---------------------------------------------------------------------------
+
+    async def publish(self, msg_id: str, payload: bytes) -> int:
+        """Append ``payload`` under ``msg_id``; return its stream sequence once acknowledged.
+
+        A ``msg_id`` already stored within the duplicate window returns the
+        original sequence and stores nothing.
+        """
+        self._check_open()
+        if not msg_id:
+            raise OrderingError(f"stream {self._stream}: empty msg_id (needed for de-duplication)")
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise OrderingError(
+                f"stream {self._stream}: message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}"
+            )
+
+        async def attempt() -> int:
+            ack = await self._js.publish(
+                self._subject,
+                payload,
+                timeout=_ATTEMPT_S,
+                stream=self._stream,
+                headers={_MSG_ID: msg_id},
+            )
+            if ack.stream != self._stream:
+                raise OrderingError(
+                    f"message {msg_id!r} went to stream {ack.stream}, not {self._stream}"
+                )
+            return int(ack.seq)
+
+        return await self._retry(f"publish {msg_id!r}", attempt)
+
+    async def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
+        """Every message from sequence ``start`` on, in order, without gaps; waits for new ones.
+
+        Survives node failover and reconnects by resuming from the last
+        yielded sequence + 1. Ends when the orderer is closed; raises
+        :class:`OrderingError` if the stream cannot be reached for
+        ``retry_for`` seconds.
+        """
+        expected = max(start, 1)
+        failing_since: float | None = None
+        stalls = 0
+        idle_pause = 0.0
+        while not self._closed:
+            if idle_pause:
+                # the last consumer ended without delivering: do not hammer the servers
+                await asyncio.sleep(idle_pause)
+            try:
+                feed = await self._open_consumer(expected)
+            except _Transient as exc:
+                now = time.monotonic()
+                failing_since = failing_since if failing_since is not None else now
+                if now - failing_since > self._retry_for:
+                    raise OrderingError(
+                        f"stream {self._stream}: cannot read from seq {expected} for"
+                        f" {self._retry_for:.0f} s: {exc}"
+                    ) from None
+                await asyncio.sleep(0.2)
+                continue
+            failing_since = None
+            before = expected
+            try:
+                async with contextlib.aclosing(self._pull(feed)) as delivered:
+                    async for msg in delivered:
+                        seq = msg.metadata.sequence.stream
+                        if seq < expected:
+                            continue  # a redelivery from before a reset
+                        if seq > expected:
+                            # A fresh consumer starts at ``expected``; a jump means a
+                            # message was lost on the way: start over from it.
+                            stalls += 1
+                            if stalls > 3:
+                                raise OrderingError(
+                                    f"stream {self._stream}: message {expected} is missing"
+                                    f" (next delivered is {seq})"
+                                )
+                            break
+                        stalls = 0
+                        yield OrderedMessage(seq=seq, payload=msg.data)
+                        expected += 1
+            finally:
+                await self._drop_consumer(feed)
+            idle_pause = 0.0 if expected > before else min(max(idle_pause * 2, 0.05), 1.0)
+
+    async def last_seq(self) -> int:
+        """The sequence of the last message in the stream (0 if empty)."""
+        self._check_open()
+
+        async def attempt() -> int:
+            info = await self._js.stream_info(self._stream)
+            return int(info.state.last_seq)
+
+        return await self._retry("last_seq", attempt)
+
+    async def close(self) -> None:
+        """Close the connection; open readers end. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for feed in self._feeds:
+            feed.queue.put_nowait(None)
+        await _close_quietly(self._nc)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OrderingError(f"stream {self._stream}: orderer is closed")
+
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` until it succeeds, retrying transient nats failures for ``retry_for`` s."""
+        deadline = time.monotonic() + self._retry_for
+        delay = 0.05
+        while True:
+            self._check_open()
+            try:
+                return await attempt()
+            except OrderingError:
+                raise
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                if self._closed:
+                    raise OrderingError(f"stream {self._stream}: orderer is closed") from None
+                if not _is_transient(exc):
+                    raise OrderingError(
+                        f"stream {self._stream}: {what} failed: {_describe(exc)}"
+                    ) from None
+                if time.monotonic() + delay > deadline:
+                    raise OrderingError(
+                        f"stream {self._stream}: {what} not done within"
+                        f" {self._retry_for:.0f} s: {_describe(exc)}"
+                    ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _ensure_stream(self, *, replicas: int, create: bool, duplicate_window: float) -> None:
+        config = api.StreamConfig(
+            name=self._stream,
+            subjects=[self._subject],
+            retention=api.RetentionPolicy.LIMITS,
+            max_consumers=-1,
+            max_msgs=-1,
+            max_bytes=-1,
+            max_age=0,
+            max_msgs_per_subject=-1,
+            max_msg_size=MAX_MESSAGE_BYTES + _HEADER_ROOM,
+            discard=api.DiscardPolicy.OLD,  # moot: without limits nothing is discarded
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=duplicate_window,
+            deny_delete=True,
+            deny_purge=True,
+        )
+
+        async def attempt() -> None:
+            try:
+                info = await self._js.stream_info(self._stream)
+            except nats.js.errors.NotFoundError:
+                if not create:
+                    raise OrderingError(f"stream {self._stream} does not exist") from None
+                await self._js.add_stream(config)
+                return
+            subjects = info.config.subjects or []
+            if subjects != [self._subject]:  # the order is the whole stream
+                raise OrderingError(
+                    f"stream {self._stream} exists with subjects {subjects}, not {self._subject!r}"
+                )
+
+        await self._retry("create stream", attempt)
+
+    async def _open_consumer(self, start: int) -> _Feed:
+        """An ephemeral pull consumer delivering from stream sequence ``start``."""
+        name = uuid.uuid4().hex
+        config = api.ConsumerConfig(
+            name=name,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=self._subject,
+            inactive_threshold=_INACTIVE_S,
+            num_replicas=1,
+            mem_storage=True,
+        )
+        feed = _Feed(name)
+        try:
+            await self._js.add_consumer(self._stream, config, timeout=_ATTEMPT_S)
+            feed.sub = await self._nc.subscribe(self._nc.new_inbox(), cb=feed.deliver)
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            if self._closed:
+                raise _Transient("orderer is closed") from None
+            if _is_transient(exc):
+                raise _Transient(_describe(exc)) from None
+            raise OrderingError(
+                f"stream {self._stream}: cannot start a reader at seq {start}: {_describe(exc)}"
+            ) from None
+        self._feeds.add(feed)
+        return feed
+
+    async def _pull(self, feed: _Feed) -> AsyncGenerator[Msg, None]:
+        """Data messages of ``feed`` in delivery order; returns when it must be recreated."""
+        assert feed.sub is not None
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{feed.consumer}"
+        request = json.dumps(
+            {
+                "batch": _BATCH,
+                "max_bytes": _BATCH_BYTES,
+                "expires": int(_PULL_EXPIRES_S * 1e9),
+                "idle_heartbeat": int(_HEARTBEAT_S * 1e9),
+            }
+        ).encode()
+        while not self._closed:
+            try:
+                await self._nc.publish(subject, request, reply=feed.sub.subject)
+            except (nats.errors.Error, OSError):
+                return
+            remaining = _BATCH
+            while remaining > 0:
+                # Our own queue and asyncio.timeout rather than Subscription.next_msg:
+                # on Python 3.11 its wait_for can swallow a cancellation of the reader.
+                try:
+                    async with asyncio.timeout(3 * _HEARTBEAT_S):
+                        msg = await feed.queue.get()
+                except TimeoutError:
+                    return  # no message, no heartbeat: consumer or connection lost
+                if msg is None:
+                    return  # the orderer was closed
+                status = JetStreamContext.is_status_msg(msg)
+                if status is None:
+                    remaining -= 1
+                    if msg.reply.startswith("$JS.ACK."):  # carries the stream sequence
+                        yield msg
+                elif status == api.StatusCode.CONTROL_MESSAGE:
+                    continue  # idle heartbeat
+                elif status in (api.StatusCode.REQUEST_TIMEOUT, api.StatusCode.NO_MESSAGES):
+                    break  # the pull request expired: issue the next one
+                elif status == api.StatusCode.CONFLICT and _byte_limit_reached(msg):
+                    break  # batch cut short by max_bytes: issue the next one
+                else:
+                    return  # 409 leadership change / consumer deleted, 503, …
+
+    async def _drop_consumer(self, feed: _Feed) -> None:
+        """Best effort: the server drops it after ``_INACTIVE_S`` anyway."""
+        self._feeds.discard(feed)
+        if self._nc.is_closed:
+            return
+        try:
+            if feed.sub is not None:
+                await feed.sub.unsubscribe()
+            await self._nc.request(
+                f"$JS.API.CONSUMER.DELETE.{self._stream}.{feed.consumer}", b"", timeout=0.5
+            )
+        except (nats.errors.Error, TimeoutError, OSError):
+            pass
+
+
+class _Feed:
+    """One reader's consumer: its name, inbox subscription and delivery queue.
+
+    ``None`` in the queue means the orderer was closed.
+    """
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        self.sub: Subscription | None = None
+        self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+
+    async def deliver(self, msg: Msg) -> None:
+        self.queue.put_nowait(msg)
+
+
+def _byte_limit_reached(msg: Msg) -> bool:
+    description = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
+    return "Message Size Exceeds MaxBytes" in description
+
+
+async def _close_quietly(nc: Client) -> None:
+    # AssertionError: nats-py asserts when closing a client whose connect()
+    # never got far enough (we cancel it after ``retry_for``).
+    with contextlib.suppress(nats.errors.Error, TimeoutError, OSError, AssertionError):
+        await nc.close()
+
+
+_CONNECT = object()
