@@ -15,8 +15,16 @@
     signing_fingerprint = "…"      # hex SHA-256 of the public key's DER SPKI
     signing_public_key = "-----BEGIN PUBLIC KEY-----…"
 
+    [storage]                      # optional; absent = the embedded default
+    store = "postgres"             # "sqlite" (default) | "postgres"
+    dsn = "host=db1 dbname=medledger user=st_mary"   # never a password
+    blobs = "file"                 # "file" (default) | "postgres"
+
 Environment: ``MEDLEDGER_MAX_TXS`` and ``MEDLEDGER_MAX_WAIT_MS`` override the
-sequencer settings; ``MEDLEDGER_PASSPHRASE`` supplies the keystore passphrase.
+sequencer settings; ``MEDLEDGER_PASSPHRASE`` supplies the keystore passphrase;
+``MEDLEDGER_STORE``, ``MEDLEDGER_DSN`` and ``MEDLEDGER_BLOBS`` override
+``[storage]``. A PostgreSQL password comes from ``MEDLEDGER_DSN``,
+``PGPASSWORD`` or ``~/.pgpass``: ``node.toml`` never stores one.
 """
 
 from __future__ import annotations
@@ -36,7 +44,14 @@ from medledger.core.keys import VerifyingKey
 from medledger.ledger.private import SequencerConfig
 from medledger.storage.keystore import atomic_write
 
-__all__ = ["CONFIG_FILE", "NodeConfig", "NodePaths", "institution_id", "load_config"]
+__all__ = [
+    "CONFIG_FILE",
+    "NodeConfig",
+    "NodePaths",
+    "StorageConfig",
+    "institution_id",
+    "load_config",
+]
 
 CONFIG_FILE = "node.toml"
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -86,15 +101,60 @@ class NodePaths:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    """Which storage adapters a node uses: ``store`` sqlite|postgres, ``blobs`` file|postgres.
+
+    ``dsn`` (PostgreSQL only) is a libpq connection string; its password, if
+    any, is used but never written to ``node.toml``.
+    """
+
+    store: str = "sqlite"
+    dsn: str = ""
+    blobs: str = "file"
+
+    def __post_init__(self) -> None:
+        if self.store not in ("sqlite", "postgres"):
+            raise InvalidInput(
+                f"[storage] store must be 'sqlite' or 'postgres', not {self.store!r}"
+            )
+        if self.blobs not in ("file", "postgres"):
+            raise InvalidInput(f"[storage] blobs must be 'file' or 'postgres', not {self.blobs!r}")
+        if (self.store == "postgres" or self.blobs == "postgres") and not self.dsn:
+            raise InvalidInput("[storage] PostgreSQL needs a dsn (or MEDLEDGER_DSN)")
+
+    @classmethod
+    def from_env(
+        cls, section: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> StorageConfig:
+        """``[storage]`` values (or defaults) overridden by ``MEDLEDGER_STORE/_DSN/_BLOBS``."""
+        env = os.environ if env is None else env
+        sec = section or {}
+        return cls(
+            store=str(env.get("MEDLEDGER_STORE") or sec.get("store", "sqlite")),
+            dsn=str(env.get("MEDLEDGER_DSN") or sec.get("dsn", "")),
+            blobs=str(env.get("MEDLEDGER_BLOBS") or sec.get("blobs", "file")),
+        )
+
+    def to_toml(self) -> dict[str, str]:
+        doc = {"store": self.store, "blobs": self.blobs}
+        if self.dsn:
+            from medledger.storage.postgres import strip_password
+
+            doc["dsn"] = strip_password(self.dsn)
+        return doc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     name: str
     institution: str
     chain: str
     sequencer: SequencerConfig
     signing_key: VerifyingKey
+    storage: StorageConfig = StorageConfig()
 
     def to_toml(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "node": {"name": self.name, "institution": self.institution, "chain": self.chain},
             "sequencer": {
                 "max_txs": self.sequencer.max_txs,
@@ -105,6 +165,8 @@ class NodeConfig:
                 "signing_public_key": self.signing_key.pem(),
             },
         }
+        if self.storage != StorageConfig():
+            doc["storage"] = self.storage.to_toml()
         return tomli_w.dumps(doc, multiline_strings=True).encode()
 
     def save(self, path: Path) -> None:
@@ -115,6 +177,13 @@ def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = doc.get(name)
     if not isinstance(value, dict):
         raise InvalidInput(f"{CONFIG_FILE}: missing [{name}] section")
+    return value
+
+
+def _optional_section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{CONFIG_FILE}: [{name}] is not a section")
     return value
 
 
@@ -148,6 +217,7 @@ def load_config(root: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
             chain=str(node["chain"]),
             sequencer=SequencerConfig(max_txs=max_txs, max_wait_ms=max_wait),
             signing_key=key,
+            storage=StorageConfig.from_env(_optional_section(doc, "storage"), env),
         )
     except (KeyError, ValueError, TypeError, InvalidInput) as exc:
         raise InvalidInput(f"{path}: invalid setting ({exc})") from None

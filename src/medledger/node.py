@@ -9,11 +9,12 @@ no passphrase.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from medledger.config import NodeConfig, NodePaths, institution_id, load_config
+from medledger.config import NodeConfig, NodePaths, StorageConfig, institution_id, load_config
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from medledger.ledger.anchoring import Anchorer
@@ -23,10 +24,12 @@ from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records import RecordsService
-from medledger.storage.blobs import FileBlobStore
+from medledger.services.validation import Validator
+from medledger.storage import factory
+from medledger.storage.blobs import BlobStore
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
-from medledger.storage.records import SqliteRecordIndex
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.ports import ChainStore
+from medledger.storage.records import RecordIndex
 
 __all__ = ["Node", "init_node", "load_genesis", "open_chain", "open_node", "write_genesis"]
 
@@ -38,23 +41,24 @@ class Node:
     config: NodeConfig
     paths: NodePaths
     keystore: FileKeyStore
-    store: SqliteChainStore
+    store: ChainStore
     chain: PrivateChain
-    index: SqliteRecordIndex
+    index: RecordIndex
     records: RecordsService
     consortium: ConsortiumMember | None = None
     anchorer: Anchorer | None = None
-    _consortium_store: SqliteChainStore | None = None
+    _consortium_store: ChainStore | None = None
+    _blobs: BlobStore | None = None
+
+    @property
+    def consortium_store(self) -> ChainStore | None:
+        """This node's copy of the final consortium chain, once joined."""
+        return self._consortium_store
 
     async def join_consortium(self, orderer: Orderer, *, anchor: bool = True) -> ConsortiumMember:
         """Start this node's consortium member over ``orderer`` (genesis from genesis.json)."""
         genesis = load_genesis(self.paths.genesis)
-        path = self.paths.consortium_db
-        store = (
-            SqliteChainStore.open(path)
-            if path.exists()
-            else SqliteChainStore.create(path, genesis.chain_id)
-        )
+        store = _consortium_store(self.config, self.paths, genesis.chain_id)
         key = self.keystore.signing_key()
         member = ConsortiumMember(
             genesis=genesis,
@@ -85,6 +89,41 @@ class Node:
         self.store.close()
         if self._consortium_store is not None:
             self._consortium_store.close()
+        close_blobs = getattr(self._blobs, "close", None)
+        if close_blobs is not None:
+            close_blobs()
+
+
+def _store_target(storage: StorageConfig, path: Path) -> str | Path:
+    """Where a store lives: its SQLite file, or the PostgreSQL DSN."""
+    return path if storage.store == "sqlite" else storage.dsn
+
+
+def _schema(config: NodeConfig, part: str) -> str | None:
+    return (
+        factory.node_schema(config.institution, part) if config.storage.store != "sqlite" else None
+    )
+
+
+def _consortium_store(config: NodeConfig, paths: NodePaths, chain_id: str) -> ChainStore:
+    target = _store_target(config.storage, paths.consortium_db)
+    schema = _schema(config, "consortium")
+    try:
+        return factory.open_chain_store(config.storage.store, target, chain_id, schema=schema)
+    except NotFound:
+        return factory.open_chain_store(
+            config.storage.store, target, chain_id, schema=schema, create=True
+        )
+
+
+def _validation_workers(explicit: int | None) -> int:
+    """Processes for FHIR validation: the argument, else MEDLEDGER_VALIDATION_WORKERS, else 0."""
+    if explicit is not None:
+        return explicit
+    text = os.environ.get("MEDLEDGER_VALIDATION_WORKERS", "0")
+    if not text.isdigit():
+        raise InvalidInput("MEDLEDGER_VALIDATION_WORKERS must be a whole number")
+    return int(text)
 
 
 def load_genesis(path: Path) -> Genesis:
@@ -128,8 +167,15 @@ def init_node(
     sequencer: SequencerConfig | None = None,
     kdf: KdfParams | None = None,
     clock: Clock | None = None,
+    storage: StorageConfig | None = None,
 ) -> NodeConfig:
-    """Create a new node in ``root`` (absent or empty). Leaves nothing behind on failure."""
+    """Create a new node in ``root`` (absent or empty). Leaves nothing behind on failure.
+
+    ``storage`` defaults to ``[storage]`` from the environment (``MEDLEDGER_STORE``,
+    ``MEDLEDGER_DSN``, ``MEDLEDGER_BLOBS``), which defaults to SQLite and files.
+    PostgreSQL schemas are per institution and must not exist yet.
+    """
+    storage = storage if storage is not None else StorageConfig.from_env()
     if not name.strip():
         raise InvalidInput("the institution name must not be empty")
     inst = institution_id(institution or name)
@@ -146,21 +192,37 @@ def init_node(
         keystore = FileKeyStore.create(paths.keystore, passphrase, params=kdf)
         key = keystore.signing_key()
         chain_id = f"private:{inst}"
-        store = SqliteChainStore.create(paths.chain_db, chain_id)
+        schema = factory.node_schema(inst, "chain") if storage.store != "sqlite" else None
+        store = factory.open_chain_store(
+            storage.store,
+            _store_target(storage, paths.chain_db),
+            chain_id,
+            schema=schema,
+            create=True,
+        )
         try:
             PrivateChain.create(
                 store, key, chain_id=chain_id, institution=inst, name=name, clock=clock
             )
         finally:
             store.close()
-        paths.blobs.mkdir()
-        SqliteRecordIndex.initialize(paths.records_db)
         config = NodeConfig(
             name=name,
             institution=inst,
             chain=chain_id,
             sequencer=sequencer or SequencerConfig(),
             signing_key=key.public,
+            storage=storage,
+        )
+        factory.initialize_blob_store(
+            storage.blobs,
+            paths.blobs if storage.blobs == "file" else storage.dsn,
+            schema=factory.node_schema(inst, "blobs") if storage.blobs != "file" else None,
+        )
+        factory.initialize_record_index(
+            storage.store,
+            _store_target(storage, paths.records_db),
+            schema=_schema(config, "records"),
         )
         config.save(paths.config)
     except BaseException:
@@ -176,26 +238,60 @@ def init_node(
     return config
 
 
-def open_chain(root: Path) -> tuple[NodeConfig, SqliteChainStore]:
+def open_chain(root: Path) -> tuple[NodeConfig, ChainStore]:
     """Open a node's chain for reading (no passphrase). Caller closes the store."""
     config = load_config(root)
-    return config, SqliteChainStore.open(NodePaths(root=root).chain_db)
+    target = _store_target(config.storage, NodePaths(root=root).chain_db)
+    return config, factory.open_chain_store(
+        config.storage.store, target, config.chain, schema=_schema(config, "chain")
+    )
 
 
-def open_node(root: Path, passphrase: bytes, *, clock: Clock | None = None) -> Node:
-    """Unlock the keystore and open the chain for writing."""
+def open_node(
+    root: Path,
+    passphrase: bytes,
+    *,
+    clock: Clock | None = None,
+    validation_workers: int | None = None,
+) -> Node:
+    """Unlock the keystore and open the chain for writing.
+
+    ``validation_workers``: processes that validate FHIR input beside the event
+    loop (default: ``MEDLEDGER_VALIDATION_WORKERS`` or 0, i.e. inline).
+    """
     config = load_config(root)
     paths = NodePaths(root=root)
     keystore = FileKeyStore.open(paths.keystore, passphrase)
     key = keystore.signing_key()
     if key.public != config.signing_key:
         raise IntegrityError("the keystore's signing key is not the one in node.toml")
-    store = SqliteChainStore.open(paths.chain_db)
+    storage = config.storage
+    store = factory.open_chain_store(
+        storage.store,
+        _store_target(storage, paths.chain_db),
+        config.chain,
+        schema=_schema(config, "chain"),
+    )
     try:
         chain = PrivateChain(
             store, key, proposer=config.institution, config=config.sequencer, clock=clock
         )
-        index = SqliteRecordIndex(paths.records_db)
+        index = factory.open_record_index(
+            storage.store,
+            _store_target(storage, paths.records_db),
+            schema=_schema(config, "records"),
+        )
+    except BaseException:
+        store.close()
+        raise
+    try:
+        blobs = factory.open_blob_store(
+            storage.blobs,
+            paths.blobs if storage.blobs == "file" else storage.dsn,
+            schema=factory.node_schema(config.institution, "blobs")
+            if storage.blobs != "file"
+            else None,
+        )
     except BaseException:
         store.close()
         raise
@@ -203,9 +299,10 @@ def open_node(root: Path, passphrase: bytes, *, clock: Clock | None = None) -> N
         institution=config.institution,
         chain=chain,
         index=index,
-        blobs=FileBlobStore(paths.blobs),
+        blobs=blobs,
         keys=InstitutionKeys(keystore),
         clock=clock,
+        validator=Validator(_validation_workers(validation_workers)),
     )
     return Node(
         config=config,
@@ -215,4 +312,5 @@ def open_node(root: Path, passphrase: bytes, *, clock: Clock | None = None) -> N
         chain=chain,
         index=index,
         records=records,
+        _blobs=blobs,
     )

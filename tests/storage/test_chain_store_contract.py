@@ -31,6 +31,7 @@ from medledger.core.models import BlockHeader, Transaction
 from medledger.ledger.private import GENESIS_TX, PrivateChain
 from medledger.ledger.verify import verify_chain
 from medledger.storage.ports import ChainStore, NewBlock, StoredBlock
+from medledger.storage.postgres import PostgresChainStore, drop_schema
 from medledger.storage.sqlite import SqliteChainStore
 
 CHAIN = "private:st-mary"
@@ -84,7 +85,47 @@ class SqliteFactory:
             store.close()
 
 
-ADAPTERS: dict[str, Callable[[Path], StoreFactory]] = {"sqlite": SqliteFactory}
+class PostgresFactory:
+    """Each store in its own schema of the session's real PostgreSQL server (dropped after)."""
+
+    def __init__(self, directory: Path) -> None:
+        from pg_server import shared_dsn
+
+        self._dsn = shared_dsn()
+        self._stores: list[PostgresChainStore] = []
+        self._schemas: list[str] = []
+
+    def _track(self, store: PostgresChainStore) -> PostgresChainStore:
+        self._stores.append(store)
+        return store
+
+    def create(self, chain: str = CHAIN) -> ChainStore:
+        from pg_server import unique
+
+        schema = unique("contract")
+        self._schemas.append(schema)
+        return self._track(PostgresChainStore.create(self._dsn, chain, schema=schema))
+
+    def reopen(self, store: ChainStore) -> ChainStore:
+        assert isinstance(store, PostgresChainStore)
+        store.close()
+        return self._track(PostgresChainStore.open(self._dsn, store.chain, schema=store.schema))
+
+    def second_handle(self, store: ChainStore) -> ChainStore:
+        assert isinstance(store, PostgresChainStore)
+        return self._track(PostgresChainStore.open(self._dsn, store.chain, schema=store.schema))
+
+    def close_all(self) -> None:
+        for store in self._stores:
+            store.close()
+        for schema in self._schemas:
+            drop_schema(self._dsn, schema)
+
+
+ADAPTERS: dict[str, Callable[[Path], StoreFactory]] = {
+    "sqlite": SqliteFactory,
+    "postgres": PostgresFactory,
+}
 
 
 @pytest.fixture(params=sorted(ADAPTERS))

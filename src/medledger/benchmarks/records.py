@@ -119,7 +119,9 @@ def run_records_bench(
     writers: int,
     json_out: Path | None,
     quick: bool,
+    workers: int = 1,
 ) -> dict[str, Any]:
+    """Run the records benchmark; ``workers`` validation processes (0 = inline)."""
     console = Console(stderr=True)
     if quick:
         patients, per_patient = min(patients, 20), min(per_patient, 20)
@@ -142,13 +144,14 @@ def run_records_bench(
         "resources": len(items),
         "patients": patients,
         "writers": writers,
+        "validation_workers": workers,
     }
     try:
         init_node(path, name="records bench", passphrase=_PASS, kdf=KdfParams(n=2**12))
         results["stages"] = _stage_costs(items)
 
         async def go() -> None:
-            node = open_node(path, _PASS)
+            node = open_node(path, _PASS, validation_workers=workers)
             try:
                 console.print(f"[bold]creates[/]: {len(items):,} resources, {writers} writers")
                 elapsed = await _write_all(node, items, writers)

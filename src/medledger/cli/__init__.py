@@ -18,6 +18,7 @@ from medledger.cli.common import EXIT_TAMPERED, fail
 from medledger.cli.consortium import consortium
 from medledger.cli.records import keys, record
 from medledger.cli.service import start, token
+from medledger.cli.storage import backup, migrate, restore
 from medledger.core.errors import MedledgerError, VerificationError
 
 __all__ = ["cli", "main"]
@@ -29,7 +30,20 @@ def cli() -> None:
     """medledger: secure health-information storage on a hybrid blockchain."""
 
 
-for command in (node, chain, verify, consortium, record, keys, token, bench, demo):
+for command in (
+    node,
+    chain,
+    verify,
+    consortium,
+    record,
+    keys,
+    token,
+    bench,
+    demo,
+    migrate,
+    backup,
+    restore,
+):
     cli.add_command(command)
 node.add_command(start)
 

@@ -51,6 +51,18 @@ def bench() -> None:
     help="Write results as JSON here.",
 )
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+@click.option(
+    "--store",
+    type=click.Choice(["sqlite", "postgres", "both"]),
+    default="sqlite",
+    show_default=True,
+    help="Chain store to measure; 'both' reports SQLite and PostgreSQL side by side.",
+)
+@click.option(
+    "--dsn",
+    default=None,
+    help="PostgreSQL DSN to use (default: an embedded server started for the run).",
+)
 def bench_private(
     root: Path | None,
     txs: int,
@@ -59,6 +71,8 @@ def bench_private(
     proof_log: int,
     json_out: Path | None,
     quick: bool,
+    store: str,
+    dsn: str | None,
 ) -> None:
     """Private-chain throughput, latency, proofs and verify; group commit vs one fsync per tx."""
     from medledger.benchmarks.private import run_private_bench
@@ -71,6 +85,8 @@ def bench_private(
         proof_log=proof_log,
         json_out=json_out,
         quick=quick,
+        store=store,
+        dsn=dsn,
     )
 
 
@@ -93,6 +109,14 @@ def bench_private(
 @click.option("--writers", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+@click.option(
+    "--validation-workers",
+    "workers",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Processes validating FHIR beside the event loop (0 = inline).",
+)
 def bench_records(
     root: Path | None,
     patients: int,
@@ -100,6 +124,7 @@ def bench_records(
     writers: int,
     json_out: Path | None,
     quick: bool,
+    workers: int,
 ) -> None:
     """Encrypted FHIR creates, reads and blind-index search; cost per stage."""
     from medledger.benchmarks.records import run_records_bench
@@ -111,6 +136,7 @@ def bench_records(
         writers=writers,
         json_out=json_out,
         quick=quick,
+        workers=workers,
     )
 
 

@@ -1,0 +1,114 @@
+"""Choose a storage adapter by name: ``"sqlite"`` (embedded default) or ``"postgres"``.
+
+The composition root (``node.py``) calls only these functions, so the rest of
+medledger never names an adapter. For SQLite ``target`` is a file path (the
+blob store's: a directory); for PostgreSQL it is a DSN and ``schema`` names
+the store's schema (see :func:`node_schema`). PostgreSQL modules are imported
+only when chosen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from medledger.core.errors import InvalidInput
+from medledger.storage.blobs import BlobStore, FileBlobStore
+from medledger.storage.ports import ChainStore
+from medledger.storage.records import RecordIndex, SqliteRecordIndex
+from medledger.storage.sqlite import SqliteChainStore
+
+__all__ = [
+    "BLOB_KINDS",
+    "STORE_KINDS",
+    "check_kind",
+    "initialize_blob_store",
+    "initialize_record_index",
+    "node_schema",
+    "open_blob_store",
+    "open_chain_store",
+    "open_record_index",
+]
+
+STORE_KINDS: Final = ("sqlite", "postgres")
+BLOB_KINDS: Final = ("file", "postgres")
+
+
+def check_kind(kind: str, kinds: tuple[str, ...] = STORE_KINDS, what: str = "store") -> str:
+    """``kind`` if it is one of ``kinds``, else :class:`InvalidInput`."""
+    if kind not in kinds:
+        raise InvalidInput(f"unknown {what} {kind!r}; choose one of {', '.join(kinds)}")
+    return kind
+
+
+def node_schema(institution: str, part: str) -> str:
+    """The PostgreSQL schema of one store of one node (``chain``, ``consortium``, ``records``, ``blobs``).
+
+    Per institution, so several nodes (and each node's copy of the consortium
+    chain) can share one database.
+    """
+    from medledger.storage.postgres import schema_name
+
+    return schema_name(institution, part)
+
+
+def open_chain_store(
+    kind: str, target: str | Path, chain: str, *, schema: str | None = None, create: bool = False
+) -> ChainStore:
+    """Open (or with ``create=True`` create) the store of ``chain``.
+
+    SQLite: ``target`` is the database file; ``chain`` is recorded on create.
+    PostgreSQL: ``target`` is the DSN; ``chain`` must match the stored id.
+    """
+    if check_kind(kind) == "sqlite":
+        path = Path(target)
+        return SqliteChainStore.create(path, chain) if create else SqliteChainStore.open(path)
+    from medledger.storage.postgres import PostgresChainStore
+
+    if create:
+        return PostgresChainStore.create(str(target), chain, schema=schema)
+    return PostgresChainStore.open(str(target), chain, schema=schema)
+
+
+def initialize_record_index(kind: str, target: str | Path, *, schema: str | None = None) -> None:
+    """Create an empty record index (for node creation)."""
+    if check_kind(kind) == "sqlite":
+        SqliteRecordIndex.initialize(Path(target))
+        return
+    from medledger.storage.postgres import PostgresRecordIndex
+
+    PostgresRecordIndex.initialize(str(target), schema=_need(schema))
+
+
+def open_record_index(kind: str, target: str | Path, *, schema: str | None = None) -> RecordIndex:
+    """Open the record index."""
+    if check_kind(kind) == "sqlite":
+        return SqliteRecordIndex(Path(target))
+    from medledger.storage.postgres import PostgresRecordIndex
+
+    return PostgresRecordIndex(str(target), schema=_need(schema))
+
+
+def initialize_blob_store(kind: str, target: str | Path, *, schema: str | None = None) -> None:
+    """Create an empty blob store: a directory (``file``) or a table (``postgres``)."""
+    if check_kind(kind, BLOB_KINDS, "blob store") == "file":
+        Path(target).mkdir()
+        return
+    from medledger.storage.postgres import PostgresBlobStore
+
+    PostgresBlobStore.initialize(str(target), schema=_need(schema))
+
+
+def open_blob_store(kind: str, target: str | Path, *, schema: str | None = None) -> BlobStore:
+    """Open the blob store."""
+    if check_kind(kind, BLOB_KINDS, "blob store") == "file":
+        return FileBlobStore(Path(target))
+    from medledger.storage.postgres import PostgresBlobStore
+
+    return PostgresBlobStore(str(target), schema=_need(schema))
+
+
+def _need(schema: str | None) -> str:
+    if not schema:
+        raise InvalidInput("a PostgreSQL store needs a schema name")
+    return schema
