@@ -36,7 +36,7 @@ from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
 from medledger.ledger.verify import Checkpoint, verify_chain
 from medledger.network import LocalNetwork
-from medledger.node import Node, load_genesis, open_chain
+from medledger.node import Node, load_genesis, open_chain, open_consortium_chain
 from medledger.services.synthetic import PatientBundle, generate_patients
 from medledger.storage.keystore import FileKeyStore, KdfParams
 from medledger.storage.sqlite import SqliteChainStore
@@ -77,7 +77,7 @@ async def _write_patients(node: Node, bundles: list[PatientBundle], writers: int
 def _verify_line(root: Path, *, consortium: bool = False) -> tuple[bool, str]:
     checkpoints: list[Checkpoint] = []
     if consortium:
-        cstore = SqliteChainStore.open(NodePaths(root=root).consortium_db)
+        _, cstore = open_consortium_chain(root)
         try:
             checkpoints = anchored_checkpoints(cstore, load_config(root).institution)
         finally:

@@ -31,7 +31,15 @@ from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.ports import ChainStore
 from medledger.storage.records import RecordIndex
 
-__all__ = ["Node", "init_node", "load_genesis", "open_chain", "open_node", "write_genesis"]
+__all__ = [
+    "Node",
+    "init_node",
+    "load_genesis",
+    "open_chain",
+    "open_consortium_chain",
+    "open_node",
+    "write_genesis",
+]
 
 
 @dataclass(slots=True)
@@ -114,6 +122,18 @@ def _consortium_store(config: NodeConfig, paths: NodePaths, chain_id: str) -> Ch
         return factory.open_chain_store(
             config.storage.store, target, chain_id, schema=schema, create=True
         )
+
+
+def open_consortium_chain(root: Path) -> tuple[Genesis, ChainStore]:
+    """A node's genesis and its copy of the consortium chain, for reading (no passphrase)."""
+    config = load_config(root)
+    paths = NodePaths(root=root)
+    genesis = load_genesis(paths.genesis)
+    target = _store_target(config.storage, paths.consortium_db)
+    store = factory.open_chain_store(
+        config.storage.store, target, genesis.chain_id, schema=_schema(config, "consortium")
+    )
+    return genesis, store
 
 
 def _validation_workers(explicit: int | None) -> int:

@@ -229,9 +229,8 @@ def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool) -> None:
     checkpoints = [parse_checkpoint(a) for a in anchors]
     if with_consortium:
         from medledger.cli.consortium import verify_consortium_store
-        from medledger.config import NodePaths
         from medledger.ledger.consortium_verify import anchored_checkpoints
-        from medledger.storage.sqlite import SqliteChainStore
+        from medledger.node import open_consortium_chain
 
         creport, _ = verify_consortium_store(root)
         click.echo(
@@ -239,7 +238,7 @@ def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool) -> None:
             f"every block final under a quorum certificate, every transaction re-validated"
         )
         config = load_config(root)
-        cstore = SqliteChainStore.open(NodePaths(root=root).consortium_db)
+        _, cstore = open_consortium_chain(root)
         try:
             anchored = anchored_checkpoints(cstore, config.institution)
         finally:

@@ -10,13 +10,10 @@ from typing import Any
 import click
 
 from medledger.cli.common import dir_option, emit
-from medledger.config import NodePaths
 from medledger.core.consortium import quorum
-from medledger.core.errors import NotFound
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.verify import VerifyReport, verify_chain
-from medledger.node import load_genesis, write_genesis
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.node import open_consortium_chain, write_genesis
 
 __all__ = ["consortium", "verify_consortium_store"]
 
@@ -46,11 +43,7 @@ def consortium_init(consortium_id: str, members: tuple[Path, ...]) -> None:
 
 def verify_consortium_store(root: Path) -> tuple[VerifyReport, ConsortiumPolicy]:
     """Re-verify a node's copy of the consortium chain from genesis (no passphrase)."""
-    paths = NodePaths(root=root)
-    genesis = load_genesis(paths.genesis)
-    if not paths.consortium_db.exists():
-        raise NotFound(f"{root} has no consortium chain yet")
-    store = SqliteChainStore.open(paths.consortium_db)
+    genesis, store = open_consortium_chain(root)
     try:
         policy = ConsortiumPolicy(genesis)
         return verify_chain(store, policy=policy), policy
