@@ -8,10 +8,11 @@ blocks without talking to each other:
   valid ones join the pending block, invalid ones are dropped by everyone
   (the submitter learns why).
 * A block is cut when it reaches ``max_block_txs`` or ``max_block_bytes``, or
-  when a ``cut`` marker for the next height arrives. Markers are how time
-  enters the order: a member whose oldest pending tx is ``cut_after_ms`` old
-  publishes one (de-duplicated by message id), as Fabric's Kafka orderer did
-  with time-to-cut messages; no local clock decides a block boundary.
+  when a member-signed ``cut`` marker for the next height arrives: a member
+  whose oldest pending tx is ``cut_after_ms`` old publishes one, as Fabric's
+  Kafka orderer did with time-to-cut messages; no local clock decides a block
+  boundary. Block time is the ordering service's timestamp of the message
+  that cut the block, identical for every member.
 * Each member signs the block hash and publishes a ``vote``. A block is final
   with votes from a quorum of ⌊(n+f)/2⌋+1 members; only final blocks are
   stored, with their votes as the finality certificate. A member voting for
@@ -134,7 +135,6 @@ class _Cut:
 @dataclass(slots=True)
 class _Pending:
     txs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (data, hash)
-    times: list[int] = field(default_factory=list)  # the txs' signed time_ms
     size: int = 0
     first_seen: float | None = None
     marker_sent: bool = False
@@ -179,6 +179,7 @@ class ConsortiumMember:
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
         self._final_height = 0
         self._final_state = self._state.copy()
+        self._order_time = 0
         self._evidence: list[Evidence] = []
         self._equivocators: set[str] = set()
         self._waiters: dict[bytes, asyncio.Future[Receipt]] = {}
@@ -212,9 +213,12 @@ class ConsortiumMember:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for task in list(self._background):
+            task.cancel()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(OrderingError("consortium member is shutting down"))
+                fut.exception()  # retrieved: a closing member's waiters need no warning
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -229,9 +233,7 @@ class ConsortiumMember:
             raise InvalidInput(f"transaction of {len(data)} bytes is too large for the consortium")
         # Refuse early what every member would refuse; the ordered check is authoritative.
         # (Signatures are checked once, when the ordered copy arrives.)
-        self._state.copy().check(
-            tx, last_block_time=self._tip_header.time_ms, verify_signatures=False
-        )
+        self._state.copy().check(tx, verify_signatures=False)
         tx_hash = sha256(data)
         fut = self._waiters.get(tx_hash)
         if fut is None:
@@ -242,6 +244,7 @@ class ConsortiumMember:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
+            self._waiters.pop(tx_hash, None)
             raise OrderingError(
                 f"transaction {tx_hash.hex()[:16]}… was not final within {timeout} s"
             ) from None
@@ -255,6 +258,7 @@ class ConsortiumMember:
                 if not isinstance(envelope, dict):
                     raise InvalidInput("message is not an object")
                 kind = envelope.get("kind")
+                self._order_time = max(self._order_time, msg.time_ms)
                 if kind == MSG_TX:
                     self._on_tx(envelope)
                 elif kind == MSG_CUT:
@@ -271,9 +275,7 @@ class ConsortiumMember:
         data = tx.encode()
         tx_hash = sha256(data)
         try:
-            self._state.check(
-                tx, last_block_time=self._tip_header.time_ms, tx_hash=tx_hash, size=len(data)
-            )
+            self._state.check(tx, tx_hash=tx_hash, size=len(data))
         except MedledgerError as exc:
             fut = self._waiters.pop(tx_hash, None)
             if fut is not None and not fut.done():
@@ -281,7 +283,6 @@ class ConsortiumMember:
             return
         self._state.apply(tx, tx_hash)
         p = self._pending
-        p.times.append(tx.time_ms)
         p.txs.append((data, tx_hash))
         p.size += len(data)
         if p.first_seen is None:
@@ -296,19 +297,25 @@ class ConsortiumMember:
             raise InvalidInput("cut marker needs an integer height")
         # Only members may cut: an outsider's markers could split blocks at will.
         sig = Signature.from_json(envelope.get("signature"))
-        member = self._state.members.by_fingerprint(sig.signer)
+        # The members who may cut block h are those who vote on it: the members
+        # after block h-1, whatever the pending transactions would change.
+        member = self._members_before(height).by_fingerprint(sig.signer)
         if member is None:
             raise InvalidInput("cut marker not signed by a member")
         member.signing_key.verify(sig, _marker_bytes(self.chain_id, height))
         if height == self._tip_header.height + 1 and self._pending.txs:
             self._cut()
 
+    def _members_before(self, height: int) -> MemberSet:
+        """The members after block ``height - 1``: who votes on (and may cut) block ``height``."""
+        previous = self._cuts.get(height - 1)
+        return previous.state.members if previous is not None else self._final_state.members
+
     def _cut(self) -> None:
         p = self._pending
-        # Block time comes from the signed transactions, not from any one clock:
-        # the median, so a single far-off timestamp cannot move it.
-        times = sorted(p.times)
-        time_ms = max(self._tip_header.time_ms, times[len(times) // 2])
+        # Block time is the ordering service's time of the message that cut the
+        # block: the same for every member, and no member's clock can move it.
+        time_ms = max(self._tip_header.time_ms, self._order_time)
         self._pending = _Pending()
         first_index = self._log.size
         block_log = CompactRange()
@@ -340,11 +347,7 @@ class ConsortiumMember:
             tx_hashes=[h for _, h in p.txs],
             nodes=nodes,
         )
-        voters = (
-            self._cuts[header.height - 1].state.members
-            if header.height - 1 in self._cuts
-            else self._final_state.members
-        )
+        voters = self._members_before(header.height)
         self._cuts[header.height] = _Cut(block=block, members=voters, state=self._state.copy())
         self._tip_header, self._tip_hash = header, block_hash
         if header.height <= self._stored_height:
@@ -479,7 +482,8 @@ class ConsortiumMember:
                         "signature": self._key.sign(_marker_bytes(self.chain_id, height)).to_json(),
                     }
                 )
-                self._publish(marker, f"cut-{self.genesis.consortium}-{height}")
+                # One id per member: a squatter on a shared id could not stop the cut.
+                self._publish(marker, f"cut-{self.genesis.consortium}-{height}-{self.member_id}")
 
     # -- views ------------------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 ``check`` says whether a transaction is acceptable *now* (raising the reason
 every honest member gives), ``apply`` updates the state. Rules:
 
-* Every tx names this consortium chain, carries at least one author
-  signature, is not a replay (its hash was never accepted), and is not older
-  than the last block's time minus ``max_clock_skew_ms``.
+* Every tx names this consortium chain, fits the size limit, carries at least
+  one author signature, and is not a replay (its hash was never accepted).
+  No clock decides validity: a member's clock could be wrong or hostile, and
+  one far-future timestamp must not make every later honest tx "stale".
 * ``anchor`` — signed by the member it anchors; ``log_size`` grows; the
   RFC 6962 consistency proof from the previous anchor verifies, so an
   institution that rewrote its private history cannot anchor again.
@@ -82,14 +83,12 @@ class ConsortiumState:
         *,
         chain_id: str,
         members: MemberSet,
-        skew_ms: int,
         anchors: dict[str, AnchorRecord] | None = None,
         seen: set[bytes] | None = None,
     ) -> None:
         self.chain_id = chain_id
         self._verify = True
         self.members = members
-        self.skew_ms = skew_ms
         self.anchors: dict[str, AnchorRecord] = anchors or {}
         # Shared, append-only across copies: the order is never rolled back.
         self.seen: set[bytes] = seen if seen is not None else set()
@@ -99,14 +98,12 @@ class ConsortiumState:
         return cls(
             chain_id=genesis.chain_id,
             members=MemberSet(genesis.members),
-            skew_ms=genesis.params.max_clock_skew_ms,
         )
 
     def copy(self) -> ConsortiumState:
         return ConsortiumState(
             chain_id=self.chain_id,
             members=self.members,
-            skew_ms=self.skew_ms,
             anchors=dict(self.anchors),
             seen=self.seen,
         )
@@ -117,7 +114,6 @@ class ConsortiumState:
         self,
         tx: Transaction,
         *,
-        last_block_time: int,
         tx_hash: bytes | None = None,
         verify_signatures: bool = True,
         size: int | None = None,
@@ -135,8 +131,6 @@ class ConsortiumState:
             raise InvalidInput("transaction was already accepted (replay)")
         if not tx.signatures:
             raise InvalidSignature("consortium transactions must be signed")
-        if tx.time_ms < last_block_time - self.skew_ms:
-            raise InvalidInput("transaction is older than the allowed clock skew")
         if tx.type == ANCHOR:
             self._check_anchor(tx)
         elif tx.type in MEMBER_TYPES:

@@ -31,11 +31,9 @@ class ConsortiumPolicy:
         self._genesis = genesis
         self._state = ConsortiumState.from_genesis(genesis)
         self._voters = self._state.members
-        self._last_time = genesis.time_ms
 
     def begin_block(self, height: int, prev_time_ms: int) -> None:
         self._voters = self._state.members
-        self._last_time = prev_time_ms
 
     def transaction(self, height: int, index: int, tx: Transaction) -> None:
         if height == 0:
@@ -47,7 +45,7 @@ class ConsortiumPolicy:
                 raise VerificationError("block 0: not this consortium's genesis document")
             return
         try:
-            self._state.check(tx, last_block_time=self._last_time)
+            self._state.check(tx)
         except MedledgerError as exc:
             raise VerificationError(
                 f"block {height}: transaction {index} is invalid: {exc}"

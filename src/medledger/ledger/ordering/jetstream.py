@@ -300,7 +300,11 @@ class JetStreamOrderer:
                                 )
                             break
                         stalls = 0
-                        yield OrderedMessage(seq=seq, payload=msg.data)
+                        yield OrderedMessage(
+                            seq=seq,
+                            payload=msg.data,
+                            time_ms=int(msg.metadata.timestamp.timestamp() * 1000),
+                        )
                         expected += 1
             finally:
                 await self._drop_consumer(feed)

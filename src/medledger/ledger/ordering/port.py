@@ -8,7 +8,7 @@ Guarantees every adapter keeps (one conformance suite checks them all):
 * Publishing the same ``msg_id`` again within the de-duplication window
   returns the original sequence and adds nothing (``Nats-Msg-Id`` semantics),
   so a retried publish cannot duplicate a transaction.
-* ``read(start)`` yields ``(seq, payload)`` for every message from ``start``
+* ``read(start)`` yields ``(seq, payload, time_ms)`` for every message from ``start``
   in sequence order, without gaps, then waits for new ones — a member that
   was down replays from where it stopped.
 * Failures raise :class:`~medledger.core.errors.OrderingError`.
@@ -28,10 +28,15 @@ MAX_MESSAGE_BYTES = 512 * 1024
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OrderedMessage:
-    """A message at its place in the total order."""
+    """A message at its place in the total order.
+
+    ``time_ms`` is when the ordering service stored it (ms since the epoch): the
+    same for every reader, so it can date blocks deterministically.
+    """
 
     seq: int
     payload: bytes
+    time_ms: int = 0
 
 
 class Orderer(Protocol):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class SoloOrderer:
 
     def __init__(self, path: Path | None = None, *, dedup_window: int = 100_000) -> None:
         self._messages: list[bytes] = []
+        self._times: list[int] = []
         self._ids: dict[str, int] = {}
         self._window = dedup_window
         self._changed = asyncio.Condition()
@@ -34,15 +36,16 @@ class SoloOrderer:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS messages"
-                    " (seq INTEGER PRIMARY KEY, msg_id TEXT NOT NULL, payload BLOB NOT NULL)"
+                    "CREATE TABLE IF NOT EXISTS messages (seq INTEGER PRIMARY KEY,"
+                    " msg_id TEXT NOT NULL, payload BLOB NOT NULL, time_ms INTEGER NOT NULL)"
                 )
-                for seq, msg_id, payload in self._db.execute(
-                    "SELECT seq, msg_id, payload FROM messages ORDER BY seq"
+                for seq, msg_id, payload, time_ms in self._db.execute(
+                    "SELECT seq, msg_id, payload, time_ms FROM messages ORDER BY seq"
                 ):
                     if seq != len(self._messages) + 1:
                         raise OrderingError(f"{path}: message {len(self._messages) + 1} is missing")
                     self._messages.append(bytes(payload))
+                    self._times.append(int(time_ms))
                     self._ids[msg_id] = seq
             except sqlite3.Error as exc:
                 raise OrderingError(f"cannot open solo order {path}: {exc}") from None
@@ -56,15 +59,18 @@ class SoloOrderer:
         if seen is not None and seen > len(self._messages) - self._window:
             return seen
         seq = len(self._messages) + 1
+        # Never before the previous message: the order's clock does not go back.
+        now = max(time.time_ns() // 1_000_000, self._times[-1] if self._times else 0)
         if self._db is not None:
             try:
                 self._db.execute(
-                    "INSERT INTO messages(seq, msg_id, payload) VALUES (?, ?, ?)",
-                    (seq, msg_id, payload),
+                    "INSERT INTO messages(seq, msg_id, payload, time_ms) VALUES (?, ?, ?, ?)",
+                    (seq, msg_id, payload, now),
                 )
             except sqlite3.Error as exc:
                 raise OrderingError(f"solo order write failed: {exc}") from None
         self._messages.append(payload)
+        self._times.append(now)
         self._ids[msg_id] = seq
         async with self._changed:
             self._changed.notify_all()
@@ -74,7 +80,9 @@ class SoloOrderer:
         seq = max(start, 1)
         while not self._closed:
             while seq <= len(self._messages):
-                yield OrderedMessage(seq=seq, payload=self._messages[seq - 1])
+                yield OrderedMessage(
+                    seq=seq, payload=self._messages[seq - 1], time_ms=self._times[seq - 1]
+                )
                 seq += 1
             async with self._changed:
                 await self._changed.wait_for(
