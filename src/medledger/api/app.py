@@ -6,7 +6,10 @@ store into a FastAPI app; OpenAPI is served at ``/docs``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from medledger import __version__
@@ -20,6 +23,31 @@ from medledger.storage.tokens import TokenStore
 __all__ = ["create_app"]
 
 
+_OUTCOME = {
+    "description": "Error: a FHIR OperationOutcome",
+    "content": {"application/fhir+json": {"schema": {"type": "object"}}},
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, telling the truth about errors: every error is a FHIR
+    OperationOutcome (400, 401, 403, 404, 409, 410, 412, 413, 503), never FastAPI's 422."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for status in ("400", "401", "403", "404"):
+                    responses.setdefault(status, _OUTCOME)
+        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) -> FastAPI:
     """A FastAPI app serving ``node``; callers own the node's and token store's lifetime."""
     app = FastAPI(
@@ -31,6 +59,7 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
     app.state.tokens = tokens
     app.state.clock = clock or SystemClock()
     install_error_handlers(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.include_router(fhir.router)
     app.include_router(chain.router)
 

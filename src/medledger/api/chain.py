@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
 from medledger.api.auth import require
@@ -64,7 +64,9 @@ async def head(which: str, request: Request, who: Auditor) -> Response:
 
 
 @router.get("/{which}/blocks/{height}")
-async def block(which: str, height: int, request: Request, who: Auditor) -> Response:
+async def block(
+    which: str, height: Annotated[int, Path(ge=0, le=2**53)], request: Request, who: Auditor
+) -> Response:
     return _json(_block_json(_store(request, which).block(height)))
 
 
@@ -73,9 +75,9 @@ async def proof_inclusion(
     which: str,
     request: Request,
     who: Auditor,
-    index: int | None = None,
+    index: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     tx: str | None = None,
-    size: int | None = None,
+    size: Annotated[int | None, Query(ge=1, le=2**53)] = None,
 ) -> Response:
     store = _store(request, which)
     if (index is None) == (tx is None):
@@ -100,7 +102,11 @@ async def proof_inclusion(
 
 @router.get("/{which}/proof/consistency")
 async def proof_consistency(
-    which: str, request: Request, who: Auditor, old: int, new: int | None = None
+    which: str,
+    request: Request,
+    who: Auditor,
+    old: Annotated[int, Query(ge=0, le=2**53)],
+    new: Annotated[int | None, Query(ge=0, le=2**53)] = None,
 ) -> Response:
     store = _store(request, which)
     new = new if new is not None else head_header(store).log_size

@@ -7,6 +7,7 @@ says what kind of failure it was; no traceback or internal detail leaks.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -90,6 +91,17 @@ def _for(exc: MedledgerError) -> Response:
     raise AssertionError("unreachable: MedledgerError is in the table")
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method served at this path, from the app's own OpenAPI description."""
+    path = request.url.path
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods.update(m.upper() for m in operations)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error (ours, FastAPI's, Starlette's, unexpected) to an OperationOutcome."""
 
@@ -115,9 +127,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
-        return outcome_response(
-            exc.status_code, [Issue(severity="error", code=code, diagnostics=str(exc.detail))]
-        )
+        issue = Issue(severity="error", code=code, diagnostics=str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return outcome_response(exc.status_code, [issue], headers)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)

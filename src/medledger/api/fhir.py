@@ -9,17 +9,19 @@ error is an OperationOutcome (``api.errors``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 
 from medledger.api.auth import require
-from medledger.api.errors import Forbidden, TooLarge
+from medledger.api.errors import TooLarge
 from medledger.api.responses import fhir_response, raw_fhir_response
-from medledger.core.errors import InvalidInput
+from medledger.core.errors import InvalidInput, NotFound
 from medledger.services.fhir import MAX_BODY_BYTES, load_json, validate_id
 from medledger.services.records import RecordsService, StoredResource, VersionInfo
 from medledger.services.search import SEARCH_PARAMS, patient_reference
@@ -52,7 +54,7 @@ def _headers(s: StoredResource) -> dict[str, str]:
 
 async def _body(request: Request) -> Any:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+    if length is not None and _digits(length) and int(length) > MAX_BODY_BYTES:
         raise TooLarge(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -69,19 +71,39 @@ def _check_type(resource_type: str) -> str:
     return resource_type
 
 
+#: What a patient token hears about any record it may not see, existing or not.
+_ABSENT = "no such resource for this patient"
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²', which ``int`` refuses."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
     if who.role != "patient":
         return
     if patient_reference(stored.resource()) != f"Patient/{who.patient}":
         # Indistinguishable from absence: a patient learns nothing about others.
-        raise Forbidden("this token may read only its patient's records")
+        raise NotFound(_ABSENT)
+
+
+@contextmanager
+def _as_absent_for_patients(who: TokenInfo) -> Iterator[None]:
+    """For a patient token, 'erased' is reported as 'absent' too (no existence oracle)."""
+    try:
+        yield
+    except NotFound:  # Gone included
+        if who.role == "patient":
+            raise NotFound(_ABSENT) from None
+        raise
 
 
 def _if_match(value: str | None) -> int | None:
     if value is None:
         return None
     text = value.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
+    if not _digits(text):
         raise InvalidInput(f'If-Match must be a version ETag like W/"3", got {value!r}')
     return int(text)
 
@@ -171,7 +193,7 @@ async def transaction(request: Request, who: Writer) -> Response:
 # -- type level --------------------------------------------------------------------------
 
 
-@router.post("/{resource_type}", summary="create")
+@router.post("/{resource_type}", summary="create", status_code=201, response_class=Response)
 async def create(resource_type: str, request: Request, who: Writer) -> Response:
     resource = await _body(request)
     if not isinstance(resource, dict) or resource.get("resourceType") != _check_type(resource_type):
@@ -182,7 +204,10 @@ async def create(resource_type: str, request: Request, who: Writer) -> Response:
 
 @router.get("/{resource_type}/_history", summary="type history")
 async def type_history(
-    resource_type: str, request: Request, who: Writer, _count: int = 100
+    resource_type: str,
+    request: Request,
+    who: Writer,
+    _count: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     versions = await _records(request).type_history(_check_type(resource_type), min(_count, 1000))
     return fhir_response(_history_bundle(versions))
@@ -232,7 +257,7 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not lo <= int(text) <= hi:
+    if not _digits(text) or not lo <= int(text) <= hi:
         raise InvalidInput(f"{name} must be an integer from {lo} to {hi}")
     return int(text)
 
@@ -242,7 +267,8 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 
 @router.get("/{resource_type}/{rid}", summary="read")
 async def read(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
-    stored = await _records(request).read(_check_type(resource_type), validate_id(rid))
+    with _as_absent_for_patients(who):
+        stored = await _records(request).read(_check_type(resource_type), validate_id(rid))
     _patient_may_see(who, stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))
 
@@ -272,19 +298,27 @@ async def delete(resource_type: str, rid: str, request: Request, who: Writer) ->
 
 @router.get("/{resource_type}/{rid}/_history", summary="instance history")
 async def history(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
-    versions = await _records(request).history(_check_type(resource_type), validate_id(rid))
+    with _as_absent_for_patients(who):
+        versions = await _records(request).history(_check_type(resource_type), validate_id(rid))
     if who.role == "patient":
-        for v in versions:
-            if v.stored is not None:
-                _patient_may_see(who, v.stored)
+        readable = [v.stored for v in versions if v.stored is not None]
+        if not readable:  # all erased: whose they were cannot be shown to a patient
+            raise NotFound(_ABSENT)
+        for stored in readable:
+            _patient_may_see(who, stored)
     return fhir_response(_history_bundle(versions))
 
 
 @router.get("/{resource_type}/{rid}/_history/{vid}", summary="vread")
 async def vread(
-    resource_type: str, rid: str, vid: int, request: Request, who: Clinical
+    resource_type: str,
+    rid: str,
+    vid: Annotated[int, Path(ge=0, le=2**53)],
+    request: Request,
+    who: Clinical,
 ) -> Response:
-    stored = await _records(request).vread(_check_type(resource_type), validate_id(rid), vid)
+    with _as_absent_for_patients(who):
+        stored = await _records(request).vread(_check_type(resource_type), validate_id(rid), vid)
     _patient_may_see(who, stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))
 

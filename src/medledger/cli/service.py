@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -22,6 +25,32 @@ def _tokens(root: Path) -> TokenStore:
     return TokenStore(root / "tokens.db")
 
 
+def _graceful_server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn, minus re-raising SIGTERM/SIGINT after shutdown.
+
+        uvicorn restores the default handlers and re-sends the signal once it
+        has stopped serving, which would kill the process before the node's
+        queued writes commit and its storage closes. Here a signal only asks
+        the server to exit; ``node start`` then closes the node and exits 0.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {
+                sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)
+            }
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
 @click.command("start")
 @dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -31,6 +60,8 @@ def start(root: Path, host: str, port: int) -> None:
     import uvicorn
 
     from medledger.api.app import create_app
+
+    _GracefulServer = _graceful_server_class()
     from medledger.node import open_node
 
     passphrase = read_passphrase(confirm=False)
@@ -45,7 +76,7 @@ def start(root: Path, host: str, port: int) -> None:
             config = uvicorn.Config(
                 app, host=host, port=port, access_log=False, log_level="warning", lifespan="off"
             )
-            server = uvicorn.Server(config)
+            server = _GracefulServer(config)
             click.echo(
                 f"medledger node {node.config.institution} serving on http://{host}:{port}"
                 " (OpenAPI at /docs)",

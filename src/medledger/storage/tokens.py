@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import sqlite3
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from medledger.core.errors import InvalidInput, NotFound, StorageError
 __all__ = ["ROLES", "TokenInfo", "TokenStore"]
 
 ROLES = ("clinician", "auditor", "admin", "patient")
+_PATIENT_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
@@ -70,6 +72,8 @@ class TokenStore:
         """Issue a token; returns the secret token text (shown once) and its info."""
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {', '.join(ROLES)}")
+        if patient is not None and not _PATIENT_ID.match(patient):
+            raise InvalidInput("patient must be a FHIR id: 1-64 of A-Z, a-z, 0-9, '-' and '.'")
         if (role == "patient") != (patient is not None):
             raise InvalidInput(
                 "a patient token must name its patient, and only a patient token may"

@@ -1,0 +1,380 @@
+"""Authentication and authorization of every HTTP endpoint.
+
+Every route but the public ones refuses missing, malformed, unknown, expired and
+revoked tokens with 401 + ``WWW-Authenticate: Bearer``; roles limit what a valid
+token may do (403): auditors see chains but no clinical data, patients see only
+their own records and write nothing, clinicians and admins do clinical work.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from api_helpers import FHIR_JSON, LiveServer, assert_outcome, fhir_bytes, now_ms, seed_patients
+
+from medledger.core.errors import InvalidInput
+from medledger.services.synthetic import PatientBundle
+
+PUBLIC = {"/fhir/metadata", "/healthz", "/readyz", "/docs", "/openapi.json"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    template: str
+    path: str
+    body: bytes | None
+
+    def send(self, client: httpx.Client, headers: dict[str, str] | None = None) -> httpx.Response:
+        all_headers = {"Content-Type": FHIR_JSON, **(headers or {})}
+        return client.request(self.method, self.path, content=self.body, headers=all_headers)
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.template}"
+
+
+@pytest.fixture(scope="module")
+def people(live: LiveServer) -> list[PatientBundle]:
+    return seed_patients(live, 2, per_patient=20)
+
+
+@pytest.fixture(scope="module")
+def endpoints(live: LiveServer, people: list[PatientBundle]) -> list[Endpoint]:
+    """Every API route of the app, with concrete values for its path parameters."""
+    a = people[0]
+    values = {
+        "resource_type": "Patient",
+        "rid": a.patient_id,
+        "vid": "1",
+        "which": "private",
+        "height": "0",
+    }
+    query = {
+        "/chain/{which}/proof/consistency": "?old=1",
+        "/chain/{which}/proof/inclusion": "?index=0",
+    }
+    with live.client() as client:
+        document = client.get("/openapi.json").json()
+    out = []
+    for template, operations in document["paths"].items():
+        if template in PUBLIC:
+            continue
+        path = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template)
+        path += query.get(template, "")
+        for method in sorted(m.upper() for m in operations):
+            body = None
+            if method in ("POST", "PUT"):
+                body = fhir_bytes(a.patient if template != "/fhir" else {"resourceType": "Bundle"})
+            out.append(Endpoint(method, template, path, body))
+    return out
+
+
+def test_the_route_table_is_what_we_expect(endpoints: list[Endpoint]) -> None:
+    names = {str(e) for e in endpoints}
+    assert {
+        "POST /fhir",
+        "POST /fhir/{resource_type}",
+        "GET /fhir/{resource_type}",
+        "GET /fhir/{resource_type}/_history",
+        "GET /fhir/{resource_type}/{rid}",
+        "PUT /fhir/{resource_type}/{rid}",
+        "DELETE /fhir/{resource_type}/{rid}",
+        "GET /fhir/{resource_type}/{rid}/_history",
+        "GET /fhir/{resource_type}/{rid}/_history/{vid}",
+        "GET /chain/{which}/head",
+        "GET /chain/{which}/blocks/{height}",
+        "GET /chain/{which}/proof/inclusion",
+        "GET /chain/{which}/proof/consistency",
+        "GET /chain/consortium/status",
+    } <= names
+
+
+@pytest.fixture(scope="module")
+def bad_tokens(live: LiveServer) -> dict[str, dict[str, str]]:
+    """Authorization headers that must all be refused with 401."""
+    expired, _ = live.tokens.create(
+        role="clinician", now_ms=now_ms() - 7_200_000, ttl_ms=3_600_000, label="expired"
+    )
+    revoked, info = live.tokens.create(role="clinician", now_ms=now_ms(), label="revoked")
+    live.tokens.revoke(info.id)
+    real_id = live.clinician.split("_")[1]
+    return {
+        "missing": {},
+        "basic-scheme": {"Authorization": "Basic Y2xpbmljaWFuOnB3"},
+        "empty-parts": {"Authorization": "Bearer mlt__"},
+        "bearer-only": {"Authorization": "Bearer"},
+        "token-without-scheme": {"Authorization": live.clinician},
+        "malformed": {"Authorization": "Bearer not-a-medledger-token"},
+        "unknown": {"Authorization": f"Bearer mlt_000000000000_{secrets.token_urlsafe(32)}"},
+        "wrong-secret": {"Authorization": f"Bearer mlt_{real_id}_{secrets.token_urlsafe(32)}"},
+        "expired": {"Authorization": f"Bearer {expired}"},
+        "revoked": {"Authorization": f"Bearer {revoked}"},
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing",
+        "basic-scheme",
+        "empty-parts",
+        "bearer-only",
+        "token-without-scheme",
+        "malformed",
+        "unknown",
+        "wrong-secret",
+        "expired",
+        "revoked",
+    ],
+)
+def test_every_endpoint_refuses_bad_tokens(
+    live: LiveServer, endpoints: list[Endpoint], bad_tokens: dict[str, dict[str, str]], kind: str
+) -> None:
+    before = live.log_size()
+    with live.client() as client:
+        for endpoint in endpoints:
+            r = endpoint.send(client, bad_tokens[kind])
+            assert r.status_code == 401, f"{endpoint} with {kind} token: {r.status_code} {r.text}"
+            assert_outcome(r, 401, code="login")
+            assert r.headers.get("www-authenticate", "").startswith("Bearer"), endpoint
+    assert live.log_size() == before
+
+
+def test_public_endpoints_need_no_token(live: LiveServer) -> None:
+    with live.client() as client:
+        for path in sorted(PUBLIC):
+            r = client.get(path)
+            assert r.status_code == 200, f"{path}: {r.status_code} {r.text[:200]}"
+
+
+def test_a_token_stops_working_when_its_ttl_passes(live: LiveServer) -> None:
+    token = live.token("clinician", ttl_ms=700)
+    with live.client(token) as client:
+        assert client.get("/fhir/Patient", params={"_count": 1}).status_code == 200
+        time.sleep(0.9)
+        r = client.get("/fhir/Patient", params={"_count": 1})
+        assert_outcome(r, 401)
+        assert "expired" in r.text
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_a_revoked_token_stops_working_at_once(live: LiveServer) -> None:
+    text, info = live.tokens.create(role="clinician", now_ms=now_ms(), label="to revoke")
+    with live.client(text) as client:
+        assert client.get("/chain/private/head").status_code == 200
+        live.tokens.revoke(info.id)
+        assert_outcome(client.get("/chain/private/head"), 401)
+        assert_outcome(client.get("/fhir/Patient"), 401)
+
+
+# -- roles -------------------------------------------------------------------------------
+
+
+def test_auditor_gets_no_clinical_data_and_cannot_write(
+    live: LiveServer, endpoints: list[Endpoint]
+) -> None:
+    before = live.log_size()
+    with live.client(live.auditor) as auditor:
+        for endpoint in endpoints:
+            if endpoint.template.startswith("/fhir"):
+                r = endpoint.send(auditor)
+                assert r.status_code == 403, f"auditor {endpoint}: {r.status_code} {r.text[:200]}"
+                assert_outcome(r, 403, code="forbidden")
+    assert live.log_size() == before
+
+
+def test_auditor_and_clinician_can_use_the_chain_endpoints(
+    live: LiveServer, endpoints: list[Endpoint]
+) -> None:
+    for token in (live.auditor, live.clinician, live.admin):
+        with live.client(token) as client:
+            for endpoint in endpoints:
+                if endpoint.template == "/chain/consortium/status":
+                    # This node has joined no consortium.
+                    assert_outcome(endpoint.send(client), 404)
+                elif endpoint.template.startswith("/chain"):
+                    r = endpoint.send(client)
+                    assert r.status_code == 200, f"{endpoint}: {r.status_code} {r.text[:200]}"
+                    assert r.json()
+
+
+def test_clinician_and_admin_do_clinical_work(
+    live: LiveServer, people: list[PatientBundle]
+) -> None:
+    p = people[1]
+    obs = next(r for r in p.resources if r["resourceType"] == "Observation")
+    for token in (live.clinician, live.admin):
+        with live.client(token) as client:
+            assert client.get(f"/fhir/Patient/{p.patient_id}").status_code == 200
+            assert client.get(f"/fhir/Observation/{obs['id']}").status_code == 200
+            search = client.get("/fhir/Observation", params={"patient": p.patient_id})
+            assert search.status_code == 200
+            assert search.json()["total"] > 0
+            r = client.post(
+                "/fhir/Observation",
+                content=fhir_bytes({k: v for k, v in obs.items() if k != "id"}),
+                headers={"Content-Type": FHIR_JSON},
+            )
+            assert r.status_code == 201, r.text
+
+
+def _about(resource: dict[str, Any]) -> str | None:
+    if resource["resourceType"] == "Patient":
+        return f"Patient/{resource['id']}"
+    ref = resource.get("subject") or resource.get("patient") or {}
+    value = ref.get("reference")
+    return value if isinstance(value, str) else None
+
+
+def test_patient_token_reads_only_its_own_records(
+    live: LiveServer, people: list[PatientBundle]
+) -> None:
+    me, other = people
+    token = live.token("patient", patient=me.patient_id, label="patient A")
+    mine = next(r for r in me.resources if r["resourceType"] == "Observation")
+    theirs = next(r for r in other.resources if r["resourceType"] == "Observation")
+    with live.client(token) as client:
+        assert client.get(f"/fhir/Patient/{me.patient_id}").status_code == 200
+        assert client.get(f"/fhir/Observation/{mine['id']}").status_code == 200
+        assert client.get(f"/fhir/Observation/{mine['id']}/_history/1").status_code == 200
+        assert client.get(f"/fhir/Observation/{mine['id']}/_history").status_code == 200
+
+        for path in (
+            f"/fhir/Patient/{other.patient_id}",
+            f"/fhir/Patient/{other.patient_id}/_history/1",
+            f"/fhir/Patient/{other.patient_id}/_history",
+            f"/fhir/Observation/{theirs['id']}",
+            f"/fhir/Observation/{theirs['id']}/_history/1",
+            f"/fhir/Observation/{theirs['id']}/_history",
+        ):
+            r = client.get(path)
+            assert_outcome(r, (403, 404))
+            assert other.patient_id not in r.text
+            assert theirs["id"] not in r.text or r.status_code == 404
+
+
+@pytest.mark.parametrize("rtype", ["Observation", "Condition", "MedicationRequest", "Encounter"])
+def test_patient_token_search_returns_only_its_own_records(
+    live: LiveServer, people: list[PatientBundle], rtype: str
+) -> None:
+    me, other = people
+    token = live.token("patient", patient=me.patient_id)
+    expected = {r["id"] for r in me.resources if r["resourceType"] == rtype}
+    theirs = {r["id"] for r in other.resources if r["resourceType"] == rtype}
+    with live.client(token) as client:
+        for params in (
+            {"_count": "500"},
+            {"patient": f"Patient/{other.patient_id}", "_count": "500"},
+            {"patient": f"Patient/{other.patient_id},Patient/{me.patient_id}", "_count": "500"},
+        ):
+            r = client.get(f"/fhir/{rtype}", params=params)
+            if r.status_code != 200:
+                assert_outcome(r, (400, 403))
+                continue
+            found = [e["resource"] for e in r.json().get("entry", [])]
+            assert all(_about(f) == f"Patient/{me.patient_id}" for f in found), params
+            assert not {f["id"] for f in found} & theirs, params
+            assert {f["id"] for f in found} <= expected
+        everything = client.get(f"/fhir/{rtype}", params={"_count": "500"}).json()
+        assert {e["resource"]["id"] for e in everything.get("entry", [])} == expected
+        assert everything["total"] == len(expected)
+
+
+def test_patient_token_search_for_patients_finds_only_itself(
+    live: LiveServer, people: list[PatientBundle]
+) -> None:
+    me, other = people
+    token = live.token("patient", patient=me.patient_id)
+    with live.client(token) as client:
+        r = client.get("/fhir/Patient")
+        assert r.status_code == 200, r.text
+        assert [e["resource"]["id"] for e in r.json()["entry"]] == [me.patient_id]
+        family = other.patient["name"][0]["family"]
+        r = client.get("/fhir/Patient", params={"family": family})
+        if r.status_code == 200:
+            assert other.patient_id not in r.text
+        else:
+            assert_outcome(r, (400, 403))
+
+
+def test_patient_token_cannot_write_or_see_chains(
+    live: LiveServer, people: list[PatientBundle], endpoints: list[Endpoint]
+) -> None:
+    me = people[0]
+    token = live.token("patient", patient=me.patient_id)
+    before = live.log_size()
+    with live.client(token) as client:
+        for endpoint in endpoints:
+            if endpoint.method in ("POST", "PUT", "DELETE") or endpoint.template.startswith(
+                ("/chain", "/fhir/{resource_type}/_history")
+            ):
+                r = endpoint.send(client)
+                assert r.status_code == 403, f"patient {endpoint}: {r.status_code} {r.text[:200]}"
+                assert_outcome(r, 403, code="forbidden")
+        # Even writing about itself is refused.
+        own = {**me.patient, "gender": "unknown"}
+        r = client.put(
+            f"/fhir/Patient/{me.patient_id}",
+            content=fhir_bytes(own),
+            headers={"Content-Type": FHIR_JSON},
+        )
+        assert_outcome(r, 403)
+    assert live.log_size() == before
+    with live.client(live.clinician) as clinician:
+        assert (
+            clinician.get(f"/fhir/Patient/{me.patient_id}").json()["gender"] == me.patient["gender"]
+        )
+
+
+def test_patient_token_cannot_tell_others_records_from_absent_ones(
+    live: LiveServer, people: list[PatientBundle]
+) -> None:
+    """A patient learns nothing about other patients' records, not even that they exist
+    (or were erased): the answer is the one for an id that was never used."""
+    me, other = people
+    theirs = [r for r in other.resources if r["resourceType"] == "Condition"]
+    erased = theirs[0]
+    with live.client(live.clinician) as clinician:
+        assert clinician.delete(f"/fhir/Condition/{erased['id']}").status_code == 204
+    token = live.token("patient", patient=me.patient_id)
+    never = "00000000-0000-4000-8000-000000000000"
+    with live.client(token) as client:
+        for suffix in ("", "/_history", "/_history/1"):
+            absent = client.get(f"/fhir/Condition/{never}{suffix}")
+            assert_outcome(absent, 404)
+            for rid in (theirs[1]["id"], erased["id"]):
+                r = client.get(f"/fhir/Condition/{rid}{suffix}")
+                assert (r.status_code, r.json()["resourceType"]) == (404, "OperationOutcome"), (
+                    f"patient token on another patient's Condition{suffix}: "
+                    f"{r.status_code} {r.text[:300]}"
+                )
+                assert rid not in r.text
+
+
+def test_patient_token_bound_to_a_list_of_ids_sees_no_one_else(
+    live: LiveServer, people: list[PatientBundle]
+) -> None:
+    """A token's patient is one id: ``a,b`` (FHIR search OR) must not widen what it sees.
+    Either such a token cannot be issued, or it matches no one."""
+    me, other = people
+    try:
+        token, _ = live.tokens.create(
+            role="patient", patient=f"{me.patient_id},{other.patient_id}", now_ms=now_ms()
+        )
+    except InvalidInput:
+        return
+    with live.client(token) as client:
+        r = client.get("/fhir/Observation", params={"_count": "500"})
+        if r.status_code == 200:
+            seen = {_about(e["resource"]) for e in r.json().get("entry", [])}
+            assert f"Patient/{other.patient_id}" not in seen, (
+                f"a token bound to 'A,B' reads patient B's records ({r.json()['total']} results)"
+            )
+        else:
+            assert_outcome(r, (400, 403))

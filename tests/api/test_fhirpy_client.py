@@ -1,0 +1,101 @@
+"""A real FHIR client library, ``fhirpy`` (sync client), works against the node unchanged."""
+
+from __future__ import annotations
+
+import pytest
+from api_helpers import LiveServer
+from fhirpy import SyncFHIRClient
+from fhirpy.base.exceptions import AuthorizationError, ForbiddenError, ResourceNotFound
+
+from medledger.services.synthetic import PatientBundle, generate_patients
+
+
+@pytest.fixture(scope="module")
+def fhir(live: LiveServer) -> SyncFHIRClient:
+    return SyncFHIRClient(f"{live.url}/fhir", authorization=f"Bearer {live.clinician}")
+
+
+@pytest.fixture(scope="module")
+def person() -> PatientBundle:
+    return generate_patients(1, seed=21, start_index=3, resources_per_patient=30)[0]
+
+
+def test_create_read_update_delete(fhir: SyncFHIRClient, person: PatientBundle) -> None:
+    data = {k: v for k, v in person.patient.items() if k not in ("resourceType", "id")}
+    patient = fhir.resource("Patient", **data)
+    patient.save()
+    assert patient.id
+    assert patient["meta"]["versionId"] == "1"
+
+    read = fhir.reference("Patient", patient.id).to_resource()
+    assert read.id == patient.id
+    assert read["name"] == person.patient["name"]
+    fetched = fhir.get("Patient", patient.id)
+    assert fetched["birthDate"] == person.patient["birthDate"]
+
+    read["gender"] = "other"
+    read.save()
+    assert read["meta"]["versionId"] == "2"
+    refreshed = fhir.reference("Patient", patient.id).to_resource()
+    refreshed.refresh()
+    assert refreshed["gender"] == "other"
+    assert refreshed["meta"]["versionId"] == "2"
+
+    fhir.delete(read)
+    with pytest.raises(ResourceNotFound):
+        fhir.reference("Patient", patient.id).to_resource()
+    with pytest.raises(ResourceNotFound):
+        fhir.get("Patient", patient.id)
+
+
+def test_update_as_create_with_client_ids_and_search(
+    fhir: SyncFHIRClient, person: PatientBundle
+) -> None:
+    # Save the synthetic patient and its Observations under their own ids (PUT).
+    fhir.resource("Patient", **person.patient).save()
+    obs = [r for r in person.resources if r["resourceType"] == "Observation"]
+    for o in obs:
+        saved = fhir.resource("Observation", **o).save()
+        assert saved.id == o["id"]
+
+    family = person.patient["name"][0]["family"]
+    found = fhir.resources("Patient").search(family=family).fetch()
+    assert person.patient_id in {p.id for p in found}
+    assert all(any(n.get("family") == family for n in p["name"]) for p in found)
+
+    mine = (
+        fhir.resources("Observation")
+        .search(patient=f"Patient/{person.patient_id}")
+        .limit(4)
+        .fetch()
+    )
+    assert len(mine) == 4
+    everything = (
+        fhir.resources("Observation").search(patient=person.patient_id).limit(4).fetch_all()
+    )
+    assert sorted(o.id for o in everything) == sorted(o["id"] for o in obs)
+
+    coding = obs[0]["code"]["coding"][0]
+    by_code = (
+        fhir.resources("Observation")
+        .search(patient=person.patient_id, code=f"{coding['system']}|{coding['code']}")
+        .fetch_all()
+    )
+    assert {o.id for o in by_code} == {
+        o["id"] for o in obs if o["code"]["coding"][0]["code"] == coding["code"]
+    }
+    first = fhir.resources("Observation").search(patient=person.patient_id).first()
+    assert first is not None and first.id in {o["id"] for o in obs}
+
+    # References resolve through the client.
+    subject = first["subject"].to_resource()
+    assert subject.id == person.patient_id
+
+
+def test_client_sees_auth_errors(live: LiveServer, person: PatientBundle) -> None:
+    anonymous = SyncFHIRClient(f"{live.url}/fhir")
+    with pytest.raises(AuthorizationError):
+        anonymous.resources("Patient").fetch()
+    auditor = SyncFHIRClient(f"{live.url}/fhir", authorization=f"Bearer {live.auditor}")
+    with pytest.raises(ForbiddenError):
+        auditor.resources("Patient").fetch()
