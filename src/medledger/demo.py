@@ -36,8 +36,9 @@ from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
 from medledger.ledger.verify import Checkpoint, verify_chain
 from medledger.network import LocalNetwork
-from medledger.node import Node, load_genesis, open_chain, open_consortium_chain
-from medledger.services.synthetic import PatientBundle, generate_patients
+from medledger.node import load_genesis, open_chain, open_consortium_chain
+from medledger.services.records import ingest
+from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import FileKeyStore, KdfParams
 from medledger.storage.sqlite import SqliteChainStore
 
@@ -60,18 +61,6 @@ def run_demo(root: Path | None) -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-async def _write_patients(node: Node, bundles: list[PatientBundle], writers: int) -> float:
-    todo = iter([r for b in bundles for r in (b.patient, *b.resources)])
-
-    async def writer() -> None:
-        for res in todo:
-            await node.records.update(res["resourceType"], res["id"], res)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(writer() for _ in range(writers)))
-    return time.perf_counter() - start
 
 
 def _verify_line(root: Path, *, consortium: bool = False) -> tuple[bool, str]:
@@ -151,7 +140,9 @@ async def _narrate(say: Any, net: LocalNetwork, root: Path) -> None:
 
     say("\n[bold]2. St. Mary's clinical systems write 40 synthetic patients' records at once[/]")
     bundles = generate_patients(40, seed=2026, resources_per_patient=25)
-    elapsed = await _write_patients(node, bundles, 32)
+    start = time.perf_counter()
+    await ingest(node.records, [r for b in bundles for r in (b.patient, *b.resources)], 32)
+    elapsed = time.perf_counter() - start
     n = sum(1 + len(b.resources) for b in bundles)
     say(
         f"   {n:,} FHIR resources validated, each encrypted under its own AES-256-GCM key, and "

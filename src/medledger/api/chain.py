@@ -15,12 +15,15 @@ from fastapi.responses import Response
 from medledger.api.auth import require
 from medledger.api.responses import fhir_response
 from medledger.core.errors import InvalidInput, NotFound
-from medledger.core.hashing import hash_from_hex, sha256
-from medledger.core.merkle import leaf_hash
-from medledger.core.models import Block, BlockHeader, Transaction
-from medledger.ledger.proofs import consistency_proof, head_header, inclusion_proof, root_at
+from medledger.core.hashing import hash_from_hex
+from medledger.ledger.export import (
+    block_json,
+    consistency_proof_json,
+    head_json,
+    inclusion_proof_json,
+)
 from medledger.node import Node
-from medledger.storage.ports import ChainStore, StoredBlock
+from medledger.storage.ports import ChainStore
 from medledger.storage.tokens import TokenInfo
 
 __all__ = ["router"]
@@ -46,28 +49,16 @@ def _store(request: Request, which: str) -> ChainStore:
     raise NotFound(f"no chain {which!r} (private or consortium)")
 
 
-def _block_json(block: StoredBlock) -> dict[str, Any]:
-    return Block(
-        header=BlockHeader.decode(block.header_bytes),
-        signatures=block.signatures,
-        txs=tuple(Transaction.decode(d) for d in block.tx_data),
-    ).to_json()
-
-
 @router.get("/{which}/head")
 async def head(which: str, request: Request, who: Auditor) -> Response:
-    store = _store(request, which)
-    header = head_header(store)
-    data = store.head_header_bytes()
-    assert data is not None
-    return _json({**header.to_json(), "hash": sha256(data).hex()})
+    return _json(head_json(_store(request, which)))
 
 
 @router.get("/{which}/blocks/{height}")
 async def block(
     which: str, height: Annotated[int, Path(ge=0, le=2**53)], request: Request, who: Auditor
 ) -> Response:
-    return _json(_block_json(_store(request, which).block(height)))
+    return _json(block_json(_store(request, which).block(height)))
 
 
 @router.get("/{which}/proof/inclusion")
@@ -85,19 +76,7 @@ async def proof_inclusion(
     if tx is not None:
         index, _ = store.tx_by_hash(hash_from_hex(tx, "tx"))
     assert index is not None
-    size = size if size is not None else head_header(store).log_size
-    proof = inclusion_proof(store, index, size)
-    data = store.tx_data(index)
-    return _json(
-        {
-            "index": index,
-            "size": size,
-            "tx_hash": sha256(data).hex(),
-            "leaf_hash": leaf_hash(data).hex(),
-            "root": root_at(store, size).hex(),
-            "proof": [h.hex() for h in proof],
-        }
-    )
+    return _json(inclusion_proof_json(store, index, size))
 
 
 @router.get("/{which}/proof/consistency")
@@ -108,18 +87,7 @@ async def proof_consistency(
     old: Annotated[int, Query(ge=0, le=2**53)],
     new: Annotated[int | None, Query(ge=0, le=2**53)] = None,
 ) -> Response:
-    store = _store(request, which)
-    new = new if new is not None else head_header(store).log_size
-    proof = consistency_proof(store, old, new)
-    return _json(
-        {
-            "old_size": old,
-            "new_size": new,
-            "old_root": root_at(store, old).hex(),
-            "new_root": root_at(store, new).hex(),
-            "proof": [h.hex() for h in proof],
-        }
-    )
+    return _json(consistency_proof_json(_store(request, which), old, new))
 
 
 @router.get("/consortium/status")

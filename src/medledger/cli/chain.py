@@ -14,9 +14,13 @@ import click
 from medledger.cli.common import dir_option, emit, fail, progress, read_passphrase
 from medledger.config import load_config
 from medledger.core.hashing import hash_from_hex
-from medledger.core.merkle import leaf_hash
-from medledger.core.models import Block, BlockHeader, Transaction
-from medledger.ledger.proofs import consistency_proof, head_header, inclusion_proof, root_at
+from medledger.ledger.export import (
+    block_json,
+    consistency_proof_json,
+    head_json,
+    inclusion_proof_json,
+)
+from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import parse_checkpoint, verify_chain
 from medledger.node import init_node, open_chain
 from medledger.storage.ports import ChainStore, StoredBlock
@@ -34,12 +38,8 @@ def _chain(root: Path) -> Iterator[tuple[Any, ChainStore]]:
 
 
 def stored_block_json(block: StoredBlock) -> dict[str, Any]:
-    """The export JSON of a stored block (the same shape as :meth:`Block.to_json`)."""
-    return Block(
-        header=BlockHeader.decode(block.header_bytes),
-        signatures=block.signatures,
-        txs=tuple(Transaction.decode(d) for d in block.tx_data),
-    ).to_json()
+    """The export JSON of a stored block (see ``ledger.export``)."""
+    return block_json(block)
 
 
 # -- node ---------------------------------------------------------------------------
@@ -108,12 +108,7 @@ def chain() -> None:
 def chain_show(root: Path, as_json: bool) -> None:
     """Show the chain head."""
     with _chain(root) as (_, store):
-        header = head_header(store)
-        data = store.head_header_bytes()
-        assert data is not None
-        from medledger.core.hashing import sha256
-
-        info = {**header.to_json(), "hash": sha256(data).hex()}
+        info = head_json(store)
     if as_json:
         emit(info)
         return
@@ -161,21 +156,7 @@ def proof_inclusion(root: Path, index: int | None, tx_hash: str | None, size: in
         if tx_hash is not None:
             _, index = store.tx_location(hash_from_hex(tx_hash, "--tx"))
         assert index is not None
-        size = size if size is not None else head_header(store).log_size
-        proof = inclusion_proof(store, index, size)
-        data = store.tx_data(index)
-        from medledger.core.hashing import sha256
-
-        emit(
-            {
-                "index": index,
-                "size": size,
-                "tx_hash": sha256(data).hex(),
-                "leaf_hash": leaf_hash(data).hex(),
-                "root": root_at(store, size).hex(),
-                "proof": [h.hex() for h in proof],
-            }
-        )
+        emit(inclusion_proof_json(store, index, size))
 
 
 @chain_proof.command("consistency")
@@ -193,17 +174,7 @@ def proof_inclusion(root: Path, index: int | None, tx_hash: str | None, size: in
 def proof_consistency(root: Path, old_size: int, new_size: int | None) -> None:
     """Prove the log of NEW extends the log of OLD."""
     with _chain(root) as (_, store):
-        new_size = new_size if new_size is not None else head_header(store).log_size
-        proof = consistency_proof(store, old_size, new_size)
-        emit(
-            {
-                "old_size": old_size,
-                "new_size": new_size,
-                "old_root": root_at(store, old_size).hex(),
-                "new_root": root_at(store, new_size).hex(),
-                "proof": [h.hex() for h in proof],
-            }
-        )
+        emit(consistency_proof_json(store, old_size, new_size))
 
 
 # -- verify ---------------------------------------------------------------------------

@@ -51,7 +51,14 @@ from medledger.storage.batching import GroupCommitter
 from medledger.storage.blobs import BlobStore
 from medledger.storage.records import RecordIndex, VersionRow
 
-__all__ = ["RECORD_ERASE", "RECORD_PUT", "RecordsService", "StoredResource", "VersionInfo"]
+__all__ = [
+    "RECORD_ERASE",
+    "RECORD_PUT",
+    "RecordsService",
+    "StoredResource",
+    "VersionInfo",
+    "ingest",
+]
 
 RECORD_PUT = "record.put"
 RECORD_ERASE = "record.erase"
@@ -510,6 +517,23 @@ class RecordsService:
         )
         self._keys.destroy_kek(old_id)
         return {"old": old_id, "new": new_id, "rewrapped": count}
+
+
+async def ingest(
+    records: RecordsService, resources: Sequence[Mapping[str, Any]], writers: int
+) -> None:
+    """Store ``resources`` under their own ids (update-as-create) with ``writers`` concurrent writers.
+
+    References between them stay valid because ids are kept; used by the demo
+    and the benchmarks to load synthetic patients.
+    """
+    todo = iter(resources)
+
+    async def writer() -> None:
+        for res in todo:
+            await records.update(str(res["resourceType"]), str(res["id"]), res)
+
+    await asyncio.gather(*(writer() for _ in range(writers)))
 
 
 def _object(value: Any) -> dict[str, Any]:
