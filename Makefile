@@ -25,7 +25,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/medledger bench private
+	$(BIN)/medledger bench private --json-out bench/results/private.json
+	$(BIN)/medledger bench records --json-out bench/results/records.json
+	$(BIN)/medledger bench consortium --json-out bench/results/consortium.json
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -108,7 +108,7 @@ def run_records_bench(
     writers: int,
     json_out: Path | None,
     quick: bool,
-    workers: int = 1,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Run the records benchmark; ``workers`` validation processes (0 = inline)."""
     console = Console(stderr=True)

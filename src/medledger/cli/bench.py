@@ -113,7 +113,7 @@ def bench_private(
     "--validation-workers",
     "workers",
     type=click.IntRange(min=0),
-    default=1,
+    default=0,
     show_default=True,
     help="Processes validating FHIR beside the event loop (0 = inline).",
 )

@@ -348,25 +348,57 @@ class SqliteRecordIndex:
         ]
 
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
-        """Ids whose tokens match at least one token of every group."""
-        found: set[str] | None = None
-        for group in sorted(groups, key=len):
-            tokens = list(group)
-            ids: set[str] = set()
-            for start in range(0, len(tokens), 500):
-                chunk = tokens[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                ids.update(
-                    r[0]
-                    for r in self._rows(
-                        f"SELECT rid FROM tokens WHERE rtype = ? AND token IN ({marks})",
-                        (resource_type, *chunk),
-                    )
-                )
-            found = ids if found is None else found & ids
+        """Ids whose tokens match at least one token of every group.
+
+        The most selective group is resolved first; the others only check its
+        candidates, so a common code does not drag in every record it matches.
+        """
+        if not groups:
+            return []
+        counted = sorted(groups, key=lambda g: self._count(resource_type, g))
+        found = self._ids(resource_type, counted[0], None)
+        for group in counted[1:]:
             if not found:
                 return []
-        return sorted(found or ())
+            found &= self._ids(resource_type, group, found)
+        return sorted(found)
+
+    def _count(self, resource_type: str, group: set[bytes]) -> int:
+        tokens = list(group)
+        total = 0
+        for start in range(0, len(tokens), 500):
+            chunk = tokens[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            row = self._rows(
+                f"SELECT COUNT(*) FROM tokens WHERE rtype = ? AND token IN ({marks})",
+                (resource_type, *chunk),
+            )[0]
+            total += int(row[0])
+        return total
+
+    def _ids(self, resource_type: str, group: set[bytes], among: set[str] | None) -> set[str]:
+        tokens = list(group)
+        ids: set[str] = set()
+        for start in range(0, len(tokens), 400):
+            chunk = tokens[start : start + 400]
+            marks = ",".join("?" * len(chunk))
+            if among is None:
+                rows = self._rows(
+                    f"SELECT rid FROM tokens WHERE rtype = ? AND token IN ({marks})",
+                    (resource_type, *chunk),
+                )
+                ids.update(r[0] for r in rows)
+                continue
+            candidates = sorted(among)
+            for c in range(0, len(candidates), 400):
+                cand = candidates[c : c + 400]
+                rows = self._rows(
+                    f"SELECT rid FROM tokens WHERE rtype = ? AND token IN ({marks})"
+                    f" AND rid IN ({','.join('?' * len(cand))})",
+                    (resource_type, *chunk, *cand),
+                )
+                ids.update(r[0] for r in rows)
+        return ids
 
     def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]:
         return [
