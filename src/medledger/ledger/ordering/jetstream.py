@@ -87,7 +87,10 @@ def _describe(exc: BaseException) -> str:
 # request (no leader) — while a cluster elects leaders or recovers — and
 # "duplicate message id is in process" (10158): another publisher's message
 # with this Nats-Msg-Id is being replicated; a retry gets its sequence.
-_TRANSIENT_ERR_CODES = frozenset({10007, 10008, 10009, 10158})
+# "no suitable peers for placement" (10005): a peer is briefly offline or still
+# catching up (after a restart, or on a loaded machine); placement succeeds once
+# it is back, so stream creation waits for it within the retry window.
+_TRANSIENT_ERR_CODES = frozenset({10005, 10007, 10008, 10009, 10158})
 
 
 def _is_transient(exc: BaseException) -> bool:
