@@ -22,7 +22,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cli_support import medledger_command
 from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import KeyStoreError
 from medledger.core.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -68,13 +68,6 @@ NOTE = "Genève ✓ \u2013 ü"
 # -- running the CLI ------------------------------------------------------------------
 
 
-def _cli_command() -> list[str]:
-    script = Path(sys.executable).parent / "medledger"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from medledger.cli import main; main()"]
-
-
 @dataclass(frozen=True, slots=True)
 class Run:
     args: tuple[str, ...]
@@ -95,7 +88,7 @@ def run_cli(
     env.update(extra_env or {})
     argv = tuple(str(a) for a in args)
     proc = subprocess.run(
-        [*_cli_command(), *argv],
+        [*medledger_command(), *argv],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=env,

@@ -13,24 +13,17 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cli_support import medledger_command
 from medledger.node import open_node
 from medledger.storage.keystore import FileKeyStore
 
 PASSPHRASE = "cli records passphrase"
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).parent / "medledger"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from medledger.cli import main; main()"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +43,12 @@ def cli(*args: str | Path, stdin: bytes = b"", passphrase: str | None = PASSPHRA
         env["MEDLEDGER_PASSPHRASE"] = passphrase
     argv = tuple(str(a) for a in args)
     proc = subprocess.run(
-        [*_cli(), *argv], input=stdin, capture_output=True, env=env, timeout=120, check=False
+        [*medledger_command(), *argv],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     run = Run(argv, proc.returncode, proc.stdout, proc.stderr.decode())
     assert "Traceback" not in run.err and b"Traceback" not in run.out, run

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,19 +24,13 @@ from typing import Any
 import httpx
 import pytest
 
+from cli_support import medledger_command
 from medledger.node import init_node
 from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams
 
 PASSPHRASE = "service test passphrase"
 FHIR_JSON = "application/fhir+json"
-
-
-def _cli_command() -> list[str]:
-    script = Path(sys.executable).parent / "medledger"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from medledger.cli import main; main()"]
 
 
 def _env(passphrase: str | None = PASSPHRASE) -> dict[str, str]:
@@ -56,7 +49,7 @@ class Run:
 
 def run_cli(*args: str | Path) -> Run:
     proc = subprocess.run(
-        [*_cli_command(), *(str(a) for a in args)],
+        [*medledger_command(), *(str(a) for a in args)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=_env(),
@@ -198,7 +191,7 @@ def start_node(root: Path, log: Path) -> NodeProcess:
     port = _free_port()
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [*_cli_command(), "node", "start", "--dir", str(root), "--port", str(port)],
+            [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,

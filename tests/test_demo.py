@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-
-def _medledger() -> list[str]:
-    script = Path(sys.executable).parent / "medledger"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "medledger.cli"]
+from cli_support import medledger_command
 
 
 def test_demo_runs_and_its_network_verifies(tmp_path: Path) -> None:
     root = tmp_path / "net"
     demo = subprocess.run(
-        [*_medledger(), "demo", "--dir", str(root)],
+        [*medledger_command(), "demo", "--dir", str(root)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -31,7 +27,7 @@ def test_demo_runs_and_its_network_verifies(tmp_path: Path) -> None:
     assert "equivocation evidence against riverside-clinic" in out
     node = root / "st-mary-hospital"
     verify = subprocess.run(
-        [*_medledger(), "verify", "--consortium", "--dir", str(node)],
+        [*medledger_command(), "verify", "--consortium", "--dir", str(node)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -40,7 +36,7 @@ def test_demo_runs_and_its_network_verifies(tmp_path: Path) -> None:
     assert verify.returncode == 0, verify.stderr
     assert "quorum certificate" in verify.stdout and "published root" in verify.stdout
     status = subprocess.run(
-        [*_medledger(), "consortium", "status", "--dir", str(node)],
+        [*medledger_command(), "consortium", "status", "--dir", str(node)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -52,7 +48,7 @@ def test_demo_runs_and_its_network_verifies(tmp_path: Path) -> None:
 def test_demo_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "something").write_text("x")
     demo = subprocess.run(
-        [*_medledger(), "demo", "--dir", str(tmp_path)],
+        [*medledger_command(), "demo", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
