@@ -4,7 +4,6 @@ rejected input writes nothing at all (chain, index and blob store unchanged)."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -13,6 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 import simplejson
+from node_files import node_state
 
 from medledger.core.errors import InvalidInput, MedledgerError
 from medledger.node import Node, init_node, open_node
@@ -47,30 +47,6 @@ def run(root: Path, fn: Callable[[Node], Awaitable[T]]) -> T:
             await node.close()
 
     return asyncio.run(go())
-
-
-def node_state(root: Path) -> tuple[Any, ...]:
-    """Everything a write could change: chain blocks/txs, index rows and tokens, blob files."""
-
-    def rows(db: str, *queries: str) -> list[list[Any]]:
-        conn = sqlite3.connect(f"file:{root / db}?mode=ro", uri=True)
-        try:
-            return [conn.execute(q).fetchall() for q in queries]
-        finally:
-            conn.close()
-
-    chain = rows(
-        "chain.db",
-        "SELECT height, hash FROM blocks ORDER BY height",
-        "SELECT COUNT(*) FROM txs",
-    )
-    index = rows(
-        "records.db",
-        "SELECT rtype, rid, version, blob_hash, wrapped_dek FROM versions ORDER BY 1, 2, 3",
-        "SELECT token, rtype, rid FROM tokens ORDER BY 1, 2, 3",
-    )
-    blobs = sorted(p.name for p in (root / "blobs").rglob("*") if p.is_file())
-    return (chain, index, blobs)
 
 
 def first_issue(exc: pytest.ExceptionInfo[FhirInvalid]) -> Issue:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from node_files import blob_names, node_state
 
 from medledger.core.errors import (
     Conflict,
@@ -71,31 +72,6 @@ def plain(resource: dict[str, Any]) -> Any:
 
 def content(data: bytes) -> Any:
     return {k: v for k, v in json.loads(data).items() if k != "meta"}
-
-
-def node_state(root: Path) -> tuple[Any, ...]:
-    """Chain blocks/txs, index rows and tokens, blob files: everything a write changes."""
-
-    def rows(db: str, *queries: str) -> list[list[Any]]:
-        conn = sqlite3.connect(f"file:{root / db}?mode=ro", uri=True)
-        try:
-            return [conn.execute(q).fetchall() for q in queries]
-        finally:
-            conn.close()
-
-    chain = rows(
-        "chain.db", "SELECT height, hash FROM blocks ORDER BY height", "SELECT COUNT(*) FROM txs"
-    )
-    index = rows(
-        "records.db",
-        "SELECT rtype, rid, version, blob_hash, wrapped_dek, kek_id FROM versions ORDER BY 1,2,3",
-        "SELECT token, rtype, rid FROM tokens ORDER BY 1, 2, 3",
-    )
-    return (chain, index, blob_names(root))
-
-
-def blob_names(root: Path) -> list[str]:
-    return sorted(p.name for p in (root / "blobs").rglob("*") if p.is_file())
 
 
 def blob_path(root: Path, blob_hash: bytes) -> Path:
