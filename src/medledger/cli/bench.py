@@ -9,19 +9,30 @@ import click
 __all__ = ["bench", "demo"]
 
 
+# Options every benchmark takes.
+_work_dir = click.option(
+    "--dir",
+    "root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the benchmark keeps its nodes (default: a temporary directory, removed after).",
+)
+_json_out = click.option(
+    "--json-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write results as JSON here.",
+)
+_quick = click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+
+
 @click.group()
 def bench() -> None:
     """Benchmarks; results go to docs/benchmarks.md style tables and JSON."""
 
 
 @bench.command("private")
-@click.option(
-    "--dir",
-    "root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Directory for the benchmark chains (default: a temporary directory).",
-)
+@_work_dir
 @click.option(
     "--txs",
     type=click.IntRange(min=100),
@@ -44,13 +55,8 @@ def bench() -> None:
     show_default=True,
     help="Log size for the proof and full-verify run (0 to skip).",
 )
-@click.option(
-    "--json-out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write results as JSON here.",
-)
-@click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+@_json_out
+@_quick
 @click.option(
     "--store",
     type=click.Choice(["sqlite", "postgres", "both"]),
@@ -91,13 +97,7 @@ def bench_private(
 
 
 @bench.command("records")
-@click.option(
-    "--dir",
-    "root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Directory for the benchmark node (default: a temporary directory).",
-)
+@_work_dir
 @click.option("--patients", type=click.IntRange(min=1), default=1_000, show_default=True)
 @click.option(
     "--per-patient",
@@ -107,8 +107,8 @@ def bench_private(
     help="Resources per patient.",
 )
 @click.option("--writers", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+@_json_out
+@_quick
 @click.option(
     "--validation-workers",
     "workers",
@@ -141,7 +141,7 @@ def bench_records(
 
 
 @bench.command("consortium")
-@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@_work_dir
 @click.option(
     "--ordering",
     "orderings",
@@ -167,8 +167,8 @@ def bench_records(
     show_default=True,
     help="Transactions for the throughput run.",
 )
-@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+@_json_out
+@_quick
 def bench_consortium(
     root: Path | None,
     orderings: tuple[str, ...],
@@ -200,7 +200,7 @@ def bench_consortium(
     "root",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Keep the demo's node here (default: a temporary directory, removed after).",
+    help="Keep the demo's network here (default: a temporary directory, removed after).",
 )
 def demo(root: Path | None) -> None:
     """Run the guided story: concurrent writes, proofs, and tampering caught by verify."""
