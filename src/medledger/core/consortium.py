@@ -6,6 +6,11 @@
   with signatures from ⌊(n+f)/2⌋+1 distinct members (DESIGN.md, "Finality").
 * Membership changes (``member.add``, ``member.remove``, ``member.rotate``)
   need that same quorum of *current* members' signatures.
+* ``params.mode`` is ``"hybrid"`` (the product) or ``"consortium-only"``: a
+  benchmark-only consortium whose members also order and finalize every
+  record transaction (docs/decisions/0009-consortium-only-mode.md). It is
+  written into the genesis only when not ``"hybrid"``, so hybrid genesis
+  documents, and their hashes, are unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from medledger.core.keys import VerifyingKey
 
 __all__ = [
     "CONSORTIUM_GENESIS",
+    "CONSORTIUM_ONLY",
+    "HYBRID",
     "ConsortiumParams",
     "Genesis",
     "Member",
@@ -30,6 +37,8 @@ __all__ = [
 ]
 
 CONSORTIUM_GENESIS = "consortium.genesis"
+#: Consortium modes (``ConsortiumParams.mode``).
+HYBRID, CONSORTIUM_ONLY = "hybrid", "consortium-only"
 
 
 def max_faulty(n: int) -> int:
@@ -105,27 +114,39 @@ class ConsortiumParams:
     cut_after_ms: int = 20
     anchor_interval_ms: int = 200
     max_clock_skew_ms: int = 30_000
+    #: ``HYBRID``, or ``CONSORTIUM_ONLY`` for the benchmark comparison only.
+    mode: str = HYBRID
+
+    def __post_init__(self) -> None:
+        if self.mode not in (HYBRID, CONSORTIUM_ONLY):
+            raise InvalidInput(f"params mode must be {HYBRID!r} or {CONSORTIUM_ONLY!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_block_txs": self.max_block_txs,
             "max_block_bytes": self.max_block_bytes,
             "cut_after_ms": self.cut_after_ms,
             "anchor_interval_ms": self.anchor_interval_ms,
             "max_clock_skew_ms": self.max_clock_skew_ms,
         }
+        if self.mode != HYBRID:
+            out["mode"] = self.mode
+        return out
 
     @classmethod
     def from_json(cls, value: Any) -> ConsortiumParams:
         defaults = cls().to_json()
-        if not isinstance(value, dict) or set(value) - set(defaults):
+        if not isinstance(value, dict) or set(value) - {*defaults, "mode"}:
             raise InvalidInput("params has unknown fields")
         merged = {**defaults, **value}
+        mode = merged.pop("mode", HYBRID)
+        if not isinstance(mode, str):
+            raise InvalidInput("params mode must be a string")
         if not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in merged.values()
         ):
             raise InvalidInput("params must be positive integers")
-        return cls(**merged)
+        return cls(**merged, mode=mode)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from medledger.core.consortium import Genesis, Member, MemberSet
+from medledger.core.consortium import CONSORTIUM_ONLY, Genesis, Member, MemberSet
 from medledger.core.errors import InconsistentLog, InvalidInput, InvalidSignature, MedledgerError
 from medledger.core.hashing import hash_from_hex
 from medledger.core.keys import VerifyingKey
@@ -95,13 +95,19 @@ class ConsortiumState:
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> ConsortiumState:
-        return cls(
+        state_cls = cls
+        if genesis.params.mode == CONSORTIUM_ONLY:
+            # The benchmark-only mode also orders record transactions (decision 0009).
+            from medledger.ledger.consortium_commit import ConsortiumOnlyState
+
+            state_cls = ConsortiumOnlyState
+        return state_cls(
             chain_id=genesis.chain_id,
             members=MemberSet(genesis.members),
         )
 
     def copy(self) -> ConsortiumState:
-        return ConsortiumState(
+        return type(self)(
             chain_id=self.chain_id,
             members=self.members,
             anchors=dict(self.anchors),
@@ -138,7 +144,11 @@ class ConsortiumState:
         elif tx.type == ACCESS:
             self._check_access(tx)
         else:
-            raise InvalidInput(f"unknown consortium transaction type {tx.type!r}")
+            self._check_other(tx)
+
+    def _check_other(self, tx: Transaction) -> None:
+        """A type no rule above knows: refused here; a mode's rules may accept more."""
+        raise InvalidInput(f"unknown consortium transaction type {tx.type!r}")
 
     def _signer(self, tx: Transaction) -> Member:
         if len(tx.signatures) != 1:

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from medledger.core.envelope import RecordContext, open_record, seal_record, unwrap_key, wrap_key
 from medledger.core.errors import (
@@ -33,9 +33,8 @@ from medledger.core.errors import (
     PreconditionFailed,
 )
 from medledger.core.hashing import sha256
-from medledger.core.models import Transaction
+from medledger.core.models import Receipt, Transaction
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.private import PrivateChain
 from medledger.services.fhir import (
     FhirInvalid,
     Issue,
@@ -49,12 +48,15 @@ from medledger.services.search import patient_reference, query_tokens, resource_
 from medledger.services.validation import Validator
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.blobs import BlobStore
+from medledger.storage.ports import ChainStore
 from medledger.storage.records import RecordIndex, VersionRow
 
 __all__ = [
     "RECORD_ERASE",
     "RECORD_PUT",
+    "RecordChain",
     "RecordsService",
+    "SealedVersion",
     "StoredResource",
     "VersionInfo",
     "ingest",
@@ -82,6 +84,16 @@ class StoredResource:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SealedVersion:
+    """One stored version with its data key, as the sharing protocol needs it."""
+
+    row: VersionRow
+    blob: bytes
+    dek: bytes
+    tx_data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VersionInfo:
     """One entry of a history: a readable version, or an erased one (``stored`` is ``None``)."""
 
@@ -90,6 +102,25 @@ class VersionInfo:
     version: int
     last_updated: str
     stored: StoredResource | None
+
+
+class RecordChain(Protocol):
+    """The chain record transactions are committed on.
+
+    The institution's ``PrivateChain``; or, for the benchmark-only
+    consortium-only mode, ``ledger.consortium_commit.ConsortiumCommit``, whose
+    transactions also need the author signature ``RecordsService(sign_tx=…)``.
+    """
+
+    @property
+    def chain_id(self) -> str: ...
+
+    @property
+    def store(self) -> ChainStore: ...
+
+    async def submit(self, tx_type: str, body: dict[str, Any]) -> Receipt: ...
+
+    async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]: ...
 
 
 def _instant(ms: int) -> str:
@@ -107,16 +138,19 @@ class RecordsService:
         self,
         *,
         institution: str,
-        chain: PrivateChain,
+        chain: RecordChain,
         index: RecordIndex,
         blobs: BlobStore,
         keys: InstitutionKeys,
         clock: Clock | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         validator: Validator | None = None,
+        sign_tx: Callable[[Transaction], Transaction] | None = None,
     ) -> None:
         self._institution = institution
         self._chain = chain
+        # Only the consortium-only benchmark mode signs record txs (see RecordChain).
+        self._sign_tx = sign_tx
         self._index = index
         self._blobs = blobs
         self._keys = keys
@@ -267,6 +301,8 @@ class RecordsService:
             },
             time_ms=now,
         )
+        if self._sign_tx is not None:
+            tx = self._sign_tx(tx)  # before hashing: the index keeps the committed tx's hash
         row = VersionRow(
             resource_type=rtype,
             id=rid,
@@ -379,7 +415,45 @@ class RecordsService:
             raise NotFound(f"{resource_type}/{rid} has no version {version}")
         return self._open(row)
 
-    def _open(self, row: VersionRow) -> StoredResource:
+    def sealed_version(
+        self, resource_type: str, rid: str, version: int | None = None
+    ) -> SealedVersion:
+        """A version as stored — ciphertext, unwrapped data key, chain tx — for sharing.
+
+        The same checks as a read (index against chain tx, blob hash) apply;
+        the plaintext is never produced here.
+        """
+        row = (
+            self._index.latest(resource_type, rid)
+            if version is None
+            else self._index.get_version(resource_type, rid, version)
+        )
+        if row is None:
+            raise NotFound(f"{resource_type}/{rid} does not exist (or has no such version)")
+        tx_data = self._checked_tx(row)
+        assert row.wrapped_dek is not None and row.kek_id is not None
+        blob = self._blobs.get(row.blob_hash)
+        dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
+        return SealedVersion(row=row, blob=blob, dek=dek, tx_data=tx_data)
+
+    def patient_pseudonym(self, patient_id: str) -> str:
+        pseudonym = self._keys.pseudonym(f"Patient/{patient_id}")
+        assert pseudonym is not None
+        return pseudonym
+
+    def resources_of_patient(self, patient_id: str) -> list[tuple[str, str]]:
+        """``(type, id)`` of every unerased resource about ``Patient/<patient_id>``."""
+        out = [("Patient", patient_id)]
+        for rtype, rid in self._index.records_of_patient(self.patient_pseudonym(patient_id)):
+            latest = self._index.latest(rtype, rid)
+            if latest is not None and not latest.erased and (rtype, rid) not in out:
+                out.append((rtype, rid))
+        return [r for r in out if (row := self._index.latest(*r)) is not None and not row.erased]
+
+    def record_ref(self, resource_type: str, rid: str) -> str:
+        return self._keys.record_ref(resource_type, rid)
+
+    def _checked_tx(self, row: VersionRow) -> bytes:
         where = f"{row.resource_type}/{row.id}/_history/{row.version}"
         if row.erased or row.wrapped_dek is None or row.kek_id is None:
             raise Gone(f"{row.resource_type}/{row.id} was erased")
@@ -400,6 +474,11 @@ class RecordsService:
             or body.get("ref") != self._keys.record_ref(row.resource_type, row.id)
         ):
             raise IntegrityError(f"{where}: the index does not match the chain transaction")
+        return tx_data
+
+    def _open(self, row: VersionRow) -> StoredResource:
+        self._checked_tx(row)
+        assert row.wrapped_dek is not None and row.kek_id is not None
         blob = self._blobs.get(row.blob_hash)
         dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
         context = RecordContext(
