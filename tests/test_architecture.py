@@ -22,6 +22,7 @@ LAYERS = {
     "demo": 6,
     "benchmarks": 6,
     "network": 6,
+    "netproc": 6,
 }
 # core is pure: no I/O, clock, randomness, concurrency or logging.
 CORE_FORBIDDEN = {

@@ -20,11 +20,24 @@
     dsn = "host=db1 dbname=medledger user=st_mary"   # never a password
     blobs = "file"                 # "file" (default) | "postgres"
 
+    [consortium]                   # optional; how `node start` reaches the ordering service
+    ordering = "solo"              # "solo": one order file shared by the nodes of one machine
+    order_file = "../order.db"     #   relative to the node directory
+    # ordering = "jetstream"       # "jetstream": a NATS JetStream stream
+    # nats_urls = ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
+    # stream = "CONSORTIUM"
+    # subject = "consortium.order"
+    # replicas = 3                 # stream replicas, at most the NATS cluster size
+    anchor = true                  # anchor the private chain on the consortium
+
 Environment: ``MEDLEDGER_MAX_TXS`` and ``MEDLEDGER_MAX_WAIT_MS`` override the
 sequencer settings; ``MEDLEDGER_PASSPHRASE`` supplies the keystore passphrase;
 ``MEDLEDGER_STORE``, ``MEDLEDGER_DSN`` and ``MEDLEDGER_BLOBS`` override
 ``[storage]``. A PostgreSQL password comes from ``MEDLEDGER_DSN``,
 ``PGPASSWORD`` or ``~/.pgpass``: ``node.toml`` never stores one.
+``MEDLEDGER_ORDERING``, ``MEDLEDGER_ORDER_FILE``, ``MEDLEDGER_NATS_URLS``
+(comma-separated) and ``MEDLEDGER_STREAM_REPLICAS`` override ``[consortium]``
+(``MEDLEDGER_ORDERING`` alone configures a node without the section).
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ from medledger.storage.keystore import atomic_write
 
 __all__ = [
     "CONFIG_FILE",
+    "ConsortiumConfig",
     "NodeConfig",
     "NodePaths",
     "StorageConfig",
@@ -144,6 +158,94 @@ class StorageConfig:
         return doc
 
 
+_ORDERINGS = ("solo", "jetstream")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsortiumConfig:
+    """How a node reaches the consortium's ordering service (``[consortium]``).
+
+    ``solo``: ``order_file``, the SQLite order every node of this machine opens
+    (relative paths are relative to the node directory). ``jetstream``:
+    ``nats_urls`` of the NATS cluster, the ``stream`` and its ``subject``, and
+    ``replicas`` (at most the cluster size). ``anchor``: whether the node
+    anchors its private chain.
+    """
+
+    ordering: str = "solo"
+    order_file: str = "../order.db"
+    nats_urls: tuple[str, ...] = ()
+    stream: str = "CONSORTIUM"
+    subject: str = "consortium.order"
+    replicas: int = 3
+    anchor: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ordering not in _ORDERINGS:
+            raise InvalidInput(
+                f"[consortium] ordering must be 'solo' or 'jetstream', not {self.ordering!r}"
+            )
+        if self.ordering == "solo" and not self.order_file:
+            raise InvalidInput("[consortium] solo ordering needs an order_file")
+        if self.ordering == "jetstream" and not self.nats_urls:
+            raise InvalidInput("[consortium] jetstream ordering needs nats_urls")
+        if not 1 <= self.replicas <= 5:
+            raise InvalidInput("[consortium] replicas must be between 1 and 5")
+
+    def order_path(self, root: Path) -> Path:
+        """The solo order file, resolved against the node directory ``root``."""
+        path = Path(self.order_file)
+        return path if path.is_absolute() else root / path
+
+    @classmethod
+    def from_env(
+        cls, section: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
+    ) -> ConsortiumConfig | None:
+        """``[consortium]`` overridden by ``MEDLEDGER_ORDERING`` and friends; ``None`` if neither."""
+        env = os.environ if env is None else env
+        if section is None and not env.get("MEDLEDGER_ORDERING"):
+            return None
+        sec = section or {}
+        urls_env = env.get("MEDLEDGER_NATS_URLS")
+        urls = (
+            [u.strip() for u in urls_env.split(",") if u.strip()]
+            if urls_env
+            else sec.get("nats_urls", [])
+        )
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise InvalidInput("[consortium] nats_urls must be a list of strings")
+        anchor = sec.get("anchor", True)
+        if not isinstance(anchor, bool):
+            raise InvalidInput("[consortium] anchor must be true or false")
+        try:
+            replicas = int(env.get("MEDLEDGER_STREAM_REPLICAS") or sec.get("replicas", 3))
+        except (TypeError, ValueError):
+            raise InvalidInput("[consortium] replicas must be a whole number") from None
+        return cls(
+            ordering=str(env.get("MEDLEDGER_ORDERING") or sec.get("ordering", "solo")),
+            order_file=str(env.get("MEDLEDGER_ORDER_FILE") or sec.get("order_file", "../order.db")),
+            nats_urls=tuple(urls),
+            stream=str(sec.get("stream", "CONSORTIUM")),
+            subject=str(sec.get("subject", "consortium.order")),
+            replicas=replicas,
+            anchor=anchor,
+        )
+
+    def to_toml(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"ordering": self.ordering}
+        if self.ordering == "solo":
+            doc["order_file"] = self.order_file
+        else:
+            doc.update(
+                nats_urls=list(self.nats_urls),
+                stream=self.stream,
+                subject=self.subject,
+                replicas=self.replicas,
+            )
+        doc["anchor"] = self.anchor
+        return doc
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     name: str
@@ -152,6 +254,7 @@ class NodeConfig:
     sequencer: SequencerConfig
     signing_key: VerifyingKey
     storage: StorageConfig = StorageConfig()
+    consortium: ConsortiumConfig | None = None
 
     def to_toml(self) -> bytes:
         doc: dict[str, Any] = {
@@ -167,6 +270,8 @@ class NodeConfig:
         }
         if self.storage != StorageConfig():
             doc["storage"] = self.storage.to_toml()
+        if self.consortium is not None:
+            doc["consortium"] = self.consortium.to_toml()
         return tomli_w.dumps(doc, multiline_strings=True).encode()
 
     def save(self, path: Path) -> None:
@@ -218,6 +323,9 @@ def load_config(root: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
             sequencer=SequencerConfig(max_txs=max_txs, max_wait_ms=max_wait),
             signing_key=key,
             storage=StorageConfig.from_env(_optional_section(doc, "storage"), env),
+            consortium=ConsortiumConfig.from_env(
+                _optional_section(doc, "consortium") if "consortium" in doc else None, env
+            ),
         )
     except (KeyError, ValueError, TypeError, InvalidInput) as exc:
         raise InvalidInput(f"{path}: invalid setting ({exc})") from None

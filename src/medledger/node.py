@@ -11,10 +11,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from medledger.config import NodeConfig, NodePaths, StorageConfig, institution_id, load_config
+from medledger.config import (
+    CONFIG_FILE,
+    NodeConfig,
+    NodePaths,
+    StorageConfig,
+    institution_id,
+    load_config,
+)
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from medledger.ledger.anchoring import Anchorer
@@ -38,6 +46,7 @@ __all__ = [
     "open_chain",
     "open_consortium_chain",
     "open_node",
+    "open_orderer",
     "write_genesis",
 ]
 
@@ -157,14 +166,28 @@ def load_genesis(path: Path) -> Genesis:
 
 
 def write_genesis(
-    consortium: str, roots: list[Path], *, time_ms: int, params: ConsortiumParams | None = None
+    consortium: str,
+    roots: list[Path],
+    *,
+    time_ms: int,
+    params: ConsortiumParams | None = None,
+    peer_urls: Mapping[str, str] | None = None,
 ) -> Genesis:
-    """A genesis of the nodes in ``roots``, copied into each node directory."""
+    """A genesis of the nodes in ``roots``, copied into each node directory.
+
+    ``peer_urls`` maps an institution id to the URL other members reach its node at.
+    """
+    peer_urls = peer_urls or {}
     members = []
     for root in roots:
         config = load_config(root)
         members.append(
-            Member(id=config.institution, name=config.name, signing_key=config.signing_key)
+            Member(
+                id=config.institution,
+                name=config.name,
+                signing_key=config.signing_key,
+                peer_url=peer_urls.get(config.institution, ""),
+            )
         )
     genesis = Genesis(
         consortium=consortium,
@@ -256,6 +279,30 @@ def init_node(
                     child.unlink(missing_ok=True)
         raise
     return config
+
+
+async def open_orderer(config: NodeConfig, root: Path) -> Orderer:
+    """The ordering service named by ``[consortium]`` (the caller closes it).
+
+    ``solo``: the order file shared by the nodes of this machine; ``jetstream``:
+    a connection to the NATS cluster (the stream is created if absent).
+    """
+    settings = config.consortium
+    if settings is None:
+        raise InvalidInput(f"{CONFIG_FILE} has no [consortium] section (or MEDLEDGER_ORDERING)")
+    if settings.ordering == "solo":
+        from medledger.ledger.ordering.solo import SoloOrderer
+
+        return SoloOrderer(settings.order_path(root))
+    from medledger.ledger.ordering.jetstream import JetStreamOrderer
+
+    return await JetStreamOrderer.connect(
+        list(settings.nats_urls),
+        stream=settings.stream,
+        subject=settings.subject,
+        replicas=settings.replicas,
+        name=f"medledger-{config.institution}",
+    )
 
 
 def open_chain(root: Path) -> tuple[NodeConfig, ChainStore]:

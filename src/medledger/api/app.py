@@ -1,4 +1,5 @@
-"""The node's HTTP application: FHIR at /fhir, chains at /chain, health at /healthz.
+"""The node's HTTP application: FHIR at /fhir, chains at /chain, health at /healthz, /readyz
+and /metrics.
 
 ``create_app`` wires an opened :class:`~medledger.node.Node` and a token
 store into a FastAPI app; OpenAPI is served at ``/docs``.
@@ -15,6 +16,7 @@ from fastapi.responses import Response
 from medledger import __version__
 from medledger.api import chain, fhir
 from medledger.api.errors import install_error_handlers
+from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.node import Node
@@ -69,10 +71,20 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
 
     @app.get("/readyz", tags=["operations"])
     async def readyz() -> Response:
-        head = node.chain.head
+        # ``app.state.ready`` (set by ``node start`` when it joins a consortium): False
+        # until the consortium member has replayed the order it found at start.
+        ready = getattr(app.state, "ready", None)
+        body: dict[str, Any] = {"status": "ready", "private_height": node.chain.head.height}
+        if node.consortium is not None:
+            body["consortium_height"] = node.consortium.final_height
+        if ready is not None and not ready():
+            body["status"] = "catching up"
         return fhir_response(
-            {"status": "ready", "private_height": head.height},
+            body,
+            status=200 if body["status"] == "ready" else 503,
             headers={"Content-Type": "application/json"},
         )
+
+    install_metrics(app)
 
     return app

@@ -16,6 +16,7 @@ from medledger.cli.bench import bench, demo
 from medledger.cli.chain import chain, node, verify
 from medledger.cli.common import EXIT_TAMPERED, fail
 from medledger.cli.consortium import consortium
+from medledger.cli.network import network
 from medledger.cli.records import keys, record
 from medledger.cli.service import start, token
 from medledger.cli.storage import backup, migrate, restore
@@ -35,6 +36,7 @@ for command in (
     chain,
     verify,
     consortium,
+    network,
     record,
     keys,
     token,

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import json
 import logging
+import os
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
-from medledger.cli.common import dir_option, emit, read_passphrase
+from medledger.cli.common import PASSPHRASE_ENV, dir_option, emit, read_passphrase
 from medledger.storage.tokens import ROLES, TokenStore
 
-__all__ = ["start", "token"]
+__all__ = ["JsonLogFormatter", "start", "token"]
 
 
 def _tokens(root: Path) -> TokenStore:
@@ -51,42 +56,131 @@ def _graceful_server_class() -> type:
     return GracefulServer
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message``, ``fields``.
+
+    ``fields`` holds ``extra={"fields": {...}}`` of the call. No PHI: medledger
+    logs no resource bodies, names or identifiers; as a second line of defence
+    FHIR ids in paths and query strings are masked, and an exception is logged
+    by its type only (its text could quote input).
+    """
+
+    _PATH_ID = re.compile(r"(/fhir/[A-Za-z]+)/[^\s/?\"']+")
+    _QUERY = re.compile(r"\?[^\s\"']*")
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = self._QUERY.sub("?…", self._PATH_ID.sub(r"\1/…", record.getMessage()))
+        doc: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+            "fields": getattr(record, "fields", {}),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["fields"] = {**doc["fields"], "exception": record.exc_info[0].__name__}
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def _structured_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+
+
 @click.command("start")
 @dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8700, show_default=True)
 def start(root: Path, host: str, port: int) -> None:
-    """Serve the node's FHIR API (/fhir), chain API (/chain) and OpenAPI (/docs)."""
+    """Serve the node's FHIR API (/fhir), chain API (/chain), OpenAPI (/docs), /metrics.
+
+    With a genesis (genesis.json) and a [consortium] section in node.toml (or
+    MEDLEDGER_ORDERING), the node joins the consortium and anchors its private
+    chain; /readyz answers 503 until it has caught up with the ordered stream.
+    Logs are JSON lines on stderr.
+    """
     import uvicorn
 
     from medledger.api.app import create_app
+    from medledger.ledger.ordering.observed import ObservedOrderer
+    from medledger.node import open_node, open_orderer
 
     _GracefulServer = _graceful_server_class()
-    from medledger.node import open_node
 
     passphrase = read_passphrase(confirm=False)
+    # Children (validation workers) need no passphrase.
+    os.environ.pop(PASSPHRASE_ENV, None)
     # Request paths and queries can carry identifiers: uvicorn's access log stays off.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _structured_logging()
+    log = logging.getLogger("medledger.node")
 
     async def serve() -> None:
         node = open_node(root, passphrase)
         tokens = TokenStore(root / "tokens.db")
+        ordering: ObservedOrderer | None = None
         try:
             app = create_app(node, tokens)
+            settings = node.config.consortium
+            if settings is not None and node.paths.genesis.exists():
+                ordering = ObservedOrderer(await open_orderer(node.config, root))
+                target = await ordering.last_seq()
+                await node.join_consortium(ordering, anchor=settings.anchor)
+                observed = ordering
+
+                def ready() -> bool:
+                    return observed.read_seq >= target
+
+                app.state.ready = ready
+                app.state.ordering = ordering
+                log.info(
+                    "joined the consortium",
+                    extra={
+                        "fields": {
+                            "ordering": settings.ordering,
+                            "replay_to": target,
+                            "anchor": settings.anchor,
+                        }
+                    },
+                )
+            elif settings is not None:
+                log.warning("no genesis.json: serving without joining the consortium")
             config = uvicorn.Config(
-                app, host=host, port=port, access_log=False, log_level="warning", lifespan="off"
+                app,
+                host=host,
+                port=port,
+                access_log=False,
+                log_level="warning",
+                lifespan="off",
+                log_config=None,
             )
             server = _GracefulServer(config)
-            click.echo(
-                f"medledger node {node.config.institution} serving on http://{host}:{port}"
-                " (OpenAPI at /docs)",
-                err=True,
+            log.info(
+                "serving",
+                extra={
+                    "fields": {
+                        "institution": node.config.institution,
+                        "url": f"http://{host}:{port}",
+                        "pid": os.getpid(),
+                    }
+                },
             )
             await server.serve()
+            log.info("shutting down: committing queued writes")
         finally:
             # Graceful: queued writes commit before storage closes.
             await node.close()
+            if ordering is not None:
+                await ordering.close()
             tokens.close()
+            log.info("stopped")
 
     asyncio.run(serve())
 
