@@ -254,6 +254,8 @@ class NodeConfig:
     sequencer: SequencerConfig
     signing_key: VerifyingKey
     storage: StorageConfig = StorageConfig()
+    #: The HPKE public key other members wrap shared data keys to ("<kem>:<hex>").
+    hpke_key: str = ""
     consortium: ConsortiumConfig | None = None
 
     def to_toml(self) -> bytes:
@@ -266,6 +268,7 @@ class NodeConfig:
             "keys": {
                 "signing_fingerprint": self.signing_key.fingerprint,
                 "signing_public_key": self.signing_key.pem(),
+                **({"hpke_public_key": self.hpke_key} if self.hpke_key else {}),
             },
         }
         if self.storage != StorageConfig():
@@ -323,6 +326,7 @@ def load_config(root: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
             sequencer=SequencerConfig(max_txs=max_txs, max_wait_ms=max_wait),
             signing_key=key,
             storage=StorageConfig.from_env(_optional_section(doc, "storage"), env),
+            hpke_key=str(keys.get("hpke_public_key", "")),
             consortium=ConsortiumConfig.from_env(
                 _optional_section(doc, "consortium") if "consortium" in doc else None, env
             ),

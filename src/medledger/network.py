@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from medledger.core.errors import InvalidInput, OrderingError
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.node import Node, init_node, open_node, write_genesis
+from medledger.services.hpke import DEFAULT_KEM
 from medledger.storage.keystore import KdfParams
 
 __all__ = ["LocalNetwork"]
@@ -49,15 +50,27 @@ class LocalNetwork:
         ordering: str = "solo",
         params: ConsortiumParams | None = None,
         kdf: KdfParams | None = None,
+        peer_urls: Mapping[str, str] | None = None,
+        hpke_kem: str = DEFAULT_KEM,
     ) -> LocalNetwork:
-        """Create the nodes and the genesis, then open the network."""
+        """Create the nodes and the genesis, then open the network.
+
+        ``peer_urls`` (institution id → URL) is where members reach each other's
+        ``/peer/v1`` endpoints for sharing.
+        """
         base.mkdir(parents=True, exist_ok=True)
         roots = []
         for name in names:
             root = base / institution_id(name)
-            init_node(root, name=name, passphrase=passphrase, kdf=kdf)
+            init_node(root, name=name, passphrase=passphrase, kdf=kdf, hpke_kem=hpke_kem)
             roots.append(root)
-        write_genesis(consortium, roots, time_ms=time.time_ns() // 1_000_000, params=params)
+        write_genesis(
+            consortium,
+            roots,
+            time_ms=time.time_ns() // 1_000_000,
+            params=params,
+            peer_urls=peer_urls,
+        )
         return await cls.open(base, passphrase=passphrase, ordering=ordering)
 
     @classmethod

@@ -30,12 +30,17 @@ from medledger.ledger.clock import Clock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
+from medledger.services.access import AccessLog
+from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
 from medledger.services.keys import InstitutionKeys
+from medledger.services.peer_http import HttpPeerTransport
 from medledger.services.records import RecordsService
+from medledger.services.sharing import SharingService
 from medledger.services.validation import Validator
 from medledger.storage import factory
 from medledger.storage.blobs import BlobStore
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
+from medledger.storage.nonces import NonceStore
 from medledger.storage.ports import ChainStore
 from medledger.storage.records import RecordIndex
 
@@ -62,10 +67,14 @@ class Node:
     chain: PrivateChain
     index: RecordIndex
     records: RecordsService
+    access: AccessLog
     consortium: ConsortiumMember | None = None
     anchorer: Anchorer | None = None
+    sharing: SharingService | None = None
     _consortium_store: ChainStore | None = None
     _blobs: BlobStore | None = None
+    _nonces: NonceStore | None = None
+    _transport: HttpPeerTransport | None = None
 
     @property
     def consortium_store(self) -> ChainStore | None:
@@ -87,6 +96,24 @@ class Node:
         )
         await member.start()
         self.consortium, self._consortium_store = member, store
+        self.access = AccessLog(
+            institution=self.config.institution, chain=self.chain, member=member
+        )
+        self._nonces = NonceStore(self.paths.root / "peer_nonces.db")
+        self._transport = HttpPeerTransport()
+        kem = self.config.hpke_key.partition(":")[0] or DEFAULT_KEM
+        self.sharing = SharingService(
+            institution=self.config.institution,
+            key=key,
+            hpke=HpkeKeyPair.from_keystore(self.keystore, kem),
+            records=self.records,
+            chain=self.chain,
+            member=member,
+            consortium_store=store,
+            access=self.access,
+            nonces=self._nonces,
+            transport=self._transport,
+        )
         if anchor:
             self.anchorer = Anchorer(
                 institution=self.config.institution, chain=self.chain, member=member, key=key
@@ -98,6 +125,11 @@ class Node:
         """Commit everything queued, then release storage."""
         if self.anchorer is not None:
             await self.anchorer.close()
+        await self.access.drain()
+        if self._transport is not None:
+            await self._transport.close()
+        if self._nonces is not None:
+            self._nonces.close()
         await self.records.close()
         await self.chain.close()
         if self.consortium is not None:
@@ -186,6 +218,7 @@ def write_genesis(
                 id=config.institution,
                 name=config.name,
                 signing_key=config.signing_key,
+                hpke_key=config.hpke_key,
                 peer_url=peer_urls.get(config.institution, ""),
             )
         )
@@ -211,8 +244,12 @@ def init_node(
     kdf: KdfParams | None = None,
     clock: Clock | None = None,
     storage: StorageConfig | None = None,
+    hpke_kem: str = DEFAULT_KEM,
 ) -> NodeConfig:
     """Create a new node in ``root`` (absent or empty). Leaves nothing behind on failure.
+
+    ``hpke_kem`` picks the KEM whose public key the node publishes for sharing
+    (``MLKEM768_X25519``, the post-quantum hybrid, or ``X25519``).
 
     ``storage`` defaults to ``[storage]`` from the environment (``MEDLEDGER_STORE``,
     ``MEDLEDGER_DSN``, ``MEDLEDGER_BLOBS``), which defaults to SQLite and files.
@@ -256,6 +293,7 @@ def init_node(
             sequencer=sequencer or SequencerConfig(),
             signing_key=key.public,
             storage=storage,
+            hpke_key=HpkeKeyPair.from_keystore(keystore, hpke_kem).public_text(),
         )
         factory.initialize_blob_store(
             storage.blobs,
@@ -379,5 +417,6 @@ def open_node(
         chain=chain,
         index=index,
         records=records,
+        access=AccessLog(institution=config.institution, chain=chain),
         _blobs=blobs,
     )

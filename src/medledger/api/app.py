@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from medledger import __version__
-from medledger.api import chain, fhir
+from medledger.api import chain, fhir, peer
 from medledger.api.errors import install_error_handlers
 from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
@@ -64,6 +64,7 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.include_router(fhir.router)
     app.include_router(chain.router)
+    app.include_router(peer.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> Response:

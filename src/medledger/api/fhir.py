@@ -52,15 +52,16 @@ def _headers(s: StoredResource) -> dict[str, str]:
     }
 
 
-async def _body(request: Request) -> Any:
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
+    """The request's JSON body, refused (413) past ``limit`` bytes before it is all read."""
     length = request.headers.get("content-length")
-    if length is not None and _digits(length) and int(length) > MAX_BODY_BYTES:
-        raise TooLarge(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+    if length is not None and _digits(length) and int(length) > limit:
+        raise TooLarge(f"request body is {length} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise TooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise TooLarge(f"request body exceeds {limit} bytes")
         chunks.append(chunk)
     return load_json(b"".join(chunks))
 
@@ -184,7 +185,7 @@ async def metadata(request: Request) -> Response:
 
 @router.post("", summary="transaction Bundle (all-or-nothing)")
 async def transaction(request: Request, who: Writer) -> Response:
-    bundle = await _body(request)
+    bundle = await read_body(request)
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InvalidInput("POST /fhir takes a Bundle of type 'transaction'")
     return fhir_response(await _records(request).transaction(bundle))
@@ -195,7 +196,7 @@ async def transaction(request: Request, who: Writer) -> Response:
 
 @router.post("/{resource_type}", summary="create", status_code=201, response_class=Response)
 async def create(resource_type: str, request: Request, who: Writer) -> Response:
-    resource = await _body(request)
+    resource = await read_body(request)
     if not isinstance(resource, dict) or resource.get("resourceType") != _check_type(resource_type):
         raise InvalidInput(f"body must be a {resource_type} resource")
     stored = await _records(request).create(resource)
@@ -281,7 +282,7 @@ async def update(
     who: Writer,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    resource = await _body(request)
+    resource = await read_body(request)
     if not isinstance(resource, dict):
         raise InvalidInput("body must be a FHIR resource")
     stored, created = await _records(request).update(

@@ -90,8 +90,8 @@ class _Net:
             type=ACCESS,
             chain=self.genesis.chain_id,
             body={
-                "reader": f"m{member}",
-                "holder": f"m{(member + 1) % self.n}",
+                "reader": f"m{(member + 1) % self.n}",
+                "holder": f"m{member}",
                 "patient": f"{seq:064x}",
                 "consent": "",
                 "resource": f"{seq:064x}",

@@ -222,6 +222,10 @@ class ConsortiumMember:
 
     # -- submitting ---------------------------------------------------------------------
 
+    def sign(self, tx: Transaction) -> Transaction:
+        """``tx`` signed by this member (as the author of a member-signed tx)."""
+        return replace(tx, signatures=(self._key.sign(tx.signing_bytes()),))
+
     async def submit(self, tx: Transaction, *, timeout: float = 30.0) -> Receipt:
         """Publish ``tx`` and wait until it is in a final block (or refused by the rules).
 
@@ -281,7 +285,7 @@ class ConsortiumMember:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
             return
-        self._state.apply(tx, tx_hash)
+        self._state.apply(tx, tx_hash, self._tip_header.height + 1)
         p = self._pending
         p.txs.append((data, tx_hash))
         p.size += len(data)

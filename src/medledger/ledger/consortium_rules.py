@@ -12,15 +12,26 @@ every honest member gives), ``apply`` updates the state. Rules:
   institution that rewrote its private history cannot anchor again.
 * ``member.add`` / ``member.remove`` / ``member.rotate`` — signed by a
   quorum of current members.
-* ``access`` — a cross-institution read summary, signed by the reading
-  member, naming a member as holder; pseudonyms and hashes only.
+* ``access`` — a cross-institution read summary, signed by the member
+  that held the record (it decided the outcome, and it cannot be skipped by
+  a reader that would rather not be seen); pseudonyms and hashes only.
+* ``consent.grant`` / ``consent.revoke`` — signed by the patient's key (see
+  ``core.consent``); the grantee is a current member; a revocation names an
+  unrevoked grant of the same patient.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from medledger.core.consent import (
+    CONSENT_GRANT,
+    CONSENT_TYPES,
+    ConsentGrant,
+    ConsentRecord,
+    ConsentRevoke,
+)
 from medledger.core.consortium import CONSORTIUM_ONLY, Genesis, Member, MemberSet
 from medledger.core.errors import InconsistentLog, InvalidInput, InvalidSignature, MedledgerError
 from medledger.core.hashing import hash_from_hex
@@ -64,6 +75,8 @@ class AnchorRecord:
     log_size: int
     log_root: bytes
     block_hash: bytes
+    #: The anchor transaction, so sharing can prove it from the consortium log.
+    tx_hash: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +98,7 @@ class ConsortiumState:
         members: MemberSet,
         anchors: dict[str, AnchorRecord] | None = None,
         seen: set[bytes] | None = None,
+        consents: dict[bytes, ConsentRecord] | None = None,
     ) -> None:
         self.chain_id = chain_id
         self._verify = True
@@ -92,6 +106,8 @@ class ConsortiumState:
         self.anchors: dict[str, AnchorRecord] = anchors or {}
         # Shared, append-only across copies: the order is never rolled back.
         self.seen: set[bytes] = seen if seen is not None else set()
+        #: Consent grants by tx hash, with their revocation once it is applied.
+        self.consents: dict[bytes, ConsentRecord] = consents or {}
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> ConsortiumState:
@@ -112,6 +128,7 @@ class ConsortiumState:
             members=self.members,
             anchors=dict(self.anchors),
             seen=self.seen,
+            consents=dict(self.consents),
         )
 
     # -- checking ------------------------------------------------------------------------
@@ -143,6 +160,8 @@ class ConsortiumState:
             self._check_membership(tx)
         elif tx.type == ACCESS:
             self._check_access(tx)
+        elif tx.type in CONSENT_TYPES:
+            self._check_consent(tx)
         else:
             self._check_other(tx)
 
@@ -198,19 +217,30 @@ class ConsortiumState:
             ) from None
 
     def _check_access(self, tx: Transaction) -> None:
-        """A cross-institution read, reported by the reader (pseudonyms and hashes only)."""
+        """A cross-institution read, reported by the holder (pseudonyms and hashes only)."""
         member = self._signer(tx)
         body = tx.body
         if set(body) != _ACCESS_FIELDS or not all(isinstance(v, str) for v in body.values()):
             raise InvalidInput(
                 f"access must have exactly {', '.join(sorted(_ACCESS_FIELDS))} (strings)"
             )
-        if body["reader"] != member.id:
-            raise InvalidSignature(f"access by {body['reader']!r} signed by member {member.id!r}")
-        if self.members.by_id(body["holder"]) is None:
-            raise InvalidInput(f"access names holder {body['holder']!r}, not a member")
+        if body["holder"] != member.id:
+            raise InvalidSignature(f"access held by {body['holder']!r} signed by {member.id!r}")
         if body["outcome"] not in ("allowed", "refused"):
             raise InvalidInput("access outcome must be 'allowed' or 'refused'")
+
+    def _check_consent(self, tx: Transaction) -> None:
+        if tx.type == CONSENT_GRANT:
+            grant = ConsentGrant.from_tx(tx, verify_signature=self._verify)
+            if self.members.by_id(grant.grantee) is None:
+                raise InvalidInput(f"consent grantee {grant.grantee!r} is not a member")
+            return
+        revoke = ConsentRevoke.from_tx(tx, verify_signature=self._verify)
+        record = self.consents.get(revoke.grant)
+        if record is None or record.grant.patient != revoke.patient:
+            raise InvalidInput("consent.revoke names no consent grant of this patient")
+        if record.revoked_height is not None:
+            raise InvalidInput("the consent was already revoked")
 
     def _check_membership(self, tx: Transaction) -> None:
         if not self._verify:
@@ -243,8 +273,8 @@ class ConsortiumState:
 
     # -- applying ------------------------------------------------------------------------
 
-    def apply(self, tx: Transaction, tx_hash: bytes) -> None:
-        """Record an accepted tx (``check`` passed) in the state."""
+    def apply(self, tx: Transaction, tx_hash: bytes, height: int = 0) -> None:
+        """Record an accepted tx (``check`` passed), ordered into block ``height``."""
         self.seen.add(tx_hash)
         if tx.type == ANCHOR:
             body = tx.body
@@ -254,7 +284,23 @@ class ConsortiumState:
                 log_size=body["log_size"],
                 log_root=bytes.fromhex(body["log_root"]),
                 block_hash=bytes.fromhex(body["block_hash"]),
+                tx_hash=tx_hash,
             )
             self.anchors[record.institution] = record
         elif tx.type in MEMBER_TYPES:
             self.members = self._membership_result(tx)
+        elif tx.type == CONSENT_GRANT:
+            grant = ConsentGrant.from_tx(tx, verify_signature=False)
+            self.consents[tx_hash] = ConsentRecord(tx_hash=tx_hash, grant=grant, height=height)
+        elif tx.type in CONSENT_TYPES:
+            revoke = ConsentRevoke.from_tx(tx, verify_signature=False)
+            self.consents[revoke.grant] = replace(
+                self.consents[revoke.grant], revoked_height=height
+            )
+
+    def consents_of(self, patient: str) -> list[ConsentRecord]:
+        """Every consent ``patient`` granted, oldest first, revoked ones included."""
+        return sorted(
+            (r for r in self.consents.values() if r.grant.patient == patient),
+            key=lambda r: (r.height, r.grant.time_ms),
+        )

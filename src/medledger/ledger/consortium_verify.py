@@ -50,7 +50,7 @@ class ConsortiumPolicy:
             raise VerificationError(
                 f"block {height}: transaction {index} is invalid: {exc}"
             ) from None
-        self._state.apply(tx, tx.hash())
+        self._state.apply(tx, tx.hash(), height)
 
     def signatures(self, height: int, block_hash: bytes, signatures: Sequence[Signature]) -> None:
         if height == 0:

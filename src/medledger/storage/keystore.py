@@ -108,7 +108,7 @@ class FileKeyStore:
         params: KdfParams | None = None,
         signing_key: SigningKey | None = None,
     ) -> FileKeyStore:
-        """Create a keystore with a fresh signing key, KEK and search key."""
+        """Create a keystore with a fresh signing key, KEK, search key and HPKE keys."""
         if not passphrase:
             raise InvalidInput("the keystore passphrase must not be empty")
         if path.exists():
@@ -120,6 +120,10 @@ class FileKeyStore:
             f"kek:{kek_id}": secrets.token_bytes(32),
             CURRENT_KEK: kek_id.encode(),
             "search_key": secrets.token_bytes(32),
+            # HPKE key material for sharing (see services.hpke): an ML-KEM-768
+            # seed and an X25519 private key; any random bytes are valid.
+            "hpke_mlkem768_seed": secrets.token_bytes(64),
+            "hpke_x25519": secrets.token_bytes(32),
         }
         store = cls(path, passphrase, params or KdfParams(), items)
         store._save()

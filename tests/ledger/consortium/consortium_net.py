@@ -403,8 +403,8 @@ class Network:
         }
 
     def access(self, reader: str, holder: str | None = None) -> Transaction:
-        """A valid ``access`` tx signed by ``reader``."""
-        return self.tx("access", self.access_body(reader, holder), reader)
+        """A valid ``access`` tx signed by its holder (``reader`` unless given)."""
+        return self.tx("access", self.access_body(reader, holder), holder or reader)
 
     async def submit_many(self, via: str, txs: Iterable[Transaction]) -> list[Any]:
         member = self.members[via]

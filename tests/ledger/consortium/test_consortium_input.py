@@ -80,8 +80,8 @@ def non_member_signer(net: Network) -> Transaction:
     return sign_tx(tx, OUTSIDER)
 
 
-def non_member_holder(net: Network) -> Transaction:
-    return net.tx("access", net.access_body("h1", holder="intruder"), "h1")
+def signed_by_reader_not_holder(net: Network) -> Transaction:
+    return net.tx("access", net.access_body("h2", holder="h1"), "h2")
 
 
 def wrong_chain(net: Network) -> Transaction:
@@ -119,7 +119,7 @@ CASES: dict[str, tuple[Callable[[Network], Transaction], type[MedledgerError], s
     ),
     "unknown-type": (unknown_type, InvalidInput, "unknown consortium transaction type"),
     "non-member-signer": (non_member_signer, InvalidSignature, "not a current member's"),
-    "non-member-holder": (non_member_holder, InvalidInput, "not a member"),
+    "signed-by-reader-not-holder": (signed_by_reader_not_holder, InvalidSignature, "signed by"),
     "wrong-chain": (wrong_chain, InvalidInput, "names chain 'consortium:other'"),
     "private-chain-id": (private_chain_id, InvalidInput, "names chain 'private:h1'"),
     "bad-outcome": (bad_outcome, InvalidInput, "outcome"),

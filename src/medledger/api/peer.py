@@ -1,0 +1,37 @@
+"""``/peer/v1``: member-to-member sharing. No bearer token: every request is signed.
+
+The body is a signed peer request (``core.peer``); the holder checks it and
+the patient's consent (``services.sharing``) and answers with the ciphertext,
+the data key wrapped to the reader, and the record's provenance — or a FHIR
+OperationOutcome saying why not (403 consent, 400 stale/replayed/malformed,
+401-like signature failures as 403 ``security``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from medledger.api.fhir import read_body
+from medledger.api.responses import fhir_response
+from medledger.core.errors import NotFound
+from medledger.node import Node
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/peer/v1", tags=["peer"])
+#: A signed request is a few hundred bytes; anything far larger is refused unread.
+MAX_PEER_REQUEST_BYTES = 16 * 1024
+
+
+@router.post("/{op}")
+async def peer(op: Literal["fetch", "list"], request: Request) -> Response:
+    """Serve a member's signed ``fetch`` or ``list`` request."""
+    node: Node = request.app.state.node
+    if node.sharing is None:
+        raise NotFound("this node has not joined a consortium")
+    document = await read_body(request, MAX_PEER_REQUEST_BYTES)
+    answer = await node.sharing.serve(op, document)
+    return fhir_response(answer, headers={"Content-Type": "application/json"})

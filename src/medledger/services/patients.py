@@ -1,0 +1,81 @@
+"""The patient wallet: the patient's key pair in a passphrase-protected file.
+
+On chains a patient is only the fingerprint of this public key. The wallet
+signs consent grants and revocations and enrollment statements; the private
+key is only ever written encrypted (PKCS#8 under the passphrase).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medledger.core.consent import grant_tx, revoke_tx
+from medledger.core.errors import Conflict, InvalidInput, KeyStoreError, NotFound
+from medledger.core.keys import SigningKey, VerifyingKey
+from medledger.core.models import Signature, Transaction
+from medledger.services.sharing import enrollment_message
+from medledger.storage.keystore import atomic_write
+
+__all__ = ["PatientWallet"]
+
+
+class PatientWallet:
+    """A patient's signing key (see module docstring)."""
+
+    def __init__(self, key: SigningKey) -> None:
+        self._key = key
+
+    @classmethod
+    def create(cls, path: Path, passphrase: bytes) -> PatientWallet:
+        if not passphrase:
+            raise InvalidInput("the wallet passphrase must not be empty")
+        if path.exists():
+            raise Conflict(f"{path} already exists")
+        key = SigningKey.generate()
+        atomic_write(path, key.to_encrypted_pem(passphrase), mode=0o600)
+        return cls(key)
+
+    @classmethod
+    def open(cls, path: Path, passphrase: bytes) -> PatientWallet:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no patient wallet at {path}; run 'medledger patient init'") from None
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read {path}: {exc.strerror}") from None
+        return cls(SigningKey.from_encrypted_pem(data, passphrase))
+
+    @property
+    def public(self) -> VerifyingKey:
+        return self._key.public
+
+    @property
+    def fingerprint(self) -> str:
+        """The patient's pseudonym on every chain."""
+        return self._key.fingerprint
+
+    def enrollment_signature(self, institution: str, patient_id: str) -> Signature:
+        return self._key.sign(enrollment_message(institution, patient_id))
+
+    def grant(
+        self,
+        *,
+        chain: str,
+        grantee: str,
+        scope: list[str],
+        purpose: str,
+        expires_ms: int,
+        time_ms: int,
+    ) -> Transaction:
+        return grant_tx(
+            self._key,
+            chain=chain,
+            grantee=grantee,
+            scope=scope,
+            purpose=purpose,
+            expires_ms=expires_ms,
+            time_ms=time_ms,
+        )
+
+    def revoke(self, *, chain: str, grant: bytes, time_ms: int) -> Transaction:
+        return revoke_tx(self._key, chain=chain, grant=grant, time_ms=time_ms)

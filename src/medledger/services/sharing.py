@@ -1,0 +1,506 @@
+"""Cross-institution sharing: the holder's side and the reader's side of ``/peer/v1``.
+
+Reader B asks holder A for a record under a patient's consent::
+
+    B: PeerRequest(op, reader=B, holder=A, consent, resource, nonce, time) signed by B
+    A: checks signature and membership, freshness (genesis ``max_clock_skew_ms``),
+       nonce unseen, the consent final/unrevoked/unexpired/in scope for B and
+       about the record's patient — then answers with the ciphertext, the data key
+       HPKE-wrapped to B's published key, and the provenance (record tx, inclusion
+       proof against A's latest final anchor, the anchor in a certified block)
+    B: verifies every piece, then unwraps and decrypts.
+
+Both sides write an ``access`` entry for every attempt, allowed or refused;
+A also summarizes it on the consortium (see ``services.access``). Only after a
+final revocation does A refuse; the consent is re-checked after the last
+await before a response leaves, so no fetch is served once a revocation is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from medledger.core.consent import ConsentRecord
+from medledger.core.encoding import canonical_bytes
+from medledger.core.envelope import RecordContext, open_record
+from medledger.core.errors import (
+    ConsentDenied,
+    IntegrityError,
+    InvalidInput,
+    InvalidSignature,
+    MedledgerError,
+    NotFound,
+    OrderingError,
+)
+from medledger.core.hashing import hash_from_hex, sha256
+from medledger.core.keys import SigningKey, VerifyingKey
+from medledger.core.models import BlockHeader, Transaction
+from medledger.core.peer import AnchorProof, PeerRequest, Provenance, SignedPeerRequest
+from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.private import PrivateChain
+from medledger.ledger.proofs import inclusion_proof
+from medledger.services.access import ALLOWED, REFUSED, AccessEntry, AccessLog
+from medledger.services.hpke import HpkeKeyPair, seal_to
+from medledger.services.records import RecordsService
+from medledger.storage.nonces import NonceStore
+from medledger.storage.ports import ChainStore
+
+__all__ = [
+    "PATIENT_KEY_SYSTEM",
+    "PeerTransport",
+    "SharedRecord",
+    "SharingService",
+    "enrollment_message",
+]
+
+#: Identifier system linking a local Patient to the fingerprint of the patient's key.
+PATIENT_KEY_SYSTEM = "urn:medledger:patient-key"
+_ANCHOR_WAIT_S = 5.0
+
+
+class PeerTransport(Protocol):
+    """Sends a signed request to a member's peer endpoint: ``(status, JSON body)``."""
+
+    async def post(self, url: str, body: bytes) -> tuple[int, Any]: ...
+
+
+def enrollment_message(institution: str, patient_id: str) -> bytes:
+    """What a patient signs to link their key to ``Patient/<patient_id>`` at ``institution``."""
+    return canonical_bytes(
+        {"medledger-enroll": {"institution": institution, "patient": patient_id}}
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SharedRecord:
+    """A resource fetched from another member, verified, with where it came from."""
+
+    resource: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+def _info(holder: str, reader: str, blob_hash: bytes, request_hash: bytes) -> bytes:
+    """HPKE ``info``: binds a wrapped key to one holder, reader, ciphertext and request."""
+    return canonical_bytes(
+        {
+            "medledger-share": {
+                "holder": holder,
+                "reader": reader,
+                "blob": blob_hash.hex(),
+                "request": request_hash.hex(),
+            }
+        }
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise IntegrityError(f"{what} is missing")
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise IntegrityError(f"{what} is not base64") from None
+
+
+class SharingService:
+    """One member's sharing endpoints and client (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        institution: str,
+        key: SigningKey,
+        hpke: HpkeKeyPair,
+        records: RecordsService,
+        chain: PrivateChain,
+        member: ConsortiumMember,
+        consortium_store: ChainStore,
+        access: AccessLog,
+        nonces: NonceStore,
+        transport: PeerTransport | None = None,
+        clock: Clock | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.institution = institution
+        self._key = key
+        self._hpke = hpke
+        self._records = records
+        self._chain = chain
+        self._member = member
+        self._cstore = consortium_store
+        self._access = access
+        self._nonces = nonces
+        self.transport = transport
+        self._clock: Clock = clock or SystemClock()
+        self._random = random_bytes
+
+    # -- enrollment -----------------------------------------------------------------
+
+    async def enroll(self, patient_id: str, patient_key: VerifyingKey, signature: Any) -> str:
+        """Link ``Patient/<patient_id>`` to the patient's key; returns its fingerprint.
+
+        ``signature`` (a :class:`~medledger.core.models.Signature`) over
+        :func:`enrollment_message` proves the patient holds the key.
+        """
+        patient_key.verify(signature, enrollment_message(self.institution, patient_id))
+        stored = await self._records.read("Patient", patient_id)
+        resource = stored.resource()
+        fingerprint = patient_key.fingerprint
+        idents = [
+            i
+            for i in resource.get("identifier") or []
+            if not (isinstance(i, dict) and i.get("system") == PATIENT_KEY_SYSTEM)
+        ]
+        idents.append({"system": PATIENT_KEY_SYSTEM, "value": fingerprint})
+        await self._records.update(
+            "Patient", patient_id, {**resource, "identifier": idents}, if_match=stored.version
+        )
+        return fingerprint
+
+    async def patient_id(self, fingerprint: str) -> str | None:
+        """The local Patient enrolled with key ``fingerprint``, if any."""
+        found = await self._records.search(
+            "Patient", {"identifier": [f"{PATIENT_KEY_SYSTEM}|{fingerprint}"]}
+        )
+        return found[0].id if found else None
+
+    # -- holder side ----------------------------------------------------------------
+
+    async def serve(self, op: str, document: Any) -> dict[str, Any]:
+        """Answer a signed peer request for ``op``; every outcome is an access entry.
+
+        Raises :class:`InvalidInput` (malformed, stale, replayed),
+        :class:`InvalidSignature` (non-member, wrong key, altered body),
+        :class:`ConsentDenied` (consent missing, revoked, expired, out of scope,
+        for another grantee or patient), :class:`NotFound` / ``Gone``.
+        """
+        entry = AccessEntry(
+            reader=_claimed_reader(document),
+            holder=self.institution,
+            patient="",
+            consent="",
+            resource="",
+            outcome=REFUSED,
+        )
+        verified = False
+        try:
+            signed = SignedPeerRequest.from_json(document)
+            request = signed.request
+            entry = _with(entry, consent=request.consent, request=request.hash().hex())
+            if request.op != op:
+                raise InvalidInput(f"a {request.op} request sent to the {op} endpoint")
+            if request.holder != self.institution:
+                raise InvalidInput(f"the request is addressed to {request.holder!r}")
+            state = self._member.state
+            signed.verify(state.members)
+            verified = True
+            now = self._clock.now_ms()
+            skew = self._member.genesis.params.max_clock_skew_ms
+            if abs(now - request.time_ms) > skew:
+                raise InvalidInput(
+                    f"the request timestamp is outside the allowed skew of {skew} ms"
+                )
+            await asyncio.to_thread(
+                self._nonces.remember,
+                request.reader,
+                request.nonce,
+                request.time_ms,
+                forget_before_ms=now - skew,
+            )
+            consent = self._consent(request)
+            entry = _with(entry, patient=consent.grant.patient)
+            self._authorize(request, consent)
+            patient_id = await self.patient_id(consent.grant.patient)
+            if patient_id is None:
+                raise ConsentDenied("the consenting patient is not enrolled at this institution")
+            if op == "list":
+                entry = _with(entry, resource="list")
+                answer = self._list(request, consent, patient_id)
+            else:
+                rtype, rid, _ = request.target
+                entry = _with(entry, resource=f"{rtype}:{self._records.record_ref(rtype, rid)}")
+                answer = await self._fetch(request, consent, patient_id)
+            self._authorize(request, consent)
+            await self._access.record(_with(entry, outcome=ALLOWED), summarize=True)
+            # A revocation that became final while the entry was written wins.
+            self._authorize(request, self._consent(request))
+            return answer
+        except MedledgerError as exc:
+            await self._access.record(_with(entry, reason=str(exc)[:300]), summarize=verified)
+            raise
+
+    def _consent(self, request: PeerRequest) -> ConsentRecord:
+        record = self._member.state.consents.get(bytes.fromhex(request.consent))
+        if record is None:
+            raise ConsentDenied("no final consent with that hash on the consortium chain")
+        return record
+
+    def _authorize(self, request: PeerRequest, consent: ConsentRecord) -> None:
+        """The consent lets the reader do this now (a list needs any type in scope)."""
+        consent.authorize(
+            reader=request.reader,
+            patient=consent.grant.patient,
+            resource_type=request.target[0] if request.op == "fetch" else consent.grant.scope[0],
+            now_ms=self._clock.now_ms(),
+        )
+
+    def _list(
+        self, request: PeerRequest, consent: ConsentRecord, patient_id: str
+    ) -> dict[str, Any]:
+        items = [
+            {"resource": f"{rtype}/{rid}"}
+            for rtype, rid in self._records.resources_of_patient(patient_id)
+            if consent.grant.covers(rtype)
+        ]
+        return {"holder": self.institution, "consent": request.consent, "entries": items}
+
+    async def _fetch(
+        self, request: PeerRequest, consent: ConsentRecord, patient_id: str
+    ) -> dict[str, Any]:
+        rtype, rid, version = request.target
+        sealed = self._records.sealed_version(rtype, rid, version)
+        about = (rtype == "Patient" and rid == patient_id) or sealed.row.patient == (
+            self._records.patient_pseudonym(patient_id)
+        )
+        if not about:
+            raise ConsentDenied("the consent's patient is not the subject of this record")
+        _, leaf_index = self._chain.store.tx_location(sealed.row.tx_hash)
+        anchor = await self._anchor_covering(leaf_index)
+        proof = inclusion_proof(self._chain.store, leaf_index, anchor.log_size)
+        height, c_index = self._cstore.tx_location(anchor.tx_hash)
+        block = self._cstore.block(height)
+        header = BlockHeader.decode(block.header_bytes)
+        anchor_proof = AnchorProof(
+            tx=Transaction.decode(self._cstore.tx_by_hash(anchor.tx_hash)[1]),
+            leaf_index=c_index,
+            proof=tuple(inclusion_proof(self._cstore, c_index, header.log_size)),
+            header=header,
+            certificate=block.signatures,
+        )
+        reader = self._member.state.members.by_id(request.reader)
+        if reader is None or not reader.hpke_key:
+            raise ConsentDenied(f"{request.reader} has published no HPKE key")
+        wrapped = seal_to(
+            reader.hpke_key,
+            sealed.dek,
+            _info(self.institution, request.reader, sealed.row.blob_hash, request.hash()),
+        )
+        provenance = Provenance(
+            record_tx=Transaction.decode(sealed.tx_data),
+            leaf_index=leaf_index,
+            proof=tuple(proof),
+            anchor=anchor_proof,
+        )
+        return {
+            "resource": f"{rtype}/{rid}",
+            "version": sealed.row.version,
+            "ciphertext": _b64(sealed.blob),
+            "wrapped_key": _b64(wrapped),
+            "wrapped_for": reader.hpke_key,
+            "provenance": provenance.to_json(),
+        }
+
+    async def _anchor_covering(self, leaf_index: int) -> Any:
+        """This institution's latest final anchor, once it covers ``leaf_index``."""
+        deadline = asyncio.get_running_loop().time() + _ANCHOR_WAIT_S
+        while True:
+            anchor = self._member.state.anchors.get(self.institution)
+            if anchor is not None and anchor.log_size > leaf_index and anchor.tx_hash:
+                return anchor
+            if asyncio.get_running_loop().time() > deadline:
+                raise OrderingError("the record is not anchored on the consortium yet; retry")
+            await asyncio.sleep(0.02)
+
+    # -- reader side ----------------------------------------------------------------
+
+    def _request(self, op: str, holder: str, consent: str, resource: str) -> SignedPeerRequest:
+        hash_from_hex(consent, "consent")
+        return PeerRequest(
+            op=op,
+            reader=self.institution,
+            holder=holder,
+            consent=consent,
+            resource=resource,
+            nonce=self._random(16).hex(),
+            time_ms=self._clock.now_ms(),
+        ).sign(self._key)
+
+    async def _send(self, op: str, signed: SignedPeerRequest) -> Any:
+        holder = self._member.state.members.by_id(signed.request.holder)
+        if holder is None or not holder.peer_url:
+            raise NotFound(f"{signed.request.holder!r} is not a member with a peer URL")
+        if self.transport is None:
+            raise OrderingError("this node has no peer transport")
+        status, body = await self.transport.post(
+            f"{holder.peer_url.rstrip('/')}/peer/v1/{op}", canonical_bytes(signed.to_json())
+        )
+        if status != 200:
+            raise _refusal(status, body)
+        return body
+
+    async def list(self, holder: str, consent: str) -> list[str]:
+        """Resources of the consenting patient at ``holder`` that the consent covers."""
+        signed = self._request("list", holder, consent, "")
+        entry = AccessEntry(
+            reader=self.institution,
+            holder=holder,
+            patient=self._consent_patient(consent),
+            consent=consent,
+            resource="list",
+            outcome=REFUSED,
+            request=signed.request.hash().hex(),
+        )
+        try:
+            body = await self._send("list", signed)
+            entries = body.get("entries") if isinstance(body, dict) else None
+            if not isinstance(entries, list):
+                raise IntegrityError(f"{holder} sent a malformed list")
+            out = [str(e["resource"]) for e in entries if isinstance(e, dict) and "resource" in e]
+        except MedledgerError as exc:
+            await self._access.record(_with(entry, reason=str(exc)[:300]))
+            raise
+        await self._access.record(_with(entry, outcome=ALLOWED))
+        return out
+
+    async def fetch(self, holder: str, consent: str, resource: str) -> SharedRecord:
+        """Fetch ``resource`` (``Type/id[/_history/n]``) from ``holder`` and verify it."""
+        signed = self._request("fetch", holder, consent, resource)
+        rtype, rid, version = signed.request.target
+        entry = AccessEntry(
+            reader=self.institution,
+            holder=holder,
+            patient=self._consent_patient(consent),
+            consent=consent,
+            resource=f"{rtype}:{self._records.record_ref(rtype, rid)}",
+            outcome=REFUSED,
+            request=signed.request.hash().hex(),
+        )
+        try:
+            body = await self._send("fetch", signed)
+            shared = self._verify(signed.request, body, rtype, rid, version)
+        except MedledgerError as exc:
+            await self._access.record(_with(entry, reason=str(exc)[:300]))
+            raise
+        await self._access.record(_with(entry, outcome=ALLOWED))
+        return shared
+
+    def _consent_patient(self, consent: str) -> str:
+        record = self._member.state.consents.get(bytes.fromhex(consent))
+        return record.grant.patient if record is not None else ""
+
+    def _verify(
+        self, request: PeerRequest, body: Any, rtype: str, rid: str, version: int | None
+    ) -> SharedRecord:
+        """Check everything the holder sent before any decryption (see module docstring)."""
+        if not isinstance(body, dict):
+            raise IntegrityError("the holder's answer is not a JSON object")
+        holder = request.holder
+        try:
+            provenance = Provenance.from_json(body.get("provenance"))
+        except MedledgerError as exc:
+            raise IntegrityError(f"malformed provenance: {exc}") from None
+        if body.get("resource") != f"{rtype}/{rid}" or not isinstance(body.get("version"), int):
+            raise IntegrityError("the holder answered for another resource")
+        got_version = int(body["version"])
+        blob = _unb64(body.get("ciphertext"), "ciphertext")
+        wrapped = _unb64(body.get("wrapped_key"), "wrapped key")
+        state = self._member.state
+        provenance.verify(
+            consortium_chain=self._member.chain_id,
+            holder=holder,
+            members=state.members,
+            resource_type=rtype,
+            version=version if version is not None else got_version,
+            blob=blob,
+        )
+        if provenance.record_tx.body.get("version") != got_version:
+            raise IntegrityError("the record transaction is for another version")
+        self._check_own_copy(provenance.anchor.header)
+        dek = self._hpke.open(
+            str(body.get("wrapped_for", "")),
+            wrapped,
+            _info(holder, self.institution, sha256(blob), request.hash()),
+        )
+        try:
+            plain = open_record(
+                dek,
+                blob,
+                RecordContext(institution=holder, resource_type=rtype, id=rid, version=got_version),
+            )
+            resource = json.loads(plain)
+        except (MedledgerError, ValueError):
+            raise IntegrityError("the ciphertext does not decrypt for this resource") from None
+        if resource.get("resourceType") != rtype or resource.get("id") != rid:
+            raise IntegrityError("the decrypted resource is not the one requested")
+        anchor = provenance.anchor
+        return SharedRecord(
+            resource=resource,
+            provenance={
+                "holder": holder,
+                "resource": f"{rtype}/{rid}",
+                "version": got_version,
+                "record_tx": provenance.record_tx.hash().hex(),
+                "leaf_index": provenance.leaf_index,
+                "anchored_log_size": anchor.tx.body.get("log_size"),
+                "anchored_log_root": anchor.tx.body.get("log_root"),
+                "consortium_height": anchor.header.height,
+                "consortium_block": anchor.header.hash().hex(),
+                "certified_by": sorted(
+                    state.members.quorum_signers(anchor.header.hash(), anchor.certificate)
+                ),
+                "kem": str(body.get("wrapped_for", "")).split(":", 1)[0],
+                "consent": request.consent,
+            },
+        )
+
+    def _check_own_copy(self, header: BlockHeader) -> None:
+        """A block this member already holds must be the very block the holder cites."""
+        head = self._cstore.head_header_bytes()
+        if (
+            head is not None
+            and BlockHeader.decode(head).height >= header.height
+            and self._cstore.block(header.height).block_hash != header.hash()
+        ):
+            raise IntegrityError("the anchor block differs from this member's final block")
+
+
+def _claimed_reader(document: Any) -> str:
+    try:
+        reader = document["request"]["reader"]
+    except (TypeError, KeyError):
+        return "unknown"
+    return reader if isinstance(reader, str) and len(reader) <= 64 else "unknown"
+
+
+def _with(entry: AccessEntry, **changes: Any) -> AccessEntry:
+    return replace(entry, **changes)
+
+
+def _refusal(status: int, body: Any) -> MedledgerError:
+    """The holder's OperationOutcome as the error it stands for."""
+    text = ""
+    if isinstance(body, dict):
+        issues = body.get("issue")
+        if isinstance(issues, list) and issues and isinstance(issues[0], dict):
+            text = str(issues[0].get("diagnostics", ""))[:300]
+    message = f"holder refused ({status}): {text or 'no reason given'}"
+    if status == 403:
+        return ConsentDenied(message)
+    if status == 401:
+        return InvalidSignature(message)
+    if status in (404, 410):
+        return NotFound(message)
+    if status >= 500:
+        return OrderingError(message)
+    return InvalidInput(message)

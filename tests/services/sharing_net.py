@@ -1,0 +1,164 @@
+"""An in-process consortium whose nodes serve ``/peer/v1`` over real loopback HTTP.
+
+Every node of a :class:`~medledger.network.LocalNetwork` is served by its own
+uvicorn server on a free port of 127.0.0.1 (all in the test's event loop), so
+sharing requests travel through httpx, HTTP and FastAPI exactly as between
+machines. A patient with a wallet is enrolled at the first institution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from conftest import FAST_KDF, PASSPHRASE
+from medledger.api.app import create_app
+from medledger.core.consortium import ConsortiumParams
+from medledger.network import LocalNetwork
+from medledger.node import Node
+from medledger.services.patients import PatientWallet
+from medledger.services.synthetic import generate_patients
+from medledger.storage.tokens import TokenStore
+
+WALLET_PASSPHRASE = b"patient passphrase"
+HOUR_MS = 3_600_000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@dataclass
+class SharingNet:
+    net: LocalNetwork
+    wallet: PatientWallet
+    patient_id: str
+    records: list[str]  # "Type/id" held at the first institution about the patient
+    names: list[str]
+
+    def node(self, inst: str) -> Node:
+        return self.net.nodes[inst]
+
+    @property
+    def chain_id(self) -> str:
+        member = self.node(self.names[0]).consortium
+        assert member is not None
+        return member.chain_id
+
+    async def grant(
+        self,
+        grantee: str,
+        scope: list[str] | None = None,
+        *,
+        expires_ms: int | None = None,
+        purpose: str = "TREAT",
+        wallet: PatientWallet | None = None,
+        via: str | None = None,
+    ) -> str:
+        """A consent, final on the consortium; returns its tx hash (hex)."""
+        tx = (wallet or self.wallet).grant(
+            chain=self.chain_id,
+            grantee=grantee,
+            scope=scope or ["*"],
+            purpose=purpose,
+            expires_ms=expires_ms or now_ms() + HOUR_MS,
+            time_ms=now_ms(),
+        )
+        member = self.node(via or self.names[0]).consortium
+        assert member is not None
+        await member.submit(tx)
+        await self.settle()
+        return tx.hash().hex()
+
+    async def revoke(self, consent: str) -> None:
+        tx = self.wallet.revoke(chain=self.chain_id, grant=bytes.fromhex(consent), time_ms=now_ms())
+        member = self.node(self.names[0]).consortium
+        assert member is not None
+        await member.submit(tx)
+        await self.settle()
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Every member has finalized the same height."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            heights = {n.consortium.final_height for n in self.net.nodes.values() if n.consortium}
+            if len(heights) == 1:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("members did not agree on a final height")
+
+
+@contextlib.asynccontextmanager
+async def sharing_network(
+    base: Path, names: list[str], *, ordering: str = "solo", hpke_kem: str = "MLKEM768_X25519"
+) -> AsyncIterator[SharingNet]:
+    socks = {name.lower(): _free_socket() for name in names}
+    urls = {inst: f"http://127.0.0.1:{s.getsockname()[1]}" for inst, s in socks.items()}
+    net = await LocalNetwork.create(
+        base,
+        names,
+        passphrase=PASSPHRASE,
+        ordering=ordering,
+        kdf=FAST_KDF,
+        params=ConsortiumParams(cut_after_ms=5, anchor_interval_ms=50),
+        peer_urls=urls,
+        hpke_kem=hpke_kem,
+    )
+    servers: list[tuple[uvicorn.Server, asyncio.Task[Any], TokenStore]] = []
+    try:
+        for inst, sock in socks.items():
+            tokens = TokenStore(base / f"{inst}-tokens.db")
+            app = create_app(net.nodes[inst], tokens)
+            config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+            server = uvicorn.Server(config)
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            servers.append((server, asyncio.create_task(server.serve(sockets=[sock])), tokens))
+        while not all(s.started for s, _, _ in servers):
+            await asyncio.sleep(0.01)
+        holder = net.nodes[names[0].lower()]
+        patient = generate_patients(1, seed=7, resources_per_patient=8)[0]
+        stored = []
+        for resource in patient.all_resources():
+            written, _ = await holder.records.update(
+                resource["resourceType"], resource["id"], resource
+            )
+            stored.append(written)
+        patient_id = patient.patient_id
+        wallet = PatientWallet.create(base / "patient.wallet", WALLET_PASSPHRASE)
+        assert holder.sharing is not None
+        await holder.sharing.enroll(
+            patient_id,
+            wallet.public,
+            wallet.enrollment_signature(holder.config.institution, patient_id),
+        )
+        await net.wait_anchored()
+        yield SharingNet(
+            net=net,
+            wallet=wallet,
+            patient_id=patient_id,
+            records=[f"{s.resource_type}/{s.id}" for s in stored],
+            names=[n.lower() for n in names],
+        )
+    finally:
+        for server, _, _ in servers:
+            server.should_exit = True
+        for _, task, tokens in servers:
+            with contextlib.suppress(Exception):
+                await task
+            tokens.close()
+        await net.close()
