@@ -1,0 +1,343 @@
+"""``medledger network up|status|down``: one real node process per institution.
+
+The scenario, run through the real command as a user would: ``network up``
+(3 institutions, solo ordering) → FHIR writes over HTTP with the printed
+tokens, to every node at once → ``kill -9`` one node process while it is
+being written to → ``network up`` resumes it → every acknowledged record is
+served again, the network anchors the new heads, ``/metrics`` moved, logs
+are JSON lines without PHI → ``network down`` stops every process it started
+(and none it did not) → ``medledger verify --consortium`` passes on every
+node. A JetStream variant (``slow``) does the same over a 3-server NATS
+cluster. Every test stops what it started, also when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cli_support import medledger_command
+from medledger.netproc import PidRecord
+from medledger.services.synthetic import generate_patients
+
+PASSPHRASE = "network test passphrase"
+FHIR_JSON = "application/fhir+json"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
+    env["MEDLEDGER_PASSPHRASE"] = PASSPHRASE
+    return env
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        assert self.code == 0, self
+        return json.loads(self.out)
+
+
+def run_cli(*args: str | Path, timeout: float = 240) -> Run:
+    proc = subprocess.run(
+        [*medledger_command(), *(str(a) for a in args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=_env(),
+        timeout=timeout,
+        check=False,
+    )
+    run = Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    assert "Traceback" not in run.out + run.err, run
+    return run
+
+
+def _pid_files(base: Path) -> list[Path]:
+    return [*base.glob("*/node.pid"), *base.glob("nats/*/nats.pid")]
+
+
+@pytest.fixture
+def network_dir(tmp_path: Path) -> Iterator[Path]:
+    """A network directory; whatever runs from it is stopped afterwards, pass or fail."""
+    base = tmp_path / "net"
+    try:
+        yield base
+    finally:
+        if (base / "network.json").exists():
+            run_cli("network", "down", "--dir", base, "--timeout", "10")
+        for pid_file in _pid_files(base):  # last resort, by the same /proc identity check
+            record = PidRecord.load(pid_file)
+            if record is not None and record.running():
+                os.kill(record.pid, signal.SIGKILL)
+
+
+def _patient(seed: int, index: int) -> bytes:
+    patient = generate_patients(1, seed=seed, start_index=index, resources_per_patient=0)[0].patient
+    del patient["id"]
+    return json.dumps(patient).encode()
+
+
+def _headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
+
+
+def _writer(
+    url: str,
+    token: str,
+    seed: int,
+    stop: threading.Event,
+    acked: dict[str, bytes],
+    limit: int | None = None,
+) -> None:
+    """Write patients until ``stop`` (or ``limit``); record every acknowledged one."""
+    with httpx.Client(base_url=url, headers=_headers(token), timeout=30) as client:
+        index = 0
+        while not stop.is_set() and (limit is None or index < limit):
+            try:
+                r = client.post("/fhir/Patient", content=_patient(seed, index))
+            except httpx.TransportError:
+                return  # the node went away: an unanswered write was never acknowledged
+            index += 1
+            if r.status_code == 201:
+                acked[r.json()["id"]] = r.content
+            elif r.status_code >= 500:
+                return
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _wait_anchored(nodes: list[dict[str, Any]], timeout: float = 120) -> None:
+    """Until every node's private head is covered by its final anchor, seen by every node."""
+    deadline = time.monotonic() + timeout
+    while True:
+        heights = {n["institution"]: _metrics(n["url"]) for n in nodes}
+        if (
+            all(
+                m["medledger_anchored_height"] == m["medledger_private_height"]
+                for m in heights.values()
+            )
+            and len({m["medledger_consortium_height"] for m in heights.values()}) == 1
+        ):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"heads not anchored within {timeout} s: {heights}")
+        time.sleep(0.2)
+
+
+def _read_back(nodes: dict[str, dict[str, Any]], acked: dict[str, dict[str, bytes]]) -> None:
+    for institution, records in acked.items():
+        node = nodes[institution]
+        token = node["tokens"]["clinician"]
+        with httpx.Client(base_url=node["url"], headers=_headers(token), timeout=30) as client:
+            lost = []
+            for rid, body in records.items():
+                got = client.get(f"/fhir/Patient/{rid}")
+                if got.status_code != 200 or got.content != body:
+                    lost.append((rid, got.status_code))
+            assert not lost, f"{institution}: {len(lost)} of {len(records)} acknowledged lost"
+
+
+def _scenario(base: Path, ordering: str, writes: int) -> None:
+    up = run_cli("network", "up", "--dir", base, "--institutions", "3", "--ordering", ordering)
+    assert up.code == 0, up
+    # Once more: everything is running, so nothing is started; --json gives the description.
+    data = run_cli("network", "up", "--dir", base, "--json").json()
+    for node in data["nodes"]:
+        assert node["url"] in up.out and node["tokens"]["clinician"] in up.out
+    assert [n["institution"] for n in data["nodes"]] == ["hospital-1", "hospital-2", "hospital-3"]
+    nodes = {n["institution"]: n for n in data["nodes"]}
+    # Tokens are written for the owner only; the passphrase is in no process's argv.
+    assert stat.S_IMODE((base / "network.json").stat().st_mode) == 0o600
+    assert json.loads((base / "network.json").read_text())["nodes"] == data["nodes"]
+    records = {n: PidRecord.load(base / n / "node.pid") for n in nodes}
+    for record in records.values():
+        assert record is not None and record.running()
+        assert PASSPHRASE not in " ".join(record.argv)
+
+    before = {n: _metrics(node["url"]) for n, node in nodes.items()}
+    # Writes to every node at once; hospital-2 keeps being written to until it is killed.
+    acked: dict[str, dict[str, bytes]] = {n: {} for n in nodes}
+    stop = threading.Event()
+    threads = [
+        threading.Thread(
+            target=_writer,
+            args=(node["url"], node["tokens"]["clinician"], i, stop, acked[n]),
+            kwargs={"limit": None if n == "hospital-2" else writes},
+        )
+        for i, (n, node) in enumerate(nodes.items())
+    ]
+    for t in threads:
+        t.start()
+    try:
+        while len(acked["hospital-2"]) < writes:
+            assert threads[1].is_alive(), "the writer to hospital-2 stopped before the kill"
+            time.sleep(0.05)
+        # Refusals are counted by reason.
+        bad = httpx.get(f"{nodes['hospital-1']['url']}/fhir/Patient/x", timeout=10)
+        assert bad.status_code == 401
+        victim = records["hospital-2"]
+        assert victim is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        threads[1].join(60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert all(len(a) >= writes for a in acked.values()), {n: len(a) for n, a in acked.items()}
+
+    status = run_cli("network", "status", "--dir", base, "--json").json()
+    by_name = {n["institution"]: n for n in status["nodes"]}
+    assert not by_name["hospital-2"]["running"] and not by_name["hospital-2"]["ready"]
+    assert by_name["hospital-1"]["running"] and by_name["hospital-1"]["ready"]
+
+    resumed = run_cli("network", "up", "--dir", base, "--json").json()
+    assert resumed["nodes"] == data["nodes"], "resuming changed the network"
+    status = run_cli("network", "status", "--dir", base, "--json").json()
+    assert all(n["running"] and n["ready"] for n in status["nodes"]), status
+    for n in ("hospital-1", "hospital-3"):  # the survivors were left alone
+        assert PidRecord.load(base / n / "node.pid") == records[n]
+
+    _read_back(nodes, acked)
+    # The resumed node takes writes again, and the network anchors every head.
+    more: dict[str, bytes] = {}
+    node2 = nodes["hospital-2"]
+    _writer(node2["url"], node2["tokens"]["clinician"], 99, threading.Event(), more, limit=5)
+    assert len(more) == 5
+    acked["hospital-2"].update(more)
+    _wait_anchored(list(nodes.values()))
+
+    after = {n: _metrics(node["url"]) for n, node in nodes.items()}
+    for n in ("hospital-1", "hospital-3"):  # hospital-2's counters restarted with it
+        b, a = before[n], after[n]
+        assert a["medledger_commit_latency_seconds_count"] - b[
+            "medledger_commit_latency_seconds_count"
+        ] == len(acked[n])
+        assert (
+            a['medledger_commit_latency_seconds_bucket{le="+Inf"}']
+            == (a["medledger_commit_latency_seconds_count"])
+        )
+        assert a["medledger_anchors_submitted_total"] > b["medledger_anchors_submitted_total"]
+    for n in nodes:
+        b, a = before[n], after[n]
+        assert a["medledger_private_height"] > b["medledger_private_height"]
+        assert a["medledger_consortium_height"] > b["medledger_consortium_height"]
+        assert a["medledger_consortium_ready"] == 1
+    refusals = 'medledger_refusals_total{reason="unauthenticated"}'
+    assert after["hospital-1"][refusals] == before["hospital-1"][refusals] + 1
+
+    down = run_cli("network", "down", "--dir", base, "--json").json()
+    assert len(down["nodes"]) == 3
+    for pid_file in _pid_files(base):
+        pytest.fail(f"{pid_file} left behind by network down")
+    for record in records.values():
+        assert record is not None and not record.running()
+
+    for n in nodes:
+        verify = run_cli("verify", "--dir", base / n, "--consortium")
+        assert verify.code == 0, verify
+    # Logs: JSON lines, and no patient data in them.
+    names = {
+        json.loads(body)["name"][0]["family"]
+        for records_of_node in acked.values()
+        for body in records_of_node.values()
+    }
+    assert len(names) > 10
+    for n in nodes:
+        text = (base / n / "node.log").read_text()
+        for line in text.splitlines():
+            entry = json.loads(line)
+            assert {"time", "level", "logger", "message", "fields"} <= set(entry), line
+        for name in names:
+            assert name not in text, f"a patient name is in {n}'s log"
+
+
+def test_network_up_kill_resume_down_solo(network_dir: Path) -> None:
+    _scenario(network_dir, "solo", writes=30)
+
+
+@pytest.mark.slow
+def test_network_up_kill_resume_down_jetstream(network_dir: Path) -> None:
+    _scenario(network_dir, "jetstream", writes=15)
+    # nats-servers were stopped too
+    assert not list(network_dir.glob("nats/*/nats.pid"))
+
+
+def test_down_leaves_alone_a_pid_that_is_not_the_process_it_started(tmp_path: Path) -> None:
+    """A recorded PID now belonging to another process (or another command) is not signalled."""
+    base = tmp_path / "net"
+    up = run_cli("network", "up", "--dir", base, "--institutions", "1")
+    try:
+        assert up.code == 0, up
+        node_pid = base / "hospital-1" / "node.pid"
+        real = PidRecord.load(node_pid)
+        assert real is not None and real.running()
+        down = run_cli("network", "down", "--dir", base, "--json").json()
+        assert down["nodes"] == [real.pid]
+        assert not real.running()
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            stat = Path(f"/proc/{sleeper.pid}/stat").read_text()
+            ticks = int(stat.rsplit(")", 1)[1].split()[19])
+            for impostor in (
+                PidRecord(pid=sleeper.pid, start_ticks=ticks, argv=real.argv),  # another command
+                PidRecord(pid=sleeper.pid, start_ticks=ticks + 1, argv=("sleep", "60")),  # reused
+            ):
+                impostor.save(node_pid)
+                down = run_cli("network", "down", "--dir", base, "--json").json()
+                assert down["nodes"] == []
+                assert sleeper.poll() is None, "network down killed a process it did not start"
+            # The check is not simply "never": the very process it recorded is stopped.
+            PidRecord(pid=sleeper.pid, start_ticks=ticks, argv=("sleep", "60")).save(node_pid)
+            down = run_cli("network", "down", "--dir", base, "--json").json()
+            assert down["nodes"] == [sleeper.pid]
+            assert sleeper.wait(10) == -signal.SIGTERM
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        run_cli("network", "down", "--dir", base, "--timeout", "10")
+
+
+def test_up_refuses_a_different_shape_and_a_wrong_passphrase(network_dir: Path) -> None:
+    first = run_cli("network", "up", "--dir", network_dir, "--institutions", "1", "--json")
+    first.json()
+    other = run_cli("network", "up", "--dir", network_dir, "--institutions", "2")
+    assert other.code == 1 and other.err.startswith("error: "), other
+    assert "institutions" in other.err
+    # A wrong passphrase is refused before anything is started.
+    run_cli("network", "down", "--dir", network_dir)
+    env = {**_env(), "MEDLEDGER_PASSPHRASE": "wrong"}
+    wrong = subprocess.run(
+        [*medledger_command(), "network", "up", "--dir", str(network_dir)],
+        capture_output=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+    assert wrong.returncode == 1, wrong
+    assert wrong.stderr.decode().startswith("error: ")
+    assert PidRecord.load(network_dir / "hospital-1" / "node.pid") is None
