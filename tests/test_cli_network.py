@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -80,6 +81,9 @@ def network_dir(tmp_path: Path) -> Iterator[Path]:
     finally:
         if (base / "network.json").exists():
             run_cli("network", "down", "--dir", base, "--timeout", "10")
+            pg = json.loads((base / "network.json").read_text())["postgres"]
+            if pg is not None and not Path(pg["data_dir"]).is_relative_to(base):
+                shutil.rmtree(Path(pg["data_dir"]).parent, ignore_errors=True)
         for pid_file in _pid_files(base):  # last resort, by the same /proc identity check
             record = PidRecord.load(pid_file)
             if record is not None and record.running():
@@ -341,3 +345,41 @@ def test_up_refuses_a_different_shape_and_a_wrong_passphrase(network_dir: Path) 
     assert wrong.returncode == 1, wrong
     assert wrong.stderr.decode().startswith("error: ")
     assert PidRecord.load(network_dir / "hospital-1" / "node.pid") is None
+
+
+@pytest.mark.slow
+def test_network_on_embedded_postgres_survives_kill_and_restart(network_dir: Path) -> None:
+    """--store postgres: one embedded PostgreSQL for the network, started and stopped with it."""
+    data = run_cli(
+        "network",
+        "up",
+        "--dir",
+        network_dir,
+        "--institutions",
+        "2",
+        "--store",
+        "postgres",
+        "--json",
+    ).json()
+    assert data["postgres"] is not None
+    node_toml = (network_dir / "hospital-1" / "node.toml").read_text()
+    assert 'store = "postgres"' in node_toml
+    assert data["postgres"]["password"] not in node_toml
+    node = data["nodes"][0]
+    acked: dict[str, bytes] = {}
+    _writer(node["url"], node["tokens"]["clinician"], 5, threading.Event(), acked, limit=10)
+    assert len(acked) == 10
+    record = PidRecord.load(network_dir / "hospital-1" / "node.pid")
+    assert record is not None
+    os.kill(record.pid, signal.SIGKILL)
+    run_cli("network", "up", "--dir", network_dir, "--json").json()
+    _read_back({node["institution"]: node}, {node["institution"]: acked})
+    status = run_cli("network", "status", "--dir", network_dir, "--json").json()
+    assert status["postgres"]["running"]
+    postmaster = status["postgres"]["pid"]
+    down = run_cli("network", "down", "--dir", network_dir, "--json").json()
+    assert down["postgres"] is True
+    assert (
+        not Path(f"/proc/{postmaster}").exists()
+        or "Z" in Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()[:1]
+    )

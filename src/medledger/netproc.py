@@ -15,7 +15,8 @@ Layout of a network directory::
     <dir>/<institution>/      a node directory (node.toml, keys, chains, …)
         node.log, node.pid    the node process's JSON log lines and PID record
     <dir>/nats/n<i>/          nats.conf, nats.log, nats.pid, store/
-    <dir>/postgres/data/      the embedded PostgreSQL cluster (``--store postgres``)
+    <dir>/postgres/data/      the embedded PostgreSQL cluster (``--store postgres``; as
+                              root with a private <dir>: in the temporary directory)
 
 Processes are detached (own session), so they outlive ``network up``. A PID
 record holds the PID, the process's start time (``/proc/<pid>/stat``) and
@@ -36,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,6 +48,7 @@ from typing import Any
 
 from medledger.config import ConsortiumConfig, NodePaths, StorageConfig, load_config
 from medledger.core.errors import Conflict, InvalidInput, MedledgerError, NotFound
+from medledger.core.hashing import sha256
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.tokens import TokenStore
 
@@ -289,18 +292,18 @@ def _start_nats(base: Path, spec: Sequence[Mapping[str, Any]], timeout: float) -
 # -- PostgreSQL -------------------------------------------------------------------------
 
 
-def _postgres(base: Path, spec: Mapping[str, Any]) -> Any:
+def _postgres(spec: Mapping[str, Any]) -> Any:
     from medledger.storage.pg_embedded import EmbeddedPostgres
 
     return EmbeddedPostgres(
-        base / "postgres" / "data", port=int(spec["port"]), password=str(spec["password"])
+        Path(spec["data_dir"]), port=int(spec["port"]), password=str(spec["password"])
     )
 
 
-def _postgres_pid(base: Path) -> int | None:
+def _postgres_pid(spec: Mapping[str, Any]) -> int | None:
     """The postmaster's PID if the network's cluster is running (its own lock file says so)."""
     try:
-        pid = int((base / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+        pid = int((Path(spec["data_dir"]) / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     stat = _proc_stat(pid)
@@ -313,16 +316,36 @@ def _create_postgres(base: Path) -> dict[str, Any]:
     from medledger.storage import pg_embedded
 
     parent = base / "postgres"
-    parent.mkdir(mode=0o700)
     run_as = pg_embedded._run_as()
-    if run_as:  # PostgreSQL refuses root: the cluster belongs to an unprivileged user
+    if run_as and not _world_traversable(base):
+        # PostgreSQL refuses root, so it runs as an unprivileged user, which cannot
+        # reach a private directory: the cluster then lives in the temporary directory.
+        digest = sha256(str(base).encode()).hex()[:12]
+        parent = Path(tempfile.gettempdir()) / f"medledger-network-pg-{digest}"
+    parent.mkdir(mode=0o700)
+    if run_as:
         os.chown(parent, run_as["user"], run_as["group"])
-    spec = {"port": pg_embedded._free_port(), "password": secrets.token_hex(16)}
-    server = _postgres(base, spec)
-    server._initdb("scram", True, {})
-    server.start()
-    server.create_database(_PG_DATABASE)
+    spec = {
+        "port": pg_embedded._free_port(),
+        "password": secrets.token_hex(16),
+        "data_dir": str(parent / "data"),
+    }
+    server = _postgres(spec)
+    try:
+        server._initdb("scram", True, {})
+        server.start()
+        server.create_database(_PG_DATABASE)
+    except BaseException:
+        if server.running():
+            with contextlib.suppress(MedledgerError):
+                server.stop("immediate")
+        shutil.rmtree(parent, ignore_errors=True)
+        raise
     return spec
+
+
+def _world_traversable(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
 
 
 def _dsn(spec: Mapping[str, Any]) -> str:
@@ -437,7 +460,10 @@ def _create(
     except BaseException:
         if data["postgres"] is not None:
             with contextlib.suppress(MedledgerError):
-                _postgres(base, data["postgres"]).stop("immediate")
+                _postgres(data["postgres"]).stop("immediate")
+            data_dir = Path(data["postgres"]["data_dir"])
+            if not data_dir.is_relative_to(base):
+                shutil.rmtree(data_dir.parent, ignore_errors=True)
         for child in base.iterdir():
             if child.name != ".lock":
                 if child.is_dir():
@@ -518,8 +544,8 @@ def up(
 
 
 def _start(base: Path, data: Mapping[str, Any], passphrase: bytes, timeout: float) -> None:
-    if data["postgres"] is not None and _postgres_pid(base) is None:
-        _postgres(base, data["postgres"]).start()
+    if data["postgres"] is not None and _postgres_pid(data["postgres"]) is None:
+        _postgres(data["postgres"]).start()
     if data["nats"]:
         _start_nats(base, data["nats"], timeout)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
@@ -603,7 +629,7 @@ def status(base: Path) -> dict[str, Any]:
         "nats": nats,
     }
     if data["postgres"] is not None:
-        pid = _postgres_pid(base)
+        pid = _postgres_pid(data["postgres"])
         result["postgres"] = {"port": data["postgres"]["port"], "pid": pid, "running": bool(pid)}
     return result
 
@@ -623,7 +649,7 @@ def down(base: Path, *, timeout: float = 30.0) -> dict[str, Any]:
         for key, files in (("nodes", node_files), ("nats", nats_files)):
             records = [(r, f) for f in files if (r := PidRecord.load(f)) is not None]
             stopped[key] = _stop(records, timeout)
-        if data["postgres"] is not None and _postgres_pid(base) is not None:
-            _postgres(base, data["postgres"]).stop("fast")
+        if data["postgres"] is not None and _postgres_pid(data["postgres"]) is not None:
+            _postgres(data["postgres"]).stop("fast")
             stopped["postgres"] = True
     return stopped
