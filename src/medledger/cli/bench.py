@@ -194,6 +194,181 @@ def bench_consortium(
     )
 
 
+@bench.command("hybrid")
+@_work_dir
+@click.option(
+    "--ordering",
+    "orderings",
+    multiple=True,
+    type=click.Choice(["jetstream", "solo"]),
+    default=("jetstream", "solo"),
+    show_default=True,
+)
+@click.option(
+    "--mode",
+    "modes",
+    multiple=True,
+    type=click.Choice(["hybrid", "consortium-only"]),
+    default=("hybrid", "consortium-only"),
+    show_default=True,
+)
+@click.option("--institutions", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--load",
+    "loads",
+    multiple=True,
+    type=click.IntRange(min=1),
+    help="Offered loads in records/s (default: 100, doubling up to --max-load or saturation).",
+)
+@click.option("--max-load", type=click.IntRange(min=1), default=3_200, show_default=True)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Duration of each offered load.",
+)
+@click.option(
+    "--writers",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Concurrent writers per institution.",
+)
+@click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--seed", type=int, default=11, show_default=True)
+@_json_out
+@_quick
+@click.option(
+    "--plots-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the PNG plots here (default: docs/ unless --quick).",
+)
+@click.option(
+    "--markdown",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Update the generated summary in this file (default: docs/benchmarks.md unless --quick).",
+)
+def bench_hybrid(
+    root: Path | None,
+    orderings: tuple[str, ...],
+    modes: tuple[str, ...],
+    institutions: int,
+    loads: tuple[int, ...],
+    max_load: int,
+    seconds: float,
+    writers: int,
+    warmup: int,
+    seed: int,
+    json_out: Path | None,
+    quick: bool,
+    plots_dir: Path | None,
+    markdown: Path | None,
+) -> None:
+    """Hybrid vs consortium-only: validation and tamper-evidence delay, saturation, CPU."""
+    from medledger.benchmarks.hybrid import HybridSettings, run_hybrid_bench
+
+    if not quick:
+        plots_dir = plots_dir or _default_docs_path("")
+        markdown = markdown or _default_docs_path("benchmarks.md")
+    run_hybrid_bench(
+        root=root,
+        settings=HybridSettings(
+            institutions=institutions,
+            orderings=orderings,
+            modes=modes,
+            loads=loads,
+            max_load=max_load,
+            step_seconds=seconds,
+            writers=writers,
+            warmup=warmup,
+            seed=seed,
+        ),
+        json_out=json_out,
+        quick=quick,
+        plots_dir=plots_dir,
+        markdown=markdown,
+    )
+
+
+def _default_docs_path(name: str) -> Path | None:
+    """``docs/<name>`` when run from the repository (where docs/ exists), else nothing."""
+    docs = Path("docs")
+    return (docs / name if name else docs) if docs.is_dir() else None
+
+
+#: ``bench all`` runs these first, in this order; any other subcommand follows by name.
+_ORDER = ("private", "records", "consortium", "sharing", "api", "hybrid")
+
+
+@bench.command("all")
+@_work_dir
+@_quick
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench/results"),
+    show_default=True,
+    help="One JSON file per benchmark: <name>.json.",
+)
+@click.option(
+    "--markdown",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Update the generated summary in this file (default: docs/benchmarks.md unless --quick).",
+)
+@click.pass_context
+def bench_all(
+    ctx: click.Context,
+    root: Path | None,
+    quick: bool,
+    results_dir: Path,
+    markdown: Path | None,
+) -> None:
+    """Every registered benchmark with its defaults (or --quick), then the summary."""
+    import json
+    import time
+
+    from rich.console import Console
+
+    from medledger.benchmarks.report import update_markdown
+
+    assert ctx.parent is not None
+    group = ctx.parent.command
+    assert isinstance(group, click.Group)
+    names = sorted(
+        (n for n in group.commands if n != "all"),
+        key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n),
+    )
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    results: dict[str, dict[str, object]] = {}
+    for i, name in enumerate(names, 1):
+        command = group.commands[name]
+        accepts = {p.name for p in command.params}
+        out = results_dir / f"{name}.json"
+        args = ["--json-out", str(out)] if "json_out" in accepts else []
+        if quick and "quick" in accepts:
+            args.append("--quick")
+        if root is not None and "root" in accepts:
+            args += ["--dir", str(root / name)]
+        if name == "hybrid" and markdown is not None:
+            args += ["--markdown", str(markdown)]
+        elapsed = time.perf_counter() - started
+        console.rule(f"[bold]bench {name}[/] ({i}/{len(names)}, {elapsed:,.0f} s so far)")
+        with command.make_context(name, args, parent=ctx) as sub:
+            command.invoke(sub)
+        if out.exists():
+            results[name] = json.loads(out.read_text())
+    if not quick:
+        markdown = markdown or _default_docs_path("benchmarks.md")
+    if markdown is not None:
+        update_markdown(markdown, results)
+    console.rule(f"bench all: {len(results)} results in {time.perf_counter() - started:,.0f} s")
+
+
 @click.command()
 @click.option(
     "--dir",

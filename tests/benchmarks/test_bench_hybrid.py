@@ -1,0 +1,208 @@
+"""``medledger bench hybrid`` and its consortium-only mode, at smoke-test sizes.
+
+Results are checked for shape and internal consistency only — never for
+timing thresholds (those live in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli_support import medledger_command
+from medledger.benchmarks.hybrid import BenchNetwork, compare
+from medledger.benchmarks.report import LATEST_HEADING, plot_hybrid, update_markdown
+from medledger.cli.consortium import verify_consortium_store
+from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID
+from medledger.core.models import Transaction
+from medledger.services.synthetic import generate_patient
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _latency_ok(value: dict[str, Any]) -> None:
+    assert set(value) == {"p50", "p95", "p99", "max"}
+    assert 0 <= value["p50"] <= value["p95"] <= value["p99"] <= value["max"]
+
+
+@pytest.fixture(scope="module")
+def quick_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``medledger bench all --quick`` run (the smoke profile), shared by these tests."""
+    out = tmp_path_factory.mktemp("bench-all")
+    markdown = out / "benchmarks.md"
+    markdown.write_text("# Benchmarks\n\nHand-written analysis stays.\n")
+    proc = subprocess.run(
+        [
+            *medledger_command(),
+            "bench",
+            "all",
+            "--quick",
+            "--dir",
+            str(out / "work"),
+            "--results-dir",
+            str(out / "results"),
+            "--markdown",
+            str(markdown),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def quick_run(quick_all: Path) -> tuple[Path, dict[str, Any]]:
+    return quick_all, json.loads((quick_all / "results" / "hybrid.json").read_text())
+
+
+@pytest.mark.slow
+def test_bench_all_runs_every_registered_benchmark(quick_all: Path) -> None:
+    from medledger.cli.bench import bench
+
+    expected = set(bench.commands) - {"all"}
+    assert {"private", "records", "consortium", "hybrid"} <= expected
+    produced = {p.stem for p in (quick_all / "results").glob("*.json")}
+    assert produced == expected
+    text = (quick_all / "benchmarks.md").read_text()
+    for name in expected:
+        assert text.count(f"<!-- bench:{name}:begin -->") == 1
+        results = json.loads((quick_all / "results" / f"{name}.json").read_text())
+        assert results["machine"]["cores"] >= 1
+
+
+@pytest.mark.slow
+def test_quick_run_measures_both_modes_at_every_load(
+    quick_run: tuple[Path, dict[str, Any]],
+) -> None:
+    _, results = quick_run
+    assert results["quick"] is True
+    assert {"cpu", "cores", "python", "date"} <= set(results["machine"])
+    assert "medledger" in results["versions"]
+    runs = results["runs"]
+    assert [(r["mode"], r["ordering"]) for r in runs] == [
+        (HYBRID, "jetstream"),
+        (CONSORTIUM_ONLY, "jetstream"),
+        (HYBRID, "solo"),
+        (CONSORTIUM_ONLY, "solo"),
+    ]
+    loads = results["settings"]["loads"]
+    for run in runs:
+        assert run["institutions"] == 4
+        assert run["steps"], run
+        assert [s["offered_per_s"] for s in run["steps"]] == loads[: len(run["steps"])]
+        for step in run["steps"]:
+            assert step["errors"] == 0
+            assert step["records"] >= 1
+            assert step["achieved_per_s"] > 0
+            _latency_ok(step["validation_ms"])
+            _latency_ok(step["tamper_evidence_ms"])
+            assert step["all_tamper_evident"] is True
+            assert step["cpu_ms_per_record"] >= step["cpu_ms_per_record_net"] >= 0
+            for key in ("validation", "tamper"):
+                cdf = step["cdf_ms"][key]
+                assert len(cdf) == 101 and cdf == sorted(cdf)
+        assert run["saturation_per_s"] == max(s["achieved_per_s"] for s in run["steps"])
+
+
+def test_consortium_only_tamper_evidence_is_its_validation(
+    quick_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """Its final block is both; hybrid waits for the anchor after the private commit."""
+    _, results = quick_run
+    only = next(r for r in results["runs"] if r["mode"] == CONSORTIUM_ONLY)
+    for step in only["steps"]:
+        assert step["tamper_evidence_ms"] == step["validation_ms"]
+    hybrid = next(r for r in results["runs"] if r["mode"] == HYBRID)
+    for step in hybrid["steps"]:
+        assert step["tamper_evidence_ms"]["p50"] >= step["validation_ms"]["p50"]
+
+
+def test_comparison_is_computed_from_the_same_run(
+    quick_run: tuple[Path, dict[str, Any]],
+) -> None:
+    _, results = quick_run
+    assert results["comparison"] == compare(results["runs"])
+    assert [c["ordering"] for c in results["comparison"]] == ["jetstream", "solo"]
+    runs = {(r["mode"], r["ordering"]): r for r in results["runs"]}
+    for c in results["comparison"]:
+        hybrid, only = runs[(HYBRID, c["ordering"])], runs[(CONSORTIUM_ONLY, c["ordering"])]
+        for row, h, o in zip(c["loads"], hybrid["steps"], only["steps"], strict=False):
+            assert row["offered_per_s"] == h["offered_per_s"] == o["offered_per_s"]
+            assert row["validation_p50_ratio"] == round(
+                o["validation_ms"]["p50"] / h["validation_ms"]["p50"], 2
+            )
+        assert c["saturation_ratio"] == round(
+            hybrid["saturation_per_s"] / only["saturation_per_s"], 2
+        )
+
+
+def test_plots_and_markdown_summary_are_written(
+    quick_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, results = quick_run
+    plots = plot_hybrid(results, tmp_path / "plots")  # drawn from the JSON alone
+    assert {p.name for p in plots} == {"hybrid-latency-vs-load.png", "hybrid-cdf.png"}
+    for p in plots:
+        assert p.read_bytes()[:8] == PNG
+    text = (out / "benchmarks.md").read_text()
+    assert text.startswith("# Benchmarks\n\nHand-written analysis stays.\n")
+    assert LATEST_HEADING in text
+    assert text.count("<!-- bench:hybrid:begin -->") == 1
+    assert "consortium-only" in text and "p50 / p95 / p99" in text
+    # A second summary replaces the blocks instead of adding more.
+    update_markdown(out / "benchmarks.md", {"hybrid": results, "private": {"txs": 5}})
+    again = (out / "benchmarks.md").read_text()
+    assert again.count("<!-- bench:hybrid:begin -->") == 1
+    assert again.count("<!-- bench:private:begin -->") == 1
+    assert "| txs | 5 |" in again
+    assert "Hand-written analysis stays." in again
+
+
+def test_consortium_only_records_read_back_and_an_auditor_verifies(tmp_path: Path) -> None:
+    """Records committed on the consortium: readable, final at every member, re-verifiable."""
+    bundle = generate_patient(0, seed=3, resources_per_patient=5)
+    resources = [bundle.patient, *bundle.resources]
+
+    async def scenario() -> list[Path]:
+        bench = await BenchNetwork.open(tmp_path / "net", CONSORTIUM_ONLY, "solo", 2)
+        try:
+            service = bench.services[0]
+            for res in resources:
+                stored, created = await service.update(res["resourceType"], res["id"], res)
+                assert created
+            node = bench.nodes[0]
+            assert node.consortium is not None and node.consortium_store is not None
+            for res in resources:
+                stored = await service.read(res["resourceType"], res["id"])
+                assert json.loads(stored.data)["id"] == res["id"]
+                _, data = node.consortium_store.tx_by_hash(stored.tx_hash)
+                tx = Transaction.decode(data)
+                assert tx.type == "record.put" and tx.chain == node.consortium.chain_id
+                assert tx.signatures[0].signer == node.keystore.signing_key().fingerprint
+            # Nothing went to the private chain: it holds only its genesis block.
+            assert node.chain.head.height == 0
+            other = bench.nodes[1]
+            assert other.consortium is not None
+            await other.consortium.wait_final(node.consortium.final_height, timeout=10)
+            return [n.paths.root for n in bench.nodes]
+        finally:
+            await bench.close()
+
+    roots = asyncio.run(scenario())
+    for root in roots:
+        report, _policy = verify_consortium_store(root)
+        assert report.log_size == 1 + len(resources)
+        proc = subprocess.run(
+            [*medledger_command(), "verify", "--dir", str(root), "--consortium"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
