@@ -7,16 +7,16 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import MakeNode
 from medledger.cli.service import JsonLogFormatter
 from medledger.config import ConsortiumConfig, NodePaths, load_config
 from medledger.core.errors import InvalidInput
 
 
-def test_a_node_without_the_section_has_no_consortium(make_node: MakeNode) -> None:
+def test_a_node_without_the_section_has_no_consortium(make_node: Any) -> None:
     root, _ = make_node()
     assert load_config(root, env={}).consortium is None
     assert b"[consortium]" not in NodePaths(root=root).config.read_bytes()
@@ -26,7 +26,7 @@ def _with(root: Path, settings: ConsortiumConfig) -> None:
     replace(load_config(root, env={}), consortium=settings).save(NodePaths(root=root).config)
 
 
-def test_solo_and_jetstream_sections_round_trip(make_node: MakeNode) -> None:
+def test_solo_and_jetstream_sections_round_trip(make_node: Any) -> None:
     root, _ = make_node()
     solo = ConsortiumConfig(ordering="solo", order_file="../order.db", anchor=False)
     _with(root, solo)
@@ -40,7 +40,7 @@ def test_solo_and_jetstream_sections_round_trip(make_node: MakeNode) -> None:
     assert load_config(root, env={}).consortium == js
 
 
-def test_environment_overrides_the_section(make_node: MakeNode) -> None:
+def test_environment_overrides_the_section(make_node: Any) -> None:
     root, _ = make_node()
     _with(root, ConsortiumConfig(ordering="solo"))
     env = {
@@ -72,7 +72,7 @@ def test_environment_overrides_the_section(make_node: MakeNode) -> None:
         {"MEDLEDGER_ORDERING": "solo", "MEDLEDGER_STREAM_REPLICAS": "three"},
     ],
 )
-def test_invalid_settings_are_refused(make_node: MakeNode, env: dict[str, str]) -> None:
+def test_invalid_settings_are_refused(make_node: Any, env: dict[str, str]) -> None:
     root, _ = make_node()
     with pytest.raises(InvalidInput):
         load_config(root, env=env)
