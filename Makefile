@@ -24,10 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
+# Every registered benchmark (private, records, consortium, hybrid, …): JSON in
+# bench/results/, the generated summary in docs/benchmarks.md, plots in docs/.
 bench: $(STAMP)
-	$(BIN)/medledger bench private --json-out bench/results/private.json
-	$(BIN)/medledger bench records --json-out bench/results/records.json
-	$(BIN)/medledger bench consortium --json-out bench/results/consortium.json
+	$(BIN)/medledger bench all --results-dir bench/results
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

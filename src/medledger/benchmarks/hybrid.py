@@ -560,6 +560,8 @@ def run_hybrid_bench(
         "versions": versions(),
         "settings": settings.to_json(),
         "quick": quick,
+        # Other work on the machine shows here (1-minute load average vs cores).
+        "load_average_before": round(os.getloadavg()[0], 2),
         "runs": [],
     }
     started = time.perf_counter()
@@ -579,6 +581,7 @@ def run_hybrid_bench(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
     results["comparison"] = compare(results["runs"])
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     if plots_dir is not None:

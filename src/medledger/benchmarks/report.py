@@ -124,7 +124,8 @@ def _render_hybrid(results: Mapping[str, Any]) -> list[str]:
     lines = [
         f"{s.get('institutions')} institutions, {s.get('writers_per_institution')} writers each, "
         f"{s.get('step_seconds')} s per offered load, {s.get('warmup_records')} warm-up records, "
-        f"seed {s.get('seed')}; took {results.get('elapsed_s')} s.",
+        f"seed {s.get('seed')}; took {results.get('elapsed_s')} s; 1-minute load average "
+        f"{results.get('load_average_before')} before, {results.get('load_average_after')} after.",
         "",
         "| ordering | mode | offered/s | achieved/s | validation p50 / p95 / p99 "
         "| tamper-evident p50 / p95 / p99 | CPU ms/record (net of idle) |",
@@ -173,20 +174,20 @@ _STYLE = {
 }
 
 
-def _cdf_load(results: Mapping[str, Any]) -> int | None:
-    """The highest load every run measured without saturating (else the lowest common one)."""
+def _cdf_loads(results: Mapping[str, Any]) -> list[int]:
+    """The lowest load every run measured, and the highest none of them saturated at."""
     runs = results["runs"]
     if not runs:
-        return None
+        return []
     common = set.intersection(*({s["offered_per_s"] for s in r["steps"]} for r in runs))
     if not common:
-        return None
+        return []
     calm = [
         load
         for load in common
         if all(not s["saturated"] for r in runs for s in r["steps"] if s["offered_per_s"] == load)
     ]
-    return int(max(calm) if calm else min(common))
+    return sorted({min(common), max(calm or common)})
 
 
 def plot_hybrid(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
@@ -243,10 +244,15 @@ def plot_hybrid(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    top = max((s["offered_per_s"] for r in runs for s in r["steps"]), default=100)
-    axes[2].plot([1, top], [1, top], ":", color="gray", label="offered = achieved")
+    offered = [s["offered_per_s"] for r in runs for s in r["steps"]] or [100]
+    axes[2].plot(
+        [min(offered), max(offered)],
+        [min(offered), max(offered)],
+        ":",
+        color="gray",
+        label="achieved = offered",
+    )
     axes[2].set_xscale("log")
-    axes[2].set_yscale("log")
     axes[2].set_xlabel("offered load, records/s")
     axes[2].set_ylabel("achieved throughput, records/s")
     axes[2].grid(True, which="both", alpha=0.3)
@@ -257,28 +263,33 @@ def plot_hybrid(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(curves, dpi=110)
     plt.close(fig)
 
-    load = _cdf_load(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for run in runs:
-        step = next((s for s in run["steps"] if s["offered_per_s"] == load), None)
-        if step is None:
-            continue
-        color, dash = _STYLE.get((run["mode"], run["ordering"]), ("gray", ":"))
-        for ax, key in ((axes[0], "validation"), (axes[1], "tamper")):
-            points = step["cdf_ms"][key]
-            if points:
-                ys = [i / (len(points) - 1) for i in range(len(points))]
-                ax.plot(points, ys, dash, color=color, label=f"{run['mode']}, {run['ordering']}")
-    for ax, name in (
-        (axes[0], "validation delay, ms"),
-        (axes[1], "global tamper-evidence delay, ms"),
-    ):
-        ax.set_xscale("log")
-        ax.set_xlabel(name)
-        ax.set_ylabel("fraction of records")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"CDFs at {load} records/s offered ({title})")
+    loads = _cdf_loads(results)
+    fig, grid = plt.subplots(
+        max(len(loads), 1), 2, figsize=(12, 4.2 * max(len(loads), 1)), squeeze=False
+    )
+    for row, load in zip(grid, loads, strict=False):
+        for run in runs:
+            step = next((s for s in run["steps"] if s["offered_per_s"] == load), None)
+            if step is None:
+                continue
+            color, dash = _STYLE.get((run["mode"], run["ordering"]), ("gray", ":"))
+            for ax, key in ((row[0], "validation"), (row[1], "tamper")):
+                points = step["cdf_ms"][key]
+                if points:
+                    ys = [i / (len(points) - 1) for i in range(len(points))]
+                    label = f"{run['mode']}, {run['ordering']}"
+                    ax.plot(points, ys, dash, color=color, label=label)
+        for ax, name in (
+            (row[0], "validation delay, ms"),
+            (row[1], "global tamper-evidence delay, ms"),
+        ):
+            ax.set_xscale("log")
+            ax.set_xlabel(name)
+            ax.set_ylabel("fraction of records")
+            ax.set_title(f"{load:,} records/s offered", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"medledger: delay CDFs, hybrid vs consortium-only ({title})")
     fig.tight_layout()
     cdf = out_dir / "hybrid-cdf.png"
     fig.savefig(cdf, dpi=110)

@@ -8,7 +8,7 @@
   need that same quorum of *current* members' signatures.
 * ``params.mode`` is ``"hybrid"`` (the product) or ``"consortium-only"``: a
   benchmark-only consortium whose members also order and finalize every
-  record transaction (docs/decisions/0009-consortium-only-mode.md). It is
+  record transaction (docs/decisions/0011-consortium-only-mode.md). It is
   written into the genesis only when not ``"hybrid"``, so hybrid genesis
   documents, and their hashes, are unchanged.
 """

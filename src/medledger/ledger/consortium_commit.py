@@ -1,6 +1,6 @@
 """Consortium-only mode: record transactions ordered and finalized by the consortium.
 
-**For benchmarks only** (``medledger bench hybrid``; decision 0009). The
+**For benchmarks only** (``medledger bench hybrid``; decision 0011). The
 product is hybrid: a record write is valid once its institution's private
 chain commits it, and anchors make it globally tamper-evident. To measure
 what that buys, this mode commits the *same* record transactions on the

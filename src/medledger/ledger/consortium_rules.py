@@ -113,7 +113,7 @@ class ConsortiumState:
     def from_genesis(cls, genesis: Genesis) -> ConsortiumState:
         state_cls = cls
         if genesis.params.mode == CONSORTIUM_ONLY:
-            # The benchmark-only mode also orders record transactions (decision 0009).
+            # The benchmark-only mode also orders record transactions (decision 0011).
             from medledger.ledger.consortium_commit import ConsortiumOnlyState
 
             state_cls = ConsortiumOnlyState
