@@ -28,6 +28,7 @@ from fastapi import FastAPI
 
 from medledger.api.app import create_app
 from medledger.core.encoding import canonical_bytes
+from medledger.core.models import Transaction
 from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import VerifyReport, verify_chain
 from medledger.node import Node, init_node, open_chain, open_node
@@ -101,6 +102,18 @@ class LiveServer:
         _, store = open_chain(self.root)
         try:
             return head_header(store).log_size
+        finally:
+            store.close()
+
+    def record_writes(self) -> int:
+        """Private-chain txs other than ``access`` entries: what reads must never add to."""
+        _, store = open_chain(self.root)
+        try:
+            return sum(
+                Transaction.decode(data).type != "access"
+                for block in store.iter_blocks(1)
+                for data in block.tx_data
+            )
         finally:
             store.close()
 

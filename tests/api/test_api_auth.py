@@ -21,7 +21,10 @@ from api_helpers import FHIR_JSON, LiveServer, assert_outcome, fhir_bytes, now_m
 from medledger.core.errors import InvalidInput
 from medledger.services.synthetic import PatientBundle
 
-PUBLIC = {"/fhir/metadata", "/healthz", "/readyz", "/docs", "/openapi.json"}
+PUBLIC = {"/fhir/metadata", "/healthz", "/readyz", "/docs", "/openapi.json", "/metrics"}
+#: Member-to-member endpoints: no bearer token, every request is signed by a member key
+#: (tests/services/test_sharing.py covers their refusals).
+SIGNED = {"/peer/v1/{op}"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ def endpoints(live: LiveServer, people: list[PatientBundle]) -> list[Endpoint]:
         "vid": "1",
         "which": "private",
         "height": "0",
+        "cid": "00" * 32,
+        "holder": "elsewhere",
     }
     query = {
         "/chain/{which}/proof/consistency": "?old=1",
@@ -63,7 +68,7 @@ def endpoints(live: LiveServer, people: list[PatientBundle]) -> list[Endpoint]:
         document = client.get("/openapi.json").json()
     out = []
     for template, operations in document["paths"].items():
-        if template in PUBLIC:
+        if template in PUBLIC | SIGNED:
             continue
         path = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template)
         path += query.get(template, "")
@@ -92,6 +97,14 @@ def test_the_route_table_is_what_we_expect(endpoints: list[Endpoint]) -> None:
         "GET /chain/{which}/proof/inclusion",
         "GET /chain/{which}/proof/consistency",
         "GET /chain/consortium/status",
+        "POST /fhir/Consent",
+        "GET /fhir/Consent",
+        "GET /fhir/Consent/{cid}",
+        "PUT /fhir/Consent/{cid}",
+        "GET /fhir/AuditEvent",
+        "POST /fhir/Patient/{rid}/$enroll",
+        "GET /share/{holder}",
+        "GET /share/{holder}/{resource_type}/{rid}",
     } <= names
 
 
@@ -182,7 +195,14 @@ def test_auditor_gets_no_clinical_data_and_cannot_write(
     before = live.log_size()
     with live.client(live.auditor) as auditor:
         for endpoint in endpoints:
-            if endpoint.template.startswith("/fhir"):
+            if endpoint.method == "GET" and endpoint.template.startswith(
+                ("/fhir/Consent", "/fhir/AuditEvent")
+            ):
+                # Auditors read consents and trails, which live on the consortium
+                # chain; this node has joined none.
+                r = endpoint.send(auditor)
+                assert r.status_code in (400, 404), f"auditor {endpoint}: {r.status_code}"
+            elif endpoint.template.startswith(("/fhir", "/share")):
                 r = endpoint.send(auditor)
                 assert r.status_code == 403, f"auditor {endpoint}: {r.status_code} {r.text[:200]}"
                 assert_outcome(r, 403, code="forbidden")
@@ -311,8 +331,10 @@ def test_patient_token_cannot_write_or_see_chains(
     before = live.log_size()
     with live.client(token) as client:
         for endpoint in endpoints:
+            if endpoint.template.startswith("/fhir/Consent"):
+                continue  # a patient submits its own signed consent (test_sharing_api.py)
             if endpoint.method in ("POST", "PUT", "DELETE") or endpoint.template.startswith(
-                ("/chain", "/fhir/{resource_type}/_history")
+                ("/chain", "/fhir/{resource_type}/_history", "/share")
             ):
                 r = endpoint.send(client)
                 assert r.status_code == 403, f"patient {endpoint}: {r.status_code} {r.text[:200]}"

@@ -46,6 +46,7 @@ class World:
     ids: dict[str, list[str]]
     paths: dict[str, list[str]]
     log_size: int
+    record_writes: int
 
     def __repr__(self) -> str:  # hypothesis prints strategies with their arguments
         return f"World({len(self.patients)} patients, log size {self.log_size})"
@@ -66,7 +67,13 @@ def world(live: LiveServer) -> World:
     with live.client() as client:
         doc = client.get("/openapi.json").json()
     paths = {p: [m.upper() for m in ops] for p, ops in doc["paths"].items()}
-    return World(patients=patients, ids=ids, paths=paths, log_size=live.log_size())
+    return World(
+        patients=patients,
+        ids=ids,
+        paths=paths,
+        log_size=live.log_size(),
+        record_writes=live.record_writes(),
+    )
 
 
 # -- the document ------------------------------------------------------------------------
@@ -332,7 +339,8 @@ def test_hypothesis_fuzz_routes_parameters_headers(
     print(f"route fuzzing: {tally.sent['routes']} requests, statuses {dict(tally.statuses)}")
     assert tally.sent["routes"] >= 650
     assert not tally.problems.get("routes"), tally.report("routes")
-    assert live.log_size() == world.log_size
+    # Reads that succeeded left access entries; nothing else was written.
+    assert live.record_writes() == world.record_writes
 
 
 # -- hypothesis: invalid bodies -------------------------------------------------------------
@@ -506,9 +514,9 @@ def test_fuzzing_sent_enough_and_the_chain_still_verifies(
 ) -> None:
     total = sum(tally.sent.values())
     assert total >= 1000, tally.sent
-    assert live.log_size() == world.log_size
+    assert live.record_writes() == world.record_writes
     report = live.verify()
-    assert report.log_size == world.log_size
+    assert report.log_size == live.log_size()
     # The server is still answering normally after all of it.
     with live.client(live.clinician) as client:
         pid = world.patients[0].patient_id

@@ -619,3 +619,11 @@ def test_arbitrary_field_values_never_crash_or_pass_unsigned(field: str, value: 
         return
     with pytest.raises(MedledgerError):
         ConsentGrant.from_tx(tx)
+
+
+@pytest.mark.parametrize("purpose", [["TREAT"], {"TREAT": 1}], ids=["list", "dict"])
+def test_unhashable_purpose_is_refused_as_invalid_input(purpose: Any) -> None:
+    body = _grant_body()
+    body["purpose"] = purpose
+    with pytest.raises(InvalidInput, match="purpose must be one of"):
+        ConsentGrant.from_tx(_signed(CONSENT_GRANT, body))

@@ -19,15 +19,17 @@ from typing import Any
 
 import uvicorn
 
-from conftest import FAST_KDF, PASSPHRASE
 from medledger.api.app import create_app
 from medledger.core.consortium import ConsortiumParams
 from medledger.network import LocalNetwork
 from medledger.node import Node
 from medledger.services.patients import PatientWallet
 from medledger.services.synthetic import generate_patients
+from medledger.storage.keystore import KdfParams
 from medledger.storage.tokens import TokenStore
 
+PASSPHRASE = b"sharing test passphrase"
+FAST_KDF = KdfParams(n=2**12)
 WALLET_PASSPHRASE = b"patient passphrase"
 HOUR_MS = 3_600_000
 

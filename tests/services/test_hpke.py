@@ -294,3 +294,12 @@ def test_malformed_public_keys_are_invalid_input(text: str, reason: str) -> None
 def test_a_well_formed_but_unknown_public_key_is_another_members() -> None:
     with pytest.raises(IntegrityError, match="another member"):
         _pair("X25519").open(f"X25519:{_X_HEX}", b"\0" * 100, INFO)
+
+
+@pytest.mark.parametrize("kem", KEMS)
+def test_low_order_x25519_public_key_is_invalid_input(kem: str) -> None:
+    """An all-zero X25519 point (low order) is a malformed key, not a crash."""
+    mlkem_part = "" if kem == "X25519" else _pair().public_text().partition(":")[2][:-64]
+    text = f"{kem}:{mlkem_part}{'00' * X25519_PUBLIC}"
+    with pytest.raises(InvalidInput):
+        seal_to(text, DATA_KEY, INFO)

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from medledger import __version__
-from medledger.api import chain, fhir, peer
+from medledger.api import chain, fhir, peer, sharing
 from medledger.api.errors import install_error_handlers
 from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
@@ -62,6 +62,8 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
     app.state.clock = clock or SystemClock()
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    # Before /fhir's generic routes: Consent and AuditEvent are served from the chains.
+    app.include_router(sharing.router)
     app.include_router(fhir.router)
     app.include_router(chain.router)
     app.include_router(peer.router)

@@ -9,8 +9,8 @@ error is an OperationOutcome (``api.errors``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Annotated, Any
@@ -22,6 +22,7 @@ from medledger.api.auth import require
 from medledger.api.errors import TooLarge
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import InvalidInput, NotFound
+from medledger.services.access import AccessEntry
 from medledger.services.fhir import MAX_BODY_BYTES, load_json, validate_id
 from medledger.services.records import RecordsService, StoredResource, VersionInfo
 from medledger.services.search import SEARCH_PARAMS, patient_reference
@@ -81,12 +82,54 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 18
 
 
+class _NotYours(NotFound):
+    """A patient token asked for another patient's record: refused, and audited as such."""
+
+
 def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
     if who.role != "patient":
         return
     if patient_reference(stored.resource()) != f"Patient/{who.patient}":
         # Indistinguishable from absence: a patient learns nothing about others.
-        raise NotFound(_ABSENT)
+        raise _NotYours(_ABSENT)
+
+
+@asynccontextmanager
+async def _audited(
+    request: Request, who: TokenInfo, resource_type: str, rid: str = "*"
+) -> AsyncIterator[list[StoredResource]]:
+    """Every clinical read is an ``access`` entry on the private chain, allowed or refused.
+
+    The body appends what it shows to the yielded list; the entries are durable
+    before the response leaves. Keyed record references only: no ids, no PHI.
+    A *refused* read is one the caller was not allowed to make (a patient
+    reaching for another patient's record); malformed requests and reads of
+    records that do not exist touch no record and write nothing.
+    """
+    node = request.app.state.node
+    inst = node.config.institution
+
+    def entry(rtype: str, ident: str, patient: str | None, outcome: str, reason: str = "") -> Any:
+        return AccessEntry(
+            reader=inst,
+            holder=inst,
+            patient=patient or "",
+            consent="",
+            resource=f"{rtype}:{node.records.record_ref(rtype, ident)}",
+            outcome=outcome,
+            reason=reason,
+            actor=f"{who.role}:{who.id}",
+        )
+
+    shown: list[StoredResource] = []
+    try:
+        yield shown
+    except _NotYours as exc:
+        await node.access.record(entry(resource_type, rid, None, "refused", str(exc)))
+        raise
+    await node.access.record_many(
+        [entry(s.resource_type, s.id, s.patient, "allowed") for s in shown]
+    )
 
 
 @contextmanager
@@ -210,12 +253,23 @@ async def type_history(
     who: Writer,
     _count: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    versions = await _records(request).type_history(_check_type(resource_type), min(_count, 1000))
+    async with _audited(request, who, resource_type) as shown:
+        versions = await _records(request).type_history(
+            _check_type(resource_type), min(_count, 1000)
+        )
+        shown.extend(v.stored for v in versions if v.stored is not None)
     return fhir_response(_history_bundle(versions))
 
 
 @router.get("/{resource_type}", summary="search")
 async def search(resource_type: str, request: Request, who: Clinical) -> Response:
+    async with _audited(request, who, resource_type) as shown:
+        return await _search(resource_type, request, who, shown)
+
+
+async def _search(
+    resource_type: str, request: Request, who: TokenInfo, shown: list[StoredResource]
+) -> Response:
     _check_type(resource_type)
     params: dict[str, list[str]] = {}
     for key, value in request.query_params.multi_items():
@@ -233,6 +287,7 @@ async def search(resource_type: str, request: Request, who: Clinical) -> Respons
             params["patient"] = [f"Patient/{who.patient}"]
         found = await records.search(resource_type, params)
     page = found[offset : offset + count]
+    shown.extend(page)
     base = f"/fhir/{resource_type}"
     query = "&".join(f"{k}={v}" for k, vs in params.items() for v in vs)
     links = [{"relation": "self", "url": f"{base}?{query}&_count={count}&_offset={offset}"}]
@@ -268,9 +323,11 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 
 @router.get("/{resource_type}/{rid}", summary="read")
 async def read(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
-    with _as_absent_for_patients(who):
-        stored = await _records(request).read(_check_type(resource_type), validate_id(rid))
-    _patient_may_see(who, stored)
+    async with _audited(request, who, resource_type, rid) as shown:
+        with _as_absent_for_patients(who):
+            stored = await _records(request).read(_check_type(resource_type), validate_id(rid))
+        _patient_may_see(who, stored)
+        shown.append(stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))
 
 
@@ -299,14 +356,16 @@ async def delete(resource_type: str, rid: str, request: Request, who: Writer) ->
 
 @router.get("/{resource_type}/{rid}/_history", summary="instance history")
 async def history(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
-    with _as_absent_for_patients(who):
-        versions = await _records(request).history(_check_type(resource_type), validate_id(rid))
-    if who.role == "patient":
+    async with _audited(request, who, resource_type, rid) as shown:
+        with _as_absent_for_patients(who):
+            versions = await _records(request).history(_check_type(resource_type), validate_id(rid))
         readable = [v.stored for v in versions if v.stored is not None]
-        if not readable:  # all erased: whose they were cannot be shown to a patient
-            raise NotFound(_ABSENT)
-        for stored in readable:
-            _patient_may_see(who, stored)
+        if who.role == "patient":
+            if not readable:  # all erased: whose they were cannot be shown to a patient
+                raise NotFound(_ABSENT)
+            for stored in readable:
+                _patient_may_see(who, stored)
+        shown.extend(readable)
     return fhir_response(_history_bundle(versions))
 
 
@@ -318,9 +377,13 @@ async def vread(
     request: Request,
     who: Clinical,
 ) -> Response:
-    with _as_absent_for_patients(who):
-        stored = await _records(request).vread(_check_type(resource_type), validate_id(rid), vid)
-    _patient_may_see(who, stored)
+    async with _audited(request, who, resource_type, rid) as shown:
+        with _as_absent_for_patients(who):
+            stored = await _records(request).vread(
+                _check_type(resource_type), validate_id(rid), vid
+            )
+        _patient_may_see(who, stored)
+        shown.append(stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "CONSENT_GRANT",
     "CONSENT_REVOKE",
     "CONSENT_TYPES",
+    "PATIENT_KEY_SYSTEM",
     "PURPOSES",
     "ConsentGrant",
     "ConsentRecord",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 CONSENT_GRANT, CONSENT_REVOKE = "consent.grant", "consent.revoke"
+#: Identifier system of a patient's key fingerprint (FHIR ``Patient.identifier``,
+#: ``Consent.patient``): how an institution links its Patient to the wallet.
+PATIENT_KEY_SYSTEM = "urn:medledger:patient-key"
 CONSENT_TYPES = frozenset({CONSENT_GRANT, CONSENT_REVOKE})
 #: Scope entry meaning "every resource type of this patient".
 ALL_TYPES = "*"
@@ -114,7 +118,7 @@ class ConsentGrant:
             raise InvalidInput("consent scope must be distinct FHIR resource types, or ['*']")
         if ALL_TYPES in scope and len(scope) != 1:
             raise InvalidInput("consent scope '*' stands alone")
-        if purpose not in PURPOSES:
+        if not isinstance(purpose, str) or purpose not in PURPOSES:
             raise InvalidInput(f"consent purpose must be one of {', '.join(PURPOSES)}")
         if not isinstance(expires, int) or isinstance(expires, bool) or expires <= tx.time_ms:
             raise InvalidInput("consent expires_ms must be a time after the grant")

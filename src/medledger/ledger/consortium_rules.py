@@ -22,7 +22,7 @@ every honest member gives), ``apply`` updates the state. Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from medledger.core.consent import (
@@ -75,8 +75,9 @@ class AnchorRecord:
     log_size: int
     log_root: bytes
     block_hash: bytes
-    #: The anchor transaction, so sharing can prove it from the consortium log.
-    tx_hash: bytes = b""
+    #: Where the anchor is (its tx hash), so sharing can prove it from the consortium
+    #: log; not part of the anchored state, so not compared.
+    tx_hash: bytes = field(default=b"", compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -18,7 +18,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from medledger.core.consent import CONSENT_GRANT, CONSENT_REVOKE
 from medledger.core.errors import MedledgerError
+from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
@@ -26,10 +28,13 @@ from medledger.ledger.consortium_rules import ACCESS
 from medledger.ledger.private import PrivateChain
 from medledger.storage.ports import ChainStore
 
-__all__ = ["AccessEntry", "AccessLog", "read_trail"]
+__all__ = ["PATIENT_ENROLL", "AccessEntry", "AccessLog", "patient_trail"]
 
 log = logging.getLogger(__name__)
 ALLOWED, REFUSED = "allowed", "refused"
+#: Private-chain tx linking a keyed patient pseudonym to the patient's key fingerprint.
+PATIENT_ENROLL = "patient.enroll"
+_TRAIL_TYPES = frozenset({ACCESS, CONSENT_GRANT, CONSENT_REVOKE})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +106,21 @@ class AccessLog:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    async def record_many(self, entries: list[AccessEntry]) -> None:
+        """Append several entries (one read of many resources) in one atomic commit."""
+        if entries:
+            await self._chain.submit_many(
+                [
+                    Transaction(
+                        type=ACCESS,
+                        chain=self._chain.chain_id,
+                        body=e.private_body(),
+                        time_ms=self._clock.now_ms(),
+                    )
+                    for e in entries
+                ]
+            )
+
     async def _summarize(self, entry: AccessEntry) -> None:
         assert self._member is not None
         unsigned = Transaction(
@@ -124,21 +144,34 @@ class AccessLog:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-def read_trail(store: ChainStore, patients: set[str]) -> list[dict[str, Any]]:
-    """Access and consent txs of ``patients`` on one chain, oldest first.
+def patient_trail(stores: list[ChainStore], fingerprint: str) -> list[dict[str, Any]]:
+    """Every consent and access tx about the patient with key ``fingerprint``, oldest first.
 
-    Each item: ``{"chain", "height", "time_ms", "type", **body}``.
+    ``stores`` are chains this node holds (its private chain, its copy of the
+    consortium chain). Local reads are recorded under the institution's keyed
+    pseudonym; ``patient.enroll`` txs link those to the fingerprint. Each
+    item: ``{"chain", "height", "tx", "time_ms", "type", **body}``.
     """
-    out: list[dict[str, Any]] = []
-    for block in store.iter_blocks(1):
-        for data in block.tx_data:
-            tx = Transaction.decode(data)
-            relevant = tx.type.startswith("consent.") or tx.type == ACCESS
-            if relevant and tx.body.get("patient") in patients:
-                item = {"chain": tx.chain, "height": block.height, "time_ms": tx.time_ms}
-                item["type"] = tx.type
-                item.update({k: v for k, v in tx.body.items() if k != "patient_key"})
-                if tx.type == "consent.grant":
-                    item["consent"] = tx.hash().hex()
-                out.append(item)
-    return out
+    linked = {fingerprint}
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    for store in stores:
+        for block in store.iter_blocks(1):
+            for data in block.tx_data:
+                tx = Transaction.decode(data)
+                body = tx.body
+                if tx.type == PATIENT_ENROLL and body.get("patient") == fingerprint:
+                    linked.add(str(body.get("pseudonym")))
+                elif tx.type in _TRAIL_TYPES:
+                    item = {
+                        "chain": tx.chain,
+                        "height": block.height,
+                        "tx": sha256(data).hex(),
+                        "time_ms": tx.time_ms,
+                        "type": tx.type,
+                    }
+                    item.update({k: v for k, v in body.items() if k != "patient_key"})
+                    if tx.type == CONSENT_GRANT:
+                        item["consent"] = item["tx"]
+                    candidates.append((str(body.get("patient")), item))
+    trail = [item for patient, item in candidates if patient in linked]
+    return sorted(trail, key=lambda i: (i["time_ms"], i["chain"], i["height"]))

@@ -81,7 +81,10 @@ def _public_object(text: str) -> tuple[str, Any]:
 def seal_to(public_key: str, plaintext: bytes, info: bytes) -> bytes:
     """HPKE-encrypt ``plaintext`` to ``public_key`` (``"<kem>:<hex>"``), bound to ``info``."""
     kem, key = _public_object(public_key)
-    return _SUITES[kem].encrypt(plaintext, key, info=info)
+    try:
+        return _SUITES[kem].encrypt(plaintext, key, info=info)
+    except ValueError as exc:  # e.g. a low-order X25519 point
+        raise InvalidInput(f"not a usable {kem} public key ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,8 @@ class StoredResource:
     last_updated: str
     data: bytes
     tx_hash: bytes
+    #: The patient pseudonym the version was committed with (for the access trail).
+    patient: str | None = None
 
     def resource(self) -> dict[str, Any]:
         value: dict[str, Any] = load_json(self.data, max_bytes=len(self.data))
@@ -321,6 +323,7 @@ class RecordsService:
             last_updated=_instant(now),
             data=data,
             tx_hash=row.tx_hash,
+            patient=pseudonym,
         )
         return row, resource_tokens(self._keys.search_key, final), stored, tx
 
@@ -495,6 +498,7 @@ class RecordsService:
             last_updated=_instant(row.updated_ms),
             data=data,
             tx_hash=row.tx_hash,
+            patient=row.patient,
         )
 
     async def history(self, resource_type: str, rid: str) -> list[VersionInfo]:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from medledger.core.consent import ConsentRecord
+from medledger.core.consent import PATIENT_KEY_SYSTEM, ConsentRecord
 from medledger.core.encoding import canonical_bytes
 from medledger.core.envelope import RecordContext, open_record
 from medledger.core.errors import (
@@ -46,22 +46,19 @@ from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
-from medledger.services.access import ALLOWED, REFUSED, AccessEntry, AccessLog
+from medledger.services.access import ALLOWED, PATIENT_ENROLL, REFUSED, AccessEntry, AccessLog
 from medledger.services.hpke import HpkeKeyPair, seal_to
 from medledger.services.records import RecordsService
 from medledger.storage.nonces import NonceStore
 from medledger.storage.ports import ChainStore
 
 __all__ = [
-    "PATIENT_KEY_SYSTEM",
     "PeerTransport",
     "SharedRecord",
     "SharingService",
     "enrollment_message",
 ]
 
-#: Identifier system linking a local Patient to the fingerprint of the patient's key.
-PATIENT_KEY_SYSTEM = "urn:medledger:patient-key"
 _ANCHOR_WAIT_S = 5.0
 
 
@@ -166,7 +163,24 @@ class SharingService:
         await self._records.update(
             "Patient", patient_id, {**resource, "identifier": idents}, if_match=stored.version
         )
+        # The link on the private chain lets an audit find this patient's local
+        # reads (recorded under the keyed pseudonym) from the fingerprint alone.
+        await self._chain.submit(
+            PATIENT_ENROLL,
+            {"patient": fingerprint, "pseudonym": self._records.patient_pseudonym(patient_id)},
+        )
         return fingerprint
+
+    async def fingerprint_of(self, patient_id: str) -> str | None:
+        """The key fingerprint ``Patient/<patient_id>`` enrolled with, if any."""
+        try:
+            resource = (await self._records.read("Patient", patient_id)).resource()
+        except NotFound:
+            return None
+        for ident in resource.get("identifier") or []:
+            if isinstance(ident, dict) and ident.get("system") == PATIENT_KEY_SYSTEM:
+                return str(ident.get("value"))
+        return None
 
     async def patient_id(self, fingerprint: str) -> str | None:
         """The local Patient enrolled with key ``fingerprint``, if any."""

@@ -1,0 +1,229 @@
+"""Consent, sharing and the access trail over HTTP.
+
+* ``POST /fhir/Patient/{id}/$enroll`` — link a Patient to the patient's key
+  (the patient's signature proves they hold it).
+* ``POST /fhir/Consent`` — a ``Consent`` carrying the patient-signed
+  ``consent.grant``; answered once the grant is final on the consortium.
+  ``PUT /fhir/Consent/{id}`` with ``status: inactive`` and the patient-signed
+  ``consent.revoke`` withdraws it. ``GET /fhir/Consent[?patient=]`` lists.
+* ``GET /fhir/AuditEvent?patient=<key fingerprint>`` — the patient's trail.
+* ``GET /share/{holder}?consent=`` and ``GET /share/{holder}/{type}/{id}?consent=``
+  — a clinician's verified cross-institution list and fetch.
+
+Patients see only their own consents and trail; auditors see trails but no
+clinical data; clinicians share and enroll.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from medledger.api.auth import require
+from medledger.api.errors import Forbidden
+from medledger.api.fhir import read_body
+from medledger.api.responses import fhir_response
+from medledger.core.consent import CONSENT_REVOKE, ConsentRecord
+from medledger.core.errors import InvalidInput, NotFound
+from medledger.core.hashing import hash_from_hex
+from medledger.core.keys import VerifyingKey
+from medledger.core.models import Signature, Transaction
+from medledger.ledger.consortium import ConsortiumMember
+from medledger.node import Node
+from medledger.services.access import patient_trail
+from medledger.services.consent_fhir import (
+    REVOKE_TX_EXTENSION,
+    audit_event,
+    consent_resource,
+    grant_from_consent,
+    signed_tx_from,
+)
+from medledger.services.fhir import validate_id
+from medledger.services.sharing import SharingService
+from medledger.storage.tokens import TokenInfo
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["consent and sharing"])
+Clinician = Annotated[TokenInfo, Depends(require("clinician"))]
+ConsentWriter = Annotated[TokenInfo, Depends(require("clinician", "patient"))]
+ConsentReader = Annotated[TokenInfo, Depends(require("clinician", "patient", "auditor"))]
+TrailReader = Annotated[TokenInfo, Depends(require("auditor", "patient"))]
+_FINGERPRINT = r"^[0-9a-f]{64}$"
+
+
+def _node(request: Request) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+def _sharing(request: Request) -> tuple[SharingService, ConsortiumMember]:
+    node = _node(request)
+    if node.sharing is None or node.consortium is None:
+        raise NotFound("this node has not joined a consortium")
+    return node.sharing, node.consortium
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return fhir_response(body, status=status, headers=headers)
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def _own_fingerprint(request: Request, who: TokenInfo) -> str | None:
+    """A patient token's key fingerprint (None for other roles)."""
+    if who.role != "patient":
+        return None
+    sharing, _ = _sharing(request)
+    fingerprint = await sharing.fingerprint_of(str(who.patient))
+    if fingerprint is None:
+        raise Forbidden("this patient has not enrolled a key here")
+    return fingerprint
+
+
+def _consent_json(request: Request, record: ConsentRecord) -> dict[str, Any]:
+    store = _node(request).consortium_store
+    assert store is not None  # a node with a consortium member has its store
+    tx = Transaction.decode(store.tx_by_hash(record.tx_hash)[1])
+    return consent_resource(record, tx, now_ms=_now())
+
+
+@router.post("/fhir/Patient/{rid}/$enroll", summary="link a Patient to the patient's key")
+async def enroll(rid: str, request: Request, who: Clinician) -> Response:
+    sharing, _ = _sharing(request)
+    body = await read_body(request)
+    if not isinstance(body, dict) or set(body) != {"patient_key", "signature"}:
+        raise InvalidInput("enroll takes exactly patient_key (hex DER) and signature")
+    try:
+        key = VerifyingKey.from_der(bytes.fromhex(str(body["patient_key"])))
+    except ValueError:
+        raise InvalidInput("patient_key is not a hex DER public key") from None
+    fingerprint = await sharing.enroll(
+        validate_id(rid), key, Signature.from_json(body["signature"])
+    )
+    return _json({"patient": f"Patient/{rid}", "fingerprint": fingerprint})
+
+
+@router.post("/fhir/Consent", summary="grant consent (patient-signed)", status_code=201)
+async def grant(request: Request, who: ConsentWriter) -> Response:
+    _, member = _sharing(request)
+    tx = grant_from_consent(await read_body(request))
+    own = await _own_fingerprint(request, who)
+    if own is not None and tx.body["patient"] != own:
+        raise Forbidden("a patient token may only submit its own patient's consent")
+    await member.submit(tx)
+    record = member.state.consents[tx.hash()]
+    return _json(
+        _consent_json(request, record),
+        status=201,
+        headers={"Location": f"/fhir/Consent/{record.tx_hash.hex()}"},
+    )
+
+
+@router.put("/fhir/Consent/{cid}", summary="revoke consent (patient-signed)")
+async def revoke(cid: str, request: Request, who: ConsentWriter) -> Response:
+    _, member = _sharing(request)
+    resource = await read_body(request)
+    tx = signed_tx_from(resource, REVOKE_TX_EXTENSION)
+    if (
+        tx.type != CONSENT_REVOKE
+        or tx.body.get("grant") != cid
+        or resource.get("status") != "inactive"
+    ):
+        raise InvalidInput("a revocation is status 'inactive' with this consent's consent.revoke")
+    own = await _own_fingerprint(request, who)
+    if own is not None and tx.body.get("patient") != own:
+        raise Forbidden("a patient token may only revoke its own patient's consent")
+    await member.submit(tx)
+    return _json(_consent_json(request, member.state.consents[hash_from_hex(cid, "consent id")]))
+
+
+@router.get("/fhir/Consent/{cid}", summary="read a consent")
+async def read_consent(cid: str, request: Request, who: ConsentReader) -> Response:
+    _, member = _sharing(request)
+    record = member.state.consents.get(hash_from_hex(cid, "consent id"))
+    own = await _own_fingerprint(request, who)
+    if record is None or (own is not None and record.grant.patient != own):
+        raise NotFound(f"no consent {cid}")
+    return _json(_consent_json(request, record))
+
+
+def _bundle(resources: list[dict[str, Any]], base: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [
+            {"fullUrl": f"{base}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+            for r in resources
+        ],
+    }
+
+
+@router.get("/fhir/Consent", summary="search consents")
+async def search_consent(
+    request: Request,
+    who: ConsentReader,
+    patient: Annotated[str | None, Query(pattern=_FINGERPRINT)] = None,
+) -> Response:
+    _, member = _sharing(request)
+    own = await _own_fingerprint(request, who)
+    if own is not None:
+        patient = own
+    records = (
+        member.state.consents_of(patient)
+        if patient is not None
+        else sorted(member.state.consents.values(), key=lambda r: r.height)
+    )
+    return _json(_bundle([_consent_json(request, r) for r in records], "/fhir/Consent"))
+
+
+@router.get("/fhir/AuditEvent", summary="a patient's access trail")
+async def audit_events(
+    request: Request,
+    who: TrailReader,
+    patient: Annotated[str | None, Query(pattern=_FINGERPRINT)] = None,
+) -> Response:
+    node = _node(request)
+    own = await _own_fingerprint(request, who)
+    fingerprint = own or patient
+    if fingerprint is None:
+        raise InvalidInput("search AuditEvent by patient (the patient's key fingerprint)")
+    stores = [node.store] + ([node.consortium_store] if node.consortium_store else [])
+    trail = patient_trail(stores, fingerprint)
+    events = [
+        audit_event(i, tx_hash=i["tx"], time_ms=i["time_ms"], chain=i["chain"])
+        for i in trail
+        if i["type"] == "access"
+    ]
+    return _json(_bundle(events, "/fhir/AuditEvent"))
+
+
+@router.get("/share/{holder}", summary="list what a consent lets this node fetch")
+async def share_list(
+    holder: str, request: Request, who: Clinician, consent: Annotated[str, Query()]
+) -> Response:
+    sharing, _ = _sharing(request)
+    entries = await sharing.list(holder, consent)
+    return _json({"holder": holder, "consent": consent, "entries": entries})
+
+
+@router.get("/share/{holder}/{resource_type}/{rid}", summary="verified cross-institution fetch")
+async def share_fetch(
+    holder: str,
+    resource_type: str,
+    rid: str,
+    request: Request,
+    who: Clinician,
+    consent: Annotated[str, Query()],
+    version: Annotated[int | None, Query(ge=1, le=2**31)] = None,
+) -> Response:
+    sharing, _ = _sharing(request)
+    target = f"{resource_type}/{rid}" + (f"/_history/{version}" if version else "")
+    shared = await sharing.fetch(holder, consent, target)
+    return _json({"resource": shared.resource, "provenance": shared.provenance})
