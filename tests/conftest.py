@@ -6,7 +6,7 @@ n=2**12, which exercises the same code in a few milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +66,15 @@ def make_node(tmp_path: Path, clock: StepClock) -> MakeNode:
         return root, config
 
     return make
+
+
+@pytest.fixture
+def network_dir(tmp_path: Path) -> Iterator[Path]:
+    """A ``medledger network`` directory; whatever runs from it is stopped afterwards."""
+    from network_support import stop_network
+
+    base = tmp_path / "net"
+    try:
+        yield base
+    finally:
+        stop_network(base)

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,62 +29,7 @@ import pytest
 from cli_support import medledger_command
 from medledger.netproc import PidRecord
 from medledger.services.synthetic import generate_patients
-
-PASSPHRASE = "network test passphrase"
-FHIR_JSON = "application/fhir+json"
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
-    env["MEDLEDGER_PASSPHRASE"] = PASSPHRASE
-    return env
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        assert self.code == 0, self
-        return json.loads(self.out)
-
-
-def run_cli(*args: str | Path, timeout: float = 240) -> Run:
-    proc = subprocess.run(
-        [*medledger_command(), *(str(a) for a in args)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=_env(),
-        timeout=timeout,
-        check=False,
-    )
-    run = Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
-    assert "Traceback" not in run.out + run.err, run
-    return run
-
-
-def _pid_files(base: Path) -> list[Path]:
-    return [*base.glob("*/node.pid"), *base.glob("nats/*/nats.pid")]
-
-
-@pytest.fixture
-def network_dir(tmp_path: Path) -> Iterator[Path]:
-    """A network directory; whatever runs from it is stopped afterwards, pass or fail."""
-    base = tmp_path / "net"
-    try:
-        yield base
-    finally:
-        if (base / "network.json").exists():
-            run_cli("network", "down", "--dir", base, "--timeout", "10")
-            pg = json.loads((base / "network.json").read_text())["postgres"]
-            if pg is not None and not Path(pg["data_dir"]).is_relative_to(base):
-                shutil.rmtree(Path(pg["data_dir"]).parent, ignore_errors=True)
-        for pid_file in _pid_files(base):  # last resort, by the same /proc identity check
-            record = PidRecord.load(pid_file)
-            if record is not None and record.running():
-                os.kill(record.pid, signal.SIGKILL)
+from network_support import FHIR_JSON, PASSPHRASE, cli_env, pid_files, run_cli
 
 
 def _patient(seed: int, index: int) -> bytes:
@@ -254,7 +196,7 @@ def _scenario(base: Path, ordering: str, writes: int) -> None:
 
     down = run_cli("network", "down", "--dir", base, "--json").json()
     assert len(down["nodes"]) == 3
-    for pid_file in _pid_files(base):
+    for pid_file in pid_files(base):
         pytest.fail(f"{pid_file} left behind by network down")
     for record in records.values():
         assert record is not None and not record.running()
@@ -333,7 +275,7 @@ def test_up_refuses_a_different_shape_and_a_wrong_passphrase(network_dir: Path) 
     assert "institutions" in other.err
     # A wrong passphrase is refused before anything is started.
     run_cli("network", "down", "--dir", network_dir)
-    env = {**_env(), "MEDLEDGER_PASSPHRASE": "wrong"}
+    env = {**cli_env(), "MEDLEDGER_PASSPHRASE": "wrong"}
     wrong = subprocess.run(
         [*medledger_command(), "network", "up", "--dir", str(network_dir)],
         capture_output=True,

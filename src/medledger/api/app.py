@@ -77,8 +77,13 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
         # ``app.state.ready`` (set by ``node start`` when it joins a consortium): False
         # until the consortium member has replayed the order it found at start.
         ready = getattr(app.state, "ready", None)
-        body: dict[str, Any] = {"status": "ready", "private_height": node.chain.head.height}
+        body: dict[str, Any] = {
+            "status": "ready",
+            "institution": node.config.institution,
+            "private_height": node.chain.head.height,
+        }
         if node.consortium is not None:
+            body["consortium"] = node.consortium.chain_id
             body["consortium_height"] = node.consortium.final_height
         if ready is not None and not ready():
             body["status"] = "catching up"

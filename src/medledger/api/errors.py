@@ -136,7 +136,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return outcome_response(exc.status_code, [issue], headers)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        # The route template, never the path: a path can carry a resource id.
+        route = request.scope.get("route")
+        template = getattr(route, "path", "?")
+        log.exception("unexpected error on %s %s", request.method, template)
         return outcome_response(
             500, [Issue(severity="fatal", code="exception", diagnostics="internal error")]
         )

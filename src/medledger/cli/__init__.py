@@ -19,6 +19,7 @@ from medledger.cli.consortium import consortium
 from medledger.cli.network import network
 from medledger.cli.records import keys, record
 from medledger.cli.service import start, token
+from medledger.cli.sharing import audit, consent, patient, share
 from medledger.cli.storage import backup, migrate, restore
 from medledger.core.errors import MedledgerError, VerificationError
 
@@ -39,6 +40,10 @@ for command in (
     network,
     record,
     keys,
+    patient,
+    consent,
+    share,
+    audit,
     token,
     bench,
     demo,

@@ -42,13 +42,15 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     sys.exit(code)
 
 
-def read_passphrase(*, confirm: bool) -> bytes:
-    """The keystore passphrase from ``MEDLEDGER_PASSPHRASE`` or an interactive prompt."""
-    value = os.environ.get(PASSPHRASE_ENV)
+def read_passphrase(
+    *, confirm: bool, env: str = PASSPHRASE_ENV, label: str = "Keystore passphrase"
+) -> bytes:
+    """A passphrase from the environment variable ``env`` or an interactive prompt."""
+    value = os.environ.get(env)
     if value is None:
         if not sys.stdin.isatty():
-            fail(f"no passphrase: set {PASSPHRASE_ENV} or run in a terminal")
-        value = click.prompt("Keystore passphrase", hide_input=True, confirmation_prompt=confirm)
+            fail(f"no passphrase: set {env} or run in a terminal")
+        value = click.prompt(label, hide_input=True, confirmation_prompt=confirm)
     if not value:
         fail("the passphrase must not be empty")
     return value.encode("utf-8")

@@ -36,8 +36,10 @@ __all__ = [
     "MEMBER_SYSTEM",
     "REVOKE_TX_EXTENSION",
     "audit_event",
+    "consent_for_grant",
     "consent_resource",
     "grant_from_consent",
+    "revocation_for",
     "signed_tx_from",
 ]
 
@@ -48,6 +50,12 @@ CONSENT_TX_EXTENSION = "urn:medledger:consent-tx"
 REVOKE_TX_EXTENSION = "urn:medledger:consent-revoke-tx"
 _ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 _RESOURCE_TYPES = "http://hl7.org/fhir/resource-types"
+_SCOPE = {
+    "coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
+    ]
+}
+_CATEGORY = [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}]
 
 
 def _instant(ms: int) -> str:
@@ -97,15 +105,8 @@ def consent_resource(
             }
         ],
         "status": "active" if active else "inactive",
-        "scope": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                    "code": "patient-privacy",
-                }
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "scope": _SCOPE,
+        "category": _CATEGORY,
         "patient": {"identifier": {"system": PATIENT_KEY_SYSTEM, "value": grant.patient}},
         "dateTime": _instant(grant.time_ms),
         "policyRule": {
@@ -114,6 +115,32 @@ def consent_resource(
             ]
         },
         "provision": provision,
+    }
+
+
+def consent_for_grant(grant_tx: Transaction) -> dict[str, Any]:
+    """The ``Consent`` a client submits for a signed (not yet final) grant."""
+    record = ConsentRecord(tx_hash=grant_tx.hash(), grant=ConsentGrant.from_tx(grant_tx), height=0)
+    return consent_resource(record, grant_tx, now_ms=record.grant.time_ms)
+
+
+def revocation_for(revoke_tx: Transaction) -> dict[str, Any]:
+    """The ``Consent`` update a client submits to revoke: status inactive plus the signed tx."""
+    return {
+        "resourceType": "Consent",
+        "id": revoke_tx.body["grant"],
+        "extension": [
+            {
+                "url": REVOKE_TX_EXTENSION,
+                "valueString": canonical_bytes(revoke_tx.to_json()).decode(),
+            }
+        ],
+        "status": "inactive",
+        "scope": _SCOPE,
+        "category": _CATEGORY,
+        "patient": {
+            "identifier": {"system": PATIENT_KEY_SYSTEM, "value": revoke_tx.body["patient"]}
+        },
     }
 
 

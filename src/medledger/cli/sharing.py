@@ -1,0 +1,259 @@
+"""Patients, consent, sharing and the audit trail from the command line.
+
+``patient init|show`` work on a wallet file alone. ``patient enroll``,
+``consent grant|revoke|list`` and ``share list|fetch`` talk to a running node
+over its HTTP API (``--node`` URL and ``--token``, or ``MEDLEDGER_NODE_URL`` /
+``MEDLEDGER_TOKEN``): the wallet signs locally and only signed transactions
+leave this machine. ``audit --patient`` reads a node's chains from its
+directory (no passphrase, no running node needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from medledger.cli.common import dir_option, emit, fail, read_passphrase
+
+__all__ = ["audit", "consent", "patient", "share"]
+
+WALLET_ENV = "MEDLEDGER_WALLET_PASSPHRASE"
+_DAY_MS = 86_400_000
+
+wallet_option = click.option(
+    "--wallet",
+    "wallet_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The patient's wallet file.",
+)
+node_option = click.option(
+    "--node", "node_url", envvar="MEDLEDGER_NODE_URL", required=True, help="Node URL."
+)
+token_option = click.option(
+    "--token", envvar="MEDLEDGER_TOKEN", required=True, help="Bearer token for the node."
+)
+
+
+def _wallet(path: Path, *, create: bool = False) -> Any:
+    from medledger.services.patients import PatientWallet
+
+    passphrase = read_passphrase(confirm=create, env=WALLET_ENV, label="Wallet passphrase")
+    if create:
+        return PatientWallet.create(path, passphrase)
+    return PatientWallet.open(path, passphrase)
+
+
+def _call(
+    node_url: str, token: str, method: str, path: str, body: Any = None, **params: Any
+) -> Any:
+    """One API call; an OperationOutcome becomes a one-line error and a non-zero exit."""
+    import httpx
+
+    from medledger.core.encoding import canonical_bytes
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+    try:
+        response = httpx.request(
+            method,
+            node_url.rstrip("/") + path,
+            headers=headers,
+            content=None if body is None else canonical_bytes(body),
+            params={k: v for k, v in params.items() if v is not None},
+            timeout=60,
+        )
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {node_url}: {type(exc).__name__}")
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    if response.status_code >= 400:
+        reason = "no reason given"
+        if isinstance(answer, dict) and answer.get("issue"):
+            reason = str(answer["issue"][0].get("diagnostics", reason))
+        fail(f"{response.status_code}: {reason}")
+    return answer
+
+
+def _ready(node_url: str) -> dict[str, Any]:
+    import httpx
+
+    try:
+        answer: dict[str, Any] = httpx.get(node_url.rstrip("/") + "/readyz", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        fail(f"cannot reach {node_url}: {type(exc).__name__}")
+    if "consortium" not in answer:
+        fail(f"{node_url} has not joined a consortium")
+    return answer
+
+
+def _now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@click.group()
+def patient() -> None:
+    """A patient's wallet: the key whose fingerprint is the patient on every chain."""
+
+
+@patient.command("init")
+@wallet_option
+def patient_init(wallet_path: Path) -> None:
+    """Create a wallet (passphrase from MEDLEDGER_WALLET_PASSPHRASE or a prompt)."""
+    wallet = _wallet(wallet_path, create=True)
+    emit({"wallet": str(wallet_path), "fingerprint": wallet.fingerprint})
+
+
+@patient.command("show")
+@wallet_option
+def patient_show(wallet_path: Path) -> None:
+    """The wallet's fingerprint and public key."""
+    wallet = _wallet(wallet_path)
+    emit({"fingerprint": wallet.fingerprint, "public_key": wallet.public.pem()})
+
+
+@patient.command("enroll")
+@wallet_option
+@node_option
+@token_option
+@click.option("--patient-id", required=True, help="The Patient's id at that node.")
+def patient_enroll(wallet_path: Path, node_url: str, token: str, patient_id: str) -> None:
+    """Link Patient/ID at a node to this wallet (the wallet proves it holds the key)."""
+    wallet = _wallet(wallet_path)
+    institution = str(_ready(node_url)["institution"])
+    signature = wallet.enrollment_signature(institution, patient_id)
+    body = {"patient_key": wallet.public.der().hex(), "signature": signature.to_json()}
+    emit(_call(node_url, token, "POST", f"/fhir/Patient/{patient_id}/$enroll", body))
+
+
+@click.group()
+def consent() -> None:
+    """Grant, revoke and list patient consents (final on the consortium chain)."""
+
+
+@consent.command("grant")
+@wallet_option
+@node_option
+@token_option
+@click.option("--grantee", required=True, help="Member id allowed to read.")
+@click.option(
+    "--scope", default="*", show_default=True, help="Resource types, comma-separated, or '*'."
+)
+@click.option("--purpose", default="TREAT", show_default=True, help="HL7 PurposeOfUse code.")
+@click.option("--days", type=click.FloatRange(min=0.0001), default=30, show_default=True)
+def consent_grant(
+    wallet_path: Path,
+    node_url: str,
+    token: str,
+    grantee: str,
+    scope: str,
+    purpose: str,
+    days: float,
+) -> None:
+    """Sign a consent.grant with the wallet and submit it; prints the final Consent."""
+    from medledger.core.errors import MedledgerError
+    from medledger.services.consent_fhir import consent_for_grant
+
+    wallet = _wallet(wallet_path)
+    chain = str(_ready(node_url)["consortium"])
+    now = _now()
+    try:
+        tx = wallet.grant(
+            chain=chain,
+            grantee=grantee,
+            scope=[s.strip() for s in scope.split(",") if s.strip()],
+            purpose=purpose,
+            expires_ms=now + int(days * _DAY_MS),
+            time_ms=now,
+        )
+    except MedledgerError as exc:
+        fail(str(exc), 2)
+    emit(_call(node_url, token, "POST", "/fhir/Consent", consent_for_grant(tx)))
+
+
+@consent.command("revoke")
+@wallet_option
+@node_option
+@token_option
+@click.argument("consent_id")
+def consent_revoke(wallet_path: Path, node_url: str, token: str, consent_id: str) -> None:
+    """Sign a consent.revoke of CONSENT_ID and submit it; effective once final."""
+    from medledger.core.errors import MedledgerError
+    from medledger.core.hashing import hash_from_hex
+    from medledger.services.consent_fhir import revocation_for
+
+    wallet = _wallet(wallet_path)
+    chain = str(_ready(node_url)["consortium"])
+    try:
+        tx = wallet.revoke(
+            chain=chain, grant=hash_from_hex(consent_id, "consent id"), time_ms=_now()
+        )
+    except MedledgerError as exc:
+        fail(str(exc), 2)
+    emit(_call(node_url, token, "PUT", f"/fhir/Consent/{consent_id}", revocation_for(tx)))
+
+
+@consent.command("list")
+@node_option
+@token_option
+@click.option("--patient", "fingerprint", default=None, help="Patient key fingerprint.")
+def consent_list(node_url: str, token: str, fingerprint: str | None) -> None:
+    """Consents as FHIR Consent resources (a searchset Bundle)."""
+    emit(_call(node_url, token, "GET", "/fhir/Consent", patient=fingerprint))
+
+
+@click.group()
+def share() -> None:
+    """Verified cross-institution reads under a patient's consent."""
+
+
+@share.command("list")
+@node_option
+@token_option
+@click.option("--holder", required=True, help="Member that holds the records.")
+@click.option("--consent", "consent_id", required=True, help="The consent's id (tx hash).")
+def share_list(node_url: str, token: str, holder: str, consent_id: str) -> None:
+    """What the consent lets this node fetch from HOLDER."""
+    emit(_call(node_url, token, "GET", f"/share/{holder}", consent=consent_id))
+
+
+@share.command("fetch")
+@node_option
+@token_option
+@click.option("--holder", required=True, help="Member that holds the record.")
+@click.option("--consent", "consent_id", required=True, help="The consent's id (tx hash).")
+@click.argument("resource")
+def share_fetch(node_url: str, token: str, holder: str, consent_id: str, resource: str) -> None:
+    """Fetch RESOURCE (Type/id) from HOLDER; prints it with its verified provenance."""
+    rtype, _, rid = resource.partition("/")
+    if not rtype or not rid or "/" in rid:
+        fail("RESOURCE must be Type/id", 2)
+    emit(_call(node_url, token, "GET", f"/share/{holder}/{rtype}/{rid}", consent=consent_id))
+
+
+@click.command("audit")
+@dir_option
+@click.option("--patient", "fingerprint", required=True, help="Patient key fingerprint.")
+def audit(root: Path, fingerprint: str) -> None:
+    """Who read what of a patient, where, when, under which consent (from ROOT's chains)."""
+    from medledger.core.errors import MedledgerError
+    from medledger.core.hashing import hash_from_hex
+    from medledger.node import open_chain, open_consortium_chain
+    from medledger.services.access import patient_trail
+
+    hash_from_hex(fingerprint, "--patient fingerprint")
+    _, private = open_chain(root)
+    stores = [private]
+    try:
+        # A node that joined no consortium has its own trail only.
+        with contextlib.suppress(MedledgerError):
+            stores.append(open_consortium_chain(root)[1])
+        emit({"patient": fingerprint, "trail": patient_trail(stores, fingerprint)})
+    finally:
+        for store in stores:
+            store.close()

@@ -1,0 +1,69 @@
+"""Running ``medledger network`` from tests: the real command, and cleanup that always happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cli_support import medledger_command
+from medledger.netproc import PidRecord
+
+__all__ = ["FHIR_JSON", "PASSPHRASE", "Run", "cli_env", "pid_files", "run_cli", "stop_network"]
+
+PASSPHRASE = "network test passphrase"
+FHIR_JSON = "application/fhir+json"
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
+    env["MEDLEDGER_PASSPHRASE"] = PASSPHRASE
+    return env
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        assert self.code == 0, self
+        return json.loads(self.out)
+
+
+def run_cli(*args: str | Path, timeout: float = 240, env: dict[str, str] | None = None) -> Run:
+    """Run ``medledger ARGS`` (with ``env`` added to the test environment); no tracebacks."""
+    proc = subprocess.run(
+        [*medledger_command(), *(str(a) for a in args)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env={**cli_env(), **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+    run = Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    assert "Traceback" not in run.out + run.err, run
+    return run
+
+
+def pid_files(base: Path) -> list[Path]:
+    return [*base.glob("*/node.pid"), *base.glob("nats/*/nats.pid")]
+
+
+def stop_network(base: Path) -> None:
+    """Stop whatever runs from ``base``: ``network down``, then SIGKILL by verified PID."""
+    if (base / "network.json").exists():
+        run_cli("network", "down", "--dir", base, "--timeout", "10")
+        pg = json.loads((base / "network.json").read_text())["postgres"]
+        if pg is not None and not Path(pg["data_dir"]).is_relative_to(base):
+            shutil.rmtree(Path(pg["data_dir"]).parent, ignore_errors=True)
+    for pid_file in pid_files(base):  # last resort, by the same /proc identity check
+        record = PidRecord.load(pid_file)
+        if record is not None and record.running():
+            os.kill(record.pid, signal.SIGKILL)

@@ -1,0 +1,160 @@
+"""The consent-and-sharing story across real node processes talking HTTP on loopback.
+
+``network up`` (3 institutions) → a patient is written at hospital-1 and
+enrolls a wallet (``patient init`` / ``patient enroll``) → hospital-2 is
+refused → the patient grants consent (``consent grant``) → hospital-2 fetches
+and verifies (``share fetch``), hospital-3 is still refused → the patient
+revokes → hospital-2 is refused again → ``audit --patient`` lists every step
+and the FHIR ``AuditEvent`` / ``Consent`` searches agree. Solo ordering, and
+JetStream (slow). Every command is the real ``medledger`` as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from medledger.services.synthetic import generate_patients
+from network_support import FHIR_JSON, run_cli
+
+WALLET_ENV = {"MEDLEDGER_WALLET_PASSPHRASE": "the patient's own passphrase"}
+
+
+def _api(node: dict[str, Any], role: str = "clinician") -> httpx.Client:
+    token = node["tokens"][role]
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
+    return httpx.Client(base_url=node["url"], headers=headers, timeout=60)
+
+
+def _as(node: dict[str, Any], role: str = "clinician") -> list[str]:
+    return ["--node", node["url"], "--token", node["tokens"][role]]
+
+
+def _story(base: Path, ordering: str) -> None:
+    up = run_cli("network", "up", "--dir", base, "--institutions", "3", "--ordering", ordering)
+    assert up.code == 0, up
+    nodes = {
+        n["institution"]: n
+        for n in run_cli("network", "up", "--dir", base, "--json").json()["nodes"]
+    }
+    a, b, c = nodes["hospital-1"], nodes["hospital-2"], nodes["hospital-3"]
+
+    # Records of one patient at hospital-1.
+    bundle = generate_patients(1, seed=11, resources_per_patient=6)[0]
+    with _api(a) as client:
+        for resource in bundle.all_resources():
+            r = client.put(f"/fhir/{resource['resourceType']}/{resource['id']}", json=resource)
+            assert r.status_code == 201, r.text
+    observation = next(r for r in bundle.resources if r["resourceType"] == "Observation")
+    target = f"Observation/{observation['id']}"
+
+    wallet = base / "patient.wallet"
+    fingerprint = run_cli("patient", "init", "--wallet", wallet, env=WALLET_ENV).json()[
+        "fingerprint"
+    ]
+    enrolled = run_cli(
+        "patient",
+        "enroll",
+        "--wallet",
+        wallet,
+        *_as(a),
+        "--patient-id",
+        bundle.patient_id,
+        env=WALLET_ENV,
+    ).json()
+    assert enrolled["fingerprint"] == fingerprint
+
+    # No consent yet: refused, with the reason, and nothing of the record in the answer.
+    refused = run_cli(
+        "share", "fetch", *_as(b), "--holder", "hospital-1", "--consent", "ab" * 32, target
+    )
+    assert refused.code == 1 and "403" in refused.err and "no final consent" in refused.err
+    assert observation["id"] not in refused.out + refused.err
+
+    consent = run_cli(
+        "consent",
+        "grant",
+        "--wallet",
+        wallet,
+        *_as(a),
+        "--grantee",
+        "hospital-2",
+        "--scope",
+        "Observation,Condition",
+        "--purpose",
+        "TREAT",
+        "--days",
+        "1",
+        env=WALLET_ENV,
+    ).json()
+    assert consent["resourceType"] == "Consent" and consent["status"] == "active"
+    consent_id = consent["id"]
+
+    listed = run_cli(
+        "share", "list", *_as(b), "--holder", "hospital-1", "--consent", consent_id
+    ).json()
+    assert target in listed["entries"]
+    assert all(e.split("/")[0] in ("Observation", "Condition") for e in listed["entries"])
+    shared = run_cli(
+        "share", "fetch", *_as(b), "--holder", "hospital-1", "--consent", consent_id, target
+    ).json()
+    with _api(a) as client:
+        original = client.get(f"/fhir/{target}").json()
+    assert shared["resource"] == original
+    assert shared["provenance"]["holder"] == "hospital-1"
+    assert shared["provenance"]["kem"] == "MLKEM768_X25519"
+    assert len(shared["provenance"]["certified_by"]) >= 2
+
+    # The consent is hospital-2's, not hospital-3's.
+    other = run_cli(
+        "share", "fetch", *_as(c), "--holder", "hospital-1", "--consent", consent_id, target
+    )
+    assert other.code == 1 and "granted to hospital-2, not hospital-3" in other.err
+
+    revoked = run_cli(
+        "consent", "revoke", "--wallet", wallet, *_as(a), consent_id, env=WALLET_ENV
+    ).json()
+    assert revoked["status"] == "inactive"
+    again = run_cli(
+        "share", "fetch", *_as(b), "--holder", "hospital-1", "--consent", consent_id, target
+    )
+    assert again.code == 1 and "revoked" in again.err
+
+    # The patient's trail at the holder: consent, the reads allowed and refused.
+    trail = run_cli("audit", "--dir", base / "hospital-1", "--patient", fingerprint).json()
+    steps = [(t["type"], t.get("reader"), t.get("outcome")) for t in trail["trail"]]
+    cross = [s for s in steps if s[0] == "access" and s[1] != "hospital-1"]
+    assert ("consent.grant", None, None) in steps and ("consent.revoke", None, None) in steps
+    assert ("access", "hospital-2", "allowed") in cross
+    assert ("access", "hospital-3", "refused") in cross
+    assert cross[-1] == ("access", "hospital-2", "refused")
+    # hospital-1's own clinician read the original: a local access, also in the trail.
+    assert ("access", "hospital-1", "allowed") in steps
+    assert bundle.patient_id not in json.dumps(trail)
+
+    with _api(a, "admin") as client:
+        events = client.get("/fhir/AuditEvent", params={"patient": fingerprint}).json()
+        consents = client.get("/fhir/Consent", params={"patient": fingerprint}).json()
+    assert events["resourceType"] == "Bundle" and events["total"] >= 4
+    outcomes = {e["resource"]["outcome"] for e in events["entry"]}
+    assert outcomes == {"0", "4"}
+    assert [e["resource"]["status"] for e in consents["entry"]] == ["inactive"]
+
+    down = run_cli("network", "down", "--dir", base)
+    assert down.code == 0, down
+    for inst in nodes:
+        check = run_cli("verify", "--dir", base / inst, "--consortium")
+        assert check.code == 0, check
+
+
+def test_sharing_story_across_processes_solo(network_dir: Path) -> None:
+    _story(network_dir, "solo")
+
+
+@pytest.mark.slow
+def test_sharing_story_across_processes_jetstream(network_dir: Path) -> None:
+    _story(network_dir, "jetstream")
