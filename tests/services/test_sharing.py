@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from sharing_net import SharingNet, now_ms, sharing_network
 
 from medledger.core.consortium import Member
 from medledger.core.encoding import canonical_bytes
@@ -28,6 +27,7 @@ from medledger.core.peer import PeerRequest
 from medledger.ledger.consortium_rules import ACCESS
 from medledger.services.patients import PatientWallet
 from medledger.services.sharing import PeerTransport, SharingService
+from sharing_support import SharingNet, now_ms, sharing_network
 
 pytestmark = pytest.mark.timeout(240)
 

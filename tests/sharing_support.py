@@ -52,6 +52,13 @@ class SharingNet:
     patient_id: str
     records: list[str]  # "Type/id" held at the first institution about the patient
     names: list[str]
+    urls: dict[str, str]
+    tokens: dict[str, TokenStore]
+
+    def token(self, inst: str, role: str, patient: str | None = None) -> str:
+        """A fresh API bearer token for ``inst``'s node."""
+        text, _ = self.tokens[inst].create(role=role, patient=patient, now_ms=now_ms())
+        return text
 
     def node(self, inst: str) -> Node:
         return self.net.nodes[inst]
@@ -155,6 +162,8 @@ async def sharing_network(
             patient_id=patient_id,
             records=[f"{s.resource_type}/{s.id}" for s in stored],
             names=[n.lower() for n in names],
+            urls=urls,
+            tokens={inst: t for inst, (_, _, t) in zip(socks, servers, strict=True)},
         )
     finally:
         for server, _, _ in servers:

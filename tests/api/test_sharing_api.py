@@ -1,0 +1,143 @@
+"""Consent, sharing and the access trail through the HTTP API, with its roles.
+
+An in-process consortium of three nodes, each served by uvicorn on loopback
+(tests/sharing_support.py); every call here is real HTTP with bearer tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from medledger.core.keys import SigningKey
+from medledger.services.consent_fhir import consent_for_grant, revocation_for
+from medledger.services.patients import PatientWallet
+from sharing_support import SharingNet, now_ms, sharing_network
+
+pytestmark = pytest.mark.timeout(240)
+FHIR_JSON = "application/fhir+json"
+
+
+def run(base: Path, story: Callable[[SharingNet], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with sharing_network(base, ["Alpha", "Beta", "Gamma"]) as sn:
+            await story(sn)
+
+    asyncio.run(main())
+
+
+def client(sn: SharingNet, inst: str, token: str) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
+    return httpx.AsyncClient(base_url=sn.urls[inst], headers=headers, timeout=30)
+
+
+def outcome(r: httpx.Response, status: int, text: str = "") -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert text in body["issue"][0]["diagnostics"], body
+
+
+def grant_resource(sn: SharingNet, wallet: PatientWallet, grantee: str = "beta") -> dict[str, Any]:
+    tx = wallet.grant(
+        chain=sn.chain_id,
+        grantee=grantee,
+        scope=["*"],
+        purpose="TREAT",
+        expires_ms=now_ms() + 3_600_000,
+        time_ms=now_ms(),
+    )
+    return consent_for_grant(tx)
+
+
+def test_enrollment_needs_the_patients_signature(tmp_path: Path) -> None:
+    async def story(sn: SharingNet) -> None:
+        pid = sn.records[0].split("/")[1]
+        wallet = PatientWallet.create(sn.net.base / "w2", b"pw")
+        body = {
+            "patient_key": wallet.public.der().hex(),
+            "signature": SigningKey.generate().sign(b"not the statement").to_json(),
+        }
+        async with client(sn, "alpha", sn.token("alpha", "clinician")) as api:
+            outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403)
+            outcome(
+                await api.post(f"/fhir/Patient/{pid}/$enroll", json={"patient_key": "zz"}),
+                400,
+            )
+            body["signature"] = wallet.enrollment_signature("alpha", pid).to_json()
+            ok = await api.post(f"/fhir/Patient/{pid}/$enroll", json=body)
+            assert ok.status_code == 200 and ok.json()["fingerprint"] == wallet.fingerprint
+            # A statement signed for another institution does not enroll here.
+            body["signature"] = wallet.enrollment_signature("beta", pid).to_json()
+            outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403)
+        async with client(sn, "alpha", sn.token("alpha", "patient", pid)) as api:
+            outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403, "role")
+
+    run(tmp_path, story)
+
+
+def test_patient_grants_and_revokes_through_the_api(tmp_path: Path) -> None:
+    async def story(sn: SharingNet) -> None:
+        patient_token = sn.token("alpha", "patient", sn.patient_id)
+        stranger = PatientWallet.create(sn.net.base / "stranger", b"pw")
+        async with client(sn, "alpha", patient_token) as api:
+            # Someone else's signed consent is not this patient's to submit.
+            outcome(await api.post("/fhir/Consent", json=grant_resource(sn, stranger)), 403)
+            resource = grant_resource(sn, sn.wallet)
+            tampered = {**resource, "status": "draft"}
+            outcome(await api.post("/fhir/Consent", json=tampered), 400, "does not say")
+            created = await api.post("/fhir/Consent", json=resource)
+            assert created.status_code == 201, created.text
+            consent_id = created.json()["id"]
+            assert created.headers["location"] == f"/fhir/Consent/{consent_id}"
+            mine = (await api.get("/fhir/Consent")).json()
+            assert [e["resource"]["id"] for e in mine["entry"]] == [consent_id]
+        async with client(sn, "alpha", sn.token("alpha", "auditor")) as auditor:
+            outcome(await auditor.post("/fhir/Consent", json=resource), 403, "role")
+            assert (await auditor.get(f"/fhir/Consent/{consent_id}")).json()["status"] == "active"
+        async with client(sn, "beta", sn.token("beta", "clinician")) as beta:
+            target = next(r for r in sn.records if r.startswith("Observation/"))
+            fetched = await beta.get(f"/share/alpha/{target}", params={"consent": consent_id})
+            assert fetched.status_code == 200, fetched.text
+            assert fetched.json()["resource"]["id"] == target.split("/")[1]
+            revoke = sn.wallet.revoke(
+                chain=sn.chain_id, grant=bytes.fromhex(consent_id), time_ms=now_ms()
+            )
+            async with client(sn, "alpha", patient_token) as api:
+                wrong_id = await api.put(f"/fhir/Consent/{'00' * 32}", json=revocation_for(revoke))
+                outcome(wrong_id, 400)
+                done = await api.put(f"/fhir/Consent/{consent_id}", json=revocation_for(revoke))
+                assert done.status_code == 200 and done.json()["status"] == "inactive"
+            await sn.settle()
+            refused = await beta.get(f"/share/alpha/{target}", params={"consent": consent_id})
+            outcome(refused, 403, "revoked")
+
+    run(tmp_path, story)
+
+
+def test_the_trail_is_for_auditors_and_the_patient_only(tmp_path: Path) -> None:
+    async def story(sn: SharingNet) -> None:
+        fingerprint = sn.wallet.fingerprint
+        async with client(sn, "alpha", sn.token("alpha", "clinician")) as clinician:
+            assert (await clinician.get(f"/fhir/{sn.records[1]}")).status_code == 200
+            outcome(await clinician.get("/fhir/AuditEvent", params={"patient": fingerprint}), 403)
+        async with client(sn, "alpha", sn.token("alpha", "auditor")) as auditor:
+            events = (await auditor.get("/fhir/AuditEvent", params={"patient": fingerprint})).json()
+            outcome(await auditor.get("/fhir/AuditEvent"), 400, "by patient")
+            outcome(await auditor.get(f"/fhir/{sn.records[1]}"), 403)
+        reads = [e["resource"] for e in events["entry"]]
+        assert reads and all(r["outcome"] == "0" for r in reads)
+        assert {r["agent"][0]["who"]["identifier"]["value"] for r in reads} == {"alpha"}
+        assert all(r["agent"][0]["altId"].startswith("clinician:") for r in reads)
+        async with client(sn, "alpha", sn.token("alpha", "patient", sn.patient_id)) as me:
+            own = (await me.get("/fhir/AuditEvent")).json()
+            assert {e["resource"]["id"] for e in own["entry"]} >= {r["id"] for r in reads}
+        async with client(sn, "beta", sn.token("beta", "auditor")) as other:
+            outcome(await other.get(f"/share/alpha/{sn.records[1]}", params={"consent": "0"}), 403)
+
+    run(tmp_path, story)
