@@ -1,5 +1,5 @@
-"""The node's HTTP application: FHIR at /fhir, chains at /chain, health at /healthz, /readyz
-and /metrics.
+"""The node's HTTP application: FHIR at /fhir, chains at /chain, admin operations at /admin,
+health at /healthz, /readyz and /metrics.
 
 ``create_app`` wires an opened :class:`~medledger.node.Node` and a token
 store into a FastAPI app; OpenAPI is served at ``/docs``.
@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from medledger import __version__
-from medledger.api import chain, fhir, peer, sharing
+from medledger.api import admin, chain, fhir, peer, sharing
 from medledger.api.errors import install_error_handlers
 from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
@@ -67,6 +67,7 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
     app.include_router(fhir.router)
     app.include_router(chain.router)
     app.include_router(peer.router)
+    app.include_router(admin.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> Response:
