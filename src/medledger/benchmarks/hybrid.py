@@ -218,6 +218,7 @@ class BenchNetwork:
         self._pending: list[list[tuple[int, float, int, _Step]]] = [[] for _ in self.nodes]
         self._seq = 0
         self._watchers: list[asyncio.Task[None]] = []
+        self._closing = False
         self._extra_closers: list[Any] = []
 
     @classmethod
@@ -306,7 +307,9 @@ class BenchNetwork:
         member = self.nodes[i].consortium
         assert member is not None
         pending = self._pending[i]
-        while True:
+        # A flag as well as cancel(): asyncio.wait_for (3.11) can swallow a cancellation
+        # that arrives as its own timeout fires, and this loop would then never end.
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await member.wait_final(member.final_height + 1, timeout=0.5)
             covered = self._anchored(i)
@@ -323,6 +326,7 @@ class BenchNetwork:
         return not any(self._pending)
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._watchers:
             task.cancel()
         for task in self._watchers:
