@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from medledger.core.encoding import canonical_bytes, parse_canonical
+from medledger.core.encoding import canonical_bytes, canonical_bytes_of_checked, parse_canonical
 from medledger.core.errors import InvalidInput
 from medledger.core.hashing import check_hash, hash_from_hex, sha256
 
@@ -87,6 +87,9 @@ class Signature:
             raw = bytes.fromhex(sig)
         except ValueError:
             raise InvalidInput("signature sig is not hex") from None
+        if raw.hex() != sig:
+            # One spelling per signature: re-encoding a parsed tx gives its bytes back.
+            raise InvalidInput("signature sig must be lowercase hex without spaces")
         return cls(signer=v["signer"], alg=_str(v["alg"], "signature alg"), sig=raw)
 
 
@@ -108,6 +111,10 @@ class Transaction:
     body: dict[str, Any]
     time_ms: int
     signatures: tuple[Signature, ...] = field(default=())
+    # Canonical bytes, once computed (or known from decoding). A transaction is
+    # immutable, body included, so they never go stale; encoding is the
+    # largest per-transaction cost of validating members.
+    _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _str(self.type, "transaction type")
@@ -127,11 +134,18 @@ class Transaction:
 
     def signing_bytes(self) -> bytes:
         """What authors sign: the canonical bytes of the transaction without signatures."""
+        if self._encoded is not None:
+            # A part of an already-checked value needs no second check.
+            return canonical_bytes_of_checked(self.unsigned_json())
         return canonical_bytes(self.unsigned_json())
 
     def encode(self) -> bytes:
         """Canonical bytes: the RFC 6962 leaf data of this transaction."""
-        return canonical_bytes(self.to_json())
+        encoded = self._encoded
+        if encoded is None:
+            encoded = canonical_bytes(self.to_json())
+            object.__setattr__(self, "_encoded", encoded)
+        return encoded
 
     def hash(self) -> bytes:
         return sha256(self.encode())
@@ -154,9 +168,18 @@ class Transaction:
         )
 
     @classmethod
+    def from_checked_json(cls, value: Any) -> Transaction:
+        """:meth:`from_json` of a value :func:`parse_canonical` returned (or a part of one)."""
+        tx = cls.from_json(value)
+        object.__setattr__(tx, "_encoded", canonical_bytes_of_checked(value))
+        return tx
+
+    @classmethod
     def decode(cls, data: bytes) -> Transaction:
         """Parse canonical bytes; non-canonical or malformed bytes raise :class:`InvalidInput`."""
-        return cls.from_json(parse_canonical(data))
+        tx = cls.from_json(parse_canonical(data))
+        object.__setattr__(tx, "_encoded", bytes(data))
+        return tx
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

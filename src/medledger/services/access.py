@@ -65,13 +65,10 @@ class AccessEntry:
         }
 
     def consortium_body(self) -> dict[str, Any]:
+        """The summary the consortium rules accept: no reason, actor or request hash."""
+        body = self.private_body()
         return {
-            "reader": self.reader,
-            "holder": self.holder,
-            "patient": self.patient,
-            "consent": self.consent,
-            "resource": self.resource,
-            "outcome": self.outcome,
+            k: body[k] for k in ("reader", "holder", "patient", "consent", "resource", "outcome")
         }
 
 
