@@ -293,6 +293,103 @@ def bench_hybrid(
     )
 
 
+@bench.command("sharing")
+@_work_dir
+@click.option(
+    "--kem",
+    "kems",
+    multiple=True,
+    type=click.Choice(["MLKEM768_X25519", "X25519"]),
+    default=("MLKEM768_X25519", "X25519"),
+    show_default=True,
+    help="HPKE KEMs to measure side by side (one fresh network each).",
+)
+@click.option("--resources", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--fetches",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Fetches one at a time, for latency.",
+)
+@click.option(
+    "--concurrency",
+    multiple=True,
+    type=click.IntRange(min=1),
+    default=(16, 32),
+    show_default=True,
+    help="Fetches in flight for the throughput runs.",
+)
+@click.option("--throughput-fetches", type=click.IntRange(min=1), default=2_000, show_default=True)
+@click.option("--hpke-rounds", type=click.IntRange(min=1), default=2_000, show_default=True)
+@_json_out
+@_quick
+def bench_sharing(
+    root: Path | None,
+    kems: tuple[str, ...],
+    resources: int,
+    fetches: int,
+    concurrency: tuple[int, ...],
+    throughput_fetches: int,
+    hpke_rounds: int,
+    json_out: Path | None,
+    quick: bool,
+) -> None:
+    """Verified cross-institution fetches over loopback HTTP, ML-KEM hybrid vs X25519."""
+    from medledger.benchmarks.sharing import SharingSettings, run_sharing_bench
+
+    run_sharing_bench(
+        root=root,
+        settings=SharingSettings(
+            kems=kems,
+            resources=resources,
+            latency_fetches=fetches,
+            concurrency=concurrency,
+            throughput_fetches=throughput_fetches,
+            hpke_rounds=hpke_rounds,
+        ),
+        json_out=json_out,
+        quick=quick,
+    )
+
+
+@bench.command("api")
+@_work_dir
+@click.option("--creates", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--reads", type=click.IntRange(min=1), default=20_000, show_default=True)
+@click.option("--clients", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--client-processes",
+    multiple=True,
+    type=click.IntRange(min=1),
+    default=(1, 2),
+    show_default=True,
+    help="Processes the clients are split over (each count is one run).",
+)
+@_json_out
+@_quick
+def bench_api(
+    root: Path | None,
+    creates: int,
+    reads: int,
+    clients: int,
+    client_processes: tuple[int, ...],
+    json_out: Path | None,
+    quick: bool,
+) -> None:
+    """FHIR creates and reads over HTTP (one node process) vs the in-process API."""
+    from medledger.benchmarks.api import ApiSettings, run_api_bench
+
+    run_api_bench(
+        root=root,
+        settings=ApiSettings(
+            creates=creates, reads=reads, clients=clients, client_processes=client_processes
+        ),
+        json_out=json_out,
+        quick=quick,
+    )
+
+
 def _default_docs_path(name: str) -> Path | None:
     """``docs/<name>`` when run from the repository (where docs/ exists), else nothing."""
     docs = Path("docs")

@@ -1,0 +1,486 @@
+"""``medledger bench api``: FHIR creates and reads over HTTP against the in-process API.
+
+The server is one ``medledger node start`` process (uvicorn, one event loop,
+as an institution runs it) on loopback. Clients are ``clients`` (64 by
+default) ``httpx.AsyncClient`` instances with one keep-alive connection each,
+in one client process or split over several (``client_processes``) so a
+single Python client process being the bottleneck shows. Every client sends
+its next request as soon as the last one answers (closed loop).
+
+* **creates** — ``POST /fhir/{type}`` of synthetic resources
+  (``services.synthetic``): validate, seal, blob, index, durable private-chain
+  commit (group commit), 201 with the stored resource.
+* **reads** — ``GET /fhir/{type}/{id}`` of resources just created, in random
+  order: chain check, blob, unwrap, decrypt, plus an ``access`` entry on the
+  private chain per read (group-committed, durable before the answer).
+
+The in-process baseline runs the same number of concurrent tasks calling
+``node.records.create`` / ``node.records.read`` on a fresh node in this
+process, and once more with the read's ``access`` entry written the way the
+API does, so the HTTP share and the audit share of a read are both visible.
+CPU time of the server process and of the client processes is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from medledger.benchmarks.common import machine, percentiles, write_json
+from medledger.benchmarks.hybrid import versions
+from medledger.node import Node, init_node, open_node
+from medledger.services.access import ALLOWED, AccessEntry
+from medledger.services.synthetic import iter_patients
+from medledger.storage.keystore import KdfParams
+from medledger.storage.tokens import TokenStore
+
+__all__ = ["ApiSettings", "run_api_bench"]
+
+_PASS = b"bench-only-passphrase"
+_KDF = KdfParams(n=2**12)
+_FHIR_JSON = "application/fhir+json"
+_PER_PATIENT = 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiSettings:
+    creates: int = 10_000
+    reads: int = 20_000
+    clients: int = 64
+    client_processes: tuple[int, ...] = (1, 2)
+    warmup: int = 200
+    seed: int = 11
+
+    @classmethod
+    def quick(cls, base: ApiSettings) -> ApiSettings:
+        return cls(
+            creates=min(base.creates, 300),
+            reads=min(base.reads, 600),
+            clients=base.clients,
+            client_processes=base.client_processes[:1] or (1,),
+            warmup=min(base.warmup, 20),
+            seed=base.seed,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "creates": self.creates,
+            "reads": self.reads,
+            "clients": self.clients,
+            "client_processes": list(self.client_processes),
+            "warmup": self.warmup,
+            "seed": self.seed,
+        }
+
+
+def _resources(count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` synthetic resources without ids (the server assigns them), patients first."""
+    out: list[dict[str, Any]] = []
+    patients = -(-count // (_PER_PATIENT + 1))
+    for bundle in iter_patients(patients, seed=seed, resources_per_patient=_PER_PATIENT):
+        for r in bundle.all_resources():
+            out.append({k: v for k, v in r.items() if k != "id"})
+    return out[:count]
+
+
+def _split(items: list[Any], parts: int) -> list[list[Any]]:
+    return [items[i::parts] for i in range(parts)]
+
+
+# -- HTTP side ------------------------------------------------------------------------
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _medledger() -> list[str]:
+    script = Path(sys.executable).parent / "medledger"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "from medledger.cli import main; main()"]
+
+
+class _Server:
+    """``medledger node start`` on a fresh node, in its own process."""
+
+    def __init__(self, root: Path) -> None:
+        init_node(root, name="Bench Api Hospital", passphrase=_PASS, kdf=_KDF)
+        tokens = TokenStore(root / "tokens.db")
+        try:
+            self.token, _ = tokens.create(
+                role="clinician", now_ms=time.time_ns() // 1_000_000, label="bench api"
+            )
+        finally:
+            tokens.close()
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "MEDLEDGER_PASSPHRASE": _PASS.decode()}
+        self._log = (root / "server.log").open("wb")
+        self.proc = subprocess.Popen(
+            [*_medledger(), "node", "start", "--dir", str(root), "--port", str(port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"node start did not serve; see {root / 'server.log'}")
+            time.sleep(0.1)
+
+    def cpu_s(self) -> float:
+        return _proc_cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+async def _client_async(
+    url: str, token: str, op: str, items: list[Any], concurrency: int
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": _FHIR_JSON}
+    # One client with one keep-alive connection per task: httpcore's pool scans every
+    # connection for every queued request, so one shared pool of 64 connections costs
+    # the client ~13 ms of CPU per request here and measures the pool, not the server.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    lat: list[float] = []
+    created: list[str] = []
+    errors: list[str] = []
+    todo = iter(items)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for item in todo:
+            t = time.perf_counter()
+            try:
+                if op == "create":
+                    r = await client.post(f"/fhir/{item['resourceType']}", content=item["body"])
+                else:
+                    r = await client.get(f"/fhir/{item}")
+            except httpx.HTTPError as exc:
+                errors.append(type(exc).__name__)
+                continue
+            lat.append(time.perf_counter() - t)
+            if r.status_code not in (200, 201):
+                errors.append(f"{r.status_code}: {r.text[:200]}")
+            elif op == "create":
+                created.append("/".join(r.headers["location"].split("/")[2:4]))
+
+    clients = [
+        httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60)
+        for _ in range(concurrency)
+    ]
+    try:
+        # Connect every client first, so the measured run is all keep-alive requests.
+        await asyncio.gather(*(c.get("/healthz") for c in clients))
+        cpu = time.process_time()
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in clients))
+        end = time.perf_counter()
+        cpu = time.process_time() - cpu
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    return {
+        "start": start,
+        "end": end,
+        "latencies": lat,
+        "created": created,
+        "errors": errors,
+        "cpu_s": cpu,
+    }
+
+
+def _client_process(url: str, token: str, op: str, items: list[Any], concurrency: int) -> Any:
+    """One client process's share (runs in a spawned process)."""
+    return asyncio.run(_client_async(url, token, op, items, concurrency))
+
+
+def _http_run(
+    pool: concurrent.futures.Executor,
+    server: _Server,
+    op: str,
+    items: list[Any],
+    clients: int,
+    processes: int,
+) -> tuple[dict[str, Any], list[str]]:
+    """``items`` over HTTP by ``clients`` connections split over ``processes`` processes."""
+    per = [clients // processes + (i < clients % processes) for i in range(processes)]
+    cpu = server.cpu_s()
+    futures = [
+        pool.submit(_client_process, server.url, server.token, op, share, c)
+        for share, c in zip(_split(items, processes), per, strict=True)
+    ]
+    parts = [f.result() for f in futures]
+    server_cpu = server.cpu_s() - cpu
+    elapsed = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    lat = [x for p in parts for x in p["latencies"]]
+    errors = [e for p in parts for e in p["errors"]]
+    return {
+        "client_processes": processes,
+        "clients": clients,
+        "requests": len(lat),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
+        "latency_ms": percentiles(lat),
+        "server_cpu_ms_per_request": round(server_cpu * 1000 / max(len(lat), 1), 3),
+        "server_cpu_utilization": round(server_cpu / elapsed, 2) if elapsed > 0 else 0.0,
+        "client_cpu_ms_per_request": round(
+            sum(p["cpu_s"] for p in parts) * 1000 / max(len(lat), 1), 3
+        ),
+    }, [c for p in parts for c in p["created"]]
+
+
+# -- in-process side ------------------------------------------------------------------
+
+
+async def _in_process(
+    root: Path, resources: list[dict[str, Any]], reads: int, clients: int, seed: int
+) -> dict[str, Any]:
+    init_node(root, name="Bench Api Hospital", passphrase=_PASS, kdf=_KDF)
+    node = open_node(root, _PASS)
+    try:
+        created: list[tuple[str, str]] = []
+
+        async def create(item: dict[str, Any]) -> None:
+            stored = await node.records.create(item)
+            created.append((stored.resource_type, stored.id))
+
+        creates = await _closed_loop(resources, clients, create)
+        order = random.Random(seed).choices(created, k=reads)  # noqa: S311 - sampling
+
+        async def read(key: tuple[str, str]) -> None:
+            await node.records.read(*key)
+
+        async def read_audited(key: tuple[str, str]) -> None:
+            stored = await node.records.read(*key)
+            await node.access.record_many([_access_entry(node, stored)])
+
+        return {
+            "creates": creates,
+            "reads": await _closed_loop(order, clients, read),
+            "reads_with_access_entry": await _closed_loop(order, clients, read_audited),
+        }
+    finally:
+        await node.close()
+
+
+def _access_entry(node: Node, stored: Any) -> AccessEntry:
+    """The entry ``GET /fhir/{type}/{id}`` writes for a clinician's read."""
+    return AccessEntry(
+        reader=node.config.institution,
+        holder=node.config.institution,
+        patient=stored.patient or "",
+        consent="",
+        resource=f"{stored.resource_type}:{node.records.record_ref(stored.resource_type, stored.id)}",
+        outcome=ALLOWED,
+        actor="clinician:bench",
+    )
+
+
+async def _closed_loop(items: list[Any], clients: int, call: Any) -> dict[str, Any]:
+    todo = iter(items)
+    lat: list[float] = []
+
+    async def worker() -> None:
+        for item in todo:
+            t = time.perf_counter()
+            await call(item)
+            lat.append(time.perf_counter() - t)
+
+    cpu = time.process_time()
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
+        "latency_ms": percentiles(lat),
+        "cpu_ms_per_request": round(cpu * 1000 / max(len(lat), 1), 3),
+    }
+
+
+# -- the run --------------------------------------------------------------------------
+
+
+def run_api_bench(
+    *, root: Path | None, settings: ApiSettings, json_out: Path | None, quick: bool
+) -> dict[str, Any]:
+    """HTTP creates and reads per client-process count, then the in-process baseline."""
+    if quick:
+        settings = ApiSettings.quick(settings)
+    console = Console(stderr=True)
+    tmp = None
+    if root is None:
+        tmp = tempfile.mkdtemp(prefix="medledger-bench-api-")
+        root = Path(tmp)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(settings.seed)  # noqa: S311 - reproducible sampling
+    runs = len(settings.client_processes)
+    resources = _resources(settings.warmup + settings.creates * runs, settings.seed)
+    bodies = [{"resourceType": r["resourceType"], "body": orjson.dumps(r)} for r in resources]
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "versions": versions(),
+        "settings": settings.to_json(),
+        "quick": quick,
+        "load_average_before": round(os.getloadavg()[0], 2),
+        "http": {"creates": [], "reads": []},
+    }
+    started = time.perf_counter()
+    try:
+        server = _Server(root / "http-node")
+        try:
+            spawn = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(
+                max(settings.client_processes), mp_context=spawn
+            ) as pool:
+                warm, ids = _http_run(
+                    pool, server, "create", bodies[: settings.warmup], settings.clients, 1
+                )
+                if warm["errors"]:
+                    raise RuntimeError(f"warm-up creates failed: {warm['first_error']}")
+                _http_run(pool, server, "read", ids, settings.clients, 1)
+                offset = settings.warmup
+                for p in settings.client_processes:
+                    chunk = bodies[offset : offset + settings.creates]
+                    offset += settings.creates
+                    run, new = _http_run(pool, server, "create", chunk, settings.clients, p)
+                    ids += new
+                    results["http"]["creates"].append(run)
+                    console.log(f"HTTP creates, {p} client process(es): {_line(run)}")
+                for p in settings.client_processes:
+                    order = rng.choices(ids, k=settings.reads)
+                    run, _ = _http_run(pool, server, "read", order, settings.clients, p)
+                    results["http"]["reads"].append(run)
+                    console.log(f"HTTP reads, {p} client process(es): {_line(run)}")
+        finally:
+            server.stop()
+        # The same resources and read count, in this process on a fresh node.
+        results["in_process"] = asyncio.run(
+            _in_process(
+                root / "in-process-node",
+                resources[settings.warmup : settings.warmup + settings.creates],
+                settings.reads,
+                settings.clients,
+                settings.seed,
+            )
+        )
+        console.log(f"in-process creates: {_line(results['in_process']['creates'])}")
+        console.log(f"in-process reads: {_line(results['in_process']['reads'])}")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
+    results["ratio"] = _ratios(results)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    _print(results)
+    if json_out is not None:
+        write_json(json_out, results)
+    return results
+
+
+def _line(run: dict[str, Any]) -> str:
+    lat = run["latency_ms"]
+    return f"{run['per_s']:,}/s, p50 {lat['p50']} ms, p99 {lat['p99']} ms"
+
+
+def _ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """In-process throughput over the best HTTP throughput (how much HTTP costs)."""
+    out: dict[str, Any] = {}
+    ip = results["in_process"]
+    for op, base in (("creates", ip["creates"]), ("reads", ip["reads"])):
+        runs = results["http"][op]
+        if not runs:
+            continue
+        best = max(runs, key=lambda r: r["per_s"])
+        out[op] = {
+            "best_http_per_s": best["per_s"],
+            "best_http_client_processes": best["client_processes"],
+            "in_process_per_s": base["per_s"],
+            "in_process_over_http": round(base["per_s"] / best["per_s"], 2)
+            if best["per_s"]
+            else None,
+        }
+    if results["http"]["reads"]:
+        best = max(r["per_s"] for r in results["http"]["reads"])
+        audited = ip["reads_with_access_entry"]["per_s"]
+        out["reads_with_access_entry"] = {
+            "in_process_per_s": audited,
+            "in_process_over_http": round(audited / best, 2) if best else None,
+        }
+    return out
+
+
+def _print(results: dict[str, Any]) -> None:
+    t = Table(title="medledger bench api (FHIR over HTTP vs in-process)")
+    for col in ("path", "op", "client procs", "per s", "p50 / p95 / p99 ms", "server CPU ms/req"):
+        t.add_column(col, justify="right")
+    for op in ("creates", "reads"):
+        for r in results["http"][op]:
+            lat = r["latency_ms"]
+            t.add_row(
+                "HTTP",
+                op,
+                str(r["client_processes"]),
+                f"{r['per_s']:,}",
+                f"{lat['p50']} / {lat['p95']} / {lat['p99']}",
+                str(r["server_cpu_ms_per_request"]),
+            )
+    for op, r in results["in_process"].items():
+        lat = r["latency_ms"]
+        t.add_row(
+            "in-process",
+            op,
+            "-",
+            f"{r['per_s']:,}",
+            f"{lat['p50']} / {lat['p95']} / {lat['p99']}",
+            str(r["cpu_ms_per_request"]),
+        )
+    Console().print(t)
+    for op, r in results["ratio"].items():
+        Console().print(f"{op}: in-process / HTTP = {r['in_process_over_http']}x")
