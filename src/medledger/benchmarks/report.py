@@ -75,6 +75,10 @@ def render_area(area: str, results: Mapping[str, Any]) -> str:
     lines += ["", _machine_line(results), ""]
     if area == "hybrid" and "runs" in results and "comparison" in results:
         lines += _render_hybrid(results)
+    elif area == "sharing" and "runs" in results and "hpke" in results:
+        lines += _render_sharing(results)
+    elif area == "api" and "http" in results and "in_process" in results:
+        lines += _render_api(results)
     else:
         lines += ["| figure | value |", "| --- | ---: |"]
         lines += [f"| {k} | {v} |" for k, v in _flatten(results)]
@@ -160,6 +164,104 @@ def _render_hybrid(results: Mapping[str, Any]) -> list[str]:
     plots = results.get("plots") or []
     if plots:
         lines += ["", "Plots: " + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in plots)]
+    return lines
+
+
+def _load_line(results: Mapping[str, Any]) -> str:
+    return (
+        f"took {results.get('elapsed_s')} s; 1-minute load average "
+        f"{results.get('load_average_before')} before, {results.get('load_average_after')} after."
+    )
+
+
+def _render_sharing(results: Mapping[str, Any]) -> list[str]:
+    s = results.get("settings", {})
+    lines = [
+        f"Holder and reader nodes (solo ordering) served over loopback HTTP in one process; "
+        f"{s.get('resources')} resources fetched round-robin; {s.get('latency_fetches')} fetches "
+        f"one at a time, {s.get('throughput_fetches')} at each concurrency; " + _load_line(results),
+        "",
+        "| KEM | concurrency | fetches/s | latency p50 / p95 / p99 | CPU ms/fetch | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in results["runs"]:
+        for r in (run["single"], *run["loaded"]):
+            lines.append(
+                f"| {run['kem']} | {r['concurrency']} | {r['fetches_per_s']:,.1f} "
+                f"| {_latency(r['latency_ms'])} | {r['cpu_ms_per_fetch']:g} | {r['errors']} |"
+            )
+    lines += [
+        "",
+        "| KEM | seal + open (medledger) | round trips/s | bare HPKE suite | round trips/s "
+        "| wrapped key |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kem, h in results["hpke"].items():
+        lines.append(
+            f"| {kem} | {h['seal_us']:g} + {h['open_us']:g} µs | {h['round_trips_per_s']:,} "
+            f"| {h['primitive_round_trip_us']:g} µs | {h['primitive_round_trips_per_s']:,} "
+            f"| {h['wrapped_key_bytes']} B |"
+        )
+    lines += [
+        "",
+        "| KEM | access entries holder / reader | consortium summaries final "
+        "| summary drain after last fetch |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for run in results["runs"]:
+        lines.append(
+            f"| {run['kem']} | {run['holder_access_entries']:,} / {run['reader_access_entries']:,} "
+            f"| {run['consortium_access_summaries_final']:,} of {run['fetches_total']:,} fetches "
+            f"| {run['summaries_drain_after_last_fetch_s']:g} s |"
+        )
+    c = results.get("comparison") or {}
+    if c:
+        ratios = ", ".join(
+            f"{x['concurrency']}: {x['mlkem_over_x25519']}x" for x in c["throughput_ratio"]
+        )
+        lines += [
+            "",
+            f"MLKEM768_X25519 vs X25519: p50 {c['p50_extra_ms']:+g} ms at concurrency 1; "
+            f"HPKE round trip {c['hpke_round_trip_extra_us']:+g} µs; throughput ratio by "
+            f"concurrency {ratios}.",
+        ]
+    return lines
+
+
+def _render_api(results: Mapping[str, Any]) -> list[str]:
+    s = results.get("settings", {})
+    lines = [
+        f"One `medledger node start` process; {s.get('clients')} keep-alive clients; "
+        f"{s.get('creates'):,} creates and {s.get('reads'):,} reads per run; "
+        + _load_line(results),
+        "",
+        "| path | op | client processes | requests/s | latency p50 / p95 / p99 "
+        "| server CPU ms/request (busy) | client CPU ms/request |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for op in ("creates", "reads"):
+        for r in results["http"][op]:
+            err = f", {r['errors']} errors" if r.get("errors") else ""
+            lines.append(
+                f"| HTTP | {op} | {r['client_processes']} | {r['per_s']:,.1f}{err} "
+                f"| {_latency(r['latency_ms'])} | {r['server_cpu_ms_per_request']:g} "
+                f"({r['server_cpu_utilization']:.0%}) | {r['client_cpu_ms_per_request']:g} |"
+            )
+    for op, r in results["in_process"].items():
+        lines.append(
+            f"| in-process | {op.replace('_', ' ')} | - | {r['per_s']:,.1f} "
+            f"| {_latency(r['latency_ms'])} | {r['cpu_ms_per_request']:g} | |"
+        )
+    ratios = results.get("ratio") or {}
+    if ratios:
+        lines += [
+            "",
+            "In-process / best HTTP: "
+            + ", ".join(
+                f"{op.replace('_', ' ')} {r['in_process_over_http']}x" for op, r in ratios.items()
+            )
+            + ".",
+        ]
     return lines
 
 
