@@ -6,11 +6,12 @@ file (WAL, ``synchronous=FULL``: a returned publish is durable) that any
 number of processes may open at once — ``medledger network up`` runs one
 node process per institution over one ``order.db``:
 
-* ``publish`` is one ``BEGIN IMMEDIATE`` transaction (SQLite's write lock
-  serializes publishers of every process): look ``msg_id`` up in the
-  de-duplication window, else insert at ``last seq + 1`` with a time no
-  earlier than the last message's. Writes run on one thread per orderer, so
-  a waiting lock or an fsync never stalls the event loop.
+* ``publish`` joins a group commit: every publish queued while the previous
+  commit ran goes into one ``BEGIN IMMEDIATE`` transaction (SQLite's write
+  lock serializes publishers of every process) with one fsync — look each
+  ``msg_id`` up in the de-duplication window, else insert at ``last seq + 1``
+  with a time no earlier than the last message's. Writes run on one thread
+  per orderer, so a waiting lock or an fsync never stalls the event loop.
 * ``read`` queries rows after the last one it yielded; when there are none
   it sleeps until a publish of this orderer wakes it, or ``poll_interval``
   seconds (a few ms) pass — the way it sees other processes' publishes.
@@ -22,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from medledger.core.errors import OrderingError
+from medledger.core.errors import OrderingError, StorageError
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
+from medledger.storage.batching import GroupCommitter
 
 __all__ = ["SoloOrderer"]
 
@@ -52,6 +54,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     return db
+
+
+@dataclass(slots=True)
+class _Publish:
+    msg_id: str
+    payload: bytes
+    seq: int = 0  # assigned by the commit
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -116,7 +125,7 @@ class SoloOrderer:
         self._path = path
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._publishes: GroupCommitter[_Publish] | None = None
         if path is not None:
             try:
                 self._writer = _connect(path)
@@ -126,7 +135,7 @@ class SoloOrderer:
             except sqlite3.Error as exc:
                 self._close_connections()
                 raise OrderingError(f"cannot open solo order {path}: {exc}") from None
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="solo-order")
+            self._publishes = GroupCommitter(self._publish_file, name="solo-order")
 
     # -- the port ---------------------------------------------------------------------------
 
@@ -135,11 +144,15 @@ class SoloOrderer:
             raise OrderingError("orderer is closed")
         if len(payload) > MAX_MESSAGE_BYTES:
             raise OrderingError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
-        if self._thread is None:
+        if self._publishes is None:
             seq = self._publish_memory(msg_id, payload)
         else:
-            loop = asyncio.get_running_loop()
-            seq = await loop.run_in_executor(self._thread, self._publish_file, msg_id, payload)
+            op = _Publish(msg_id, payload)
+            try:
+                await self._publishes.submit(op)
+            except StorageError as exc:  # closed while queued
+                raise OrderingError(str(exc)) from None
+            seq = op.seq
         self._wakeup.notify()
         return seq
 
@@ -172,10 +185,10 @@ class SoloOrderer:
             return
         self._closed = True
         self._wakeup.notify()
-        if self._thread is not None:
-            # Let a publish in flight finish before its connection closes.
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
-            self._thread = None
+        if self._publishes is not None:
+            # Let the publishes queued or in flight commit before the connection closes.
+            await self._publishes.close()
+            self._publishes = None
         self._close_connections()
 
     # -- in memory --------------------------------------------------------------------------
@@ -193,11 +206,11 @@ class SoloOrderer:
 
     # -- in a file ----------------------------------------------------------------------------
 
-    def _publish_file(self, msg_id: str, payload: bytes) -> int:
-        """One immediate transaction (runs on the writer thread)."""
+    def _publish_file(self, ops: Sequence[_Publish]) -> list[BaseException | None]:
+        """One immediate transaction for every queued publish (runs on the writer thread)."""
         db = self._writer
         if db is None:
-            raise OrderingError("orderer is closed")
+            return [OrderingError("orderer is closed")] * len(ops)
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -205,19 +218,28 @@ class SoloOrderer:
                     "SELECT seq, time_ms FROM messages ORDER BY seq DESC LIMIT 1"
                 ).fetchone()
                 last_seq, last_time = (int(last[0]), int(last[1])) if last else (0, 0)
-                seen = db.execute(
-                    "SELECT seq FROM messages WHERE msg_id = ? AND seq > ?"
-                    " ORDER BY seq DESC LIMIT 1",
-                    (msg_id, last_seq - self._window),
-                ).fetchone()
-                if seen is not None:
-                    db.execute("ROLLBACK")
-                    return int(seen[0])
-                seq = last_seq + 1
                 # Never before the previous message: the order's clock does not go back.
-                db.execute(
+                now = max(_now_ms(), last_time)
+                in_batch: dict[str, int] = {}
+                rows = []
+                for op in ops:
+                    seen = in_batch.get(op.msg_id)
+                    if seen is None:
+                        row = db.execute(
+                            "SELECT seq FROM messages WHERE msg_id = ? AND seq > ?"
+                            " ORDER BY seq DESC LIMIT 1",
+                            (op.msg_id, last_seq - self._window),
+                        ).fetchone()
+                        seen = None if row is None else int(row[0])
+                    if seen is not None:
+                        op.seq = seen
+                        continue
+                    last_seq += 1
+                    op.seq = in_batch[op.msg_id] = last_seq
+                    rows.append((last_seq, op.msg_id, op.payload, now))
+                db.executemany(
                     "INSERT INTO messages(seq, msg_id, payload, time_ms) VALUES (?, ?, ?, ?)",
-                    (seq, msg_id, payload, max(_now_ms(), last_time)),
+                    rows,
                 )
                 db.execute("COMMIT")
             except BaseException:
@@ -225,8 +247,8 @@ class SoloOrderer:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise OrderingError(f"solo order write failed: {exc}") from None
-        return seq
+            return [OrderingError(f"solo order write failed: {exc}")] * len(ops)
+        return [None] * len(ops)
 
     def _fetch(self, seq: int) -> list[OrderedMessage]:
         """Messages from ``seq`` on that are in the order now (at most one batch)."""
