@@ -1,59 +1,84 @@
-"""`make demo` is part of the README contract: it must run and tell the true story."""
+"""`make demo` is part of the README contract: it must run and tell the true story.
+
+The real ``medledger demo`` command, as a user runs it (no terminal): three
+node processes, the whole story over HTTP, tampering caught by ``verify``;
+then no process left behind — or, with ``--keep-running``, a network that is
+up until ``network down``.
+"""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from cli_support import medledger_command
+from medledger.netproc import PidRecord
+from network_support import pid_files, run_cli
+
+#: Wide enough that rich wraps no table cell, so phrases stay whole in the output.
+WIDE = {"COLUMNS": "400"}
 
 
-def test_demo_runs_and_its_network_verifies(tmp_path: Path) -> None:
-    root = tmp_path / "net"
-    demo = subprocess.run(
-        [*medledger_command(), "demo", "--dir", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert demo.returncode == 0, demo.stderr
-    out = " ".join(demo.stdout.split())  # rich wraps lines to the terminal width
-    assert "Traceback" not in demo.stdout + demo.stderr
-    # The three attacks are caught; the re-signed rewrite only with the consortium's anchors.
-    assert out.count("verification FAILED") >= 3
-    assert "not found anywhere" in out  # no patient name in any file of any node
-    assert "equivocation evidence against riverside-clinic" in out
-    node = root / "st-mary-hospital"
-    verify = subprocess.run(
-        [*medledger_command(), "verify", "--consortium", "--dir", str(node)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert verify.returncode == 0, verify.stderr
-    assert "quorum certificate" in verify.stdout and "published root" in verify.stdout
-    status = subprocess.run(
-        [*medledger_command(), "consortium", "status", "--dir", str(node)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert status.returncode == 0 and "EQUIVOCATION by riverside-clinic" in status.stdout
+def _out(run_stdout: str) -> str:
+    return " ".join(run_stdout.split())
+
+
+def _running(base: Path) -> list[int]:
+    records = [PidRecord.load(p) for p in pid_files(base)]
+    return [r.pid for r in records if r is not None and r.running()]
+
+
+def test_demo_tells_the_story_then_stops_everything(network_dir: Path) -> None:
+    demo = run_cli("demo", "--dir", network_dir, timeout=600, env=WIDE)
+    assert demo.code == 0, demo
+    out = _out(demo.out)
+    # The consent story (#6): refused, granted, fetched and verified, revoked, refused again.
+    assert "no final consent with that hash" in out
+    assert "final on the consortium in" in out
+    assert "allowed, verified" in out and "byte-for-byte Hospital 1's record" in out
+    assert "does not cover Patient resources" in out
+    assert "granted to hospital-2, not hospital-3" in out
+    assert "revoked by the patient" in out
+    assert "inclusion proof against root" in out and "verified here too" in out
+    # The patient's trail lists the consent and the reads, allowed and refused, on both chains.
+    assert "the patient's trail at Hospital 1" in out
+    assert "consent granted to hospital-2: now inactive" in out
+    assert "read Observation: allowed" in out and "read: refused" in out
+    assert "private, consortium" in out
+    # Records, search, anchoring, erasure, rotation, a Byzantine member.
+    assert "FHIR resources of 20 synthetic patients" in out
+    assert "GET /fhir/Patient?family=" in out
+    assert "was final on the consortium chain" in out
+    assert "answers 410" in out and "410 Gone" in out
+    assert "403 (role 'clinician' may not do this)" in out and "data keys re-wrapped" in out
+    assert "equivocation by hospital-3" in out
+    assert "not found anywhere" in out
+    # Tampering: the edit and the re-signed rewrite (only with --consortium) are caught.
+    assert out.count("FAILED: block") == 2
+    assert "tx_root does not match" in out and "history was rewritten" in out
+    assert "The network is stopped" in out and "network up --dir" in out
+    assert _running(network_dir) == []
+    status = run_cli("network", "status", "--dir", network_dir, "--json").json()
+    assert not any(n["running"] for n in status["nodes"])
+    verify = run_cli("verify", "--consortium", "--dir", network_dir / "hospital-1")
+    assert verify.code == 0, verify
+    assert "quorum certificate" in verify.out and "published root" in verify.out
+
+    # Run again in the same directory, keeping the network: the old demo is replaced.
+    again = run_cli("demo", "--dir", network_dir, "--keep-running", timeout=600, env=WIDE)
+    assert again.code == 0, again
+    out = _out(again.out)
+    assert "Replaced the previous demo network" in out
+    assert "The network is running" in out and f"network down --dir {network_dir}" in out
+    status = run_cli("network", "status", "--dir", network_dir, "--json").json()
+    assert [n["running"] and n["ready"] for n in status["nodes"]] == [True, True, True]
+    assert len(_running(network_dir)) == 3
+    down = run_cli("network", "down", "--dir", network_dir)
+    assert down.code == 0, down
+    assert _running(network_dir) == []
 
 
 def test_demo_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "something").write_text("x")
-    demo = subprocess.run(
-        [*medledger_command(), "demo", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert demo.returncode == 1
-    assert demo.stderr.startswith("error:") and len(demo.stderr.strip().splitlines()) == 1
+    demo = run_cli("demo", "--dir", tmp_path, timeout=60)
+    assert demo.code == 1
+    assert demo.err.startswith("error:") and len(demo.err.strip().splitlines()) == 1
+    assert (tmp_path / "something").read_text() == "x"

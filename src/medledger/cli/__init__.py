@@ -12,10 +12,11 @@ import sys
 
 import click
 
-from medledger.cli.bench import bench, demo
+from medledger.cli.bench import bench
 from medledger.cli.chain import chain, node, verify
 from medledger.cli.common import EXIT_TAMPERED, fail
 from medledger.cli.consortium import consortium
+from medledger.cli.demo import demo
 from medledger.cli.network import network
 from medledger.cli.records import keys, record
 from medledger.cli.service import start, token

@@ -1,4 +1,4 @@
-"""``medledger bench`` and ``medledger demo``."""
+"""``medledger bench``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["bench", "demo"]
+__all__ = ["bench"]
 
 
 # Options every benchmark takes.
@@ -464,18 +464,3 @@ def bench_all(
     if markdown is not None:
         update_markdown(markdown, results)
     console.rule(f"bench all: {len(results)} results in {time.perf_counter() - started:,.0f} s")
-
-
-@click.command()
-@click.option(
-    "--dir",
-    "root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Keep the demo's network here (default: a temporary directory, removed after).",
-)
-def demo(root: Path | None) -> None:
-    """Run the guided story: concurrent writes, proofs, and tampering caught by verify."""
-    from medledger.demo import run_demo
-
-    run_demo(root)
