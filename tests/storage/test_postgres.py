@@ -539,6 +539,12 @@ def test_index_put_latest_history(open_index: IndexFactory) -> None:
                 ("Observation", "o1"),
             ]
             assert index.count_wrapped_by("k1") == 32
+            assert index.versions_since(1_700_000_000_029) == [
+                row("o1", 3, t=101),
+                row("o1", 2, t=100),
+                row("o29", 1, t=29),
+            ]
+            assert index.versions_since(1_700_000_001_000) == []
         # Durable across a reopen.
         async with opened(open_index) as index:
             assert index.latest("Observation", "o1") == row("o1", 3, t=101)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import uuid
 from collections import Counter
@@ -33,7 +34,7 @@ from medledger.core.errors import (
     PreconditionFailed,
 )
 from medledger.core.hashing import sha256
-from medledger.core.models import Receipt, Transaction
+from medledger.core.models import BlockHeader, Receipt, Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.services.fhir import (
     FhirInvalid,
@@ -65,6 +66,9 @@ __all__ = [
 RECORD_PUT = "record.put"
 RECORD_ERASE = "record.erase"
 KEY_ROTATE = "key.rotate"
+#: How far before the chain head crash recovery looks for uncommitted versions.
+_RECOVERY_WINDOW_MS = 10 * 60 * 1000
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +169,8 @@ class RecordsService:
             self._put_blobs, name="medledger-blobs"
         )
         self._inflight: Counter[str] = Counter()
+        self._recovery = asyncio.Lock()
+        self._recovered = False
 
     # -- writing ---------------------------------------------------------------------
 
@@ -207,10 +213,47 @@ class RecordsService:
         ]
         return stored, stored.version == 1
 
+    # -- crash recovery -------------------------------------------------------------------
+
+    async def _ready(self) -> None:
+        """Before the first operation: :meth:`recover` (once)."""
+        if not self._recovered:
+            async with self._recovery:
+                if not self._recovered:
+                    await self.recover()
+                    self._recovered = True
+
+    async def recover(self) -> int:
+        """Take back versions a crashed write indexed but never committed; returns how many.
+
+        A write indexes its version before the chain commit and takes it back
+        if the commit fails; a crash in between leaves a row whose transaction
+        is not on the chain (it was never acknowledged). Such rows can only be
+        among the newest, so rows from a window before the chain head are checked.
+        """
+        head = self._chain.store.head_header_bytes()
+        since = BlockHeader.decode(head).time_ms - _RECOVERY_WINDOW_MS if head else 0
+        orphans = [
+            row for row in self._index.versions_since(since) if not self._committed(row.tx_hash)
+        ]
+        if orphans:
+            log.warning("taking back %d uncommitted record versions after a crash", len(orphans))
+            # _undo takes rows oldest first; orphans are newest first.
+            await self._undo(orphans[::-1], [row.blob_hash for row in orphans])
+        return len(orphans)
+
+    def _committed(self, tx_hash: bytes) -> bool:
+        try:
+            self._chain.store.tx_location(tx_hash)
+        except NotFound:
+            return False
+        return True
+
     async def _write_many(
         self, items: Sequence[tuple[str, str, dict[str, Any], int | None, bool]]
     ) -> list[StoredResource]:
         """Write several versions all-or-nothing: one index batch, one chain block."""
+        await self._ready()
         keys = sorted({(t, i) for t, i, *_ in items})
         if len(keys) != len(items):
             raise FhirInvalid(
@@ -407,12 +450,14 @@ class RecordsService:
     # -- reading -------------------------------------------------------------------------
 
     async def read(self, resource_type: str, rid: str) -> StoredResource:
+        await self._ready()
         row = self._index.latest(resource_type, rid)
         if row is None:
             raise NotFound(f"{resource_type}/{rid} does not exist")
         return self._open(row)
 
     async def vread(self, resource_type: str, rid: str, version: int) -> StoredResource:
+        await self._ready()
         row = self._index.get_version(resource_type, rid, version)
         if row is None:
             raise NotFound(f"{resource_type}/{rid} has no version {version}")
@@ -503,12 +548,14 @@ class RecordsService:
 
     async def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
         """Every version, newest first; erased versions have ``stored=None``."""
+        await self._ready()
         rows = self._index.history(resource_type, rid)
         if not rows:
             raise NotFound(f"{resource_type}/{rid} does not exist")
         return [await self._info(r) for r in rows]
 
     async def type_history(self, resource_type: str, limit: int = 100) -> list[VersionInfo]:
+        await self._ready()
         return [await self._info(r) for r in self._index.type_history(resource_type, limit)]
 
     async def _info(self, row: VersionRow) -> VersionInfo:
@@ -525,6 +572,7 @@ class RecordsService:
         self, resource_type: str, params: Mapping[str, Sequence[str]]
     ) -> list[StoredResource]:
         """Latest versions matching every parameter (see ``services.search``)."""
+        await self._ready()
         groups = query_tokens(self._keys.search_key, resource_type, params)
         ids = self._index.search(resource_type, groups) if groups else []
         if not groups:
@@ -541,6 +589,7 @@ class RecordsService:
 
     async def erase(self, resource_type: str, rid: str) -> int:
         """Crypto-shred every version of a resource and append a ``record.erase`` tombstone."""
+        await self._ready()
         validate_id(rid)
         lock = self._locks.setdefault((resource_type, rid), asyncio.Lock())
         async with lock:
@@ -580,6 +629,7 @@ class RecordsService:
 
     async def rotate_kek(self) -> dict[str, Any]:
         """New KEK; re-wrap every data key; ``key.rotate`` on the chain; destroy the old KEK."""
+        await self._ready()
         old_id, old = self._keys.current_kek()
         new_id = self._keys.add_current_kek()
         new = self._keys.kek(new_id)

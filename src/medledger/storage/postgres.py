@@ -979,6 +979,16 @@ class PostgresRecordIndex(_PooledStore):
             )
         ]
 
+    def versions_since(self, updated_ms: int) -> list[VersionRow]:
+        """Every version written at or after ``updated_ms``, newest first (crash recovery)."""
+        return [
+            _version_row(r)
+            for r in self._rows(
+                f"SELECT {_COLS} FROM versions WHERE updated_ms >= %s ORDER BY updated_ms DESC",
+                (updated_ms,),
+            )
+        ]
+
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
         """Ids whose tokens match at least one token of every group."""
         found: set[str] | None = None

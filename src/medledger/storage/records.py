@@ -106,6 +106,7 @@ class RecordIndex(Protocol):
     def get_version(self, resource_type: str, rid: str, version: int) -> VersionRow | None: ...
     def history(self, resource_type: str, rid: str) -> list[VersionRow]: ...
     def type_history(self, resource_type: str, limit: int) -> list[VersionRow]: ...
+    def versions_since(self, updated_ms: int) -> list[VersionRow]: ...
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]: ...
     def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]: ...
     def count_wrapped_by(self, kek_id: str) -> int: ...
@@ -344,6 +345,16 @@ class SqliteRecordIndex:
             for r in self._rows(
                 f"SELECT {_COLS} FROM versions WHERE rtype = ? ORDER BY updated_ms DESC LIMIT ?",
                 (resource_type, limit),
+            )
+        ]
+
+    def versions_since(self, updated_ms: int) -> list[VersionRow]:
+        """Every version written at or after ``updated_ms``, newest first (crash recovery)."""
+        return [
+            _row(r)
+            for r in self._rows(
+                f"SELECT {_COLS} FROM versions WHERE updated_ms >= ? ORDER BY updated_ms DESC",
+                (updated_ms,),
             )
         ]
 
