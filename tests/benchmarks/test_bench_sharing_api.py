@@ -101,6 +101,9 @@ def test_api_measures_http_and_in_process_with_ratios(api: dict[str, Any]) -> No
             assert run["requests"] == count and run["errors"] == 0
             assert run["per_s"] > 0 and run["server_cpu_ms_per_request"] > 0
             _latency_ok(run["latency_ms"])
+    floor = api["http"]["healthz"]
+    assert floor["requests"] >= 1 and floor["errors"] == 0
+    _latency_ok(floor["latency_ms"])
     ip = api["in_process"]
     assert set(ip) == {"creates", "reads", "reads_with_access_entry"}
     assert ip["creates"]["requests"] == s["creates"]

@@ -13,6 +13,9 @@ its next request as soon as the last one answers (closed loop).
 * **reads** — ``GET /fhir/{type}/{id}`` of resources just created, in random
   order: chain check, blob, unwrap, decrypt, plus an ``access`` entry on the
   private chain per read (group-committed, durable before the answer).
+* **healthz** — ``GET /healthz`` by the same clients: no token, no storage,
+  a constant answer; the floor of the HTTP stack (uvicorn, h11, FastAPI,
+  the metrics middleware) on this machine.
 
 The in-process baseline runs the same number of concurrent tasks calling
 ``node.records.create`` / ``node.records.read`` on a fresh node in this
@@ -197,6 +200,8 @@ async def _client_async(
             try:
                 if op == "create":
                     r = await client.post(f"/fhir/{item['resourceType']}", content=item["body"])
+                elif op == "healthz":
+                    r = await client.get("/healthz")
                 else:
                     r = await client.get(f"/fhir/{item}")
             except httpx.HTTPError as exc:
@@ -398,6 +403,11 @@ def run_api_bench(
                     run, _ = _http_run(pool, server, "read", order, settings.clients, p)
                     results["http"]["reads"].append(run)
                     console.log(f"HTTP reads, {p} client process(es): {_line(run)}")
+                # The floor of the HTTP stack: no token, no storage, a constant answer.
+                floor = [None] * min(settings.reads, 5_000)
+                run, _ = _http_run(pool, server, "healthz", floor, settings.clients, 1)
+                results["http"]["healthz"] = run
+                console.log(f"HTTP GET /healthz: {_line(run)}")
         finally:
             server.stop()
         # The same resources and read count, in this process on a fresh node.

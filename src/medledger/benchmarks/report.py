@@ -247,6 +247,13 @@ def _render_api(results: Mapping[str, Any]) -> list[str]:
                 f"| {_latency(r['latency_ms'])} | {r['server_cpu_ms_per_request']:g} "
                 f"({r['server_cpu_utilization']:.0%}) | {r['client_cpu_ms_per_request']:g} |"
             )
+    floor = results["http"].get("healthz")
+    if floor:
+        lines.append(
+            f"| HTTP | GET /healthz (floor) | {floor['client_processes']} | {floor['per_s']:,.1f} "
+            f"| {_latency(floor['latency_ms'])} | {floor['server_cpu_ms_per_request']:g} "
+            f"({floor['server_cpu_utilization']:.0%}) | {floor['client_cpu_ms_per_request']:g} |"
+        )
     for op, r in results["in_process"].items():
         lines.append(
             f"| in-process | {op.replace('_', ' ')} | - | {r['per_s']:,.1f} "
