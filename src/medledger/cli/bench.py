@@ -159,7 +159,7 @@ def bench_records(
     show_default=True,
 )
 @click.option("--rate", type=click.IntRange(min=1), default=1_000, show_default=True)
-@click.option("--seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True)
 @click.option(
     "--txs",
     type=click.IntRange(min=10),
