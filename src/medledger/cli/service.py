@@ -216,7 +216,12 @@ def start(root: Path, host: str, port: int) -> None:
             tokens.close()
             log.info("stopped")
 
-    asyncio.run(serve())
+    try:
+        import uvloop  # libuv's event loop: a faster HTTP service, same asyncio semantics
+    except ImportError:  # e.g. Windows
+        asyncio.run(serve())
+    else:
+        uvloop.run(serve())
 
 
 @click.group()

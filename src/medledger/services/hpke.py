@@ -16,7 +16,8 @@ key wrapped for one request cannot be replayed into another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -56,6 +57,7 @@ def _check_kem(kem: str) -> None:
         raise InvalidInput(f"unknown HPKE KEM {kem!r} (one of {', '.join(KEMS)})")
 
 
+@functools.lru_cache(maxsize=256)
 def _public_object(text: str) -> tuple[str, Any]:
     """Parse ``"<kem>:<hex>"`` into the KEM name and a ``cryptography`` public key."""
     kem, sep, hex_key = text.partition(":")
@@ -94,6 +96,10 @@ class HpkeKeyPair:
     kem: str
     mlkem_seed: bytes
     x25519_raw: bytes
+    # Derived once: expanding the ML-KEM seed and deriving public keys cost more
+    # than the HPKE operation itself.
+    _private: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _public: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_keystore(cls, keystore: KeyStore, kem: str = DEFAULT_KEM) -> HpkeKeyPair:
@@ -114,11 +120,27 @@ class HpkeKeyPair:
     def public_text(self, kem: str | None = None) -> str:
         """The public key as published in the genesis: ``"<kem>:<hex>"``."""
         kem = kem or self.kem
-        _check_kem(kem)
-        x_pub = self._x25519().public_key().public_bytes_raw()
-        if kem == "X25519":
-            return f"X25519:{x_pub.hex()}"
-        return f"{kem}:{(self._mlkem().public_key().public_bytes_raw() + x_pub).hex()}"
+        text = self._public.get(kem)
+        if text is None:
+            _check_kem(kem)
+            x_pub = self._x25519().public_key().public_bytes_raw()
+            if kem == "X25519":
+                text = f"X25519:{x_pub.hex()}"
+            else:
+                text = f"{kem}:{(self._mlkem().public_key().public_bytes_raw() + x_pub).hex()}"
+            self._public[kem] = text
+        return text
+
+    def _private_key(self, kem: str) -> Any:
+        key = self._private.get(kem)
+        if key is None:
+            key = (
+                self._x25519()
+                if kem == "X25519"
+                else hpke.MLKEM768X25519PrivateKey(self._mlkem(), self._x25519())
+            )
+            self._private[kem] = key
+        return key
 
     def open(self, public_key: str, ciphertext: bytes, info: bytes) -> bytes:
         """Decrypt a key sealed to ``public_key`` (which must be one of ours).
@@ -129,13 +151,8 @@ class HpkeKeyPair:
         kem, _ = _public_object(public_key)
         if public_key != self.public_text(kem):
             raise IntegrityError("the data key was wrapped for another member's key")
-        private: Any = (
-            self._x25519()
-            if kem == "X25519"
-            else hpke.MLKEM768X25519PrivateKey(self._mlkem(), self._x25519())
-        )
         try:
-            return _SUITES[kem].decrypt(ciphertext, private, info=info)
+            return _SUITES[kem].decrypt(ciphertext, self._private_key(kem), info=info)
         except (InvalidTag, ValueError):
             raise IntegrityError(
                 "the wrapped data key does not open with this member's HPKE key"
