@@ -260,12 +260,16 @@ class Provenance:
         resource_type: str,
         version: int | None,
         blob: bytes,
+        anchored: tuple[int, bytes] | None = None,
     ) -> None:
         """Check the record is ``holder``'s, anchored in a final block, and is ``blob``.
 
+        ``anchored``: what :meth:`AnchorProof.verify` returned for this very
+        anchor proof and member set, if the caller already checked it (many
+        records are proven against one anchor).
         Raises :class:`IntegrityError` naming the first piece that fails.
         """
-        log_size, log_root = self.anchor.verify(
+        log_size, log_root = anchored or self.anchor.verify(
             chain_id=consortium_chain, holder=holder, members=members
         )
         tx, body = self.record_tx, self.record_tx.body

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from medledger.core.consent import PATIENT_KEY_SYSTEM, ConsentRecord
+from medledger.core.consortium import MemberSet
 from medledger.core.encoding import canonical_bytes
 from medledger.core.envelope import RecordContext, open_record
 from medledger.core.errors import (
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 _ANCHOR_WAIT_S = 5.0
+#: Anchor proofs whose check is remembered (one per holder and anchor is plenty).
+_ANCHOR_CACHE = 64
 
 
 class PeerTransport(Protocol):
@@ -141,6 +144,8 @@ class SharingService:
         self.transport = transport
         self._clock: Clock = clock or SystemClock()
         self._random = random_bytes
+        self._anchor_checks: dict[bytes, tuple[MemberSet, tuple[int, bytes]]] = {}
+        self._last_anchor_proof: tuple[bytes, AnchorProof] | None = None
 
     # -- enrollment -----------------------------------------------------------------
 
@@ -292,16 +297,7 @@ class SharingService:
         _, leaf_index = self._chain.store.tx_location(sealed.row.tx_hash)
         anchor = await self._anchor_covering(leaf_index)
         proof = inclusion_proof(self._chain.store, leaf_index, anchor.log_size)
-        height, c_index = self._cstore.tx_location(anchor.tx_hash)
-        block = self._cstore.block(height)
-        header = BlockHeader.decode(block.header_bytes)
-        anchor_proof = AnchorProof(
-            tx=Transaction.decode(self._cstore.tx_by_hash(anchor.tx_hash)[1]),
-            leaf_index=c_index,
-            proof=tuple(inclusion_proof(self._cstore, c_index, header.log_size)),
-            header=header,
-            certificate=block.signatures,
-        )
+        anchor_proof = self._anchor_proof(anchor.tx_hash)
         reader = self._member.state.members.by_id(request.reader)
         if reader is None or not reader.hpke_key:
             raise ConsentDenied(f"{request.reader} has published no HPKE key")
@@ -324,6 +320,23 @@ class SharingService:
             "wrapped_for": reader.hpke_key,
             "provenance": provenance.to_json(),
         }
+
+    def _anchor_proof(self, tx_hash: bytes) -> AnchorProof:
+        """The anchor tx proven in its final consortium block (built once per anchor)."""
+        if self._last_anchor_proof is not None and self._last_anchor_proof[0] == tx_hash:
+            return self._last_anchor_proof[1]
+        height, c_index = self._cstore.tx_location(tx_hash)
+        block = self._cstore.block(height)
+        header = BlockHeader.decode(block.header_bytes)
+        anchor_proof = AnchorProof(
+            tx=Transaction.decode(self._cstore.tx_by_hash(tx_hash)[1]),
+            leaf_index=c_index,
+            proof=tuple(inclusion_proof(self._cstore, c_index, header.log_size)),
+            header=header,
+            certificate=block.signatures,
+        )
+        self._last_anchor_proof = (tx_hash, anchor_proof)
+        return anchor_proof
 
     async def _anchor_covering(self, leaf_index: int) -> Any:
         """This institution's latest final anchor, once it covers ``leaf_index``."""
@@ -437,6 +450,7 @@ class SharingService:
             resource_type=rtype,
             version=version if version is not None else got_version,
             blob=blob,
+            anchored=self._verified_anchor(provenance.anchor, holder, state.members),
         )
         if provenance.record_tx.body.get("version") != got_version:
             raise IntegrityError("the record transaction is for another version")
@@ -477,6 +491,24 @@ class SharingService:
                 "consent": request.consent,
             },
         )
+
+    def _verified_anchor(
+        self, anchor: AnchorProof, holder: str, members: MemberSet
+    ) -> tuple[int, bytes]:
+        """:meth:`AnchorProof.verify`, remembered per exact proof and member set.
+
+        Until the holder's next anchor every record it shares is proven against
+        the same certified block; its quorum signatures need checking once.
+        """
+        key = sha256(canonical_bytes(anchor.to_json()))
+        cached = self._anchor_checks.get(key)
+        if cached is not None and cached[0] is members:
+            return cached[1]
+        result = anchor.verify(chain_id=self._member.chain_id, holder=holder, members=members)
+        if len(self._anchor_checks) >= _ANCHOR_CACHE:
+            self._anchor_checks.pop(next(iter(self._anchor_checks)))
+        self._anchor_checks[key] = (members, result)
+        return result
 
     def _check_own_copy(self, header: BlockHeader) -> None:
         """A block this member already holds must be the very block the holder cites."""
