@@ -31,33 +31,6 @@ def _latency_ok(value: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def quick_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One ``medledger bench all --quick`` run (the smoke profile), shared by these tests."""
-    out = tmp_path_factory.mktemp("bench-all")
-    markdown = out / "benchmarks.md"
-    markdown.write_text("# Benchmarks\n\nHand-written analysis stays.\n")
-    proc = subprocess.run(
-        [
-            *medledger_command(),
-            "bench",
-            "all",
-            "--quick",
-            "--dir",
-            str(out / "work"),
-            "--results-dir",
-            str(out / "results"),
-            "--markdown",
-            str(markdown),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
 def quick_run(quick_all: Path) -> tuple[Path, dict[str, Any]]:
     return quick_all, json.loads((quick_all / "results" / "hybrid.json").read_text())
 

@@ -7,13 +7,11 @@ timing thresholds (those live in docs/benchmarks.md).
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cli_support import medledger_command
 from medledger.benchmarks.report import render_area
 from medledger.benchmarks.sharing import hpke_cost_us
 from medledger.services.hpke import KEMS
@@ -24,25 +22,9 @@ def _latency_ok(value: dict[str, Any]) -> None:
     assert 0 < value["p50"] <= value["p95"] <= value["p99"] <= value["max"]
 
 
-def _run(tmp: Path, name: str) -> dict[str, Any]:
-    out = tmp / f"{name}.json"
-    proc = subprocess.run(
-        [
-            *medledger_command(),
-            "bench",
-            name,
-            "--quick",
-            "--dir",
-            str(tmp / "work"),
-            "--json-out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results: dict[str, Any] = json.loads(out.read_text())
+def _results(quick_all: Path, name: str) -> dict[str, Any]:
+    """``name``'s results from the shared ``bench all --quick`` run, with the common checks."""
+    results: dict[str, Any] = json.loads((quick_all / "results" / f"{name}.json").read_text())
     assert results["quick"] is True
     assert results["machine"]["cores"] >= 1
     assert "medledger" in results["versions"]
@@ -52,13 +34,13 @@ def _run(tmp: Path, name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sharing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(tmp_path_factory.mktemp("bench-sharing"), "sharing")
+def sharing(quick_all: Path) -> dict[str, Any]:
+    return _results(quick_all, "sharing")
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _run(tmp_path_factory.mktemp("bench-api"), "api")
+def api(quick_all: Path) -> dict[str, Any]:
+    return _results(quick_all, "api")
 
 
 @pytest.mark.slow
