@@ -129,7 +129,7 @@ class Node:
         if self._transport is not None:
             await self._transport.close()
         if self._nonces is not None:
-            self._nonces.close()
+            await self._nonces.close()
         await self.records.close()
         await self.chain.close()
         if self.consortium is not None:

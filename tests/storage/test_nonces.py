@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,15 +23,43 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "nonces.sqlite"
 
 
+#: One event loop per test: a store's group committer belongs to the loop it first ran in.
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+@pytest.fixture(autouse=True)
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    global _LOOP
+    _LOOP = asyncio.new_event_loop()
+    try:
+        yield _LOOP
+    finally:
+        _LOOP.close()
+        _LOOP = None
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    assert _LOOP is not None
+    return _LOOP.run_until_complete(coro)
+
+
+def close(store: NonceStore) -> None:
+    run(store.close())
+
+
 @pytest.fixture
 def store(path: Path) -> Iterator[NonceStore]:
     opened = NonceStore(path)
     yield opened
-    opened.close()
+    close(opened)
+
+
+def remember(store: NonceStore, reader: str, nonce: str, time_ms: int, forget: int) -> None:
+    run(store.remember(reader, nonce, time_ms, forget_before_ms=forget))
 
 
 def _remember(store: NonceStore, reader: str, nonce: str, time_ms: int) -> None:
-    store.remember(reader, nonce, time_ms, forget_before_ms=time_ms - WINDOW)
+    remember(store, reader, nonce, time_ms, time_ms - WINDOW)
 
 
 def _rows(path: Path) -> set[tuple[str, str, int]]:
@@ -69,14 +98,14 @@ def test_a_refused_replay_changes_nothing(store: NonceStore, path: Path) -> None
 def test_nonces_survive_reopening(path: Path) -> None:
     first = NonceStore(path)
     _remember(first, "beta", N1, T0)
-    first.close()
+    close(first)
     again = NonceStore(path)
     try:
         with pytest.raises(InvalidInput, match="replay"):
             _remember(again, "beta", N1, T0 + 1)
         _remember(again, "beta", N2, T0 + 1)
     finally:
-        again.close()
+        close(again)
     assert _rows(path) == {("beta", N1, T0), ("beta", N2, T0 + 1)}
 
 
@@ -86,19 +115,19 @@ def test_entries_older_than_the_window_are_pruned(store: NonceStore, path: Path)
     _remember(store, "beta", N3, T0 + 70_000)
     # Much later: everything before the window is forgotten, the recent entry is kept.
     later = T0 + 10 * WINDOW
-    store.remember("delta", N1, later, forget_before_ms=T0 + 50_000)
+    remember(store, "delta", N1, later, T0 + 50_000)
     assert _rows(path) == {("beta", N3, T0 + 70_000), ("delta", N1, later)}
     # A pruned nonce is no longer remembered (its request is stale anyway)...
-    store.remember("beta", N1, later, forget_before_ms=T0 + 50_000)
+    remember(store, "beta", N1, later, T0 + 50_000)
     # ...while the ones inside the window still are.
     with pytest.raises(InvalidInput, match="replay"):
-        store.remember("beta", N3, later, forget_before_ms=T0 + 50_000)
+        remember(store, "beta", N3, later, T0 + 50_000)
 
 
 def test_entries_inside_the_window_are_never_pruned(store: NonceStore, path: Path) -> None:
     times = [T0 + i * 7_000 for i in range(20)]
     for i, t in enumerate(times):
-        store.remember("beta", f"{i:032x}", t, forget_before_ms=t - WINDOW)
+        remember(store, "beta", f"{i:032x}", t, t - WINDOW)
     kept = {nonce for _, nonce, time_ms in _rows(path) if time_ms >= times[-1] - WINDOW}
     assert kept == {f"{i:032x}" for i, t in enumerate(times) if t >= times[-1] - WINDOW}
     # Pruning may be batched, but nothing a whole window older than needed is kept.
@@ -109,36 +138,25 @@ def test_entries_inside_the_window_are_never_pruned(store: NonceStore, path: Pat
 def test_pruning_after_reopening(path: Path) -> None:
     first = NonceStore(path)
     _remember(first, "beta", N1, T0)
-    first.close()
+    close(first)
     again = NonceStore(path)
     try:
-        again.remember("beta", N2, T0 + WINDOW * 5, forget_before_ms=T0 + WINDOW * 4)
+        remember(again, "beta", N2, T0 + WINDOW * 5, T0 + WINDOW * 4)
     finally:
-        again.close()
+        close(again)
     assert _rows(path) == {("beta", N2, T0 + WINDOW * 5)}
 
 
 def test_concurrent_uses_of_one_nonce_admit_exactly_one(store: NonceStore) -> None:
-    outcomes: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(8)
+    async def attempts() -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(store.remember("beta", N1, T0, forget_before_ms=T0 - WINDOW) for _ in range(8)),
+            return_exceptions=True,
+        )
 
-    def attempt() -> None:
-        start.wait()
-        try:
-            _remember(store, "beta", N1, T0)
-            result = "ok"
-        except InvalidInput:
-            result = "replay"
-        with lock:
-            outcomes.append(result)
-
-    threads = [threading.Thread(target=attempt) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outcomes) == ["ok"] + ["replay"] * 7
+    outcomes = run(attempts())
+    assert sum(o is None for o in outcomes) == 1
+    assert all(isinstance(o, InvalidInput) and "replay" in str(o) for o in outcomes if o)
 
 
 def test_unopenable_path_is_a_storage_error(tmp_path: Path) -> None:
@@ -148,6 +166,6 @@ def test_unopenable_path_is_a_storage_error(tmp_path: Path) -> None:
 
 def test_closed_store_is_a_storage_error(path: Path) -> None:
     closed = NonceStore(path)
-    closed.close()
-    with pytest.raises(StorageError, match="cannot record the request nonce"):
+    close(closed)
+    with pytest.raises(StorageError, match="closed"):
         _remember(closed, "beta", N1, T0)

@@ -144,7 +144,7 @@ class SharingService:
         self.transport = transport
         self._clock: Clock = clock or SystemClock()
         self._random = random_bytes
-        self._anchor_checks: dict[bytes, tuple[MemberSet, tuple[int, bytes]]] = {}
+        self._anchor_checks: dict[bytes, tuple[MemberSet, tuple[int, bytes], tuple[str, ...]]] = {}
         self._last_anchor_proof: tuple[bytes, AnchorProof] | None = None
 
     # -- enrollment -----------------------------------------------------------------
@@ -230,12 +230,8 @@ class SharingService:
                 raise InvalidInput(
                     f"the request timestamp is outside the allowed skew of {skew} ms"
                 )
-            await asyncio.to_thread(
-                self._nonces.remember,
-                request.reader,
-                request.nonce,
-                request.time_ms,
-                forget_before_ms=now - skew,
+            await self._nonces.remember(
+                request.reader, request.nonce, request.time_ms, forget_before_ms=now - skew
             )
             consent = self._consent(request)
             entry = _with(entry, patient=consent.grant.patient)
@@ -443,6 +439,7 @@ class SharingService:
         blob = _unb64(body.get("ciphertext"), "ciphertext")
         wrapped = _unb64(body.get("wrapped_key"), "wrapped key")
         state = self._member.state
+        anchored, certified_by = self._verified_anchor(provenance.anchor, holder, state.members)
         provenance.verify(
             consortium_chain=self._member.chain_id,
             holder=holder,
@@ -450,7 +447,7 @@ class SharingService:
             resource_type=rtype,
             version=version if version is not None else got_version,
             blob=blob,
-            anchored=self._verified_anchor(provenance.anchor, holder, state.members),
+            anchored=anchored,
         )
         if provenance.record_tx.body.get("version") != got_version:
             raise IntegrityError("the record transaction is for another version")
@@ -484,9 +481,7 @@ class SharingService:
                 "anchored_log_root": anchor.tx.body.get("log_root"),
                 "consortium_height": anchor.header.height,
                 "consortium_block": anchor.header.hash().hex(),
-                "certified_by": sorted(
-                    state.members.quorum_signers(anchor.header.hash(), anchor.certificate)
-                ),
+                "certified_by": [*certified_by],
                 "kem": str(body.get("wrapped_for", "")).split(":", 1)[0],
                 "consent": request.consent,
             },
@@ -494,8 +489,8 @@ class SharingService:
 
     def _verified_anchor(
         self, anchor: AnchorProof, holder: str, members: MemberSet
-    ) -> tuple[int, bytes]:
-        """:meth:`AnchorProof.verify`, remembered per exact proof and member set.
+    ) -> tuple[tuple[int, bytes], tuple[str, ...]]:
+        """:meth:`AnchorProof.verify` and the certifying members, per exact proof and member set.
 
         Until the holder's next anchor every record it shares is proven against
         the same certified block; its quorum signatures need checking once.
@@ -503,12 +498,13 @@ class SharingService:
         key = sha256(canonical_bytes(anchor.to_json()))
         cached = self._anchor_checks.get(key)
         if cached is not None and cached[0] is members:
-            return cached[1]
+            return cached[1], cached[2]
         result = anchor.verify(chain_id=self._member.chain_id, holder=holder, members=members)
+        signers = tuple(sorted(members.quorum_signers(anchor.header.hash(), anchor.certificate)))
         if len(self._anchor_checks) >= _ANCHOR_CACHE:
             self._anchor_checks.pop(next(iter(self._anchor_checks)))
-        self._anchor_checks[key] = (members, result)
-        return result
+        self._anchor_checks[key] = (members, result, signers)
+        return result, signers
 
     def _check_own_copy(self, header: BlockHeader) -> None:
         """A block this member already holds must be the very block the holder cites."""

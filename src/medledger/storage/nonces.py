@@ -3,19 +3,33 @@
 A request is only accepted within the clock-skew window around its
 timestamp, so a nonce needs remembering only that long; older entries are
 pruned. The table survives restarts (a replay right after a restart is
-still refused). SQLite, ``synchronous=FULL``: a nonce is recorded before the
-request it arrived with is served.
+still refused). SQLite, ``synchronous=FULL``, group-committed: the nonces of
+requests arriving together are recorded in one transaction, and each is
+durable before the request it arrived with is served.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from medledger.core.errors import InvalidInput, StorageError
+from medledger.storage.batching import GroupCommitter
 
 __all__ = ["NonceStore"]
+
+#: Old nonces are deleted at most this often (ms of request time).
+_PRUNE_EVERY_MS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Nonce:
+    reader: str
+    nonce: str
+    time_ms: int
+    forget_before_ms: int
 
 
 class NonceStore:
@@ -33,24 +47,45 @@ class NonceStore:
             self._db.execute("CREATE INDEX IF NOT EXISTS nonces_time ON nonces (time_ms)")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open nonce store {path}: {exc}") from None
-        self._lock = threading.Lock()
         self._pruned_ms = 0
+        self._writes: GroupCommitter[_Nonce] = GroupCommitter(self._apply, name="medledger-nonces")
 
-    def remember(self, reader: str, nonce: str, time_ms: int, *, forget_before_ms: int) -> None:
+    async def remember(
+        self, reader: str, nonce: str, time_ms: int, *, forget_before_ms: int
+    ) -> None:
         """Record a nonce; raise :class:`InvalidInput` if ``reader`` used it before."""
-        with self._lock:
-            try:
-                if forget_before_ms - self._pruned_ms > 10_000:
-                    self._db.execute("DELETE FROM nonces WHERE time_ms < ?", (forget_before_ms,))
-                    self._pruned_ms = forget_before_ms
-                self._db.execute(
-                    "INSERT INTO nonces (reader, nonce, time_ms) VALUES (?, ?, ?)",
-                    (reader, nonce, time_ms),
-                )
-            except sqlite3.IntegrityError:
-                raise InvalidInput("the request nonce was already used (replay)") from None
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot record the request nonce: {exc}") from None
+        await self._writes.submit(_Nonce(reader, nonce, time_ms, forget_before_ms))
 
-    def close(self) -> None:
+    def _apply(self, ops: Sequence[_Nonce]) -> list[BaseException | None]:
+        """One transaction for every queued nonce (runs on the writer thread)."""
+        results: list[BaseException | None] = []
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                forget = max(op.forget_before_ms for op in ops)
+                if forget - self._pruned_ms > _PRUNE_EVERY_MS:
+                    db.execute("DELETE FROM nonces WHERE time_ms < ?", (forget,))
+                    self._pruned_ms = forget
+                for op in ops:
+                    inserted = db.execute(
+                        "INSERT OR IGNORE INTO nonces (reader, nonce, time_ms) VALUES (?, ?, ?)",
+                        (op.reader, op.nonce, op.time_ms),
+                    ).rowcount
+                    results.append(
+                        None
+                        if inserted == 1
+                        else InvalidInput("the request nonce was already used (replay)")
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            return [StorageError(f"cannot record the request nonce: {exc}")] * len(ops)
+        return results
+
+    async def close(self) -> None:
+        await self._writes.close()
         self._db.close()
