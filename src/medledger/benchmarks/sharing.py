@@ -32,9 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,8 +44,13 @@ from rich.console import Console
 from rich.table import Table
 
 from medledger.api.app import create_app
-from medledger.benchmarks.common import machine, percentiles, write_json
-from medledger.benchmarks.hybrid import versions
+from medledger.benchmarks.common import (
+    finish_results,
+    percentiles,
+    results_header,
+    work_dir,
+    write_json,
+)
 from medledger.config import institution_id
 from medledger.core.consortium import ConsortiumParams
 from medledger.network import LocalNetwork
@@ -349,30 +352,15 @@ def run_sharing_bench(
     if quick:
         settings = SharingSettings.quick(settings)
     console = Console(stderr=True)
-    tmp = None
-    if root is None:
-        tmp = tempfile.mkdtemp(prefix="medledger-bench-sharing-")
-        root = Path(tmp)
-    root.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "machine": machine(),
-        "versions": versions(),
-        "settings": settings.to_json(),
-        "quick": quick,
-        "load_average_before": round(os.getloadavg()[0], 2),
-        "hpke": {kem: hpke_cost_us(kem, settings.hpke_rounds) for kem in settings.kems},
-        "runs": [],
-    }
+    results = results_header(settings.to_json(), quick)
+    results["hpke"] = {kem: hpke_cost_us(kem, settings.hpke_rounds) for kem in settings.kems}
+    results["runs"] = []
     started = time.perf_counter()
-    try:
+    with work_dir(root, "sharing") as base:
         for kem in settings.kems:
-            results["runs"].append(asyncio.run(_run_kem(root / kem, kem, settings, console)))
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    results["load_average_after"] = round(os.getloadavg()[0], 2)
+            results["runs"].append(asyncio.run(_run_kem(base / kem, kem, settings, console)))
+    finish_results(results, started)
     results["comparison"] = _compare(results)
-    results["elapsed_s"] = round(time.perf_counter() - started, 1)
     _print(results)
     if json_out is not None:
         write_json(json_out, results)
