@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import uvicorn
-
-from medledger.api.app import create_app
+from medledger.api.loopback import loopback_socket, serve_nodes, url_of
 from medledger.core.consortium import ConsortiumParams
 from medledger.network import LocalNetwork
 from medledger.node import Node
@@ -36,13 +32,6 @@ HOUR_MS = 3_600_000
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
 
 
 @dataclass
@@ -116,8 +105,8 @@ class SharingNet:
 async def sharing_network(
     base: Path, names: list[str], *, ordering: str = "solo", hpke_kem: str = "MLKEM768_X25519"
 ) -> AsyncIterator[SharingNet]:
-    socks = {name.lower(): _free_socket() for name in names}
-    urls = {inst: f"http://127.0.0.1:{s.getsockname()[1]}" for inst, s in socks.items()}
+    socks = {name.lower(): loopback_socket() for name in names}
+    urls = {inst: url_of(sock) for inst, sock in socks.items()}
     net = await LocalNetwork.create(
         base,
         names,
@@ -128,48 +117,33 @@ async def sharing_network(
         peer_urls=urls,
         hpke_kem=hpke_kem,
     )
-    servers: list[tuple[uvicorn.Server, asyncio.Task[Any], TokenStore]] = []
     try:
-        for inst, sock in socks.items():
-            tokens = TokenStore(base / f"{inst}-tokens.db")
-            app = create_app(net.nodes[inst], tokens)
-            config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-            server = uvicorn.Server(config)
-            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-            servers.append((server, asyncio.create_task(server.serve(sockets=[sock])), tokens))
-        while not all(s.started for s, _, _ in servers):
-            await asyncio.sleep(0.01)
-        holder = net.nodes[names[0].lower()]
-        patient = generate_patients(1, seed=7, resources_per_patient=8)[0]
-        stored = []
-        for resource in patient.all_resources():
-            written, _ = await holder.records.update(
-                resource["resourceType"], resource["id"], resource
+        async with serve_nodes(net.nodes, socks, base) as tokens:
+            holder = net.nodes[names[0].lower()]
+            patient = generate_patients(1, seed=7, resources_per_patient=8)[0]
+            stored = []
+            for resource in patient.all_resources():
+                written, _ = await holder.records.update(
+                    resource["resourceType"], resource["id"], resource
+                )
+                stored.append(written)
+            patient_id = patient.patient_id
+            wallet = PatientWallet.create(base / "patient.wallet", WALLET_PASSPHRASE)
+            assert holder.sharing is not None
+            await holder.sharing.enroll(
+                patient_id,
+                wallet.public,
+                wallet.enrollment_signature(holder.config.institution, patient_id),
             )
-            stored.append(written)
-        patient_id = patient.patient_id
-        wallet = PatientWallet.create(base / "patient.wallet", WALLET_PASSPHRASE)
-        assert holder.sharing is not None
-        await holder.sharing.enroll(
-            patient_id,
-            wallet.public,
-            wallet.enrollment_signature(holder.config.institution, patient_id),
-        )
-        await net.wait_anchored()
-        yield SharingNet(
-            net=net,
-            wallet=wallet,
-            patient_id=patient_id,
-            records=[f"{s.resource_type}/{s.id}" for s in stored],
-            names=[n.lower() for n in names],
-            urls=urls,
-            tokens={inst: t for inst, (_, _, t) in zip(socks, servers, strict=True)},
-        )
+            await net.wait_anchored()
+            yield SharingNet(
+                net=net,
+                wallet=wallet,
+                patient_id=patient_id,
+                records=[f"{s.resource_type}/{s.id}" for s in stored],
+                names=[n.lower() for n in names],
+                urls=urls,
+                tokens=tokens,
+            )
     finally:
-        for server, _, _ in servers:
-            server.should_exit = True
-        for _, task, tokens in servers:
-            with contextlib.suppress(Exception):
-                await task
-            tokens.close()
         await net.close()

@@ -32,18 +32,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 
-from medledger.api.app import create_app
+from medledger.api.loopback import loopback_socket, serve_nodes, url_of
 from medledger.benchmarks.common import (
     finish_results,
     percentiles,
@@ -59,7 +57,6 @@ from medledger.services.hpke import KEMS, HpkeKeyPair, seal_to
 from medledger.services.patients import PatientWallet
 from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams
-from medledger.storage.tokens import TokenStore
 
 __all__ = ["SharingSettings", "hpke_cost_us", "run_sharing_bench"]
 
@@ -105,15 +102,6 @@ class SharingSettings:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _loopback_socket() -> socket.socket:
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
-    # TCP, and without it every keep-alive request waits ~40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
 
 
 def hpke_cost_us(kem: str, rounds: int) -> dict[str, float]:
@@ -180,8 +168,8 @@ class _Net:
 @contextlib.asynccontextmanager
 async def _sharing_network(base: Path, kem: str, resources: int) -> AsyncIterator[_Net]:
     """Two served nodes, a patient's records at the holder, consent to the reader."""
-    socks = {institution_id(name): _loopback_socket() for name in _NAMES}
-    urls = {inst: f"http://127.0.0.1:{s.getsockname()[1]}" for inst, s in socks.items()}
+    socks = {institution_id(name): loopback_socket() for name in _NAMES}
+    urls = {inst: url_of(sock) for inst, sock in socks.items()}
     net = await LocalNetwork.create(
         base,
         list(_NAMES),
@@ -191,58 +179,39 @@ async def _sharing_network(base: Path, kem: str, resources: int) -> AsyncIterato
         peer_urls=urls,
         hpke_kem=kem,
     )
-    servers: list[tuple[uvicorn.Server, asyncio.Task[Any], TokenStore]] = []
     try:
-        for inst, sock in socks.items():
-            tokens = TokenStore(base / f"{inst}-tokens.db")
-            config = uvicorn.Config(
-                create_app(net.nodes[inst], tokens),
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_keep_alive=30,
+        async with serve_nodes(net.nodes, socks, base):
+            holder, reader = (net.nodes[institution_id(n)] for n in _NAMES)
+            patient = generate_patients(1, seed=7, resources_per_patient=resources)[0]
+            stored = []
+            for resource in patient.all_resources():
+                written, _ = await holder.records.update(
+                    resource["resourceType"], resource["id"], resource
+                )
+                stored.append(f"{written.resource_type}/{written.id}")
+            wallet = PatientWallet.create(base / "patient.wallet", b"bench patient")
+            assert holder.sharing is not None and holder.consortium is not None
+            await holder.sharing.enroll(
+                patient.patient_id,
+                wallet.public,
+                wallet.enrollment_signature(holder.config.institution, patient.patient_id),
             )
-            server = uvicorn.Server(config)
-            servers.append((server, asyncio.create_task(server.serve(sockets=[sock])), tokens))
-        while not all(s.started for s, _, _ in servers):
-            await asyncio.sleep(0.01)
-        holder, reader = (net.nodes[institution_id(n)] for n in _NAMES)
-        patient = generate_patients(1, seed=7, resources_per_patient=resources)[0]
-        stored = []
-        for resource in patient.all_resources():
-            written, _ = await holder.records.update(
-                resource["resourceType"], resource["id"], resource
+            tx = wallet.grant(
+                chain=holder.consortium.chain_id,
+                grantee=reader.config.institution,
+                scope=["*"],
+                purpose="TREAT",
+                expires_ms=_now_ms() + 24 * _HOUR_MS,
+                time_ms=_now_ms(),
             )
-            stored.append(f"{written.resource_type}/{written.id}")
-        wallet = PatientWallet.create(base / "patient.wallet", b"bench patient")
-        assert holder.sharing is not None and holder.consortium is not None
-        await holder.sharing.enroll(
-            patient.patient_id,
-            wallet.public,
-            wallet.enrollment_signature(holder.config.institution, patient.patient_id),
-        )
-        tx = wallet.grant(
-            chain=holder.consortium.chain_id,
-            grantee=reader.config.institution,
-            scope=["*"],
-            purpose="TREAT",
-            expires_ms=_now_ms() + 24 * _HOUR_MS,
-            time_ms=_now_ms(),
-        )
-        await holder.consortium.submit(tx)
-        assert reader.consortium is not None
-        await reader.consortium.wait_final(holder.consortium.final_height, timeout=30)
-        await net.wait_anchored()
-        yield _Net(net=net, holder=holder, reader=reader, consent=tx.hash().hex(), records=stored)
+            await holder.consortium.submit(tx)
+            assert reader.consortium is not None
+            await reader.consortium.wait_final(holder.consortium.final_height, timeout=30)
+            await net.wait_anchored()
+            yield _Net(
+                net=net, holder=holder, reader=reader, consent=tx.hash().hex(), records=stored
+            )
     finally:
-        for server, _, _ in servers:
-            server.should_exit = True
-        for _, task, tokens in servers:
-            with contextlib.suppress(Exception):
-                await task
-            tokens.close()
-        for sock in socks.values():
-            sock.close()
         await net.close()
 
 
