@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import re
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from medledger.api.app import create_app
+from medledger.api.loopback import loopback_socket
 from medledger.core.encoding import canonical_bytes
 from medledger.core.models import Transaction
 from medledger.ledger.proofs import head_header
@@ -129,11 +129,7 @@ def start_server(root: Path, *, name: str = "Api Test Hospital") -> LiveServer:
     """Create a node in ``root`` and serve it on a free port until ``stop_server``."""
     init_node(root, name=name, passphrase=PASSPHRASE, kdf=FAST_KDF)
     tokens = TokenStore(root / "tokens.db")
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
-    # and without it every keep-alive request waits ~40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     port = sock.getsockname()[1]
     started = threading.Event()
     box: dict[str, Any] = {"errors": []}
