@@ -71,7 +71,7 @@ class ApiSettings:
     creates: int = 10_000
     reads: int = 20_000
     clients: int = 64
-    client_processes: tuple[int, ...] = (1, 2)
+    client_processes: tuple[int, ...] = (1,)
     warmup: int = 200
     seed: int = 11
 

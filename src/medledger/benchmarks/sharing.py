@@ -71,7 +71,7 @@ class SharingSettings:
     kems: tuple[str, ...] = KEMS
     resources: int = 20  # resources of the patient at the holder, fetched round-robin
     latency_fetches: int = 500
-    concurrency: tuple[int, ...] = (16, 32)
+    concurrency: tuple[int, ...] = (16,)
     throughput_fetches: int = 2_000
     warmup: int = 30
     hpke_rounds: int = 2_000

@@ -163,7 +163,7 @@ def bench_records(
 @click.option(
     "--txs",
     type=click.IntRange(min=10),
-    default=20_000,
+    default=4_000,
     show_default=True,
     help="Transactions for the throughput run.",
 )
@@ -316,9 +316,9 @@ def bench_hybrid(
     "--concurrency",
     multiple=True,
     type=click.IntRange(min=1),
-    default=(16, 32),
+    default=(16,),
     show_default=True,
-    help="Fetches in flight for the throughput runs.",
+    help="Fetches in flight for the throughput runs (repeat for more runs).",
 )
 @click.option("--throughput-fetches", type=click.IntRange(min=1), default=2_000, show_default=True)
 @click.option("--hpke-rounds", type=click.IntRange(min=1), default=2_000, show_default=True)
@@ -362,9 +362,9 @@ def bench_sharing(
     "--client-processes",
     multiple=True,
     type=click.IntRange(min=1),
-    default=(1, 2),
+    default=(1,),
     show_default=True,
-    help="Processes the clients are split over (each count is one run).",
+    help="Processes the clients are split over (repeat: each count is one run).",
 )
 @_json_out
 @_quick
