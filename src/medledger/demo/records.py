@@ -108,7 +108,8 @@ def write_records(scene: Scene) -> None:
     scene.step(
         f"GET /fhir/Observation/{short(obs['id'], 8)} decrypts it: "
         f"{coding.get('display', coding['code'])} of patient {family}. What the chain "
-        "holds for a record — no name, no code, no value:"
+        f"holds for a record (the last block's {record_tx['body']['resource_type']}) — "
+        "no name, no code, no value:"
     )
     scene.say(f"     [dim]{canonical_bytes(record_tx['body']).decode()}[/]")
     by_name = a.get("/fhir/Patient", family=family[:3])
