@@ -492,3 +492,18 @@ def test_date_query_matches_iff_in_range(day: date, other: date) -> None:
             lo, hi = _range_for(value)
             (group,) = query_tokens(KEY_A, "Observation", {"date": [value]})
             assert bool(group & tokens) == (lo <= day <= hi), value
+
+
+@pytest.mark.parametrize("rtype", ["Observation", "DiagnosticReport"])
+def test_date_is_the_effective_time_not_when_the_result_was_issued(rtype: str) -> None:
+    resource = {
+        "resourceType": rtype,
+        "id": "x",
+        "effectiveDateTime": "2020-01-01",
+        "issued": "2021-05-05T10:00:00Z",
+    }
+    tokens = resource_tokens(KEY_A, resource)
+    (effective,) = query_tokens(KEY_A, rtype, {"date": ["2020-01-01"]})
+    (issued,) = query_tokens(KEY_A, rtype, {"date": ["2021-05-05"]})
+    assert effective & tokens
+    assert not issued & tokens

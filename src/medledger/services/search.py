@@ -71,11 +71,12 @@ _CODE_FIELDS: dict[str, tuple[str, ...]] = {
     "Procedure": ("code",),
 }
 _DATE_FIELDS: dict[str, tuple[str, ...]] = {
-    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
+    # FHIR R4 ``date`` is the clinically relevant time (``effective[x]``), not ``issued``.
+    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant"),
     "Condition": ("onsetDateTime", "recordedDate"),
     "MedicationRequest": ("authoredOn",),
     "Encounter": ("period.start",),
-    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start"),
     "AllergyIntolerance": ("onsetDateTime", "recordedDate"),
     "Immunization": ("occurrenceDateTime",),
     "Procedure": ("performedDateTime", "performedPeriod.start"),
