@@ -480,6 +480,11 @@ def test_delete_then_read_is_gone(live: LiveServer, clinician: httpx.Client) -> 
     assert r.content == b""
     assert_outcome(clinician.get(f"/fhir/Patient/{rid}"), 410, code="deleted")
     assert_outcome(clinician.get(f"/fhir/Patient/{rid}/_history/1"), 410)
+    # Deleting it again has no effect and answers 204 again (FHIR R4), writing nothing.
+    size = live.log_size()
+    again = clinician.delete(f"/fhir/Patient/{rid}")
+    assert again.status_code == 204 and again.content == b""
+    assert live.log_size() == size
     found = clinician.get("/fhir/Patient", params={"family": family, "_count": 500}).json()
     assert rid not in {e["resource"]["id"] for e in found.get("entry", [])}
     assert_outcome(clinician.delete(f"/fhir/Patient/{uuid.uuid4()}"), 404)

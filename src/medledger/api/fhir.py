@@ -9,6 +9,7 @@ error is an OperationOutcome (``api.errors``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
@@ -21,7 +22,7 @@ from fastapi.responses import Response
 from medledger.api.auth import require
 from medledger.api.errors import TooLarge
 from medledger.api.responses import fhir_response, raw_fhir_response
-from medledger.core.errors import InvalidInput, NotFound
+from medledger.core.errors import Gone, InvalidInput, NotFound
 from medledger.services.access import AccessEntry
 from medledger.services.fhir import MAX_BODY_BYTES, load_json, validate_id
 from medledger.services.records import RecordsService, StoredResource, VersionInfo
@@ -350,7 +351,9 @@ async def update(
 
 @router.delete("/{resource_type}/{rid}", summary="delete (crypto-shredding erasure)")
 async def delete(resource_type: str, rid: str, request: Request, who: Writer) -> Response:
-    await _records(request).erase(_check_type(resource_type), validate_id(rid))
+    # FHIR R4: deleting a deleted resource has no effect and answers 204 again.
+    with contextlib.suppress(Gone):
+        await _records(request).erase(_check_type(resource_type), validate_id(rid))
     return Response(status_code=204)
 
 
