@@ -141,3 +141,30 @@ def test_the_trail_is_for_auditors_and_the_patient_only(tmp_path: Path) -> None:
             outcome(await other.get(f"/share/alpha/{sn.records[1]}", params={"consent": "0"}), 403)
 
     run(tmp_path, story)
+
+
+def test_the_capability_statement_lists_consent_and_audit_event(tmp_path: Path) -> None:
+    async def story(sn: SharingNet) -> None:
+        from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+
+        async with httpx.AsyncClient(base_url=sn.urls["alpha"], timeout=30) as anonymous:
+            statement = (await anonymous.get("/fhir/metadata")).json()
+        CapabilityStatement.model_validate(statement)
+        described = {r["type"]: r for r in statement["rest"][0]["resource"]}
+        assert {i["code"] for i in described["Consent"]["interaction"]} == {
+            "read",
+            "create",
+            "update",
+            "search-type",
+        }
+        assert [p["name"] for p in described["AuditEvent"]["searchParam"]] == ["patient"]
+        # What it advertises works: both searches answer searchset Bundles.
+        token = sn.token("alpha", "auditor")
+        async with client(sn, "alpha", token) as auditor:
+            for rtype in ("Consent", "AuditEvent"):
+                found = await auditor.get(
+                    f"/fhir/{rtype}", params={"patient": sn.wallet.fingerprint}
+                )
+                assert found.status_code == 200 and found.json()["type"] == "searchset"
+
+    run(tmp_path, story)

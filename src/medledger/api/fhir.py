@@ -156,6 +156,30 @@ def _if_match(value: str | None) -> int | None:
 # -- capability statement ------------------------------------------------------------------
 
 
+#: Consent and AuditEvent live on the consortium and private chains (api.sharing):
+#: a node that joined a consortium serves them, searched by the patient's key fingerprint.
+_PATIENT_KEY_PARAM: dict[str, Any] = {
+    "name": "patient",
+    "type": "token",
+    "documentation": "the patient's key fingerprint (hex SHA-256 of the public key)",
+}
+_CONSORTIUM_RESOURCES: list[dict[str, Any]] = [
+    {
+        "type": "Consent",
+        "documentation": "create = grant and update to inactive = revoke, each carrying the "
+        "patient-signed consortium transaction",
+        "interaction": [{"code": c} for c in ("read", "create", "update", "search-type")],
+        "searchParam": [_PATIENT_KEY_PARAM],
+    },
+    {
+        "type": "AuditEvent",
+        "documentation": "every read of a patient's records, allowed or refused, from the chains",
+        "interaction": [{"code": "search-type"}],
+        "searchParam": [_PATIENT_KEY_PARAM],
+    },
+]
+
+
 @router.get("/metadata", summary="CapabilityStatement")
 async def metadata(request: Request) -> Response:
     """What this server supports — only what is implemented (no auth needed)."""
@@ -198,6 +222,8 @@ async def metadata(request: Request) -> Response:
         }
         for rtype, params in SEARCH_PARAMS.items()
     ]
+    if request.app.state.node.consortium is not None:
+        resources.extend(_CONSORTIUM_RESOURCES)  # served from the chains (api.sharing)
     return fhir_response(
         {
             "resourceType": "CapabilityStatement",
