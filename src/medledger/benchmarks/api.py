@@ -47,6 +47,7 @@ from rich.table import Table
 
 from medledger.benchmarks.common import (
     finish_results,
+    gather_timed,
     percentiles,
     results_header,
     work_dir,
@@ -338,11 +339,7 @@ async def _closed_loop(items: list[Any], clients: int, call: Any) -> dict[str, A
             await call(item)
             lat.append(time.perf_counter() - t)
 
-    cpu = time.process_time()
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    elapsed = time.perf_counter() - start
-    cpu = time.process_time() - cpu
+    elapsed, cpu = await gather_timed(worker() for _ in range(clients))
     return {
         "clients": clients,
         "requests": len(lat),

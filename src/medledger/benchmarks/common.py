@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from medledger.core.errors import MedledgerError
 __all__ = [
     "finish_results",
     "fsync_latency_ms",
+    "gather_timed",
     "machine",
     "percentiles",
     "results_header",
@@ -146,3 +148,11 @@ def finish_results(results: dict[str, Any], started: float) -> None:
     """Add the load average after the run and its wall time (``started``: perf_counter)."""
     results["load_average_after"] = round(os.getloadavg()[0], 2)
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
+
+
+async def gather_timed(coros: Iterable[Awaitable[Any]]) -> tuple[float, float]:
+    """Run ``coros`` concurrently; return their wall time and this process's CPU time (s)."""
+    cpu = time.process_time()
+    start = time.perf_counter()
+    await asyncio.gather(*coros)
+    return time.perf_counter() - start, time.process_time() - cpu

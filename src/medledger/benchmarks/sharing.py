@@ -44,6 +44,7 @@ from rich.table import Table
 from medledger.api.loopback import loopback_socket, serve_nodes, url_of
 from medledger.benchmarks.common import (
     finish_results,
+    gather_timed,
     percentiles,
     results_header,
     work_dir,
@@ -237,11 +238,7 @@ async def _fetches(n: _Net, count: int, concurrency: int, offset: int = 0) -> di
             if f"{shared.resource['resourceType']}/{shared.resource['id']}" != resource:
                 errors.append(f"fetched the wrong resource for {resource}")
 
-    cpu = time.process_time()
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    cpu = time.process_time() - cpu
+    elapsed, cpu = await gather_timed(client() for _ in range(concurrency))
     return {
         "concurrency": concurrency,
         "fetches": len(lat),

@@ -491,12 +491,13 @@ class RecordsService:
 
     def resources_of_patient(self, patient_id: str) -> list[tuple[str, str]]:
         """``(type, id)`` of every unerased resource about ``Patient/<patient_id>``."""
-        out = [("Patient", patient_id)]
-        for rtype, rid in self._index.records_of_patient(self.patient_pseudonym(patient_id)):
-            latest = self._index.latest(rtype, rid)
-            if latest is not None and not latest.erased and (rtype, rid) not in out:
-                out.append((rtype, rid))
-        return [r for r in out if (row := self._index.latest(*r)) is not None and not row.erased]
+        candidates = [("Patient", patient_id)]
+        candidates += self._index.records_of_patient(self.patient_pseudonym(patient_id))
+        return [
+            key
+            for key in dict.fromkeys(candidates)  # each once, in order
+            if (row := self._index.latest(*key)) is not None and not row.erased
+        ]
 
     def record_ref(self, resource_type: str, rid: str) -> str:
         return self._keys.record_ref(resource_type, rid)
