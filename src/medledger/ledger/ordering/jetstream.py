@@ -507,7 +507,16 @@ async def _close_quietly(nc: Client) -> None:
     # AssertionError: nats-py asserts when closing a client whose connect()
     # never got far enough (we cancel it after ``retry_for``).
     with contextlib.suppress(nats.errors.Error, TimeoutError, OSError, AssertionError):
-        await nc.close()
+        try:
+            await nc.close()
+        except asyncio.CancelledError:
+            # When the server died under the connection, nats-py can surface the
+            # cancelled close-waiter of the dead socket from ``close()``. That is
+            # a failed close, not a cancellation of the caller: re-raise only if
+            # this task itself is being cancelled.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
 
 
 _CONNECT = object()
