@@ -573,18 +573,29 @@ class RecordsService:
         self, resource_type: str, params: Mapping[str, Sequence[str]]
     ) -> list[StoredResource]:
         """Latest versions matching every parameter (see ``services.search``)."""
+        return [self._open(row) for row in await self._matching(resource_type, params)]
+
+    async def search_ids(
+        self, resource_type: str, params: Mapping[str, Sequence[str]]
+    ) -> list[str]:
+        """The ids :meth:`search` would return, from the blind index alone (nothing decrypted)."""
+        return [row.id for row in await self._matching(resource_type, params)]
+
+    async def _matching(
+        self, resource_type: str, params: Mapping[str, Sequence[str]]
+    ) -> list[VersionRow]:
         await self._ready()
         groups = query_tokens(self._keys.search_key, resource_type, params)
         ids = self._index.search(resource_type, groups) if groups else []
         if not groups:
             ids = [r.id for r in self._index.type_history(resource_type, 10**9) if not r.erased]
             ids = sorted(set(ids))
-        out = []
+        rows = []
         for rid in ids:
             row = self._index.latest(resource_type, rid)
             if row is not None and not row.erased:
-                out.append(self._open(row))
-        return out
+                rows.append(row)
+        return rows
 
     # -- erasure and keys -----------------------------------------------------------------
 

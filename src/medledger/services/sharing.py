@@ -189,10 +189,10 @@ class SharingService:
 
     async def patient_id(self, fingerprint: str) -> str | None:
         """The local Patient enrolled with key ``fingerprint``, if any."""
-        found = await self._records.search(
+        found = await self._records.search_ids(
             "Patient", {"identifier": [f"{PATIENT_KEY_SYSTEM}|{fingerprint}"]}
         )
-        return found[0].id if found else None
+        return found[0] if found else None
 
     # -- holder side ----------------------------------------------------------------
 
