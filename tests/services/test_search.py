@@ -127,6 +127,8 @@ def search_ids(root: Path, rtype: str, params: Mapping[str, Sequence[str]]) -> s
             assert s.resource()["id"] == s.id
         ids = [s.id for s in found]
         assert len(ids) == len(set(ids)), "duplicates in search results"
+        # The index-only form (nothing decrypted) finds exactly the same, in order.
+        assert await node.records.search_ids(rtype, params) == ids
         return set(ids)
 
     return run(root, go)
