@@ -2,7 +2,7 @@
 
 The server is one ``medledger node start`` process (uvicorn, one event loop,
 as an institution runs it) on loopback. Clients are ``clients`` (64 by
-default) ``httpx.AsyncClient`` instances with one keep-alive connection each,
+default) ``aiohttp`` sessions with one keep-alive connection each,
 in one client process or split over several (``client_processes``) so a
 single Python client process being the bottleneck shows. Every client sends
 its next request as soon as the last one answers (closed loop).
@@ -29,18 +29,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from rich.console import Console
 from rich.table import Table
@@ -53,6 +48,7 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
+from medledger.benchmarks.nodeproc import NodeProcess
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
 from medledger.services.synthetic import iter_patients
@@ -115,30 +111,8 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
 # -- HTTP side ------------------------------------------------------------------------
 
 
-def _proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _medledger() -> list[str]:
-    script = Path(sys.executable).parent / "medledger"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from medledger.cli import main; main()"]
-
-
 class _Server:
-    """``medledger node start`` on a fresh node, in its own process."""
+    """``medledger node start`` on a fresh node with a clinician token, in its own process."""
 
     def __init__(self, root: Path) -> None:
         init_node(root, name="Bench Api Hospital", passphrase=_PASS, kdf=_KDF)
@@ -149,88 +123,71 @@ class _Server:
             )
         finally:
             tokens.close()
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "MEDLEDGER_PASSPHRASE": _PASS.decode()}
-        self._log = (root / "server.log").open("wb")
-        self.proc = subprocess.Popen(
-            [*_medledger(), "node", "start", "--dir", str(root), "--port", str(port)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"node start did not serve; see {root / 'server.log'}")
-            time.sleep(0.1)
+        self._node = NodeProcess(root, passphrase=_PASS)
+        self.url = self._node.url
 
     def cpu_s(self) -> float:
-        return _proc_cpu_s(self.proc.pid)
+        return self._node.cpu_s()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+        self._node.stop()
 
 
 async def _client_async(
     url: str, token: str, op: str, items: list[Any], concurrency: int
 ) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": _FHIR_JSON}
-    # One client with one keep-alive connection per task: httpcore's pool scans every
-    # connection for every queued request, so one shared pool of 64 connections costs
-    # the client ~13 ms of CPU per request here and measures the pool, not the server.
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    # aiohttp, one keep-alive connection per task: the load generator must cost far
+    # less than the server, and httpx spends more CPU per request than the server's
+    # whole /healthz here (decision 0013).
     lat: list[float] = []
     created: list[str] = []
     errors: list[str] = []
     todo = iter(items)
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def request(session: aiohttp.ClientSession, item: Any) -> tuple[int, str, str]:
+        if op == "create":
+            call = session.post(f"{url}/fhir/{item['resourceType']}", data=item["body"])
+        elif op == "healthz":
+            call = session.get(f"{url}/healthz")
+        else:
+            call = session.get(f"{url}/fhir/{item}")
+        async with call as r:
+            text = await r.text()
+            return r.status, text, r.headers.get("location", "")
+
+    async def worker(session: aiohttp.ClientSession) -> None:
         for item in todo:
             t = time.perf_counter()
             try:
-                if op == "create":
-                    r = await client.post(f"/fhir/{item['resourceType']}", content=item["body"])
-                elif op == "healthz":
-                    r = await client.get("/healthz")
-                else:
-                    r = await client.get(f"/fhir/{item}")
-            except httpx.HTTPError as exc:
+                status, text, location = await request(session, item)
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 errors.append(type(exc).__name__)
                 continue
             lat.append(time.perf_counter() - t)
-            if r.status_code not in (200, 201):
-                errors.append(f"{r.status_code}: {r.text[:200]}")
+            if status not in (200, 201):
+                errors.append(f"{status}: {text[:200]}")
             elif op == "create":
-                created.append("/".join(r.headers["location"].split("/")[2:4]))
+                created.append("/".join(location.split("/")[2:4]))
 
-    clients = [
-        httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60)
+    sessions = [
+        aiohttp.ClientSession(
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=1),
+            timeout=aiohttp.ClientTimeout(total=60),
+        )
         for _ in range(concurrency)
     ]
     try:
         # Connect every client first, so the measured run is all keep-alive requests.
-        await asyncio.gather(*(c.get("/healthz") for c in clients))
+        await asyncio.gather(*(_connect(s, url) for s in sessions))
         cpu = time.process_time()
         start = time.perf_counter()
-        await asyncio.gather(*(worker(c) for c in clients))
+        await asyncio.gather(*(worker(s) for s in sessions))
         end = time.perf_counter()
         cpu = time.process_time() - cpu
     finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await asyncio.gather(*(s.close() for s in sessions))
     return {
         "start": start,
         "end": end,
@@ -239,6 +196,11 @@ async def _client_async(
         "errors": errors,
         "cpu_s": cpu,
     }
+
+
+async def _connect(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.get(f"{url}/healthz") as r:
+        await r.read()
 
 
 def _client_process(url: str, token: str, op: str, items: list[Any], concurrency: int) -> Any:

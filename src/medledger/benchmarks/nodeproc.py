@@ -1,0 +1,100 @@
+"""A benchmark's ``medledger node start`` process: launch, wait until ready, CPU time, stop.
+
+Benchmarks that measure a node as an institution runs it put the node in
+its own process, so it has a core of its own and the load generator's CPU
+is not counted against it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["NodeProcess", "free_port", "proc_cpu_s"]
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc); 0 if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A loopback port free right now (the node binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _medledger() -> list[str]:
+    script = Path(sys.executable).parent / "medledger"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "from medledger.cli import main; main()"]
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 - loopback http
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return 0
+
+
+class NodeProcess:
+    """``medledger node start --dir root --port port`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        passphrase: bytes,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        ready_path: str = "/healthz",
+        timeout: float = 60.0,
+    ) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {**os.environ, **(env or {}), "MEDLEDGER_PASSPHRASE": passphrase.decode()}
+        self._log = (root / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [*_medledger(), "node", "start", "--dir", str(root), "--port", str(self.port)],
+            env=environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while _status(self.url + ready_path) != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"node start did not get ready; see {root / 'server.log'}")
+            time.sleep(0.1)
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        """SIGTERM (the node commits what it acknowledged), SIGKILL after 30 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
