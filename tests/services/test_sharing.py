@@ -24,7 +24,9 @@ from medledger.core.errors import ConsentDenied, IntegrityError, InvalidInput
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
 from medledger.core.peer import PeerRequest
-from medledger.ledger.consortium_rules import ACCESS
+from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
+from medledger.services.access import patient_trail
+from medledger.services.consent_fhir import audit_event
 from medledger.services.patients import PatientWallet
 from medledger.services.sharing import PeerTransport, SharingService
 from sharing_support import SharingNet, now_ms, sharing_network
@@ -95,15 +97,21 @@ def test_the_whole_story(tmp_path: Path) -> None:
         await sn.settle()
         state = sn.node("gamma").consortium
         assert state is not None
-        trail = [
+        batches = [
             tx
             for block in sn.node("gamma").consortium_store.iter_blocks(1)  # type: ignore[union-attr]
             for tx in map(Transaction.decode, block.tx_data)
-            if tx.type == ACCESS
+            if tx.type == ACCESS_BATCH
         ]
-        assert [t.body["outcome"] for t in trail] == ["refused", "allowed", "allowed", "refused"]
+        assert {t.body["holder"] for t in batches} == {"alpha"}
+        assert all(
+            t.signatures[0].signer == sn.node("alpha").config.signing_key.fingerprint
+            for t in batches
+        )
+        trail = [entry for t in batches for entry in t.body["entries"]]
+        assert [e["outcome"] for e in trail] == ["refused", "allowed", "allowed", "refused"]
         # The first attempt named no known consent, so no patient either.
-        assert [t.body["patient"] for t in trail] == ["", *[sn.wallet.fingerprint] * 3]
+        assert [e["patient"] for e in trail] == ["", *[sn.wallet.fingerprint] * 3]
 
     run(tmp_path, story)
 
@@ -308,6 +316,46 @@ def test_no_fetch_is_served_after_the_revocation_is_final(tmp_path: Path) -> Non
         first_revoked = min(i for i, e in enumerate(entries) if "revoked" in e["reason"])
         assert last_allowed < first_revoked
         assert all(o == "refused" for o in outcomes[first_revoked:])
+
+    run(tmp_path, story)
+
+
+def test_concurrent_reads_are_summarized_in_batches_and_each_is_on_the_trail(
+    tmp_path: Path,
+) -> None:
+    async def story(sn: SharingNet) -> None:
+        consent = await sn.grant("beta")
+        records = [r for r in sn.records if not r.startswith("Patient/")][:6]
+        reads = records * 4
+        shared = await asyncio.gather(
+            *(sharing(sn, "beta").fetch("alpha", consent, r) for r in reads)
+        )
+        assert [f"{s.resource['resourceType']}/{s.resource['id']}" for s in shared] == reads
+        await sn.node("alpha").access.drain()
+        await sn.settle()
+        store = sn.node("gamma").consortium_store
+        assert store is not None
+        batches = [
+            tx
+            for block in store.iter_blocks(1)
+            for tx in map(Transaction.decode, block.tx_data)
+            if tx.type == ACCESS_BATCH
+        ]
+        entries = [e for tx in batches for e in tx.body["entries"]]
+        # Every read is reported once; reads that overlapped share a batch.
+        assert len(entries) == len(reads)
+        assert len(batches) < len(reads)
+        assert {e["outcome"] for e in entries} == {"allowed"}
+        trail = patient_trail([store], sn.wallet.fingerprint)
+        reads_on_trail = [i for i in trail if i["type"] == ACCESS]
+        assert len(reads_on_trail) == len(reads)
+        assert {i["holder"] for i in reads_on_trail} == {"alpha"}
+        events = [
+            audit_event(i, tx_hash=i["tx"], time_ms=i["time_ms"], chain=i["chain"])
+            for i in reads_on_trail
+        ]
+        assert len({e["id"] for e in events}) == len(reads)
+        assert all(len(e["id"]) == 64 for e in events)
 
     run(tmp_path, story)
 

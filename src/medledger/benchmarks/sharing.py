@@ -1,10 +1,9 @@
 """``medledger bench sharing``: verified cross-institution fetches over loopback HTTP.
 
 A local network (``network.LocalNetwork``, ``solo`` ordering) of two
-institutions — a holder and a reader — each served by its own uvicorn server
-on a loopback socket of this process (TCP_NODELAY), so every fetch travels
-reader → httpx → HTTP → FastAPI ``/peer/v1/fetch`` → holder and back, as
-between machines. A synthetic patient's resources live at the holder; the
+institutions — a holder and a reader — the holder served by uvicorn on a
+loopback port (TCP_NODELAY), so every fetch travels reader → aiohttp → HTTP →
+FastAPI ``/peer/v1/fetch`` → holder and back, as between machines. A synthetic patient's resources live at the holder; the
 patient enrolls there and grants the reader consent (final on the consortium).
 
 One fetch (``SharingService.fetch``) is the whole protocol: the reader signs
@@ -23,8 +22,10 @@ entry. All of that is measured, per HPKE KEM (``MLKEM768_X25519`` and
 (d) how long the holder's consortium summaries took to drain after the last
     fetch, and how many access entries each chain gained.
 
-Holder, reader and the consortium all share this one Python process (one
-core at a time); the figures are a lower bound for two machines.
+By default the holder runs as its own ``medledger node start`` process, as
+an institution runs it, and the reader (with this harness) in this process:
+each institution gets one of the two cores. ``holder_process=False`` puts
+both nodes in this process (one core at a time), a lower bound.
 """
 
 from __future__ import annotations
@@ -50,14 +51,19 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
-from medledger.config import institution_id
+from medledger.benchmarks.nodeproc import NodeProcess
+from medledger.config import NodePaths, institution_id
 from medledger.core.consortium import ConsortiumParams
+from medledger.core.models import Transaction
+from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
 from medledger.network import LocalNetwork
 from medledger.node import Node
 from medledger.services.hpke import KEMS, HpkeKeyPair, seal_to
 from medledger.services.patients import PatientWallet
 from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams
+from medledger.storage.ports import ChainStore
+from medledger.storage.sqlite import SqliteChainStore
 
 __all__ = ["SharingSettings", "hpke_cost_us", "run_sharing_bench"]
 
@@ -76,6 +82,8 @@ class SharingSettings:
     throughput_fetches: int = 2_000
     warmup: int = 30
     hpke_rounds: int = 2_000
+    #: The holder as its own ``node start`` process (as institutions run), or in this process.
+    holder_process: bool = True
 
     @classmethod
     def quick(cls, base: SharingSettings) -> SharingSettings:
@@ -87,6 +95,7 @@ class SharingSettings:
             throughput_fetches=min(base.throughput_fetches, 80),
             warmup=min(base.warmup, 5),
             hpke_rounds=min(base.hpke_rounds, 100),
+            holder_process=base.holder_process,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -98,6 +107,7 @@ class SharingSettings:
             "throughput_fetches": self.throughput_fetches,
             "warmup": self.warmup,
             "hpke_rounds": self.hpke_rounds,
+            "holder_process": self.holder_process,
         }
 
 
@@ -160,16 +170,59 @@ def _primitive_round_trip_s(
 @dataclass
 class _Net:
     net: LocalNetwork
-    holder: Node
+    holder_id: str
+    holder_root: Path
     reader: Node
     consent: str
     records: list[str]
+    holder_node: Node | None = None  # the holder, when it runs in this process
+    holder_proc: NodeProcess | None = None  # the holder, when it runs as `node start`
+
+    def holder_cpu_s(self) -> float:
+        return self.holder_proc.cpu_s() if self.holder_proc is not None else 0.0
+
+
+async def _setup(net: LocalNetwork, holder: Node, reader: Node, base: Path, resources: int) -> Any:
+    """The patient's records at the holder, enrolled there, consent to the reader final."""
+    patient = generate_patients(1, seed=7, resources_per_patient=resources)[0]
+    stored = []
+    for resource in patient.all_resources():
+        written, _ = await holder.records.update(resource["resourceType"], resource["id"], resource)
+        stored.append(f"{written.resource_type}/{written.id}")
+    wallet = PatientWallet.create(base / "patient.wallet", b"bench patient")
+    assert holder.sharing is not None and holder.consortium is not None
+    await holder.sharing.enroll(
+        patient.patient_id,
+        wallet.public,
+        wallet.enrollment_signature(holder.config.institution, patient.patient_id),
+    )
+    tx = wallet.grant(
+        chain=holder.consortium.chain_id,
+        grantee=reader.config.institution,
+        scope=["*"],
+        purpose="TREAT",
+        expires_ms=_now_ms() + 24 * _HOUR_MS,
+        time_ms=_now_ms(),
+    )
+    await holder.consortium.submit(tx)
+    assert reader.consortium is not None
+    await reader.consortium.wait_final(holder.consortium.final_height, timeout=30)
+    await net.wait_anchored()
+    return tx.hash().hex(), stored
 
 
 @contextlib.asynccontextmanager
-async def _sharing_network(base: Path, kem: str, resources: int) -> AsyncIterator[_Net]:
-    """Two served nodes, a patient's records at the holder, consent to the reader."""
-    socks = {institution_id(name): loopback_socket() for name in _NAMES}
+async def _sharing_network(
+    base: Path, kem: str, resources: int, holder_process: bool
+) -> AsyncIterator[_Net]:
+    """Holder and reader in one consortium (solo), a patient's records at the holder.
+
+    With ``holder_process`` the holder is set up here, closed, and started
+    as its own ``medledger node start`` process on the peer URL of the
+    genesis; otherwise both nodes are served by uvicorn in this process.
+    """
+    holder_id, reader_id = (institution_id(n) for n in _NAMES)
+    socks = {i: loopback_socket() for i in (holder_id, reader_id)}
     urls = {inst: url_of(sock) for inst, sock in socks.items()}
     net = await LocalNetwork.create(
         base,
@@ -181,37 +234,46 @@ async def _sharing_network(base: Path, kem: str, resources: int) -> AsyncIterato
         hpke_kem=kem,
     )
     try:
-        async with serve_nodes(net.nodes, socks, base):
-            holder, reader = (net.nodes[institution_id(n)] for n in _NAMES)
-            patient = generate_patients(1, seed=7, resources_per_patient=resources)[0]
-            stored = []
-            for resource in patient.all_resources():
-                written, _ = await holder.records.update(
-                    resource["resourceType"], resource["id"], resource
+        holder, reader = net.nodes[holder_id], net.nodes[reader_id]
+        if not holder_process:
+            async with serve_nodes(net.nodes, socks, base):
+                consent, stored = await _setup(net, holder, reader, base, resources)
+                yield _Net(
+                    net=net,
+                    holder_id=holder_id,
+                    holder_root=holder.paths.root,
+                    reader=reader,
+                    consent=consent,
+                    records=stored,
+                    holder_node=holder,
                 )
-                stored.append(f"{written.resource_type}/{written.id}")
-            wallet = PatientWallet.create(base / "patient.wallet", b"bench patient")
-            assert holder.sharing is not None and holder.consortium is not None
-            await holder.sharing.enroll(
-                patient.patient_id,
-                wallet.public,
-                wallet.enrollment_signature(holder.config.institution, patient.patient_id),
-            )
-            tx = wallet.grant(
-                chain=holder.consortium.chain_id,
-                grantee=reader.config.institution,
-                scope=["*"],
-                purpose="TREAT",
-                expires_ms=_now_ms() + 24 * _HOUR_MS,
-                time_ms=_now_ms(),
-            )
-            await holder.consortium.submit(tx)
-            assert reader.consortium is not None
-            await reader.consortium.wait_final(holder.consortium.final_height, timeout=30)
-            await net.wait_anchored()
+            return
+        consent, stored = await _setup(net, holder, reader, base, resources)
+        await holder.close()
+        del net.nodes[holder_id]
+        port = socks[holder_id].getsockname()[1]
+        for sock in socks.values():
+            sock.close()  # the holder process binds its port itself
+        proc = await asyncio.to_thread(
+            NodeProcess,
+            holder.paths.root,
+            passphrase=_PASS,
+            port=port,
+            env={"MEDLEDGER_ORDERING": "solo", "MEDLEDGER_ORDER_FILE": str(base / "order.db")},
+            ready_path="/readyz",
+        )
+        try:
             yield _Net(
-                net=net, holder=holder, reader=reader, consent=tx.hash().hex(), records=stored
+                net=net,
+                holder_id=holder_id,
+                holder_root=holder.paths.root,
+                reader=reader,
+                consent=consent,
+                records=stored,
+                holder_proc=proc,
             )
+        finally:
+            await asyncio.to_thread(proc.stop)
     finally:
         await net.close()
 
@@ -220,7 +282,7 @@ async def _fetches(n: _Net, count: int, concurrency: int, offset: int = 0) -> di
     """``count`` verified fetches, ``concurrency`` in flight; throughput and latency."""
     assert n.reader.sharing is not None
     sharing = n.reader.sharing
-    holder = n.holder.config.institution
+    holder = n.holder_id
     todo = iter(range(offset, offset + count))
     lat: list[float] = []
     errors: list[str] = []
@@ -238,7 +300,10 @@ async def _fetches(n: _Net, count: int, concurrency: int, offset: int = 0) -> di
             if f"{shared.resource['resourceType']}/{shared.resource['id']}" != resource:
                 errors.append(f"fetched the wrong resource for {resource}")
 
+    holder_cpu = n.holder_cpu_s()
     elapsed, cpu = await gather_timed(client() for _ in range(concurrency))
+    holder_cpu = n.holder_cpu_s() - holder_cpu
+    done = max(len(lat), 1)
     return {
         "concurrency": concurrency,
         "fetches": len(lat),
@@ -246,23 +311,47 @@ async def _fetches(n: _Net, count: int, concurrency: int, offset: int = 0) -> di
         "first_error": errors[0] if errors else "",
         "fetches_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
         "latency_ms": percentiles(lat),
-        "cpu_ms_per_fetch": round(cpu * 1000 / max(len(lat), 1), 3),
+        # This process: the reader (and, in one process, the holder too).
+        "cpu_ms_per_fetch": round(cpu * 1000 / done, 3),
+        "holder_process_cpu_ms_per_fetch": round(holder_cpu * 1000 / done, 3),
     }
 
 
-def _access_entries(node: Node) -> int:
-    """``access`` transactions on ``node``'s private chain (counted from its blocks)."""
-    from medledger.core.models import Transaction
-
+def _access_entries(store: ChainStore) -> int:
+    """``access`` transactions on a chain (counted from its blocks)."""
     return sum(
         Transaction.decode(data).type == "access"
-        for block in node.store.iter_blocks(1)
+        for block in store.iter_blocks(1)
         for data in block.tx_data
     )
 
 
+def _summaries(store: ChainStore) -> tuple[int, int]:
+    """Access summaries on a consortium chain: ``(entries, access.batch txs)``."""
+    entries = batches = 0
+    for block in store.iter_blocks(1):
+        for data in block.tx_data:
+            tx = Transaction.decode(data)
+            if tx.type == ACCESS_BATCH:
+                batches += 1
+                entries += len(tx.body["entries"])
+            elif tx.type == ACCESS:
+                entries += 1
+    return entries, batches
+
+
+async def _summaries_final(reader: Node, expected: int, timeout: float = 60.0) -> float:
+    """Seconds until ``expected`` access summaries are final in the reader's consortium view."""
+    store = reader.consortium_store
+    assert store is not None
+    t = time.perf_counter()
+    while _summaries(store)[0] < expected and time.perf_counter() - t < timeout:
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - t
+
+
 async def _run_kem(base: Path, kem: str, settings: SharingSettings, console: Console) -> Any:
-    async with _sharing_network(base, kem, settings.resources) as n:
+    async with _sharing_network(base, kem, settings.resources, settings.holder_process) as n:
         warm = await _fetches(n, settings.warmup, 1)
         if warm["errors"]:
             raise RuntimeError(f"{kem}: warm-up fetch failed: {warm['first_error']}")
@@ -282,33 +371,30 @@ async def _run_kem(base: Path, kem: str, settings: SharingSettings, console: Con
                 f"{kem}: concurrency {c} → {run['fetches_per_s']}/s, "
                 f"p50 {run['latency_ms']['p50']} ms, p99 {run['latency_ms']['p99']} ms"
             )
-        t = time.perf_counter()
-        await n.holder.access.drain()
-        drain_s = time.perf_counter() - t
-        assert n.holder.consortium is not None
-        summaries = sum(1 for _ in _consortium_access(n.holder))
-        return {
-            "kem": kem,
-            "wrapped_for": (n.reader.config.hpke_key or "").partition(":")[0],
-            "single": single,
-            "loaded": loaded,
-            "fetches_total": done,
-            "summaries_drain_after_last_fetch_s": round(drain_s, 3),
-            "holder_access_entries": _access_entries(n.holder),
-            "reader_access_entries": _access_entries(n.reader),
-            "consortium_access_summaries_final": summaries,
-        }
-
-
-def _consortium_access(node: Node) -> Any:
-    from medledger.core.models import Transaction
-
-    store = node.consortium_store
-    assert store is not None
-    for block in store.iter_blocks(1):
-        for data in block.tx_data:
-            if Transaction.decode(data).type == "access":
-                yield data
+        if n.holder_node is not None:
+            await n.holder_node.access.drain()
+        drain_s = await _summaries_final(n.reader, done)
+        assert n.reader.consortium_store is not None
+        summaries, batches = _summaries(n.reader.consortium_store)
+        reader_entries = _access_entries(n.reader.store)
+    holder_store = SqliteChainStore.open(NodePaths(root=n.holder_root).chain_db)
+    try:
+        holder_entries = _access_entries(holder_store)
+    finally:
+        holder_store.close()
+    return {
+        "kem": kem,
+        "wrapped_for": (n.reader.config.hpke_key or "").partition(":")[0],
+        "holder_process": settings.holder_process,
+        "single": single,
+        "loaded": loaded,
+        "fetches_total": done,
+        "summaries_final_after_last_fetch_s": round(drain_s, 3),
+        "holder_access_entries": holder_entries,
+        "reader_access_entries": reader_entries,
+        "consortium_access_summaries_final": summaries,
+        "consortium_access_batches": batches,
+    }
 
 
 def run_sharing_bench(
@@ -361,7 +447,15 @@ def _compare(results: dict[str, Any]) -> dict[str, Any]:
 
 def _print(results: dict[str, Any]) -> None:
     t = Table(title="medledger bench sharing (verified fetch over loopback HTTP)")
-    for col in ("KEM", "concurrency", "fetches/s", "p50 / p95 / p99 ms", "CPU ms/fetch", "errors"):
+    cols = (
+        "KEM",
+        "in flight",
+        "fetches/s",
+        "p50 / p95 / p99 ms",
+        "CPU ms reader / holder",
+        "errors",
+    )
+    for col in cols:
         t.add_column(col, justify="right")
     for run in results["runs"]:
         for r in (run["single"], *run["loaded"]):
@@ -371,7 +465,7 @@ def _print(results: dict[str, Any]) -> None:
                 str(r["concurrency"]),
                 f"{r['fetches_per_s']:,}",
                 f"{lat['p50']} / {lat['p95']} / {lat['p99']}",
-                str(r["cpu_ms_per_fetch"]),
+                f"{r['cpu_ms_per_fetch']} / {r['holder_process_cpu_ms_per_fetch']}",
                 str(r["errors"]),
             )
     Console().print(t)

@@ -322,6 +322,11 @@ def bench_hybrid(
 )
 @click.option("--throughput-fetches", type=click.IntRange(min=1), default=2_000, show_default=True)
 @click.option("--hpke-rounds", type=click.IntRange(min=1), default=2_000, show_default=True)
+@click.option(
+    "--holder-in-process",
+    is_flag=True,
+    help="Serve the holder in the benchmark process too (default: its own node process).",
+)
 @_json_out
 @_quick
 def bench_sharing(
@@ -332,6 +337,7 @@ def bench_sharing(
     concurrency: tuple[int, ...],
     throughput_fetches: int,
     hpke_rounds: int,
+    holder_in_process: bool,
     json_out: Path | None,
     quick: bool,
 ) -> None:
@@ -347,6 +353,7 @@ def bench_sharing(
             concurrency=concurrency,
             throughput_fetches=throughput_fetches,
             hpke_rounds=hpke_rounds,
+            holder_process=not holder_in_process,
         ),
         json_out=json_out,
         quick=quick,

@@ -15,6 +15,11 @@ every honest member gives), ``apply`` updates the state. Rules:
 * ``access`` — a cross-institution read summary, signed by the member
   that held the record (it decided the outcome, and it cannot be skipped by
   a reader that would rather not be seen); pseudonyms and hashes only.
+* ``access.batch`` — the same summaries, up to :data:`MAX_ACCESS_BATCH` of
+  them under one holder signature: ``{"holder", "entries": [{"reader",
+  "patient", "consent", "resource", "outcome"}, ...]}``. A busy holder
+  reports its reads in batches so the consortium signs and checks one tx
+  per batch, not one per read.
 * ``consent.grant`` / ``consent.revoke`` — signed by the patient's key (see
   ``core.consent``); the grantee is a current member; a revocation names an
   unrevoked grant of the same patient.
@@ -41,6 +46,8 @@ from medledger.core.models import Transaction
 
 __all__ = [
     "ACCESS",
+    "ACCESS_BATCH",
+    "MAX_ACCESS_BATCH",
     "ANCHOR",
     "MAX_CONSORTIUM_TX_BYTES",
     "MEMBER_TYPES",
@@ -52,9 +59,13 @@ __all__ = [
 MAX_CONSORTIUM_TX_BYTES = 64 * 1024
 ANCHOR = "anchor"
 ACCESS = "access"
+ACCESS_BATCH = "access.batch"
+#: Entries of one ``access.batch`` (well inside the tx size limit: ~300 bytes each).
+MAX_ACCESS_BATCH = 128
 MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE = "member.add", "member.remove", "member.rotate"
 MEMBER_TYPES = frozenset({MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE})
 _ACCESS_FIELDS = {"reader", "holder", "patient", "consent", "resource", "outcome"}
+_BATCH_ENTRY_FIELDS = _ACCESS_FIELDS - {"holder"}
 _ANCHOR_FIELDS = {
     "institution",
     "height",
@@ -161,6 +172,8 @@ class ConsortiumState:
             self._check_membership(tx)
         elif tx.type == ACCESS:
             self._check_access(tx)
+        elif tx.type == ACCESS_BATCH:
+            self._check_access_batch(tx)
         elif tx.type in CONSENT_TYPES:
             self._check_consent(tx)
         else:
@@ -229,6 +242,30 @@ class ConsortiumState:
             raise InvalidSignature(f"access held by {body['holder']!r} signed by {member.id!r}")
         if body["outcome"] not in ("allowed", "refused"):
             raise InvalidInput("access outcome must be 'allowed' or 'refused'")
+
+    def _check_access_batch(self, tx: Transaction) -> None:
+        """Several ``access`` summaries of one holder under its one signature."""
+        member = self._signer(tx)
+        body = tx.body
+        entries = body.get("entries")
+        if set(body) != {"holder", "entries"} or not isinstance(entries, list):
+            raise InvalidInput("access.batch must have exactly holder and entries (a list)")
+        if body["holder"] != member.id:
+            raise InvalidSignature(f"access held by {body['holder']!r} signed by {member.id!r}")
+        if not 1 <= len(entries) <= MAX_ACCESS_BATCH:
+            raise InvalidInput(f"access.batch must have 1 to {MAX_ACCESS_BATCH} entries")
+        for entry in entries:
+            if (
+                not isinstance(entry, dict)
+                or set(entry) != _BATCH_ENTRY_FIELDS
+                or not all(isinstance(v, str) for v in entry.values())
+            ):
+                raise InvalidInput(
+                    "each access.batch entry must have exactly "
+                    f"{', '.join(sorted(_BATCH_ENTRY_FIELDS))} (strings)"
+                )
+            if entry["outcome"] not in ("allowed", "refused"):
+                raise InvalidInput("access outcome must be 'allowed' or 'refused'")
 
     def _check_consent(self, tx: Transaction) -> None:
         if tx.type == CONSENT_GRANT:

@@ -2,8 +2,11 @@
 
 * On the private chain of the institution that served or refused the read,
   and — for cross-institution reads — on the reader's private chain too.
-* For cross-institution reads the holder also submits a summary ``access``
-  tx to the consortium, so the patient's trail survives any one institution.
+* For cross-institution reads the holder also reports a summary to the
+  consortium, so the patient's trail survives any one institution. Summaries
+  go out as ``access.batch`` txs: whatever accumulated while the previous
+  batch became final goes in the next one (group commit), so a busy holder
+  costs the consortium one signed tx per batch rather than one per read.
 
 Bodies hold only member ids, pseudonyms (patient key fingerprints or keyed
 hashes), keyed record references and hashes: never a resource id, a name or
@@ -24,7 +27,7 @@ from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_rules import ACCESS
+from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH, MAX_ACCESS_BATCH
 from medledger.ledger.private import PrivateChain
 from medledger.storage.ports import ChainStore
 
@@ -64,11 +67,14 @@ class AccessEntry:
             "request": self.request,
         }
 
-    def consortium_body(self) -> dict[str, Any]:
-        """The summary the consortium rules accept: no reason, actor or request hash."""
-        body = self.private_body()
+    def summary(self) -> dict[str, Any]:
+        """One ``access.batch`` entry: no holder (the batch names it), reason, actor or request."""
         return {
-            k: body[k] for k in ("reader", "holder", "patient", "consent", "resource", "outcome")
+            "reader": self.reader,
+            "patient": self.patient,
+            "consent": self.consent,
+            "resource": self.resource,
+            "outcome": self.outcome,
         }
 
 
@@ -87,21 +93,24 @@ class AccessLog:
         self._chain = chain
         self._member = member
         self._clock: Clock = clock or SystemClock()
-        self._background: set[asyncio.Task[None]] = set()
+        self._unreported: list[AccessEntry] = []
+        self._reporter: asyncio.Task[None] | None = None
 
     async def record(self, entry: AccessEntry, *, summarize: bool = False) -> None:
         """Append ``entry`` to the private chain (durable on return).
 
         With ``summarize`` (the holder of a cross-institution read) a summary
-        is also submitted to the consortium in the background: a read must not
-        wait for consortium finality, and a lost summary is logged and retried
-        by the consortium member's own resubmission.
+        is also reported to the consortium in the background, batched: a read
+        must not wait for consortium finality. A batch the consortium does not
+        accept is logged and retried.
         """
         await self._chain.submit(ACCESS, entry.private_body())
         if summarize and self._member is not None:
-            task = asyncio.create_task(self._summarize(entry), name="medledger-access-summary")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._unreported.append(entry)
+            if self._reporter is None or self._reporter.done():
+                self._reporter = asyncio.create_task(
+                    self._report(), name="medledger-access-summaries"
+                )
 
     async def record_many(self, entries: list[AccessEntry]) -> None:
         """Append several entries (one read of many resources) in one atomic commit."""
@@ -118,12 +127,19 @@ class AccessLog:
                 ]
             )
 
-    async def _summarize(self, entry: AccessEntry) -> None:
+    async def _report(self) -> None:
+        """Submit the unreported summaries, a batch at a time, until none are left."""
+        while self._unreported:
+            batch = self._unreported[:MAX_ACCESS_BATCH]
+            del self._unreported[:MAX_ACCESS_BATCH]
+            await self._submit_batch(batch)
+
+    async def _submit_batch(self, batch: list[AccessEntry]) -> None:
         assert self._member is not None
         unsigned = Transaction(
-            type=ACCESS,
+            type=ACCESS_BATCH,
             chain=self._member.chain_id,
-            body=entry.consortium_body(),
+            body={"holder": self._institution, "entries": [e.summary() for e in batch]},
             time_ms=self._clock.now_ms(),
         )
         tx = self._member.sign(unsigned)
@@ -132,13 +148,18 @@ class AccessLog:
                 await self._member.submit(tx, timeout=30)
                 return
             except MedledgerError as exc:
-                log.warning("consortium access summary not accepted (try %d): %s", attempt + 1, exc)
+                log.warning(
+                    "consortium access summaries not accepted (try %d, %d entries): %s",
+                    attempt + 1,
+                    len(batch),
+                    exc,
+                )
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     async def drain(self) -> None:
-        """Wait for consortium summaries in flight (before closing)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Wait until every summary recorded so far has been submitted (before closing)."""
+        while self._reporter is not None and not self._reporter.done():
+            await asyncio.gather(self._reporter, return_exceptions=True)
 
 
 def patient_trail(stores: list[ChainStore], fingerprint: str) -> list[dict[str, Any]]:
@@ -156,19 +177,24 @@ def patient_trail(stores: list[ChainStore], fingerprint: str) -> list[dict[str, 
             for data in block.tx_data:
                 tx = Transaction.decode(data)
                 body = tx.body
+                where = {
+                    "chain": tx.chain,
+                    "height": block.height,
+                    "tx": sha256(data).hex(),
+                    "time_ms": tx.time_ms,
+                    "type": tx.type,
+                }
                 if tx.type == PATIENT_ENROLL and body.get("patient") == fingerprint:
                     linked.add(str(body.get("pseudonym")))
                 elif tx.type in _TRAIL_TYPES:
-                    item = {
-                        "chain": tx.chain,
-                        "height": block.height,
-                        "tx": sha256(data).hex(),
-                        "time_ms": tx.time_ms,
-                        "type": tx.type,
-                    }
-                    item.update({k: v for k, v in body.items() if k != "patient_key"})
+                    item = where | {k: v for k, v in body.items() if k != "patient_key"}
                     if tx.type == CONSENT_GRANT:
                         item["consent"] = item["tx"]
                     candidates.append((str(body.get("patient")), item))
+                elif tx.type == ACCESS_BATCH:
+                    # One trail item per summary, as if each were its own ``access`` tx.
+                    for n, entry in enumerate(body.get("entries") or []):
+                        item = where | entry | {"type": ACCESS, "holder": body.get("holder")}
+                        candidates.append((str(entry.get("patient")), item | {"entry": n}))
     trail = [item for patient, item in candidates if patient in linked]
     return sorted(trail, key=lambda i: (i["time_ms"], i["chain"], i["height"]))

@@ -29,6 +29,7 @@ from medledger.core.consent import (
 )
 from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput
+from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
 
 __all__ = [
@@ -188,11 +189,18 @@ def grant_from_consent(resource: Any) -> Transaction:
 
 
 def audit_event(entry: dict[str, Any], *, tx_hash: str, time_ms: int, chain: str) -> dict[str, Any]:
-    """The FHIR ``AuditEvent`` of one ``access`` entry as found on ``chain``."""
+    """The FHIR ``AuditEvent`` of one ``access`` entry as found on ``chain``.
+
+    Its id is the hash of the ``access`` tx, or for entry ``n`` of an
+    ``access.batch`` the SHA-256 of ``"<tx hash>/<n>"`` (a FHIR id holds at
+    most 64 characters).
+    """
     allowed = entry.get("outcome") == "allowed"
+    n = entry.get("entry")
+    event_id = tx_hash if n is None else sha256(f"{tx_hash}/{n}".encode()).hex()
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
-        "id": tx_hash,
+        "id": event_id,
         "type": {
             "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
             "code": "rest",

@@ -16,7 +16,7 @@ from medledger.core.consortium import Genesis, Member
 from medledger.core.errors import ConsentDenied, InvalidInput, InvalidSignature
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
-from medledger.ledger.consortium_rules import ConsortiumState
+from medledger.ledger.consortium_rules import ACCESS_BATCH, MAX_ACCESS_BATCH, ConsortiumState
 
 T0 = 1_700_000_000_000
 DAY = 86_400_000
@@ -378,6 +378,67 @@ def test_access_missing_a_field_is_refused() -> None:
     del body["consent"]
     with pytest.raises(InvalidInput, match="must have exactly"):
         _state().check(_sign(replace(tx, body=body), KEYS[0]))
+
+
+def _batch(holder: str = "alpha", entries: Any = None, **extra: Any) -> Transaction:
+    if entries is None:
+        entries = [
+            {k: v for k, v in _access(outcome=o).body.items() if k != "holder"}
+            for o in ("allowed", "refused", "allowed")
+        ]
+    body = {"holder": holder, "entries": entries, **extra}
+    return Transaction(type=ACCESS_BATCH, chain=CHAIN, body=body, time_ms=T0)
+
+
+def _entry(**changes: Any) -> dict[str, Any]:
+    entry = {k: v for k, v in _access().body.items() if k != "holder"}
+    entry.update(changes)
+    return entry
+
+
+def test_access_batch_signed_by_the_holder_is_accepted() -> None:
+    state = _state()
+    tx = _sign(_batch(), KEYS[0])
+    tx_hash = _accept(state, tx, height=2)
+    assert tx_hash in state.seen
+    with pytest.raises(InvalidInput, match="replay"):
+        state.check(tx)
+
+
+def test_access_batch_of_the_most_entries_is_accepted() -> None:
+    _state().check(_sign(_batch(entries=[_entry()] * MAX_ACCESS_BATCH), KEYS[0]))
+
+
+def test_access_batch_signed_by_another_member_is_refused() -> None:
+    with pytest.raises(InvalidSignature, match="access held by 'alpha' signed by 'beta'"):
+        _state().check(_sign(_batch(), KEYS[1]))
+
+
+def test_access_batch_altered_after_signing_is_refused() -> None:
+    signed = _sign(_batch(), KEYS[0])
+    entries = [dict(e) for e in signed.body["entries"]]
+    entries[1]["outcome"] = "allowed"
+    with pytest.raises(InvalidSignature, match="does not verify"):
+        _state().check(replace(signed, body={**signed.body, "entries": entries}))
+
+
+@pytest.mark.parametrize(
+    ("batch", "reason"),
+    [
+        (_batch(entries=[]), "1 to 128 entries"),
+        (_batch(entries=[_entry()] * (MAX_ACCESS_BATCH + 1)), "1 to 128 entries"),
+        (_batch(entries={"a": 1}), "holder and entries"),
+        (_batch(extra="x"), "holder and entries"),
+        (_batch(entries=[_entry(outcome="maybe")]), "outcome must be"),
+        (_batch(entries=[_entry(resource=None)]), "strings"),
+        (_batch(entries=[_entry(holder="alpha")]), "each access.batch entry"),
+        (_batch(entries=[_entry(), "Observation/abc"]), "each access.batch entry"),
+        (_batch(entries=[{k: v for k, v in _entry().items() if k != "consent"}]), "exactly"),
+    ],
+)
+def test_malformed_access_batch_is_refused(batch: Transaction, reason: str) -> None:
+    with pytest.raises(InvalidInput, match=reason):
+        _state().check(_sign(batch, KEYS[0]))
 
 
 def test_unknown_type_is_refused() -> None:
