@@ -62,11 +62,13 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
     app.state.clock = clock or SystemClock()
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    # Before /fhir's generic routes: Consent and AuditEvent are served from the chains.
+    # Routes are matched in order, one regex each: the busiest peer endpoint first
+    # (its /peer/v1 prefix overlaps nothing), then Consent and AuditEvent, which
+    # must come before /fhir's generic routes because they are served from the chains.
+    app.include_router(peer.router)
     app.include_router(sharing.router)
     app.include_router(fhir.router)
     app.include_router(chain.router)
-    app.include_router(peer.router)
     app.include_router(admin.router)
 
     @app.get("/healthz", tags=["operations"])

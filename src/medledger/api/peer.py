@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from medledger.api.fhir import read_body
-from medledger.api.responses import fhir_response
 from medledger.core.errors import NotFound
 from medledger.node import Node
 
@@ -34,4 +34,5 @@ async def peer(op: Literal["fetch", "list"], request: Request) -> Response:
         raise NotFound("this node has not joined a consortium")
     document = await read_body(request, MAX_PEER_REQUEST_BYTES)
     answer = await node.sharing.serve(op, document)
-    return fhir_response(answer, headers={"Content-Type": "application/json"})
+    # Plain JSON of strings and integers (base64 ciphertext, hex proofs): orjson.
+    return Response(orjson.dumps(answer), media_type="application/json")

@@ -2,9 +2,10 @@
 
 A local network (``network.LocalNetwork``, ``solo`` ordering) of two
 institutions — a holder and a reader — the holder served by uvicorn on a
-loopback port (TCP_NODELAY), so every fetch travels reader → aiohttp → HTTP →
-FastAPI ``/peer/v1/fetch`` → holder and back, as between machines. A synthetic patient's resources live at the holder; the
-patient enrolls there and grants the reader consent (final on the consortium).
+loopback port, so every fetch travels reader → aiohttp → HTTP → FastAPI
+``/peer/v1/fetch`` → holder and back, as between machines. A synthetic
+patient's resources live at the holder; the patient enrolls there and grants
+the reader consent (final on the consortium).
 
 One fetch (``SharingService.fetch``) is the whole protocol: the reader signs
 a request; the holder checks signature, freshness, nonce and consent, wraps
@@ -78,7 +79,7 @@ class SharingSettings:
     kems: tuple[str, ...] = KEMS
     resources: int = 20  # resources of the patient at the holder, fetched round-robin
     latency_fetches: int = 500
-    concurrency: tuple[int, ...] = (16,)
+    concurrency: tuple[int, ...] = (16, 64)
     throughput_fetches: int = 2_000
     warmup: int = 30
     hpke_rounds: int = 2_000

@@ -316,7 +316,7 @@ def bench_hybrid(
     "--concurrency",
     multiple=True,
     type=click.IntRange(min=1),
-    default=(16,),
+    default=(16, 64),
     show_default=True,
     help="Fetches in flight for the throughput runs (repeat for more runs).",
 )

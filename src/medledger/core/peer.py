@@ -14,7 +14,7 @@ consortium block that carries a quorum finality certificate.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from medledger.core.consortium import MemberSet
@@ -57,6 +57,7 @@ class PeerRequest:
     resource: str
     nonce: str
     time_ms: int
+    _signing: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.op not in PEER_OPS:
@@ -91,7 +92,11 @@ class PeerRequest:
         }
 
     def signing_bytes(self) -> bytes:
-        return _DOMAIN + canonical_bytes(self.to_json())
+        # Needed several times per request (sign or verify, hash, HPKE info): kept once made.
+        if self._signing is None:
+            object.__setattr__(self, "_signing", _DOMAIN + canonical_bytes(self.to_json()))
+        assert self._signing is not None
+        return self._signing
 
     def hash(self) -> bytes:
         return sha256(self.signing_bytes())
