@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 
@@ -55,7 +54,7 @@ class InstitutionKeys:
         self._keks.pop(kek_id, None)
 
     def _mac(self, label: str, text: str) -> str:
-        return hmac.new(self.search_key, f"{label}|{text}".encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self.search_key, f"{label}|{text}".encode(), "sha256").hex()
 
     def pseudonym(self, patient_reference: str | None) -> str | None:
         """Stable pseudonym of ``Patient/<id>`` used on chains (never the id itself)."""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
+
 from medledger.core.envelope import RecordContext, open_record, seal_record, unwrap_key, wrap_key
 from medledger.core.errors import (
     Gone,
@@ -512,7 +514,7 @@ class RecordsService:
             raise IntegrityError(f"{where}: its chain transaction is missing") from None
         # The bytes hash to the committed tx hash, so a plain parse is enough here;
         # `verify` checks canonical form for the whole chain.
-        tx = json.loads(tx_data)
+        tx = _parse(tx_data)
         body = tx.get("body") if isinstance(tx, dict) else None
         if (
             not isinstance(body, dict)
@@ -679,6 +681,14 @@ async def ingest(
             await records.update(str(res["resourceType"]), str(res["id"]), res)
 
     await asyncio.gather(*(writer() for _ in range(writers)))
+
+
+def _parse(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # Integers beyond 64 bits: orjson refuses them, canonical JSON does not.
+        return json.loads(data)
 
 
 def _object(value: Any) -> dict[str, Any]:

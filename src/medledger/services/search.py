@@ -23,7 +23,6 @@ by a handful of token look-ups (whole years, whole months, then days).
 from __future__ import annotations
 
 import calendar
-import hashlib
 import hmac
 import re
 import unicodedata
@@ -86,7 +85,8 @@ _DAY = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
 def _token(key: bytes, rtype: str, param: str, term: str) -> bytes:
-    return hmac.new(key, f"{rtype}|{param}|{term}".encode(), hashlib.sha256).digest()[:TOKEN_SIZE]
+    # hmac.digest: the one-shot C path, several times faster than hmac.new(...).digest().
+    return hmac.digest(key, f"{rtype}|{param}|{term}".encode(), "sha256")[:TOKEN_SIZE]
 
 
 def normalize(text: str) -> str:
