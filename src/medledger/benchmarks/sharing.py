@@ -236,18 +236,22 @@ async def _sharing_network(
     )
     try:
         holder, reader = net.nodes[holder_id], net.nodes[reader_id]
+
+        def ready(consent: str, stored: list[str], **where: Any) -> _Net:
+            return _Net(
+                net=net,
+                holder_id=holder_id,
+                holder_root=holder.paths.root,
+                reader=reader,
+                consent=consent,
+                records=stored,
+                **where,
+            )
+
         if not holder_process:
             async with serve_nodes(net.nodes, socks, base):
                 consent, stored = await _setup(net, holder, reader, base, resources)
-                yield _Net(
-                    net=net,
-                    holder_id=holder_id,
-                    holder_root=holder.paths.root,
-                    reader=reader,
-                    consent=consent,
-                    records=stored,
-                    holder_node=holder,
-                )
+                yield ready(consent, stored, holder_node=holder)
             return
         consent, stored = await _setup(net, holder, reader, base, resources)
         await holder.close()
@@ -264,15 +268,7 @@ async def _sharing_network(
             ready_path="/readyz",
         )
         try:
-            yield _Net(
-                net=net,
-                holder_id=holder_id,
-                holder_root=holder.paths.root,
-                reader=reader,
-                consent=consent,
-                records=stored,
-                holder_proc=proc,
-            )
+            yield ready(consent, stored, holder_proc=proc)
         finally:
             await asyncio.to_thread(proc.stop)
     finally:
