@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medledger.core.errors import InvalidInput, StorageError
 from medledger.storage.batching import GroupCommitter
+from medledger.storage.sqlite import immediate
 
 __all__ = ["NonceStore"]
 
@@ -61,8 +62,7 @@ class NonceStore:
         results: list[BaseException | None] = []
         db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 forget = max(op.forget_before_ms for op in ops)
                 if forget - self._pruned_ms > _PRUNE_EVERY_MS:
                     db.execute("DELETE FROM nonces WHERE time_ms < ?", (forget,))
@@ -77,11 +77,6 @@ class NonceStore:
                         if inserted == 1
                         else InvalidInput("the request nonce was already used (replay)")
                     )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             return [StorageError(f"cannot record the request nonce: {exc}")] * len(ops)
         return results

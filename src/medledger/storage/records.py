@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.storage.batching import GroupCommitter
-from medledger.storage.sqlite import sqlite_uri
+from medledger.storage.sqlite import immediate, sqlite_uri
 
 __all__ = ["RecordIndex", "SqliteRecordIndex", "VersionRow"]
 
@@ -168,21 +168,18 @@ class SqliteRecordIndex:
         conn = self._writer
         results: list[BaseException | None] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for kind, arg in ops:
-                try:
-                    results.append(self._one(conn, kind, arg))
-                except sqlite3.IntegrityError:
-                    results.append(
-                        Conflict(
-                            f"{arg[0].resource_type}/{arg[0].id} version "
-                            f"{arg[0].version} already exists"
+            with immediate(conn):
+                for kind, arg in ops:
+                    try:
+                        results.append(self._one(conn, kind, arg))
+                    except sqlite3.IntegrityError:
+                        results.append(
+                            Conflict(
+                                f"{arg[0].resource_type}/{arg[0].id} version "
+                                f"{arg[0].version} already exists"
+                            )
                         )
-                    )
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             err = StorageError(f"{self.path}: {exc}")
             return [err] * len(ops)
         return results
@@ -229,8 +226,7 @@ class SqliteRecordIndex:
 
         def run() -> list[bytes]:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 rows = conn.execute(
                     "SELECT blob_hash FROM versions WHERE rtype = ? AND rid = ?",
                     (resource_type, rid),
@@ -243,10 +239,6 @@ class SqliteRecordIndex:
                     (resource_type, rid),
                 )
                 conn.execute("DELETE FROM tokens WHERE rtype = ? AND rid = ?", (resource_type, rid))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
             # Overwritten pages of the old keys must not linger in the WAL or free pages.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return [bytes(r[0]) for r in rows]
@@ -272,13 +264,12 @@ class SqliteRecordIndex:
                 if not rows:
                     break
                 updates = [(fn(r), new_kek_id, r.resource_type, r.id, r.version) for r in rows]
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "UPDATE versions SET wrapped_dek = ?, kek_id = ? WHERE rtype = ?"
-                    " AND rid = ? AND version = ? AND kek_id IS NOT NULL",
-                    updates,
-                )
-                conn.execute("COMMIT")
+                with immediate(conn):
+                    conn.executemany(
+                        "UPDATE versions SET wrapped_dek = ?, kek_id = ? WHERE rtype = ?"
+                        " AND rid = ? AND version = ? AND kek_id IS NOT NULL",
+                        updates,
+                    )
                 done += len(rows)
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return done

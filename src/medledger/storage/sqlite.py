@@ -20,6 +20,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,14 @@ from medledger.core.merkle import NodeID, leaf_hash
 from medledger.core.models import Signature
 from medledger.storage.ports import NewBlock, StoredBlock
 
-__all__ = ["SCHEMA_VERSION", "SqliteChainStore", "node_from_key", "node_key", "sqlite_uri"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SqliteChainStore",
+    "immediate",
+    "node_from_key",
+    "node_key",
+    "sqlite_uri",
+]
 
 SCHEMA_VERSION = 1
 
@@ -68,6 +76,23 @@ def node_from_key(key: int) -> NodeID:
 def sqlite_uri(path: Path, mode: str) -> str:
     """A ``file:`` URI for ``path`` (percent-encoded: '#', '?' and '%' are legal in names)."""
     return f"{path.absolute().as_uri()}?mode={mode}"
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` on an autocommit connection; rolled back on any error.
+
+    IMMEDIATE takes the write lock at the start, so a writer never fails
+    half-way through with SQLITE_BUSY on lock upgrade.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _hkey(tx_hash: bytes) -> int:
@@ -189,8 +214,7 @@ class SqliteChainStore:
         with self._write_lock:
             conn = self._writer
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with immediate(conn):
                     row = conn.execute("SELECT MAX(height) FROM blocks").fetchone()
                     expected = 0 if row[0] is None else row[0] + 1
                     if height != expected:
@@ -220,10 +244,6 @@ class SqliteChainStore:
                         "INSERT INTO nodes(id, hash) VALUES (?, ?)",
                         [(node_key(n), h) for n, h in block.nodes],
                     )
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise _storage_error(self.path, exc) from None
 

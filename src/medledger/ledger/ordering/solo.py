@@ -30,6 +30,7 @@ from pathlib import Path
 from medledger.core.errors import OrderingError, StorageError
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
 from medledger.storage.batching import GroupCommitter
+from medledger.storage.sqlite import immediate
 
 __all__ = ["SoloOrderer"]
 
@@ -212,8 +213,7 @@ class SoloOrderer:
         if db is None:
             return [OrderingError("orderer is closed")] * len(ops)
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(db):
                 last = db.execute(
                     "SELECT seq, time_ms FROM messages ORDER BY seq DESC LIMIT 1"
                 ).fetchone()
@@ -241,11 +241,6 @@ class SoloOrderer:
                     "INSERT INTO messages(seq, msg_id, payload, time_ms) VALUES (?, ?, ?, ?)",
                     rows,
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             return [OrderingError(f"solo order write failed: {exc}")] * len(ops)
         return [None] * len(ops)
