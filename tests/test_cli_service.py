@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ import httpx
 import pytest
 
 from cli_support import medledger_command
+from medledger.ledger.ordering.natsserver import free_ports
 from medledger.node import init_node
 from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams
@@ -164,12 +164,6 @@ def test_revoking_an_unknown_token_is_one_error_line(node_dir: Path) -> None:
 # -- node start ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class NodeProcess:
     proc: subprocess.Popen[bytes]
@@ -188,7 +182,7 @@ def clinician_token(node_dir: Path) -> str:
 
 
 def start_node(root: Path, log: Path) -> NodeProcess:
-    port = _free_port()
+    (port,) = free_ports(1)
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(port)],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,9 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["NodeProcess", "free_port", "proc_cpu_s"]
+from medledger.ledger.ordering.natsserver import free_ports
+
+__all__ = ["NodeProcess", "proc_cpu_s"]
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -28,13 +29,6 @@ def proc_cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    """A loopback port free right now (the node binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _medledger() -> list[str]:
@@ -68,7 +62,7 @@ class NodeProcess:
         timeout: float = 60.0,
     ) -> None:
         self.root = root
-        self.port = port or free_port()
+        self.port = port or free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {**os.environ, **(env or {}), "MEDLEDGER_PASSPHRASE": passphrase.decode()}
         self._log = (root / "server.log").open("ab")
