@@ -36,6 +36,7 @@ from medledger.services.keys import InstitutionKeys
 from medledger.services.peer_http import HttpPeerTransport
 from medledger.services.records import RecordsService
 from medledger.services.sharing import SharingService
+from medledger.services.trail import TrailIndex
 from medledger.services.validation import Validator
 from medledger.storage import factory
 from medledger.storage.blobs import BlobStore
@@ -75,11 +76,21 @@ class Node:
     _blobs: BlobStore | None = None
     _nonces: NonceStore | None = None
     _transport: HttpPeerTransport | None = None
+    _trail: TrailIndex | None = None
 
     @property
     def consortium_store(self) -> ChainStore | None:
         """This node's copy of the final consortium chain, once joined."""
         return self._consortium_store
+
+    def trail_index(self) -> TrailIndex:
+        """The patient-trail index over this node's chains (built on first use)."""
+        if self._trail is None:
+            stores = [self.store]
+            if self._consortium_store is not None:
+                stores.append(self._consortium_store)
+            self._trail = TrailIndex(stores)
+        return self._trail
 
     async def join_consortium(self, orderer: Orderer, *, anchor: bool = True) -> ConsortiumMember:
         """Start this node's consortium member over ``orderer`` (genesis from genesis.json)."""
@@ -96,6 +107,7 @@ class Node:
         )
         await member.start()
         self.consortium, self._consortium_store = member, store
+        self._trail = None  # rebuilt over both chains on next use
         self.access = AccessLog(
             institution=self.config.institution, chain=self.chain, member=member
         )

@@ -137,6 +137,12 @@ def test_the_trail_is_for_auditors_and_the_patient_only(tmp_path: Path) -> None:
         async with client(sn, "alpha", sn.token("alpha", "patient", sn.patient_id)) as me:
             own = (await me.get("/fhir/AuditEvent")).json()
             assert {e["resource"]["id"] for e in own["entry"]} >= {r["id"] for r in reads}
+        async with client(sn, "alpha", sn.token("alpha", "clinician")) as clinician:
+            assert (await clinician.get(f"/fhir/{sn.records[2]}")).status_code == 200
+        async with client(sn, "alpha", sn.token("alpha", "auditor")) as auditor:
+            later = (await auditor.get("/fhir/AuditEvent", params={"patient": fingerprint})).json()
+        # The node's trail index caught up with the read made after its first query.
+        assert len(later["entry"]) == len(events["entry"]) + 1
         async with client(sn, "beta", sn.token("beta", "auditor")) as other:
             outcome(await other.get(f"/share/alpha/{sn.records[1]}", params={"consent": "0"}), 403)
 

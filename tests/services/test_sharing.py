@@ -25,10 +25,10 @@ from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
 from medledger.core.peer import PeerRequest
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
-from medledger.services.access import patient_trail
 from medledger.services.consent_fhir import audit_event
 from medledger.services.patients import PatientWallet
 from medledger.services.sharing import PeerTransport, SharingService
+from medledger.services.trail import patient_trail
 from sharing_support import SharingNet, now_ms, sharing_network
 
 pytestmark = pytest.mark.timeout(240)

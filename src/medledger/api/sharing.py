@@ -33,7 +33,6 @@ from medledger.core.keys import VerifyingKey
 from medledger.core.models import Signature, Transaction
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.node import Node
-from medledger.services.access import patient_trail
 from medledger.services.consent_fhir import (
     REVOKE_TX_EXTENSION,
     audit_event,
@@ -194,8 +193,9 @@ async def audit_events(
     fingerprint = own or patient
     if fingerprint is None:
         raise InvalidInput("search AuditEvent by patient (the patient's key fingerprint)")
-    stores = [node.store] + ([node.consortium_store] if node.consortium_store else [])
-    trail = patient_trail(stores, fingerprint)
+    index = node.trail_index()
+    await index.catch_up_async()
+    trail = index.trail(fingerprint)
     events = [
         audit_event(i, tx_hash=i["tx"], time_ms=i["time_ms"], chain=i["chain"])
         for i in trail

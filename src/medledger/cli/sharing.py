@@ -244,7 +244,7 @@ def audit(root: Path, fingerprint: str) -> None:
     from medledger.core.errors import MedledgerError
     from medledger.core.hashing import hash_from_hex
     from medledger.node import open_chain, open_consortium_chain
-    from medledger.services.access import patient_trail
+    from medledger.services.trail import patient_trail
 
     hash_from_hex(fingerprint, "--patient fingerprint")
     _, private = open_chain(root)

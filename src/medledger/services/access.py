@@ -21,23 +21,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from medledger.core.consent import CONSENT_GRANT, CONSENT_REVOKE
 from medledger.core.errors import MedledgerError
-from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH, MAX_ACCESS_BATCH
 from medledger.ledger.private import PrivateChain
-from medledger.storage.ports import ChainStore
 
-__all__ = ["PATIENT_ENROLL", "AccessEntry", "AccessLog", "patient_trail"]
+__all__ = ["AccessEntry", "AccessLog"]
 
 log = logging.getLogger(__name__)
 ALLOWED, REFUSED = "allowed", "refused"
-#: Private-chain tx linking a keyed patient pseudonym to the patient's key fingerprint.
-PATIENT_ENROLL = "patient.enroll"
-_TRAIL_TYPES = frozenset({ACCESS, CONSENT_GRANT, CONSENT_REVOKE})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,41 +154,3 @@ class AccessLog:
         """Wait until every summary recorded so far has been submitted (before closing)."""
         while self._reporter is not None and not self._reporter.done():
             await asyncio.gather(self._reporter, return_exceptions=True)
-
-
-def patient_trail(stores: list[ChainStore], fingerprint: str) -> list[dict[str, Any]]:
-    """Every consent and access tx about the patient with key ``fingerprint``, oldest first.
-
-    ``stores`` are chains this node holds (its private chain, its copy of the
-    consortium chain). Local reads are recorded under the institution's keyed
-    pseudonym; ``patient.enroll`` txs link those to the fingerprint. Each
-    item: ``{"chain", "height", "tx", "time_ms", "type", **body}``.
-    """
-    linked = {fingerprint}
-    candidates: list[tuple[str, dict[str, Any]]] = []
-    for store in stores:
-        for block in store.iter_blocks(1):
-            for data in block.tx_data:
-                tx = Transaction.decode(data)
-                body = tx.body
-                where = {
-                    "chain": tx.chain,
-                    "height": block.height,
-                    "tx": sha256(data).hex(),
-                    "time_ms": tx.time_ms,
-                    "type": tx.type,
-                }
-                if tx.type == PATIENT_ENROLL and body.get("patient") == fingerprint:
-                    linked.add(str(body.get("pseudonym")))
-                elif tx.type in _TRAIL_TYPES:
-                    item = where | {k: v for k, v in body.items() if k != "patient_key"}
-                    if tx.type == CONSENT_GRANT:
-                        item["consent"] = item["tx"]
-                    candidates.append((str(body.get("patient")), item))
-                elif tx.type == ACCESS_BATCH:
-                    # One trail item per summary, as if each were its own ``access`` tx.
-                    for n, entry in enumerate(body.get("entries") or []):
-                        item = where | entry | {"type": ACCESS, "holder": body.get("holder")}
-                        candidates.append((str(entry.get("patient")), item | {"entry": n}))
-    trail = [item for patient, item in candidates if patient in linked]
-    return sorted(trail, key=lambda i: (i["time_ms"], i["chain"], i["height"]))

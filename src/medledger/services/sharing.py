@@ -47,9 +47,10 @@ from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
-from medledger.services.access import ALLOWED, PATIENT_ENROLL, REFUSED, AccessEntry, AccessLog
+from medledger.services.access import ALLOWED, REFUSED, AccessEntry, AccessLog
 from medledger.services.hpke import HpkeKeyPair, seal_to
 from medledger.services.records import RecordsService
+from medledger.services.trail import PATIENT_ENROLL
 from medledger.storage.nonces import NonceStore
 from medledger.storage.ports import ChainStore
 
