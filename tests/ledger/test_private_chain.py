@@ -369,6 +369,9 @@ class FlakyStore:
     def block(self, height: int) -> StoredBlock:
         return self.inner.block(height)
 
+    def block_hash(self, height: int) -> bytes:
+        return self.inner.block_hash(height)
+
     def iter_blocks(self, start: int = 0, end: int | None = None) -> Iterator[StoredBlock]:
         return self.inner.iter_blocks(start, end)
 

@@ -295,6 +295,8 @@ def test_empty_store_has_nothing(chain_store_factory: StoreFactory) -> None:
     with pytest.raises(NotFound):
         store.block(0)
     with pytest.raises(NotFound):
+        store.block_hash(0)
+    with pytest.raises(NotFound):
         store.tx_data(0)
     with pytest.raises(NotFound):
         store.tx_location(sha256(b"nothing"))
@@ -323,6 +325,11 @@ def test_append_then_read_back_every_block(
         got = store.block(block.header.height)
         assert got == stored(block)
         assert BlockHeader.decode(got.header_bytes) == block.header
+        assert store.block_hash(block.header.height) == block.block_hash == block.header.hash()
+    with pytest.raises(NotFound):
+        store.block_hash(len(builder.blocks))
+    with pytest.raises(NotFound):
+        store.block_hash(-1)
         assert sha256(got.header_bytes) == got.block_hash
 
 

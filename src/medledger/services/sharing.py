@@ -513,7 +513,7 @@ class SharingService:
         if (
             head is not None
             and BlockHeader.decode(head).height >= header.height
-            and self._cstore.block(header.height).block_hash != header.hash()
+            and self._cstore.block_hash(header.height) != header.hash()
         ):
             raise IntegrityError("the anchor block differs from this member's final block")
 

@@ -76,6 +76,10 @@ class ChainStore(Protocol):
         """The block at ``height``; raises ``NotFound``."""
         ...
 
+    def block_hash(self, height: int) -> bytes:
+        """The hash of the block at ``height`` (no transactions read); raises ``NotFound``."""
+        ...
+
     def iter_blocks(self, start: int = 0, end: int | None = None) -> Iterator[StoredBlock]:
         """Blocks with ``start <= height < end`` in height order, streamed."""
         ...

@@ -642,6 +642,16 @@ class PostgresChainStore(_PooledStore):
             raise NotFound(f"no block at height {height}")
         return self._stored(rows[0])
 
+    def block_hash(self, height: int) -> bytes:
+        rows = (
+            self._rows("SELECT hash FROM blocks WHERE height = %s", (height,))
+            if 0 <= height < _MAX_KEY
+            else []
+        )
+        if not rows:
+            raise NotFound(f"no block at height {height}")
+        return bytes(rows[0][0])
+
     def iter_blocks(self, start: int = 0, end: int | None = None) -> Iterator[StoredBlock]:
         """Blocks in pages of 256; bounded by the head seen when iteration starts."""
         start = max(start, 0)

@@ -296,6 +296,12 @@ class SqliteChainStore:
             raise NotFound(f"no block at height {height}")
         return self._with_txs(rows[0])
 
+    def block_hash(self, height: int) -> bytes:
+        rows = self._query("SELECT hash FROM blocks WHERE height = ?", (height,))
+        if not rows:
+            raise NotFound(f"no block at height {height}")
+        return bytes(rows[0][0])
+
     def iter_blocks(self, start: int = 0, end: int | None = None) -> Iterator[StoredBlock]:
         stop = end if end is not None else 2**62
         try:
