@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from cli_support import medledger_command
-from medledger.benchmarks.hybrid import BenchNetwork, compare
+from medledger.benchmarks.hybrid import (
+    BenchNetwork,
+    HybridSettings,
+    compare,
+    schedule,
+    workload,
+)
 from medledger.benchmarks.report import LATEST_HEADING, plot_hybrid, update_markdown
 from medledger.cli.consortium import verify_consortium_store
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID
@@ -66,6 +72,7 @@ def test_quick_run_measures_both_modes_at_every_load(
         (CONSORTIUM_ONLY, "solo"),
     ]
     loads = results["settings"]["loads"]
+    assert results["settings"]["layout"] == "one process per institution"
     for run in runs:
         assert run["institutions"] == 4
         assert run["steps"], run
@@ -73,6 +80,8 @@ def test_quick_run_measures_both_modes_at_every_load(
         for step in run["steps"]:
             assert step["errors"] == 0
             assert step["records"] >= 1
+            # Every offered record was written once, by exactly one institution's process.
+            assert step["acked"] == step["records"]
             assert step["achieved_per_s"] > 0
             _latency_ok(step["validation_ms"])
             _latency_ok(step["tamper_evidence_ms"])
@@ -179,3 +188,49 @@ def test_consortium_only_records_read_back_and_an_auditor_verifies(tmp_path: Pat
             timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
+
+
+def test_each_institution_process_schedules_exactly_its_share() -> None:
+    """Workers walk the same workload; together they offer what one process would."""
+    settings = HybridSettings(institutions=3, per_patient=4)
+    whole = schedule(workload(settings), 200, 150, 3)
+    for i in range(3):
+        mine = schedule(workload(settings), 200, 150, 3, only=i)
+        assert len(mine) == 1
+        assert [(t, r["id"]) for t, r in mine[0]] == [(t, r["id"]) for t, r in whole[i]]
+    assert sum(len(q) for q in whole) == 150
+    offsets = sorted(t for q in whole for t, _ in q)
+    assert offsets == [k / 200 for k in range(150)]
+
+
+def test_the_one_process_layout_still_runs(tmp_path: Path) -> None:
+    out = tmp_path / "hybrid.json"
+    proc = subprocess.run(
+        [
+            *medledger_command(),
+            "bench",
+            "hybrid",
+            "--quick",
+            "--one-process",
+            "--ordering",
+            "solo",
+            "--load",
+            "50",
+            "--json-out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["settings"]["layout"] == "one process"
+    assert [(r["mode"], r["ordering"]) for r in results["runs"]] == [
+        (HYBRID, "solo"),
+        (CONSORTIUM_ONLY, "solo"),
+    ]
+    for run in results["runs"]:
+        (step,) = run["steps"]
+        assert step["offered_per_s"] == 50
+        assert step["acked"] == step["records"] and step["errors"] == 0

@@ -1,11 +1,13 @@
 """``medledger bench hybrid``: the paper's claim, measured — hybrid vs consortium-only.
 
 Same workload in both modes: synthetic patients (``services.synthetic``,
-fixed seed) written as FHIR resources by concurrent writers at each
-institution of a local network (``network.LocalNetwork``: 4 institutions,
-one process, ``solo`` or a real 3-node JetStream R3 cluster), at offered
-loads from 100 records/s doubling up to the saturation point. Same records
-service, encryption and storage; only the commit path differs:
+fixed seed) written as FHIR resources by concurrent writers at each of 4
+institutions, ordered by ``solo`` or a real 3-node JetStream R3 cluster, at
+offered loads from 100 records/s doubling up to the saturation point. Each
+institution runs in its own process, as institutions do
+(``hybrid_procs``); ``one_process`` puts them all in this one
+(``network.LocalNetwork``). Same records service, encryption and storage;
+only the commit path differs:
 
 * **hybrid** — ``record.put`` commits on the institution's private chain;
   every institution anchors its chain on the consortium every 200 ms.
@@ -29,8 +31,8 @@ due time, so a saturated system cannot hide its queue):
     saturated when it achieves less than 80% of what was offered, and the
     saturation throughput is the best achieved at any load;
 (d) **CPU per record** — CPU time of this process and its children (the
-    nats-servers) over the step, per record; also net of the idle rate
-    measured before the first step (timers, heartbeats).
+    institution processes and nats-servers) over the step, per record; also
+    net of the idle rate measured before the first step (timers, heartbeats).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ from medledger.storage.keystore import KdfParams
 __all__ = ["MODES", "BenchNetwork", "HybridSettings", "compare", "run_hybrid_bench", "tree_cpu_s"]
 
 MODES = (HYBRID, CONSORTIUM_ONLY)
-_PASS = b"bench-only-passphrase"
+PASSPHRASE = b"bench-only-passphrase"
 #: A load achieving less than this share of what was offered is saturated.
 _SATURATED = 0.8
 #: Quantiles kept per step for the CDF plots (0, 1, …, 100 %).
@@ -94,6 +96,8 @@ class HybridSettings:
     warmup: int = 200  # records written before the first measured step
     seed: int = 11
     per_patient: int = 20
+    #: All institutions in this process, instead of one process per institution.
+    one_process: bool = False
 
     @classmethod
     def quick(cls, base: HybridSettings) -> HybridSettings:
@@ -108,6 +112,7 @@ class HybridSettings:
             warmup=min(base.warmup, 20),
             seed=base.seed,
             per_patient=min(base.per_patient, 10),
+            one_process=base.one_process,
         )
 
     def load_steps(self) -> Iterator[int]:
@@ -130,6 +135,7 @@ class HybridSettings:
             "warmup_records": self.warmup,
             "seed": self.seed,
             "resources_per_patient": self.per_patient,
+            "layout": "one process" if self.one_process else "one process per institution",
             "saturated_below": _SATURATED,
             "consortium_params": _params(HYBRID).to_json(),
         }
@@ -169,7 +175,7 @@ def tree_cpu_s() -> float:
 # -- the workload ----------------------------------------------------------------------
 
 
-def _workload(settings: HybridSettings) -> Iterator[tuple[int, dict[str, Any]]]:
+def workload(settings: HybridSettings) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(institution index, resource)`` forever, patient by patient, interleaved.
 
     Patient *k* belongs to institution ``k mod n``; each patient's resources
@@ -197,8 +203,21 @@ def _workload(settings: HybridSettings) -> Iterator[tuple[int, dict[str, Any]]]:
                     yield k % n, stream.popleft()
 
 
+def create_nodes(base: Path, mode: str, n: int) -> list[Path]:
+    """``n`` institution nodes under ``base`` and a genesis for ``mode`` naming them all."""
+    base.mkdir(parents=True)
+    roots = []
+    for i in range(n):
+        name = f"Hospital {chr(ord('A') + i)}"
+        root = base / institution_id(name)
+        init_node(root, name=name, passphrase=PASSPHRASE, kdf=KdfParams(n=2**12))
+        roots.append(root)
+    write_genesis(f"bench-{mode}", roots, time_ms=time.time_ns() // 1_000_000, params=_params(mode))
+    return roots
+
+
 @dataclass(slots=True)
-class _Step:
+class Step:
     load: int
     records: int
     validation: list[float] = field(default_factory=list)
@@ -217,7 +236,7 @@ class BenchNetwork:
         self.nodes: list[Node] = list(net.nodes.values())
         self.services = services
         # Hybrid: per institution, a heap of (private log size to cover, due, step).
-        self._pending: list[list[tuple[int, float, int, _Step]]] = [[] for _ in self.nodes]
+        self._pending: list[list[tuple[int, float, int, Step]]] = [[] for _ in self.nodes]
         self._seq = 0
         self._watchers: list[asyncio.Task[None]] = []
         self._closing = False
@@ -225,32 +244,29 @@ class BenchNetwork:
 
     @classmethod
     async def open(cls, base: Path, mode: str, ordering: str, n: int) -> BenchNetwork:
-        base.mkdir(parents=True)
-        roots = []
-        for i in range(n):
-            name = f"Hospital {chr(ord('A') + i)}"
-            root = base / institution_id(name)
-            init_node(root, name=name, passphrase=_PASS, kdf=KdfParams(n=2**12))
-            roots.append(root)
-        write_genesis(
-            f"bench-{mode}", roots, time_ms=time.time_ns() // 1_000_000, params=_params(mode)
-        )
+        """All ``n`` institutions in this process (the ``--one-process`` layout)."""
+        create_nodes(base, mode, n)
         net = await LocalNetwork.open(
-            base, passphrase=_PASS, ordering=ordering, anchor=mode == HYBRID
+            base, passphrase=PASSPHRASE, ordering=ordering, anchor=mode == HYBRID
         )
-        bench = cls(net, mode, [])
         try:
-            for node in bench.nodes:
-                bench.services.append(
-                    node.records if mode == HYBRID else bench._consortium_records(node)
-                )
-            if mode == HYBRID:
-                bench._watchers = [
-                    asyncio.create_task(bench._watch(i)) for i in range(len(bench.nodes))
-                ]
+            return cls.over(net, mode)
         except BaseException:
-            await bench.close()
+            await net.close()
             raise
+
+    @classmethod
+    def over(cls, net: LocalNetwork, mode: str) -> BenchNetwork:
+        """Write through ``net``'s nodes in ``mode`` (call on the running event loop)."""
+        bench = cls(net, mode, [])
+        for node in bench.nodes:
+            bench.services.append(
+                node.records if mode == HYBRID else bench._consortium_records(node)
+            )
+        if mode == HYBRID:
+            bench._watchers = [
+                asyncio.create_task(bench._watch(i)) for i in range(len(bench.nodes))
+            ]
         return bench
 
     def _consortium_records(self, node: Node) -> RecordsService:
@@ -273,7 +289,7 @@ class BenchNetwork:
             sign_tx=commit.sign,
         )
 
-    async def write(self, i: int, resource: dict[str, Any], due: float, step: _Step | None) -> None:
+    async def write(self, i: int, resource: dict[str, Any], due: float, step: Step | None) -> None:
         try:
             await self.services[i].update(
                 str(resource["resourceType"]), str(resource["id"]), resource
@@ -344,35 +360,107 @@ class BenchNetwork:
                 close()
 
 
-async def _offer(
-    bench: BenchNetwork,
+Schedule = list[deque[tuple[float, dict[str, Any]]]]
+
+
+def schedule(
     work: Iterator[tuple[int, dict[str, Any]]],
     load: int,
     count: int,
-    writers: int,
-    step: _Step | None,
-    advance: Any,
-) -> None:
-    """Offer ``count`` records at ``load`` per second; ``writers`` per institution take them."""
-    queues: list[deque[tuple[float, dict[str, Any]]]] = [deque() for _ in bench.nodes]
-    start = time.perf_counter() + 0.05
+    institutions: int,
+    only: int | None = None,
+) -> Schedule:
+    """The next ``count`` records at ``load``/s: per institution, (seconds after start, resource).
+
+    With ``only``, the one queue holds institution ``only``'s records; the
+    others are drawn and dropped, so every process walks the same workload.
+    """
+    queues: Schedule = [deque() for _ in range(1 if only is not None else institutions)]
     for k in range(count):
         i, resource = next(work)
-        queues[i].append((start + k / load, resource))
+        if only is None:
+            queues[i].append((k / load, resource))
+        elif i == only:
+            queues[0].append((k / load, resource))
+    return queues
+
+
+async def offer(
+    bench: BenchNetwork,
+    queues: Schedule,
+    start: float,
+    writers: int,
+    step: Step | None,
+    advance: Any,
+) -> None:
+    """Write each queued record at ``start`` + its offset; ``writers`` per institution.
+
+    ``start`` is a ``time.perf_counter()`` value: on Linux that is the
+    system-wide monotonic clock, so processes can share one start.
+    """
     if step is not None:
         step.first_due = start
 
     async def writer(i: int) -> None:
         queue = queues[i]
         while queue:
-            due, resource = queue.popleft()
+            offset, resource = queue.popleft()
+            due = start + offset
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             await bench.write(i, resource, due, step)
             advance()
 
-    await asyncio.gather(*(writer(i) for i in range(len(bench.nodes)) for _ in range(writers)))
+    await asyncio.gather(*(writer(i) for i in range(len(queues)) for _ in range(writers)))
+
+
+async def _offer(
+    bench: BenchNetwork,
+    work: Iterator[tuple[int, dict[str, Any]]],
+    load: int,
+    count: int,
+    writers: int,
+    step: Step | None,
+    advance: Any,
+) -> None:
+    """Offer ``count`` records at ``load`` per second to this process's institutions."""
+    queues = schedule(work, load, count, len(bench.nodes))
+    await offer(bench, queues, time.perf_counter() + 0.05, writers, step, advance)
+
+
+def step_result(
+    step: Step, drained: bool, cpu: float, elapsed: float, idle_cores: float
+) -> dict[str, Any]:
+    """One offered load's figures; ``cpu`` seconds were used over ``elapsed``."""
+    done = len(step.validation)
+    achieved = done / max(step.last_ack - step.first_due, 1e-9) if done else 0.0
+    return {
+        "offered_per_s": step.load,
+        "records": step.records,
+        "acked": done,
+        "errors": step.errors,
+        "achieved_per_s": round(achieved, 1),
+        "saturated": achieved < _SATURATED * step.load,
+        "validation_ms": percentiles(step.validation),
+        "tamper_evidence_ms": percentiles(step.tamper),
+        "all_tamper_evident": drained and len(step.tamper) == done,
+        "cpu_ms_per_record": round(cpu / max(done, 1) * 1000, 3),
+        "cpu_ms_per_record_net": round(
+            max(cpu - idle_cores * elapsed, 0.0) / max(done, 1) * 1000, 3
+        ),
+        "cpu_cores_used": round(cpu / elapsed, 2),
+        "cdf_ms": {"validation": _cdf(step.validation), "tamper": _cdf(step.tamper)},
+    }
+
+
+def report_step(progress: Progress, label: str, result: dict[str, Any]) -> None:
+    progress.console.print(
+        f"{label}: {result['offered_per_s']:,}/s offered → {result['achieved_per_s']:,.0f}/s,"
+        f" validation p50 {result['validation_ms']['p50']} ms, tamper-evident p99"
+        f" {result['tamper_evidence_ms']['p99']} ms"
+        + (" [saturated]" if result["saturated"] else "")
+    )
 
 
 def _cdf(samples: list[float]) -> list[float]:
@@ -396,7 +484,7 @@ async def _run_one(
     )
     steps: list[dict[str, Any]] = []
     try:
-        work = _workload(settings)
+        work = workload(settings)
         task = progress.add_task(f"{label}: warm-up", total=settings.warmup)
         await _offer(
             bench,
@@ -415,7 +503,7 @@ async def _run_one(
         progress.remove_task(task)
         for load in settings.load_steps():
             count = max(1, round(load * settings.step_seconds))
-            step = _Step(load=load, records=count)
+            step = Step(load=load, records=count)
             task = progress.add_task(f"{label}: {load:,}/s", total=count)
             cpu0, t0 = tree_cpu_s(), time.perf_counter()
             await _offer(
@@ -424,37 +512,23 @@ async def _run_one(
             drained = await bench.drained(120)
             cpu, elapsed = tree_cpu_s() - cpu0, time.perf_counter() - t0
             progress.remove_task(task)
-            done = len(step.validation)
-            achieved = done / max(step.last_ack - step.first_due, 1e-9) if done else 0.0
-            saturated = achieved < _SATURATED * load
-            steps.append(
-                {
-                    "offered_per_s": load,
-                    "records": count,
-                    "errors": step.errors,
-                    "achieved_per_s": round(achieved, 1),
-                    "saturated": saturated,
-                    "validation_ms": percentiles(step.validation),
-                    "tamper_evidence_ms": percentiles(step.tamper),
-                    "all_tamper_evident": drained and len(step.tamper) == done,
-                    "cpu_ms_per_record": round(cpu / max(done, 1) * 1000, 3),
-                    "cpu_ms_per_record_net": round(
-                        max(cpu - idle_cores * elapsed, 0.0) / max(done, 1) * 1000, 3
-                    ),
-                    "cpu_cores_used": round(cpu / elapsed, 2),
-                    "cdf_ms": {"validation": _cdf(step.validation), "tamper": _cdf(step.tamper)},
-                }
-            )
-            progress.console.print(
-                f"{label}: {load:,}/s offered → {achieved:,.0f}/s, validation p50 "
-                f"{steps[-1]['validation_ms']['p50']} ms, tamper-evident p99 "
-                f"{steps[-1]['tamper_evidence_ms']['p99']} ms"
-                + (" [saturated]" if saturated else "")
-            )
-            if saturated:
+            steps.append(step_result(step, drained, cpu, elapsed, idle_cores))
+            report_step(progress, label, steps[-1])
+            if steps[-1]["saturated"]:
                 break
     finally:
         await bench.close()
+    return run_result(mode, ordering, settings, idle_cores, steps)
+
+
+def run_result(
+    mode: str,
+    ordering: str,
+    settings: HybridSettings,
+    idle_cores: float,
+    steps: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """One (mode, ordering) run's figures, from its steps."""
     return {
         "mode": mode,
         "ordering": ordering,
@@ -545,9 +619,13 @@ def run_hybrid_bench(
     ):
         for ordering in settings.orderings:
             for mode in settings.modes:
-                results["runs"].append(
-                    asyncio.run(_run_one(base, mode, ordering, settings, progress))
-                )
+                if settings.one_process:
+                    run = asyncio.run(_run_one(base, mode, ordering, settings, progress))
+                else:
+                    from medledger.benchmarks.hybrid_procs import run_per_institution
+
+                    run = run_per_institution(base, mode, ordering, settings, progress)
+                results["runs"].append(run)
     finish_results(results, started)
     results["comparison"] = compare(results["runs"])
     if plots_dir is not None:

@@ -237,6 +237,11 @@ def bench_consortium(
 )
 @click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True)
 @click.option("--seed", type=int, default=11, show_default=True)
+@click.option(
+    "--one-process",
+    is_flag=True,
+    help="Run every institution in the benchmark process (default: one process each).",
+)
 @_json_out
 @_quick
 @click.option(
@@ -262,6 +267,7 @@ def bench_hybrid(
     writers: int,
     warmup: int,
     seed: int,
+    one_process: bool,
     json_out: Path | None,
     quick: bool,
     plots_dir: Path | None,
@@ -285,6 +291,7 @@ def bench_hybrid(
             writers=writers,
             warmup=warmup,
             seed=seed,
+            one_process=one_process,
         ),
         json_out=json_out,
         quick=quick,

@@ -1,0 +1,275 @@
+"""``bench hybrid`` with one process per institution, as institutions run.
+
+The parent creates the nodes and the genesis, starts the ordering service
+(a 3-node NATS JetStream cluster, or the solo order file that every process
+opens) and one worker process per institution. Each worker opens its node,
+joins the consortium, and writes its own institution's share of the same
+workload (``hybrid.workload``, walked identically by every worker) through
+the same :class:`~medledger.benchmarks.hybrid.BenchNetwork` code as the
+one-process layout. For each offered load the parent has every worker
+schedule its records, then gives them one start time on the system-wide
+monotonic clock; the workers write, wait until their records are
+tamper-evident, and send back their latencies. CPU is the parent's and all
+its children's (workers and nats-servers), as in the one-process layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from medledger.benchmarks.hybrid import (
+    PASSPHRASE,
+    BenchNetwork,
+    HybridSettings,
+    Step,
+    create_nodes,
+    offer,
+    report_step,
+    run_result,
+    schedule,
+    step_result,
+    tree_cpu_s,
+    workload,
+)
+from medledger.core.consortium import HYBRID
+from medledger.core.errors import MedledgerError
+from medledger.ledger.ordering.port import Orderer
+
+__all__ = ["run_per_institution"]
+
+STREAM, SUBJECT = "CONSORTIUM", "consortium.order"  # as ``network.LocalNetwork`` names them
+#: Longest wait for a worker's answer (a step drains for up to 120 s).
+_ANSWER_TIMEOUT_S = 300.0
+#: Lead time between the start message and the shared start instant.
+_START_LEAD_S = 0.1
+
+
+class WorkerFailed(MedledgerError):
+    """An institution's worker process failed or stopped answering."""
+
+
+@dataclass(frozen=True, slots=True)
+class _WorkerSpec:
+    root: Path
+    index: int
+    mode: str
+    ordering: str
+    order_file: Path | None
+    nats_urls: tuple[str, ...]
+    settings: HybridSettings
+
+
+# -- the worker (one institution) ------------------------------------------------------
+
+
+def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
+    try:
+        asyncio.run(_serve(spec, conn))
+    except BaseException as exc:  # report any failure to the parent, then exit
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()[-2000:]))
+        raise
+    finally:
+        conn.close()
+
+
+async def _orderer(spec: _WorkerSpec) -> Orderer:
+    if spec.ordering == "solo":
+        from medledger.ledger.ordering.solo import SoloOrderer
+
+        assert spec.order_file is not None
+        return SoloOrderer(spec.order_file)
+    from medledger.ledger.ordering.jetstream import JetStreamOrderer
+
+    return await JetStreamOrderer.connect(
+        list(spec.nats_urls), stream=STREAM, subject=SUBJECT, replicas=3, create=False
+    )
+
+
+async def _serve(spec: _WorkerSpec, conn: Connection) -> None:
+    from medledger.network import LocalNetwork
+    from medledger.node import open_node
+
+    node = open_node(spec.root, PASSPHRASE)
+    orderer = await _orderer(spec)
+    await node.join_consortium(orderer, anchor=spec.mode == HYBRID)
+    bench = BenchNetwork.over(
+        LocalNetwork(spec.root.parent, {node.config.institution: node}, [orderer]), spec.mode
+    )
+    work = workload(spec.settings)
+    queues = None
+    try:
+        conn.send(("ready",))
+        while True:
+            command, *args = await asyncio.to_thread(conn.recv)
+            if command == "schedule":
+                load, count = args
+                queues = schedule(work, load, count, spec.settings.institutions, only=spec.index)
+                conn.send(("scheduled",))
+            elif command == "go":
+                start, load, count, measured = args
+                assert queues is not None
+                step = Step(load=load, records=count) if measured else None
+                await offer(bench, queues, start, spec.settings.writers, step, lambda: None)
+                drained = await bench.drained(120 if measured else 30)
+                conn.send(("done", step, drained))
+            elif command == "close":
+                return
+    finally:
+        await bench.close()
+
+
+# -- the parent ------------------------------------------------------------------------
+
+
+class _Workers:
+    """The worker processes of one run and the pipes to them."""
+
+    def __init__(self, specs: list[_WorkerSpec]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._procs: list[Any] = []
+        self._conns: list[Connection] = []
+        for spec in specs:
+            parent, child = context.Pipe()
+            proc = context.Process(
+                target=_worker_main, args=(spec, child), name=f"bench-{spec.index}"
+            )
+            proc.start()
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+
+    def ask(self, *message: Any) -> list[tuple[Any, ...]]:
+        """Send ``message`` to every worker; return each one's answer."""
+        for conn in self._conns:
+            conn.send(message)
+        return self.answers()
+
+    def answers(self) -> list[tuple[Any, ...]]:
+        out = []
+        for n, conn in enumerate(self._conns):
+            if not conn.poll(_ANSWER_TIMEOUT_S):
+                raise WorkerFailed(f"institution worker {n} did not answer")
+            try:
+                answer = conn.recv()
+            except EOFError:
+                raise WorkerFailed(f"institution worker {n} exited") from None
+            if answer[0] == "error":
+                raise WorkerFailed(f"institution worker {n}: {answer[1]}\n{answer[2]}")
+            out.append(answer)
+        return out
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):  # already gone
+                conn.send(("close",))
+        for proc in self._procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self._conns:
+            conn.close()
+
+
+def _steps(
+    workers: _Workers,
+    settings: HybridSettings,
+    progress: Progress,
+    label: str,
+    idle_cores: float,
+) -> Iterator[dict[str, Any]]:
+    """Each measured offered load's figures, until one saturates."""
+    for load in settings.load_steps():
+        count = max(1, round(load * settings.step_seconds))
+        task = progress.add_task(f"{label}: {load:,}/s", total=1)
+        workers.ask("schedule", load, count)
+        cpu0, t0 = tree_cpu_s(), time.perf_counter()
+        answers = workers.ask("go", time.perf_counter() + _START_LEAD_S, load, count, True)
+        cpu, elapsed = tree_cpu_s() - cpu0, time.perf_counter() - t0
+        progress.remove_task(task)
+        step = Step(load=load, records=count)
+        parts: list[Step] = [a[1] for a in answers]
+        for part in parts:
+            step.validation.extend(part.validation)
+            step.tamper.extend(part.tamper)
+            step.errors += part.errors
+        step.first_due = min(p.first_due for p in parts)
+        step.last_ack = max(p.last_ack for p in parts)
+        result = step_result(step, all(a[2] for a in answers), cpu, elapsed, idle_cores)
+        report_step(progress, label, result)
+        yield result
+        if result["saturated"]:
+            return
+
+
+def run_per_institution(
+    root: Path, mode: str, ordering: str, settings: HybridSettings, progress: Progress
+) -> dict[str, Any]:
+    """One (mode, ordering) run with a process per institution; same result shape as in-process."""
+    label = f"{mode}, {ordering}"
+    base = root / f"{mode}-{ordering}"
+    roots = create_nodes(base, mode, settings.institutions)
+    cluster: Any = None
+    order_file = None
+    urls: tuple[str, ...] = ()
+    workers: _Workers | None = None
+    try:
+        if ordering == "solo":
+            order_file = base / "order.db"
+            asyncio.run(_create_order_file(order_file))
+        else:
+            from medledger.ledger.ordering.natsserver import NatsCluster
+
+            cluster = NatsCluster(base / "nats", size=3)
+            cluster.start()
+            urls = tuple(cluster.client_urls())
+            asyncio.run(_create_stream(urls))
+        task = progress.add_task(f"{label}: starting {len(roots)} institution processes", total=1)
+        workers = _Workers(
+            [
+                _WorkerSpec(root, n, mode, ordering, order_file, urls, settings)
+                for n, root in enumerate(roots)
+            ]
+        )
+        workers.answers()  # every node open and in the consortium
+        first = settings.loads[0] if settings.loads else settings.start_load
+        workers.ask("schedule", first, settings.warmup)
+        workers.ask("go", time.perf_counter() + _START_LEAD_S, first, settings.warmup, False)
+        progress.remove_task(task)
+        # Idle CPU (cut timers, anchoring checks, heartbeats), to report CPU net of it.
+        cpu0, t0 = tree_cpu_s(), time.perf_counter()
+        time.sleep(1.0 if settings.step_seconds >= 2 else 0.3)
+        idle_cores = (tree_cpu_s() - cpu0) / (time.perf_counter() - t0)
+        steps = list(_steps(workers, settings, progress, label, idle_cores))
+    finally:
+        if workers is not None:
+            workers.close()
+        if cluster is not None:
+            cluster.stop()
+    return run_result(mode, ordering, settings, idle_cores, steps)
+
+
+async def _create_order_file(path: Path) -> None:
+    """Create the solo order (schema, WAL) once, before the workers open it."""
+    from medledger.ledger.ordering.solo import SoloOrderer
+
+    await SoloOrderer(path).close()
+
+
+async def _create_stream(urls: tuple[str, ...]) -> None:
+    """Create the consortium stream once, so workers only connect to it."""
+    from medledger.ledger.ordering.jetstream import JetStreamOrderer
+
+    orderer = await JetStreamOrderer.connect(list(urls), stream=STREAM, subject=SUBJECT, replicas=3)
+    await orderer.close()
