@@ -204,6 +204,19 @@ def test_a_changed_transaction_byte_is_caught(built: Built, index: int, mode: st
     built.expect(built.height_of(index), IntegrityError)
 
 
+@pytest.mark.parametrize("index", [1, 9, 20, 45])
+def test_an_edited_block_is_named_even_where_an_anchor_ends_in_it(built: Built, index: int) -> None:
+    """With every block's root published, the edit is still reported as the block's own."""
+    anchors = [Checkpoint(size=h.log_size, root=h.log_root) for h in built.headers]
+    built.sql(
+        "UPDATE txs SET data = ? WHERE idx = ?",
+        (_flip(built.data[index], "xor-middle-byte"), index),
+    )
+    error = built.expect(built.height_of(index), IntegrityError, checkpoints=anchors)
+    assert "tx_root does not match" in str(error)
+    assert "history was rewritten" not in str(error)
+
+
 def test_a_deleted_transaction_is_caught(built: Built) -> None:
     built.sql("DELETE FROM txs WHERE idx = ?", (20,))
     built.expect(built.height_of(20), IntegrityError)
