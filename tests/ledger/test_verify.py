@@ -210,7 +210,7 @@ def test_an_edited_block_is_named_even_where_an_anchor_ends_in_it(built: Built, 
     anchors = [Checkpoint(size=h.log_size, root=h.log_root) for h in built.headers]
     built.sql(
         "UPDATE txs SET data = ? WHERE idx = ?",
-        (_flip(built.data[index], "xor-middle-byte"), index),
+        (_flip(built.data[index], "canonical-value"), index),
     )
     error = built.expect(built.height_of(index), IntegrityError, checkpoints=anchors)
     assert "tx_root does not match" in str(error)
