@@ -71,7 +71,23 @@ from medledger.services.synthetic import iter_patients
 from medledger.storage import factory
 from medledger.storage.keystore import KdfParams
 
-__all__ = ["MODES", "BenchNetwork", "HybridSettings", "compare", "run_hybrid_bench", "tree_cpu_s"]
+__all__ = [
+    "MODES",
+    "PASSPHRASE",
+    "BenchNetwork",
+    "HybridSettings",
+    "Step",
+    "compare",
+    "create_nodes",
+    "offer",
+    "report_step",
+    "run_hybrid_bench",
+    "run_result",
+    "schedule",
+    "step_result",
+    "tree_cpu_s",
+    "workload",
+]
 
 MODES = (HYBRID, CONSORTIUM_ONLY)
 PASSPHRASE = b"bench-only-passphrase"
