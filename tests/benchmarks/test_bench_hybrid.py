@@ -18,10 +18,10 @@ from cli_support import medledger_command
 from medledger.benchmarks.hybrid import (
     BenchNetwork,
     HybridSettings,
-    compare,
     schedule,
     workload,
 )
+from medledger.benchmarks.hybrid_summary import compare
 from medledger.benchmarks.report import LATEST_HEADING, plot_hybrid, update_markdown
 from medledger.cli.consortium import verify_consortium_store
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID

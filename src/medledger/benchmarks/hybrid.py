@@ -50,7 +50,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from medledger.benchmarks.common import (
     finish_results,
@@ -59,6 +58,7 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
+from medledger.benchmarks.hybrid_summary import compare, print_summary
 from medledger.config import institution_id
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID, ConsortiumParams
 from medledger.core.errors import InvalidInput, MedledgerError
@@ -77,7 +77,6 @@ __all__ = [
     "BenchNetwork",
     "HybridSettings",
     "Step",
-    "compare",
     "create_nodes",
     "offer",
     "report_step",
@@ -556,57 +555,6 @@ def run_result(
     }
 
 
-def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Hybrid vs consortium-only, per ordering, from runs of one invocation."""
-    out = []
-    by = {(r["mode"], r["ordering"]): r for r in runs}
-    for ordering in dict.fromkeys(r["ordering"] for r in runs):
-        hybrid, only = by.get((HYBRID, ordering)), by.get((CONSORTIUM_ONLY, ordering))
-        if hybrid is None or only is None:
-            continue
-        h_steps = {s["offered_per_s"]: s for s in hybrid["steps"]}
-        loads = []
-        for s in only["steps"]:
-            h = h_steps.get(s["offered_per_s"])
-            if h is None:
-                continue
-            loads.append(
-                {
-                    "offered_per_s": s["offered_per_s"],
-                    "validation_p50_ratio": _ratio(
-                        s["validation_ms"]["p50"], h["validation_ms"]["p50"]
-                    ),
-                    "validation_p99_ratio": _ratio(
-                        s["validation_ms"]["p99"], h["validation_ms"]["p99"]
-                    ),
-                    "hybrid_tamper_p99_ms": h["tamper_evidence_ms"]["p99"],
-                    "consortium_only_saturated": s["saturated"],
-                    "hybrid_saturated": h["saturated"],
-                }
-            )
-        out.append(
-            {
-                "ordering": ordering,
-                "loads": loads,
-                "saturation_ratio": _ratio(hybrid["saturation_per_s"], only["saturation_per_s"]),
-                "hybrid_saturation_per_s": hybrid["saturation_per_s"],
-                "consortium_only_saturation_per_s": only["saturation_per_s"],
-                "hybrid_reached_saturation": hybrid["saturated"],
-                "cpu_per_record_ratio": _ratio(_cpu_at_top(only), _cpu_at_top(hybrid)),
-            }
-        )
-    return out
-
-
-def _cpu_at_top(run: dict[str, Any]) -> float:
-    """Net CPU per record at the highest load run (closest to saturation)."""
-    return float(run["steps"][-1]["cpu_ms_per_record_net"]) if run["steps"] else 0.0
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 2) if b > 0 else None
-
-
 def run_hybrid_bench(
     *,
     root: Path | None,
@@ -648,7 +596,7 @@ def run_hybrid_bench(
         from medledger.benchmarks.report import plot_hybrid
 
         results["plots"] = [str(p) for p in plot_hybrid(results, plots_dir)]
-    _print(results)
+    print_summary(results)
     if json_out is not None:
         write_json(json_out, results)
     if markdown is not None:
@@ -656,36 +604,3 @@ def run_hybrid_bench(
 
         update_markdown(markdown, {"hybrid": results})
     return results
-
-
-def _print(results: dict[str, Any]) -> None:
-    t = Table(title="medledger bench hybrid (validation = submit → durable commit)")
-    for col in (
-        "ordering",
-        "mode",
-        "offered/s",
-        "achieved/s",
-        "validation p50/p99 ms",
-        "tamper-evident p50/p99 ms",
-        "CPU ms/record",
-    ):
-        t.add_column(col, justify="right")
-    for run in results["runs"]:
-        for s in run["steps"]:
-            t.add_row(
-                run["ordering"],
-                run["mode"],
-                f"{s['offered_per_s']:,}",
-                f"{s['achieved_per_s']:,.0f}" + (" (sat.)" if s["saturated"] else ""),
-                f"{s['validation_ms']['p50']} / {s['validation_ms']['p99']}",
-                f"{s['tamper_evidence_ms']['p50']} / {s['tamper_evidence_ms']['p99']}",
-                f"{s['cpu_ms_per_record']} ({s['cpu_ms_per_record_net']} net)",
-            )
-    Console().print(t)
-    for c in results["comparison"]:
-        Console().print(
-            f"{c['ordering']}: saturation hybrid {c['hybrid_saturation_per_s']:,.0f}/s vs "
-            f"consortium-only {c['consortium_only_saturation_per_s']:,.0f}/s "
-            f"({c['saturation_ratio']}x); validation p50 ratio by load: "
-            + ", ".join(f"{x['offered_per_s']}/s {x['validation_p50_ratio']}x" for x in c["loads"])
-        )
