@@ -53,6 +53,7 @@ from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.tokens import TokenStore
 
 __all__ = [
+    "create_order_file",
     "NETWORK_FILE",
     "NetworkError",
     "down",
@@ -455,7 +456,7 @@ def _create(
             finally:
                 tokens.close()
         if ordering == "solo":
-            _create_order_file(base / "order.db")
+            create_order_file(base / "order.db")
         _save_network(base, data)
     except BaseException:
         if data["postgres"] is not None:
@@ -474,7 +475,7 @@ def _create(
     return data
 
 
-def _create_order_file(path: Path) -> None:
+def create_order_file(path: Path) -> None:
     """Create the solo order (schema, WAL) once, before several processes open it."""
     import asyncio
 

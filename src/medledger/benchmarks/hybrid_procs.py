@@ -42,13 +42,16 @@ from medledger.benchmarks.hybrid import (
     tree_cpu_s,
     workload,
 )
+from medledger.config import ConsortiumConfig
 from medledger.core.consortium import HYBRID
 from medledger.core.errors import MedledgerError
 from medledger.ledger.ordering.port import Orderer
+from medledger.netproc import create_order_file
 
 __all__ = ["run_per_institution"]
 
-STREAM, SUBJECT = "CONSORTIUM", "consortium.order"  # as ``network.LocalNetwork`` names them
+#: The consortium stream and subject every node uses by default.
+STREAM, SUBJECT = ConsortiumConfig().stream, ConsortiumConfig().subject
 #: Longest wait for a worker's answer (a step drains for up to 120 s).
 _ANSWER_TIMEOUT_S = 300.0
 #: Lead time between the start message and the shared start instant.
@@ -227,7 +230,7 @@ def run_per_institution(
     try:
         if ordering == "solo":
             order_file = base / "order.db"
-            asyncio.run(_create_order_file(order_file))
+            create_order_file(order_file)
         else:
             from medledger.ledger.ordering.natsserver import NatsCluster
 
@@ -258,13 +261,6 @@ def run_per_institution(
         if cluster is not None:
             cluster.stop()
     return run_result(mode, ordering, settings, idle_cores, steps)
-
-
-async def _create_order_file(path: Path) -> None:
-    """Create the solo order (schema, WAL) once, before the workers open it."""
-    from medledger.ledger.ordering.solo import SoloOrderer
-
-    await SoloOrderer(path).close()
 
 
 async def _create_stream(urls: tuple[str, ...]) -> None:
