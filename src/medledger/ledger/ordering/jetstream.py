@@ -269,6 +269,7 @@ class JetStreamOrderer:
         stalls = 0
         idle_pause = 0.0
         while not self._closed:
+            _resume_cancellation()
             if idle_pause:
                 # the last consumer ended without delivering: do not hammer the servers
                 await asyncio.sleep(idle_pause)
@@ -287,6 +288,7 @@ class JetStreamOrderer:
             failing_since = None
             before = expected
             try:
+                _resume_cancellation()
                 async with contextlib.aclosing(self._pull(feed)) as delivered:
                     async for msg in delivered:
                         seq = msg.metadata.sequence.stream
@@ -501,6 +503,19 @@ class _Feed:
 def _byte_limit_reached(msg: Msg) -> bool:
     description = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
     return "Message Size Exceeds MaxBytes" in description
+
+
+def _resume_cancellation() -> None:
+    """Raise ``CancelledError`` if this task was cancelled but the cancellation got lost.
+
+    On Python 3.11, ``asyncio.wait_for`` (which nats-py uses for requests with a
+    timeout) returns its result and drops the cancellation when both arrive
+    together. A reader whose cancellation was dropped would otherwise loop on,
+    and whoever awaits it after cancelling (a closing member) would wait forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _close_quietly(nc: Client) -> None:
