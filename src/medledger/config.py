@@ -46,7 +46,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,8 @@ class StorageConfig:
     """
 
     store: str = "sqlite"
-    dsn: str = ""
+    #: May carry a password: never in a repr.
+    dsn: str = field(default="", repr=False)
     blobs: str = "file"
 
     def __post_init__(self) -> None:

@@ -303,3 +303,15 @@ def test_low_order_x25519_public_key_is_invalid_input(kem: str) -> None:
     text = f"{kem}:{mlkem_part}{'00' * X25519_PUBLIC}"
     with pytest.raises(InvalidInput):
         seal_to(text, DATA_KEY, INFO)
+
+
+def test_repr_shows_no_private_key_material() -> None:
+    store = MemoryKeyStore()
+    pair = _pair(store=store)
+    text = repr(pair)
+    assert "HpkeKeyPair" in text and DEFAULT_KEM in text
+    for secret in (store.items[HPKE_MLKEM_SEED], store.items[HPKE_X25519_KEY]):
+        assert repr(secret) not in text and secret.hex() not in text
+    pair.public_text()  # fills the derived-key caches, which stay hidden too
+    pair.open(pair.public_text(), seal_to(pair.public_text(), DATA_KEY, INFO), INFO)
+    assert repr(pair) == text

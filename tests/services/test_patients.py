@@ -158,3 +158,10 @@ def test_enrollment_signature(wallet_path: Path) -> None:
     wallet.public.verify(sig, enrollment_message("alpha", "pat-1"))
     with pytest.raises(InvalidSignature, match="does not verify"):
         wallet.public.verify(sig, enrollment_message("beta", "pat-1"))
+
+
+def test_repr_names_the_fingerprint_only(wallet_path: Path) -> None:
+    wallet = PatientWallet.create(wallet_path, PASSPHRASE)
+    text = repr(wallet)
+    assert text.startswith("PatientWallet(") and wallet.fingerprint[:16] in text
+    assert PASSPHRASE.decode() not in text and "PRIVATE" not in text

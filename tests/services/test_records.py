@@ -29,6 +29,7 @@ from medledger.core.errors import (
 from medledger.ledger.verify import verify_chain
 from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.fhir import FhirInvalid, load_json
+from medledger.services.records import SealedVersion, StoredResource
 from medledger.services.synthetic import (
     RXNORM,
     SNOMED,
@@ -38,6 +39,7 @@ from medledger.services.synthetic import (
     generate_patients,
 )
 from medledger.storage.keystore import FileKeyStore, KdfParams
+from medledger.storage.records import VersionRow
 
 T = TypeVar("T")
 PW = b"pw"
@@ -1041,3 +1043,34 @@ def test_erase_single_resource(tmp_path: Path) -> None:
     assert len(tombstones) == 1 and tombstones[0]["body"]["versions"] == 2
     assert tombstones[0]["body"]["resource_type"] == rtype
     verify(root)
+
+
+def test_reprs_hide_the_data_key_and_the_plaintext() -> None:
+    """A record's data key and decrypted resource never reach a repr (so never a log line)."""
+    dek = bytes(range(32))
+    phi = b'{"resourceType":"Patient","name":[{"family":"Reprtest-Lastname"}]}'
+    row = VersionRow(
+        resource_type="Patient",
+        id="p1",
+        version=1,
+        blob_hash=bytes(32),
+        wrapped_dek=b"wrapped",
+        kek_id="k1",
+        patient=None,
+        updated_ms=0,
+        tx_hash=bytes(32),
+    )
+    sealed = SealedVersion(row=row, blob=b"ciphertext", dek=dek, tx_data=b"{}")
+    stored = StoredResource(
+        resource_type="Patient",
+        id="p1",
+        version=1,
+        last_updated="2024-01-01T00:00:00.000Z",
+        data=phi,
+        tx_hash=bytes(32),
+    )
+    assert sealed.dek == dek and stored.data == phi  # still there for the code that needs it
+    for text in (repr(sealed), str(sealed)):
+        assert repr(dek) not in text and dek.hex() not in text and ", dek=" not in text
+    for text in (repr(stored), str(stored)):
+        assert "Reprtest" not in text and "data=" not in text and "p1" in text

@@ -67,3 +67,14 @@ def test_create_refuses_empty_passphrase_and_existing_file(tmp_path: Path) -> No
     FileKeyStore.create(tmp_path / "b.json", b"pw", params=FAST)
     with pytest.raises(KeyStoreError):
         FileKeyStore.create(tmp_path / "b.json", b"pw", params=FAST)
+
+
+def test_repr_shows_the_path_and_no_secret(tmp_path: Path) -> None:
+    passphrase = b"a passphrase not to be printed"
+    ks = FileKeyStore.create(tmp_path / "ks.json", passphrase, params=FAST)
+    text = repr(ks)
+    assert str(tmp_path / "ks.json") in text
+    assert passphrase.decode() not in text
+    for name in ks.names():
+        value = ks.secret(name)
+        assert repr(value) not in text and value.hex() not in text

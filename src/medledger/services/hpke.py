@@ -94,8 +94,9 @@ class HpkeKeyPair:
     """A member's HPKE private keys (both KEMs); ``kem`` selects the published one."""
 
     kem: str
-    mlkem_seed: bytes
-    x25519_raw: bytes
+    # Private key material: never in a repr (logs, tracebacks, debuggers).
+    mlkem_seed: bytes = field(repr=False)
+    x25519_raw: bytes = field(repr=False)
     # Derived once: expanding the ML-KEM seed and deriving public keys cost more
     # than the HPKE operation itself.
     _private: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)

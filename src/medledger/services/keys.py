@@ -27,6 +27,10 @@ class InstitutionKeys:
         self.search_key = keystore.secret("search_key")
         self._keks: dict[str, bytes] = {}
 
+    def __repr__(self) -> str:
+        # The search key and the cached KEKs stay out of every repr.
+        return f"InstitutionKeys({len(self._keks)} KEKs cached)"
+
     def current_kek(self) -> tuple[str, bytes]:
         kek_id = self._store.secret(CURRENT_KEK).decode()
         return kek_id, self.kek(kek_id)

@@ -45,6 +45,9 @@ class PatientWallet:
             raise KeyStoreError(f"cannot read {path}: {exc.strerror}") from None
         return cls(SigningKey.from_encrypted_pem(data, passphrase))
 
+    def __repr__(self) -> str:
+        return f"PatientWallet({self.fingerprint[:16]}…)"
+
     @property
     def public(self) -> VerifyingKey:
         return self._key.public

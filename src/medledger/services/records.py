@@ -21,7 +21,7 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -81,7 +81,8 @@ class StoredResource:
     id: str
     version: int
     last_updated: str
-    data: bytes
+    #: The decrypted resource (PHI): never in a repr, so never in a log line.
+    data: bytes = field(repr=False)
     tx_hash: bytes
     #: The patient pseudonym the version was committed with (for the access trail).
     patient: str | None = None
@@ -97,7 +98,8 @@ class SealedVersion:
 
     row: VersionRow
     blob: bytes
-    dek: bytes
+    #: The record's data key in clear: never in a repr.
+    dek: bytes = field(repr=False)
     tx_data: bytes
 
 

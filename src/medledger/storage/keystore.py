@@ -214,6 +214,10 @@ class FileKeyStore:
                 self._items[name] = value
         self._save()
 
+    def __repr__(self) -> str:
+        # The passphrase and the unsealed secrets stay out of every repr.
+        return f"FileKeyStore({str(self._path)!r})"
+
     def names(self) -> Mapping[str, int]:
         """Secret names and their sizes in bytes (never their values)."""
         return {k: len(v) for k, v in self._items.items()}
