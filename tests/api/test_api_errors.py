@@ -268,6 +268,13 @@ def test_missing_resources_are_404(clinician: httpx.Client, patient_id: str) -> 
         ("/fhir/Patient", {"_offset": "-5"}),
         ("/fhir/Patient", {"_sort": "family"}),
         ("/fhir/Consent", {"patient": "x"}),
+        # Issue #14 item 9: these three were 500s (OverflowError).
+        ("/fhir/Observation", {"date": "gt9999-12-31"}),
+        ("/fhir/Observation", {"date": "lt0001-01-01"}),
+        ("/fhir/Patient", {"birthdate": "9999-12-31"}),
+        # Issue #14 item 6: bounded work per query.
+        ("/fhir/Observation", {"code": ",".join(f"c{i}" for i in range(65))}),
+        ("/fhir/Observation", {"date": ",".join(f"ge1800-01-{d:02}" for d in range(2, 29))}),
     ],
 )
 def test_unsupported_search_is_400(

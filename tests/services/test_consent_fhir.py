@@ -119,6 +119,19 @@ def test_a_consent_without_or_with_a_broken_signed_tx_is_refused() -> None:
         grant_from_consent(swapped)
 
 
+@pytest.mark.parametrize("depth", [50, 100_000])
+def test_a_deeply_nested_signed_tx_string_is_invalid_input(depth: int) -> None:
+    """The extension's string is request text: nesting past the body's depth limit is a
+    clear InvalidInput (400), never a RecursionError (500) from the JSON parser."""
+    resource = consent_for_grant(_grant())
+    nested = "[" * depth + "]" * depth
+    for text in (nested, '{"type":' + nested + "}"):
+        with pytest.raises(InvalidInput, match="not a transaction"):
+            grant_from_consent(
+                {**resource, "extension": [{"url": CONSENT_TX_EXTENSION, "valueString": text}]}
+            )
+
+
 def test_a_revocation_carries_its_signed_tx() -> None:
     tx = _grant()
     revoke = revoke_tx(PATIENT, chain=CHAIN, grant=tx.hash(), time_ms=T0 + 5)

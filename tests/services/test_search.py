@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from medledger.core.errors import InvalidInput
 from medledger.node import Node, init_node, open_node
 from medledger.services.search import (
+    MAX_ALTERNATIVES,
+    MAX_QUERY_TOKENS,
     SEARCH_PARAMS,
     TOKEN_SIZE,
     _range_for,
@@ -316,6 +318,52 @@ def test_unsupported_search_is_invalid_input(
             await node.records.search(rtype, params)
 
     run(root, go)
+
+
+@pytest.mark.parametrize(
+    ("rtype", "param", "value"),
+    [
+        ("Observation", "date", "gt9999-12-31"),
+        ("Observation", "date", "lt0001-01-01"),
+        ("Patient", "birthdate", "9999-12-31"),
+        ("Patient", "birthdate", "ge9999"),
+        ("Observation", "date", "1799-12-31"),
+        ("Observation", "date", "lt2201"),
+    ],
+)
+def test_date_values_beyond_the_supported_years_are_invalid_input(
+    rtype: str, param: str, value: str
+) -> None:
+    """Issue #14 item 9: these were OverflowErrors (HTTP 500) at the calendar's ends."""
+    with pytest.raises(InvalidInput, match="years from 1800 to 2200"):
+        query_tokens(KEY_A, rtype, {param: [value]})
+
+
+def test_range_terms_end_at_the_last_day_of_the_calendar() -> None:
+    assert _range_terms(date(9999, 12, 1), date.max) == ["m:9999-12"]
+    assert _range_terms(date(9999, 1, 1), date.max) == ["y:9999"]
+    assert _range_terms(date.max, date.max) == ["d:9999-12-31"]
+
+
+def test_a_parameter_takes_at_most_max_alternatives() -> None:
+    codes = [f"c{i}" for i in range(MAX_ALTERNATIVES + 1)]
+    (group,) = query_tokens(KEY_A, "Observation", {"code": [",".join(codes[:-1])]})
+    assert len(group) == MAX_ALTERNATIVES
+    for split in ([",".join(codes)], [",".join(codes[:40]), ",".join(codes[40:])]):
+        with pytest.raises(InvalidInput, match=f"more than {MAX_ALTERNATIVES} alternatives"):
+            query_tokens(KEY_A, "Observation", {"code": split})
+
+
+def test_a_query_takes_at_most_max_query_tokens() -> None:
+    # Issue #14 item 6: 600 date alternatives kept the event loop busy for 9.4 s.
+    many = ",".join(f"ge1800-01-{d:02}" for d in range(2, 29))
+    with pytest.raises(InvalidInput, match="too broad"):
+        query_tokens(KEY_A, "Observation", {"date": [many]})
+    # Two open-ended ranges (the widest ordinary query) fit; a third does not.
+    both = {"date": ["ge1800-01-02", "le2200-12-30"]}
+    assert sum(map(len, query_tokens(KEY_A, "Observation", both))) <= MAX_QUERY_TOKENS
+    with pytest.raises(InvalidInput, match="too broad"):
+        query_tokens(KEY_A, "Observation", {"date": [*both["date"], "ge1800-01-03"]})
 
 
 # -- pure: terms, tokens, ranges ----------------------------------------------------------------

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medledger.api.responses import fhir_response
 from medledger.core.errors import (
@@ -33,7 +36,25 @@ from medledger.core.errors import (
 )
 from medledger.services.fhir import FhirInvalid, Issue, operation_outcome
 
-__all__ = ["Forbidden", "TooLarge", "Unauthorized", "install_error_handlers", "outcome_response"]
+__all__ = [
+    "CLIENT_CLOSED",
+    "Forbidden",
+    "TooLarge",
+    "Unauthorized",
+    "UnexpectedErrorMiddleware",
+    "install_error_handlers",
+    "outcome_response",
+]
+
+#: The status a request is counted with when its client went away before it was
+#: answered (nginx's convention; it is never sent, there is no one to send it to).
+CLIENT_CLOSED = 499
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +125,58 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def _internal_error() -> Response:
+    return outcome_response(
+        500, [Issue(severity="fatal", code="exception", diagnostics="internal error")]
+    )
+
+
+def _log_unexpected(scope: Scope) -> None:
+    # The route template, never the path: a path can carry a resource id.
+    template = getattr(scope.get("route"), "path", "?")
+    log.exception("unexpected error on %s %s", scope.get("method", "?"), template)
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an unexpected exception with a 500 OperationOutcome, logged once.
+
+    Starlette's own last-resort handler answers too, but then re-raises to the
+    server, which logs the error a second time and drops the keep-alive
+    connection. Here the exception ends with the answer. An exception after
+    the response has started cannot be answered any more: it propagates, and
+    the server closes the connection (the client sees a truncated response).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:
+                raise
+            _log_unexpected(scope)
+            await _internal_error()(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every error (ours, FastAPI's, Starlette's, unexpected) to an OperationOutcome."""
+    """Map every error (ours, FastAPI's, Starlette's, unexpected) to an OperationOutcome.
+
+    A client that disconnects before its request was read is not an error of
+    ours: it is logged at debug level and counted with status 499.
+    """
 
     async def medledger_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, MedledgerError)
@@ -135,16 +206,18 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(_allowed_methods(request))
         return outcome_response(exc.status_code, [issue], headers)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        log.debug("client disconnected before its request was read")
+        return Response(status_code=CLIENT_CLOSED)
+
     async def unexpected(request: Request, exc: Exception) -> Response:
-        # The route template, never the path: a path can carry a resource id.
-        route = request.scope.get("route")
-        template = getattr(route, "path", "?")
-        log.exception("unexpected error on %s %s", request.method, template)
-        return outcome_response(
-            500, [Issue(severity="fatal", code="exception", diagnostics="internal error")]
-        )
+        # Reached only from outside UnexpectedErrorMiddleware (another middleware).
+        _log_unexpected(request.scope)
+        return _internal_error()
 
     app.add_exception_handler(MedledgerError, medledger_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)
+    app.add_middleware(UnexpectedErrorMiddleware)

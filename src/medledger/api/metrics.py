@@ -45,12 +45,15 @@ REASONS = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "timeout",
     409: "conflict",
     410: "gone",
     412: "precondition_failed",
     413: "too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
+    431: "headers_too_large",
+    499: "client_closed",
 }
 
 Scope = MutableMapping[str, Any]
@@ -97,18 +100,28 @@ class MetricsMiddleware:
             "/fhir/"
         )
         status = 500
+        counted = False
 
         async def counting_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, counted
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
+                counted = True
                 self.metrics.observe_answer(status)
                 if is_write and 200 <= status < 300:
                     self.metrics.observe_commit(time.perf_counter() - started)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            # An unexpected error passes through here on its way to Starlette's
+            # outermost ServerErrorMiddleware, which answers 500 outside this
+            # middleware: count that answer here, or 5xx would never be counted.
+            if not counted:
+                self.metrics.observe_answer(500)
+            raise
 
 
 def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:

@@ -15,7 +15,6 @@ Both resources pass ``fhir.resources`` R4 validation (tests hold us to it).
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +30,7 @@ from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput
 from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
+from medledger.services.fhir import FhirInvalid, load_json
 
 __all__ = [
     "CONSENT_TX_EXTENSION",
@@ -154,8 +154,14 @@ def signed_tx_from(resource: Any, extension: str) -> Transaction:
             text = ext.get("valueString")
             if not isinstance(text, str):
                 break
+            # The string is request text: parse it with the body's size and depth limits
+            # (json.loads alone recurses once per nesting level, up to a RecursionError).
             try:
-                return Transaction.from_json(json.loads(text))
+                value = load_json(text)
+            except FhirInvalid:
+                raise InvalidInput(f"extension {extension} is not a transaction") from None
+            try:
+                return Transaction.from_json(value)
             except ValueError:
                 raise InvalidInput(f"extension {extension} is not a transaction") from None
     raise InvalidInput(f"the Consent carries no patient-signed transaction ({extension})")

@@ -14,10 +14,13 @@ Supported parameters (``SEARCH_PARAMS``):
   AllergyIntolerance, Immunization, Procedure: ``patient``
   (``Patient/id`` or ``id``), ``code`` (``system|code`` or ``code``),
   ``date`` (``YYYY-MM-DD``, ``YYYY-MM``, ``YYYY``, with ``eq``/``ge``/``le``/
-  ``gt``/``lt`` prefixes, by day).
+  ``gt``/``lt`` prefixes, by day; years 1800 to 2200).
 
 Dates are indexed at day, month and year granularity, so a range is answered
 by a handful of token look-ups (whole years, whole months, then days).
+A query is bounded: at most :data:`MAX_ALTERNATIVES` alternatives per
+parameter and :data:`MAX_QUERY_TOKENS` tokens in all, refused before any
+token is computed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Any
 from medledger.core.errors import InvalidInput
 
 __all__ = [
+    "MAX_ALTERNATIVES",
+    "MAX_QUERY_TOKENS",
     "SEARCH_PARAMS",
     "TOKEN_SIZE",
     "patient_reference",
@@ -214,16 +219,28 @@ def resource_tokens(key: bytes, resource: Mapping[str, Any]) -> set[bytes]:
 
 _PREFIXES = ("eq", "ge", "le", "gt", "lt")
 _MIN_DAY, _MAX_DAY = date(1800, 1, 1), date(2200, 12, 31)
+#: At most this many alternatives (comma-separated values, over all repeats) per parameter.
+MAX_ALTERNATIVES = 64
+#: At most this many index tokens per query. A date range costs up to ~470 tokens
+#: (whole years from 1800 to 2200 plus the months and days at its ends), so two
+#: open-ended ranges fit; 600 alternatives of one (the 9 s query of issue #14) do not.
+MAX_QUERY_TOKENS = 1024
 
 
 def _range_for(value: str) -> tuple[date, date]:
-    """The inclusive day range a FHIR date search value denotes."""
+    """The inclusive day range a FHIR date search value denotes (years 1800 to 2200)."""
     prefix = value[:2] if value[:2] in _PREFIXES else "eq"
     text = value[2:] if value[:2] in _PREFIXES else value
     m = _DAY.fullmatch(text)
     if not m:
         raise InvalidInput(f"date search value {value!r} must be YYYY, YYYY-MM or YYYY-MM-DD")
     year, month, day = int(m.group(1)), m.group(2), m.group(3)
+    if not _MIN_DAY.year <= year <= _MAX_DAY.year:
+        # Open ranges run from 1800 to 2200; outside them a day before or after
+        # can fall off the calendar (``gt9999-12-31``), so such values are refused.
+        raise InvalidInput(
+            f"date search value {value!r}: years from {_MIN_DAY.year} to {_MAX_DAY.year} only"
+        )
     try:
         if day:
             lo = hi = date(year, int(month), int(day))
@@ -254,13 +271,16 @@ def _range_terms(lo: date, hi: date) -> list[str]:
         month_end = date(day.year, day.month, calendar.monthrange(day.year, day.month)[1])
         if day.month == 1 and day.day == 1 and year_end <= hi:
             terms.append(f"y:{day:%Y}")
-            day = year_end + timedelta(days=1)
+            last = year_end
         elif day.day == 1 and month_end <= hi:
             terms.append(f"m:{day:%Y-%m}")
-            day = month_end + timedelta(days=1)
+            last = month_end
         else:
             terms.append(f"d:{day.isoformat()}")
-            day += timedelta(days=1)
+            last = day
+        if last >= hi:  # also ends the walk at date.max, which has no next day
+            break
+        day = last + timedelta(days=1)
     return terms
 
 
@@ -283,25 +303,39 @@ def query_tokens(key: bytes, rtype: str, params: Mapping[str, Iterable[str]]) ->
 
     ``params`` maps a parameter to its values; each value may hold comma
     separated alternatives (FHIR OR). Raises :class:`InvalidInput` for an
-    unsupported type, parameter or value.
+    unsupported type, parameter or value, for more than
+    :data:`MAX_ALTERNATIVES` alternatives of one parameter, and for a query of
+    more than :data:`MAX_QUERY_TOKENS` tokens; the bounds are checked before
+    any token is computed, so a refused query costs little.
     """
     allowed = SEARCH_PARAMS.get(rtype)
     if allowed is None:
         raise InvalidInput(f"search is not supported for {rtype}")
-    groups: list[set[bytes]] = []
+    planned: list[tuple[str, list[str]]] = []
+    total = 0
     for param, values in params.items():
         if param not in allowed:
             raise InvalidInput(
                 f"unsupported search parameter {param!r} for {rtype} (supported: {', '.join(allowed)})"
             )
+        alternatives_of_param = 0
         for value in values:
             alternatives = [v for v in value.split(",") if v]
             if not alternatives:
                 raise InvalidInput(f"empty value for search parameter {param!r}")
-            tokens = {
-                _token(key, rtype, param, term)
-                for alt in alternatives
-                for term in _param_terms(rtype, param, alt)
-            }
-            groups.append(tokens)
-    return groups
+            alternatives_of_param += len(alternatives)
+            if alternatives_of_param > MAX_ALTERNATIVES:
+                raise InvalidInput(
+                    f"search parameter {param!r} has more than {MAX_ALTERNATIVES} alternatives"
+                )
+            terms: list[str] = []
+            for alt in alternatives:
+                terms.extend(_param_terms(rtype, param, alt))
+                if total + len(terms) > MAX_QUERY_TOKENS:
+                    raise InvalidInput(
+                        f"the search is too broad: it needs more than {MAX_QUERY_TOKENS} index"
+                        " look-ups (use fewer alternatives or narrower date ranges)"
+                    )
+            total += len(terms)
+            planned.append((param, terms))
+    return [{_token(key, rtype, param, term) for term in terms} for param, terms in planned]
