@@ -26,6 +26,17 @@ How the port's guarantees are kept:
   heartbeat (the consumer's node died, or we reconnected elsewhere), a
   leadership change or a deleted consumer, a new consumer starts from the
   last yielded sequence + 1, so readers never skip or repeat a message.
+  A reader never gives up on a transient failure: it retries for ever with
+  capped exponential backoff and logs once when it starts failing and once
+  when it recovers (a member must keep following the consortium through any
+  outage, however long).
+* Failover: the client lists every server, in the given order (the
+  member's own server first; no shuffling), pings its server every
+  ``ping_interval`` seconds and declares it stale after
+  ``max_outstanding_pings`` unanswered pings, so a hung-but-connected server
+  (a stopped process, a black-holed link) is left within a few seconds. A
+  reconnect tries the servers it did not just lose first. See
+  :class:`JetStreamTuning`.
 * Every nats error becomes :class:`~medledger.core.errors.OrderingError`
   with a one-line message naming the stream.
 """
@@ -35,10 +46,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats.errors
@@ -51,9 +64,11 @@ from nats.js import JetStreamContext, api
 from medledger.core.errors import OrderingError
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
 
-__all__ = ["JetStreamOrderer"]
+__all__ = ["JetStreamOrderer", "JetStreamTuning"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _MSG_ID = "Nats-Msg-Id"
 # The server's max_msg_size covers headers + payload; the port limits the payload.
@@ -68,6 +83,34 @@ _PULL_EXPIRES_S = 10.0
 _HEARTBEAT_S = 1.0
 # An abandoned reader's consumer is removed by the server after this long.
 _INACTIVE_S = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JetStreamTuning:
+    """How fast a connection notices a dead or hung server, and how its readers retry.
+
+    A hung server (process stopped, link black-holed) keeps the TCP connection
+    open, so only unanswered pings reveal it: the client leaves it after about
+    ``ping_interval * (max_outstanding_pings + 1)`` seconds (4 s by default;
+    nats-py's own default is 2 pings every 120 s, i.e. 6 minutes). Whole
+    seconds, as nats-py takes them. ``connect_timeout`` bounds one connection
+    attempt, including the wait for the server's INFO (a stopped server
+    accepts TCP connections but never answers). A reader whose stream cannot
+    be reached retries after ``read_backoff_min`` seconds, doubling up to
+    ``read_backoff_max``.
+    """
+
+    ping_interval: int = 1
+    max_outstanding_pings: int = 3
+    connect_timeout: float = 2.0
+    read_backoff_min: float = 0.1
+    read_backoff_max: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.ping_interval < 1 or self.max_outstanding_pings < 1:
+            raise ValueError("ping_interval and max_outstanding_pings must be at least 1")
+        if not 0 < self.read_backoff_min <= self.read_backoff_max or self.connect_timeout <= 0:
+            raise ValueError("backoff and connect timeout must be positive, min <= max")
 
 
 class _Transient(Exception):
@@ -111,13 +154,31 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
-def _reconnect_backoff(servers: list[Server], _info: dict[str, Any]) -> tuple[Server | None, float]:
-    """Pick the least-failed server; wait 0 s on its first try, then 0.1 s doubling to 2 s."""
-    chosen = min(servers, key=lambda s: s.reconnects)
-    if chosen.reconnects == 0:
-        return chosen, 0.0
-    delay = min(2.0, 0.1 * 2 ** min(chosen.reconnects - 1, 5))
-    return chosen, delay * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not crypto)
+class _ServerChoice:
+    """nats-py's reconnect handler: which server to try next, and after how long.
+
+    Picks the least-failed server; among equals, one other than the server
+    just lost (it may be hung: a stopped server still accepts TCP
+    connections, so trying it first would cost a whole connect timeout),
+    then the configured order (the member's own server first). Waits 0 s on
+    a server's first try, then 0.1 s doubling to 2 s.
+    """
+
+    def __init__(self) -> None:
+        #: ``host:port`` of the server the client is (or was last) connected to.
+        self.current: str | None = None
+
+    def connected(self, nc: Client) -> None:
+        url = nc.connected_url
+        if url is not None:
+            self.current = url.netloc
+
+    def __call__(self, servers: list[Server], _info: dict[str, Any]) -> tuple[Server | None, float]:
+        chosen = min(servers, key=lambda s: (s.reconnects, s.uri.netloc == self.current))
+        if chosen.reconnects == 0:
+            return chosen, 0.0
+        delay = min(2.0, 0.1 * 2 ** min(chosen.reconnects - 1, 5))
+        return chosen, delay * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not crypto)
 
 
 class _LastError:
@@ -143,7 +204,14 @@ class JetStreamOrderer:
     """
 
     def __init__(
-        self, nc: Client, *, stream: str, subject: str, retry_for: float, _token: object
+        self,
+        nc: Client,
+        *,
+        stream: str,
+        subject: str,
+        retry_for: float,
+        tuning: JetStreamTuning,
+        _token: object,
     ) -> None:
         if _token is not _CONNECT:
             raise TypeError("use 'await JetStreamOrderer.connect(...)'")
@@ -152,6 +220,7 @@ class JetStreamOrderer:
         self._stream = stream
         self._subject = subject
         self._retry_for = retry_for
+        self._tuning = tuning
         self._closed = False
         self._feeds: set[_Feed] = set()
 
@@ -167,28 +236,42 @@ class JetStreamOrderer:
         duplicate_window: float = 120.0,
         retry_for: float = 30.0,
         name: str | None = None,
+        tuning: JetStreamTuning | None = None,
     ) -> JetStreamOrderer:
         """Connect to the NATS servers and make sure the stream exists.
 
-        Lists every server so the client can fail over; after the first
-        connection it reconnects forever with backoff. ``create=False``
+        Lists every server so the client can fail over, tried in the order
+        given (put the member's own server first); after the first connection
+        it reconnects forever with backoff, and leaves a server that stops
+        answering pings (see :class:`JetStreamTuning`). ``create=False``
         requires the stream to exist. An existing stream must have exactly
-        ``[subject]`` as its subjects. Operations retry transient failures (no leader, a
-        reconnect) for up to ``retry_for`` seconds, then raise
-        :class:`OrderingError`.
+        ``[subject]`` as its subjects. ``publish`` and ``last_seq`` retry
+        transient failures (no leader, a reconnect) for up to ``retry_for``
+        seconds, then raise :class:`OrderingError`; readers retry for ever.
         """
         if not servers:
             raise OrderingError("no NATS servers given")
+        tuning = tuning or JetStreamTuning()
         nc = Client()
         errors = _LastError()
+        choice = _ServerChoice()
+
+        async def reconnected() -> None:
+            choice.connected(nc)
+            log.info("NATS connection moved to %s", choice.current)
+
         try:
             await asyncio.wait_for(
                 nc.connect(
                     servers=list(servers),
                     name=name,
-                    connect_timeout=2,
+                    connect_timeout=tuning.connect_timeout,  # type: ignore[arg-type]
                     max_reconnect_attempts=-1,
-                    reconnect_to_server_handler=_reconnect_backoff,
+                    dont_randomize=True,
+                    ping_interval=tuning.ping_interval,
+                    max_outstanding_pings=tuning.max_outstanding_pings,
+                    reconnect_to_server_handler=choice,
+                    reconnected_cb=reconnected,
                     error_cb=errors.record,
                 ),
                 timeout=retry_for,
@@ -204,7 +287,10 @@ class JetStreamOrderer:
             raise OrderingError(
                 f"cannot connect to NATS at {', '.join(servers)}: {_describe(exc)}"
             ) from None
-        orderer = cls(nc, stream=stream, subject=subject, retry_for=retry_for, _token=_CONNECT)
+        choice.connected(nc)
+        orderer = cls(
+            nc, stream=stream, subject=subject, retry_for=retry_for, tuning=tuning, _token=_CONNECT
+        )
         try:
             await orderer._ensure_stream(
                 replicas=replicas, create=create, duplicate_window=duplicate_window
@@ -259,13 +345,16 @@ class JetStreamOrderer:
     async def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
         """Every message from sequence ``start`` on, in order, without gaps; waits for new ones.
 
-        Survives node failover and reconnects by resuming from the last
-        yielded sequence + 1. Ends when the orderer is closed; raises
-        :class:`OrderingError` if the stream cannot be reached for
-        ``retry_for`` seconds.
+        Survives node failover, hung servers and reconnects by resuming from
+        the last yielded sequence + 1; transient failures are retried for
+        ever with capped exponential backoff (logged once when the reader
+        starts failing and once when it recovers). Ends when the orderer is
+        closed; raises :class:`OrderingError` only for what retrying cannot
+        fix (a message missing from the stream, a refused consumer).
         """
         expected = max(start, 1)
         failing_since: float | None = None
+        backoff = self._tuning.read_backoff_min
         stalls = 0
         idle_pause = 0.0
         while not self._closed:
@@ -276,16 +365,26 @@ class JetStreamOrderer:
             try:
                 feed = await self._open_consumer(expected)
             except _Transient as exc:
-                now = time.monotonic()
-                failing_since = failing_since if failing_since is not None else now
-                if now - failing_since > self._retry_for:
-                    raise OrderingError(
-                        f"stream {self._stream}: cannot read from seq {expected} for"
-                        f" {self._retry_for:.0f} s: {exc}"
-                    ) from None
-                await asyncio.sleep(0.2)
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning(
+                        "stream %s: reader cannot resume at seq %d, retrying: %s",
+                        self._stream,
+                        expected,
+                        exc,
+                    )
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311 (jitter)
+                backoff = min(backoff * 2, self._tuning.read_backoff_max)
                 continue
-            failing_since = None
+            if failing_since is not None:
+                log.warning(
+                    "stream %s: reader resumed at seq %d after %.1f s",
+                    self._stream,
+                    expected,
+                    time.monotonic() - failing_since,
+                )
+                failing_since = None
+            backoff = self._tuning.read_backoff_min
             before = expected
             try:
                 _resume_cancellation()
@@ -413,7 +512,7 @@ class JetStreamOrderer:
             num_replicas=1,
             mem_storage=True,
         )
-        feed = _Feed(name)
+        feed = _Feed(name, last_stream=start - 1)
         try:
             await self._js.add_consumer(self._stream, config, timeout=_ATTEMPT_S)
             feed.sub = await self._nc.subscribe(self._nc.new_inbox(), cb=feed.deliver)
@@ -460,8 +559,14 @@ class JetStreamOrderer:
                 if status is None:
                     remaining -= 1
                     if msg.reply.startswith("$JS.ACK."):  # carries the stream sequence
+                        feed.last_stream = max(feed.last_stream, msg.metadata.sequence.stream)
                         yield msg
                 elif status == api.StatusCode.CONTROL_MESSAGE:
+                    if _last_stream(msg) > feed.last_stream:
+                        # The consumer sent messages we never got: they were lost on
+                        # the way (in a hung server we have since left). Without acks
+                        # it will not resend them, so start over from the next one.
+                        return
                     continue  # idle heartbeat
                 elif status in (api.StatusCode.REQUEST_TIMEOUT, api.StatusCode.NO_MESSAGES):
                     break  # the pull request expired: issue the next one
@@ -488,16 +593,28 @@ class JetStreamOrderer:
 class _Feed:
     """One reader's consumer: its name, inbox subscription and delivery queue.
 
-    ``None`` in the queue means the orderer was closed.
+    ``None`` in the queue means the orderer was closed. ``last_stream`` is the
+    stream sequence of the last message received from it (start - 1 before
+    the first).
     """
 
-    def __init__(self, consumer: str) -> None:
+    def __init__(self, consumer: str, *, last_stream: int) -> None:
         self.consumer = consumer
+        self.last_stream = last_stream
         self.sub: Subscription | None = None
         self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()
 
     async def deliver(self, msg: Msg) -> None:
         self.queue.put_nowait(msg)
+
+
+def _last_stream(heartbeat: Msg) -> int:
+    """The stream sequence of the last message the consumer sent, from its idle heartbeat.
+
+    0 if the header is missing or malformed (then nothing is concluded from it).
+    """
+    text = (heartbeat.headers or {}).get(api.Header.LAST_STREAM.value, "")
+    return int(text) if text.isascii() and text.isdigit() else 0
 
 
 def _byte_limit_reached(msg: Msg) -> bool:

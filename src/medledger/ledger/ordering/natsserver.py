@@ -24,6 +24,10 @@ used, a explicit sync will occur on every write"
 A node keeps its ports and store directory for the cluster's lifetime, so
 :meth:`NatsCluster.stop_node` / :meth:`NatsCluster.kill_node` followed by
 :meth:`NatsCluster.start_node` restarts the same member with its data.
+:meth:`NatsCluster.pause_node` (SIGSTOP) makes a node hang with its
+connections open, as a wedged server or a black-holed link looks to its
+clients; :meth:`NatsCluster.resume_node` (SIGCONT) lets it go on. Stopping
+a paused node resumes it first, so it can shut down.
 Processes are stopped by the PID this module started them with, never by name.
 """
 
@@ -340,8 +344,17 @@ class NatsNode:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process and wait for it; SIGKILL it after ``timeout`` seconds."""
+        self._run.signal(signal.SIGCONT)  # a paused process would not act on SIGTERM
         self._run.signal(signal.SIGTERM)
         self._run.wait(timeout)
+
+    def pause(self) -> None:
+        """SIGSTOP the process: it hangs, its sockets stay open (undo with :meth:`resume`)."""
+        self._run.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the process after :meth:`pause` (harmless if it was not paused)."""
+        self._run.signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL the process (a crash: no shutdown work) and reap it."""
@@ -447,9 +460,18 @@ class NatsCluster:
         """SIGKILL node ``index``: a crash, as a power cut looks to the others."""
         self.nodes[index].kill()
 
+    def pause_node(self, index: int) -> None:
+        """SIGSTOP node ``index``: it hangs with its connections open (see :meth:`resume_node`)."""
+        self.nodes[index].pause()
+
+    def resume_node(self, index: int) -> None:
+        """SIGCONT node ``index`` after :meth:`pause_node`."""
+        self.nodes[index].resume()
+
     def stop(self) -> None:
         """Stop every node this cluster started (by PID) and wait for them to exit."""
         for node in self.nodes:  # signal all first, so they shut down in parallel
+            node._signal(signal.SIGCONT)
             node._signal(signal.SIGTERM)
         for node in self.nodes:
             node.stop()
