@@ -989,6 +989,9 @@ def test_node_init_refuses_a_dir_with_a_stray_file(tmp_path: Path) -> None:
     [
         ("empty passphrase", ("--name", NAME), "", "passphrase must not be empty"),
         ("no passphrase, no tty", ("--name", NAME), None, PASSPHRASE_ENV),
+        ("one-letter passphrase", ("--name", NAME), "a", "keystore passphrase is too weak"),
+        ("a single space", ("--name", NAME), " ", "keystore passphrase is too weak"),
+        ("eleven characters", ("--name", NAME), "abcdefghijk", "at least 12 characters"),
         ("blank name", ("--name", "   "), PASSPHRASE, "name"),
         ("name without id chars", ("--name", "!!!"), PASSPHRASE, "--id"),
         ("bad id", ("--name", NAME, "--id", "Bad_ID"), PASSPHRASE, "Bad_ID"),

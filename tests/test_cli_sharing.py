@@ -158,3 +158,22 @@ def test_sharing_story_across_processes_solo(network_dir: Path) -> None:
 @pytest.mark.slow
 def test_sharing_story_across_processes_jetstream(network_dir: Path) -> None:
     _story(network_dir, "jetstream")
+
+
+@pytest.mark.parametrize("weak", ["a", " ", "    ", "short-pass1"])
+def test_patient_init_refuses_a_weak_wallet_passphrase(tmp_path: Path, weak: str) -> None:
+    wallet = tmp_path / "patient.wallet"
+    run = run_cli("patient", "init", "--wallet", wallet, env={"MEDLEDGER_WALLET_PASSPHRASE": weak})
+    assert run.code != 0 and run.out == ""
+    assert run.err.startswith("error: the wallet passphrase is too weak"), run
+    assert len(run.err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_network_up_refuses_a_weak_passphrase_and_creates_nothing(tmp_path: Path) -> None:
+    base = tmp_path / "net"
+    run = run_cli("network", "up", "--dir", base, env={"MEDLEDGER_PASSPHRASE": "a"})
+    assert run.code != 0 and run.out == ""
+    assert run.err.startswith("error: the keystore passphrase is too weak"), run
+    assert not (base / "network.json").exists()
+    assert not base.exists()

@@ -49,6 +49,7 @@ from typing import Any
 from medledger.config import ConsortiumConfig, NodePaths, StorageConfig, load_config
 from medledger.core.errors import Conflict, InvalidInput, MedledgerError, NotFound
 from medledger.core.hashing import sha256
+from medledger.core.passphrase import check_new_passphrase
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.tokens import TokenStore
 
@@ -375,6 +376,7 @@ def _create(
 
     if institutions < 1:
         raise InvalidInput("a network needs at least one institution")
+    check_new_passphrase(passphrase, what="keystore passphrase")
     if ordering not in ("solo", "jetstream"):
         raise InvalidInput(f"unknown ordering {ordering!r} (solo or jetstream)")
     if store not in ("sqlite", "postgres"):

@@ -25,6 +25,7 @@ from medledger.config import (
 )
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from medledger.core.passphrase import check_new_passphrase
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.clock import Clock
 from medledger.ledger.consortium import ConsortiumMember
@@ -268,6 +269,7 @@ def init_node(
     PostgreSQL schemas are per institution and must not exist yet.
     """
     storage = storage if storage is not None else StorageConfig.from_env()
+    check_new_passphrase(passphrase, what="keystore passphrase")
     if not name.strip():
         raise InvalidInput("the institution name must not be empty")
     inst = institution_id(institution or name)

@@ -38,7 +38,7 @@ from medledger.storage.tokens import TokenStore
 
 T = TypeVar("T")
 
-PASSPHRASE = b"pw"
+PASSPHRASE = b"api test passphrase"
 FAST_KDF = KdfParams(n=2**12)
 FHIR_JSON = "application/fhir+json"
 #: Markers of a Python traceback or object repr leaking into a response.

@@ -58,7 +58,7 @@ def grant_resource(sn: SharingNet, wallet: PatientWallet, grantee: str = "beta")
 def test_enrollment_needs_the_patients_signature(tmp_path: Path) -> None:
     async def story(sn: SharingNet) -> None:
         pid = sn.records[0].split("/")[1]
-        wallet = PatientWallet.create(sn.net.base / "w2", b"pw")
+        wallet = PatientWallet.create(sn.net.base / "w2", b"another patient passphrase")
         body = {
             "patient_key": wallet.public.der().hex(),
             "signature": SigningKey.generate().sign(b"not the statement").to_json(),
@@ -84,7 +84,7 @@ def test_enrollment_needs_the_patients_signature(tmp_path: Path) -> None:
 def test_patient_grants_and_revokes_through_the_api(tmp_path: Path) -> None:
     async def story(sn: SharingNet) -> None:
         patient_token = sn.token("alpha", "patient", sn.patient_id)
-        stranger = PatientWallet.create(sn.net.base / "stranger", b"pw")
+        stranger = PatientWallet.create(sn.net.base / "stranger", b"another patient passphrase")
         async with client(sn, "alpha", patient_token) as api:
             # Someone else's signed consent is not this patient's to submit.
             outcome(await api.post("/fhir/Consent", json=grant_resource(sn, stranger)), 403)

@@ -30,7 +30,7 @@ from medledger.services.fhir import (
 from medledger.storage.keystore import KdfParams
 
 T = TypeVar("T")
-PW = b"pw"
+PW = b"records test passphrase"
 
 OBS_CODE = {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
 

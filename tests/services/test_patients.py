@@ -18,6 +18,7 @@ from medledger.core.errors import (
     KeyStoreError,
     NotFound,
 )
+from medledger.core.keys import SigningKey
 from medledger.services.patients import PatientWallet
 from medledger.services.sharing import enrollment_message
 
@@ -69,11 +70,19 @@ def test_any_existing_file_is_a_conflict(wallet_path: Path) -> None:
     assert wallet_path.read_text() == "not a wallet"
 
 
-def test_empty_passphrase_is_refused_and_writes_nothing(wallet_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="passphrase must not be empty"):
-        PatientWallet.create(wallet_path, b"")
+@pytest.mark.parametrize("weak", [b"", b"a", b" ", b" " * 40, b"short-pass1", b"a" * 40])
+def test_weak_passphrase_is_refused_and_writes_nothing(wallet_path: Path, weak: bytes) -> None:
+    with pytest.raises(InvalidInput, match="wallet passphrase is too weak: use at least 12"):
+        PatientWallet.create(wallet_path, weak)
     assert not wallet_path.exists()
     assert list(wallet_path.parent.iterdir()) == []
+
+
+def test_a_wallet_made_under_a_weak_passphrase_still_opens(wallet_path: Path) -> None:
+    """The floor applies when a passphrase is set; an older weak wallet stays usable."""
+    key = SigningKey.generate()
+    wallet_path.write_bytes(key.to_encrypted_pem(b"a"))
+    assert PatientWallet.open(wallet_path, b"a").fingerprint == key.fingerprint
 
 
 def test_wallet_file_is_private(wallet_path: Path) -> None:

@@ -42,7 +42,7 @@ from medledger.storage.keystore import FileKeyStore, KdfParams
 from medledger.storage.records import VersionRow
 
 T = TypeVar("T")
-PW = b"pw"
+PW = b"records test passphrase"
 INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 #: Patient 16 of seed 3 has every clinical resource type among its first 40 resources.
 ALL_TYPES_PATIENT = generate_patient(16, seed=3, resources_per_patient=40)

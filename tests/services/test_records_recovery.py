@@ -21,7 +21,7 @@ from medledger.node import init_node, open_chain, open_node
 from medledger.services.synthetic import generate_patient
 from medledger.storage.keystore import KdfParams
 
-PW = b"pw"
+PW = b"records test passphrase"
 PATIENT = generate_patient(0, seed=5, resources_per_patient=0).patient
 
 CHILD = textwrap.dedent(
@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
     from medledger.node import open_node
 
     async def main(root, patient):
-        node = open_node(Path(root), b"pw")
+        node = open_node(Path(root), b"records test passphrase")
         await node.records.update("Patient", patient["id"], patient)
         print("acked v1", flush=True)
 

@@ -34,7 +34,7 @@ from medledger.services.synthetic import generate_patient
 from medledger.storage.keystore import KdfParams
 
 T = TypeVar("T")
-PW = b"pw"
+PW = b"records test passphrase"
 LOINC = "http://loinc.org"
 SCT = "http://snomed.info/sct"
 

@@ -127,7 +127,7 @@ def test_consent_refusals(tmp_path: Path) -> None:
         short = await sn.grant("beta", expires_ms=now_ms() + 300)
         await asyncio.sleep(0.4)
         cases.append(("expired", short, "expired"))
-        other = PatientWallet.create(sn.net.base / "other.wallet", b"pw")
+        other = PatientWallet.create(sn.net.base / "other.wallet", b"another patient passphrase")
         strangers = await sn.grant("beta", wallet=other)
         cases.append(("not this patient's record", strangers, "not enrolled"))
         for name, consent, reason in cases:

@@ -45,7 +45,14 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 def read_passphrase(
     *, confirm: bool, env: str = PASSPHRASE_ENV, label: str = "Keystore passphrase"
 ) -> bytes:
-    """A passphrase from the environment variable ``env`` or an interactive prompt."""
+    """A passphrase from the environment variable ``env`` or an interactive prompt.
+
+    ``confirm`` means a new passphrase is being set: it is asked twice and must
+    pass the strength floor (:func:`~medledger.core.passphrase.check_new_passphrase`).
+    """
+    from medledger.core.errors import InvalidInput
+    from medledger.core.passphrase import check_new_passphrase
+
     value = os.environ.get(env)
     if value is None:
         if not sys.stdin.isatty():
@@ -53,6 +60,11 @@ def read_passphrase(
         value = click.prompt(label, hide_input=True, confirmation_prompt=confirm)
     if not value:
         fail("the passphrase must not be empty")
+    if confirm:
+        try:
+            check_new_passphrase(value.encode("utf-8"), what=label.lower())
+        except InvalidInput as exc:
+            fail(str(exc))
     return value.encode("utf-8")
 
 

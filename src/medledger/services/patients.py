@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from medledger.core.consent import grant_tx, revoke_tx
-from medledger.core.errors import Conflict, InvalidInput, KeyStoreError, NotFound
+from medledger.core.errors import Conflict, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey, VerifyingKey
 from medledger.core.models import Signature, Transaction
+from medledger.core.passphrase import check_new_passphrase
 from medledger.services.sharing import enrollment_message
 from medledger.storage.keystore import atomic_write
 
@@ -27,8 +28,8 @@ class PatientWallet:
 
     @classmethod
     def create(cls, path: Path, passphrase: bytes) -> PatientWallet:
-        if not passphrase:
-            raise InvalidInput("the wallet passphrase must not be empty")
+        """A new wallet at ``path`` under a passphrase that passes the strength floor."""
+        check_new_passphrase(passphrase, what="wallet passphrase")
         if path.exists():
             raise Conflict(f"{path} already exists")
         key = SigningKey.generate()

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import InvalidInput, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey
+from medledger.core.passphrase import check_new_passphrase
 
 __all__ = ["CURRENT_KEK", "FileKeyStore", "KdfParams", "KeyStore", "atomic_write"]
 
@@ -108,9 +109,12 @@ class FileKeyStore:
         params: KdfParams | None = None,
         signing_key: SigningKey | None = None,
     ) -> FileKeyStore:
-        """Create a keystore with a fresh signing key, KEK, search key and HPKE keys."""
-        if not passphrase:
-            raise InvalidInput("the keystore passphrase must not be empty")
+        """Create a keystore with a fresh signing key, KEK, search key and HPKE keys.
+
+        The passphrase must pass :func:`~medledger.core.passphrase.check_new_passphrase`
+        (:class:`InvalidInput` otherwise); :meth:`open` accepts any passphrase.
+        """
+        check_new_passphrase(passphrase, what="keystore passphrase")
         if path.exists():
             raise KeyStoreError(f"{path} already exists")
         key = signing_key or SigningKey.generate()
