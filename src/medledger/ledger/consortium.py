@@ -18,6 +18,13 @@ blocks without talking to each other:
   stored, with their votes as the finality certificate. A member voting for
   two different blocks at one height is recorded as equivocation evidence
   and no longer counted.
+* A restarted member replays the stream from the start over its stored chain.
+  It does not vote again where its vote is already in the order: a block it
+  holds is final (its vote is not needed), and the vote for a block cut
+  during replay waits until the replay has reached the stream's length at
+  start; if the member's own vote for that block turns up in the replay, it
+  is not sent again. So votes are not repeated however long the chain, and
+  a member never signs a second, different block at a height it voted on.
 """
 
 from __future__ import annotations
@@ -187,6 +194,12 @@ class ConsortiumMember:
         self._tasks: list[asyncio.Task[None]] = []
         self._diverged: str | None = None
         self._stored_height = self._check_stored_genesis(first)
+        # Replay: the stream's length when this member started reading (learned by
+        # the consume task); until it is reached, own votes wait in ``_unvoted``.
+        self._replay_to: int | None = None
+        self._live = False
+        self._unvoted: dict[int, bytes] = {}  # height -> hash of the block cut
+        self._next_seq = 1  # the next stream sequence to consume
 
     def _check_stored_genesis(self, first: NewBlock) -> int:
         head = self._store.head_header_bytes()
@@ -256,7 +269,17 @@ class ConsortiumMember:
     # -- the ordered stream ---------------------------------------------------------------
 
     async def _consume(self) -> None:
-        async for msg in self._orderer.read(1):
+        if self._replay_to is None:
+            try:
+                self._replay_to = await self._orderer.last_seq()
+            except OrderingError as exc:
+                # Without the length, vote as blocks are cut: a repeated vote is
+                # wasteful but harmless (the same block, the same key).
+                log.warning("cannot learn the order's length, votes may repeat: %s", exc)
+                self._replay_to = 0
+        if not self._live and self._next_seq > self._replay_to:
+            self._go_live()
+        async for msg in self._orderer.read(self._next_seq):
             try:
                 envelope = parse_canonical(msg.payload)
                 if not isinstance(envelope, dict):
@@ -273,6 +296,18 @@ class ConsortiumMember:
                     raise InvalidInput(f"unknown message kind {kind!r}")
             except MedledgerError as exc:
                 log.info("message %d ignored: %s", msg.seq, exc)
+            self._next_seq = msg.seq + 1
+            if not self._live and msg.seq >= self._replay_to:
+                self._go_live()
+
+    def _go_live(self) -> None:
+        """The replay reached the stream's length at start: send the votes still owed."""
+        self._live = True
+        for height, block_hash in sorted(self._unvoted.items()):
+            cut = self._cuts.get(height)  # gone once final: then no vote is owed
+            if cut is not None and cut.block.block_hash == block_hash:
+                self._send_vote(cut.block.header, block_hash)
+        self._unvoted.clear()
 
     def _on_tx(self, envelope: dict[str, Any]) -> None:
         # The envelope came through parse_canonical: its tx part is checked.
@@ -356,17 +391,26 @@ class ConsortiumMember:
         self._cuts[header.height] = _Cut(block=block, members=voters, state=self._state.copy())
         self._tip_header, self._tip_hash = header, block_hash
         if header.height <= self._stored_height:
+            # Stored means final: a quorum voted, no vote of ours is needed (and on a
+            # divergence none may be sent).
             stored = self._store.block(header.height)
             if stored.block_hash != block_hash:
                 self._diverged = f"block {header.height} differs from the stored final block"
                 log.error("consortium divergence: %s", self._diverged)
+        elif self._live:
+            self._send_vote(header, block_hash)
+        else:
+            # Replaying: our vote may be further on in the order; see _go_live.
+            self._unvoted[header.height] = block_hash
+        self._try_finalize()
+
+    def _send_vote(self, header: BlockHeader, block_hash: bytes) -> None:
         # The message id names the key, so a vote re-sent after a key rotation is not
         # swallowed by de-duplication of the old one.
         self._publish(
             self._vote_message(header, block_hash),
             f"vote-{self.member_id}-{header.height}-{self._key.fingerprint[:16]}",
         )
-        self._try_finalize()
 
     def _vote_message(self, header: BlockHeader, block_hash: bytes) -> bytes:
         # The header travels with the vote: the signature covers only the block
@@ -401,6 +445,13 @@ class ConsortiumMember:
         if member is None:
             raise InvalidInput(f"vote at height {height} from a non-member key")
         member.signing_key.verify(sig, block_hash)
+        if sig.signer == self._key.fingerprint:
+            owed = self._unvoted.pop(height, None)
+            if owed is not None and owed != block_hash:
+                # This key signed another block at this height before: never sign
+                # a second one (that would be equivocation).
+                self._diverged = f"this member voted for another block {height} before"
+                log.error("consortium divergence: %s", self._diverged)
         votes = self._votes.setdefault(height, {})
         previous = votes.get(member.id)
         if previous is not None:
@@ -473,7 +524,8 @@ class ConsortiumMember:
             await asyncio.sleep(period / 2)
             p = self._pending
             if (
-                p.txs
+                self._live  # replayed txs were cut by markers further on in the order
+                and p.txs
                 and not p.marker_sent
                 and p.first_seen is not None
                 and self._monotonic() - p.first_seen >= period
