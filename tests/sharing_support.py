@@ -130,10 +130,12 @@ async def sharing_network(
             patient_id = patient.patient_id
             wallet = PatientWallet.create(base / "patient.wallet", WALLET_PASSPHRASE)
             assert holder.sharing is not None
-            await holder.sharing.enroll(
+            await holder.enrollments.enroll(
                 patient_id,
                 wallet.public,
-                wallet.enrollment_signature(holder.config.institution, patient_id),
+                wallet.enrollment_signature(
+                    holder.config.institution, holder.records.patient_pseudonym(patient_id)
+                ),
             )
             await net.wait_anchored()
             yield SharingNet(

@@ -32,6 +32,7 @@ from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.services.access import AccessLog
+from medledger.services.enrollment import EnrollmentService
 from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
 from medledger.services.keys import InstitutionKeys
 from medledger.services.peer_http import HttpPeerTransport
@@ -70,6 +71,7 @@ class Node:
     index: RecordIndex
     records: RecordsService
     access: AccessLog
+    enrollments: EnrollmentService
     consortium: ConsortiumMember | None = None
     anchorer: Anchorer | None = None
     sharing: SharingService | None = None
@@ -108,6 +110,7 @@ class Node:
         )
         await member.start()
         self.consortium, self._consortium_store = member, store
+        self.enrollments.attach_consortium(member)
         self._trail = None  # rebuilt over both chains on next use
         self.access = AccessLog(
             institution=self.config.institution, chain=self.chain, member=member
@@ -125,6 +128,7 @@ class Node:
             consortium_store=store,
             access=self.access,
             nonces=self._nonces,
+            enrollments=self.enrollments,
             transport=self._transport,
         )
         if anchor:
@@ -432,5 +436,8 @@ def open_node(
         index=index,
         records=records,
         access=AccessLog(institution=config.institution, chain=chain),
+        enrollments=EnrollmentService(
+            institution=config.institution, chain=chain, records=records, clock=clock
+        ),
         _blobs=blobs,
     )

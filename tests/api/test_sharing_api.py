@@ -57,24 +57,34 @@ def grant_resource(sn: SharingNet, wallet: PatientWallet, grantee: str = "beta")
 
 def test_enrollment_needs_the_patients_signature(tmp_path: Path) -> None:
     async def story(sn: SharingNet) -> None:
-        pid = sn.records[0].split("/")[1]
         wallet = PatientWallet.create(sn.net.base / "w2", b"another patient passphrase")
         body = {
             "patient_key": wallet.public.der().hex(),
             "signature": SigningKey.generate().sign(b"not the statement").to_json(),
         }
         async with client(sn, "alpha", sn.token("alpha", "clinician")) as api:
+            created = await api.post(
+                "/fhir/Patient", json={"resourceType": "Patient", "gender": "unknown"}
+            )
+            pid = created.json()["id"]
+            where = (await api.get(f"/fhir/Patient/{pid}/$enrollment")).json()
+            assert where["institution"] == "alpha" and where["fingerprint"] is None
             outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403)
             outcome(
                 await api.post(f"/fhir/Patient/{pid}/$enroll", json={"patient_key": "zz"}),
                 400,
             )
-            body["signature"] = wallet.enrollment_signature("alpha", pid).to_json()
+            # A statement signed for another institution does not enroll here.
+            body["signature"] = wallet.enrollment_signature("beta", where["pseudonym"]).to_json()
+            outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403)
+            body["signature"] = wallet.enrollment_signature("alpha", where["pseudonym"]).to_json()
             ok = await api.post(f"/fhir/Patient/{pid}/$enroll", json=body)
             assert ok.status_code == 200 and ok.json()["fingerprint"] == wallet.fingerprint
-            # A statement signed for another institution does not enroll here.
-            body["signature"] = wallet.enrollment_signature("beta", pid).to_json()
-            outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403)
+            again = await api.post(f"/fhir/Patient/{pid}/$enroll", json=body)
+            assert again.status_code == 200 and again.json()["fingerprint"] == wallet.fingerprint
+            after = (await api.get(f"/fhir/Patient/{pid}/$enrollment")).json()
+            assert after["fingerprint"] == wallet.fingerprint
+            assert after["bound_by"] == "patient.enroll"
         async with client(sn, "alpha", sn.token("alpha", "patient", pid)) as api:
             outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403, "role")
 

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from medledger.core.consent import ConsentGrant, ConsentRevoke
+from medledger.core.enrollment import enrollment_message, rotation_message
 from medledger.core.errors import (
     Conflict,
     InvalidInput,
@@ -20,7 +21,6 @@ from medledger.core.errors import (
 )
 from medledger.core.keys import SigningKey
 from medledger.services.patients import PatientWallet
-from medledger.services.sharing import enrollment_message
 
 PASSPHRASE = b"patient passphrase"
 CHAIN = "consortium:demo"
@@ -160,13 +160,18 @@ def test_wallet_signs_consents_that_members_accept(wallet_path: Path) -> None:
         )
 
 
-def test_enrollment_signature(wallet_path: Path) -> None:
+def test_enrollment_and_rotation_signatures(wallet_path: Path) -> None:
     wallet = PatientWallet.create(wallet_path, PASSPHRASE)
-    sig = wallet.enrollment_signature("alpha", "pat-1")
+    pseudonym = "ab" * 32
+    sig = wallet.enrollment_signature("alpha", pseudonym)
     assert sig.signer == wallet.fingerprint
-    wallet.public.verify(sig, enrollment_message("alpha", "pat-1"))
+    wallet.public.verify(sig, enrollment_message("alpha", pseudonym))
     with pytest.raises(InvalidSignature, match="does not verify"):
-        wallet.public.verify(sig, enrollment_message("beta", "pat-1"))
+        wallet.public.verify(sig, enrollment_message("beta", pseudonym))
+    rotation = wallet.rotation_signature("alpha", pseudonym, "cd" * 32)
+    wallet.public.verify(rotation, rotation_message("alpha", pseudonym, "cd" * 32))
+    with pytest.raises(InvalidSignature, match="does not verify"):
+        wallet.public.verify(rotation, rotation_message("alpha", pseudonym, "ef" * 32))
 
 
 def test_repr_names_the_fingerprint_only(wallet_path: Path) -> None:

@@ -7,6 +7,12 @@
 
 ``medledger keys rotate --dir`` does the same on a stopped node; this endpoint
 is for a node that is serving (its keystore is open in the node process).
+
+* ``POST /admin/patients/{id}/rebind`` — break-glass: bind a Patient to a new
+  wallet key without the bound key's signature (the patient lost it, or it
+  was stolen). Body ``{"patient_key", "signature"}``: the new key must still
+  sign its enrollment statement. Announced on the consortium, then committed
+  on the private chain, naming this admin token; both keys' trails show it.
 """
 
 from __future__ import annotations
@@ -17,14 +23,36 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from medledger.api.auth import require
+from medledger.api.fhir import read_body
 from medledger.api.responses import fhir_response
+from medledger.api.sharing import wallet_key
+from medledger.core.errors import InvalidInput
+from medledger.core.models import Signature
 from medledger.node import Node
+from medledger.services.fhir import validate_id
 from medledger.storage.tokens import TokenInfo
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/admin", tags=["operations"])
 Admin = Annotated[TokenInfo, Depends(require("admin"))]
+
+
+@router.post("/patients/{rid}/rebind", summary="break-glass re-binding of a patient's key")
+async def rebind_patient(rid: str, request: Request, who: Admin) -> Response:
+    node: Node = request.app.state.node
+    body = await read_body(request)
+    if not isinstance(body, dict) or set(body) != {"patient_key", "signature"}:
+        raise InvalidInput("rebind takes exactly patient_key (hex DER) and signature")
+    result = await node.enrollments.rebind(
+        validate_id(rid),
+        wallet_key(body["patient_key"]),
+        Signature.from_json(body["signature"]),
+        actor=f"admin:{who.id}",
+    )
+    return fhir_response(
+        {"patient": f"Patient/{rid}", **result}, headers={"Content-Type": "application/json"}
+    )
 
 
 @router.post("/keys/rotate", summary="rotate the key-encryption key")

@@ -1,7 +1,11 @@
 """Consent, sharing and the access trail over HTTP.
 
-* ``POST /fhir/Patient/{id}/$enroll`` — link a Patient to the patient's key
-  (the patient's signature proves they hold it).
+* ``GET /fhir/Patient/{id}/$enrollment`` — what a wallet signs to enroll
+  there (institution, the Patient's keyed pseudonym) and the key bound now.
+* ``POST /fhir/Patient/{id}/$enroll`` — link a Patient that has no key yet to
+  the patient's key (the patient's signature proves they hold it).
+* ``POST /fhir/Patient/{id}/$rotate-key`` — move it to a new key, signed by
+  the key bound now. (Break-glass without that key: ``/admin``.)
 * ``POST /fhir/Consent`` — a ``Consent`` carrying the patient-signed
   ``consent.grant``; answered once the grant is final on the consortium.
   ``PUT /fhir/Consent/{id}`` with ``status: inactive`` and the patient-signed
@@ -11,7 +15,8 @@
   — a clinician's verified cross-institution list and fetch.
 
 Patients see only their own consents and trail; auditors see trails but no
-clinical data; clinicians share and enroll.
+clinical data; clinicians share and enroll. A patient token is resolved to a
+key only through the enrollment records (``services.enrollment``).
 """
 
 from __future__ import annotations
@@ -78,8 +83,7 @@ async def _own_fingerprint(request: Request, who: TokenInfo) -> str | None:
     """A patient token's key fingerprint (None for other roles)."""
     if who.role != "patient":
         return None
-    sharing, _ = _sharing(request)
-    fingerprint = await sharing.fingerprint_of(str(who.patient))
+    fingerprint = await _node(request).enrollments.fingerprint_of(str(who.patient))
     if fingerprint is None:
         raise Forbidden("this patient has not enrolled a key here")
     return fingerprint
@@ -92,18 +96,65 @@ def _consent_json(request: Request, record: ConsentRecord) -> dict[str, Any]:
     return consent_resource(record, tx, now_ms=_now())
 
 
-@router.post("/fhir/Patient/{rid}/$enroll", summary="link a Patient to the patient's key")
-async def enroll(rid: str, request: Request, who: Clinician) -> Response:
-    sharing, _ = _sharing(request)
-    body = await read_body(request)
-    if not isinstance(body, dict) or set(body) != {"patient_key", "signature"}:
-        raise InvalidInput("enroll takes exactly patient_key (hex DER) and signature")
+def _key_and_signature(body: Any, extra: set[str] | None = None) -> tuple[VerifyingKey, Signature]:
+    """``patient_key`` (hex DER) and its ``signature`` from a JSON body with exactly those fields."""
+    fields = {"patient_key", "signature"} | (extra or set())
+    if not isinstance(body, dict) or set(body) != fields:
+        raise InvalidInput(f"this takes exactly {', '.join(sorted(fields))}")
+    return wallet_key(body["patient_key"]), Signature.from_json(body["signature"])
+
+
+def wallet_key(value: Any) -> VerifyingKey:
+    """A wallet's public key from its hex DER encoding (bad input is :class:`InvalidInput`)."""
     try:
-        key = VerifyingKey.from_der(bytes.fromhex(str(body["patient_key"])))
+        return VerifyingKey.from_der(bytes.fromhex(str(value)))
     except ValueError:
         raise InvalidInput("patient_key is not a hex DER public key") from None
-    fingerprint = await sharing.enroll(
-        validate_id(rid), key, Signature.from_json(body["signature"])
+
+
+def _own_patient(who: TokenInfo, rid: str) -> None:
+    """A patient token may act on its own Patient only (others look absent)."""
+    if who.role == "patient" and who.patient != rid:
+        raise NotFound("no such resource for this patient")
+
+
+@router.get("/fhir/Patient/{rid}/$enrollment", summary="the key a Patient is enrolled with")
+async def enrollment(rid: str, request: Request, who: ConsentWriter) -> Response:
+    """What a wallet signs to enroll (institution, pseudonym) and the key bound now."""
+    _own_patient(who, validate_id(rid))
+    node = _node(request)
+    await node.records.read("Patient", rid)
+    binding = await node.enrollments.binding_of(rid)
+    return _json(
+        {
+            "patient": f"Patient/{rid}",
+            "institution": node.config.institution,
+            "pseudonym": node.records.patient_pseudonym(rid),
+            "fingerprint": binding.fingerprint if binding is not None else None,
+            "bound_by": binding.kind if binding is not None else None,
+        }
+    )
+
+
+@router.post("/fhir/Patient/{rid}/$enroll", summary="link a Patient to the patient's key")
+async def enroll(rid: str, request: Request, who: Clinician) -> Response:
+    key, signature = _key_and_signature(await read_body(request))
+    fingerprint = await _node(request).enrollments.enroll(validate_id(rid), key, signature)
+    return _json({"patient": f"Patient/{rid}", "fingerprint": fingerprint})
+
+
+@router.post("/fhir/Patient/{rid}/$rotate-key", summary="move a Patient to a new key")
+async def rotate_key(rid: str, request: Request, who: ConsentWriter) -> Response:
+    """The new key's enrollment signature plus the bound key's rotation signature."""
+    _own_patient(who, validate_id(rid))
+    body = await read_body(request)
+    key, signature = _key_and_signature(body, {"previous_key", "previous_signature"})
+    fingerprint = await _node(request).enrollments.rotate(
+        rid,
+        key,
+        signature,
+        wallet_key(body["previous_key"]),
+        Signature.from_json(body["previous_signature"]),
     )
     return _json({"patient": f"Patient/{rid}", "fingerprint": fingerprint})
 

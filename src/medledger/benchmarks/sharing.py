@@ -192,10 +192,12 @@ async def _setup(net: LocalNetwork, holder: Node, reader: Node, base: Path, reso
         stored.append(f"{written.resource_type}/{written.id}")
     wallet = PatientWallet.create(base / "patient.wallet", b"bench patient")
     assert holder.sharing is not None and holder.consortium is not None
-    await holder.sharing.enroll(
+    await holder.enrollments.enroll(
         patient.patient_id,
         wallet.public,
-        wallet.enrollment_signature(holder.config.institution, patient.patient_id),
+        wallet.enrollment_signature(
+            holder.config.institution, holder.records.patient_pseudonym(patient.patient_id)
+        ),
     )
     tx = wallet.grant(
         chain=holder.consortium.chain_id,

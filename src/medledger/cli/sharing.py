@@ -1,11 +1,12 @@
 """Patients, consent, sharing and the audit trail from the command line.
 
-``patient init|show`` work on a wallet file alone. ``patient enroll``,
+``patient init|show`` work on a wallet file alone. ``patient enroll|rotate|rebind``,
 ``consent grant|revoke|list`` and ``share list|fetch`` talk to a running node
 over its HTTP API (``--node`` URL and ``--token``, or ``MEDLEDGER_NODE_URL`` /
 ``MEDLEDGER_TOKEN``): the wallet signs locally and only signed transactions
 leave this machine. ``audit --patient`` reads a node's chains from its
-directory (no passphrase, no running node needed).
+directory (no passphrase, no running node needed); it names enrollments, key
+rotations and break-glass re-bindings (``event``) beside consents and reads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from medledger.cli.common import dir_option, emit, fail, read_passphrase
 __all__ = ["audit", "consent", "patient", "share"]
 
 WALLET_ENV = "MEDLEDGER_WALLET_PASSPHRASE"
+NEW_WALLET_ENV = "MEDLEDGER_NEW_WALLET_PASSPHRASE"
 _DAY_MS = 86_400_000
 
 wallet_option = click.option(
@@ -117,6 +119,14 @@ def patient_show(wallet_path: Path) -> None:
     emit({"fingerprint": wallet.fingerprint, "public_key": wallet.public.pem()})
 
 
+def _enrollment(node_url: str, token: str, patient_id: str) -> dict[str, Any]:
+    """What the node says a wallet signs for Patient/ID there, and the key bound now."""
+    answer: dict[str, Any] = _call(
+        node_url, token, "GET", f"/fhir/Patient/{patient_id}/$enrollment"
+    )
+    return answer
+
+
 @patient.command("enroll")
 @wallet_option
 @node_option
@@ -125,10 +135,68 @@ def patient_show(wallet_path: Path) -> None:
 def patient_enroll(wallet_path: Path, node_url: str, token: str, patient_id: str) -> None:
     """Link Patient/ID at a node to this wallet (the wallet proves it holds the key)."""
     wallet = _wallet(wallet_path)
-    institution = str(_ready(node_url)["institution"])
-    signature = wallet.enrollment_signature(institution, patient_id)
+    where = _enrollment(node_url, token, patient_id)
+    signature = wallet.enrollment_signature(where["institution"], where["pseudonym"])
     body = {"patient_key": wallet.public.der().hex(), "signature": signature.to_json()}
     emit(_call(node_url, token, "POST", f"/fhir/Patient/{patient_id}/$enroll", body))
+
+
+@patient.command("rotate")
+@wallet_option
+@click.option(
+    "--new-wallet",
+    "new_wallet_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The wallet to move to (create it first with 'patient init').",
+)
+@node_option
+@token_option
+@click.option("--patient-id", required=True, help="The Patient's id at that node.")
+def patient_rotate(
+    wallet_path: Path, new_wallet_path: Path, node_url: str, token: str, patient_id: str
+) -> None:
+    """Move Patient/ID at a node from --wallet (the key bound now) to --new-wallet.
+
+    The new wallet's passphrase comes from MEDLEDGER_NEW_WALLET_PASSPHRASE or a prompt.
+    """
+    from medledger.services.patients import PatientWallet
+
+    old = _wallet(wallet_path)
+    new = PatientWallet.open(
+        new_wallet_path,
+        read_passphrase(confirm=False, env=NEW_WALLET_ENV, label="New wallet passphrase"),
+    )
+    where = _enrollment(node_url, token, patient_id)
+    institution, pseudonym = where["institution"], where["pseudonym"]
+    body = {
+        "patient_key": new.public.der().hex(),
+        "signature": new.enrollment_signature(institution, pseudonym).to_json(),
+        "previous_key": old.public.der().hex(),
+        "previous_signature": old.rotation_signature(
+            institution, pseudonym, new.fingerprint
+        ).to_json(),
+    }
+    emit(_call(node_url, token, "POST", f"/fhir/Patient/{patient_id}/$rotate-key", body))
+
+
+@patient.command("rebind")
+@wallet_option
+@node_option
+@token_option
+@click.option("--patient-id", required=True, help="The Patient's id at that node.")
+def patient_rebind(wallet_path: Path, node_url: str, token: str, patient_id: str) -> None:
+    """Break-glass (admin token): bind Patient/ID to --wallet without the old key.
+
+    For a patient whose key is lost or stolen. The re-binding is announced on
+    the consortium, recorded on the node's chain with the admin token's id,
+    and shown in the trails of both keys.
+    """
+    wallet = _wallet(wallet_path)
+    where = _enrollment(node_url, token, patient_id)
+    signature = wallet.enrollment_signature(where["institution"], where["pseudonym"])
+    body = {"patient_key": wallet.public.der().hex(), "signature": signature.to_json()}
+    emit(_call(node_url, token, "POST", f"/admin/patients/{patient_id}/rebind", body))
 
 
 @click.group()

@@ -40,12 +40,15 @@ def share_with_consent(scene: Scene) -> None:
     wallet = PatientWallet.create(wallet_path, WALLET_PASSPHRASE.encode())
     fingerprint = wallet.fingerprint
     scene.facts.update(fingerprint=fingerprint, wallet=wallet_path)
+    where = a.call("GET", f"/fhir/Patient/{patient.patient_id}/$enrollment").body
     enroll = a.call(
         "POST",
         f"/fhir/Patient/{patient.patient_id}/$enroll",
         body={
             "patient_key": wallet.public.der().hex(),
-            "signature": wallet.enrollment_signature("hospital-1", patient.patient_id).to_json(),
+            "signature": wallet.enrollment_signature(
+                where["institution"], where["pseudonym"]
+            ).to_json(),
         },
     ).body
     scene.step(

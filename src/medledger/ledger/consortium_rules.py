@@ -23,6 +23,11 @@ every honest member gives), ``apply`` updates the state. Rules:
 * ``consent.grant`` / ``consent.revoke`` — signed by the patient's key (see
   ``core.consent``); the grantee is a current member; a revocation names an
   unrevoked grant of the same patient.
+* ``patient.rebind`` — an institution announces an administrator's
+  break-glass re-binding of one of its Patients from key ``previous`` to key
+  ``patient`` (``core.enrollment``), signed by that institution's member
+  key: ``{"institution", "patient", "previous", "actor"}``, fingerprints and
+  ``admin:<token id>`` only.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from medledger.core.consent import (
     ConsentRevoke,
 )
 from medledger.core.consortium import CONSORTIUM_ONLY, Genesis, Member, MemberSet
+from medledger.core.enrollment import PATIENT_REBIND, REBIND_ACTOR, REBIND_REPORT_FIELDS
 from medledger.core.errors import InconsistentLog, InvalidInput, InvalidSignature, MedledgerError
 from medledger.core.hashing import hash_from_hex
 from medledger.core.keys import VerifyingKey
@@ -176,6 +182,8 @@ class ConsortiumState:
             self._check_access_batch(tx)
         elif tx.type in CONSENT_TYPES:
             self._check_consent(tx)
+        elif tx.type == PATIENT_REBIND:
+            self._check_rebind(tx)
         else:
             self._check_other(tx)
 
@@ -266,6 +274,25 @@ class ConsortiumState:
                 )
             if entry["outcome"] not in ("allowed", "refused"):
                 raise InvalidInput("access outcome must be 'allowed' or 'refused'")
+
+    def _check_rebind(self, tx: Transaction) -> None:
+        """A break-glass re-binding, announced by the institution that makes it."""
+        member = self._signer(tx)
+        body = tx.body
+        if set(body) != REBIND_REPORT_FIELDS:
+            raise InvalidInput(
+                f"patient.rebind must have exactly {', '.join(sorted(REBIND_REPORT_FIELDS))}"
+            )
+        if body["institution"] != member.id:
+            raise InvalidSignature(
+                f"patient.rebind for {body['institution']!r} signed by {member.id!r}"
+            )
+        hash_from_hex(body["patient"], "patient.rebind patient")
+        hash_from_hex(body["previous"], "patient.rebind previous")
+        if body["patient"] == body["previous"]:
+            raise InvalidInput("patient.rebind must name a different key")
+        if not isinstance(body["actor"], str) or not REBIND_ACTOR.fullmatch(body["actor"]):
+            raise InvalidInput("patient.rebind actor must be 'admin:<token id>'")
 
     def _check_consent(self, tx: Transaction) -> None:
         if tx.type == CONSENT_GRANT:

@@ -1,7 +1,8 @@
 """The patient wallet: the patient's key pair in a passphrase-protected file.
 
 On chains a patient is only the fingerprint of this public key. The wallet
-signs consent grants and revocations and enrollment statements; the private
+signs consent grants and revocations, enrollment statements and key
+rotations; the private
 key is only ever written encrypted (PKCS#8 under the passphrase).
 """
 
@@ -10,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from medledger.core.consent import grant_tx, revoke_tx
+from medledger.core.enrollment import enrollment_message, rotation_message
 from medledger.core.errors import Conflict, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey, VerifyingKey
 from medledger.core.models import Signature, Transaction
 from medledger.core.passphrase import check_new_passphrase
-from medledger.services.sharing import enrollment_message
 from medledger.storage.keystore import atomic_write
 
 __all__ = ["PatientWallet"]
@@ -58,8 +59,15 @@ class PatientWallet:
         """The patient's pseudonym on every chain."""
         return self._key.fingerprint
 
-    def enrollment_signature(self, institution: str, patient_id: str) -> Signature:
-        return self._key.sign(enrollment_message(institution, patient_id))
+    def enrollment_signature(self, institution: str, pseudonym: str) -> Signature:
+        """Consent to speak for the Patient with keyed ``pseudonym`` at ``institution``."""
+        return self._key.sign(enrollment_message(institution, pseudonym))
+
+    def rotation_signature(
+        self, institution: str, pseudonym: str, new_fingerprint: str
+    ) -> Signature:
+        """Hand that Patient over to the key ``new_fingerprint`` (signed by this, the bound key)."""
+        return self._key.sign(rotation_message(institution, pseudonym, new_fingerprint))
 
     def grant(
         self,

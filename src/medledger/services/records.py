@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from medledger.core.consent import PATIENT_KEY_SYSTEM
 from medledger.core.envelope import RecordContext, open_record, seal_record, unwrap_key, wrap_key
 from medledger.core.errors import (
     Gone,
@@ -286,6 +287,7 @@ class RecordsService:
                     raise PreconditionFailed(
                         f"{rtype}/{rid} is at version {current}, not {if_match}"
                     )
+                self._keep_reserved(rtype, resource, latest)
                 prepared.append(await self._seal(rtype, rid, current + 1, resource, kek_id, kek))
             for row, tokens, _stored, _tx in prepared:
                 await self._index.put_version(row, tokens)
@@ -299,6 +301,33 @@ class RecordsService:
             self._inflight[kek_id] -= 1
             for lock in locks:
                 lock.release()
+
+    def _keep_reserved(
+        self, rtype: str, resource: dict[str, Any], latest: VersionRow | None
+    ) -> None:
+        """Refuse a write that sets, changes or removes a patient-key identifier.
+
+        The link between a Patient and a wallet key is made only by enrollment
+        (``services.enrollment``); a FHIR write must not look like one. Versions
+        stored before the system was reserved may carry it: a write keeping
+        exactly what the current version has is accepted.
+        """
+        new = _reserved_entries(resource)
+        old: list[bytes] = []
+        if latest is not None and not latest.erased and (new or rtype == "Patient"):
+            old = _reserved_entries(self._open(latest).resource())
+        if new != old:
+            raise FhirInvalid(
+                [
+                    Issue(
+                        severity="error",
+                        code="business-rule",
+                        diagnostics=f"identifier system {PATIENT_KEY_SYSTEM} is reserved: a "
+                        "patient's key is linked only by enrollment ($enroll)",
+                        expression=(f"{rtype}.identifier",),
+                    )
+                ]
+            )
 
     async def _undo(self, written: list[VersionRow], blob_hashes: list[bytes]) -> None:
         """Take back versions whose chain commit failed: rows, search tokens, blobs."""
@@ -492,6 +521,13 @@ class RecordsService:
         pseudonym = self._keys.pseudonym(f"Patient/{patient_id}")
         assert pseudonym is not None
         return pseudonym
+
+    def patient_of_pseudonym(self, pseudonym: str) -> str | None:
+        """The id of the stored Patient whose keyed pseudonym is ``pseudonym``, if any."""
+        for rtype, rid in self._index.records_of_patient(pseudonym):
+            if rtype == "Patient" and self.patient_pseudonym(rid) == pseudonym:
+                return rid
+        return None
 
     def resources_of_patient(self, patient_id: str) -> list[tuple[str, str]]:
         """``(type, id)`` of every unerased resource about ``Patient/<patient_id>``."""
@@ -705,6 +741,21 @@ def _object(value: Any) -> dict[str, Any]:
             ]
         )
     return dict(value)
+
+
+def _reserved_entries(value: Any) -> list[bytes]:
+    """Every object anywhere in ``value`` whose ``system`` is the reserved patient-key system."""
+    found: list[bytes] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("system") == PATIENT_KEY_SYSTEM:
+                found.append(json.dumps(item, sort_keys=True, default=str).encode())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return sorted(found)
 
 
 def _resolve_refs(value: Any, urls: Mapping[str, str]) -> Any:

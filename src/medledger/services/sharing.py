@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from medledger.core.consent import PATIENT_KEY_SYSTEM, ConsentRecord
+from medledger.core.consent import ConsentRecord
 from medledger.core.consortium import MemberSet
 from medledger.core.encoding import canonical_bytes
 from medledger.core.envelope import RecordContext, open_record
@@ -40,7 +40,7 @@ from medledger.core.errors import (
     OrderingError,
 )
 from medledger.core.hashing import hash_from_hex, sha256
-from medledger.core.keys import SigningKey, VerifyingKey
+from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Transaction
 from medledger.core.peer import AnchorProof, PeerRequest, Provenance, SignedPeerRequest
 from medledger.ledger.clock import Clock, SystemClock
@@ -48,9 +48,9 @@ from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
 from medledger.services.access import ALLOWED, REFUSED, AccessEntry, AccessLog
+from medledger.services.enrollment import EnrollmentService
 from medledger.services.hpke import HpkeKeyPair, seal_to
 from medledger.services.records import RecordsService
-from medledger.services.trail import PATIENT_ENROLL
 from medledger.storage.nonces import NonceStore
 from medledger.storage.ports import ChainStore
 
@@ -58,7 +58,6 @@ __all__ = [
     "PeerTransport",
     "SharedRecord",
     "SharingService",
-    "enrollment_message",
 ]
 
 _ANCHOR_WAIT_S = 5.0
@@ -70,13 +69,6 @@ class PeerTransport(Protocol):
     """Sends a signed request to a member's peer endpoint: ``(status, JSON body)``."""
 
     async def post(self, url: str, body: bytes) -> tuple[int, Any]: ...
-
-
-def enrollment_message(institution: str, patient_id: str) -> bytes:
-    """What a patient signs to link their key to ``Patient/<patient_id>`` at ``institution``."""
-    return canonical_bytes(
-        {"medledger-enroll": {"institution": institution, "patient": patient_id}}
-    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +121,7 @@ class SharingService:
         consortium_store: ChainStore,
         access: AccessLog,
         nonces: NonceStore,
+        enrollments: EnrollmentService,
         transport: PeerTransport | None = None,
         clock: Clock | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -142,6 +135,7 @@ class SharingService:
         self._cstore = consortium_store
         self._access = access
         self._nonces = nonces
+        self._enrollments = enrollments
         self.transport = transport
         self._clock: Clock = clock or SystemClock()
         self._random = random_bytes
@@ -150,50 +144,9 @@ class SharingService:
 
     # -- enrollment -----------------------------------------------------------------
 
-    async def enroll(self, patient_id: str, patient_key: VerifyingKey, signature: Any) -> str:
-        """Link ``Patient/<patient_id>`` to the patient's key; returns its fingerprint.
-
-        ``signature`` (a :class:`~medledger.core.models.Signature`) over
-        :func:`enrollment_message` proves the patient holds the key.
-        """
-        patient_key.verify(signature, enrollment_message(self.institution, patient_id))
-        stored = await self._records.read("Patient", patient_id)
-        resource = stored.resource()
-        fingerprint = patient_key.fingerprint
-        idents = [
-            i
-            for i in resource.get("identifier") or []
-            if not (isinstance(i, dict) and i.get("system") == PATIENT_KEY_SYSTEM)
-        ]
-        idents.append({"system": PATIENT_KEY_SYSTEM, "value": fingerprint})
-        await self._records.update(
-            "Patient", patient_id, {**resource, "identifier": idents}, if_match=stored.version
-        )
-        # The link on the private chain lets an audit find this patient's local
-        # reads (recorded under the keyed pseudonym) from the fingerprint alone.
-        await self._chain.submit(
-            PATIENT_ENROLL,
-            {"patient": fingerprint, "pseudonym": self._records.patient_pseudonym(patient_id)},
-        )
-        return fingerprint
-
-    async def fingerprint_of(self, patient_id: str) -> str | None:
-        """The key fingerprint ``Patient/<patient_id>`` enrolled with, if any."""
-        try:
-            resource = (await self._records.read("Patient", patient_id)).resource()
-        except NotFound:
-            return None
-        for ident in resource.get("identifier") or []:
-            if isinstance(ident, dict) and ident.get("system") == PATIENT_KEY_SYSTEM:
-                return str(ident.get("value"))
-        return None
-
     async def patient_id(self, fingerprint: str) -> str | None:
-        """The local Patient enrolled with key ``fingerprint``, if any."""
-        found = await self._records.search_ids(
-            "Patient", {"identifier": [f"{PATIENT_KEY_SYSTEM}|{fingerprint}"]}
-        )
-        return found[0] if found else None
+        """The local Patient enrolled with key ``fingerprint`` now, if any."""
+        return await self._enrollments.patient_id(fingerprint)
 
     # -- holder side ----------------------------------------------------------------
 
@@ -254,6 +207,9 @@ class SharingService:
             return answer
         except MedledgerError as exc:
             await self._access.record(_with(entry, reason=str(exc)[:300]), summarize=verified)
+            if isinstance(exc, _NotSubject) and exc.subject:
+                # The refused record's own patient sees the attempt too (decision 0009).
+                await self._access.record(_with(entry, patient=exc.subject, reason=str(exc)))
             raise
 
     def _consent(self, request: PeerRequest) -> ConsentRecord:
@@ -290,7 +246,10 @@ class SharingService:
             self._records.patient_pseudonym(patient_id)
         )
         if not about:
-            raise ConsentDenied("the consent's patient is not the subject of this record")
+            raise _NotSubject(
+                "the consent's patient is not the subject of this record",
+                subject=sealed.row.patient,
+            )
         _, leaf_index = self._chain.store.tx_location(sealed.row.tx_hash)
         anchor = await self._anchor_covering(leaf_index)
         proof = inclusion_proof(self._chain.store, leaf_index, anchor.log_size)
@@ -516,6 +475,14 @@ class SharingService:
             and self._cstore.block_hash(header.height) != header.hash()
         ):
             raise IntegrityError("the anchor block differs from this member's final block")
+
+
+class _NotSubject(ConsentDenied):
+    """A consent used for a record about another patient (``subject``, a keyed pseudonym)."""
+
+    def __init__(self, message: str, *, subject: str | None) -> None:
+        super().__init__(message)
+        self.subject = subject
 
 
 def _claimed_reader(document: Any) -> str:

@@ -1,4 +1,4 @@
-"""A patient's trail: every consent and access tx about them, found by an index.
+"""A patient's trail: every consent, access and enrollment tx about them, found by an index.
 
 Chains are append-only, so :class:`TrailIndex` reads each block once: it
 remembers, per patient key, where that patient's trail items sit (chain,
@@ -19,15 +19,19 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from medledger.core.consent import CONSENT_GRANT, CONSENT_REVOKE
+from medledger.core.enrollment import (
+    IDENTITY_TYPES,
+    PATIENT_ENROLL,
+    PATIENT_REBIND,
+    PATIENT_ROTATE,
+)
 from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
 from medledger.storage.ports import ChainStore
 
-__all__ = ["PATIENT_ENROLL", "TrailIndex", "patient_trail"]
+__all__ = ["EVENTS", "PATIENT_ENROLL", "TrailIndex", "patient_trail"]
 
-#: Private-chain tx linking a keyed patient pseudonym to the patient's key fingerprint.
-PATIENT_ENROLL = "patient.enroll"
 _TRAIL_TYPES = frozenset({ACCESS, CONSENT_GRANT, CONSENT_REVOKE})
 #: Transactions read between two yields to the event loop while catching up
 #: (about 15 ms of decoding).
@@ -44,7 +48,7 @@ class _Where(NamedTuple):
 def _items(data: bytes, height: int) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """``(patient key, batch entry or -1, item)`` for each trail item in one tx.
 
-    A ``patient.enroll`` yields ``("enroll:<fingerprint>", -1, {"pseudonym": …})``.
+    Identity txs also yield links (see :func:`_identity_items`).
     """
     tx = Transaction.decode(data)
     body = tx.body
@@ -55,8 +59,8 @@ def _items(data: bytes, height: int) -> Iterator[tuple[str, int, dict[str, Any]]
         "time_ms": tx.time_ms,
         "type": tx.type,
     }
-    if tx.type == PATIENT_ENROLL:
-        yield f"enroll:{body.get('patient')}", -1, {"pseudonym": str(body.get("pseudonym"))}
+    if tx.type in IDENTITY_TYPES:
+        yield from _identity_items(tx, where)
     elif tx.type in _TRAIL_TYPES:
         item = where | {k: v for k, v in body.items() if k != "patient_key"}
         if tx.type == CONSENT_GRANT:
@@ -67,6 +71,40 @@ def _items(data: bytes, height: int) -> Iterator[tuple[str, int, dict[str, Any]]
         for n, entry in enumerate(body.get("entries") or []):
             item = where | entry | {"type": ACCESS, "holder": body.get("holder")}
             yield str(entry.get("patient")), n, item | {"entry": n}
+
+
+#: How ``audit`` names each identity transaction in a trail.
+EVENTS = {
+    PATIENT_ENROLL: "enrollment",
+    PATIENT_ROTATE: "key rotation",
+    PATIENT_REBIND: "break-glass re-binding",
+}
+
+
+def _identity_items(
+    tx: Transaction, where: dict[str, Any]
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Links and trail items of an enrollment, rotation or break-glass re-binding.
+
+    On the private chain the new key is linked to the Patient's pseudonym
+    (``enroll:<fingerprint>``) and the previous key's link ends here
+    (``unlink:<fingerprint>``); the event itself is an item of both keys'
+    trails. The consortium's ``patient.rebind`` report is an item of both.
+    """
+    body = tx.body
+    patient, previous = str(body.get("patient")), str(body.get("previous") or "")
+    pseudonym = body.get("pseudonym")
+    if isinstance(pseudonym, str):
+        yield f"enroll:{patient}", -1, {"pseudonym": pseudonym}
+        if previous:
+            yield f"unlink:{previous}", -1, {"pseudonym": pseudonym}
+    if tx.type == PATIENT_ENROLL and "signature" not in body:
+        return  # written before enrollments were signed: a link, not an event
+    item = where | {"event": EVENTS[tx.type], "patient": patient}
+    item |= {k: body[k] for k in ("previous", "actor", "institution", "report") if k in body}
+    yield patient, -1, item
+    if previous:
+        yield previous, -1, item
 
 
 class TrailIndex:
@@ -111,10 +149,11 @@ class TrailIndex:
                 await asyncio.sleep(0)
 
     def trail(self, fingerprint: str) -> list[dict[str, Any]]:
-        """Every indexed consent and access tx about the patient, oldest first.
+        """Every indexed consent, access and identity tx about the patient, oldest first.
 
         Local reads are recorded under the institution's keyed pseudonym;
-        ``patient.enroll`` txs link those to the fingerprint. Each item:
+        enrollments link those to the fingerprint, until a rotation or
+        break-glass re-binding moves the Patient to another key. Each item:
         ``{"chain", "height", "tx", "time_ms", "type", **body}`` (plus
         ``"entry"`` for a summary inside an ``access.batch``).
         """
@@ -128,13 +167,24 @@ class TrailIndex:
                 read[at] = list(_items(data, where.height))
             return read[at]
 
-        keys = {fingerprint}
-        for link in self._where.get(f"enroll:{fingerprint}", []):
-            keys.update(item["pseudonym"] for _, _, item in items_at(link))
+        def linked(kind: str) -> Iterator[tuple[_Where, str]]:
+            key = f"{kind}:{fingerprint}"
+            for link in self._where.get(key, []):
+                for item_key, _, item in items_at(link):
+                    if item_key == key:
+                        yield link, item["pseudonym"]
+
+        # A key sees its Patient's local reads up to where it stopped being bound.
+        until: dict[str, tuple[int, int] | None] = {fingerprint: None}
+        for _, pseudonym in linked("enroll"):
+            until.setdefault(pseudonym, None)
+        for cut, pseudonym in linked("unlink"):
+            until[pseudonym] = (cut.store, cut.log_index)
         found = [
             ((item["time_ms"], item["chain"], where.log_index, where.entry), item)
-            for key in keys
+            for key, cut in until.items()
             for where in self._where.get(key, [])
+            if cut is None or where.store != cut[0] or where.log_index < cut[1]
             for item_key, entry, item in items_at(where)
             if item_key == key and entry == where.entry
         ]

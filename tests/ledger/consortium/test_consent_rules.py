@@ -445,3 +445,35 @@ def test_unknown_type_is_refused() -> None:
     tx = Transaction(type="consent.amend", chain=CHAIN, body={}, time_ms=T0)
     with pytest.raises(InvalidInput, match="unknown consortium transaction type"):
         _state().check(_sign(tx, PATIENT))
+
+
+def _rebind(signer: SigningKey = KEYS[0], **changes: Any) -> Transaction:
+    body = {
+        "institution": "alpha",
+        "patient": PATIENT.fingerprint,
+        "previous": OTHER_PATIENT.fingerprint,
+        "actor": "admin:0a1b2c3d4e5f",
+    } | changes
+    tx = Transaction(type="patient.rebind", chain=CHAIN, body=body, time_ms=T0)
+    return replace(tx, signatures=(signer.sign(tx.signing_bytes()),))
+
+
+def test_a_break_glass_report_is_signed_by_its_institution_and_names_keys_only() -> None:
+    state = _state()
+    ok = _rebind()
+    state.check(ok)
+    state.apply(ok, ok.hash())
+    with pytest.raises(InvalidInput, match="replay"):
+        state.check(ok)
+    refusals: list[tuple[Transaction, type[Exception], str]] = [
+        (_rebind(KEYS[1]), InvalidSignature, "signed by 'beta'"),
+        (_rebind(OUTSIDER), InvalidSignature, "not a current member"),
+        (_rebind(actor="clinician:0a1b"), InvalidInput, "admin"),
+        (_rebind(actor="admin:Jane Doe, MRN 12345"), InvalidInput, "admin"),
+        (_rebind(previous=PATIENT.fingerprint), InvalidInput, "different key"),
+        (_rebind(patient="not a fingerprint"), InvalidInput, "hex"),
+        (_rebind(reason="lost wallet"), InvalidInput, "exactly"),
+    ]
+    for tx, error, reason in refusals:
+        with pytest.raises(error, match=reason):
+            state.check(tx)
