@@ -84,7 +84,15 @@ def _digits(text: str) -> bool:
 
 
 class _NotYours(NotFound):
-    """A patient token asked for another patient's record: refused, and audited as such."""
+    """A patient token asked for another patient's record: refused, and audited as such.
+
+    ``patient`` is the pseudonym of the patient whose record it was, so the
+    refusal is in *that* patient's trail.
+    """
+
+    def __init__(self, message: str, *, patient: str | None) -> None:
+        super().__init__(message)
+        self.patient = patient
 
 
 def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
@@ -92,7 +100,7 @@ def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
         return
     if patient_reference(stored.resource()) != f"Patient/{who.patient}":
         # Indistinguishable from absence: a patient learns nothing about others.
-        raise _NotYours(_ABSENT)
+        raise _NotYours(_ABSENT, patient=stored.patient)
 
 
 @asynccontextmanager
@@ -126,7 +134,7 @@ async def _audited(
     try:
         yield shown
     except _NotYours as exc:
-        await node.access.record(entry(resource_type, rid, None, "refused", str(exc)))
+        await node.access.record(entry(resource_type, rid, exc.patient, "refused", str(exc)))
         raise
     await node.access.record_many(
         [entry(s.resource_type, s.id, s.patient, "allowed") for s in shown]
