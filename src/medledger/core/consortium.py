@@ -11,10 +11,16 @@
   record transaction (docs/decisions/0011-consortium-only-mode.md). It is
   written into the genesis only when not ``"hybrid"``, so hybrid genesis
   documents, and their hashes, are unchanged.
+* Block time (``block_time``): the lower median of the voting members' latest
+  signed clock readings, never before the previous block and never more than
+  ``max_clock_skew_ms`` after the block's newest transaction. A minority of
+  members (one of two, one of three, ...) cannot move it forward with a wrong
+  clock; an auditor checks the part it can re-derive (``block_time_bound``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +37,9 @@ __all__ = [
     "Genesis",
     "Member",
     "MemberSet",
+    "block_time",
+    "block_time_bound",
+    "clock_bytes",
     "consortium_chain_id",
     "max_faulty",
     "quorum",
@@ -51,6 +60,40 @@ def max_faulty(n: int) -> int:
 def quorum(n: int) -> int:
     """⌊(n+f)/2⌋+1 signatures make a block final among ``n`` members."""
     return (n + max_faulty(n)) // 2 + 1
+
+
+def clock_bytes(chain_id: str, height: int, time_ms: int) -> bytes:
+    """What a member signs to report its clock reading with its vote for block ``height``."""
+    return canonical_bytes(
+        {"chain": chain_id, "kind": "clock", "height": height, "time_ms": time_ms}
+    )
+
+
+def block_time_bound(prev_time_ms: int, tx_times: Sequence[int], skew_ms: int) -> int:
+    """The latest time a block may carry: ``skew_ms`` after its newest transaction.
+
+    (Or the previous block's time, if that is later: block time never goes back.)
+    Every honest block meets it, so an auditor rejects a block beyond it.
+    """
+    return max(prev_time_ms, max(tx_times, default=prev_time_ms) + skew_ms)
+
+
+def block_time(
+    prev_time_ms: int, readings: Sequence[int], tx_times: Sequence[int], skew_ms: int
+) -> int:
+    """The time of the next block, from the ordered stream alone (identical for every member).
+
+    ``readings`` holds one clock reading per voting member (its latest signed one,
+    or the genesis time if it has none yet). Their *lower* median is a time that
+    at least half the members' clocks had reached, so members with fast clocks
+    cannot push it forward unless they are more than half; it is then capped at
+    :func:`block_time_bound` and never goes below the previous block's time.
+    """
+    if not readings:
+        raise InvalidInput("block time needs at least one member's clock reading")
+    ordered = sorted(readings)
+    median = ordered[(len(ordered) - 1) // 2]
+    return max(prev_time_ms, min(median, block_time_bound(prev_time_ms, tx_times, skew_ms)))
 
 
 def consortium_chain_id(consortium: str) -> str:

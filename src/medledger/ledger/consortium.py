@@ -11,8 +11,15 @@ blocks without talking to each other:
   when a member-signed ``cut`` marker for the next height arrives: a member
   whose oldest pending tx is ``cut_after_ms`` old publishes one, as Fabric's
   Kafka orderer did with time-to-cut messages; no local clock decides a block
-  boundary. Block time is the ordering service's timestamp of the message
-  that cut the block, identical for every member.
+  boundary.
+* Block time comes from the members' clocks, not the ordering service's (a
+  ``solo`` order is stamped by whichever member published; a JetStream order
+  by one server): each vote carries its member's signed clock reading, and
+  a block's time is the lower median of the voting members' latest readings,
+  capped at ``max_clock_skew_ms`` after the block's newest transaction and
+  never before the previous block (``core.consortium.block_time``). Every
+  member sees the same readings at the same place in the stream, so all cut
+  the same header; a minority of wrong clocks cannot move it.
 * Each member signs the block hash and publishes a ``vote``. A block is final
   with votes from a quorum of ⌊(n+f)/2⌋+1 members; only final blocks are
   stored, with their votes as the finality certificate. A member voting for
@@ -38,7 +45,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis, MemberSet
+from medledger.core.consortium import (
+    CONSORTIUM_GENESIS,
+    Genesis,
+    Member,
+    MemberSet,
+    block_time,
+    clock_bytes,
+)
 from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import (
     InvalidInput,
@@ -142,6 +156,7 @@ class _Cut:
 @dataclass(slots=True)
 class _Pending:
     txs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (data, hash)
+    tx_times: list[int] = field(default_factory=list)  # each tx's signed time_ms
     size: int = 0
     first_seen: float | None = None
     marker_sent: bool = False
@@ -186,7 +201,8 @@ class ConsortiumMember:
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
         self._final_height = 0
         self._final_state = self._state.copy()
-        self._order_time = 0
+        # Each member's latest signed clock reading (from its votes), by member id.
+        self._readings: dict[str, int] = {}
         self._evidence: list[Evidence] = []
         self._equivocators: set[str] = set()
         self._waiters: dict[bytes, asyncio.Future[Receipt]] = {}
@@ -285,7 +301,6 @@ class ConsortiumMember:
                 if not isinstance(envelope, dict):
                     raise InvalidInput("message is not an object")
                 kind = envelope.get("kind")
-                self._order_time = max(self._order_time, msg.time_ms)
                 if kind == MSG_TX:
                     self._on_tx(envelope)
                 elif kind == MSG_CUT:
@@ -324,6 +339,7 @@ class ConsortiumMember:
         self._state.apply(tx, tx_hash, self._tip_header.height + 1)
         p = self._pending
         p.txs.append((data, tx_hash))
+        p.tx_times.append(tx.time_ms)
         p.size += len(data)
         if p.first_seen is None:
             p.first_seen = self._monotonic()
@@ -353,9 +369,7 @@ class ConsortiumMember:
 
     def _cut(self) -> None:
         p = self._pending
-        # Block time is the ordering service's time of the message that cut the
-        # block: the same for every member, and no member's clock can move it.
-        time_ms = max(self._tip_header.time_ms, self._order_time)
+        time_ms = self._next_block_time(p)
         self._pending = _Pending()
         first_index = self._log.size
         block_log = CompactRange()
@@ -412,16 +426,50 @@ class ConsortiumMember:
             f"vote-{self.member_id}-{header.height}-{self._key.fingerprint[:16]}",
         )
 
+    def _next_block_time(self, pending: _Pending) -> int:
+        """The next block's time from the readings seen so far in the stream (see module doc)."""
+        voters = self._members_before(self._tip_header.height + 1)
+        readings = [self._readings.get(m.id, self.genesis.time_ms) for m in voters.members]
+        return block_time(
+            self._tip_header.time_ms,
+            readings,
+            pending.tx_times,
+            self.genesis.params.max_clock_skew_ms,
+        )
+
     def _vote_message(self, header: BlockHeader, block_hash: bytes) -> bytes:
         # The header travels with the vote: the signature covers only the block
         # hash (the fixed format), and the header proves which height that is.
+        # The clock reading is signed apart, over the height it comes with, so it
+        # cannot be replayed into another height's vote.
+        now = self._clock.now_ms()
         return canonical_bytes(
             {
                 "kind": MSG_VOTE,
                 "header": header.to_json(),
                 "signature": self._key.sign(block_hash).to_json(),
+                "time_ms": now,
+                "clock": self._key.sign(clock_bytes(self.chain_id, header.height, now)).to_json(),
             }
         )
+
+    def _clock_reading(self, envelope: dict[str, Any], member: Member, height: int) -> None:
+        """Record the signed clock reading a vote carries.
+
+        A vote without one still counts as a vote; it just reads nothing. The
+        latest reading replaces the member's previous one, so a clock that was
+        wrong and is fixed stops counting as wrong from its next vote.
+        """
+        if "time_ms" not in envelope and "clock" not in envelope:
+            return
+        time_ms = envelope.get("time_ms")
+        if type(time_ms) is not int or time_ms < 0:
+            raise InvalidInput("a vote's time_ms must be a non-negative integer")
+        sig = Signature.from_json(envelope.get("clock"))
+        if sig.signer != member.fingerprint:
+            raise InvalidInput("a vote's clock reading must be signed by the voter")
+        member.signing_key.verify(sig, clock_bytes(self.chain_id, height, time_ms))
+        self._readings[member.id] = time_ms
 
     def _publish(self, payload: bytes, msg_id: str) -> None:
         async def go() -> None:
@@ -452,6 +500,7 @@ class ConsortiumMember:
                 # a second one (that would be equivocation).
                 self._diverged = f"this member voted for another block {height} before"
                 log.error("consortium divergence: %s", self._diverged)
+        self._clock_reading(envelope, member, height)
         votes = self._votes.setdefault(height, {})
         previous = votes.get(member.id)
         if previous is not None:

@@ -3,8 +3,12 @@
 :class:`ConsortiumPolicy` plugs into :func:`~medledger.ledger.verify.verify_chain`:
 block 0 must be exactly the genesis document's block; every later block needs
 a finality certificate of votes from a quorum of the members active when it
-was cut; and every transaction is re-validated with the consortium rules
-(signatures, membership quorums, anchor consistency proofs, no replays).
+was cut; every transaction is re-validated with the consortium rules
+(signatures, membership quorums, anchor consistency proofs, no replays); and
+no block's time is more than ``max_clock_skew_ms`` after its newest
+transaction's signed time (``core.consortium.block_time_bound``: members
+date blocks by a median of their clocks, which an auditor cannot re-derive
+from the store, but every honest block meets this bound).
 :func:`anchored_checkpoints` lists one institution's final anchors, so its
 private chain can be checked against all of them.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis
+from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis, block_time_bound
 from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput, InvalidSignature, MedledgerError, VerificationError
 from medledger.core.models import Signature, Transaction
@@ -31,9 +35,13 @@ class ConsortiumPolicy:
         self._genesis = genesis
         self._state = ConsortiumState.from_genesis(genesis)
         self._voters = self._state.members
+        self._prev_time_ms = 0
+        self._tx_times: list[int] = []
 
     def begin_block(self, height: int, prev_time_ms: int) -> None:
         self._voters = self._state.members
+        self._prev_time_ms = prev_time_ms
+        self._tx_times = []
 
     def transaction(self, height: int, index: int, tx: Transaction) -> None:
         if height == 0:
@@ -51,6 +59,19 @@ class ConsortiumPolicy:
                 f"block {height}: transaction {index} is invalid: {exc}"
             ) from None
         self._state.apply(tx, tx.hash(), height)
+        self._tx_times.append(tx.time_ms)
+
+    def end_block(self, height: int, time_ms: int) -> None:
+        if height == 0:
+            return
+        skew = self._genesis.params.max_clock_skew_ms
+        bound = block_time_bound(self._prev_time_ms, self._tx_times, skew)
+        if time_ms > bound:
+            raise VerificationError(
+                f"block {height}: time {time_ms} is {time_ms - bound} ms beyond its bound "
+                f"{bound} (the previous block's time, or its newest transaction's plus "
+                f"max_clock_skew_ms {skew})"
+            )
 
     def signatures(self, height: int, block_hash: bytes, signatures: Sequence[Signature]) -> None:
         if height == 0:

@@ -30,7 +30,7 @@ from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature, Transaction
 from medledger.ledger.anchoring import Anchorer
-from medledger.ledger.clock import SystemClock
+from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
@@ -248,6 +248,7 @@ class Network:
         self.anchorers: dict[str, Anchorer] = {}
         self._all_stores: list[SqliteChainStore] = []
         self._extra_chains: list[PrivateChain] = []
+        self._extra_orderers: list[Orderer] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._seq = itertools.count()
 
@@ -281,11 +282,12 @@ class Network:
         key: SigningKey | None = None,
         orderer: Orderer | None = None,
         evidence: bool = False,
+        clock: Clock | None = None,
     ) -> list[ConsortiumMember]:
         """Start members (new store, or the member's existing store on a restart).
 
         With ``evidence``, each member appends equivocation evidence to
-        :meth:`evidence_path`.
+        :meth:`evidence_path`. ``clock`` is the members' clock (default: the system's).
         """
         started = []
         for mid in member_ids:
@@ -306,6 +308,7 @@ class Network:
                 orderer=orderer or self.orderer,
                 store=store,
                 evidence_path=self.evidence_path(mid) if evidence else None,
+                clock=clock,
             )
             await member.start()
             self.members[mid], self.stores[mid] = member, store
@@ -365,6 +368,13 @@ class Network:
         for i in range(count):  # one block each: the rewrite is also taller
             await chain.submit("record.put", {"tag": "forged", "i": i})
         return chain
+
+    def file_orderer(self, clock: Clock | None = None) -> SoloOrderer:
+        """A handle on this network's shared solo order *file* (as one node process would
+        open it), stamping its publishes with ``clock``; closed by :meth:`aclose`."""
+        orderer = SoloOrderer(self.directory / "order.db", clock=clock)
+        self._extra_orderers.append(orderer)
+        return orderer
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A background task of the scenario: cancelled and awaited by :meth:`aclose`,
@@ -448,6 +458,8 @@ class Network:
         for chain in (*self.chains.values(), *self._extra_chains):
             await chain.close()
         await self.orderer.close()
+        for orderer in self._extra_orderers:
+            await orderer.close()
 
     def close_stores(self) -> None:
         for store in self._all_stores:

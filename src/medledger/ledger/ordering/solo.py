@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from medledger.core.errors import OrderingError, StorageError
+from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.sqlite import immediate
@@ -43,10 +43,6 @@ _SCHEMA = (
 _BATCH = 512
 # How long a publisher waits for another process's write lock.
 _BUSY_TIMEOUT_MS = 30_000
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -103,7 +99,9 @@ class SoloOrderer:
 
     ``dedup_window``: a ``msg_id`` is de-duplicated against the last that many
     messages. ``poll_interval``: how often a caught-up reader of a file-backed
-    order looks for other processes' messages, in seconds.
+    order looks for other processes' messages, in seconds. ``clock`` stamps
+    this orderer's publishes: each process sharing a file stamps with its own
+    clock, so a reader must not take one publisher's stamp as the time.
     """
 
     def __init__(
@@ -112,7 +110,9 @@ class SoloOrderer:
         *,
         dedup_window: int = 100_000,
         poll_interval: float = 0.005,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock: Clock = clock or SystemClock()
         self._window = dedup_window
         self._poll = poll_interval
         self._closed = False
@@ -199,7 +199,7 @@ class SoloOrderer:
         if seen is not None and seen > len(self._messages) - self._window:
             return seen
         # Never before the previous message: the order's clock does not go back.
-        now = max(_now_ms(), self._times[-1] if self._times else 0)
+        now = max(self._clock.now_ms(), self._times[-1] if self._times else 0)
         self._messages.append(payload)
         self._times.append(now)
         self._ids[msg_id] = len(self._messages)
@@ -219,7 +219,7 @@ class SoloOrderer:
                 ).fetchone()
                 last_seq, last_time = (int(last[0]), int(last[1])) if last else (0, 0)
                 # Never before the previous message: the order's clock does not go back.
-                now = max(_now_ms(), last_time)
+                now = max(self._clock.now_ms(), last_time)
                 in_batch: dict[str, int] = {}
                 rows = []
                 for op in ops:
