@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import itertools
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import date, timedelta
 from pathlib import Path
@@ -18,7 +19,9 @@ from medledger.core.errors import InvalidInput
 from medledger.node import Node, init_node, open_node
 from medledger.services.search import (
     MAX_ALTERNATIVES,
+    MAX_PREFIX_CHARS,
     MAX_QUERY_TOKENS,
+    MAX_RESOURCE_TERMS,
     SEARCH_PARAMS,
     TOKEN_SIZE,
     _range_for,
@@ -557,3 +560,79 @@ def test_date_is_the_effective_time_not_when_the_result_was_issued(rtype: str) -
     (issued,) = query_tokens(KEY_A, rtype, {"date": ["2021-05-05"]})
     assert effective & tokens
     assert not issued & tokens
+
+
+# -- write-side bounds (issue #15, item 8) ---------------------------------------------
+
+LONG_WORD = "".join(chr(ord("a") + (i * 7) % 26) for i in range(30_000))
+
+
+def test_a_long_name_word_is_indexed_by_a_bounded_number_of_prefixes() -> None:
+    """A 30,000-character name once made 60,001 index entries; now a handful."""
+    long_patient = patient("long", LONG_WORD, ["Ann"], "1990-01-01", "female", ("urn:mrn", "L1"))
+    terms = resource_terms(long_patient)
+    family = {t for p, t in terms if p == "family"}
+    assert len(family) == MAX_PREFIX_CHARS
+    assert max(map(len, family)) == MAX_PREFIX_CHARS
+    assert len(terms) < 2 * MAX_PREFIX_CHARS + 20
+    tokens = resource_tokens(KEY_A, long_patient)
+    # Any prefix finds it, up to and beyond the indexed length, and so does the whole word.
+    for query in (LONG_WORD[:3], LONG_WORD[:MAX_PREFIX_CHARS], LONG_WORD[:100], LONG_WORD):
+        for param in ("family", "name"):
+            (group,) = query_tokens(KEY_A, "Patient", {param: [query.upper()]})
+            assert group & tokens, (param, len(query))
+    (other,) = query_tokens(KEY_A, "Patient", {"family": ["b" + LONG_WORD[:50]]})
+    assert not other & tokens
+
+
+def many_words_patient(pid: str, words: int) -> dict[str, Any]:
+    text = " ".join(f"w{i:05d}" for i in range(words))
+    return patient(pid, "Doe", ["Jo"], "1990-01-01", "male", ("urn:mrn", pid), text=text)
+
+
+def test_a_resource_of_too_many_terms_is_refused_early() -> None:
+    # Six-letter distinct words: 6 prefixes each (some shared); far beyond the bound.
+    with pytest.raises(InvalidInput, match="too many searchable terms"):
+        resource_terms(many_words_patient("wordy", 5_000))
+    with pytest.raises(InvalidInput, match=f"more than {MAX_RESOURCE_TERMS}"):
+        resource_tokens(KEY_A, many_words_patient("wordy", 5_000))
+    # Under the bound it is indexed; an already stored version is indexed whatever its size.
+    assert len(resource_terms(many_words_patient("ok", 100))) <= MAX_RESOURCE_TERMS
+    assert len(resource_terms(many_words_patient("old", 5_000), limit=None)) > MAX_RESOURCE_TERMS
+
+
+def _token_rows(node_root: Path) -> int:
+    conn = sqlite3.connect(node_root / "records.db")
+    try:
+        return int(conn.execute("SELECT count(*) FROM tokens").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_long_and_wordy_names_through_a_node(tmp_path: Path) -> None:
+    """Through the records service: a 30,000-character name is stored with a bounded
+    number of token rows and found by its prefix; a resource of too many terms is
+    refused and writes nothing (no version, no token, no blob)."""
+    node_root = tmp_path / "node"
+    init_node(node_root, name="Long Names", passphrase=PW, kdf=KdfParams(n=2**12))
+    long_patient = patient("long", LONG_WORD, ["Ann"], "1990-01-01", "female", ("urn:mrn", "L1"))
+
+    async def go(node: Node) -> tuple[set[str], set[str]]:
+        await node.records.update("Patient", "long", long_patient)
+        found = {s.id for s in await node.records.search("Patient", {"name": [LONG_WORD[:5]]})}
+        exact = {s.id for s in await node.records.search("Patient", {"family": [LONG_WORD]})}
+        return found, exact
+
+    assert run(node_root, go) == ({"long"}, {"long"})
+    rows = _token_rows(node_root)
+    assert rows < 2 * MAX_PREFIX_CHARS + 20
+    blobs = sorted(p.name for p in (node_root / "blobs").rglob("*") if p.is_file())
+
+    async def refused(node: Node) -> set[str]:
+        with pytest.raises(InvalidInput, match="too many searchable terms"):
+            await node.records.update("Patient", "wordy", many_words_patient("wordy", 5_000))
+        return {s.id for s in await node.records.search("Patient", {"name": ["w00001"]})}
+
+    assert run(node_root, refused) == set()
+    assert _token_rows(node_root) == rows
+    assert sorted(p.name for p in (node_root / "blobs").rglob("*") if p.is_file()) == blobs

@@ -71,6 +71,9 @@ RECORD_ERASE = "record.erase"
 KEY_ROTATE = "key.rotate"
 #: How far before the chain head crash recovery looks for uncommitted versions.
 _RECOVERY_WINDOW_MS = 10 * 60 * 1000
+#: Resources of at least this many bytes are tokenized and sealed off the event loop
+#: (below it, the hand-off to a thread costs more than the work).
+_OFFLOAD_BYTES = 16 * 1024
 log = logging.getLogger(__name__)
 
 
@@ -337,7 +340,10 @@ class RecordsService:
             tokens: set[bytes] = set()
             if previous is not None and not previous.erased:
                 # The search index must describe the version that is current again.
-                tokens = resource_tokens(self._keys.search_key, self._open(previous).resource())
+                # Stored versions are indexed as they are, whatever the current bound.
+                tokens = resource_tokens(
+                    self._keys.search_key, self._open(previous).resource(), limit=None
+                )
             await self._index.set_tokens(row.resource_type, row.id, tokens)
         for blob_hash in blob_hashes:
             await asyncio.to_thread(self._blobs.delete, blob_hash)
@@ -362,8 +368,16 @@ class RecordsService:
         context = RecordContext(
             institution=self._institution, resource_type=rtype, id=rid, version=version
         )
-        dek = self._random(32)
-        blob = seal_record(dek, self._random(12), data, context)
+        dek, nonce = self._random(32), self._random(12)
+        # Tokens first: a resource refused for too many search terms writes no blob.
+        # A large resource is tokenized and encrypted on a worker thread, so it does
+        # not hold up every other request on the event loop meanwhile.
+        if len(data) >= _OFFLOAD_BYTES:
+            tokens, blob = await asyncio.to_thread(
+                self._tokens_and_blob, final, dek, nonce, data, context
+            )
+        else:
+            tokens, blob = self._tokens_and_blob(final, dek, nonce, data, context)
         await self._blob_writes.submit(blob)
         blob_hash = sha256(blob)
         pseudonym = self._keys.pseudonym(patient_reference(final))
@@ -401,7 +415,19 @@ class RecordsService:
             tx_hash=row.tx_hash,
             patient=pseudonym,
         )
-        return row, resource_tokens(self._keys.search_key, final), stored, tx
+        return row, tokens, stored, tx
+
+    def _tokens_and_blob(
+        self,
+        resource: dict[str, Any],
+        dek: bytes,
+        nonce: bytes,
+        data: bytes,
+        context: RecordContext,
+    ) -> tuple[set[bytes], bytes]:
+        """The resource's search tokens and its sealed blob (pure CPU work; any thread)."""
+        tokens = resource_tokens(self._keys.search_key, resource)
+        return tokens, seal_record(dek, nonce, data, context)
 
     async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a FHIR ``transaction`` Bundle all-or-nothing; return the transaction-response."""

@@ -8,8 +8,11 @@ Supported parameters (``SEARCH_PARAMS``):
 
 * Patient: ``identifier`` (``system|value`` or ``value``), ``name``,
   ``family``, ``given`` (case- and accent-insensitive, "starts with" as FHIR
-  string search: every prefix of each name word is indexed), ``birthdate``,
-  ``gender``.
+  string search: each name word is indexed by its prefixes of up to
+  :data:`MAX_PREFIX_CHARS` characters, so a search word compares on at most
+  that many characters — a longer one, the whole of a long word included,
+  finds every name word starting with the same first
+  :data:`MAX_PREFIX_CHARS`), ``birthdate``, ``gender``.
 * Observation, Condition, MedicationRequest, Encounter, DiagnosticReport,
   AllergyIntolerance, Immunization, Procedure: ``patient``
   (``Patient/id`` or ``id``), ``code`` (``system|code`` or ``code``),
@@ -20,7 +23,10 @@ Dates are indexed at day, month and year granularity, so a range is answered
 by a handful of token look-ups (whole years, whole months, then days).
 A query is bounded: at most :data:`MAX_ALTERNATIVES` alternatives per
 parameter and :data:`MAX_QUERY_TOKENS` tokens in all, refused before any
-token is computed.
+token is computed. A resource is bounded too: one that would need more than
+:data:`MAX_RESOURCE_TERMS` index entries is refused (no legitimate record
+comes near; a 30,000-character name once made 60,001), and collecting its
+terms stops as soon as it passes the bound.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from medledger.core.errors import InvalidInput
 
 __all__ = [
     "MAX_ALTERNATIVES",
+    "MAX_PREFIX_CHARS",
     "MAX_QUERY_TOKENS",
+    "MAX_RESOURCE_TERMS",
     "SEARCH_PARAMS",
     "TOKEN_SIZE",
     "patient_reference",
@@ -46,6 +54,11 @@ __all__ = [
 ]
 
 TOKEN_SIZE = 16
+#: Name words are indexed by their prefixes of 1 to this many characters.
+MAX_PREFIX_CHARS = 24
+#: A resource needing more index entries than this is refused. A patient with three
+#: names of four 24-letter words each needs under 600.
+MAX_RESOURCE_TERMS = 2048
 _CLINICAL = ("patient", "code", "date")
 SEARCH_PARAMS: dict[str, tuple[str, ...]] = {
     "Patient": ("identifier", "name", "family", "given", "birthdate", "gender"),
@@ -160,15 +173,42 @@ def _date_terms(day: date) -> list[str]:
 
 
 def _words(text: str) -> Iterator[str]:
+    """Every prefix, up to :data:`MAX_PREFIX_CHARS` characters, of each word of ``text``."""
     for word in normalize(text).replace(",", " ").split():
-        for end in range(1, len(word) + 1):
+        for end in range(1, min(len(word), MAX_PREFIX_CHARS) + 1):
             yield word[:end]
 
 
-def resource_terms(resource: Mapping[str, Any]) -> set[tuple[str, str]]:
-    """The ``(param, term)`` pairs a resource is findable by."""
+class _Terms(set[tuple[str, str]]):
+    """A term set that refuses to grow past ``limit`` entries (``None``: unbounded)."""
+
+    def __init__(self, limit: int | None) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def update(self, *others: Iterable[tuple[str, str]]) -> None:
+        for other in others:
+            for term in other:
+                self.add(term)
+
+    def add(self, term: tuple[str, str]) -> None:
+        super().add(term)
+        if self._limit is not None and len(self) > self._limit:
+            raise InvalidInput(
+                f"the resource has too many searchable terms (more than {self._limit} index "
+                "entries: names, identifiers, codes); shorten or split it"
+            )
+
+
+def resource_terms(
+    resource: Mapping[str, Any], *, limit: int | None = MAX_RESOURCE_TERMS
+) -> set[tuple[str, str]]:
+    """The ``(param, term)`` pairs a resource is findable by.
+
+    Raises :class:`InvalidInput` once there would be more than ``limit`` of them.
+    """
     rtype = resource.get("resourceType")
-    terms: set[tuple[str, str]] = set()
+    terms: set[tuple[str, str]] = _Terms(limit)
     if rtype == "Patient":
         for ident in resource.get("identifier") or []:
             if isinstance(ident, dict):
@@ -209,10 +249,16 @@ def resource_terms(resource: Mapping[str, Any]) -> set[tuple[str, str]]:
     return terms
 
 
-def resource_tokens(key: bytes, resource: Mapping[str, Any]) -> set[bytes]:
-    """Blind-index tokens for a resource (its latest version is what search finds)."""
+def resource_tokens(
+    key: bytes, resource: Mapping[str, Any], *, limit: int | None = MAX_RESOURCE_TERMS
+) -> set[bytes]:
+    """Blind-index tokens for a resource (its latest version is what search finds).
+
+    Raises :class:`InvalidInput` for a resource of more than ``limit`` terms
+    (``None`` for a version already stored, which must be indexed as it is).
+    """
     rtype = str(resource.get("resourceType"))
-    return {_token(key, rtype, p, t) for p, t in resource_terms(resource)}
+    return {_token(key, rtype, p, t) for p, t in resource_terms(resource, limit=limit)}
 
 
 # -- queries ----------------------------------------------------------------------
@@ -292,7 +338,8 @@ def _param_terms(rtype: str, param: str, value: str) -> list[str]:
         words = normalize(value).split()
         if len(words) != 1:
             raise InvalidInput(f"{param} search takes one word, got {value!r}")
-        return words
+        # Only prefixes of up to MAX_PREFIX_CHARS are indexed: compare on those.
+        return [words[0][:MAX_PREFIX_CHARS]]
     if param == "patient" and rtype != "Patient" and not value.startswith("Patient/"):
         return [f"Patient/{value}"]
     return [value]
