@@ -167,16 +167,25 @@ def test_conflicting_vote_after_finality_is_evidence(network: MakeNetwork) -> No
     net.run(scenario)
 
 
-async def voted_header(net: Network, height: int, voter: str) -> BlockHeader:
-    """The header ``voter`` voted for at ``height``, read back from the order."""
+async def voted_header(net: Network, height: int, voter: str, timeout: float = 10.0) -> BlockHeader:
+    """The header ``voter`` voted for at ``height``, read back from the order.
+
+    The vote is published by a task of its own after the cut, so it may reach the
+    order a moment after the member's tip moved: poll for it, up to ``timeout``.
+    """
     fingerprint = net.keys[voter].fingerprint
-    found = [
-        header
-        for _, header, sig in await votes_in_order(net.orderer)
-        if header.height == height and sig.signer == fingerprint
-    ]
-    assert found, f"no vote by {voter} at height {height}"
-    return found[-1]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        found = [
+            header
+            for _, header, sig in await votes_in_order(net.orderer)
+            if header.height == height and sig.signer == fingerprint
+        ]
+        if found:
+            return found[-1]
+        assert loop.time() < deadline, f"no vote by {voter} at height {height}"
+        await asyncio.sleep(0.005)
 
 
 @pytest.mark.parametrize("bad", ["outsider", "wrong-message", "member-as-outsider-key"])
