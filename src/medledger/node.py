@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medledger.config import (
@@ -31,6 +31,7 @@ from medledger.ledger.clock import Clock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
+from medledger.ledger.supervision import Health
 from medledger.services.access import AccessLog
 from medledger.services.enrollment import EnrollmentService
 from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
@@ -61,7 +62,12 @@ __all__ = [
 
 @dataclass(slots=True)
 class Node:
-    """An opened institution node."""
+    """An opened institution node.
+
+    ``health`` holds a named check for every background task the node runs
+    (private-chain sequencer, consortium consume loop and cut timer,
+    anchoring, access summaries); ``/readyz`` reports the failing ones.
+    """
 
     config: NodeConfig
     paths: NodePaths
@@ -80,6 +86,11 @@ class Node:
     _nonces: NonceStore | None = None
     _transport: HttpPeerTransport | None = None
     _trail: TrailIndex | None = None
+    health: Health = field(default_factory=Health)
+
+    def __post_init__(self) -> None:
+        self.health.add("private-sequencer", self.chain.problem)
+        self.health.add("access-summaries", lambda: self.access.problem())
 
     @property
     def consortium_store(self) -> ChainStore | None:
@@ -109,6 +120,8 @@ class Node:
             evidence_path=self.paths.root / "evidence.jsonl",
         )
         await member.start()
+        for task in member.tasks:
+            self.health.watch(task)
         self.consortium, self._consortium_store = member, store
         self.enrollments.attach_consortium(member)
         self._trail = None  # rebuilt over both chains on next use
@@ -132,11 +145,26 @@ class Node:
             transport=self._transport,
         )
         if anchor:
-            self.anchorer = Anchorer(
-                institution=self.config.institution, chain=self.chain, member=member, key=key
-            )
-            self.anchorer.start()
+            self.start_anchoring()
         return member
+
+    def start_anchoring(self, *, when: Callable[[], bool] | None = None) -> Anchorer:
+        """Anchor the private chain on the consortium in a supervised background task.
+
+        ``when``: start only once this says so (e.g. once the member caught up).
+        """
+        if self.consortium is None:
+            raise InvalidInput("anchoring needs a consortium member: join the consortium first")
+        self.anchorer = Anchorer(
+            institution=self.config.institution,
+            chain=self.chain,
+            member=self.consortium,
+            key=self.keystore.signing_key(),
+            when=when,
+        )
+        self.health.watch(self.anchorer.task)
+        self.anchorer.start()
+        return self.anchorer
 
     async def close(self) -> None:
         """Commit everything queued, then release storage."""

@@ -79,6 +79,8 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
     async def readyz() -> Response:
         # ``app.state.ready`` (set by ``node start`` when it joins a consortium): False
         # until the consortium member has replayed the order it found at start.
+        # ``node.health``: every background task the node needs, by name; a dead one
+        # makes the node unready, and the answer says which and why.
         ready = getattr(app.state, "ready", None)
         body: dict[str, Any] = {
             "status": "ready",
@@ -90,6 +92,10 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
             body["consortium_height"] = node.consortium.final_height
         if ready is not None and not ready():
             body["status"] = "catching up"
+        problems = node.health.problems()
+        if problems:
+            body["status"] = "unhealthy"
+            body["problems"] = problems
         return fhir_response(
             body,
             status=200 if body["status"] == "ready" else 503,

@@ -11,7 +11,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +21,7 @@ from medledger.cli.common import PASSPHRASE_ENV, dir_option, emit, read_passphra
 from medledger.storage.tokens import ROLES, TokenStore
 
 if TYPE_CHECKING:
-    from medledger.ledger.consortium import ConsortiumMember
-    from medledger.node import Node
+    pass
 
 __all__ = ["JsonLogFormatter", "start", "token"]
 
@@ -99,27 +98,6 @@ def _structured_logging() -> None:
         logging.getLogger(name).propagate = True
 
 
-async def _anchor_when_ready(
-    node: Node, member: ConsortiumMember, ready: Callable[[], bool]
-) -> None:
-    """Start the node's anchorer once its consortium member has caught up."""
-    from medledger.ledger.anchoring import Anchorer
-
-    while not ready():
-        await asyncio.sleep(0.05)
-    node.anchorer = Anchorer(
-        institution=node.config.institution,
-        chain=node.chain,
-        member=member,
-        key=node.keystore.signing_key(),
-    )
-    node.anchorer.start()
-    logging.getLogger("medledger.node").info(
-        "caught up with the consortium; anchoring",
-        extra={"fields": {"height": member.final_height}},
-    )
-
-
 @click.command("start")
 @dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -151,7 +129,6 @@ def start(root: Path, host: str, port: int) -> None:
         node = open_node(root, passphrase)
         tokens = TokenStore(root / "tokens.db")
         ordering: ObservedOrderer | None = None
-        catch_up: asyncio.Task[None] | None = None
         try:
             app = create_app(node, tokens)
             settings = node.config.consortium
@@ -160,7 +137,7 @@ def start(root: Path, host: str, port: int) -> None:
                 target = await ordering.last_seq()
                 # Anchoring starts once caught up: before, the member does not know
                 # its own last anchor and would submit anchors every member refuses.
-                member = await node.join_consortium(ordering, anchor=False)
+                await node.join_consortium(ordering, anchor=False)
                 observed = ordering
 
                 def ready() -> bool:
@@ -169,7 +146,8 @@ def start(root: Path, host: str, port: int) -> None:
                 app.state.ready = ready
                 app.state.ordering = ordering
                 if settings.anchor:
-                    catch_up = asyncio.create_task(_anchor_when_ready(node, member, ready))
+                    # Anchoring starts once caught up (see Anchorer's ``when``).
+                    node.start_anchoring(when=ready)
                 log.info(
                     "joined the consortium",
                     extra={
@@ -205,10 +183,6 @@ def start(root: Path, host: str, port: int) -> None:
             await server.serve()
             log.info("shutting down: committing queued writes")
         finally:
-            if catch_up is not None:
-                catch_up.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await catch_up
             # Graceful: queued writes commit before storage closes.
             await node.close()
             if ordering is not None:

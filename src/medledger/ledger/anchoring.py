@@ -11,8 +11,8 @@ can present a different history for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 
 from medledger.core.errors import MedledgerError
 from medledger.core.keys import SigningKey
@@ -22,6 +22,7 @@ from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ANCHOR
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import consistency_proof
+from medledger.ledger.supervision import SupervisedTask
 
 __all__ = ["Anchorer"]
 
@@ -40,14 +41,20 @@ class Anchorer:
         key: SigningKey,
         interval_ms: int | None = None,
         clock: Clock | None = None,
+        when: Callable[[], bool] | None = None,
     ) -> None:
+        """``when``: the background task anchors only once this says so (e.g. once the
+        member has caught up with the order: before, it does not know its own last
+        anchor and would submit anchors every member refuses)."""
         self._institution = institution
         self._chain = chain
         self._member = member
         self._key = key
         self._interval = (interval_ms or member.genesis.params.anchor_interval_ms) / 1000
         self._clock: Clock = clock or SystemClock()
-        self._task: asyncio.Task[None] | None = None
+        self._when = when
+        #: The background anchoring task (see :meth:`start`).
+        self.task = SupervisedTask("anchoring", self._run)
 
     def anchor_tx(self) -> Transaction | None:
         """The signed anchor for the current private head, or ``None`` if nothing is new."""
@@ -85,9 +92,18 @@ class Anchorer:
         return None if tx is None else await self._member.submit(tx)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="medledger-anchorer")
+        """Anchor every interval in a supervised background task (restarted if it dies)."""
+        self.task.start()
 
     async def _run(self) -> None:
+        if self._when is not None:
+            while not self._when():
+                await asyncio.sleep(0.05)
+            self._when = None  # a restarted task need not wait again
+            log.info(
+                "caught up with the consortium; anchoring",
+                extra={"fields": {"height": self._member.final_height}},
+            )
         while True:
             try:
                 await self.anchor_once()
@@ -96,8 +112,4 @@ class Anchorer:
             await asyncio.sleep(self._interval)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.task.close()

@@ -37,7 +37,7 @@ blocks without talking to each other:
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -67,6 +67,7 @@ from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium_rules import ConsortiumState
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, Orderer
+from medledger.ledger.supervision import SupervisedTask
 from medledger.storage.ports import ChainStore, NewBlock
 
 __all__ = ["ConsortiumMember", "Evidence", "genesis_block"]
@@ -76,6 +77,10 @@ log = logging.getLogger(__name__)
 MSG_TX, MSG_CUT, MSG_VOTE = "tx", "cut", "vote"
 #: How many final heights' votes are kept to detect late equivocation.
 _VOTE_MEMORY = 1024
+#: A vote or cut marker whose publish failed is retried after this long, doubling
+#: up to the maximum, for as long as it is needed.
+_REPUBLISH_MIN_S = 0.5
+_REPUBLISH_MAX_S = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,7 +212,18 @@ class ConsortiumMember:
         self._equivocators: set[str] = set()
         self._waiters: dict[bytes, asyncio.Future[Receipt]] = {}
         self._final_event = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._mid_message = False  # the consume task is applying a message
+        #: The member's long-running tasks; a dead one is logged and shows in ``problems``.
+        self.tasks = (
+            SupervisedTask(
+                "consortium-consume",
+                self._consume,
+                # Resuming at the next message is exact, unless a message was
+                # half applied: then only a restart (a fresh replay) is safe.
+                restart_if=lambda _exc: not self._mid_message,
+            ),
+            SupervisedTask("consortium-cut-timer", self._cut_timer),
+        )
         self._diverged: str | None = None
         self._stored_height = self._check_stored_genesis(first)
         # Replay: the stream's length when this member started reading (learned by
@@ -231,19 +247,14 @@ class ConsortiumMember:
 
     async def start(self) -> None:
         """Replay the ordered stream from the start, then follow it and run the cut timer."""
-        self._tasks = [
-            asyncio.create_task(self._consume(), name=f"consortium-consume-{self.member_id}"),
-            asyncio.create_task(self._cut_timer(), name=f"consortium-cut-{self.member_id}"),
-        ]
+        for task in self.tasks:
+            task.start()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for task in list(self._background):
-            task.cancel()
+        for task in self.tasks:
+            await task.close()
+        for background in list(self._background):
+            background.cancel()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(OrderingError("consortium member is shutting down"))
@@ -296,6 +307,7 @@ class ConsortiumMember:
         if not self._live and self._next_seq > self._replay_to:
             self._go_live()
         async for msg in self._orderer.read(self._next_seq):
+            self._mid_message = True
             try:
                 envelope = parse_canonical(msg.payload)
                 if not isinstance(envelope, dict):
@@ -311,6 +323,7 @@ class ConsortiumMember:
                     raise InvalidInput(f"unknown message kind {kind!r}")
             except MedledgerError as exc:
                 log.info("message %d ignored: %s", msg.seq, exc)
+            self._mid_message = False
             self._next_seq = msg.seq + 1
             if not self._live and msg.seq >= self._replay_to:
                 self._go_live()
@@ -421,9 +434,11 @@ class ConsortiumMember:
     def _send_vote(self, header: BlockHeader, block_hash: bytes) -> None:
         # The message id names the key, so a vote re-sent after a key rotation is not
         # swallowed by de-duplication of the old one.
+        height = header.height
         self._publish(
             self._vote_message(header, block_hash),
-            f"vote-{self.member_id}-{header.height}-{self._key.fingerprint[:16]}",
+            f"vote-{self.member_id}-{height}-{self._key.fingerprint[:16]}",
+            needed=lambda: self._final_height < height,
         )
 
     def _next_block_time(self, pending: _Pending) -> int:
@@ -471,12 +486,31 @@ class ConsortiumMember:
         member.signing_key.verify(sig, clock_bytes(self.chain_id, height, time_ms))
         self._readings[member.id] = time_ms
 
-    def _publish(self, payload: bytes, msg_id: str) -> None:
+    def _publish(self, payload: bytes, msg_id: str, *, needed: Callable[[], bool]) -> None:
+        """Publish in the background; retry with backoff while ``needed()`` says so.
+
+        A lost vote could stall finality for good (no member votes twice on
+        its own), so an ordering outage of any length is waited out.
+        """
+
         async def go() -> None:
-            try:
-                await self._orderer.publish(msg_id, payload)
-            except OrderingError as exc:
-                log.warning("publish %s failed: %s", msg_id, exc)
+            delay = _REPUBLISH_MIN_S
+            failing = False
+            while True:
+                try:
+                    await self._orderer.publish(msg_id, payload)
+                except OrderingError as exc:
+                    if not needed():
+                        return
+                    if not failing:
+                        log.warning("publish %s failed, will retry: %s", msg_id, exc)
+                        failing = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _REPUBLISH_MAX_S)
+                    continue
+                if failing:
+                    log.warning("publish %s done after retrying", msg_id)
+                return
 
         task = asyncio.get_running_loop().create_task(go())
         self._background.add(task)
@@ -589,7 +623,14 @@ class ConsortiumMember:
                     }
                 )
                 # One id per member: a squatter on a shared id could not stop the cut.
-                self._publish(marker, f"cut-{self.genesis.consortium}-{height}-{self.member_id}")
+                self._publish(
+                    marker,
+                    f"cut-{self.genesis.consortium}-{height}-{self.member_id}",
+                    needed=functools.partial(self._not_cut_yet, height),
+                )
+
+    def _not_cut_yet(self, height: int) -> bool:
+        return self._tip_header.height < height
 
     # -- views ------------------------------------------------------------------------------
 
@@ -625,4 +666,5 @@ class ConsortiumMember:
             "anchors": {k: a.to_json() for k, a in sorted(self._final_state.anchors.items())},
             "evidence": [e.to_json() for e in self._evidence],
             "diverged": self._diverged,
+            "problems": {t.name: t.problem for t in self.tasks if t.problem is not None},
         }

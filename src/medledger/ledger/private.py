@@ -390,6 +390,16 @@ class PrivateChain:
             nodes=created,
         )
 
+    def problem(self) -> str | None:
+        """Health check: why the sequencer task died, if it did (writes would then wait)."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled() or self._closing:
+            return None
+        exc = task.exception()
+        if exc is None:
+            return "sequencer ended (not restarted: restart the node)"
+        return f"sequencer died: {type(exc).__name__}: {exc} (not restarted: restart the node)"
+
     async def close(self) -> None:
         """Stop accepting writes, commit everything queued, stop the sequencer."""
         self._closing = True

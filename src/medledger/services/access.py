@@ -89,6 +89,7 @@ class AccessLog:
         self._clock: Clock = clock or SystemClock()
         self._unreported: list[AccessEntry] = []
         self._reporter: asyncio.Task[None] | None = None
+        self._reporter_died: str | None = None
 
     async def record(self, entry: AccessEntry, *, summarize: bool = False) -> None:
         """Append ``entry`` to the private chain (durable on return).
@@ -105,6 +106,25 @@ class AccessLog:
                 self._reporter = asyncio.create_task(
                     self._report(), name="medledger-access-summaries"
                 )
+                self._reporter.add_done_callback(self._reporter_done)
+
+    def _reporter_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._reporter_died = None
+            return
+        # The next summarized read starts a new reporter; until one finishes,
+        # the node is not ready (its consortium access trail is falling behind).
+        self._reporter_died = (
+            f"died: {type(exc).__name__}: {exc} ({len(self._unreported)} unreported)"
+        )
+        log.error("access summary reporter %s", self._reporter_died, exc_info=exc)
+
+    def problem(self) -> str | None:
+        """Health check: why the last access-summary reporter died, until one succeeds."""
+        return self._reporter_died
 
     async def record_many(self, entries: list[AccessEntry]) -> None:
         """Append several entries (one read of many resources) in one atomic commit."""

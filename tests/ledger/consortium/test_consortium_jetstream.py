@@ -156,7 +156,9 @@ async def crash(net: Network, orders: Orders, member_id: str) -> None:
     member: ConsortiumMember = net.members.pop(member_id)
     net.stores.pop(member_id)
     await orders.close(member_id)
-    tasks = [*member._tasks, *member._background]
+    for supervised in member.tasks:
+        await supervised.close()
+    tasks = list(member._background)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
