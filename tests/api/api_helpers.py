@@ -27,6 +27,7 @@ from fastapi import FastAPI
 
 from medledger.api.app import create_app
 from medledger.api.loopback import loopback_socket
+from medledger.api.server import HttpLimits, server_config
 from medledger.core.encoding import canonical_bytes
 from medledger.core.models import Transaction
 from medledger.ledger.proofs import head_header
@@ -138,9 +139,7 @@ def start_server(root: Path, *, name: str = "Api Test Hospital") -> LiveServer:
         node = open_node(root, PASSPHRASE)
         try:
             app = create_app(node, tokens)
-            config = uvicorn.Config(
-                app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30
-            )
+            config = server_config(app, limits=HttpLimits(idle_timeout_s=30))
             server = uvicorn.Server(config)
             box.update(node=node, app=app, server=server, loop=asyncio.get_running_loop())
             serving = asyncio.create_task(server.serve(sockets=[sock]))

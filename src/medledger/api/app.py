@@ -2,7 +2,8 @@
 health at /healthz, /readyz and /metrics.
 
 ``create_app`` wires an opened :class:`~medledger.node.Node` and a token
-store into a FastAPI app; OpenAPI is served at ``/docs``.
+store into a FastAPI app; OpenAPI is served at ``/openapi.json`` and listed
+as plain HTML at ``/docs`` (``api.headers``: no scripts, nothing from a CDN).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi.responses import Response
 from medledger import __version__
 from medledger.api import admin, chain, fhir, peer, sharing
 from medledger.api.errors import install_error_handlers
+from medledger.api.headers import install_docs, install_headers
 from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
 from medledger.ledger.clock import Clock, SystemClock
@@ -56,6 +58,10 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
         title=f"medledger node — {node.config.name}",
         version=__version__,
         description="FHIR R4 records on a hybrid blockchain.",
+        # FastAPI's Swagger UI and ReDoc pages load their scripts from a CDN.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.node = node
     app.state.tokens = tokens
@@ -102,6 +108,7 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
             headers={"Content-Type": "application/json"},
         )
 
+    install_docs(app)
     install_metrics(app)
-
+    install_headers(app)  # outermost: every answer, counted or not, carries the headers
     return app

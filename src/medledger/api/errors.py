@@ -122,6 +122,8 @@ def _allowed_methods(request: Request) -> list[str]:
         pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template))
         if re.fullmatch(pattern, path):
             methods.update(m.upper() for m in operations)
+    if "GET" in methods:
+        methods.add("HEAD")  # api.headers answers HEAD wherever GET is served
     return sorted(methods)
 
 
@@ -207,8 +209,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return outcome_response(exc.status_code, [issue], headers)
 
     async def client_gone(request: Request, exc: Exception) -> Response:
+        # Nothing is sent (there is no one to send it to); the status is what /metrics
+        # counts: 408 if the server closed the connection because the body was late.
         log.debug("client disconnected before its request was read")
-        return Response(status_code=CLIENT_CLOSED)
+        timed_out = request.scope.get("medledger.timed_out", False)
+        return Response(status_code=408 if timed_out else CLIENT_CLOSED)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         # Reached only from outside UnexpectedErrorMiddleware (another middleware).

@@ -102,21 +102,63 @@ def _structured_logging() -> None:
 @dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8700, show_default=True)
-def start(root: Path, host: str, port: int) -> None:
+@click.option(
+    "--head-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's line and headers.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client has to send a request's body after its headers.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Seconds an idle keep-alive connection is kept open.",
+)
+@click.option(
+    "--max-head-bytes",
+    type=click.IntRange(min=1024),
+    default=16 * 1024,
+    show_default=True,
+    help="Largest request line plus headers accepted (larger: 431).",
+)
+def start(
+    root: Path,
+    host: str,
+    port: int,
+    head_timeout: float,
+    body_timeout: float,
+    idle_timeout: int,
+    max_head_bytes: int,
+) -> None:
     """Serve the node's FHIR API (/fhir), chain API (/chain), OpenAPI (/docs), /metrics.
 
     With a genesis (genesis.json) and a [consortium] section in node.toml (or
     MEDLEDGER_ORDERING), the node joins the consortium and anchors its private
     chain; /readyz answers 503 until it has caught up with the ordered stream.
-    Logs are JSON lines on stderr.
+    Logs are JSON lines on stderr. Connections that do not send their request
+    in time are closed (408); oversized request heads are refused (431).
     """
-    import uvicorn
-
     from medledger.api.app import create_app
+    from medledger.api.server import HttpLimits, server_config
     from medledger.ledger.ordering.observed import ObservedOrderer
     from medledger.node import open_node, open_orderer
 
     _GracefulServer = _graceful_server_class()
+    limits = HttpLimits(
+        head_timeout_s=head_timeout,
+        body_timeout_s=body_timeout,
+        idle_timeout_s=idle_timeout,
+        max_head_bytes=max_head_bytes,
+    )
 
     passphrase = read_passphrase(confirm=False)
     # Children (validation workers) need no passphrase.
@@ -160,15 +202,7 @@ def start(root: Path, host: str, port: int) -> None:
                 )
             elif settings is not None:
                 log.warning("no genesis.json: serving without joining the consortium")
-            config = uvicorn.Config(
-                app,
-                host=host,
-                port=port,
-                access_log=False,
-                log_level="warning",
-                lifespan="off",
-                log_config=None,
-            )
+            config = server_config(app, host=host, port=port, limits=limits)
             server = _GracefulServer(config)
             log.info(
                 "serving",

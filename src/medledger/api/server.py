@@ -1,0 +1,270 @@
+"""How the node's HTTP server treats connections: bounded heads, bodies and idle time.
+
+uvicorn's httptools protocol (the fast one, llhttp) bounds nothing but the
+idle time *after* a response: a client that connects and sends nothing, sends
+a request head one byte at a time, or announces a body and never finishes it
+holds its connection (and, for a body, the request's task) forever, and the
+parser buffers a request head of any size. :class:`GuardedHttpToolsProtocol`
+adds, per connection:
+
+* **head timeout** — a request head must be complete within
+  ``head_timeout_s`` of the connection opening or of the head's first byte;
+  otherwise ``408`` (or a silent close if nothing was sent) and the
+  connection closes.
+* **head size** — a request line plus headers of more than
+  ``max_head_bytes`` is answered ``431`` and the connection closes, without
+  buffering more than that (plus one read).
+* **body timeout** — a request body must be complete within
+  ``body_timeout_s`` of its head; otherwise ``408`` if nothing was answered
+  yet, and the connection closes. A route waiting for that body sees the
+  client as gone (``api.errors`` logs that at debug level only).
+* **idle timeout** — between requests: uvicorn's ``timeout_keep_alive``.
+
+Nothing here reads the request or application data; the limits are about
+bytes and time only. :func:`server_config` is the one place ``uvicorn.Config``
+is built for a node (``node start``, the tests, the benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["HttpLimits", "GuardedHttpToolsProtocol", "guarded_protocol", "server_config"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpLimits:
+    """Per-connection limits (seconds and bytes); see the module docstring."""
+
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: int = 5
+    #: Request line plus header lines (h11's default, and uvicorn's with h11).
+    max_head_bytes: int = 16 * 1024
+
+    def __post_init__(self) -> None:
+        if min(self.head_timeout_s, self.body_timeout_s, self.idle_timeout_s) <= 0:
+            raise ValueError("HTTP timeouts must be positive")
+        if self.max_head_bytes < 1024:
+            raise ValueError("max_head_bytes must be at least 1024")
+
+
+def _plain_response(status: bytes, body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"content-type: application/fhir+json\r\n"
+        b"x-content-type-options: nosniff\r\n"
+        b"cache-control: no-store\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n"
+        b"connection: close\r\n\r\n" + body
+    )
+
+
+def _outcome(code: str, diagnostics: str) -> bytes:
+    return (
+        b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"'
+        + code.encode()
+        + b'","diagnostics":"'
+        + diagnostics.encode()
+        + b'"}]}'
+    )
+
+
+_TIMEOUT = _plain_response(
+    b"408 Request Timeout", _outcome("timeout", "the request was not received in time")
+)
+_HEAD_TOO_LARGE = _plain_response(
+    b"431 Request Header Fields Too Large",
+    _outcome("too-costly", "the request line and headers are too large"),
+)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with head/body timeouts and a head size limit.
+
+    Use :func:`guarded_protocol` to get a subclass bound to a set of limits.
+    """
+
+    limits: ClassVar[HttpLimits] = HttpLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        #: Bytes received while waiting for the current head (raw, with the read
+        #: that completes nothing) and counted by the parser (line and fields).
+        self._head_bytes = 0
+        self._head_fields = 0
+        self._reading_head = True
+        self._refused = False
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(
+                self.limits.head_timeout_s, self._head_timed_out
+            )
+
+    def _cancel(self, timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        idle = self._head_bytes == 0 and self._head_fields == 0
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not idle and not answering:
+            self.transport.write(_TIMEOUT)
+        log.debug("closing a connection whose request head did not arrive in time")
+        self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if not cycle.response_started:
+                self.transport.write(_TIMEOUT)
+            # The route sees its client gone (and writes nothing more); api.errors
+            # counts that request as a 408 in /metrics.
+            cast(dict[str, Any], cycle.scope)["medledger.timed_out"] = True
+            cycle.disconnected = True
+            cycle.message_event.set()
+        log.debug("closing a connection whose request body did not arrive in time")
+        self.transport.close()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel(self._head_timer)
+        self._cancel(self._body_timer)
+        self._head_timer = self._body_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        was_reading_head = self._reading_head
+        super().data_received(data)
+        if self._refused or self.transport.is_closing():
+            return
+        if was_reading_head and self._reading_head:
+            # The head is still incomplete after this read: bound what llhttp buffers
+            # even where no callback has fired yet (one long header line).
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_head_bytes:
+                self._refuse_head()
+                return
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle:  # e.g. only blank lines since the last response
+                self._arm_head_timer()
+
+    # -- parser callbacks ----------------------------------------------------------------
+    # Once a head is refused the connection is closing: the callbacks still running
+    # for the rest of that read do nothing (no request reaches the application).
+
+    def _head_fits(self, size: int) -> bool:
+        if self._refused:
+            return False
+        self._head_fields += size
+        if self._head_fields > self.limits.max_head_bytes:
+            self._refuse_head()
+            return False
+        return True
+
+    def _refuse_head(self) -> None:
+        if not self._refused:
+            self._refused = True
+            log.debug("refusing a request head larger than %d bytes", self.limits.max_head_bytes)
+            self.transport.write(_HEAD_TOO_LARGE)
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        self._reading_head = True
+        self._head_fields = 0
+        self._arm_head_timer()
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self._head_fits(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_fits(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._reading_head = False
+        self._head_bytes = 0
+        self._cancel(self._head_timer)
+        self._head_timer = None
+        self._cancel(self._body_timer)
+        self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._cancel(self._body_timer)
+        self._body_timer = None
+        super().on_message_complete()
+
+
+def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
+    """A :class:`GuardedHttpToolsProtocol` subclass enforcing ``limits``."""
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+
+
+def server_config(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8700,
+    limits: HttpLimits | None = None,
+    **options: Any,
+) -> uvicorn.Config:
+    """The uvicorn configuration a node is served with.
+
+    httptools with :class:`GuardedHttpToolsProtocol`; no ``Server`` banner; no
+    access log (paths and queries can carry identifiers); no WebSocket upgrade;
+    no lifespan (the caller owns the node). ``options`` are passed through.
+    """
+    limits = limits or HttpLimits()
+    settings: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "http": guarded_protocol(limits),
+        "ws": "none",
+        "timeout_keep_alive": limits.idle_timeout_s,
+        "server_header": False,
+        "access_log": False,
+        "log_level": "warning",
+        "lifespan": "off",
+        "log_config": None,
+    }
+    settings.update(options)
+    return uvicorn.Config(app, **settings)
