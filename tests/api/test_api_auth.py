@@ -386,6 +386,55 @@ def test_patient_token_cannot_tell_others_records_from_absent_ones(
                 assert rid not in r.text
 
 
+def test_another_patients_record_and_a_missing_id_take_the_same_path(
+    live: LiveServer, people: list[PatientBundle]
+) -> None:
+    """Issue #14 item 12: the answer's time told a patient whether someone else's record
+    existed (it was decrypted, compared and audited; a missing id was not). Both now take
+    the same steps: nothing decrypted, one refused ``access`` entry, the same 404 bytes."""
+    me, other = people
+    theirs = next(r for r in other.resources if r["resourceType"] == "Observation")
+    never = "00000000-0000-4000-8000-0000000000ff"
+    token = live.token("patient", patient=me.patient_id)
+    records, access = live.node.records, live.node.access
+    open_row, record, record_many = records._open, access.record, access.record_many
+    steps: list[tuple[str, str]] = []
+
+    def spying_open(row: Any) -> Any:
+        steps.append(("decrypt", row.id))
+        return open_row(row)
+
+    async def spying_record(entry: Any, **kwargs: Any) -> None:
+        steps.append(("audit", entry.outcome))
+        await record(entry, **kwargs)
+
+    async def spying_record_many(entries: Any, **kwargs: Any) -> Any:
+        steps.extend(("audit", entry.outcome) for entry in entries)
+        return await record_many(entries, **kwargs)
+
+    records._open = spying_open  # type: ignore[method-assign]
+    access.record = spying_record  # type: ignore[method-assign]
+    access.record_many = spying_record_many  # type: ignore[method-assign]
+    try:
+        seen: dict[tuple[str, str], tuple[int, bytes, list[tuple[str, str]]]] = {}
+        with live.client(token) as client:
+            for label, rid in (("theirs", theirs["id"]), ("never", never)):
+                for suffix in ("", "/_history", "/_history/1"):
+                    steps.clear()
+                    r = client.get(f"/fhir/Observation/{rid}{suffix}")
+                    seen[label, suffix] = (r.status_code, r.content, list(steps))
+            steps.clear()
+            mine = next(r for r in me.resources if r["resourceType"] == "Observation")
+            assert client.get(f"/fhir/Observation/{mine['id']}").status_code == 200
+            assert steps == [("decrypt", mine["id"]), ("audit", "allowed")]
+    finally:
+        del records._open, access.record, access.record_many
+    for suffix in ("", "/_history", "/_history/1"):
+        status, body, taken = seen["theirs", suffix]
+        assert (status, taken) == (404, [("audit", "refused")]), suffix
+        assert seen["never", suffix] == (status, body, taken), suffix
+
+
 def test_patient_token_bound_to_a_list_of_ids_sees_no_one_else(
     live: LiveServer, people: list[PatientBundle]
 ) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -1074,3 +1075,45 @@ def test_reprs_hide_the_data_key_and_the_plaintext() -> None:
         assert repr(dek) not in text and dek.hex() not in text and ", dek=" not in text
     for text in (repr(stored), str(stored)):
         assert "Reprtest" not in text and "data=" not in text and "p1" in text
+
+
+def test_search_and_history_decrypt_off_the_event_loop(tmp_path: Path) -> None:
+    """Issue #14 item 6: index look-ups and decryption of a search or a history run in a
+    worker thread, so one expensive query does not stall every other request; a search
+    page decrypts only the resources it shows."""
+    root = new_node(tmp_path / "n")
+
+    async def go(node: Node) -> None:
+        for n in range(5):
+            await node.records.update(
+                "Patient", f"p{n}", {"resourceType": "Patient", "id": f"p{n}", "gender": "other"}
+            )
+        loop_thread = threading.get_ident()
+        index_threads: list[int] = []
+        opened: list[tuple[int, str]] = []
+        index, open_row = node.records._index, node.records._open
+
+        def spying_search(rtype: str, groups: list[set[bytes]]) -> list[str]:
+            index_threads.append(threading.get_ident())
+            return index.search(rtype, groups)
+
+        def spying_open(row: VersionRow) -> StoredResource:
+            opened.append((threading.get_ident(), row.id))
+            return open_row(row)
+
+        class SpyingIndex:
+            def __getattr__(self, name: str) -> Any:
+                return spying_search if name == "search" else getattr(index, name)
+
+        node.records._index = SpyingIndex()  # type: ignore[assignment]
+        node.records._open = spying_open  # type: ignore[method-assign]
+        total, page = await node.records.search_page("Patient", {"gender": ["other"]}, 1, 2)
+        assert total == 5 and [s.id for s in page] == ["p1", "p2"]
+        assert index_threads and loop_thread not in index_threads
+        assert [rid for _, rid in opened] == ["p1", "p2"]  # the page only
+        opened.clear()
+        assert len(await node.records.history("Patient", "p3")) == 1
+        assert len(await node.records.type_history("Patient", 10)) == 5
+        assert len(opened) == 6 and all(thread != loop_thread for thread, _ in opened)
+
+    run(root, go)

@@ -9,6 +9,7 @@ error is an OperationOutcome (``api.errors``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -24,7 +25,7 @@ from medledger.api.errors import TooLarge
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import Gone, InvalidInput, NotFound
 from medledger.services.access import AccessEntry
-from medledger.services.fhir import MAX_BODY_BYTES, load_json, validate_id
+from medledger.services.fhir import MAX_BODY_BYTES, dump_resource, load_json, validate_id
 from medledger.services.records import RecordsService, StoredResource, VersionInfo
 from medledger.services.search import SEARCH_PARAMS, patient_reference
 from medledger.storage.tokens import TokenInfo
@@ -95,11 +96,36 @@ class _NotYours(NotFound):
         self.patient = patient
 
 
+def _patient_gate(
+    request: Request,
+    who: TokenInfo,
+    resource_type: str,
+    rid: str,
+    *,
+    version: int | None = None,
+    whole_history: bool = False,
+) -> None:
+    """For a patient token: refuse, before anything is decrypted, what is not its own.
+
+    Another patient's record, an erased one and an id never used take the same
+    path — one index look-up, a refused ``access`` entry, the same 404 body —
+    so a patient cannot tell them apart, by the answer or by its time.
+    """
+    if who.role != "patient":
+        return
+    allowed, owner = _records(request).patient_may_read(
+        resource_type, rid, str(who.patient), version=version, whole_history=whole_history
+    )
+    if not allowed:
+        # Audited under the patient the record is about (their trail shows the attempt).
+        raise _NotYours(_ABSENT, patient=owner)
+
+
 def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
+    """Second line behind :func:`_patient_gate`: the decrypted resource is the patient's."""
     if who.role != "patient":
         return
     if patient_reference(stored.resource()) != f"Patient/{who.patient}":
-        # Indistinguishable from absence: a patient learns nothing about others.
         raise _NotYours(_ABSENT, patient=stored.patient)
 
 
@@ -111,9 +137,11 @@ async def _audited(
 
     The body appends what it shows to the yielded list; the entries are durable
     before the response leaves. Keyed record references only: no ids, no PHI.
-    A *refused* read is one the caller was not allowed to make (a patient
-    reaching for another patient's record); malformed requests and reads of
-    records that do not exist touch no record and write nothing.
+    A *refused* read is one the caller was not allowed to make: a patient
+    token reaching for a record that is not its own — another patient's, an
+    erased one, or an id never used, which a patient must not be able to tell
+    apart. Malformed requests, and a clinician's reads of records that do not
+    exist, touch no record and write nothing.
     """
     node = request.app.state.node
     inst = node.config.institution
@@ -317,31 +345,40 @@ async def _search(
         if params:
             raise InvalidInput("a patient token searches Patient without parameters (itself)")
         found = [await records.read("Patient", str(who.patient))]
+        total, page = len(found), found[offset : offset + count]
     else:
         if who.role == "patient":
             params["patient"] = [f"Patient/{who.patient}"]
-        found = await records.search(resource_type, params)
-    page = found[offset : offset + count]
+        total, page = await records.search_page(resource_type, params, offset, count)
     shown.extend(page)
     base = f"/fhir/{resource_type}"
     query = "&".join(f"{k}={v}" for k, vs in params.items() for v in vs)
     links = [{"relation": "self", "url": f"{base}?{query}&_count={count}&_offset={offset}"}]
-    if offset + count < len(found):
+    if offset + count < total:
         links.append(
             {"relation": "next", "url": f"{base}?{query}&_count={count}&_offset={offset + count}"}
         )
-    return fhir_response(
-        {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": len(found),
-            "link": links,
-            "entry": [
-                {"fullUrl": f"{base}/{s.id}", "resource": s.resource(), "search": {"mode": "match"}}
-                for s in page
-            ],
-        }
-    )
+
+    def searchset() -> bytes:
+        return dump_resource(
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": total,
+                "link": links,
+                "entry": [
+                    {
+                        "fullUrl": f"{base}/{s.id}",
+                        "resource": s.resource(),
+                        "search": {"mode": "match"},
+                    }
+                    for s in page
+                ],
+            }
+        )
+
+    # Up to 500 resources parsed and re-encoded: off the event loop too.
+    return raw_fhir_response(await asyncio.to_thread(searchset))
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -359,8 +396,10 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 @router.get("/{resource_type}/{rid}", summary="read")
 async def read(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
     async with _audited(request, who, resource_type, rid) as shown:
+        rtype, rid = _check_type(resource_type), validate_id(rid)
+        _patient_gate(request, who, rtype, rid)
         with _as_absent_for_patients(who):
-            stored = await _records(request).read(_check_type(resource_type), validate_id(rid))
+            stored = await _records(request).read(rtype, rid)
         _patient_may_see(who, stored)
         shown.append(stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))
@@ -394,8 +433,10 @@ async def delete(resource_type: str, rid: str, request: Request, who: Writer) ->
 @router.get("/{resource_type}/{rid}/_history", summary="instance history")
 async def history(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
     async with _audited(request, who, resource_type, rid) as shown:
+        rtype, rid = _check_type(resource_type), validate_id(rid)
+        _patient_gate(request, who, rtype, rid, whole_history=True)
         with _as_absent_for_patients(who):
-            versions = await _records(request).history(_check_type(resource_type), validate_id(rid))
+            versions = await _records(request).history(rtype, rid)
         readable = [v.stored for v in versions if v.stored is not None]
         if who.role == "patient":
             if not readable:  # all erased: whose they were cannot be shown to a patient
@@ -415,10 +456,10 @@ async def vread(
     who: Clinical,
 ) -> Response:
     async with _audited(request, who, resource_type, rid) as shown:
+        rtype, rid = _check_type(resource_type), validate_id(rid)
+        _patient_gate(request, who, rtype, rid, version=vid)
         with _as_absent_for_patients(who):
-            stored = await _records(request).vread(
-                _check_type(resource_type), validate_id(rid), vid
-            )
+            stored = await _records(request).vread(rtype, rid, vid)
         _patient_may_see(who, stored)
         shown.append(stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))

@@ -15,6 +15,7 @@ mismatch raises :class:`IntegrityError`; erased resources raise :class:`Gone`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -555,6 +556,40 @@ class RecordsService:
                 return rid
         return None
 
+    def patient_may_read(
+        self,
+        resource_type: str,
+        rid: str,
+        patient_id: str,
+        *,
+        version: int | None = None,
+        whole_history: bool = False,
+    ) -> tuple[bool, str | None]:
+        """Whether a token bound to ``Patient/<patient_id>`` may read this resource,
+        and if not, the pseudonym of the patient the refused resource is about (if any).
+
+        The latest version, ``version``, or with ``whole_history`` every version
+        (all unerased ones must be the patient's, and one must be left). Decided
+        from the index's patient pseudonyms alone, with nothing decrypted: the
+        same work whether the resource is someone else's, erased or was never
+        written, so neither the answer nor its timing tells a patient which.
+        """
+        expected = self.patient_pseudonym(patient_id).encode()
+        if whole_history:
+            rows = self._index.history(resource_type, rid)
+        else:
+            row = (
+                self._index.latest(resource_type, rid)
+                if version is None
+                else self._index.get_version(resource_type, rid, version)
+            )
+            rows = [] if row is None else [row]
+        readable = [r for r in rows if not r.erased]
+        theirs = [hmac.compare_digest((r.patient or "").encode(), expected) for r in readable]
+        if theirs and all(theirs):
+            return True, None
+        return False, next((r.patient for r in rows if r.patient), None)
+
     def resources_of_patient(self, patient_id: str) -> list[tuple[str, str]]:
         """``(type, id)`` of every unerased resource about ``Patient/<patient_id>``."""
         candidates = [("Patient", patient_id)]
@@ -614,18 +649,30 @@ class RecordsService:
         )
 
     async def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
-        """Every version, newest first; erased versions have ``stored=None``."""
+        """Every version, newest first; erased versions have ``stored=None``.
+
+        Decrypting many versions is CPU work: it runs in a worker thread.
+        """
         await self._ready()
-        rows = self._index.history(resource_type, rid)
-        if not rows:
-            raise NotFound(f"{resource_type}/{rid} does not exist")
-        return [await self._info(r) for r in rows]
+
+        def work() -> list[VersionInfo]:
+            rows = self._index.history(resource_type, rid)
+            if not rows:
+                raise NotFound(f"{resource_type}/{rid} does not exist")
+            return [self._info(r) for r in rows]
+
+        return await asyncio.to_thread(work)
 
     async def type_history(self, resource_type: str, limit: int = 100) -> list[VersionInfo]:
+        """The ``limit`` latest versions of any resource of the type (in a worker thread)."""
         await self._ready()
-        return [await self._info(r) for r in self._index.type_history(resource_type, limit)]
 
-    async def _info(self, row: VersionRow) -> VersionInfo:
+        def work() -> list[VersionInfo]:
+            return [self._info(r) for r in self._index.type_history(resource_type, limit)]
+
+        return await asyncio.to_thread(work)
+
+    def _info(self, row: VersionRow) -> VersionInfo:
         stored = None if row.erased else self._open(row)
         return VersionInfo(
             resource_type=row.resource_type,
@@ -639,18 +686,44 @@ class RecordsService:
         self, resource_type: str, params: Mapping[str, Sequence[str]]
     ) -> list[StoredResource]:
         """Latest versions matching every parameter (see ``services.search``)."""
-        return [self._open(row) for row in await self._matching(resource_type, params)]
+        _, found = await self.search_page(resource_type, params, 0, None)
+        return found
+
+    async def search_page(
+        self,
+        resource_type: str,
+        params: Mapping[str, Sequence[str]],
+        offset: int,
+        count: int | None,
+    ) -> tuple[int, list[StoredResource]]:
+        """How many latest versions match, and those in ``[offset, offset + count)`` opened.
+
+        The index look-ups and the decryption run in a worker thread, so an
+        expensive query leaves the event loop free (hashing, SQLite and AES-GCM
+        spend their time in C; the thread hands the GIL back at least every
+        ``sys.getswitchinterval()``). Only the page is decrypted.
+        """
+        await self._ready()
+
+        def work() -> tuple[int, list[StoredResource]]:
+            rows = self._matching(resource_type, params)
+            end = None if count is None else offset + count
+            return len(rows), [self._open(row) for row in rows[offset:end]]
+
+        return await asyncio.to_thread(work)
 
     async def search_ids(
         self, resource_type: str, params: Mapping[str, Sequence[str]]
     ) -> list[str]:
         """The ids :meth:`search` would return, from the blind index alone (nothing decrypted)."""
-        return [row.id for row in await self._matching(resource_type, params)]
+        await self._ready()
+        rows = await asyncio.to_thread(self._matching, resource_type, params)
+        return [row.id for row in rows]
 
-    async def _matching(
+    def _matching(
         self, resource_type: str, params: Mapping[str, Sequence[str]]
     ) -> list[VersionRow]:
-        await self._ready()
+        """The latest, unerased rows matching ``params`` (blocking: index reads)."""
         groups = query_tokens(self._keys.search_key, resource_type, params)
         ids = self._index.search(resource_type, groups) if groups else []
         if not groups:
