@@ -144,10 +144,15 @@ async def _jetstream(base: Path, count: int) -> tuple[Any, list[Orderer]]:
     cluster = NatsCluster(base / "nats", size=3)
     await asyncio.to_thread(cluster.start)
     orderers: list[Orderer] = []
-    for _ in range(count):
+    urls = cluster.client_urls()
+    for i in range(count):
+        own = i % len(urls)  # each institution prefers a server of its own
         orderers.append(
             await JetStreamOrderer.connect(
-                cluster.client_urls(), stream="CONSORTIUM", subject="consortium.order", replicas=3
+                urls[own:] + urls[:own],
+                stream="CONSORTIUM",
+                subject="consortium.order",
+                replicas=3,
             )
         )
     return cluster, orderers

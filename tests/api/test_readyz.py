@@ -116,9 +116,13 @@ def test_an_ended_consume_task_makes_the_node_unready(tmp_path: Path) -> None:
             transport = httpx.ASGITransport(app=create_app(node, tokens))
             async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
                 await _readyz_until(client, 200, "a fresh node is ready")
+                up = 'medledger_task_up{task="consortium-consume"}'
+                assert f"{up} 1" in (await client.get("/metrics")).text.splitlines()
                 await orderer.close()  # the connection under the member is gone
                 body = await _readyz_until(client, 503, "the ended consume task shows")
                 assert body["problems"]["consortium-consume"].startswith("ended")
+                assert "consortium-cut-timer" not in body["problems"]
+                assert f"{up} 0" in (await client.get("/metrics")).text.splitlines()
         finally:
             await node.close()
             tokens.close()

@@ -108,6 +108,7 @@ def test_health_lists_failing_checks_by_name_and_survives_a_broken_check() -> No
     assert list(problems) == ["sick", "broken"]
     assert problems["sick"] == "died: OrderingError: x"
     assert "KeyError" in problems["broken"]
+    assert health.results()["fine"] is None and list(health.results()) == ["fine", "sick", "broken"]
     health.remove("sick")
     health.remove("broken")
     assert health.problems() == {}

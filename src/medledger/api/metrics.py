@@ -10,6 +10,7 @@ Series (no labels carry identifiers, paths or queries — nothing about patients
                                                   final anchor
 ``medledger_anchors_submitted_total``  counter    anchor transactions sent to the ordering service
 ``medledger_consortium_ready``         gauge      1 once the consortium member has caught up
+``medledger_task_up``                  gauge      1 while a background task runs, by ``task``
 ``medledger_refusals_total``           counter    4xx answers, by ``reason``
 ``medledger_requests_total``           counter    answers, by status ``class`` (2xx, 4xx, 5xx)
 =====================================  =========  ===============================================
@@ -178,6 +179,10 @@ def exposition(app: FastAPI) -> str:
         ready = getattr(app.state, "ready", None)
         family("medledger_consortium_ready", "gauge", "1 once the consortium member caught up")
         out.append(_line("medledger_consortium_ready", int(ready is None or ready())))
+
+    family("medledger_task_up", "gauge", "1 while the background task runs (see /readyz)")
+    for task, problem in node.health.results().items():
+        out.append(_line("medledger_task_up", int(problem is None), {"task": task}))
 
     family("medledger_refusals_total", "counter", "Requests refused with a 4xx status, by reason")
     for reason in sorted({*REASONS.values(), "other"}):

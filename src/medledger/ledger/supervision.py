@@ -49,17 +49,19 @@ class Health:
     def remove(self, name: str) -> None:
         self._checks.pop(name, None)
 
-    def problems(self) -> dict[str, str]:
-        """Every failing check: name -> what is wrong. A check that raises fails."""
-        out: dict[str, str] = {}
+    def results(self) -> dict[str, str | None]:
+        """Every check: name -> ``None`` (fine) or what is wrong. A check that raises fails."""
+        out: dict[str, str | None] = {}
         for name, check in list(self._checks.items()):
             try:
-                problem = check()
+                out[name] = check()
             except Exception as exc:  # a broken check must not hide the others
-                problem = f"health check failed: {type(exc).__name__}: {exc}"
-            if problem is not None:
-                out[name] = problem
+                out[name] = f"health check failed: {type(exc).__name__}: {exc}"
         return out
+
+    def problems(self) -> dict[str, str]:
+        """Every failing check: name -> what is wrong."""
+        return {name: p for name, p in self.results().items() if p is not None}
 
 
 def _always(_exc: BaseException) -> bool:

@@ -256,9 +256,14 @@ class JetStreamOrderer:
         errors = _LastError()
         choice = _ServerChoice()
 
+        async def disconnected() -> None:
+            # Once per lost connection (nats-py then reconnects on its own).
+            if not nc.is_closed:
+                log.warning("NATS connection to %s lost; reconnecting", choice.current)
+
         async def reconnected() -> None:
             choice.connected(nc)
-            log.info("NATS connection moved to %s", choice.current)
+            log.warning("NATS connection moved to %s", choice.current)
 
         try:
             await asyncio.wait_for(
@@ -271,6 +276,7 @@ class JetStreamOrderer:
                     ping_interval=tuning.ping_interval,
                     max_outstanding_pings=tuning.max_outstanding_pings,
                     reconnect_to_server_handler=choice,
+                    disconnected_cb=disconnected,
                     reconnected_cb=reconnected,
                     error_cb=errors.record,
                 ),
