@@ -31,7 +31,7 @@ def quick_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from medledger.ledger.ordering.natsserver import free_ports
 
-__all__ = ["NodeProcess", "proc_cpu_s"]
+__all__ = ["NodeProcess", "medledger_command", "proc_cpu_s"]
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -31,7 +31,8 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _medledger() -> list[str]:
+def medledger_command() -> list[str]:
+    """The ``medledger`` command of this environment (the script, else ``python -c``)."""
     script = Path(sys.executable).parent / "medledger"
     if script.is_file():
         return [str(script)]
@@ -67,7 +68,7 @@ class NodeProcess:
         environment = {**os.environ, **(env or {}), "MEDLEDGER_PASSPHRASE": passphrase.decode()}
         self._log = (root / "server.log").open("ab")
         self.proc = subprocess.Popen(
-            [*_medledger(), "node", "start", "--dir", str(root), "--port", str(self.port)],
+            [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(self.port)],
             env=environment,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -81,6 +82,13 @@ class NodeProcess:
 
     def cpu_s(self) -> float:
         return proc_cpu_s(self.proc.pid)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no shutdown work of any kind) and reap the process."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._log.close()
 
     def stop(self) -> None:
         """SIGTERM (the node commits what it acknowledged), SIGKILL after 30 s."""

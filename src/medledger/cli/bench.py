@@ -404,6 +404,57 @@ def bench_api(
     )
 
 
+@bench.command("faults")
+@_work_dir
+@click.option(
+    "--kills",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="SIGKILLs of the node under concurrent writers.",
+)
+@click.option("--writers", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--writes-per-round",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Acknowledged writes between one restart and the next kill.",
+)
+@click.option(
+    "--nats-rounds",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Times a member's nats-server is SIGSTOPped (0: skip the NATS part).",
+)
+@_json_out
+@_quick
+def bench_faults(
+    root: Path | None,
+    kills: int,
+    writers: int,
+    writes_per_round: int,
+    nats_rounds: int,
+    json_out: Path | None,
+    quick: bool,
+) -> None:
+    """Acknowledged vs lost writes over SIGKILLs, time to ready, hung-NATS failover stall."""
+    from medledger.benchmarks.faults import FaultSettings, run_faults_bench
+
+    run_faults_bench(
+        root=root,
+        settings=FaultSettings(
+            kills=kills,
+            writers=writers,
+            writes_per_round=writes_per_round,
+            nats_rounds=nats_rounds,
+        ),
+        json_out=json_out,
+        quick=quick,
+    )
+
+
 def _default_docs_path(name: str) -> Path | None:
     """``docs/<name>`` when run from the repository (where docs/ exists), else nothing."""
     docs = Path("docs")
