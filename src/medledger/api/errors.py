@@ -30,6 +30,7 @@ from medledger.core.errors import (
     NotFound,
     OrderingError,
     PreconditionFailed,
+    RateLimited,
     RetryableStorageError,
     StorageError,
     VerificationError,
@@ -73,6 +74,7 @@ class TooLarge(InvalidInput):
 
 # Most specific first.
 _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (RateLimited, 429, "throttled"),
     (Unauthorized, 401, "login"),
     (Forbidden, 403, "forbidden"),
     (ConsentDenied, 403, "forbidden"),
@@ -108,6 +110,9 @@ def _for(exc: MedledgerError) -> Response:
             if status >= 500:
                 log.error("request failed: %s: %s", type(exc).__name__, exc)
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            if isinstance(exc, RateLimited):
+                # Whole seconds (RFC 9110 §10.2.3), rounded up so a client that waits is let in.
+                headers = {"Retry-After": str(max(1, -(-exc.retry_after_ms // 1000)))}
             return outcome_response(
                 status, [Issue(severity="error", code=code, diagnostics=str(exc))], headers
             )

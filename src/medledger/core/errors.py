@@ -18,6 +18,7 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     ├── Conflict                   a write contradicts current state
     │   └── PreconditionFailed     If-Match names another version (HTTP 412)
     ├── ConsentDenied              no consent authorizes the request
+    ├── RateLimited                too many failures from one client; retry later
     ├── KeyStoreError              keystore missing, locked or wrong passphrase
     ├── StorageError               the storage backend failed or is corrupt
     │   └── RetryableStorageError  a transient failure; the same call may succeed
@@ -42,6 +43,7 @@ __all__ = [
     "MedledgerError",
     "NotFound",
     "OrderingError",
+    "RateLimited",
     "RetryableStorageError",
     "RootMismatch",
     "StorageError",
@@ -100,6 +102,25 @@ class PreconditionFailed(Conflict):
 
 class ConsentDenied(MedledgerError):
     """No final, unrevoked, unexpired consent authorizes the request."""
+
+
+class RateLimited(MedledgerError):
+    """A client or member used up its failure budget; nothing was done (HTTP 429).
+
+    ``retry_after_ms`` says when the budget has room again.
+    """
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only state survives pickling (errors can cross process boundaries).
+        return (_rate_limited, (str(self), self.retry_after_ms))
+
+
+def _rate_limited(message: str, retry_after_ms: int) -> RateLimited:
+    return RateLimited(message, retry_after_ms=retry_after_ms)
 
 
 class KeyStoreError(MedledgerError):
