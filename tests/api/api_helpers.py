@@ -26,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from medledger.api.app import create_app
+from medledger.api.auth import AUTH_FAILURES
 from medledger.api.loopback import loopback_socket
 from medledger.api.server import HttpLimits, server_config
 from medledger.core.encoding import canonical_bytes
@@ -33,6 +34,7 @@ from medledger.core.models import Transaction
 from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import VerifyReport, verify_chain
 from medledger.node import Node, init_node, open_chain, open_node
+from medledger.services.ratelimit import RateLimit
 from medledger.services.synthetic import PatientBundle, generate_patients
 from medledger.storage.keystore import KdfParams
 from medledger.storage.tokens import TokenStore
@@ -126,7 +128,9 @@ class LiveServer:
             store.close()
 
 
-def start_server(root: Path, *, name: str = "Api Test Hospital") -> LiveServer:
+def start_server(
+    root: Path, *, name: str = "Api Test Hospital", auth_failures: RateLimit = AUTH_FAILURES
+) -> LiveServer:
     """Create a node in ``root`` and serve it on a free port until ``stop_server``."""
     init_node(root, name=name, passphrase=PASSPHRASE, kdf=FAST_KDF)
     tokens = TokenStore(root / "tokens.db")
@@ -138,7 +142,7 @@ def start_server(root: Path, *, name: str = "Api Test Hospital") -> LiveServer:
     async def main() -> None:
         node = open_node(root, PASSPHRASE)
         try:
-            app = create_app(node, tokens)
+            app = create_app(node, tokens, auth_failures=auth_failures)
             config = server_config(app, limits=HttpLimits(idle_timeout_s=30))
             server = uvicorn.Server(config)
             box.update(node=node, app=app, server=server, loop=asyncio.get_running_loop())

@@ -11,14 +11,25 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-from api_helpers import FHIR_JSON, LiveServer, assert_outcome, fhir_bytes, now_ms, seed_patients
+from api_helpers import (
+    FHIR_JSON,
+    LiveServer,
+    assert_outcome,
+    fhir_bytes,
+    now_ms,
+    seed_patients,
+    start_server,
+    stop_server,
+)
 
 from medledger.core.errors import InvalidInput
+from medledger.services.ratelimit import RateLimit
 from medledger.services.synthetic import PatientBundle
 
 PUBLIC = {"/fhir/metadata", "/healthz", "/readyz", "/docs", "/openapi.json", "/metrics"}
@@ -40,6 +51,19 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.method} {self.template}"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """This module sends every bad token to every endpoint from one address: hundreds
+    of failures that must each get their 401, so the failure budget is out of the way
+    here (tests/api/test_throttling.py covers it)."""
+    generous = RateLimit(burst=100_000, interval_ms=1)
+    server = start_server(tmp_path_factory.mktemp("api") / "node", auth_failures=generous)
+    try:
+        yield server
+    finally:
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,14 @@ from fastapi.responses import Response
 
 from medledger import __version__
 from medledger.api import admin, chain, fhir, peer, sharing
+from medledger.api.auth import AUTH_FAILURES, AuthFailures
 from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
 from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.node import Node
+from medledger.services.ratelimit import RateLimit
 from medledger.storage.tokens import TokenStore
 
 __all__ = ["create_app"]
@@ -35,7 +37,7 @@ _OUTCOME = {
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI document, telling the truth about errors: every error is a FHIR
-    OperationOutcome (400, 401, 403, 404, 409, 410, 412, 413, 503), never FastAPI's 422."""
+    OperationOutcome (400, 401, 403, 404, 409, 410, 412, 413, 429, 503), never FastAPI's 422."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
@@ -52,8 +54,18 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) -> FastAPI:
-    """A FastAPI app serving ``node``; callers own the node's and token store's lifetime."""
+def create_app(
+    node: Node,
+    tokens: TokenStore,
+    *,
+    clock: Clock | None = None,
+    auth_failures: RateLimit = AUTH_FAILURES,
+) -> FastAPI:
+    """A FastAPI app serving ``node``; callers own the node's and token store's lifetime.
+
+    ``auth_failures``: the failed-authentication budget of each client address
+    and token id (``api.auth``).
+    """
     app = FastAPI(
         title=f"medledger node — {node.config.name}",
         version=__version__,
@@ -66,6 +78,7 @@ def create_app(node: Node, tokens: TokenStore, *, clock: Clock | None = None) ->
     app.state.node = node
     app.state.tokens = tokens
     app.state.clock = clock or SystemClock()
+    app.state.auth_failures = AuthFailures(auth_failures, app.state.clock)
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Routes are matched in order, one regex each: the busiest peer endpoint first

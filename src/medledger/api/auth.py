@@ -1,25 +1,61 @@
-"""Bearer-token authentication and role checks for the API.
+"""Bearer-token authentication, role checks, and the failed-authentication throttle.
 
 Roles: ``clinician`` (clinical data), ``auditor`` (chains and audit trail,
 no clinical data), ``admin`` (everything), ``patient`` (only their own
 records). Every request carries ``Authorization: Bearer <token>``.
+
+A presented token that does not check (and a peer request that is not signed
+by a member, ``api.peer``) is a failed authentication, charged to the client
+address and, for a token, to its token id (:class:`AuthFailures`). Once either
+budget is spent the failure is answered 429 with ``Retry-After`` instead of
+401. A valid token is always checked and served: one client's failures never
+throttle another client's successes. The address is the TCP peer's;
+forwarding headers are not trusted.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 
 from medledger.api.errors import Forbidden, Unauthorized
-from medledger.core.errors import InvalidInput
+from medledger.core.errors import InvalidInput, RateLimited
 from medledger.ledger.clock import Clock
+from medledger.services.ratelimit import RateLimit, RateLimiter
 from medledger.storage.tokens import TokenInfo, TokenStore
 
-__all__ = ["Principal", "require"]
+__all__ = ["AUTH_FAILURES", "AuthFailures", "Principal", "require"]
 
 Principal = TokenInfo
+
+#: Failed authentications one address (or token id) may cause back to back,
+#: then one more every few seconds (20 a minute).
+AUTH_FAILURES = RateLimit(burst=20, interval_ms=3_000)
+# Token ids are 12 hex digits (``storage.tokens``); anything else is not tracked by id.
+_TOKEN_ID = re.compile(r"mlt_([0-9a-f]{12})_")
+
+
+class AuthFailures:
+    """Failure budgets per client address and per token id (see module docstring)."""
+
+    def __init__(self, limit: RateLimit, clock: Clock) -> None:
+        self._limiter = RateLimiter(limit, clock)
+
+    def charge(self, request: Request, token: str = "") -> None:
+        """Count one failed authentication; raise :class:`RateLimited` once over budget."""
+        client = request.client.host if request.client is not None else "unknown"
+        wait_ms = self._limiter.spend(f"address:{client}")
+        named = _TOKEN_ID.match(token)
+        if named is not None:
+            wait_ms = max(wait_ms, self._limiter.spend(f"token:{named.group(1)}"))
+        if wait_ms:
+            raise RateLimited(
+                "too many failed authentications from this client; retry later",
+                retry_after_ms=wait_ms,
+            )
 
 
 def require(*roles: str) -> Callable[[Request], Any]:
@@ -33,10 +69,14 @@ def require(*roles: str) -> Callable[[Request], Any]:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
+            # Nothing was presented, so nothing was guessed: not charged.
             raise Unauthorized("a bearer token is required")
+        token = token.strip()
         try:
-            info = tokens.check(token.strip(), now_ms=clock.now_ms())
+            info = tokens.check(token, now_ms=clock.now_ms())
         except InvalidInput as exc:
+            failures: AuthFailures = request.app.state.auth_failures
+            failures.charge(request, token)
             raise Unauthorized(str(exc)) from None
         if info.role != "admin" and info.role not in roles:
             raise Forbidden(f"role {info.role!r} may not do this")

@@ -1,0 +1,125 @@
+"""Failed authentications are throttled per client address and per token id (429).
+
+The app runs in-process over httpx's ASGI transport, which lets each request
+come from a chosen client address; time is a clock the test moves by hand.
+A valid token is always served, whatever other clients did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import Any
+
+import httpx
+from api_helpers import FAST_KDF, PASSPHRASE, assert_outcome, now_ms
+
+from medledger.api.app import create_app
+from medledger.node import init_node, open_node
+from medledger.services.ratelimit import RateLimit
+from medledger.storage.tokens import TokenStore
+
+BUDGET = RateLimit(burst=3, interval_ms=10_000)
+
+
+class HandClock:
+    def __init__(self) -> None:
+        self.now = now_ms()
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+def run(root: Path, story: Any) -> None:
+    init_node(root, name="Throttle Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
+    tokens = TokenStore(root / "tokens.db")
+    clock = HandClock()
+
+    async def main() -> None:
+        node = open_node(root, PASSPHRASE)
+        try:
+            app = create_app(node, tokens, clock=clock, auth_failures=BUDGET)
+
+            def client(address: str) -> httpx.AsyncClient:
+                transport = httpx.ASGITransport(app=app, client=(address, 40_000))
+                return httpx.AsyncClient(transport=transport, base_url="http://node")
+
+            await story(client, tokens, clock)
+        finally:
+            await node.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        tokens.close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_an_address_that_keeps_failing_gets_429_and_others_do_not(tmp_path: Path) -> None:
+    async def story(client: Any, tokens: TokenStore, clock: HandClock) -> None:
+        good, _ = tokens.create(role="clinician", now_ms=clock.now)
+        bad = bearer(f"mlt_000000000000_{secrets.token_urlsafe(32)}")
+        async with client("203.0.113.7") as attacker, client("198.51.100.2") as other:
+            for _ in range(3):
+                assert_outcome(await attacker.get("/chain/private/head", headers=bad), 401)
+            throttled = await attacker.get("/chain/private/head", headers=bad)
+            assert_outcome(throttled, 429, code="throttled")
+            assert throttled.headers["retry-after"] == "10"
+            # Successes are never throttled: not the attacker's own, not another client's.
+            assert (await attacker.get("/chain/private/head", headers=bearer(good))).is_success
+            assert (await other.get("/chain/private/head", headers=bearer(good))).is_success
+            # Another address has its own budget (for another token id: ids have theirs).
+            guess = bearer(f"mlt_111111111111_{secrets.token_urlsafe(32)}")
+            assert_outcome(await other.get("/chain/private/head", headers=guess), 401)
+            # No token at all guesses nothing and is not charged (or throttled).
+            assert_outcome(await attacker.get("/chain/private/head"), 401)
+            clock.now += 9_000
+            after = await attacker.get("/chain/private/head", headers=bad)
+            assert_outcome(after, 429)
+            assert after.headers["retry-after"] == "1"
+            clock.now += 1_000
+            assert_outcome(await attacker.get("/chain/private/head", headers=bad), 401)
+
+    run(tmp_path, story)
+
+
+def test_guessing_one_token_from_many_addresses_is_throttled_by_token_id(tmp_path: Path) -> None:
+    async def story(client: Any, tokens: TokenStore, clock: HandClock) -> None:
+        good, info = tokens.create(role="clinician", now_ms=clock.now)
+        guesses = [bearer(f"mlt_{info.id}_{secrets.token_urlsafe(32)}") for _ in range(4)]
+        statuses = []
+        for i, guess in enumerate(guesses):
+            async with client(f"192.0.2.{i + 1}") as guesser:
+                statuses.append((await guesser.get("/fhir/Patient", headers=guess)).status_code)
+        assert statuses == [401, 401, 401, 429]
+        # The token's owner, with the right secret, is still served.
+        async with client("192.0.2.200") as owner:
+            assert (await owner.get("/fhir/Patient", headers=bearer(good))).is_success
+
+    run(tmp_path, story)
+
+
+def test_refused_and_throttled_answers_change_nothing(tmp_path: Path) -> None:
+    async def story(client: Any, tokens: TokenStore, clock: HandClock) -> None:
+        good, _ = tokens.create(role="clinician", now_ms=clock.now)
+        async with client("203.0.113.9") as attacker:
+            head = (await attacker.get("/chain/private/head", headers=bearer(good))).json()
+            body = b'{"resourceType": "Patient", "name": [{"family": "Smith"}]}'
+            for _ in range(10):
+                r = await attacker.post(
+                    "/fhir/Patient",
+                    content=body,
+                    headers={
+                        **bearer("mlt_0123456789ab_x"),
+                        "Content-Type": "application/fhir+json",
+                    },
+                )
+                assert r.status_code in (401, 429)
+            after = (await attacker.get("/chain/private/head", headers=bearer(good))).json()
+            assert after == head
+
+    run(tmp_path, story)
