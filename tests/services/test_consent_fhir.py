@@ -53,6 +53,13 @@ def test_a_consent_is_a_valid_r4_resource_and_maps_back(scope: list[str]) -> Non
     assert grant_from_consent(resource) == tx
 
 
+def test_a_scope_of_free_text_shaped_like_a_type_is_refused() -> None:
+    """The scope goes on the consortium chain: only real FHIR type names may."""
+    resource = consent_for_grant(_grant(["Observation", "JaneRoeHasCarcinoma"]))
+    with pytest.raises(InvalidInput, match="not a FHIR resource type"):
+        grant_from_consent(resource)
+
+
 def test_status_follows_revocation_and_expiry() -> None:
     tx = _grant()
     record = ConsentRecord(tx_hash=tx.hash(), grant=ConsentGrant.from_tx(tx), height=3)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from medledger.core.consortium import Member
 from medledger.core.encoding import canonical_bytes
@@ -25,6 +28,7 @@ from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
 from medledger.core.peer import PeerRequest
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
+from medledger.services.access import REASONS
 from medledger.services.consent_fhir import audit_event
 from medledger.services.patients import PatientWallet
 from medledger.services.sharing import PeerTransport, SharingService
@@ -130,13 +134,23 @@ def test_consent_refusals(tmp_path: Path) -> None:
         other = PatientWallet.create(sn.net.base / "other.wallet", b"another patient passphrase")
         strangers = await sn.grant("beta", wallet=other)
         cases.append(("not this patient's record", strangers, "not enrolled"))
+        recorded = {
+            "out of scope": "the consent does not cover this resource type",
+            "another grantee": "the consent was granted to another member",
+            "expired": "the consent has expired",
+            "not this patient's record": (
+                "the consenting patient is not enrolled at this institution"
+            ),
+        }
         for name, consent, reason in cases:
             before = len(access_entries(sn, "alpha"))
             with pytest.raises(ConsentDenied, match=reason):
                 await beta.fetch("alpha", consent, target)
             entries = access_entries(sn, "alpha")
             assert len(entries) == before + 1, name
-            assert entries[-1]["outcome"] == "refused" and reason in entries[-1]["reason"], name
+            # The entry carries the fixed sentence, never the message naming members or types.
+            assert entries[-1]["outcome"] == "refused", name
+            assert entries[-1]["reason"] == recorded[name], name
         # gamma's own consent does work for gamma: the refusals were about beta.
         assert (await gamma.fetch("alpha", for_gamma, target)).resource["id"] == target.split("/")[
             1
@@ -209,8 +223,10 @@ def test_request_refusals(tmp_path: Path) -> None:
             assert outcome["resourceType"] == "OperationOutcome", name
             assert reason in outcome["issue"][0]["diagnostics"], (name, outcome)
             assert "ciphertext" not in response.text and "wrapped_key" not in response.text
-            if name != "oversized":  # refused before it was even read
-                assert len(access_entries(sn, "alpha")) == before + 1, name
+            # Only an authenticated member's refusal is recorded: unsigned, wrongly
+            # signed and non-member requests are answered before anything is written.
+            recorded = 1 if name == "stale timestamp" else 0
+            assert len(access_entries(sn, "alpha")) == before + recorded, name
         # The good request is served once; the same bytes again are a replay.
         first = await asyncio.to_thread(_post, sn, good)
         assert first.status_code == 200, first.text
@@ -219,6 +235,71 @@ def test_request_refusals(tmp_path: Path) -> None:
         assert "ciphertext" not in again.text
 
     run(tmp_path, story)
+
+
+def test_request_text_never_reaches_a_chain(tmp_path: Path) -> None:
+    """Arbitrary reader/holder text, signed by a member, an outsider or no one: unauthenticated
+    requests write nothing; a member's refusal writes an entry of derived values only."""
+
+    async def story(sn: SharingNet) -> None:
+        loop = asyncio.get_running_loop()
+        beta_key, outsider = sn.node("beta").keystore.signing_key(), SigningKey.generate()
+        sent: list[str] = []
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(
+            reader=st.one_of(st.just("beta"), st.text(min_size=1, max_size=40)),
+            holder=st.one_of(st.just("alpha"), st.text(min_size=1, max_size=40)),
+            signer=st.sampled_from(["beta", "outsider", "forged"]),
+        )
+        def attempt(reader: str, holder: str, signer: str) -> None:
+            request = PeerRequest(
+                op="fetch",
+                reader=reader,
+                holder=holder,
+                consent="00" * 32,
+                resource="Observation/x",
+                nonce=secrets_hex(),
+                time_ms=now_ms(),
+            )
+            document = request.sign(outsider if signer == "outsider" else beta_key).to_json()
+            if signer == "forged":
+                document["signature"]["sig"] = "30" + "00" * 40
+            sent.extend(t for t in (reader, holder) if t not in ("alpha", "beta"))
+            before = asyncio.run_coroutine_threadsafe(_entries_of(sn, "alpha"), loop).result(30)
+            response = _post(sn, document)
+            assert 400 <= response.status_code < 500, response.text
+            after = asyncio.run_coroutine_threadsafe(_entries_of(sn, "alpha"), loop).result(30)
+            authenticated = signer == "beta" and reader == "beta"
+            assert len(after) == len(before) + authenticated, (reader, holder, signer)
+            for entry in after[len(before) :]:
+                assert entry["reader"] == "beta" and entry["holder"] == "alpha"
+                assert entry["reason"] in REASONS and entry["consent"] == ""
+
+        await asyncio.to_thread(attempt)
+        await sn.node("alpha").access.drain()
+        await sn.settle()
+        chains = json.dumps(
+            [
+                Transaction.decode(data).to_json()
+                for store in (sn.node("alpha").store, sn.node("alpha").consortium_store)
+                for block in store.iter_blocks(0)  # type: ignore[union-attr]
+                for data in block.tx_data
+            ],
+            ensure_ascii=False,
+        )
+        leaked = [t for t in sent if len(t.strip()) >= 6 and json.dumps(t)[1:-1] in chains]
+        assert not leaked
+
+    run(tmp_path, story)
+
+
+def secrets_hex() -> str:
+    return os.urandom(16).hex()
+
+
+async def _entries_of(sn: SharingNet, inst: str) -> list[dict[str, Any]]:
+    return access_entries(sn, inst)
 
 
 class Tampering:

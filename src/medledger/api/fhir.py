@@ -24,7 +24,7 @@ from medledger.api.auth import require
 from medledger.api.errors import TooLarge
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import Gone, InvalidInput, NotFound
-from medledger.services.access import AccessEntry
+from medledger.services.access import AccessEntry, refusal_reason
 from medledger.services.fhir import MAX_BODY_BYTES, dump_resource, load_json, validate_id
 from medledger.services.records import RecordsService, StoredResource, VersionInfo
 from medledger.services.search import SEARCH_PARAMS, patient_reference
@@ -162,7 +162,9 @@ async def _audited(
     try:
         yield shown
     except _NotYours as exc:
-        await node.access.record(entry(resource_type, rid, exc.patient, "refused", str(exc)))
+        await node.access.record(
+            entry(resource_type, rid, exc.patient, "refused", refusal_reason(exc))
+        )
         raise
     await node.access.record_many(
         [entry(s.resource_type, s.id, s.patient, "allowed") for s in shown]

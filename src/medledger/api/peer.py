@@ -5,6 +5,10 @@ the patient's consent (``services.sharing``) and answers with the ciphertext,
 the data key wrapped to the reader, and the record's provenance — or a FHIR
 OperationOutcome saying why not (403 consent, 400 stale/replayed/malformed,
 401-like signature failures as 403 ``security``).
+
+A body that is not a request signed by a current member is refused before
+anything is written, and counts as a failed authentication of the client
+address (``api.auth.AuthFailures``): past that budget the answer is 429.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from medledger.api.auth import AuthFailures
 from medledger.api.fhir import read_body
-from medledger.core.errors import NotFound
+from medledger.core.errors import MedledgerError, NotFound
 from medledger.node import Node
 
 __all__ = ["router"]
@@ -32,7 +37,13 @@ async def peer(op: Literal["fetch", "list"], request: Request) -> Response:
     node: Node = request.app.state.node
     if node.sharing is None:
         raise NotFound("this node has not joined a consortium")
-    document = await read_body(request, MAX_PEER_REQUEST_BYTES)
-    answer = await node.sharing.serve(op, document)
+    failures: AuthFailures = request.app.state.auth_failures
+    try:
+        document = await read_body(request, MAX_PEER_REQUEST_BYTES)
+        authenticated = node.sharing.authenticate(document)
+    except MedledgerError:
+        failures.charge(request)
+        raise
+    answer = await node.sharing.serve(op, authenticated)
     # Plain JSON of strings and integers (base64 ciphertext, hex proofs): orjson.
     return Response(orjson.dumps(answer), media_type="application/json")

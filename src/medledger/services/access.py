@@ -10,28 +10,106 @@
 
 Bodies hold only member ids, pseudonyms (patient key fingerprints or keyed
 hashes), keyed record references and hashes: never a resource id, a name or
-any other PHI. ``reason`` is one of medledger's own refusal messages, which
-name no patient data.
+any other PHI. ``reason`` is one of medledger's own fixed sentences
+(:data:`REASONS`, chosen by :func:`refusal_reason`), never an error message,
+which could quote what a request said. :class:`AccessEntry` refuses to be
+built from anything else, so no request text can reach a chain through it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from medledger.core.errors import MedledgerError
+from medledger.core.errors import (
+    ConsentDenied,
+    Gone,
+    IntegrityError,
+    InvalidInput,
+    InvalidSignature,
+    MedledgerError,
+    NotFound,
+    OrderingError,
+    RateLimited,
+    StorageError,
+    VerificationError,
+)
 from medledger.core.models import Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH, MAX_ACCESS_BATCH
 from medledger.ledger.private import PrivateChain
 
-__all__ = ["AccessEntry", "AccessLog"]
+__all__ = ["ALLOWED", "REASONS", "REFUSED", "AccessEntry", "AccessLog", "refusal_reason"]
 
 log = logging.getLogger(__name__)
 ALLOWED, REFUSED = "allowed", "refused"
+
+# Refusals whose message is already a fixed sentence: recorded verbatim.
+_VERBATIM = (
+    "the consent was revoked by the patient",
+    "the consent was given by another patient",
+    "the consent has expired",
+    "no final consent with that hash on the consortium chain",
+    "the consenting patient is not enrolled at this institution",
+    "the consent's patient is not the subject of this record",
+    "the reader has published no HPKE key",
+    "the request is addressed to another member",
+    "the request was sent to another operation's endpoint",
+    "the request nonce was already used (replay)",
+    "the record is not anchored on the consortium yet; retry",
+    "no such resource for this patient",
+)
+# Our own messages that name a member or resource type: the fixed sentence recorded instead.
+_BY_PREFIX = (
+    ("the consent was granted to ", "the consent was granted to another member"),
+    ("the consent does not cover ", "the consent does not cover this resource type"),
+    ("the request timestamp is outside ", "the request timestamp is outside the allowed skew"),
+)
+# Anything else: a fixed sentence per kind of error, most specific first.
+_BY_CLASS: tuple[tuple[type[MedledgerError], str], ...] = (
+    (RateLimited, "too many refusals; the holder is throttling this member"),
+    (Gone, "the record was erased"),
+    (NotFound, "no such record"),
+    (ConsentDenied, "no consent authorizes this read"),
+    (InvalidSignature, "a signature or membership check failed"),
+    (IntegrityError, "the holder's answer did not verify"),
+    (VerificationError, "the holder's answer did not verify"),
+    (InvalidInput, "the request was malformed"),
+    (OrderingError, "the holder or the consortium was unavailable"),
+    (StorageError, "a storage failure"),
+    (MedledgerError, "the request failed"),
+)
+#: Every ``reason`` an access entry can carry.
+REASONS = frozenset(
+    {*_VERBATIM, *(fixed for _, fixed in _BY_PREFIX), *(fixed for _, fixed in _BY_CLASS)}
+)
+# What a holder's refusal looks like on the reader's side (``sharing._refusal``).
+_HOLDER_REFUSED = re.compile(r"holder refused \(\d{3}\): ")
+
+
+def refusal_reason(exc: MedledgerError) -> str:
+    """The fixed sentence (one of :data:`REASONS`) that ``exc`` is recorded as.
+
+    Never the message itself: messages may quote the request or the peer that
+    caused them, and an access entry is signed, anchored and never erased.
+    """
+    message = _HOLDER_REFUSED.sub("", str(exc), count=1)
+    if message in _VERBATIM:
+        return message
+    for prefix, fixed in _BY_PREFIX:
+        if message.startswith(prefix):
+            return fixed
+    return next(fixed for cls, fixed in _BY_CLASS if isinstance(exc, cls))
+
+
+_MEMBER = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_HASH = re.compile(r"[0-9a-f]{64}")
+_RESOURCE = re.compile(r"[A-Z][A-Za-z]{0,63}:[0-9a-f]{64}")
+_ACTOR = re.compile(r"[a-z]{1,16}:[A-Za-z0-9-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +125,27 @@ class AccessEntry:
     reason: str = ""
     actor: str = ""
     request: str = ""
+
+    def __post_init__(self) -> None:
+        """Every field has the shape of a value the node derived; free text is refused."""
+        checks = (
+            ("reader", _MEMBER.fullmatch(self.reader)),
+            ("holder", _MEMBER.fullmatch(self.holder)),
+            ("patient", not self.patient or _HASH.fullmatch(self.patient)),
+            ("consent", not self.consent or _HASH.fullmatch(self.consent)),
+            ("request", not self.request or _HASH.fullmatch(self.request)),
+            (
+                "resource",
+                self.resource in ("", "list") or _RESOURCE.fullmatch(self.resource),
+            ),
+            ("outcome", self.outcome in (ALLOWED, REFUSED)),
+            ("reason", not self.reason or self.reason in REASONS),
+            ("actor", not self.actor or _ACTOR.fullmatch(self.actor)),
+        )
+        for name, ok in checks:
+            if not ok:
+                # The value itself stays out of the message: it may be the text refused.
+                raise InvalidInput(f"access entry {name} is not a value this node derived")
 
     def private_body(self) -> dict[str, Any]:
         return {

@@ -30,7 +30,7 @@ from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput
 from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
-from medledger.services.fhir import FhirInvalid, load_json
+from medledger.services.fhir import FhirInvalid, is_resource_type, load_json
 
 __all__ = [
     "CONSENT_TX_EXTENSION",
@@ -173,6 +173,9 @@ def grant_from_consent(resource: Any) -> Transaction:
     if tx.type != CONSENT_GRANT:
         raise InvalidInput("the Consent's transaction is not a consent.grant")
     grant = ConsentGrant.from_tx(tx)
+    # The scope goes on the consortium chain for good: real type names only, no free text.
+    if grant.scope != (ALL_TYPES,) and not all(is_resource_type(t) for t in grant.scope):
+        raise InvalidInput("consent scope names something that is not a FHIR resource type")
     try:
         provision = resource["provision"]
         patient = resource["patient"]["identifier"]["value"]

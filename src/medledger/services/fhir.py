@@ -32,6 +32,7 @@ __all__ = [
     "FhirInvalid",
     "Issue",
     "dump_resource",
+    "is_resource_type",
     "load_json",
     "operation_outcome",
     "validate_id",
@@ -349,6 +350,15 @@ def _model(resource_type: str) -> Any:
             ) from None
         _MODELS[resource_type] = model
     return model
+
+
+def is_resource_type(name: str) -> bool:
+    """``name`` is a FHIR R4 type medledger can hold (not merely something shaped like one)."""
+    try:
+        _model(name)
+    except FhirInvalid:
+        return False
+    return True
 
 
 def decimal_free(value: Any) -> Any:

@@ -10,8 +10,14 @@ Reader B asks holder A for a record under a patient's consent::
        proof against A's latest final anchor, the anchor in a certified block)
     B: verifies every piece, then unwraps and decrypts.
 
-Both sides write an ``access`` entry for every attempt, allowed or refused;
-A also summarizes it on the consortium (see ``services.access``). Only after a
+A request whose signature or membership does not check is answered before
+anything is written (``authenticate``): unauthenticated text never reaches a
+chain. Past that, both sides write an ``access`` entry for every attempt,
+allowed or refused, holding only values the node derived (member ids from the
+genesis, hashes, fingerprints, keyed references, fixed reasons); A also
+summarizes it on the consortium (see ``services.access``). A's refusals of one
+member are recorded within a budget (:data:`PEER_REFUSALS`); past it they are
+answered :class:`RateLimited` (429) and not recorded. Only after a
 final revocation does A refuse; the consent is re-checked after the last
 await before a response leaves, so no fetch is served once a revocation is final.
 """
@@ -38,6 +44,7 @@ from medledger.core.errors import (
     MedledgerError,
     NotFound,
     OrderingError,
+    RateLimited,
 )
 from medledger.core.hashing import hash_from_hex, sha256
 from medledger.core.keys import SigningKey
@@ -47,19 +54,28 @@ from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
-from medledger.services.access import ALLOWED, REFUSED, AccessEntry, AccessLog
+from medledger.services.access import ALLOWED, REFUSED, AccessEntry, AccessLog, refusal_reason
 from medledger.services.enrollment import EnrollmentService
+from medledger.services.fhir import is_resource_type
 from medledger.services.hpke import HpkeKeyPair, seal_to
+from medledger.services.ratelimit import RateLimit, RateLimiter
 from medledger.services.records import RecordsService
 from medledger.storage.nonces import NonceStore
 from medledger.storage.ports import ChainStore
 
 __all__ = [
+    "PEER_REFUSALS",
+    "AuthenticatedRequest",
     "PeerTransport",
     "SharedRecord",
     "SharingService",
 ]
 
+#: Refusals of one member recorded (and summarized on the consortium) before its
+#: further refusals are answered 429 and not recorded: a reader retrying a revoked
+#: consent stays well inside it; a member flooding bad requests adds at most one
+#: entry a second to the chains.
+PEER_REFUSALS = RateLimit(burst=100, interval_ms=1_000)
 _ANCHOR_WAIT_S = 5.0
 #: Anchor proofs whose check is remembered (one per holder and anchor is plenty).
 _ANCHOR_CACHE = 64
@@ -69,6 +85,13 @@ class PeerTransport(Protocol):
     """Sends a signed request to a member's peer endpoint: ``(status, JSON body)``."""
 
     async def post(self, url: str, body: bytes) -> tuple[int, Any]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthenticatedRequest:
+    """A peer request signed by a current member: made only by :meth:`SharingService.authenticate`."""
+
+    signed: SignedPeerRequest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +148,7 @@ class SharingService:
         transport: PeerTransport | None = None,
         clock: Clock | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        refusal_limit: RateLimit = PEER_REFUSALS,
     ) -> None:
         self.institution = institution
         self._key = key
@@ -139,6 +163,7 @@ class SharingService:
         self.transport = transport
         self._clock: Clock = clock or SystemClock()
         self._random = random_bytes
+        self._refusals = RateLimiter(refusal_limit, self._clock)
         self._anchor_checks: dict[bytes, tuple[MemberSet, tuple[int, bytes], tuple[str, ...]]] = {}
         self._last_anchor_proof: tuple[bytes, AnchorProof] | None = None
 
@@ -150,34 +175,47 @@ class SharingService:
 
     # -- holder side ----------------------------------------------------------------
 
-    async def serve(self, op: str, document: Any) -> dict[str, Any]:
-        """Answer a signed peer request for ``op``; every outcome is an access entry.
+    def authenticate(self, document: Any) -> AuthenticatedRequest:
+        """``document`` as a peer request signed by a current member; writes nothing.
 
-        Raises :class:`InvalidInput` (malformed, stale, replayed),
-        :class:`InvalidSignature` (non-member, wrong key, altered body),
-        :class:`ConsentDenied` (consent missing, revoked, expired, out of scope,
-        for another grantee or patient), :class:`NotFound` / ``Gone``.
+        Raises :class:`InvalidInput` (malformed) or :class:`InvalidSignature`
+        (non-member, wrong key, altered body). Nothing about a request that
+        fails here is recorded anywhere: its text is unauthenticated.
         """
+        signed = SignedPeerRequest.from_json(document)
+        signed.verify(self._member.state.members)
+        return AuthenticatedRequest(signed=signed)
+
+    async def serve(self, op: str, authenticated: AuthenticatedRequest) -> dict[str, Any]:
+        """Answer a member's authenticated request for ``op``; every outcome is an access entry.
+
+        The entry holds only what this node derived: the verified reader's
+        member id, the request hash, a consent hash once that consent is found
+        final, the patient's fingerprint from it, a keyed record reference,
+        and a fixed reason (:func:`~medledger.services.access.refusal_reason`).
+        Refusals are recorded within the reader's refusal budget; past it the
+        request is answered :class:`RateLimited` and nothing is written.
+
+        Raises :class:`InvalidInput` (stale, replayed, misaddressed),
+        :class:`ConsentDenied` (consent missing, revoked, expired, out of scope,
+        for another grantee or patient), :class:`NotFound` / ``Gone``,
+        :class:`RateLimited`.
+        """
+        request = authenticated.signed.request
         entry = AccessEntry(
-            reader=_claimed_reader(document),
+            reader=request.reader,
             holder=self.institution,
             patient="",
             consent="",
             resource="",
             outcome=REFUSED,
+            request=request.hash().hex(),
         )
-        verified = False
         try:
-            signed = SignedPeerRequest.from_json(document)
-            request = signed.request
-            entry = _with(entry, consent=request.consent, request=request.hash().hex())
-            if request.op != op:
-                raise InvalidInput(f"a {request.op} request sent to the {op} endpoint")
             if request.holder != self.institution:
-                raise InvalidInput(f"the request is addressed to {request.holder!r}")
-            state = self._member.state
-            signed.verify(state.members)
-            verified = True
+                raise InvalidInput("the request is addressed to another member")
+            if request.op != op:
+                raise InvalidInput("the request was sent to another operation's endpoint")
             now = self._clock.now_ms()
             skew = self._member.genesis.params.max_clock_skew_ms
             if abs(now - request.time_ms) > skew:
@@ -188,7 +226,8 @@ class SharingService:
                 request.reader, request.nonce, request.time_ms, forget_before_ms=now - skew
             )
             consent = self._consent(request)
-            entry = _with(entry, patient=consent.grant.patient)
+            # Only now is the consent hash one this node knows, not just hex the reader chose.
+            entry = _with(entry, consent=request.consent, patient=consent.grant.patient)
             self._authorize(request, consent)
             patient_id = await self.patient_id(consent.grant.patient)
             if patient_id is None:
@@ -198,6 +237,8 @@ class SharingService:
                 answer = self._list(request, consent, patient_id)
             else:
                 rtype, rid, _ = request.target
+                if not is_resource_type(rtype):
+                    raise InvalidInput("the requested resource type is not a FHIR resource type")
                 entry = _with(entry, resource=f"{rtype}:{self._records.record_ref(rtype, rid)}")
                 answer = await self._fetch(request, consent, patient_id)
             self._authorize(request, consent)
@@ -206,10 +247,17 @@ class SharingService:
             self._authorize(request, self._consent(request))
             return answer
         except MedledgerError as exc:
-            await self._access.record(_with(entry, reason=str(exc)[:300]), summarize=verified)
+            wait_ms = self._refusals.spend(request.reader)
+            if wait_ms:
+                raise RateLimited(
+                    "too many refused requests from this member; retry later",
+                    retry_after_ms=wait_ms,
+                ) from None
+            reason = refusal_reason(exc)
+            await self._access.record(_with(entry, reason=reason), summarize=True)
             if isinstance(exc, _NotSubject) and exc.subject:
                 # The refused record's own patient sees the attempt too (decision 0009).
-                await self._access.record(_with(entry, patient=exc.subject, reason=str(exc)))
+                await self._access.record(_with(entry, patient=exc.subject, reason=reason))
             raise
 
     def _consent(self, request: PeerRequest) -> ConsentRecord:
@@ -256,7 +304,7 @@ class SharingService:
         anchor_proof = self._anchor_proof(anchor.tx_hash)
         reader = self._member.state.members.by_id(request.reader)
         if reader is None or not reader.hpke_key:
-            raise ConsentDenied(f"{request.reader} has published no HPKE key")
+            raise ConsentDenied("the reader has published no HPKE key")
         wrapped = seal_to(
             reader.hpke_key,
             sealed.dek,
@@ -308,16 +356,50 @@ class SharingService:
     # -- reader side ----------------------------------------------------------------
 
     def _request(self, op: str, holder: str, consent: str, resource: str) -> SignedPeerRequest:
+        """A signed request to ``holder``, a member with a peer URL; raises before any write.
+
+        What a caller asks for reaches this node's chain only in derived form
+        (see :meth:`_entry`), so a request that names no member, no FHIR type or
+        no well-formed consent is refused here and nothing is recorded.
+        """
         hash_from_hex(consent, "consent")
-        return PeerRequest(
+        member = self._member.state.members.by_id(holder)
+        if member is None or not member.peer_url:
+            raise NotFound("the holder is not a consortium member with a peer URL")
+        request = PeerRequest(
             op=op,
             reader=self.institution,
-            holder=holder,
+            holder=member.id,
             consent=consent,
             resource=resource,
             nonce=self._random(16).hex(),
             time_ms=self._clock.now_ms(),
-        ).sign(self._key)
+        )
+        if op == "fetch" and not is_resource_type(request.target[0]):
+            raise InvalidInput("the requested resource type is not a FHIR resource type")
+        return request.sign(self._key)
+
+    def _entry(self, request: PeerRequest) -> AccessEntry:
+        """The reader's refused-until-proven entry: derived values only.
+
+        The consent hash and its patient appear only when the consent is final
+        on this member's replica; otherwise the hex is the caller's, not a fact.
+        """
+        known = self._member.state.consents.get(bytes.fromhex(request.consent))
+        if request.op == "fetch":
+            rtype, rid, _ = request.target
+            resource = f"{rtype}:{self._records.record_ref(rtype, rid)}"
+        else:
+            resource = "list"
+        return AccessEntry(
+            reader=self.institution,
+            holder=request.holder,
+            patient=known.grant.patient if known is not None else "",
+            consent=request.consent if known is not None else "",
+            resource=resource,
+            outcome=REFUSED,
+            request=request.hash().hex(),
+        )
 
     async def _send(self, op: str, signed: SignedPeerRequest) -> Any:
         holder = self._member.state.members.by_id(signed.request.holder)
@@ -335,15 +417,7 @@ class SharingService:
     async def list(self, holder: str, consent: str) -> list[str]:
         """Resources of the consenting patient at ``holder`` that the consent covers."""
         signed = self._request("list", holder, consent, "")
-        entry = AccessEntry(
-            reader=self.institution,
-            holder=holder,
-            patient=self._consent_patient(consent),
-            consent=consent,
-            resource="list",
-            outcome=REFUSED,
-            request=signed.request.hash().hex(),
-        )
+        entry = self._entry(signed.request)
         try:
             body = await self._send("list", signed)
             entries = body.get("entries") if isinstance(body, dict) else None
@@ -351,7 +425,7 @@ class SharingService:
                 raise IntegrityError(f"{holder} sent a malformed list")
             out = [str(e["resource"]) for e in entries if isinstance(e, dict) and "resource" in e]
         except MedledgerError as exc:
-            await self._access.record(_with(entry, reason=str(exc)[:300]))
+            await self._access.record(_with(entry, reason=refusal_reason(exc)))
             raise
         await self._access.record(_with(entry, outcome=ALLOWED))
         return out
@@ -360,27 +434,15 @@ class SharingService:
         """Fetch ``resource`` (``Type/id[/_history/n]``) from ``holder`` and verify it."""
         signed = self._request("fetch", holder, consent, resource)
         rtype, rid, version = signed.request.target
-        entry = AccessEntry(
-            reader=self.institution,
-            holder=holder,
-            patient=self._consent_patient(consent),
-            consent=consent,
-            resource=f"{rtype}:{self._records.record_ref(rtype, rid)}",
-            outcome=REFUSED,
-            request=signed.request.hash().hex(),
-        )
+        entry = self._entry(signed.request)
         try:
             body = await self._send("fetch", signed)
             shared = self._verify(signed.request, body, rtype, rid, version)
         except MedledgerError as exc:
-            await self._access.record(_with(entry, reason=str(exc)[:300]))
+            await self._access.record(_with(entry, reason=refusal_reason(exc)))
             raise
         await self._access.record(_with(entry, outcome=ALLOWED))
         return shared
-
-    def _consent_patient(self, consent: str) -> str:
-        record = self._member.state.consents.get(bytes.fromhex(consent))
-        return record.grant.patient if record is not None else ""
 
     def _verify(
         self, request: PeerRequest, body: Any, rtype: str, rid: str, version: int | None
@@ -485,14 +547,6 @@ class _NotSubject(ConsentDenied):
         self.subject = subject
 
 
-def _claimed_reader(document: Any) -> str:
-    try:
-        reader = document["request"]["reader"]
-    except (TypeError, KeyError):
-        return "unknown"
-    return reader if isinstance(reader, str) and len(reader) <= 64 else "unknown"
-
-
 def _with(entry: AccessEntry, **changes: Any) -> AccessEntry:
     return replace(entry, **changes)
 
@@ -509,6 +563,8 @@ def _refusal(status: int, body: Any) -> MedledgerError:
         return ConsentDenied(message)
     if status == 401:
         return InvalidSignature(message)
+    if status == 429:
+        return RateLimited(message, retry_after_ms=1_000)
     if status in (404, 410):
         return NotFound(message)
     if status >= 500:
