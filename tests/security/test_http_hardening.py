@@ -199,6 +199,33 @@ def test_a_body_that_never_finishes_is_answered_408_and_closed(node: Node) -> No
     assert answer.startswith(b"HTTP/1.1 408 "), answer
 
 
+def test_a_client_that_hangs_up_mid_body_costs_no_log_line(node: Node) -> None:
+    """Issue #14 item 7: each disconnect logged two error lines (the route's and uvicorn's)."""
+    before = len(node.log_lines())
+    closed_before = _client_closed(node)
+    for _ in range(3):
+        with node.connect() as sock:
+            sock.sendall(
+                b"POST /fhir/Patient HTTP/1.1\r\nHost: node\r\n"
+                + f"Authorization: Bearer {node.token}\r\n".encode()
+                + b"Content-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n"
+                + b'{"resourceType":'
+            )
+    # Each hang-up reaches its route as a disconnect, counted (not logged) as 499.
+    deadline = time.monotonic() + DEADLINE_S
+    while _client_closed(node) < closed_before + 3:
+        assert time.monotonic() < deadline, "the hang-ups were not counted in /metrics"
+        time.sleep(0.05)
+    assert node.log_lines()[before:] == []
+
+
+def _client_closed(node: Node) -> float:
+    text = httpx.get(f"{node.url}/metrics", timeout=10).text
+    prefix = 'medledger_refusals_total{reason="client_closed"} '
+    (line,) = [x for x in text.splitlines() if x.startswith(prefix)]
+    return float(line.removeprefix(prefix))
+
+
 def test_an_idle_keep_alive_connection_is_closed(node: Node) -> None:
     with node.connect() as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: node\r\n\r\n")
