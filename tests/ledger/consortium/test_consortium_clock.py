@@ -8,16 +8,18 @@ within what the honest clocks say, and recover as soon as its clock is fixed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from dataclasses import replace
 
 import pytest
-from consortium_net import MakeNetwork, Network, now_ms, order_messages
+from consortium_net import MakeNetwork, Network, now_ms, order_messages, votes_in_order
 
 from medledger.core.consortium import clock_bytes
-from medledger.core.encoding import parse_canonical
+from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import VerificationError
+from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
@@ -148,3 +150,64 @@ def test_a_block_dated_beyond_its_transactions_fails_verification(network: MakeN
         conn.close()
     with pytest.raises(VerificationError, match=rf"^block {head}: time \d+ is \d+ ms beyond"):
         verify_chain(net.open_store(path), policy=ConsortiumPolicy(net.genesis))
+
+
+def _vote_with_reading(
+    net: Network, header: BlockHeader, voter: str, time_ms: int, *, clock_key: SigningKey
+) -> bytes:
+    """A vote of ``voter`` for ``header`` (validly signed) with a clock reading signed by
+    ``clock_key`` (the voter's own key, or someone else's)."""
+    return canonical_bytes(
+        {
+            "kind": "vote",
+            "header": header.to_json(),
+            "signature": net.keys[voter].sign(header.hash()).to_json(),
+            "time_ms": time_ms,
+            "clock": clock_key.sign(clock_bytes(net.chain_id, header.height, time_ms)).to_json(),
+        }
+    )
+
+
+@pytest.mark.parametrize("signed_by", ["voter", "outsider"])
+def test_clock_readings_count_only_when_the_voter_signed_them(
+    network: MakeNetwork, signed_by: str
+) -> None:
+    """Readings a month ahead for three of four members: forged ones change nothing; real
+    ones (a majority's clocks) move block time, but never more than max_clock_skew_ms past
+    the block's newest transaction."""
+    net = network(4)
+    outsider = SigningKey.generate()
+    ahead = now_ms() + 31 * DAY_MS
+
+    async def scenario(net: Network) -> tuple[int, int]:
+        await net.start("h0", "h1", "h2", "h3")
+        await net.submit_many("h0", [net.access("h0")])
+        height = await net.settle()
+        header = BlockHeader.decode(net.stores["h0"].block(height).header_bytes)
+
+        async def all_voted() -> bool:
+            votes = await votes_in_order(net.orderer)
+            return len({sig.signer for _, h, sig in votes if h.height == height}) == 4
+
+        # Every real vote first, so the readings below are each member's latest.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await all_voted():
+            assert asyncio.get_running_loop().time() < deadline, "not every member voted"
+            await asyncio.sleep(0.005)
+        for voter in ("h1", "h2", "h3"):
+            key = net.keys[voter] if signed_by == "voter" else outsider
+            payload = _vote_with_reading(net, header, voter, ahead, clock_key=key)
+            await net.orderer.publish(f"late-vote-{voter}", payload)
+        tx = net.access("h0")
+        await net.submit_many("h0", [tx])
+        return await net.settle(), tx.time_ms
+
+    last, tx_time = net.run(scenario)
+    times = block_times(net, "h0")
+    assert len(times) == last
+    skew = net.genesis.params.max_clock_skew_ms
+    if signed_by == "outsider":
+        assert times[-1] <= now_ms()
+    else:
+        assert times[-1] == tx_time + skew
+    verify_chain(net.open_store(net.consortium_path("h2")), policy=ConsortiumPolicy(net.genesis))
