@@ -140,8 +140,11 @@ def test_the_trail_is_for_auditors_and_the_patient_only(tmp_path: Path) -> None:
             events = (await auditor.get("/fhir/AuditEvent", params={"patient": fingerprint})).json()
             outcome(await auditor.get("/fhir/AuditEvent"), 400, "by patient")
             outcome(await auditor.get(f"/fhir/{sn.records[1]}"), 403)
-        reads = [e["resource"] for e in events["entry"]]
+        reads = [e["resource"] for e in events["entry"] if e["resource"]["type"]["code"] == "rest"]
         assert reads and all(r["outcome"] == "0" for r in reads)
+        # Besides the reads: the enrollment that bound the patient's key.
+        others = [e["resource"] for e in events["entry"] if e["resource"] not in reads]
+        assert [e["subtype"][0]["code"] for e in others] == ["enrollment"]
         assert {r["agent"][0]["who"]["identifier"]["value"] for r in reads} == {"alpha"}
         assert all(r["agent"][0]["altId"].startswith("clinician:") for r in reads)
         async with client(sn, "alpha", sn.token("alpha", "patient", sn.patient_id)) as me:

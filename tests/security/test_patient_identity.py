@@ -265,6 +265,16 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
     assert announced == ["break-glass re-binding"]
     for trail in (alice_trail, bob_trail, new_trail, rescued):
         assert alice.patient_id not in json.dumps(trail) and bob.patient_id not in json.dumps(trail)
+    # A's patient token now speaks for the rescued key, and its FHIR trail names the break-glass.
+    with _api(h1["url"], alice_token) as alice_api:
+        events = alice_api.get("/fhir/AuditEvent").json()
+    glass_events = [
+        e["resource"]
+        for e in events["entry"]
+        if e["resource"]["subtype"][0]["code"] == "break-glass re-binding"
+    ]
+    assert len(glass_events) == 2  # the consortium's announcement and the private tx
+    assert all(e["purposeOfEvent"][0]["coding"][0]["code"] == "BTG" for e in glass_events)
 
     clinician.close()
     reader.close()

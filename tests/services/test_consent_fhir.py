@@ -19,6 +19,7 @@ from medledger.services.consent_fhir import (
     consent_for_grant,
     consent_resource,
     grant_from_consent,
+    identity_audit_event,
     revocation_for,
     signed_tx_from,
 )
@@ -167,3 +168,40 @@ def test_an_access_entry_is_a_valid_audit_event(outcome: str) -> None:
     assert ("outcomeDesc" in event) == (outcome == "refused")
     values = [e["what"].get("identifier", {}).get("value") for e in event["entity"]]
     assert PATIENT.fingerprint in values and entry["resource"] in values
+
+
+@pytest.mark.parametrize(
+    ("item", "break_glass"),
+    [
+        ({"event": "enrollment", "patient": "aa" * 32, "chain": "private:alpha"}, False),
+        (
+            {
+                "event": "key rotation",
+                "patient": "aa" * 32,
+                "previous": "bb" * 32,
+                "chain": "private:alpha",
+            },
+            False,
+        ),
+        (
+            {
+                "event": "break-glass re-binding",
+                "patient": "aa" * 32,
+                "previous": "bb" * 32,
+                "actor": "admin:0a1b2c3d4e5f",
+                "institution": "alpha",
+                "chain": "consortium:demo",
+            },
+            True,
+        ),
+    ],
+)
+def test_an_identity_event_is_a_valid_audit_event(item: dict[str, Any], break_glass: bool) -> None:
+    event = identity_audit_event(item, tx_hash="12" * 32, time_ms=T0)
+    AuditEvent.model_validate(event)
+    assert event["subtype"][0]["code"] == item["event"]
+    assert event["agent"][0]["who"]["identifier"]["value"] == "alpha"
+    keys = {e["name"]: e["what"]["identifier"]["value"] for e in event["entity"]}
+    assert keys.get("bound key") == "aa" * 32 and keys.get("replaced key") == item.get("previous")
+    assert ("purposeOfEvent" in event) == break_glass
+    assert event["agent"][0].get("altId") == item.get("actor")

@@ -211,7 +211,8 @@ _CONSORTIUM_RESOURCES: list[dict[str, Any]] = [
     },
     {
         "type": "AuditEvent",
-        "documentation": "every read of a patient's records, allowed or refused, from the chains",
+        "documentation": "every read of a patient's records, allowed or refused, and every "
+        "enrollment, key rotation and break-glass re-binding of the patient's key, from the chains",
         "interaction": [{"code": "search-type"}],
         "searchParam": [_PATIENT_KEY_PARAM],
     },

@@ -10,7 +10,8 @@
   ``consent.grant``; answered once the grant is final on the consortium.
   ``PUT /fhir/Consent/{id}`` with ``status: inactive`` and the patient-signed
   ``consent.revoke`` withdraws it. ``GET /fhir/Consent[?patient=]`` lists.
-* ``GET /fhir/AuditEvent?patient=<key fingerprint>`` — the patient's trail.
+* ``GET /fhir/AuditEvent?patient=<key fingerprint>`` — the patient's trail:
+  every read, and every enrollment, key rotation and break-glass re-binding.
 * ``GET /share/{holder}?consent=`` and ``GET /share/{holder}/{type}/{id}?consent=``
   — a clinician's verified cross-institution list and fetch.
 
@@ -43,6 +44,7 @@ from medledger.services.consent_fhir import (
     audit_event,
     consent_resource,
     grant_from_consent,
+    identity_audit_event,
     signed_tx_from,
 )
 from medledger.services.fhir import validate_id
@@ -249,8 +251,10 @@ async def audit_events(
     trail = index.trail(fingerprint)
     events = [
         audit_event(i, tx_hash=i["tx"], time_ms=i["time_ms"], chain=i["chain"])
-        for i in trail
         if i["type"] == "access"
+        else identity_audit_event(i, tx_hash=i["tx"], time_ms=i["time_ms"])
+        for i in trail
+        if i["type"] == "access" or "event" in i
     ]
     return _json(_bundle(events, "/fhir/AuditEvent"))
 

@@ -49,6 +49,20 @@ def audit_trail(scene: Scene, a: NodeApi, fingerprint: str) -> None:
         r = entry["resource"]
         reader = str(r["agent"][0]["who"]["identifier"]["value"])
         actor = str(r["agent"][0].get("altId", "")).split(":")[0]
+        if r["type"]["code"] != "rest":  # an enrollment, key rotation or break-glass
+            rows.append(
+                _TrailRow(
+                    time=r["recorded"],
+                    who=f"{reader} {actor}".strip(),
+                    what=f"{r['subtype'][0]['code']} of the patient's key",
+                    outcome="[green]signed by the patient[/]"
+                    if not actor
+                    else "[red]break-glass[/]",
+                    why="",
+                    chains={str(r["source"]["site"]).split(":")[0]},
+                )
+            )
+            continue
         what = str(r["entity"][0]["what"]["identifier"]["value"]).split(":")[0]
         row = _TrailRow(
             time=r["recorded"],
@@ -83,8 +97,8 @@ def audit_trail(scene: Scene, a: NodeApi, fingerprint: str) -> None:
     scene.why(
         "every read of the patient's records — allowed or refused, by Hospital 1's own "
         "staff or across institutions — is an `access` entry on a chain (cross-institution "
-        "ones on both the holder's private chain and the consortium), and the patient can "
-        "list them all."
+        "ones on both the holder's private chain and the consortium), and so is the "
+        "enrollment that bound the patient's key; the patient can list them all."
     )
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "REVOKE_TX_EXTENSION",
     "audit_event",
     "consent_for_grant",
+    "identity_audit_event",
     "consent_resource",
     "grant_from_consent",
     "revocation_for",
@@ -47,6 +48,8 @@ __all__ = [
 PATIENT_SYSTEM = "urn:medledger:patient"
 MEMBER_SYSTEM = "urn:medledger:member"
 RECORD_SYSTEM = "urn:medledger:record"
+#: ``AuditEvent.subtype`` of identity events: "enrollment", "key rotation", "break-glass re-binding".
+IDENTITY_EVENT_SYSTEM = "urn:medledger:identity-event"
 CONSENT_TX_EXTENSION = "urn:medledger:consent-tx"
 REVOKE_TX_EXTENSION = "urn:medledger:consent-revoke-tx"
 _ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
@@ -249,4 +252,55 @@ def audit_event(entry: dict[str, Any], *, tx_hash: str, time_ms: int, chain: str
         event["entity"].append(
             {"what": {"reference": f"Consent/{entry['consent']}"}, "name": "consent"}
         )
+    return event
+
+
+def identity_audit_event(item: dict[str, Any], *, tx_hash: str, time_ms: int) -> dict[str, Any]:
+    """The FHIR ``AuditEvent`` of an enrollment, key rotation or break-glass re-binding.
+
+    ``item`` is a trail item of an identity tx (``services.trail``): the key
+    bound (``patient``), the key it replaced (``previous``), for break-glass
+    the administrator (``actor``). Typed DICOM 110137 "User Security
+    Attributes Changed"; a break-glass carries purpose ``BTG``. The id is
+    the tx hash.
+    """
+    holder = str(item.get("institution") or str(item.get("chain", "")).removeprefix("private:"))
+    agent: dict[str, Any] = {"who": _member(holder), "requestor": True}
+    if item.get("actor"):
+        agent["altId"] = item["actor"]
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": tx_hash,
+        "type": {
+            "system": "http://dicom.nema.org/resources/ontology/DCM",
+            "code": "110137",
+            "display": "User Security Attributes Changed",
+        },
+        "subtype": [{"system": IDENTITY_EVENT_SYSTEM, "code": str(item.get("event", ""))}],
+        "action": "U",
+        "recorded": _instant(time_ms),
+        "outcome": "0",
+        "agent": [agent],
+        "source": {"site": str(item.get("chain", "")), "observer": _member(holder)},
+        "entity": [
+            {
+                "what": {"identifier": {"system": PATIENT_KEY_SYSTEM, "value": item[key]}},
+                "name": name,
+            }
+            for key, name in (("patient", "bound key"), ("previous", "replaced key"))
+            if item.get(key)
+        ],
+    }
+    if item.get("actor"):
+        event["purposeOfEvent"] = [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                        "code": "BTG",
+                        "display": "break the glass",
+                    }
+                ]
+            }
+        ]
     return event
