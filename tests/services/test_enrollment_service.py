@@ -68,6 +68,10 @@ def test_bindings_are_unique_and_survive_a_restart(root: Path, tmp_path: Path) -
         alice, bob = await new_patient(node, "alice"), await new_patient(node, "bob")
         assert await enroll(node, alice, alice_key) == alice_key.fingerprint
         assert await enroll(node, alice, alice_key) == alice_key.fingerprint  # no-op
+        # ... but only with the key's signature: the public key alone proves nothing.
+        forged = SigningKey.generate().sign(b"anything")
+        with pytest.raises(InvalidSignature):
+            await node.enrollments.enroll(alice, alice_key.public, forged)
         height = node.chain.head.height
         # Finding 2: a clinician re-enrolls Alice to a key the clinician holds.
         with pytest.raises(Conflict, match="already enrolled"):

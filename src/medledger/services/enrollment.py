@@ -170,6 +170,12 @@ class EnrollmentService:
             "patient_key": patient_key.der().hex(),
             "signature": signature.to_json(),
         }
+        # The signature is checked even when nothing would change: a key alone
+        # proves nothing, so it must not be answered as if it were enrolled.
+        EnrollmentEvent.from_tx(
+            Transaction(type=PATIENT_ENROLL, chain=self._chain.chain_id, body=body, time_ms=0),
+            self.institution,
+        )
         async with self._lock:
             table = await self._current()
             bound = table.of_pseudonym(pseudonym)
