@@ -154,10 +154,12 @@ def test_a_connection_that_sends_nothing_is_closed(node: Node) -> None:
 
 
 def test_a_half_sent_head_is_answered_408_and_closed(node: Node) -> None:
+    before = _refusals(node, "timeout")
     with node.connect() as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: node\r\nX-Slow: ")
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert _refusals(node, "timeout") == before + 1
 
 
 def test_a_head_trickled_byte_by_byte_is_cut_off(node: Node) -> None:
@@ -219,11 +221,15 @@ def test_a_client_that_hangs_up_mid_body_costs_no_log_line(node: Node) -> None:
     assert node.log_lines()[before:] == []
 
 
-def _client_closed(node: Node) -> float:
+def _refusals(node: Node, reason: str) -> float:
     text = httpx.get(f"{node.url}/metrics", timeout=10).text
-    prefix = 'medledger_refusals_total{reason="client_closed"} '
+    prefix = f'medledger_refusals_total{{reason="{reason}"}} '
     (line,) = [x for x in text.splitlines() if x.startswith(prefix)]
     return float(line.removeprefix(prefix))
+
+
+def _client_closed(node: Node) -> float:
+    return _refusals(node, "client_closed")
 
 
 def test_an_idle_keep_alive_connection_is_closed(node: Node) -> None:
@@ -235,6 +241,7 @@ def test_an_idle_keep_alive_connection_is_closed(node: Node) -> None:
 
 @pytest.mark.parametrize("size", [64 * 1024, 8 * 1024 * 1024])
 def test_an_oversized_head_is_refused_with_431(node: Node, size: int) -> None:
+    before = _refusals(node, "headers_too_large")
     with node.connect() as sock:
         head = b"GET /healthz HTTP/1.1\r\nHost: node\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
         # The server may close the connection while we are still sending.
@@ -246,6 +253,7 @@ def test_an_oversized_head_is_refused_with_431(node: Node, size: int) -> None:
     else:  # the refusal may be lost to a reset when the rest of 8 MB is in flight
         assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert httpx.get(f"{node.url}/healthz", timeout=10).status_code == 200
+    assert _refusals(node, "headers_too_large") == before + 1
 
 
 def test_a_head_within_the_limit_is_served(node: Node) -> None:

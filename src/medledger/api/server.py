@@ -21,14 +21,16 @@ adds, per connection:
 * **idle timeout** — between requests: uvicorn's ``timeout_keep_alive``.
 
 Nothing here reads the request or application data; the limits are about
-bytes and time only. :func:`server_config` is the one place ``uvicorn.Config``
-is built for a node (``node start``, the tests, the benchmarks).
+bytes and time only. The 408 and 431 answers the protocol writes itself are
+counted in ``/metrics`` with the application's. :func:`server_config` is the
+one place ``uvicorn.Config`` is built for a node (``node start``, the API tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -94,6 +96,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     limits: ClassVar[HttpLimits] = HttpLimits()
+    #: Told the status of each answer written here rather than by the application
+    #: (408 for a late head, 431), so /metrics counts them too.
+    observe: ClassVar[Callable[[int], None] | None] = None
+
+    def _answered(self, status: int) -> None:
+        observe = type(self).observe
+        if observe is not None:
+            observe(status)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -126,6 +136,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         answering = self.cycle is not None and not self.cycle.response_complete
         if not idle and not answering:
             self.transport.write(_TIMEOUT)
+            self._answered(408)
         log.debug("closing a connection whose request head did not arrive in time")
         self.transport.close()
 
@@ -194,6 +205,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             log.debug("refusing a request head larger than %d bytes", self.limits.max_head_bytes)
             self.transport.write(_HEAD_TOO_LARGE)
             self.transport.close()
+            self._answered(431)
 
     def on_message_begin(self) -> None:
         if self._refused:
@@ -234,9 +246,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
 
-def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
-    """A :class:`GuardedHttpToolsProtocol` subclass enforcing ``limits``."""
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+def guarded_protocol(
+    limits: HttpLimits, observe: Callable[[int], None] | None = None
+) -> type[GuardedHttpToolsProtocol]:
+    """A :class:`GuardedHttpToolsProtocol` subclass enforcing ``limits``.
+
+    ``observe`` is called with the status of each answer the protocol writes itself.
+    """
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"limits": limits, "observe": staticmethod(observe) if observe is not None else None},
+    )
 
 
 def server_config(
@@ -254,10 +275,13 @@ def server_config(
     no lifespan (the caller owns the node). ``options`` are passed through.
     """
     limits = limits or HttpLimits()
+    # The node's app counts answers (api.metrics); the protocol's own answers join them.
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    observe = getattr(metrics, "observe_answer", None)
     settings: dict[str, Any] = {
         "host": host,
         "port": port,
-        "http": guarded_protocol(limits),
+        "http": guarded_protocol(limits, observe),
         "ws": "none",
         "timeout_keep_alive": limits.idle_timeout_s,
         "server_header": False,
