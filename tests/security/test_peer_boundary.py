@@ -10,7 +10,7 @@ plays an outsider and a misbehaving member against hospital-1:
   signed by a real member (whose refusal *is* recorded, in derived values);
 * a member's refusals are recorded at a bounded rate, then answered 429;
 * repeated bad bearer tokens are answered 429 with ``Retry-After``, while a
-  valid token keeps working.
+  valid token keeps working, and ``X-Forwarded-For`` does not reset the budget.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from medledger.api.auth import AUTH_FAILURES
 from medledger.config import NodePaths
 from medledger.core.encoding import canonical_bytes
 from medledger.core.keys import SigningKey
@@ -176,3 +177,14 @@ def test_repeated_bad_tokens_get_429_with_retry_after(network: dict[str, Any]) -
         assert outcome["issue"][0]["code"] == "throttled"
         # The legitimate client on the same machine is still served.
         assert client.get("/fhir/Patient", headers=good).status_code == 200
+        # A forwarding header does not buy a fresh address (nor does a fresh token id):
+        # past the budget only its refill (one per interval) gets a 401 through.
+        started, spoofed = time.monotonic(), []
+        for i in range(10):
+            headers = {
+                "Authorization": f"Bearer mlt_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}",
+                "X-Forwarded-For": f"198.51.100.{i + 1}",
+            }
+            spoofed.append(client.get("/fhir/Patient", headers=headers).status_code)
+        refilled = 1 + int((time.monotonic() - started) * 1000 / AUTH_FAILURES.interval_ms)
+        assert set(spoofed) <= {401, 429} and spoofed.count(401) <= refilled, spoofed

@@ -271,7 +271,8 @@ def server_config(
     """The uvicorn configuration a node is served with.
 
     httptools with :class:`GuardedHttpToolsProtocol`; no ``Server`` banner; no
-    access log (paths and queries can carry identifiers); no WebSocket upgrade;
+    forwarding headers (the client is the TCP peer); no access log (paths and
+    queries can carry identifiers); no WebSocket upgrade;
     no lifespan (the caller owns the node). ``options`` are passed through.
     """
     limits = limits or HttpLimits()
@@ -285,6 +286,10 @@ def server_config(
         "ws": "none",
         "timeout_keep_alive": limits.idle_timeout_s,
         "server_header": False,
+        # The client address keys the failed-authentication budget (api.auth): it is the
+        # TCP peer's, never what an X-Forwarded-For header claims (uvicorn trusts those
+        # from 127.0.0.1 by default, which would let any local process pick its address).
+        "proxy_headers": False,
         "access_log": False,
         "log_level": "warning",
         "lifespan": "off",
