@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from medledger.core.consortium import Member
 from medledger.core.encoding import canonical_bytes
-from medledger.core.errors import ConsentDenied, IntegrityError, InvalidInput
+from medledger.core.errors import ConsentDenied, IntegrityError, InvalidInput, NotFound
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
 from medledger.core.peer import PeerRequest
@@ -242,9 +242,25 @@ def test_request_text_never_reaches_a_chain(tmp_path: Path) -> None:
     requests write nothing; a member's refusal writes an entry of derived values only."""
 
     async def story(sn: SharingNet) -> None:
+        # The reader side first: what a clinician names reaches beta's chain only as derived
+        # values. No member, no FHIR type: refused before anything is written.
+        beta, phi = sharing(sn, "beta"), "Jane Roe 1961-04-12 carcinoma"
+        before = len(access_entries(sn, "beta"))
+        with pytest.raises(NotFound):
+            await beta.fetch(phi, "00" * 32, observation(sn))
+        with pytest.raises(InvalidInput):
+            await beta.fetch("alpha", "00" * 32, "JaneRoeCarcinoma/x")
+        assert len(access_entries(sn, "beta")) == before
+        # Hex the caller chose is not a consent this member knows: not recorded as one.
+        chosen = phi.encode().ljust(32, b"!").hex()
+        with pytest.raises(ConsentDenied):
+            await beta.fetch("alpha", chosen, observation(sn))
+        assert [e["consent"] for e in access_entries(sn, "beta")[before:]] == [""]
+        assert access_entries(sn, "alpha")[-1]["consent"] == ""
+
         loop = asyncio.get_running_loop()
         beta_key, outsider = sn.node("beta").keystore.signing_key(), SigningKey.generate()
-        sent: list[str] = []
+        sent: list[str] = [phi, chosen]
 
         @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
         @given(
@@ -282,7 +298,11 @@ def test_request_text_never_reaches_a_chain(tmp_path: Path) -> None:
         chains = json.dumps(
             [
                 Transaction.decode(data).to_json()
-                for store in (sn.node("alpha").store, sn.node("alpha").consortium_store)
+                for store in (
+                    sn.node("alpha").store,
+                    sn.node("alpha").consortium_store,
+                    sn.node("beta").store,
+                )
                 for block in store.iter_blocks(0)  # type: ignore[union-attr]
                 for data in block.tx_data
             ],
