@@ -6,6 +6,7 @@ import asyncio
 import calendar
 import itertools
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import date, timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from medledger.core.errors import InvalidInput
 from medledger.node import Node, init_node, open_node
+from medledger.services.records import RecordsService
 from medledger.services.search import (
     MAX_ALTERNATIVES,
     MAX_PREFIX_CHARS,
@@ -609,23 +611,41 @@ def _token_rows(node_root: Path) -> int:
         conn.close()
 
 
-def test_long_and_wordy_names_through_a_node(tmp_path: Path) -> None:
+def test_long_and_wordy_names_through_a_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through the records service: a 30,000-character name is stored with a bounded
-    number of token rows and found by its prefix; a resource of too many terms is
-    refused and writes nothing (no version, no token, no blob)."""
+    number of token rows, off the event loop's thread, and found by its prefix; a
+    resource of too many terms is refused and writes nothing (no version, no token,
+    no blob)."""
     node_root = tmp_path / "node"
     init_node(node_root, name="Long Names", passphrase=PW, kdf=KdfParams(n=2**12))
     long_patient = patient("long", LONG_WORD, ["Ann"], "1990-01-01", "female", ("urn:mrn", "L1"))
+    # Which thread tokenizes and seals each resource (the real work still runs).
+    sealing_threads: dict[str, int] = {}
+    real = RecordsService._tokens_and_blob
+
+    def recording(self: RecordsService, resource: dict[str, Any], *args: Any) -> Any:
+        sealing_threads[str(resource["id"])] = threading.get_ident()
+        return real(self, resource, *args)
+
+    monkeypatch.setattr(RecordsService, "_tokens_and_blob", recording)
 
     async def go(node: Node) -> tuple[set[str], set[str]]:
+        await node.records.update("Patient", "short", {**PATIENTS[1], "id": "short"})
         await node.records.update("Patient", "long", long_patient)
         found = {s.id for s in await node.records.search("Patient", {"name": [LONG_WORD[:5]]})}
         exact = {s.id for s in await node.records.search("Patient", {"family": [LONG_WORD]})}
         return found, exact
 
     assert run(node_root, go) == ({"long"}, {"long"})
+    # asyncio.run runs the loop on this thread: small resources stay on it, large ones not.
+    assert sealing_threads["short"] == threading.get_ident()
+    assert sealing_threads["long"] != threading.get_ident()
     rows = _token_rows(node_root)
-    assert rows < 2 * MAX_PREFIX_CHARS + 20
+    long_terms = len(resource_terms(long_patient))
+    assert long_terms < 2 * MAX_PREFIX_CHARS + 20
+    assert rows == long_terms + len(resource_terms({**PATIENTS[1], "id": "short"}))
     blobs = sorted(p.name for p in (node_root / "blobs").rglob("*") if p.is_file())
 
     async def refused(node: Node) -> set[str]:
