@@ -48,11 +48,12 @@ def test_a_dying_task_is_reported_logged_and_restarted(caplog: pytest.LogCapture
 
     caplog.set_level(logging.INFO, logger="medledger.ledger.supervision")
     first, after = asyncio.run(main())
-    assert first is not None and "OrderingError: stream gone" in first and "restarting" in first
+    assert first is not None and "OrderingError" in first and "restarting" in first
+    assert "stream gone" not in first  # the text goes to the log only
     assert after is None
     deaths = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(deaths) == 2 and deaths[0].exc_info is not None
-    assert "worker" in deaths[0].getMessage()
+    assert "worker" in deaths[0].getMessage() and "stream gone" in deaths[0].getMessage()
 
 
 def test_a_task_that_may_not_restart_stays_dead_and_says_so() -> None:
@@ -73,7 +74,7 @@ def test_a_task_that_may_not_restart_stays_dead_and_says_so() -> None:
             await task.close()
 
     problem = asyncio.run(main())
-    assert problem is not None and "RuntimeError: half applied" in problem
+    assert problem is not None and "RuntimeError" in problem
     assert "not restarted" in problem
     assert runs == [1]
 

@@ -398,7 +398,7 @@ class PrivateChain:
         exc = task.exception()
         if exc is None:
             return "sequencer ended (not restarted: restart the node)"
-        return f"sequencer died: {type(exc).__name__}: {exc} (not restarted: restart the node)"
+        return f"sequencer died: {type(exc).__name__} (not restarted: restart the node)"
 
     async def close(self) -> None:
         """Stop accepting writes, commit everything queued, stop the sequencer."""

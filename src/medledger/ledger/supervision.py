@@ -14,6 +14,9 @@ while it had stopped following the consortium. Here:
   (fine) or one line saying what is wrong. ``/readyz`` answers 503 and names
   every failing check; components add their own checks without the API
   knowing about them.
+
+``/readyz`` is unauthenticated, so a check's line names the exception's type
+only: its text (server addresses, paths) goes to the log, not to the caller.
 """
 
 from __future__ import annotations
@@ -129,16 +132,17 @@ class SupervisedTask:
                 if loop.time() - started >= self._backoff_max:
                     delay = self._backoff_min  # it ran a good while: a fresh failure
                 restart = self._restart_if(exc)
-                what = f"died: {type(exc).__name__}: {exc}"
+                what = f"died: {type(exc).__name__}"
                 self._problem = (
                     f"{what} (restarting in {delay:.1f} s)"
                     if restart
                     else f"{what} (not restarted: restart the node)"
                 )
                 log.error(
-                    "background task %s %s",
+                    "background task %s %s: %s",
                     self.name,
                     self._problem,
+                    exc,
                     exc_info=exc,
                     extra={"fields": {"task": self.name, "deaths": self.deaths}},
                 )

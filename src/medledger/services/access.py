@@ -216,10 +216,8 @@ class AccessLog:
             return
         # The next summarized read starts a new reporter; until one finishes,
         # the node is not ready (its consortium access trail is falling behind).
-        self._reporter_died = (
-            f"died: {type(exc).__name__}: {exc} ({len(self._unreported)} unreported)"
-        )
-        log.error("access summary reporter %s", self._reporter_died, exc_info=exc)
+        self._reporter_died = f"died: {type(exc).__name__} ({len(self._unreported)} unreported)"
+        log.error("access summary reporter %s: %s", self._reporter_died, exc, exc_info=exc)
 
     def problem(self) -> str | None:
         """Health check: why the last access-summary reporter died, until one succeeds."""
