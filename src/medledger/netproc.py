@@ -149,9 +149,21 @@ def _launch(
             )
         except OSError as exc:
             raise NetworkError(f"cannot start {argv[0]}: {exc}") from None
-    stat = _proc_stat(proc.pid)
-    record = PidRecord(pid=proc.pid, start_ticks=stat[1] if stat else -1, argv=tuple(argv))
-    record.save(pid_file)
+    try:
+        stat = _proc_stat(proc.pid)
+        record = PidRecord(pid=proc.pid, start_ticks=stat[1] if stat else -1, argv=tuple(argv))
+        record.save(pid_file)
+    except BaseException as exc:
+        # Without its PID record `network down` could never stop it: stop it now
+        # (our own child, so its PID cannot have been reused before the wait).
+        proc.kill()
+        proc.wait()
+        if isinstance(exc, OSError):
+            raise NetworkError(
+                f"cannot record the PID of {argv[0]} in {pid_file} ({exc.strerror or exc});"
+                " stopped it"
+            ) from None
+        raise
     return record
 
 
