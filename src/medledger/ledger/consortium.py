@@ -58,6 +58,7 @@ from medledger.core.errors import (
     InvalidInput,
     MedledgerError,
     OrderingError,
+    StorageError,
     VerificationError,
 )
 from medledger.core.hashing import ZERO_HASH, sha256
@@ -193,6 +194,7 @@ class ConsortiumMember:
         self._monotonic = monotonic or time.monotonic
         self._evidence_path = evidence_path
         self._background: set[asyncio.Task[None]] = set()
+        self._store_retry: asyncio.Task[None] | None = None
         self.chain_id = genesis.chain_id
         # Tip (cut, maybe not final) and committed (final, stored) positions.
         first = genesis_block(genesis)
@@ -586,7 +588,11 @@ class ConsortiumMember:
             if len(good) < cut.members.quorum:
                 return
             if height > self._stored_height:
-                self._store.append_block(replace(cut.block, signatures=tuple(good)))
+                try:
+                    self._store.append_block(replace(cut.block, signatures=tuple(good)))
+                except StorageError as exc:
+                    self._retry_store(height, exc)
+                    return
                 self._stored_height = height
             self._final_height = height
             self._final_state = cut.state
@@ -600,6 +606,32 @@ class ConsortiumMember:
                     fut.set_result(Receipt(height=height, index=first + i, tx_hash=tx_hash))
             self._final_event.set()
             self._final_event = asyncio.Event()
+
+    def _retry_store(self, height: int, exc: StorageError) -> None:
+        """Store final block ``height`` again until it sticks (e.g. after a disk-full period).
+
+        Every vote for it may already be consumed, so no later message needs to
+        arrive: without this the member stayed a block behind (and its view of
+        anchors with it, so its own anchors were refused) until the next write.
+        """
+        if self._store_retry is not None and not self._store_retry.done():
+            return
+        log.warning("final block %d could not be stored, retrying: %s", height, exc)
+
+        async def retry() -> None:
+            delay = 0.05
+            while self._final_height < height:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                try:
+                    self._try_finalize()
+                except MedledgerError as error:
+                    log.warning("final block %d still not stored: %s", height, error)
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._store_retry = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _cut_timer(self) -> None:
         period = self.genesis.params.cut_after_ms / 1000

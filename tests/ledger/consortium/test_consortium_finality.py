@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import pytest
 from consortium_net import (
@@ -16,7 +17,7 @@ from consortium_net import (
 )
 
 from medledger.core.consortium import ConsortiumParams, MemberSet
-from medledger.core.errors import NotFound
+from medledger.core.errors import NotFound, StorageError
 from medledger.core.models import BlockHeader
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
@@ -278,3 +279,37 @@ def test_crashed_member_rejoins_on_a_fresh_store(network: MakeNetwork) -> None:
     assert head is not None
     assert_identical_chains(net, stores, head.height)
     verify_chain(stores["h2"], policy=ConsortiumPolicy(net.genesis))
+
+
+def test_a_member_whose_store_failed_catches_up_without_another_write(
+    network: MakeNetwork,
+) -> None:
+    """Disk full while a final block was stored: once the disk is back, the member stores
+    it on its own. (It used to wait for the next block's votes, one block behind, with a
+    stale view of anchors that made its own anchors be refused.)"""
+    net = network(4)
+
+    async def scenario(net: Network) -> None:
+        await net.start("h0", "h1", "h2", "h3")
+        store = net.stores["h3"]
+        real_append = store.append_block
+        failures: list[int] = []
+
+        def disk_full(block: Any) -> None:
+            failures.append(block.header.height)
+            raise StorageError(f"{store.path}: database or disk is full")
+
+        store.append_block = disk_full  # type: ignore[method-assign]
+        await net.submit_many("h0", [net.access("h0")])
+        final = net.members["h0"].final_height
+        await wait_until(lambda: len(failures) >= 1, "h3's store to fail")
+        assert net.members["h3"].final_height < final
+        store.append_block = real_append  # type: ignore[method-assign]
+        await wait_until(
+            lambda: net.members["h3"].final_height == final, "h3 to store the final block"
+        )
+        head = store.head()
+        assert head is not None and head.height == final
+        assert head.block_hash == net.stores["h0"].block_hash(final)
+
+    net.run(scenario)
