@@ -24,11 +24,13 @@ from medledger.config import (
     load_config,
 )
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
-from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, StorageError
 from medledger.core.passphrase import check_new_passphrase
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.clock import Clock
 from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium_rules import AnchorRecord
+from medledger.ledger.integrity import check_private_store, last_anchor
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.ledger.supervision import Health
@@ -56,6 +58,7 @@ __all__ = [
     "open_consortium_chain",
     "open_node",
     "open_orderer",
+    "own_last_anchor",
     "write_genesis",
 ]
 
@@ -89,8 +92,15 @@ class Node:
     health: Health = field(default_factory=Health)
 
     def __post_init__(self) -> None:
+        self.health.add("private-chain-store", self._chain_store_problem)
         self.health.add("private-sequencer", self.chain.problem)
         self.health.add("access-summaries", lambda: self.access.problem())
+
+    def _chain_store_problem(self) -> str | None:
+        # Unauthenticated /readyz shows this: no paths, and the repair pointer.
+        if self.store.damage() is None:
+            return None
+        return "the private chain store reported corruption; see docs/reliability.md, 'Repair'"
 
     @property
     def consortium_store(self) -> ChainStore | None:
@@ -398,17 +408,59 @@ def open_chain(root: Path) -> tuple[NodeConfig, ChainStore]:
     )
 
 
+def own_last_anchor(config: NodeConfig, paths: NodePaths) -> AnchorRecord | None:
+    """The node's own newest anchor in its copy of the final consortium chain, if any."""
+    if not paths.genesis.exists():
+        return None
+    genesis = load_genesis(paths.genesis)
+    target = _store_target(config.storage, paths.consortium_db)
+    if config.storage.store == "sqlite" and not paths.consortium_db.exists():
+        return None
+    try:
+        store = factory.open_chain_store(
+            config.storage.store, target, genesis.chain_id, schema=_schema(config, "consortium")
+        )
+    except NotFound:
+        return None  # never joined: nothing anchored here
+    try:
+        return last_anchor(store, config.institution)
+    finally:
+        store.close()
+
+
+def _close_unused(index: RecordIndex) -> None:
+    """Close an index nothing was written to (outside any event loop's schedule).
+
+    Its group committer never started, so ``close`` completes without suspending.
+    """
+    closing = index.close()
+    try:
+        closing.send(None)
+    except StopIteration:
+        return
+    closing.close()
+    raise StorageError("the record index could not be closed")
+
+
 def open_node(
     root: Path,
     passphrase: bytes,
     *,
     clock: Clock | None = None,
     validation_workers: int | None = None,
+    full_check: bool = False,
 ) -> Node:
-    """Unlock the keystore and open the chain for writing.
+    """Unlock the keystore, check the stores, and open the chain for writing.
 
     ``validation_workers``: processes that validate FHIR input beside the event
     loop (default: ``MEDLEDGER_VALIDATION_WORKERS`` or 0, i.e. inline).
+
+    Before anything can write, the chain store passes the start-up check of
+    :func:`medledger.ledger.integrity.check_private_store` (``full_check``:
+    every block, not only the newest): backend structure, not behind what the
+    record index saw durable, newest blocks intact, and holding what the
+    node's own last final anchor published. Otherwise :class:`DamagedStore`
+    is raised and nothing is changed.
     """
     config = load_config(root)
     paths = NodePaths(root=root)
@@ -424,9 +476,6 @@ def open_node(
         schema=_schema(config, "chain"),
     )
     try:
-        chain = PrivateChain(
-            store, key, proposer=config.institution, config=config.sequencer, clock=clock
-        )
         index = factory.open_record_index(
             storage.store,
             _store_target(storage, paths.records_db),
@@ -434,6 +483,21 @@ def open_node(
         )
     except BaseException:
         store.close()
+        raise
+    try:
+        check_private_store(
+            store,
+            key=key.public,
+            indexed_height=index.max_chain_base(),
+            anchor=own_last_anchor(config, paths),
+            full=full_check,
+        )
+        chain = PrivateChain(
+            store, key, proposer=config.institution, config=config.sequencer, clock=clock
+        )
+    except BaseException:
+        store.close()
+        _close_unused(index)
         raise
     try:
         blobs = factory.open_blob_store(
@@ -445,6 +509,7 @@ def open_node(
         )
     except BaseException:
         store.close()
+        _close_unused(index)
         raise
     records = RecordsService(
         institution=config.institution,

@@ -366,6 +366,12 @@ class FlakyStore:
     def head_header_bytes(self) -> bytes | None:
         return self.inner.head_header_bytes()
 
+    def check_storage(self) -> None:
+        self.inner.check_storage()
+
+    def damage(self) -> str | None:
+        return self.inner.damage()
+
     def block(self, height: int) -> StoredBlock:
         return self.inner.block(height)
 

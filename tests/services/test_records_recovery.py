@@ -9,13 +9,17 @@ answer as if version 2 never happened: it was never acknowledged.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from node_files import blob_names
+import pytest
+from node_files import blob_names, node_state
 
+from medledger.core.errors import DamagedStore, StorageError
 from medledger.ledger.verify import verify_chain
 from medledger.node import init_node, open_chain, open_node
 from medledger.services.synthetic import generate_patient
@@ -23,6 +27,7 @@ from medledger.storage.keystore import KdfParams
 
 PW = b"records test passphrase"
 PATIENT = generate_patient(0, seed=5, resources_per_patient=0).patient
+GENDERS = ("male", "female", "other")
 
 CHILD = textwrap.dedent(
     """
@@ -48,8 +53,6 @@ CHILD = textwrap.dedent(
 
 
 def test_an_unacknowledged_version_is_taken_back_after_a_crash(tmp_path: Path) -> None:
-    import json
-
     root = tmp_path / "node"
     init_node(root, name="Crash Test", passphrase=PW, kdf=KdfParams(n=2**12))
     child = subprocess.run(
@@ -91,3 +94,180 @@ def test_an_unacknowledged_version_is_taken_back_after_a_crash(tmp_path: Path) -
         verify_chain(store, expected_key=config.signing_key)
     finally:
         store.close()
+
+
+# -- recovery that does not depend on clocks, and never deletes on a damaged chain ----------
+
+EXCURSION_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from pathlib import Path
+    from medledger.node import open_node
+
+    class JumpingClock:
+        offset = 0
+        def now_ms(self):
+            import time
+            return time.time_ns() // 1_000_000 + self.offset
+
+    async def main(root, first, second):
+        clock = JumpingClock()
+        node = open_node(Path(root), b"pw", clock=clock)
+        clock.offset = 24 * 3600 * 1000  # the clock jumps a day ahead for one write ...
+        await node.records.update("Patient", first["id"], first)
+        clock.offset = 0  # ... and back: block times stay pinned at the excursion
+        await node.records.update("Patient", second["id"], second)
+        print("acked", flush=True)
+
+        async def crash(txs):
+            os._exit(17)
+
+        node.records._chain.submit_many = crash
+        await node.records.update("Patient", second["id"], dict(second, gender="unknown"))
+
+    asyncio.run(main(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])))
+    """
+)
+
+
+def _crash_child(root: Path, script: str, *args: str) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(root), *args],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 17, child.stderr.decode()
+    assert b"acked" in child.stdout
+
+
+def test_recovery_after_a_clock_excursion_still_takes_back_the_orphan(tmp_path: Path) -> None:
+    """Old code looked only at rows newer than head time - 10 min; after a clock jump
+    forward the orphan was older than that window, stayed, and reads answered 500."""
+    root = tmp_path / "node"
+    init_node(root, name="Clock Test", passphrase=PW, kdf=KdfParams(n=2**12))
+    first, second = (generate_patient(i, seed=7, resources_per_patient=0).patient for i in range(2))
+    _crash_child(root, EXCURSION_CHILD, json.dumps(first), json.dumps(second))
+
+    async def reopen() -> None:
+        node = open_node(root, PW)
+        try:
+            assert [r.version for r in node.index.history("Patient", second["id"])] == [2, 1]
+            stored = await node.records.read("Patient", second["id"])
+            assert stored.version == 1 and stored.resource()["gender"] == second["gender"]
+            assert [r.version for r in node.index.history("Patient", second["id"])] == [1]
+        finally:
+            await node.close()
+
+    asyncio.run(reopen())
+    assert len(blob_names(root)) == 2  # the orphan's blob went; both acked blobs stayed
+
+
+def _tamper_record_put(root: Path, *, version: int) -> None:
+    """Change one hex digit of the blob hash in a committed ``record.put`` (version ``version``)."""
+    conn = sqlite3.connect(root / "chain.db")
+    try:
+        for idx, data in conn.execute("SELECT idx, data FROM txs ORDER BY idx"):
+            tx = json.loads(bytes(data))
+            if tx["type"] == "record.put" and tx["body"]["version"] == version:
+                blob = tx["body"]["blob"]
+                changed = bytes(data).replace(
+                    blob.encode(), (("0" if blob[0] != "0" else "1") + blob[1:]).encode()
+                )
+                conn.execute("UPDATE txs SET data = ? WHERE idx = ?", (changed, idx))
+                conn.commit()
+                return
+    finally:
+        conn.close()
+    raise AssertionError("no record.put to tamper with")
+
+
+def test_a_damaged_chain_is_refused_at_open_and_nothing_is_taken_back(tmp_path: Path) -> None:
+    """Old code: the changed tx no longer matched its hash, recovery 'took back' the
+    committed version (row and blob deleted) and the record answered 404."""
+    root = tmp_path / "node"
+    init_node(root, name="Tamper Test", passphrase=PW, kdf=KdfParams(n=2**12))
+
+    async def write() -> None:
+        node = open_node(root, PW)
+        try:
+            await node.records.update("Patient", PATIENT["id"], PATIENT)
+            # A crash-like orphan: indexed, never committed, mark not advanced.
+            node.records._chain.submit_many = _never_commits  # type: ignore[method-assign]
+            with pytest.raises(StorageError):
+                await node.records.update("Patient", PATIENT["id"], dict(PATIENT, gender="other"))
+        finally:
+            await node.close()
+
+    asyncio.run(write())
+    _tamper_record_put(root, version=1)
+    before = node_state(root)
+    with pytest.raises(DamagedStore, match=r"block 1: .*tx_root.*docs/reliability\.md"):
+        open_node(root, PW)
+    assert node_state(root) == before  # the row, its tokens and its blob are all still there
+
+
+async def _never_commits(*args: object) -> None:
+    raise StorageError("disk full")
+
+
+def test_a_chain_behind_the_index_is_refused(tmp_path: Path) -> None:
+    """Versions indexed on a height the chain no longer has: committed blocks were lost."""
+    root = tmp_path / "node"
+    init_node(root, name="Behind Test", passphrase=PW, kdf=KdfParams(n=2**12))
+
+    async def write() -> None:
+        node = open_node(root, PW)
+        try:
+            for i in range(3):
+                await node.records.update(
+                    "Patient", PATIENT["id"], dict(PATIENT, gender=GENDERS[i])
+                )
+        finally:
+            await node.close()
+
+    asyncio.run(write())
+    conn = sqlite3.connect(root / "chain.db")
+    try:  # as a lost WAL would: the newest blocks are gone
+        first = conn.execute("SELECT first_index FROM blocks WHERE height = 2").fetchone()[0]
+        conn.execute("DELETE FROM blocks WHERE height >= 2")
+        conn.execute("DELETE FROM txs WHERE idx >= ?", (first,))
+        conn.commit()
+    finally:
+        conn.close()
+    before = node_state(root)
+    with pytest.raises(DamagedStore, match=r"ends at height 1.*acknowledged blocks were lost"):
+        open_node(root, PW)
+    assert node_state(root) == before
+
+
+def test_a_failed_take_back_is_retried_before_the_next_write(tmp_path: Path) -> None:
+    """A commit and its take-back both failing (disk full) leaves an orphan row; the next
+    write takes it back first instead of building version 3 over it."""
+    root = tmp_path / "node"
+    init_node(root, name="Stuck Test", passphrase=PW, kdf=KdfParams(n=2**12))
+
+    async def go() -> None:
+        node = open_node(root, PW)
+        try:
+            await node.records.update("Patient", PATIENT["id"], PATIENT)
+            chain_submit = node.records._chain.submit_many
+            index_remove = node.index.remove_version
+            node.records._chain.submit_many = _never_commits  # type: ignore[method-assign]
+            node.index.remove_version = _never_commits  # type: ignore[assignment,method-assign]
+            with pytest.raises(StorageError):
+                await node.records.update("Patient", PATIENT["id"], dict(PATIENT, gender="other"))
+            assert [r.version for r in node.index.history("Patient", PATIENT["id"])] == [2, 1]
+            node.records._chain.submit_many = chain_submit  # type: ignore[method-assign]
+            node.index.remove_version = index_remove  # type: ignore[method-assign]
+            written, _ = await node.records.update(
+                "Patient", PATIENT["id"], dict(PATIENT, gender="unknown")
+            )
+            assert written.version == 2
+            assert (await node.records.read("Patient", PATIENT["id"])).resource()[
+                "gender"
+            ] == "unknown"
+        finally:
+            await node.close()
+
+    asyncio.run(go())

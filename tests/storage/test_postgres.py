@@ -11,12 +11,14 @@ import asyncio
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -548,6 +550,55 @@ def test_index_put_latest_history(open_index: IndexFactory) -> None:
         # Durable across a reopen.
         async with opened(open_index) as index:
             assert index.latest("Observation", "o1") == row("o1", 3, t=101)
+
+    asyncio.run(go())
+
+
+def test_index_keeps_chain_bases_and_the_recovery_mark(open_index: IndexFactory) -> None:
+    """Crash recovery finds unsettled versions by chain height, never by wall clock."""
+
+    async def go() -> None:
+        async with opened(open_index) as index:
+            assert index.max_chain_base() is None and index.recovery_mark() == 0
+            await index.put_version(row("legacy", 1), set())  # chain_base unknown
+            for i, base in enumerate([4, 9, 7]):
+                await index.put_version(replace(row(f"b{i}", 1), chain_base=base), set())
+            assert index.max_chain_base() == 9
+            assert [(r.id, r.chain_base) for r in index.unsettled(7)] == [("b2", 7), ("b1", 9)]
+            assert [r.id for r in index.unsettled(0)] == ["b0", "b2", "b1"]  # never legacy
+            await index.set_recovery_mark(8)
+            await index.set_recovery_mark(9)
+        async with opened(open_index) as index:  # durable across a reopen
+            assert index.recovery_mark() == 9
+            assert index.get_version("Observation", "b1", 1) == replace(row("b1", 1), chain_base=9)
+
+    asyncio.run(go())
+
+
+def test_sqlite_index_of_an_older_release_gains_the_chain_base_column(tmp_path: Path) -> None:
+    path = tmp_path / "records.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE versions (rtype TEXT NOT NULL, rid TEXT NOT NULL, version INTEGER NOT NULL,"
+        " blob_hash BLOB NOT NULL, wrapped_dek BLOB, kek_id TEXT, patient TEXT,"
+        " updated_ms INTEGER NOT NULL, tx_hash BLOB NOT NULL, erased INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (rtype, rid, version)) WITHOUT ROWID;"
+        "CREATE TABLE tokens (token BLOB NOT NULL, rtype TEXT NOT NULL, rid TEXT NOT NULL);"
+        "INSERT INTO versions VALUES ('Observation', 'old', 1, x'00', x'01', 'k1', 'p1', 5, x'02', 0);"
+    )
+    conn.close()
+
+    async def go() -> None:
+        index = SqliteRecordIndex(path)
+        try:
+            assert index.latest("Observation", "old") is not None
+            assert index.latest("Observation", "old").chain_base is None  # type: ignore[union-attr]
+            await index.put_version(replace(row("new", 1), chain_base=3), set())
+            assert index.max_chain_base() == 3
+        finally:
+            await index.close()
 
     asyncio.run(go())
 

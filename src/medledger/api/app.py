@@ -8,6 +8,7 @@ as plain HTML at ``/docs`` (``api.headers``: no scripts, nothing from a CDN).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,6 +22,7 @@ from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
 from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
+from medledger.core.errors import MedledgerError
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.node import Node
 from medledger.services.ratelimit import RateLimit
@@ -112,6 +114,12 @@ def create_app(
         if ready is not None and not ready():
             body["status"] = "catching up"
         problems = node.health.problems()
+        # A chain store that cannot even answer its head cannot serve (off the loop:
+        # a damaged or stalled disk must not stall every other request).
+        try:
+            await asyncio.to_thread(node.store.head_header_bytes)
+        except MedledgerError:
+            problems["private-chain-store"] = "the private chain store cannot be read"
         if problems:
             body["status"] = "unhealthy"
             body["problems"] = problems

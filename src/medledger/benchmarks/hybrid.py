@@ -302,6 +302,8 @@ class BenchNetwork:
             blobs=blobs,
             keys=InstitutionKeys(node.keystore),
             sign_tx=commit.sign,
+            # The node's own service recovers this index against the private chain.
+            crash_recovery=False,
         )
 
     async def write(self, i: int, resource: dict[str, Any], due: float, step: Step | None) -> None:

@@ -11,17 +11,18 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from medledger.cli.common import PASSPHRASE_ENV, dir_option, emit, read_passphrase
+from medledger.core.errors import DamagedStore
 from medledger.storage.tokens import ROLES, TokenStore
 
 if TYPE_CHECKING:
-    pass
+    from medledger.node import Node
 
 __all__ = ["JsonLogFormatter", "start", "token"]
 
@@ -98,6 +99,34 @@ def _structured_logging() -> None:
         logging.getLogger(name).propagate = True
 
 
+async def _check_own_anchor(
+    node: Node,
+    caught_up: Callable[[], bool],
+    refuse: Callable[[DamagedStore], None],
+    checked: list[bool],
+) -> None:
+    """Once the member has caught up, check the chain against the node's own final anchor.
+
+    The check at open used the node's copy of the consortium chain, which may itself
+    have been behind (lost or rebuilt); the ordered stream has the last word. A chain
+    behind it lost acknowledged blocks: ``refuse`` stops the node before it extends a
+    history the consortium would never accept.
+    """
+    from medledger.ledger.integrity import check_against_anchor
+
+    while not caught_up():
+        await asyncio.sleep(0.05)
+    member = node.consortium
+    own = member.state.anchors.get(node.config.institution) if member is not None else None
+    if own is not None:
+        try:
+            await asyncio.to_thread(check_against_anchor, node.store, own)
+        except DamagedStore as exc:
+            refuse(exc)
+            return
+    checked.append(True)
+
+
 @click.command("start")
 @dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -130,6 +159,11 @@ def _structured_logging() -> None:
     show_default=True,
     help="Largest request line plus headers accepted (larger: 431).",
 )
+@click.option(
+    "--full-check",
+    is_flag=True,
+    help="Re-derive every block of the private chain at start (default: the newest ones).",
+)
 def start(
     root: Path,
     host: str,
@@ -138,6 +172,7 @@ def start(
     body_timeout: float,
     idle_timeout: int,
     max_head_bytes: int,
+    full_check: bool,
 ) -> None:
     """Serve the node's FHIR API (/fhir), chain API (/chain), OpenAPI (/docs), /metrics.
 
@@ -146,6 +181,12 @@ def start(
     chain; /readyz answers 503 until it has caught up with the ordered stream.
     Logs are JSON lines on stderr. Connections that do not send their request
     in time are closed (408); oversized request heads are refused (431).
+
+    The node refuses to start (exit 1, one ``error:`` line) when its chain
+    store fails the start-up check: damaged, or behind what the record index
+    or its own final anchor saw committed (docs/reliability.md, "Repair").
+    Once caught up with the consortium it checks the chain again against the
+    anchor learnt from the ordered stream, and stops (exit 1) if it is behind.
     """
     from medledger.api.app import create_app
     from medledger.api.server import HttpLimits, server_config
@@ -168,9 +209,20 @@ def start(
     log = logging.getLogger("medledger.node")
 
     async def serve() -> None:
-        node = open_node(root, passphrase)
+        node = open_node(root, passphrase, full_check=full_check)
         tokens = TokenStore(root / "tokens.db")
         ordering: ObservedOrderer | None = None
+        anchor_check: asyncio.Task[None] | None = None
+        refused: list[DamagedStore] = []
+        server: Any = None
+
+        def refuse(exc: DamagedStore) -> None:
+            log.error("refusing to serve: %s", exc)
+            refused.append(exc)
+            node.records.refuse_writes(str(exc))
+            if server is not None:
+                server.should_exit = True
+
         try:
             app = create_app(node, tokens)
             settings = node.config.consortium
@@ -182,13 +234,22 @@ def start(
                 await node.join_consortium(ordering, anchor=False)
                 observed = ordering
 
-                def ready() -> bool:
+                def caught_up() -> bool:
                     return observed.read_seq >= target
+
+                anchor_checked: list[bool] = []
+
+                def ready() -> bool:
+                    return not refused and bool(anchor_checked) and caught_up()
 
                 app.state.ready = ready
                 app.state.ordering = ordering
+                anchor_check = asyncio.create_task(
+                    _check_own_anchor(node, caught_up, refuse, anchor_checked)
+                )
                 if settings.anchor:
-                    # Anchoring starts once caught up (see Anchorer's ``when``).
+                    # Anchoring starts once caught up and the chain holds its own
+                    # last anchor (see Anchorer's ``when``).
                     node.start_anchoring(when=ready)
                 log.info(
                     "joined the consortium",
@@ -204,6 +265,8 @@ def start(
                 log.warning("no genesis.json: serving without joining the consortium")
             config = server_config(app, host=host, port=port, limits=limits)
             server = _GracefulServer(config)
+            if refused:
+                return
             log.info(
                 "serving",
                 extra={
@@ -217,12 +280,18 @@ def start(
             await server.serve()
             log.info("shutting down: committing queued writes")
         finally:
+            if anchor_check is not None:
+                anchor_check.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await anchor_check
             # Graceful: queued writes commit before storage closes.
             await node.close()
             if ordering is not None:
                 await ordering.close()
             tokens.close()
             log.info("stopped")
+        if refused:
+            raise refused[0]
 
     try:
         import uvloop  # libuv's event loop: a faster HTTP service, same asyncio semantics

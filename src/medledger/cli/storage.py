@@ -46,7 +46,10 @@ __all__ = ["backup", "migrate", "restore"]
 
 FORMAT = "medledger-backup"
 VERSION = 1
-_SQLITE_FILES = {"chain.db": "chain", "records.db": "records", "consortium.db": "chain"}
+# Backed up in this order while the node may be writing: each copy is taken after the
+# ones that refer to it (anchors and index rows name chain heights that were durable
+# when they were written), so a restored node passes its start-up checks.
+_SQLITE_FILES = {"consortium.db": "chain", "records.db": "records", "chain.db": "chain"}
 
 
 @dataclass(frozen=True, slots=True)

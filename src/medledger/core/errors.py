@@ -21,7 +21,8 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     ├── RateLimited                too many failures from one client; retry later
     ├── KeyStoreError              keystore missing, locked or wrong passphrase
     ├── StorageError               the storage backend failed or is corrupt
-    │   └── RetryableStorageError  a transient failure; the same call may succeed
+    │   ├── RetryableStorageError  a transient failure; the same call may succeed
+    │   └── DamagedStore           a store failed its start-up check; the node will not serve
     └── OrderingError              the consortium ordering service failed
 
 Messages are one line, name *what* and *where* (height, index, record), and
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "Conflict",
+    "DamagedStore",
     "Gone",
     "PreconditionFailed",
     "ConsentDenied",
@@ -133,6 +135,14 @@ class StorageError(MedledgerError):
 
 class RetryableStorageError(StorageError):
     """A transient storage failure; retrying the same call may succeed."""
+
+
+class DamagedStore(StorageError):
+    """A store is damaged, or behind what was acknowledged or anchored.
+
+    Raised by the start-up checks; the node refuses to open (and so to serve,
+    recover or extend the chain) until an operator repairs the store.
+    """
 
 
 class OrderingError(MedledgerError):

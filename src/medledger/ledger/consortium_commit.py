@@ -134,6 +134,11 @@ class ConsortiumCommit:
         """This member's copy of the final consortium chain."""
         return self._store
 
+    @property
+    def durable_height(self) -> int:
+        """Height of the last final block this member stored."""
+        return self._member.final_height
+
     def sign(self, tx: Transaction) -> Transaction:
         """``tx`` signed by this member, the author the consortium rules require."""
         if tx.chain != self.chain_id:

@@ -219,6 +219,11 @@ class PrivateChain:
         return self._head_hash
 
     @property
+    def durable_height(self) -> int:
+        """Height of the last durable block (what a crash can never take back)."""
+        return self._head.height
+
+    @property
     def store(self) -> ChainStore:
         return self._store
 

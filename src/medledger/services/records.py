@@ -31,15 +31,18 @@ import orjson
 from medledger.core.consent import PATIENT_KEY_SYSTEM
 from medledger.core.envelope import RecordContext, open_record, seal_record, unwrap_key, wrap_key
 from medledger.core.errors import (
+    DamagedStore,
     Gone,
     IntegrityError,
     InvalidInput,
+    MedledgerError,
     NotFound,
     PreconditionFailed,
 )
 from medledger.core.hashing import sha256
-from medledger.core.models import BlockHeader, Receipt, Transaction
+from medledger.core.models import Receipt, Transaction
 from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.integrity import REPAIR_HINT, check_blocks
 from medledger.services.fhir import (
     FhirInvalid,
     Issue,
@@ -70,8 +73,6 @@ __all__ = [
 RECORD_PUT = "record.put"
 RECORD_ERASE = "record.erase"
 KEY_ROTATE = "key.rotate"
-#: How far before the chain head crash recovery looks for uncommitted versions.
-_RECOVERY_WINDOW_MS = 10 * 60 * 1000
 #: Resources of at least this many bytes are tokenized and sealed off the event loop
 #: (below it, the hand-off to a thread costs more than the work).
 _OFFLOAD_BYTES = 16 * 1024
@@ -133,6 +134,11 @@ class RecordChain(Protocol):
     @property
     def store(self) -> ChainStore: ...
 
+    @property
+    def durable_height(self) -> int:
+        """Height of the last block that is durable in ``store``."""
+        ...
+
     async def submit(self, tx_type: str, body: dict[str, Any]) -> Receipt: ...
 
     async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]: ...
@@ -161,7 +167,10 @@ class RecordsService:
         random_bytes: Callable[[int], bytes] = os.urandom,
         validator: Validator | None = None,
         sign_tx: Callable[[Transaction], Transaction] | None = None,
+        crash_recovery: bool = True,
     ) -> None:
+        """``crash_recovery=False`` (a second service sharing another's index, as the
+        consortium-only benchmark mode does) neither records ``chain_base`` nor recovers."""
         self._institution = institution
         self._chain = chain
         # Only the consortium-only benchmark mode signs record txs (see RecordChain).
@@ -180,6 +189,12 @@ class RecordsService:
         self._inflight: Counter[str] = Counter()
         self._recovery = asyncio.Lock()
         self._recovered = False
+        self._crash_recovery = crash_recovery
+        # Versions indexed but not yet committed or taken back (key -> chain_base), and
+        # versions whose take-back failed (e.g. disk full): never settled by the mark.
+        self._unsettled: dict[tuple[str, str, int], int] = {}
+        self._stuck: dict[tuple[str, str, int], VersionRow] = {}
+        self._refusal: str | None = None
 
     # -- writing ---------------------------------------------------------------------
 
@@ -224,8 +239,18 @@ class RecordsService:
 
     # -- crash recovery -------------------------------------------------------------------
 
+    def refuse_writes(self, reason: str) -> None:
+        """From now on every operation raises :class:`DamagedStore` with ``reason``.
+
+        For a store found damaged after the node opened (e.g. behind an anchor
+        learnt from the consortium): nothing more may be written on it.
+        """
+        self._refusal = reason
+
     async def _ready(self) -> None:
         """Before the first operation: :meth:`recover` (once)."""
+        if self._refusal is not None:
+            raise DamagedStore(self._refusal)
         if not self._recovered:
             async with self._recovery:
                 if not self._recovered:
@@ -235,21 +260,53 @@ class RecordsService:
     async def recover(self) -> int:
         """Take back versions a crashed write indexed but never committed; returns how many.
 
-        A write indexes its version before the chain commit and takes it back
-        if the commit fails; a crash in between leaves a row whose transaction
-        is not on the chain (it was never acknowledged). Such rows can only be
-        among the newest, so rows from a window before the chain head are checked.
+        A write indexes its version before the chain commit, stamped with the
+        chain's durable height (``chain_base``), and takes it back if the commit
+        fails; a crash in between, or a take-back that failed, leaves a row
+        whose transaction may not be on the chain. Every such row has a
+        ``chain_base`` at or above the index's recovery mark, so only those are
+        looked at (no wall-clock window). A row is taken back only when that it
+        was never committed is proven: every block above its ``chain_base``
+        re-derives intact from the stored bytes and none holds its transaction.
+        A chain below a height the index saw durable, or damaged above the
+        oldest such row, raises :class:`DamagedStore` and nothing is deleted.
         """
-        head = self._chain.store.head_header_bytes()
-        since = BlockHeader.decode(head).time_ms - _RECOVERY_WINDOW_MS if head else 0
-        orphans = [
-            row for row in self._index.versions_since(since) if not self._committed(row.tx_hash)
+        if not self._crash_recovery:
+            return 0
+        head = self._chain.durable_height
+        candidates = [
+            row
+            for row in self._index.unsettled(self._index.recovery_mark())
+            if _key(row) not in self._unsettled
         ]
+        orphans: list[VersionRow] = []
+        if candidates:
+            bases = [row.chain_base for row in candidates if row.chain_base is not None]
+            if max(bases) > head:
+                raise DamagedStore(
+                    f"the private chain ends at height {head}, but record versions were"
+                    f" indexed after block {max(bases)} was committed: acknowledged blocks"
+                    f" were lost; {REPAIR_HINT}"
+                )
+            committed = await asyncio.to_thread(check_blocks, self._chain.store, min(bases) + 1)
+            orphans = [
+                row
+                for row in candidates
+                if row.tx_hash not in committed and not self._committed(row.tx_hash)
+            ]
         if orphans:
             log.warning("taking back %d uncommitted record versions after a crash", len(orphans))
-            # _undo takes rows oldest first; orphans are newest first.
-            await self._undo(orphans[::-1], [row.blob_hash for row in orphans])
+            await self._undo(orphans, [row.blob_hash for row in orphans])
+        await self._advance_mark(head)
         return len(orphans)
+
+    async def _advance_mark(self, head: int) -> None:
+        """Move the recovery mark up to ``head``, below any version still unsettled."""
+        floor = [head, *self._unsettled.values()]
+        floor += [row.chain_base for row in self._stuck.values() if row.chain_base is not None]
+        mark = min(floor)
+        if mark > self._index.recovery_mark():
+            await self._index.set_recovery_mark(mark)
 
     def _committed(self, tx_hash: bytes) -> bool:
         try:
@@ -277,6 +334,8 @@ class RecordsService:
         locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
         for lock in locks:
             await lock.acquire()
+        if self._stuck:
+            await self._settle_stuck()
         kek_id, kek = self._keys.current_kek()
         self._inflight[kek_id] += 1
         written: list[VersionRow] = []
@@ -294,14 +353,23 @@ class RecordsService:
                 self._keep_reserved(rtype, resource, latest)
                 prepared.append(await self._seal(rtype, rid, current + 1, resource, kek_id, kek))
             for row, tokens, _stored, _tx in prepared:
+                if row.chain_base is not None:
+                    self._unsettled[_key(row)] = row.chain_base
                 await self._index.put_version(row, tokens)
                 written.append(row)
             await self._chain.submit_many([tx for *_, tx in prepared])
             return [stored for _, _, stored, _ in prepared]
         except BaseException:
-            await self._undo(written, [row.blob_hash for row, *_ in prepared])
+            try:
+                await self._undo(written, [row.blob_hash for row, *_ in prepared])
+            except BaseException:
+                # Left for the next write (or the next start) to take back.
+                self._stuck.update((_key(row), row) for row in written)
+                raise
             raise
         finally:
+            for row, *_ in prepared:
+                self._unsettled.pop(_key(row), None)
             self._inflight[kek_id] -= 1
             for lock in locks:
                 lock.release()
@@ -349,13 +417,34 @@ class RecordsService:
         for blob_hash in blob_hashes:
             await asyncio.to_thread(self._blobs.delete, blob_hash)
 
+    async def _settle_stuck(self) -> None:
+        """Take back versions whose take-back failed before (their commit had failed)."""
+        rows = sorted(self._stuck.values(), key=lambda r: (r.resource_type, r.id, r.version))
+        # A commit reported as failed may still have reached the disk: keep those.
+        orphans = [row for row in rows if not self._committed(row.tx_hash)]
+        try:
+            await self._undo(orphans, [row.blob_hash for row in orphans])
+        except MedledgerError as exc:
+            log.warning(
+                "%d uncommitted record versions still wait to be taken back: %s", len(orphans), exc
+            )
+            return
+        self._stuck.clear()
+
     def _put_blobs(self, blobs: Sequence[bytes]) -> list[BaseException | None]:
         self._blobs.put_many(blobs)
         return [None] * len(blobs)
 
     async def close(self) -> None:
-        await self._blob_writes.close()
-        self._validator.close()
+        """Stop; once every write settled, record it so the next start need not look again."""
+        try:
+            if self._crash_recovery and self._recovered and self._refusal is None:
+                await self._advance_mark(self._chain.durable_height)
+        except MedledgerError as exc:
+            log.warning("could not record the recovery mark: %s", exc)
+        finally:
+            await self._blob_writes.close()
+            self._validator.close()
 
     async def _seal(
         self, rtype: str, rid: str, version: int, resource: dict[str, Any], kek_id: str, kek: bytes
@@ -406,6 +495,7 @@ class RecordsService:
             patient=pseudonym,
             updated_ms=now,
             tx_hash=tx.hash(),
+            chain_base=self._chain.durable_height if self._crash_recovery else None,
         )
         stored = StoredResource(
             resource_type=rtype,
@@ -818,6 +908,10 @@ async def ingest(
             await records.update(str(res["resourceType"]), str(res["id"]), res)
 
     await asyncio.gather(*(writer() for _ in range(writers)))
+
+
+def _key(row: VersionRow) -> tuple[str, str, int]:
+    return (row.resource_type, row.id, row.version)
 
 
 def _parse(data: bytes) -> Any:

@@ -108,6 +108,17 @@ class ChainStore(Protocol):
         """Canonical bytes of the transaction at log ``index``; raises ``NotFound``."""
         ...
 
+    def check_storage(self) -> None:
+        """A fast check of the backend's own structures (SQLite: ``PRAGMA quick_check``).
+
+        Raises :class:`~medledger.core.errors.DamagedStore` naming the damage.
+        """
+        ...
+
+    def damage(self) -> str | None:
+        """Why this store can no longer be trusted (the backend reported corruption), or ``None``."""
+        ...
+
     def counts(self) -> tuple[int, int, int]:
         """``(blocks, transactions, nodes)`` stored — lets verification spot leftovers."""
         ...

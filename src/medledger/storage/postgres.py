@@ -74,7 +74,7 @@ from medledger.core.merkle import NodeID, leaf_hash
 from medledger.core.models import Signature
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.ports import NewBlock, StoredBlock
-from medledger.storage.records import VersionRow
+from medledger.storage.records import RECOVERY_MARK, VersionRow
 from medledger.storage.sqlite import node_from_key, node_key
 
 __all__ = [
@@ -169,6 +169,14 @@ CREATE INDEX versions_by_updated ON versions(rtype, updated_ms);
 CREATE TABLE tokens (token bytea NOT NULL, rtype text NOT NULL, rid text NOT NULL);
 CREATE INDEX tokens_by_token ON tokens(token, rtype);
 CREATE INDEX tokens_by_record ON tokens(rtype, rid);
+""",
+    ),
+    Migration(
+        version=2,
+        name="records: chain height each version was indexed on (crash recovery)",
+        sql="""
+ALTER TABLE versions ADD COLUMN chain_base bigint;
+CREATE INDEX versions_by_chain_base ON versions(chain_base);
 """,
     ),
 )
@@ -757,6 +765,14 @@ class PostgresChainStore(_PooledStore):
             raise NotFound(f"no transaction at log index {index}")
         return bytes(rows[0][0])
 
+    def damage(self) -> str | None:
+        """``None``: PostgreSQL reports corruption as errors of the failing statement."""
+        return None
+
+    def check_storage(self) -> None:
+        """PostgreSQL keeps its own pages consistent; a failing read here raises ``StorageError``."""
+        self._rows("SELECT height FROM blocks ORDER BY height DESC LIMIT 1")
+
     def counts(self) -> tuple[int, int, int]:
         b, t, n = self._rows(
             "SELECT (SELECT count(*) FROM blocks), (SELECT count(*) FROM txs),"
@@ -767,7 +783,10 @@ class PostgresChainStore(_PooledStore):
 
 # -- record index -------------------------------------------------------------------------
 
-_COLS = "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased"
+_COLS = (
+    "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased,"
+    " chain_base"
+)
 
 
 def _version_row(r: Sequence[Any]) -> VersionRow:
@@ -782,11 +801,12 @@ def _version_row(r: Sequence[Any]) -> VersionRow:
         updated_ms=int(r[7]),
         tx_hash=bytes(r[8]),
         erased=bool(r[9]),
+        chain_base=None if r[10] is None else int(r[10]),
     )
 
 
 def _pg_values(row: VersionRow) -> tuple[Any, ...]:
-    return (*row.values()[:9], bool(row.erased))
+    return (*row.values()[:9], bool(row.erased), row.chain_base)
 
 
 class PostgresRecordIndex(_PooledStore):
@@ -842,7 +862,7 @@ class PostgresRecordIndex(_PooledStore):
                             taken.add(key)
                             cur.execute(
                                 f"INSERT INTO versions ({_COLS}) VALUES"
-                                " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)".encode(),
+                                " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)".encode(),
                                 _pg_values(row),
                             )
                             cur.execute(
@@ -871,6 +891,12 @@ class PostgresRecordIndex(_PooledStore):
                                     b"INSERT INTO tokens (token, rtype, rid) VALUES (%s, %s, %s)",
                                     [(t, rtype, rid) for t in tokens],
                                 )
+                        elif kind == "mark":
+                            cur.execute(
+                                b"INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key)"
+                                b" DO UPDATE SET value = EXCLUDED.value",
+                                (RECOVERY_MARK, str(arg)),
+                            )
                         else:
                             results[i] = StorageError(f"unknown index operation {kind}")
         except psycopg.Error as exc:
@@ -889,6 +915,10 @@ class PostgresRecordIndex(_PooledStore):
     async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None:
         """Make ``tokens`` the resource's search tokens (e.g. after undoing a failed write)."""
         await self._writes.submit(("tokens", (resource_type, rid, tokens)))
+
+    async def set_recovery_mark(self, height: int) -> None:
+        """Record that every version with ``chain_base < height`` is settled (durably)."""
+        await self._writes.submit(("mark", height))
 
     async def erase(self, resource_type: str, rid: str) -> list[bytes]:
         """Destroy every wrapped data key and token of a resource; return its blob hashes.
@@ -998,6 +1028,27 @@ class PostgresRecordIndex(_PooledStore):
                 (updated_ms,),
             )
         ]
+
+    def unsettled(self, from_base: int) -> list[VersionRow]:
+        """Versions indexed on chain height ``from_base`` or later, oldest first (crash recovery)."""
+        return [
+            _version_row(r)
+            for r in self._rows(
+                f"SELECT {_COLS} FROM versions WHERE chain_base >= %s"
+                " ORDER BY chain_base, rtype, rid, version",
+                (from_base,),
+            )
+        ]
+
+    def max_chain_base(self) -> int | None:
+        """The highest chain height any version was indexed on (the chain held it durably)."""
+        value = self._rows("SELECT max(chain_base) FROM versions")[0][0]
+        return None if value is None else int(value)
+
+    def recovery_mark(self) -> int:
+        """Chain height from which versions may still be unsettled (0 if never recorded)."""
+        rows = self._rows("SELECT value FROM meta WHERE key = %s", (RECOVERY_MARK,))
+        return int(rows[0][0]) if rows else 0
 
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
         """Ids whose tokens match at least one token of every group."""

@@ -19,7 +19,7 @@ from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.sqlite import immediate, sqlite_uri
 
-__all__ = ["RecordIndex", "SqliteRecordIndex", "VersionRow"]
+__all__ = ["RECOVERY_MARK", "RecordIndex", "SqliteRecordIndex", "VersionRow"]
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -44,7 +44,19 @@ CREATE TABLE tokens (token BLOB NOT NULL, rtype TEXT NOT NULL, rid TEXT NOT NULL
 CREATE INDEX tokens_by_token ON tokens(token, rtype);
 CREATE INDEX tokens_by_record ON tokens(rtype, rid);
 """
-_COLS = "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased"
+# Added after schema version 1 shipped: additive and nullable, so files written by
+# either release open in the other (an older release leaves chain_base NULL).
+_CHAIN_BASE = """
+ALTER TABLE versions ADD COLUMN chain_base INTEGER;
+CREATE INDEX versions_by_chain_base ON versions(chain_base);
+"""
+#: Meta key: every version indexed on a chain height below this is settled (committed
+#: or taken back); crash recovery looks only at versions from this height on.
+RECOVERY_MARK = "recovered_through"
+_COLS = (
+    "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased,"
+    " chain_base"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +73,10 @@ class VersionRow:
     updated_ms: int
     tx_hash: bytes
     erased: bool = False
+    #: Height of the chain's durable head when this version was indexed: its
+    #: transaction, if committed, is in a later block. ``None`` for versions
+    #: indexed before this was recorded (crash recovery never takes those back).
+    chain_base: int | None = None
 
     def values(self) -> tuple[Any, ...]:
         return (
@@ -74,6 +90,7 @@ class VersionRow:
             self.updated_ms,
             self.tx_hash,
             int(self.erased),
+            self.chain_base,
         )
 
 
@@ -89,6 +106,7 @@ def _row(r: Sequence[Any]) -> VersionRow:
         updated_ms=r[7],
         tx_hash=bytes(r[8]),
         erased=bool(r[9]),
+        chain_base=None if r[10] is None else int(r[10]),
     )
 
 
@@ -107,6 +125,10 @@ class RecordIndex(Protocol):
     def history(self, resource_type: str, rid: str) -> list[VersionRow]: ...
     def type_history(self, resource_type: str, limit: int) -> list[VersionRow]: ...
     def versions_since(self, updated_ms: int) -> list[VersionRow]: ...
+    def unsettled(self, from_base: int) -> list[VersionRow]: ...
+    def max_chain_base(self) -> int | None: ...
+    def recovery_mark(self) -> int: ...
+    async def set_recovery_mark(self, height: int) -> None: ...
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]: ...
     def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]: ...
     def count_wrapped_by(self, kek_id: str) -> int: ...
@@ -123,7 +145,7 @@ class SqliteRecordIndex:
             conn = sqlite3.connect(path, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                conn.executescript("BEGIN;" + _SCHEMA + _CHAIN_BASE + "COMMIT;")
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
@@ -144,13 +166,17 @@ class SqliteRecordIndex:
             # Erased keys and tokens are overwritten, not left in free pages.
             self._writer.execute("PRAGMA secure_delete=ON")
             if new:
-                self._writer.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+                self._writer.executescript("BEGIN;" + _SCHEMA + _CHAIN_BASE + "COMMIT;")
                 self._writer.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
             version = self._writer.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
+            if version is not None and version[0] == str(SCHEMA_VERSION):
+                columns = {r[1] for r in self._writer.execute("PRAGMA table_info(versions)")}
+                if "chain_base" not in columns:
+                    self._writer.executescript("BEGIN;" + _CHAIN_BASE + "COMMIT;")
         except sqlite3.Error as exc:
             raise StorageError(f"{path} is not a readable record index ({exc})") from None
         if version is None or version[0] != str(SCHEMA_VERSION):
@@ -189,7 +215,7 @@ class SqliteRecordIndex:
         if kind == "put":
             row, tokens = arg
             conn.execute(
-                f"INSERT INTO versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)", row.values()
+                f"INSERT INTO versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row.values()
             )
             conn.execute(
                 "DELETE FROM tokens WHERE rtype = ? AND rid = ?", (row.resource_type, row.id)
@@ -206,6 +232,10 @@ class SqliteRecordIndex:
             conn.executemany(
                 "INSERT INTO tokens VALUES (?, ?, ?)", [(t, rtype, rid) for t in tokens]
             )
+        elif kind == "mark":
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (RECOVERY_MARK, str(arg))
+            )
         else:
             raise StorageError(f"unknown index operation {kind}")
 
@@ -220,6 +250,10 @@ class SqliteRecordIndex:
     async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None:
         """Make ``tokens`` the resource's search tokens (e.g. after undoing a failed write)."""
         await self._writes.submit(("tokens", (resource_type, rid, tokens)))
+
+    async def set_recovery_mark(self, height: int) -> None:
+        """Record that every version with ``chain_base < height`` is settled (durably)."""
+        await self._writes.submit(("mark", height))
 
     async def erase(self, resource_type: str, rid: str) -> list[bytes]:
         """Destroy every wrapped data key and token of a resource; return its blob hashes."""
@@ -348,6 +382,27 @@ class SqliteRecordIndex:
                 (updated_ms,),
             )
         ]
+
+    def unsettled(self, from_base: int) -> list[VersionRow]:
+        """Versions indexed on chain height ``from_base`` or later, oldest first (crash recovery)."""
+        return [
+            _row(r)
+            for r in self._rows(
+                f"SELECT {_COLS} FROM versions WHERE chain_base >= ?"
+                " ORDER BY chain_base, rtype, rid, version",
+                (from_base,),
+            )
+        ]
+
+    def max_chain_base(self) -> int | None:
+        """The highest chain height any version was indexed on (the chain held it durably)."""
+        value = self._rows("SELECT MAX(chain_base) FROM versions", ())[0][0]
+        return None if value is None else int(value)
+
+    def recovery_mark(self) -> int:
+        """Chain height from which versions may still be unsettled (0 if never recorded)."""
+        rows = self._rows("SELECT value FROM meta WHERE key = ?", (RECOVERY_MARK,))
+        return int(rows[0][0]) if rows else 0
 
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
         """Ids whose tokens match at least one token of every group.

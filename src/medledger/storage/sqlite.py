@@ -24,7 +24,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, StorageError
+from medledger.core.errors import (
+    Conflict,
+    DamagedStore,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    StorageError,
+)
 from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
 from medledger.core.models import Signature
@@ -107,6 +114,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+#: SQLITE_CORRUPT and SQLITE_NOTADB (primary codes; extended codes keep them in the low byte).
+_DAMAGE_CODES = frozenset({11, 26})
+
+
 def _storage_error(path: Path, exc: sqlite3.Error) -> StorageError:
     return StorageError(f"{path}: {exc}")
 
@@ -122,6 +133,19 @@ class SqliteChainStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._damage: str | None = None
+
+    def _failed(self, exc: sqlite3.Error) -> StorageError:
+        """The error to raise for ``exc``; a corrupt file is remembered (see :meth:`damage`)."""
+        error = _storage_error(self.path, exc)
+        code = getattr(exc, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF in _DAMAGE_CODES:
+            self._damage = str(error)
+        return error
+
+    def damage(self) -> str | None:
+        """Why this store can no longer be trusted (SQLite read a corrupt page), or ``None``."""
+        return self._damage
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -193,7 +217,7 @@ class SqliteChainStore:
                     timeout=30,
                 )
             except sqlite3.Error as exc:
-                raise _storage_error(self.path, exc) from None
+                raise self._failed(exc) from None
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -203,7 +227,7 @@ class SqliteChainStore:
         try:
             return self._reader().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
-            raise _storage_error(self.path, exc) from None
+            raise self._failed(exc) from None
 
     # -- writes ------------------------------------------------------------
 
@@ -245,7 +269,7 @@ class SqliteChainStore:
                         [(node_key(n), h) for n, h in block.nodes],
                     )
             except sqlite3.Error as exc:
-                raise _storage_error(self.path, exc) from None
+                raise self._failed(exc) from None
 
     # -- reads -------------------------------------------------------------
 
@@ -344,7 +368,7 @@ class SqliteChainStore:
                         carry = None
                     yield self._stored(row[:5], tuple(pending))
         except sqlite3.Error as exc:
-            raise _storage_error(self.path, exc) from None
+            raise self._failed(exc) from None
 
     def node_hashes(self, ids: Sequence[NodeID]) -> dict[NodeID, bytes]:
         # One primary-key lookup per node: an IN (...) list made SQLite scan.
@@ -370,7 +394,7 @@ class SqliteChainStore:
                         continue
                 raise NotFound(f"merkle node level {node.level} index {node.index} not stored")
         except sqlite3.Error as exc:
-            raise _storage_error(self.path, exc) from None
+            raise self._failed(exc) from None
         return out
 
     def iter_nodes(self) -> Iterator[tuple[NodeID, bytes]]:
@@ -383,7 +407,7 @@ class SqliteChainStore:
                 for key, h in batch:
                     yield node_from_key(key), bytes(h)
         except sqlite3.Error as exc:
-            raise _storage_error(self.path, exc) from None
+            raise self._failed(exc) from None
 
     def tx_by_hash(self, tx_hash: bytes) -> tuple[int, bytes]:
         for idx, data in self._query("SELECT idx, data FROM txs WHERE hkey = ?", (_hkey(tx_hash),)):
@@ -406,6 +430,19 @@ class SqliteChainStore:
         if not rows:
             raise NotFound(f"no transaction at log index {index}")
         return bytes(rows[0][0])
+
+    def check_storage(self) -> None:
+        """``PRAGMA quick_check``: page, record and index structure (O(database size))."""
+        try:
+            rows = self._reader().execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._damage = f"{self.path}: {exc}"
+            raise DamagedStore(self._damage) from None
+        problems = [str(r[0]) for r in rows if r[0] != "ok"]
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            self._damage = f"{self.path}: {problems[0]}{more}"
+            raise DamagedStore(self._damage)
 
     def counts(self) -> tuple[int, int, int]:
         rows = self._query(
