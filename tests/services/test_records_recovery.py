@@ -112,7 +112,7 @@ EXCURSION_CHILD = textwrap.dedent(
 
     async def main(root, first, second):
         clock = JumpingClock()
-        node = open_node(Path(root), b"pw", clock=clock)
+        node = open_node(Path(root), b"records test passphrase", clock=clock)
         clock.offset = 24 * 3600 * 1000  # the clock jumps a day ahead for one write ...
         await node.records.update("Patient", first["id"], first)
         clock.offset = 0  # ... and back: block times stay pinned at the excursion

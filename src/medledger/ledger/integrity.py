@@ -41,8 +41,10 @@ __all__ = [
 
 #: Appended to every refusal: where an operator finds what to do.
 REPAIR_HINT = "the node refuses to serve; see docs/reliability.md, 'Repair'"
-#: How many of the newest blocks the start-up check re-derives by default.
+#: The start-up check re-derives the newest blocks: at most this many ...
 RECENT_BLOCKS = 64
+#: ... and no more than needed to cover this many of the newest transactions.
+RECENT_TXS = 4096
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,7 +248,8 @@ def check_private_store(
 
     ``indexed_height``: the highest chain height the record index saw durable.
     ``anchor``: the institution's own last final anchor, if any. ``full``
-    re-derives every block instead of the last ``recent_blocks``.
+    re-derives every block instead of the newest (``recent_blocks`` at most,
+    fewer once they hold :data:`RECENT_TXS` transactions).
     """
     store.check_storage()
     head_bytes = store.head_header_bytes()
@@ -258,7 +261,7 @@ def check_private_store(
             f"the private chain ends at height {head.height}, but record versions were written"
             f" after block {indexed_height} was committed: acknowledged blocks were lost"
         )
-    start = 0 if full else max(0, head.height - recent_blocks + 1)
+    start = 0 if full else _recent_start(store, head, recent_blocks)
     check_blocks(store, start, key=key)
     if anchor is not None:
         check_against_anchor(store, anchor)
@@ -268,6 +271,18 @@ def check_private_store(
         checked_from=start,
         anchored_size=anchor.log_size if anchor is not None else None,
     )
+
+
+def _recent_start(store: ChainStore, head: BlockHeader, blocks: int) -> int:
+    """The lowest height of the newest ``blocks`` blocks, fewer once they hold RECENT_TXS."""
+    start, covered = head.height, head.tx_count
+    while start > 0 and head.height - start + 1 < blocks and covered < RECENT_TXS:
+        start -= 1
+        try:
+            covered += BlockHeader.decode(store.block(start).header_bytes).tx_count
+        except (InvalidInput, NotFound):
+            break  # check_blocks names the damage
+    return start
 
 
 def _header_of_head(head_bytes: bytes) -> BlockHeader:
