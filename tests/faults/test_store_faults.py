@@ -5,7 +5,9 @@
   nothing — the version's index row and blob are still there.
 * ``chain.db-wal`` deleted after the node was killed with acknowledged,
   anchored writes in it: the node refuses to start, deletes nothing, and
-  ``network up`` leaves no process behind.
+  ``network up`` leaves no process behind; with the index's WAL and the
+  consortium copy gone too, the node refuses once it has learnt its anchor
+  from the ordered stream.
 * A node process whose PID cannot be recorded is stopped by ``network up``
   (``network down`` could never find it).
 
@@ -171,6 +173,9 @@ def test_a_lost_wal_behind_an_anchor_is_refused_and_nothing_is_deleted(
     assert (root / "chain.db-wal").stat().st_size > 0
     (root / "chain.db-wal").unlink()
     (root / "chain.db-shm").unlink(missing_ok=True)
+    # The index's main file as it is now, without its WAL (opening the index again
+    # checkpoints the WAL into the main file).
+    saved_index = (root / "records.db").read_bytes()
     before = _stored(root)
     assert len(before[0]) == 6
 
@@ -178,6 +183,17 @@ def test_a_lost_wal_behind_an_anchor_is_refused_and_nothing_is_deleted(
     assert up.code == 1, up
     assert "exited while starting" in up.err and "acknowledged blocks were lost" in up.err, up
     assert _stored(root) == before
+    assert _processes_under(root) == []
+
+    # The index lost its WAL too and the consortium copy is gone: the checks at open
+    # pass, and the anchor learnt from the ordered stream is what stops the node.
+    for name in ("records.db", "consortium.db"):
+        for suffix in ("", "-wal", "-shm"):
+            (root / f"{name}{suffix}").unlink(missing_ok=True)
+    (root / "records.db").write_bytes(saved_index)
+    up = run_cli("network", "up", "--dir", base, "--timeout", "60")
+    assert up.code == 1, up
+    assert "behind its own final anchor" in up.err, up
     assert _processes_under(root) == []
 
 

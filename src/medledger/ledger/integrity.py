@@ -17,6 +17,7 @@ is wrong; nothing is repaired or written here. The repair procedures are in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -178,9 +179,14 @@ def last_anchor(consortium: ChainStore, institution: str) -> AnchorRecord | None
     head = consortium.head_header_bytes()
     if head is None:
         return None
+    # Stored transactions are canonical JSON: a byte search skips all others undecoded.
+    kind = b'"type":"' + ANCHOR.encode() + b'"'
+    who = b'"institution":' + json.dumps(institution, ensure_ascii=False).encode()
     for height in range(BlockHeader.decode(head).height, 0, -1):
         block = consortium.block(height)
         for data in reversed(block.tx_data):
+            if kind not in data or who not in data:
+                continue
             try:
                 tx = Transaction.decode(data)
             except InvalidInput:

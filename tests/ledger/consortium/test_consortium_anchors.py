@@ -18,6 +18,7 @@ from medledger.core.models import Transaction
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.consortium_rules import AnchorRecord
 from medledger.ledger.consortium_verify import ConsortiumPolicy, anchored_checkpoints
+from medledger.ledger.integrity import check_against_anchor, last_anchor
 from medledger.ledger.verify import verify_chain
 from medledger.storage.ports import ChainStore
 
@@ -259,3 +260,22 @@ def test_rewritten_private_chain_fails_against_anchors(network: MakeNetwork, ext
     # …but contradicts what h1 anchored.
     with pytest.raises(InconsistentLog):
         verify_chain(rewritten, expected_key=net.keys["h1"].public, checkpoints=checkpoints)
+
+
+def test_last_anchor_finds_a_members_newest_final_anchor_in_a_store(network: MakeNetwork) -> None:
+    """What a node checks its private chain against at start (``ledger.integrity``)."""
+    net = network(4)
+
+    async def scenario(net: Network) -> None:
+        await net.start(*INSTITUTIONS)
+        await anchor_all(net, rounds=2)
+        await net.settle()
+
+    net.run(scenario)
+    store = net.stores["h1"]
+    for mid in INSTITUTIONS:
+        found = last_anchor(store, mid)
+        assert found == expected_anchor(net, mid)
+        assert found is not None and found.tx_hash in stored_tx_hashes(store)
+        check_against_anchor(net.chains[mid].store, found)
+    assert last_anchor(store, "h9") is None
