@@ -38,6 +38,24 @@ def test_solo_and_jetstream_sections_round_trip(make_node: Any) -> None:
     )
     _with(root, js)
     assert load_config(root, env={}).consortium == js
+    tuned = replace(js, nats_ping_interval=2, nats_max_outstanding_pings=1)
+    _with(root, tuned)
+    assert load_config(root, env={}).consortium == tuned
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"nats_ping_interval": 0},
+        {"nats_ping_interval": 1.5},
+        {"nats_max_outstanding_pings": "3"},
+        {"nats_max_outstanding_pings": 11},
+    ],
+)
+def test_hung_server_detection_settings_are_checked(section: dict[str, Any]) -> None:
+    base = {"ordering": "jetstream", "nats_urls": ["nats://127.0.0.1:1"]}
+    with pytest.raises(InvalidInput, match="nats_"):
+        ConsortiumConfig.from_env({**base, **section}, env={})
 
 
 def test_environment_overrides_the_section(make_node: Any) -> None:

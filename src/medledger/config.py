@@ -28,6 +28,8 @@
     # stream = "CONSORTIUM"
     # subject = "consortium.order"
     # replicas = 3                 # stream replicas, at most the NATS cluster size
+    # nats_ping_interval = 1       # s between pings; a server that misses
+    # nats_max_outstanding_pings = 3   # this many more is left as hung (~4 s)
     anchor = true                  # anchor the private chain on the consortium
 
 Environment: ``MEDLEDGER_MAX_TXS`` and ``MEDLEDGER_MAX_WAIT_MS`` override the
@@ -169,8 +171,10 @@ class ConsortiumConfig:
     ``solo``: ``order_file``, the SQLite order every node of this machine opens
     (relative paths are relative to the node directory). ``jetstream``:
     ``nats_urls`` of the NATS cluster, the ``stream`` and its ``subject``, and
-    ``replicas`` (at most the cluster size). ``anchor``: whether the node
-    anchors its private chain.
+    ``replicas`` (at most the cluster size); ``nats_ping_interval`` (whole
+    seconds) and ``nats_max_outstanding_pings``: how soon a hung NATS server is
+    left (after about interval * (pings + 1) seconds). ``anchor``: whether the
+    node anchors its private chain.
     """
 
     ordering: str = "solo"
@@ -179,6 +183,8 @@ class ConsortiumConfig:
     stream: str = "CONSORTIUM"
     subject: str = "consortium.order"
     replicas: int = 3
+    nats_ping_interval: int = 1
+    nats_max_outstanding_pings: int = 3
     anchor: bool = True
 
     def __post_init__(self) -> None:
@@ -192,6 +198,10 @@ class ConsortiumConfig:
             raise InvalidInput("[consortium] jetstream ordering needs nats_urls")
         if not 1 <= self.replicas <= 5:
             raise InvalidInput("[consortium] replicas must be between 1 and 5")
+        if not 1 <= self.nats_ping_interval <= 120:
+            raise InvalidInput("[consortium] nats_ping_interval must be 1 to 120 seconds")
+        if not 1 <= self.nats_max_outstanding_pings <= 10:
+            raise InvalidInput("[consortium] nats_max_outstanding_pings must be 1 to 10")
 
     def order_path(self, root: Path) -> Path:
         """The solo order file, resolved against the node directory ``root``."""
@@ -222,6 +232,12 @@ class ConsortiumConfig:
             replicas = int(env.get("MEDLEDGER_STREAM_REPLICAS") or sec.get("replicas", 3))
         except (TypeError, ValueError):
             raise InvalidInput("[consortium] replicas must be a whole number") from None
+        pings = {}
+        for key, default in (("nats_ping_interval", 1), ("nats_max_outstanding_pings", 3)):
+            value = sec.get(key, default)
+            if type(value) is not int:
+                raise InvalidInput(f"[consortium] {key} must be a whole number")
+            pings[key] = value
         return cls(
             ordering=str(env.get("MEDLEDGER_ORDERING") or sec.get("ordering", "solo")),
             order_file=str(env.get("MEDLEDGER_ORDER_FILE") or sec.get("order_file", "../order.db")),
@@ -229,6 +245,8 @@ class ConsortiumConfig:
             stream=str(sec.get("stream", "CONSORTIUM")),
             subject=str(sec.get("subject", "consortium.order")),
             replicas=replicas,
+            nats_ping_interval=pings["nats_ping_interval"],
+            nats_max_outstanding_pings=pings["nats_max_outstanding_pings"],
             anchor=anchor,
         )
 
@@ -243,6 +261,11 @@ class ConsortiumConfig:
                 subject=self.subject,
                 replicas=self.replicas,
             )
+            if (self.nats_ping_interval, self.nats_max_outstanding_pings) != (1, 3):
+                doc.update(
+                    nats_ping_interval=self.nats_ping_interval,
+                    nats_max_outstanding_pings=self.nats_max_outstanding_pings,
+                )
         doc["anchor"] = self.anchor
         return doc
 

@@ -388,7 +388,7 @@ async def open_orderer(config: NodeConfig, root: Path) -> Orderer:
         from medledger.ledger.ordering.solo import SoloOrderer
 
         return SoloOrderer(settings.order_path(root))
-    from medledger.ledger.ordering.jetstream import JetStreamOrderer
+    from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning
 
     return await JetStreamOrderer.connect(
         list(settings.nats_urls),
@@ -396,6 +396,10 @@ async def open_orderer(config: NodeConfig, root: Path) -> Orderer:
         subject=settings.subject,
         replicas=settings.replicas,
         name=f"medledger-{config.institution}",
+        tuning=JetStreamTuning(
+            ping_interval=settings.nats_ping_interval,
+            max_outstanding_pings=settings.nats_max_outstanding_pings,
+        ),
     )
 
 
