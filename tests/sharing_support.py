@@ -67,6 +67,7 @@ class SharingNet:
         purpose: str = "TREAT",
         wallet: PatientWallet | None = None,
         via: str | None = None,
+        starts_ms: int | None = None,
     ) -> str:
         """A consent, final on the consortium; returns its tx hash (hex)."""
         tx = (wallet or self.wallet).grant(
@@ -76,6 +77,7 @@ class SharingNet:
             purpose=purpose,
             expires_ms=expires_ms or now_ms() + HOUR_MS,
             time_ms=now_ms(),
+            starts_ms=starts_ms,
         )
         member = self.node(via or self.names[0]).consortium
         assert member is not None

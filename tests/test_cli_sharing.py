@@ -12,6 +12,7 @@ JetStream (slow). Every command is the real ``medledger`` as a user runs it.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,35 @@ def _story(base: Path, ordering: str) -> None:
     )
     assert other.code == 1 and "granted to hospital-2, not hospital-3" in other.err
 
+    # A consent for hospital-3 that starts the day after tomorrow: final now, refused until then.
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+    later = run_cli(
+        "consent",
+        "grant",
+        "--wallet",
+        wallet,
+        *_as(a),
+        "--grantee",
+        "hospital-3",
+        "--start",
+        start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "--days",
+        "1",
+        env=WALLET_ENV,
+    ).json()
+    period = later["provision"]["period"]
+    assert datetime.fromisoformat(period["start"]) == start
+    assert datetime.fromisoformat(period["end"]) == start + timedelta(days=1)
+    early = run_cli(
+        "share", "fetch", *_as(c), "--holder", "hospital-1", "--consent", later["id"], target
+    )
+    assert early.code == 1 and "period has not started yet" in early.err
+    bad_start = run_cli(
+        "consent", "grant", "--wallet", wallet, *_as(a), "--grantee", "hospital-3",
+        "--start", "next tuesday", env=WALLET_ENV,
+    )  # fmt: skip
+    assert bad_start.code == 2 and bad_start.err.startswith("error: --start 'next tuesday'")
+
     revoked = run_cli(
         "consent", "revoke", "--wallet", wallet, *_as(a), consent_id, env=WALLET_ENV
     ).json()
@@ -142,7 +172,8 @@ def _story(base: Path, ordering: str) -> None:
     assert events["resourceType"] == "Bundle" and events["total"] >= 4
     outcomes = {e["resource"]["outcome"] for e in events["entry"]}
     assert outcomes == {"0", "4"}
-    assert [e["resource"]["status"] for e in consents["entry"]] == ["inactive"]
+    statuses = {e["resource"]["id"]: e["resource"]["status"] for e in consents["entry"]}
+    assert statuses == {consent_id: "inactive", later["id"]: "active"}
 
     down = run_cli("network", "down", "--dir", base)
     assert down.code == 0, down

@@ -108,7 +108,9 @@ def test_grant_tx_parses_to_its_fields() -> None:
         purpose="TREAT",
         expires_ms=EXPIRES,
         time_ms=T0,
+        starts_ms=T0,  # no starts_ms in the body: the period starts at the grant
     )
+    assert "starts_ms" not in tx.body  # a grant without a start keeps its old bytes
     assert {CONSENT_GRANT, CONSENT_REVOKE} == CONSENT_TYPES
 
 
@@ -509,11 +511,76 @@ def test_record_to_json() -> None:
         "scope": ["Observation", "Condition"],
         "purpose": "TREAT",
         "time_ms": T0,
+        "starts_ms": T0,
         "expires_ms": EXPIRES,
         "height": 4,
         "revoked_height": 7,
     }
     assert _record().to_json()["revoked_height"] is None
+    assert _record(starts_ms=T0 + 50).to_json()["starts_ms"] == T0 + 50
+
+
+# ---------------------------------------------------------------------------
+# The consent's period: it starts at starts_ms (or the grant's time)
+# ---------------------------------------------------------------------------
+
+
+def test_a_consent_starting_later_is_refused_until_its_start() -> None:
+    start = T0 + 1000
+    record = _record(starts_ms=start)
+    assert record.grant.starts_ms == start and record.grant.time_ms == T0
+    for now in (T0, T0 + 1, start - 1):
+        with pytest.raises(ConsentDenied, match="period has not started yet"):
+            _authorize(record, now_ms=now)
+    _authorize(record, now_ms=start)  # from its first millisecond
+    _authorize(record, now_ms=EXPIRES - 1)
+
+
+def test_a_grant_dated_in_the_future_is_refused_until_its_own_time() -> None:
+    """Without starts_ms the period starts at the grant's time_ms (the Consent shows that)."""
+    record = _record(time_ms=T0 + 500)
+    with pytest.raises(ConsentDenied, match="period has not started yet"):
+        _authorize(record, now_ms=T0 + 499)
+    _authorize(record, now_ms=T0 + 500)
+
+
+def test_a_start_before_the_grant_is_allowed() -> None:
+    """A patient may sign today a consent whose period began earlier (it cannot act earlier)."""
+    record = _record(time_ms=T0 + 500, starts_ms=T0)
+    _authorize(record, now_ms=T0 + 1)
+
+
+def test_revocation_and_expiry_still_win_over_a_later_start() -> None:
+    with pytest.raises(ConsentDenied, match="revoked"):
+        _authorize(_record(revoked_height=3, starts_ms=T0 + 9), now_ms=T0)
+    with pytest.raises(ConsentDenied, match="expired"):
+        _authorize(_record(starts_ms=T0 + 9), now_ms=EXPIRES)
+
+
+@pytest.mark.parametrize(
+    "starts",
+    [EXPIRES, EXPIRES + 1, -1, True, "0", None],
+    ids=["at-expiry", "after-expiry", "negative", "bool", "string", "null"],
+)
+def test_a_bad_start_is_refused(starts: Any) -> None:
+    body = {**_grant_body(), "starts_ms": starts}
+    with pytest.raises(InvalidInput, match="starts_ms must be a time before expires_ms"):
+        ConsentGrant.from_tx(_signed(CONSENT_GRANT, body))
+
+
+def test_grant_tx_with_a_start_signs_it() -> None:
+    tx = _grant(starts_ms=T0 + 7)
+    assert tx.body["starts_ms"] == T0 + 7
+    with pytest.raises(InvalidSignature):
+        ConsentGrant.from_tx(replace(tx, body={**tx.body, "starts_ms": T0}))
+    with pytest.raises(InvalidInput, match="starts_ms"):
+        _grant(starts_ms=EXPIRES)
+
+
+def test_an_unknown_extra_field_is_still_refused() -> None:
+    body = {**_grant_body(), "ends_ms": EXPIRES}
+    with pytest.raises(InvalidInput, match="optionally starts_ms"):
+        ConsentGrant.from_tx(_signed(CONSENT_GRANT, body))
 
 
 # ---------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_our_fixed_messages_keep_their_meaning() -> None:
         (InvalidInput("the request nonce was already used (replay)"), "replay"),
         (InvalidInput("the request timestamp is outside the allowed skew of 30000 ms"), "skew"),
         (ConsentDenied("holder refused (403): the consent has expired"), "has expired"),
+        (ConsentDenied("the consent's period has not started yet"), "has not started yet"),
         (Gone("Observation/x was erased"), "the record was erased"),
         (NotFound("Observation/x not found"), "no such record"),
         (RateLimited("anything", retry_after_ms=1), "throttling"),

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,11 @@ def test_consent_refusals(tmp_path: Path) -> None:
             "not this patient's record": (
                 "the consenting patient is not enrolled at this institution"
             ),
+            "starts tomorrow": "the consent's period has not started yet",
         }
+        day = 24 * 3_600_000
+        tomorrow = await sn.grant("beta", starts_ms=now_ms() + day, expires_ms=now_ms() + 2 * day)
+        cases.append(("starts tomorrow", tomorrow, "period has not started yet"))
         for name, consent, reason in cases:
             before = len(access_entries(sn, "alpha"))
             with pytest.raises(ConsentDenied, match=reason):
@@ -151,6 +156,27 @@ def test_consent_refusals(tmp_path: Path) -> None:
             # The entry carries the fixed sentence, never the message naming members or types.
             assert entries[-1]["outcome"] == "refused", name
             assert entries[-1]["reason"] == recorded[name], name
+        with pytest.raises(ConsentDenied, match="period has not started yet"):
+            await beta.list("alpha", tomorrow)  # a list is refused just the same
+        # A consent starting shortly: refused before its start, honoured from then on.
+        start = now_ms() + 1500
+        soon = await sn.grant("beta", starts_ms=start)
+        if now_ms() < start:  # (the grant took less than 1.5 s to become final)
+            with pytest.raises(ConsentDenied, match="period has not started yet"):
+                await beta.fetch("alpha", soon, target)
+        deadline = time.monotonic() + 10
+        while now_ms() <= start and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (await beta.fetch("alpha", soon, target)).resource["id"] == target.split("/")[1]
+        # The patient sees the early attempts on their trail, with the reason.
+        await sn.node("alpha").access.drain()
+        await sn.settle()
+        store = sn.node("gamma").consortium_store
+        assert store is not None
+        trail = patient_trail([store], sn.wallet.fingerprint)
+        early = [i for i in trail if i["type"] == ACCESS and i.get("consent") in (tomorrow, soon)]
+        assert [i["outcome"] for i in early if i["consent"] == tomorrow] == ["refused"] * 2
+        assert early[-1]["consent"] == soon and early[-1]["outcome"] == "allowed"
         # gamma's own consent does work for gamma: the refusals were about beta.
         assert (await gamma.fetch("alpha", for_gamma, target)).resource["id"] == target.split("/")[
             1

@@ -98,6 +98,19 @@ def _now() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _start_ms(text: str) -> int:
+    """``--start``: an ISO 8601 date or date-time, UTC unless it names an offset."""
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        fail(f"--start {text!r} is not an ISO 8601 date or date-time (e.g. 2026-03-01T08:00Z)", 2)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
 @click.group()
 def patient() -> None:
     """A patient's wallet: the key whose fingerprint is the patient on every chain."""
@@ -213,7 +226,18 @@ def consent() -> None:
     "--scope", default="*", show_default=True, help="Resource types, comma-separated, or '*'."
 )
 @click.option("--purpose", default="TREAT", show_default=True, help="HL7 PurposeOfUse code.")
-@click.option("--days", type=click.FloatRange(min=0.0001), default=30, show_default=True)
+@click.option(
+    "--start",
+    default=None,
+    help="When the consent starts (ISO 8601, UTC unless an offset is given); default now.",
+)
+@click.option(
+    "--days",
+    type=click.FloatRange(min=0.0001),
+    default=30,
+    show_default=True,
+    help="How long it lasts from its start.",
+)
 def consent_grant(
     wallet_path: Path,
     node_url: str,
@@ -221,12 +245,17 @@ def consent_grant(
     grantee: str,
     scope: str,
     purpose: str,
+    start: str | None,
     days: float,
 ) -> None:
-    """Sign a consent.grant with the wallet and submit it; prints the final Consent."""
+    """Sign a consent.grant with the wallet and submit it; prints the final Consent.
+
+    A consent with a later --start is final at once but honoured only from its start.
+    """
     from medledger.core.errors import MedledgerError
     from medledger.services.consent_fhir import consent_for_grant
 
+    starts = None if start is None else _start_ms(start)
     wallet = _wallet(wallet_path)
     chain = str(_ready(node_url)["consortium"])
     now = _now()
@@ -236,8 +265,9 @@ def consent_grant(
             grantee=grantee,
             scope=[s.strip() for s in scope.split(",") if s.strip()],
             purpose=purpose,
-            expires_ms=now + int(days * _DAY_MS),
+            expires_ms=(now if starts is None else starts) + int(days * _DAY_MS),
             time_ms=now,
+            starts_ms=starts,
         )
     except MedledgerError as exc:
         fail(str(exc), 2)

@@ -2,9 +2,12 @@
 
 A patient holds an ECDSA P-256 key pair (a wallet); on chains the patient is
 only the fingerprint of its public key. A grant says *which member* may read
-*which resource types* of that patient's records, *for what purpose*, *until
-when*; the patient signs it, and it authorizes sharing once it is final on the
-consortium chain. A revocation names the grant by its transaction hash, is
+*which resource types* of that patient's records, *for what purpose*, *from
+when until when*; the patient signs it, and it authorizes sharing once it is
+final on the consortium chain and its period has started. The period starts at
+the optional ``starts_ms`` (a consent signed today for next week's surgery) or
+else at the grant's own ``time_ms``, and ends before ``expires_ms``; the
+holder's clock decides, never the consortium's rules. A revocation names the grant by its transaction hash, is
 signed by the same key and takes effect as soon as it is final.
 
 Purposes are HL7 v3 ``PurposeOfUse`` codes (the codes FHIR ``Consent`` uses).
@@ -56,6 +59,8 @@ PURPOSES = {
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _MEMBER = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _GRANT_FIELDS = {"patient", "patient_key", "grantee", "scope", "purpose", "expires_ms"}
+#: Optional grant body fields (absent in grants made before they existed).
+_GRANT_OPTIONAL = {"starts_ms"}
 _REVOKE_FIELDS = {"patient", "patient_key", "grant"}
 _MAX_SCOPE = 64
 
@@ -71,6 +76,10 @@ def _patient_key(body: dict[str, Any]) -> VerifyingKey:
     if key.fingerprint != body["patient"]:
         raise InvalidInput("consent patient is not the fingerprint of patient_key")
     return key
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_patient_signature(tx: Transaction, key: VerifyingKey, verify: bool) -> None:
@@ -90,14 +99,19 @@ class ConsentGrant:
     purpose: str
     expires_ms: int
     time_ms: int
+    #: When the consent's period starts: ``starts_ms`` of the body, else ``time_ms``.
+    starts_ms: int
 
     @classmethod
     def from_tx(cls, tx: Transaction, *, verify_signature: bool = True) -> ConsentGrant:
         """Parse and check a grant; raise :class:`InvalidInput` / :class:`InvalidSignature`."""
         body = tx.body
-        if tx.type != CONSENT_GRANT or set(body) != _GRANT_FIELDS:
+        if tx.type != CONSENT_GRANT or not _GRANT_FIELDS <= set(body) <= (
+            _GRANT_FIELDS | _GRANT_OPTIONAL
+        ):
             raise InvalidInput(
                 f"consent.grant must have exactly {', '.join(sorted(_GRANT_FIELDS))}"
+                f" (and optionally {', '.join(sorted(_GRANT_OPTIONAL))})"
             )
         key = _patient_key(body)
         _check_patient_signature(tx, key, verify_signature)
@@ -122,6 +136,9 @@ class ConsentGrant:
             raise InvalidInput(f"consent purpose must be one of {', '.join(PURPOSES)}")
         if not isinstance(expires, int) or isinstance(expires, bool) or expires <= tx.time_ms:
             raise InvalidInput("consent expires_ms must be a time after the grant")
+        starts = body.get("starts_ms", tx.time_ms)
+        if not _is_time(starts) or starts >= expires:
+            raise InvalidInput("consent starts_ms must be a time before expires_ms")
         return cls(
             patient=body["patient"],
             grantee=grantee,
@@ -129,6 +146,7 @@ class ConsentGrant:
             purpose=purpose,
             expires_ms=expires,
             time_ms=tx.time_ms,
+            starts_ms=starts,
         )
 
     def covers(self, resource_type: str) -> bool:
@@ -177,6 +195,9 @@ class ConsentRecord:
             raise ConsentDenied(f"the consent was granted to {self.grant.grantee}, not {reader}")
         if now_ms >= self.grant.expires_ms:
             raise ConsentDenied("the consent has expired")
+        if now_ms < self.grant.starts_ms:
+            # The Consent resource shows when (provision.period.start).
+            raise ConsentDenied("the consent's period has not started yet")
         if not self.grant.covers(resource_type):
             raise ConsentDenied(f"the consent does not cover {resource_type} resources")
 
@@ -188,6 +209,7 @@ class ConsentRecord:
             "scope": list(self.grant.scope),
             "purpose": self.grant.purpose,
             "time_ms": self.grant.time_ms,
+            "starts_ms": self.grant.starts_ms,
             "expires_ms": self.grant.expires_ms,
             "height": self.height,
             "revoked_height": self.revoked_height,
@@ -203,21 +225,23 @@ def grant_tx(
     purpose: str,
     expires_ms: int,
     time_ms: int,
+    starts_ms: int | None = None,
 ) -> Transaction:
-    """A ``consent.grant`` signed by the patient (checked the way members will check it)."""
-    tx = Transaction(
-        type=CONSENT_GRANT,
-        chain=chain,
-        body={
-            "patient": patient_key.fingerprint,
-            "patient_key": patient_key.public.der().hex(),
-            "grantee": grantee,
-            "scope": scope,
-            "purpose": purpose,
-            "expires_ms": expires_ms,
-        },
-        time_ms=time_ms,
-    )
+    """A ``consent.grant`` signed by the patient (checked the way members will check it).
+
+    Without ``starts_ms`` the consent's period starts at ``time_ms``.
+    """
+    body: dict[str, Any] = {
+        "patient": patient_key.fingerprint,
+        "patient_key": patient_key.public.der().hex(),
+        "grantee": grantee,
+        "scope": scope,
+        "purpose": purpose,
+        "expires_ms": expires_ms,
+    }
+    if starts_ms is not None:
+        body["starts_ms"] = starts_ms
+    tx = Transaction(type=CONSENT_GRANT, chain=chain, body=body, time_ms=time_ms)
     signed = replace(tx, signatures=(patient_key.sign(tx.signing_bytes()),))
     ConsentGrant.from_tx(signed)
     return signed

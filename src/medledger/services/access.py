@@ -53,6 +53,7 @@ _VERBATIM = (
     "the consent was revoked by the patient",
     "the consent was given by another patient",
     "the consent has expired",
+    "the consent's period has not started yet",
     "no final consent with that hash on the consortium chain",
     "the consenting patient is not enrolled at this institution",
     "the consent's patient is not the subject of this record",

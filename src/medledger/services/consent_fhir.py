@@ -78,7 +78,7 @@ def consent_resource(
     active = record.revoked_height is None and now_ms < grant.expires_ms
     provision: dict[str, Any] = {
         "type": "permit",
-        "period": {"start": _instant(grant.time_ms), "end": _instant(grant.expires_ms)},
+        "period": {"start": _instant(grant.starts_ms), "end": _instant(grant.expires_ms)},
         "actor": [
             {
                 "role": {

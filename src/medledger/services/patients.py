@@ -78,7 +78,9 @@ class PatientWallet:
         purpose: str,
         expires_ms: int,
         time_ms: int,
+        starts_ms: int | None = None,
     ) -> Transaction:
+        """A signed ``consent.grant``; its period starts at ``starts_ms``, else ``time_ms``."""
         return grant_tx(
             self._key,
             chain=chain,
@@ -87,6 +89,7 @@ class PatientWallet:
             purpose=purpose,
             expires_ms=expires_ms,
             time_ms=time_ms,
+            starts_ms=starts_ms,
         )
 
     def revoke(self, *, chain: str, grant: bytes, time_ms: int) -> Transaction:
