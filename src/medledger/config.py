@@ -302,7 +302,7 @@ class NodeConfig:
         return tomli_w.dumps(doc, multiline_strings=True).encode()
 
     def save(self, path: Path) -> None:
-        atomic_write(path, self.to_toml(), mode=0o644)
+        atomic_write(path, self.to_toml(), mode=0o600)
 
 
 def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -23,7 +23,10 @@ record holds the PID, the process's start time (``/proc/<pid>/stat``) and
 its argv: :func:`down` signals a PID only while ``/proc`` still shows that
 very process, never one that reused the number. ``up`` on an existing
 directory starts whatever is not running and keeps all data. The keystore
-passphrase reaches the node processes through their environment, never argv.
+passphrase reaches a node process through a pipe (``node start
+--passphrase-fd``), never argv or the environment, which ``/proc`` shows for
+the node's whole life. Everything is created owner-only: directories 0700,
+files 0600 (explicit modes, and the umask of every process started here).
 """
 
 from __future__ import annotations
@@ -132,11 +135,27 @@ def _running(pid_file: Path) -> PidRecord | None:
     return record if record is not None and record.running() else None
 
 
+#: The umask of every process started here: what they create is their owner's alone.
+PRIVATE_UMASK = 0o077
+#: What ``node start --passphrase-fd`` reads at most (far below a pipe's capacity).
+_MAX_PASSPHRASE_BYTES = 4096
+
+
 def _launch(
-    argv: Sequence[str], *, log: Path, pid_file: Path, env: Mapping[str, str], cwd: Path
+    argv: Sequence[str],
+    *,
+    log: Path,
+    pid_file: Path,
+    env: Mapping[str, str],
+    cwd: Path,
+    pass_fds: Sequence[int] = (),
 ) -> PidRecord:
-    """Start ``argv`` detached (own session, output appended to ``log``) and record it."""
-    with log.open("ab") as sink:
+    """Start ``argv`` detached (own session, output appended to ``log``) and record it.
+
+    ``pass_fds`` stay open in the child (a pipe carrying its passphrase).
+    """
+    sink = os.fdopen(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    with sink:
         try:
             proc = subprocess.Popen(
                 list(argv),
@@ -146,6 +165,8 @@ def _launch(
                 env=dict(env),
                 cwd=cwd,
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
+                umask=PRIVATE_UMASK,
             )
         except OSError as exc:
             raise NetworkError(f"cannot start {argv[0]}: {exc}") from None
@@ -234,8 +255,9 @@ def _save_network(base: Path, data: Mapping[str, Any]) -> None:
 @contextlib.contextmanager
 def _locked(base: Path) -> Iterator[None]:
     """One ``up``/``down`` at a time per network directory."""
-    base.mkdir(parents=True, exist_ok=True)
-    with (base / ".lock").open("a") as handle:
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = os.fdopen(os.open(base / ".lock", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a")
+    with lock as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -282,13 +304,13 @@ def _start_nats(base: Path, spec: Sequence[Mapping[str, Any]], timeout: float) -
         pid_file = node.directory / "nats.pid"
         if _running(pid_file) is not None:
             continue
-        node.store_dir.mkdir(parents=True, exist_ok=True)
-        node.config_path.write_text(node.config_text(), encoding="utf-8")
+        node.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(node.config_path, node.config_text().encode("utf-8"))
         _launch(
             [str(node.binary), "-c", str(node.config_path)],
             log=node.directory / "nats.out",
             pid_file=pid_file,
-            env=os.environ,
+            env=_env_without_secrets(),
             cwd=node.directory,
         )
     deadline = time.monotonic() + timeout
@@ -563,8 +585,7 @@ def _start(base: Path, data: Mapping[str, Any], passphrase: bytes, timeout: floa
         _postgres(data["postgres"]).start()
     if data["nats"]:
         _start_nats(base, data["nats"], timeout)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
-    env["MEDLEDGER_PASSPHRASE"] = passphrase.decode("utf-8")
+    env = _env_without_secrets()
     if data["postgres"] is not None:
         env["MEDLEDGER_DSN"] = _dsn(data["postgres"])
     started = []
@@ -584,7 +605,7 @@ def _start(base: Path, data: Mapping[str, Any], passphrase: bytes, timeout: floa
             "--port",
             str(node["port"]),
         ]
-        _launch(argv, log=root / "node.log", pid_file=pid_file, env=env, cwd=root)
+        _launch_node(argv, root=root, pid_file=pid_file, env=env, passphrase=passphrase)
         started.append(node)
     deadline = time.monotonic() + timeout
     for node in data["nodes"]:
@@ -601,6 +622,39 @@ def _start(base: Path, data: Mapping[str, Any], passphrase: bytes, timeout: floa
                     f" (log: {root / 'node.log'})"
                 )
             time.sleep(_POLL_S)
+
+
+def _env_without_secrets() -> dict[str, str]:
+    """This process's environment without ``MEDLEDGER_*`` (passphrases, DSNs, overrides)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
+
+
+def _launch_node(
+    argv: Sequence[str], *, root: Path, pid_file: Path, env: Mapping[str, str], passphrase: bytes
+) -> None:
+    """Start a node with its passphrase on a pipe: ``--passphrase-fd`` names the read end.
+
+    The whole passphrase is written before the child starts (a pipe holds far
+    more than the 4 KiB a passphrase may have), so nothing here can block.
+    """
+    if len(passphrase) > _MAX_PASSPHRASE_BYTES:
+        raise InvalidInput(f"the passphrase is longer than {_MAX_PASSPHRASE_BYTES} bytes")
+    read_end, write_end = os.pipe()
+    try:
+        try:
+            os.write(write_end, passphrase)
+        finally:
+            os.close(write_end)
+        _launch(
+            [*argv, "--passphrase-fd", str(read_end)],
+            log=root / "node.log",
+            pid_file=pid_file,
+            env=env,
+            cwd=root,
+            pass_fds=(read_end,),
+        )
+    finally:
+        os.close(read_end)
 
 
 # -- status and down ----------------------------------------------------------------------

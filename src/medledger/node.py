@@ -9,6 +9,7 @@ no passphrase.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -285,8 +286,25 @@ def write_genesis(
     )
     data = (json.dumps(genesis.to_json(), indent=2) + "\n").encode()
     for root in roots:
-        atomic_write(NodePaths(root=root).genesis, data, mode=0o644)
+        atomic_write(NodePaths(root=root).genesis, data, mode=0o600)
     return genesis
+
+
+def _make_private(root: Path) -> None:
+    """Make the node directory owner-only (0700), whatever it was created with.
+
+    The databases, WAL files, blobs, logs and tokens inside are created
+    owner-only too (the CLI's umask, explicit modes), but a directory that
+    others cannot enter also covers files an older version or another tool
+    left group- or world-readable.
+    """
+    mode = root.stat().st_mode & 0o777
+    if mode & 0o077:
+        root.chmod(0o700)
+        logging.getLogger(__name__).warning(
+            "node directory was open to other users; made it owner-only",
+            extra={"fields": {"was": oct(mode)}},
+        )
 
 
 def init_node(
@@ -324,7 +342,8 @@ def init_node(
         raise Conflict(f"{root} exists and is not an empty directory")
     paths = NodePaths(root=root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private(root)
         keystore = FileKeyStore.create(paths.keystore, passphrase, params=kdf)
         key = keystore.signing_key()
         chain_id = f"private:{inst}"
@@ -472,6 +491,7 @@ def open_node(
     key = keystore.signing_key()
     if key.public != config.signing_key:
         raise IntegrityError("the keystore's signing key is not the one in node.toml")
+    _make_private(root)
     storage = config.storage
     store = factory.open_chain_store(
         storage.store,

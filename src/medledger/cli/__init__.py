@@ -24,7 +24,7 @@ from medledger.cli.sharing import audit, consent, patient, share
 from medledger.cli.storage import backup, migrate, restore
 from medledger.core.errors import MedledgerError, VerificationError
 
-__all__ = ["cli", "main"]
+__all__ = ["PRIVATE_UMASK", "cli", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,8 +56,16 @@ for command in (
 node.add_command(start)
 
 
+#: Files and directories medledger creates are its owner's alone (0600 / 0700):
+#: databases and their WAL files, blobs, logs, tokens, PID records, exports.
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
+    # Before anything is opened: SQLite, nats-server and PostgreSQL create their
+    # files with the process umask, and children inherit it.
+    os.umask(PRIVATE_UMASK | os.umask(PRIVATE_UMASK))
     try:
         cli.main(args=argv, prog_name="medledger", standalone_mode=False)
     except click.exceptions.Abort:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ __all__ = [
     "dir_option",
     "emit",
     "fail",
+    "forget_env",
     "progress",
     "read_passphrase",
 ]
@@ -42,11 +44,23 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     sys.exit(code)
 
 
-def read_passphrase(
-    *, confirm: bool, env: str = PASSPHRASE_ENV, label: str = "Keystore passphrase"
-) -> bytes:
-    """A passphrase from the environment variable ``env`` or an interactive prompt.
+#: The longest passphrase read from a file descriptor.
+_MAX_PASSPHRASE_BYTES = 4096
 
+
+def read_passphrase(
+    *,
+    confirm: bool,
+    env: str = PASSPHRASE_ENV,
+    label: str = "Keystore passphrase",
+    fd: int | None = None,
+) -> bytes:
+    """A passphrase from file descriptor ``fd``, the environment variable ``env`` or a prompt.
+
+    ``fd`` (``--passphrase-fd``) is read to its end and closed; one trailing
+    newline is not part of the passphrase. ``env`` is then wiped from this
+    process (see :func:`forget_env`) whichever source was used, so no child
+    inherits it and ``/proc/<pid>/environ`` no longer shows it.
     ``confirm`` means a new passphrase is being set: it is asked twice and must
     pass the strength floor (:func:`~medledger.core.passphrase.check_new_passphrase`).
     """
@@ -54,7 +68,10 @@ def read_passphrase(
     from medledger.core.passphrase import check_new_passphrase
 
     value = os.environ.get(env)
-    if value is None:
+    forget_env(env)
+    if fd is not None:
+        value = _read_fd(fd)
+    elif value is None:
         if not sys.stdin.isatty():
             fail(f"no passphrase: set {env} or run in a terminal")
         value = click.prompt(label, hide_input=True, confirmation_prompt=confirm)
@@ -66,6 +83,50 @@ def read_passphrase(
         except InvalidInput as exc:
             fail(str(exc))
     return value.encode("utf-8")
+
+
+def _read_fd(fd: int) -> str:
+    """The passphrase written to ``fd`` (a pipe from the launching process), then closed."""
+    data = b""
+    try:
+        while len(data) <= _MAX_PASSPHRASE_BYTES and (chunk := os.read(fd, 4096)):
+            data += chunk
+    except OSError as exc:
+        fail(f"cannot read the passphrase from file descriptor {fd}: {exc.strerror}")
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if len(data) > _MAX_PASSPHRASE_BYTES:
+        fail(f"the passphrase on file descriptor {fd} is longer than {_MAX_PASSPHRASE_BYTES} bytes")
+    if data.endswith(b"\n"):
+        data = data[:-1].removesuffix(b"\r")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        fail(f"the passphrase on file descriptor {fd} is not UTF-8")
+
+
+def forget_env(name: str) -> None:
+    """Remove environment variable ``name`` from this process, and wipe its bytes.
+
+    ``os.environ.pop`` alone keeps children from inheriting it, but Linux still
+    shows the process's *initial* environment in ``/proc/<pid>/environ`` (to
+    the same user, and to root): the value's bytes are overwritten in place
+    first, where the C library still points at them.
+    """
+    if name not in os.environ:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_void_p
+        address = libc.getenv(name.encode())
+        if address:
+            ctypes.memset(address, 0, libc.strlen(ctypes.c_void_p(address)))
+    except (OSError, AttributeError):  # no C library to ask: removing it is all we can do
+        pass
+    os.environ.pop(name, None)
 
 
 def emit(obj: Any) -> None:

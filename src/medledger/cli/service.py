@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from medledger.cli.common import PASSPHRASE_ENV, dir_option, emit, read_passphrase
+from medledger.cli.common import dir_option, emit, read_passphrase
 from medledger.core.errors import DamagedStore
 from medledger.storage.tokens import ROLES, TokenStore
 
@@ -164,6 +164,14 @@ async def _check_own_anchor(
     is_flag=True,
     help="Re-derive every block of the private chain at start (default: the newest ones).",
 )
+@click.option(
+    "--passphrase-fd",
+    "passphrase_fd",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Read the keystore passphrase from this open file descriptor (e.g. a pipe), "
+    "instead of MEDLEDGER_PASSPHRASE or a prompt.",
+)
 def start(
     root: Path,
     host: str,
@@ -173,6 +181,7 @@ def start(
     idle_timeout: int,
     max_head_bytes: int,
     full_check: bool,
+    passphrase_fd: int | None,
 ) -> None:
     """Serve the node's FHIR API (/fhir), chain API (/chain), OpenAPI (/docs), /metrics.
 
@@ -201,9 +210,9 @@ def start(
         max_head_bytes=max_head_bytes,
     )
 
-    passphrase = read_passphrase(confirm=False)
-    # Children (validation workers) need no passphrase.
-    os.environ.pop(PASSPHRASE_ENV, None)
+    # Read, then wiped from this process's environment: children (validation
+    # workers) need no passphrase, and /proc/<pid>/environ must not show it.
+    passphrase = read_passphrase(confirm=False, fd=passphrase_fd)
     # Request paths and queries can carry identifiers: uvicorn's access log stays off.
     _structured_logging()
     log = logging.getLogger("medledger.node")

@@ -313,7 +313,7 @@ def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> IO[bytes]:
 
 
 def _write(target: Path, data: IO[bytes], mode: int = 0o600) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
         while chunk := data.read(1 << 20):
@@ -410,7 +410,7 @@ def restore(root: Path, source: Path, dsn: str | None, no_verify: bool) -> None:
         except (KeyError, ValueError, TypeError) as exc:
             raise InvalidInput(f"{source}: unreadable backup manifest ({exc})") from None
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
             for name, info in members.items():
                 if name.startswith("node/"):
                     _write(root / name.removeprefix("node/"), _read(tar, info))
@@ -424,11 +424,11 @@ def restore(root: Path, source: Path, dsn: str | None, no_verify: bool) -> None:
                 config.save(NodePaths(root=root).config)
             for name, info in members.items():
                 if name.startswith("sqlite/"):
-                    _write(root / name.removeprefix("sqlite/"), _read(tar, info), 0o644)
+                    _write(root / name.removeprefix("sqlite/"), _read(tar, info))
                 elif name.startswith("blobs/"):
                     _write(root / name, _read(tar, info))
             if config.storage.blobs == "file":
-                NodePaths(root=root).blobs.mkdir(exist_ok=True)
+                NodePaths(root=root).blobs.mkdir(mode=0o700, exist_ok=True)
             _restore_postgres(tar, members, config, versions)
         except BaseException:
             if created:

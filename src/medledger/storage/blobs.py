@@ -54,7 +54,7 @@ class FileBlobStore:
         self.root = root
         self._root_text = str(root)
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create blob directory {root}: {exc.strerror}") from None
 
@@ -74,7 +74,7 @@ class FileBlobStore:
                 path = self._path(blob_hash)
                 if path.exists():
                     continue
-                path.parent.mkdir(exist_ok=True)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:

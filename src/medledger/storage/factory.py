@@ -92,7 +92,7 @@ def open_record_index(kind: str, target: str | Path, *, schema: str | None = Non
 def initialize_blob_store(kind: str, target: str | Path, *, schema: str | None = None) -> None:
     """Create an empty blob store: a directory (``file``) or a table (``postgres``)."""
     if check_kind(kind, BLOB_KINDS, "blob store") == "file":
-        Path(target).mkdir()
+        Path(target).mkdir(mode=0o700)
         return
     from medledger.storage.postgres import PostgresBlobStore
 
