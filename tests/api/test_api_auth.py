@@ -8,6 +8,7 @@ their own records and write nothing, clinicians and admins do clinical work.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -29,6 +30,8 @@ from api_helpers import (
 )
 
 from medledger.core.errors import InvalidInput
+from medledger.core.models import Transaction
+from medledger.node import open_chain
 from medledger.services.ratelimit import RateLimit
 from medledger.services.synthetic import PatientBundle
 
@@ -408,6 +411,30 @@ def test_patient_token_cannot_tell_others_records_from_absent_ones(
                     f"{r.status_code} {r.text[:300]}"
                 )
                 assert rid not in r.text
+
+
+def test_a_patient_tokens_url_text_never_reaches_the_chain(
+    live: LiveServer, people: list[PatientBundle]
+) -> None:
+    """A refused read is audited with the URL's resource type: only a real FHIR type may be
+    written; a word shaped like one ("JaneRoeHasCarcinoma") is refused and writes nothing."""
+    me = people[0]
+    token = live.token("patient", patient=me.patient_id)
+    never = "00000000-0000-4000-8000-0000000000ee"
+    with live.client(token) as client:
+        before = live.log_size()
+        assert_outcome(client.get(f"/fhir/Observation/{never}"), 404)
+        assert live.log_size() == before + 1  # a refused access entry, as before
+        for suffix in ("", "/_history", "/_history/1"):
+            before = live.log_size()
+            assert_outcome(client.get(f"/fhir/JaneRoeHasCarcinoma/{never}{suffix}"), (400, 404))
+            assert live.log_size() == before, suffix
+    _, store = open_chain(live.root)
+    try:
+        txs = [Transaction.decode(d).to_json() for b in store.iter_blocks(1) for d in b.tx_data]
+    finally:
+        store.close()
+    assert "JaneRoe" not in json.dumps(txs)
 
 
 def test_another_patients_record_and_a_missing_id_take_the_same_path(

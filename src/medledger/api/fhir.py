@@ -25,7 +25,13 @@ from medledger.api.errors import TooLarge
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import Gone, InvalidInput, NotFound
 from medledger.services.access import AccessEntry, refusal_reason
-from medledger.services.fhir import MAX_BODY_BYTES, dump_resource, load_json, validate_id
+from medledger.services.fhir import (
+    MAX_BODY_BYTES,
+    dump_resource,
+    is_resource_type,
+    load_json,
+    validate_id,
+)
 from medledger.services.records import RecordsService, StoredResource, VersionInfo
 from medledger.services.search import SEARCH_PARAMS, patient_reference
 from medledger.storage.tokens import TokenInfo
@@ -162,9 +168,12 @@ async def _audited(
     try:
         yield shown
     except _NotYours as exc:
-        await node.access.record(
-            entry(resource_type, rid, exc.patient, "refused", refusal_reason(exc))
-        )
+        # The type is URL text: only a real FHIR type name may reach the chain. Any
+        # other word names no record, and that a word is no type is no secret.
+        if is_resource_type(resource_type):
+            await node.access.record(
+                entry(resource_type, rid, exc.patient, "refused", refusal_reason(exc))
+            )
         raise
     await node.access.record_many(
         [entry(s.resource_type, s.id, s.patient, "allowed") for s in shown]
