@@ -72,6 +72,11 @@ def test_phi_in_any_field_is_refused(field: str) -> None:
     assert "Smith" not in str(caught.value)
 
 
+def test_a_word_shaped_like_a_type_is_no_type() -> None:
+    with pytest.raises(InvalidInput, match="access entry resource"):
+        AccessEntry(**{**VALID, "resource": f"JaneRoeHasCarcinoma:{'ef' * 32}"})
+
+
 @given(field=st.sampled_from(sorted(VALID)), text=st.text(max_size=80))
 def test_no_free_text_passes_for_a_derived_value(field: str, text: str) -> None:
     """Anything accepted has the shape of a member id, hash, keyed reference or fixed reason."""

@@ -42,6 +42,7 @@ from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH, MAX_ACCESS_BATCH
 from medledger.ledger.private import PrivateChain
+from medledger.services.fhir import is_resource_type
 
 __all__ = ["ALLOWED", "REASONS", "REFUSED", "AccessEntry", "AccessLog", "refusal_reason"]
 
@@ -137,7 +138,11 @@ class AccessEntry:
             ("request", not self.request or _HASH.fullmatch(self.request)),
             (
                 "resource",
-                self.resource in ("", "list") or _RESOURCE.fullmatch(self.resource),
+                self.resource in ("", "list")
+                or (
+                    _RESOURCE.fullmatch(self.resource) is not None
+                    and is_resource_type(self.resource.split(":", 1)[0])
+                ),
             ),
             ("outcome", self.outcome in (ALLOWED, REFUSED)),
             ("reason", not self.reason or self.reason in REASONS),
