@@ -15,6 +15,7 @@ node directory modified.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import json
@@ -22,6 +23,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1126,3 +1128,23 @@ def test_version_and_help(base: Base) -> None:
     help_out = ok("--help").out
     for command in ("node", "chain", "verify"):
         assert command in help_out
+
+
+def test_forget_env_wipes_the_value_from_proc_and_from_children() -> None:
+    """What ``read_passphrase`` does to an environment variable it read (issue #14, item 15)."""
+    script = (
+        "import os, subprocess, sys\n"
+        "from medledger.cli.common import forget_env\n"
+        "forget_env('MEDLEDGER_PASSPHRASE')\n"
+        "own = open('/proc/self/environ', 'rb').read()\n"
+        "child = subprocess.run(['cat', '/proc/self/environ'], capture_output=True).stdout\n"
+        "sys.stdout.write(repr((os.environ.get('MEDLEDGER_PASSPHRASE'), own, child)))\n"
+    )
+    env = {**os.environ, "MEDLEDGER_PASSPHRASE": "wipe-me passphrase 42"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, timeout=60, check=True
+    )
+    value, own, child = ast.literal_eval(proc.stdout.decode())
+    assert value is None
+    assert b"wipe-me" not in own and b"wipe-me" not in child
+    assert b"MEDLEDGER_PASSPHRASE" not in child
