@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from medledger.core.errors import IntegrityError, NotFound
+from medledger.core.errors import IntegrityError, NotFound, StorageError, StorageFull
 from medledger.storage.blobs import FileBlobStore
 
 
@@ -101,3 +104,107 @@ def test_truncated_and_swapped_blobs_are_integrity_errors(store: FileBlobStore) 
 def test_store_reopens(tmp_path: Path) -> None:
     h = FileBlobStore(tmp_path / "b").put(b"durable")
     assert FileBlobStore(tmp_path / "b").get(h) == b"durable"
+
+
+# -- faults: short writes, a full disk, failed flushes, leftovers --------------------------
+
+
+def test_short_writes_still_store_every_byte(
+    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.write`` may write part of a buffer (a filling disk does): the rest must follow."""
+    real_write = os.write
+    calls = 0
+
+    def short_write(fd: int, data: bytes | memoryview) -> int:
+        nonlocal calls
+        calls += 1
+        return real_write(fd, bytes(data)[:7])
+
+    monkeypatch.setattr("medledger.storage.blobs.os.write", short_write)
+    data = bytes(range(256)) * 3
+    h = store.put(data)
+    monkeypatch.undo()
+    assert calls > 100  # the fault really was injected
+    assert (store.root / h.hex()[:2] / h.hex()).read_bytes() == data
+    assert store.get(h) == data
+
+
+def _fail_after(monkeypatch: pytest.MonkeyPatch, budget: int, err: int) -> None:
+    """Let ``budget`` bytes be written, then fail every write with ``err`` (a filling disk)."""
+    real_write = os.write
+    left = budget
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        nonlocal left
+        if left <= 0:
+            raise OSError(err, os.strerror(err))
+        chunk = bytes(data)[:left]
+        left -= len(chunk)
+        return real_write(fd, chunk)
+
+    monkeypatch.setattr("medledger.storage.blobs.os.write", write)
+
+
+def test_disk_full_mid_blob_fails_and_leaves_nothing(
+    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = store.put(b"stored before the disk filled")
+    _fail_after(monkeypatch, 1500, errno.ENOSPC)
+    batch = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    with pytest.raises(StorageFull) as exc:
+        store.put_many(batch)
+    assert "No space left" in str(exc.value)
+    monkeypatch.undo()
+    # Nothing of the batch: no truncated blob under its hash, no temporary file.
+    assert files(store.root) == [store.root / kept.hex()[:2] / kept.hex()]
+    for data in batch:
+        assert not store.exists(hashlib.sha256(data).digest())
+    # Space is back: the same batch is stored whole.
+    assert [store.get(h) for h in store.put_many(batch)] == batch
+
+
+def test_failed_flush_fails_and_leaves_nothing(
+    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write-back error (EIO from fsync) after the rename: the renamed blobs are removed."""
+    real_fsync = os.fsync
+    calls = 0
+
+    def fsync(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 2:  # the file flushes pass, the directory flush fails
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr("medledger.storage.blobs.os.fsync", fsync)
+    with pytest.raises(StorageError) as exc:
+        store.put_many([b"one", b"two"])
+    assert not isinstance(exc.value, StorageFull)
+    assert calls == 3
+    monkeypatch.undo()
+    assert files(store.root) == []
+
+
+def test_stale_temporaries_are_removed_and_fresh_ones_kept(store: FileBlobStore) -> None:
+    h = store.put(b"a blob")
+    sub = store.root / h.hex()[:2]
+    old = [sub / f".{h.hex()}.0badc0de", sub / f".{'ab' * 32}.12345678.tmp"]
+    for p in old:
+        p.write_bytes(b"")
+        os.utime(p, (1_000_000, 1_000_000))
+    fresh = sub / f".{'cd' * 32}.87654321.tmp"
+    fresh.write_bytes(b"partial")
+    cutoff = time.time() - 60
+    assert store.remove_stale_temporaries(older_than=cutoff) == 2
+    assert sorted(files(store.root)) == sorted([sub / h.hex(), fresh])
+    assert store.get(h) == b"a blob"
+
+
+def test_iter_hashes_lists_blobs_by_age(store: FileBlobStore) -> None:
+    a, b = store.put(b"old blob"), store.put(b"new blob")
+    os.utime(store.root / a.hex()[:2] / a.hex(), (1_000_000, 1_000_000))
+    (store.root / "not-a-blob-dir").mkdir()
+    assert sorted(store.iter_hashes()) == sorted([a, b])
+    assert list(store.iter_hashes(older_than=2_000_000)) == [a]

@@ -547,6 +547,13 @@ def test_index_put_latest_history(open_index: IndexFactory) -> None:
                 row("o29", 1, t=29),
             ]
             assert index.versions_since(1_700_000_001_000) == []
+            # Every row once, in key order, across pages of 1000.
+            await asyncio.gather(
+                *(index.put_version(row(f"p{i:04d}", 1, t=i), set()) for i in range(1100))
+            )
+            listed = [(r.id, r.version) for r in index.iter_versions()]
+            assert len(listed) == 1132 and listed == sorted(listed)
+            assert listed[:3] == [("o0", 1), ("o1", 1), ("o1", 2)]
         # Durable across a reopen.
         async with opened(open_index) as index:
             assert index.latest("Observation", "o1") == row("o1", 3, t=101)
@@ -685,6 +692,7 @@ def test_postgres_blob_store(pg_dsn: str) -> None:
         assert store.put(data[0]) == hashes[0]
         assert all(store.get(h) == d for h, d in zip(hashes, data, strict=True))
         assert store.exists(hashes[1])
+        assert sorted(store.iter_hashes()) == sorted(hashes)
         store.delete(hashes[1])
         store.delete(hashes[1])
         assert not store.exists(hashes[1])

@@ -33,6 +33,8 @@ from medledger.core.errors import (
     RateLimited,
     RetryableStorageError,
     StorageError,
+    StorageFull,
+    StoreDamaged,
     VerificationError,
 )
 from medledger.services.fhir import FhirInvalid, Issue, operation_outcome
@@ -86,8 +88,11 @@ _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (FhirInvalid, 400, "invalid"),
     (InvalidInput, 400, "invalid"),
     (InvalidSignature, 403, "security"),
+    # Acknowledged data lost or altered: a server fault, never "not found".
+    (StoreDamaged, 500, "exception"),
     (IntegrityError, 500, "exception"),
     (VerificationError, 500, "exception"),
+    (StorageFull, 507, "exception"),
     (RetryableStorageError, 503, "transient"),
     (StorageError, 503, "exception"),
     (OrderingError, 503, "transient"),

@@ -12,6 +12,7 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     │   ├── RootMismatch           a recomputed Merkle root differs (has both roots)
     │   ├── InconsistentLog        two log states cannot both be true
     │   └── IntegrityError         stored bytes do not match their hash / chain
+    │       └── StoreDamaged       acknowledged data is missing or altered in the node's store
     ├── InvalidInput               malformed or unacceptable input
     ├── NotFound                   no such block, transaction, record or key
     │   └── Gone                   it existed and was erased (FHIR 410)
@@ -22,7 +23,8 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     ├── KeyStoreError              keystore missing, locked or wrong passphrase
     ├── StorageError               the storage backend failed or is corrupt
     │   ├── RetryableStorageError  a transient failure; the same call may succeed
-    │   └── DamagedStore           a store failed its start-up check; the node will not serve
+    │   ├── DamagedStore           a store failed its start-up check; the node will not serve
+    │   └── StorageFull            no space left for a write (HTTP 507); nothing was stored
     └── OrderingError              the consortium ordering service failed
 
 Messages are one line, name *what* and *where* (height, index, record), and
@@ -49,6 +51,8 @@ __all__ = [
     "RetryableStorageError",
     "RootMismatch",
     "StorageError",
+    "StorageFull",
+    "StoreDamaged",
     "VerificationError",
 ]
 
@@ -80,6 +84,16 @@ class InconsistentLog(VerificationError):
 
 class IntegrityError(VerificationError):
     """Stored bytes do not match the hash or chain that commits to them."""
+
+
+class StoreDamaged(IntegrityError):
+    """Data the index and the chain say was acknowledged is missing or altered in the store.
+
+    Distinct from "no such record" (:class:`NotFound`): an acknowledged write
+    was lost or damaged, so the node's store needs an operator (restore or
+    re-fetch). Messages name the record by type, keyed ref and version — the
+    ref is already on the chain, so the message carries no PHI.
+    """
 
 
 class InvalidInput(MedledgerError):
@@ -143,6 +157,10 @@ class DamagedStore(StorageError):
     Raised by the start-up checks; the node refuses to open (and so to serve,
     recover or extend the chain) until an operator repairs the store.
     """
+
+
+class StorageFull(StorageError):
+    """The file system or database has no space for a write; nothing of it was stored."""
 
 
 class OrderingError(MedledgerError):

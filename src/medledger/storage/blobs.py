@@ -1,28 +1,55 @@
 """Content-addressed blob store: ciphertexts named by their SHA-256.
 
-The filesystem adapter writes each blob to a temporary file and renames it
-into ``<root>/<hh>/<hash>``, so a blob is either absent or whole. Durability
-is group-committed: :meth:`FileBlobStore.put_many` writes a batch, then
-flushes the file system once (``syncfs``) — one flush instead of two fsyncs
-per blob, which capped writes at a few thousand blobs per second.
+The filesystem adapter writes each blob completely to a temporary file,
+makes the data durable, renames it into ``<root>/<hh>/<hash>`` and makes the
+rename durable — so a file under a hash name is always whole, and
+:meth:`FileBlobStore.put_many` returns only when every blob of the batch is
+on disk. Durability is group-committed: one ``syncfs`` flushes the whole
+batch (one journal commit instead of two per blob), and an ``fsync`` of
+every file and directory afterwards, now cheap, reports any write-back error
+of exactly those files (``syncfs`` alone can miss an error that background
+write-back hit before it was called).
+
+Any failure (``ENOSPC``, ``EIO``, a short write) raises and leaves nothing
+of the batch behind: temporary files are removed and blobs this call renamed
+into place are removed again. :meth:`FileBlobStore.remove_stale_temporaries`
+clears the temporary files a crashed process left.
+
 Reads re-hash the bytes: a swapped or edited blob raises
 :class:`IntegrityError`, never returns garbage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from medledger.core.errors import IntegrityError, NotFound, StorageError
+from medledger.core.errors import IntegrityError, NotFound, StorageError, StorageFull
 from medledger.core.hashing import sha256
 
-__all__ = ["BlobStore", "FileBlobStore"]
+__all__ = ["BlobStore", "FileBlobStore", "PROCESS_STARTED", "storage_os_error"]
+
+#: When this process started (module import): temporaries older than this belong to
+#: a process that is gone.
+PROCESS_STARTED = time.time()
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_HEX = frozenset("0123456789abcdef")
+
+
+def storage_os_error(exc: OSError, what: str) -> StorageError:
+    """The storage error for an ``OSError``: :class:`StorageFull` when the disk is full."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in _FULL_ERRNOS:
+        return StorageFull(f"{what}: {reason} (no space left; nothing was stored)")
+    return StorageError(f"{what}: {reason}")
 
 
 class BlobStore(Protocol):
@@ -33,7 +60,7 @@ class BlobStore(Protocol):
         ...
 
     def put_many(self, blobs: Sequence[bytes]) -> list[bytes]:
-        """Store several blobs, durable together when this returns."""
+        """Store several blobs, durable together when this returns; on error none is stored."""
         ...
 
     def get(self, blob_hash: bytes) -> bytes:
@@ -45,6 +72,14 @@ class BlobStore(Protocol):
         ...
 
     def exists(self, blob_hash: bytes) -> bool: ...
+
+    def iter_hashes(self, *, older_than: float | None = None) -> Iterator[bytes]:
+        """Every stored blob's hash (by name; contents not read).
+
+        ``older_than`` (seconds since the epoch): only blobs last written before
+        then, so a sweep never considers a blob a write in progress just stored.
+        """
+        ...
 
 
 class FileBlobStore:
@@ -66,26 +101,58 @@ class FileBlobStore:
         return self.put_many([data])[0]
 
     def put_many(self, blobs: Sequence[bytes]) -> list[bytes]:
-        hashes = []
+        hashes = [sha256(data) for data in blobs]
+        staged: list[tuple[Path, Path]] = []  # (temporary, final) paths
+        targets: set[Path] = set()
+        renamed: set[Path] = set()
+        dir_fds: dict[Path, int] = {}
+        file_fds: list[int] = []
+        new_dirs = False
         try:
-            for data in blobs:
-                blob_hash = sha256(data)
-                hashes.append(blob_hash)
-                path = self._path(blob_hash)
-                if path.exists():
-                    continue
-                path.parent.mkdir(mode=0o700, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, data)
-                finally:
+            try:
+                for data, blob_hash in zip(blobs, hashes, strict=True):
+                    final = self._path(blob_hash)
+                    if final in targets or final.exists():
+                        continue
+                    targets.add(final)
+                    parent = final.parent
+                    if parent not in dir_fds:
+                        try:
+                            parent.mkdir(mode=0o700)
+                            new_dirs = True
+                        except FileExistsError:
+                            pass
+                        dir_fds[parent] = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+                    tmp = parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    staged.append((tmp, final))
+                    file_fds.append(fd)
+                    _write_all(fd, data)
+                if not staged:
+                    return hashes
+                # The data first: a name is only ever given to bytes already on disk.
+                _flush(self.root, file_fds)
+                for tmp, final in staged:
+                    tmp.rename(final)
+                    renamed.add(final)
+                if new_dirs:
+                    dir_fds[self.root] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                _flush(self.root, list(dir_fds.values()))
+            finally:
+                for fd in (*file_fds, *dir_fds.values()):
                     os.close(fd)
-                tmp.replace(path)
-            _sync_filesystem(self.root)
         except OSError as exc:
-            raise StorageError(f"cannot write blobs under {self.root}: {exc.strerror}") from None
+            self._discard(staged, renamed)
+            raise storage_os_error(exc, f"cannot write blobs under {self.root}") from None
         return hashes
+
+    @staticmethod
+    def _discard(staged: list[tuple[Path, Path]], renamed: set[Path]) -> None:
+        """Remove what a failed ``put_many`` left: nothing of it was acknowledged."""
+        for tmp, final in staged:
+            # Already gone, or unremovable: the start-up sweep retries.
+            with contextlib.suppress(OSError):
+                (final if final in renamed else tmp).unlink()
 
     def get(self, blob_hash: bytes) -> bytes:
         name = blob_hash.hex()
@@ -113,19 +180,86 @@ class FileBlobStore:
     def exists(self, blob_hash: bytes) -> bool:
         return self._path(blob_hash).exists()
 
+    def iter_hashes(self, *, older_than: float | None = None) -> Iterator[bytes]:
+        for name, entry in self._entries():
+            if len(name) != 64 or not set(name) <= _HEX:
+                continue
+            if older_than is not None and _mtime(entry) >= older_than:
+                continue
+            yield bytes.fromhex(name)
+
+    def remove_stale_temporaries(self, *, older_than: float = PROCESS_STARTED) -> int:
+        """Remove temporary files last written before ``older_than``; returns how many.
+
+        A temporary file is never acknowledged (a blob is only acknowledged
+        after its rename), so one a finished process left is safe to remove.
+        """
+        removed = 0
+        for name, entry in self._entries():
+            if name.startswith(".") and _mtime(entry) < older_than:
+                try:
+                    entry.unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise storage_os_error(exc, f"cannot remove temporary blob {entry}") from None
+        return removed
+
+    def _entries(self) -> Iterator[tuple[str, Path]]:
+        """``(name, path)`` of every file in the two-hex-digit directories."""
+        try:
+            subdirs = sorted(self.root.iterdir())
+        except OSError as exc:
+            raise storage_os_error(exc, f"cannot list blobs under {self.root}") from None
+        for parent in subdirs:
+            if len(parent.name) != 2 or not set(parent.name) <= _HEX:
+                continue
+            try:
+                entries = sorted(parent.iterdir())
+            except NotADirectoryError:
+                continue
+            except OSError as exc:
+                raise storage_os_error(exc, f"cannot list blobs under {parent}") from None
+            for entry in entries:
+                yield entry.name, entry
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")  # gone meanwhile: never "old"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data``: ``os.write`` may write only part of it."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # pragma: no cover - a POSIX write of >0 bytes never returns 0
+            raise OSError(errno.EIO, "write wrote nothing")
+        view = view[written:]
+
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
-def _sync_filesystem(path: Path) -> None:
-    """Flush every written file and directory entry of ``path``'s file system."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        syncfs = getattr(_libc, "syncfs", None)
-        if syncfs is None:  # not Linux: flush everything
-            os.sync()
-        elif syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
+def _flush(root: Path, fds: Sequence[int]) -> None:
+    """Make the data and metadata of the open files ``fds`` durable.
+
+    One ``syncfs`` writes everything of the file system back in one go; the
+    ``fsync`` per descriptor that follows costs little once nothing is dirty
+    and reliably reports a write-back error of that file.
+    """
+    syncfs = getattr(_libc, "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+    for fd in fds:
+        os.fsync(fd)

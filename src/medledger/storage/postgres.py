@@ -68,6 +68,7 @@ from medledger.core.errors import (
     NotFound,
     RetryableStorageError,
     StorageError,
+    StorageFull,
 )
 from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
@@ -261,6 +262,8 @@ def _storage_error(exc: psycopg.Error, where: str) -> MedledgerError:
         return StorageError(f"{where}: the store is closed")
     if isinstance(exc, psycopg.errors.UniqueViolation):
         return Conflict(f"{where}: {_reason(exc)}")
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return StorageFull(f"{where}: {_reason(exc)} (no space left; nothing was stored)")
     if isinstance(exc, psycopg.OperationalError):
         return RetryableStorageError(
             f"{where}: PostgreSQL is unavailable ({_reason(exc)}); retry later"
@@ -1050,6 +1053,21 @@ class PostgresRecordIndex(_PooledStore):
         rows = self._rows("SELECT value FROM meta WHERE key = %s", (RECOVERY_MARK,))
         return int(rows[0][0]) if rows else 0
 
+    def iter_versions(self) -> Iterator[VersionRow]:
+        """Every version row in key order, read in pages (store checks and sweeps)."""
+        after: tuple[str, str, int] = ("", "", -1)
+        while True:
+            rows = self._rows(
+                f"SELECT {_COLS} FROM versions WHERE (rtype, rid, version) > (%s, %s, %s)"
+                " ORDER BY rtype, rid, version LIMIT 1000",
+                after,
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield _version_row(r)
+            after = (str(rows[-1][0]), str(rows[-1][1]), int(rows[-1][2]))
+
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
         """Ids whose tokens match at least one token of every group."""
         found: set[str] | None = None
@@ -1134,6 +1152,20 @@ class PostgresBlobStore(_PooledStore):
 
     def exists(self, blob_hash: bytes) -> bool:
         return bool(self._rows("SELECT 1 FROM blobs WHERE hash = %s", (blob_hash,)))
+
+    def iter_hashes(self, *, older_than: float | None = None) -> Iterator[bytes]:
+        """Every stored hash, in pages. Rows carry no write time, so ``older_than`` is
+        not applied: a sweep over this store must run while no write is in flight."""
+        after = b""
+        while True:
+            rows = self._rows(
+                "SELECT hash FROM blobs WHERE hash > %s ORDER BY hash LIMIT 1000", (after,)
+            )
+            if not rows:
+                return
+            for (blob_hash,) in rows:
+                yield bytes(blob_hash)
+            after = bytes(rows[-1][0])
 
     def close(self) -> None:
         self._close_pool()

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.storage.batching import GroupCommitter
-from medledger.storage.sqlite import immediate, sqlite_uri
+from medledger.storage.sqlite import immediate, sqlite_uri, storage_error
 
 __all__ = ["RECOVERY_MARK", "RecordIndex", "SqliteRecordIndex", "VersionRow"]
 
@@ -129,6 +129,7 @@ class RecordIndex(Protocol):
     def max_chain_base(self) -> int | None: ...
     def recovery_mark(self) -> int: ...
     async def set_recovery_mark(self, height: int) -> None: ...
+    def iter_versions(self) -> Iterator[VersionRow]: ...
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]: ...
     def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]: ...
     def count_wrapped_by(self, kek_id: str) -> int: ...
@@ -206,7 +207,7 @@ class SqliteRecordIndex:
                             )
                         )
         except sqlite3.Error as exc:
-            err = StorageError(f"{self.path}: {exc}")
+            err = storage_error(self.path, exc)
             return [err] * len(ops)
         return results
 
@@ -403,6 +404,21 @@ class SqliteRecordIndex:
         """Chain height from which versions may still be unsettled (0 if never recorded)."""
         rows = self._rows("SELECT value FROM meta WHERE key = ?", (RECOVERY_MARK,))
         return int(rows[0][0]) if rows else 0
+
+    def iter_versions(self) -> Iterator[VersionRow]:
+        """Every version row in key order, read in pages (store checks and sweeps)."""
+        after: tuple[str, str, int] = ("", "", -1)
+        while True:
+            rows = self._rows(
+                f"SELECT {_COLS} FROM versions WHERE (rtype, rid, version) > (?, ?, ?)"
+                " ORDER BY rtype, rid, version LIMIT 1000",
+                after,
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield _row(r)
+            after = (rows[-1][0], rows[-1][1], rows[-1][2])
 
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
         """Ids whose tokens match at least one token of every group.

@@ -31,6 +31,7 @@ from medledger.core.errors import (
     InvalidInput,
     NotFound,
     StorageError,
+    StorageFull,
 )
 from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
@@ -41,6 +42,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SqliteChainStore",
     "immediate",
+    "storage_error",
     "node_from_key",
     "node_key",
     "sqlite_uri",
@@ -118,7 +120,10 @@ def _connect(path: Path) -> sqlite3.Connection:
 _DAMAGE_CODES = frozenset({11, 26})
 
 
-def _storage_error(path: Path, exc: sqlite3.Error) -> StorageError:
+def storage_error(path: Path, exc: sqlite3.Error) -> StorageError:
+    """The storage error for a SQLite error: :class:`StorageFull` when the disk is full."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StorageFull(f"{path}: {exc} (no space left; nothing was stored)")
     return StorageError(f"{path}: {exc}")
 
 
@@ -137,7 +142,7 @@ class SqliteChainStore:
 
     def _failed(self, exc: sqlite3.Error) -> StorageError:
         """The error to raise for ``exc``; a corrupt file is remembered (see :meth:`damage`)."""
-        error = _storage_error(self.path, exc)
+        error = storage_error(self.path, exc)
         code = getattr(exc, "sqlite_errorcode", None)
         if isinstance(code, int) and code & 0xFF in _DAMAGE_CODES:
             self._damage = str(error)
@@ -162,7 +167,7 @@ class SqliteChainStore:
                 [("schema_version", str(SCHEMA_VERSION)), ("chain", chain)],
             )
         except sqlite3.Error as exc:
-            raise _storage_error(path, exc) from None
+            raise storage_error(path, exc) from None
         return cls(path, chain, conn)
 
     @classmethod
