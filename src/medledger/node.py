@@ -37,11 +37,13 @@ from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.ledger.supervision import Health
 from medledger.services.access import AccessLog
 from medledger.services.enrollment import EnrollmentService
+from medledger.services.health import DEFAULT_MIN_FREE_BYTES, StoreHealth
 from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
 from medledger.services.keys import InstitutionKeys
 from medledger.services.peer_http import HttpPeerTransport
 from medledger.services.records import RecordsService
 from medledger.services.sharing import SharingService
+from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
 from medledger.services.trail import TrailIndex
 from medledger.services.validation import Validator
 from medledger.storage import factory
@@ -52,6 +54,7 @@ from medledger.storage.ports import ChainStore
 from medledger.storage.records import RecordIndex
 
 __all__ = [
+    "STORE_HEALTH_CHECKS",
     "Node",
     "init_node",
     "load_genesis",
@@ -60,8 +63,13 @@ __all__ = [
     "open_node",
     "open_orderer",
     "own_last_anchor",
+    "scrub_settings",
     "write_genesis",
 ]
+
+
+#: The names of the store's checks in ``Node.health``: disk space, damage the scrub found.
+STORE_HEALTH_CHECKS = ("disk", "record-store")
 
 
 @dataclass(slots=True)
@@ -90,12 +98,62 @@ class Node:
     _nonces: NonceStore | None = None
     _transport: HttpPeerTransport | None = None
     _trail: TrailIndex | None = None
+    _keys: InstitutionKeys | None = None
+    _scrub: StoreScrub | None = None
     health: Health = field(default_factory=Health)
 
     def __post_init__(self) -> None:
         self.health.add("private-chain-store", self._chain_store_problem)
         self.health.add("private-sequencer", self.chain.problem)
         self.health.add("access-summaries", lambda: self.access.problem())
+        disk, damage = STORE_HEALTH_CHECKS
+        self.health.add(disk, self.store_health.space_problem)
+        self.health.add(damage, self.store_health.damage_problem)
+
+    @property
+    def store_health(self) -> StoreHealth:
+        """The store's health: disk space, failed writes, damage found (for /readyz, /metrics)."""
+        return self.records.health
+
+    def _institution_keys(self) -> InstitutionKeys:
+        if self._keys is None:
+            self._keys = InstitutionKeys(self.keystore)
+        return self._keys
+
+    def _blob_store(self) -> BlobStore:
+        assert self._blobs is not None, "a node opened by open_node has a blob store"
+        return self._blobs
+
+    def check_records(self) -> StoreReport:
+        """``verify --records``: every index row, blob and wrapped key against the chain.
+
+        Blocking (reads the whole store): call it off the event loop in a server.
+        """
+        return check_store(
+            institution=self.config.institution,
+            index=self.index,
+            blobs=self._blob_store(),
+            chain=self.store,
+            keys=self._institution_keys(),
+            settle=settle_writes(self.records.writing),
+        )
+
+    def start_store_scrub(self, *, interval_s: float, rows_per_s: float) -> StoreScrub:
+        """Run the store check in the background every ``interval_s`` (see ``StoreScrub``)."""
+        if self._scrub is None:
+            self._scrub = StoreScrub(
+                institution=self.config.institution,
+                index=self.index,
+                blobs=self._blob_store(),
+                chain=self.store,
+                keys=self._institution_keys(),
+                health=self.store_health,
+                interval_s=interval_s,
+                rows_per_s=rows_per_s,
+                writing=self.records.writing,
+            )
+            self._scrub.start()
+        return self._scrub
 
     def _chain_store_problem(self) -> str | None:
         # Unauthenticated /readyz shows this: no paths, and the repair pointer.
@@ -179,6 +237,8 @@ class Node:
 
     async def close(self) -> None:
         """Commit everything queued, then release storage."""
+        if self._scrub is not None:
+            await self._scrub.close()
         if self.anchorer is not None:
             await self.anchorer.close()
         await self.access.drain()
@@ -241,6 +301,39 @@ def _validation_workers(explicit: int | None) -> int:
     if not text.isdigit():
         raise InvalidInput("MEDLEDGER_VALIDATION_WORKERS must be a whole number")
     return int(text)
+
+
+#: Seconds between store scrub passes (``0`` turns the scrub off).
+SCRUB_INTERVAL_ENV = "MEDLEDGER_SCRUB_INTERVAL_S"
+#: Record versions the scrub checks per second at most.
+SCRUB_RATE_ENV = "MEDLEDGER_SCRUB_RATE"
+#: Free bytes below which the node reports its data directory's disk as full.
+MIN_FREE_ENV = "MEDLEDGER_MIN_FREE_BYTES"
+
+
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInput(f"{name} must be a number, not {text!r}") from None
+    if not value >= 0:  # also refuses NaN
+        raise InvalidInput(f"{name} must not be negative")
+    return value
+
+
+def scrub_settings() -> tuple[float, float]:
+    """``(interval seconds, versions per second)`` of the store scrub, from the environment.
+
+    Defaults: a pass every hour at up to 500 versions a second.
+    """
+    interval = _env_number(SCRUB_INTERVAL_ENV, 3600.0)
+    rate = _env_number(SCRUB_RATE_ENV, 500.0)
+    if interval > 0 and rate == 0:
+        raise InvalidInput(f"{SCRUB_RATE_ENV} must be positive")
+    return interval, rate
 
 
 def load_genesis(path: Path) -> Genesis:
@@ -535,14 +628,19 @@ def open_node(
         store.close()
         _close_unused(index)
         raise
+    keys = InstitutionKeys(keystore)
     records = RecordsService(
         institution=config.institution,
         chain=chain,
         index=index,
         blobs=blobs,
-        keys=InstitutionKeys(keystore),
+        keys=keys,
         clock=clock,
         validator=Validator(_validation_workers(validation_workers)),
+        health=StoreHealth(
+            root if storage.blobs == "file" else None,
+            min_free_bytes=int(_env_number(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)),
+        ),
     )
     return Node(
         config=config,
@@ -557,4 +655,5 @@ def open_node(
             institution=config.institution, chain=chain, records=records, clock=clock
         ),
         _blobs=blobs,
+        _keys=keys,
     )

@@ -113,6 +113,9 @@ def create_app(
             body["consortium_height"] = node.consortium.final_height
         if ready is not None and not ready():
             body["status"] = "catching up"
+        # After a write failed for lack of space, a small flushed probe write (off the
+        # event loop) tells whether space is back.
+        await asyncio.to_thread(node.store_health.probe)
         problems = node.health.problems()
         # A chain store that cannot even answer its head cannot serve (off the loop:
         # a damaged or stalled disk must not stall every other request).

@@ -34,7 +34,7 @@ from medledger.core.errors import (
     RetryableStorageError,
     StorageError,
     StorageFull,
-    StoreDamaged,
+    RecordDamaged,
     VerificationError,
 )
 from medledger.services.fhir import FhirInvalid, Issue, operation_outcome
@@ -89,7 +89,7 @@ _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (InvalidInput, 400, "invalid"),
     (InvalidSignature, 403, "security"),
     # Acknowledged data lost or altered: a server fault, never "not found".
-    (StoreDamaged, 500, "exception"),
+    (RecordDamaged, 500, "exception"),
     (IntegrityError, 500, "exception"),
     (VerificationError, 500, "exception"),
     (StorageFull, 507, "exception"),

@@ -13,6 +13,11 @@ Series (no labels carry identifiers, paths or queries — nothing about patients
 ``medledger_task_up``                  gauge      1 while a background task runs, by ``task``
 ``medledger_refusals_total``           counter    4xx answers, by ``reason``
 ``medledger_requests_total``           counter    answers, by status ``class`` (2xx, 4xx, 5xx)
+``medledger_integrity_errors_total``   counter    reads that found acknowledged data missing or
+                                                  altered in the store (answered 500)
+``medledger_store_problems``           gauge      problems the last store scrub pass found
+``medledger_store_ready``              gauge      1 while the store can serve (disk not full, no
+                                                  damage found)
 =====================================  =========  ===============================================
 
 The consortium series appear once the node has joined a consortium. Counting
@@ -30,6 +35,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+
+from medledger.node import STORE_HEALTH_CHECKS
 
 __all__ = ["CONTENT_TYPE", "Metrics", "MetricsMiddleware", "install_metrics"]
 
@@ -182,7 +189,19 @@ def exposition(app: FastAPI) -> str:
 
     family("medledger_task_up", "gauge", "1 while the background task runs (see /readyz)")
     for task, problem in node.health.results().items():
-        out.append(_line("medledger_task_up", int(problem is None), {"task": task}))
+        if task not in STORE_HEALTH_CHECKS:  # the store has series of its own below
+            out.append(_line("medledger_task_up", int(problem is None), {"task": task}))
+    health = node.store_health
+    family(
+        "medledger_integrity_errors_total",
+        "counter",
+        "Reads that found acknowledged data missing or altered in the store",
+    )
+    out.append(_line("medledger_integrity_errors_total", health.integrity_errors))
+    family("medledger_store_problems", "gauge", "Problems found by the last store scrub pass")
+    out.append(_line("medledger_store_problems", len(health.damage)))
+    family("medledger_store_ready", "gauge", "1 while the store can serve")
+    out.append(_line("medledger_store_ready", int(not health.problems(probe=False))))
 
     family("medledger_refusals_total", "counter", "Requests refused with a 4xx status, by reason")
     for reason in sorted({*REASONS.values(), "other"}):

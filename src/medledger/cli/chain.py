@@ -13,6 +13,7 @@ import click
 
 from medledger.cli.common import dir_option, emit, fail, progress, read_passphrase
 from medledger.config import load_config
+from medledger.core.errors import RecordDamaged
 from medledger.core.hashing import hash_from_hex
 from medledger.ledger.export import (
     block_json,
@@ -195,7 +196,14 @@ def proof_consistency(root: Path, old_size: int, new_size: int | None) -> None:
     is_flag=True,
     help="Also verify the consortium chain and this chain against every final anchor of it.",
 )
-def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool) -> None:
+@click.option(
+    "--records",
+    "with_records",
+    is_flag=True,
+    help="Also check the record store: every index row against its record.put, every blob "
+    "and wrapped data key, every record.put has its index row (needs the passphrase).",
+)
+def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool, with_records: bool) -> None:
     """Re-derive and check every block, signature, root and proof node of the chain."""
     checkpoints = [parse_checkpoint(a) for a in anchors]
     if with_consortium:
@@ -229,4 +237,34 @@ def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool) -> None:
             if report.checkpoints
             else ""
         )
+    )
+    if with_records:
+        _verify_records(root)
+
+
+def _verify_records(root: Path) -> None:
+    """``verify --records``: print each problem of the record store; exit 3 if there is one."""
+    import asyncio
+
+    from medledger.node import open_node
+
+    node = open_node(root, read_passphrase(confirm=False))
+    try:
+        report = node.check_records()
+    finally:
+        asyncio.run(node.close())
+    for problem in report.problems:
+        click.echo(f"DAMAGED: {problem.describe()}")
+    if report.problem_count > len(report.problems):
+        click.echo(f"DAMAGED: … and {report.problem_count - len(report.problems)} more")
+    if not report.ok:
+        raise RecordDamaged(
+            f"the record store is damaged: {report.problem_count} problem(s) "
+            f"in {report.versions} record versions"
+        )
+    click.echo(
+        f"OK: records: {report.versions} versions ({report.erased} erased), "
+        f"{report.record_txs} record.put transactions, every index row matches the chain, "
+        "every blob is intact and every data key unwraps"
+        + (f"; {report.orphan_blobs} unreferenced blob(s)" if report.orphan_blobs else "")
     )

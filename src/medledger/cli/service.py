@@ -200,7 +200,7 @@ def start(
     from medledger.api.app import create_app
     from medledger.api.server import HttpLimits, server_config
     from medledger.ledger.ordering.observed import ObservedOrderer
-    from medledger.node import open_node, open_orderer
+    from medledger.node import open_node, open_orderer, scrub_settings
 
     _GracefulServer = _graceful_server_class()
     limits = HttpLimits(
@@ -216,6 +216,8 @@ def start(
     # Request paths and queries can carry identifiers: uvicorn's access log stays off.
     _structured_logging()
     log = logging.getLogger("medledger.node")
+
+    scrub_interval, scrub_rate = scrub_settings()
 
     async def serve() -> None:
         node = open_node(root, passphrase, full_check=full_check)
@@ -272,6 +274,9 @@ def start(
                 )
             elif settings is not None:
                 log.warning("no genesis.json: serving without joining the consortium")
+            if scrub_interval > 0:
+                # Also removes temporary blob files and orphan blobs earlier processes left.
+                node.start_store_scrub(interval_s=scrub_interval, rows_per_s=scrub_rate)
             config = server_config(app, host=host, port=port, limits=limits)
             server = _GracefulServer(config)
             if refused:

@@ -12,7 +12,7 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     │   ├── RootMismatch           a recomputed Merkle root differs (has both roots)
     │   ├── InconsistentLog        two log states cannot both be true
     │   └── IntegrityError         stored bytes do not match their hash / chain
-    │       └── StoreDamaged       acknowledged data is missing or altered in the node's store
+    │       └── RecordDamaged       acknowledged data is missing or altered in the node's store
     ├── InvalidInput               malformed or unacceptable input
     ├── NotFound                   no such block, transaction, record or key
     │   └── Gone                   it existed and was erased (FHIR 410)
@@ -52,7 +52,7 @@ __all__ = [
     "RootMismatch",
     "StorageError",
     "StorageFull",
-    "StoreDamaged",
+    "RecordDamaged",
     "VerificationError",
 ]
 
@@ -86,7 +86,7 @@ class IntegrityError(VerificationError):
     """Stored bytes do not match the hash or chain that commits to them."""
 
 
-class StoreDamaged(IntegrityError):
+class RecordDamaged(IntegrityError):
     """Data the index and the chain say was acknowledged is missing or altered in the store.
 
     Distinct from "no such record" (:class:`NotFound`): an acknowledged write

@@ -38,6 +38,8 @@ from medledger.core.errors import (
     MedledgerError,
     NotFound,
     PreconditionFailed,
+    StorageError,
+    RecordDamaged,
 )
 from medledger.core.hashing import sha256
 from medledger.core.models import Receipt, Transaction
@@ -51,6 +53,7 @@ from medledger.services.fhir import (
     validate_id,
     validate_resource,
 )
+from medledger.services.health import StoreHealth
 from medledger.services.keys import InstitutionKeys
 from medledger.services.search import patient_reference, query_tokens, resource_tokens
 from medledger.services.validation import Validator
@@ -168,10 +171,13 @@ class RecordsService:
         validator: Validator | None = None,
         sign_tx: Callable[[Transaction], Transaction] | None = None,
         crash_recovery: bool = True,
+        health: StoreHealth | None = None,
     ) -> None:
         """``crash_recovery=False`` (a second service sharing another's index, as the
         consortium-only benchmark mode does) neither records ``chain_base`` nor recovers."""
         self._institution = institution
+        # Failed writes (disk full) and damaged reads are reported here for /readyz, /metrics.
+        self.health = health or StoreHealth(None)
         self._chain = chain
         # Only the consortium-only benchmark mode signs record txs (see RecordChain).
         self._sign_tx = sign_tx
@@ -236,6 +242,14 @@ class RecordsService:
             0
         ]
         return stored, stored.version == 1
+
+    def writing(self, resource_type: str, rid: str) -> bool:
+        """Whether a write or erasure of this resource is in progress (its lock is held).
+
+        Read from the store check's thread: a momentary answer, which is all it needs.
+        """
+        lock = self._locks.get((resource_type, rid))
+        return lock is not None and lock.locked()
 
     # -- crash recovery -------------------------------------------------------------------
 
@@ -358,8 +372,11 @@ class RecordsService:
                 await self._index.put_version(row, tokens)
                 written.append(row)
             await self._chain.submit_many([tx for *_, tx in prepared])
+            self.health.write_succeeded()
             return [stored for _, _, stored, _ in prepared]
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StorageError):
+                self.health.write_failed(exc)
             try:
                 await self._undo(written, [row.blob_hash for row, *_ in prepared])
             except BaseException:
@@ -628,10 +645,7 @@ class RecordsService:
         )
         if row is None:
             raise NotFound(f"{resource_type}/{rid} does not exist (or has no such version)")
-        tx_data = self._checked_tx(row)
-        assert row.wrapped_dek is not None and row.kek_id is not None
-        blob = self._blobs.get(row.blob_hash)
-        dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
+        tx_data, blob, dek = self._sealed(row)
         return SealedVersion(row=row, blob=blob, dek=dek, tx_data=tx_data)
 
     def patient_pseudonym(self, patient_id: str) -> str:
@@ -693,14 +707,43 @@ class RecordsService:
     def record_ref(self, resource_type: str, rid: str) -> str:
         return self._keys.record_ref(resource_type, rid)
 
+    def _damaged(self, row: VersionRow, what: str) -> RecordDamaged:
+        """The error for a damaged acknowledged version, counted and logged (no PHI)."""
+        ref = self._keys.record_ref(row.resource_type, row.id)
+        exc = RecordDamaged(
+            f"the record store is damaged: {row.resource_type} record {ref[:16]}… "
+            f"version {row.version}: {what}"
+        )
+        self.health.integrity_error(exc)
+        return exc
+
+    def _sealed(self, row: VersionRow) -> tuple[bytes, bytes, bytes]:
+        """``(tx bytes, ciphertext, data key)`` of an acknowledged version, all checked.
+
+        What the index and the chain say was acknowledged but cannot be read
+        back intact is :class:`RecordDamaged` — never :class:`NotFound`.
+        """
+        tx_data = self._checked_tx(row)
+        assert row.wrapped_dek is not None and row.kek_id is not None
+        try:
+            blob = self._blobs.get(row.blob_hash)
+        except NotFound:
+            raise self._damaged(row, "its blob is missing") from None
+        except IntegrityError:
+            raise self._damaged(row, "its blob does not match its hash") from None
+        try:
+            dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
+        except IntegrityError:
+            raise self._damaged(row, "its data key does not unwrap") from None
+        return tx_data, blob, dek
+
     def _checked_tx(self, row: VersionRow) -> bytes:
-        where = f"{row.resource_type}/{row.id}/_history/{row.version}"
         if row.erased or row.wrapped_dek is None or row.kek_id is None:
             raise Gone(f"{row.resource_type}/{row.id} was erased")
         try:
             _, tx_data = self._chain.store.tx_by_hash(row.tx_hash)
         except NotFound:
-            raise IntegrityError(f"{where}: its chain transaction is missing") from None
+            raise self._damaged(row, "its chain transaction is missing") from None
         # The bytes hash to the committed tx hash, so a plain parse is enough here;
         # `verify` checks canonical form for the whole chain.
         tx = _parse(tx_data)
@@ -712,22 +755,23 @@ class RecordsService:
             or body.get("version") != row.version
             or body.get("blob") != row.blob_hash.hex()
             or body.get("ref") != self._keys.record_ref(row.resource_type, row.id)
+            or body.get("patient") != row.patient
         ):
-            raise IntegrityError(f"{where}: the index does not match the chain transaction")
+            raise self._damaged(row, "the index does not match its chain transaction")
         return tx_data
 
     def _open(self, row: VersionRow) -> StoredResource:
-        self._checked_tx(row)
-        assert row.wrapped_dek is not None and row.kek_id is not None
-        blob = self._blobs.get(row.blob_hash)
-        dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
+        _, blob, dek = self._sealed(row)
         context = RecordContext(
             institution=self._institution,
             resource_type=row.resource_type,
             id=row.id,
             version=row.version,
         )
-        data = open_record(dek, blob, context)
+        try:
+            data = open_record(dek, blob, context)
+        except IntegrityError:
+            raise self._damaged(row, "its ciphertext does not authenticate") from None
         return StoredResource(
             resource_type=row.resource_type,
             id=row.id,
