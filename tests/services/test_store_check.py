@@ -27,7 +27,7 @@ from medledger.storage.keystore import KdfParams
 from medledger.storage.records import VersionRow
 
 T = TypeVar("T")
-PW = b"pw"
+PW = b"store check test passphrase"
 #: A name that must never appear in a problem description, a log line or an error.
 SECRET_NAME = "Zyxwvutsrq"
 
