@@ -167,24 +167,35 @@ def test_disk_full_mid_blob_fails_and_leaves_nothing(
 def test_failed_flush_fails_and_leaves_nothing(
     store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A write-back error (EIO from fsync) after the rename: the renamed blobs are removed."""
-    real_fsync = os.fsync
-    calls = 0
+    """A write-back error (EIO from the flush) after the rename: the renamed blobs are removed."""
+    flushed: list[int] = []
 
-    def fsync(fd: int) -> None:
-        nonlocal calls
-        calls += 1
-        if calls > 2:  # the file flushes pass, the directory flush fails
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync(fd)
+    def failing_flush(self: object, fds: list[int]) -> None:
+        flushed.append(len(fds))
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr("medledger.storage.blobs.os.fsync", fsync)
+    monkeypatch.setattr("medledger.storage.blobs._Flush.__call__", failing_flush)
     with pytest.raises(StorageError) as exc:
         store.put_many([b"one", b"two"])
     assert not isinstance(exc.value, StorageFull)
-    assert calls == 3
+    assert "Input/output error" in str(exc.value)
+    assert flushed == [2]
     monkeypatch.undo()
     assert files(store.root) == []
+
+
+def test_a_torn_file_under_the_hash_name_is_replaced(store: FileBlobStore) -> None:
+    """What a crash between rename and flush can leave is never trusted as the blob."""
+    data = b"ciphertext that was being written when the power failed"
+    h = hashlib.sha256(data).digest()
+    path = store.root / h.hex()[:2] / h.hex()
+    path.parent.mkdir()
+    path.write_bytes(data[:10])
+    with pytest.raises(IntegrityError):
+        store.get(h)
+    assert store.put(data) == h
+    assert store.get(h) == data
+    assert files(store.root) == [path]
 
 
 def test_stale_temporaries_are_removed_and_fresh_ones_kept(store: FileBlobStore) -> None:

@@ -1,14 +1,21 @@
 """Content-addressed blob store: ciphertexts named by their SHA-256.
 
-The filesystem adapter writes each blob completely to a temporary file,
-makes the data durable, renames it into ``<root>/<hh>/<hash>`` and makes the
-rename durable — so a file under a hash name is always whole, and
-:meth:`FileBlobStore.put_many` returns only when every blob of the batch is
-on disk. Durability is group-committed: one ``syncfs`` flushes the whole
-batch (one journal commit instead of two per blob), and an ``fsync`` of
-every file and directory afterwards, now cheap, reports any write-back error
-of exactly those files (``syncfs`` alone can miss an error that background
-write-back hit before it was called).
+The filesystem adapter writes each blob completely (a short write is
+continued, never ignored) to a temporary file, renames it into
+``<root>/<hh>/<hash>``, and makes the batch durable before
+:meth:`FileBlobStore.put_many` returns — nothing is acknowledged before.
+Durability is group-committed: one ``syncfs`` flushes the whole batch, file
+data and directory entries, in one journal commit (an ``fsync`` per file and
+directory costs a device flush each; fsync-before-rename a second commit per
+batch). The ``syncfs`` descriptor is opened before the batch is written, so
+it reports any write-back error since — including one that background
+write-back met on a file of the batch before the flush.
+
+A crash between a rename and the flush can leave a torn file under a hash
+name, but never an acknowledged one: the write had not returned, so no index
+row or chain transaction names it. Such a file is never trusted — reads
+re-hash, a ``put`` of the same bytes re-hashes the existing file and replaces
+it if it differs, and the orphan sweep removes it.
 
 Any failure (``ENOSPC``, ``EIO``, a short write) raises and leaves nothing
 of the batch behind: temporary files are removed and blobs this call renamed
@@ -105,46 +112,46 @@ class FileBlobStore:
         staged: list[tuple[Path, Path]] = []  # (temporary, final) paths
         targets: set[Path] = set()
         renamed: set[Path] = set()
-        dir_fds: dict[Path, int] = {}
         file_fds: list[int] = []
-        new_dirs = False
+        try:
+            flush = _Flush(self.root)
+        except OSError as exc:
+            raise storage_os_error(exc, f"cannot open blob directory {self.root}") from None
         try:
             try:
                 for data, blob_hash in zip(blobs, hashes, strict=True):
                     final = self._path(blob_hash)
-                    if final in targets or final.exists():
+                    if final in targets or self._whole(final, blob_hash):
                         continue
                     targets.add(final)
-                    parent = final.parent
-                    if parent not in dir_fds:
-                        try:
-                            parent.mkdir(mode=0o700)
-                            new_dirs = True
-                        except FileExistsError:
-                            pass
-                        dir_fds[parent] = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-                    tmp = parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+                    final.parent.mkdir(mode=0o700, exist_ok=True)
+                    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     staged.append((tmp, final))
                     file_fds.append(fd)
                     _write_all(fd, data)
                 if not staged:
                     return hashes
-                # The data first: a name is only ever given to bytes already on disk.
-                _flush(self.root, file_fds)
                 for tmp, final in staged:
-                    tmp.rename(final)
+                    tmp.replace(final)
                     renamed.add(final)
-                if new_dirs:
-                    dir_fds[self.root] = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-                _flush(self.root, list(dir_fds.values()))
+                flush(file_fds)
             finally:
-                for fd in (*file_fds, *dir_fds.values()):
+                for fd in file_fds:
                     os.close(fd)
+                flush.close()
         except OSError as exc:
             self._discard(staged, renamed)
             raise storage_os_error(exc, f"cannot write blobs under {self.root}") from None
         return hashes
+
+    @staticmethod
+    def _whole(path: Path, blob_hash: bytes) -> bool:
+        """Whether ``path`` holds exactly the blob (a torn file from a crash does not)."""
+        try:
+            return sha256(path.read_bytes()) == blob_hash
+        except FileNotFoundError:
+            return False
 
     @staticmethod
     def _discard(staged: list[tuple[Path, Path]], renamed: set[Path]) -> None:
@@ -245,21 +252,29 @@ def _write_all(fd: int, data: bytes) -> None:
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
-def _flush(root: Path, fds: Sequence[int]) -> None:
-    """Make the data and metadata of the open files ``fds`` durable.
+class _Flush:
+    """Makes a batch's files durable, reporting every write-back error since it began.
 
-    One ``syncfs`` writes everything of the file system back in one go; the
-    ``fsync`` per descriptor that follows costs little once nothing is dirty
-    and reliably reports a write-back error of that file.
+    Opened before the batch is written: ``syncfs`` on a descriptor reports any
+    write-back error of the file system since that descriptor was opened
+    (Linux 5.8+), so an error background write-back met on one of the batch's
+    files before the flush is reported too. One ``syncfs`` writes the data,
+    renames and new directories back in one journal commit. Without
+    ``syncfs`` (not Linux), every file is ``fsync``-ed and then ``os.sync``.
     """
-    syncfs = getattr(_libc, "syncfs", None)
-    if syncfs is not None:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-        finally:
-            os.close(fd)
-    for fd in fds:
-        os.fsync(fd)
+
+    def __init__(self, root: Path) -> None:
+        self._syncfs = getattr(_libc, "syncfs", None)
+        self._fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+
+    def __call__(self, fds: Sequence[int]) -> None:
+        if self._syncfs is None:
+            for fd in fds:
+                os.fsync(fd)
+            os.sync()
+        elif self._syncfs(self._fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def close(self) -> None:
+        os.close(self._fd)
