@@ -31,10 +31,10 @@ from medledger.core.errors import (
     OrderingError,
     PreconditionFailed,
     RateLimited,
+    RecordDamaged,
     RetryableStorageError,
     StorageError,
     StorageFull,
-    RecordDamaged,
     VerificationError,
 )
 from medledger.services.fhir import FhirInvalid, Issue, operation_outcome

@@ -12,7 +12,7 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     │   ├── RootMismatch           a recomputed Merkle root differs (has both roots)
     │   ├── InconsistentLog        two log states cannot both be true
     │   └── IntegrityError         stored bytes do not match their hash / chain
-    │       └── RecordDamaged       acknowledged data is missing or altered in the node's store
+    │       └── RecordDamaged      acknowledged data is missing or altered in the node's store
     ├── InvalidInput               malformed or unacceptable input
     ├── NotFound                   no such block, transaction, record or key
     │   └── Gone                   it existed and was erased (FHIR 410)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from medledger.core.errors import StorageError, StorageFull, RecordDamaged
+from medledger.core.errors import RecordDamaged, StorageError, StorageFull
 
 __all__ = ["DEFAULT_MIN_FREE_BYTES", "StoreHealth"]
 

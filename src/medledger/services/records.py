@@ -38,8 +38,8 @@ from medledger.core.errors import (
     MedledgerError,
     NotFound,
     PreconditionFailed,
-    StorageError,
     RecordDamaged,
+    StorageError,
 )
 from medledger.core.hashing import sha256
 from medledger.core.models import Receipt, Transaction
