@@ -270,7 +270,11 @@ def first_run(
         ]
         for w in writers:
             w.start()
-        time.sleep(0.6)
+        # Stop while writes are in flight, but only once one was acknowledged: a
+        # fixed pause found none on a loaded machine.
+        deadline = time.monotonic() + 60
+        while len(acked) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
         code, seconds = stop_node(node)
         stop.set()
         for w in writers:
