@@ -28,9 +28,11 @@ import httpx
 import pytest
 
 from cli_support import medledger_command
+from medledger.core.errors import StorageFull
 from medledger.ledger.ordering.natsserver import free_ports
 from medledger.node import Node, init_node, open_node
 from medledger.storage.keystore import KdfParams
+from medledger.storage.records import SqliteRecordIndex, VersionRow
 from medledger.storage.tokens import TokenStore
 
 PASSPHRASE = "disk faults passphrase"
@@ -308,3 +310,40 @@ def test_verify_records_finds_writes_lost_with_a_truncated_wal(tmp_path: Path) -
     assert done.returncode == 3, (done.stdout, done.stderr)
     lost = [line for line in done.stdout.splitlines() if "has no index row" in line]
     assert len(lost) == 12, done.stdout
+
+
+def test_a_full_disk_under_the_record_index_is_storage_full(small_disk: Path) -> None:
+    """SQLite's SQLITE_FULL is the same "no space" failure (507), and changes nothing."""
+    path = small_disk / "records.db"
+    SqliteRecordIndex.initialize(path)
+
+    def row(n: int) -> VersionRow:
+        return VersionRow(
+            resource_type="Patient",
+            id=f"p{n}",
+            version=1,
+            blob_hash=bytes(32),
+            wrapped_dek=bytes(60),
+            kek_id="k",
+            patient=None,
+            updated_ms=n,
+            tx_hash=n.to_bytes(32, "big"),
+        )
+
+    async def go() -> None:
+        index = SqliteRecordIndex(path)
+        try:
+            await index.put_version(row(0), set())
+            filler = _fill(small_disk)
+            tokens = {os.urandom(32) for _ in range(20_000)}  # far more than fits now
+            with pytest.raises(StorageFull) as exc:
+                await index.put_version(row(1), tokens)
+            assert "records.db" in str(exc.value)
+            assert [r.id for r in index.iter_versions()] == ["p0"]
+            filler.unlink()
+            await index.put_version(row(1), tokens)
+            assert [r.id for r in index.iter_versions()] == ["p0", "p1"]
+        finally:
+            await index.close()
+
+    asyncio.run(go())
