@@ -1,11 +1,13 @@
 """The frozen golden fixture (``tests/golden/format.json``) against code and docs.
 
-The fixture is a tiny private chain (genesis + 3 blocks: ``record.put``,
+The fixture holds a tiny private chain (genesis + 3 blocks: ``record.put``,
 ``record.put`` + ``key.rotate``, ``access``), a consortium chain (genesis block
 0 without certificate, block 1 with a signed ``anchor`` and a two-member
-finality certificate), keyed pseudonym / record-reference HMACs and a record
-envelope, all as hex. It was made once by ``tests/golden/make_golden.py``;
-nothing here regenerates it.
+finality certificate), keyed pseudonym / record-reference HMACs, a record
+envelope, and the signed messages around them (a patient's enrollment
+message, a consent grant, a peer request and the HPKE share info), all as
+hex. It was made once by ``tests/golden/make_golden.py``; nothing here
+regenerates it (new sections may be added; existing values never change).
 
 Every value is re-derived twice: with medledger's production code (down to
 re-running the real sequencer with the fixture's keys and clock, and the
@@ -32,19 +34,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from medledger.core.consent import grant_tx
 from medledger.core.consortium import Genesis, quorum
 from medledger.core.encoding import canonical_bytes, parse_canonical
+from medledger.core.enrollment import enrollment_message
 from medledger.core.envelope import RecordContext, open_record, seal_record
 from medledger.core.errors import NotFound
 from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey, VerifyingKey
 from medledger.core.merkle import CompactRange, leaf_hash, root_from_leaf_hashes
 from medledger.core.models import BlockHeader, Signature, Transaction
+from medledger.core.peer import PeerRequest
 from medledger.ledger.consortium import genesis_block
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.verify import verify_chain
 from medledger.services.keys import InstitutionKeys
+from medledger.services.sharing import _info as share_info
 from medledger.storage.ports import NewBlock
 from medledger.storage.sqlite import SqliteChainStore
 
@@ -481,3 +487,98 @@ def doc_worked_example() -> dict[str, str]:
 
 def test_the_worked_example_in_formats_md_equals_the_fixture() -> None:
     assert doc_worked_example() == DOC_VALUES
+
+
+# ---------------------------------------------------------------------------
+# Signed messages: enrollment, consent grant, peer request, HPKE share info
+# ---------------------------------------------------------------------------
+
+MESSAGES = GOLDEN["messages"]
+
+
+def test_patient_enrollment_message_and_signature() -> None:
+    enroll = MESSAGES["enrollment"]
+    message = bytes.fromhex(enroll["message_hex"])
+    # Independent: canonical {"medledger-enroll": {"institution", "pseudonym"}}.
+    assert message == ref_canonical(
+        {
+            "medledger-enroll": {
+                "institution": enroll["institution"],
+                "pseudonym": enroll["pseudonym"],
+            }
+        }
+    )
+    assert enroll["pseudonym"] == GOLDEN["hmacs"][0]["hmac"]
+    ref_verify(MESSAGES["patient_spki_der"], enroll["signature"], message)
+    # Production.
+    assert enrollment_message(enroll["institution"], enroll["pseudonym"]) == message
+    patient = signing_key(MESSAGES["patient_scalar"])
+    assert patient.public.der().hex() == MESSAGES["patient_spki_der"]
+    assert patient.sign(message).to_json() == enroll["signature"]
+
+
+def test_consent_grant_is_signed_by_the_patient_key_it_names() -> None:
+    entry = MESSAGES["consent_grant"]
+    data = bytes.fromhex(entry["canonical_hex"])
+    grant = json.loads(data)
+    assert ref_canonical(grant) == data
+    assert ref_hash(data).hex() == entry["hash"]
+    assert grant["type"] == "consent.grant"
+    assert grant["chain"] == "consortium:" + GOLDEN["consortium_chain"]["genesis"]["consortium"]
+    body = grant["body"]
+    assert body["patient_key"] == MESSAGES["patient_spki_der"]
+    assert body["patient"] == hashlib.sha256(bytes.fromhex(body["patient_key"])).hexdigest()
+    (sig,) = grant["signatures"]
+    unsigned = {k: v for k, v in grant.items() if k != "signatures"}
+    ref_verify(MESSAGES["patient_spki_der"], sig, ref_canonical(unsigned))
+    # Production: the same grant, byte for byte (RFC 6979 signature included).
+    rebuilt = grant_tx(
+        signing_key(MESSAGES["patient_scalar"]),
+        chain=grant["chain"],
+        grantee=body["grantee"],
+        scope=body["scope"],
+        purpose=body["purpose"],
+        expires_ms=body["expires_ms"],
+        time_ms=grant["time_ms"],
+    )
+    assert rebuilt.encode() == data
+
+
+def test_peer_request_signing_bytes_hash_and_signature() -> None:
+    peer = MESSAGES["peer_request"]
+    signing = bytes.fromhex(peer["signing_bytes_hex"])
+    # Independent: "medledger-peer-request-v1\n" || canonical(R); hash = SHA-256 of it.
+    assert signing == b"medledger-peer-request-v1\n" + ref_canonical(peer["request"])
+    assert ref_hash(signing).hex() == peer["hash"]
+    assert peer["request"]["consent"] == MESSAGES["consent_grant"]["hash"]
+    ref_verify(KEYS["member_b_spki_der"], peer["signature"], signing)
+    # Production.
+    request = PeerRequest.from_json(peer["request"])
+    assert request.signing_bytes() == signing
+    assert request.hash().hex() == peer["hash"]
+    assert (
+        request.sign(signing_key(KEYS["member_b_scalar"])).signature.to_json() == peer["signature"]
+    )
+
+
+def test_hpke_share_info_binds_holder_reader_blob_and_request() -> None:
+    peer = MESSAGES["peer_request"]["request"]
+    info = bytes.fromhex(MESSAGES["share_info_hex"])
+    expected = {
+        "medledger-share": {
+            "holder": peer["holder"],
+            "reader": peer["reader"],
+            "blob": GOLDEN["envelope"]["blob_sha256"],
+            "request": MESSAGES["peer_request"]["hash"],
+        }
+    }
+    assert info == ref_canonical(expected)
+    assert (
+        share_info(
+            peer["holder"],
+            peer["reader"],
+            bytes.fromhex(GOLDEN["envelope"]["blob_sha256"]),
+            bytes.fromhex(MESSAGES["peer_request"]["hash"]),
+        )
+        == info
+    )

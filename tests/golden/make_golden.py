@@ -6,8 +6,9 @@ The golden fixture pins medledger's fixed byte formats (docs/formats.md) to
 concrete hex: a tiny private chain (genesis + 3 blocks) written by the real
 sequencer with fixed keys and a fixed clock, a consortium chain (genesis block
 0 and one block carrying an ``anchor`` and its finality certificate), the
-keyed pseudonym / record-reference HMACs, and a record envelope (AES-256-GCM
-AAD and a ciphertext). ``tests/core/test_golden_format.py`` checks every value
+keyed pseudonym / record-reference HMACs, a record envelope (AES-256-GCM
+AAD and a ciphertext), and signed messages (enrollment message, consent grant,
+peer request, HPKE share info). ``tests/core/test_golden_format.py`` checks every value
 against the production code *and* against independent code written from
 docs/formats.md; it never calls this script. Regenerating the file is a format
 change: it needs a new format version, not a silent refresh.
@@ -28,20 +29,27 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from medledger.core.consent import grant_tx
 from medledger.core.consortium import ConsortiumParams, Genesis, Member, quorum
 from medledger.core.encoding import canonical_bytes
+from medledger.core.enrollment import enrollment_message
 from medledger.core.envelope import RecordContext, seal_record
 from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Transaction
+from medledger.core.peer import PeerRequest
 from medledger.ledger.consortium import genesis_block
 from medledger.ledger.private import PrivateChain, SequencerConfig
+from medledger.services.sharing import _info as share_info
 from medledger.storage.sqlite import SqliteChainStore
 
 #: P-256 private scalars (hex) of the fixture's keys. Test constants only.
 INSTITUTION_SCALAR = "4c0ce3d1f21b5c63a58a3e1e1b6c2f0d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c"
 MEMBER_B_SCALAR = "1d2c3b4a5968778695a4b3c2d1e0f1e2d3c4b5a69788796a5b4c3d2e1f0e1d2c"
+#: The patient's wallet key (signs the enrollment message and the consent grant).
+PATIENT_SCALAR = "7e57a11ce0ffee00d0c70fa11ce5ba5e0000000000000000000000000000c0de"
+PEER_NONCE = "00112233445566778899aabbccddeeff"
 SEARCH_KEY = bytes(range(0x40, 0x60))
 DEK = bytes(range(0xA0, 0xC0))
 NONCE = bytes.fromhex("000102030405060708090a0b")
@@ -115,6 +123,49 @@ async def private_chain(key: SigningKey, blocks: list[list[Transaction]]) -> lis
         ]
         store.close()
     return out
+
+
+def signed_messages(genesis: Genesis, pseudonym: str, blob_hash: bytes) -> dict[str, Any]:
+    """Enrollment message, consent grant, peer request and HPKE share info, signed."""
+    patient, reader = key_of(PATIENT_SCALAR), key_of(MEMBER_B_SCALAR)
+    enroll = enrollment_message(INSTITUTION, pseudonym)
+    grant = grant_tx(
+        patient,
+        chain=genesis.chain_id,
+        grantee="hosp-b",
+        scope=["Patient", "Observation"],
+        purpose="TREAT",
+        expires_ms=T0 + 86_400_000,
+        time_ms=T0 + 4000,
+    )
+    request = PeerRequest(
+        op="fetch",
+        reader="hosp-b",
+        holder=INSTITUTION,
+        consent=grant.hash().hex(),
+        resource="Patient/golden-1",
+        nonce=PEER_NONCE,
+        time_ms=T0 + 5000,
+    )
+    return {
+        "patient_scalar": PATIENT_SCALAR,
+        "patient_spki_der": patient.public.der().hex(),
+        "patient_fingerprint": patient.fingerprint,
+        "enrollment": {
+            "institution": INSTITUTION,
+            "pseudonym": pseudonym,
+            "message_hex": enroll.hex(),
+            "signature": patient.sign(enroll).to_json(),
+        },
+        "consent_grant": tx_json(grant),
+        "peer_request": {
+            "request": request.to_json(),
+            "signing_bytes_hex": request.signing_bytes().hex(),
+            "hash": request.hash().hex(),
+            "signature": request.sign(reader).signature.to_json(),
+        },
+        "share_info_hex": share_info(INSTITUTION, "hosp-b", blob_hash, request.hash()).hex(),
+    }
 
 
 def main() -> None:
@@ -245,7 +296,10 @@ def main() -> None:
         block_json(h1, certificate, [anchor.encode()]),
     ]
 
+    messages = signed_messages(genesis, pseudonym, sha256(blob))
+
     fixture = {
+        "messages": messages,
         "about": (
             "medledger golden format fixture, made once by tests/golden/make_golden.py; "
             "checked by tests/core/test_golden_format.py against docs/formats.md. "
