@@ -271,3 +271,26 @@ def test_a_failed_take_back_is_retried_before_the_next_write(tmp_path: Path) -> 
             await node.close()
 
     asyncio.run(go())
+
+
+def test_the_recovery_mark_moves_up_while_the_node_runs(tmp_path: Path) -> None:
+    """A crash after a long run re-checks only the blocks since the last mark, not every
+    block since the node started; the mark never passes a write still in flight."""
+    root = tmp_path / "node"
+    init_node(root, name="Mark Test", passphrase=PW, kdf=KdfParams(n=2**12))
+
+    async def go() -> None:
+        node = open_node(root, PW)
+        node.records._mark_every = 2
+        try:
+            for i in range(5):
+                await node.records.update(
+                    "Patient", PATIENT["id"], dict(PATIENT, gender=GENDERS[i % 3])
+                )
+            mark = node.index.recovery_mark()
+            assert 0 < mark <= node.chain.durable_height
+            assert mark >= node.chain.durable_height - 2
+        finally:
+            await node.close()
+
+    asyncio.run(go())

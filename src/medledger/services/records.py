@@ -171,10 +171,12 @@ class RecordsService:
         validator: Validator | None = None,
         sign_tx: Callable[[Transaction], Transaction] | None = None,
         crash_recovery: bool = True,
+        recovery_mark_every: int = 4096,
         health: StoreHealth | None = None,
     ) -> None:
         """``crash_recovery=False`` (a second service sharing another's index, as the
-        consortium-only benchmark mode does) neither records ``chain_base`` nor recovers."""
+        consortium-only benchmark mode does) neither records ``chain_base`` nor recovers.
+        ``recovery_mark_every``: acknowledged writes between moves of the recovery mark."""
         self._institution = institution
         # Failed writes (disk full) and damaged reads are reported here for /readyz, /metrics.
         self.health = health or StoreHealth(None)
@@ -196,6 +198,10 @@ class RecordsService:
         self._recovery = asyncio.Lock()
         self._recovered = False
         self._crash_recovery = crash_recovery
+        # Every so many acknowledged writes the recovery mark moves up, so a crash
+        # after a long run re-checks only the newest blocks.
+        self._mark_every = recovery_mark_every
+        self._since_mark = 0
         # Versions indexed but not yet committed or taken back (key -> chain_base), and
         # versions whose take-back failed (e.g. disk full): never settled by the mark.
         self._unsettled: dict[tuple[str, str, int], int] = {}
@@ -350,6 +356,12 @@ class RecordsService:
             await lock.acquire()
         if self._stuck:
             await self._settle_stuck()
+        if self._crash_recovery and self._since_mark >= self._mark_every:
+            self._since_mark = 0
+            try:
+                await self._advance_mark(self._chain.durable_height)
+            except MedledgerError as exc:
+                log.warning("could not record the recovery mark: %s", exc)
         kek_id, kek = self._keys.current_kek()
         self._inflight[kek_id] += 1
         written: list[VersionRow] = []
@@ -372,6 +384,7 @@ class RecordsService:
                 await self._index.put_version(row, tokens)
                 written.append(row)
             await self._chain.submit_many([tx for *_, tx in prepared])
+            self._since_mark += 1
             self.health.write_succeeded()
             return [stored for _, _, stored, _ in prepared]
         except BaseException as exc:
