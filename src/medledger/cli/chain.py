@@ -23,7 +23,6 @@ from medledger.ledger.export import (
 )
 from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import parse_checkpoint, verify_chain
-from medledger.node import init_node, open_chain
 from medledger.storage.ports import ChainStore, StoredBlock
 
 __all__ = ["chain", "node", "stored_block_json", "verify"]
@@ -31,6 +30,8 @@ __all__ = ["chain", "node", "stored_block_json", "verify"]
 
 @contextmanager
 def _chain(root: Path) -> Iterator[tuple[Any, ChainStore]]:
+    from medledger.node import open_chain
+
     config, store = open_chain(root)
     try:
         yield config, store
@@ -59,6 +60,8 @@ def node() -> None:
 )
 def node_init(root: Path, name: str, institution: str | None) -> None:
     """Create keys, configuration and the private chain's genesis block in DIR."""
+    from medledger.node import init_node
+
     passphrase = read_passphrase(confirm=True)
     config = init_node(root, name=name, passphrase=passphrase, institution=institution)
     click.echo(f"created node {config.institution!r} ({config.name}) in {root}")

@@ -13,7 +13,6 @@ from medledger.cli.common import dir_option, emit
 from medledger.core.consortium import quorum
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.verify import VerifyReport, verify_chain
-from medledger.node import open_consortium_chain, write_genesis
 
 __all__ = ["consortium", "verify_consortium_store"]
 
@@ -35,6 +34,8 @@ def consortium() -> None:
 )
 def consortium_init(consortium_id: str, members: tuple[Path, ...]) -> None:
     """Write the genesis document (members' public keys) into every member's directory."""
+    from medledger.node import write_genesis
+
     genesis = write_genesis(consortium_id, list(members), time_ms=time.time_ns() // 1_000_000)
     n = len(genesis.members)
     click.echo(f"consortium {consortium_id!r}: {n} members, finality quorum {quorum(n)}")
@@ -43,6 +44,8 @@ def consortium_init(consortium_id: str, members: tuple[Path, ...]) -> None:
 
 def verify_consortium_store(root: Path) -> tuple[VerifyReport, ConsortiumPolicy]:
     """Re-verify a node's copy of the consortium chain from genesis (no passphrase)."""
+    from medledger.node import open_consortium_chain
+
     genesis, store = open_consortium_chain(root)
     try:
         policy = ConsortiumPolicy(genesis)

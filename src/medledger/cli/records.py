@@ -11,15 +11,18 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from medledger.cli.common import dir_option, emit, fail, read_passphrase
 from medledger.core.errors import InvalidInput
-from medledger.node import Node, open_node
-from medledger.services.fhir import MAX_BODY_BYTES, load_json
-from medledger.services.records import StoredResource
+
+if TYPE_CHECKING:
+    # Imported where used: `import medledger.cli` and `--help` must not pay for the node
+    # (aiohttp, FHIR models); only the command that runs does.
+    from medledger.node import Node
+    from medledger.services.records import StoredResource
 
 __all__ = ["keys", "record", "searchset"]
 
@@ -27,6 +30,8 @@ T = TypeVar("T")
 
 
 def _run(root: Path, action: Callable[[Node], Awaitable[T]]) -> T:
+    from medledger.node import open_node
+
     passphrase = read_passphrase(confirm=False)
 
     async def go() -> T:
@@ -40,6 +45,8 @@ def _run(root: Path, action: Callable[[Node], Awaitable[T]]) -> T:
 
 
 def _read_input(source: str) -> Any:
+    from medledger.services.fhir import MAX_BODY_BYTES, load_json
+
     if source == "-":
         data = sys.stdin.buffer.read(MAX_BODY_BYTES + 1)
     else:
