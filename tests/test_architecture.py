@@ -111,3 +111,72 @@ def test_package_exports() -> None:
     assert set(medledger.__all__) == {"MedledgerError", "__version__"}
     for name in medledger.__all__:
         assert hasattr(medledger, name)
+
+
+#: Wall-clock readings: ``time.time()``, ``datetime.now()`` and the like.
+_WALL_CLOCK_CALLS = {
+    ("time", "time"),
+    ("time", "time_ns"),
+    ("datetime", "now"),
+    ("datetime", "utcnow"),
+    ("datetime", "today"),
+    ("date", "today"),
+}
+#: Modules that may read the wall clock themselves, each with the reason.
+WALL_CLOCK_ALLOWED = {
+    # The clock itself: everything else asks a Clock.
+    "medledger.ledger.clock": "SystemClock reads the operating system's time",
+    # Compared with file modification times, which the kernel stamps with its own
+    # clock: an injected clock would make "older than" mean nothing.
+    "medledger.storage.blobs": "PROCESS_STARTED is compared with temporary files' mtimes",
+    "medledger.services.store_check": "the scrub's start is compared with blob files' mtimes",
+}
+
+
+def _wall_clock_calls(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module in {"time", "datetime"}:
+            for alias in node.names:
+                if (node.module, alias.name) in _WALL_CLOCK_CALLS:
+                    found.append(f"line {node.lineno}: from {node.module} import {alias.name}")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and (node.func.value.id, node.func.attr) in _WALL_CLOCK_CALLS
+        ):
+            found.append(f"line {node.lineno}: {node.func.value.id}.{node.func.attr}()")
+    return found
+
+
+def test_wall_clock_is_read_only_through_the_clock() -> None:
+    """Time comes from an injected ``Clock`` (``ledger.clock``), so tests can fix it."""
+    offenders = {
+        module: calls
+        for module, path in _modules()
+        if module not in WALL_CLOCK_ALLOWED and (calls := _wall_clock_calls(path))
+    }
+    assert not offenders, f"wall-clock reads outside ledger.clock: {offenders}"
+
+
+def test_wall_clock_allow_list_is_current() -> None:
+    # An entry whose module no longer reads the clock would silently allow a future one.
+    modules = dict(_modules())
+    stale = [m for m in WALL_CLOCK_ALLOWED if not _wall_clock_calls(modules[m])]
+    assert not stale, f"allowed modules that no longer read the wall clock: {stale}"
+
+
+def test_the_wall_clock_scan_finds_each_form(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import time\nfrom datetime import datetime\nfrom time import time_ns\n"
+        "a = time.time()\nb = time.time_ns()\nc = datetime.now()\nd = time.monotonic()\n",
+        encoding="utf-8",
+    )
+    assert _wall_clock_calls(sample) == [
+        "line 3: from time import time_ns",
+        "line 4: time.time()",
+        "line 5: time.time_ns()",
+        "line 6: datetime.now()",
+    ]

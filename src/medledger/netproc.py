@@ -53,6 +53,7 @@ from medledger.config import ConsortiumConfig, NodePaths, StorageConfig, load_co
 from medledger.core.errors import Conflict, InvalidInput, MedledgerError, NotFound
 from medledger.core.hashing import sha256
 from medledger.core.passphrase import check_new_passphrase
+from medledger.ledger.clock import SystemClock
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.tokens import TokenStore
 
@@ -449,7 +450,7 @@ def _create(
             data["postgres"] = _create_postgres(base)
             storage = StorageConfig(store="postgres", dsn=_dsn(data["postgres"]))
         roots = []
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = SystemClock().now_ms()
         for i in range(institutions):
             name = f"Hospital {i + 1}"
             root = base / f"hospital-{i + 1}"

@@ -11,7 +11,6 @@ started by this module, one JetStream connection per member).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from medledger.config import CONFIG_FILE, institution_id
 from medledger.core.consortium import ConsortiumParams
 from medledger.core.errors import InvalidInput, OrderingError
+from medledger.ledger.clock import SystemClock
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.node import Node, init_node, open_node, write_genesis
@@ -67,7 +67,7 @@ class LocalNetwork:
         write_genesis(
             consortium,
             roots,
-            time_ms=time.time_ns() // 1_000_000,
+            time_ms=SystemClock().now_ms(),
             params=params,
             peer_urls=peer_urls,
         )

@@ -28,7 +28,7 @@ from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, StorageError
 from medledger.core.passphrase import check_new_passphrase
 from medledger.ledger.anchoring import Anchorer
-from medledger.ledger.clock import Clock
+from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import AnchorRecord
 from medledger.ledger.integrity import check_private_store, last_anchor
@@ -101,6 +101,8 @@ class Node:
     _keys: InstitutionKeys | None = None
     _scrub: StoreScrub | None = None
     health: Health = field(default_factory=Health)
+    #: The node's time: everything it does that needs "now" asks this (tests inject theirs).
+    clock: Clock = field(default_factory=SystemClock)
 
     def __post_init__(self) -> None:
         self.health.add("private-chain-store", self._chain_store_problem)
@@ -578,6 +580,7 @@ def open_node(
     node's own last final anchor published. Otherwise :class:`DamagedStore`
     is raised and nothing is changed.
     """
+    clock = clock if clock is not None else SystemClock()
     config = load_config(root)
     paths = NodePaths(root=root)
     keystore = FileKeyStore.open(paths.keystore, passphrase)
@@ -656,4 +659,5 @@ def open_node(
         ),
         _blobs=blobs,
         _keys=keys,
+        clock=clock,
     )

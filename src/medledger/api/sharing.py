@@ -22,7 +22,6 @@ key only through the enrollment records (``services.enrollment``).
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -77,10 +76,6 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return fhir_response(body, status=status, headers=headers)
 
 
-def _now() -> int:
-    return time.time_ns() // 1_000_000
-
-
 async def _own_fingerprint(request: Request, who: TokenInfo) -> str | None:
     """A patient token's key fingerprint (None for other roles)."""
     if who.role != "patient":
@@ -95,7 +90,7 @@ def _consent_json(request: Request, record: ConsentRecord) -> dict[str, Any]:
     store = _node(request).consortium_store
     assert store is not None  # a node with a consortium member has its store
     tx = Transaction.decode(store.tx_by_hash(record.tx_hash)[1])
-    return consent_resource(record, tx, now_ms=_now())
+    return consent_resource(record, tx, now_ms=_node(request).clock.now_ms())
 
 
 def _key_and_signature(body: Any, extra: set[str] | None = None) -> tuple[VerifyingKey, Signature]:

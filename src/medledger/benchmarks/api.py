@@ -49,6 +49,7 @@ from medledger.benchmarks.common import (
     write_json,
 )
 from medledger.benchmarks.nodeproc import NodeProcess
+from medledger.ledger.clock import SystemClock
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
 from medledger.services.synthetic import iter_patients
@@ -119,7 +120,7 @@ class _Server:
         tokens = TokenStore(root / "tokens.db")
         try:
             self.token, _ = tokens.create(
-                role="clinician", now_ms=time.time_ns() // 1_000_000, label="bench api"
+                role="clinician", now_ms=SystemClock().now_ms(), label="bench api"
             )
         finally:
             tokens.close()

@@ -29,6 +29,7 @@ from medledger.benchmarks.common import machine, percentiles, write_json
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
+from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS
 from medledger.ledger.ordering.port import Orderer
@@ -44,7 +45,7 @@ class _Net:
         self.keys = [SigningKey.generate() for _ in range(n)]
         self.genesis = Genesis(
             consortium="bench",
-            time_ms=int(time.time() * 1000),
+            time_ms=SystemClock().now_ms(),
             members=tuple(
                 Member(id=f"m{i}", name=f"member {i}", signing_key=k.public)
                 for i, k in enumerate(self.keys)
@@ -97,7 +98,7 @@ class _Net:
                 "resource": f"{seq:064x}",
                 "outcome": "allowed",
             },
-            time_ms=int(time.time() * 1000),
+            time_ms=SystemClock().now_ms(),
         )
         return Transaction(
             type=unsigned.type,

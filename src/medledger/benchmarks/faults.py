@@ -53,6 +53,7 @@ from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import MedledgerError
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
+from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS
 from medledger.ledger.ordering.natsserver import free_ports
@@ -132,7 +133,7 @@ class _KilledNode:
         tokens = TokenStore(root / "tokens.db")
         try:
             self.token, _ = tokens.create(
-                role="clinician", now_ms=time.time_ns() // 1_000_000, label="bench faults"
+                role="clinician", now_ms=SystemClock().now_ms(), label="bench faults"
             )
         finally:
             tokens.close()
@@ -291,7 +292,7 @@ def _access_tx(genesis: Genesis, key: SigningKey, member: int, seq: int) -> Tran
             "resource": f"{uuid.uuid4().hex:0>64}",
             "outcome": "allowed",
         },
-        time_ms=time.time_ns() // 1_000_000,
+        time_ms=SystemClock().now_ms(),
     )
     return Transaction(
         type=unsigned.type,
@@ -309,7 +310,7 @@ async def _nats(root: Path, settings: FaultSettings, console: Console) -> dict[s
     keys = [SigningKey.generate() for _ in range(_NATS_MEMBERS)]
     genesis = Genesis(
         consortium="faults",
-        time_ms=time.time_ns() // 1_000_000,
+        time_ms=SystemClock().now_ms(),
         members=tuple(
             Member(id=f"m{i}", name=f"member {i}", signing_key=k.public) for i, k in enumerate(keys)
         ),

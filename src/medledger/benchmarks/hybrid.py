@@ -62,6 +62,7 @@ from medledger.benchmarks.hybrid_summary import compare, print_summary
 from medledger.config import institution_id
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID, ConsortiumParams
 from medledger.core.errors import InvalidInput, MedledgerError
+from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium_commit import ConsortiumCommit
 from medledger.network import LocalNetwork
 from medledger.node import Node, init_node, write_genesis
@@ -227,7 +228,7 @@ def create_nodes(base: Path, mode: str, n: int) -> list[Path]:
         root = base / institution_id(name)
         init_node(root, name=name, passphrase=PASSPHRASE, kdf=KdfParams(n=2**12))
         roots.append(root)
-    write_genesis(f"bench-{mode}", roots, time_ms=time.time_ns() // 1_000_000, params=_params(mode))
+    write_genesis(f"bench-{mode}", roots, time_ms=SystemClock().now_ms(), params=_params(mode))
     return roots
 
 

@@ -56,6 +56,7 @@ from medledger.benchmarks.nodeproc import NodeProcess
 from medledger.config import NodePaths, institution_id
 from medledger.core.consortium import ConsortiumParams
 from medledger.core.models import Transaction
+from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
 from medledger.network import LocalNetwork
 from medledger.node import Node
@@ -113,7 +114,7 @@ class SharingSettings:
 
 
 def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return SystemClock().now_ms()
 
 
 def hpke_cost_us(kem: str, rounds: int) -> dict[str, float]:

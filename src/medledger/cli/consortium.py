@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import click
 
 from medledger.cli.common import dir_option, emit
 from medledger.core.consortium import quorum
+from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.verify import VerifyReport, verify_chain
 
@@ -36,7 +36,7 @@ def consortium_init(consortium_id: str, members: tuple[Path, ...]) -> None:
     """Write the genesis document (members' public keys) into every member's directory."""
     from medledger.node import write_genesis
 
-    genesis = write_genesis(consortium_id, list(members), time_ms=time.time_ns() // 1_000_000)
+    genesis = write_genesis(consortium_id, list(members), time_ms=SystemClock().now_ms())
     n = len(genesis.members)
     click.echo(f"consortium {consortium_id!r}: {n} members, finality quorum {quorum(n)}")
     click.echo(f"genesis hash {genesis.hash().hex()} written to {len(members)} node directories")

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import click
 
 from medledger.cli.common import dir_option, emit, read_passphrase
 from medledger.core.errors import DamagedStore
+from medledger.ledger.clock import SystemClock
 from medledger.storage.tokens import ROLES, TokenStore
 
 if TYPE_CHECKING:
@@ -341,7 +341,7 @@ def token_create(
             role=role,
             patient=patient,
             label=label,
-            now_ms=time.time_ns() // 1_000_000,
+            now_ms=SystemClock().now_ms(),
             ttl_ms=None if ttl_hours is None else int(ttl_hours * 3.6e6),
         )
     finally:

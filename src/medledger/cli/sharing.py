@@ -12,13 +12,13 @@ rotations and break-glass re-bindings (``event``) beside consents and reads.
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from medledger.cli.common import dir_option, emit, fail, read_passphrase
+from medledger.ledger.clock import SystemClock
 
 __all__ = ["audit", "consent", "patient", "share"]
 
@@ -95,7 +95,7 @@ def _ready(node_url: str) -> dict[str, Any]:
 
 
 def _now() -> int:
-    return time.time_ns() // 1_000_000
+    return SystemClock().now_ms()
 
 
 def _start_ms(text: str) -> int:

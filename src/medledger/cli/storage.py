@@ -24,7 +24,6 @@ import os
 import sqlite3
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +34,7 @@ import click
 from medledger.cli.common import dir_option
 from medledger.config import NodeConfig, NodePaths, StorageConfig, load_config
 from medledger.core.errors import Conflict, InvalidInput, NotFound, StorageError
+from medledger.ledger.clock import SystemClock
 from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import verify_chain
 from medledger.storage import factory
@@ -134,7 +134,7 @@ def migrate(root: Path) -> None:
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mtime = int(time.time())
+    info.mtime = SystemClock().now_ms() // 1000
     info.mode = 0o600
     tar.addfile(info, io.BytesIO(data))
 
@@ -144,7 +144,7 @@ def _add_stream(tar: tarfile.TarFile, name: str, f: IO[bytes]) -> None:
     f.seek(0)
     info = tarfile.TarInfo(name)
     info.size = size
-    info.mtime = int(time.time())
+    info.mtime = SystemClock().now_ms() // 1000
     info.mode = 0o600
     tar.addfile(info, f)
 
@@ -255,7 +255,7 @@ def backup(root: Path, out: Path) -> None:
             manifest = {
                 "format": FORMAT,
                 "version": VERSION,
-                "created_ms": int(time.time() * 1000),
+                "created_ms": SystemClock().now_ms(),
                 "institution": config.institution,
                 "chain": config.chain,
                 "store": config.storage.store,

@@ -21,6 +21,7 @@ from rich.padding import Padding
 from rich.table import Column, Table
 
 from medledger.demo.client import DemoFailed, NodeApi
+from medledger.ledger.clock import SystemClock
 from medledger.services.synthetic import PatientBundle
 from medledger.storage.keystore import KdfParams
 
@@ -97,7 +98,7 @@ def wait_until(
 
 def now_ms() -> int:
     """Wall-clock time in milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
+    return SystemClock().now_ms()
 
 
 def short(text: str, n: int = 12) -> str:

@@ -1,0 +1,29 @@
+"""The composition root hands the node one clock, which the API reads "now" from."""
+
+from __future__ import annotations
+
+import asyncio
+
+from conftest import PASSPHRASE, MakeNode, StepClock
+from medledger.ledger.clock import SystemClock
+from medledger.node import open_node
+
+
+def test_open_node_keeps_the_injected_clock(make_node: MakeNode, clock: StepClock) -> None:
+    root, _ = make_node()
+    node = open_node(root, PASSPHRASE, clock=clock)
+    try:
+        assert node.clock is clock
+        before = clock.now_ms()
+        assert node.clock.now_ms() == before + 1
+    finally:
+        asyncio.run(node.close())
+
+
+def test_open_node_defaults_to_the_system_clock(make_node: MakeNode) -> None:
+    root, _ = make_node()
+    node = open_node(root, PASSPHRASE)
+    try:
+        assert isinstance(node.clock, SystemClock)
+    finally:
+        asyncio.run(node.close())
