@@ -353,23 +353,23 @@ def _create_postgres(base: Path) -> dict[str, Any]:
     from medledger.storage import pg_embedded
 
     parent = base / "postgres"
-    run_as = pg_embedded._run_as()
-    if run_as and not _world_traversable(base):
+    account = pg_embedded.server_account()
+    if account is not None and not _world_traversable(base):
         # PostgreSQL refuses root, so it runs as an unprivileged user, which cannot
         # reach a private directory: the cluster then lives in the temporary directory.
         digest = sha256(str(base).encode()).hex()[:12]
         parent = Path(tempfile.gettempdir()) / f"medledger-network-pg-{digest}"
     parent.mkdir(mode=0o700)
-    if run_as:
-        os.chown(parent, run_as["user"], run_as["group"])
+    if account is not None:
+        os.chown(parent, *account)
     spec = {
-        "port": pg_embedded._free_port(),
+        "port": pg_embedded.free_port(),
         "password": secrets.token_hex(16),
         "data_dir": str(parent / "data"),
     }
     server = _postgres(spec)
     try:
-        server._initdb("scram", True, {})
+        server.initdb(auth="scram", fsync=True)
         server.start()
         server.create_database(_PG_DATABASE)
     except BaseException:

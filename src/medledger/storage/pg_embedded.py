@@ -32,7 +32,7 @@ from typing import Any
 from medledger.core.errors import StorageError
 from medledger.core.hashing import sha256
 
-__all__ = ["EmbeddedPostgres", "binaries"]
+__all__ = ["EmbeddedPostgres", "binaries", "free_port", "server_account"]
 
 #: Superuser created by ``initdb``.
 SUPERUSER = "medledger"
@@ -95,21 +95,35 @@ def _usable_binaries() -> Path:
     return copy / rel / "bin"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on ``127.0.0.1`` that was free a moment ago (for a server about to bind it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def _run_as() -> dict[str, Any]:
-    """``subprocess`` arguments that drop root privileges (PostgreSQL refuses root)."""
+def server_account() -> tuple[int, int] | None:
+    """``(uid, gid)`` the server runs as when this process is root, else ``None``.
+
+    PostgreSQL refuses to run as root, so a root process hands the server to
+    ``nobody``; whatever the server must write (its data directory's parent)
+    must then be owned by this account.
+    """
     if os.geteuid() != 0:
-        return {}
+        return None
     import pwd
 
     entry = pwd.getpwnam(_UNPRIVILEGED)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    return entry.pw_uid, entry.pw_gid
+
+
+def _run_as() -> dict[str, Any]:
+    """``subprocess`` arguments that drop root privileges (PostgreSQL refuses root)."""
+    account = server_account()
+    if account is None:
+        return {}
+    return {"user": account[0], "group": account[1], "extra_groups": []}
 
 
 class EmbeddedPostgres:
@@ -152,16 +166,29 @@ class EmbeddedPostgres:
         if run_as:
             os.chown(parent, run_as["user"], run_as["group"])
         password = os.urandom(12).hex()
-        server = cls(parent / "data", port=_free_port(), password=password, owns_dir=True)
+        server = cls(parent / "data", port=free_port(), password=password, owns_dir=True)
         try:
-            server._initdb(auth, fsync, settings or {})
+            server.initdb(auth=auth, fsync=fsync, settings=settings)
             server.start()
         except BaseException:
             server.close()
             raise
         return server
 
-    def _initdb(self, auth: str, fsync: bool, settings: Mapping[str, str]) -> None:
+    def initdb(
+        self,
+        *,
+        auth: str = "scram",
+        fsync: bool = True,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create a new cluster in ``data_dir`` (its parent must exist); does not start it.
+
+        ``auth`` is ``"scram"`` (the superuser's password over TCP) or ``"trust"``;
+        ``settings`` are added to ``postgresql.conf``.
+        """
+        if auth not in ("scram", "trust"):
+            raise ValueError(f"unknown auth {auth!r}")
         pwfile = self.data_dir.parent / "pwfile"
         pwfile.write_text(self.password + "\n")
         run_as = _run_as()
@@ -189,7 +216,7 @@ class EmbeddedPostgres:
             "max_connections": "200",
             "fsync": "on" if fsync else "off",
             "logging_collector": "off",
-            **settings,
+            **(settings or {}),
         }
         with (self.data_dir / "postgresql.conf").open("a") as f:
             f.write("\n# medledger embedded server\n")
