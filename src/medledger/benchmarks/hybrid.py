@@ -76,6 +76,7 @@ __all__ = [
     "MODES",
     "PASSPHRASE",
     "BenchNetwork",
+    "draw_plots",
     "HybridSettings",
     "Step",
     "create_nodes",
@@ -558,6 +559,16 @@ def run_result(
     }
 
 
+def draw_plots(results: dict[str, Any], plots_dir: Path, console: Console) -> list[str]:
+    """The hybrid figures' paths; without matplotlib (an optional extra) one line and none."""
+    from medledger.benchmarks.report import PLOTS_SKIPPED, plot_hybrid, plots_available
+
+    if not plots_available():
+        console.print(PLOTS_SKIPPED, markup=False, highlight=False)
+        return []
+    return [str(p) for p in plot_hybrid(results, plots_dir)]
+
+
 def run_hybrid_bench(
     *,
     root: Path | None,
@@ -596,9 +607,7 @@ def run_hybrid_bench(
     finish_results(results, started)
     results["comparison"] = compare(results["runs"])
     if plots_dir is not None:
-        from medledger.benchmarks.report import plot_hybrid
-
-        results["plots"] = [str(p) for p in plot_hybrid(results, plots_dir)]
+        results["plots"] = draw_plots(results, plots_dir, console)
     print_summary(results)
     if json_out is not None:
         write_json(json_out, results)

