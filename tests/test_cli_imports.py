@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from conftest import MakeNode
+from medledger.config import NodeConfig
+
+MakeNode = Callable[..., tuple[Path, NodeConfig]]
 
 #: Libraries that only the server, network, PostgreSQL, FHIR or plotting commands need.
 HEAVY = ("aiohttp", "fastapi", "uvicorn", "nats", "psycopg", "matplotlib", "starlette", "httpx")

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from pathlib import Path
 
-from conftest import PASSPHRASE, MakeNode, StepClock
-from medledger.ledger.clock import SystemClock
+from medledger.config import NodeConfig
+from medledger.ledger.clock import Clock, SystemClock
 from medledger.node import open_node
 
+MakeNode = Callable[..., tuple[Path, NodeConfig]]
 
-def test_open_node_keeps_the_injected_clock(make_node: MakeNode, clock: StepClock) -> None:
+
+def test_open_node_keeps_the_injected_clock(
+    make_node: MakeNode, clock: Clock, passphrase: bytes
+) -> None:
     root, _ = make_node()
-    node = open_node(root, PASSPHRASE, clock=clock)
+    node = open_node(root, passphrase, clock=clock)
     try:
         assert node.clock is clock
         before = clock.now_ms()
@@ -20,9 +26,9 @@ def test_open_node_keeps_the_injected_clock(make_node: MakeNode, clock: StepCloc
         asyncio.run(node.close())
 
 
-def test_open_node_defaults_to_the_system_clock(make_node: MakeNode) -> None:
+def test_open_node_defaults_to_the_system_clock(make_node: MakeNode, passphrase: bytes) -> None:
     root, _ = make_node()
-    node = open_node(root, PASSPHRASE)
+    node = open_node(root, passphrase)
     try:
         assert isinstance(node.clock, SystemClock)
     finally:
