@@ -85,3 +85,16 @@ def test_node_show_prints_the_identity_without_loading_a_heavy_library(
 def test_the_probe_sees_a_heavy_import() -> None:
     # The checks above would pass vacuously if the probe could not see an import at all.
     assert _loaded_after("import aiohttp") == ["aiohttp"]
+
+
+def test_reading_a_chain_loads_no_heavy_library(make_node: MakeNode) -> None:
+    # `chain show` opens the chain through the node module, which must not pull
+    # in the peer HTTP client (aiohttp) that only a consortium member uses.
+    root, config = make_node()
+    printed, loaded = _run_then_list_heavy(
+        _run_cli(["chain", "show", "--dir", str(root), "--json"])
+    )
+    assert loaded == []
+    head = json.loads(printed)
+    assert head["chain"] == config.chain
+    assert head["height"] == 0

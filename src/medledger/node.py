@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medledger.config import (
     CONFIG_FILE,
@@ -40,7 +41,6 @@ from medledger.services.enrollment import EnrollmentService
 from medledger.services.health import DEFAULT_MIN_FREE_BYTES, StoreHealth
 from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
 from medledger.services.keys import InstitutionKeys
-from medledger.services.peer_http import HttpPeerTransport
 from medledger.services.records import RecordsService
 from medledger.services.sharing import SharingService
 from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
@@ -52,6 +52,9 @@ from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.nonces import NonceStore
 from medledger.storage.ports import ChainStore
 from medledger.storage.records import RecordIndex
+
+if TYPE_CHECKING:
+    from medledger.services.peer_http import HttpPeerTransport
 
 __all__ = [
     "STORE_HEALTH_CHECKS",
@@ -200,6 +203,9 @@ class Node:
             institution=self.config.institution, chain=self.chain, member=member
         )
         self._nonces = NonceStore(self.paths.root / "peer_nonces.db")
+        # Here, not at the top: commands that only read a chain need no HTTP client.
+        from medledger.services.peer_http import HttpPeerTransport
+
         self._transport = HttpPeerTransport()
         kem = self.config.hpke_key.partition(":")[0] or DEFAULT_KEM
         self.sharing = SharingService(
