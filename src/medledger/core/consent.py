@@ -23,6 +23,12 @@ from medledger.core.errors import ConsentDenied, InvalidInput, InvalidSignature
 from medledger.core.hashing import hash_from_hex
 from medledger.core.keys import SigningKey, VerifyingKey
 from medledger.core.models import Transaction
+from medledger.core.transactions import (
+    CONSENT_GRANT,
+    CONSENT_REVOKE,
+    CONSENT_TYPES,
+    CONSORTIUM_BODIES,
+)
 
 __all__ = [
     "ALL_TYPES",
@@ -38,11 +44,9 @@ __all__ = [
     "revoke_tx",
 ]
 
-CONSENT_GRANT, CONSENT_REVOKE = "consent.grant", "consent.revoke"
 #: Identifier system of a patient's key fingerprint (FHIR ``Patient.identifier``,
 #: ``Consent.patient``): how an institution links its Patient to the wallet.
 PATIENT_KEY_SYSTEM = "urn:medledger:patient-key"
-CONSENT_TYPES = frozenset({CONSENT_GRANT, CONSENT_REVOKE})
 #: Scope entry meaning "every resource type of this patient".
 ALL_TYPES = "*"
 #: HL7 v3 PurposeOfUse codes accepted in a grant.
@@ -58,10 +62,10 @@ PURPOSES = {
 }
 _TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _MEMBER = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_GRANT_FIELDS = {"patient", "patient_key", "grantee", "scope", "purpose", "expires_ms"}
+_GRANT_FIELDS = CONSORTIUM_BODIES[CONSENT_GRANT].required
 #: Optional grant body fields (absent in grants made before they existed).
-_GRANT_OPTIONAL = {"starts_ms"}
-_REVOKE_FIELDS = {"patient", "patient_key", "grant"}
+_GRANT_OPTIONAL = CONSORTIUM_BODIES[CONSENT_GRANT].optional
+_REVOKE_FIELDS = CONSORTIUM_BODIES[CONSENT_REVOKE].required
 _MAX_SCOPE = 64
 
 

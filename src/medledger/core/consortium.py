@@ -28,6 +28,7 @@ from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput, MedledgerError
 from medledger.core.hashing import sha256
 from medledger.core.keys import VerifyingKey
+from medledger.core.transactions import CONSORTIUM_GENESIS
 
 __all__ = [
     "CONSORTIUM_GENESIS",
@@ -45,7 +46,6 @@ __all__ = [
     "quorum",
 ]
 
-CONSORTIUM_GENESIS = "consortium.genesis"
 #: Consortium modes (``ConsortiumParams.mode``).
 HYBRID, CONSORTIUM_ONLY = "hybrid", "consortium-only"
 

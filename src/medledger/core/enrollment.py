@@ -32,6 +32,14 @@ from medledger.core.errors import Conflict, InvalidInput, MedledgerError
 from medledger.core.hashing import hash_from_hex
 from medledger.core.keys import VerifyingKey
 from medledger.core.models import Signature, Transaction
+from medledger.core.transactions import (
+    CONSORTIUM_BODIES,
+    IDENTITY_TYPES,
+    PATIENT_ENROLL,
+    PATIENT_REBIND,
+    PATIENT_ROTATE,
+    PRIVATE_BODIES,
+)
 
 __all__ = [
     "IDENTITY_TYPES",
@@ -47,19 +55,14 @@ __all__ = [
     "rotation_message",
 ]
 
-PATIENT_ENROLL = "patient.enroll"
-PATIENT_ROTATE = "patient.rotate"
-#: Break-glass re-binding: a private-chain tx, and the consortium tx reporting it.
-PATIENT_REBIND = "patient.rebind"
-IDENTITY_TYPES = frozenset({PATIENT_ENROLL, PATIENT_ROTATE, PATIENT_REBIND})
 #: Body of the consortium ``patient.rebind`` report (signed by the institution).
-REBIND_REPORT_FIELDS = frozenset({"institution", "patient", "previous", "actor"})
+REBIND_REPORT_FIELDS = CONSORTIUM_BODIES[PATIENT_REBIND].required
 #: ``role:token id`` of the administrator who re-bound (never request text).
 REBIND_ACTOR = re.compile(r"admin:[A-Za-z0-9_-]{1,64}")
 
-_ENROLL_FIELDS = frozenset({"patient", "pseudonym", "patient_key", "signature"})
-_ROTATE_FIELDS = _ENROLL_FIELDS | {"previous", "previous_key", "previous_signature"}
-_REBIND_FIELDS = _ENROLL_FIELDS | {"previous", "actor", "report"}
+_ENROLL_FIELDS = PRIVATE_BODIES[PATIENT_ENROLL].required
+_ROTATE_FIELDS = PRIVATE_BODIES[PATIENT_ROTATE].required
+_REBIND_FIELDS = PRIVATE_BODIES[PATIENT_REBIND].required
 
 
 def enrollment_message(institution: str, pseudonym: str) -> bytes:

@@ -24,6 +24,7 @@ from medledger.core.hashing import hash_from_hex, sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import leaf_hash, verify_inclusion
 from medledger.core.models import BlockHeader, Signature, Transaction
+from medledger.core.transactions import ANCHOR, RECORD_PUT
 
 __all__ = [
     "PEER_OPS",
@@ -210,7 +211,7 @@ class AnchorProof:
             raise IntegrityError(f"the anchor is not in the final block: {exc}") from None
         body = self.tx.body
         member = members.by_id(holder)
-        if self.tx.type != "anchor" or body.get("institution") != holder or member is None:
+        if self.tx.type != ANCHOR or body.get("institution") != holder or member is None:
             raise IntegrityError(f"the anchor is not one of {holder}'s")
         if len(self.tx.signatures) != 1 or self.tx.signatures[0].signer != member.fingerprint:
             raise IntegrityError(f"the anchor is not signed by {holder}")
@@ -278,7 +279,7 @@ class Provenance:
             chain_id=consortium_chain, holder=holder, members=members
         )
         tx, body = self.record_tx, self.record_tx.body
-        if tx.type != "record.put" or tx.chain != f"private:{holder}":
+        if tx.type != RECORD_PUT or tx.chain != f"private:{holder}":
             raise IntegrityError(f"the record transaction is not a record.put of {holder}")
         if body.get("resource_type") != resource_type or (
             version is not None and body.get("version") != version

@@ -49,6 +49,16 @@ from medledger.core.hashing import hash_from_hex
 from medledger.core.keys import VerifyingKey
 from medledger.core.merkle import verify_consistency
 from medledger.core.models import Transaction
+from medledger.core.transactions import (
+    ACCESS,
+    ACCESS_BATCH,
+    ACCESS_BATCH_ENTRY,
+    ANCHOR,
+    CONSORTIUM_BODIES,
+    MEMBER_ADD,
+    MEMBER_REMOVE,
+    MEMBER_TYPES,
+)
 
 __all__ = [
     "ACCESS",
@@ -63,24 +73,11 @@ __all__ = [
 
 #: Larger consortium transactions are refused by every member (and auditor).
 MAX_CONSORTIUM_TX_BYTES = 64 * 1024
-ANCHOR = "anchor"
-ACCESS = "access"
-ACCESS_BATCH = "access.batch"
 #: Entries of one ``access.batch`` (well inside the tx size limit: ~300 bytes each).
 MAX_ACCESS_BATCH = 128
-MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE = "member.add", "member.remove", "member.rotate"
-MEMBER_TYPES = frozenset({MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE})
-_ACCESS_FIELDS = {"reader", "holder", "patient", "consent", "resource", "outcome"}
-_BATCH_ENTRY_FIELDS = _ACCESS_FIELDS - {"holder"}
-_ANCHOR_FIELDS = {
-    "institution",
-    "height",
-    "log_size",
-    "log_root",
-    "block_hash",
-    "prev_size",
-    "proof",
-}
+_ACCESS_FIELDS = CONSORTIUM_BODIES[ACCESS].required
+_BATCH_ENTRY_FIELDS = ACCESS_BATCH_ENTRY.required
+_ANCHOR_FIELDS = CONSORTIUM_BODIES[ANCHOR].required
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,7 +253,7 @@ class ConsortiumState:
         member = self._signer(tx)
         body = tx.body
         entries = body.get("entries")
-        if set(body) != {"holder", "entries"} or not isinstance(entries, list):
+        if set(body) != CONSORTIUM_BODIES[ACCESS_BATCH].required or not isinstance(entries, list):
             raise InvalidInput("access.batch must have exactly holder and entries (a list)")
         if body["holder"] != member.id:
             raise InvalidSignature(f"access held by {body['holder']!r} signed by {member.id!r}")

@@ -30,12 +30,12 @@ from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash, range_nodes
 from medledger.core.models import BlockHeader, Receipt, Transaction
+from medledger.core.transactions import CHAIN_GENESIS as GENESIS_TX
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.storage.ports import ChainStore, NewBlock
 
 __all__ = ["GENESIS_TX", "MAX_TX_BYTES", "PrivateChain", "SequencerConfig"]
 
-GENESIS_TX = "chain.genesis"
 #: A single transaction larger than this is refused: records live in the blob
 #: store, and chains carry only hashes and pseudonyms.
 MAX_TX_BYTES = 64 * 1024

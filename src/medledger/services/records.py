@@ -43,6 +43,7 @@ from medledger.core.errors import (
 )
 from medledger.core.hashing import sha256
 from medledger.core.models import Receipt, Transaction
+from medledger.core.transactions import KEY_ROTATE, RECORD_ERASE, RECORD_PUT
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.integrity import REPAIR_HINT, check_blocks
 from medledger.services.fhir import (
@@ -73,9 +74,6 @@ __all__ = [
     "ingest",
 ]
 
-RECORD_PUT = "record.put"
-RECORD_ERASE = "record.erase"
-KEY_ROTATE = "key.rotate"
 #: Resources of at least this many bytes are tokenized and sealed off the event loop
 #: (below it, the hand-off to a thread costs more than the work).
 _OFFLOAD_BYTES = 16 * 1024
