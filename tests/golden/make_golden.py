@@ -38,10 +38,9 @@ from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Transaction
-from medledger.core.peer import PeerRequest
+from medledger.core.peer import PeerRequest, share_info
 from medledger.ledger.consortium import genesis_block
 from medledger.ledger.private import PrivateChain, SequencerConfig
-from medledger.services.sharing import _info as share_info
 from medledger.storage.sqlite import SqliteChainStore
 
 #: P-256 private scalars (hex) of the fixture's keys. Test constants only.

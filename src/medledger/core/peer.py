@@ -32,6 +32,7 @@ __all__ = [
     "PeerRequest",
     "Provenance",
     "SignedPeerRequest",
+    "share_info",
 ]
 
 PEER_OPS = ("fetch", "list")
@@ -39,6 +40,21 @@ _DOMAIN = b"medledger-peer-request-v1\n"
 _FIELDS = {"op", "reader", "holder", "consent", "resource", "nonce", "time_ms"}
 _RESOURCE = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(/_history/[1-9][0-9]{0,9})?")
 _NONCE = re.compile(r"[0-9a-f]{32}")
+
+
+def share_info(holder: str, reader: str, blob_hash: bytes, request_hash: bytes) -> bytes:
+    """HPKE ``info`` of a fetch answer: binds a wrapped key to one holder, reader,
+    ciphertext and request (canonical ``{"medledger-share": {...}}``)."""
+    return canonical_bytes(
+        {
+            "medledger-share": {
+                "holder": holder,
+                "reader": reader,
+                "blob": blob_hash.hex(),
+                "request": request_hash.hex(),
+            }
+        }
+    )
 
 
 def _int(value: Any, what: str) -> int:

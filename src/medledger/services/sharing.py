@@ -49,7 +49,13 @@ from medledger.core.errors import (
 from medledger.core.hashing import hash_from_hex, sha256
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Transaction
-from medledger.core.peer import AnchorProof, PeerRequest, Provenance, SignedPeerRequest
+from medledger.core.peer import (
+    AnchorProof,
+    PeerRequest,
+    Provenance,
+    SignedPeerRequest,
+    share_info,
+)
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.private import PrivateChain
@@ -100,20 +106,6 @@ class SharedRecord:
 
     resource: dict[str, Any]
     provenance: dict[str, Any]
-
-
-def _info(holder: str, reader: str, blob_hash: bytes, request_hash: bytes) -> bytes:
-    """HPKE ``info``: binds a wrapped key to one holder, reader, ciphertext and request."""
-    return canonical_bytes(
-        {
-            "medledger-share": {
-                "holder": holder,
-                "reader": reader,
-                "blob": blob_hash.hex(),
-                "request": request_hash.hex(),
-            }
-        }
-    )
 
 
 def _b64(data: bytes) -> str:
@@ -308,7 +300,7 @@ class SharingService:
         wrapped = seal_to(
             reader.hpke_key,
             sealed.dek,
-            _info(self.institution, request.reader, sealed.row.blob_hash, request.hash()),
+            share_info(self.institution, request.reader, sealed.row.blob_hash, request.hash()),
         )
         provenance = Provenance(
             record_tx=Transaction.decode(sealed.tx_data),
@@ -477,7 +469,7 @@ class SharingService:
         dek = self._hpke.open(
             str(body.get("wrapped_for", "")),
             wrapped,
-            _info(holder, self.institution, sha256(blob), request.hash()),
+            share_info(holder, self.institution, sha256(blob), request.hash()),
         )
         try:
             plain = open_record(
