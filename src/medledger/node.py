@@ -156,6 +156,7 @@ class Node:
                 interval_s=interval_s,
                 rows_per_s=rows_per_s,
                 writing=self.records.writing,
+                recovered=self.records.ensure_recovered,
             )
             self._scrub.start()
         return self._scrub

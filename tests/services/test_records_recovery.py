@@ -294,3 +294,36 @@ def test_the_recovery_mark_moves_up_while_the_node_runs(tmp_path: Path) -> None:
             await node.close()
 
     asyncio.run(go())
+
+
+def test_the_store_scrub_waits_for_crash_recovery(tmp_path: Path) -> None:
+    """The scrub's first pass at start must not read a crash's leftover as damage:
+    that row is crash recovery's to take back, and reported as damage it kept
+    ``/readyz`` at 503 until the next pass, an hour later."""
+    root = tmp_path / "node"
+    init_node(root, name="Crash Test", passphrase=PW, kdf=KdfParams(n=2**12))
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), json.dumps(PATIENT)],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 17, child.stderr.decode()
+
+    async def reopen() -> None:
+        node = open_node(root, PW)
+        try:
+            scrub = node.start_store_scrub(interval_s=3600, rows_per_s=10_000)
+            for _ in range(600):  # bounded: 30 s
+                if node.store_health.scrub_passes >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert node.store_health.scrub_passes >= 1
+            assert node.store_health.damage == ()
+            assert node.store_health.problems() == []
+            assert [r.version for r in node.index.history("Patient", PATIENT["id"])] == [1]
+            await scrub.close()
+        finally:
+            await node.close()
+
+    asyncio.run(reopen())

@@ -275,6 +275,13 @@ class RecordsService:
                     await self.recover()
                     self._recovered = True
 
+    async def ensure_recovered(self) -> None:
+        """Run crash recovery now unless it already ran (else the first operation runs it).
+
+        Raises :class:`DamagedStore` as every operation would on a refused store.
+        """
+        await self._ready()
+
     async def recover(self) -> int:
         """Take back versions a crashed write indexed but never committed; returns how many.
 

@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -365,13 +365,18 @@ class StoreScrub:
         interval_s: float,
         rows_per_s: float,
         writing: Callable[[str, str], bool] = lambda _type, _id: False,
+        recovered: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
+        """``recovered``: awaited before the first pass. A crash leaves index rows
+        whose transaction never reached the chain until crash recovery takes them
+        back; checked before that, they would read as damage."""
         if interval_s <= 0 or rows_per_s <= 0:
             raise ValueError("the scrub interval and rate must be positive")
         self._institution = institution
         self._index, self._blobs, self._chain, self._keys = index, blobs, chain, keys
         self._health = health
         self._settle = settle_writes(writing)
+        self._recovered = recovered
         self._interval = interval_s
         self._rows_per_s = rows_per_s
         self._task: asyncio.Task[None] | None = None
@@ -393,6 +398,11 @@ class StoreScrub:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._recovered is not None:
+            try:
+                await self._recovered()
+            except Exception as exc:  # a store recovery refused is checked all the same
+                log.error("crash recovery before the store scrub failed: %s", type(exc).__name__)
         while not self._stopping:
             try:
                 await loop.run_in_executor(self._executor, self.run_pass)
