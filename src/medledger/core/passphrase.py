@@ -9,7 +9,7 @@ characters, not counting whitespace at either end, and at least
 :data:`MIN_DISTINCT` different characters (``"aaaaaaaaaaaa"`` is one guess
 away). Following NIST SP 800-63B §5.1.1.2 there are no composition rules
 (a few unrelated words pass). Opening an existing file never checks: data
-sealed under an older, weaker passphrase stays readable (decision 0017).
+sealed under an older, weaker passphrase stays readable (decision 0028).
 """
 
 from __future__ import annotations
