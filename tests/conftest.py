@@ -10,11 +10,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from medledger.config import NodeConfig
 from medledger.ledger.private import SequencerConfig
 from medledger.node import init_node
 from medledger.storage.keystore import KdfParams
+
+# Hypothesis's per-example deadline (200 ms) is a timing assertion: on a loaded
+# machine it failed examples that were correct. Speed is measured by benchmarks.
+settings.register_profile("medledger", deadline=None)
+settings.load_profile("medledger")
 
 #: Passphrase of every node made by ``make_node``.
 PASSPHRASE = b"correct horse battery staple"
