@@ -52,7 +52,8 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_an_unacknowledged_version_is_taken_back_after_a_crash(tmp_path: Path) -> None:
+def _crashed_mid_write(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess[bytes]]:
+    """A node whose child process acknowledged version 1 and died inside version 2's commit."""
     root = tmp_path / "node"
     init_node(root, name="Crash Test", passphrase=PW, kdf=KdfParams(n=2**12))
     child = subprocess.run(
@@ -62,6 +63,11 @@ def test_an_unacknowledged_version_is_taken_back_after_a_crash(tmp_path: Path) -
         check=False,
     )
     assert child.returncode == 17, child.stderr.decode()
+    return root, child
+
+
+def test_an_unacknowledged_version_is_taken_back_after_a_crash(tmp_path: Path) -> None:
+    root, child = _crashed_mid_write(tmp_path)
     assert b"acked v1" in child.stdout
     blobs_after_crash = blob_names(root)
     assert len(blobs_after_crash) == 2  # v2's blob was durable before the crash
