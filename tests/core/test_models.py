@@ -148,6 +148,20 @@ def test_transaction_rejects_bad_shapes() -> None:
         Transaction.decode(b'{"body":{},"chain":"c","time_ms":1, "type":"t"}')  # not canonical
 
 
+def test_signed_by_adds_one_signature_per_signer_over_the_unsigned_bytes() -> None:
+    first, second = SigningKey.generate(), SigningKey.generate()
+    unsigned = Transaction(type="consent.grant", chain="consortium:x", body={"a": 1}, time_ms=9)
+    once = unsigned.signed_by(first)
+    twice = once.signed_by(second)
+    assert unsigned.signatures == ()
+    assert len(once.signatures) == 1 and len(twice.signatures) == 2
+    assert twice.signatures[0] == once.signatures[0]
+    assert twice.signing_bytes() == unsigned.encode()
+    first.public.verify(twice.signatures[0], unsigned.encode())
+    second.public.verify(twice.signatures[1], unsigned.encode())
+    assert twice.hash() != unsigned.hash()
+
+
 def test_signed_transaction_and_block_round_trip() -> None:
     key = SigningKey.generate()
     unsigned = Transaction(type="consent.grant", chain="consortium:x", body={"a": 1}, time_ms=9)

@@ -133,13 +133,7 @@ class Consortium:
             },
             time_ms=SystemClock().now_ms(),
         )
-        return Transaction(
-            type=unsigned.type,
-            chain=unsigned.chain,
-            body=unsigned.body,
-            time_ms=unsigned.time_ms,
-            signatures=(self.keys[holder].sign(unsigned.signing_bytes()),),
-        )
+        return unsigned.signed_by(self.keys[holder])
 
     async def close(self) -> None:
         for mid in list(self.members):

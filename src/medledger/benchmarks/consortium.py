@@ -100,13 +100,7 @@ class _Net:
             },
             time_ms=SystemClock().now_ms(),
         )
-        return Transaction(
-            type=unsigned.type,
-            chain=unsigned.chain,
-            body=unsigned.body,
-            time_ms=unsigned.time_ms,
-            signatures=(self.keys[member].sign(unsigned.signing_bytes()),),
-        )
+        return unsigned.signed_by(self.keys[member])
 
     async def close(self) -> None:
         for m in self.members:

@@ -294,13 +294,7 @@ def _access_tx(genesis: Genesis, key: SigningKey, member: int, seq: int) -> Tran
         },
         time_ms=SystemClock().now_ms(),
     )
-    return Transaction(
-        type=unsigned.type,
-        chain=unsigned.chain,
-        body=unsigned.body,
-        time_ms=unsigned.time_ms,
-        signatures=(key.sign(unsigned.signing_bytes()),),
-    )
+    return unsigned.signed_by(key)
 
 
 async def _nats(root: Path, settings: FaultSettings, console: Console) -> dict[str, Any]:

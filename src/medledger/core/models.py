@@ -9,7 +9,7 @@ exactly that shape and raises :class:`InvalidInput` for anything else, so
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from medledger.core.encoding import canonical_bytes, canonical_bytes_of_checked, parse_canonical
 from medledger.core.errors import InvalidInput
@@ -21,6 +21,7 @@ __all__ = [
     "BlockHeader",
     "Receipt",
     "Signature",
+    "Signer",
     "Transaction",
 ]
 
@@ -97,6 +98,12 @@ _TX_KEYS = frozenset({"type", "chain", "body", "time_ms"})
 _SIGNED_TX_KEYS = _TX_KEYS | {"signatures"}
 
 
+class Signer(Protocol):
+    """Anything that signs a message (``core.keys.SigningKey``)."""
+
+    def sign(self, message: bytes) -> Signature: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Transaction:
     """A chain transaction: canonical JSON ``{type, chain, body, time_ms[, signatures]}``.
@@ -138,6 +145,17 @@ class Transaction:
             # A part of an already-checked value needs no second check.
             return canonical_bytes_of_checked(self.unsigned_json())
         return canonical_bytes(self.unsigned_json())
+
+    def signed_by(self, *signers: Signer) -> Transaction:
+        """This transaction with one more signature over :meth:`signing_bytes` per signer."""
+        message = self.signing_bytes()
+        return Transaction(
+            type=self.type,
+            chain=self.chain,
+            body=self.body,
+            time_ms=self.time_ms,
+            signatures=(*self.signatures, *(s.sign(message) for s in signers)),
+        )
 
     def encode(self) -> bytes:
         """Canonical bytes: the RFC 6962 leaf data of this transaction."""

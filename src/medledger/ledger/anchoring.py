@@ -78,13 +78,7 @@ class Anchorer:
             },
             time_ms=self._clock.now_ms(),
         )
-        return Transaction(
-            type=unsigned.type,
-            chain=unsigned.chain,
-            body=unsigned.body,
-            time_ms=unsigned.time_ms,
-            signatures=(self._key.sign(unsigned.signing_bytes()),),
-        )
+        return unsigned.signed_by(self._key)
 
     async def anchor_once(self) -> Receipt | None:
         """Anchor the current head now; returns where the anchor became final."""
