@@ -40,7 +40,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from medledger.api.responses import FHIR_JSON
 from medledger.benchmarks.common import (
+    BENCH_KDF,
+    BENCH_PASSPHRASE,
     finish_results,
     gather_timed,
     percentiles,
@@ -53,14 +56,10 @@ from medledger.ledger.clock import SystemClock
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
 from medledger.services.synthetic import iter_patients
-from medledger.storage.keystore import KdfParams
 from medledger.storage.tokens import TokenStore
 
 __all__ = ["ApiSettings", "run_api_bench"]
 
-_PASS = b"bench-only-passphrase"
-_KDF = KdfParams(n=2**12)
-_FHIR_JSON = "application/fhir+json"
 _PER_PATIENT = 20
 
 
@@ -116,7 +115,7 @@ class _Server:
     """``medledger node start`` on a fresh node with a clinician token, in its own process."""
 
     def __init__(self, root: Path) -> None:
-        init_node(root, name="Bench Api Hospital", passphrase=_PASS, kdf=_KDF)
+        init_node(root, name="Bench Api Hospital", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
         tokens = TokenStore(root / "tokens.db")
         try:
             self.token, _ = tokens.create(
@@ -124,7 +123,7 @@ class _Server:
             )
         finally:
             tokens.close()
-        self._node = NodeProcess(root, passphrase=_PASS)
+        self._node = NodeProcess(root, passphrase=BENCH_PASSPHRASE)
         self.url = self._node.url
 
     def cpu_s(self) -> float:
@@ -137,7 +136,7 @@ class _Server:
 async def _client_async(
     url: str, token: str, op: str, items: list[Any], concurrency: int
 ) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": _FHIR_JSON}
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
     # aiohttp, one keep-alive connection per task: the load generator must cost far
     # less than the server, and httpx spends more CPU per request than the server's
     # whole /healthz here (decision 0013).
@@ -251,8 +250,8 @@ def _http_run(
 async def _in_process(
     root: Path, resources: list[dict[str, Any]], reads: int, clients: int, seed: int
 ) -> dict[str, Any]:
-    init_node(root, name="Bench Api Hospital", passphrase=_PASS, kdf=_KDF)
-    node = open_node(root, _PASS)
+    init_node(root, name="Bench Api Hospital", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
+    node = open_node(root, BENCH_PASSPHRASE)
     try:
         created: list[tuple[str, str]] = []
 

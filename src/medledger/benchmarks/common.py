@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from medledger.core.errors import MedledgerError
+from medledger.storage.keystore import KdfParams
 
 __all__ = [
+    "BENCH_KDF",
+    "BENCH_PASSPHRASE",
     "finish_results",
     "fsync_latency_ms",
     "gather_timed",
@@ -31,6 +34,12 @@ __all__ = [
     "work_dir",
     "write_json",
 ]
+
+
+#: Keystore passphrase of every node a benchmark creates (never for real data).
+BENCH_PASSPHRASE = b"bench-only-passphrase"
+#: A cheap KDF for benchmark nodes: unlocking is not what they measure.
+BENCH_KDF = KdfParams(n=2**12)
 
 
 def percentiles(samples_s: Sequence[float]) -> dict[str, float]:

@@ -41,7 +41,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from medledger.api.responses import FHIR_JSON
 from medledger.benchmarks.common import (
+    BENCH_KDF,
+    BENCH_PASSPHRASE,
     finish_results,
     percentiles,
     results_header,
@@ -58,15 +61,11 @@ from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS
 from medledger.ledger.ordering.natsserver import free_ports
 from medledger.node import init_node
-from medledger.storage.keystore import KdfParams
 from medledger.storage.sqlite import SqliteChainStore
 from medledger.storage.tokens import TokenStore
 
 __all__ = ["FaultSettings", "run_faults_bench"]
 
-_PASS = b"bench-only-passphrase"
-_KDF = KdfParams(n=2**12)
-_FHIR_JSON = "application/fhir+json"
 #: How long one round may take to reach its acknowledged writes before the run fails.
 _ROUND_DEADLINE_S = 120.0
 #: Pause of a writer after a failed request (the node is down): no busy loop meanwhile.
@@ -129,7 +128,7 @@ class _KilledNode:
     """A node process that is SIGKILLed and restarted on the same port."""
 
     def __init__(self, root: Path) -> None:
-        init_node(root, name="Bench Faults Hospital", passphrase=_PASS, kdf=_KDF)
+        init_node(root, name="Bench Faults Hospital", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
         tokens = TokenStore(root / "tokens.db")
         try:
             self.token, _ = tokens.create(
@@ -145,7 +144,9 @@ class _KilledNode:
     def start(self) -> float:
         """Spawn the node and wait for ``/readyz``; return the seconds that took."""
         t = time.perf_counter()
-        self.proc = NodeProcess(self.root, passphrase=_PASS, port=self.port, ready_path="/readyz")
+        self.proc = NodeProcess(
+            self.root, passphrase=BENCH_PASSPHRASE, port=self.port, ready_path="/readyz"
+        )
         return time.perf_counter() - t
 
     def kill(self) -> None:
@@ -208,7 +209,7 @@ async def _kills(root: Path, settings: FaultSettings, console: Console) -> dict[
     ready_s: list[float] = []
     kill_to_ready_s: list[float] = []
     first_ready = await asyncio.to_thread(node.start)
-    headers = {"Authorization": f"Bearer {node.token}", "Content-Type": _FHIR_JSON}
+    headers = {"Authorization": f"Bearer {node.token}", "Content-Type": FHIR_JSON}
     timeout = aiohttp.ClientTimeout(total=30)
     done = asyncio.Event()
     try:
@@ -257,7 +258,7 @@ async def _kills(root: Path, settings: FaultSettings, console: Console) -> dict[
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "MEDLEDGER_PASSPHRASE": _PASS.decode()},
+        env={**os.environ, "MEDLEDGER_PASSPHRASE": BENCH_PASSPHRASE.decode()},
     )
     if lost:
         raise RuntimeError(f"{len(lost)} acknowledged writes were lost, e.g. Patient/{lost[0]}")

@@ -29,18 +29,22 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from medledger.benchmarks.common import fsync_latency_ms, machine, percentiles, write_json
+from medledger.benchmarks.common import (
+    BENCH_KDF,
+    BENCH_PASSPHRASE,
+    fsync_latency_ms,
+    machine,
+    percentiles,
+    write_json,
+)
 from medledger.config import StorageConfig, institution_id
 from medledger.core.merkle import leaf_hash, verify_inclusion
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.ledger.proofs import head_header, inclusion_proof
 from medledger.ledger.verify import verify_chain
 from medledger.node import init_node, open_node
-from medledger.storage.keystore import KdfParams
 
 __all__ = ["run_private_bench"]
-
-_PASS = b"bench-only-passphrase"
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -144,14 +148,14 @@ def _with_node(
     init_node(
         path,
         name=name,
-        passphrase=_PASS,
-        kdf=KdfParams(n=2**12),
+        passphrase=BENCH_PASSPHRASE,
+        kdf=BENCH_KDF,
         sequencer=SequencerConfig(max_txs=max_txs),
         storage=storage,
     )
 
     async def go() -> Any:
-        node = open_node(path, _PASS)
+        node = open_node(path, BENCH_PASSPHRASE)
         try:
             return await fn(node.chain)
         finally:
@@ -176,8 +180,14 @@ def _proofs_and_verify_in(
     if storage.store == "postgres":
         _fresh(path, "proof-log", storage)  # the server may be new: never reuse
     if not path.exists():
-        init_node(path, name="proof-log", passphrase=_PASS, kdf=KdfParams(n=2**12), storage=storage)
-    node = open_node(path, _PASS)
+        init_node(
+            path,
+            name="proof-log",
+            passphrase=BENCH_PASSPHRASE,
+            kdf=BENCH_KDF,
+            storage=storage,
+        )
+    node = open_node(path, BENCH_PASSPHRASE)
     missing = log_size - node.chain.head.log_size
     if missing > 0:
         console.print(f"  building a {log_size:,}-transaction log ({missing:,} to write)…")

@@ -21,17 +21,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from medledger.benchmarks.common import machine, percentiles, write_json
+from medledger.benchmarks.common import (
+    BENCH_KDF,
+    BENCH_PASSPHRASE,
+    machine,
+    percentiles,
+    write_json,
+)
 from medledger.core.envelope import RecordContext, seal_record
 from medledger.node import Node, init_node, open_node
 from medledger.services.fhir import dump_resource, validate_resource
 from medledger.services.records import ingest
 from medledger.services.synthetic import generate_patients
-from medledger.storage.keystore import KdfParams
 
 __all__ = ["run_records_bench"]
-
-_PASS = b"bench-only-passphrase"
 
 
 async def _read_all(
@@ -136,11 +139,11 @@ def run_records_bench(
         "validation_workers": workers,
     }
     try:
-        init_node(path, name="records bench", passphrase=_PASS, kdf=KdfParams(n=2**12))
+        init_node(path, name="records bench", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
         results["stages"] = _stage_costs(items)
 
         async def go() -> None:
-            node = open_node(path, _PASS, validation_workers=workers)
+            node = open_node(path, BENCH_PASSPHRASE, validation_workers=workers)
             try:
                 console.print(f"[bold]creates[/]: {len(items):,} resources, {writers} writers")
                 start = time.perf_counter()

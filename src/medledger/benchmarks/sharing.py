@@ -45,6 +45,8 @@ from rich.table import Table
 
 from medledger.api.loopback import loopback_socket, serve_nodes, url_of
 from medledger.benchmarks.common import (
+    BENCH_KDF,
+    BENCH_PASSPHRASE,
     finish_results,
     gather_timed,
     percentiles,
@@ -63,14 +65,11 @@ from medledger.node import Node
 from medledger.services.hpke import KEMS, HpkeKeyPair, seal_to
 from medledger.services.patients import PatientWallet
 from medledger.services.synthetic import generate_patients
-from medledger.storage.keystore import KdfParams
 from medledger.storage.ports import ChainStore
 from medledger.storage.sqlite import SqliteChainStore
 
 __all__ = ["SharingSettings", "hpke_cost_us", "run_sharing_bench"]
 
-_PASS = b"bench-only-passphrase"
-_KDF = KdfParams(n=2**12)
 _HOUR_MS = 3_600_000
 _NAMES = ("Holder Hospital", "Reader Clinic")
 
@@ -231,8 +230,8 @@ async def _sharing_network(
     net = await LocalNetwork.create(
         base,
         list(_NAMES),
-        passphrase=_PASS,
-        kdf=_KDF,
+        passphrase=BENCH_PASSPHRASE,
+        kdf=BENCH_KDF,
         params=ConsortiumParams(),
         peer_urls=urls,
         hpke_kem=kem,
@@ -265,7 +264,7 @@ async def _sharing_network(
         proc = await asyncio.to_thread(
             NodeProcess,
             holder.paths.root,
-            passphrase=_PASS,
+            passphrase=BENCH_PASSPHRASE,
             port=port,
             env={"MEDLEDGER_ORDERING": "solo", "MEDLEDGER_ORDER_FILE": str(base / "order.db")},
             ready_path="/readyz",
