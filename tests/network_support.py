@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_support import medledger_command
-from medledger.netproc import PidRecord
+from medledger.localnet.netproc import PidRecord
 
 __all__ = ["FHIR_JSON", "PASSPHRASE", "Run", "cli_env", "pid_files", "run_cli", "stop_network"]
 

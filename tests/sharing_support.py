@@ -1,6 +1,6 @@
 """An in-process consortium whose nodes serve ``/peer/v1`` over real loopback HTTP.
 
-Every node of a :class:`~medledger.network.LocalNetwork` is served by its own
+Every node of a :class:`~medledger.localnet.network.LocalNetwork` is served by its own
 uvicorn server on a free port of 127.0.0.1 (all in the test's event loop), so
 sharing requests travel through httpx, HTTP and FastAPI exactly as between
 machines. A patient with a wallet is enrolled at the first institution.
@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medledger.api.loopback import loopback_socket, serve_nodes, url_of
 from medledger.core.consortium import ConsortiumParams
-from medledger.network import LocalNetwork
+from medledger.localnet.loopback import loopback_socket, serve_nodes, url_of
+from medledger.localnet.network import LocalNetwork
 from medledger.node import Node
 from medledger.services.patients import PatientWallet
 from medledger.services.synthetic import generate_patients

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medledger.netproc import PidRecord
+from medledger.localnet.netproc import PidRecord
 from network_support import pid_files, run_cli
 
 #: Wide enough that rich wraps no table cell, so phrases stay whole in the output.

@@ -27,12 +27,12 @@ from fastapi import FastAPI
 
 from medledger.api.app import create_app
 from medledger.api.auth import AUTH_FAILURES
-from medledger.api.loopback import loopback_socket
 from medledger.api.server import HttpLimits, server_config
 from medledger.core.encoding import canonical_bytes
 from medledger.core.models import Transaction
 from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import VerifyReport, verify_chain
+from medledger.localnet.loopback import loopback_socket
 from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.ratelimit import RateLimit
 from medledger.services.synthetic import PatientBundle, generate_patients

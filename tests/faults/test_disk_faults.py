@@ -29,7 +29,7 @@ import pytest
 
 from cli_support import medledger_command
 from medledger.core.errors import StorageFull
-from medledger.ledger.ordering.natsserver import free_ports
+from medledger.localnet.natsserver import free_ports
 from medledger.node import Node, init_node, open_node
 from medledger.storage.keystore import KdfParams
 from medledger.storage.records import SqliteRecordIndex, VersionRow

@@ -37,7 +37,7 @@ from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning
-from medledger.ledger.ordering.natsserver import NatsCluster
+from medledger.localnet.natsserver import NatsCluster
 from medledger.storage.sqlite import SqliteChainStore
 
 MEMBERS = ("h0", "h1", "h2", "h3")

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from cli_support import medledger_command
-from medledger.netproc import PidRecord
+from medledger.localnet.netproc import PidRecord
 from medledger.services.synthetic import generate_patients
 from network_support import FHIR_JSON, cli_env, run_cli, stop_network
 

@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from cli_support import medledger_command
-from medledger.ledger.ordering.natsserver import free_ports
+from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node
 from medledger.storage.keystore import KdfParams
 from medledger.storage.tokens import TokenStore

@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from cli_support import medledger_command
-from medledger.ledger.ordering.natsserver import free_ports
-from medledger.netproc import PidRecord
+from medledger.localnet.natsserver import free_ports
+from medledger.localnet.netproc import PidRecord
 from medledger.node import init_node
 from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 
-from medledger.storage.pg_embedded import EmbeddedPostgres
+from medledger.localnet.pg_embedded import EmbeddedPostgres
 
 __all__ = ["private_server", "shared_dsn", "shared_server", "stop_shared_server", "unique"]
 

@@ -38,10 +38,10 @@ from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.verify import verify_chain
+from medledger.localnet.pg_embedded import EmbeddedPostgres
 from medledger.node import init_node, open_chain, open_node
 from medledger.storage.factory import node_schema
 from medledger.storage.keystore import KdfParams
-from medledger.storage.pg_embedded import EmbeddedPostgres
 from medledger.storage.postgres import (
     PostgresBlobStore,
     PostgresChainStore,

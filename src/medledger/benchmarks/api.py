@@ -51,8 +51,8 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
-from medledger.benchmarks.nodeproc import NodeProcess
 from medledger.ledger.clock import SystemClock
+from medledger.localnet.nodeproc import NodeProcess
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
 from medledger.services.synthetic import iter_patients

@@ -108,7 +108,7 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     with contextlib.suppress(MedledgerError, OSError, subprocess.SubprocessError):
-        from medledger.ledger.ordering.natsserver import find_nats_server
+        from medledger.localnet.natsserver import find_nats_server
 
         text = subprocess.run(
             [str(find_nats_server()), "--version"], capture_output=True, text=True, timeout=10

@@ -62,7 +62,7 @@ class _Net:
             self.orderers = [SoloOrderer(self.root / "order.db")] * self.n
         else:
             from medledger.ledger.ordering.jetstream import JetStreamOrderer
-            from medledger.ledger.ordering.natsserver import NatsCluster
+            from medledger.localnet.natsserver import NatsCluster
 
             self.cluster = NatsCluster(self.root / "nats", size=3)
             await asyncio.to_thread(self.cluster.start)

@@ -51,7 +51,6 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
-from medledger.benchmarks.nodeproc import NodeProcess, medledger_command
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import MedledgerError
 from medledger.core.keys import SigningKey
@@ -59,7 +58,8 @@ from medledger.core.models import Transaction
 from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS
-from medledger.ledger.ordering.natsserver import free_ports
+from medledger.localnet.natsserver import free_ports
+from medledger.localnet.nodeproc import NodeProcess, medledger_command
 from medledger.node import init_node
 from medledger.storage.sqlite import SqliteChainStore
 from medledger.storage.tokens import TokenStore
@@ -300,7 +300,7 @@ def _access_tx(genesis: Genesis, key: SigningKey, member: int, seq: int) -> Tran
 
 async def _nats(root: Path, settings: FaultSettings, console: Console) -> dict[str, Any]:
     from medledger.ledger.ordering.jetstream import JetStreamOrderer
-    from medledger.ledger.ordering.natsserver import NatsCluster
+    from medledger.localnet.natsserver import NatsCluster
 
     keys = [SigningKey.generate() for _ in range(_NATS_MEMBERS)]
     genesis = Genesis(

@@ -64,7 +64,7 @@ from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID, ConsortiumParams
 from medledger.core.errors import InvalidInput, MedledgerError
 from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium_commit import ConsortiumCommit
-from medledger.network import LocalNetwork
+from medledger.localnet.network import LocalNetwork
 from medledger.node import Node, init_node, write_genesis
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records import RecordsService

@@ -46,7 +46,7 @@ from medledger.config import ConsortiumConfig
 from medledger.core.consortium import HYBRID
 from medledger.core.errors import MedledgerError
 from medledger.ledger.ordering.port import Orderer
-from medledger.netproc import create_order_file
+from medledger.localnet.netproc import create_order_file
 
 __all__ = ["run_per_institution"]
 
@@ -100,7 +100,7 @@ async def _orderer(spec: _WorkerSpec) -> Orderer:
 
 
 async def _serve(spec: _WorkerSpec, conn: Connection) -> None:
-    from medledger.network import LocalNetwork
+    from medledger.localnet.network import LocalNetwork
     from medledger.node import open_node
 
     node = open_node(spec.root, PASSPHRASE)
@@ -232,7 +232,7 @@ def run_per_institution(
             order_file = base / "order.db"
             create_order_file(order_file)
         else:
-            from medledger.ledger.ordering.natsserver import NatsCluster
+            from medledger.localnet.natsserver import NatsCluster
 
             cluster = NatsCluster(base / "nats", size=3)
             cluster.start()

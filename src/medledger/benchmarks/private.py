@@ -290,7 +290,7 @@ def _postgres_dsn(dsn: str | None, console: Console) -> Iterator[tuple[str, str]
 
         yield dsn, describe_dsn(dsn)
         return
-    from medledger.storage.pg_embedded import EmbeddedPostgres
+    from medledger.localnet.pg_embedded import EmbeddedPostgres
 
     console.print("starting an embedded PostgreSQL server for this run…")
     with EmbeddedPostgres.start_new() as server:

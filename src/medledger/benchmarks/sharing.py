@@ -43,7 +43,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from medledger.api.loopback import loopback_socket, serve_nodes, url_of
 from medledger.benchmarks.common import (
     BENCH_KDF,
     BENCH_PASSPHRASE,
@@ -54,13 +53,14 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
-from medledger.benchmarks.nodeproc import NodeProcess
 from medledger.config import NodePaths, institution_id
 from medledger.core.consortium import ConsortiumParams
 from medledger.core.models import Transaction
 from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
-from medledger.network import LocalNetwork
+from medledger.localnet.loopback import loopback_socket, serve_nodes, url_of
+from medledger.localnet.network import LocalNetwork
+from medledger.localnet.nodeproc import NodeProcess
 from medledger.node import Node
 from medledger.services.hpke import KEMS, HpkeKeyPair, seal_to
 from medledger.services.patients import PatientWallet

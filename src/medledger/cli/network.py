@@ -60,7 +60,7 @@ def network_up(
     each node's URL and API tokens (also in DIR/network.json, mode 0600). The
     passphrase (MEDLEDGER_PASSPHRASE or a prompt) protects every node's keystore.
     """
-    from medledger import netproc
+    from medledger.localnet import netproc
 
     passphrase = read_passphrase(confirm=not (base / netproc.NETWORK_FILE).exists())
     data = netproc.up(
@@ -95,7 +95,7 @@ def _yes(flag: Any) -> str:
 @_json_option
 def network_status(base: Path, as_json: bool) -> None:
     """Each process: running?, URL, ready?, private and consortium heights."""
-    from medledger import netproc
+    from medledger.localnet import netproc
 
     report = netproc.status(base)
     if as_json:
@@ -134,7 +134,7 @@ def network_status(base: Path, as_json: bool) -> None:
 @_json_option
 def network_down(base: Path, timeout: float, as_json: bool) -> None:
     """Stop the processes this network started (by PID): nodes, NATS, PostgreSQL."""
-    from medledger import netproc
+    from medledger.localnet import netproc
 
     stopped = netproc.down(base, timeout=timeout)
     if as_json:

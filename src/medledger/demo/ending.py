@@ -15,10 +15,10 @@ from pathlib import Path
 
 from rich.table import Column, Table
 
-from medledger import netproc
 from medledger.demo.attacks import Verdict, edit_one_transaction, rewrite_history, run_verify
 from medledger.demo.client import DemoFailed
 from medledger.demo.scene import DEMO_PASSPHRASE, WALLET_PASSPHRASE, Scene, titled_table
+from medledger.localnet import netproc
 
 __all__ = ["catch_tampering", "next_steps", "scan_disk"]
 

@@ -11,7 +11,6 @@ import time
 
 from rich.table import Column
 
-from medledger import netproc
 from medledger.core.consortium import quorum
 from medledger.core.encoding import canonical_bytes
 from medledger.demo.client import NodeApi
@@ -23,6 +22,7 @@ from medledger.demo.scene import (
     titled_table,
     wait_until,
 )
+from medledger.localnet import netproc
 from medledger.services.synthetic import generate_patients
 
 __all__ = ["start_network", "wait_anchored", "write_records"]

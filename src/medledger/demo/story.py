@@ -24,7 +24,6 @@ from pathlib import Path
 
 from rich.panel import Panel
 
-from medledger import netproc
 from medledger.core.errors import MedledgerError
 from medledger.demo.client import DemoFailed
 from medledger.demo.consent import share_with_consent
@@ -32,6 +31,7 @@ from medledger.demo.ending import catch_tampering, next_steps, scan_disk
 from medledger.demo.operations import catch_equivocation, erase_a_patient, rotate_keys
 from medledger.demo.records import start_network, wait_anchored, write_records
 from medledger.demo.scene import DEMO_CONSORTIUM, DEMO_PASSPHRASE, WALLET_PASSPHRASE, Scene
+from medledger.localnet import netproc
 
 __all__ = [
     "DEMO_CONSORTIUM",

@@ -28,8 +28,8 @@ from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import AnchorRecord
 from medledger.ledger.consortium_verify import ConsortiumPolicy, anchored_checkpoints
 from medledger.ledger.ordering.jetstream import JetStreamOrderer
-from medledger.ledger.ordering.natsserver import NatsCluster
 from medledger.ledger.verify import verify_chain
+from medledger.localnet.natsserver import NatsCluster
 
 MEMBERS = ("h0", "h1", "h2", "h3")
 SURVIVORS = ("h0", "h1", "h2")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medledger.ledger.ordering.natsserver import NatsCluster
+from medledger.localnet.natsserver import NatsCluster
 
 
 @pytest.fixture(scope="session")

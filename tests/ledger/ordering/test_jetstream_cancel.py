@@ -12,7 +12,7 @@ import asyncio
 import uuid
 
 from medledger.ledger.ordering.jetstream import JetStreamOrderer
-from medledger.ledger.ordering.natsserver import NatsCluster
+from medledger.localnet.natsserver import NatsCluster
 
 
 def test_a_reader_whose_cancellation_was_dropped_still_ends(nats_cluster: NatsCluster) -> None:

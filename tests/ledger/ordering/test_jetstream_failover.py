@@ -19,8 +19,8 @@ import pytest
 from nats.aio.client import Server
 
 from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning, _ServerChoice
-from medledger.ledger.ordering.natsserver import NatsCluster
 from medledger.ledger.ordering.port import OrderedMessage
+from medledger.localnet.natsserver import NatsCluster
 
 #: Detect a hung server after 2 s (1 s pings, 1 unanswered allowed).
 FAST_DETECTION = JetStreamTuning(ping_interval=1, max_outstanding_pings=1, read_backoff_max=1.0)

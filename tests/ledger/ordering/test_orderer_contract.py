@@ -22,9 +22,9 @@ import pytest
 
 from medledger.core.errors import OrderingError
 from medledger.ledger.ordering.jetstream import JetStreamOrderer
-from medledger.ledger.ordering.natsserver import NatsCluster
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage, Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
+from medledger.localnet.natsserver import NatsCluster
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ How the port's guarantees are kept:
 
 * ``publish``: a JetStream publish acknowledged by the stream leader once a
   quorum of replicas stored it (with ``sync_interval: always`` on the
-  servers — see :mod:`~medledger.ledger.ordering.natsserver` — also fsynced).
+  servers — see :mod:`~medledger.localnet.natsserver` — also fsynced).
   A timeout or "no responders" while a leader is being elected is retried
   with the same ``Nats-Msg-Id`` (so a retry cannot duplicate) until
   ``retry_for`` seconds have passed.

@@ -139,7 +139,7 @@ class LocalNetwork:
 
 async def _jetstream(base: Path, count: int) -> tuple[Any, list[Orderer]]:
     from medledger.ledger.ordering.jetstream import JetStreamOrderer
-    from medledger.ledger.ordering.natsserver import NatsCluster
+    from medledger.localnet.natsserver import NatsCluster
 
     cluster = NatsCluster(base / "nats", size=3)
     await asyncio.to_thread(cluster.start)

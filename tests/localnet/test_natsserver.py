@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from medledger.core.errors import OrderingError
-from medledger.ledger.ordering.natsserver import NatsCluster, find_nats_server
+from medledger.localnet.natsserver import NatsCluster, find_nats_server
 
 
 def _gone(pid: int) -> bool:

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from medledger.ledger.ordering.natsserver import free_ports
+from medledger.localnet.natsserver import free_ports
 
 __all__ = ["NodeProcess", "medledger_command", "proc_cpu_s"]
 

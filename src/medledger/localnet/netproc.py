@@ -1,6 +1,6 @@
 """A consortium on this machine with one process per node: ``medledger network up|status|down``.
 
-Unlike :mod:`medledger.network` (every node inside one process), each
+Unlike :mod:`medledger.localnet.network` (every node inside one process), each
 institution here runs its own ``medledger node start`` process, as it would
 in production, and the processes share an ordering service:
 
@@ -285,7 +285,7 @@ def _nats_size(institutions: int) -> int:
 
 
 def _nats_nodes(base: Path, spec: Sequence[Mapping[str, Any]]) -> list[Any]:
-    from medledger.ledger.ordering.natsserver import NatsNode, NodePorts
+    from medledger.localnet.natsserver import NatsNode, NodePorts
 
     ports = [NodePorts(client=n["client"], cluster=n["cluster"], http=n["http"]) for n in spec]
     return [
@@ -330,7 +330,7 @@ def _start_nats(base: Path, spec: Sequence[Mapping[str, Any]], timeout: float) -
 
 
 def _postgres(spec: Mapping[str, Any]) -> Any:
-    from medledger.storage.pg_embedded import EmbeddedPostgres
+    from medledger.localnet.pg_embedded import EmbeddedPostgres
 
     return EmbeddedPostgres(
         Path(spec["data_dir"]), port=int(spec["port"]), password=str(spec["password"])
@@ -350,7 +350,7 @@ def _postgres_pid(spec: Mapping[str, Any]) -> int | None:
 
 
 def _create_postgres(base: Path) -> dict[str, Any]:
-    from medledger.storage import pg_embedded
+    from medledger.localnet import pg_embedded
 
     parent = base / "postgres"
     account = pg_embedded.server_account()
@@ -406,7 +406,7 @@ def _create(
     passphrase: bytes,
     kdf: KdfParams | None,
 ) -> dict[str, Any]:
-    from medledger.ledger.ordering.natsserver import free_ports
+    from medledger.localnet.natsserver import free_ports
     from medledger.node import init_node, write_genesis
 
     if institutions < 1:
