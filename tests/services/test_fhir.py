@@ -479,3 +479,114 @@ def test_non_transaction_bundle_writes_nothing(node_root: Path) -> None:
 
     run(node_root, attempt)
     assert node_state(node_root) == before
+
+
+# -- required value-set bindings ----------------------------------------------------------
+
+_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+
+
+@pytest.mark.parametrize(
+    ("resource", "expression"),
+    [
+        ({"resourceType": "Patient", "gender": "robot"}, "Patient.gender"),
+        ({"resourceType": "Practitioner", "gender": "M"}, "Practitioner.gender"),
+        (
+            {"resourceType": "Observation", "status": "bogus", "code": OBS_CODE},
+            "Observation.status",
+        ),
+        # A list the models cut short ("registered | … | amended +"): completed from R4.
+        (
+            {"resourceType": "Encounter", "status": "done", "class": {"code": "AMB"}},
+            "Encounter.status",
+        ),
+        (
+            {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "intent": "wish",
+                "subject": {"reference": "Patient/p"},
+                "medicationCodeableConcept": {"text": "x"},
+            },
+            "MedicationRequest.intent",
+        ),
+        ({"resourceType": "Patient", "name": [{"use": "nick"}]}, "Patient.name[0].use"),
+        (
+            {
+                "resourceType": "Condition",
+                "subject": {"reference": "Patient/p"},
+                "clinicalStatus": {"coding": [{"system": _CLINICAL, "code": "better"}]},
+            },
+            "Condition.clinicalStatus",
+        ),
+        (
+            # Required binding: text alone, or another system only, is not a code of it.
+            {
+                "resourceType": "Condition",
+                "subject": {"reference": "Patient/p"},
+                "clinicalStatus": {"text": "active"},
+            },
+            "Condition.clinicalStatus",
+        ),
+        (
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": {"resourceType": "Patient", "gender": "robot"}}],
+            },
+            "Bundle.entry[0].resource.gender",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_codes_outside_a_required_value_set_are_refused(
+    resource: dict[str, Any], expression: str
+) -> None:
+    with pytest.raises(FhirInvalid) as exc:
+        validate_resource(resource)
+    issue = first_issue(exc)
+    assert issue.code == "code-invalid"
+    assert issue.expression == (expression,)
+    # The refused code is not echoed back (an OperationOutcome may end up in a log).
+    assert "robot" not in issue.diagnostics and "bogus" not in issue.diagnostics
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        {"resourceType": "Patient", "gender": "unknown"},
+        # Codes past the models' cut-short lists are valid R4 codes.
+        {"resourceType": "Observation", "status": "entered-in-error", "code": OBS_CODE},
+        {"resourceType": "Observation", "status": "corrected", "code": OBS_CODE},
+        {"resourceType": "Encounter", "status": "entered-in-error", "class": {"code": "AMB"}},
+        {
+            "resourceType": "Condition",
+            "subject": {"reference": "Patient/p"},
+            "clinicalStatus": {
+                "coding": [
+                    {"system": "http://example.org/local", "code": "whatever"},
+                    {"system": _CLINICAL, "code": "remission"},
+                ]
+            },
+        },
+    ],
+)
+def test_codes_inside_a_required_value_set_are_accepted(resource: dict[str, Any]) -> None:
+    assert validate_resource(resource) == resource
+
+
+def test_required_codes_refused_in_a_write_write_nothing(node_root: Path) -> None:
+    before = node_state(node_root)
+
+    async def go(node: Node) -> None:
+        with pytest.raises(FhirInvalid):
+            await node.records.create({"resourceType": "Patient", "gender": "robot"})
+        with pytest.raises(FhirInvalid):
+            await node.records.update(
+                "Observation",
+                "o1",
+                {"resourceType": "Observation", "status": "bogus", "code": OBS_CODE},
+            )
+
+    run(node_root, go)
+    assert node_state(node_root) == before

@@ -27,6 +27,8 @@ from medledger.core.errors import Gone, InvalidInput, NotFound
 from medledger.services.access import AccessEntry, refusal_reason
 from medledger.services.fhir import (
     MAX_BODY_BYTES,
+    FhirInvalid,
+    Issue,
     dump_resource,
     is_resource_type,
     load_json,
@@ -428,10 +430,35 @@ async def update(
     resource = await read_body(request)
     if not isinstance(resource, dict):
         raise InvalidInput("body must be a FHIR resource")
+    rtype, rid = _check_type(resource_type), validate_id(rid)
+    _same_id(resource, rtype, rid)
     stored, created = await _records(request).update(
-        _check_type(resource_type), validate_id(rid), resource, if_match=_if_match(if_match)
+        rtype, rid, resource, if_match=_if_match(if_match)
     )
     return raw_fhir_response(stored.data, status=201 if created else 200, headers=_headers(stored))
+
+
+def _same_id(resource: dict[str, Any], resource_type: str, rid: str) -> None:
+    """FHIR R4 update (§3.1.0.4): the body SHALL have an ``id`` equal to the URL's.
+
+    Without this a body copied from another record (or with its id dropped)
+    would silently overwrite the record the URL names.
+    """
+    if resource.get("id") != rid:
+        missing = "id" not in resource
+        raise FhirInvalid(
+            [
+                Issue(
+                    severity="error",
+                    code="required" if missing else "invalid",
+                    diagnostics="the resource in the body has no id; an update must carry the "
+                    "id of the URL"
+                    if missing
+                    else "the resource's id differs from the id in the URL",
+                    expression=(f"{resource_type}.id",),
+                )
+            ]
+        )
 
 
 @router.delete("/{resource_type}/{rid}", summary="delete (crypto-shredding erasure)")

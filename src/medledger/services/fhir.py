@@ -25,6 +25,7 @@ import simplejson
 from pydantic import ValidationError
 
 from medledger.core.errors import InvalidInput
+from medledger.services.value_sets import CONCEPT_BINDINGS, required_codes
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -180,6 +181,7 @@ def validate_resource(value: Any, *, expected_type: str | None = None) -> dict[s
     # fhir.resources coerces ("yes" -> True, "3" -> 3); FHIR JSON does not.
     type_issues: list[Issue] = []
     _check_json_types(value, model, rtype, type_issues)
+    _check_concept_bindings(value, rtype, rtype, type_issues)
     if type_issues:
         raise FhirInvalid(type_issues[:20])
     try:
@@ -203,16 +205,26 @@ def validate_resource(value: Any, *, expected_type: str | None = None) -> dict[s
 # -- FHIR JSON primitive representation (R4 §2.6.2): booleans are JSON booleans,
 # integers JSON integers, decimals JSON numbers, every other primitive a string.
 
-_KIND_CACHE: dict[Any, dict[str, tuple[str, Any, bool]]] = {}
+#: Per model, per JSON property: (kind, nested model or None, is_list, required codes or None).
+_Kind = tuple[str, Any, bool, frozenset[str] | None]
+_KIND_CACHE: dict[Any, dict[str, _Kind]] = {}
 
 
-def _field_kinds(model: Any) -> dict[str, tuple[str, Any, bool]]:
-    """For each JSON property of ``model``: (kind, nested model or None, is_list)."""
+def _field_kinds(model: Any) -> dict[str, _Kind]:
+    """For each JSON property of ``model``: its :data:`_Kind`."""
     kinds = _KIND_CACHE.get(model)
     if kinds is None:
         kinds = {}
         for field in model.model_fields.values():
-            kinds[field.alias or ""] = _classify(field.annotation)
+            prop = field.alias or ""
+            kind, nested, is_list = _classify(field.annotation)
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            codes = (
+                required_codes(model.__name__, prop, extra.get("enum_values"))
+                if kind == "string"
+                else None
+            )
+            kinds[prop] = (kind, nested, is_list, codes)
         _KIND_CACHE[model] = kinds
     return kinds
 
@@ -280,7 +292,7 @@ def _check_json_types(value: dict[str, Any], model: Any, path: str, issues: list
         spec = kinds.get(key)
         if spec is None or item is None:
             continue  # unknown or null properties: the model validation reports them
-        kind, nested, is_list = spec
+        kind, nested, is_list, codes = spec
         where = f"{path}.{key}"
         if is_list and type(item) is not list:
             issues.append(
@@ -303,10 +315,48 @@ def _check_json_types(value: dict[str, Any], model: Any, path: str, issues: list
                         expression=(here,),
                     )
                 )
+            elif codes is not None and v not in codes:
+                # The code itself is not echoed: OperationOutcomes may be logged.
+                issues.append(
+                    Issue(
+                        severity="error",
+                        code="code-invalid",
+                        diagnostics="the code is not in the required value set ("
+                        + " | ".join(sorted(codes))
+                        + ")",
+                        expression=(here,),
+                    )
+                )
             elif kind == "model":
                 _check_json_types(v, nested, here, issues)
             elif kind == "resource":
                 _check_contained(v, here, issues)
+
+
+def _check_concept_bindings(
+    value: dict[str, Any], rtype: str, path: str, issues: list[Issue]
+) -> None:
+    """Required ``CodeableConcept`` bindings (:data:`CONCEPT_BINDINGS`) of a resource."""
+    for (bound_type, prop), (system, codes) in CONCEPT_BINDINGS.items():
+        concept = value.get(prop) if bound_type == rtype else None
+        if not isinstance(concept, dict):
+            continue  # absent, or a shape the type check reports
+        codings = concept.get("coding")
+        ours = [
+            c
+            for c in (codings if isinstance(codings, list) else [])
+            if isinstance(c, dict) and c.get("system") == system
+        ]
+        if not ours or any(c.get("code") not in codes for c in ours):
+            issues.append(
+                Issue(
+                    severity="error",
+                    code="code-invalid",
+                    diagnostics=f"{prop} is bound (required) to {system}: a coding of that"
+                    f" system with one of {' | '.join(sorted(codes))}",
+                    expression=(f"{path}.{prop}",),
+                )
+            )
 
 
 def _check_contained(value: dict[str, Any], path: str, issues: list[Issue]) -> None:
@@ -328,6 +378,7 @@ def _check_contained(value: dict[str, Any], path: str, issues: list[Issue]) -> N
         )
         return
     _check_json_types(value, model, path, issues)
+    _check_concept_bindings(value, rtype, path, issues)
 
 
 _MODELS: dict[str, Any] = {}
