@@ -37,6 +37,7 @@ from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.ledger.supervision import Health
 from medledger.services.access import AccessLog
+from medledger.services.conditional import ConditionalWrites
 from medledger.services.enrollment import EnrollmentService
 from medledger.services.health import DEFAULT_MIN_FREE_BYTES, StoreHealth
 from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
@@ -106,8 +107,11 @@ class Node:
     health: Health = field(default_factory=Health)
     #: The node's time: everything it does that needs "now" asks this (tests inject theirs).
     clock: Clock = field(default_factory=SystemClock)
+    #: Conditional creates, updates and deletes: search and write as one step per type.
+    conditional: ConditionalWrites = field(init=False)
 
     def __post_init__(self) -> None:
+        self.conditional = ConditionalWrites(self.records)
         self.health.add("private-chain-store", self._chain_store_problem)
         self.health.add("private-sequencer", self.chain.problem)
         self.health.add("access-summaries", lambda: self.access.problem())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
@@ -25,6 +26,7 @@ from medledger.api.errors import TooLarge
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import Gone, InvalidInput, NotFound
 from medledger.services.access import AccessEntry, refusal_reason
+from medledger.services.conditional import ConditionalWrites, parse_criteria
 from medledger.services.fhir import (
     MAX_BODY_BYTES,
     FhirInvalid,
@@ -32,6 +34,7 @@ from medledger.services.fhir import (
     dump_resource,
     is_resource_type,
     load_json,
+    operation_outcome,
     validate_id,
 )
 from medledger.services.records import RecordsService, StoredResource, VersionInfo
@@ -252,8 +255,8 @@ async def metadata(request: Request) -> Response:
             "versioning": "versioned",
             "readHistory": True,
             "updateCreate": True,
-            "conditionalCreate": False,
-            "conditionalUpdate": False,
+            "conditionalCreate": True,
+            "conditionalUpdate": True,
             "conditionalDelete": "not-supported",
             "interaction": interactions,
             "searchParam": [
@@ -315,12 +318,30 @@ async def transaction(request: Request, who: Writer) -> Response:
 
 
 @router.post("/{resource_type}", summary="create", status_code=201, response_class=Response)
-async def create(resource_type: str, request: Request, who: Writer) -> Response:
+async def create(
+    resource_type: str,
+    request: Request,
+    who: Writer,
+    if_none_exist: Annotated[str | None, Header()] = None,
+) -> Response:
     resource = await read_body(request)
     if not isinstance(resource, dict) or resource.get("resourceType") != _check_type(resource_type):
         raise InvalidInput(f"body must be a {resource_type} resource")
-    stored = await _records(request).create(resource)
-    return raw_fhir_response(stored.data, status=201, headers=_headers(stored))
+    if if_none_exist is None:
+        stored = await _records(request).create(resource)
+        return _written(request, stored, 201)
+    criteria = parse_criteria(if_none_exist, resource_type)
+    conditional: ConditionalWrites = request.app.state.node.conditional
+    async with conditional.lock(resource_type):
+        match = await conditional.match(resource_type, criteria)
+        if match.id is None:
+            stored = await _records(request).create(resource)
+            return _written(request, stored, 201)
+    # FHIR R4 §3.1.0.8: one match is "200 OK" with nothing created; showing it is a read.
+    async with _audited(request, who, resource_type, match.id) as shown:
+        existing = await _records(request).read(resource_type, match.id)
+        shown.append(existing)
+    return _written(request, existing, 200)
 
 
 @router.get("/{resource_type}/_history", summary="type history")
@@ -435,7 +456,64 @@ async def update(
     stored, created = await _records(request).update(
         rtype, rid, resource, if_match=_if_match(if_match)
     )
-    return raw_fhir_response(stored.data, status=201 if created else 200, headers=_headers(stored))
+    return _written(request, stored, 201 if created else 200)
+
+
+@router.put("/{resource_type}", summary="conditional update (PUT Type?criteria)")
+async def conditional_update(
+    resource_type: str,
+    request: Request,
+    who: Writer,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """FHIR R4 §3.1.0.4.3: no match creates, one match is updated, several are 412."""
+    rtype = _check_type(resource_type)
+    criteria = parse_criteria(request.url.query, rtype)
+    resource = await read_body(request)
+    if not isinstance(resource, dict):
+        raise InvalidInput("body must be a FHIR resource")
+    conditional: ConditionalWrites = request.app.state.node.conditional
+    records = _records(request)
+    async with conditional.lock(rtype):
+        match = await conditional.match(rtype, criteria)
+        if match.id is not None:
+            if "id" in resource:
+                _same_id(resource, rtype, match.id)
+            stored, created = await records.update(
+                rtype, match.id, {**resource, "id": match.id}, if_match=_if_match(if_match)
+            )
+        elif "id" in resource:
+            # No match and a client-chosen id: update-as-create, never over another record.
+            rid = validate_id(resource["id"], f"{rtype}.id")
+            stored, created = await records.update(rtype, rid, resource, if_match=0)
+        else:
+            stored, created = await records.create(resource), True
+    return _written(request, stored, 201 if created else 200)
+
+
+_PREFER_RETURN = re.compile(r"(?:^|[;,\s])return\s*=\s*\"?([A-Za-z]+)")
+
+
+def _written(request: Request, stored: StoredResource, status: int) -> Response:
+    """The answer to a create or update, shaped by ``Prefer: return=`` (FHIR R4 §3.1.0.9).
+
+    ``representation`` (the default) is the resource as stored; ``minimal`` an
+    empty body; ``OperationOutcome`` an informational outcome. The headers
+    (Location, ETag, Last-Modified) are the same in all three.
+    """
+    found = _PREFER_RETURN.search(request.headers.get("prefer", ""))
+    choice = found.group(1) if found else "representation"
+    if choice == "minimal":
+        return Response(status_code=status, headers=_headers(stored))
+    if choice == "OperationOutcome":
+        done = "created" if status == 201 else "updated"
+        issue = Issue(
+            severity="information",
+            code="informational",
+            diagnostics=f"{stored.resource_type}/{stored.id} {done} (version {stored.version})",
+        )
+        return fhir_response(operation_outcome([issue]), status=status, headers=_headers(stored))
+    return raw_fhir_response(stored.data, status=status, headers=_headers(stored))
 
 
 def _same_id(resource: dict[str, Any], resource_type: str, rid: str) -> None:
