@@ -42,7 +42,7 @@ from medledger.services.enrollment import EnrollmentService
 from medledger.services.health import DEFAULT_MIN_FREE_BYTES, StoreHealth
 from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
 from medledger.services.keys import InstitutionKeys
-from medledger.services.records import RecordsService
+from medledger.services.records.service import RecordsService
 from medledger.services.sharing import SharingService
 from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
 from medledger.services.trail import TrailIndex

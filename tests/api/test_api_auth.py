@@ -447,8 +447,8 @@ def test_another_patients_record_and_a_missing_id_take_the_same_path(
     theirs = next(r for r in other.resources if r["resourceType"] == "Observation")
     never = "00000000-0000-4000-8000-0000000000ff"
     token = live.token("patient", patient=me.patient_id)
-    records, access = live.node.records, live.node.access
-    open_row, record, record_many = records._open, access.record, access.record_many
+    reader, access = live.node.records.reader, live.node.access
+    open_row, record, record_many = reader.open, access.record, access.record_many
     steps: list[tuple[str, str]] = []
 
     def spying_open(row: Any) -> Any:
@@ -463,7 +463,7 @@ def test_another_patients_record_and_a_missing_id_take_the_same_path(
         steps.extend(("audit", entry.outcome) for entry in entries)
         return await record_many(entries, **kwargs)
 
-    records._open = spying_open  # type: ignore[method-assign]
+    reader.open = spying_open  # type: ignore[method-assign]
     access.record = spying_record  # type: ignore[method-assign]
     access.record_many = spying_record_many  # type: ignore[method-assign]
     try:
@@ -479,7 +479,7 @@ def test_another_patients_record_and_a_missing_id_take_the_same_path(
             assert client.get(f"/fhir/Observation/{mine['id']}").status_code == 200
             assert steps == [("decrypt", mine["id"]), ("audit", "allowed")]
     finally:
-        del records._open, access.record, access.record_many
+        del reader.open, access.record, access.record_many
     for suffix in ("", "/_history", "/_history/1"):
         status, body, taken = seen["theirs", suffix]
         assert (status, taken) == (404, [("audit", "refused")]), suffix

@@ -30,7 +30,7 @@ from medledger.core.errors import (
 from medledger.ledger.verify import verify_chain
 from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.fhir import FhirInvalid, load_json
-from medledger.services.records import SealedVersion, StoredResource
+from medledger.services.records.model import SealedVersion, StoredResource
 from medledger.services.synthetic import (
     RXNORM,
     SNOMED,
@@ -1091,22 +1091,18 @@ def test_search_and_history_decrypt_off_the_event_loop(tmp_path: Path) -> None:
         loop_thread = threading.get_ident()
         index_threads: list[int] = []
         opened: list[tuple[int, str]] = []
-        index, open_row = node.records._index, node.records._open
+        search_index, open_row = node.index.search, node.records.reader.open
 
         def spying_search(rtype: str, groups: list[set[bytes]]) -> list[str]:
             index_threads.append(threading.get_ident())
-            return index.search(rtype, groups)
+            return search_index(rtype, groups)
 
         def spying_open(row: VersionRow) -> StoredResource:
             opened.append((threading.get_ident(), row.id))
             return open_row(row)
 
-        class SpyingIndex:
-            def __getattr__(self, name: str) -> Any:
-                return spying_search if name == "search" else getattr(index, name)
-
-        node.records._index = SpyingIndex()  # type: ignore[assignment]
-        node.records._open = spying_open  # type: ignore[method-assign]
+        node.index.search = spying_search  # type: ignore[method-assign]
+        node.records.reader.open = spying_open  # type: ignore[method-assign]
         total, page = await node.records.search_page("Patient", {"gender": ["other"]}, 1, 2)
         assert total == 5 and [s.id for s in page] == ["p1", "p2"]
         assert index_threads and loop_thread not in index_threads

@@ -43,7 +43,7 @@ CHILD = textwrap.dedent(
         async def crash(txs):
             os._exit(17)  # the process dies before the block is written
 
-        node.records._chain.submit_many = crash
+        node.chain.submit_many = crash
         changed = dict(patient, gender="other" if patient.get("gender") != "other" else "male")
         await node.records.update("Patient", patient["id"], changed)
 
@@ -128,7 +128,7 @@ EXCURSION_CHILD = textwrap.dedent(
         async def crash(txs):
             os._exit(17)
 
-        node.records._chain.submit_many = crash
+        node.chain.submit_many = crash
         await node.records.update("Patient", second["id"], dict(second, gender="unknown"))
 
     asyncio.run(main(sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])))
@@ -199,7 +199,7 @@ def test_a_damaged_chain_is_refused_at_open_and_nothing_is_taken_back(tmp_path: 
         try:
             await node.records.update("Patient", PATIENT["id"], PATIENT)
             # A crash-like orphan: indexed, never committed, mark not advanced.
-            node.records._chain.submit_many = _never_commits  # type: ignore[method-assign]
+            node.chain.submit_many = _never_commits  # type: ignore[method-assign]
             with pytest.raises(StorageError):
                 await node.records.update("Patient", PATIENT["id"], dict(PATIENT, gender="other"))
         finally:
@@ -257,14 +257,14 @@ def test_a_failed_take_back_is_retried_before_the_next_write(tmp_path: Path) -> 
         node = open_node(root, PW)
         try:
             await node.records.update("Patient", PATIENT["id"], PATIENT)
-            chain_submit = node.records._chain.submit_many
+            chain_submit = node.chain.submit_many
             index_remove = node.index.remove_version
-            node.records._chain.submit_many = _never_commits  # type: ignore[method-assign]
+            node.chain.submit_many = _never_commits  # type: ignore[method-assign]
             node.index.remove_version = _never_commits  # type: ignore[assignment,method-assign]
             with pytest.raises(StorageError):
                 await node.records.update("Patient", PATIENT["id"], dict(PATIENT, gender="other"))
             assert [r.version for r in node.index.history("Patient", PATIENT["id"])] == [2, 1]
-            node.records._chain.submit_many = chain_submit  # type: ignore[method-assign]
+            node.chain.submit_many = chain_submit  # type: ignore[method-assign]
             node.index.remove_version = index_remove  # type: ignore[method-assign]
             written, _ = await node.records.update(
                 "Patient", PATIENT["id"], dict(PATIENT, gender="unknown")
@@ -287,7 +287,7 @@ def test_the_recovery_mark_moves_up_while_the_node_runs(tmp_path: Path) -> None:
 
     async def go() -> None:
         node = open_node(root, PW)
-        node.records._mark_every = 2
+        node.records.recovery.mark_every = 2
         try:
             for i in range(5):
                 await node.records.update(

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from medledger.core.errors import InvalidInput
 from medledger.node import Node, init_node, open_node
-from medledger.services.records import RecordsService
+from medledger.services.records.sealing import Sealer
 from medledger.services.search import (
     MAX_ALTERNATIVES,
     MAX_PREFIX_CHARS,
@@ -623,13 +623,13 @@ def test_long_and_wordy_names_through_a_node(
     long_patient = patient("long", LONG_WORD, ["Ann"], "1990-01-01", "female", ("urn:mrn", "L1"))
     # Which thread tokenizes and seals each resource (the real work still runs).
     sealing_threads: dict[str, int] = {}
-    real = RecordsService._tokens_and_blob
+    real = Sealer._tokens_and_blob
 
-    def recording(self: RecordsService, resource: dict[str, Any], *args: Any) -> Any:
+    def recording(self: Sealer, resource: dict[str, Any], *args: Any) -> Any:
         sealing_threads[str(resource["id"])] = threading.get_ident()
         return real(self, resource, *args)
 
-    monkeypatch.setattr(RecordsService, "_tokens_and_blob", recording)
+    monkeypatch.setattr(Sealer, "_tokens_and_blob", recording)
 
     async def go(node: Node) -> tuple[set[str], set[str]]:
         await node.records.update("Patient", "short", {**PATIENTS[1], "id": "short"})

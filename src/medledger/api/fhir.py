@@ -37,7 +37,8 @@ from medledger.services.fhir import (
     operation_outcome,
     validate_id,
 )
-from medledger.services.records import RecordsService, StoredResource, VersionInfo
+from medledger.services.records.model import StoredResource, VersionInfo
+from medledger.services.records.service import RecordsService
 from medledger.services.search import SEARCH_PARAMS, patient_reference
 from medledger.storage.tokens import TokenInfo
 

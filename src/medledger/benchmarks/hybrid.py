@@ -67,7 +67,7 @@ from medledger.ledger.consortium_commit import ConsortiumCommit
 from medledger.localnet.network import LocalNetwork
 from medledger.node import Node, init_node, write_genesis
 from medledger.services.keys import InstitutionKeys
-from medledger.services.records import RecordsService
+from medledger.services.records.service import RecordsService
 from medledger.services.synthetic import iter_patients
 from medledger.storage import factory
 from medledger.storage.keystore import KdfParams

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     # Imported where used: `import medledger.cli` and `--help` must not pay for the node
     # (aiohttp, FHIR models); only the command that runs does.
     from medledger.node import Node
-    from medledger.services.records import StoredResource
+    from medledger.services.records.model import StoredResource
 
 __all__ = ["keys", "record", "searchset"]
 

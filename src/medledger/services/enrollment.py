@@ -43,7 +43,7 @@ from medledger.core.models import Signature, Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.private import PrivateChain
-from medledger.services.records import RecordsService
+from medledger.services.records.service import RecordsService
 
 __all__ = ["EnrollmentService"]
 

@@ -1,0 +1,131 @@
+"""What the records service takes in and hands out, and the chain it commits on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from medledger.core.models import Receipt, Transaction
+from medledger.services.fhir import load_json
+from medledger.storage.ports import ChainStore
+from medledger.storage.records import VersionRow
+
+__all__ = [
+    "RecordChain",
+    "SealedVersion",
+    "SealedWrite",
+    "StoredResource",
+    "VersionInfo",
+    "WriteIntent",
+    "instant",
+    "version_key",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriteIntent:
+    """One version a request asks to write, before anything is stored.
+
+    ``create`` is a POST: the id is new and must not exist. Otherwise it is a
+    PUT (update, or update-as-create); ``if_match`` is the version the client
+    last saw, if it said.
+    """
+
+    resource_type: str
+    id: str
+    #: The resource as submitted (PHI): never in a repr.
+    resource: dict[str, Any] = field(repr=False)
+    if_match: int | None = None
+    create: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredResource:
+    """A resource version as stored: the exact JSON bytes and where it is on the chain."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: str
+    #: The decrypted resource (PHI): never in a repr, so never in a log line.
+    data: bytes = field(repr=False)
+    tx_hash: bytes
+    #: The patient pseudonym the version was committed with (for the access trail).
+    patient: str | None = None
+
+    def resource(self) -> dict[str, Any]:
+        value: dict[str, Any] = load_json(self.data, max_bytes=len(self.data))
+        return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SealedWrite:
+    """A version sealed and its blob stored, not yet indexed or committed."""
+
+    row: VersionRow
+    #: The version's blind search tokens.
+    tokens: set[bytes] = field(repr=False)
+    stored: StoredResource
+    tx: Transaction
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SealedVersion:
+    """One stored version with its data key, as the sharing protocol needs it."""
+
+    row: VersionRow
+    blob: bytes
+    #: The record's data key in clear: never in a repr.
+    dek: bytes = field(repr=False)
+    tx_data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionInfo:
+    """One entry of a history: a readable version, or an erased one (``stored`` is ``None``)."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: str
+    stored: StoredResource | None
+
+
+class RecordChain(Protocol):
+    """The chain record transactions are committed on.
+
+    The institution's ``PrivateChain``; or the benchmark-only consortium-only
+    mode's ``ConsortiumCommit``, whose transactions also need the author
+    signature ``RecordsService(sign_tx=…)``.
+    """
+
+    @property
+    def chain_id(self) -> str: ...
+
+    @property
+    def store(self) -> ChainStore: ...
+
+    @property
+    def durable_height(self) -> int:
+        """Height of the last block that is durable in ``store``."""
+        ...
+
+    async def submit(self, tx_type: str, body: dict[str, Any]) -> Receipt: ...
+
+    async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]: ...
+
+
+def instant(ms: int) -> str:
+    """``ms`` since the epoch as a FHIR ``instant`` (UTC, millisecond precision)."""
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def version_key(row: VersionRow) -> tuple[str, str, int]:
+    """``(type, id, version)``: one version of one resource."""
+    return (row.resource_type, row.id, row.version)

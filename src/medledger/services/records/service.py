@@ -1,0 +1,329 @@
+"""The records service of one institution: the parts of this package composed into one API."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from medledger.core.models import Transaction
+from medledger.ledger.clock import Clock, SystemClock
+from medledger.services.fhir import FhirInvalid, Issue, validate_id
+from medledger.services.health import StoreHealth
+from medledger.services.keys import InstitutionKeys
+from medledger.services.records.bundles import apply_transaction
+from medledger.services.records.erasure import RecordEraser
+from medledger.services.records.model import (
+    RecordChain,
+    SealedVersion,
+    StoredResource,
+    VersionInfo,
+    WriteIntent,
+)
+from medledger.services.records.patients import PatientRecords
+from medledger.services.records.queries import RecordSearch
+from medledger.services.records.reading import RecordReader
+from medledger.services.records.recovery import CrashRecovery
+from medledger.services.records.rotation import rotate_kek
+from medledger.services.records.sealing import Sealer
+from medledger.services.records.writes import RecordWriter
+from medledger.services.validation import Validator
+from medledger.storage.blobs import BlobStore
+from medledger.storage.records import RecordIndex
+
+__all__ = ["RecordsService"]
+
+
+class RecordsService:
+    """Create, update, read, history, search and erase FHIR resources of one institution.
+
+    Every operation first passes the crash-recovery gate (``recovery``): the
+    first one runs recovery, and on a store refused as damaged each one raises
+    :class:`DamagedStore`.
+    """
+
+    def __init__(
+        self,
+        *,
+        institution: str,
+        chain: RecordChain,
+        index: RecordIndex,
+        blobs: BlobStore,
+        keys: InstitutionKeys,
+        clock: Clock | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        validator: Validator | None = None,
+        sign_tx: Callable[[Transaction], Transaction] | None = None,
+        crash_recovery: bool = True,
+        recovery_mark_every: int = 4096,
+        health: StoreHealth | None = None,
+    ) -> None:
+        """``crash_recovery=False`` (a second service sharing another's index, as the
+        consortium-only benchmark mode does) neither records ``chain_base`` nor recovers.
+        ``recovery_mark_every``: acknowledged writes between moves of the recovery mark.
+        ``sign_tx``: only the consortium-only benchmark mode signs record transactions."""
+        # Failed writes (disk full) and damaged reads are reported here for /readyz, /metrics.
+        self.health = health or StoreHealth(None)
+        self._chain = chain
+        self._index = index
+        self._keys = keys
+        self._random = random_bytes
+        self._validator = validator or Validator()
+        self.reader = RecordReader(
+            institution=institution,
+            chain=chain,
+            index=index,
+            blobs=blobs,
+            keys=keys,
+            health=self.health,
+        )
+        self.recovery = CrashRecovery(
+            chain=chain,
+            index=index,
+            blobs=blobs,
+            keys=keys,
+            reader=self.reader,
+            enabled=crash_recovery,
+            mark_every=recovery_mark_every,
+        )
+        self._sealer = Sealer(
+            institution=institution,
+            chain=chain,
+            blobs=blobs,
+            keys=keys,
+            clock=clock or SystemClock(),
+            random_bytes=random_bytes,
+            sign_tx=sign_tx,
+            stamp_chain_base=crash_recovery,
+        )
+        self._writer = RecordWriter(
+            chain=chain,
+            index=index,
+            keys=keys,
+            sealer=self._sealer,
+            recovery=self.recovery,
+            reader=self.reader,
+            health=self.health,
+        )
+        self._eraser = RecordEraser(
+            chain=chain, index=index, blobs=blobs, keys=keys, writer=self._writer
+        )
+        self._search = RecordSearch(index=index, keys=keys, reader=self.reader)
+        self._patients = PatientRecords(index=index, keys=keys)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def create(self, resource: Mapping[str, Any]) -> StoredResource:
+        """Store a new resource under a server-assigned id; returns version 1."""
+        body = _object(resource)
+        await self._validator.validate(body)
+        intent = WriteIntent(
+            resource_type=str(body["resourceType"]),
+            id=str(uuid.uuid4()),
+            resource=body,
+            create=True,
+        )
+        return (await self._writer.write_many([intent]))[0]
+
+    async def update(
+        self,
+        resource_type: str,
+        rid: str,
+        resource: Mapping[str, Any],
+        *,
+        if_match: int | None = None,
+    ) -> tuple[StoredResource, bool]:
+        """Store a new version (or the first, update-as-create); returns it and whether it was created.
+
+        ``if_match`` is the version the client last saw; a different current
+        version raises :class:`PreconditionFailed`.
+        """
+        validate_id(rid, f"{resource_type}.id")
+        body = _object(resource)
+        await self._validator.validate(body, expected_type=resource_type)
+        if "id" in body and body["id"] != rid:
+            raise FhirInvalid(
+                [
+                    Issue(
+                        severity="error",
+                        code="invalid",
+                        diagnostics=f"resource id {body['id']!r} does not match {rid!r}",
+                        expression=(f"{resource_type}.id",),
+                    )
+                ]
+            )
+        intent = WriteIntent(resource_type=resource_type, id=rid, resource=body, if_match=if_match)
+        stored = (await self._writer.write_many([intent]))[0]
+        return stored, stored.version == 1
+
+    async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply a FHIR ``transaction`` Bundle all-or-nothing; return the transaction-response."""
+        return await apply_transaction(
+            bundle, validator=self._validator, write_many=self._writer.write_many
+        )
+
+    def writing(self, resource_type: str, rid: str) -> bool:
+        """Whether a write or erasure of this resource is in progress (see ``RecordWriter``)."""
+        return self._writer.writing(resource_type, rid)
+
+    # -- crash recovery and lifecycle ------------------------------------------------------
+
+    def refuse_writes(self, reason: str) -> None:
+        """From now on every operation raises :class:`DamagedStore` with ``reason``.
+
+        For a store found damaged after the node opened (e.g. behind an anchor
+        learnt from the consortium): nothing more may be written on it.
+        """
+        self.recovery.refuse(reason)
+
+    async def ensure_recovered(self) -> None:
+        """Run crash recovery now unless it already ran (else the first operation runs it).
+
+        Raises :class:`DamagedStore` as every operation would on a refused store.
+        """
+        await self.recovery.ensure_recovered()
+
+    async def recover(self) -> int:
+        """Take back versions a crashed write left uncommitted (see ``CrashRecovery.recover``)."""
+        return await self.recovery.recover()
+
+    async def close(self) -> None:
+        """Stop; once every write settled, record it so the next start need not look again."""
+        try:
+            await self.recovery.close()
+        finally:
+            await self._sealer.close()
+            self._validator.close()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read(self, resource_type: str, rid: str) -> StoredResource:
+        await self.recovery.ensure_recovered()
+        return self.reader.latest(resource_type, rid)
+
+    async def vread(self, resource_type: str, rid: str, version: int) -> StoredResource:
+        await self.recovery.ensure_recovered()
+        return self.reader.version(resource_type, rid, version)
+
+    def sealed_version(
+        self, resource_type: str, rid: str, version: int | None = None
+    ) -> SealedVersion:
+        """A version as stored, for sharing (see ``RecordReader.sealed_version``)."""
+        return self.reader.sealed_version(resource_type, rid, version)
+
+    async def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
+        """Every version, newest first; erased versions have ``stored=None``.
+
+        Decrypting many versions is CPU work: it runs in a worker thread.
+        """
+        await self.recovery.ensure_recovered()
+        return await asyncio.to_thread(self.reader.history, resource_type, rid)
+
+    async def type_history(self, resource_type: str, limit: int = 100) -> list[VersionInfo]:
+        """The ``limit`` latest versions of any resource of the type (in a worker thread)."""
+        await self.recovery.ensure_recovered()
+        return await asyncio.to_thread(self.reader.type_history, resource_type, limit)
+
+    # -- patients --------------------------------------------------------------------------
+
+    def patient_pseudonym(self, patient_id: str) -> str:
+        return self._patients.pseudonym(patient_id)
+
+    def patient_of_pseudonym(self, pseudonym: str) -> str | None:
+        """The id of the stored Patient whose keyed pseudonym is ``pseudonym``, if any."""
+        return self._patients.patient_of_pseudonym(pseudonym)
+
+    def patient_may_read(
+        self,
+        resource_type: str,
+        rid: str,
+        patient_id: str,
+        *,
+        version: int | None = None,
+        whole_history: bool = False,
+    ) -> tuple[bool, str | None]:
+        """Whether a token bound to ``Patient/<patient_id>`` may read this resource
+        (see ``PatientRecords.may_read``: decided with nothing decrypted)."""
+        return self._patients.may_read(
+            resource_type, rid, patient_id, version=version, whole_history=whole_history
+        )
+
+    def resources_of_patient(self, patient_id: str) -> list[tuple[str, str]]:
+        """``(type, id)`` of every unerased resource about ``Patient/<patient_id>``."""
+        return self._patients.resources_of(patient_id)
+
+    def record_ref(self, resource_type: str, rid: str) -> str:
+        return self._keys.record_ref(resource_type, rid)
+
+    # -- search ----------------------------------------------------------------------------
+
+    async def search(
+        self, resource_type: str, params: Mapping[str, Sequence[str]]
+    ) -> list[StoredResource]:
+        """Latest versions matching every parameter (see ``services.search``)."""
+        _, found = await self.search_page(resource_type, params, 0, None)
+        return found
+
+    async def search_page(
+        self,
+        resource_type: str,
+        params: Mapping[str, Sequence[str]],
+        offset: int,
+        count: int | None,
+    ) -> tuple[int, list[StoredResource]]:
+        """How many latest versions match, and those in ``[offset, offset + count)`` opened.
+
+        The index look-ups and the decryption run in a worker thread, so an
+        expensive query leaves the event loop free (hashing, SQLite and AES-GCM
+        spend their time in C; the thread hands the GIL back at least every
+        ``sys.getswitchinterval()``). Only the page is decrypted.
+        """
+        await self.recovery.ensure_recovered()
+        return await asyncio.to_thread(self._search.page, resource_type, params, offset, count)
+
+    async def search_ids(
+        self, resource_type: str, params: Mapping[str, Sequence[str]]
+    ) -> list[str]:
+        """The ids :meth:`search` would return, from the blind index alone (nothing decrypted)."""
+        await self.recovery.ensure_recovered()
+        rows = await asyncio.to_thread(self._search.matching, resource_type, params)
+        return [row.id for row in rows]
+
+    # -- erasure and keys ------------------------------------------------------------------
+
+    async def erase(self, resource_type: str, rid: str) -> int:
+        """Crypto-shred every version of a resource and append a ``record.erase`` tombstone."""
+        await self.recovery.ensure_recovered()
+        return await self._eraser.erase(resource_type, rid)
+
+    async def erase_patient(self, patient_id: str) -> int:
+        """Erase the Patient and every resource about them; returns resources erased."""
+        await self.recovery.ensure_recovered()
+        return await self._eraser.erase_patient(patient_id)
+
+    async def rotate_kek(self) -> dict[str, Any]:
+        """New KEK; re-wrap every data key; ``key.rotate`` on the chain; destroy the old KEK."""
+        await self.recovery.ensure_recovered()
+        return await rotate_kek(
+            chain=self._chain,
+            index=self._index,
+            keys=self._keys,
+            writer=self._writer,
+            random_bytes=self._random,
+        )
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise FhirInvalid(
+            [
+                Issue(
+                    severity="error",
+                    code="structure",
+                    diagnostics="a FHIR resource must be a JSON object",
+                )
+            ]
+        )
+    return dict(value)
