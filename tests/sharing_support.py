@@ -20,9 +20,9 @@ from medledger.localnet.loopback import loopback_socket, serve_nodes, url_of
 from medledger.localnet.network import LocalNetwork
 from medledger.node import Node
 from medledger.services.patients import PatientWallet
-from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams
 from medledger.storage.tokens import TokenStore
+from medledger.synthetic import generate_patients
 
 PASSPHRASE = b"sharing test passphrase"
 FAST_KDF = KdfParams(n=2**12)

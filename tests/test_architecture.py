@@ -22,7 +22,12 @@ LAYERS = {
     "demo": 6,
     "benchmarks": 6,
     "localnet": 6,
+    "synthetic": 6,
 }
+#: The product: what an institution's node runs. Laptop tooling stays out of it.
+PRODUCT_LAYERS = ("core", "storage", "ledger", "services", "config", "node", "api")
+#: Tooling for one machine, tests, the demo and the benchmarks.
+TOOLING_LAYERS = ("localnet", "synthetic", "benchmarks", "demo")
 # core is pure: no I/O, clock, randomness, concurrency or logging.
 CORE_FORBIDDEN = {
     "asyncio",
@@ -84,6 +89,49 @@ def test_module_imports_only_its_layer_or_below(module: str, path: Path) -> None
         if own == "core":
             top = imported.split(".")[0]
             assert top not in CORE_FORBIDDEN, f"core module {module} imports {imported} (I/O)"
+
+
+def _tooling_imports(path: Path) -> list[str]:
+    """The tooling modules ``path`` imports, ``from medledger import localnet`` included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        found += [
+            f"line {node.lineno}: {name}"
+            for name in names
+            if name.startswith("medledger.") and _layer(name) in TOOLING_LAYERS
+        ]
+    return sorted(set(found))
+
+
+def test_product_layers_import_no_tooling() -> None:
+    # Layer numbers alone would allow api -> localnet (both at the top): the rule is named.
+    offenders = {
+        module: uses
+        for module, path in _modules()
+        if _layer(module) in PRODUCT_LAYERS and (uses := _tooling_imports(path))
+    }
+    assert not offenders, f"product code imports laptop tooling: {offenders}"
+
+
+def test_the_tooling_scan_finds_each_form(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import medledger.localnet.netproc\nfrom medledger import synthetic\n"
+        "from medledger.core import errors\n"
+        "def f():\n    from medledger.benchmarks.common import percentiles\n",
+        encoding="utf-8",
+    )
+    assert _tooling_imports(sample) == [
+        "line 1: medledger.localnet.netproc",
+        "line 2: medledger.synthetic",
+        "line 5: medledger.benchmarks.common",
+        "line 5: medledger.benchmarks.common.percentiles",
+    ]
 
 
 def test_every_public_module_declares_all() -> None:

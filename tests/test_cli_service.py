@@ -26,8 +26,8 @@ import pytest
 from cli_support import medledger_command
 from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node
-from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams
+from medledger.synthetic import generate_patients
 
 PASSPHRASE = "service test passphrase"
 FHIR_JSON = "application/fhir+json"

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from medledger.services.synthetic import generate_patients
+from medledger.synthetic import generate_patients
 from network_support import FHIR_JSON, run_cli
 
 WALLET_ENV = {"MEDLEDGER_WALLET_PASSPHRASE": "the patient's own passphrase"}

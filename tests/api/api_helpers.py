@@ -35,9 +35,9 @@ from medledger.ledger.verify import VerifyReport, verify_chain
 from medledger.localnet.loopback import loopback_socket
 from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.ratelimit import RateLimit
-from medledger.services.synthetic import PatientBundle, generate_patients
 from medledger.storage.keystore import KdfParams
 from medledger.storage.tokens import TokenStore
+from medledger.synthetic import PatientBundle, generate_patients
 
 T = TypeVar("T")
 

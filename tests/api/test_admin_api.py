@@ -9,7 +9,7 @@ from api_helpers import LiveServer, assert_outcome, seed_patients
 
 from medledger.core.models import Transaction
 from medledger.node import open_chain
-from medledger.services.synthetic import PatientBundle
+from medledger.synthetic import PatientBundle
 
 ROTATE = "/admin/keys/rotate"
 

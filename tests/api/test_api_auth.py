@@ -33,7 +33,7 @@ from medledger.core.errors import InvalidInput
 from medledger.core.models import Transaction
 from medledger.node import open_chain
 from medledger.services.ratelimit import RateLimit
-from medledger.services.synthetic import PatientBundle
+from medledger.synthetic import PatientBundle
 
 PUBLIC = {"/fhir/metadata", "/healthz", "/readyz", "/docs", "/openapi.json", "/metrics"}
 #: Member-to-member endpoints: no bearer token, every request is signed by a member key

@@ -34,7 +34,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from schemathesis.core.result import Ok
 
-from medledger.services.synthetic import PatientBundle
+from medledger.synthetic import PatientBundle
 
 Resource = dict[str, Any]
 WRITES = ("POST", "PUT", "DELETE", "PATCH")

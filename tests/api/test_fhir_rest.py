@@ -28,7 +28,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
 from medledger.services.search import SEARCH_PARAMS
-from medledger.services.synthetic import MRN_SYSTEM, PatientBundle, generate_patients
+from medledger.synthetic import MRN_SYSTEM, PatientBundle, generate_patients
 
 Resource = dict[str, Any]
 

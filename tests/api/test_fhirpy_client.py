@@ -7,7 +7,7 @@ from api_helpers import LiveServer
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import AuthorizationError, ForbiddenError, ResourceNotFound
 
-from medledger.services.synthetic import PatientBundle, generate_patients
+from medledger.synthetic import PatientBundle, generate_patients
 
 
 @pytest.fixture(scope="module")

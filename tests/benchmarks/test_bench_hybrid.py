@@ -26,7 +26,7 @@ from medledger.benchmarks.report import LATEST_HEADING, plot_hybrid, update_mark
 from medledger.cli.consortium import verify_consortium_store
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID
 from medledger.core.models import Transaction
-from medledger.services.synthetic import generate_patient
+from medledger.synthetic import generate_patient
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

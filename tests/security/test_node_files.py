@@ -29,8 +29,8 @@ from cli_support import medledger_command
 from medledger.localnet.natsserver import free_ports
 from medledger.localnet.netproc import PidRecord
 from medledger.node import init_node
-from medledger.services.synthetic import generate_patients
 from medledger.storage.keystore import KdfParams
+from medledger.synthetic import generate_patients
 from network_support import FHIR_JSON, PASSPHRASE, cli_env, run_cli
 
 pytestmark = pytest.mark.timeout(300)

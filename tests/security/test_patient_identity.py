@@ -33,9 +33,9 @@ from medledger.core.consent import PATIENT_KEY_SYSTEM
 from medledger.node import open_chain, open_consortium_chain
 from medledger.services.consent_fhir import consent_for_grant
 from medledger.services.patients import PatientWallet
-from medledger.services.synthetic import generate_patients
 from medledger.services.trail import patient_trail
 from medledger.storage.tokens import TokenStore
+from medledger.synthetic import generate_patients
 from network_support import FHIR_JSON, run_cli
 
 pytestmark = pytest.mark.timeout(600)

@@ -31,7 +31,9 @@ from medledger.ledger.verify import verify_chain
 from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.fhir import FhirInvalid, load_json
 from medledger.services.records.model import SealedVersion, StoredResource
-from medledger.services.synthetic import (
+from medledger.storage.keystore import FileKeyStore, KdfParams
+from medledger.storage.records import VersionRow
+from medledger.synthetic import (
     RXNORM,
     SNOMED,
     PatientBundle,
@@ -39,8 +41,6 @@ from medledger.services.synthetic import (
     generate_patient,
     generate_patients,
 )
-from medledger.storage.keystore import FileKeyStore, KdfParams
-from medledger.storage.records import VersionRow
 
 T = TypeVar("T")
 PW = b"records test passphrase"

@@ -22,8 +22,8 @@ from node_files import blob_names, node_state
 from medledger.core.errors import DamagedStore, StorageError
 from medledger.ledger.verify import verify_chain
 from medledger.node import init_node, open_chain, open_node
-from medledger.services.synthetic import generate_patient
 from medledger.storage.keystore import KdfParams
+from medledger.synthetic import generate_patient
 
 PW = b"records test passphrase"
 PATIENT = generate_patient(0, seed=5, resources_per_patient=0).patient

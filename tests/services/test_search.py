@@ -35,8 +35,8 @@ from medledger.services.search import (
     resource_terms,
     resource_tokens,
 )
-from medledger.services.synthetic import generate_patient
 from medledger.storage.keystore import KdfParams
+from medledger.synthetic import generate_patient
 
 T = TypeVar("T")
 PW = b"records test passphrase"

@@ -8,7 +8,7 @@ single Python client process being the bottleneck shows. Every client sends
 its next request as soon as the last one answers (closed loop).
 
 * **creates** — ``POST /fhir/{type}`` of synthetic resources
-  (``services.synthetic``): validate, seal, blob, index, durable private-chain
+  (``synthetic``): validate, seal, blob, index, durable private-chain
   commit (group commit), 201 with the stored resource.
 * **reads** — ``GET /fhir/{type}/{id}`` of resources just created, in random
   order: chain check, blob, unwrap, decrypt, plus an ``access`` entry on the
@@ -55,8 +55,8 @@ from medledger.ledger.clock import SystemClock
 from medledger.localnet.nodeproc import NodeProcess
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
-from medledger.services.synthetic import iter_patients
 from medledger.storage.tokens import TokenStore
+from medledger.synthetic import iter_patients
 
 __all__ = ["ApiSettings", "run_api_bench"]
 

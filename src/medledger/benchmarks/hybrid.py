@@ -1,6 +1,6 @@
 """``medledger bench hybrid``: the paper's claim, measured — hybrid vs consortium-only.
 
-Same workload in both modes: synthetic patients (``services.synthetic``,
+Same workload in both modes: synthetic patients (``synthetic``,
 fixed seed) written as FHIR resources by concurrent writers at each of 4
 institutions, ordered by ``solo`` or a real 3-node JetStream R3 cluster, at
 offered loads from 100 records/s doubling up to the saturation point. Each
@@ -68,9 +68,9 @@ from medledger.localnet.network import LocalNetwork
 from medledger.node import Node, init_node, write_genesis
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.service import RecordsService
-from medledger.services.synthetic import iter_patients
 from medledger.storage import factory
 from medledger.storage.keystore import KdfParams
+from medledger.synthetic import iter_patients
 
 __all__ = [
     "MODES",

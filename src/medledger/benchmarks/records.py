@@ -1,7 +1,7 @@
 """``medledger bench records``: encrypted FHIR writes, reads and blind-index search.
 
 In-process, with encryption and durable chain commits on. Writes synthetic
-patients (``services.synthetic``) with concurrent writers, then measures
+patients (``synthetic``) with concurrent writers, then measures
 concurrent reads and search latency over everything written, and the cost of
 each write stage measured alone on the same resources (validation,
 encryption, chain commit, blob + index storage) so the slowest is visible.
@@ -33,7 +33,7 @@ from medledger.core.envelope import RecordContext, seal_record
 from medledger.node import Node, init_node, open_node
 from medledger.services.fhir import dump_resource, validate_resource
 from medledger.services.records.service import RecordsService
-from medledger.services.synthetic import generate_patients
+from medledger.synthetic import generate_patients
 
 __all__ = ["run_records_bench"]
 

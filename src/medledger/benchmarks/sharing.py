@@ -64,9 +64,9 @@ from medledger.localnet.nodeproc import NodeProcess
 from medledger.node import Node
 from medledger.services.hpke import KEMS, HpkeKeyPair, seal_to
 from medledger.services.patients import PatientWallet
-from medledger.services.synthetic import generate_patients
 from medledger.storage.ports import ChainStore
 from medledger.storage.sqlite import SqliteChainStore
+from medledger.synthetic import generate_patients
 
 __all__ = ["SharingSettings", "hpke_cost_us", "run_sharing_bench"]
 

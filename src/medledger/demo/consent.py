@@ -20,7 +20,7 @@ from medledger.demo.scene import WALLET_PASSPHRASE, Scene, now_ms, short, titled
 from medledger.demo.trail import audit_trail
 from medledger.services.consent_fhir import consent_for_grant, revocation_for
 from medledger.services.patients import PatientWallet
-from medledger.services.synthetic import PatientBundle
+from medledger.synthetic import PatientBundle
 
 __all__ = ["share_with_consent"]
 

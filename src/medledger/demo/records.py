@@ -23,7 +23,7 @@ from medledger.demo.scene import (
     wait_until,
 )
 from medledger.localnet import netproc
-from medledger.services.synthetic import generate_patients
+from medledger.synthetic import generate_patients
 
 __all__ = ["start_network", "wait_anchored", "write_records"]
 

@@ -22,8 +22,8 @@ from rich.table import Column, Table
 
 from medledger.demo.client import DemoFailed, NodeApi
 from medledger.ledger.clock import SystemClock
-from medledger.services.synthetic import PatientBundle
 from medledger.storage.keystore import KdfParams
+from medledger.synthetic import PatientBundle
 
 __all__ = [
     "DEMO_CONSORTIUM",

@@ -16,7 +16,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from medledger.core.errors import InvalidInput
-from medledger.services.synthetic import (
+from medledger.synthetic import (
     CVX,
     LOINC,
     MRN_SYSTEM,
@@ -79,7 +79,7 @@ def test_iterator_and_list_agree() -> None:
 def test_output_is_identical_in_another_process_with_another_hash_seed() -> None:
     code = (
         "import hashlib, json\n"
-        "from medledger.services.synthetic import generate_patients\n"
+        "from medledger.synthetic import generate_patients\n"
         "bs = generate_patients(3, seed=11, start_index=5, resources_per_patient=60)\n"
         "data = json.dumps([[b.patient, b.resources] for b in bs], sort_keys=True)\n"
         "print(hashlib.sha256(data.encode()).hexdigest())\n"
