@@ -42,9 +42,11 @@ from medledger.services.fhir import FhirInvalid, Issue, operation_outcome
 __all__ = [
     "CLIENT_CLOSED",
     "Forbidden",
+    "NotAcceptable",
     "TooLarge",
     "Unauthorized",
     "UnexpectedErrorMiddleware",
+    "UnsupportedMediaType",
     "install_error_handlers",
     "outcome_response",
 ]
@@ -74,6 +76,14 @@ class TooLarge(InvalidInput):
     """The request body exceeds the limit (HTTP 413)."""
 
 
+class NotAcceptable(InvalidInput):
+    """The client accepts no format the server writes (HTTP 406): FHIR XML, say."""
+
+
+class UnsupportedMediaType(InvalidInput):
+    """The request body is in a format the server does not read (HTTP 415)."""
+
+
 # Most specific first.
 _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (RateLimited, 429, "throttled"),
@@ -81,6 +91,8 @@ _STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
     (Forbidden, 403, "forbidden"),
     (ConsentDenied, 403, "forbidden"),
     (TooLarge, 413, "too-costly"),
+    (NotAcceptable, 406, "not-supported"),
+    (UnsupportedMediaType, 415, "not-supported"),
     (Gone, 410, "deleted"),
     (NotFound, 404, "not-found"),
     (PreconditionFailed, 412, "conflict"),

@@ -23,6 +23,7 @@ from fastapi.responses import Response
 
 from medledger.api.auth import require
 from medledger.api.errors import TooLarge
+from medledger.api.negotiation import check_formats
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import Gone, InvalidInput, NotFound
 from medledger.services.access import AccessEntry, refusal_reason
@@ -44,7 +45,7 @@ from medledger.storage.tokens import TokenInfo
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/fhir", tags=["FHIR"])
+router = APIRouter(prefix="/fhir", tags=["FHIR"], dependencies=[Depends(check_formats)])
 Clinical = Annotated[TokenInfo, Depends(require("clinician", "patient"))]
 Writer = Annotated[TokenInfo, Depends(require("clinician"))]
 _RESULT_PARAMS = {"_count", "_offset", "_format"}
