@@ -21,7 +21,7 @@ from medledger.localnet.network import LocalNetwork
 from medledger.node import Node
 from medledger.services.patients import PatientWallet
 from medledger.storage.keystore import KdfParams
-from medledger.storage.tokens import TokenStore
+from medledger.storage.ports import TokenStore
 from medledger.synthetic import generate_patients
 
 PASSPHRASE = b"sharing test passphrase"

@@ -155,7 +155,7 @@ class StorageConfig:
     def to_toml(self) -> dict[str, str]:
         doc = {"store": self.store, "blobs": self.blobs}
         if self.dsn:
-            from medledger.storage.postgres import strip_password
+            from medledger.storage.postgres.connection import strip_password
 
             doc["dsn"] = strip_password(self.dsn)
         return doc

@@ -48,11 +48,9 @@ from medledger.services.store_check import StoreReport, StoreScrub, check_store,
 from medledger.services.trail import TrailIndex
 from medledger.services.validation import Validator
 from medledger.storage import factory
-from medledger.storage.blobs import BlobStore
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
-from medledger.storage.nonces import NonceStore
-from medledger.storage.ports import ChainStore
-from medledger.storage.records import RecordIndex
+from medledger.storage.ports import BlobStore, ChainStore, NonceStore, RecordIndex
+from medledger.storage.sqlite.nonces import SqliteNonceStore
 
 if TYPE_CHECKING:
     from medledger.services.peer_http import HttpPeerTransport
@@ -207,7 +205,7 @@ class Node:
         self.access = AccessLog(
             institution=self.config.institution, chain=self.chain, member=member
         )
-        self._nonces = NonceStore(self.paths.root / "peer_nonces.db")
+        self._nonces = SqliteNonceStore(self.paths.root / "peer_nonces.db")
         # Here, not at the top: commands that only read a chain need no HTTP client.
         from medledger.services.peer_http import HttpPeerTransport
 

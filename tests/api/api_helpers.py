@@ -36,7 +36,8 @@ from medledger.localnet.loopback import loopback_socket
 from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.ratelimit import RateLimit
 from medledger.storage.keystore import KdfParams
-from medledger.storage.tokens import TokenStore
+from medledger.storage.ports import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import PatientBundle, generate_patients
 
 T = TypeVar("T")
@@ -133,7 +134,7 @@ def start_server(
 ) -> LiveServer:
     """Create a node in ``root`` and serve it on a free port until ``stop_server``."""
     init_node(root, name=name, passphrase=PASSPHRASE, kdf=FAST_KDF)
-    tokens = TokenStore(root / "tokens.db")
+    tokens = SqliteTokenStore(root / "tokens.db")
     sock = loopback_socket()
     port = sock.getsockname()[1]
     started = threading.Event()

@@ -26,7 +26,7 @@ from medledger.ledger.ordering.port import OrderedMessage, Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.node import Node, init_node, open_node, write_genesis
 from medledger.storage.keystore import KdfParams
-from medledger.storage.tokens import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 PASSPHRASE = b"readyz test passphrase"
 
@@ -80,7 +80,7 @@ def test_a_dead_consume_task_makes_the_node_unready_until_it_follows_again(
 ) -> None:
     async def main() -> None:
         node = await _one_member_node(tmp_path / "node")
-        tokens = TokenStore(tmp_path / "tokens.db")
+        tokens = SqliteTokenStore(tmp_path / "tokens.db")
         orderer = FailingReads(SoloOrderer())
         try:
             member = await node.join_consortium(orderer, anchor=False)
@@ -110,7 +110,7 @@ def test_a_dead_consume_task_makes_the_node_unready_until_it_follows_again(
 def test_an_ended_consume_task_makes_the_node_unready(tmp_path: Path) -> None:
     async def main() -> None:
         node = await _one_member_node(tmp_path / "node")
-        tokens = TokenStore(tmp_path / "tokens.db")
+        tokens = SqliteTokenStore(tmp_path / "tokens.db")
         orderer = SoloOrderer()
         try:
             await node.join_consortium(orderer, anchor=False)

@@ -18,7 +18,8 @@ from api_helpers import FAST_KDF, PASSPHRASE, assert_outcome, now_ms
 from medledger.api.app import create_app
 from medledger.node import init_node, open_node
 from medledger.services.ratelimit import RateLimit
-from medledger.storage.tokens import TokenStore
+from medledger.storage.ports import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 BUDGET = RateLimit(burst=3, interval_ms=10_000)
 
@@ -33,7 +34,7 @@ class HandClock:
 
 def run(root: Path, story: Any) -> None:
     init_node(root, name="Throttle Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
-    tokens = TokenStore(root / "tokens.db")
+    tokens = SqliteTokenStore(root / "tokens.db")
     clock = HandClock()
 
     async def main() -> None:

@@ -51,7 +51,7 @@ from medledger.ledger.private import PrivateChain
 from medledger.ledger.verify import verify_chain
 from medledger.services.keys import InstitutionKeys
 from medledger.storage.ports import NewBlock
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = json.loads((ROOT / "tests" / "golden" / "format.json").read_text(encoding="utf-8"))

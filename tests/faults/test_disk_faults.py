@@ -32,8 +32,9 @@ from medledger.core.errors import StorageFull
 from medledger.localnet.natsserver import free_ports
 from medledger.node import Node, init_node, open_node
 from medledger.storage.keystore import KdfParams
-from medledger.storage.records import SqliteRecordIndex, VersionRow
-from medledger.storage.tokens import TokenStore
+from medledger.storage.ports import VersionRow
+from medledger.storage.sqlite.records import SqliteRecordIndex
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 PASSPHRASE = "disk faults passphrase"
 FHIR_JSON = "application/fhir+json"
@@ -136,7 +137,7 @@ def _fill(disk: Path) -> Path:
 def test_disk_full_mid_blob_answers_507_loses_nothing_and_recovers(small_disk: Path) -> None:
     root = small_disk / "node"
     _new_node(root)
-    tokens = TokenStore(root / "tokens.db")
+    tokens = SqliteTokenStore(root / "tokens.db")
     try:
         token, _ = tokens.create(role="clinician", now_ms=time.time_ns() // 1_000_000)
     finally:

@@ -38,7 +38,7 @@ from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning
 from medledger.localnet.natsserver import NatsCluster
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 MEMBERS = ("h0", "h1", "h2", "h3")
 PREFERRED_NODE = {"h0": 0, "h1": 0, "h2": 1, "h3": 2}

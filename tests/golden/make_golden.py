@@ -41,7 +41,7 @@ from medledger.core.models import BlockHeader, Transaction
 from medledger.core.peer import PeerRequest, share_info
 from medledger.ledger.consortium import genesis_block
 from medledger.ledger.private import PrivateChain, SequencerConfig
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 #: P-256 private scalars (hex) of the fixture's keys. Test constants only.
 INSTITUTION_SCALAR = "4c0ce3d1f21b5c63a58a3e1e1b6c2f0d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c"

@@ -11,7 +11,7 @@ from medledger.core.keys import SigningKey
 from medledger.core.models import Receipt
 from medledger.ledger.clock import Clock
 from medledger.ledger.private import PrivateChain, SequencerConfig
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 __all__ = ["CHAIN", "Chains", "reference_root", "write_rounds"]
 

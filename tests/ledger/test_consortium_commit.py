@@ -27,7 +27,7 @@ from medledger.ledger.consortium_rules import ConsortiumState
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.ledger.verify import verify_chain
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 KEYS = [SigningKey.generate() for _ in range(4)]
 

@@ -46,7 +46,7 @@ from medledger.ledger.proofs import consistency_proof, head_header, inclusion_pr
 from medledger.ledger.verify import verify_chain
 from medledger.node import open_chain, open_node
 from medledger.storage.ports import ChainStore, NewBlock, StoredBlock
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 Body = dict[str, Any]
 

@@ -38,7 +38,8 @@ from medledger.core.merkle import EMPTY_ROOT, NodeID
 from medledger.core.models import BlockHeader, Signature
 from medledger.ledger.proofs import root_at
 from medledger.ledger.verify import Checkpoint, VerifyReport, parse_checkpoint, verify_chain
-from medledger.storage.sqlite import SqliteChainStore, node_key
+from medledger.storage.chain_layout import node_key
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 ROUNDS = [3, 1, 5, 8, 2, 13, 1, 4, 6, 2]  # blocks 1..10; 45 txs + genesis = 46 entries
 LAST = len(ROUNDS)

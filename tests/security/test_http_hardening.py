@@ -31,7 +31,7 @@ from cli_support import medledger_command
 from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node
 from medledger.storage.keystore import KdfParams
-from medledger.storage.tokens import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 PASSPHRASE = "http hardening passphrase"
 FHIR_JSON = "application/fhir+json"
@@ -71,7 +71,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     init_node(
         root, name="Hardening Hospital", passphrase=PASSPHRASE.encode(), kdf=KdfParams(n=2**12)
     )
-    tokens = TokenStore(root / "tokens.db")
+    tokens = SqliteTokenStore(root / "tokens.db")
     try:
         token, _ = tokens.create(role="clinician", now_ms=time.time_ns() // 1_000_000)
     finally:

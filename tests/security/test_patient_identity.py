@@ -34,7 +34,7 @@ from medledger.node import open_chain, open_consortium_chain
 from medledger.services.consent_fhir import consent_for_grant
 from medledger.services.patients import PatientWallet
 from medledger.services.trail import patient_trail
-from medledger.storage.tokens import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import generate_patients
 from network_support import FHIR_JSON, run_cli
 
@@ -286,7 +286,7 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
 
 def _patient_token(base: Path, patient_id: str) -> str:
     """A patient token issued by hospital-1 (its token store, as ``token create`` uses it)."""
-    store = TokenStore(base / "hospital-1" / "tokens.db")
+    store = SqliteTokenStore(base / "hospital-1" / "tokens.db")
     try:
         text, _ = store.create(role="patient", patient=patient_id, now_ms=_now_ms())
     finally:

@@ -32,7 +32,7 @@ from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.fhir import FhirInvalid, load_json
 from medledger.services.records.model import SealedVersion, StoredResource
 from medledger.storage.keystore import FileKeyStore, KdfParams
-from medledger.storage.records import VersionRow
+from medledger.storage.ports import VersionRow
 from medledger.synthetic import (
     RXNORM,
     SNOMED,

@@ -24,7 +24,7 @@ from medledger.services.store_check import (
 )
 from medledger.storage.blobs import FileBlobStore
 from medledger.storage.keystore import KdfParams
-from medledger.storage.records import VersionRow
+from medledger.storage.ports import VersionRow
 
 T = TypeVar("T")
 PW = b"store check test passphrase"

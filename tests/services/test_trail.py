@@ -17,7 +17,7 @@ from medledger.core.models import Transaction
 from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
 from medledger.ledger.private import PrivateChain
 from medledger.services.trail import PATIENT_ENROLL, TrailIndex, patient_trail
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 ALICE, BOB = "a" * 64, "b" * 64  # key fingerprints
 ALICE_AT_HOME = "p" * 64  # the institution's keyed pseudonym for Alice

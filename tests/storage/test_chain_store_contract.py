@@ -31,8 +31,9 @@ from medledger.core.models import BlockHeader, Transaction
 from medledger.ledger.private import GENESIS_TX, PrivateChain
 from medledger.ledger.verify import verify_chain
 from medledger.storage.ports import ChainStore, NewBlock, StoredBlock
-from medledger.storage.postgres import PostgresChainStore, drop_schema
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.postgres.chain import PostgresChainStore
+from medledger.storage.postgres.migrations import drop_schema
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 CHAIN = "private:st-mary"
 T0 = 1_700_000_000_000

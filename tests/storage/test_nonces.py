@@ -1,4 +1,4 @@
-"""Tests for :mod:`medledger.storage.nonces`: peer-request replay protection on SQLite."""
+"""Tests for :mod:`medledger.storage.sqlite.nonces`: peer-request replay protection on SQLite."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from medledger.core.errors import InvalidInput, StorageError
-from medledger.storage.nonces import NonceStore
+from medledger.storage.ports import NonceStore
+from medledger.storage.sqlite.nonces import SqliteNonceStore
 
 T0 = 1_700_000_000_000
 WINDOW = 60_000
@@ -49,7 +50,7 @@ def close(store: NonceStore) -> None:
 
 @pytest.fixture
 def store(path: Path) -> Iterator[NonceStore]:
-    opened = NonceStore(path)
+    opened = SqliteNonceStore(path)
     yield opened
     close(opened)
 
@@ -96,10 +97,10 @@ def test_a_refused_replay_changes_nothing(store: NonceStore, path: Path) -> None
 
 
 def test_nonces_survive_reopening(path: Path) -> None:
-    first = NonceStore(path)
+    first = SqliteNonceStore(path)
     _remember(first, "beta", N1, T0)
     close(first)
-    again = NonceStore(path)
+    again = SqliteNonceStore(path)
     try:
         with pytest.raises(InvalidInput, match="replay"):
             _remember(again, "beta", N1, T0 + 1)
@@ -136,10 +137,10 @@ def test_entries_inside_the_window_are_never_pruned(store: NonceStore, path: Pat
 
 
 def test_pruning_after_reopening(path: Path) -> None:
-    first = NonceStore(path)
+    first = SqliteNonceStore(path)
     _remember(first, "beta", N1, T0)
     close(first)
-    again = NonceStore(path)
+    again = SqliteNonceStore(path)
     try:
         remember(again, "beta", N2, T0 + WINDOW * 5, T0 + WINDOW * 4)
     finally:
@@ -161,11 +162,11 @@ def test_concurrent_uses_of_one_nonce_admit_exactly_one(store: NonceStore) -> No
 
 def test_unopenable_path_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot open nonce store"):
-        NonceStore(tmp_path / "missing-dir" / "nonces.sqlite")
+        SqliteNonceStore(tmp_path / "missing-dir" / "nonces.sqlite")
 
 
 def test_closed_store_is_a_storage_error(path: Path) -> None:
-    closed = NonceStore(path)
+    closed = SqliteNonceStore(path)
     close(closed)
     with pytest.raises(StorageError, match="closed"):
         _remember(closed, "beta", N1, T0)

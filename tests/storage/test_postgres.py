@@ -42,14 +42,13 @@ from medledger.localnet.pg_embedded import EmbeddedPostgres
 from medledger.node import init_node, open_chain, open_node
 from medledger.storage.factory import node_schema
 from medledger.storage.keystore import KdfParams
-from medledger.storage.postgres import (
-    PostgresBlobStore,
-    PostgresChainStore,
-    PostgresRecordIndex,
-    drop_schema,
-    schema_name,
-)
-from medledger.storage.records import RecordIndex, SqliteRecordIndex, VersionRow
+from medledger.storage.ports import RecordIndex, VersionRow
+from medledger.storage.postgres.blobs import PostgresBlobStore
+from medledger.storage.postgres.chain import PostgresChainStore
+from medledger.storage.postgres.connection import schema_name
+from medledger.storage.postgres.migrations import drop_schema
+from medledger.storage.postgres.records import PostgresRecordIndex
+from medledger.storage.sqlite.records import SqliteRecordIndex
 
 CHAIN = "private:st-mary"
 PW = b"pg test passphrase"

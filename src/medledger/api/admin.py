@@ -30,7 +30,7 @@ from medledger.core.errors import InvalidInput
 from medledger.core.models import Signature
 from medledger.node import Node
 from medledger.services.fhir import validate_id
-from medledger.storage.tokens import TokenInfo
+from medledger.storage.ports import TokenInfo
 
 __all__ = ["router"]
 

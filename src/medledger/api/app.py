@@ -26,7 +26,7 @@ from medledger.core.errors import MedledgerError
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.node import Node
 from medledger.services.ratelimit import RateLimit
-from medledger.storage.tokens import TokenStore
+from medledger.storage.ports import TokenStore
 
 __all__ = ["create_app"]
 

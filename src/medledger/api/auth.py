@@ -25,7 +25,7 @@ from medledger.api.errors import Forbidden, Unauthorized
 from medledger.core.errors import InvalidInput, RateLimited
 from medledger.ledger.clock import Clock
 from medledger.services.ratelimit import RateLimit, RateLimiter
-from medledger.storage.tokens import TokenInfo, TokenStore
+from medledger.storage.ports import TokenInfo, TokenStore
 
 __all__ = ["AUTH_FAILURES", "AuthFailures", "Principal", "require"]
 
@@ -34,7 +34,7 @@ Principal = TokenInfo
 #: Failed authentications one address (or token id) may cause back to back,
 #: then one more every few seconds (20 a minute).
 AUTH_FAILURES = RateLimit(burst=20, interval_ms=3_000)
-# Token ids are 12 hex digits (``storage.tokens``); anything else is not tracked by id.
+# Token ids are 12 hex digits (``storage.sqlite.tokens``); anything else is not tracked by id.
 _TOKEN_ID = re.compile(r"mlt_([0-9a-f]{12})_")
 
 

@@ -23,8 +23,7 @@ from medledger.ledger.export import (
     inclusion_proof_json,
 )
 from medledger.node import Node
-from medledger.storage.ports import ChainStore
-from medledger.storage.tokens import TokenInfo
+from medledger.storage.ports import ChainStore, TokenInfo
 
 __all__ = ["router"]
 

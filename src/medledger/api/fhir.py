@@ -41,7 +41,7 @@ from medledger.services.fhir import (
 from medledger.services.records.model import StoredResource, VersionInfo
 from medledger.services.records.service import RecordsService
 from medledger.services.search import SEARCH_PARAMS, patient_reference
-from medledger.storage.tokens import TokenInfo
+from medledger.storage.ports import TokenInfo
 
 __all__ = ["router"]
 

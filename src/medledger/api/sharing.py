@@ -48,7 +48,7 @@ from medledger.services.consent_fhir import (
 )
 from medledger.services.fhir import validate_id
 from medledger.services.sharing import SharingService
-from medledger.storage.tokens import TokenInfo
+from medledger.storage.ports import TokenInfo
 
 __all__ = ["router"]
 

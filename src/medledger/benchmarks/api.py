@@ -55,7 +55,7 @@ from medledger.ledger.clock import SystemClock
 from medledger.localnet.nodeproc import NodeProcess
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
-from medledger.storage.tokens import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import iter_patients
 
 __all__ = ["ApiSettings", "run_api_bench"]
@@ -116,7 +116,7 @@ class _Server:
 
     def __init__(self, root: Path) -> None:
         init_node(root, name="Bench Api Hospital", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
-        tokens = TokenStore(root / "tokens.db")
+        tokens = SqliteTokenStore(root / "tokens.db")
         try:
             self.token, _ = tokens.create(
                 role="clinician", now_ms=SystemClock().now_ms(), label="bench api"

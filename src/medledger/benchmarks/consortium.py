@@ -34,7 +34,7 @@ from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.consortium_rules import ACCESS
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 __all__ = ["run_consortium_bench"]
 

@@ -61,8 +61,8 @@ from medledger.ledger.consortium_rules import ACCESS
 from medledger.localnet.natsserver import free_ports
 from medledger.localnet.nodeproc import NodeProcess, medledger_command
 from medledger.node import init_node
-from medledger.storage.sqlite import SqliteChainStore
-from medledger.storage.tokens import TokenStore
+from medledger.storage.sqlite.chain import SqliteChainStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 __all__ = ["FaultSettings", "run_faults_bench"]
 
@@ -129,7 +129,7 @@ class _KilledNode:
 
     def __init__(self, root: Path) -> None:
         init_node(root, name="Bench Faults Hospital", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
-        tokens = TokenStore(root / "tokens.db")
+        tokens = SqliteTokenStore(root / "tokens.db")
         try:
             self.token, _ = tokens.create(
                 role="clinician", now_ms=SystemClock().now_ms(), label="bench faults"

@@ -129,7 +129,7 @@ def _fresh(path: Path, name: str, storage: StorageConfig) -> None:
         shutil.rmtree(path)
     if storage.store == "postgres":
         from medledger.storage.factory import node_schema
-        from medledger.storage.postgres import drop_schema
+        from medledger.storage.postgres.migrations import drop_schema
 
         for part in ("chain", "records", "blobs", "consortium"):
             drop_schema(storage.dsn, node_schema(institution_id(name), part))
@@ -286,7 +286,7 @@ def _run_store(
 def _postgres_dsn(dsn: str | None, console: Console) -> Iterator[tuple[str, str]]:
     """``(dsn, description)``: the given DSN, or an embedded server started for this run."""
     if dsn is not None:
-        from medledger.storage.postgres import describe_dsn
+        from medledger.storage.postgres.connection import describe_dsn
 
         yield dsn, describe_dsn(dsn)
         return

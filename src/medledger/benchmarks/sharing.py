@@ -65,7 +65,7 @@ from medledger.node import Node
 from medledger.services.hpke import KEMS, HpkeKeyPair, seal_to
 from medledger.services.patients import PatientWallet
 from medledger.storage.ports import ChainStore
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 from medledger.synthetic import generate_patients
 
 __all__ = ["SharingSettings", "hpke_cost_us", "run_sharing_bench"]

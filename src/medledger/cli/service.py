@@ -19,7 +19,8 @@ import click
 from medledger.cli.common import dir_option, emit, read_passphrase
 from medledger.core.errors import DamagedStore
 from medledger.ledger.clock import SystemClock
-from medledger.storage.tokens import ROLES, TokenStore
+from medledger.storage.ports import ROLES, TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 if TYPE_CHECKING:
     from medledger.node import Node
@@ -31,7 +32,7 @@ def _tokens(root: Path) -> TokenStore:
     from medledger.config import load_config
 
     load_config(root)  # a clear error if ROOT is not a node
-    return TokenStore(root / "tokens.db")
+    return SqliteTokenStore(root / "tokens.db")
 
 
 def _graceful_server_class() -> type:
@@ -221,7 +222,7 @@ def start(
 
     async def serve() -> None:
         node = open_node(root, passphrase, full_check=full_check)
-        tokens = TokenStore(root / "tokens.db")
+        tokens = SqliteTokenStore(root / "tokens.db")
         ordering: ObservedOrderer | None = None
         anchor_check: asyncio.Task[None] | None = None
         refused: list[DamagedStore] = []

@@ -38,9 +38,9 @@ from medledger.ledger.clock import SystemClock
 from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import verify_chain
 from medledger.storage import factory
-from medledger.storage import records as sqlite_records
-from medledger.storage import sqlite as sqlite_chain
 from medledger.storage.ports import ChainStore
+from medledger.storage.sqlite.connection import sqlite_uri
+from medledger.storage.sqlite.schema import CHAIN_SCHEMA_VERSION, RECORDS_SCHEMA_VERSION
 
 __all__ = ["backup", "migrate", "restore"]
 
@@ -76,7 +76,7 @@ def _pg_parts(config: NodeConfig) -> list[_Part]:
 
 def _sqlite_version(path: Path) -> int:
     try:
-        conn = sqlite3.connect(sqlite_chain.sqlite_uri(path, "ro"), uri=True)
+        conn = sqlite3.connect(sqlite_uri(path, "ro"), uri=True)
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         finally:
@@ -96,7 +96,7 @@ def migrate(root: Path) -> None:
     config = load_config(root)
     paths = NodePaths(root=root)
     if config.storage.store == "sqlite":
-        latest = {"chain": sqlite_chain.SCHEMA_VERSION, "records": sqlite_records.SCHEMA_VERSION}
+        latest = {"chain": CHAIN_SCHEMA_VERSION, "records": RECORDS_SCHEMA_VERSION}
         for name, kind in _SQLITE_FILES.items():
             path = paths.root / name
             if not path.exists():
@@ -110,8 +110,9 @@ def migrate(root: Path) -> None:
             if version < latest[kind]:
                 raise StorageError(f"{path}: no migration from schema version {version}")
             click.echo(f"{name}: SQLite schema version {version} (current)")
-    from medledger.storage.postgres import connect, describe_dsn, schema_version
-    from medledger.storage.postgres import migrate as pg_migrate
+    from medledger.storage.postgres.connection import connect, describe_dsn
+    from medledger.storage.postgres.migrations import migrate as pg_migrate
+    from medledger.storage.postgres.migrations import schema_version
 
     parts = _pg_parts(config)
     if parts:
@@ -169,7 +170,7 @@ def _backup_sqlite(tar: tarfile.TarFile, root: Path) -> dict[str, int]:
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / name
             try:
-                src = sqlite3.connect(sqlite_chain.sqlite_uri(path, "ro"), uri=True)
+                src = sqlite3.connect(sqlite_uri(path, "ro"), uri=True)
                 dst = sqlite3.connect(copy)
                 try:
                     src.backup(dst)
@@ -186,7 +187,8 @@ def _backup_postgres(tar: tarfile.TarFile, config: NodeConfig) -> dict[str, int]
     import psycopg
     from psycopg import sql
 
-    from medledger.storage.postgres import connect, describe_dsn, schema_version
+    from medledger.storage.postgres.connection import connect, describe_dsn
+    from medledger.storage.postgres.migrations import schema_version
 
     versions: dict[str, int] = {}
     dsn = config.storage.dsn
@@ -331,8 +333,9 @@ def _restore_postgres(
     import psycopg
     from psycopg import sql
 
-    from medledger.storage.postgres import connect, describe_dsn, schema_version
-    from medledger.storage.postgres import migrate as pg_migrate
+    from medledger.storage.postgres.connection import connect, describe_dsn
+    from medledger.storage.postgres.migrations import migrate as pg_migrate
+    from medledger.storage.postgres.migrations import schema_version
 
     dsn = config.storage.dsn
     parts = [p for p in _pg_parts(config) if p.name in versions]

@@ -21,7 +21,7 @@ from medledger.config import NodePaths
 from medledger.ledger.private import PrivateChain
 from medledger.node import open_chain
 from medledger.storage.keystore import FileKeyStore
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 __all__ = ["Verdict", "edit_one_transaction", "rewrite_history", "run_verify"]
 

@@ -18,7 +18,8 @@ import uvicorn
 
 from medledger.api.app import create_app
 from medledger.node import Node
-from medledger.storage.tokens import TokenStore
+from medledger.storage.ports import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 __all__ = ["loopback_socket", "serve_nodes", "url_of"]
 
@@ -50,7 +51,7 @@ async def serve_nodes(
     tokens: dict[str, TokenStore] = {}
     try:
         for inst, sock in sockets.items():
-            tokens[inst] = TokenStore(token_dir / f"{inst}-tokens.db")
+            tokens[inst] = SqliteTokenStore(token_dir / f"{inst}-tokens.db")
             config = uvicorn.Config(
                 create_app(nodes[inst], tokens[inst]),
                 log_level="warning",

@@ -55,7 +55,7 @@ from medledger.core.hashing import sha256
 from medledger.core.passphrase import check_new_passphrase
 from medledger.ledger.clock import SystemClock
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
-from medledger.storage.tokens import TokenStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 __all__ = [
     "create_order_file",
@@ -485,7 +485,7 @@ def _create(
             peer_urls={n["institution"]: n["url"] for n in data["nodes"]},
         )
         for node, root in zip(data["nodes"], roots, strict=True):
-            tokens = TokenStore(root / "tokens.db")
+            tokens = SqliteTokenStore(root / "tokens.db")
             try:
                 for role in ("admin", "clinician"):
                     text, _ = tokens.create(role=role, label="network up", now_ms=now_ms)

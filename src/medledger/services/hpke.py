@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from medledger.core.errors import IntegrityError, InvalidInput, KeyStoreError
-from medledger.storage.keystore import KeyStore
+from medledger.storage.ports import KeyStore
 
 __all__ = [
     "DEFAULT_KEM",

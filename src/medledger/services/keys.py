@@ -14,7 +14,8 @@ import hmac
 import secrets
 
 from medledger.core.errors import KeyStoreError, NotFound
-from medledger.storage.keystore import CURRENT_KEK, KeyStore
+from medledger.storage.keystore import CURRENT_KEK
+from medledger.storage.ports import KeyStore
 
 __all__ = ["InstitutionKeys"]
 

@@ -66,8 +66,7 @@ from medledger.services.fhir import is_resource_type
 from medledger.services.hpke import HpkeKeyPair, seal_to
 from medledger.services.ratelimit import RateLimit, RateLimiter
 from medledger.services.records.service import RecordsService
-from medledger.storage.nonces import NonceStore
-from medledger.storage.ports import ChainStore
+from medledger.storage.ports import ChainStore, NonceStore
 
 __all__ = [
     "PEER_REFUSALS",

@@ -39,9 +39,8 @@ from medledger.core.hashing import sha256
 from medledger.core.models import BlockHeader
 from medledger.services.health import StoreHealth
 from medledger.services.keys import InstitutionKeys
-from medledger.storage.blobs import PROCESS_STARTED, BlobStore, FileBlobStore
-from medledger.storage.ports import ChainStore
-from medledger.storage.records import RecordIndex, VersionRow
+from medledger.storage.blobs import PROCESS_STARTED, FileBlobStore
+from medledger.storage.ports import BlobStore, ChainStore, RecordIndex, VersionRow
 
 __all__ = [
     "StoreProblem",

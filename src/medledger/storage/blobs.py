@@ -1,4 +1,4 @@
-"""Content-addressed blob store: ciphertexts named by their SHA-256.
+"""The filesystem adapter of :class:`~medledger.storage.ports.BlobStore`: ciphertexts named by their SHA-256.
 
 The filesystem adapter writes each blob completely (a short write is
 continued, never ignored) to a temporary file, renames it into
@@ -37,12 +37,11 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
 
 from medledger.core.errors import IntegrityError, NotFound, StorageError, StorageFull
 from medledger.core.hashing import sha256
 
-__all__ = ["BlobStore", "FileBlobStore", "PROCESS_STARTED", "storage_os_error"]
+__all__ = ["FileBlobStore", "PROCESS_STARTED", "storage_os_error"]
 
 #: When this process started (module import): temporaries older than this belong to
 #: a process that is gone.
@@ -57,36 +56,6 @@ def storage_os_error(exc: OSError, what: str) -> StorageError:
     if exc.errno in _FULL_ERRNOS:
         return StorageFull(f"{what}: {reason} (no space left; nothing was stored)")
     return StorageError(f"{what}: {reason}")
-
-
-class BlobStore(Protocol):
-    """Immutable blobs keyed by SHA-256. ``put`` is durable when it returns."""
-
-    def put(self, data: bytes) -> bytes:
-        """Store ``data``; return its SHA-256. Idempotent."""
-        ...
-
-    def put_many(self, blobs: Sequence[bytes]) -> list[bytes]:
-        """Store several blobs, durable together when this returns; on error none is stored."""
-        ...
-
-    def get(self, blob_hash: bytes) -> bytes:
-        """The blob's bytes; ``NotFound`` if absent, ``IntegrityError`` if altered."""
-        ...
-
-    def delete(self, blob_hash: bytes) -> None:
-        """Remove the blob if present (crypto-shredding removes ciphertext too)."""
-        ...
-
-    def exists(self, blob_hash: bytes) -> bool: ...
-
-    def iter_hashes(self, *, older_than: float | None = None) -> Iterator[bytes]:
-        """Every stored blob's hash (by name; contents not read).
-
-        ``older_than`` (seconds since the epoch): only blobs last written before
-        then, so a sweep never considers a blob a write in progress just stored.
-        """
-        ...
 
 
 class FileBlobStore:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Final
 
 from medledger.core.errors import InvalidInput
-from medledger.storage.blobs import BlobStore, FileBlobStore
-from medledger.storage.ports import ChainStore
-from medledger.storage.records import RecordIndex, SqliteRecordIndex
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.blobs import FileBlobStore
+from medledger.storage.ports import BlobStore, ChainStore, RecordIndex
+from medledger.storage.sqlite.chain import SqliteChainStore
+from medledger.storage.sqlite.records import SqliteRecordIndex
 
 __all__ = [
     "BLOB_KINDS",
@@ -47,7 +47,7 @@ def node_schema(institution: str, part: str) -> str:
     Per institution, so several nodes (and each node's copy of the consortium
     chain) can share one database.
     """
-    from medledger.storage.postgres import schema_name
+    from medledger.storage.postgres.connection import schema_name
 
     return schema_name(institution, part)
 
@@ -63,7 +63,7 @@ def open_chain_store(
     if check_kind(kind) == "sqlite":
         path = Path(target)
         return SqliteChainStore.create(path, chain) if create else SqliteChainStore.open(path)
-    from medledger.storage.postgres import PostgresChainStore
+    from medledger.storage.postgres.chain import PostgresChainStore
 
     if create:
         return PostgresChainStore.create(str(target), chain, schema=schema)
@@ -75,7 +75,7 @@ def initialize_record_index(kind: str, target: str | Path, *, schema: str | None
     if check_kind(kind) == "sqlite":
         SqliteRecordIndex.initialize(Path(target))
         return
-    from medledger.storage.postgres import PostgresRecordIndex
+    from medledger.storage.postgres.records import PostgresRecordIndex
 
     PostgresRecordIndex.initialize(str(target), schema=_need(schema))
 
@@ -84,7 +84,7 @@ def open_record_index(kind: str, target: str | Path, *, schema: str | None = Non
     """Open the record index."""
     if check_kind(kind) == "sqlite":
         return SqliteRecordIndex(Path(target))
-    from medledger.storage.postgres import PostgresRecordIndex
+    from medledger.storage.postgres.records import PostgresRecordIndex
 
     return PostgresRecordIndex(str(target), schema=_need(schema))
 
@@ -94,7 +94,7 @@ def initialize_blob_store(kind: str, target: str | Path, *, schema: str | None =
     if check_kind(kind, BLOB_KINDS, "blob store") == "file":
         Path(target).mkdir(mode=0o700)
         return
-    from medledger.storage.postgres import PostgresBlobStore
+    from medledger.storage.postgres.blobs import PostgresBlobStore
 
     PostgresBlobStore.initialize(str(target), schema=_need(schema))
 
@@ -103,7 +103,7 @@ def open_blob_store(kind: str, target: str | Path, *, schema: str | None = None)
     """Open the blob store."""
     if check_kind(kind, BLOB_KINDS, "blob store") == "file":
         return FileBlobStore(Path(target))
-    from medledger.storage.postgres import PostgresBlobStore
+    from medledger.storage.postgres.blobs import PostgresBlobStore
 
     return PostgresBlobStore(str(target), schema=_need(schema))
 

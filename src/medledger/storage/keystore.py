@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -33,7 +33,7 @@ from medledger.core.errors import InvalidInput, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey
 from medledger.core.passphrase import check_new_passphrase
 
-__all__ = ["CURRENT_KEK", "FileKeyStore", "KdfParams", "KeyStore", "atomic_write"]
+__all__ = ["CURRENT_KEK", "FileKeyStore", "KdfParams", "atomic_write"]
 
 FORMAT = "medledger-keystore"
 VERSION = 1
@@ -50,22 +50,6 @@ class KdfParams:
     n: int = 2**15
     r: int = 8
     p: int = 1
-
-
-class KeyStore(Protocol):
-    """Where an institution's secrets live. Adapters: file (default); Vault later."""
-
-    def signing_key(self) -> SigningKey: ...
-
-    def secret(self, name: str) -> bytes: ...
-
-    def put_secret(self, name: str, value: bytes) -> None: ...
-
-    def delete_secret(self, name: str) -> None: ...
-
-    def update(self, changes: Mapping[str, bytes | None]) -> None:
-        """Set (or, for ``None``, delete) several secrets in one atomic write."""
-        ...
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -1,19 +1,41 @@
-"""Storage ports: what the ledger needs from a backend, and what each call guarantees.
+"""Storage ports: every store medledger needs from a backend, and what each call guarantees.
 
-Adapters (``sqlite``, later ``postgres``) implement these Protocols; one
-conformance suite in ``tests/storage`` runs against every adapter.
+One place for every port (chain store, record index, blob store, keystore,
+API tokens, peer-request nonces) and the rows they exchange. Adapters live in
+one package per backend — :mod:`medledger.storage.sqlite`,
+:mod:`medledger.storage.postgres` — plus the filesystem blob store
+(:mod:`medledger.storage.blobs`) and the sealed keystore file
+(:mod:`medledger.storage.keystore`). The composition root picks adapters
+through :mod:`medledger.storage.factory`; nothing else names one. One
+conformance suite per port in ``tests/storage`` runs against every adapter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Final, Protocol
 
+from medledger.core.keys import SigningKey
 from medledger.core.merkle import NodeID
 from medledger.core.models import BlockHeader, Signature
 
-__all__ = ["ChainStore", "StoredBlock", "NewBlock"]
+__all__ = [
+    "RECOVERY_MARK",
+    "ROLES",
+    "BlobStore",
+    "ChainStore",
+    "KeyStore",
+    "NewBlock",
+    "NonceStore",
+    "RecordIndex",
+    "StoredBlock",
+    "TokenInfo",
+    "TokenStore",
+    "VersionRow",
+]
+
+# -- chain store -------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,3 +146,199 @@ class ChainStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# -- record index ------------------------------------------------------------------
+
+#: Meta key: every version indexed on a chain height below this is settled (committed
+#: or taken back); crash recovery looks only at versions from this height on.
+RECOVERY_MARK: Final = "recovered_through"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionRow:
+    """One stored version of one resource."""
+
+    resource_type: str
+    id: str
+    version: int
+    blob_hash: bytes
+    wrapped_dek: bytes | None
+    kek_id: str | None
+    patient: str | None
+    updated_ms: int
+    tx_hash: bytes
+    erased: bool = False
+    #: Height of the chain's durable head when this version was indexed: its
+    #: transaction, if committed, is in a later block. ``None`` for versions
+    #: indexed before this was recorded (crash recovery never takes those back).
+    chain_base: int | None = None
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.resource_type,
+            self.id,
+            self.version,
+            self.blob_hash,
+            self.wrapped_dek,
+            self.kek_id,
+            self.patient,
+            self.updated_ms,
+            self.tx_hash,
+            int(self.erased),
+            self.chain_base,
+        )
+
+
+class RecordIndex(Protocol):
+    """Versions, wrapped data keys and blind-index tokens of every record (no plaintext).
+
+    Writes are group committed: a write that returned is durable. A
+    ``put_version`` of a version already stored raises
+    :class:`~medledger.core.errors.Conflict` without failing the writes batched with it.
+    """
+
+    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None: ...
+    async def remove_version(self, resource_type: str, rid: str, version: int) -> None: ...
+    async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None: ...
+    async def erase(self, resource_type: str, rid: str) -> list[bytes]: ...
+    async def rewrap(
+        self, old_kek_id: str, new_kek_id: str, fn: Callable[[VersionRow], bytes]
+    ) -> int: ...
+    def latest(self, resource_type: str, rid: str) -> VersionRow | None: ...
+    def get_version(self, resource_type: str, rid: str, version: int) -> VersionRow | None: ...
+    def history(self, resource_type: str, rid: str) -> list[VersionRow]: ...
+    def type_history(self, resource_type: str, limit: int) -> list[VersionRow]: ...
+    def versions_since(self, updated_ms: int) -> list[VersionRow]: ...
+    def unsettled(self, from_base: int) -> list[VersionRow]: ...
+    def max_chain_base(self) -> int | None: ...
+    def recovery_mark(self) -> int: ...
+    async def set_recovery_mark(self, height: int) -> None: ...
+    def iter_versions(self) -> Iterator[VersionRow]: ...
+    def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]: ...
+    def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]: ...
+    def count_wrapped_by(self, kek_id: str) -> int: ...
+    async def close(self) -> None: ...
+
+
+# -- blob store --------------------------------------------------------------------
+
+
+class BlobStore(Protocol):
+    """Immutable blobs keyed by SHA-256. ``put`` is durable when it returns."""
+
+    def put(self, data: bytes) -> bytes:
+        """Store ``data``; return its SHA-256. Idempotent."""
+        ...
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[bytes]:
+        """Store several blobs, durable together when this returns; on error none is stored."""
+        ...
+
+    def get(self, blob_hash: bytes) -> bytes:
+        """The blob's bytes; ``NotFound`` if absent, ``IntegrityError`` if altered."""
+        ...
+
+    def delete(self, blob_hash: bytes) -> None:
+        """Remove the blob if present (crypto-shredding removes ciphertext too)."""
+        ...
+
+    def exists(self, blob_hash: bytes) -> bool: ...
+
+    def iter_hashes(self, *, older_than: float | None = None) -> Iterator[bytes]:
+        """Every stored blob's hash (by name; contents not read).
+
+        ``older_than`` (seconds since the epoch): only blobs last written before
+        then, so a sweep never considers a blob a write in progress just stored.
+        """
+        ...
+
+
+# -- keystore ----------------------------------------------------------------------
+
+
+class KeyStore(Protocol):
+    """Where an institution's secrets live. Adapters: file (default); Vault later."""
+
+    def signing_key(self) -> SigningKey: ...
+
+    def secret(self, name: str) -> bytes: ...
+
+    def put_secret(self, name: str, value: bytes) -> None: ...
+
+    def delete_secret(self, name: str) -> None: ...
+
+    def update(self, changes: Mapping[str, bytes | None]) -> None:
+        """Set (or, for ``None``, delete) several secrets in one atomic write."""
+        ...
+
+
+# -- API tokens --------------------------------------------------------------------
+
+#: The roles a token can carry.
+ROLES: Final = ("clinician", "auditor", "admin", "patient")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenInfo:
+    """Who a valid token speaks for."""
+
+    id: str
+    role: str
+    patient: str | None
+    label: str
+    expires_ms: int | None
+    revoked: bool
+
+
+class TokenStore(Protocol):
+    """API bearer tokens: issued once, stored only as hashes, revocable, expiring.
+
+    Every call is durable when it returns. A token reads ``mlt_<id>_<secret>``;
+    only the id and the secret's SHA-256 are stored.
+    """
+
+    def create(
+        self,
+        *,
+        role: str,
+        now_ms: int,
+        patient: str | None = None,
+        label: str = "",
+        ttl_ms: int | None = None,
+    ) -> tuple[str, TokenInfo]:
+        """Issue a token; returns the secret token text (shown once) and its info."""
+        ...
+
+    def check(self, token: str, *, now_ms: int) -> TokenInfo:
+        """The info of a valid token; ``InvalidInput`` for malformed, unknown, expired or revoked."""
+        ...
+
+    def revoke(self, token_id: str) -> None:
+        """Revoke a token; ``NotFound`` if no such token."""
+        ...
+
+    def list(self) -> list[TokenInfo]:
+        """Every token, oldest first (revoked and expired ones included)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# -- peer-request nonces -----------------------------------------------------------
+
+
+class NonceStore(Protocol):
+    """``(reader, nonce)`` pairs of peer requests seen, so a captured request cannot be replayed.
+
+    ``remember`` is durable before it returns; nonces of requests older than
+    ``forget_before_ms`` may be forgotten (the clock-skew window refuses them).
+    """
+
+    async def remember(
+        self, reader: str, nonce: str, time_ms: int, *, forget_before_ms: int
+    ) -> None:
+        """Record a nonce; raise :class:`~medledger.core.errors.InvalidInput` if ``reader`` used it before."""
+        ...
+
+    async def close(self) -> None: ...

@@ -35,7 +35,7 @@ from medledger.ledger.consortium import ConsortiumMember
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.ledger.private import PrivateChain
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 __all__ = [
     "FAST",

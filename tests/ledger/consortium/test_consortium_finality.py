@@ -21,7 +21,7 @@ from medledger.core.errors import NotFound, StorageError
 from medledger.core.models import BlockHeader
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 
 def assert_identical_chains(net: Network, stores: dict[str, SqliteChainStore], height: int) -> None:

@@ -15,7 +15,7 @@ from medledger.core.models import Transaction
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.consortium_verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
-from medledger.storage.sqlite import SqliteChainStore
+from medledger.storage.sqlite.chain import SqliteChainStore
 
 FOUNDERS = ("h0", "h1", "h2", "h3")
 

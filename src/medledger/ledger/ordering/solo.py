@@ -30,7 +30,7 @@ from medledger.core.errors import OrderingError, StorageError
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
 from medledger.storage.batching import GroupCommitter
-from medledger.storage.sqlite import immediate
+from medledger.storage.sqlite.connection import immediate
 
 __all__ = ["SoloOrderer"]
 

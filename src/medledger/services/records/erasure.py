@@ -14,8 +14,7 @@ from medledger.services.fhir import validate_id
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import RecordChain
 from medledger.services.records.writes import RecordWriter
-from medledger.storage.blobs import BlobStore
-from medledger.storage.records import RecordIndex
+from medledger.storage.ports import BlobStore, RecordIndex
 
 __all__ = ["RecordEraser"]
 

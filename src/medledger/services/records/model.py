@@ -9,8 +9,7 @@ from typing import Any, Protocol
 
 from medledger.core.models import Receipt, Transaction
 from medledger.services.fhir import load_json
-from medledger.storage.ports import ChainStore
-from medledger.storage.records import VersionRow
+from medledger.storage.ports import ChainStore, VersionRow
 
 __all__ = [
     "RecordChain",

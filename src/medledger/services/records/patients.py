@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 
 from medledger.services.keys import InstitutionKeys
-from medledger.storage.records import RecordIndex
+from medledger.storage.ports import RecordIndex
 
 __all__ = ["PatientRecords"]
 

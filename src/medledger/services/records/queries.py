@@ -8,7 +8,7 @@ from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import StoredResource
 from medledger.services.records.reading import RecordReader
 from medledger.services.search import query_tokens
-from medledger.storage.records import RecordIndex, VersionRow
+from medledger.storage.ports import RecordIndex, VersionRow
 
 __all__ = ["RecordSearch"]
 

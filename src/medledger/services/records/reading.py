@@ -24,8 +24,7 @@ from medledger.services.records.model import (
     VersionInfo,
     instant,
 )
-from medledger.storage.blobs import BlobStore
-from medledger.storage.records import RecordIndex, VersionRow
+from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordReader"]
 

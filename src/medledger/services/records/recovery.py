@@ -20,8 +20,7 @@ from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import RecordChain, version_key
 from medledger.services.records.reading import RecordReader
 from medledger.services.search import resource_tokens
-from medledger.storage.blobs import BlobStore
-from medledger.storage.records import RecordIndex, VersionRow
+from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["CrashRecovery"]
 

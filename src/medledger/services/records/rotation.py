@@ -12,7 +12,7 @@ from medledger.core.transactions import KEY_ROTATE
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import RecordChain
 from medledger.services.records.writes import RecordWriter
-from medledger.storage.records import RecordIndex, VersionRow
+from medledger.storage.ports import RecordIndex, VersionRow
 
 __all__ = ["rotate_kek"]
 

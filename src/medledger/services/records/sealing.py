@@ -20,8 +20,7 @@ from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import RecordChain, SealedWrite, StoredResource, instant
 from medledger.services.search import patient_reference, resource_tokens
 from medledger.storage.batching import GroupCommitter
-from medledger.storage.blobs import BlobStore
-from medledger.storage.records import VersionRow
+from medledger.storage.ports import BlobStore, VersionRow
 
 __all__ = ["Sealer"]
 

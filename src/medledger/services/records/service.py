@@ -30,8 +30,7 @@ from medledger.services.records.rotation import rotate_kek
 from medledger.services.records.sealing import Sealer
 from medledger.services.records.writes import RecordWriter
 from medledger.services.validation import Validator
-from medledger.storage.blobs import BlobStore
-from medledger.storage.records import RecordIndex
+from medledger.storage.ports import BlobStore, RecordIndex
 
 __all__ = ["RecordsService"]
 

@@ -26,7 +26,7 @@ from medledger.services.records.model import (
 from medledger.services.records.reading import RecordReader
 from medledger.services.records.recovery import CrashRecovery
 from medledger.services.records.sealing import Sealer
-from medledger.storage.records import RecordIndex, VersionRow
+from medledger.storage.ports import RecordIndex, VersionRow
 
 __all__ = ["RecordWriter"]
 

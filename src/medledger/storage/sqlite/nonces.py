@@ -1,4 +1,4 @@
-"""Seen peer-request nonces, so a captured request cannot be replayed.
+"""SQLite adapter of :class:`~medledger.storage.ports.NonceStore`: peer-request nonces seen.
 
 A request is only accepted within the clock-skew window around its
 timestamp, so a nonce needs remembering only that long; older entries are
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from medledger.core.errors import InvalidInput, StorageError
 from medledger.storage.batching import GroupCommitter
-from medledger.storage.sqlite import immediate
+from medledger.storage.sqlite.connection import immediate
 
-__all__ = ["NonceStore"]
+__all__ = ["SqliteNonceStore"]
 
 #: Old nonces are deleted at most this often (ms of request time).
 _PRUNE_EVERY_MS = 10_000
@@ -33,7 +33,7 @@ class _Nonce:
     forget_before_ms: int
 
 
-class NonceStore:
+class SqliteNonceStore:
     """``(reader, nonce)`` pairs seen, with the request time (see module docstring)."""
 
     def __init__(self, path: Path) -> None:

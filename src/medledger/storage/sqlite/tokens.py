@@ -1,4 +1,4 @@
-"""API bearer tokens: issued once, stored only as hashes, revocable, expiring.
+"""SQLite adapter of :class:`~medledger.storage.ports.TokenStore`: API bearer tokens.
 
 A token reads ``mlt_<id>_<secret>``; the store keeps the id, SHA-256 of the
 secret, the role, the patient it is bound to (patient tokens), and expiry and
@@ -12,14 +12,13 @@ import hmac
 import re
 import secrets
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 
 from medledger.core.errors import InvalidInput, NotFound, StorageError
+from medledger.storage.ports import ROLES, TokenInfo
 
-__all__ = ["ROLES", "TokenInfo", "TokenStore"]
+__all__ = ["SqliteTokenStore"]
 
-ROLES = ("clinician", "auditor", "admin", "patient")
 _PATIENT_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -35,19 +34,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 """
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TokenInfo:
-    """Who a valid token speaks for."""
-
-    id: str
-    role: str
-    patient: str | None
-    label: str
-    expires_ms: int | None
-    revoked: bool
-
-
-class TokenStore:
+class SqliteTokenStore:
     """Tokens in ``tokens.db`` of the node directory."""
 
     def __init__(self, path: Path) -> None:

@@ -4,14 +4,7 @@ WAL journal with ``synchronous=FULL``: a committed block is on disk (one WAL
 fsync per block) before ``append_block`` returns. One writer connection,
 used by the sequencer's single commit thread; readers get their own
 connection per thread and never block the writer (WAL snapshot isolation).
-
-Merkle nodes are keyed so that creation order is key order::
-
-    key(level, index) = (last_leaf(level, index) << 6) | level,
-    last_leaf = ((index + 1) << level) - 1
-
-so appends go to the right edge of the B-tree, proofs fetch each node by
-primary key, and full verification streams nodes in the order it rebuilds them.
+Keys of Merkle nodes and transactions: :mod:`medledger.storage.chain_layout`.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,100 +23,22 @@ from medledger.core.errors import (
     InvalidInput,
     NotFound,
     StorageError,
-    StorageFull,
 )
 from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
 from medledger.core.models import Signature
+from medledger.storage.chain_layout import hkey, node_from_key, node_key
 from medledger.storage.ports import NewBlock, StoredBlock
+from medledger.storage.sqlite.connection import (
+    DAMAGE_CODES,
+    connect_wal,
+    immediate,
+    sqlite_uri,
+    storage_error,
+)
+from medledger.storage.sqlite.schema import CHAIN_SCHEMA, CHAIN_SCHEMA_VERSION
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "SqliteChainStore",
-    "immediate",
-    "storage_error",
-    "node_from_key",
-    "node_key",
-    "sqlite_uri",
-]
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE blocks (
-    height INTEGER PRIMARY KEY,
-    hash BLOB NOT NULL,
-    header BLOB NOT NULL,
-    signatures TEXT NOT NULL,
-    first_index INTEGER NOT NULL,
-    tx_count INTEGER NOT NULL
-);
-CREATE INDEX blocks_by_first_index ON blocks(first_index);
--- hkey: the first 8 bytes of the tx hash as a signed integer. A small integer
--- index costs far less per insert than a 32-byte blob index; lookups confirm
--- the full hash against the data.
-CREATE TABLE txs (idx INTEGER PRIMARY KEY, hkey INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE INDEX txs_by_hkey ON txs(hkey);
--- Perfect subtrees of level >= 1; leaf hashes are derived from txs.data.
-CREATE TABLE nodes (id INTEGER PRIMARY KEY, hash BLOB NOT NULL);
-"""
-
-
-def node_key(node: NodeID) -> int:
-    """Primary key of a Merkle node; increasing in creation order."""
-    return ((((node.index + 1) << node.level) - 1) << 6) | node.level
-
-
-def node_from_key(key: int) -> NodeID:
-    level = key & 63
-    last = key >> 6
-    return NodeID(level, ((last + 1) >> level) - 1)
-
-
-def sqlite_uri(path: Path, mode: str) -> str:
-    """A ``file:`` URI for ``path`` (percent-encoded: '#', '?' and '%' are legal in names)."""
-    return f"{path.absolute().as_uri()}?mode={mode}"
-
-
-@contextmanager
-def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` on an autocommit connection; rolled back on any error.
-
-    IMMEDIATE takes the write lock at the start, so a writer never fails
-    half-way through with SQLITE_BUSY on lock upgrade.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _hkey(tx_hash: bytes) -> int:
-    return int.from_bytes(tx_hash[:8], "big", signed=True)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
-
-
-#: SQLITE_CORRUPT and SQLITE_NOTADB (primary codes; extended codes keep them in the low byte).
-_DAMAGE_CODES = frozenset({11, 26})
-
-
-def storage_error(path: Path, exc: sqlite3.Error) -> StorageError:
-    """The storage error for a SQLite error: :class:`StorageFull` when the disk is full."""
-    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return StorageFull(f"{path}: {exc} (no space left; nothing was stored)")
-    return StorageError(f"{path}: {exc}")
+__all__ = ["SqliteChainStore"]
 
 
 class SqliteChainStore:
@@ -144,7 +58,7 @@ class SqliteChainStore:
         """The error to raise for ``exc``; a corrupt file is remembered (see :meth:`damage`)."""
         error = storage_error(self.path, exc)
         code = getattr(exc, "sqlite_errorcode", None)
-        if isinstance(code, int) and code & 0xFF in _DAMAGE_CODES:
+        if isinstance(code, int) and code & 0xFF in DAMAGE_CODES:
             self._damage = str(error)
         return error
 
@@ -160,11 +74,11 @@ class SqliteChainStore:
         if path.exists():
             raise Conflict(f"{path} already exists")
         try:
-            conn = _connect(path)
-            conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
+            conn = connect_wal(path)
+            conn.executescript("BEGIN;" + CHAIN_SCHEMA + "COMMIT;")
             conn.executemany(
                 "INSERT INTO meta(key, value) VALUES (?, ?)",
-                [("schema_version", str(SCHEMA_VERSION)), ("chain", chain)],
+                [("schema_version", str(CHAIN_SCHEMA_VERSION)), ("chain", chain)],
             )
         except sqlite3.Error as exc:
             raise storage_error(path, exc) from None
@@ -189,10 +103,10 @@ class SqliteChainStore:
                 f"{path} is not a readable medledger chain database ({exc})"
             ) from None
         # Check what the file is before any PRAGMA that could change it.
-        if rows.get("schema_version") != str(SCHEMA_VERSION) or "chain" not in rows:
+        if rows.get("schema_version") != str(CHAIN_SCHEMA_VERSION) or "chain" not in rows:
             conn.close()
             raise StorageError(
-                f"{path}: not a medledger chain database of schema version {SCHEMA_VERSION}"
+                f"{path}: not a medledger chain database of schema version {CHAIN_SCHEMA_VERSION}"
                 f" (found {rows.get('schema_version')!r})"
             )
         try:
@@ -263,7 +177,7 @@ class SqliteChainStore:
                     conn.executemany(
                         "INSERT INTO txs(idx, hkey, data) VALUES (?, ?, ?)",
                         [
-                            (first + i, _hkey(h), d)
+                            (first + i, hkey(h), d)
                             for i, (h, d) in enumerate(
                                 zip(block.tx_hashes, block.tx_data, strict=True)
                             )
@@ -415,7 +329,7 @@ class SqliteChainStore:
             raise self._failed(exc) from None
 
     def tx_by_hash(self, tx_hash: bytes) -> tuple[int, bytes]:
-        for idx, data in self._query("SELECT idx, data FROM txs WHERE hkey = ?", (_hkey(tx_hash),)):
+        for idx, data in self._query("SELECT idx, data FROM txs WHERE hkey = ?", (hkey(tx_hash),)):
             if sha256(bytes(data)) == tx_hash:
                 return int(idx), bytes(data)
         raise NotFound(f"no transaction {tx_hash.hex()}")

@@ -1,4 +1,4 @@
-"""The record index: versions, wrapped data keys and blind-index tokens (SQLite).
+"""SQLite adapter of :class:`~medledger.storage.ports.RecordIndex`: versions, wrapped data keys, tokens.
 
 Holds no plaintext: per version the blob hash, the data key wrapped by the
 institution KEK (``NULL`` once crypto-shredded), the patient pseudonym, the
@@ -11,87 +11,25 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.storage.batching import GroupCommitter
-from medledger.storage.sqlite import immediate, sqlite_uri, storage_error
+from medledger.storage.ports import RECOVERY_MARK, VersionRow
+from medledger.storage.sqlite.connection import immediate, sqlite_uri, storage_error
+from medledger.storage.sqlite.schema import (
+    RECORDS_CHAIN_BASE,
+    RECORDS_SCHEMA,
+    RECORDS_SCHEMA_VERSION,
+)
 
-__all__ = ["RECOVERY_MARK", "RecordIndex", "SqliteRecordIndex", "VersionRow"]
+__all__ = ["SqliteRecordIndex"]
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE versions (
-    rtype TEXT NOT NULL,
-    rid TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    blob_hash BLOB NOT NULL,
-    wrapped_dek BLOB,
-    kek_id TEXT,
-    patient TEXT,
-    updated_ms INTEGER NOT NULL,
-    tx_hash BLOB NOT NULL,
-    erased INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (rtype, rid, version)
-) WITHOUT ROWID;
-CREATE INDEX versions_by_patient ON versions(patient);
-CREATE INDEX versions_by_kek ON versions(kek_id);
-CREATE INDEX versions_by_updated ON versions(rtype, updated_ms);
-CREATE TABLE tokens (token BLOB NOT NULL, rtype TEXT NOT NULL, rid TEXT NOT NULL);
-CREATE INDEX tokens_by_token ON tokens(token, rtype);
-CREATE INDEX tokens_by_record ON tokens(rtype, rid);
-"""
-# Added after schema version 1 shipped: additive and nullable, so files written by
-# either release open in the other (an older release leaves chain_base NULL).
-_CHAIN_BASE = """
-ALTER TABLE versions ADD COLUMN chain_base INTEGER;
-CREATE INDEX versions_by_chain_base ON versions(chain_base);
-"""
-#: Meta key: every version indexed on a chain height below this is settled (committed
-#: or taken back); crash recovery looks only at versions from this height on.
-RECOVERY_MARK = "recovered_through"
 _COLS = (
     "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased,"
     " chain_base"
 )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VersionRow:
-    """One stored version of one resource."""
-
-    resource_type: str
-    id: str
-    version: int
-    blob_hash: bytes
-    wrapped_dek: bytes | None
-    kek_id: str | None
-    patient: str | None
-    updated_ms: int
-    tx_hash: bytes
-    erased: bool = False
-    #: Height of the chain's durable head when this version was indexed: its
-    #: transaction, if committed, is in a later block. ``None`` for versions
-    #: indexed before this was recorded (crash recovery never takes those back).
-    chain_base: int | None = None
-
-    def values(self) -> tuple[Any, ...]:
-        return (
-            self.resource_type,
-            self.id,
-            self.version,
-            self.blob_hash,
-            self.wrapped_dek,
-            self.kek_id,
-            self.patient,
-            self.updated_ms,
-            self.tx_hash,
-            int(self.erased),
-            self.chain_base,
-        )
 
 
 def _row(r: Sequence[Any]) -> VersionRow:
@@ -110,34 +48,8 @@ def _row(r: Sequence[Any]) -> VersionRow:
     )
 
 
-class RecordIndex(Protocol):
-    """Port for the record index (SQLite here; PostgreSQL later)."""
-
-    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None: ...
-    async def remove_version(self, resource_type: str, rid: str, version: int) -> None: ...
-    async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None: ...
-    async def erase(self, resource_type: str, rid: str) -> list[bytes]: ...
-    async def rewrap(
-        self, old_kek_id: str, new_kek_id: str, fn: Callable[[VersionRow], bytes]
-    ) -> int: ...
-    def latest(self, resource_type: str, rid: str) -> VersionRow | None: ...
-    def get_version(self, resource_type: str, rid: str, version: int) -> VersionRow | None: ...
-    def history(self, resource_type: str, rid: str) -> list[VersionRow]: ...
-    def type_history(self, resource_type: str, limit: int) -> list[VersionRow]: ...
-    def versions_since(self, updated_ms: int) -> list[VersionRow]: ...
-    def unsettled(self, from_base: int) -> list[VersionRow]: ...
-    def max_chain_base(self) -> int | None: ...
-    def recovery_mark(self) -> int: ...
-    async def set_recovery_mark(self, height: int) -> None: ...
-    def iter_versions(self) -> Iterator[VersionRow]: ...
-    def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]: ...
-    def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]: ...
-    def count_wrapped_by(self, kek_id: str) -> int: ...
-    async def close(self) -> None: ...
-
-
 class SqliteRecordIndex:
-    """:class:`RecordIndex` in one SQLite file (WAL, ``synchronous=FULL``)."""
+    """:class:`~medledger.storage.ports.RecordIndex` in one SQLite file (WAL, ``synchronous=FULL``)."""
 
     @classmethod
     def initialize(cls, path: Path) -> None:
@@ -146,9 +58,9 @@ class SqliteRecordIndex:
             conn = sqlite3.connect(path, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript("BEGIN;" + _SCHEMA + _CHAIN_BASE + "COMMIT;")
+                conn.executescript("BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + "COMMIT;")
                 conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
                 )
             finally:
                 conn.close()
@@ -167,20 +79,22 @@ class SqliteRecordIndex:
             # Erased keys and tokens are overwritten, not left in free pages.
             self._writer.execute("PRAGMA secure_delete=ON")
             if new:
-                self._writer.executescript("BEGIN;" + _SCHEMA + _CHAIN_BASE + "COMMIT;")
+                self._writer.executescript(
+                    "BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + "COMMIT;"
+                )
                 self._writer.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
                 )
             version = self._writer.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
-            if version is not None and version[0] == str(SCHEMA_VERSION):
+            if version is not None and version[0] == str(RECORDS_SCHEMA_VERSION):
                 columns = {r[1] for r in self._writer.execute("PRAGMA table_info(versions)")}
                 if "chain_base" not in columns:
-                    self._writer.executescript("BEGIN;" + _CHAIN_BASE + "COMMIT;")
+                    self._writer.executescript("BEGIN;" + RECORDS_CHAIN_BASE + "COMMIT;")
         except sqlite3.Error as exc:
             raise StorageError(f"{path} is not a readable record index ({exc})") from None
-        if version is None or version[0] != str(SCHEMA_VERSION):
+        if version is None or version[0] != str(RECORDS_SCHEMA_VERSION):
             raise StorageError(f"{path}: unsupported record index schema")
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
