@@ -30,8 +30,8 @@ from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFou
 from medledger.core.passphrase import check_new_passphrase
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_rules import AnchorRecord
+from medledger.ledger.consortium.member import ConsortiumMember
+from medledger.ledger.consortium.rules import AnchorRecord
 from medledger.ledger.integrity import check_private_store, last_anchor
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig

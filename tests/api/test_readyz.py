@@ -21,7 +21,7 @@ from medledger.api.app import create_app
 from medledger.core.consortium import ConsortiumParams
 from medledger.core.errors import OrderingError
 from medledger.core.models import Transaction
-from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.node import Node, init_node, open_node, write_genesis

@@ -45,8 +45,8 @@ from medledger.core.keys import SigningKey, VerifyingKey
 from medledger.core.merkle import CompactRange, leaf_hash, root_from_leaf_hashes
 from medledger.core.models import BlockHeader, Signature, Transaction
 from medledger.core.peer import PeerRequest, share_info
-from medledger.ledger.consortium import genesis_block
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.member import genesis_block
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.verify import verify_chain
 from medledger.services.keys import InstitutionKeys

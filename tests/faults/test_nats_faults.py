@@ -35,7 +35,7 @@ from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.ledger.clock import SystemClock
-from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning
 from medledger.localnet.natsserver import NatsCluster
 from medledger.storage.sqlite.chain import SqliteChainStore

@@ -39,7 +39,7 @@ from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Transaction
 from medledger.core.peer import PeerRequest, share_info
-from medledger.ledger.consortium import genesis_block
+from medledger.ledger.consortium.member import genesis_block
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.storage.sqlite.chain import SqliteChainStore
 

@@ -17,7 +17,7 @@ from chain_helpers import Chains, write_rounds
 from medledger.core.errors import DamagedStore
 from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
-from medledger.ledger.consortium_rules import AnchorRecord
+from medledger.ledger.consortium.rules import AnchorRecord
 from medledger.ledger.integrity import (
     check_against_anchor,
     check_blocks,

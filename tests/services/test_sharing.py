@@ -28,7 +28,7 @@ from medledger.core.errors import ConsentDenied, IntegrityError, InvalidInput, N
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
 from medledger.core.peer import PeerRequest
-from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
+from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.services.access import REASONS
 from medledger.services.consent_fhir import audit_event
 from medledger.services.patients import PatientWallet

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
-from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
+from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.ledger.private import PrivateChain
 from medledger.services.trail import PATIENT_ENROLL, TrailIndex, patient_trail
 from medledger.storage.sqlite.chain import SqliteChainStore

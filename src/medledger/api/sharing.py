@@ -36,7 +36,7 @@ from medledger.core.errors import InvalidInput, NotFound
 from medledger.core.hashing import hash_from_hex
 from medledger.core.keys import VerifyingKey
 from medledger.core.models import Signature, Transaction
-from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.node import Node
 from medledger.services.consent_fhir import (
     REVOKE_TX_EXTENSION,

@@ -29,9 +29,9 @@ from medledger.benchmarks.common import machine, percentiles, write_json
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
+from medledger.core.transactions import ACCESS
 from medledger.ledger.clock import SystemClock
-from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_rules import ACCESS
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.storage.sqlite.chain import SqliteChainStore

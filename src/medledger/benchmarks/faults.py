@@ -55,9 +55,9 @@ from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import MedledgerError
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
+from medledger.core.transactions import ACCESS
 from medledger.ledger.clock import SystemClock
-from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_rules import ACCESS
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.localnet.natsserver import free_ports
 from medledger.localnet.nodeproc import NodeProcess, medledger_command
 from medledger.node import init_node

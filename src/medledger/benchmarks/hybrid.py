@@ -13,7 +13,7 @@ only the commit path differs:
   every institution anchors its chain on the consortium every 200 ms.
 * **consortium-only** — the genesis says ``mode = "consortium-only"``; every
   ``record.put`` is signed by its institution and ordered and finalized by
-  the consortium (``ledger.consortium_commit``); nothing is anchored.
+  the consortium (``benchmarks.consortium_only``); nothing is anchored.
 
 Measured per offered load (open loop: record *k* is due at ``t0 + k/load``,
 taken by the next free writer of its institution; latency counts from the
@@ -58,12 +58,12 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
+from medledger.benchmarks.consortium_only import ConsortiumCommit
 from medledger.benchmarks.hybrid_summary import compare, print_summary
 from medledger.config import institution_id
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID, ConsortiumParams
 from medledger.core.errors import InvalidInput, MedledgerError
 from medledger.ledger.clock import SystemClock
-from medledger.ledger.consortium_commit import ConsortiumCommit
 from medledger.localnet.network import LocalNetwork
 from medledger.node import Node, init_node, write_genesis
 from medledger.services.keys import InstitutionKeys

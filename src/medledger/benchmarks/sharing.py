@@ -56,8 +56,8 @@ from medledger.benchmarks.common import (
 from medledger.config import NodePaths, institution_id
 from medledger.core.consortium import ConsortiumParams
 from medledger.core.models import Transaction
+from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.ledger.clock import SystemClock
-from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
 from medledger.localnet.loopback import loopback_socket, serve_nodes, url_of
 from medledger.localnet.network import LocalNetwork
 from medledger.localnet.nodeproc import NodeProcess

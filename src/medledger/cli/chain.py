@@ -211,7 +211,7 @@ def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool, with_rec
     checkpoints = [parse_checkpoint(a) for a in anchors]
     if with_consortium:
         from medledger.cli.consortium import verify_consortium_store
-        from medledger.ledger.consortium_verify import anchored_checkpoints
+        from medledger.ledger.consortium.verify import anchored_checkpoints
         from medledger.node import open_consortium_chain
 
         creport, _ = verify_consortium_store(root)

@@ -11,7 +11,7 @@ import click
 from medledger.cli.common import dir_option, emit
 from medledger.core.consortium import quorum
 from medledger.ledger.clock import SystemClock
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import VerifyReport, verify_chain
 
 __all__ = ["consortium", "verify_consortium_store"]

@@ -3,7 +3,7 @@
 The one place the fixed format (docs/formats.md, "Transaction") names its
 types: the private chain of each institution and the consortium chain. The
 modules that build or check a type (``ledger.private``, ``services.records``,
-``core.enrollment``, ``core.consent``, ``ledger.consortium_rules``, ...) take
+``core.enrollment``, ``core.consent``, ``ledger.consortium.rules``, ...) take
 its name and body fields from here, and ``tests/core/test_transactions.py``
 holds these sets to the field lists in docs/formats.md, so the code and the
 document cannot drift apart silently.

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from medledger.core.errors import MedledgerError
 from medledger.core.keys import SigningKey
 from medledger.core.models import Receipt, Transaction
+from medledger.core.transactions import ANCHOR
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_rules import ANCHOR
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import consistency_proof
 from medledger.ledger.supervision import SupervisedTask

@@ -26,7 +26,8 @@ from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import VerifyingKey
 from medledger.core.merkle import CompactRange, leaf_hash, range_nodes
 from medledger.core.models import BlockHeader, Signature, Transaction
-from medledger.ledger.consortium_rules import ANCHOR, AnchorRecord
+from medledger.core.transactions import ANCHOR
+from medledger.ledger.consortium.rules import AnchorRecord
 from medledger.storage.ports import ChainStore
 
 __all__ = [

@@ -38,9 +38,10 @@ from medledger.core.errors import (
     VerificationError,
 )
 from medledger.core.models import Transaction
+from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH, MAX_ACCESS_BATCH
+from medledger.ledger.consortium.member import ConsortiumMember
+from medledger.ledger.consortium.rules import MAX_ACCESS_BATCH
 from medledger.ledger.private import PrivateChain
 from medledger.services.fhir import is_resource_type
 

@@ -41,7 +41,7 @@ from medledger.core.hashing import sha256
 from medledger.core.keys import VerifyingKey
 from medledger.core.models import Signature, Transaction
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.private import PrivateChain
 from medledger.services.records.service import RecordsService
 

@@ -57,7 +57,7 @@ from medledger.core.peer import (
     share_info,
 )
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.proofs import inclusion_proof
 from medledger.services.access import ALLOWED, REFUSED, AccessEntry, AccessLog, refusal_reason

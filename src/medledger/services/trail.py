@@ -27,7 +27,7 @@ from medledger.core.enrollment import (
 )
 from medledger.core.hashing import sha256
 from medledger.core.models import Transaction
-from medledger.ledger.consortium_rules import ACCESS, ACCESS_BATCH
+from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.storage.ports import ChainStore
 
 __all__ = ["EVENTS", "PATIENT_ENROLL", "TrailIndex", "patient_trail"]

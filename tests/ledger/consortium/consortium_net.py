@@ -7,7 +7,7 @@ open afterwards for synchronous inspection and are closed by the fixture.
 (Imported by name: pytest puts this folder on ``sys.path``.)
 
 Raw messages for Byzantine tests are built here in the wire formats of
-``ledger.consortium``: a vote carries the header it signs (``vote_payload``), a
+``ledger.consortium.member``: a vote carries the header it signs (``vote_payload``), a
 cut marker is signed by a member over ``marker_bytes`` (``marker_payload``).
 Tasks a scenario starts go through :meth:`Network.spawn`, so they are always
 awaited or cancelled.
@@ -31,7 +31,7 @@ from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature, Transaction
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.consortium import ConsortiumMember
+from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.ledger.private import PrivateChain

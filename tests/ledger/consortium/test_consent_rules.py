@@ -1,4 +1,4 @@
-"""Consent and access rules of :class:`medledger.ledger.consortium_rules.ConsortiumState`.
+"""Consent and access rules of :class:`medledger.ledger.consortium.rules.ConsortiumState`.
 
 The state machine is driven directly (``check`` then ``apply``), as every
 member and auditor drives it over the final order.
@@ -16,7 +16,9 @@ from medledger.core.consortium import Genesis, Member
 from medledger.core.errors import ConsentDenied, InvalidInput, InvalidSignature
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
-from medledger.ledger.consortium_rules import ACCESS_BATCH, MAX_ACCESS_BATCH, ConsortiumState
+from medledger.core.transactions import ACCESS_BATCH
+from medledger.ledger.consortium.modes import initial_state
+from medledger.ledger.consortium.rules import MAX_ACCESS_BATCH, ConsortiumState
 
 T0 = 1_700_000_000_000
 DAY = 86_400_000
@@ -36,7 +38,7 @@ OUTSIDER = SigningKey.generate()
 
 
 def _state() -> ConsortiumState:
-    state = ConsortiumState.from_genesis(GENESIS)
+    state = initial_state(GENESIS)
     assert type(state) is ConsortiumState
     return state
 

@@ -16,8 +16,8 @@ from medledger.core.errors import (
 )
 from medledger.core.models import Transaction
 from medledger.ledger.anchoring import Anchorer
-from medledger.ledger.consortium_rules import AnchorRecord
-from medledger.ledger.consortium_verify import ConsortiumPolicy, anchored_checkpoints
+from medledger.ledger.consortium.rules import AnchorRecord
+from medledger.ledger.consortium.verify import ConsortiumPolicy, anchored_checkpoints
 from medledger.ledger.integrity import check_against_anchor, last_anchor
 from medledger.ledger.verify import verify_chain
 from medledger.storage.ports import ChainStore

@@ -25,8 +25,8 @@ from consortium_net import (
 from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature
-from medledger.ledger.consortium import ConsortiumMember, Evidence
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.member import ConsortiumMember, Evidence
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
 
 HONEST = ("h0", "h1", "h2")

@@ -21,7 +21,7 @@ from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import VerificationError
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
 
 MEMBERS = ("h0", "h1", "h2")

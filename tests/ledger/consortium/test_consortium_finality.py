@@ -19,7 +19,7 @@ from consortium_net import (
 from medledger.core.consortium import ConsortiumParams, MemberSet
 from medledger.core.errors import NotFound, StorageError
 from medledger.core.models import BlockHeader
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
 from medledger.storage.sqlite.chain import SqliteChainStore
 

@@ -22,8 +22,8 @@ from consortium_net import (
 from medledger.core.errors import InvalidInput, InvalidSignature, MedledgerError
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Transaction
-from medledger.ledger.consortium_rules import MAX_CONSORTIUM_TX_BYTES
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.rules import MAX_CONSORTIUM_TX_BYTES
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES
 from medledger.ledger.verify import verify_chain
 

@@ -24,9 +24,9 @@ from consortium_net import MakeNetwork, Network
 
 from medledger.core.consortium import ConsortiumParams
 from medledger.core.models import BlockHeader, Receipt
-from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_rules import AnchorRecord
-from medledger.ledger.consortium_verify import ConsortiumPolicy, anchored_checkpoints
+from medledger.ledger.consortium.member import ConsortiumMember
+from medledger.ledger.consortium.rules import AnchorRecord
+from medledger.ledger.consortium.verify import ConsortiumPolicy, anchored_checkpoints
 from medledger.ledger.ordering.jetstream import JetStreamOrderer
 from medledger.ledger.verify import verify_chain
 from medledger.localnet.natsserver import NatsCluster

@@ -27,7 +27,7 @@ from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
 
 #: Timers that never fire within a test: blocks are cut by the test's markers only.

@@ -13,7 +13,7 @@ from medledger.core.errors import InvalidInput, InvalidSignature
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
 from medledger.ledger.anchoring import Anchorer
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
 from medledger.storage.sqlite.chain import SqliteChainStore
 

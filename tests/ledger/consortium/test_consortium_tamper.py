@@ -19,7 +19,7 @@ from consortium_net import MakeNetwork, Network
 
 from medledger.core.errors import VerificationError
 from medledger.core.keys import SigningKey
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
 
 Sigs = list[dict[str, Any]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from medledger.ledger.consortium_rules import ANCHOR
+from medledger.core.transactions import ANCHOR
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 
 __all__ = ["ObservedOrderer"]

@@ -42,7 +42,7 @@ from medledger.core.consent import (
     ConsentRecord,
     ConsentRevoke,
 )
-from medledger.core.consortium import CONSORTIUM_ONLY, Genesis, Member, MemberSet
+from medledger.core.consortium import Member, MemberSet
 from medledger.core.enrollment import PATIENT_REBIND, REBIND_ACTOR, REBIND_REPORT_FIELDS
 from medledger.core.errors import InconsistentLog, InvalidInput, InvalidSignature, MedledgerError
 from medledger.core.hashing import hash_from_hex
@@ -61,12 +61,8 @@ from medledger.core.transactions import (
 )
 
 __all__ = [
-    "ACCESS",
-    "ACCESS_BATCH",
     "MAX_ACCESS_BATCH",
-    "ANCHOR",
     "MAX_CONSORTIUM_TX_BYTES",
-    "MEMBER_TYPES",
     "AnchorRecord",
     "ConsortiumState",
 ]
@@ -104,7 +100,11 @@ class AnchorRecord:
 
 
 class ConsortiumState:
-    """Members, latest anchors and accepted tx hashes, as of some point in the order."""
+    """Members, latest anchors and accepted tx hashes, as of some point in the order.
+
+    A consortium starts from ``modes.initial_state(genesis)``, which picks these
+    rules or the benchmark-only consortium-only ones by the genesis's mode.
+    """
 
     def __init__(
         self,
@@ -123,19 +123,6 @@ class ConsortiumState:
         self.seen: set[bytes] = seen if seen is not None else set()
         #: Consent grants by tx hash, with their revocation once it is applied.
         self.consents: dict[bytes, ConsentRecord] = consents or {}
-
-    @classmethod
-    def from_genesis(cls, genesis: Genesis) -> ConsortiumState:
-        state_cls = cls
-        if genesis.params.mode == CONSORTIUM_ONLY:
-            # The benchmark-only mode also orders record transactions (decision 0011).
-            from medledger.ledger.consortium_commit import ConsortiumOnlyState
-
-            state_cls = ConsortiumOnlyState
-        return state_cls(
-            chain_id=genesis.chain_id,
-            members=MemberSet(genesis.members),
-        )
 
     def copy(self) -> ConsortiumState:
         return type(self)(

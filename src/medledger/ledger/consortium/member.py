@@ -66,7 +66,8 @@ from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.ledger.clock import Clock, SystemClock
-from medledger.ledger.consortium_rules import ConsortiumState
+from medledger.ledger.consortium.modes import initial_state
+from medledger.ledger.consortium.rules import ConsortiumState
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, Orderer
 from medledger.ledger.supervision import SupervisedTask
 from medledger.storage.ports import ChainStore, NewBlock
@@ -202,7 +203,7 @@ class ConsortiumMember:
         self._tip_hash = first.block_hash
         self._log = CompactRange()
         self._log.append(leaf_hash(first.tx_data[0]))
-        self._state = ConsortiumState.from_genesis(genesis)
+        self._state = initial_state(genesis)
         self._pending = _Pending()
         self._cuts: dict[int, _Cut] = {}
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}

@@ -13,18 +13,16 @@ from typing import Any
 
 import pytest
 
+from medledger.benchmarks.consortium_only import ConsortiumCommit
 from medledger.core.consortium import CONSORTIUM_ONLY, ConsortiumParams, Genesis, Member
 from medledger.core.errors import InvalidInput, InvalidSignature, VerificationError
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
-from medledger.ledger.consortium import ConsortiumMember
-from medledger.ledger.consortium_commit import (
-    RECORD_PUT,
-    ConsortiumCommit,
-    ConsortiumOnlyState,
-)
-from medledger.ledger.consortium_rules import ConsortiumState
-from medledger.ledger.consortium_verify import ConsortiumPolicy
+from medledger.core.transactions import RECORD_PUT
+from medledger.ledger.consortium.member import ConsortiumMember
+from medledger.ledger.consortium.modes import ConsortiumOnlyState, initial_state
+from medledger.ledger.consortium.rules import ConsortiumState
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.ordering.solo import SoloOrderer
 from medledger.ledger.verify import verify_chain
 from medledger.storage.sqlite.chain import SqliteChainStore
@@ -88,8 +86,8 @@ def test_unknown_modes_are_refused(mode: object) -> None:
 
 
 def test_the_genesis_chooses_the_rules_and_copies_keep_them() -> None:
-    hybrid = ConsortiumState.from_genesis(_genesis("hybrid"))
-    only = ConsortiumState.from_genesis(_genesis())
+    hybrid = initial_state(_genesis("hybrid"))
+    only = initial_state(_genesis())
     assert type(hybrid) is ConsortiumState
     assert isinstance(only, ConsortiumOnlyState)
     assert isinstance(only.copy(), ConsortiumOnlyState)
@@ -101,12 +99,12 @@ def test_the_genesis_chooses_the_rules_and_copies_keep_them() -> None:
 def test_a_hybrid_consortium_refuses_record_transactions() -> None:
     genesis = _genesis("hybrid")
     with pytest.raises(InvalidInput, match="unknown consortium transaction type"):
-        ConsortiumState.from_genesis(genesis).check(_tx(genesis, _put_body(), KEYS[0]))
+        initial_state(genesis).check(_tx(genesis, _put_body(), KEYS[0]))
 
 
 def test_consortium_only_accepts_a_member_signed_record_put_once() -> None:
     genesis = _genesis()
-    state = ConsortiumState.from_genesis(genesis)
+    state = initial_state(genesis)
     tx = _tx(genesis, _put_body(), KEYS[2])
     state.check(tx)
     state.apply(tx, tx.hash())
@@ -129,14 +127,12 @@ def test_consortium_only_accepts_a_member_signed_record_put_once() -> None:
 def test_malformed_record_puts_are_refused(change: dict[str, Any], error: type[Exception]) -> None:
     genesis = _genesis()
     with pytest.raises(error):
-        ConsortiumState.from_genesis(genesis).check(
-            _tx(genesis, {**_put_body(), **change}, KEYS[0])
-        )
+        initial_state(genesis).check(_tx(genesis, {**_put_body(), **change}, KEYS[0]))
 
 
 def test_record_puts_need_exactly_one_member_signature() -> None:
     genesis = _genesis()
-    state = ConsortiumState.from_genesis(genesis)
+    state = initial_state(genesis)
     with pytest.raises(InvalidSignature):
         state.check(_tx(genesis, _put_body()))
     with pytest.raises(InvalidSignature):
@@ -157,7 +153,7 @@ def test_record_puts_need_exactly_one_member_signature() -> None:
 
 def test_consortium_only_still_refuses_unknown_types_and_checks_erase_bodies() -> None:
     genesis = _genesis()
-    state = ConsortiumState.from_genesis(genesis)
+    state = initial_state(genesis)
     with pytest.raises(InvalidInput, match="unknown"):
         state.check(_tx(genesis, _put_body(), KEYS[0], kind="record.patch"))
     erase = {

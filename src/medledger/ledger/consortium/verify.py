@@ -21,7 +21,9 @@ from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis, block_time_bo
 from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput, InvalidSignature, MedledgerError, VerificationError
 from medledger.core.models import Signature, Transaction
-from medledger.ledger.consortium_rules import ANCHOR, ConsortiumState
+from medledger.core.transactions import ANCHOR
+from medledger.ledger.consortium.modes import initial_state
+from medledger.ledger.consortium.rules import ConsortiumState
 from medledger.ledger.verify import Checkpoint
 from medledger.storage.ports import ChainStore
 
@@ -33,7 +35,7 @@ class ConsortiumPolicy:
 
     def __init__(self, genesis: Genesis) -> None:
         self._genesis = genesis
-        self._state = ConsortiumState.from_genesis(genesis)
+        self._state = initial_state(genesis)
         self._voters = self._state.members
         self._prev_time_ms = 0
         self._tx_times: list[int] = []

@@ -1,0 +1,10 @@
+"""The consortium chain shared by all member institutions.
+
+* ``member`` — a member's view: validate, cut, vote, finalize (``ConsortiumMember``);
+* ``rules`` — the deterministic transaction rules every member and auditor applies;
+* ``modes`` — which rules a genesis's mode selects (the benchmark-only
+  consortium-only mode also orders record transactions);
+* ``verify`` — the auditor's policy for ``verify_chain`` over a consortium chain.
+
+The ordering services the members consume are in ``ledger.ordering``.
+"""
