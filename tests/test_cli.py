@@ -331,8 +331,12 @@ def test_node_init_creates_node_files_and_prints_the_fingerprint(base: Base) -> 
         "chain.db",
         "records.db",
         "blobs",
+        "tls.crt",
+        "tls.key",
     }
     assert (base.root / "keystore.json").stat().st_mode & 0o077 == 0
+    assert (base.root / "tls.key").stat().st_mode & 0o077 == 0
+    assert "TLS certificate fingerprint: " in base.init.out
     keystore = json.loads((base.root / "keystore.json").read_text())
     assert keystore["format"] == "medledger-keystore"
     assert PASSPHRASE not in (base.root / "keystore.json").read_text()

@@ -115,6 +115,16 @@ class NodePaths:
     def consortium_db(self) -> Path:
         return self.root / "consortium.db"
 
+    @property
+    def tls_cert(self) -> Path:
+        """The node's self-signed TLS certificate (PEM), pinned by the consortium."""
+        return self.root / "tls.crt"
+
+    @property
+    def tls_key(self) -> Path:
+        """The node's TLS private key (PEM, owner-only)."""
+        return self.root / "tls.key"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageConfig:

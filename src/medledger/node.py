@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +45,7 @@ from medledger.services.keys import InstitutionKeys
 from medledger.services.records.service import RecordsService
 from medledger.services.sharing import SharingService
 from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
+from medledger.services.tls import DEFAULT_HOSTS, load_certificate, write_certificate
 from medledger.services.trail import TrailIndex
 from medledger.services.validation import Validator
 from medledger.storage import factory
@@ -373,6 +374,7 @@ def write_genesis(
     members = []
     for root in roots:
         config = load_config(root)
+        cert_path = NodePaths(root=root).tls_cert
         members.append(
             Member(
                 id=config.institution,
@@ -380,6 +382,7 @@ def write_genesis(
                 signing_key=config.signing_key,
                 hpke_key=config.hpke_key,
                 peer_url=peer_urls.get(config.institution, ""),
+                tls_cert=load_certificate(cert_path) if cert_path.exists() else None,
             )
         )
     genesis = Genesis(
@@ -422,11 +425,14 @@ def init_node(
     clock: Clock | None = None,
     storage: StorageConfig | None = None,
     hpke_kem: str = DEFAULT_KEM,
+    tls_hosts: Sequence[str] = DEFAULT_HOSTS,
 ) -> NodeConfig:
     """Create a new node in ``root`` (absent or empty). Leaves nothing behind on failure.
 
     ``hpke_kem`` picks the KEM whose public key the node publishes for sharing
-    (``MLKEM768_X25519``, the post-quantum hybrid, or ``X25519``).
+    (``MLKEM768_X25519``, the post-quantum hybrid, or ``X25519``). ``tls_hosts``
+    are the names and addresses others reach the node at: its self-signed TLS
+    certificate (``tls.crt``, key ``tls.key``; ``services.tls``) names them.
 
     ``storage`` defaults to ``[storage]`` from the environment (``MEDLEDGER_STORE``,
     ``MEDLEDGER_DSN``, ``MEDLEDGER_BLOBS``), which defaults to SQLite and files.
@@ -483,6 +489,13 @@ def init_node(
             storage.store,
             _store_target(storage, paths.records_db),
             schema=_schema(config, "records"),
+        )
+        write_certificate(
+            paths.tls_cert,
+            paths.tls_key,
+            inst,
+            tls_hosts,
+            now_ms=(clock or SystemClock()).now_ms(),
         )
         config.save(paths.config)
     except BaseException:

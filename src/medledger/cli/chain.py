@@ -58,15 +58,70 @@ def node() -> None:
 @click.option(
     "--id", "institution", default=None, help="Institution id (default: derived from the name)."
 )
-def node_init(root: Path, name: str, institution: str | None) -> None:
-    """Create keys, configuration and the private chain's genesis block in DIR."""
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="A host name or IP address others reach this node at (repeat; its TLS certificate "
+    "names them; default: localhost, 127.0.0.1, ::1).",
+)
+def node_init(root: Path, name: str, institution: str | None, hosts: tuple[str, ...]) -> None:
+    """Create keys, a TLS certificate, configuration and the private chain's genesis in DIR."""
     from medledger.node import init_node
+    from medledger.services.tls import DEFAULT_HOSTS
 
     passphrase = read_passphrase(confirm=True)
-    config = init_node(root, name=name, passphrase=passphrase, institution=institution)
+    config = init_node(
+        root,
+        name=name,
+        passphrase=passphrase,
+        institution=institution,
+        tls_hosts=hosts or DEFAULT_HOSTS,
+    )
+    from medledger.config import NodePaths
+    from medledger.services.tls import load_certificate
+
+    cert = load_certificate(NodePaths(root=root).tls_cert)
     click.echo(f"created node {config.institution!r} ({config.name}) in {root}")
     click.echo(f"chain:   {config.chain}")
+    click.echo(f"TLS certificate fingerprint: {cert.fingerprint} ({', '.join(cert.hosts)})")
+    # Last: scripts read the signing key's fingerprint from the final line.
     click.echo(f"signing key fingerprint: {config.signing_key.fingerprint}")
+
+
+@node.command("tls-cert")
+@dir_option
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    help="A host name or IP address others reach this node at (repeat).",
+)
+@click.option(
+    "--days", type=click.IntRange(1, 3650), default=825, show_default=True, help="Validity."
+)
+def node_tls_cert(root: Path, hosts: tuple[str, ...], days: int) -> None:
+    """Replace the node's TLS key and self-signed certificate (tls.key, tls.crt).
+
+    Members pin the certificate: once the consortium is formed, a new one is
+    accepted only after a ``member.rotate`` carrying it is final.
+    """
+    from medledger.config import NodePaths
+    from medledger.ledger.clock import SystemClock
+    from medledger.services.tls import write_certificate
+
+    config = load_config(root)
+    paths = NodePaths(root=root)
+    cert = write_certificate(
+        paths.tls_cert,
+        paths.tls_key,
+        config.institution,
+        hosts,
+        now_ms=SystemClock().now_ms(),
+        valid_days=days,
+    )
+    click.echo(f"TLS certificate fingerprint: {cert.fingerprint} ({', '.join(cert.hosts)})")
 
 
 @node.command("show")
@@ -76,7 +131,7 @@ def node_show(root: Path, as_json: bool) -> None:
     """Show the node's identity and public keys (no passphrase needed)."""
 
     config = load_config(root)
-    info = {
+    info: dict[str, Any] = {
         "name": config.name,
         "institution": config.institution,
         "chain": config.chain,
@@ -88,6 +143,13 @@ def node_show(root: Path, as_json: bool) -> None:
             }
         },
     }
+    from medledger.config import NodePaths
+    from medledger.services.tls import load_certificate
+
+    cert_path = NodePaths(root=root).tls_cert
+    if cert_path.exists():
+        cert = load_certificate(cert_path)
+        info["tls"] = {"fingerprint": cert.fingerprint, "hosts": list(cert.hosts)}
     if as_json:
         emit(info)
         return
@@ -96,6 +158,8 @@ def node_show(root: Path, as_json: bool) -> None:
     click.echo(f"chain:       {config.chain}")
     click.echo(f"signing key: ecdsa-p256-sha256, fingerprint {config.signing_key.fingerprint}")
     click.echo(config.signing_key.pem().rstrip())
+    if "tls" in info:
+        click.echo(f"TLS certificate: fingerprint {info['tls']['fingerprint']}")
 
 
 # -- chain ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput, MedledgerError
 from medledger.core.hashing import sha256
 from medledger.core.keys import VerifyingKey
+from medledger.core.tls import MemberCertificate
 from medledger.core.transactions import CONSORTIUM_GENESIS
 
 __all__ = [
@@ -102,49 +103,64 @@ def consortium_chain_id(consortium: str) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Member:
-    """A member institution as the consortium knows it."""
+    """A member institution as the consortium knows it.
+
+    ``tls_cert`` is the member's pinned, self-signed TLS certificate (``core.tls``),
+    or ``None`` for a member without one (a consortium formed before TLS). It is
+    written to JSON only when present, so older genesis documents, and their
+    hashes, are unchanged.
+    """
 
     id: str
     name: str
     signing_key: VerifyingKey
     hpke_key: str = ""  # hex public key for sharing (empty until the member publishes one)
     peer_url: str = ""
+    tls_cert: MemberCertificate | None = None
 
     @property
     def fingerprint(self) -> str:
         return self.signing_key.fingerprint
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "name": self.name,
             "signing_key": self.signing_key.der().hex(),
             "hpke_key": self.hpke_key,
             "peer_url": self.peer_url,
         }
+        if self.tls_cert is not None:
+            out["tls_cert"] = self.tls_cert.hex()
+        return out
 
     @classmethod
     def from_json(cls, value: Any) -> Member:
-        if not isinstance(value, dict) or set(value) != {
-            "id",
-            "name",
-            "signing_key",
-            "hpke_key",
-            "peer_url",
-        }:
-            raise InvalidInput("member must have exactly id, name, signing_key, hpke_key, peer_url")
+        fields = {"id", "name", "signing_key", "hpke_key", "peer_url"}
+        if not isinstance(value, dict) or not fields <= set(value) <= {*fields, "tls_cert"}:
+            raise InvalidInput(
+                "member must have exactly id, name, signing_key, hpke_key, peer_url"
+                " and optionally tls_cert"
+            )
         if not all(isinstance(value[k], str) for k in value) or not value["id"]:
             raise InvalidInput("member fields must be strings and id non-empty")
         try:
             key = VerifyingKey.from_der(bytes.fromhex(value["signing_key"]))
         except ValueError:
             raise InvalidInput(f"member {value['id']}: signing_key is not hex") from None
+        tls_cert = None
+        if "tls_cert" in value:
+            try:
+                tls_cert = MemberCertificate.from_hex(value["tls_cert"])
+            except InvalidInput as exc:
+                raise InvalidInput(f"member {value['id']}: {exc}") from None
         return cls(
             id=value["id"],
             name=value["name"],
             signing_key=key,
             hpke_key=value["hpke_key"],
             peer_url=value["peer_url"],
+            tls_cert=tls_cert,
         )
 
 
@@ -208,6 +224,9 @@ class Genesis:
         keys = [m.fingerprint for m in self.members]
         if len(set(ids)) != len(ids) or len(set(keys)) != len(keys):
             raise InvalidInput("genesis members must have distinct ids and keys")
+        certs = [m.tls_cert.fingerprint for m in self.members if m.tls_cert is not None]
+        if len(set(certs)) != len(certs):
+            raise InvalidInput("genesis members must have distinct TLS certificates")
 
     @property
     def chain_id(self) -> str:
@@ -266,6 +285,21 @@ class MemberSet:
     def by_fingerprint(self, fingerprint: str) -> Member | None:
         return next((m for m in self.members if m.fingerprint == fingerprint), None)
 
+    def by_certificate(self, fingerprint: str) -> Member | None:
+        """The member whose pinned TLS certificate has this (DER SHA-256) fingerprint."""
+        return next(
+            (
+                m
+                for m in self.members
+                if m.tls_cert is not None and m.tls_cert.fingerprint == fingerprint
+            ),
+            None,
+        )
+
+    def tls_certificates(self) -> tuple[MemberCertificate, ...]:
+        """Every current member's pinned TLS certificate (the consortium's trust anchors)."""
+        return tuple(m.tls_cert for m in self.members if m.tls_cert is not None)
+
     @property
     def quorum(self) -> int:
         return quorum(len(self.members))
@@ -282,6 +316,8 @@ class MemberSet:
     def with_member(self, member: Member) -> MemberSet:
         if self.by_id(member.id) or self.by_fingerprint(member.fingerprint):
             raise InvalidInput(f"member {member.id} (or its key) is already in the consortium")
+        if member.tls_cert is not None and self.by_certificate(member.tls_cert.fingerprint):
+            raise InvalidInput(f"member {member.id}'s TLS certificate belongs to a member")
         return MemberSet((*self.members, member))
 
     def without(self, member_id: str) -> MemberSet:
@@ -291,11 +327,25 @@ class MemberSet:
             raise InvalidInput("the last member cannot be removed")
         return MemberSet(tuple(m for m in self.members if m.id != member_id))
 
-    def rotated(self, member_id: str, key: VerifyingKey, hpke_key: str | None = None) -> MemberSet:
+    def rotated(
+        self,
+        member_id: str,
+        key: VerifyingKey,
+        hpke_key: str | None = None,
+        tls_cert: MemberCertificate | None = None,
+    ) -> MemberSet:
+        """``member_id`` with a new signing key (and HPKE key and TLS certificate, if given)."""
         old = self.by_id(member_id)
         if old is None:
             raise InvalidInput(f"{member_id} is not a member")
         if self.by_fingerprint(key.fingerprint):
             raise InvalidInput("that key already belongs to a member")
-        new = replace(old, signing_key=key, hpke_key=old.hpke_key if hpke_key is None else hpke_key)
+        if tls_cert is not None and self.by_certificate(tls_cert.fingerprint):
+            raise InvalidInput("that TLS certificate already belongs to a member")
+        new = replace(
+            old,
+            signing_key=key,
+            hpke_key=old.hpke_key if hpke_key is None else hpke_key,
+            tls_cert=old.tls_cert if tls_cert is None else tls_cert,
+        )
         return MemberSet(tuple(new if m.id == member_id else m for m in self.members))

@@ -135,7 +135,7 @@ CONSORTIUM_BODIES: Mapping[str, BodyFields] = MappingProxyType(
         CONSENT_REVOKE: _fields("patient", "patient_key", "grant"),
         MEMBER_ADD: _fields("member"),
         MEMBER_REMOVE: _fields("id"),
-        MEMBER_ROTATE: _fields("id", "signing_key", "hpke_key"),
+        MEMBER_ROTATE: _fields("id", "signing_key", "hpke_key", optional=("tls_cert",)),
         PATIENT_REBIND: _fields("institution", "patient", "previous", "actor"),
     }
 )

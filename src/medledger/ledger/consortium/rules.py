@@ -49,6 +49,7 @@ from medledger.core.hashing import hash_from_hex
 from medledger.core.keys import VerifyingKey
 from medledger.core.merkle import verify_consistency
 from medledger.core.models import Transaction
+from medledger.core.tls import MemberCertificate
 from medledger.core.transactions import (
     ACCESS,
     ACCESS_BATCH,
@@ -316,8 +317,14 @@ class ConsortiumState:
         except ValueError:
             raise InvalidInput("member.rotate signing_key is not hex") from None
         hpke = body.get("hpke_key")
+        tls_hex = body.get("tls_cert")
+        if tls_hex is not None and not isinstance(tls_hex, str):
+            raise InvalidInput("member.rotate tls_cert must be hex DER")
         return self.members.rotated(
-            str(body.get("id")), key, hpke if isinstance(hpke, str) else None
+            str(body.get("id")),
+            key,
+            hpke if isinstance(hpke, str) else None,
+            MemberCertificate.from_hex(tls_hex) if tls_hex is not None else None,
         )
 
     # -- applying ------------------------------------------------------------------------
