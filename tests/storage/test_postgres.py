@@ -1,8 +1,7 @@
 """PostgreSQL storage on a real server: group commit, crashes, restarts, clear errors, backups.
 
-Also the record-index conformance suite, run on SQLite and PostgreSQL alike,
-and the PostgreSQL blob store. The ChainStore contract itself runs on both
-adapters in ``test_chain_store_contract.py``.
+Also the PostgreSQL blob store. The port contracts run on every backend in
+``test_*_contract.py``.
 """
 
 from __future__ import annotations
@@ -11,14 +10,11 @@ import asyncio
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +38,11 @@ from medledger.localnet.pg_embedded import EmbeddedPostgres
 from medledger.node import init_node, open_chain, open_node
 from medledger.storage.factory import node_schema
 from medledger.storage.keystore import KdfParams
-from medledger.storage.ports import RecordIndex, VersionRow
 from medledger.storage.postgres.blobs import PostgresBlobStore
 from medledger.storage.postgres.chain import PostgresChainStore
 from medledger.storage.postgres.connection import schema_name
 from medledger.storage.postgres.migrations import drop_schema
 from medledger.storage.postgres.records import PostgresRecordIndex
-from medledger.storage.sqlite.records import SqliteRecordIndex
 
 CHAIN = "private:st-mary"
 PW = b"pg test passphrase"
@@ -460,221 +454,6 @@ def test_backup_restore_round_trip_postgres(tmp_path: Path, pg_env: dict[str, st
         assert not again.exists()
     finally:
         server.drop_database(name)
-
-
-# -- record index conformance (SQLite and PostgreSQL) ------------------------------------------
-
-
-IndexFactory = Callable[[], Awaitable[RecordIndex]]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IndexFactory]:
-    """Opens the same (initially empty) index as often as a test asks."""
-    if request.param == "sqlite":
-        path = tmp_path / "records.db"
-        SqliteRecordIndex.initialize(path)
-
-        async def sqlite() -> RecordIndex:
-            return SqliteRecordIndex(path)
-
-        yield sqlite
-        return
-    from pg_server import shared_dsn
-
-    dsn, schema = shared_dsn(), unique("records")
-    PostgresRecordIndex.initialize(dsn, schema=schema)
-
-    async def postgres() -> RecordIndex:
-        return PostgresRecordIndex(dsn, schema=schema)
-
-    yield postgres
-    drop_schema(dsn, schema)
-
-
-@asynccontextmanager
-async def opened(factory: IndexFactory) -> AsyncIterator[RecordIndex]:
-    index = await factory()
-    try:
-        yield index
-    finally:
-        await index.close()
-
-
-def row(rid: str, version: int, *, patient: str = "p1", kek: str = "k1", t: int = 0) -> VersionRow:
-    return VersionRow(
-        resource_type="Observation",
-        id=rid,
-        version=version,
-        blob_hash=sha256(f"{rid}/{version}".encode()),
-        wrapped_dek=f"dek {rid} {version}".encode(),
-        kek_id=kek,
-        patient=patient,
-        updated_ms=1_700_000_000_000 + t,
-        tx_hash=sha256(f"tx {rid}/{version}".encode()),
-    )
-
-
-def test_index_put_latest_history(open_index: IndexFactory) -> None:
-    async def go() -> None:
-        async with opened(open_index) as index:
-            await asyncio.gather(
-                *(index.put_version(row(f"o{i}", 1, t=i), {b"tok-a"}) for i in range(30))
-            )
-            await index.put_version(row("o1", 2, t=100), {b"tok-b"})
-            await index.put_version(row("o1", 3, t=101), {b"tok-b", b"tok-c"})
-            latest = index.latest("Observation", "o1")
-            assert latest == row("o1", 3, t=101)
-            assert index.get_version("Observation", "o1", 2) == row("o1", 2, t=100)
-            assert index.get_version("Observation", "o1", 9) is None
-            assert index.latest("Observation", "nope") is None
-            assert index.latest("Patient", "o1") is None
-            assert [r.version for r in index.history("Observation", "o1")] == [3, 2, 1]
-            assert [r.updated_ms for r in index.type_history("Observation", 3)] == [
-                1_700_000_000_101,
-                1_700_000_000_100,
-                1_700_000_000_029,
-            ]
-            assert sorted(index.records_of_patient("p1"))[:2] == [
-                ("Observation", "o0"),
-                ("Observation", "o1"),
-            ]
-            assert index.count_wrapped_by("k1") == 32
-            assert index.versions_since(1_700_000_000_029) == [
-                row("o1", 3, t=101),
-                row("o1", 2, t=100),
-                row("o29", 1, t=29),
-            ]
-            assert index.versions_since(1_700_000_001_000) == []
-            # Every row once, in key order, across pages of 1000.
-            await asyncio.gather(
-                *(index.put_version(row(f"p{i:04d}", 1, t=i), set()) for i in range(1100))
-            )
-            listed = [(r.id, r.version) for r in index.iter_versions()]
-            assert len(listed) == 1132 and listed == sorted(listed)
-            assert listed[:3] == [("o0", 1), ("o1", 1), ("o1", 2)]
-        # Durable across a reopen.
-        async with opened(open_index) as index:
-            assert index.latest("Observation", "o1") == row("o1", 3, t=101)
-
-    asyncio.run(go())
-
-
-def test_index_keeps_chain_bases_and_the_recovery_mark(open_index: IndexFactory) -> None:
-    """Crash recovery finds unsettled versions by chain height, never by wall clock."""
-
-    async def go() -> None:
-        async with opened(open_index) as index:
-            assert index.max_chain_base() is None and index.recovery_mark() == 0
-            await index.put_version(row("legacy", 1), set())  # chain_base unknown
-            for i, base in enumerate([4, 9, 7]):
-                await index.put_version(replace(row(f"b{i}", 1), chain_base=base), set())
-            assert index.max_chain_base() == 9
-            assert [(r.id, r.chain_base) for r in index.unsettled(7)] == [("b2", 7), ("b1", 9)]
-            assert [r.id for r in index.unsettled(0)] == ["b0", "b2", "b1"]  # never legacy
-            await index.set_recovery_mark(8)
-            await index.set_recovery_mark(9)
-        async with opened(open_index) as index:  # durable across a reopen
-            assert index.recovery_mark() == 9
-            assert index.get_version("Observation", "b1", 1) == replace(row("b1", 1), chain_base=9)
-
-    asyncio.run(go())
-
-
-def test_sqlite_index_of_an_older_release_gains_the_chain_base_column(tmp_path: Path) -> None:
-    path = tmp_path / "records.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        "INSERT INTO meta VALUES ('schema_version', '1');"
-        "CREATE TABLE versions (rtype TEXT NOT NULL, rid TEXT NOT NULL, version INTEGER NOT NULL,"
-        " blob_hash BLOB NOT NULL, wrapped_dek BLOB, kek_id TEXT, patient TEXT,"
-        " updated_ms INTEGER NOT NULL, tx_hash BLOB NOT NULL, erased INTEGER NOT NULL DEFAULT 0,"
-        " PRIMARY KEY (rtype, rid, version)) WITHOUT ROWID;"
-        "CREATE TABLE tokens (token BLOB NOT NULL, rtype TEXT NOT NULL, rid TEXT NOT NULL);"
-        "INSERT INTO versions VALUES ('Observation', 'old', 1, x'00', x'01', 'k1', 'p1', 5, x'02', 0);"
-    )
-    conn.close()
-
-    async def go() -> None:
-        index = SqliteRecordIndex(path)
-        try:
-            assert index.latest("Observation", "old") is not None
-            assert index.latest("Observation", "old").chain_base is None  # type: ignore[union-attr]
-            await index.put_version(replace(row("new", 1), chain_base=3), set())
-            assert index.max_chain_base() == 3
-        finally:
-            await index.close()
-
-    asyncio.run(go())
-
-
-def test_index_conflict_fails_only_its_caller(open_index: IndexFactory) -> None:
-    async def go() -> None:
-        async with opened(open_index) as index:
-            await index.put_version(row("dup", 1), {b"t"})
-            results = await asyncio.gather(
-                index.put_version(row("dup", 1), {b"x"}),
-                index.put_version(row("ok", 1), {b"t"}),
-                index.put_version(row("dup", 2), {b"t2"}),
-                return_exceptions=True,
-            )
-            assert isinstance(results[0], Conflict)
-            assert results[1:] == [None, None]
-            assert index.latest("Observation", "dup") == row("dup", 2)
-            await index.remove_version("Observation", "dup", 2)
-            assert index.latest("Observation", "dup") == row("dup", 1)
-
-    asyncio.run(go())
-
-
-def test_index_search(open_index: IndexFactory) -> None:
-    async def go() -> None:
-        async with opened(open_index) as index:
-            await index.put_version(row("a", 1), {b"name:ann", b"code:1"})
-            await index.put_version(row("b", 1), {b"name:bob", b"code:1"})
-            await index.put_version(row("c", 1), {b"name:ann", b"code:2"})
-            s = index.search
-            assert s("Observation", [{b"code:1"}]) == ["a", "b"]
-            assert s("Observation", [{b"name:ann"}, {b"code:1"}]) == ["a"]
-            assert s("Observation", [{b"name:ann", b"name:bob"}, {b"code:1"}]) == ["a", "b"]
-            assert s("Observation", [{b"name:zed"}]) == []
-            assert s("Patient", [{b"code:1"}]) == []
-            many = {f"x{i}".encode() for i in range(1200)} | {b"code:2"}
-            assert s("Observation", [many]) == ["c"]
-            # A new version replaces the resource's tokens.
-            await index.put_version(row("a", 2), {b"name:ann", b"code:2"})
-            assert s("Observation", [{b"code:1"}]) == ["b"]
-            assert s("Observation", [{b"code:2"}]) == ["a", "c"]
-
-    asyncio.run(go())
-
-
-def test_index_erase_and_rewrap(open_index: IndexFactory) -> None:
-    async def go() -> None:
-        async with opened(open_index) as index:
-            for i in range(5):
-                await index.put_version(row("r", i + 1), {b"tok"})
-            await index.put_version(row("keep", 1), {b"tok"})
-            blobs = await index.erase("Observation", "r")
-            assert sorted(blobs) == sorted(row("r", i + 1).blob_hash for i in range(5))
-            for r in index.history("Observation", "r"):
-                assert r.erased and r.wrapped_dek is None and r.kek_id is None
-            assert index.search("Observation", [{b"tok"}]) == ["keep"]
-            with pytest.raises(NotFound):
-                await index.erase("Observation", "never")
-            assert index.count_wrapped_by("k1") == 1
-            # More rows than one re-wrap batch (2000).
-            await asyncio.gather(*(index.put_version(row(f"w{i}", 1), set()) for i in range(2100)))
-            count = await index.rewrap("k1", "k2", lambda r: b"new " + (r.wrapped_dek or b""))
-            assert count == 2101
-            assert index.count_wrapped_by("k1") == 0
-            assert index.count_wrapped_by("k2") == 2101
-            keep = index.latest("Observation", "keep")
-            assert keep is not None and keep.wrapped_dek == b"new dek keep 1"
-            assert index.latest("Observation", "r") == index.history("Observation", "r")[0]
-
-    asyncio.run(go())
 
 
 # -- PostgreSQL blob store -----------------------------------------------------------------------

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.ports import RECOVERY_MARK, VersionRow
+from medledger.storage.record_sql import (
+    SQLITE,
+    RecordQueries,
+    RecordReads,
+    version_params,
+    version_row,
+)
 from medledger.storage.sqlite.connection import immediate, sqlite_uri, storage_error
 from medledger.storage.sqlite.schema import (
     RECORDS_CHAIN_BASE,
@@ -26,30 +33,14 @@ from medledger.storage.sqlite.schema import (
 
 __all__ = ["SqliteRecordIndex"]
 
-_COLS = (
-    "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased,"
-    " chain_base"
-)
+_QUERIES = RecordQueries.for_dialect(SQLITE)
 
 
-def _row(r: Sequence[Any]) -> VersionRow:
-    return VersionRow(
-        resource_type=r[0],
-        id=r[1],
-        version=r[2],
-        blob_hash=bytes(r[3]),
-        wrapped_dek=None if r[4] is None else bytes(r[4]),
-        kek_id=r[5],
-        patient=r[6],
-        updated_ms=r[7],
-        tx_hash=bytes(r[8]),
-        erased=bool(r[9]),
-        chain_base=None if r[10] is None else int(r[10]),
-    )
+class SqliteRecordIndex(RecordReads):
+    """:class:`~medledger.storage.ports.RecordIndex` in one SQLite file (WAL, ``synchronous=FULL``).
 
-
-class SqliteRecordIndex:
-    """:class:`~medledger.storage.ports.RecordIndex` in one SQLite file (WAL, ``synchronous=FULL``)."""
+    Statements and reads: :mod:`medledger.storage.record_sql`, shared with PostgreSQL.
+    """
 
     @classmethod
     def initialize(cls, path: Path) -> None:
@@ -96,6 +87,7 @@ class SqliteRecordIndex:
             raise StorageError(f"{path} is not a readable record index ({exc})") from None
         if version is None or version[0] != str(RECORDS_SCHEMA_VERSION):
             raise StorageError(f"{path}: unsupported record index schema")
+        self._queries = _QUERIES
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -127,30 +119,20 @@ class SqliteRecordIndex:
 
     @staticmethod
     def _one(conn: sqlite3.Connection, kind: str, arg: Any) -> None:
+        q = _QUERIES
         if kind == "put":
             row, tokens = arg
-            conn.execute(
-                f"INSERT INTO versions ({_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row.values()
-            )
-            conn.execute(
-                "DELETE FROM tokens WHERE rtype = ? AND rid = ?", (row.resource_type, row.id)
-            )
-            conn.executemany(
-                "INSERT INTO tokens VALUES (?, ?, ?)",
-                [(t, row.resource_type, row.id) for t in tokens],
-            )
+            conn.execute(q.insert_version, version_params(row))
+            conn.execute(q.delete_tokens, (row.resource_type, row.id))
+            conn.executemany(q.insert_token, [(t, row.resource_type, row.id) for t in tokens])
         elif kind == "remove":
-            conn.execute("DELETE FROM versions WHERE rtype = ? AND rid = ? AND version = ?", arg)
+            conn.execute(q.delete_version, arg)
         elif kind == "tokens":
             rtype, rid, tokens = arg
-            conn.execute("DELETE FROM tokens WHERE rtype = ? AND rid = ?", (rtype, rid))
-            conn.executemany(
-                "INSERT INTO tokens VALUES (?, ?, ?)", [(t, rtype, rid) for t in tokens]
-            )
+            conn.execute(q.delete_tokens, (rtype, rid))
+            conn.executemany(q.insert_token, [(t, rtype, rid) for t in tokens])
         elif kind == "mark":
-            conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (RECOVERY_MARK, str(arg))
-            )
+            conn.execute(q.set_meta, (RECOVERY_MARK, str(arg)))
         else:
             raise StorageError(f"unknown index operation {kind}")
 
@@ -176,18 +158,11 @@ class SqliteRecordIndex:
         def run() -> list[bytes]:
             conn = self._writer
             with immediate(conn):
-                rows = conn.execute(
-                    "SELECT blob_hash FROM versions WHERE rtype = ? AND rid = ?",
-                    (resource_type, rid),
-                ).fetchall()
+                rows = conn.execute(_QUERIES.erase_select, (resource_type, rid)).fetchall()
                 if not rows:
                     raise NotFound(f"{resource_type}/{rid} does not exist")
-                conn.execute(
-                    "UPDATE versions SET wrapped_dek = NULL, kek_id = NULL, erased = 1"
-                    " WHERE rtype = ? AND rid = ?",
-                    (resource_type, rid),
-                )
-                conn.execute("DELETE FROM tokens WHERE rtype = ? AND rid = ?", (resource_type, rid))
+                conn.execute(_QUERIES.erase_update, (resource_type, rid))
+                conn.execute(_QUERIES.delete_tokens, (resource_type, rid))
             # Overwritten pages of the old keys must not linger in the WAL or free pages.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return [bytes(r[0]) for r in rows]
@@ -204,21 +179,12 @@ class SqliteRecordIndex:
             conn = self._writer
             done = 0
             while True:
-                rows = [
-                    _row(r)
-                    for r in conn.execute(
-                        f"SELECT {_COLS} FROM versions WHERE kek_id = ? LIMIT 2000", (old_kek_id,)
-                    )
-                ]
+                rows = [version_row(r) for r in conn.execute(_QUERIES.rewrap_select, (old_kek_id,))]
                 if not rows:
                     break
                 updates = [(fn(r), new_kek_id, r.resource_type, r.id, r.version) for r in rows]
                 with immediate(conn):
-                    conn.executemany(
-                        "UPDATE versions SET wrapped_dek = ?, kek_id = ? WHERE rtype = ?"
-                        " AND rid = ? AND version = ? AND kek_id IS NOT NULL",
-                        updates,
-                    )
+                    conn.executemany(_QUERIES.rewrap_update, updates)
                 done += len(rows)
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return done
@@ -249,154 +215,11 @@ class SqliteRecordIndex:
                 self._readers.append(conn)
         return conn
 
-    def _rows(self, sql: str, args: Sequence[Any]) -> list[Any]:
+    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         try:
             return self._reader().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: {exc}") from None
-
-    def latest(self, resource_type: str, rid: str) -> VersionRow | None:
-        rows = self._rows(
-            f"SELECT {_COLS} FROM versions WHERE rtype = ? AND rid = ?"
-            " ORDER BY version DESC LIMIT 1",
-            (resource_type, rid),
-        )
-        return _row(rows[0]) if rows else None
-
-    def get_version(self, resource_type: str, rid: str, version: int) -> VersionRow | None:
-        rows = self._rows(
-            f"SELECT {_COLS} FROM versions WHERE rtype = ? AND rid = ? AND version = ?",
-            (resource_type, rid, version),
-        )
-        return _row(rows[0]) if rows else None
-
-    def history(self, resource_type: str, rid: str) -> list[VersionRow]:
-        return [
-            _row(r)
-            for r in self._rows(
-                f"SELECT {_COLS} FROM versions WHERE rtype = ? AND rid = ? ORDER BY version DESC",
-                (resource_type, rid),
-            )
-        ]
-
-    def type_history(self, resource_type: str, limit: int) -> list[VersionRow]:
-        return [
-            _row(r)
-            for r in self._rows(
-                f"SELECT {_COLS} FROM versions WHERE rtype = ? ORDER BY updated_ms DESC LIMIT ?",
-                (resource_type, limit),
-            )
-        ]
-
-    def versions_since(self, updated_ms: int) -> list[VersionRow]:
-        """Every version written at or after ``updated_ms``, newest first (crash recovery)."""
-        return [
-            _row(r)
-            for r in self._rows(
-                f"SELECT {_COLS} FROM versions WHERE updated_ms >= ? ORDER BY updated_ms DESC",
-                (updated_ms,),
-            )
-        ]
-
-    def unsettled(self, from_base: int) -> list[VersionRow]:
-        """Versions indexed on chain height ``from_base`` or later, oldest first (crash recovery)."""
-        return [
-            _row(r)
-            for r in self._rows(
-                f"SELECT {_COLS} FROM versions WHERE chain_base >= ?"
-                " ORDER BY chain_base, rtype, rid, version",
-                (from_base,),
-            )
-        ]
-
-    def max_chain_base(self) -> int | None:
-        """The highest chain height any version was indexed on (the chain held it durably)."""
-        value = self._rows("SELECT MAX(chain_base) FROM versions", ())[0][0]
-        return None if value is None else int(value)
-
-    def recovery_mark(self) -> int:
-        """Chain height from which versions may still be unsettled (0 if never recorded)."""
-        rows = self._rows("SELECT value FROM meta WHERE key = ?", (RECOVERY_MARK,))
-        return int(rows[0][0]) if rows else 0
-
-    def iter_versions(self) -> Iterator[VersionRow]:
-        """Every version row in key order, read in pages (store checks and sweeps)."""
-        after: tuple[str, str, int] = ("", "", -1)
-        while True:
-            rows = self._rows(
-                f"SELECT {_COLS} FROM versions WHERE (rtype, rid, version) > (?, ?, ?)"
-                " ORDER BY rtype, rid, version LIMIT 1000",
-                after,
-            )
-            if not rows:
-                return
-            for r in rows:
-                yield _row(r)
-            after = (rows[-1][0], rows[-1][1], rows[-1][2])
-
-    def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]:
-        """Ids whose tokens match at least one token of every group.
-
-        The most selective group is resolved first; the others only check its
-        candidates, so a common code does not drag in every record it matches.
-        """
-        if not groups:
-            return []
-        counted = sorted(groups, key=lambda g: self._count(resource_type, g))
-        found = self._ids(resource_type, counted[0], None)
-        for group in counted[1:]:
-            if not found:
-                return []
-            found &= self._ids(resource_type, group, found)
-        return sorted(found)
-
-    def _count(self, resource_type: str, group: set[bytes]) -> int:
-        tokens = list(group)
-        total = 0
-        for start in range(0, len(tokens), 500):
-            chunk = tokens[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            row = self._rows(
-                f"SELECT COUNT(*) FROM tokens WHERE rtype = ? AND token IN ({marks})",
-                (resource_type, *chunk),
-            )[0]
-            total += int(row[0])
-        return total
-
-    def _ids(self, resource_type: str, group: set[bytes], among: set[str] | None) -> set[str]:
-        tokens = list(group)
-        ids: set[str] = set()
-        for start in range(0, len(tokens), 400):
-            chunk = tokens[start : start + 400]
-            marks = ",".join("?" * len(chunk))
-            if among is None:
-                rows = self._rows(
-                    f"SELECT rid FROM tokens WHERE rtype = ? AND token IN ({marks})",
-                    (resource_type, *chunk),
-                )
-                ids.update(r[0] for r in rows)
-                continue
-            candidates = sorted(among)
-            for c in range(0, len(candidates), 400):
-                cand = candidates[c : c + 400]
-                rows = self._rows(
-                    f"SELECT rid FROM tokens WHERE rtype = ? AND token IN ({marks})"
-                    f" AND rid IN ({','.join('?' * len(cand))})",
-                    (resource_type, *chunk, *cand),
-                )
-                ids.update(r[0] for r in rows)
-        return ids
-
-    def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]:
-        return [
-            (r[0], r[1])
-            for r in self._rows(
-                "SELECT DISTINCT rtype, rid FROM versions WHERE patient = ?", (pseudonym,)
-            )
-        ]
-
-    def count_wrapped_by(self, kek_id: str) -> int:
-        return int(self._rows("SELECT COUNT(*) FROM versions WHERE kek_id = ?", (kek_id,))[0][0])
 
     async def close(self) -> None:
         await self._writes.close()
