@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cli_support import medledger_command
-from medledger.localnet.netproc import PidRecord
+from medledger.core.errors import MedledgerError
+from medledger.localnet.netproc import PidRecord, load_network
 
 __all__ = ["FHIR_JSON", "PASSPHRASE", "Run", "cli_env", "pid_files", "run_cli", "stop_network"]
 
@@ -60,9 +62,10 @@ def stop_network(base: Path) -> None:
     """Stop whatever runs from ``base``: ``network down``, then SIGKILL by verified PID."""
     if (base / "network.json").exists():
         run_cli("network", "down", "--dir", base, "--timeout", "10")
-        pg = json.loads((base / "network.json").read_text())["postgres"]
-        if pg is not None and not Path(pg["data_dir"]).is_relative_to(base):
-            shutil.rmtree(Path(pg["data_dir"]).parent, ignore_errors=True)
+        with contextlib.suppress(MedledgerError):  # a test may have broken the file on purpose
+            pg = load_network(base.resolve()).postgres
+            if pg is not None and not pg.data_dir.is_relative_to(base.resolve()):
+                shutil.rmtree(pg.data_dir.parent, ignore_errors=True)
     for pid_file in pid_files(base):  # last resort, by the same /proc identity check
         record = PidRecord.load(pid_file)
         if record is not None and record.running():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -63,7 +62,7 @@ def network_up(
     from medledger.localnet import netproc
 
     passphrase = read_passphrase(confirm=not (base / netproc.NETWORK_FILE).exists())
-    data = netproc.up(
+    spec = netproc.up(
         base,
         passphrase=passphrase,
         institutions=institutions,
@@ -73,20 +72,20 @@ def network_up(
         timeout=timeout,
     )
     if as_json:
-        emit(data)
+        emit(spec.to_json())
         return
     click.echo(
-        f"network {base.resolve()}: {len(data['nodes'])} institutions,"
-        f" ordering {data['ordering']}, store {data['store']} — all ready"
+        f"network {base.resolve()}: {len(spec.nodes)} institutions,"
+        f" ordering {spec.ordering}, store {spec.store} — all ready"
     )
-    for node in data["nodes"]:
-        click.echo(f"  {node['institution']:<14} {node['url']}")
-        for role, token in node["tokens"].items():
-            click.echo(f"      {role:<10} {token}")
+    for node in spec.nodes:
+        click.echo(f"  {node.institution:<14} {node.url}")
+        click.echo(f"      {'admin':<10} {node.tokens.admin}")
+        click.echo(f"      {'clinician':<10} {node.tokens.clinician}")
     click.echo(f"(also in {base.resolve() / netproc.NETWORK_FILE})")
 
 
-def _yes(flag: Any) -> str:
+def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
@@ -99,27 +98,29 @@ def network_status(base: Path, as_json: bool) -> None:
 
     report = netproc.status(base)
     if as_json:
-        emit(report)
+        emit(report.to_json())
         return
-    click.echo(f"network {report['dir']}: ordering {report['ordering']}, store {report['store']}")
-    for n in report["nodes"]:
+    click.echo(f"network {report.dir}: ordering {report.ordering}, store {report.store}")
+    for n in report.nodes:
         click.echo(
-            f"  {n['institution']:<14} {n['url']:<24} pid {n['pid'] or '-':<8}"
-            f" running {_yes(n['running']):<4} ready {_yes(n['ready']):<4}"
-            f" private {n['private_height'] if n['private_height'] is not None else '-':<6}"
-            f" consortium {n['consortium_height'] if n['consortium_height'] is not None else '-'}"
+            f"  {n.institution:<14} {n.url:<24} pid {n.pid or '-':<8}"
+            f" running {_yes(n.running):<4} ready {_yes(n.ready):<4}"
+            f" private {_or_dash(n.private_height):<6}"
+            f" consortium {_or_dash(n.consortium_height)}"
         )
-    for s in report["nats"]:
+    for s in report.nats:
         click.echo(
-            f"  nats {s['name']:<9} {s['url']:<24} pid {s['pid'] or '-':<8}"
-            f" running {_yes(s['running'])}"
+            f"  nats {s.name:<9} {s.url:<24} pid {s.pid or '-':<8} running {_yes(s.running)}"
         )
-    if "postgres" in report:
-        pg = report["postgres"]
+    if report.postgres is not None:
+        pg = report.postgres
         click.echo(
-            f"  postgres       port {pg['port']:<19} pid {pg['pid'] or '-':<8}"
-            f" running {_yes(pg['running'])}"
+            f"  postgres       port {pg.port:<19} pid {pg.pid or '-':<8} running {_yes(pg.running)}"
         )
+
+
+def _or_dash(height: int | None) -> str:
+    return "-" if height is None else str(height)
 
 
 @network.command("down")
@@ -138,9 +139,9 @@ def network_down(base: Path, timeout: float, as_json: bool) -> None:
 
     stopped = netproc.down(base, timeout=timeout)
     if as_json:
-        emit(stopped)
+        emit(stopped.to_json())
         return
     click.echo(
-        f"stopped {len(stopped['nodes'])} node(s), {len(stopped['nats'])} nats-server(s)"
-        + (", PostgreSQL" if stopped["postgres"] else "")
+        f"stopped {len(stopped.nodes)} node(s), {len(stopped.nats)} nats-server(s)"
+        + (", PostgreSQL" if stopped.postgres else "")
     )

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from medledger.core.errors import MedledgerError
+from medledger.localnet.spec import InstitutionEntry
 
 __all__ = ["Answer", "DemoFailed", "NodeApi"]
 
@@ -45,10 +46,10 @@ class Answer:
 class NodeApi:
     """One node's URL and tokens (``admin``, ``clinician``) from ``network.json``."""
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
-        self.institution = str(spec["institution"])
-        self.url = str(spec["url"])
-        self.tokens = {str(k): str(v) for k, v in spec["tokens"].items()}
+    def __init__(self, entry: InstitutionEntry) -> None:
+        self.institution = entry.institution
+        self.url = entry.url
+        self.tokens = {"admin": entry.tokens.admin, "clinician": entry.tokens.clinician}
         self._client = httpx.Client(base_url=self.url, timeout=60)
 
     def close(self) -> None:

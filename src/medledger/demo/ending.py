@@ -111,25 +111,25 @@ def next_steps(scene: Scene, *, keep_running: bool, elapsed: float) -> None:
     """The closing words: commands for the running (or stopped) network and the passphrases."""
     scene.console.print()
     scene.console.rule("[bold]What to try next", align="left")
-    data = netproc.load_network(scene.base)
-    first = data["nodes"][0]
+    spec = netproc.load_network(scene.base)
+    first = spec.nodes[0]
     d = str(scene.base)
     lines: list[str] = []
     if keep_running:
         scene.step(f"The network is [bold]running[/] (story told in {elapsed:.0f} s):")
         table = Table("institution", "API (OpenAPI at /docs)")
-        for node in data["nodes"]:
-            table.add_row(node["institution"], node["url"])
+        for node in spec.nodes:
+            table.add_row(node.institution, node.url)
         scene.say(table)
         lines += [
             f"# API tokens (admin, clinician) of every node: {d}/network.json",
             f"TOKEN=$(python3 -c \"import json;print(json.load(open('{d}/network.json'))"
             f"['nodes'][0]['tokens']['clinician'])\")",
             f'curl -H "Authorization: Bearer $TOKEN" '
-            f"'{first['url']}/fhir/Patient?family={scene.facts['family'][:3]}'",
-            f'curl -H "Authorization: Bearer $TOKEN" {first["url"]}/chain/consortium/status',
+            f"'{first.url}/fhir/Patient?family={scene.facts['family'][:3]}'",
+            f'curl -H "Authorization: Bearer $TOKEN" {first.url}/chain/consortium/status',
             f"medledger network status --dir {d}",
-            f"medledger consent list --node {first['url']} --token $TOKEN",
+            f"medledger consent list --node {first.url} --token $TOKEN",
             f"medledger network down --dir {d}      # stop it when you are done",
         ]
     else:

@@ -36,7 +36,7 @@ def start_network(scene: Scene) -> None:
     """Section 1: ``network up`` with three hospitals; fills ``scene.nodes``."""
     scene.section(1, "Three hospitals start their nodes and form a consortium")
     t0 = time.perf_counter()
-    data = netproc.up(
+    spec = netproc.up(
         scene.base,
         passphrase=DEMO_PASSPHRASE.encode(),
         institutions=3,
@@ -45,21 +45,21 @@ def start_network(scene: Scene) -> None:
         consortium=DEMO_CONSORTIUM,
         kdf=scene.kdf,
     )
-    for spec in data["nodes"]:
-        scene.nodes[spec["institution"]] = NodeApi(spec)
+    for node in spec.nodes:
+        scene.nodes[node.institution] = NodeApi(node)
     table = titled_table(
         f"network up ({time.perf_counter() - t0:.1f} s)", "institution", "process", "API", "ready"
     )
     report = netproc.status(scene.base)
-    for node in report["nodes"]:
+    for process in report.nodes:
         table.add_row(
-            node["institution"],
-            f"pid {node['pid']}",
-            node["url"],
-            "yes" if node["ready"] else "no",
+            process.institution,
+            f"pid {process.pid}",
+            process.url,
+            "yes" if process.ready else "no",
         )
     scene.say(table)
-    members = len(data["nodes"])
+    members = len(spec.nodes)
     scene.step(
         "Each node has its own passphrase-protected keystore (ECDSA P-256 signing key, "
         "key-encryption key, search key), its own private chain, and a copy of the "

@@ -66,10 +66,10 @@ class Story(Scene):
             catch_tampering(self)
             if keep_running:
                 self.section(10, "The network starts again, with all its data")
-                data = netproc.up(self.base, passphrase=DEMO_PASSPHRASE.encode())
+                spec = netproc.up(self.base, passphrase=DEMO_PASSPHRASE.encode())
                 stopped = False
                 self.step(
-                    f"{len(data['nodes'])} node processes resumed from their directories "
+                    f"{len(spec.nodes)} node processes resumed from their directories "
                     "(`network up` on an existing directory keeps everything)."
                 )
         finally:
@@ -112,10 +112,10 @@ def prepare_directory(base: Path) -> bool:
     if not base.exists() or not any(base.iterdir()):
         return False
     try:
-        data = netproc.load_network(base)
+        consortium = netproc.load_network(base).consortium
     except MedledgerError:
-        data = {}
-    if data.get("consortium") != DEMO_CONSORTIUM:
+        consortium = None
+    if consortium != DEMO_CONSORTIUM:
         raise DemoFailed(
             f"{base} is not empty and holds no previous demo; give a new --dir for the demo"
         )

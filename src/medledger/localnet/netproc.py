@@ -47,20 +47,42 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medledger.config import ConsortiumConfig, NodePaths, StorageConfig, load_config
 from medledger.core.errors import Conflict, InvalidInput, MedledgerError, NotFound
 from medledger.core.hashing import sha256
 from medledger.core.passphrase import check_new_passphrase
 from medledger.ledger.clock import SystemClock
+from medledger.localnet.spec import (
+    HOST,
+    MAX_NETWORK_FILE_BYTES,
+    ORDERINGS,
+    STORES,
+    ApiTokens,
+    InstitutionEntry,
+    NatsEntry,
+    NetworkSpec,
+    PostgresEntry,
+    dump_network,
+    parse_network,
+)
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 from medledger.storage.sqlite.tokens import SqliteTokenStore
+
+if TYPE_CHECKING:  # both load heavy or optional packages: imported when a network needs them
+    from medledger.localnet.natsserver import NatsNode
+    from medledger.localnet.pg_embedded import EmbeddedPostgres
 
 __all__ = [
     "create_order_file",
     "NETWORK_FILE",
+    "NatsStatus",
     "NetworkError",
+    "NetworkStatus",
+    "NodeStatus",
+    "PostgresStatus",
+    "Stopped",
     "down",
     "load_network",
     "status",
@@ -68,8 +90,6 @@ __all__ = [
 ]
 
 NETWORK_FILE = "network.json"
-HOST = "127.0.0.1"
-_VERSION = 1
 _POLL_S = 0.1
 _PG_DATABASE = "medledger"
 
@@ -235,22 +255,33 @@ def _log_tail(path: Path, lines: int = 5) -> str:
 # -- the network description ------------------------------------------------------------
 
 
-def load_network(base: Path) -> dict[str, Any]:
-    """``<base>/network.json``; :class:`NotFound` if ``base`` holds no network."""
+def load_network(base: Path) -> NetworkSpec:
+    """``<base>/network.json``, checked; :class:`NotFound` if ``base`` holds no network.
+
+    A malformed file is :class:`InvalidInput` (see :mod:`~medledger.localnet.spec`),
+    and so is a PostgreSQL cluster anywhere but where ``network up`` puts the
+    cluster of ``base``: ``down`` stops the cluster the file names.
+    """
+    path = base / NETWORK_FILE
     try:
-        data: dict[str, Any] = json.loads((base / NETWORK_FILE).read_text())
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_NETWORK_FILE_BYTES + 1)
     except FileNotFoundError:
         raise NotFound(f"{base} holds no network (no {NETWORK_FILE}); run 'network up'") from None
-    except ValueError as exc:
-        raise InvalidInput(f"{base / NETWORK_FILE}: {exc}") from None
-    if data.get("version") != _VERSION:
-        raise InvalidInput(f"{base / NETWORK_FILE}: unknown version {data.get('version')!r}")
-    return data
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read ({exc.strerror or exc})") from None
+    spec = parse_network(raw, source=str(path))
+    if spec.postgres is not None and spec.postgres.data_dir not in _postgres_data_dirs(base):
+        raise InvalidInput(
+            f"{path}: postgres.data_dir {str(spec.postgres.data_dir)!r} is not this network's"
+            f" ({' or '.join(str(p) for p in _postgres_data_dirs(base))})"
+        )
+    return spec
 
 
-def _save_network(base: Path, data: Mapping[str, Any]) -> None:
+def _save_network(base: Path, spec: NetworkSpec) -> None:
     # Holds the API tokens (and a PostgreSQL password): owner only.
-    atomic_write(base / NETWORK_FILE, (json.dumps(data, indent=2) + "\n").encode(), mode=0o600)
+    atomic_write(base / NETWORK_FILE, dump_network(spec), mode=0o600)
 
 
 @contextlib.contextmanager
@@ -284,14 +315,14 @@ def _nats_size(institutions: int) -> int:
     return institutions if institutions >= 3 else 1
 
 
-def _nats_nodes(base: Path, spec: Sequence[Mapping[str, Any]]) -> list[Any]:
+def _nats_nodes(base: Path, spec: Sequence[NatsEntry]) -> list[NatsNode]:
     from medledger.localnet.natsserver import NatsNode, NodePorts
 
-    ports = [NodePorts(client=n["client"], cluster=n["cluster"], http=n["http"]) for n in spec]
+    ports = [NodePorts(client=n.client, cluster=n.cluster, http=n.http) for n in spec]
     return [
         NatsNode(
-            base / "nats" / n["name"],
-            name=n["name"],
+            base / "nats" / n.name,
+            name=n.name,
             ports=ports[i],
             peers=[p.cluster for j, p in enumerate(ports) if j != i] if len(ports) > 1 else (),
         )
@@ -299,7 +330,7 @@ def _nats_nodes(base: Path, spec: Sequence[Mapping[str, Any]]) -> list[Any]:
     ]
 
 
-def _start_nats(base: Path, spec: Sequence[Mapping[str, Any]], timeout: float) -> None:
+def _start_nats(base: Path, spec: Sequence[NatsEntry], timeout: float) -> None:
     nodes = _nats_nodes(base, spec)
     for node in nodes:
         pid_file = node.directory / "nats.pid"
@@ -329,18 +360,16 @@ def _start_nats(base: Path, spec: Sequence[Mapping[str, Any]], timeout: float) -
 # -- PostgreSQL -------------------------------------------------------------------------
 
 
-def _postgres(spec: Mapping[str, Any]) -> Any:
+def _postgres(spec: PostgresEntry) -> EmbeddedPostgres:
     from medledger.localnet.pg_embedded import EmbeddedPostgres
 
-    return EmbeddedPostgres(
-        Path(spec["data_dir"]), port=int(spec["port"]), password=str(spec["password"])
-    )
+    return EmbeddedPostgres(spec.data_dir, port=spec.port, password=spec.password)
 
 
-def _postgres_pid(spec: Mapping[str, Any]) -> int | None:
+def _postgres_pid(spec: PostgresEntry) -> int | None:
     """The postmaster's PID if the network's cluster is running (its own lock file says so)."""
     try:
-        pid = int((Path(spec["data_dir"]) / "postmaster.pid").read_text().split()[0])
+        pid = int((spec.data_dir / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
     stat = _proc_stat(pid)
@@ -349,24 +378,27 @@ def _postgres_pid(spec: Mapping[str, Any]) -> int | None:
     return pid if alive and argv and Path(argv[0]).name == "postgres" else None
 
 
-def _create_postgres(base: Path) -> dict[str, Any]:
+def _postgres_data_dirs(base: Path) -> tuple[Path, Path]:
+    """Where the cluster of the network in ``base`` lives: inside it, or (as root) in /tmp."""
+    digest = sha256(str(base).encode()).hex()[:12]
+    outside = Path(tempfile.gettempdir()) / f"medledger-network-pg-{digest}"
+    return base / "postgres" / "data", outside / "data"
+
+
+def _create_postgres(base: Path) -> PostgresEntry:
     from medledger.localnet import pg_embedded
 
-    parent = base / "postgres"
+    inside, outside = _postgres_data_dirs(base)
     account = pg_embedded.server_account()
-    if account is not None and not _world_traversable(base):
-        # PostgreSQL refuses root, so it runs as an unprivileged user, which cannot
-        # reach a private directory: the cluster then lives in the temporary directory.
-        digest = sha256(str(base).encode()).hex()[:12]
-        parent = Path(tempfile.gettempdir()) / f"medledger-network-pg-{digest}"
+    # PostgreSQL refuses root, so it runs as an unprivileged user, which cannot
+    # reach a private directory: the cluster then lives in the temporary directory.
+    parent = (outside if account is not None and not _world_traversable(base) else inside).parent
     parent.mkdir(mode=0o700)
     if account is not None:
         os.chown(parent, *account)
-    spec = {
-        "port": pg_embedded.free_port(),
-        "password": secrets.token_hex(16),
-        "data_dir": str(parent / "data"),
-    }
+    spec = PostgresEntry(
+        port=pg_embedded.free_port(), password=secrets.token_hex(16), data_dir=parent / "data"
+    )
     server = _postgres(spec)
     try:
         server.initdb(auth="scram", fsync=True)
@@ -385,10 +417,10 @@ def _world_traversable(path: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
 
 
-def _dsn(spec: Mapping[str, Any]) -> str:
+def _dsn(spec: PostgresEntry) -> str:
     return (
-        f"host={HOST} port={spec['port']} user=medledger dbname={_PG_DATABASE}"
-        f" password={spec['password']} connect_timeout=5"
+        f"host={HOST} port={spec.port} user=medledger dbname={_PG_DATABASE}"
+        f" password={spec.password} connect_timeout=5"
     )
 
 
@@ -405,76 +437,60 @@ def _create(
     consortium: str,
     passphrase: bytes,
     kdf: KdfParams | None,
-) -> dict[str, Any]:
+) -> NetworkSpec:
     from medledger.localnet.natsserver import free_ports
     from medledger.node import init_node, write_genesis
 
     if institutions < 1:
         raise InvalidInput("a network needs at least one institution")
     check_new_passphrase(passphrase, what="keystore passphrase")
-    if ordering not in ("solo", "jetstream"):
+    if ordering not in ORDERINGS:
         raise InvalidInput(f"unknown ordering {ordering!r} (solo or jetstream)")
-    if store not in ("sqlite", "postgres"):
+    if store not in STORES:
         raise InvalidInput(f"unknown store {store!r} (sqlite or postgres)")
     leftovers = [p.name for p in base.iterdir() if p.name != ".lock"]
     if leftovers:
         raise Conflict(f"{base} is not empty and holds no {NETWORK_FILE}: {', '.join(leftovers)}")
     servers = _nats_size(institutions) if ordering == "jetstream" else 0
     ports = free_ports(institutions + 3 * servers)
-    data: dict[str, Any] = {
-        "version": _VERSION,
-        "consortium": consortium,
-        "ordering": ordering,
-        "store": store,
-        "replicas": None,
-        "nodes": [],
-        "nats": [],
-        "postgres": None,
-    }
+    nats = tuple(
+        NatsEntry(
+            name=f"n{i}",
+            client=ports[institutions + 3 * i],
+            cluster=ports[institutions + 3 * i + 1],
+            http=ports[institutions + 3 * i + 2],
+        )
+        for i in range(servers)
+    )
     if ordering == "jetstream":
-        data["nats"] = [
-            {
-                "name": f"n{i}",
-                "client": ports[institutions + 3 * i],
-                "cluster": ports[institutions + 3 * i + 1],
-                "http": ports[institutions + 3 * i + 2],
-            }
-            for i in range(servers)
-        ]
-        data["replicas"] = replicas if replicas is not None else min(3, servers)
-        if not 1 <= data["replicas"] <= servers:
+        replicas = replicas if replicas is not None else min(3, servers)
+        if not 1 <= replicas <= servers:
             raise InvalidInput(f"replicas must be between 1 and {servers} (the NATS servers)")
+    else:
+        replicas = None
+    postgres: PostgresEntry | None = None
     try:
         storage = StorageConfig()
         if store == "postgres":
-            data["postgres"] = _create_postgres(base)
-            storage = StorageConfig(store="postgres", dsn=_dsn(data["postgres"]))
+            postgres = _create_postgres(base)
+            storage = StorageConfig(store="postgres", dsn=_dsn(postgres))
         roots = []
+        names = []
         now_ms = SystemClock().now_ms()
         for i in range(institutions):
             name = f"Hospital {i + 1}"
             root = base / f"hospital-{i + 1}"
             init_node(root, name=name, passphrase=passphrase, kdf=kdf, storage=storage)
             roots.append(root)
-            port = ports[i]
-            data["nodes"].append(
-                {
-                    "institution": root.name,
-                    "name": name,
-                    "dir": root.name,
-                    "port": port,
-                    "url": f"http://{HOST}:{port}",
-                    "tokens": {},
-                }
-            )
+            names.append(name)
         for i, root in enumerate(roots):
             if ordering == "solo":
                 settings = ConsortiumConfig(ordering="solo", order_file="../order.db")
             else:
-                own = [f"nats://{HOST}:{n['client']}" for n in data["nats"]]
+                own = [s.url for s in nats]
                 own = own[i % servers :] + own[: i % servers]  # its own server first
                 settings = ConsortiumConfig(
-                    ordering="jetstream", nats_urls=tuple(own), replicas=data["replicas"]
+                    ordering="jetstream", nats_urls=tuple(own), replicas=replicas or 1
                 )
             config = load_config(root, env={})
             replace(config, consortium=settings).save(NodePaths(root=root).config)
@@ -482,26 +498,36 @@ def _create(
             consortium,
             roots,
             time_ms=now_ms,
-            peer_urls={n["institution"]: n["url"] for n in data["nodes"]},
+            peer_urls={root.name: f"http://{HOST}:{ports[i]}" for i, root in enumerate(roots)},
         )
-        for node, root in zip(data["nodes"], roots, strict=True):
-            tokens = SqliteTokenStore(root / "tokens.db")
-            try:
-                for role in ("admin", "clinician"):
-                    text, _ = tokens.create(role=role, label="network up", now_ms=now_ms)
-                    node["tokens"][role] = text
-            finally:
-                tokens.close()
+        nodes = tuple(
+            InstitutionEntry(
+                institution=root.name,
+                name=names[i],
+                dir=root.name,
+                port=ports[i],
+                tokens=_create_tokens(root, now_ms),
+            )
+            for i, root in enumerate(roots)
+        )
+        spec = NetworkSpec(
+            consortium=consortium,
+            ordering="solo" if ordering == "solo" else "jetstream",
+            store="sqlite" if store == "sqlite" else "postgres",
+            replicas=replicas,
+            nodes=nodes,
+            nats=nats,
+            postgres=postgres,
+        )
         if ordering == "solo":
             create_order_file(base / "order.db")
-        _save_network(base, data)
+        _save_network(base, spec)
     except BaseException:
-        if data["postgres"] is not None:
+        if postgres is not None:
             with contextlib.suppress(MedledgerError):
-                _postgres(data["postgres"]).stop("immediate")
-            data_dir = Path(data["postgres"]["data_dir"])
-            if not data_dir.is_relative_to(base):
-                shutil.rmtree(data_dir.parent, ignore_errors=True)
+                _postgres(postgres).stop("immediate")
+            if not postgres.data_dir.is_relative_to(base):
+                shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
         for child in base.iterdir():
             if child.name != ".lock":
                 if child.is_dir():
@@ -509,7 +535,18 @@ def _create(
                 else:
                     child.unlink(missing_ok=True)
         raise
-    return data
+    return spec
+
+
+def _create_tokens(root: Path, now_ms: int) -> ApiTokens:
+    """An admin and a clinician token for the node in ``root``."""
+    tokens = SqliteTokenStore(root / "tokens.db")
+    try:
+        admin, _ = tokens.create(role="admin", label="network up", now_ms=now_ms)
+        clinician, _ = tokens.create(role="clinician", label="network up", now_ms=now_ms)
+    finally:
+        tokens.close()
+    return ApiTokens(admin=admin, clinician=clinician)
 
 
 def create_order_file(path: Path) -> None:
@@ -524,10 +561,9 @@ def create_order_file(path: Path) -> None:
     asyncio.run(touch())
 
 
-def _check_passphrase(base: Path, data: Mapping[str, Any], passphrase: bytes) -> None:
+def _check_passphrase(base: Path, spec: NetworkSpec, passphrase: bytes) -> None:
     """Fail before starting anything if the passphrase does not open the first keystore."""
-    first = data["nodes"][0]
-    FileKeyStore.open(NodePaths(root=base / first["dir"]).keystore, passphrase)
+    FileKeyStore.open(NodePaths(root=base / spec.nodes[0].dir).keystore, passphrase)
 
 
 def up(
@@ -541,7 +577,7 @@ def up(
     consortium: str = "local",
     kdf: KdfParams | None = None,
     timeout: float = 120.0,
-) -> dict[str, Any]:
+) -> NetworkSpec:
     """Create the network in ``base`` if it holds none, then start what is not running.
 
     Returns the network description (``network.json``) once every node answers
@@ -550,12 +586,16 @@ def up(
     base = base.resolve()
     with _locked(base):
         if (base / NETWORK_FILE).exists():
-            data = load_network(base)
-            asked = {"institutions": institutions, "ordering": ordering, "store": store}
-            have = {
-                "institutions": len(data["nodes"]),
-                "ordering": data["ordering"],
-                "store": data["store"],
+            spec = load_network(base)
+            asked: dict[str, int | str | None] = {
+                "institutions": institutions,
+                "ordering": ordering,
+                "store": store,
+            }
+            have: dict[str, int | str] = {
+                "institutions": len(spec.nodes),
+                "ordering": spec.ordering,
+                "store": spec.store,
             }
             for key, value in asked.items():
                 if value is not None and value != have[key]:
@@ -563,10 +603,10 @@ def up(
                         f"the network in {base} has {key} {have[key]!r}, not {value!r}"
                         " (use another --dir for a new network)"
                     )
-            if replicas is not None and replicas != data["replicas"]:
-                raise Conflict(f"the network in {base} has {data['replicas']} stream replicas")
+            if replicas is not None and replicas != spec.replicas:
+                raise Conflict(f"the network in {base} has {spec.replicas} stream replicas")
         else:
-            data = _create(
+            spec = _create(
                 base,
                 institutions=3 if institutions is None else institutions,
                 ordering=ordering or "solo",
@@ -576,22 +616,21 @@ def up(
                 passphrase=passphrase,
                 kdf=kdf,
             )
-        _check_passphrase(base, data, passphrase)
-        _start(base, data, passphrase, timeout)
-    return data
+        _check_passphrase(base, spec, passphrase)
+        _start(base, spec, passphrase, timeout)
+    return spec
 
 
-def _start(base: Path, data: Mapping[str, Any], passphrase: bytes, timeout: float) -> None:
-    if data["postgres"] is not None and _postgres_pid(data["postgres"]) is None:
-        _postgres(data["postgres"]).start()
-    if data["nats"]:
-        _start_nats(base, data["nats"], timeout)
+def _start(base: Path, spec: NetworkSpec, passphrase: bytes, timeout: float) -> None:
+    if spec.postgres is not None and _postgres_pid(spec.postgres) is None:
+        _postgres(spec.postgres).start()
+    if spec.nats:
+        _start_nats(base, spec.nats, timeout)
     env = _env_without_secrets()
-    if data["postgres"] is not None:
-        env["MEDLEDGER_DSN"] = _dsn(data["postgres"])
-    started = []
-    for node in data["nodes"]:
-        root = base / node["dir"]
+    if spec.postgres is not None:
+        env["MEDLEDGER_DSN"] = _dsn(spec.postgres)
+    for node in spec.nodes:
+        root = base / node.dir
         pid_file = root / "node.pid"
         if _running(pid_file) is not None:
             continue
@@ -604,22 +643,21 @@ def _start(base: Path, data: Mapping[str, Any], passphrase: bytes, timeout: floa
             "--host",
             HOST,
             "--port",
-            str(node["port"]),
+            str(node.port),
         ]
         _launch_node(argv, root=root, pid_file=pid_file, env=env, passphrase=passphrase)
-        started.append(node)
     deadline = time.monotonic() + timeout
-    for node in data["nodes"]:
-        root = base / node["dir"]
-        while _http_status(f"{node['url']}/readyz")[0] != 200:
+    for node in spec.nodes:
+        root = base / node.dir
+        while _http_status(f"{node.url}/readyz")[0] != 200:
             if _running(root / "node.pid") is None:
                 raise NetworkError(
-                    f"node {node['institution']} exited while starting: "
+                    f"node {node.institution} exited while starting: "
                     f"{_log_tail(root / 'node.log', 3)}"
                 )
             if time.monotonic() > deadline:
                 raise NetworkError(
-                    f"node {node['institution']} not ready after {timeout:.0f} s"
+                    f"node {node.institution} not ready after {timeout:.0f} s"
                     f" (log: {root / 'node.log'})"
                 )
             time.sleep(_POLL_S)
@@ -661,50 +699,147 @@ def _launch_node(
 # -- status and down ----------------------------------------------------------------------
 
 
-def status(base: Path) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeStatus:
+    """One node process: running (its PID record still names it), ready, chain heights."""
+
+    institution: str
+    url: str
+    pid: int | None
+    ready: bool
+    private_height: int | None
+    consortium_height: int | None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsStatus:
+    """One nats-server process of the network."""
+
+    name: str
+    url: str
+    pid: int | None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostgresStatus:
+    """The network's embedded PostgreSQL cluster."""
+
+    port: int
+    pid: int | None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkStatus:
+    """What :func:`status` saw: every process the network file names."""
+
+    dir: Path
+    ordering: str
+    store: str
+    nodes: tuple[NodeStatus, ...]
+    nats: tuple[NatsStatus, ...]
+    postgres: PostgresStatus | None
+
+    def to_json(self) -> dict[str, Any]:
+        """``network status --json`` (``postgres`` only for a PostgreSQL network)."""
+        out: dict[str, Any] = {
+            "dir": str(self.dir),
+            "ordering": self.ordering,
+            "store": self.store,
+            "nodes": [
+                {
+                    "institution": n.institution,
+                    "url": n.url,
+                    "pid": n.pid,
+                    "running": n.running,
+                    "ready": n.ready,
+                    "private_height": n.private_height,
+                    "consortium_height": n.consortium_height,
+                }
+                for n in self.nodes
+            ],
+            "nats": [
+                {"name": s.name, "url": s.url, "pid": s.pid, "running": s.running}
+                for s in self.nats
+            ],
+        }
+        if self.postgres is not None:
+            out["postgres"] = {
+                "port": self.postgres.port,
+                "pid": self.postgres.pid,
+                "running": self.postgres.running,
+            }
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stopped:
+    """What :func:`down` stopped: PIDs of nodes and nats-servers, and whether PostgreSQL."""
+
+    nodes: tuple[int, ...]
+    nats: tuple[int, ...]
+    postgres: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """``network down --json``."""
+        return {"nodes": list(self.nodes), "nats": list(self.nats), "postgres": self.postgres}
+
+
+def _height(body: Mapping[str, Any], key: str) -> int | None:
+    # The answer of whatever listens on the node's port: used only if it is a height.
+    value = body.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def status(base: Path) -> NetworkStatus:
     """Every process of the network: running?, URL, readiness, heights."""
     base = base.resolve()
-    data = load_network(base)
+    spec = load_network(base)
     nodes = []
-    for node in data["nodes"]:
-        record = _running(base / node["dir"] / "node.pid")
-        code, body = _http_status(f"{node['url']}/readyz") if record else (0, {})
+    for node in spec.nodes:
+        record = _running(base / node.dir / "node.pid")
+        code, body = _http_status(f"{node.url}/readyz") if record else (0, {})
         nodes.append(
-            {
-                "institution": node["institution"],
-                "url": node["url"],
-                "pid": record.pid if record else None,
-                "running": record is not None,
-                "ready": code == 200,
-                "private_height": body.get("private_height"),
-                "consortium_height": body.get("consortium_height"),
-            }
+            NodeStatus(
+                institution=node.institution,
+                url=node.url,
+                pid=record.pid if record else None,
+                ready=code == 200,
+                private_height=_height(body, "private_height"),
+                consortium_height=_height(body, "consortium_height"),
+            )
         )
     nats = []
-    for spec in data["nats"]:
-        record = _running(base / "nats" / spec["name"] / "nats.pid")
+    for server in spec.nats:
+        record = _running(base / "nats" / server.name / "nats.pid")
         nats.append(
-            {
-                "name": spec["name"],
-                "url": f"nats://{HOST}:{spec['client']}",
-                "pid": record.pid if record else None,
-                "running": record is not None,
-            }
+            NatsStatus(name=server.name, url=server.url, pid=record.pid if record else None)
         )
-    result: dict[str, Any] = {
-        "dir": str(base),
-        "ordering": data["ordering"],
-        "store": data["store"],
-        "nodes": nodes,
-        "nats": nats,
-    }
-    if data["postgres"] is not None:
-        pid = _postgres_pid(data["postgres"])
-        result["postgres"] = {"port": data["postgres"]["port"], "pid": pid, "running": bool(pid)}
-    return result
+    postgres = None
+    if spec.postgres is not None:
+        postgres = PostgresStatus(port=spec.postgres.port, pid=_postgres_pid(spec.postgres))
+    return NetworkStatus(
+        dir=base,
+        ordering=spec.ordering,
+        store=spec.store,
+        nodes=tuple(nodes),
+        nats=tuple(nats),
+        postgres=postgres,
+    )
 
 
-def down(base: Path, *, timeout: float = 30.0) -> dict[str, Any]:
+def down(base: Path, *, timeout: float = 30.0) -> Stopped:
     """Stop the network's processes — nodes, then NATS, then PostgreSQL — by their PID records.
 
     SIGTERM first (nodes finish in-flight commits), SIGKILL after ``timeout``
@@ -712,14 +847,14 @@ def down(base: Path, *, timeout: float = 30.0) -> dict[str, Any]:
     """
     base = base.resolve()
     with _locked(base):
-        data = load_network(base)
-        node_files = [base / n["dir"] / "node.pid" for n in data["nodes"]]
-        nats_files = [base / "nats" / s["name"] / "nats.pid" for s in data["nats"]]
-        stopped: dict[str, Any] = {"nodes": [], "nats": [], "postgres": False}
+        spec = load_network(base)
+        node_files = [base / n.dir / "node.pid" for n in spec.nodes]
+        nats_files = [base / "nats" / s.name / "nats.pid" for s in spec.nats]
+        stopped = {}
         for key, files in (("nodes", node_files), ("nats", nats_files)):
             records = [(r, f) for f in files if (r := PidRecord.load(f)) is not None]
-            stopped[key] = _stop(records, timeout)
-        if data["postgres"] is not None and _postgres_pid(data["postgres"]) is not None:
-            _postgres(data["postgres"]).stop("fast")
-            stopped["postgres"] = True
-    return stopped
+            stopped[key] = tuple(_stop(records, timeout))
+        postgres = spec.postgres is not None and _postgres_pid(spec.postgres) is not None
+        if postgres and spec.postgres is not None:
+            _postgres(spec.postgres).stop("fast")
+    return Stopped(nodes=stopped["nodes"], nats=stopped["nats"], postgres=postgres)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from medledger.config import CONFIG_FILE, institution_id
 from medledger.core.consortium import ConsortiumParams
@@ -25,6 +25,9 @@ from medledger.node import Node, init_node, open_node, write_genesis
 from medledger.services.hpke import DEFAULT_KEM
 from medledger.storage.keystore import KdfParams
 
+if TYPE_CHECKING:  # started only for jetstream ordering
+    from medledger.localnet.natsserver import NatsCluster
+
 __all__ = ["LocalNetwork"]
 
 
@@ -32,7 +35,11 @@ class LocalNetwork:
     """Nodes in ``base/<institution>/`` joined in one consortium (see module docstring)."""
 
     def __init__(
-        self, base: Path, nodes: dict[str, Node], orderers: list[Orderer], cluster: Any = None
+        self,
+        base: Path,
+        nodes: dict[str, Node],
+        orderers: list[Orderer],
+        cluster: NatsCluster | None = None,
     ) -> None:
         self.base = base
         self.nodes = nodes
@@ -137,7 +144,7 @@ class LocalNetwork:
             self._cluster.stop()
 
 
-async def _jetstream(base: Path, count: int) -> tuple[Any, list[Orderer]]:
+async def _jetstream(base: Path, count: int) -> tuple[NatsCluster, list[Orderer]]:
     from medledger.ledger.ordering.jetstream import JetStreamOrderer
     from medledger.localnet.natsserver import NatsCluster
 
