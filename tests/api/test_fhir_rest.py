@@ -479,7 +479,9 @@ def test_delete_then_read_is_gone(live: LiveServer, clinician: httpx.Client) -> 
     assert r.status_code == 204
     assert r.content == b""
     assert_outcome(clinician.get(f"/fhir/Patient/{rid}"), 410, code="deleted")
-    assert_outcome(clinician.get(f"/fhir/Patient/{rid}/_history/1"), 410)
+    # A delete keeps history (FHIR R4 §3.1.0.7): version 1 is still readable.
+    assert clinician.get(f"/fhir/Patient/{rid}/_history/1").json() == created.json()
+    assert_outcome(clinician.get(f"/fhir/Patient/{rid}/_history/2"), 410)
     # Deleting it again has no effect and answers 204 again (FHIR R4), writing nothing.
     size = live.log_size()
     again = clinician.delete(f"/fhir/Patient/{rid}")

@@ -207,3 +207,95 @@ def test_prefer_return_shapes_the_answer_to_a_write(clinician: httpx.Client) -> 
     )
     assert full.json()["gender"] == "male"
     assert full.json()["meta"]["versionId"] == "3"
+
+
+# -- delete keeps history; erasure is the admin's --------------------------------------------
+
+
+def _history(client: httpx.Client, path: str) -> list[dict[str, Any]]:
+    r = client.get(f"{path}/_history")
+    assert r.status_code == 200, r.text
+    return list(r.json()["entry"])
+
+
+def test_delete_keeps_older_versions_and_shows_in_history(
+    live: LiveServer, clinician: httpx.Client
+) -> None:
+    rid = f"del-{uuid.uuid4().hex[:12]}"
+    path = f"/fhir/Patient/{rid}"
+    v1 = put_json(clinician, path, _patient(rid, gender="male")).json()
+    v2 = put_json(clinician, path, _patient(rid, gender="female")).json()
+    family = v1["name"][0]["family"]
+    assert clinician.delete(path).status_code == 204
+    assert_outcome(clinician.get(path), 410, "deleted")
+    # Older versions stay readable, exactly as they were.
+    assert clinician.get(f"{path}/_history/1").json() == v1
+    assert clinician.get(f"{path}/_history/2").json() == v2
+    assert_outcome(clinician.get(f"{path}/_history/3"), 410)
+    entries = _history(clinician, path)
+    assert [e["request"]["method"] for e in entries] == ["DELETE", "PUT", "POST"]
+    assert entries[0]["response"]["etag"] == 'W/"3"'
+    assert "resource" not in entries[0]
+    assert [e["resource"]["gender"] for e in entries[1:]] == ["female", "male"]
+    # Search no longer finds it; deleting again changes nothing.
+    found = clinician.get("/fhir/Patient", params={"family": family, "_count": 500}).json()
+    assert rid not in {e["resource"]["id"] for e in found.get("entry", [])}
+    before = live.record_writes()
+    assert clinician.delete(path).status_code == 204
+    assert live.record_writes() == before
+    # An update brings it back as version 4.
+    back = put_json(clinician, path, _patient(rid, gender="other"))
+    assert back.status_code in (200, 201), back.text
+    assert back.headers["etag"] == 'W/"4"'
+    assert clinician.get(path).json()["gender"] == "other"
+    live.verify()
+
+
+def test_delete_honours_if_match(live: LiveServer, clinician: httpx.Client) -> None:
+    rid = f"del-{uuid.uuid4().hex[:12]}"
+    path = f"/fhir/Patient/{rid}"
+    put_json(clinician, path, _patient(rid))
+    put_json(clinician, path, _patient(rid, gender="male"))
+    assert_outcome(clinician.delete(path, headers={"If-Match": 'W/"1"'}), 412)
+    assert clinician.get(path).status_code == 200
+    assert clinician.delete(path, headers={"If-Match": 'W/"2"'}).status_code == 204
+
+
+def test_admin_erasure_crypto_shreds_every_version(
+    live: LiveServer, clinician: httpx.Client
+) -> None:
+    rid = f"erase-{uuid.uuid4().hex[:12]}"
+    path = f"/fhir/Patient/{rid}"
+    put_json(clinician, path, _patient(rid, gender="male"))
+    assert clinician.delete(path).status_code == 204
+    erase = f"/admin/records/Patient/{rid}/erase"
+    # A clinician may delete, but only an admin may erase.
+    assert_outcome(clinician.post(erase), 403)
+    assert clinician.get(f"{path}/_history/1").status_code == 200
+    with live.client(live.admin) as admin:
+        r = admin.post(erase)
+        assert r.status_code == 200, r.text
+        assert r.json()["versions"] == 2
+        assert_outcome(admin.post("/admin/records/Spaceship/x/erase"), 400)
+    assert_outcome(clinician.get(f"{path}/_history/1"), 410)
+    live.verify()
+
+
+def test_conditional_delete(live: LiveServer, clinician: httpx.Client) -> None:
+    mrn = uuid.uuid4().hex
+    url = f"/fhir/Patient?identifier={_SYSTEM}|{mrn}"
+    # No match: 204 and nothing written.
+    before = live.record_writes()
+    assert clinician.delete(url).status_code == 204
+    assert live.record_writes() == before
+    assert_outcome(clinician.delete("/fhir/Patient"), 400)  # no criteria: not "every Patient"
+    a = post_json(clinician, "/fhir/Patient", _with_mrn(mrn)).json()["id"]
+    b = post_json(clinician, "/fhir/Patient", _with_mrn(mrn)).json()["id"]
+    # Two matches: 412 and both stay.
+    assert_outcome(clinician.delete(url), 412)
+    assert clinician.get(f"/fhir/Patient/{a}").status_code == 200
+    assert clinician.delete(f"/fhir/Patient/{b}").status_code == 204
+    # One match: deleted.
+    assert clinician.delete(url).status_code == 204
+    assert_outcome(clinician.get(f"/fhir/Patient/{a}"), 410)
+    assert _count(clinician, mrn) == 0

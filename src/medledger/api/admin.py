@@ -8,6 +8,10 @@
 ``medledger keys rotate --dir`` does the same on a stopped node; this endpoint
 is for a node that is serving (its keystore is open in the node process).
 
+* ``POST /admin/records/{type}/{id}/erase`` — crypto-shredding erasure of one
+  record: every version's data key and blob destroyed, a ``record.erase``
+  tombstone on the private chain. (A FHIR ``DELETE`` keeps older versions.)
+
 * ``POST /admin/patients/{id}/rebind`` — break-glass: bind a Patient to a new
   wallet key without the bound key's signature (the patient lost it, or it
   was stolen). Body ``{"patient_key", "signature"}``: the new key must still
@@ -29,7 +33,7 @@ from medledger.api.sharing import wallet_key
 from medledger.core.errors import InvalidInput
 from medledger.core.models import Signature
 from medledger.node import Node
-from medledger.services.fhir import validate_id
+from medledger.services.fhir import is_resource_type, validate_id
 from medledger.storage.ports import TokenInfo
 
 __all__ = ["router"]
@@ -52,6 +56,23 @@ async def rebind_patient(rid: str, request: Request, who: Admin) -> Response:
     )
     return fhir_response(
         {"patient": f"Patient/{rid}", **result}, headers={"Content-Type": "application/json"}
+    )
+
+
+@router.post("/records/{resource_type}/{rid}/erase", summary="crypto-shredding erasure of a record")
+async def erase_record(resource_type: str, rid: str, request: Request, who: Admin) -> Response:
+    """Destroy every version's data key and blob; a ``record.erase`` tombstone goes on the chain.
+
+    Unlike a FHIR delete (which keeps the older versions readable) nothing of
+    the record can be read afterwards, by anyone: vread and history say 410.
+    """
+    node: Node = request.app.state.node
+    if not is_resource_type(resource_type):
+        raise InvalidInput(f"{resource_type!r} is not a FHIR resource type")
+    versions = await node.records.erase(resource_type, validate_id(rid))
+    return fhir_response(
+        {"erased": f"{resource_type}/{rid}", "versions": versions},
+        headers={"Content-Type": "application/json"},
     )
 
 

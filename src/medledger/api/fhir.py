@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medledger.api.auth import require
 from medledger.api.errors import TooLarge
@@ -259,7 +260,7 @@ async def metadata(request: Request) -> Response:
             "updateCreate": True,
             "conditionalCreate": True,
             "conditionalUpdate": True,
-            "conditionalDelete": "not-supported",
+            "conditionalDelete": "single",
             "interaction": interactions,
             "searchParam": [
                 {
@@ -469,7 +470,7 @@ async def conditional_update(
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """FHIR R4 §3.1.0.4.3: no match creates, one match is updated, several are 412."""
-    rtype = _check_type(resource_type)
+    rtype = _conditional_type(resource_type)
     criteria = parse_criteria(request.url.query, rtype)
     resource = await read_body(request)
     if not isinstance(resource, dict):
@@ -491,6 +492,13 @@ async def conditional_update(
         else:
             stored, created = await records.create(resource), True
     return _written(request, stored, 201 if created else 200)
+
+
+def _conditional_type(resource_type: str) -> str:
+    """The type of a conditional update or delete; ``/fhir/metadata`` only answers GET."""
+    if resource_type == "metadata":
+        raise StarletteHTTPException(status_code=405, detail="Method Not Allowed")
+    return _check_type(resource_type)
 
 
 _PREFER_RETURN = re.compile(r"(?:^|[;,\s])return\s*=\s*\"?([A-Za-z]+)")
@@ -541,11 +549,37 @@ def _same_id(resource: dict[str, Any], resource_type: str, rid: str) -> None:
         )
 
 
-@router.delete("/{resource_type}/{rid}", summary="delete (crypto-shredding erasure)")
-async def delete(resource_type: str, rid: str, request: Request, who: Writer) -> Response:
-    # FHIR R4: deleting a deleted resource has no effect and answers 204 again.
+@router.delete("/{resource_type}/{rid}", summary="delete (older versions are kept)")
+async def delete(
+    resource_type: str,
+    rid: str,
+    request: Request,
+    who: Writer,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """FHIR delete: read answers 410 from now on, vread and history keep every version.
+
+    Crypto-shredding erasure is the admin's ``POST /admin/records/{type}/{id}/erase``.
+    """
+    # FHIR R4 §3.1.0.7: deleting a deleted resource has no effect and answers 204 again.
     with contextlib.suppress(Gone):
-        await _records(request).erase(_check_type(resource_type), validate_id(rid))
+        await _records(request).delete(
+            _check_type(resource_type), validate_id(rid), if_match=_if_match(if_match)
+        )
+    return Response(status_code=204)
+
+
+@router.delete("/{resource_type}", summary="conditional delete (DELETE Type?criteria)")
+async def conditional_delete(resource_type: str, request: Request, who: Writer) -> Response:
+    """FHIR R4 §3.1.0.7.1: no match is 204, one match is deleted, several are 412."""
+    rtype = _conditional_type(resource_type)
+    criteria = parse_criteria(request.url.query, rtype)
+    conditional: ConditionalWrites = request.app.state.node.conditional
+    async with conditional.lock(rtype):
+        match = await conditional.match(rtype, criteria)
+        if match.id is not None:
+            with contextlib.suppress(Gone):
+                await _records(request).delete(rtype, match.id)
     return Response(status_code=204)
 
 
@@ -588,6 +622,7 @@ def _history_bundle(versions: list[VersionInfo]) -> dict[str, Any]:
     entries = []
     for v in versions:
         url = f"{v.resource_type}/{v.id}"
+        # A deletion, or a version erased (crypto-shredded) since: nothing to show.
         entry: dict[str, Any] = {
             "fullUrl": f"/fhir/{url}",
             "request": {
@@ -595,7 +630,11 @@ def _history_bundle(versions: list[VersionInfo]) -> dict[str, Any]:
                 "url": url,
             },
             "response": {
-                "status": "410 Gone" if v.stored is None else "200 OK",
+                "status": "204 No Content"
+                if v.deleted
+                else "410 Gone"
+                if v.stored is None
+                else "200 OK",
                 "etag": f'W/"{v.version}"',
                 "lastModified": v.last_updated,
             },

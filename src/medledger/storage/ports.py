@@ -173,6 +173,9 @@ class VersionRow:
     #: transaction, if committed, is in a later block. ``None`` for versions
     #: indexed before this was recorded (crash recovery never takes those back).
     chain_base: int | None = None
+    #: A deletion (FHIR delete): the resource is gone from this version on, its older
+    #: versions kept. The version is sealed like any other (a content-free tombstone).
+    deleted: bool = False
 
     def values(self) -> tuple[Any, ...]:
         return (
@@ -187,6 +190,7 @@ class VersionRow:
             self.tx_hash,
             int(self.erased),
             self.chain_base,
+            int(self.deleted),
         )
 
 

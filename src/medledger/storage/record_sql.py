@@ -38,7 +38,7 @@ __all__ = [
 #: The ``versions`` columns, in :class:`VersionRow` order.
 COLUMNS: Final = (
     "rtype, rid, version, blob_hash, wrapped_dek, kek_id, patient, updated_ms, tx_hash, erased,"
-    " chain_base"
+    " chain_base, deleted"
 )
 #: Versions are ``integer`` (``int4``) in PostgreSQL; no stored version lies outside it.
 MIN_VERSION: Final = -(2**31)
@@ -184,12 +184,13 @@ def version_row(r: Sequence[Any]) -> VersionRow:
         tx_hash=bytes(r[8]),
         erased=bool(r[9]),
         chain_base=None if r[10] is None else int(r[10]),
+        deleted=bool(r[11]),
     )
 
 
 def version_params(row: VersionRow) -> tuple[Any, ...]:
-    """The parameters of ``insert_version`` (``erased`` as a boolean: both drivers bind it)."""
-    return (*row.values()[:9], bool(row.erased), row.chain_base)
+    """The parameters of ``insert_version`` (flags as booleans: both drivers bind them)."""
+    return (*row.values()[:9], bool(row.erased), row.chain_base, bool(row.deleted))
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:

@@ -38,6 +38,8 @@ class WriteIntent:
     resource: dict[str, Any] = field(repr=False)
     if_match: int | None = None
     create: bool = False
+    #: A FHIR delete: the resource must exist; this version is its tombstone.
+    delete: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,13 +85,15 @@ class SealedVersion:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VersionInfo:
-    """One entry of a history: a readable version, or an erased one (``stored`` is ``None``)."""
+    """One entry of a history: a readable version, or ``stored`` is ``None``: an erased
+    version, or a deletion (``deleted``)."""
 
     resource_type: str
     id: str
     version: int
     last_updated: str
     stored: StoredResource | None
+    deleted: bool = False
 
 
 class RecordChain(Protocol):

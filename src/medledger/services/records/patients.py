@@ -58,7 +58,7 @@ class PatientRecords:
                 else self._index.get_version(resource_type, rid, version)
             )
             rows = [] if row is None else [row]
-        readable = [r for r in rows if not r.erased]
+        readable = [r for r in rows if not r.erased and not r.deleted]
         theirs = [hmac.compare_digest((r.patient or "").encode(), expected) for r in readable]
         if theirs and all(theirs):
             return True, None
@@ -71,5 +71,5 @@ class PatientRecords:
         return [
             key
             for key in dict.fromkeys(candidates)  # each once, in order
-            if (row := self._index.latest(*key)) is not None and not row.erased
+            if (row := self._index.latest(*key)) is not None and not row.erased and not row.deleted
         ]

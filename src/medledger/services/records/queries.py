@@ -38,11 +38,15 @@ class RecordSearch:
         groups = query_tokens(self._keys.search_key, resource_type, params)
         ids = self._index.search(resource_type, groups) if groups else []
         if not groups:
-            ids = [r.id for r in self._index.type_history(resource_type, 10**9) if not r.erased]
+            ids = [
+                r.id
+                for r in self._index.type_history(resource_type, 10**9)
+                if not (r.erased or r.deleted)
+            ]
             ids = sorted(set(ids))
         rows = []
         for rid in ids:
             row = self._index.latest(resource_type, rid)
-            if row is not None and not row.erased:
+            if row is not None and not row.erased and not row.deleted:
                 rows.append(row)
         return rows

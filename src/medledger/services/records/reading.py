@@ -53,16 +53,18 @@ class RecordReader:
         row = self._index.latest(resource_type, rid)
         if row is None:
             raise NotFound(f"{resource_type}/{rid} does not exist")
+        _not_deleted(row)
         return self.open(row)
 
     def version(self, resource_type: str, rid: str, version: int) -> StoredResource:
         row = self._index.get_version(resource_type, rid, version)
         if row is None:
             raise NotFound(f"{resource_type}/{rid} has no version {version}")
+        _not_deleted(row)
         return self.open(row)
 
     def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
-        """Every version, newest first; erased versions have ``stored=None``."""
+        """Every version, newest first; erased versions and deletions have ``stored=None``."""
         rows = self._index.history(resource_type, rid)
         if not rows:
             raise NotFound(f"{resource_type}/{rid} does not exist")
@@ -87,17 +89,19 @@ class RecordReader:
         )
         if row is None:
             raise NotFound(f"{resource_type}/{rid} does not exist (or has no such version)")
+        _not_deleted(row)
         tx_data, blob, dek = self.sealed(row)
         return SealedVersion(row=row, blob=blob, dek=dek, tx_data=tx_data)
 
     def info(self, row: VersionRow) -> VersionInfo:
-        stored = None if row.erased else self.open(row)
+        stored = None if row.erased or row.deleted else self.open(row)
         return VersionInfo(
             resource_type=row.resource_type,
             id=row.id,
             version=row.version,
             last_updated=instant(row.updated_ms),
             stored=stored,
+            deleted=row.deleted,
         )
 
     def open(self, row: VersionRow) -> StoredResource:
@@ -175,6 +179,12 @@ class RecordReader:
         ):
             raise self.damaged(row, "the index does not match its chain transaction")
         return tx_data
+
+
+def _not_deleted(row: VersionRow) -> None:
+    """A deletion has nothing to show: reading it (or, as latest, the resource) is 410."""
+    if row.deleted:
+        raise Gone(f"{row.resource_type}/{row.id} was deleted (version {row.version})")
 
 
 def _parse(data: bytes) -> Any:

@@ -67,10 +67,17 @@ class Sealer:
         resource: dict[str, Any],
         kek_id: str,
         kek: bytes,
+        *,
+        deletion_of: VersionRow | None = None,
     ) -> SealedWrite:
         """Seal ``resource`` as ``version`` of ``rtype/rid`` and store its blob durably.
 
         The returned row and transaction are not yet indexed or committed.
+        ``deletion_of``: this version deletes the resource whose current version
+        is that row — it is sealed like any other (blob, data key, ``record.put``)
+        so every check of a stored version holds for it, but it has no search
+        tokens and keeps the deleted version's patient, so the deletion is in
+        that patient's trail and no search finds the resource any more.
         """
         now = self._clock.now_ms()
         meta = dict(resource.get("meta") or {})
@@ -85,7 +92,10 @@ class Sealer:
         # Tokens first: a resource refused for too many search terms writes no blob.
         # A large resource is tokenized and encrypted on a worker thread, so it does
         # not hold up every other request on the event loop meanwhile.
-        if len(data) >= OFFLOAD_BYTES:
+        tokens: set[bytes]
+        if deletion_of is not None:
+            tokens, blob = set(), seal_record(dek, nonce, data, context)
+        elif len(data) >= OFFLOAD_BYTES:
             tokens, blob = await asyncio.to_thread(
                 self._tokens_and_blob, final, dek, nonce, data, context
             )
@@ -93,7 +103,11 @@ class Sealer:
             tokens, blob = self._tokens_and_blob(final, dek, nonce, data, context)
         await self._blob_writes.submit(blob)
         blob_hash = sha256(blob)
-        pseudonym = self._keys.pseudonym(patient_reference(final))
+        pseudonym = (
+            deletion_of.patient
+            if deletion_of is not None
+            else self._keys.pseudonym(patient_reference(final))
+        )
         tx = Transaction(
             type=RECORD_PUT,
             chain=self._chain.chain_id,
@@ -119,6 +133,7 @@ class Sealer:
             updated_ms=now,
             tx_hash=tx.hash(),
             chain_base=self._chain.durable_height if self._stamp_chain_base else None,
+            deleted=deletion_of is not None,
         )
         stored = StoredResource(
             resource_type=rtype,

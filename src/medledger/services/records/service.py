@@ -157,6 +157,23 @@ class RecordsService:
         stored = (await self._writer.write_many([intent]))[0]
         return stored, stored.version == 1
 
+    async def delete(
+        self, resource_type: str, rid: str, *, if_match: int | None = None
+    ) -> StoredResource:
+        """FHIR delete: a new version that ends the resource, its older versions kept.
+
+        Read and search no longer find it (read is :class:`Gone`), vread of an
+        older version and history still show it, and a later update creates it
+        again. :class:`NotFound` if it never existed, :class:`Gone` if it is
+        already deleted or erased. Erasure (:meth:`erase`) is the separate,
+        destructive operation.
+        """
+        validate_id(rid, f"{resource_type}.id")
+        intent = WriteIntent(
+            resource_type=resource_type, id=rid, resource={}, if_match=if_match, delete=True
+        )
+        return (await self._writer.write_many([intent]))[0]
+
     async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a FHIR ``transaction`` Bundle all-or-nothing; return the transaction-response."""
         return await apply_transaction(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from medledger.core.consent import PATIENT_KEY_SYSTEM
-from medledger.core.errors import PreconditionFailed, StorageError
+from medledger.core.errors import Gone, NotFound, PreconditionFailed, StorageError
 from medledger.services.fhir import FhirInvalid, Issue
 from medledger.services.health import StoreHealth
 from medledger.services.keys import InstitutionKeys
@@ -106,6 +106,9 @@ class RecordWriter:
                     raise PreconditionFailed(
                         f"{rtype}/{rid} is at version {current}, not {intent.if_match}"
                     )
+                if intent.delete:
+                    sealed.append(await self._tombstone(rtype, rid, latest, kek_id, kek))
+                    continue
                 self._keep_reserved(rtype, intent.resource, latest)
                 sealed.append(
                     await self._sealer.seal(rtype, rid, current + 1, intent.resource, kek_id, kek)
@@ -132,6 +135,20 @@ class RecordWriter:
             self.inflight[kek_id] -= 1
             for lock in locks:
                 lock.release()
+
+    async def _tombstone(
+        self, rtype: str, rid: str, latest: VersionRow | None, kek_id: str, kek: bytes
+    ) -> SealedWrite:
+        """The version that deletes ``rtype/rid`` (which must exist and be live)."""
+        if latest is None:
+            raise NotFound(f"{rtype}/{rid} does not exist")
+        if latest.erased:
+            raise Gone(f"{rtype}/{rid} was erased")
+        if latest.deleted:
+            raise Gone(f"{rtype}/{rid} is already deleted")
+        return await self._sealer.seal(
+            rtype, rid, latest.version + 1, {}, kek_id, kek, deletion_of=latest
+        )
 
     def _keep_reserved(
         self, rtype: str, resource: dict[str, Any], latest: VersionRow | None

@@ -97,6 +97,13 @@ ALTER TABLE versions ADD COLUMN chain_base bigint;
 CREATE INDEX versions_by_chain_base ON versions(chain_base);
 """,
     ),
+    Migration(
+        version=3,
+        name="records: deletions (FHIR delete keeps the older versions)",
+        sql="""
+ALTER TABLE versions ADD COLUMN deleted boolean NOT NULL DEFAULT false;
+""",
+    ),
 )
 
 BLOBS_MIGRATIONS: tuple[Migration, ...] = (

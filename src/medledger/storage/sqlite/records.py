@@ -27,6 +27,7 @@ from medledger.storage.record_sql import (
 from medledger.storage.sqlite.connection import immediate, sqlite_uri, storage_error
 from medledger.storage.sqlite.schema import (
     RECORDS_CHAIN_BASE,
+    RECORDS_DELETED,
     RECORDS_SCHEMA,
     RECORDS_SCHEMA_VERSION,
 )
@@ -49,7 +50,9 @@ class SqliteRecordIndex(RecordReads):
             conn = sqlite3.connect(path, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript("BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + "COMMIT;")
+                conn.executescript(
+                    "BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + RECORDS_DELETED + "COMMIT;"
+                )
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
                 )
@@ -71,7 +74,7 @@ class SqliteRecordIndex(RecordReads):
             self._writer.execute("PRAGMA secure_delete=ON")
             if new:
                 self._writer.executescript(
-                    "BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + "COMMIT;"
+                    "BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + RECORDS_DELETED + "COMMIT;"
                 )
                 self._writer.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
@@ -83,6 +86,8 @@ class SqliteRecordIndex(RecordReads):
                 columns = {r[1] for r in self._writer.execute("PRAGMA table_info(versions)")}
                 if "chain_base" not in columns:
                     self._writer.executescript("BEGIN;" + RECORDS_CHAIN_BASE + "COMMIT;")
+                if "deleted" not in columns:
+                    self._writer.executescript("BEGIN;" + RECORDS_DELETED + "COMMIT;")
         except sqlite3.Error as exc:
             raise StorageError(f"{path} is not a readable record index ({exc})") from None
         if version is None or version[0] != str(RECORDS_SCHEMA_VERSION):

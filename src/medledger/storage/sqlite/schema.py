@@ -12,6 +12,7 @@ __all__ = [
     "CHAIN_SCHEMA",
     "CHAIN_SCHEMA_VERSION",
     "RECORDS_CHAIN_BASE",
+    "RECORDS_DELETED",
     "RECORDS_SCHEMA",
     "RECORDS_SCHEMA_VERSION",
 ]
@@ -66,4 +67,9 @@ CREATE INDEX tokens_by_record ON tokens(rtype, rid);
 RECORDS_CHAIN_BASE = """
 ALTER TABLE versions ADD COLUMN chain_base INTEGER;
 CREATE INDEX versions_by_chain_base ON versions(chain_base);
+"""
+# Added with soft delete, additive in the same way: an older release reads every
+# version as live (it cannot tell a deletion from a version with no search terms).
+RECORDS_DELETED = """
+ALTER TABLE versions ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
 """
