@@ -120,6 +120,23 @@ def test_index_put_latest_history(open_index: IndexFactory) -> None:
     asyncio.run(go())
 
 
+def test_index_keeps_deletions_and_erasure_covers_them(open_index: IndexFactory) -> None:
+    """A deletion is a version like any other, flagged: kept across a reopen, and erased too."""
+
+    async def go() -> None:
+        async with opened(open_index) as index:
+            await index.put_version(row("d1", 1), {b"tok-a"})
+            await index.put_version(replace(row("d1", 2), deleted=True), set())
+            assert index.search("Observation", [{b"tok-a"}]) == []
+        async with opened(open_index) as index:
+            assert [r.deleted for r in index.history("Observation", "d1")] == [True, False]
+            assert index.latest("Observation", "d1") == replace(row("d1", 2), deleted=True)
+            assert len(await index.erase("Observation", "d1")) == 2
+            assert all(r.erased for r in index.history("Observation", "d1"))
+
+    asyncio.run(go())
+
+
 def test_index_keeps_chain_bases_and_the_recovery_mark(open_index: IndexFactory) -> None:
     """Crash recovery finds unsettled versions by chain height, never by wall clock."""
 
