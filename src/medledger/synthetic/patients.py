@@ -33,7 +33,7 @@ Contract
   HL7 terminology for statuses and categories.
 * **People are fictional**: common first/last names combined at random,
   invented cities, phone numbers in the reserved 555-01xx range, MRNs under
-  :data:`MRN_SYSTEM`, an OID in HL7's arc reserved for examples
+  :data:`~medledger.synthetic.catalog.MRN_SYSTEM`, an OID in HL7's arc reserved for examples
   (2.16.840.1.113883.19). Everyone is an adult (born 1930-2005); all dates
   lie between 1930-01-01 and 2025-06-30. ``birthDate`` is ``YYYY-MM-DD``,
   date-times are ``YYYY-MM-DDThh:mm:ssZ``.
@@ -54,17 +54,12 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, Final, TypeAlias
+from typing import Any, TypeAlias
 
 from medledger.core.errors import InvalidInput
+from medledger.synthetic import catalog
 
 __all__ = [
-    "CVX",
-    "LOINC",
-    "MRN_SYSTEM",
-    "RXNORM",
-    "SNOMED",
-    "UCUM",
     "PatientBundle",
     "Resource",
     "all_resource_types",
@@ -75,290 +70,6 @@ __all__ = [
 
 #: A FHIR resource as its JSON object.
 Resource: TypeAlias = dict[str, Any]
-
-LOINC: Final = "http://loinc.org"
-SNOMED: Final = "http://snomed.info/sct"
-RXNORM: Final = "http://www.nlm.nih.gov/research/umls/rxnorm"
-CVX: Final = "http://hl7.org/fhir/sid/cvx"
-UCUM: Final = "http://unitsofmeasure.org"
-#: Identifier system of the fictional hospital's medical record numbers.
-#: 2.16.840.1.113883.19 is the OID arc HL7 reserves for examples (unlike
-#: 2.16.840.1.113883.4.1, which is the real US Social Security number system).
-MRN_SYSTEM: Final = "urn:oid:2.16.840.1.113883.19.5.1"
-HOSPITAL: Final = "Good Health Clinic (fictional)"
-
-_OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-_COND_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
-_COND_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
-_COND_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
-_ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
-_ALLERGY_VERIFICATION = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
-_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
-_V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
-_V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
-
-_RESOURCE_TYPES: Final = (
-    "Patient",
-    "Encounter",
-    "Observation",
-    "Condition",
-    "MedicationRequest",
-    "AllergyIntolerance",
-    "Immunization",
-    "Procedure",
-    "DiagnosticReport",
-)
-
-# --- dates (proleptic Gregorian ordinals) ------------------------------------------
-_BIRTH_FIRST = date(1930, 1, 1).toordinal()
-_BIRTH_LAST = date(2005, 12, 31).toordinal()
-_CARE_FIRST = date(2000, 1, 1).toordinal()
-_END = date(2025, 6, 30).toordinal()
-_ADULT_DAYS = 6575  # 18 years
-_TDAP_FROM = date(2006, 1, 1).toordinal()
-_ZOSTER_FROM = date(2018, 1, 1).toordinal()
-_COVID_FROM = date(2021, 1, 1).toordinal()
-_DAY = 86_400
-
-# --- vocabularies --------------------------------------------------------------------
-_FAMILY = (
-    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis",
-    "Rodriguez", "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson",
-    "Thomas", "Taylor", "Moore", "Jackson", "Martin", "Lee", "Perez", "Thompson", "White",
-    "Harris", "Sanchez", "Clark", "Ramirez", "Lewis", "Robinson", "Walker", "Young",
-    "Allen", "King", "Wright", "Scott", "Torres", "Nguyen", "Hill", "Flores", "Green",
-    "Adams", "Nelson", "Baker", "Hall", "Rivera", "Campbell", "Mitchell", "Carter", "Roberts",
-)  # fmt: skip
-_GIVEN_MALE = (
-    "James", "Robert", "John", "Michael", "David", "William", "Richard", "Joseph", "Thomas",
-    "Charles", "Christopher", "Daniel", "Matthew", "Anthony", "Mark", "Donald", "Steven",
-    "Paul", "Andrew", "Joshua", "Kevin", "Brian", "George", "Edward", "Ronald",
-)  # fmt: skip
-_GIVEN_FEMALE = (
-    "Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica",
-    "Sarah", "Karen", "Lisa", "Nancy", "Betty", "Margaret", "Sandra", "Ashley", "Kimberly",
-    "Emily", "Donna", "Michelle", "Carol", "Amanda", "Dorothy", "Melissa", "Deborah",
-)  # fmt: skip
-_GIVEN_ANY = _GIVEN_MALE + _GIVEN_FEMALE
-_STREETS = (
-    "Oak", "Maple", "Cedar", "Pine", "Elm", "Willow", "Birch", "Lake", "Hill", "Park",
-    "Meadow", "River", "Spring", "Sunset", "Highland", "Chestnut", "Walnut", "Forest",
-)  # fmt: skip
-_STREET_KINDS = ("Street", "Avenue", "Lane", "Road", "Drive", "Court", "Way")
-_CITIES = (
-    "Amberfield", "Brightwater Falls", "Cedar Hollow", "Eastbrook Landing", "Fernvale",
-    "Glenmoor", "Ironwood Bay", "Juniper Flats", "Kestrel Point", "Larkspur Heights",
-    "Millbrook Crossing", "Northwind", "Oakmere", "Pinecrest Valley", "Quillfield",
-    "Ravenford", "Silverlake Junction", "Thornbury Vale", "Willowmere", "Zephyr Glen",
-)  # fmt: skip
-
-_Code: TypeAlias = tuple[str, str]  # (code, display)
-
-
-@dataclass(frozen=True, slots=True)
-class _Med:
-    code: str
-    display: str
-    dosage: str
-    per_day: int
-    as_needed: bool
-    penicillin: bool = False
-
-
-_LISINOPRIL = _Med(
-    "314076", "lisinopril 10 MG Oral Tablet", "Take 1 tablet by mouth once daily", 1, False
-)
-_AMLODIPINE = _Med(
-    "197361", "amlodipine 5 MG Oral Tablet", "Take 1 tablet by mouth once daily", 1, False
-)
-_HCTZ = _Med(
-    "310798",
-    "hydrochlorothiazide 25 MG Oral Tablet",
-    "Take 1 tablet by mouth every morning",
-    1,
-    False,
-)
-_METFORMIN = _Med(
-    "860975",
-    "24 HR metformin hydrochloride 500 MG Extended Release Oral Tablet",
-    "Take 1 tablet by mouth with the evening meal",
-    1,
-    False,
-)
-_SIMVASTATIN = _Med(
-    "312961", "simvastatin 20 MG Oral Tablet", "Take 1 tablet by mouth at bedtime", 1, False
-)
-_ATORVASTATIN = _Med(
-    "259255", "atorvastatin 80 MG Oral Tablet", "Take 1 tablet by mouth once daily", 1, False
-)
-_ALBUTEROL = _Med(
-    "745679",
-    "200 ACTUAT albuterol 0.09 MG/ACTUAT Metered Dose Inhaler",
-    "Inhale 2 puffs every 4 to 6 hours as needed for wheezing",
-    4,
-    True,
-)
-_FLUTICASONE = _Med(
-    "895994",
-    "120 ACTUAT fluticasone propionate 0.044 MG/ACTUAT Metered Dose Inhaler",
-    "Inhale 2 puffs twice daily",
-    2,
-    False,
-)
-_ACETAMINOPHEN = _Med(
-    "313782",
-    "acetaminophen 325 MG Oral Tablet",
-    "Take 2 tablets by mouth every 6 hours as needed for pain",
-    4,
-    True,
-)
-_IBUPROFEN = _Med(
-    "310965",
-    "ibuprofen 200 MG Oral Tablet",
-    "Take 1 tablet by mouth every 6 hours as needed for pain",
-    4,
-    True,
-)
-_AMOXICILLIN = _Med(
-    "308182",
-    "amoxicillin 250 MG Oral Capsule",
-    "Take 2 capsules by mouth three times daily for 10 days",
-    3,
-    False,
-    True,
-)
-_PENICILLIN_V = _Med(
-    "834061",
-    "penicillin V potassium 250 MG Oral Tablet",
-    "Take 2 tablets by mouth twice daily for 10 days",
-    2,
-    False,
-    True,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class _Disease:
-    code: str
-    display: str
-    prevalence: float
-    min_age: int
-    #: Alternative treatments; a patient gets one of them for life.
-    regimens: tuple[tuple[_Med, ...], ...]
-
-
-_HYPERTENSION = _Disease(
-    "38341003",
-    "Hypertensive disorder, systemic arterial (disorder)",
-    0.30,
-    18,
-    ((_LISINOPRIL,), (_AMLODIPINE,), (_HCTZ,)),
-)
-_DIABETES = _Disease("44054006", "Diabetes mellitus type 2 (disorder)", 0.10, 18, ((_METFORMIN,),))
-_HYPERLIPIDEMIA = _Disease(
-    "55822004", "Hyperlipidemia (disorder)", 0.25, 18, ((_SIMVASTATIN,), (_ATORVASTATIN,))
-)
-_ASTHMA = _Disease(
-    "195967001", "Asthma (disorder)", 0.08, 18, ((_ALBUTEROL,), (_FLUTICASONE, _ALBUTEROL))
-)
-_COPD = _Disease(
-    "13645005", "Chronic obstructive lung disease (disorder)", 0.05, 40, ((_ALBUTEROL,),)
-)
-_DEPRESSION = _Disease("35489007", "Depressive disorder (disorder)", 0.10, 18, ((),))
-_OSTEOARTHRITIS = _Disease(
-    "396275006", "Osteoarthritis (disorder)", 0.15, 40, ((_ACETAMINOPHEN,), (_IBUPROFEN,))
-)
-_OBESITY = _Disease("414916001", "Obesity (disorder)", 0.0, 18, ((),))  # by BMI, not by chance
-_CHRONIC = (_HYPERTENSION, _DIABETES, _HYPERLIPIDEMIA, _ASTHMA, _COPD, _DEPRESSION, _OSTEOARTHRITIS)
-
-# Acute problems seen at "encounter for symptom" visits: (condition, medication, procedure).
-_ACUTE: tuple[tuple[_Code, _Med, _Code | None], ...] = (
-    (("444814009", "Viral sinusitis (disorder)"), _ACETAMINOPHEN, None),
-    (("75498004", "Acute bacterial sinusitis (disorder)"), _AMOXICILLIN, None),
-    (("10509002", "Acute bronchitis (disorder)"), _ACETAMINOPHEN, None),
-    (("195662009", "Acute viral pharyngitis (disorder)"), _IBUPROFEN, None),
-    (
-        ("43878008", "Streptococcal sore throat (disorder)"),
-        _PENICILLIN_V,
-        ("117015009", "Throat culture (procedure)"),
-    ),
-)
-
-# (code, display, category); a reaction list per category.
-_ALLERGIES: tuple[tuple[str, str, str], ...] = (
-    ("91935009", "Allergy to peanuts (disorder)", "food"),
-    ("300913006", "Shellfish allergy (disorder)", "food"),
-    ("417532002", "Allergy to fish (disorder)", "food"),
-    ("91930004", "Allergy to eggs (disorder)", "food"),
-    ("418689008", "Allergy to grass pollen (disorder)", "environment"),
-    ("232350006", "House dust mite allergy (disorder)", "environment"),
-    ("232347008", "Dander (animal) allergy (disorder)", "environment"),
-    ("419474003", "Allergy to mould (disorder)", "environment"),
-    ("91936005", "Allergy to penicillin (disorder)", "medication"),
-)
-_PENICILLIN_ALLERGY = "91936005"
-_ANAPHYLAXIS: _Code = ("39579001", "Anaphylaxis (disorder)")
-_REACTIONS: dict[str, tuple[_Code, ...]] = {
-    "food": (
-        ("247472004", "Wheal (finding)"),
-        ("271807003", "Eruption of skin (disorder)"),
-        _ANAPHYLAXIS,
-    ),
-    "environment": (
-        ("76067001", "Sneezing (finding)"),
-        ("49727002", "Cough (finding)"),
-        ("418290006", "Itching of skin (finding)"),
-    ),
-    "medication": (
-        ("271807003", "Eruption of skin (disorder)"),
-        ("247472004", "Wheal (finding)"),
-        _ANAPHYLAXIS,
-    ),
-}
-
-_CHECKUP: _Code = ("185349003", "Encounter for check up (procedure)")
-_FOLLOW_UP: _Code = ("390906007", "Follow-up encounter (procedure)")
-_SYMPTOM: _Code = ("185345009", "Encounter for symptom (procedure)")
-
-_MED_RECONCILIATION: _Code = ("430193006", "Medication reconciliation (procedure)")
-_DEPRESSION_SCREENING: _Code = ("171207006", "Depression screening (procedure)")
-_COLONOSCOPY: _Code = ("73761001", "Colonoscopy (procedure)")
-_MAMMOGRAPHY: _Code = ("71651007", "Mammography (procedure)")
-_SPIROMETRY: _Code = ("23426006", "Measurement of respiratory function (procedure)")
-
-_FLU: _Code = ("140", "Influenza, seasonal, injectable, preservative free")
-_TD: _Code = ("113", "Td (adult) preservative free")
-_TDAP: _Code = ("115", "Tdap")
-_PPSV23: _Code = ("33", "pneumococcal polysaccharide vaccine, 23 valent")
-_ZOSTER: _Code = ("187", "zoster vaccine recombinant")
-_COVID: _Code = (
-    "208",
-    "SARS-COV-2 (COVID-19) vaccine, mRNA, spike protein, LNP, preservative free, 30 mcg/0.3mL dose",
-)
-
-# LOINC observations: (code, display, UCUM unit).
-_HEART_RATE = ("8867-4", "Heart rate", "/min")
-_RESP_RATE = ("9279-1", "Respiratory rate", "/min")
-_BODY_TEMP = ("8310-5", "Body temperature", "Cel")
-_SPO2 = ("2708-6", "Oxygen saturation in Arterial blood", "%")
-_WEIGHT = ("29463-7", "Body weight", "kg")
-_HEIGHT = ("8302-2", "Body height", "cm")
-_BMI = ("39156-5", "Body mass index (BMI) [Ratio]", "kg/m2")
-_BP_PANEL: _Code = ("85354-9", "Blood pressure panel with all children optional")
-_SYSTOLIC = ("8480-6", "Systolic blood pressure", "mm[Hg]")
-_DIASTOLIC = ("8462-4", "Diastolic blood pressure", "mm[Hg]")
-_GLUCOSE = ("2339-0", "Glucose [Mass/volume] in Blood", "mg/dL")
-_HBA1C = ("4548-4", "Hemoglobin A1c/Hemoglobin.total in Blood", "%")
-_SODIUM = ("2951-2", "Sodium [Moles/volume] in Serum or Plasma", "mmol/L")
-_POTASSIUM = ("2823-3", "Potassium [Moles/volume] in Serum or Plasma", "mmol/L")
-_CREATININE = ("2160-0", "Creatinine [Mass/volume] in Serum or Plasma", "mg/dL")
-_UREA_N = ("3094-0", "Urea nitrogen [Mass/volume] in Serum or Plasma", "mg/dL")
-_CHOLESTEROL = ("2093-3", "Cholesterol [Mass/volume] in Serum or Plasma", "mg/dL")
-_TRIGLYCERIDE = ("2571-8", "Triglyceride [Mass/volume] in Serum or Plasma", "mg/dL")
-_HDL = ("2085-9", "Cholesterol in HDL [Mass/volume] in Serum or Plasma", "mg/dL")
-_LDL = ("18262-6", "Cholesterol in LDL [Mass/volume] in Serum or Plasma by Direct assay", "mg/dL")
-_LIPID_PANEL: _Code = ("57698-3", "Lipid panel with direct LDL - Serum or Plasma")
-_BASIC_METABOLIC: _Code = ("51990-0", "Basic metabolic panel - Blood")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -384,7 +95,7 @@ class PatientBundle:
 
 def all_resource_types() -> tuple[str, ...]:
     """The FHIR resource types the generator produces, ``Patient`` first."""
-    return _RESOURCE_TYPES
+    return catalog.RESOURCE_TYPES
 
 
 def generate_patient(
@@ -452,7 +163,7 @@ def _ref(resource: Resource) -> dict[str, str]:
 
 
 def _quantity(value: float, unit: str) -> dict[str, Any]:
-    return {"value": value, "unit": unit, "system": UCUM, "code": unit}
+    return {"value": value, "unit": unit, "system": catalog.UCUM, "code": unit}
 
 
 def _date(day: int) -> str:
@@ -475,9 +186,9 @@ def _clamp(value: float, low: float, high: float) -> float:
 
 @dataclass(slots=True)
 class _Chronic:
-    disease: _Disease
+    disease: catalog.Disease
     onset: int
-    regimen: tuple[_Med, ...]
+    regimen: tuple[catalog.Med, ...]
     resource: Resource
 
 
@@ -532,16 +243,16 @@ class _PatientBuilder:
             "male" if r < 0.49 else "female" if r < 0.98 else "other" if r < 0.99 else "unknown"
         )
         names = (
-            _GIVEN_MALE
+            catalog.GIVEN_MALE
             if self.sex == "male"
-            else _GIVEN_FEMALE
+            else catalog.GIVEN_FEMALE
             if self.sex == "female"
-            else _GIVEN_ANY
+            else catalog.GIVEN_ANY
         )
         given = [rng.choice(names)]
         if rng.random() < 0.5:
             given.append(rng.choice(names))
-        self.birth = rng.randint(_BIRTH_FIRST, _BIRTH_LAST)
+        self.birth = rng.randint(catalog.BIRTH_FIRST, catalog.BIRTH_LAST)
         tall = self.sex == "male" or (self.sex != "female" and rng.random() < 0.5)
         self.height_cm = round(_clamp(rng.gauss(176 if tall else 162, 7), 145, 205))
         bmi = _clamp(rng.gauss(27.5, 5.0), 17.0, 48.0)
@@ -553,14 +264,14 @@ class _PatientBuilder:
             "identifier": [
                 {
                     "use": "usual",
-                    "type": _concept(_V2_0203, "MR", "Medical record number"),
-                    "system": MRN_SYSTEM,
+                    "type": _concept(catalog.V2_0203, "MR", "Medical record number"),
+                    "system": catalog.MRN_SYSTEM,
                     "value": f"MRN{self.index:08d}",
-                    "assigner": {"display": HOSPITAL},
+                    "assigner": {"display": catalog.HOSPITAL},
                 }
             ],
             "active": True,
-            "name": [{"use": "official", "family": rng.choice(_FAMILY), "given": given}],
+            "name": [{"use": "official", "family": rng.choice(catalog.FAMILY), "given": given}],
             "telecom": [
                 {"system": "phone", "value": f"555-01{rng.randrange(100):02d}", "use": "home"}
             ],
@@ -571,9 +282,9 @@ class _PatientBuilder:
                     "use": "home",
                     "type": "physical",
                     "line": [
-                        f"{rng.randint(1, 9999)} {rng.choice(_STREETS)} {rng.choice(_STREET_KINDS)}"
+                        f"{rng.randint(1, 9999)} {rng.choice(catalog.STREETS)} {rng.choice(catalog.STREET_KINDS)}"
                     ],
-                    "city": rng.choice(_CITIES),
+                    "city": rng.choice(catalog.CITIES),
                     "postalCode": f"{rng.randrange(10000, 100000)}",
                     "country": "US",
                 }
@@ -585,24 +296,24 @@ class _PatientBuilder:
         return (day - self.birth) / 365.2425
 
     def care_start(self) -> int:
-        return max(self.birth + _ADULT_DAYS, _CARE_FIRST)
+        return max(self.birth + catalog.ADULT_DAYS, catalog.CARE_FIRST)
 
     def _chronic_conditions(self) -> None:
         rng = self.rng
         obese = self.weight_kg / (self.height_cm / 100) ** 2 >= 30
-        for disease in (*_CHRONIC, _OBESITY):
-            if disease is _OBESITY:
+        for disease in (*catalog.CHRONIC, catalog.OBESITY):
+            if disease is catalog.OBESITY:
                 chance = 1.0 if obese else 0.0
-            elif disease is _DIABETES and obese:
+            elif disease is catalog.DIABETES and obese:
                 chance = 0.25
             else:
                 chance = disease.prevalence
             if rng.random() >= chance:
                 continue
-            first = max(self.birth + round(disease.min_age * 365.2425), _BIRTH_FIRST)
-            if first > _END:
+            first = max(self.birth + round(disease.min_age * 365.2425), catalog.BIRTH_FIRST)
+            if first > catalog.END:
                 continue
-            onset = rng.randint(first, _END)
+            onset = rng.randint(first, catalog.END)
             regimen = rng.choice(disease.regimens)
             resource = self.condition(
                 (disease.code, disease.display), onset, rng.randrange(8 * 3600, 17 * 3600)
@@ -611,7 +322,7 @@ class _PatientBuilder:
 
     def condition(
         self,
-        code: _Code,
+        code: catalog.Code,
         day: int,
         second: int,
         *,
@@ -619,16 +330,19 @@ class _PatientBuilder:
         resolved_day: int | None = None,
     ) -> Resource:
         when = _datetime(day, second)
-        resolved = resolved_day is not None and resolved_day <= _END
+        resolved = resolved_day is not None and resolved_day <= catalog.END
         resource: Resource = {
             "resourceType": "Condition",
             "id": _new_id(self.rng),
-            "clinicalStatus": _status(_COND_CLINICAL, "resolved" if resolved else "active"),
-            "verificationStatus": _status(_COND_VERIFICATION, "confirmed"),
+            "clinicalStatus": _status(catalog.COND_CLINICAL, "resolved" if resolved else "active"),
+            "verificationStatus": _status(catalog.COND_VERIFICATION, "confirmed"),
             "category": [
-                _status(_COND_CATEGORY, "encounter-diagnosis" if encounter else "problem-list-item")
+                _status(
+                    catalog.COND_CATEGORY,
+                    "encounter-diagnosis" if encounter else "problem-list-item",
+                )
             ],
-            "code": _concept(SNOMED, *code),
+            "code": _concept(catalog.SNOMED, *code),
             "subject": dict(self.patient_ref),
             "onsetDateTime": when,
             "recordedDate": when,
@@ -644,27 +358,27 @@ class _PatientBuilder:
         rng = self.rng
         r = rng.random()
         count = 0 if r < 0.6 else 1 if r < 0.85 else 2 if r < 0.95 else 3
-        for code, display, category in rng.sample(_ALLERGIES, count):
-            reaction = rng.choice(_REACTIONS[category])
-            severe = reaction is _ANAPHYLAXIS
-            if code == _PENICILLIN_ALLERGY:
+        for code, display, category in rng.sample(catalog.ALLERGIES, count):
+            reaction = rng.choice(catalog.REACTIONS[category])
+            severe = reaction is catalog.ANAPHYLAXIS
+            if code == catalog.PENICILLIN_ALLERGY:
                 self.penicillin_allergy = True
-            day = rng.randint(self.care_start(), _END)
+            day = rng.randint(self.care_start(), catalog.END)
             self.out.append(
                 {
                     "resourceType": "AllergyIntolerance",
                     "id": _new_id(rng),
-                    "clinicalStatus": _status(_ALLERGY_CLINICAL, "active"),
-                    "verificationStatus": _status(_ALLERGY_VERIFICATION, "confirmed"),
+                    "clinicalStatus": _status(catalog.ALLERGY_CLINICAL, "active"),
+                    "verificationStatus": _status(catalog.ALLERGY_VERIFICATION, "confirmed"),
                     "type": "allergy",
                     "category": [category],
                     "criticality": "high" if severe else "low",
-                    "code": _concept(SNOMED, code, display),
+                    "code": _concept(catalog.SNOMED, code, display),
                     "patient": dict(self.patient_ref),
                     "recordedDate": _datetime(day, rng.randrange(8 * 3600, 17 * 3600)),
                     "reaction": [
                         {
-                            "manifestation": [_concept(SNOMED, *reaction)],
+                            "manifestation": [_concept(catalog.SNOMED, *reaction)],
                             "severity": "severe" if severe else rng.choice(("mild", "moderate")),
                         }
                     ],
@@ -675,22 +389,22 @@ class _PatientBuilder:
 
     def _encounter(self) -> None:
         rng = self.rng
-        day = rng.randint(self.care_start(), _END)
+        day = rng.randint(self.care_start(), catalog.END)
         start = rng.randrange(8 * 3600, 17 * 3600, 300)
         end = start + rng.choice((15, 20, 30, 45, 60)) * 60
         active = [c for c in self.chronic if c.onset <= day]
         r = rng.random()
-        kind, reason = _CHECKUP, None
+        kind, reason = catalog.CHECKUP, None
         if r < 0.2:
-            kind = _SYMPTOM
+            kind = catalog.SYMPTOM
         elif r < 0.55 and active:
-            kind, reason = _FOLLOW_UP, rng.choice(active)
+            kind, reason = catalog.FOLLOW_UP, rng.choice(active)
         encounter: Resource = {
             "resourceType": "Encounter",
             "id": _new_id(rng),
             "status": "finished",
-            "class": {"system": _ACT_CODE, "code": "AMB", "display": "ambulatory"},
-            "type": [_concept(SNOMED, *kind)],
+            "class": {"system": catalog.ACT_CODE, "code": "AMB", "display": "ambulatory"},
+            "type": [_concept(catalog.SNOMED, *kind)],
             "subject": dict(self.patient_ref),
             "period": {"start": _datetime(day, start), "end": _datetime(day, end)},
         }
@@ -698,7 +412,7 @@ class _PatientBuilder:
             encounter["reasonReference"] = [_ref(reason.resource)]
         self.out.append(encounter)
         visit = _Visit(self, encounter, day, start)
-        if kind is _SYMPTOM:
+        if kind is catalog.SYMPTOM:
             visit.symptom()
         elif reason is not None:
             visit.follow_up(reason, active)
@@ -744,19 +458,21 @@ class _Visit:
             "status": "final",
             "category": [
                 {
-                    "coding": [{"system": _OBS_CATEGORY, "code": category, "display": label}],
+                    "coding": [
+                        {"system": catalog.OBS_CATEGORY, "code": category, "display": label}
+                    ],
                     "text": label,
                 }
             ],
             "code": {
-                "coding": [{"system": LOINC, "code": code, "display": display}],
+                "coding": [{"system": catalog.LOINC, "code": code, "display": display}],
                 "text": display,
             },
             "subject": {"reference": self.subject},
             "encounter": {"reference": self.enc},
             "effectiveDateTime": when,
             "issued": when if vital else self._when(minutes + 120),
-            "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
+            "valueQuantity": {"value": value, "unit": unit, "system": catalog.UCUM, "code": unit},
         }
         self.p.out.append(resource)
         return resource
@@ -776,15 +492,15 @@ class _Visit:
             "encounter": {"reference": self.enc},
         }
 
-    def _has(self, disease: _Disease, active: list[_Chronic]) -> bool:
+    def _has(self, disease: catalog.Disease, active: list[_Chronic]) -> bool:
         return any(c.disease is disease for c in active)
 
     # --- vitals ----------------------------------------------------------------------
 
     def vitals(self, active: list[_Chronic], *, full: bool, fever: bool = False) -> None:
         rng, p = self.rng, self.p
-        self._vital(_HEART_RATE, round(_clamp(rng.gauss(90 if fever else 72, 10), 45, 140)))
-        hypertensive = self._has(_HYPERTENSION, active)
+        self._vital(catalog.HEART_RATE, round(_clamp(rng.gauss(90 if fever else 72, 10), 45, 140)))
+        hypertensive = self._has(catalog.HYPERTENSION, active)
         systolic = round(_clamp(rng.gauss(142 if hypertensive else 118, 12), 90, 200))
         diastolic = round(_clamp(rng.gauss(88 if hypertensive else 76, 8), 50, systolic - 25))
         bp = self._base("Observation")
@@ -792,43 +508,43 @@ class _Visit:
         bp.update(
             {
                 "status": "final",
-                "category": [_concept(_OBS_CATEGORY, "vital-signs", "Vital Signs")],
-                "code": _concept(LOINC, *_BP_PANEL),
+                "category": [_concept(catalog.OBS_CATEGORY, "vital-signs", "Vital Signs")],
+                "code": _concept(catalog.LOINC, *catalog.BP_PANEL),
                 "effectiveDateTime": when,
                 "issued": when,
                 "component": [
                     {
-                        "code": _concept(LOINC, *_SYSTOLIC[:2]),
-                        "valueQuantity": _quantity(systolic, _SYSTOLIC[2]),
+                        "code": _concept(catalog.LOINC, *catalog.SYSTOLIC[:2]),
+                        "valueQuantity": _quantity(systolic, catalog.SYSTOLIC[2]),
                     },
                     {
-                        "code": _concept(LOINC, *_DIASTOLIC[:2]),
-                        "valueQuantity": _quantity(diastolic, _DIASTOLIC[2]),
+                        "code": _concept(catalog.LOINC, *catalog.DIASTOLIC[:2]),
+                        "valueQuantity": _quantity(diastolic, catalog.DIASTOLIC[2]),
                     },
                 ],
             }
         )
         p.out.append(bp)
         temperature = rng.gauss(38.3, 0.5) if fever else rng.gauss(36.8, 0.25)
-        self._vital(_BODY_TEMP, round(_clamp(temperature, 35.5, 40.5), 1))
+        self._vital(catalog.BODY_TEMP, round(_clamp(temperature, 35.5, 40.5), 1))
         weight = round(_clamp(p.weight_kg + rng.gauss(0, 1.5), 40, 200), 1)
-        self._vital(_WEIGHT, weight)
+        self._vital(catalog.WEIGHT, weight)
         if full:
-            lungs = self._has(_COPD, active) or self._has(_ASTHMA, active)
-            self._vital(_HEIGHT, p.height_cm)
-            self._vital(_BMI, round(weight / (p.height_cm / 100) ** 2, 1))
-            self._vital(_RESP_RATE, round(_clamp(rng.gauss(18 if lungs else 15, 2), 10, 30)))
-            self._vital(_SPO2, round(_clamp(rng.gauss(94 if lungs else 98, 1.5), 85, 100)))
+            lungs = self._has(catalog.COPD, active) or self._has(catalog.ASTHMA, active)
+            self._vital(catalog.HEIGHT, p.height_cm)
+            self._vital(catalog.BMI, round(weight / (p.height_cm / 100) ** 2, 1))
+            self._vital(catalog.RESP_RATE, round(_clamp(rng.gauss(18 if lungs else 15, 2), 10, 30)))
+            self._vital(catalog.SPO2, round(_clamp(rng.gauss(94 if lungs else 98, 1.5), 85, 100)))
 
     # --- labs ------------------------------------------------------------------------
 
-    def _report(self, panel: _Code, results: list[Resource]) -> None:
+    def _report(self, panel: catalog.Code, results: list[Resource]) -> None:
         report = self._base("DiagnosticReport")
         report.update(
             {
                 "status": "final",
-                "category": [_concept(_V2_0074, "LAB", "Laboratory")],
-                "code": _concept(LOINC, *panel),
+                "category": [_concept(catalog.V2_0074, "LAB", "Laboratory")],
+                "code": _concept(catalog.LOINC, *panel),
                 "effectiveDateTime": self._when(10),
                 "issued": self._when(130),
                 "result": [_ref(r) for r in results],
@@ -838,45 +554,49 @@ class _Visit:
 
     def lipid_panel(self, active: list[_Chronic]) -> None:
         rng = self.rng
-        high = self._has(_HYPERLIPIDEMIA, active)
+        high = self._has(catalog.HYPERLIPIDEMIA, active)
         results = [
-            self._lab(_CHOLESTEROL, round(_clamp(rng.gauss(235 if high else 185, 25), 110, 350))),
-            self._lab(_TRIGLYCERIDE, round(_clamp(rng.gauss(180 if high else 120, 40), 40, 600))),
-            self._lab(_HDL, round(_clamp(rng.gauss(45 if high else 55, 10), 20, 100))),
-            self._lab(_LDL, round(_clamp(rng.gauss(155 if high else 105, 25), 40, 250))),
+            self._lab(
+                catalog.CHOLESTEROL, round(_clamp(rng.gauss(235 if high else 185, 25), 110, 350))
+            ),
+            self._lab(
+                catalog.TRIGLYCERIDE, round(_clamp(rng.gauss(180 if high else 120, 40), 40, 600))
+            ),
+            self._lab(catalog.HDL, round(_clamp(rng.gauss(45 if high else 55, 10), 20, 100))),
+            self._lab(catalog.LDL, round(_clamp(rng.gauss(155 if high else 105, 25), 40, 250))),
         ]
-        self._report(_LIPID_PANEL, results)
+        self._report(catalog.LIPID_PANEL, results)
 
     def metabolic_panel(self, active: list[_Chronic]) -> None:
         rng = self.rng
-        diabetic = self._has(_DIABETES, active)
+        diabetic = self._has(catalog.DIABETES, active)
         results = [
             self._lab(
-                _GLUCOSE,
+                catalog.GLUCOSE,
                 round(_clamp(rng.gauss(150 if diabetic else 92, 30 if diabetic else 10), 55, 400)),
             ),
-            self._lab(_SODIUM, round(_clamp(rng.gauss(140, 2), 128, 150))),
-            self._lab(_POTASSIUM, round(_clamp(rng.gauss(4.2, 0.35), 3.0, 6.0), 1)),
-            self._lab(_CREATININE, round(_clamp(rng.gauss(0.95, 0.2), 0.4, 3.0), 2)),
-            self._lab(_UREA_N, round(_clamp(rng.gauss(14, 4), 5, 45))),
+            self._lab(catalog.SODIUM, round(_clamp(rng.gauss(140, 2), 128, 150))),
+            self._lab(catalog.POTASSIUM, round(_clamp(rng.gauss(4.2, 0.35), 3.0, 6.0), 1)),
+            self._lab(catalog.CREATININE, round(_clamp(rng.gauss(0.95, 0.2), 0.4, 3.0), 2)),
+            self._lab(catalog.UREA_N, round(_clamp(rng.gauss(14, 4), 5, 45))),
         ]
-        self._report(_BASIC_METABOLIC, results)
+        self._report(catalog.BASIC_METABOLIC, results)
 
     def hba1c(self, active: list[_Chronic]) -> None:
-        diabetic = self._has(_DIABETES, active)
+        diabetic = self._has(catalog.DIABETES, active)
         value = self.rng.gauss(7.4, 1.0) if diabetic else self.rng.gauss(5.3, 0.3)
-        self._lab(_HBA1C, round(_clamp(value, 4.0, 14.0), 1))
+        self._lab(catalog.HBA1C, round(_clamp(value, 4.0, 14.0), 1))
 
     # --- orders ----------------------------------------------------------------------
 
-    def prescribe(self, med: _Med, reason: Resource, *, chronic: bool) -> None:
+    def prescribe(self, med: catalog.Med, reason: Resource, *, chronic: bool) -> None:
         horizon = 180 if chronic else 14
         request = self._base("MedicationRequest")
         request.update(
             {
-                "status": "active" if self.day >= _END - horizon else "completed",
+                "status": "active" if self.day >= catalog.END - horizon else "completed",
                 "intent": "order",
-                "medicationCodeableConcept": _concept(RXNORM, med.code, med.display),
+                "medicationCodeableConcept": _concept(catalog.RXNORM, med.code, med.display),
                 "authoredOn": self._when(20),
                 "reasonReference": [_ref(reason)],
                 "dosageInstruction": [
@@ -893,12 +613,12 @@ class _Visit:
         )
         self.p.out.append(request)
 
-    def procedure(self, code: _Code, reason: Resource | None = None) -> None:
+    def procedure(self, code: catalog.Code, reason: Resource | None = None) -> None:
         resource = self._base("Procedure")
         resource.update(
             {
                 "status": "completed",
-                "code": _concept(SNOMED, *code),
+                "code": _concept(catalog.SNOMED, *code),
                 "performedDateTime": self._when(15),
             }
         )
@@ -906,12 +626,12 @@ class _Visit:
             resource["reasonReference"] = [_ref(reason)]
         self.p.out.append(resource)
 
-    def immunize(self, vaccine: _Code) -> None:
+    def immunize(self, vaccine: catalog.Code) -> None:
         resource = self._base("Immunization", "patient")
         resource.update(
             {
                 "status": "completed",
-                "vaccineCode": _concept(CVX, *vaccine),
+                "vaccineCode": _concept(catalog.CVX, *vaccine),
                 "occurrenceDateTime": self._when(25),
                 "primarySource": True,
             }
@@ -936,23 +656,23 @@ class _Visit:
                 for med in condition.regimen:
                     self.prescribe(med, condition.resource, chronic=True)
         if medicated and rng.random() < 0.5:
-            self.procedure(_MED_RECONCILIATION)
+            self.procedure(catalog.MED_RECONCILIATION)
         if rng.random() < 0.3:
-            self.procedure(_DEPRESSION_SCREENING)
+            self.procedure(catalog.DEPRESSION_SCREENING)
         if age >= 45 and rng.random() < 0.05:
-            self.procedure(_COLONOSCOPY)
+            self.procedure(catalog.COLONOSCOPY)
         if p.sex == "female" and age >= 40 and rng.random() < 0.3:
-            self.procedure(_MAMMOGRAPHY)
+            self.procedure(catalog.MAMMOGRAPHY)
         if rng.random() < 0.6:
-            self.immunize(_FLU)
+            self.immunize(catalog.FLU)
         if rng.random() < 0.1:
-            self.immunize(_TDAP if self.day >= _TDAP_FROM else _TD)
-        self._once(_PPSV23, age >= 65, 0.3)
-        self._once(_ZOSTER, age >= 50 and self.day >= _ZOSTER_FROM, 0.2)
-        if self.day >= _COVID_FROM and rng.random() < 0.3:
-            self.immunize(_COVID)
+            self.immunize(catalog.TDAP if self.day >= catalog.TDAP_FROM else catalog.TD)
+        self._once(catalog.PPSV23, age >= 65, 0.3)
+        self._once(catalog.ZOSTER, age >= 50 and self.day >= catalog.ZOSTER_FROM, 0.2)
+        if self.day >= catalog.COVID_FROM and rng.random() < 0.3:
+            self.immunize(catalog.COVID)
 
-    def _once(self, vaccine: _Code, eligible: bool, chance: float) -> None:
+    def _once(self, vaccine: catalog.Code, eligible: bool, chance: float) -> None:
         # Draw even when ineligible so later draws do not shift with eligibility.
         lucky = self.rng.random() < chance
         if eligible and lucky and vaccine[0] not in self.p.given_once:
@@ -963,15 +683,15 @@ class _Visit:
         rng = self.rng
         self.vitals(active, full=False)
         disease = reason.disease
-        if disease is _DIABETES:
+        if disease is catalog.DIABETES:
             self.hba1c(active)
-            self._lab(_GLUCOSE, round(_clamp(rng.gauss(150, 30), 55, 400)))
-        elif disease is _HYPERTENSION and rng.random() < 0.5:
+            self._lab(catalog.GLUCOSE, round(_clamp(rng.gauss(150, 30), 55, 400)))
+        elif disease is catalog.HYPERTENSION and rng.random() < 0.5:
             self.metabolic_panel(active)
-        elif disease is _HYPERLIPIDEMIA and rng.random() < 0.6:
+        elif disease is catalog.HYPERLIPIDEMIA and rng.random() < 0.6:
             self.lipid_panel(active)
-        elif disease in (_ASTHMA, _COPD) and rng.random() < 0.4:
-            self.procedure(_SPIROMETRY, reason.resource)
+        elif disease in (catalog.ASTHMA, catalog.COPD) and rng.random() < 0.4:
+            self.procedure(catalog.SPIROMETRY, reason.resource)
         for condition in active:
             if condition.regimen and (condition is reason or rng.random() < 0.3):
                 for med in condition.regimen:
@@ -979,7 +699,7 @@ class _Visit:
 
     def symptom(self) -> None:
         rng, p = self.rng, self.p
-        code, med, test = rng.choice(_ACUTE)
+        code, med, test = rng.choice(catalog.ACUTE)
         active = [c for c in p.chronic if c.onset <= self.day]
         self.vitals(active, full=True, fever=rng.random() < 0.5)
         condition = p.condition(
@@ -992,5 +712,5 @@ class _Visit:
         if test is not None:
             self.procedure(test, condition)
         if med.penicillin and p.penicillin_allergy:
-            med = _ACETAMINOPHEN
+            med = catalog.ACETAMINOPHEN
         self.prescribe(med, condition, chronic=False)
