@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,16 @@ LAYERS = {
 PRODUCT_LAYERS = ("core", "storage", "ledger", "services", "config", "node", "api")
 #: Tooling for one machine, tests, the demo and the benchmarks.
 TOOLING_LAYERS = ("localnet", "synthetic", "benchmarks", "demo")
+#: Interface packages: each is a way in for its own users (HTTP clients, operators,
+#: the demo's audience, whoever measures). None builds on another; what two of them
+#: share lives below them.
+INTERFACE_PACKAGES = ("api", "cli", "demo", "benchmarks")
+#: The interface imports that are allowed, each with the reason.
+INTERFACE_IMPORTS_ALLOWED = {
+    ("cli", "api"): "the command line is the front door: `node start` serves the API",
+    ("cli", "demo"): "the command line is the front door: `medledger demo` runs the demo",
+    ("cli", "benchmarks"): "the command line is the front door: `medledger bench` runs them",
+}
 # core is pure: no I/O, clock, randomness, concurrency or logging.
 CORE_FORBIDDEN = {
     "asyncio",
@@ -63,6 +74,146 @@ def _modules() -> list[tuple[str, Path]]:
         name = ".".join(rel.parts).removesuffix(".__init__")
         out.append((name, path))
     return out
+
+
+def _modules_under(root: Path) -> dict[str, Path]:
+    """Module name -> file of every module of the package at ``root``."""
+    out = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        out[".".join(rel.parts).removesuffix(".__init__")] = path
+    return out
+
+
+@functools.cache
+def _import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, anywhere in the file.
+
+    Imports inside functions and under ``TYPE_CHECKING`` count too: a deferred
+    import that dodges a cycle at run time is still a cycle in the design.
+    ``from a import b`` is an edge to the module ``a.b`` when there is one,
+    else to ``a``.
+    """
+    modules = _modules_under(root)
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                submodules = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                edges |= submodules
+                if len(submodules) < len(node.names) and node.module in modules:
+                    edges.add(node.module)
+        graph[module] = edges - {module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One import cycle (``a -> b -> ... -> a``) per strongly connected group of modules."""
+    # Tarjan's algorithm, iteratively (no recursion limit to think about).
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, edges = work[-1]
+            nxt = next(edges, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph.get(nxt, ())))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.add(member)
+                    if member == node:
+                        break
+                if len(group) > 1:
+                    groups.append(group)
+    return [_cycle_in(graph, group) for group in groups]
+
+
+def _cycle_in(graph: dict[str, set[str]], group: set[str]) -> list[str]:
+    """A path from the group's first module back to itself, inside the group."""
+    first = min(group)
+    paths = {first: [first]}
+    queue = [first]
+    while queue:
+        node = queue.pop(0)
+        for nxt in sorted(graph[node] & group):
+            if nxt == first:
+                return [*paths[node], first]
+            if nxt not in paths:
+                paths[nxt] = [*paths[node], nxt]
+                queue.append(nxt)
+    raise AssertionError(f"no cycle through {first}")  # a strongly connected group has one
+
+
+def test_no_import_cycles() -> None:
+    cycles = [" -> ".join(cycle) for cycle in _cycles(_import_graph(SRC))]
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_scan_finds_deferred_and_long_cycles(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "",
+        "a.py": "from pkg.sub import b\n",
+        "sub/__init__.py": "",
+        "sub/b.py": "import pkg.c\n",
+        "c.py": "def f():\n    from pkg.a import thing\n",  # deferred: still a cycle
+        "d.py": "from pkg import a\nfrom pkg.e import x\n",
+        "e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.d import y\n",
+        "f.py": "from pkg.a import z\n",  # imports into a cycle, is in none
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text, encoding="utf-8")
+    graph = _import_graph(pkg)
+    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.d"] == {"pkg.a", "pkg.e"}
+    assert sorted(_cycles(graph)) == [
+        ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"],
+        ["pkg.d", "pkg.e", "pkg.d"],
+    ]
+
+
+def test_interface_packages_do_not_import_each_other() -> None:
+    used: set[tuple[str, str]] = set()
+    offenders = []
+    for module, edges in sorted(_import_graph(SRC).items()):
+        own = _layer(module)
+        for target in sorted(edges):
+            other = _layer(target)
+            if own in INTERFACE_PACKAGES and other in INTERFACE_PACKAGES and own != other:
+                if (own, other) in INTERFACE_IMPORTS_ALLOWED:
+                    used.add((own, other))
+                else:
+                    offenders.append(f"{module} -> {target}")
+    assert not offenders, f"interface packages importing each other: {offenders}"
+    # An allowance nothing needs any more would silently admit the next such import.
+    assert used == set(INTERFACE_IMPORTS_ALLOWED), (
+        f"unused: {set(INTERFACE_IMPORTS_ALLOWED) - used}"
+    )
 
 
 def _imports(path: Path) -> list[str]:

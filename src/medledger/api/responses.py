@@ -6,11 +6,9 @@ from typing import Any
 
 from fastapi.responses import Response
 
-from medledger.services.fhir import dump_resource
+from medledger.services.fhir import FHIR_JSON, dump_resource
 
-__all__ = ["FHIR_JSON", "fhir_response", "raw_fhir_response"]
-
-FHIR_JSON = "application/fhir+json"
+__all__ = ["fhir_response", "raw_fhir_response"]
 
 
 def fhir_response(

@@ -40,7 +40,6 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from medledger.api.responses import FHIR_JSON
 from medledger.benchmarks.common import (
     BENCH_KDF,
     BENCH_PASSPHRASE,
@@ -55,6 +54,7 @@ from medledger.ledger.clock import SystemClock
 from medledger.localnet.nodeproc import NodeProcess
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
+from medledger.services.fhir import FHIR_JSON
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import iter_patients
 

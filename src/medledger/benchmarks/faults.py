@@ -41,7 +41,6 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from medledger.api.responses import FHIR_JSON
 from medledger.benchmarks.common import (
     BENCH_KDF,
     BENCH_PASSPHRASE,
@@ -61,6 +60,7 @@ from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.localnet.natsserver import free_ports
 from medledger.localnet.nodeproc import NodeProcess, medledger_command
 from medledger.node import init_node
+from medledger.services.fhir import FHIR_JSON
 from medledger.storage.sqlite.chain import SqliteChainStore
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 

@@ -49,17 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from medledger.benchmarks.common import (
-    finish_results,
     percentiles,
-    results_header,
-    work_dir,
-    write_json,
 )
 from medledger.benchmarks.consortium_only import ConsortiumCommit
-from medledger.benchmarks.hybrid_summary import compare, print_summary
 from medledger.config import institution_id
 from medledger.core.consortium import CONSORTIUM_ONLY, HYBRID, ConsortiumParams
 from medledger.core.errors import InvalidInput, MedledgerError
@@ -82,7 +77,7 @@ __all__ = [
     "create_nodes",
     "offer",
     "report_step",
-    "run_hybrid_bench",
+    "run_one_process",
     "run_result",
     "schedule",
     "step_result",
@@ -494,9 +489,10 @@ def _cdf(samples: list[float]) -> list[float]:
     ]
 
 
-async def _run_one(
+async def run_one_process(
     root: Path, mode: str, ordering: str, settings: HybridSettings, progress: Progress
 ) -> dict[str, Any]:
+    """One (mode, ordering) run with every institution in this process."""
     label = f"{mode}, {ordering}"
     bench = await BenchNetwork.open(
         root / f"{mode}-{ordering}", mode, ordering, settings.institutions
@@ -567,52 +563,3 @@ def draw_plots(results: dict[str, Any], plots_dir: Path, console: Console) -> li
         console.print(PLOTS_SKIPPED, markup=False, highlight=False)
         return []
     return [str(p) for p in plot_hybrid(results, plots_dir)]
-
-
-def run_hybrid_bench(
-    *,
-    root: Path | None,
-    settings: HybridSettings,
-    json_out: Path | None,
-    quick: bool,
-    plots_dir: Path | None = None,
-    markdown: Path | None = None,
-) -> dict[str, Any]:
-    """Run every (mode, ordering) in ``settings``; write JSON, plots and the summary."""
-    if quick:
-        settings = HybridSettings.quick(settings)
-    console = Console(stderr=True)
-    results = results_header(settings.to_json(), quick)
-    results["runs"] = []
-    started = time.perf_counter()
-    with (
-        work_dir(root, "hybrid") as base,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
-    ):
-        for ordering in settings.orderings:
-            for mode in settings.modes:
-                if settings.one_process:
-                    run = asyncio.run(_run_one(base, mode, ordering, settings, progress))
-                else:
-                    from medledger.benchmarks.hybrid_procs import run_per_institution
-
-                    run = run_per_institution(base, mode, ordering, settings, progress)
-                results["runs"].append(run)
-    finish_results(results, started)
-    results["comparison"] = compare(results["runs"])
-    if plots_dir is not None:
-        results["plots"] = draw_plots(results, plots_dir, console)
-    print_summary(results)
-    if json_out is not None:
-        write_json(json_out, results)
-    if markdown is not None:
-        from medledger.benchmarks.report import update_markdown
-
-        update_markdown(markdown, {"hybrid": results})
-    return results

@@ -274,7 +274,8 @@ def bench_hybrid(
     markdown: Path | None,
 ) -> None:
     """Hybrid vs consortium-only: validation and tamper-evidence delay, saturation, CPU."""
-    from medledger.benchmarks.hybrid import HybridSettings, run_hybrid_bench
+    from medledger.benchmarks.hybrid import HybridSettings
+    from medledger.benchmarks.hybrid_run import run_hybrid_bench
 
     if not quick:
         plots_dir = plots_dir or _default_docs_path("")

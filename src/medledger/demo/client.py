@@ -17,10 +17,9 @@ import httpx
 
 from medledger.core.errors import MedledgerError
 from medledger.localnet.spec import InstitutionEntry
+from medledger.services.fhir import FHIR_JSON
 
 __all__ = ["Answer", "DemoFailed", "NodeApi"]
-
-FHIR_JSON = "application/fhir+json"
 
 
 class DemoFailed(MedledgerError):

@@ -28,6 +28,7 @@ from medledger.core.errors import InvalidInput
 from medledger.services.value_sets import CONCEPT_BINDINGS, required_codes
 
 __all__ = [
+    "FHIR_JSON",
     "MAX_BODY_BYTES",
     "MAX_DEPTH",
     "FhirInvalid",
@@ -40,6 +41,8 @@ __all__ = [
     "validate_resource",
 ]
 
+#: The FHIR JSON media type (API responses, and clients of the API).
+FHIR_JSON = "application/fhir+json"
 #: Larger request bodies are refused before parsing.
 MAX_BODY_BYTES = 4 * 1024 * 1024
 #: Deeper JSON is refused: real resources nest far less, and deep input is a
