@@ -10,6 +10,7 @@ caught only with a previously published checkpoint.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
@@ -36,8 +37,15 @@ from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import EMPTY_ROOT, NodeID
 from medledger.core.models import BlockHeader, Signature
+from medledger.ledger import verify as verify_module
 from medledger.ledger.proofs import root_at
-from medledger.ledger.verify import Checkpoint, VerifyReport, parse_checkpoint, verify_chain
+from medledger.ledger.verify import (
+    STEPS,
+    Checkpoint,
+    VerifyReport,
+    parse_checkpoint,
+    verify_chain,
+)
 from medledger.storage.chain_layout import node_key
 from medledger.storage.sqlite.chain import SqliteChainStore
 
@@ -75,12 +83,20 @@ class Built:
         return rows
 
     def expect(
-        self, height: int, cls: type[VerificationError] = VerificationError, **kwargs: Any
+        self,
+        height: int,
+        cls: type[VerificationError] = VerificationError,
+        step: str | None = None,
+        **kwargs: Any,
     ) -> VerificationError:
+        """Verification fails at block ``height`` with ``cls``, in ``step`` when given."""
         with pytest.raises(cls) as caught:
             self.verify(**kwargs)
         message = str(caught.value)
         assert re.match(rf"block {height}: ", message), message
+        if step is not None:
+            assert caught.value.step == step, message
+            assert message.endswith(f"(verify step: {step})"), message
         return caught.value
 
 
@@ -153,14 +169,17 @@ def test_every_published_checkpoint_of_the_chain_verifies(built: Built) -> None:
 @pytest.mark.parametrize("size", [1, 2, 4, 5, 9, 17, 30, 46])
 def test_a_wrong_root_at_a_checkpoint_is_inconsistent(built: Built, size: int) -> None:
     bad = Checkpoint(size=size, root=sha256(b"a different history"))
-    error = built.expect(built.height_of(size - 1), InconsistentLog, checkpoints=[bad])
+    error = built.expect(
+        built.height_of(size - 1), InconsistentLog, "published-roots", checkpoints=[bad]
+    )
     assert bad.root.hex() in str(error)
 
 
 def test_a_checkpoint_beyond_the_head_means_truncation(built: Built) -> None:
     cp = Checkpoint(size=len(built.data) + 1, root=sha256(b"later"))
-    with pytest.raises(InconsistentLog, match="truncated"):
+    with pytest.raises(InconsistentLog, match="truncated") as caught:
         built.verify(checkpoints=[cp])
+    assert caught.value.step == "checkpoints"
 
 
 def test_the_empty_checkpoint_is_consistent_with_every_chain(built: Built) -> None:
@@ -213,14 +232,14 @@ def test_an_edited_block_is_named_even_where_an_anchor_ends_in_it(built: Built, 
         "UPDATE txs SET data = ? WHERE idx = ?",
         (_flip(built.data[index], "canonical-value"), index),
     )
-    error = built.expect(built.height_of(index), IntegrityError, checkpoints=anchors)
+    error = built.expect(built.height_of(index), IntegrityError, "roots", checkpoints=anchors)
     assert "tx_root does not match" in str(error)
     assert "history was rewritten" not in str(error)
 
 
 def test_a_deleted_transaction_is_caught(built: Built) -> None:
     built.sql("DELETE FROM txs WHERE idx = ?", (20,))
-    built.expect(built.height_of(20), IntegrityError)
+    built.expect(built.height_of(20), IntegrityError, "transaction-positions")
 
 
 # -- tampering with headers ----------------------------------------------------------------------
@@ -239,17 +258,21 @@ def _header_edit(field: str, value: Any) -> Any:
     return "mallory"
 
 
-HEADER_FIELDS = {
-    "time_ms": InvalidSignature,
-    "proposer": InvalidSignature,
-    "log_root": IntegrityError,
-    "tx_root": IntegrityError,
-    "prev_hash": IntegrityError,
-    "tx_count": IntegrityError,
-    "log_size": IntegrityError,
-    "chain": IntegrityError,
-    "height": IntegrityError,
+#: What a changed field is caught as, and by which step of ``verify_chain``.
+HEADER_FIELDS: dict[str, tuple[type[VerificationError], str]] = {
+    "time_ms": (InvalidSignature, "signatures"),
+    "proposer": (InvalidSignature, "signatures"),
+    "log_root": (IntegrityError, "roots"),
+    "tx_root": (IntegrityError, "roots"),
+    "prev_hash": (IntegrityError, "link"),
+    "tx_count": (IntegrityError, "transaction-positions"),
+    "log_size": (IntegrityError, "roots"),
+    "chain": (IntegrityError, "link"),
+    "height": (IntegrityError, "header"),
 }
+#: Where genesis differs: its chain id is whatever its header says (so its transaction
+#: disagrees), and one more transaction than its log holds is a malformed header.
+GENESIS_HEADER_STEPS = {"chain": "transactions", "tx_count": "header"}
 
 
 @pytest.mark.parametrize("height", [0, 4, LAST])
@@ -262,7 +285,8 @@ def test_a_changed_header_field_with_a_recomputed_hash_is_caught(
     header[field] = _header_edit(field, header[field])
     new = canonical_bytes(header)
     built.sql("UPDATE blocks SET header = ?, hash = ? WHERE height = ?", (new, sha256(new), height))
-    built.expect(height, HEADER_FIELDS[field])
+    cls, step = HEADER_FIELDS[field]
+    built.expect(height, cls, GENESIS_HEADER_STEPS.get(field, step) if height == 0 else step)
 
 
 @pytest.mark.parametrize("height", [0, 6, LAST])
@@ -271,7 +295,7 @@ def test_a_changed_header_without_its_hash_is_caught(built: Built, height: int) 
     header = json.loads(raw)
     header["time_ms"] += 1
     built.sql("UPDATE blocks SET header = ? WHERE height = ?", (canonical_bytes(header), height))
-    built.expect(height, IntegrityError)
+    built.expect(height, IntegrityError, "block-hash")
 
 
 # -- removing, reordering blocks -------------------------------------------------------------------
@@ -280,12 +304,12 @@ def test_a_changed_header_without_its_hash_is_caught(built: Built, height: int) 
 @pytest.mark.parametrize("keep", [0, 3, LAST - 1])
 def test_deleting_the_last_blocks_leaves_detectable_remains(built: Built, keep: int) -> None:
     built.sql("DELETE FROM blocks WHERE height > ?", (keep,))
-    built.expect(keep, IntegrityError)
+    built.expect(keep, IntegrityError, "head")
 
 
 def test_deleting_a_middle_block_is_caught(built: Built) -> None:
     built.sql("DELETE FROM blocks WHERE height = 5")
-    built.expect(5, IntegrityError)
+    built.expect(5, IntegrityError, "block-order")
 
 
 @pytest.mark.parametrize("keep", [1, 5, LAST - 1])
@@ -361,7 +385,7 @@ def test_a_bad_signature_is_caught(built: Built, height: int, mode: str) -> None
         forged = other.sign(built.hashes[height])
         sigs = [Signature(signer=built.key.fingerprint, alg=forged.alg, sig=forged.sig).to_json()]
     _set_signatures(built, height, sigs)
-    built.expect(height, InvalidSignature)
+    built.expect(height, InvalidSignature, "signatures")
 
 
 def test_an_extra_cosignature_is_harmless(built: Built) -> None:
@@ -389,7 +413,7 @@ def test_a_bad_stored_merkle_node_is_caught(built: Built, node: NodeID, mode: st
         )
     else:
         built.sql("DELETE FROM nodes WHERE id = ?", (node_key(node),))
-    built.expect(built.height_of(last_leaf), IntegrityError)
+    built.expect(built.height_of(last_leaf), IntegrityError, "merkle-nodes")
 
 
 # -- keys and rewritten history --------------------------------------------------------------------
@@ -401,7 +425,7 @@ def test_a_chain_signed_by_another_key_is_refused(chains: Chains, key: SigningKe
     # On its own it is a valid chain, of the other key...
     assert built.verify().signer == other.fingerprint
     # ...but not of this institution.
-    built.expect(0, InvalidSignature, expected_key=key.public)
+    built.expect(0, InvalidSignature, "transactions", expected_key=key.public)
 
 
 def test_history_rewritten_with_the_institution_key_needs_a_checkpoint(
@@ -484,3 +508,37 @@ def test_parse_checkpoint_accepts(text: str, expected: Checkpoint) -> None:
 def test_parse_checkpoint_refuses(text: str) -> None:
     with pytest.raises(InvalidInput):
         parse_checkpoint(text)
+
+
+# -- the steps an auditor follows -------------------------------------------------------------------
+
+
+def test_the_steps_are_documented_functions_taken_in_order() -> None:
+    """``STEPS`` names each step once; each is one function with a docstring saying what it
+    checks; ``verify_chain`` takes them in the order listed."""
+    tree = ast.parse(Path(verify_module.__file__).read_text(encoding="utf-8"))
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    step_of = {
+        name: decorator.args[0].value
+        for name, fn in functions.items()
+        for decorator in fn.decorator_list
+        if isinstance(decorator, ast.Call)
+        and isinstance(decorator.func, ast.Name)
+        and decorator.func.id == "_step"
+        and isinstance(decorator.args[0], ast.Constant)
+    }
+    assert sorted(step_of.values()) == sorted(STEPS) and len(set(STEPS)) == len(STEPS)
+    assert all(ast.get_docstring(functions[name]) for name in step_of)
+    # ast.walk is breadth-first: order the calls by where they are written.
+    lines = sorted(
+        (node.lineno, step_of[node.func.id])
+        for node in ast.walk(functions["verify_chain"])
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in step_of
+    )
+    assert [step for _, step in lines] == list(STEPS)
+
+
+def test_an_error_outside_a_whole_chain_verification_names_no_step() -> None:
+    assert str(IntegrityError("block 3: something")) == "block 3: something"

@@ -62,7 +62,18 @@ class MedledgerError(Exception):
 
 
 class VerificationError(MedledgerError):
-    """A signature, hash, proof or chain link does not check out."""
+    """A signature, hash, proof or chain link does not check out.
+
+    ``step`` names the step of ``ledger.verify.verify_chain`` that failed (its
+    ``STEPS``), when the error came from a whole-chain verification; the
+    message then ends with it, so an auditor knows which check to look up.
+    """
+
+    step: str | None = None
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return message if self.step is None else f"{message} (verify step: {self.step})"
 
 
 class InvalidSignature(VerificationError):
