@@ -668,6 +668,7 @@ def test_verify_detects_deleted_last_blocks(node_copy: Base, keep: int) -> None:
 
     line = _tamper_and_verify(node_copy, tamper, k)
     assert "removed" in line
+    assert line.endswith("(verify step: head)"), line  # the auditor's step that failed
 
 
 def test_verify_detects_clean_truncation_only_with_an_anchor(node_copy: Base) -> None:
