@@ -11,8 +11,11 @@ and that the chain is consistent with every published ``(size, root)``
 checkpoint given — the only defence against an insider who rewrites history
 and re-signs it with the institution's own key.
 
-The first problem found raises a :class:`VerificationError` naming the height
-and what is wrong; nothing is repaired or written.
+Each check is a named step (:data:`STEPS`, in the order taken), one
+function whose docstring says what it checks, so an auditor can follow the
+walk and re-implement it step by step. The first problem found raises a
+:class:`VerificationError` naming the height and what is wrong, and its
+``step`` names the step; nothing is repaired or written.
 """
 
 from __future__ import annotations
