@@ -189,15 +189,25 @@ class Node:
         genesis = load_genesis(self.paths.genesis)
         store = _consortium_store(self.config, self.paths, genesis.chain_id)
         key = self.keystore.signing_key()
-        member = ConsortiumMember(
-            genesis=genesis,
-            member_id=self.config.institution,
-            key=key,
-            orderer=orderer,
-            store=store,
-            evidence_path=self.paths.root / "evidence.jsonl",
-        )
-        await member.start()
+        try:
+            # Refuses a stored chain of another genesis: the store must not stay open then.
+            member = ConsortiumMember(
+                genesis=genesis,
+                member_id=self.config.institution,
+                key=key,
+                orderer=orderer,
+                store=store,
+                evidence_path=self.paths.root / "evidence.jsonl",
+            )
+        except BaseException:
+            store.close()
+            raise
+        try:
+            await member.start()
+        except BaseException:
+            await member.close()
+            store.close()
+            raise
         for task in member.tasks:
             self.health.watch(task)
         self.consortium, self._consortium_store = member, store
@@ -248,7 +258,16 @@ class Node:
         return self.anchorer
 
     async def close(self) -> None:
-        """Commit everything queued, then release storage."""
+        """Commit everything queued, then release storage (:meth:`stop`, :meth:`close_stores`)."""
+        await self.stop()
+        await self.close_stores()
+
+    async def stop(self) -> None:
+        """Stop the background tasks and commit everything queued; storage stays open.
+
+        After this nothing reads from the consortium's ordering service any more,
+        so the caller may close that before :meth:`close_stores`.
+        """
         if self._scrub is not None:
             await self._scrub.close()
         if self.anchorer is not None:
@@ -256,12 +275,15 @@ class Node:
         await self.access.drain()
         if self._transport is not None:
             await self._transport.close()
-        if self._nonces is not None:
-            await self._nonces.close()
         await self.records.close()
         await self.chain.close()
         if self.consortium is not None:
             await self.consortium.close()
+
+    async def close_stores(self) -> None:
+        """Release storage; call after :meth:`stop` (the writes it committed are durable)."""
+        if self._nonces is not None:
+            await self._nonces.close()
         await self.index.close()
         self.store.close()
         if self._consortium_store is not None:
