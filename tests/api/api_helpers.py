@@ -1,9 +1,9 @@
 """Helpers shared by the HTTP API tests: a real uvicorn server in a thread, and response checks.
 
 The node's asyncio objects (group committers, sequencer, locks) must live on the
-loop that serves requests, so the node is opened inside the server thread's own
-event loop, right before ``uvicorn.Server.serve`` starts on a socket bound to a
-free port of 127.0.0.1.
+loop that serves requests, so the whole of ``node start``'s lifecycle
+(``api.serving.NodeServer``: open, serve, close in order) runs in the server
+thread's own event loop, on a socket bound to a free port of 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from medledger.api.app import create_app
 from medledger.api.auth import AUTH_FAILURES
-from medledger.api.server import HttpLimits, server_config
+from medledger.api.server import HttpLimits
+from medledger.api.serving import NodeServer
 from medledger.core.encoding import canonical_bytes
 from medledger.core.models import Transaction
 from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import VerifyReport, verify_chain
+from medledger.lifecycle import RunSettings
 from medledger.localnet.loopback import loopback_socket
-from medledger.node import Node, init_node, open_chain, open_node
+from medledger.node import Node, init_node, open_chain
 from medledger.services.ratelimit import RateLimit
 from medledger.storage.keystore import KdfParams
 from medledger.storage.ports import TokenStore
@@ -80,6 +81,7 @@ class LiveServer:
     node: Node
     loop: asyncio.AbstractEventLoop
     server: uvicorn.Server
+    node_server: NodeServer
     thread: threading.Thread
     clinician: str
     auditor: str
@@ -130,30 +132,40 @@ class LiveServer:
 
 
 def start_server(
-    root: Path, *, name: str = "Api Test Hospital", auth_failures: RateLimit = AUTH_FAILURES
+    root: Path,
+    *,
+    name: str = "Api Test Hospital",
+    auth_failures: RateLimit = AUTH_FAILURES,
+    settings: RunSettings | None = None,
 ) -> LiveServer:
-    """Create a node in ``root`` and serve it on a free port until ``stop_server``."""
+    """Create a node in ``root`` and serve it on a free port until ``stop_server``.
+
+    The node runs under the same lifecycle as ``node start`` (``api.serving``):
+    opened, served and closed in its order, with the scrub off unless ``settings``
+    turn it on.
+    """
     init_node(root, name=name, passphrase=PASSPHRASE, kdf=FAST_KDF)
+    # The test's own handle on the token file, as ``medledger token create`` would be.
     tokens = SqliteTokenStore(root / "tokens.db")
     sock = loopback_socket()
-    port = sock.getsockname()[1]
+    node_server = NodeServer(
+        root=root,
+        passphrase=PASSPHRASE,
+        settings=settings or RunSettings(),
+        sockets=[sock],
+        limits=HttpLimits(idle_timeout_s=30),
+        auth_failures=auth_failures,
+    )
     started = threading.Event()
     box: dict[str, Any] = {"errors": []}
 
     async def main() -> None:
-        node = open_node(root, PASSPHRASE)
-        try:
-            app = create_app(node, tokens, auth_failures=auth_failures)
-            config = server_config(app, limits=HttpLimits(idle_timeout_s=30))
-            server = uvicorn.Server(config)
-            box.update(node=node, app=app, server=server, loop=asyncio.get_running_loop())
-            serving = asyncio.create_task(server.serve(sockets=[sock]))
-            while not server.started and not serving.done():
-                await asyncio.sleep(0.005)
-            started.set()
-            await serving
-        finally:
-            await node.close()
+        box["loop"] = asyncio.get_running_loop()
+        serving = asyncio.create_task(node_server.serve())
+        while not node_server.started and not serving.done():
+            await asyncio.sleep(0.005)
+        started.set()
+        await serving
 
     def thread_main() -> None:
         try:
@@ -166,17 +178,22 @@ def start_server(
 
     thread = threading.Thread(target=thread_main, name="uvicorn-test-server", daemon=True)
     thread.start()
-    if not started.wait(30) or box["errors"] or "server" not in box:
+    if not started.wait(30) or box["errors"] or not node_server.started:
+        thread.join(30)
+        tokens.close()
         raise RuntimeError(f"the test server did not start: {box['errors']!r}")
+    assert node_server.runtime is not None and node_server.app is not None
+    assert node_server.http_server is not None
     created = now_ms()
     live = LiveServer(
         root=root,
-        url=f"http://127.0.0.1:{port}",
+        url=f"http://127.0.0.1:{sock.getsockname()[1]}",
         tokens=tokens,
-        app=box["app"],
-        node=box["node"],
+        app=node_server.app,
+        node=node_server.runtime.node,
         loop=box["loop"],
-        server=box["server"],
+        server=node_server.http_server,
+        node_server=node_server,
         thread=thread,
         clinician=tokens.create(role="clinician", now_ms=created, label="clinician")[0],
         auditor=tokens.create(role="auditor", now_ms=created, label="auditor")[0],
@@ -187,8 +204,8 @@ def start_server(
 
 
 def stop_server(live: LiveServer) -> None:
-    """Stop serving, close the node on its own loop, and surface any error of the thread."""
-    live.server.should_exit = True
+    """Stop serving and close the node in the lifecycle's order; surface any thread error."""
+    live.loop.call_soon_threadsafe(live.node_server.stop)
     live.thread.join(30)
     live.tokens.close()
     assert not live.thread.is_alive(), "the test server did not stop within 30 s"

@@ -27,12 +27,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from medledger.api.auth import require
+from medledger.api.deps import NodeDep, Records
 from medledger.api.fhir import read_body
 from medledger.api.responses import fhir_response
 from medledger.api.sharing import wallet_key
 from medledger.core.errors import InvalidInput
 from medledger.core.models import Signature
-from medledger.node import Node
 from medledger.services.fhir import is_resource_type, validate_id
 from medledger.storage.ports import TokenInfo
 
@@ -43,8 +43,7 @@ Admin = Annotated[TokenInfo, Depends(require("admin"))]
 
 
 @router.post("/patients/{rid}/rebind", summary="break-glass re-binding of a patient's key")
-async def rebind_patient(rid: str, request: Request, who: Admin) -> Response:
-    node: Node = request.app.state.node
+async def rebind_patient(rid: str, request: Request, node: NodeDep, who: Admin) -> Response:
     body = await read_body(request)
     if not isinstance(body, dict) or set(body) != {"patient_key", "signature"}:
         raise InvalidInput("rebind takes exactly patient_key (hex DER) and signature")
@@ -60,16 +59,15 @@ async def rebind_patient(rid: str, request: Request, who: Admin) -> Response:
 
 
 @router.post("/records/{resource_type}/{rid}/erase", summary="crypto-shredding erasure of a record")
-async def erase_record(resource_type: str, rid: str, request: Request, who: Admin) -> Response:
+async def erase_record(resource_type: str, rid: str, records: Records, who: Admin) -> Response:
     """Destroy every version's data key and blob; a ``record.erase`` tombstone goes on the chain.
 
     Unlike a FHIR delete (which keeps the older versions readable) nothing of
     the record can be read afterwards, by anyone: vread and history say 410.
     """
-    node: Node = request.app.state.node
     if not is_resource_type(resource_type):
         raise InvalidInput(f"{resource_type!r} is not a FHIR resource type")
-    versions = await node.records.erase(resource_type, validate_id(rid))
+    versions = await records.erase(resource_type, validate_id(rid))
     return fhir_response(
         {"erased": f"{resource_type}/{rid}", "versions": versions},
         headers={"Content-Type": "application/json"},
@@ -77,7 +75,6 @@ async def erase_record(resource_type: str, rid: str, request: Request, who: Admi
 
 
 @router.post("/keys/rotate", summary="rotate the key-encryption key")
-async def rotate_keys(request: Request, who: Admin) -> Response:
-    node: Node = request.app.state.node
-    summary = await node.records.rotate_kek()
+async def rotate_keys(records: Records, who: Admin) -> Response:
+    summary = await records.rotate_kek()
     return fhir_response(summary, headers={"Content-Type": "application/json"})

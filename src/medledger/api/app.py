@@ -9,6 +9,7 @@ as plain HTML at ``/docs`` (``api.headers``: no scripts, nothing from a CDN).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,12 +19,14 @@ from fastapi.responses import Response
 from medledger import __version__
 from medledger.api import admin, chain, fhir, peer, sharing
 from medledger.api.auth import AUTH_FAILURES, AuthFailures
+from medledger.api.deps import AppServices, Services, always_ready, install_services
 from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
 from medledger.api.metrics import install_metrics
 from medledger.api.responses import fhir_response
 from medledger.core.errors import MedledgerError
-from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.clock import Clock
+from medledger.ledger.ordering.observed import ObservedOrderer
 from medledger.node import Node
 from medledger.services.ratelimit import RateLimit
 from medledger.storage.ports import TokenStore
@@ -62,11 +65,16 @@ def create_app(
     *,
     clock: Clock | None = None,
     auth_failures: RateLimit = AUTH_FAILURES,
+    not_ready: Callable[[], str | None] = always_ready,
+    ordering: ObservedOrderer | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``node``; callers own the node's and token store's lifetime.
 
-    ``auth_failures``: the failed-authentication budget of each client address
-    and token id (``api.auth``).
+    ``clock``: the time token expiry and the failure budgets are read from
+    (default: the node's). ``auth_failures``: the failed-authentication budget
+    of each client address and token id (``api.auth``). ``not_ready`` and
+    ``ordering``: the node's lifecycle, when it runs under
+    :func:`medledger.lifecycle.run_node` (``api.serving`` passes them).
     """
     app = FastAPI(
         title=f"medledger node — {node.config.name}",
@@ -77,10 +85,18 @@ def create_app(
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
     )
-    app.state.node = node
-    app.state.tokens = tokens
-    app.state.clock = clock or SystemClock()
-    app.state.auth_failures = AuthFailures(auth_failures, app.state.clock)
+    clock = clock or node.clock
+    install_services(
+        app,
+        AppServices(
+            node=node,
+            tokens=tokens,
+            clock=clock,
+            auth_failures=AuthFailures(auth_failures, clock),
+            not_ready=not_ready,
+            ordering=ordering,
+        ),
+    )
     install_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     # Routes are matched in order, one regex each: the busiest peer endpoint first
@@ -97,12 +113,12 @@ def create_app(
         return fhir_response({"status": "ok"}, headers={"Content-Type": "application/json"})
 
     @app.get("/readyz", tags=["operations"])
-    async def readyz() -> Response:
-        # ``app.state.ready`` (set by ``node start`` when it joins a consortium): False
-        # until the consortium member has replayed the order it found at start.
-        # ``node.health``: every background task the node needs, by name; a dead one
-        # makes the node unready, and the answer says which and why.
-        ready = getattr(app.state, "ready", None)
+    async def readyz(services: Services) -> Response:
+        # ``not_ready``: the lifecycle's word (``catching up`` until the consortium
+        # member has replayed the order it found at start, ``stopping`` once the
+        # shutdown began). ``node.health``: every background task the node needs, by
+        # name; a dead one makes the node unready, and the answer says which and why.
+        node = services.node
         body: dict[str, Any] = {
             "status": "ready",
             "institution": node.config.institution,
@@ -111,8 +127,9 @@ def create_app(
         if node.consortium is not None:
             body["consortium"] = node.consortium.chain_id
             body["consortium_height"] = node.consortium.final_height
-        if ready is not None and not ready():
-            body["status"] = "catching up"
+        waiting = services.not_ready()
+        if waiting is not None:
+            body["status"] = waiting
         # After a write failed for lack of space, a small flushed probe write (off the
         # event loop) tells whether space is back.
         await asyncio.to_thread(node.store_health.probe)

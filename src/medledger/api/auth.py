@@ -21,11 +21,12 @@ from typing import Any
 
 from fastapi import Request
 
+from medledger.api.deps import Services
 from medledger.api.errors import Forbidden, Unauthorized
 from medledger.core.errors import InvalidInput, RateLimited
 from medledger.ledger.clock import Clock
 from medledger.services.ratelimit import RateLimit, RateLimiter
-from medledger.storage.ports import TokenInfo, TokenStore
+from medledger.storage.ports import TokenInfo
 
 __all__ = ["AUTH_FAILURES", "AuthFailures", "Principal", "require"]
 
@@ -58,14 +59,12 @@ class AuthFailures:
             )
 
 
-def require(*roles: str) -> Callable[[Request], Any]:
+def require(*roles: str) -> Callable[..., Any]:
     """A FastAPI dependency admitting a valid token whose role is in ``roles`` (admin always)."""
 
     # Async on purpose: a sync dependency would hop to a worker thread on every
     # request; the token check is one indexed SQLite read, cheaper than the hop.
-    async def dependency(request: Request) -> TokenInfo:
-        tokens: TokenStore = request.app.state.tokens
-        clock: Clock = request.app.state.clock
+    async def dependency(request: Request, services: Services) -> TokenInfo:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -73,10 +72,9 @@ def require(*roles: str) -> Callable[[Request], Any]:
             raise Unauthorized("a bearer token is required")
         token = token.strip()
         try:
-            info = tokens.check(token, now_ms=clock.now_ms())
+            info = services.tokens.check(token, now_ms=services.clock.now_ms())
         except InvalidInput as exc:
-            failures: AuthFailures = request.app.state.auth_failures
-            failures.charge(request, token)
+            services.auth_failures.charge(request, token)
             raise Unauthorized(str(exc)) from None
         if info.role != "admin" and info.role not in roles:
             raise Forbidden(f"role {info.role!r} may not do this")

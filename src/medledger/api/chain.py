@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
 
 from medledger.api.auth import require
+from medledger.api.deps import NodeDep
 from medledger.api.responses import fhir_response
 from medledger.core.errors import InvalidInput, NotFound
 from medledger.core.hashing import hash_from_hex
@@ -35,8 +36,7 @@ def _json(body: Any) -> Response:
     return fhir_response(body, headers={"Content-Type": "application/json"})
 
 
-def _store(request: Request, which: str) -> ChainStore:
-    node: Node = request.app.state.node
+def _store(node: Node, which: str) -> ChainStore:
     if which == "private":
         private: ChainStore = node.store
         return private
@@ -49,27 +49,27 @@ def _store(request: Request, which: str) -> ChainStore:
 
 
 @router.get("/{which}/head")
-async def head(which: str, request: Request, who: Auditor) -> Response:
-    return _json(head_json(_store(request, which)))
+async def head(which: str, node: NodeDep, who: Auditor) -> Response:
+    return _json(head_json(_store(node, which)))
 
 
 @router.get("/{which}/blocks/{height}")
 async def block(
-    which: str, height: Annotated[int, Path(ge=0, le=2**53)], request: Request, who: Auditor
+    which: str, height: Annotated[int, Path(ge=0, le=2**53)], node: NodeDep, who: Auditor
 ) -> Response:
-    return _json(block_json(_store(request, which).block(height)))
+    return _json(block_json(_store(node, which).block(height)))
 
 
 @router.get("/{which}/proof/inclusion")
 async def proof_inclusion(
     which: str,
-    request: Request,
+    node: NodeDep,
     who: Auditor,
     index: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     tx: str | None = None,
     size: Annotated[int | None, Query(ge=1, le=2**53)] = None,
 ) -> Response:
-    store = _store(request, which)
+    store = _store(node, which)
     if (index is None) == (tx is None):
         raise InvalidInput("give exactly one of index or tx")
     if tx is not None:
@@ -81,17 +81,16 @@ async def proof_inclusion(
 @router.get("/{which}/proof/consistency")
 async def proof_consistency(
     which: str,
-    request: Request,
+    node: NodeDep,
     who: Auditor,
     old: Annotated[int, Query(ge=0, le=2**53)],
     new: Annotated[int | None, Query(ge=0, le=2**53)] = None,
 ) -> Response:
-    return _json(consistency_proof_json(_store(request, which), old, new))
+    return _json(consistency_proof_json(_store(node, which), old, new))
 
 
 @router.get("/consortium/status")
-async def consortium_status(request: Request, who: Auditor) -> Response:
-    node: Node = request.app.state.node
+async def consortium_status(node: NodeDep, who: Auditor) -> Response:
     if node.consortium is None:
         raise NotFound("this node has not joined a consortium")
     return _json(node.consortium.status())

@@ -23,12 +23,14 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medledger.api.auth import require
+from medledger.api.deps import NodeDep, Records
 from medledger.api.errors import TooLarge
 from medledger.api.negotiation import check_formats
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import Gone, InvalidInput, NotFound
+from medledger.node import Node
 from medledger.services.access import AccessEntry, refusal_reason
-from medledger.services.conditional import ConditionalWrites, parse_criteria
+from medledger.services.conditional import parse_criteria
 from medledger.services.fhir import (
     MAX_BODY_BYTES,
     FhirInvalid,
@@ -50,11 +52,6 @@ router = APIRouter(prefix="/fhir", tags=["FHIR"], dependencies=[Depends(check_fo
 Clinical = Annotated[TokenInfo, Depends(require("clinician", "patient"))]
 Writer = Annotated[TokenInfo, Depends(require("clinician"))]
 _RESULT_PARAMS = {"_count", "_offset", "_format"}
-
-
-def _records(request: Request) -> RecordsService:
-    records: RecordsService = request.app.state.node.records
-    return records
 
 
 def _http_date(instant: str) -> str:
@@ -111,7 +108,7 @@ class _NotYours(NotFound):
 
 
 def _patient_gate(
-    request: Request,
+    records: RecordsService,
     who: TokenInfo,
     resource_type: str,
     rid: str,
@@ -127,7 +124,7 @@ def _patient_gate(
     """
     if who.role != "patient":
         return
-    allowed, owner = _records(request).patient_may_read(
+    allowed, owner = records.patient_may_read(
         resource_type, rid, str(who.patient), version=version, whole_history=whole_history
     )
     if not allowed:
@@ -145,7 +142,7 @@ def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
 
 @asynccontextmanager
 async def _audited(
-    request: Request, who: TokenInfo, resource_type: str, rid: str = "*"
+    node: Node, who: TokenInfo, resource_type: str, rid: str = "*"
 ) -> AsyncIterator[list[StoredResource]]:
     """Every clinical read is an ``access`` entry on the private chain, allowed or refused.
 
@@ -157,7 +154,6 @@ async def _audited(
     apart. Malformed requests, and a clinician's reads of records that do not
     exist, touch no record and write nothing.
     """
-    node = request.app.state.node
     inst = node.config.institution
 
     def entry(rtype: str, ident: str, patient: str | None, outcome: str, reason: str = "") -> Any:
@@ -237,7 +233,7 @@ _CONSORTIUM_RESOURCES: list[dict[str, Any]] = [
 
 
 @router.get("/metadata", summary="CapabilityStatement")
-async def metadata(request: Request) -> Response:
+async def metadata(request: Request, node: NodeDep) -> Response:
     """What this server supports — only what is implemented (no auth needed)."""
     interactions = [
         {"code": c}
@@ -278,7 +274,7 @@ async def metadata(request: Request) -> Response:
         }
         for rtype, params in SEARCH_PARAMS.items()
     ]
-    if request.app.state.node.consortium is not None:
+    if node.consortium is not None:
         resources.extend(_CONSORTIUM_RESOURCES)  # served from the chains (api.sharing)
     return fhir_response(
         {
@@ -287,9 +283,7 @@ async def metadata(request: Request) -> Response:
             "date": "2026-11-25",
             "kind": "instance",
             "software": {"name": "medledger", "version": request.app.version},
-            "implementation": {
-                "description": f"medledger node {request.app.state.node.config.name}"
-            },
+            "implementation": {"description": f"medledger node {node.config.name}"},
             "fhirVersion": "4.0.1",
             "format": ["application/fhir+json", "json"],
             "rest": [
@@ -310,11 +304,11 @@ async def metadata(request: Request) -> Response:
 
 
 @router.post("", summary="transaction Bundle (all-or-nothing)")
-async def transaction(request: Request, who: Writer) -> Response:
+async def transaction(request: Request, records: Records, who: Writer) -> Response:
     bundle = await read_body(request)
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InvalidInput("POST /fhir takes a Bundle of type 'transaction'")
-    return fhir_response(await _records(request).transaction(bundle))
+    return fhir_response(await records.transaction(bundle))
 
 
 # -- type level --------------------------------------------------------------------------
@@ -324,6 +318,7 @@ async def transaction(request: Request, who: Writer) -> Response:
 async def create(
     resource_type: str,
     request: Request,
+    node: NodeDep,
     who: Writer,
     if_none_exist: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -331,18 +326,18 @@ async def create(
     if not isinstance(resource, dict) or resource.get("resourceType") != _check_type(resource_type):
         raise InvalidInput(f"body must be a {resource_type} resource")
     if if_none_exist is None:
-        stored = await _records(request).create(resource)
+        stored = await node.records.create(resource)
         return _written(request, stored, 201)
     criteria = parse_criteria(if_none_exist, resource_type)
-    conditional: ConditionalWrites = request.app.state.node.conditional
+    conditional = node.conditional
     async with conditional.lock(resource_type):
         match = await conditional.match(resource_type, criteria)
         if match.id is None:
-            stored = await _records(request).create(resource)
+            stored = await node.records.create(resource)
             return _written(request, stored, 201)
     # FHIR R4 §3.1.0.8: one match is "200 OK" with nothing created; showing it is a read.
-    async with _audited(request, who, resource_type, match.id) as shown:
-        existing = await _records(request).read(resource_type, match.id)
+    async with _audited(node, who, resource_type, match.id) as shown:
+        existing = await node.records.read(resource_type, match.id)
         shown.append(existing)
     return _written(request, existing, 200)
 
@@ -350,26 +345,28 @@ async def create(
 @router.get("/{resource_type}/_history", summary="type history")
 async def type_history(
     resource_type: str,
-    request: Request,
+    node: NodeDep,
     who: Writer,
     _count: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    async with _audited(request, who, resource_type) as shown:
-        versions = await _records(request).type_history(
-            _check_type(resource_type), min(_count, 1000)
-        )
+    async with _audited(node, who, resource_type) as shown:
+        versions = await node.records.type_history(_check_type(resource_type), min(_count, 1000))
         shown.extend(v.stored for v in versions if v.stored is not None)
     return fhir_response(_history_bundle(versions))
 
 
 @router.get("/{resource_type}", summary="search")
-async def search(resource_type: str, request: Request, who: Clinical) -> Response:
-    async with _audited(request, who, resource_type) as shown:
-        return await _search(resource_type, request, who, shown)
+async def search(resource_type: str, request: Request, node: NodeDep, who: Clinical) -> Response:
+    async with _audited(node, who, resource_type) as shown:
+        return await _search(resource_type, request, node.records, who, shown)
 
 
 async def _search(
-    resource_type: str, request: Request, who: TokenInfo, shown: list[StoredResource]
+    resource_type: str,
+    request: Request,
+    records: RecordsService,
+    who: TokenInfo,
+    shown: list[StoredResource],
 ) -> Response:
     _check_type(resource_type)
     params: dict[str, list[str]] = {}
@@ -378,7 +375,6 @@ async def _search(
             params.setdefault(key, []).append(value)
     count = _int_param(request, "_count", 50, 1, 500)
     offset = _int_param(request, "_offset", 0, 0, 10**9)
-    records = _records(request)
     if who.role == "patient" and resource_type == "Patient":
         if params:
             raise InvalidInput("a patient token searches Patient without parameters (itself)")
@@ -432,12 +428,12 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 
 
 @router.get("/{resource_type}/{rid}", summary="read")
-async def read(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
-    async with _audited(request, who, resource_type, rid) as shown:
+async def read(resource_type: str, rid: str, node: NodeDep, who: Clinical) -> Response:
+    async with _audited(node, who, resource_type, rid) as shown:
         rtype, rid = _check_type(resource_type), validate_id(rid)
-        _patient_gate(request, who, rtype, rid)
+        _patient_gate(node.records, who, rtype, rid)
         with _as_absent_for_patients(who):
-            stored = await _records(request).read(rtype, rid)
+            stored = await node.records.read(rtype, rid)
         _patient_may_see(who, stored)
         shown.append(stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))
@@ -448,6 +444,7 @@ async def update(
     resource_type: str,
     rid: str,
     request: Request,
+    records: Records,
     who: Writer,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -456,9 +453,7 @@ async def update(
         raise InvalidInput("body must be a FHIR resource")
     rtype, rid = _check_type(resource_type), validate_id(rid)
     _same_id(resource, rtype, rid)
-    stored, created = await _records(request).update(
-        rtype, rid, resource, if_match=_if_match(if_match)
-    )
+    stored, created = await records.update(rtype, rid, resource, if_match=_if_match(if_match))
     return _written(request, stored, 201 if created else 200)
 
 
@@ -466,6 +461,7 @@ async def update(
 async def conditional_update(
     resource_type: str,
     request: Request,
+    node: NodeDep,
     who: Writer,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -475,8 +471,7 @@ async def conditional_update(
     resource = await read_body(request)
     if not isinstance(resource, dict):
         raise InvalidInput("body must be a FHIR resource")
-    conditional: ConditionalWrites = request.app.state.node.conditional
-    records = _records(request)
+    conditional, records = node.conditional, node.records
     async with conditional.lock(rtype):
         match = await conditional.match(rtype, criteria)
         if match.id is not None:
@@ -553,7 +548,7 @@ def _same_id(resource: dict[str, Any], resource_type: str, rid: str) -> None:
 async def delete(
     resource_type: str,
     rid: str,
-    request: Request,
+    records: Records,
     who: Writer,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -563,33 +558,35 @@ async def delete(
     """
     # FHIR R4 §3.1.0.7: deleting a deleted resource has no effect and answers 204 again.
     with contextlib.suppress(Gone):
-        await _records(request).delete(
+        await records.delete(
             _check_type(resource_type), validate_id(rid), if_match=_if_match(if_match)
         )
     return Response(status_code=204)
 
 
 @router.delete("/{resource_type}", summary="conditional delete (DELETE Type?criteria)")
-async def conditional_delete(resource_type: str, request: Request, who: Writer) -> Response:
+async def conditional_delete(
+    resource_type: str, request: Request, node: NodeDep, who: Writer
+) -> Response:
     """FHIR R4 §3.1.0.7.1: no match is 204, one match is deleted, several are 412."""
     rtype = _conditional_type(resource_type)
     criteria = parse_criteria(request.url.query, rtype)
-    conditional: ConditionalWrites = request.app.state.node.conditional
+    conditional = node.conditional
     async with conditional.lock(rtype):
         match = await conditional.match(rtype, criteria)
         if match.id is not None:
             with contextlib.suppress(Gone):
-                await _records(request).delete(rtype, match.id)
+                await node.records.delete(rtype, match.id)
     return Response(status_code=204)
 
 
 @router.get("/{resource_type}/{rid}/_history", summary="instance history")
-async def history(resource_type: str, rid: str, request: Request, who: Clinical) -> Response:
-    async with _audited(request, who, resource_type, rid) as shown:
+async def history(resource_type: str, rid: str, node: NodeDep, who: Clinical) -> Response:
+    async with _audited(node, who, resource_type, rid) as shown:
         rtype, rid = _check_type(resource_type), validate_id(rid)
-        _patient_gate(request, who, rtype, rid, whole_history=True)
+        _patient_gate(node.records, who, rtype, rid, whole_history=True)
         with _as_absent_for_patients(who):
-            versions = await _records(request).history(rtype, rid)
+            versions = await node.records.history(rtype, rid)
         readable = [v.stored for v in versions if v.stored is not None]
         if who.role == "patient":
             if not readable:  # all erased: whose they were cannot be shown to a patient
@@ -605,14 +602,14 @@ async def vread(
     resource_type: str,
     rid: str,
     vid: Annotated[int, Path(ge=0, le=2**53)],
-    request: Request,
+    node: NodeDep,
     who: Clinical,
 ) -> Response:
-    async with _audited(request, who, resource_type, rid) as shown:
+    async with _audited(node, who, resource_type, rid) as shown:
         rtype, rid = _check_type(resource_type), validate_id(rid)
-        _patient_gate(request, who, rtype, rid, version=vid)
+        _patient_gate(node.records, who, rtype, rid, version=vid)
         with _as_absent_for_patients(who):
-            stored = await _records(request).vread(rtype, rid, vid)
+            stored = await node.records.vread(rtype, rid, vid)
         _patient_may_see(who, stored)
         shown.append(stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))

@@ -36,6 +36,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from medledger.api.deps import services_of
 from medledger.node import STORE_HEALTH_CHECKS
 
 __all__ = ["CONTENT_TYPE", "Metrics", "MetricsMiddleware", "install_metrics"]
@@ -141,7 +142,8 @@ def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
 def exposition(app: FastAPI) -> str:
     """The text exposition of every series (see the module docstring)."""
     metrics: Metrics = app.state.metrics
-    node = app.state.node
+    services = services_of(app)
+    node = services.node
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -175,7 +177,7 @@ def exposition(app: FastAPI) -> str:
             "Private height covered by this institution's last final anchor",
         )
         out.append(_line("medledger_anchored_height", anchor.height if anchor is not None else 0))
-        ordering = getattr(app.state, "ordering", None)
+        ordering = services.ordering
         family(
             "medledger_anchors_submitted_total",
             "counter",
@@ -183,9 +185,8 @@ def exposition(app: FastAPI) -> str:
         )
         submitted = ordering.anchors_published if ordering is not None else 0
         out.append(_line("medledger_anchors_submitted_total", submitted))
-        ready = getattr(app.state, "ready", None)
         family("medledger_consortium_ready", "gauge", "1 once the consortium member caught up")
-        out.append(_line("medledger_consortium_ready", int(ready is None or ready())))
+        out.append(_line("medledger_consortium_ready", int(services.not_ready() is None)))
 
     family("medledger_task_up", "gauge", "1 while the background task runs (see /readyz)")
     for task, problem in node.health.results().items():

@@ -19,10 +19,9 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from medledger.api.auth import AuthFailures
+from medledger.api.deps import Services
 from medledger.api.fhir import read_body
 from medledger.core.errors import MedledgerError, NotFound
-from medledger.node import Node
 
 __all__ = ["router"]
 
@@ -32,17 +31,16 @@ MAX_PEER_REQUEST_BYTES = 16 * 1024
 
 
 @router.post("/{op}")
-async def peer(op: Literal["fetch", "list"], request: Request) -> Response:
+async def peer(op: Literal["fetch", "list"], request: Request, services: Services) -> Response:
     """Serve a member's signed ``fetch`` or ``list`` request."""
-    node: Node = request.app.state.node
+    node = services.node
     if node.sharing is None:
         raise NotFound("this node has not joined a consortium")
-    failures: AuthFailures = request.app.state.auth_failures
     try:
         document = await read_body(request, MAX_PEER_REQUEST_BYTES)
         authenticated = node.sharing.authenticate(document)
     except MedledgerError:
-        failures.charge(request)
+        services.auth_failures.charge(request)
         raise
     answer = await node.sharing.serve(op, authenticated)
     # Plain JSON of strings and integers (base64 ciphertext, hex proofs): orjson.

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from medledger.api.auth import require
+from medledger.api.deps import NodeDep
 from medledger.api.errors import Forbidden
 from medledger.api.fhir import read_body
 from medledger.api.responses import fhir_response
@@ -60,13 +61,7 @@ TrailReader = Annotated[TokenInfo, Depends(require("auditor", "patient"))]
 _FINGERPRINT = r"^[0-9a-f]{64}$"
 
 
-def _node(request: Request) -> Node:
-    node: Node = request.app.state.node
-    return node
-
-
-def _sharing(request: Request) -> tuple[SharingService, ConsortiumMember]:
-    node = _node(request)
+def _sharing(node: Node) -> tuple[SharingService, ConsortiumMember]:
     if node.sharing is None or node.consortium is None:
         raise NotFound("this node has not joined a consortium")
     return node.sharing, node.consortium
@@ -76,21 +71,21 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return fhir_response(body, status=status, headers=headers)
 
 
-async def _own_fingerprint(request: Request, who: TokenInfo) -> str | None:
+async def _own_fingerprint(node: Node, who: TokenInfo) -> str | None:
     """A patient token's key fingerprint (None for other roles)."""
     if who.role != "patient":
         return None
-    fingerprint = await _node(request).enrollments.fingerprint_of(str(who.patient))
+    fingerprint = await node.enrollments.fingerprint_of(str(who.patient))
     if fingerprint is None:
         raise Forbidden("this patient has not enrolled a key here")
     return fingerprint
 
 
-def _consent_json(request: Request, record: ConsentRecord) -> dict[str, Any]:
-    store = _node(request).consortium_store
+def _consent_json(node: Node, record: ConsentRecord) -> dict[str, Any]:
+    store = node.consortium_store
     assert store is not None  # a node with a consortium member has its store
     tx = Transaction.decode(store.tx_by_hash(record.tx_hash)[1])
-    return consent_resource(record, tx, now_ms=_node(request).clock.now_ms())
+    return consent_resource(record, tx, now_ms=node.clock.now_ms())
 
 
 def _key_and_signature(body: Any, extra: set[str] | None = None) -> tuple[VerifyingKey, Signature]:
@@ -116,10 +111,9 @@ def _own_patient(who: TokenInfo, rid: str) -> None:
 
 
 @router.get("/fhir/Patient/{rid}/$enrollment", summary="the key a Patient is enrolled with")
-async def enrollment(rid: str, request: Request, who: ConsentWriter) -> Response:
+async def enrollment(rid: str, node: NodeDep, who: ConsentWriter) -> Response:
     """What a wallet signs to enroll (institution, pseudonym) and the key bound now."""
     _own_patient(who, validate_id(rid))
-    node = _node(request)
     await node.records.read("Patient", rid)
     binding = await node.enrollments.binding_of(rid)
     return _json(
@@ -134,19 +128,19 @@ async def enrollment(rid: str, request: Request, who: ConsentWriter) -> Response
 
 
 @router.post("/fhir/Patient/{rid}/$enroll", summary="link a Patient to the patient's key")
-async def enroll(rid: str, request: Request, who: Clinician) -> Response:
+async def enroll(rid: str, request: Request, node: NodeDep, who: Clinician) -> Response:
     key, signature = _key_and_signature(await read_body(request))
-    fingerprint = await _node(request).enrollments.enroll(validate_id(rid), key, signature)
+    fingerprint = await node.enrollments.enroll(validate_id(rid), key, signature)
     return _json({"patient": f"Patient/{rid}", "fingerprint": fingerprint})
 
 
 @router.post("/fhir/Patient/{rid}/$rotate-key", summary="move a Patient to a new key")
-async def rotate_key(rid: str, request: Request, who: ConsentWriter) -> Response:
+async def rotate_key(rid: str, request: Request, node: NodeDep, who: ConsentWriter) -> Response:
     """The new key's enrollment signature plus the bound key's rotation signature."""
     _own_patient(who, validate_id(rid))
     body = await read_body(request)
     key, signature = _key_and_signature(body, {"previous_key", "previous_signature"})
-    fingerprint = await _node(request).enrollments.rotate(
+    fingerprint = await node.enrollments.rotate(
         rid,
         key,
         signature,
@@ -157,24 +151,24 @@ async def rotate_key(rid: str, request: Request, who: ConsentWriter) -> Response
 
 
 @router.post("/fhir/Consent", summary="grant consent (patient-signed)", status_code=201)
-async def grant(request: Request, who: ConsentWriter) -> Response:
-    _, member = _sharing(request)
+async def grant(request: Request, node: NodeDep, who: ConsentWriter) -> Response:
+    _, member = _sharing(node)
     tx = grant_from_consent(await read_body(request))
-    own = await _own_fingerprint(request, who)
+    own = await _own_fingerprint(node, who)
     if own is not None and tx.body["patient"] != own:
         raise Forbidden("a patient token may only submit its own patient's consent")
     await member.submit(tx)
     record = member.state.consents[tx.hash()]
     return _json(
-        _consent_json(request, record),
+        _consent_json(node, record),
         status=201,
         headers={"Location": f"/fhir/Consent/{record.tx_hash.hex()}"},
     )
 
 
 @router.put("/fhir/Consent/{cid}", summary="revoke consent (patient-signed)")
-async def revoke(cid: str, request: Request, who: ConsentWriter) -> Response:
-    _, member = _sharing(request)
+async def revoke(cid: str, request: Request, node: NodeDep, who: ConsentWriter) -> Response:
+    _, member = _sharing(node)
     resource = await read_body(request)
     tx = signed_tx_from(resource, REVOKE_TX_EXTENSION)
     if (
@@ -183,21 +177,21 @@ async def revoke(cid: str, request: Request, who: ConsentWriter) -> Response:
         or resource.get("status") != "inactive"
     ):
         raise InvalidInput("a revocation is status 'inactive' with this consent's consent.revoke")
-    own = await _own_fingerprint(request, who)
+    own = await _own_fingerprint(node, who)
     if own is not None and tx.body.get("patient") != own:
         raise Forbidden("a patient token may only revoke its own patient's consent")
     await member.submit(tx)
-    return _json(_consent_json(request, member.state.consents[hash_from_hex(cid, "consent id")]))
+    return _json(_consent_json(node, member.state.consents[hash_from_hex(cid, "consent id")]))
 
 
 @router.get("/fhir/Consent/{cid}", summary="read a consent")
-async def read_consent(cid: str, request: Request, who: ConsentReader) -> Response:
-    _, member = _sharing(request)
+async def read_consent(cid: str, node: NodeDep, who: ConsentReader) -> Response:
+    _, member = _sharing(node)
     record = member.state.consents.get(hash_from_hex(cid, "consent id"))
-    own = await _own_fingerprint(request, who)
+    own = await _own_fingerprint(node, who)
     if record is None or (own is not None and record.grant.patient != own):
         raise NotFound(f"no consent {cid}")
-    return _json(_consent_json(request, record))
+    return _json(_consent_json(node, record))
 
 
 def _bundle(resources: list[dict[str, Any]], base: str) -> dict[str, Any]:
@@ -214,12 +208,12 @@ def _bundle(resources: list[dict[str, Any]], base: str) -> dict[str, Any]:
 
 @router.get("/fhir/Consent", summary="search consents")
 async def search_consent(
-    request: Request,
+    node: NodeDep,
     who: ConsentReader,
     patient: Annotated[str | None, Query(pattern=_FINGERPRINT)] = None,
 ) -> Response:
-    _, member = _sharing(request)
-    own = await _own_fingerprint(request, who)
+    _, member = _sharing(node)
+    own = await _own_fingerprint(node, who)
     if own is not None:
         patient = own
     records = (
@@ -227,17 +221,16 @@ async def search_consent(
         if patient is not None
         else sorted(member.state.consents.values(), key=lambda r: r.height)
     )
-    return _json(_bundle([_consent_json(request, r) for r in records], "/fhir/Consent"))
+    return _json(_bundle([_consent_json(node, r) for r in records], "/fhir/Consent"))
 
 
 @router.get("/fhir/AuditEvent", summary="a patient's access trail")
 async def audit_events(
-    request: Request,
+    node: NodeDep,
     who: TrailReader,
     patient: Annotated[str | None, Query(pattern=_FINGERPRINT)] = None,
 ) -> Response:
-    node = _node(request)
-    own = await _own_fingerprint(request, who)
+    own = await _own_fingerprint(node, who)
     fingerprint = own or patient
     if fingerprint is None:
         raise InvalidInput("search AuditEvent by patient (the patient's key fingerprint)")
@@ -256,9 +249,9 @@ async def audit_events(
 
 @router.get("/share/{holder}", summary="list what a consent lets this node fetch")
 async def share_list(
-    holder: str, request: Request, who: Clinician, consent: Annotated[str, Query()]
+    holder: str, node: NodeDep, who: Clinician, consent: Annotated[str, Query()]
 ) -> Response:
-    sharing, _ = _sharing(request)
+    sharing, _ = _sharing(node)
     entries = await sharing.list(holder, consent)
     return _json({"holder": holder, "consent": consent, "entries": entries})
 
@@ -268,12 +261,12 @@ async def share_fetch(
     holder: str,
     resource_type: str,
     rid: str,
-    request: Request,
+    node: NodeDep,
     who: Clinician,
     consent: Annotated[str, Query()],
     version: Annotated[int | None, Query(ge=1, le=2**31)] = None,
 ) -> Response:
-    sharing, _ = _sharing(request)
+    sharing, _ = _sharing(node)
     target = f"{resource_type}/{rid}" + (f"/_history/{version}" if version else "")
     shared = await sharing.fetch(holder, consent, target)
     return _json({"resource": shared.resource, "provenance": shared.provenance})

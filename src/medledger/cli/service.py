@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
 import logging
-import os
 import re
-import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from medledger.cli.common import dir_option, emit, read_passphrase
-from medledger.core.errors import DamagedStore
 from medledger.ledger.clock import SystemClock
 from medledger.storage.ports import ROLES, TokenStore
 from medledger.storage.sqlite.tokens import SqliteTokenStore
-
-if TYPE_CHECKING:
-    from medledger.node import Node
 
 __all__ = ["JsonLogFormatter", "start", "token"]
 
@@ -33,32 +25,6 @@ def _tokens(root: Path) -> TokenStore:
 
     load_config(root)  # a clear error if ROOT is not a node
     return SqliteTokenStore(root / "tokens.db")
-
-
-def _graceful_server_class() -> type:
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """uvicorn, minus re-raising SIGTERM/SIGINT after shutdown.
-
-        uvicorn restores the default handlers and re-sends the signal once it
-        has stopped serving, which would kill the process before the node's
-        queued writes commit and its storage closes. Here a signal only asks
-        the server to exit; ``node start`` then closes the node and exits 0.
-        """
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            previous = {
-                sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)
-            }
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return GracefulServer
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -98,34 +64,6 @@ def _structured_logging() -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-
-
-async def _check_own_anchor(
-    node: Node,
-    caught_up: Callable[[], bool],
-    refuse: Callable[[DamagedStore], None],
-    checked: list[bool],
-) -> None:
-    """Once the member has caught up, check the chain against the node's own final anchor.
-
-    The check at open used the node's copy of the consortium chain, which may itself
-    have been behind (lost or rebuilt); the ordered stream has the last word. A chain
-    behind it lost acknowledged blocks: ``refuse`` stops the node before it extends a
-    history the consortium would never accept.
-    """
-    from medledger.ledger.integrity import check_against_anchor
-
-    while not caught_up():
-        await asyncio.sleep(0.05)
-    member = node.consortium
-    own = member.state.anchors.get(node.config.institution) if member is not None else None
-    if own is not None:
-        try:
-            await asyncio.to_thread(check_against_anchor, node.store, own)
-        except DamagedStore as exc:
-            refuse(exc)
-            return
-    checked.append(True)
 
 
 @click.command("start")
@@ -198,12 +136,11 @@ def start(
     Once caught up with the consortium it checks the chain again against the
     anchor learnt from the ordered stream, and stops (exit 1) if it is behind.
     """
-    from medledger.api.app import create_app
-    from medledger.api.server import HttpLimits, server_config
-    from medledger.ledger.ordering.observed import ObservedOrderer
-    from medledger.node import open_node, open_orderer, scrub_settings
+    from medledger.api.server import HttpLimits
+    from medledger.api.serving import NodeServer
+    from medledger.lifecycle import RunSettings
+    from medledger.node import scrub_settings
 
-    _GracefulServer = _graceful_server_class()
     limits = HttpLimits(
         head_timeout_s=head_timeout,
         body_timeout_s=body_timeout,
@@ -216,104 +153,24 @@ def start(
     passphrase = read_passphrase(confirm=False, fd=passphrase_fd)
     # Request paths and queries can carry identifiers: uvicorn's access log stays off.
     _structured_logging()
-    log = logging.getLogger("medledger.node")
 
     scrub_interval, scrub_rate = scrub_settings()
-
-    async def serve() -> None:
-        node = open_node(root, passphrase, full_check=full_check)
-        tokens = SqliteTokenStore(root / "tokens.db")
-        ordering: ObservedOrderer | None = None
-        anchor_check: asyncio.Task[None] | None = None
-        refused: list[DamagedStore] = []
-        server: Any = None
-
-        def refuse(exc: DamagedStore) -> None:
-            log.error("refusing to serve: %s", exc)
-            refused.append(exc)
-            node.records.refuse_writes(str(exc))
-            if server is not None:
-                server.should_exit = True
-
-        try:
-            app = create_app(node, tokens)
-            settings = node.config.consortium
-            if settings is not None and node.paths.genesis.exists():
-                ordering = ObservedOrderer(await open_orderer(node.config, root))
-                target = await ordering.last_seq()
-                # Anchoring starts once caught up: before, the member does not know
-                # its own last anchor and would submit anchors every member refuses.
-                await node.join_consortium(ordering, anchor=False)
-                observed = ordering
-
-                def caught_up() -> bool:
-                    return observed.read_seq >= target
-
-                anchor_checked: list[bool] = []
-
-                def ready() -> bool:
-                    return not refused and bool(anchor_checked) and caught_up()
-
-                app.state.ready = ready
-                app.state.ordering = ordering
-                anchor_check = asyncio.create_task(
-                    _check_own_anchor(node, caught_up, refuse, anchor_checked)
-                )
-                if settings.anchor:
-                    # Anchoring starts once caught up and the chain holds its own
-                    # last anchor (see Anchorer's ``when``).
-                    node.start_anchoring(when=ready)
-                log.info(
-                    "joined the consortium",
-                    extra={
-                        "fields": {
-                            "ordering": settings.ordering,
-                            "replay_to": target,
-                            "anchor": settings.anchor,
-                        }
-                    },
-                )
-            elif settings is not None:
-                log.warning("no genesis.json: serving without joining the consortium")
-            if scrub_interval > 0:
-                # Also removes temporary blob files and orphan blobs earlier processes left.
-                node.start_store_scrub(interval_s=scrub_interval, rows_per_s=scrub_rate)
-            config = server_config(app, host=host, port=port, limits=limits)
-            server = _GracefulServer(config)
-            if refused:
-                return
-            log.info(
-                "serving",
-                extra={
-                    "fields": {
-                        "institution": node.config.institution,
-                        "url": f"http://{host}:{port}",
-                        "pid": os.getpid(),
-                    }
-                },
-            )
-            await server.serve()
-            log.info("shutting down: committing queued writes")
-        finally:
-            if anchor_check is not None:
-                anchor_check.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await anchor_check
-            # Graceful: queued writes commit before storage closes.
-            await node.close()
-            if ordering is not None:
-                await ordering.close()
-            tokens.close()
-            log.info("stopped")
-        if refused:
-            raise refused[0]
-
+    server = NodeServer(
+        root=root,
+        passphrase=passphrase,
+        settings=RunSettings(
+            full_check=full_check, scrub_interval_s=scrub_interval, scrub_rate=scrub_rate
+        ),
+        host=host,
+        port=port,
+        limits=limits,
+    )
     try:
         import uvloop  # libuv's event loop: a faster HTTP service, same asyncio semantics
     except ImportError:  # e.g. Windows
-        asyncio.run(serve())
+        asyncio.run(server.serve())
     else:
-        uvloop.run(serve())
+        uvloop.run(server.serve())
 
 
 @click.group()

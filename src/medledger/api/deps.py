@@ -1,0 +1,97 @@
+"""What the API's handlers are given: the node's services, as FastAPI dependencies.
+
+:class:`AppServices` is everything the application serves from; ``create_app``
+puts it on the app once, and :func:`services_of` is the one place that reads
+it back. Handlers declare what they need with the ``Annotated`` aliases here
+(``Services``, ``NodeDep``, ``Records``) instead of reaching into
+``request.app.state``. The providers are ``async`` on purpose: FastAPI runs a
+sync dependency in a worker thread, a hop that costs more than the look-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Protocol
+
+from fastapi import Depends, FastAPI, Request
+
+from medledger.ledger.clock import Clock
+from medledger.ledger.ordering.observed import ObservedOrderer
+from medledger.node import Node
+from medledger.services.records.service import RecordsService
+from medledger.storage.ports import TokenStore
+
+__all__ = [
+    "AppServices",
+    "FailureBudget",
+    "NodeDep",
+    "Records",
+    "Services",
+    "always_ready",
+    "install_services",
+    "services_of",
+]
+
+
+class FailureBudget(Protocol):
+    """Failed authentications charged per client (``api.auth.AuthFailures``)."""
+
+    def charge(self, request: Request, token: str = "") -> None:
+        """Count one failure of ``request``'s client; raise ``RateLimited`` once over budget."""
+        ...
+
+
+def always_ready() -> str | None:
+    """The readiness of a node whose caller owns its lifetime: nothing pending."""
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppServices:
+    """The node and what the HTTP layer adds around it, for one application.
+
+    ``not_ready``: why the node's lifecycle is not ready (``/readyz``'s status,
+    e.g. ``catching up`` or ``stopping``), None when it is
+    (:meth:`medledger.lifecycle.NodeRuntime.not_ready`); ``ordering``: the
+    observed ordering connection, for ``/metrics``.
+    """
+
+    node: Node
+    tokens: TokenStore
+    clock: Clock
+    auth_failures: FailureBudget
+    not_ready: Callable[[], str | None] = always_ready
+    ordering: ObservedOrderer | None = None
+
+
+def install_services(app: FastAPI, services: AppServices) -> None:
+    """Make ``services`` what ``app``'s handlers are given."""
+    app.state.services = services
+
+
+def services_of(app: FastAPI) -> AppServices:
+    """The services ``app`` serves from (set by :func:`install_services`)."""
+    services: AppServices = app.state.services
+    return services
+
+
+async def _services(request: Request) -> AppServices:
+    return services_of(request.app)
+
+
+Services = Annotated[AppServices, Depends(_services)]
+
+
+async def _node(services: Services) -> Node:
+    return services.node
+
+
+NodeDep = Annotated[Node, Depends(_node)]
+
+
+async def _records(services: Services) -> RecordsService:
+    return services.node.records
+
+
+Records = Annotated[RecordsService, Depends(_records)]
