@@ -18,8 +18,8 @@ import pytest
 
 from medledger.config import ConsortiumConfig, NodePaths, load_config
 from medledger.core.consortium import ConsortiumParams
-from medledger.core.errors import VerificationError
-from medledger.lifecycle import RunSettings, run_node
+from medledger.core.errors import StorageError, VerificationError
+from medledger.lifecycle import ANCHOR_CHECK, RunSettings, run_node
 from medledger.localnet.natsserver import NatsCluster
 from medledger.node import init_node, write_genesis
 from medledger.storage.keystore import KdfParams
@@ -129,3 +129,49 @@ def test_readiness_waits_for_the_anchor_check_and_turns_false_once_stopping(
 
     assert asyncio.run(run()) == ["catching up", None, "stopping"]
     assert _open_files_under(root, order) == []
+
+
+def test_an_anchor_check_that_cannot_run_keeps_the_node_unready_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "node"
+    order = tmp_path / "order"
+    order.mkdir()
+    _make_node(root, ConsortiumConfig(ordering="solo", order_file=str(order / "order.db")))
+    write_genesis(
+        "lifecycle", [root], time_ms=1_700_000_000_000, params=ConsortiumParams(cut_after_ms=5)
+    )
+    institution = load_config(root, env={}).institution
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + DEADLINE_S
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
+            await asyncio.sleep(0.02)
+
+    async def write_and_anchor() -> None:
+        async with run_node(root, PASSPHRASE) as runtime:
+            await runtime.node.records.create({"resourceType": "Patient", "active": True})
+            member = runtime.node.consortium
+            assert member is not None
+            await until(lambda: institution in member.state.anchors, "the write is anchored")
+
+    asyncio.run(write_and_anchor())
+
+    def unreadable(*_args: object) -> None:
+        raise StorageError(f"{root}/chain.db: disk I/O error")
+
+    # The store fails under the check after the restart (an I/O error, not damage).
+    monkeypatch.setattr("medledger.lifecycle.check_against_anchor", unreadable)
+
+    async def restart() -> str:
+        async with run_node(root, PASSPHRASE) as runtime:
+            health = runtime.node.health
+            await until(lambda: ANCHOR_CHECK in health.problems(), "the failed check shows")
+            assert runtime.not_ready() == "catching up"
+            assert runtime.refused is None  # not proven damaged: nothing refused for good
+            return health.problems()[ANCHOR_CHECK]
+
+    problem = asyncio.run(restart())
+    assert "StorageError" in problem and "restart the node" in problem
+    assert str(root) not in problem  # unauthenticated /readyz shows it: no paths

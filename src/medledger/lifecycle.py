@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medledger.core.errors import DamagedStore
+from medledger.core.errors import DamagedStore, MedledgerError
 from medledger.ledger.clock import Clock
 from medledger.ledger.integrity import check_against_anchor
 from medledger.ledger.ordering.observed import ObservedOrderer
@@ -38,10 +38,12 @@ from medledger.node import Node, open_node, open_orderer
 from medledger.storage.ports import TokenStore
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 
-__all__ = ["NodeRuntime", "RunSettings", "run_node"]
+__all__ = ["ANCHOR_CHECK", "NodeRuntime", "RunSettings", "run_node"]
 
 log = logging.getLogger("medledger.node")
 
+#: The name of the anchor check in ``Node.health`` (``/readyz``), once the node joined.
+ANCHOR_CHECK = "anchor-check"
 #: How often the anchor check looks whether the member has caught up.
 _CATCH_UP_POLL_S = 0.05
 
@@ -80,6 +82,8 @@ class NodeRuntime:
         self._catching_up: Callable[[], bool] = lambda: False
         self._anchor_checked = True
         self._anchor_check: asyncio.Task[None] | None = None
+        #: Why the anchor check could not run to its end (the ``anchor-check`` health check).
+        self._anchor_check_problem: str | None = None
         self._on_stop: list[Callable[[], None]] = []
 
     def not_ready(self) -> str | None:
@@ -143,6 +147,7 @@ class NodeRuntime:
         self._catching_up = lambda: ordering.read_seq < target
         self._anchor_checked = False
         await node.join_consortium(ordering, anchor=False)
+        node.health.add(ANCHOR_CHECK, lambda: self._anchor_check_problem)
         self._anchor_check = asyncio.create_task(self._check_own_anchor())
         if settings.anchor:
             # Anchoring starts once ready: caught up, and the chain holds the node's own
@@ -176,6 +181,18 @@ class NodeRuntime:
                 await asyncio.to_thread(check_against_anchor, self.node.store, own)
             except DamagedStore as exc:
                 self.refuse(exc)
+                return
+            except MedledgerError as exc:
+                # Not checked (e.g. the store could not be read): the node stays unready,
+                # and /readyz says why (the type only: the text may name paths).
+                log.error(
+                    "could not check the chain against the node's own anchor",
+                    extra={"fields": {"exception": type(exc).__name__}},
+                )
+                self._anchor_check_problem = (
+                    f"failed ({type(exc).__name__}): the chain was not checked against "
+                    "the node's own final anchor; restart the node"
+                )
                 return
         self._anchor_checked = True
 
