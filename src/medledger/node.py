@@ -110,7 +110,7 @@ class Node:
     conditional: ConditionalWrites = field(init=False)
 
     def __post_init__(self) -> None:
-        self.conditional = ConditionalWrites(self.records)
+        self.conditional = self.records.conditional
         self.health.add("private-chain-store", self._chain_store_problem)
         self.health.add("private-sequencer", self.chain.problem)
         self.health.add("access-summaries", lambda: self.access.problem())

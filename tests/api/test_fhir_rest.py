@@ -464,7 +464,8 @@ def test_transaction_is_all_or_nothing(live: LiveServer, clinician: httpx.Client
 
 
 def test_transaction_rejects_other_bundle_types(clinician: httpx.Client) -> None:
-    assert_outcome(post_json(clinician, "/fhir", {"resourceType": "Bundle", "type": "batch"}), 400)
+    for kind in ("collection", "searchset", "document"):
+        assert_outcome(post_json(clinician, "/fhir", {"resourceType": "Bundle", "type": kind}), 400)
     assert_outcome(post_json(clinician, "/fhir", new_patient()), 400)
 
 
@@ -525,7 +526,7 @@ def test_metadata_is_a_truthful_capability_statement(live: LiveServer) -> None:
     for rtype, res in described.items():
         assert {p["name"] for p in res.get("searchParam", [])} == set(SEARCH_PARAMS[rtype])
         assert {i["code"] for i in res["interaction"]} <= IMPLEMENTED
-    assert {i["code"] for i in rest.get("interaction", [])} <= {"transaction"}
+    assert {i["code"] for i in rest.get("interaction", [])} <= {"transaction", "batch"}
 
 
 def test_every_advertised_type_can_be_searched_and_its_history_read(

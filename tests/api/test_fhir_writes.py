@@ -7,10 +7,12 @@ on, and checks both the answer and that a refused write changed nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
 import httpx
+import pytest
 from api_helpers import LiveServer, assert_outcome, post_json, put_json
 
 Resource = dict[str, Any]
@@ -299,3 +301,177 @@ def test_conditional_delete(live: LiveServer, clinician: httpx.Client) -> None:
     assert clinician.delete(url).status_code == 204
     assert_outcome(clinician.get(f"/fhir/Patient/{a}"), 410)
     assert _count(clinician, mrn) == 0
+
+
+# -- transaction and batch Bundles ---------------------------------------------------------
+
+
+def _bundle(kind: str, *entries: dict[str, Any]) -> Resource:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+def _put(resource: Resource, **request: Any) -> dict[str, Any]:
+    url = f"{resource['resourceType']}/{resource['id']}"
+    return {
+        "fullUrl": url,
+        "resource": resource,
+        "request": {"method": "PUT", "url": url, **request},
+    }
+
+
+def _observation(subject: str) -> Resource:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": subject},
+    }
+
+
+def test_transaction_if_match_is_honoured_and_a_stale_one_rolls_back_everything(
+    live: LiveServer, clinician: httpx.Client
+) -> None:
+    a, b = (f"tx-{uuid.uuid4().hex[:10]}" for _ in range(2))
+    put_json(clinician, f"/fhir/Patient/{a}", _patient(a, gender="male"))
+    put_json(clinician, f"/fhir/Patient/{a}", _patient(a, gender="female"))  # now version 2
+    before = live.record_writes()
+    stale = _bundle(
+        "transaction",
+        _put(_patient(b, gender="other")),
+        _put(_patient(a, gender="unknown"), ifMatch='W/"1"'),
+    )
+    assert_outcome(post_json(clinician, "/fhir", stale), 412)
+    assert live.record_writes() == before
+    assert clinician.get(f"/fhir/Patient/{a}").json()["gender"] == "female"
+    assert clinician.get(f"/fhir/Patient/{b}").status_code == 404
+    fresh = _bundle("transaction", _put(_patient(a, gender="unknown"), ifMatch='W/"2"'))
+    r = post_json(clinician, "/fhir", fresh)
+    assert r.status_code == 200, r.text
+    assert r.json()["entry"][0]["response"]["etag"] == 'W/"3"'
+
+
+def test_transaction_if_none_exist_and_conditional_references(
+    live: LiveServer, clinician: httpx.Client
+) -> None:
+    mrn = uuid.uuid4().hex
+    existing = post_json(clinician, "/fhir/Patient", _with_mrn(mrn)).json()["id"]
+    bundle = _bundle(
+        "transaction",
+        {
+            "fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111",
+            "resource": _with_mrn(mrn, gender="female"),
+            "request": {
+                "method": "POST",
+                "url": "Patient",
+                "ifNoneExist": f"identifier={_SYSTEM}|{mrn}",
+            },
+        },
+        {
+            "resource": _observation("urn:uuid:11111111-1111-4111-8111-111111111111"),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+        {
+            "resource": _observation(f"Patient?identifier={_SYSTEM}|{mrn}"),
+            "request": {"method": "POST", "url": "Observation"},
+        },
+    )
+    r = post_json(clinician, "/fhir", bundle)
+    assert r.status_code == 200, r.text
+    answers = [e["response"] for e in r.json()["entry"]]
+    assert answers[0]["status"] == "200 OK"
+    assert answers[0]["location"].startswith(f"Patient/{existing}/_history/")
+    assert [a["status"] for a in answers[1:]] == ["201 Created", "201 Created"]
+    for answer in answers[1:]:
+        stored = clinician.get(f"/fhir/{answer['location']}").json()
+        assert stored["subject"]["reference"] == f"Patient/{existing}"
+    assert _count(clinician, mrn) == 1
+
+    # A conditional reference that matches nothing (or several) refuses the whole Bundle.
+    before = live.record_writes()
+    for mrn_ref in (uuid.uuid4().hex, mrn):
+        if mrn_ref == mrn:
+            post_json(clinician, "/fhir/Patient", _with_mrn(mrn))  # now two match
+            before = live.record_writes()
+        refused = _bundle(
+            "transaction",
+            _put(_patient(f"tx-{uuid.uuid4().hex[:10]}")),
+            {
+                "resource": _observation(f"Patient?identifier={_SYSTEM}|{mrn_ref}"),
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        )
+        assert_outcome(post_json(clinician, "/fhir", refused), 412)
+        assert live.record_writes() == before
+
+
+def test_transaction_delete_and_conditional_entries(
+    live: LiveServer, clinician: httpx.Client
+) -> None:
+    gone, mrn = f"tx-{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
+    put_json(clinician, f"/fhir/Patient/{gone}", _patient(gone))
+    bundle = _bundle(
+        "transaction",
+        {"request": {"method": "DELETE", "url": f"Patient/{gone}"}},
+        {
+            "resource": _with_mrn(mrn, gender="male"),
+            "request": {"method": "PUT", "url": f"Patient?identifier={_SYSTEM}|{mrn}"},
+        },
+        {
+            "request": {
+                "method": "DELETE",
+                "url": f"Patient?identifier={_SYSTEM}|{uuid.uuid4().hex}",
+            }
+        },
+    )
+    r = post_json(clinician, "/fhir", bundle)
+    assert r.status_code == 200, r.text
+    statuses = [e["response"]["status"] for e in r.json()["entry"]]
+    assert statuses == ["204 No Content", "201 Created", "204 No Content"]
+    assert_outcome(clinician.get(f"/fhir/Patient/{gone}"), 410)
+    assert clinician.get(f"/fhir/Patient/{gone}/_history/1").status_code == 200
+    assert _count(clinician, mrn) == 1
+    # A PUT entry whose body has no id, or another id, is refused as a PUT is.
+    before = live.record_writes()
+    rid = f"tx-{uuid.uuid4().hex[:10]}"
+    for body in (_patient(), _patient("other-id")):
+        entry = {"resource": body, "request": {"method": "PUT", "url": f"Patient/{rid}"}}
+        assert_outcome(post_json(clinician, "/fhir", _bundle("transaction", entry)), 400)
+    assert live.record_writes() == before
+
+
+def test_batch_answers_each_entry_on_its_own(live: LiveServer, clinician: httpx.Client) -> None:
+    good = f"b-{uuid.uuid4().hex[:10]}"
+    bundle = _bundle(
+        "batch",
+        _put(_patient(good)),
+        {"resource": _patient(gender="robot"), "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "DELETE", "url": f"Patient/{uuid.uuid4()}"}},
+    )
+    r = post_json(clinician, "/fhir", bundle)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["type"] == "batch-response"
+    answers = [e["response"] for e in body["entry"]]
+    assert answers[0]["status"] == "201 Created"
+    assert answers[1]["status"] == "400"
+    assert answers[1]["outcome"]["issue"][0]["code"] == "code-invalid"
+    assert answers[2]["status"] == "404"
+    assert clinician.get(f"/fhir/Patient/{good}").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_whole_patient_in_one_transaction_beyond_the_resource_limit(
+    live: LiveServer, clinician: httpx.Client
+) -> None:
+    """Thousands of entries, more than one resource may weigh (4 MiB), under the Bundle limit."""
+    from medledger.synthetic import generate_patients
+
+    patient = generate_patients(1, seed=23, resources_per_patient=2300)[0]
+    resources = patient.all_resources()
+    bundle = _bundle("transaction", *(_put(r) for r in resources))
+    data = json.dumps(bundle, indent=4).encode()  # pretty-printed, as many clients send it
+    assert len(data) > 4 * 1024 * 1024
+    r = clinician.post("/fhir", content=data, headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 200, r.text[:500]
+    assert len(r.json()["entry"]) == len(resources)
+    assert clinician.get(f"/fhir/Patient/{patient.patient_id}").status_code == 200

@@ -473,7 +473,7 @@ def test_non_transaction_bundle_writes_nothing(node_root: Path) -> None:
                 {
                     "resourceType": "Bundle",
                     "type": "transaction",
-                    "entry": [{"request": {"method": "DELETE", "url": "Patient/p1"}}],
+                    "entry": [{"request": {"method": "GET", "url": "Patient/p1"}}],
                 }
             )
 

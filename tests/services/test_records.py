@@ -511,7 +511,7 @@ BAD_TRANSACTIONS: dict[str, tuple[int, dict[str, Any]]] = {
             "request": {"method": "POST", "url": "Patient"},
         },
     ),
-    "delete-method": (4, {"request": {"method": "DELETE", "url": "Patient/existing"}}),
+    "patch-method": (4, {"request": {"method": "PATCH", "url": "Patient/existing"}}),
     "no-request": (1, {"resource": {"resourceType": "Patient"}}),
     "put-url-without-id": (
         5,

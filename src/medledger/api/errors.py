@@ -47,6 +47,7 @@ __all__ = [
     "Unauthorized",
     "UnexpectedErrorMiddleware",
     "UnsupportedMediaType",
+    "error_outcome",
     "install_error_handlers",
     "outcome_response",
 ]
@@ -117,6 +118,17 @@ def outcome_response(
     status: int, issues: list[Issue] | tuple[Issue, ...], headers: dict[str, str] | None = None
 ) -> Response:
     return fhir_response(operation_outcome(issues), status=status, headers=headers)
+
+
+def error_outcome(exc: MedledgerError) -> tuple[int, dict[str, Any]]:
+    """The status and OperationOutcome ``exc`` answers with (a batch entry's answer)."""
+    for cls, status, code in _STATUS:
+        if isinstance(exc, cls):
+            if isinstance(exc, FhirInvalid):
+                return status, operation_outcome(exc.issues)
+            issue = Issue(severity="error", code=code, diagnostics=str(exc))
+            return status, operation_outcome([issue])
+    raise AssertionError("unreachable: MedledgerError is in the table")
 
 
 def _for(exc: MedledgerError) -> Response:

@@ -24,10 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medledger.api.auth import require
 from medledger.api.deps import NodeDep, Records
-from medledger.api.errors import TooLarge
+from medledger.api.errors import TooLarge, error_outcome
 from medledger.api.negotiation import check_formats
 from medledger.api.responses import fhir_response, raw_fhir_response
-from medledger.core.errors import Gone, InvalidInput, NotFound
+from medledger.core.errors import Gone, InvalidInput, MedledgerError, NotFound
 from medledger.node import Node
 from medledger.services.access import AccessEntry, refusal_reason
 from medledger.services.conditional import parse_criteria
@@ -77,7 +77,7 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
         if size > limit:
             raise TooLarge(f"request body exceeds {limit} bytes")
         chunks.append(chunk)
-    return load_json(b"".join(chunks))
+    return load_json(b"".join(chunks), max_bytes=limit)
 
 
 def _check_type(resource_type: str) -> str:
@@ -293,7 +293,7 @@ async def metadata(request: Request, node: NodeDep) -> Response:
                         "description": "Bearer tokens issued with 'medledger token create'."
                     },
                     "resource": resources,
-                    "interaction": [{"code": "transaction"}],
+                    "interaction": [{"code": "transaction"}, {"code": "batch"}],
                 }
             ],
         }
@@ -303,12 +303,27 @@ async def metadata(request: Request, node: NodeDep) -> Response:
 # -- whole-system ------------------------------------------------------------------------
 
 
-@router.post("", summary="transaction Bundle (all-or-nothing)")
+#: A Bundle may be a whole patient's record (thousands of entries, several MB) —
+#: larger than one resource may be, still bounded: parsing holds it all in memory.
+MAX_BUNDLE_BYTES = 32 * 1024 * 1024
+
+
+@router.post("", summary="transaction (all-or-nothing) or batch Bundle")
 async def transaction(request: Request, records: Records, who: Writer) -> Response:
-    bundle = await read_body(request)
+    bundle = await read_body(request, limit=MAX_BUNDLE_BYTES)
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        raise InvalidInput("POST /fhir takes a Bundle of type 'transaction'")
+        raise InvalidInput("POST /fhir takes a Bundle of type 'transaction' or 'batch'")
+    if bundle.get("type") == "batch":
+        return fhir_response(await records.batch(bundle, _batch_outcome))
     return fhir_response(await records.transaction(bundle))
+
+
+def _batch_outcome(exc: MedledgerError) -> tuple[int, dict[str, Any]]:
+    """A refused batch entry's answer; a server fault fails the whole request instead."""
+    status, outcome = error_outcome(exc)
+    if status >= 500:
+        raise exc
+    return status, outcome
 
 
 # -- type level --------------------------------------------------------------------------

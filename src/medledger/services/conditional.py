@@ -98,6 +98,12 @@ class ConditionalWrites:
         """The lock a conditional write of ``resource_type`` holds from search to write."""
         return self._locks.setdefault(resource_type, asyncio.Lock())
 
+    async def search_ids(
+        self, resource_type: str, params: Mapping[str, Sequence[str]]
+    ) -> list[str]:
+        """Every id the criteria match (refused if empty). Call with :meth:`lock` held."""
+        return await self._records.search_ids(resource_type, _criteria(params))
+
     async def match(self, resource_type: str, params: Mapping[str, Sequence[str]]) -> Match:
         """The single match of ``params``, or none; several raise :class:`PreconditionFailed`.
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from medledger.services.fhir import validate_resource
+from medledger.services.fhir import FhirInvalid, validate_resource
 
 __all__ = ["Validator"]
 
@@ -46,10 +47,40 @@ class Validator:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pool, _check, resource, expected_type)
 
+    async def validate_many(self, resources: Sequence[Any]) -> list[FhirInvalid | None]:
+        """For each resource, ``None`` if valid, else why not (for Bundles of thousands).
+
+        Inline, the whole list is checked on a worker thread, so a large Bundle
+        does not stall the event loop (the thread yields the GIL every few ms);
+        with workers, the resources are spread over the pool.
+        """
+        if self._workers <= 0:
+            return await asyncio.to_thread(_check_all, list(resources))
+        return list(await asyncio.gather(*(self._check_one(resource) for resource in resources)))
+
+    async def _check_one(self, resource: Any) -> FhirInvalid | None:
+        try:
+            await self.validate(resource)
+        except FhirInvalid as exc:
+            return exc
+        return None
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _check_all(resources: list[Any]) -> list[FhirInvalid | None]:
+    found: list[FhirInvalid | None] = []
+    for resource in resources:
+        try:
+            validate_resource(resource)
+        except FhirInvalid as exc:
+            found.append(exc)
+        else:
+            found.append(None)
+    return found
 
 
 def _check(resource: Any, expected_type: str | None) -> None:

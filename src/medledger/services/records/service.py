@@ -8,12 +8,14 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from medledger.core.errors import MedledgerError
 from medledger.core.models import Transaction
 from medledger.ledger.clock import Clock, SystemClock
+from medledger.services.conditional import ConditionalWrites
 from medledger.services.fhir import FhirInvalid, Issue, validate_id
 from medledger.services.health import StoreHealth
 from medledger.services.keys import InstitutionKeys
-from medledger.services.records.bundles import apply_transaction
+from medledger.services.records.bundles import BundleContext, apply_batch, apply_transaction
 from medledger.services.records.erasure import RecordEraser
 from medledger.services.records.model import (
     RecordChain,
@@ -110,6 +112,8 @@ class RecordsService:
             chain=chain, index=index, blobs=blobs, keys=keys, writer=self._writer
         )
         self._search = RecordSearch(index=index, keys=keys, reader=self.reader)
+        #: Conditional writes' search-then-write, one step per type (also for Bundles).
+        self.conditional = ConditionalWrites(self)
         self._patients = PatientRecords(index=index, keys=keys)
 
     # -- writing ---------------------------------------------------------------------------
@@ -176,8 +180,25 @@ class RecordsService:
 
     async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a FHIR ``transaction`` Bundle all-or-nothing; return the transaction-response."""
-        return await apply_transaction(
-            bundle, validator=self._validator, write_many=self._writer.write_many
+        return await apply_transaction(bundle, self._bundle_context())
+
+    async def batch(
+        self,
+        bundle: Mapping[str, Any],
+        outcome: Callable[[MedledgerError], tuple[int, dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """Apply each entry of a FHIR ``batch`` Bundle on its own; return the batch-response.
+
+        ``outcome`` maps a refused entry's error to its status and OperationOutcome.
+        """
+        return await apply_batch(bundle, self._bundle_context(), outcome)
+
+    def _bundle_context(self) -> BundleContext:
+        return BundleContext(
+            validator=self._validator,
+            write_many=self._writer.write_many,
+            read=self.read,
+            conditional=self.conditional,
         )
 
     def writing(self, resource_type: str, rid: str) -> bool:
