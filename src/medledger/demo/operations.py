@@ -22,22 +22,23 @@ __all__ = ["catch_equivocation", "erase_a_patient", "rotate_keys"]
 
 
 def erase_a_patient(scene: Scene) -> None:
-    """Section 5: DELETE every resource of patient #2; GET answers 410, history a tombstone."""
+    """Section 5: the admin erases every resource of patient #2; GET and history answer 410."""
     scene.section(5, "Erasure: the right to be forgotten, on an append-only chain")
     a = scene.nodes["hospital-1"]
     victim = scene.bundles[1]
     resources = list(reversed(victim.all_resources()))  # the Patient last
+    # A FHIR DELETE keeps older versions readable; erasure is the admin's own request.
     for r in resources:
-        a.call("DELETE", f"/fhir/{r['resourceType']}/{r['id']}", expect=204)
+        a.call("POST", f"/admin/records/{r['resourceType']}/{r['id']}/erase", role="admin")
     gone = a.call("GET", f"/fhir/Patient/{victim.patient_id}", expect=410)
     obs = next(r for r in victim.resources if r["resourceType"] == "Observation")
     history = a.get(f"/fhir/Observation/{obs['id']}/_history")
     statuses = ", ".join(e["response"]["status"] for e in history["entry"])
     scene.step(
-        f"DELETE of all {len(resources)} resources of patient #2: their data keys and "
-        f"ciphertexts are destroyed (crypto-shredding) and a record.erase tombstone is "
-        f"appended. GET Patient now answers {gone.status} ({gone.reason}); the "
-        f"Observation's _history keeps only its tombstone: {statuses}."
+        f"POST /admin/records/…/erase for all {len(resources)} resources of patient #2: "
+        f"their data keys and ciphertexts are destroyed (crypto-shredding) and a "
+        f"record.erase tombstone is appended. GET Patient now answers {gone.status} "
+        f"({gone.reason}); the Observation's _history shows only what is gone: {statuses}."
     )
     scene.why(
         "the chain still holds every hash — it keeps verifying — but nothing that could "
