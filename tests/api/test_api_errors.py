@@ -219,7 +219,7 @@ def test_unknown_route_is_404(clinician: httpx.Client, path: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("PATCH", "/fhir/Patient/abc"),
+        ("PATCH", "/fhir/Patient"),
         # DELETE /fhir/Patient is a conditional delete (400 without criteria: test_fhir_writes).
         ("DELETE", "/fhir/Patient/abc/_history"),
         # PUT /fhir/Patient is a conditional update (400 without criteria: test_fhir_writes).
@@ -235,12 +235,12 @@ def test_wrong_method_is_405(clinician: httpx.Client, method: str, path: str) ->
 
 def test_405_carries_allow_header(clinician: httpx.Client) -> None:
     """RFC 9110 §15.5.6: a 405 response MUST list the supported methods in ``Allow``."""
-    r = clinician.patch("/fhir/Patient/abc", content=b"{}")
+    r = clinician.post("/fhir/Patient/abc", content=b"{}")
     assert_outcome(r, 405)
     assert "allow" in r.headers, f"405 without an Allow header: {dict(r.headers)}"
     allowed = {m.strip() for m in r.headers["allow"].split(",")}
-    assert {"GET", "PUT", "DELETE"} <= allowed
-    assert "PATCH" not in allowed
+    assert {"GET", "PUT", "DELETE", "PATCH"} <= allowed
+    assert "POST" not in allowed
 
 
 def test_missing_resources_are_404(clinician: httpx.Client, patient_id: str) -> None:

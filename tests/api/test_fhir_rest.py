@@ -500,6 +500,7 @@ IMPLEMENTED = {
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
     "history-type",

@@ -475,3 +475,82 @@ def test_a_whole_patient_in_one_transaction_beyond_the_resource_limit(
     assert r.status_code == 200, r.text[:500]
     assert len(r.json()["entry"]) == len(resources)
     assert clinician.get(f"/fhir/Patient/{patient.patient_id}").status_code == 200
+
+
+# -- patch -------------------------------------------------------------------------------------
+
+_PATCH = {"Content-Type": "application/json-patch+json"}
+
+
+def _patch(client: httpx.Client, path: str, ops: Any, **headers: str) -> httpx.Response:
+    return client.patch(path, content=json.dumps(ops).encode(), headers={**_PATCH, **headers})
+
+
+def test_json_patch_makes_a_new_version(live: LiveServer, clinician: httpx.Client) -> None:
+    rid = f"patch-{uuid.uuid4().hex[:10]}"
+    path = f"/fhir/Patient/{rid}"
+    put_json(clinician, path, _patient(rid, gender="male"))
+    ops = [
+        {"op": "test", "path": "/gender", "value": "male"},
+        {"op": "replace", "path": "/gender", "value": "female"},
+        {"op": "add", "path": "/birthDate", "value": "1970-01-02"},
+    ]
+    r = _patch(clinician, path, ops, **{"If-Match": 'W/"1"'})
+    assert r.status_code == 200, r.text
+    assert r.headers["etag"] == 'W/"2"'
+    current = clinician.get(path).json()
+    assert (current["gender"], current["birthDate"]) == ("female", "1970-01-02")
+    assert clinician.get(f"{path}/_history/1").json()["gender"] == "male"
+
+    before = live.record_writes()
+    # A failing test operation, a stale If-Match: 412. The result must still be valid FHIR.
+    assert_outcome(_patch(clinician, path, [ops[0]]), 412)
+    assert_outcome(_patch(clinician, path, ops[1:2], **{"If-Match": 'W/"1"'}), 412)
+    bad = [{"op": "replace", "path": "/gender", "value": "robot"}]
+    assert_outcome(_patch(clinician, path, bad), 400, "code-invalid")
+    for malformed in (
+        {"op": "replace"},
+        [{"op": "remove", "path": "/nothing/here"}],
+        [{"op": "replace", "path": "/id", "value": "else"}],
+        [{"op": "frobnicate", "path": "/gender"}],
+    ):
+        assert_outcome(_patch(clinician, path, malformed), 400)
+    # A patch is JSON Patch: a resource sent as a patch is refused (415).
+    r = clinician.patch(path, content=b"{}", headers={"Content-Type": "application/fhir+json"})
+    assert_outcome(r, 415)
+    assert_outcome(_patch(clinician, f"/fhir/Patient/{uuid.uuid4()}", ops[1:2]), 404)
+    assert live.record_writes() == before
+    assert clinician.get(path).headers["etag"] == 'W/"2"'
+
+
+# -- $validate -----------------------------------------------------------------------------
+
+
+def test_validate_answers_an_outcome_and_stores_nothing(
+    live: LiveServer, clinician: httpx.Client
+) -> None:
+    before = live.record_writes()
+    ok = post_json(clinician, "/fhir/Patient/$validate", _patient(gender="male"))
+    assert ok.status_code == 200, ok.text
+    assert [i["severity"] for i in ok.json()["issue"]] == ["information"]
+    wrapped = {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "resource", "resource": _patient(gender="robot")}],
+    }
+    bad = post_json(clinician, "/fhir/Patient/$validate", wrapped)
+    assert bad.status_code == 200, bad.text
+    issue = bad.json()["issue"][0]
+    assert (issue["severity"], issue["code"], issue["expression"]) == (
+        "error",
+        "code-invalid",
+        ["Patient.gender"],
+    )
+    other_type = post_json(clinician, "/fhir/Observation/$validate", _patient())
+    assert other_type.json()["issue"][0]["severity"] == "error"
+    # Instance level: an update of this resource must carry its id.
+    good = post_json(clinician, "/fhir/Patient/p1/$validate", _patient("p1"))
+    assert good.json()["issue"][0]["severity"] == "information"
+    wrong = post_json(clinician, "/fhir/Patient/p1/$validate", _patient("p2"))
+    assert wrong.json()["issue"][0]["severity"] == "error"
+    assert live.record_writes() == before
+    assert clinician.get("/fhir/Patient/p1").status_code == 404

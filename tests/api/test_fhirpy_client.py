@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from api_helpers import LiveServer
 from fhirpy import SyncFHIRClient
-from fhirpy.base.exceptions import AuthorizationError, ForbiddenError, ResourceNotFound
+from fhirpy.base.exceptions import (
+    AuthorizationError,
+    ForbiddenError,
+    MultipleResourcesFound,
+    OperationOutcome,
+    ResourceNotFound,
+)
 
 from medledger.synthetic import PatientBundle, generate_patients
 
@@ -99,3 +107,65 @@ def test_client_sees_auth_errors(live: LiveServer, person: PatientBundle) -> Non
     auditor = SyncFHIRClient(f"{live.url}/fhir", authorization=f"Bearer {live.auditor}")
     with pytest.raises(ForbiddenError):
         auditor.resources("Patient").fetch()
+
+
+# -- writes: patch, conditional create and update, delete with history, $validate ----------
+
+_MRN = "http://example.org/fhirpy-mrn"
+
+
+def _identified(mrn: str, **fields: object) -> dict[str, object]:
+    return {"identifier": [{"system": _MRN, "value": mrn}], "name": [{"family": "Py"}], **fields}
+
+
+def test_patch_through_the_client(fhir: SyncFHIRClient) -> None:
+    patient = fhir.resource("Patient", **_identified(uuid.uuid4().hex, gender="male"))
+    patient.save()
+    patient.patch(gender="female", birthDate="1980-02-03")
+    stored = fhir.get("Patient", patient.id)
+    assert (stored["gender"], stored["birthDate"]) == ("female", "1980-02-03")
+    assert stored["meta"]["versionId"] == "2"
+    assert stored["name"] == [{"family": "Py"}]  # what the patch did not name is kept
+    patched = fhir.patch("Patient", patient.id, active=True)
+    assert patched["active"] is True and patched["meta"]["versionId"] == "3"
+    with pytest.raises(OperationOutcome):
+        fhir.patch("Patient", patient.id, gender="robot")
+
+
+def test_conditional_create_and_update_through_the_client(fhir: SyncFHIRClient) -> None:
+    mrn = uuid.uuid4().hex
+    search = fhir.resources("Patient").search(identifier=f"{_MRN}|{mrn}")
+    first, created = search.get_or_create(fhir.resource("Patient", **_identified(mrn)))
+    assert created
+    again, created = search.get_or_create(fhir.resource("Patient", **_identified(mrn)))
+    assert not created and again.id == first.id
+    updated, created = search.update(fhir.resource("Patient", **_identified(mrn, gender="other")))
+    assert not created and updated.id == first.id
+    assert fhir.get("Patient", first.id)["gender"] == "other"
+    assert len(search.fetch_all()) == 1
+    # A second match makes the criteria ambiguous: the client hears 412.
+    fhir.resource("Patient", **_identified(mrn)).save()
+    with pytest.raises(MultipleResourcesFound):
+        search.update(fhir.resource("Patient", **_identified(mrn)))
+
+
+def test_delete_keeps_history_through_the_client(fhir: SyncFHIRClient) -> None:
+    patient = fhir.resource("Patient", **_identified(uuid.uuid4().hex, gender="male"))
+    patient.save()
+    fhir.delete(patient)
+    with pytest.raises(ResourceNotFound):
+        fhir.get("Patient", patient.id)
+    version_1 = fhir.execute(f"Patient/{patient.id}/_history/1", method="get")
+    assert version_1["gender"] == "male"
+    history = fhir.execute(f"Patient/{patient.id}/_history", method="get")
+    assert [e["request"]["method"] for e in history["entry"]] == ["DELETE", "POST"]
+
+
+def test_validate_through_execute(fhir: SyncFHIRClient) -> None:
+    ok = fhir.execute("Patient/$validate", method="post", data={"resourceType": "Patient"})
+    assert ok["issue"][0]["severity"] == "information"
+    bad = fhir.execute(
+        "Patient/$validate", method="post", data={"resourceType": "Patient", "gender": "robot"}
+    )
+    assert bad["issue"][0]["severity"] == "error"
+    assert bad["issue"][0]["expression"] == ["Patient.gender"]

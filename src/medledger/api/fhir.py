@@ -24,10 +24,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medledger.api.auth import require
 from medledger.api.deps import NodeDep, Records
-from medledger.api.errors import TooLarge, error_outcome
-from medledger.api.negotiation import check_formats
+from medledger.api.errors import TooLarge, UnsupportedMediaType, error_outcome
+from medledger.api.negotiation import JSON_PATCH, check_formats
 from medledger.api.responses import fhir_response, raw_fhir_response
-from medledger.core.errors import Gone, InvalidInput, MedledgerError, NotFound
+from medledger.core.errors import (
+    Gone,
+    InvalidInput,
+    MedledgerError,
+    NotFound,
+    PreconditionFailed,
+)
 from medledger.node import Node
 from medledger.services.access import AccessEntry, refusal_reason
 from medledger.services.conditional import parse_criteria
@@ -41,6 +47,7 @@ from medledger.services.fhir import (
     operation_outcome,
     validate_id,
 )
+from medledger.services.patching import apply_json_patch, apply_merge_patch
 from medledger.services.records.model import StoredResource, VersionInfo
 from medledger.services.records.service import RecordsService
 from medledger.services.search import SEARCH_PARAMS, patient_reference
@@ -241,6 +248,7 @@ async def metadata(request: Request, node: NodeDep) -> Response:
             "read",
             "vread",
             "update",
+            "patch",
             "delete",
             "history-instance",
             "history-type",
@@ -257,6 +265,12 @@ async def metadata(request: Request, node: NodeDep) -> Response:
             "conditionalCreate": True,
             "conditionalUpdate": True,
             "conditionalDelete": "single",
+            "operation": [
+                {
+                    "name": "validate",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                }
+            ],
             "interaction": interactions,
             "searchParam": [
                 {
@@ -341,8 +355,12 @@ async def create(
     if not isinstance(resource, dict) or resource.get("resourceType") != _check_type(resource_type):
         raise InvalidInput(f"body must be a {resource_type} resource")
     if if_none_exist is None:
-        stored = await node.records.create(resource)
-        return _written(request, stored, 201)
+        # Criteria in the query string (POST Type?criteria) are a conditional create too:
+        # fhirpy's get_or_create sends them so.
+        if not set(request.query_params) - {"_format", "_pretty"}:
+            stored = await node.records.create(resource)
+            return _written(request, stored, 201)
+        if_none_exist = request.url.query
     criteria = parse_criteria(if_none_exist, resource_type)
     conditional = node.conditional
     async with conditional.lock(resource_type):
@@ -355,6 +373,57 @@ async def create(
         existing = await node.records.read(resource_type, match.id)
         shown.append(existing)
     return _written(request, existing, 200)
+
+
+@router.post("/{resource_type}/$validate", summary="$validate (type level)")
+async def validate_type(
+    resource_type: str, request: Request, records: Records, who: Writer
+) -> Response:
+    """FHIR R4 ``$validate``: 200 with an OperationOutcome whether or not the resource is valid.
+
+    The body is the resource, or a ``Parameters`` with it as ``resource``.
+    Nothing is stored and nothing reaches a chain.
+    """
+    rtype = _check_type(resource_type)
+    resource = _validate_input(await read_body(request))
+    return await _validation_outcome(records, resource, rtype)
+
+
+@router.post("/{resource_type}/{rid}/$validate", summary="$validate (instance level)")
+async def validate_instance(
+    resource_type: str, rid: str, request: Request, records: Records, who: Writer
+) -> Response:
+    """``$validate`` of an update of this resource: the body's id must be ``rid``."""
+    rtype, rid = _check_type(resource_type), validate_id(rid)
+    resource = _validate_input(await read_body(request))
+    if isinstance(resource, dict) and resource.get("id") != rid:
+        issue = Issue(
+            severity="error",
+            code="invalid",
+            diagnostics="an update of this resource must carry the id of the URL",
+            expression=(f"{rtype}.id",),
+        )
+        return fhir_response(operation_outcome([issue]))
+    return await _validation_outcome(records, resource, rtype)
+
+
+def _validate_input(body: Any) -> Any:
+    """The resource to validate: the body, or the ``resource`` of a ``Parameters`` body."""
+    if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+        for param in body.get("parameter") or []:
+            if isinstance(param, dict) and param.get("name") == "resource":
+                return param.get("resource")
+        raise InvalidInput("$validate takes the resource, or Parameters with a 'resource'")
+    return body
+
+
+async def _validation_outcome(records: RecordsService, resource: Any, rtype: str) -> Response:
+    try:
+        await records.validate(resource, expected_type=rtype)
+    except FhirInvalid as exc:
+        return fhir_response(operation_outcome(exc.issues))
+    ok = Issue(severity="information", code="informational", diagnostics="the resource is valid")
+    return fhir_response(operation_outcome([ok]))
 
 
 @router.get("/{resource_type}/_history", summary="type history")
@@ -452,6 +521,42 @@ async def read(resource_type: str, rid: str, node: NodeDep, who: Clinical) -> Re
         _patient_may_see(who, stored)
         shown.append(stored)
     return raw_fhir_response(stored.data, headers=_headers(stored))
+
+
+#: JSON Merge Patch (RFC 7386): what fhirpy and other clients send as a partial resource.
+_MERGE_PATCH = ("application/merge-patch+json", "application/json")
+
+
+@router.patch("/{resource_type}/{rid}", summary="patch (JSON Patch or JSON Merge Patch)")
+async def patch(
+    resource_type: str,
+    rid: str,
+    request: Request,
+    records: Records,
+    who: Writer,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """FHIR R4 §3.1.0.5 with ``application/json-patch+json`` (or a JSON Merge Patch as
+    ``application/merge-patch+json`` or ``application/json``); the result is a new version.
+
+    The patch applies to the version read; if another write lands in between,
+    the update is refused (412) rather than overwriting it.
+    """
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind not in (JSON_PATCH, *_MERGE_PATCH):
+        raise UnsupportedMediaType(
+            f"a patch is sent as {JSON_PATCH} (or a JSON Merge Patch as application/json)"
+        )
+    rtype, rid = _check_type(resource_type), validate_id(rid)
+    body = await read_body(request)
+    current = await records.read(rtype, rid)
+    expected = _if_match(if_match)
+    if expected is not None and expected != current.version:
+        raise PreconditionFailed(f"{rtype}/{rid} is at version {current.version}, not {expected}")
+    apply = apply_json_patch if kind == JSON_PATCH else apply_merge_patch
+    patched = apply(current.resource(), body)
+    stored, _ = await records.update(rtype, rid, patched, if_match=current.version)
+    return _written(request, stored, 200)
 
 
 @router.put("/{resource_type}/{rid}", summary="update (or create with this id)")

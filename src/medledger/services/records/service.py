@@ -178,6 +178,13 @@ class RecordsService:
         )
         return (await self._writer.write_many([intent]))[0]
 
+    async def validate(self, resource: Any, *, expected_type: str | None = None) -> None:
+        """Check ``resource`` as a write would (``$validate``); nothing is stored.
+
+        Raises :class:`FhirInvalid` with what is wrong and where.
+        """
+        await self._validator.validate(_object(resource), expected_type=expected_type)
+
     async def transaction(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a FHIR ``transaction`` Bundle all-or-nothing; return the transaction-response."""
         return await apply_transaction(bundle, self._bundle_context())
