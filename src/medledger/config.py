@@ -6,6 +6,8 @@
     name = "St. Mary Hospital"      # display name (not PHI)
     institution = "st-mary"        # stable id used on chains
     chain = "private:st-mary"
+    advertise = "https://st-mary.example.org:8700"   # optional: where other members
+                                   # reach this node (genesis peer_url; node start binds it)
 
     [sequencer]
     max_txs = 4096
@@ -51,6 +53,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tomli_w
 
@@ -67,10 +70,13 @@ __all__ = [
     "StorageConfig",
     "institution_id",
     "load_config",
+    "parse_advertise",
 ]
 
 CONFIG_FILE = "node.toml"
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: A DNS name, an IPv4 address or an IPv6 literal (``urlsplit`` strips its brackets).
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}")
 
 
 def institution_id(text: str) -> str:
@@ -79,6 +85,38 @@ def institution_id(text: str) -> str:
     if not _ID.match(slug):
         raise InvalidInput(f"cannot derive an institution id from {text!r}; pass --id")
     return slug
+
+
+def parse_advertise(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of an advertised node URL, or :class:`InvalidInput`.
+
+    The URL other members and clients reach the node at: ``http`` or
+    ``https``, a host name or IP address, an explicit port, and nothing else
+    (no user, path, query or fragment), because it is spliced into request
+    URLs (``<url>/peer/v1/...``) and recorded in the genesis as ``peer_url``.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or port is None
+        or not 1 <= port <= 65535
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or not _HOST.fullmatch(parts.hostname)
+    ):
+        raise InvalidInput(
+            f"advertised address {url!r} must look like https://HOST:PORT (http or https, "
+            "a host name or IP address, a port, nothing else)"
+        )
+    return parts.scheme, parts.hostname, port
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,10 +329,23 @@ class NodeConfig:
     #: The HPKE public key other members wrap shared data keys to ("<kem>:<hex>").
     hpke_key: str = ""
     consortium: ConsortiumConfig | None = None
+    #: Where other members reach this node (``parse_advertise``); empty: loopback only.
+    advertise: str = ""
+
+    def __post_init__(self) -> None:
+        if self.advertise:
+            parse_advertise(self.advertise)
 
     def to_toml(self) -> bytes:
+        node: dict[str, str] = {
+            "name": self.name,
+            "institution": self.institution,
+            "chain": self.chain,
+        }
+        if self.advertise:
+            node["advertise"] = self.advertise
         doc: dict[str, Any] = {
-            "node": {"name": self.name, "institution": self.institution, "chain": self.chain},
+            "node": node,
             "sequencer": {
                 "max_txs": self.sequencer.max_txs,
                 "max_wait_ms": float(self.sequencer.max_wait_ms),
@@ -364,6 +415,7 @@ def load_config(root: Path, env: Mapping[str, str] | None = None) -> NodeConfig:
             consortium=ConsortiumConfig.from_env(
                 _optional_section(doc, "consortium") if "consortium" in doc else None, env
             ),
+            advertise=str(node.get("advertise", "")),
         )
     except (KeyError, ValueError, TypeError, InvalidInput) as exc:
         raise InvalidInput(f"{path}: invalid setting ({exc})") from None

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from medledger.config import (
     StorageConfig,
     institution_id,
     load_config,
+    parse_advertise,
 )
 from medledger.core.consortium import ConsortiumParams, Genesis, Member
 from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, StorageError
@@ -61,11 +62,13 @@ __all__ = [
     "Node",
     "init_node",
     "load_genesis",
+    "member_entry",
     "open_chain",
     "open_consortium_chain",
     "open_node",
     "open_orderer",
     "own_last_anchor",
+    "save_genesis",
     "scrub_settings",
     "write_genesis",
 ]
@@ -380,6 +383,20 @@ def load_genesis(path: Path) -> Genesis:
         raise InvalidInput(f"{path}: not a genesis document ({exc})") from None
 
 
+def member_entry(root: Path) -> Member:
+    """The node in ``root`` as a genesis member: public keys, advertised URL, TLS certificate."""
+    config = load_config(root)
+    cert_path = NodePaths(root=root).tls_cert
+    return Member(
+        id=config.institution,
+        name=config.name,
+        signing_key=config.signing_key,
+        hpke_key=config.hpke_key,
+        peer_url=config.advertise,
+        tls_cert=load_certificate(cert_path) if cert_path.exists() else None,
+    )
+
+
 def write_genesis(
     consortium: str,
     roots: list[Path],
@@ -390,33 +407,31 @@ def write_genesis(
 ) -> Genesis:
     """A genesis of the nodes in ``roots``, copied into each node directory.
 
-    ``peer_urls`` maps an institution id to the URL other members reach its node at.
+    ``peer_urls`` maps an institution id to the URL other members reach its node at;
+    a node not named there is reached at the address it advertises (``node init
+    --advertise``), if any.
     """
     peer_urls = peer_urls or {}
     members = []
     for root in roots:
-        config = load_config(root)
-        cert_path = NodePaths(root=root).tls_cert
-        members.append(
-            Member(
-                id=config.institution,
-                name=config.name,
-                signing_key=config.signing_key,
-                hpke_key=config.hpke_key,
-                peer_url=peer_urls.get(config.institution, ""),
-                tls_cert=load_certificate(cert_path) if cert_path.exists() else None,
-            )
-        )
+        member = member_entry(root)
+        if member.id in peer_urls:
+            member = replace(member, peer_url=peer_urls[member.id])
+        members.append(member)
     genesis = Genesis(
         consortium=consortium,
         time_ms=time_ms,
         members=tuple(members),
         params=params or ConsortiumParams(),
     )
-    data = (json.dumps(genesis.to_json(), indent=2) + "\n").encode()
     for root in roots:
-        atomic_write(NodePaths(root=root).genesis, data, mode=0o600)
+        save_genesis(genesis, NodePaths(root=root).genesis)
     return genesis
+
+
+def save_genesis(genesis: Genesis, path: Path) -> None:
+    """Write ``genesis`` as the JSON document nodes read (atomically, owner-only)."""
+    atomic_write(path, (json.dumps(genesis.to_json(), indent=2) + "\n").encode(), mode=0o600)
 
 
 def _make_private(root: Path) -> None:
@@ -448,6 +463,7 @@ def init_node(
     storage: StorageConfig | None = None,
     hpke_kem: str = DEFAULT_KEM,
     tls_hosts: Sequence[str] = DEFAULT_HOSTS,
+    advertise: str = "",
 ) -> NodeConfig:
     """Create a new node in ``root`` (absent or empty). Leaves nothing behind on failure.
 
@@ -455,12 +471,20 @@ def init_node(
     (``MLKEM768_X25519``, the post-quantum hybrid, or ``X25519``). ``tls_hosts``
     are the names and addresses others reach the node at: its self-signed TLS
     certificate (``tls.crt``, key ``tls.key``; ``services.tls``) names them.
+    ``advertise`` (``https://HOST:PORT``, see ``config.parse_advertise``) is the
+    URL other members reach the node at: it goes into ``node.toml``, into the
+    genesis as the member's ``peer_url``, and its host into the certificate.
 
     ``storage`` defaults to ``[storage]`` from the environment (``MEDLEDGER_STORE``,
     ``MEDLEDGER_DSN``, ``MEDLEDGER_BLOBS``), which defaults to SQLite and files.
     PostgreSQL schemas are per institution and must not exist yet.
     """
     storage = storage if storage is not None else StorageConfig.from_env()
+    if advertise:
+        advertised_host = parse_advertise(advertise)[1]
+        if advertised_host not in tls_hosts:
+            # Clients check the host name against the certificate: it must name this one.
+            tls_hosts = (advertised_host, *tls_hosts)
     check_new_passphrase(passphrase, what="keystore passphrase")
     if not name.strip():
         raise InvalidInput("the institution name must not be empty")
@@ -501,6 +525,7 @@ def init_node(
             signing_key=key.public,
             storage=storage,
             hpke_key=HpkeKeyPair.from_keystore(keystore, hpke_kem).public_text(),
+            advertise=advertise,
         )
         factory.initialize_blob_store(
             storage.blobs,

@@ -65,7 +65,17 @@ def node() -> None:
     help="A host name or IP address others reach this node at (repeat; its TLS certificate "
     "names them; default: localhost, 127.0.0.1, ::1).",
 )
-def node_init(root: Path, name: str, institution: str | None, hosts: tuple[str, ...]) -> None:
+@click.option(
+    "--advertise",
+    default="",
+    metavar="URL",
+    help="The URL other members reach this node at, e.g. https://st-mary.example.org:8700: "
+    "recorded in the genesis as its peer URL, named by its TLS certificate, and the address "
+    "'node start' listens on by default.",
+)
+def node_init(
+    root: Path, name: str, institution: str | None, hosts: tuple[str, ...], advertise: str
+) -> None:
     """Create keys, a TLS certificate, configuration and the private chain's genesis in DIR."""
     from medledger.node import init_node
     from medledger.services.tls import DEFAULT_HOSTS
@@ -77,6 +87,7 @@ def node_init(root: Path, name: str, institution: str | None, hosts: tuple[str, 
         passphrase=passphrase,
         institution=institution,
         tls_hosts=hosts or DEFAULT_HOSTS,
+        advertise=advertise,
     )
     from medledger.config import NodePaths
     from medledger.services.tls import load_certificate
@@ -87,6 +98,20 @@ def node_init(root: Path, name: str, institution: str | None, hosts: tuple[str, 
     click.echo(f"TLS certificate fingerprint: {cert.fingerprint} ({', '.join(cert.hosts)})")
     # Last: scripts read the signing key's fingerprint from the final line.
     click.echo(f"signing key fingerprint: {config.signing_key.fingerprint}")
+
+
+@node.command("member-info")
+@dir_option
+def node_member_info(root: Path) -> None:
+    """Print this node's public member entry (JSON) for the consortium's genesis.
+
+    Everything other institutions need and nothing secret: id, name, signing
+    and HPKE public keys, the advertised peer URL and the TLS certificate.
+    Send it to whoever runs ``consortium init --member-info``.
+    """
+    from medledger.node import member_entry
+
+    emit(member_entry(root).to_json())
 
 
 @node.command("tls-cert")

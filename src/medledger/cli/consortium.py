@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from medledger.cli.common import dir_option, emit
+from medledger.cli.common import dir_option, emit, fail
 from medledger.core.consortium import quorum
 from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import VerifyReport, verify_chain
+
+if TYPE_CHECKING:
+    from medledger.core.consortium import Member
 
 __all__ = ["consortium", "verify_consortium_store"]
 
@@ -22,24 +25,101 @@ def consortium() -> None:
     """Create a consortium and inspect its chain."""
 
 
+#: A member entry is a few KiB (keys and a certificate); anything this large is not one.
+MAX_MEMBER_INFO_BYTES = 64 * 1024
+
+
 @consortium.command("init")
 @click.option("--id", "consortium_id", required=True, help="Consortium id, e.g. 'city-health'.")
 @click.option(
     "--member",
     "members",
     multiple=True,
-    required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="A member's node directory (repeat for each founding member).",
+    help="A member's node directory on this machine (repeat for each founding member).",
 )
-def consortium_init(consortium_id: str, members: tuple[Path, ...]) -> None:
-    """Write the genesis document (members' public keys) into every member's directory."""
-    from medledger.node import write_genesis
+@click.option(
+    "--member-info",
+    "member_infos",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A member's public entry from 'node member-info' (repeat; members on other machines).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the genesis here (to send to the members on other machines).",
+)
+def consortium_init(
+    consortium_id: str,
+    members: tuple[Path, ...],
+    member_infos: tuple[Path, ...],
+    out: Path | None,
+) -> None:
+    """Write the genesis document (members' public keys) into every member's directory.
 
-    genesis = write_genesis(consortium_id, list(members), time_ms=SystemClock().now_ms())
+    Founding members are node directories on this machine (``--member``) and
+    entries sent by members on other machines (``--member-info``, checked like
+    any genesis member: keys, certificate, peer URL); ``--out`` writes the
+    genesis to a file for them, to copy into their node directory as
+    ``genesis.json``.
+    """
+    from medledger.core.consortium import ConsortiumParams, Genesis
+    from medledger.node import member_entry, save_genesis
+
+    if not members and not member_infos:
+        fail("name the founding members with --member or --member-info", 2)
+    if member_infos and out is None and not members:
+        fail("--member-info without --member needs --out (where to write the genesis)", 2)
+    entries = [member_entry(root) for root in members]
+    entries += [_read_member_info(path) for path in member_infos]
+    genesis = Genesis(
+        consortium=consortium_id,
+        time_ms=SystemClock().now_ms(),
+        members=tuple(entries),
+        params=ConsortiumParams(),
+    )
+    for root in members:
+        save_genesis(genesis, root / "genesis.json")
+    if out is not None:
+        save_genesis(genesis, out)
     n = len(genesis.members)
     click.echo(f"consortium {consortium_id!r}: {n} members, finality quorum {quorum(n)}")
-    click.echo(f"genesis hash {genesis.hash().hex()} written to {len(members)} node directories")
+    where = f"{len(members)} node directories" + (f" and {out}" if out is not None else "")
+    click.echo(f"genesis hash {genesis.hash().hex()} written to {where}")
+
+
+def _read_member_info(path: Path) -> Member:
+    """A member entry from a file another institution sent: hostile until checked."""
+    from medledger.config import parse_advertise
+    from medledger.core.consortium import Member
+    from medledger.core.errors import InvalidInput
+
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MEMBER_INFO_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > MAX_MEMBER_INFO_BYTES:
+        raise InvalidInput(f"{path}: larger than {MAX_MEMBER_INFO_BYTES} bytes")
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        member = Member.from_json(value)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{path}: not a member entry ({exc})") from None
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path}: {exc}") from None
+    if member.peer_url:
+        try:
+            parse_advertise(member.peer_url)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{path}: peer_url: {exc}") from None
+    return member
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def verify_consortium_store(root: Path) -> tuple[VerifyReport, ConsortiumPolicy]:

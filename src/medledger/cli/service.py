@@ -68,8 +68,17 @@ def _structured_logging() -> None:
 
 @click.command("start")
 @dir_option
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8700, show_default=True)
+@click.option(
+    "--host",
+    default=None,
+    help="Address to listen on [default: the host of node.toml's advertise URL, else 127.0.0.1].",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port to listen on [default: the port of node.toml's advertise URL, else 8700].",
+)
 @click.option(
     "--head-timeout",
     type=click.FloatRange(min=0.1),
@@ -113,8 +122,8 @@ def _structured_logging() -> None:
 )
 def start(
     root: Path,
-    host: str,
-    port: int,
+    host: str | None,
+    port: int | None,
     head_timeout: float,
     body_timeout: float,
     idle_timeout: int,
@@ -141,6 +150,7 @@ def start(
     from medledger.lifecycle import RunSettings
     from medledger.node import scrub_settings
 
+    host, port = _listen_address(root, host, port)
     limits = HttpLimits(
         head_timeout_s=head_timeout,
         body_timeout_s=body_timeout,
@@ -171,6 +181,17 @@ def start(
         asyncio.run(server.serve())
     else:
         uvloop.run(server.serve())
+
+
+def _listen_address(root: Path, host: str | None, port: int | None) -> tuple[str, int]:
+    """``--host``/``--port``, else the advertised address (``node init --advertise``), else loopback."""
+    from medledger.config import load_config, parse_advertise
+
+    advertise = load_config(root).advertise
+    if advertise:
+        _, advertised_host, advertised_port = parse_advertise(advertise)
+        return host or advertised_host, port or advertised_port
+    return host or "127.0.0.1", port or 8700
 
 
 @click.group()
