@@ -34,9 +34,8 @@ from medledger.core.errors import DamagedStore, MedledgerError
 from medledger.ledger.clock import Clock
 from medledger.ledger.integrity import check_against_anchor
 from medledger.ledger.ordering.observed import ObservedOrderer
-from medledger.node import Node, open_node, open_orderer
+from medledger.node import Node, open_node, open_orderer, open_token_store
 from medledger.storage.ports import TokenStore
-from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 __all__ = ["ANCHOR_CHECK", "NodeRuntime", "RunSettings", "run_node"]
 
@@ -235,7 +234,7 @@ async def run_node(
         full_check=settings.full_check,
     )
     try:
-        tokens = SqliteTokenStore(root / "tokens.db")
+        tokens = open_token_store(root, node.config)
     except BaseException:
         await node.close()
         raise

@@ -51,8 +51,7 @@ from medledger.services.trail import TrailIndex
 from medledger.services.validation import Validator
 from medledger.storage import factory
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
-from medledger.storage.ports import BlobStore, ChainStore, NonceStore, RecordIndex
-from medledger.storage.sqlite.nonces import SqliteNonceStore
+from medledger.storage.ports import BlobStore, ChainStore, NonceStore, RecordIndex, TokenStore
 
 if TYPE_CHECKING:
     from medledger.services.peer_http import HttpPeerTransport
@@ -66,7 +65,9 @@ __all__ = [
     "open_chain",
     "open_consortium_chain",
     "open_node",
+    "open_nonce_store",
     "open_orderer",
+    "open_token_store",
     "own_last_anchor",
     "save_genesis",
     "scrub_settings",
@@ -219,7 +220,7 @@ class Node:
         self.access = AccessLog(
             institution=self.config.institution, chain=self.chain, member=member
         )
-        self._nonces = SqliteNonceStore(self.paths.root / "peer_nonces.db")
+        self._nonces = open_nonce_store(self.config, self.paths)
         # Here, not at the top: commands that only read a chain need no HTTP client.
         from medledger.services.peer_http import HttpPeerTransport
 
@@ -304,6 +305,33 @@ def _store_target(storage: StorageConfig, path: Path) -> str | Path:
 def _schema(config: NodeConfig, part: str) -> str | None:
     return (
         factory.node_schema(config.institution, part) if config.storage.store != "sqlite" else None
+    )
+
+
+def open_nonce_store(config: NodeConfig, paths: NodePaths) -> NonceStore:
+    """The node's peer-request nonce store: beside its other stores, SQLite or PostgreSQL."""
+    sqlite_file = paths.root / "peer_nonces.db"
+    return factory.open_nonce_store(
+        config.storage.store,
+        _store_target(config.storage, sqlite_file),
+        schema=_schema(config, "nonces"),
+        legacy=sqlite_file if config.storage.store != "sqlite" else None,
+    )
+
+
+def open_token_store(root: Path, config: NodeConfig | None = None) -> TokenStore:
+    """The node's API token store: ``tokens.db`` of a SQLite node, a schema of a PostgreSQL one.
+
+    A PostgreSQL node that kept its tokens in ``tokens.db`` before has them
+    imported on this first open (see :func:`~medledger.storage.factory.open_token_store`).
+    """
+    config = config or load_config(root)
+    sqlite_file = root / "tokens.db"
+    return factory.open_token_store(
+        config.storage.store,
+        _store_target(config.storage, sqlite_file),
+        schema=_schema(config, "tokens"),
+        legacy=sqlite_file if config.storage.store != "sqlite" else None,
     )
 
 
@@ -537,6 +565,13 @@ def init_node(
             _store_target(storage, paths.records_db),
             schema=_schema(config, "records"),
         )
+        if storage.store != "sqlite":
+            factory.initialize_peer_stores(
+                storage.store,
+                storage.dsn,
+                tokens=factory.node_schema(inst, "tokens"),
+                nonces=factory.node_schema(inst, "nonces"),
+            )
         write_certificate(
             paths.tls_cert,
             paths.tls_key,

@@ -35,8 +35,8 @@ from medledger.core.keys import SigningKey
 from medledger.ledger.private import PrivateChain
 from medledger.ledger.verify import verify_chain
 from medledger.localnet.pg_embedded import EmbeddedPostgres
-from medledger.node import init_node, open_chain, open_node
-from medledger.storage.factory import node_schema
+from medledger.node import init_node, open_chain, open_node, open_token_store
+from medledger.storage.factory import NODE_SCHEMA_PARTS, node_schema
 from medledger.storage.keystore import KdfParams
 from medledger.storage.postgres.blobs import PostgresBlobStore
 from medledger.storage.postgres.chain import PostgresChainStore
@@ -512,4 +512,18 @@ def test_node_with_postgres_blobs_and_index(tmp_path: Path, pg_env: dict[str, st
         schemas = {
             r[0] for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'ml_%'")
         }
-    assert {node_schema("one-system", p) for p in ("chain", "records", "blobs")} <= schemas
+    assert {node_schema("one-system", p) for p in NODE_SCHEMA_PARTS} - schemas == {
+        node_schema("one-system", "consortium")  # created when the node joins a consortium
+    }
+    # API tokens and peer nonces live in PostgreSQL too: no SQLite file beside the config.
+    tokens = open_token_store(root)
+    try:
+        text, _ = tokens.create(role="clinician", now_ms=1_700_000_000_000)
+    finally:
+        tokens.close()
+    tokens = open_token_store(root)
+    try:
+        assert tokens.check(text, now_ms=1_700_000_000_001).role == "clinician"
+    finally:
+        tokens.close()
+    assert not list(root.glob("*tokens*")) and not list(root.glob("*nonces*"))

@@ -128,10 +128,10 @@ def _fresh(path: Path, name: str, storage: StorageConfig) -> None:
     if path.exists():
         shutil.rmtree(path)
     if storage.store == "postgres":
-        from medledger.storage.factory import node_schema
+        from medledger.storage.factory import NODE_SCHEMA_PARTS, node_schema
         from medledger.storage.postgres.migrations import drop_schema
 
-        for part in ("chain", "records", "blobs", "consortium"):
+        for part in NODE_SCHEMA_PARTS:
             drop_schema(storage.dsn, node_schema(institution_id(name), part))
 
 

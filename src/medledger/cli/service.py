@@ -15,16 +15,14 @@ import click
 from medledger.cli.common import dir_option, emit, read_passphrase
 from medledger.ledger.clock import SystemClock
 from medledger.storage.ports import ROLES, TokenStore
-from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 __all__ = ["JsonLogFormatter", "start", "token"]
 
 
 def _tokens(root: Path) -> TokenStore:
-    from medledger.config import load_config
+    from medledger.node import open_token_store
 
-    load_config(root)  # a clear error if ROOT is not a node
-    return SqliteTokenStore(root / "tokens.db")
+    return open_token_store(root)  # load_config: a clear error if ROOT is not a node
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -68,7 +68,6 @@ from medledger.localnet.spec import (
     parse_network,
 )
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
-from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 if TYPE_CHECKING:  # both load heavy or optional packages: imported when a network needs them
     from medledger.localnet.natsserver import NatsNode
@@ -506,7 +505,7 @@ def _create(
                 name=names[i],
                 dir=root.name,
                 port=ports[i],
-                tokens=_create_tokens(root, now_ms),
+                tokens=_create_tokens(root, storage, now_ms),
             )
             for i, root in enumerate(roots)
         )
@@ -538,9 +537,15 @@ def _create(
     return spec
 
 
-def _create_tokens(root: Path, now_ms: int) -> ApiTokens:
-    """An admin and a clinician token for the node in ``root``."""
-    tokens = SqliteTokenStore(root / "tokens.db")
+def _create_tokens(root: Path, storage: StorageConfig, now_ms: int) -> ApiTokens:
+    """An admin and a clinician token for the node in ``root``, in its own store.
+
+    ``storage`` carries the DSN with its password (``node.toml`` never holds one).
+    """
+    from medledger.node import open_token_store
+
+    config = replace(load_config(root), storage=storage)
+    tokens = open_token_store(root, config)
     try:
         admin, _ = tokens.create(role="admin", label="network up", now_ms=now_ms)
         clinician, _ = tokens.create(role="clinician", label="network up", now_ms=now_ms)

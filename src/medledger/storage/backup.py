@@ -58,6 +58,10 @@ VERSION: Final = 1
 #: rows name chain heights that were durable when they were written), so a restored node
 #: passes its start-up checks.
 SQLITE_STORES: Final = {"consortium.db": "chain", "records.db": "records", "chain.db": "chain"}
+#: PostgreSQL stores a node may not have yet: the consortium copy (before joining),
+#: tokens and nonces (a node created before they moved to PostgreSQL: its first start
+#: creates them).
+_OPTIONAL_PARTS: Final = frozenset({"consortium", "tokens", "nonces"})
 _SQLITE_LATEST: Final = {"chain": CHAIN_SCHEMA_VERSION, "records": RECORDS_SCHEMA_VERSION}
 
 
@@ -92,6 +96,8 @@ class StoreLayout:
                 PgPart("chain", "chain", node_schema(self.institution, "chain")),
                 PgPart("records", "records", node_schema(self.institution, "records")),
                 PgPart("consortium", "chain", node_schema(self.institution, "consortium")),
+                PgPart("tokens", "tokens", node_schema(self.institution, "tokens")),
+                PgPart("nonces", "nonces", node_schema(self.institution, "nonces")),
             ]
         if self.blobs == "postgres":
             parts.append(PgPart("blobs", "blobs", node_schema(self.institution, "blobs")))
@@ -141,7 +147,7 @@ def migrate_stores(layout: StoreLayout) -> list[str]:
 
         with connect(layout.dsn) as conn:
             for part in parts:
-                if part.name == "consortium" and schema_version(conn, part.schema) is None:
+                if part.name in _OPTIONAL_PARTS and schema_version(conn, part.schema) is None:
                     continue
                 before, after = migrate(conn, part.schema, part.kind, create=False)
                 change = f"{before} -> {after}" if before != after else f"{after} (current)"
@@ -222,7 +228,7 @@ def _backup_postgres(tar: tarfile.TarFile, layout: StoreLayout, mtime: int) -> d
                 for part in layout.pg_parts():
                     version = schema_version(conn, part.schema)
                     if version is None:
-                        if part.name == "consortium":
+                        if part.name in _OPTIONAL_PARTS:
                             continue
                         raise NotFound(
                             f"PostgreSQL {describe_dsn(dsn)} has no schema {part.schema}"

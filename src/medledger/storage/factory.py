@@ -14,23 +14,31 @@ from typing import Final
 
 from medledger.core.errors import InvalidInput
 from medledger.storage.blobs import FileBlobStore
-from medledger.storage.ports import BlobStore, ChainStore, RecordIndex
+from medledger.storage.ports import BlobStore, ChainStore, NonceStore, RecordIndex, TokenStore
 from medledger.storage.sqlite.chain import SqliteChainStore
+from medledger.storage.sqlite.nonces import SqliteNonceStore
 from medledger.storage.sqlite.records import SqliteRecordIndex
+from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 __all__ = [
     "BLOB_KINDS",
+    "NODE_SCHEMA_PARTS",
     "STORE_KINDS",
     "check_kind",
     "initialize_blob_store",
+    "initialize_peer_stores",
     "initialize_record_index",
     "node_schema",
     "open_blob_store",
     "open_chain_store",
+    "open_nonce_store",
     "open_record_index",
+    "open_token_store",
 ]
 
 STORE_KINDS: Final = ("sqlite", "postgres")
+#: Every store of a node that has a schema in PostgreSQL (see :func:`node_schema`).
+NODE_SCHEMA_PARTS: Final = ("chain", "records", "consortium", "blobs", "tokens", "nonces")
 BLOB_KINDS: Final = ("file", "postgres")
 
 
@@ -42,7 +50,8 @@ def check_kind(kind: str, kinds: tuple[str, ...] = STORE_KINDS, what: str = "sto
 
 
 def node_schema(institution: str, part: str) -> str:
-    """The PostgreSQL schema of one store of one node (``chain``, ``consortium``, ``records``, ``blobs``).
+    """The PostgreSQL schema of one store of one node (``chain``, ``consortium``, ``records``,
+    ``blobs``, ``tokens``, ``nonces``).
 
     Per institution, so several nodes (and each node's copy of the consortium
     chain) can share one database.
@@ -106,6 +115,62 @@ def open_blob_store(kind: str, target: str | Path, *, schema: str | None = None)
     from medledger.storage.postgres.blobs import PostgresBlobStore
 
     return PostgresBlobStore(str(target), schema=_need(schema))
+
+
+def initialize_peer_stores(kind: str, target: str | Path, *, tokens: str, nonces: str) -> None:
+    """Create the API token and peer-nonce stores of a new PostgreSQL node (schemas given).
+
+    SQLite files are created on first open; nothing to do for ``"sqlite"``.
+    """
+    if check_kind(kind) == "sqlite":
+        return
+    from medledger.storage.postgres.nonces import PostgresNonceStore
+    from medledger.storage.postgres.tokens import PostgresTokenStore
+
+    PostgresTokenStore.initialize(str(target), schema=tokens)
+    PostgresNonceStore.initialize(str(target), schema=nonces)
+
+
+def open_token_store(
+    kind: str, target: str | Path, *, schema: str | None = None, legacy: Path | None = None
+) -> TokenStore:
+    """Open the API token store (created on first open).
+
+    SQLite: ``target`` is the file. PostgreSQL: ``target`` is the DSN; the
+    tokens of ``legacy`` — the SQLite file a PostgreSQL node kept them in
+    before — are imported once (the file is then renamed ``*.imported``), so
+    no issued token is lost or silently revived.
+    """
+    if check_kind(kind) == "sqlite":
+        return SqliteTokenStore(Path(target))
+    from medledger.storage.postgres.tokens import PostgresTokenStore
+
+    store = PostgresTokenStore(str(target), schema=_need(schema))
+    try:
+        if legacy is not None:
+            store.import_legacy(legacy)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def open_nonce_store(
+    kind: str, target: str | Path, *, schema: str | None = None, legacy: Path | None = None
+) -> NonceStore:
+    """Open the peer-request nonce store (created on first open).
+
+    PostgreSQL: the nonces of ``legacy`` (the node's former SQLite file) are
+    imported once, so a request seen just before cannot be replayed just after.
+    """
+    if check_kind(kind) == "sqlite":
+        return SqliteNonceStore(Path(target))
+    from medledger.storage.postgres.nonces import PostgresNonceStore
+
+    store = PostgresNonceStore(str(target), schema=_need(schema))
+    if legacy is not None:
+        store.import_legacy(legacy, since_ms=0)
+    return store
 
 
 def _need(schema: str | None) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from medledger.storage.dialect import POSTGRES, SQLITE, Dialect
 from medledger.storage.ports import RECOVERY_MARK, VersionRow
 
 __all__ = [
@@ -48,25 +49,6 @@ _MAX_INT: Final = 2**62
 #: Tokens (and candidate ids) per statement: far below both backends' parameter limits.
 _CHUNK: Final = 400
 _PAGE: Final = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class Dialect:
-    """How one backend spells what the shared statements leave open."""
-
-    name: str
-    #: The driver's positional placeholder (``?`` for sqlite3, ``%s`` for psycopg).
-    placeholder: str
-    #: Appended to a SELECT that is followed by an UPDATE of the same rows.
-    lock_rows: str
-
-    def render(self, text: str) -> str:
-        """``text`` with every ``?`` turned into this dialect's placeholder."""
-        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
-
-
-SQLITE: Final = Dialect(name="sqlite", placeholder="?", lock_rows="")
-POSTGRES: Final = Dialect(name="postgres", placeholder="%s", lock_rows=" FOR UPDATE")
 
 
 @dataclass(frozen=True, slots=True)

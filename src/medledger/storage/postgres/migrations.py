@@ -19,10 +19,13 @@ __all__ = [
     "BLOBS_MIGRATIONS",
     "CHAIN_MIGRATIONS",
     "MIGRATIONS",
+    "NONCES_MIGRATIONS",
     "RECORDS_MIGRATIONS",
+    "TOKENS_MIGRATIONS",
     "Migration",
     "drop_schema",
     "migrate",
+    "open_or_create_schema",
     "open_schema",
     "read_meta",
     "schema_version",
@@ -117,7 +120,50 @@ CREATE TABLE blobs (hash bytea PRIMARY KEY, data bytea NOT NULL);
     ),
 )
 
-MIGRATIONS = {"chain": CHAIN_MIGRATIONS, "records": RECORDS_MIGRATIONS, "blobs": BLOBS_MIGRATIONS}
+TOKENS_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        name="tokens: API bearer tokens (id, SHA-256 of the secret, role, expiry, revocation)",
+        sql="""
+CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE tokens (
+    id text PRIMARY KEY,
+    secret_hash bytea NOT NULL,
+    role text NOT NULL,
+    patient text,
+    label text NOT NULL,
+    created_ms bigint NOT NULL,
+    expires_ms bigint,
+    revoked boolean NOT NULL DEFAULT false
+);
+""",
+    ),
+)
+
+NONCES_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        name="nonces: peer-request nonces seen (replay protection)",
+        sql="""
+CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE nonces (
+    reader text NOT NULL,
+    nonce text NOT NULL,
+    time_ms bigint NOT NULL,
+    PRIMARY KEY (reader, nonce)
+);
+CREATE INDEX nonces_time ON nonces (time_ms);
+""",
+    ),
+)
+
+MIGRATIONS = {
+    "chain": CHAIN_MIGRATIONS,
+    "records": RECORDS_MIGRATIONS,
+    "blobs": BLOBS_MIGRATIONS,
+    "tokens": TOKENS_MIGRATIONS,
+    "nonces": NONCES_MIGRATIONS,
+}
 
 
 def schema_version(conn: Conn, schema: str) -> int | None:
@@ -225,6 +271,25 @@ def read_meta(conn: Conn, schema: str) -> dict[str, str]:
         sql.SQL("SELECT key, value FROM {}").format(sql.Identifier(schema, "meta"))
     ).fetchall()
     return {str(k): str(v) for k, v in rows}
+
+
+def open_or_create_schema(dsn: str, schema: str, kind: str) -> bool:
+    """Open ``schema`` (a store of ``kind``), creating it when absent; ``True`` if created.
+
+    For stores a node gained after it was created (tokens and nonces of a
+    PostgreSQL node): its first open creates them.
+    """
+    try:
+        open_schema(dsn, schema, kind, create=False)
+        return False
+    except NotFound:
+        pass
+    try:
+        open_schema(dsn, schema, kind, create=True)
+        return True
+    except Conflict:  # another process created it meanwhile
+        open_schema(dsn, schema, kind, create=False)
+        return False
 
 
 def open_schema(

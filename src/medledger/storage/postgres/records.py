@@ -14,11 +14,11 @@ from medledger.core.errors import (
     StorageError,
 )
 from medledger.storage.batching import GroupCommitter
+from medledger.storage.dialect import POSTGRES
 from medledger.storage.ports import RECOVERY_MARK, VersionRow
 from medledger.storage.postgres.connection import PooledStore, open_pool, storage_error
 from medledger.storage.postgres.migrations import open_schema
 from medledger.storage.record_sql import (
-    POSTGRES,
     RecordQueries,
     RecordReads,
     version_params,

@@ -16,9 +16,9 @@ from typing import Any
 
 from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.storage.batching import GroupCommitter
+from medledger.storage.dialect import SQLITE
 from medledger.storage.ports import RECOVERY_MARK, VersionRow
 from medledger.storage.record_sql import (
-    SQLITE,
     RecordQueries,
     RecordReads,
     version_params,
