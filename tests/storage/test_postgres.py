@@ -1,7 +1,6 @@
 """PostgreSQL storage on a real server: group commit, crashes, restarts, clear errors, backups.
 
-Also the PostgreSQL blob store. The port contracts run on every backend in
-``test_*_contract.py``.
+The port contracts run on every backend in ``test_*_contract.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from pg_server import private_server, shared_server, unique
 from medledger.config import StorageConfig
 from medledger.core.errors import (
     Conflict,
-    IntegrityError,
     NotFound,
     RetryableStorageError,
     StorageError,
@@ -38,7 +36,6 @@ from medledger.localnet.pg_embedded import EmbeddedPostgres
 from medledger.node import init_node, open_chain, open_node, open_token_store
 from medledger.storage.factory import NODE_SCHEMA_PARTS, node_schema
 from medledger.storage.keystore import KdfParams
-from medledger.storage.postgres.blobs import PostgresBlobStore
 from medledger.storage.postgres.chain import PostgresChainStore
 from medledger.storage.postgres.connection import schema_name
 from medledger.storage.postgres.migrations import drop_schema
@@ -454,39 +451,6 @@ def test_backup_restore_round_trip_postgres(tmp_path: Path, pg_env: dict[str, st
         assert not again.exists()
     finally:
         server.drop_database(name)
-
-
-# -- PostgreSQL blob store -----------------------------------------------------------------------
-
-
-def test_postgres_blob_store(pg_dsn: str) -> None:
-    schema = unique("blobs")
-    PostgresBlobStore.initialize(pg_dsn, schema=schema)
-    store = PostgresBlobStore(pg_dsn, schema=schema)
-    try:
-        data = [b"\x00cipher" * n for n in range(1, 50)]
-        hashes = store.put_many(data + data[:3])[: len(data)]
-        assert hashes == [sha256(d) for d in data]
-        assert store.put(data[0]) == hashes[0]
-        assert all(store.get(h) == d for h, d in zip(hashes, data, strict=True))
-        assert store.exists(hashes[1])
-        assert sorted(store.iter_hashes()) == sorted(hashes)
-        # No write time is stored: no blob is provably old enough for an orphan sweep.
-        assert list(store.iter_hashes(older_than=2e9)) == []
-        store.delete(hashes[1])
-        store.delete(hashes[1])
-        assert not store.exists(hashes[1])
-        with pytest.raises(NotFound):
-            store.get(hashes[1])
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            conn.execute(
-                f'UPDATE "{schema}".blobs SET data = %s WHERE hash = %s', (b"evil", hashes[2])
-            )
-        with pytest.raises(IntegrityError):
-            store.get(hashes[2])
-    finally:
-        store.close()
-        drop_schema(pg_dsn, schema)
 
 
 def test_node_with_postgres_blobs_and_index(tmp_path: Path, pg_env: dict[str, str]) -> None:
