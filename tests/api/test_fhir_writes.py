@@ -554,3 +554,62 @@ def test_validate_answers_an_outcome_and_stores_nothing(
     assert wrong.json()["issue"][0]["severity"] == "error"
     assert live.record_writes() == before
     assert clinician.get("/fhir/Patient/p1").status_code == 404
+
+
+# -- history: _count, _since, _at and next links ----------------------------------------------
+
+
+def _follow(client: httpx.Client, url: str, base: str) -> list[dict[str, Any]]:
+    """Every entry along ``next`` links; each link absolute, on this server."""
+    entries: list[dict[str, Any]] = []
+    next_url: str | None = url
+    for _ in range(50):
+        if next_url is None:
+            return entries
+        r = client.get(next_url)
+        assert r.status_code == 200, r.text
+        bundle = r.json()
+        assert bundle["type"] == "history"
+        links = {link["relation"]: link["url"] for link in bundle["link"]}
+        assert links["self"].startswith(f"{base}/fhir/")
+        for entry in bundle.get("entry", []):
+            assert entry["fullUrl"].startswith(f"{base}/fhir/")
+        entries.extend(bundle.get("entry", []))
+        next_url = links.get("next")
+    raise AssertionError("paging does not end")
+
+
+def test_history_pages_and_filters(live: LiveServer, clinician: httpx.Client) -> None:
+    rid = f"h-{uuid.uuid4().hex[:10]}"
+    path = f"/fhir/Patient/{rid}"
+    stamps = []
+    for gender in ("male", "female", "other", "unknown"):
+        r = put_json(clinician, path, _patient(rid, gender=gender))
+        stamps.append(r.json()["meta"]["lastUpdated"])
+    entries = _follow(clinician, f"{path}/_history?_count=1", live.url)
+    assert [e["response"]["etag"] for e in entries] == [f'W/"{n}"' for n in (4, 3, 2, 1)]
+    assert entries[0]["fullUrl"] == f"{live.url}/fhir/Patient/{rid}"
+    # _since: the versions written at or after that instant.
+    since = clinician.get(f"{path}/_history", params={"_since": stamps[2]}).json()
+    assert {e["resource"]["gender"] for e in since["entry"]} >= {"other", "unknown"}
+    assert all(e["response"]["lastModified"] >= stamps[2] for e in since["entry"])
+    # _at: the versions current at some moment of that instant.
+    at = clinician.get(f"{path}/_history", params={"_at": stamps[1]}).json()
+    genders = ("male", "female", "other", "unknown")
+    t = stamps[1]  # millisecond precision: the period [t, t + 1 ms)
+    expected = {
+        g
+        for i, g in enumerate(genders)
+        if stamps[i] <= t and (i == len(genders) - 1 or stamps[i + 1] > t)
+    }
+    assert {e["resource"]["gender"] for e in at["entry"]} == expected
+    assert expected  # some version was current then
+    # Type and system history page the same way, newest first.
+    typed = _follow(clinician, "/fhir/Patient/_history?_count=3", live.url)
+    mine = [e["response"]["etag"] for e in typed if e["request"]["url"] == f"Patient/{rid}"]
+    assert mine == [f'W/"{n}"' for n in (4, 3, 2, 1)]
+    system = clinician.get("/fhir/_history", params={"_count": 2, "_since": stamps[3]}).json()
+    assert system["entry"][0]["request"]["url"] == f"Patient/{rid}"
+    for bad in ({"_since": "last week"}, {"_count": "0"}):
+        assert_outcome(clinician.get(f"{path}/_history", params=bad), 400)
+    assert_outcome(clinician.get("/fhir/Patient/_history", params={"_at": "2026"}), 400)

@@ -17,8 +17,9 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Annotated, Any
+from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,6 +48,7 @@ from medledger.services.fhir import (
     operation_outcome,
     validate_id,
 )
+from medledger.services.history import TimeRange, current_during, parse_time_range
 from medledger.services.patching import apply_json_patch, apply_merge_patch
 from medledger.services.records.model import StoredResource, VersionInfo
 from medledger.services.records.service import RecordsService
@@ -426,17 +428,40 @@ async def _validation_outcome(records: RecordsService, resource: Any, rtype: str
     return fhir_response(operation_outcome([ok]))
 
 
+@router.get("/_history", summary="system history")
+async def system_history(request: Request, node: NodeDep, who: Writer) -> Response:
+    """Every version of every resource, newest first; ``_count``, ``_offset``, ``_since``."""
+    return await _paged_history(request, node, who, None)
+
+
 @router.get("/{resource_type}/_history", summary="type history")
 async def type_history(
-    resource_type: str,
-    node: NodeDep,
-    who: Writer,
-    _count: Annotated[int, Query(ge=1, le=1000)] = 100,
+    resource_type: str, request: Request, node: NodeDep, who: Writer
 ) -> Response:
-    async with _audited(node, who, resource_type) as shown:
-        versions = await node.records.type_history(_check_type(resource_type), min(_count, 1000))
+    """Every version of the type's resources, newest first; ``_count``, ``_offset``, ``_since``."""
+    return await _paged_history(request, node, who, _check_type(resource_type))
+
+
+async def _paged_history(
+    request: Request, node: Node, who: TokenInfo, resource_type: str | None
+) -> Response:
+    if "_at" in request.query_params:
+        raise InvalidInput("_at is supported on the history of one resource only")
+    count = _int_param(request, "_count", 100, 1, 1000)
+    offset = _int_param(request, "_offset", 0, 0, 10**9)
+    since = _time_param(request, "_since")
+    async with _audited(node, who, resource_type or "*") as shown:
+        versions, more = await node.records.history_page(
+            resource_type, since_ms=None if since is None else since[0], offset=offset, count=count
+        )
         shown.extend(v.stored for v in versions if v.stored is not None)
-    return fhir_response(_history_bundle(versions))
+    path = "_history" if resource_type is None else f"{resource_type}/_history"
+    return fhir_response(_history_bundle(request, versions, path, offset, count, more))
+
+
+def _time_param(request: Request, name: str) -> TimeRange | None:
+    text = request.query_params.get(name)
+    return None if text is None else parse_time_range(name, text)
 
 
 @router.get("/{resource_type}", summary="search")
@@ -701,7 +726,11 @@ async def conditional_delete(
 
 
 @router.get("/{resource_type}/{rid}/_history", summary="instance history")
-async def history(resource_type: str, rid: str, node: NodeDep, who: Clinical) -> Response:
+async def history(
+    resource_type: str, rid: str, request: Request, node: NodeDep, who: Clinical
+) -> Response:
+    """Every version, newest first (deletions included); ``_count``, ``_offset``, ``_since``,
+    ``_at`` (the versions current at some moment of that date or instant)."""
     async with _audited(node, who, resource_type, rid) as shown:
         rtype, rid = _check_type(resource_type), validate_id(rid)
         _patient_gate(node.records, who, rtype, rid, whole_history=True)
@@ -714,7 +743,17 @@ async def history(resource_type: str, rid: str, node: NodeDep, who: Clinical) ->
             for stored in readable:
                 _patient_may_see(who, stored)
         shown.extend(readable)
-    return fhir_response(_history_bundle(versions))
+    since, at = _time_param(request, "_since"), _time_param(request, "_at")
+    if since is not None:
+        versions = [v for v in versions if v.updated_ms >= since[0]]
+    if at is not None:
+        versions = current_during(versions, [v.updated_ms for v in versions], at)
+    count = _int_param(request, "_count", 100, 1, 1000)
+    offset = _int_param(request, "_offset", 0, 0, 10**9)
+    page, more = versions[offset : offset + count], len(versions) > offset + count
+    path = f"{rtype}/{rid}/_history"
+    bundle = _history_bundle(request, page, path, offset, count, more, total=len(versions))
+    return fhir_response(bundle)
 
 
 @router.get("/{resource_type}/{rid}/_history/{vid}", summary="vread")
@@ -735,13 +774,34 @@ async def vread(
     return raw_fhir_response(stored.data, headers=_headers(stored))
 
 
-def _history_bundle(versions: list[VersionInfo]) -> dict[str, Any]:
+def _history_bundle(
+    request: Request,
+    versions: list[VersionInfo],
+    path: str,
+    offset: int,
+    count: int,
+    more: bool,
+    total: int | None = None,
+) -> dict[str, Any]:
+    """A ``history`` Bundle of one page: absolute, percent-encoded fullUrl and links."""
+    base = _base_url(request)
+    kept = [(k, v) for k, v in request.query_params.multi_items() if k in ("_since", "_at")]
+
+    def link(relation: str, at: int) -> dict[str, str]:
+        query = urlencode([*kept, ("_count", str(count)), ("_offset", str(at))])
+        return {"relation": relation, "url": f"{base}/{path}?{query}"}
+
+    links = [link("self", offset)]
+    if more:
+        links.append(link("next", offset + count))
+    if offset > 0:
+        links.append(link("previous", max(0, offset - count)))
     entries = []
     for v in versions:
-        url = f"{v.resource_type}/{v.id}"
+        url = f"{v.resource_type}/{quote(v.id, safe='')}"
         # A deletion, or a version erased (crypto-shredded) since: nothing to show.
         entry: dict[str, Any] = {
-            "fullUrl": f"/fhir/{url}",
+            "fullUrl": f"{base}/{url}",
             "request": {
                 "method": "DELETE" if v.stored is None else "POST" if v.version == 1 else "PUT",
                 "url": url,
@@ -759,4 +819,12 @@ def _history_bundle(versions: list[VersionInfo]) -> dict[str, Any]:
         if v.stored is not None:
             entry["resource"] = v.stored.resource()
         entries.append(entry)
-    return {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries}
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history"}
+    if total is not None:
+        bundle["total"] = total
+    return {**bundle, "link": links, "entry": entries}
+
+
+def _base_url(request: Request) -> str:
+    """This server's FHIR base as the client reached it (absolute, no trailing slash)."""
+    return f"{str(request.base_url).rstrip('/')}/fhir"

@@ -94,6 +94,8 @@ class VersionInfo:
     last_updated: str
     stored: StoredResource | None
     deleted: bool = False
+    #: When the version was written (ms since the epoch), for ``_since`` and ``_at``.
+    updated_ms: int = 0
 
 
 class RecordChain(Protocol):

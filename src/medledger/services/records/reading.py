@@ -102,6 +102,7 @@ class RecordReader:
             last_updated=instant(row.updated_ms),
             stored=stored,
             deleted=row.deleted,
+            updated_ms=row.updated_ms,
         )
 
     def open(self, row: VersionRow) -> StoredResource:

@@ -270,6 +270,28 @@ class RecordsService:
         await self.recovery.ensure_recovered()
         return await asyncio.to_thread(self.reader.type_history, resource_type, limit)
 
+    async def history_page(
+        self, resource_type: str | None, *, since_ms: int | None, offset: int, count: int
+    ) -> tuple[list[VersionInfo], bool]:
+        """Versions of one type (or of every type), newest first, written at or after
+        ``since_ms``: those in ``[offset, offset + count)``, and whether more follow.
+
+        Only the page is decrypted (in a worker thread).
+        """
+        await self.recovery.ensure_recovered()
+
+        def work() -> tuple[list[VersionInfo], bool]:
+            end = offset + count
+            if since_ms is None and resource_type is not None:
+                rows = self._index.type_history(resource_type, end + 1)
+            else:
+                rows = self._index.versions_since(since_ms or 0)
+                if resource_type is not None:
+                    rows = [r for r in rows if r.resource_type == resource_type]
+            return [self.reader.info(r) for r in rows[offset:end]], len(rows) > end
+
+        return await asyncio.to_thread(work)
+
     # -- patients --------------------------------------------------------------------------
 
     def patient_pseudonym(self, patient_id: str) -> str:
