@@ -114,6 +114,77 @@ def node_member_info(root: Path) -> None:
     emit(member_entry(root).to_json())
 
 
+@node.command("status")
+@click.option(
+    "--node",
+    "node_urls",
+    multiple=True,
+    required=True,
+    metavar="URL",
+    help="A node's URL, e.g. https://st-mary.example.org:8700 (repeat for every member).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def node_status(node_urls: tuple[str, ...], as_json: bool) -> None:
+    """Ask running nodes, here or on other machines, whether they are ready (GET /readyz).
+
+    One line (or JSON object) per node: institution, ready or why not, private
+    and consortium heights. Exit 0 only if every node answered ready; a node
+    that cannot be reached is reported as such (the others are still asked).
+    """
+    from medledger.config import parse_advertise
+
+    report = []
+    for url in node_urls:
+        parse_advertise(url)  # a clear error for a mistyped URL, before any request
+        report.append(_remote_status(url))
+    if as_json:
+        emit(report)
+    else:
+        for entry in report:
+            click.echo(
+                f"{entry['url']:<32} {entry.get('institution') or '-':<20} {entry['status']:<12}"
+                f" private {_dash(entry.get('private_height'))}"
+                f" consortium {_dash(entry.get('consortium_height'))}"
+            )
+    if not all(entry["status"] == "ready" for entry in report):
+        sys.exit(1)
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _remote_status(url: str) -> dict[str, Any]:
+    """What ``url``'s ``/readyz`` says, reduced to the fields we show (the body is not trusted)."""
+    import httpx
+
+    entry: dict[str, Any] = {"url": url}
+    try:
+        answer = httpx.get(url.rstrip("/") + "/readyz", timeout=10)
+        body = answer.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {**entry, "status": "unreachable", "error": type(exc).__name__}
+    if not isinstance(body, dict):
+        return {**entry, "status": f"HTTP {answer.status_code}"}
+    status = body.get("status")
+    entry["status"] = (
+        status if answer.status_code in (200, 503) and isinstance(status, str) else "unknown"
+    )[:64]
+    if answer.status_code != 200 and entry["status"] == "ready":
+        entry["status"] = "not ready"
+    for key in ("institution", "consortium"):
+        if isinstance(body.get(key), str):
+            entry[key] = body[key][:128]
+    for key in ("private_height", "consortium_height"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            entry[key] = value
+    problems = body.get("problems")
+    if isinstance(problems, dict):
+        entry["problems"] = {str(k)[:64]: str(v)[:200] for k, v in list(problems.items())[:32]}
+    return entry
+
+
 @node.command("tls-cert")
 @dir_option
 @click.option(

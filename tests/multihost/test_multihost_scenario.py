@@ -1,0 +1,308 @@
+"""Three institutions on three "machines" (network namespaces), deployed as docs/deploy.md says.
+
+Every host (``medledger.localnet.hosts``) has its own address on a private
+bridge and runs its institution's own ``nats-server`` (JetStream, routed to
+the other two) and its own ``medledger node start``, listening on the
+address it advertised at ``node init``. Every command is the real
+``medledger`` run inside the host it belongs to; the institutions exchange
+only public member entries (``node member-info``) and the genesis file.
+The story: form the consortium, check every node remotely (``node status``
+from another host), write a patient's records at hospital-1, the patient
+enrolls and grants hospital-2 consent, hospital-2 fetches and verifies the
+record across the bridge, hospital-3 is refused, and after shutdown every
+node's chains verify against the consortium's final anchors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medledger.localnet.hosts import HostNetwork, unavailable_reason
+from medledger.localnet.natsserver import find_nats_server
+from medledger.localnet.nodeproc import medledger_command
+from medledger.synthetic import generate_patients
+from network_support import PASSPHRASE, cli_env
+
+_REASON = unavailable_reason()
+pytestmark = [pytest.mark.skipif(_REASON is not None, reason=_REASON or ""), pytest.mark.slow]
+
+INSTITUTIONS = ("hospital-1", "hospital-2", "hospital-3")
+API_PORT = 8700
+NATS_PORT = 4222
+ROUTE_PORT = 6222
+MONITOR_PORT = 8222
+WALLET_ENV = {"MEDLEDGER_WALLET_PASSPHRASE": "the patient's own passphrase"}
+_DEADLINE_S = 60.0
+
+#: One HTTP request (JSON on stdin: method, url, token, body) from inside a host; prints the answer.
+_HTTP = """
+import json, sys, httpx
+calls = json.load(sys.stdin)
+out = []
+with httpx.Client(timeout=60) as client:
+    for call in calls:
+        headers = {"Content-Type": "application/fhir+json"}
+        if call.get("token"):
+            headers["Authorization"] = "Bearer " + call["token"]
+        body = None if call.get("body") is None else json.dumps(call["body"]).encode()
+        try:
+            r = client.request(call["method"], call["url"], headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            out.append({"status": 0, "body": type(exc).__name__})
+            continue
+        out.append({"status": r.status_code, "body": r.text})
+print(json.dumps(out))
+"""
+
+
+def nats_config(name: str, address: str, peers: list[str], store: Path) -> str:
+    """The server config of docs/deploy.md (deploy/compose/nats-*.conf), for one host."""
+    routes = "\n".join(f'    "nats-route://{peer}:{ROUTE_PORT}"' for peer in peers)
+    return f"""server_name: "{name}"
+listen: "{address}:{NATS_PORT}"
+http: "127.0.0.1:{MONITOR_PORT}"
+jetstream {{
+  store_dir: "{store}"
+  sync_interval: always
+}}
+cluster {{
+  name: "medledger"
+  listen: "{address}:{ROUTE_PORT}"
+  routes: [
+{routes}
+  ]
+}}
+"""
+
+
+class Scenario:
+    """The hosts, each institution's directory on its host, and running the CLI there."""
+
+    def __init__(self, net: HostNetwork, base: Path) -> None:
+        self.net = net
+        self.base = base
+        self.host = dict(zip(INSTITUTIONS, net.hosts, strict=True))
+        self.env = {**cli_env(), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+
+    def address(self, inst: str) -> str:
+        return self.net.host(self.host[inst]).address
+
+    def url(self, inst: str) -> str:
+        return f"http://{self.address(inst)}:{API_PORT}"
+
+    def node_dir(self, inst: str) -> Path:
+        return self.base / inst / "node"
+
+    def cli(self, inst: str, *args: str | Path, env: dict[str, str] | None = None) -> Any:
+        """``medledger ARGS`` on ``inst``'s host; its JSON output (asserts success)."""
+        done = self.run(inst, *args, env=env)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        out = done.stdout.decode()
+        try:
+            return json.loads(out)
+        except ValueError:
+            return out
+
+    def run(
+        self, inst: str, *args: str | Path, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        done = self.net.run(
+            self.host[inst],
+            [*medledger_command(), *(str(a) for a in args)],
+            env={**self.env, **(env or {})},
+            timeout=120,
+        )
+        assert b"Traceback" not in done.stdout + done.stderr, done.stderr
+        return done
+
+    def http(self, inst: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """HTTP requests made from ``inst``'s host."""
+        import sys
+
+        done = self.net.run(
+            self.host[inst],
+            [sys.executable, "-c", _HTTP],
+            env=self.env,
+            input=json.dumps(calls).encode(),
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        answers: list[dict[str, Any]] = json.loads(done.stdout)
+        return answers
+
+
+@pytest.fixture
+def scenario(tmp_path: Path) -> Iterator[Scenario]:
+    with HostNetwork(["host-a", "host-b", "host-c"]) as net:
+        yield Scenario(net, tmp_path)
+
+
+def _wait_all_ready(s: Scenario, from_inst: str) -> list[dict[str, Any]]:
+    """``node status`` of every node, asked from ``from_inst``'s host, until all are ready."""
+    urls = [arg for inst in INSTITUTIONS for arg in ("--node", s.url(inst))]
+    deadline = time.monotonic() + _DEADLINE_S
+    while True:
+        done = s.run(from_inst, "node", "status", *urls, "--json")
+        report: list[dict[str, Any]] = json.loads(done.stdout)
+        if done.returncode == 0:
+            return report
+        assert time.monotonic() < deadline, report
+        time.sleep(0.2)
+
+
+def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
+    s = scenario
+    # -- each institution, on its own machine: a node that advertises its address ----------
+    inits = {
+        inst: s.net.popen(
+            s.host[inst],
+            [*medledger_command(), "node", "init", "--dir", str(s.node_dir(inst)),
+             "--name", inst.replace("-", " ").title(), "--id", inst,
+             "--advertise", s.url(inst)],
+            env=s.env,
+            stdout=subprocess.DEVNULL,
+        )
+        for inst in INSTITUTIONS
+    }  # fmt: skip
+    for inst, proc in inits.items():
+        assert proc.wait(120) == 0, inst
+    # -- exchange public member entries; hospital-1 writes the genesis ----------------------
+    entries = []
+    for inst in INSTITUTIONS[1:]:
+        entry = s.base / f"{inst}.member.json"
+        entry.write_text(json.dumps(s.cli(inst, "node", "member-info", "--dir", s.node_dir(inst))))
+        entries += ["--member-info", str(entry)]
+    genesis = s.base / "genesis.json"
+    s.cli(
+        INSTITUTIONS[0], "consortium", "init", "--id", "multihost",
+        "--member", s.node_dir(INSTITUTIONS[0]), *entries, "--out", genesis,
+    )  # fmt: skip
+    for inst in INSTITUTIONS[1:]:
+        shutil.copyfile(genesis, s.node_dir(inst) / "genesis.json")
+    members = json.loads(genesis.read_text())["members"]
+    assert {m["id"]: m["peer_url"] for m in members} == {i: s.url(i) for i in INSTITUTIONS}
+
+    # -- each institution's NATS server, routed to the others ---------------------------
+    nats = find_nats_server()
+    for inst in INSTITUTIONS:
+        conf = s.base / inst / "nats.conf"
+        others = [s.address(i) for i in INSTITUTIONS if i != inst]
+        conf.write_text(nats_config(inst, s.address(inst), others, s.base / inst / "jetstream"))
+        log = (s.base / inst / "nats.log").open("ab")
+        s.net.popen(s.host[inst], [str(nats), "-c", str(conf)], stdout=log)
+        log.close()
+
+    # -- each institution's node: its own NATS server first, then the others --------------
+    for inst in INSTITUTIONS:
+        own_first = [inst, *(i for i in INSTITUTIONS if i != inst)]
+        env = {
+            **s.env,
+            "MEDLEDGER_PASSPHRASE": PASSPHRASE,
+            "MEDLEDGER_ORDERING": "jetstream",
+            "MEDLEDGER_NATS_URLS": ",".join(
+                f"nats://{s.address(i)}:{NATS_PORT}" for i in own_first
+            ),
+            "MEDLEDGER_STREAM_REPLICAS": "3",
+        }
+        log = (s.base / inst / "node.log").open("ab")
+        s.net.popen(
+            s.host[inst],
+            [*medledger_command(), "node", "start", "--dir", str(s.node_dir(inst))],
+            env=env,
+            stdout=log,
+        )
+        log.close()
+
+    # -- remote status, from a third machine ----------------------------------------------
+    report = _wait_all_ready(s, "hospital-3")
+    assert [r["institution"] for r in report] == list(INSTITUTIONS)
+    assert all(r["consortium"] == "consortium:multihost" for r in report)
+
+    # The node listens on its advertised address only: not on the host's loopback.
+    local = s.http("hospital-1", [{"method": "GET", "url": f"http://127.0.0.1:{API_PORT}/healthz"}])
+    assert local == [{"status": 0, "body": "ConnectError"}]
+
+    # -- write a patient's records at hospital-1 ------------------------------------------
+    tokens = {
+        inst: s.cli(inst, "token", "create", "--dir", s.node_dir(inst), "--role", "clinician")[
+            "token"
+        ]
+        for inst in INSTITUTIONS
+    }
+    bundle = generate_patients(1, seed=17, resources_per_patient=4)[0]
+    puts = [
+        {
+            "method": "PUT",
+            "url": f"{s.url('hospital-1')}/fhir/{r['resourceType']}/{r['id']}",
+            "token": tokens["hospital-1"],
+            "body": r,
+        }
+        for r in bundle.all_resources()
+    ]
+    assert [a["status"] for a in s.http("hospital-1", puts)] == [201] * len(puts)
+    observation = next(r for r in bundle.resources if r["resourceType"] == "Observation")
+    target = f"Observation/{observation['id']}"
+
+    # -- the patient enrolls a wallet and consents to hospital-2 -------------------------
+    wallet = s.base / "patient.wallet"
+    s.cli("hospital-1", "patient", "init", "--wallet", wallet, env=WALLET_ENV)
+    at_a = ["--node", s.url("hospital-1"), "--token", tokens["hospital-1"]]
+    s.cli(
+        "hospital-1", "patient", "enroll", "--wallet", wallet, *at_a,
+        "--patient-id", bundle.patient_id, env=WALLET_ENV,
+    )  # fmt: skip
+    consent = s.cli(
+        "hospital-1", "consent", "grant", "--wallet", wallet, *at_a,
+        "--grantee", "hospital-2", "--scope", "Observation", "--purpose", "TREAT", "--days", "1",
+        env=WALLET_ENV,
+    )  # fmt: skip
+    assert consent["status"] == "active"
+
+    # -- hospital-2 fetches and verifies across the bridge; hospital-3 is refused ---------
+    shared = s.cli(
+        "hospital-2", "share", "fetch", "--node", s.url("hospital-2"),
+        "--token", tokens["hospital-2"], "--holder", "hospital-1",
+        "--consent", consent["id"], target,
+    )  # fmt: skip
+    assert shared["resource"]["id"] == observation["id"]
+    assert shared["resource"]["code"] == observation["code"]
+    assert shared["provenance"]["holder"] == "hospital-1"
+    assert len(shared["provenance"]["certified_by"]) >= 2
+    refused = s.run(
+        "hospital-3", "share", "fetch", "--node", s.url("hospital-3"),
+        "--token", tokens["hospital-3"], "--holder", "hospital-1",
+        "--consent", consent["id"], target,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert b"granted to hospital-2, not hospital-3" in refused.stderr
+    assert observation["id"].encode() not in refused.stdout + refused.stderr
+
+    # -- anchored everywhere: every node's copy of the consortium holds hospital-1's head --
+    final = _wait_all_ready(s, "hospital-2")
+    head = next(r for r in final if r["institution"] == "hospital-1")["private_height"]
+    s.net.close()  # stops the nodes (SIGTERM: they commit what they acknowledged) and NATS
+    for inst in INSTITUTIONS:
+        status = json.loads(
+            subprocess.run(
+                [*medledger_command(), "consortium", "status", "--dir", str(s.node_dir(inst)),
+                 "--json"],
+                env=s.env, capture_output=True, check=True, timeout=120,
+            ).stdout
+        )  # fmt: skip
+        assert status["members"] == list(INSTITUTIONS)
+        assert status["anchors"]["hospital-1"]["height"] >= 1
+        assert head >= status["anchors"]["hospital-1"]["height"]
+        check = subprocess.run(
+            [*medledger_command(), "verify", "--dir", str(s.node_dir(inst)), "--consortium"],
+            env=s.env, capture_output=True, check=False, timeout=120,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stderr
