@@ -152,3 +152,14 @@ def test_a_hostile_member_entry_writes_no_genesis(tmp_path: Path) -> None:
         assert not (a / "genesis.json").exists(), label
     run = run_cli("consortium", "init", "--id", "x", "--member-info", tmp_path / "extra.json")
     assert run.code == 2 and "needs --out" in run.err
+
+
+def test_node_status_reports_an_unreachable_node_and_refuses_a_bad_url() -> None:
+    from medledger.localnet.natsserver import free_ports
+
+    url = f"http://127.0.0.1:{free_ports(1)[0]}"
+    run = run_cli("node", "status", "--node", url, "--json")
+    assert run.code == 1
+    assert json.loads(run.out) == [{"url": url, "status": "unreachable", "error": "ConnectError"}]
+    bad = run_cli("node", "status", "--node", "127.0.0.1:8700")
+    assert bad.code != 0 and bad.err.startswith("error: advertised address")
