@@ -590,3 +590,12 @@ def test_required_codes_refused_in_a_write_write_nothing(node_root: Path) -> Non
 
     run(node_root, go)
     assert node_state(node_root) == before
+
+
+@pytest.mark.parametrize("rtype", ["EffectEvidenceSynthesis", "MedicinalProduct"])
+def test_r4_types_the_r4b_models_lack_are_named_as_such(rtype: str) -> None:
+    with pytest.raises(FhirInvalid) as exc:
+        validate_resource({"resourceType": rtype})
+    issue = first_issue(exc)
+    assert issue.code == "not-supported"
+    assert "R4B" in issue.diagnostics and rtype in issue.diagnostics

@@ -31,6 +31,7 @@ __all__ = [
     "FHIR_JSON",
     "MAX_BODY_BYTES",
     "MAX_DEPTH",
+    "R4_ONLY_TYPES",
     "FhirInvalid",
     "Issue",
     "dump_resource",
@@ -384,6 +385,25 @@ def _check_contained(value: dict[str, Any], path: str, issues: list[Issue]) -> N
     _check_concept_bindings(value, rtype, path, issues)
 
 
+#: FHIR R4 (4.0.1) resource types that R4B (4.3.0) dropped or replaced: valid R4, but
+#: there is no model to validate them against, so they are refused by name.
+R4_ONLY_TYPES = frozenset(
+    {
+        "EffectEvidenceSynthesis",
+        "MedicinalProduct",
+        "MedicinalProductAuthorization",
+        "MedicinalProductContraindication",
+        "MedicinalProductIndication",
+        "MedicinalProductIngredient",
+        "MedicinalProductInteraction",
+        "MedicinalProductManufactured",
+        "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical",
+        "MedicinalProductUndesirableEffect",
+        "RiskEvidenceSynthesis",
+        "SubstanceSpecification",
+    }
+)
 _MODELS: dict[str, Any] = {}
 
 
@@ -399,6 +419,13 @@ def _model(resource_type: str) -> Any:
         try:
             model = get_fhir_model_class(resource_type)
         except (ValueError, KeyError, AttributeError, ImportError):
+            if resource_type in R4_ONLY_TYPES:
+                raise _invalid(
+                    f"{resource_type} is an R4 resource type this server does not hold: its"
+                    " models follow FHIR 4.3 (R4B), which replaced it",
+                    "resourceType",
+                    code="not-supported",
+                ) from None
             raise _invalid(
                 f"unknown resource type {resource_type!r}", "resourceType", code="not-supported"
             ) from None
