@@ -169,7 +169,11 @@ def open_nonce_store(
 
     store = PostgresNonceStore(str(target), schema=_need(schema))
     if legacy is not None:
-        store.import_legacy(legacy, since_ms=0)
+        try:
+            store.import_legacy(legacy)
+        except BaseException:
+            store.close_now()
+            raise
     return store
 
 

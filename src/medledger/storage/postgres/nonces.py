@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
-from medledger.core.errors import InvalidInput, StorageError
+from medledger.core.errors import StorageError
 from medledger.storage.batching import GroupCommitter
+from medledger.storage.nonces import PRUNE_EVERY_MS, NonceUse, replay
 from medledger.storage.postgres.connection import PooledStore, open_pool, storage_error
 from medledger.storage.postgres.migrations import open_or_create_schema, open_schema
 from medledger.storage.sqlite.connection import sqlite_uri
 
 __all__ = ["PostgresNonceStore"]
-
-_PRUNE_EVERY_MS = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class _Nonce:
-    reader: str
-    nonce: str
-    time_ms: int
-    forget_before_ms: int
 
 
 class PostgresNonceStore(PooledStore):
@@ -50,7 +40,7 @@ class PostgresNonceStore(PooledStore):
         open_or_create_schema(dsn, schema, "nonces")
         super().__init__(dsn, schema, open_pool(dsn, schema, max_size=pool_size, name=schema))
         self._pruned_ms = 0
-        self._writes: GroupCommitter[_Nonce] = GroupCommitter(
+        self._writes: GroupCommitter[NonceUse] = GroupCommitter(
             self._apply, name="medledger-nonces-pg"
         )
 
@@ -58,14 +48,14 @@ class PostgresNonceStore(PooledStore):
         self, reader: str, nonce: str, time_ms: int, *, forget_before_ms: int
     ) -> None:
         """Record a nonce; raise :class:`InvalidInput` if ``reader`` used it before."""
-        await self._writes.submit(_Nonce(reader, nonce, time_ms, forget_before_ms))
+        await self._writes.submit(NonceUse(reader, nonce, time_ms, forget_before_ms))
 
-    def _apply(self, ops: Sequence[_Nonce]) -> list[BaseException | None]:
+    def _apply(self, ops: Sequence[NonceUse]) -> list[BaseException | None]:
         """One transaction for every queued nonce (runs on the writer thread)."""
         try:
             with self._pool.connection() as conn, conn.transaction():
                 forget = max(op.forget_before_ms for op in ops)
-                if forget - self._pruned_ms > _PRUNE_EVERY_MS:
+                if forget - self._pruned_ms > PRUNE_EVERY_MS:
                     conn.execute(b"DELETE FROM nonces WHERE time_ms < %s", (forget,))
                 inserted = {
                     (str(r), str(n))
@@ -83,7 +73,7 @@ class PostgresNonceStore(PooledStore):
         except psycopg.Error as exc:
             err = storage_error(exc, f"{self.where}: cannot record the request nonce")
             return [err] * len(ops)
-        if forget - self._pruned_ms > _PRUNE_EVERY_MS:
+        if forget - self._pruned_ms > PRUNE_EVERY_MS:
             self._pruned_ms = forget
         results: list[BaseException | None] = []
         for op in ops:
@@ -92,11 +82,11 @@ class PostgresNonceStore(PooledStore):
                 inserted.discard(key)  # a second use in the same batch is a replay too
                 results.append(None)
             else:
-                results.append(InvalidInput("the request nonce was already used (replay)"))
+                results.append(replay())
         return results
 
-    def import_legacy(self, path: Path, *, since_ms: int) -> int:
-        """Copy the nonces of ``path`` (SQLite) with ``time_ms >= since_ms`` here; rename it.
+    def import_legacy(self, path: Path) -> int:
+        """Copy the nonces of ``path`` (SQLite) here; rename it (old ones are pruned as usual).
 
         So a request captured just before a node moved its nonces here cannot
         be replayed just after. Idempotent; the file is renamed ``*.imported``
@@ -107,9 +97,7 @@ class PostgresNonceStore(PooledStore):
         try:
             conn = sqlite3.connect(sqlite_uri(path, "rw"), uri=True)
             try:
-                rows = conn.execute(
-                    "SELECT reader, nonce, time_ms FROM nonces WHERE time_ms >= ?", (since_ms,)
-                ).fetchall()
+                rows = conn.execute("SELECT reader, nonce, time_ms FROM nonces").fetchall()
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -128,4 +116,8 @@ class PostgresNonceStore(PooledStore):
 
     async def close(self) -> None:
         await self._writes.close()
+        self._close_pool()
+
+    def close_now(self) -> None:
+        """Close a store that never ran a write (outside an event loop: opening failed)."""
         self._close_pool()

@@ -12,25 +12,14 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from medledger.core.errors import InvalidInput, StorageError
+from medledger.core.errors import StorageError
 from medledger.storage.batching import GroupCommitter
+from medledger.storage.nonces import PRUNE_EVERY_MS, NonceUse, replay
 from medledger.storage.sqlite.connection import immediate
 
 __all__ = ["SqliteNonceStore"]
-
-#: Old nonces are deleted at most this often (ms of request time).
-_PRUNE_EVERY_MS = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class _Nonce:
-    reader: str
-    nonce: str
-    time_ms: int
-    forget_before_ms: int
 
 
 class SqliteNonceStore:
@@ -49,22 +38,24 @@ class SqliteNonceStore:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open nonce store {path}: {exc}") from None
         self._pruned_ms = 0
-        self._writes: GroupCommitter[_Nonce] = GroupCommitter(self._apply, name="medledger-nonces")
+        self._writes: GroupCommitter[NonceUse] = GroupCommitter(
+            self._apply, name="medledger-nonces"
+        )
 
     async def remember(
         self, reader: str, nonce: str, time_ms: int, *, forget_before_ms: int
     ) -> None:
         """Record a nonce; raise :class:`InvalidInput` if ``reader`` used it before."""
-        await self._writes.submit(_Nonce(reader, nonce, time_ms, forget_before_ms))
+        await self._writes.submit(NonceUse(reader, nonce, time_ms, forget_before_ms))
 
-    def _apply(self, ops: Sequence[_Nonce]) -> list[BaseException | None]:
+    def _apply(self, ops: Sequence[NonceUse]) -> list[BaseException | None]:
         """One transaction for every queued nonce (runs on the writer thread)."""
         results: list[BaseException | None] = []
         db = self._db
         try:
             with immediate(db):
                 forget = max(op.forget_before_ms for op in ops)
-                if forget - self._pruned_ms > _PRUNE_EVERY_MS:
+                if forget - self._pruned_ms > PRUNE_EVERY_MS:
                     db.execute("DELETE FROM nonces WHERE time_ms < ?", (forget,))
                     self._pruned_ms = forget
                 for op in ops:
@@ -72,11 +63,7 @@ class SqliteNonceStore:
                         "INSERT OR IGNORE INTO nonces (reader, nonce, time_ms) VALUES (?, ?, ?)",
                         (op.reader, op.nonce, op.time_ms),
                     ).rowcount
-                    results.append(
-                        None
-                        if inserted == 1
-                        else InvalidInput("the request nonce was already used (replay)")
-                    )
+                    results.append(None if inserted == 1 else replay())
         except sqlite3.Error as exc:
             return [StorageError(f"cannot record the request nonce: {exc}")] * len(ops)
         return results
