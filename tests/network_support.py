@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,20 @@ from typing import Any
 
 from cli_support import medledger_command
 from medledger.core.errors import MedledgerError
-from medledger.localnet.netproc import PidRecord, load_network
+from medledger.localnet.netproc import PidRecord, load_network, node_tls
+from medledger.services.tls import client_context, load_certificate
 
-__all__ = ["FHIR_JSON", "PASSPHRASE", "Run", "cli_env", "pid_files", "run_cli", "stop_network"]
+__all__ = [
+    "FHIR_JSON",
+    "PASSPHRASE",
+    "Run",
+    "cli_env",
+    "member_tls",
+    "pid_files",
+    "run_cli",
+    "stop_network",
+    "tls",
+]
 
 PASSPHRASE = "network test passphrase"
 FHIR_JSON = "application/fhir+json"
@@ -52,6 +64,20 @@ def run_cli(*args: str | Path, timeout: float = 240, env: dict[str, str] | None 
     run = Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
     assert "Traceback" not in run.out + run.err, run
     return run
+
+
+def tls(node: dict[str, Any]) -> ssl.SSLContext:
+    """What a client of a ``network up`` node trusts: that node's pinned certificate alone."""
+    return node_tls(node)
+
+
+def member_tls(node: dict[str, Any], member_dir: Path) -> ssl.SSLContext:
+    """As the member in ``member_dir`` connects to ``node``: mutual TLS with its certificate."""
+    return client_context(
+        [load_certificate(Path(node["tls_cert"]))],
+        cert_path=member_dir / "tls.crt",
+        key_path=member_dir / "tls.key",
+    )
 
 
 def pid_files(base: Path) -> list[Path]:

@@ -1,15 +1,16 @@
-"""An in-process consortium whose nodes serve ``/peer/v1`` over real loopback HTTP.
+"""An in-process consortium whose nodes serve ``/peer/v1`` over real loopback HTTPS.
 
 Every node of a :class:`~medledger.localnet.network.LocalNetwork` is served by its own
 uvicorn server on a free port of 127.0.0.1 (all in the test's event loop), so
-sharing requests travel through httpx, HTTP and FastAPI exactly as between
-machines. A patient with a wallet is enrolled at the first institution.
+sharing requests travel through aiohttp, mutual TLS, HTTP and FastAPI exactly
+as between machines. A patient with a wallet is enrolled at the first institution.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from medledger.localnet.loopback import loopback_socket, serve_nodes, url_of
 from medledger.localnet.network import LocalNetwork
 from medledger.node import Node
 from medledger.services.patients import PatientWallet
+from medledger.services.tls import client_context, load_certificate
 from medledger.storage.keystore import KdfParams
 from medledger.storage.ports import TokenStore
 from medledger.synthetic import generate_patients
@@ -51,6 +53,10 @@ class SharingNet:
 
     def node(self, inst: str) -> Node:
         return self.net.nodes[inst]
+
+    def tls(self, inst: str) -> ssl.SSLContext:
+        """What an API client of ``inst``'s node trusts: that node's pinned certificate alone."""
+        return client_context([load_certificate(self.node(inst).paths.tls_cert)])
 
     @property
     def chain_id(self) -> str:

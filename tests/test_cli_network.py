@@ -29,7 +29,7 @@ import pytest
 from cli_support import medledger_command
 from medledger.localnet.netproc import PidRecord
 from medledger.synthetic import generate_patients
-from network_support import FHIR_JSON, PASSPHRASE, cli_env, pid_files, run_cli
+from network_support import FHIR_JSON, PASSPHRASE, cli_env, pid_files, run_cli, tls
 
 
 def _patient(seed: int, index: int) -> bytes:
@@ -43,7 +43,7 @@ def _headers(token: str) -> dict[str, str]:
 
 
 def _writer(
-    url: str,
+    node: dict[str, Any],
     token: str,
     seed: int,
     stop: threading.Event,
@@ -51,7 +51,9 @@ def _writer(
     limit: int | None = None,
 ) -> None:
     """Write ``limit`` patients (without one: until ``stop``); record every acknowledged one."""
-    with httpx.Client(base_url=url, headers=_headers(token), timeout=30) as client:
+    with httpx.Client(
+        base_url=node["url"], headers=_headers(token), timeout=30, verify=tls(node)
+    ) as client:
         index = 0
         # A limited writer ignores ``stop``: on a loaded machine it may still be short
         # of its limit when the unlimited writer's node is killed.
@@ -67,8 +69,8 @@ def _writer(
                 return
 
 
-def _metrics(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def _metrics(node: dict[str, Any]) -> dict[str, float]:
+    text = httpx.get(f"{node['url']}/metrics", timeout=10, verify=tls(node)).text
     values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -81,7 +83,7 @@ def _wait_anchored(nodes: list[dict[str, Any]], timeout: float = 120) -> None:
     """Until every node's private head is covered by its final anchor, seen by every node."""
     deadline = time.monotonic() + timeout
     while True:
-        heights = {n["institution"]: _metrics(n["url"]) for n in nodes}
+        heights = {n["institution"]: _metrics(n) for n in nodes}
         if (
             all(
                 m["medledger_anchored_height"] == m["medledger_private_height"]
@@ -99,7 +101,9 @@ def _read_back(nodes: dict[str, dict[str, Any]], acked: dict[str, dict[str, byte
     for institution, records in acked.items():
         node = nodes[institution]
         token = node["tokens"]["clinician"]
-        with httpx.Client(base_url=node["url"], headers=_headers(token), timeout=30) as client:
+        with httpx.Client(
+            base_url=node["url"], headers=_headers(token), timeout=30, verify=tls(node)
+        ) as client:
             lost = []
             for rid, body in records.items():
                 got = client.get(f"/fhir/Patient/{rid}")
@@ -125,14 +129,14 @@ def _scenario(base: Path, ordering: str, writes: int) -> None:
         assert record is not None and record.running()
         assert PASSPHRASE not in " ".join(record.argv)
 
-    before = {n: _metrics(node["url"]) for n, node in nodes.items()}
+    before = {n: _metrics(node) for n, node in nodes.items()}
     # Writes to every node at once; hospital-2 keeps being written to until it is killed.
     acked: dict[str, dict[str, bytes]] = {n: {} for n in nodes}
     stop = threading.Event()
     threads = [
         threading.Thread(
             target=_writer,
-            args=(node["url"], node["tokens"]["clinician"], i, stop, acked[n]),
+            args=(node, node["tokens"]["clinician"], i, stop, acked[n]),
             kwargs={"limit": None if n == "hospital-2" else writes},
         )
         for i, (n, node) in enumerate(nodes.items())
@@ -144,7 +148,8 @@ def _scenario(base: Path, ordering: str, writes: int) -> None:
             assert threads[1].is_alive(), "the writer to hospital-2 stopped before the kill"
             time.sleep(0.05)
         # Refusals are counted by reason.
-        bad = httpx.get(f"{nodes['hospital-1']['url']}/fhir/Patient/x", timeout=10)
+        h1 = nodes["hospital-1"]
+        bad = httpx.get(f"{h1['url']}/fhir/Patient/x", timeout=10, verify=tls(h1))
         assert bad.status_code == 401
         victim = records["hospital-2"]
         assert victim is not None
@@ -172,12 +177,12 @@ def _scenario(base: Path, ordering: str, writes: int) -> None:
     # The resumed node takes writes again, and the network anchors every head.
     more: dict[str, bytes] = {}
     node2 = nodes["hospital-2"]
-    _writer(node2["url"], node2["tokens"]["clinician"], 99, threading.Event(), more, limit=5)
+    _writer(node2, node2["tokens"]["clinician"], 99, threading.Event(), more, limit=5)
     assert len(more) == 5
     acked["hospital-2"].update(more)
     _wait_anchored(list(nodes.values()))
 
-    after = {n: _metrics(node["url"]) for n, node in nodes.items()}
+    after = {n: _metrics(node) for n, node in nodes.items()}
     for n in ("hospital-1", "hospital-3"):  # hospital-2's counters restarted with it
         b, a = before[n], after[n]
         assert a["medledger_commit_latency_seconds_count"] - b[
@@ -311,7 +316,7 @@ def test_network_on_embedded_postgres_survives_kill_and_restart(network_dir: Pat
     assert data["postgres"]["password"] not in node_toml
     node = data["nodes"][0]
     acked: dict[str, bytes] = {}
-    _writer(node["url"], node["tokens"]["clinician"], 5, threading.Event(), acked, limit=10)
+    _writer(node, node["tokens"]["clinician"], 5, threading.Event(), acked, limit=10)
     assert len(acked) == 10
     record = PidRecord.load(network_dir / "hospital-1" / "node.pid")
     assert record is not None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -24,8 +26,10 @@ import httpx
 import pytest
 
 from cli_support import medledger_command
+from medledger.config import NodePaths
 from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node
+from medledger.services.tls import client_context, load_certificate
 from medledger.storage.keystore import KdfParams
 from medledger.synthetic import generate_patients
 
@@ -169,6 +173,8 @@ class NodeProcess:
     proc: subprocess.Popen[bytes]
     url: str
     log: Path
+    #: What a client of this node trusts: its own certificate, nothing else.
+    tls: ssl.SSLContext
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
@@ -191,13 +197,14 @@ def start_node(root: Path, log: Path) -> NodeProcess:
             stderr=sink,
             env=_env(),
         )
-    node = NodeProcess(proc, f"http://127.0.0.1:{port}", log)
+    tls = client_context([load_certificate(NodePaths(root=root).tls_cert)])
+    node = NodeProcess(proc, f"https://127.0.0.1:{port}", log, tls)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"node start exited with {proc.returncode}: {node.stderr()}")
         try:
-            if httpx.get(f"{node.url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{node.url}/healthz", timeout=1, verify=tls).status_code == 200:
                 return node
         except httpx.TransportError:
             pass
@@ -230,12 +237,12 @@ class FirstRun:
     log: str = ""
 
 
-def _writer(url: str, token: str, stop: threading.Event, acked: dict[str, bytes]) -> None:
+def _writer(node: NodeProcess, token: str, stop: threading.Event, acked: dict[str, bytes]) -> None:
     patient = generate_patients(1, seed=31, start_index=9, resources_per_patient=0)[0].patient
     del patient["id"]
     body = json.dumps(patient).encode()
     headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
-    with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+    with httpx.Client(base_url=node.url, headers=headers, timeout=10, verify=node.tls) as client:
         while not stop.is_set():
             try:
                 r = client.post("/fhir/Patient", content=body)
@@ -257,7 +264,9 @@ def first_run(
         headers = {"Authorization": f"Bearer {clinician_token}", "Content-Type": FHIR_JSON}
         patient = generate_patients(1, seed=31, start_index=4, resources_per_patient=0)[0].patient
         del patient["id"]
-        with httpx.Client(base_url=node.url, headers=headers, timeout=10) as client:
+        with httpx.Client(
+            base_url=node.url, headers=headers, timeout=10, verify=node.tls
+        ) as client:
             created = client.post("/fhir/Patient", content=json.dumps(patient).encode())
             assert created.status_code == 201, created.text
             read = client.get(f"/fhir/Patient/{created.json()['id']}")
@@ -265,7 +274,7 @@ def first_run(
         stop = threading.Event()
         acked: dict[str, bytes] = {}
         writers = [
-            threading.Thread(target=_writer, args=(node.url, clinician_token, stop, acked))
+            threading.Thread(target=_writer, args=(node, clinician_token, stop, acked))
             for _ in range(4)
         ]
         for w in writers:
@@ -334,7 +343,9 @@ def test_restart_serves_every_acknowledged_record(
     first_run: FirstRun, second_node: NodeProcess, clinician_token: str
 ) -> None:
     headers = {"Authorization": f"Bearer {clinician_token}"}
-    with httpx.Client(base_url=second_node.url, headers=headers, timeout=10) as client:
+    with httpx.Client(
+        base_url=second_node.url, headers=headers, timeout=10, verify=second_node.tls
+    ) as client:
         r = client.get(f"/fhir/Patient/{first_run.created['id']}")
         assert r.status_code == 200, r.text
         assert r.content == first_run.created_bytes
@@ -351,3 +362,37 @@ def test_restart_serves_every_acknowledged_record(
             headers={"Content-Type": FHIR_JSON},
         )
         assert more.status_code == 201, more.text
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_the_node_serves_https_only_and_plain_http_is_refused_off_loopback(
+    node_dir: Path, tmp_path: Path
+) -> None:
+    node = start_node(node_dir, tmp_path / "tls.log")
+    try:
+        port = int(node.url.rsplit(":", 1)[1])
+        with httpx.Client(base_url=node.url, timeout=10, verify=node.tls) as client:
+            answer = client.get("/healthz")
+            assert answer.status_code == 200
+            assert answer.extensions["network_stream"].get_extra_info("ssl_object").version() in {
+                "TLSv1.3",
+                "TLSv1.2",
+            }
+        # A plaintext request on the HTTPS port gets no HTTP answer.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert not raw.recv(4096).startswith(b"HTTP/1.1 200")
+        # A client that trusts something else (the system's CAs) refuses the node.
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{node.url}/healthz", timeout=10, verify=ssl.create_default_context())
+    finally:
+        stop_node(node)
+    refused = run_cli(
+        "node", "start", "--dir", node_dir, "--host", "0.0.0.0", "--plain-http", "--port", "1"
+    )
+    assert refused.code != 0
+    assert refused.err.strip() == (
+        "error: --plain-http is for loopback addresses only, not '0.0.0.0'"
+    )

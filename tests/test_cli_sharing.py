@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from medledger.synthetic import generate_patients
-from network_support import FHIR_JSON, run_cli
+from network_support import FHIR_JSON, run_cli, tls
 
 WALLET_ENV = {"MEDLEDGER_WALLET_PASSPHRASE": "the patient's own passphrase"}
 
@@ -28,11 +28,11 @@ WALLET_ENV = {"MEDLEDGER_WALLET_PASSPHRASE": "the patient's own passphrase"}
 def _api(node: dict[str, Any], role: str = "clinician") -> httpx.Client:
     token = node["tokens"][role]
     headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
-    return httpx.Client(base_url=node["url"], headers=headers, timeout=60)
+    return httpx.Client(base_url=node["url"], headers=headers, timeout=60, verify=tls(node))
 
 
 def _as(node: dict[str, Any], role: str = "clinician") -> list[str]:
-    return ["--node", node["url"], "--token", node["tokens"][role]]
+    return ["--node", node["url"], "--node-cert", node["tls_cert"], "--token", node["tokens"][role]]
 
 
 def _story(base: Path, ordering: str) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,9 +27,10 @@ from medledger.config import (
     load_config,
     parse_advertise,
 )
-from medledger.core.consortium import ConsortiumParams, Genesis, Member
+from medledger.core.consortium import ConsortiumParams, Genesis, Member, MemberSet
 from medledger.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, StorageError
 from medledger.core.passphrase import check_new_passphrase
+from medledger.core.tls import MemberCertificate
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.member import ConsortiumMember
@@ -46,7 +48,13 @@ from medledger.services.keys import InstitutionKeys
 from medledger.services.records.service import RecordsService
 from medledger.services.sharing import SharingService
 from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
-from medledger.services.tls import DEFAULT_HOSTS, load_certificate, write_certificate
+from medledger.services.tls import (
+    DEFAULT_HOSTS,
+    client_context,
+    load_certificate,
+    server_context,
+    write_certificate,
+)
 from medledger.services.trail import TrailIndex
 from medledger.services.validation import Validator
 from medledger.storage import factory
@@ -224,7 +232,10 @@ class Node:
         # Here, not at the top: commands that only read a chain need no HTTP client.
         from medledger.services.peer_http import HttpPeerTransport
 
-        self._transport = HttpPeerTransport()
+        self._transport = HttpPeerTransport(
+            client_cert=self.paths.tls_cert if self.paths.tls_cert.exists() else None,
+            client_key=self.paths.tls_key,
+        )
         kem = self.config.hpke_key.partition(":")[0] or DEFAULT_KEM
         self.sharing = SharingService(
             institution=self.config.institution,
@@ -242,6 +253,32 @@ class Node:
         if anchor:
             self.start_anchoring()
         return member
+
+    def tls_anchors(self) -> tuple[MemberCertificate, ...]:
+        """The current members' pinned TLS certificates (the genesis's before joining)."""
+        if self.consortium is not None:
+            return self.consortium.state.members.tls_certificates()
+        if self.paths.genesis.exists():
+            return MemberSet(load_genesis(self.paths.genesis).members).tls_certificates()
+        return ()
+
+    def server_tls_context(self) -> ssl.SSLContext:
+        """The HTTPS context of this node's API: its own certificate; member clients verified.
+
+        Raises :class:`NotFound` if the node has no TLS certificate (``node tls-cert``).
+        """
+        if not self.paths.tls_cert.exists():
+            raise NotFound(
+                f"{self.paths.root} has no TLS certificate (tls.crt); create one with"
+                " 'medledger node tls-cert', or serve plain HTTP on loopback with --plain-http"
+            )
+        return server_context(self.paths.tls_cert, self.paths.tls_key, self.tls_anchors())
+
+    def client_tls_context(self, member_cert: MemberCertificate) -> ssl.SSLContext:
+        """A client context that trusts ``member_cert`` alone and presents this node's."""
+        return client_context(
+            [member_cert], cert_path=self.paths.tls_cert, key_path=self.paths.tls_key
+        )
 
     def start_anchoring(self, *, when: Callable[[], bool] | None = None) -> Anchorer:
         """Anchor the private chain on the consortium in a supervised background task.

@@ -154,6 +154,8 @@ def start_server(
         settings=settings or RunSettings(),
         sockets=[sock],
         limits=HttpLimits(idle_timeout_s=30),
+        # API semantics on a loopback socket; TLS itself: tests/test_cli_service.py.
+        plain_http=True,
         auth_failures=auth_failures,
     )
     started = threading.Event()

@@ -33,7 +33,9 @@ def run(base: Path, story: Callable[[SharingNet], Awaitable[None]]) -> None:
 
 def client(sn: SharingNet, inst: str, token: str) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
-    return httpx.AsyncClient(base_url=sn.urls[inst], headers=headers, timeout=30)
+    return httpx.AsyncClient(
+        base_url=sn.urls[inst], headers=headers, timeout=30, verify=sn.tls(inst)
+    )
 
 
 def outcome(r: httpx.Response, status: int, text: str = "") -> None:
@@ -166,7 +168,9 @@ def test_the_capability_statement_lists_consent_and_audit_event(tmp_path: Path) 
     async def story(sn: SharingNet) -> None:
         from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
-        async with httpx.AsyncClient(base_url=sn.urls["alpha"], timeout=30) as anonymous:
+        async with httpx.AsyncClient(
+            base_url=sn.urls["alpha"], timeout=30, verify=sn.tls("alpha")
+        ) as anonymous:
             statement = (await anonymous.get("/fhir/metadata")).json()
         CapabilityStatement.model_validate(statement)
         described = {r["type"]: r for r in statement["rest"][0]["resource"]}

@@ -147,7 +147,16 @@ def test_disk_full_mid_blob_answers_507_loses_nothing_and_recovers(small_disk: P
     env = _env(MEDLEDGER_MIN_FREE_BYTES=str(1 << 20), MEDLEDGER_SCRUB_INTERVAL_S="0")
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(port)],
+            [
+                *medledger_command(),
+                "node",
+                "start",
+                "--plain-http",
+                "--dir",
+                str(root),
+                "--port",
+                str(port),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,

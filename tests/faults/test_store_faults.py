@@ -33,7 +33,7 @@ import pytest
 from cli_support import medledger_command
 from medledger.localnet.netproc import PidRecord
 from medledger.synthetic import generate_patients
-from network_support import FHIR_JSON, cli_env, run_cli, stop_network
+from network_support import FHIR_JSON, cli_env, run_cli, stop_network, tls
 
 
 def _patient(index: int) -> bytes:
@@ -45,7 +45,9 @@ def _patient(index: int) -> bytes:
 def _write(node: dict[str, Any], count: int) -> list[str]:
     headers = {"Authorization": f"Bearer {node['tokens']['clinician']}", "Content-Type": FHIR_JSON}
     ids = []
-    with httpx.Client(base_url=node["url"], headers=headers, timeout=30) as client:
+    with httpx.Client(
+        base_url=node["url"], headers=headers, timeout=30, verify=tls(node)
+    ) as client:
         for i in range(count):
             r = client.post("/fhir/Patient", content=_patient(i))
             assert r.status_code == 201, r.text
@@ -53,8 +55,9 @@ def _write(node: dict[str, Any], count: int) -> list[str]:
     return ids
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+def _metric(node: dict[str, Any], name: str) -> float:
+    text = httpx.get(f"{node['url']}/metrics", timeout=10, verify=tls(node)).text
+    for line in text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"no metric {name}")
@@ -62,9 +65,7 @@ def _metric(url: str, name: str) -> float:
 
 def _wait_anchored(node: dict[str, Any], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while _metric(node["url"], "medledger_anchored_height") < _metric(
-        node["url"], "medledger_private_height"
-    ):
+    while _metric(node, "medledger_anchored_height") < _metric(node, "medledger_private_height"):
         if time.monotonic() > deadline:
             pytest.fail(f"the private head was not anchored within {timeout} s")
         time.sleep(0.1)
@@ -146,7 +147,15 @@ def test_a_changed_record_put_makes_node_start_refuse_and_delete_nothing(
     assert len(before[0]) == 3 and len(before[1]) == 3
 
     start = subprocess.run(
-        [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(node["port"])],
+        [
+            *medledger_command(),
+            "node",
+            "start",
+            "--dir",
+            str(root),
+            "--port",
+            str(node["port"]),
+        ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         env=cli_env(),

@@ -83,7 +83,17 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     args = ["--head-timeout", "1", "--body-timeout", "1", "--idle-timeout", "1"]
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(port), *args],
+            [
+                *medledger_command(),
+                "node",
+                "start",
+                "--plain-http",
+                "--dir",
+                str(root),
+                "--port",
+                str(port),
+                *args,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,

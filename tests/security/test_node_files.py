@@ -31,7 +31,7 @@ from medledger.localnet.netproc import PidRecord
 from medledger.node import init_node
 from medledger.storage.keystore import KdfParams
 from medledger.synthetic import generate_patients
-from network_support import FHIR_JSON, PASSPHRASE, cli_env, run_cli
+from network_support import FHIR_JSON, PASSPHRASE, cli_env, run_cli, tls
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,7 +74,9 @@ def test_network_nodes_hide_the_passphrase_and_create_owner_only_files(network_d
             "Authorization": f"Bearer {node['tokens']['clinician']}",
             "Content-Type": FHIR_JSON,
         }
-        with httpx.Client(base_url=node["url"], headers=headers, timeout=60) as client:
+        with httpx.Client(
+            base_url=node["url"], headers=headers, timeout=60, verify=tls(node)
+        ) as client:
             for resource in bundle.all_resources():
                 path = f"/fhir/{resource['resourceType']}/{resource['id']}"
                 assert client.put(path, json=resource).status_code == 201
@@ -116,7 +118,16 @@ def test_a_node_started_with_the_variable_wipes_it_from_its_environment(tmp_path
     log = tmp_path / "node.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(port)],
+            [
+                *medledger_command(),
+                "node",
+                "start",
+                "--plain-http",
+                "--dir",
+                str(root),
+                "--port",
+                str(port),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=subprocess.STDOUT,

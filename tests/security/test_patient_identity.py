@@ -36,7 +36,7 @@ from medledger.services.patients import PatientWallet
 from medledger.services.trail import patient_trail
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import generate_patients
-from network_support import FHIR_JSON, run_cli
+from network_support import FHIR_JSON, run_cli, tls
 
 pytestmark = pytest.mark.timeout(600)
 WALLET_PW = "a patient's passphrase"
@@ -44,9 +44,9 @@ WALLET_ENV = {"MEDLEDGER_WALLET_PASSPHRASE": WALLET_PW}
 HOUR_MS = 3_600_000
 
 
-def _api(url: str, token: str) -> httpx.Client:
+def _api(node: dict[str, Any], token: str) -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
-    return httpx.Client(base_url=url, headers=headers, timeout=60)
+    return httpx.Client(base_url=node["url"], headers=headers, timeout=60, verify=tls(node))
 
 
 def _refused(response: httpx.Response, status: int, text: str = "") -> None:
@@ -74,8 +74,8 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
     )
     nodes = {n["institution"]: n for n in up.json()["nodes"]}
     h1, h2 = nodes["hospital-1"], nodes["hospital-2"]
-    clinician = _api(h1["url"], h1["tokens"]["clinician"])
-    reader = _api(h2["url"], h2["tokens"]["clinician"])
+    clinician = _api(h1, h1["tokens"]["clinician"])
+    reader = _api(h2, h2["tokens"]["clinician"])
 
     # Two patients' records at hospital-1; each patient enrolls a wallet by the CLI.
     alice, bob = generate_patients(2, seed=5, resources_per_patient=5)
@@ -89,7 +89,8 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
         wallets[name] = base / f"{name}.wallet"
         made = PatientWallet.create(wallets[name], WALLET_PW.encode())
         fingerprints[name] = made.fingerprint
-    as_h1 = ["--node", h1["url"], "--token", h1["tokens"]["clinician"]]
+    as_h1 = ["--node", h1["url"], "--node-cert", h1["tls_cert"]]
+    as_h1 += ["--token", h1["tokens"]["clinician"]]
     enrolled = run_cli(
         "patient",
         "enroll",
@@ -136,7 +137,8 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
     where = clinician.get(f"/fhir/Patient/{alice.patient_id}/$enrollment").json()
     assert where["fingerprint"] == a_fp
     clinician_wallet = PatientWallet.open(wallets["clinician"], WALLET_PW.encode())
-    consortium = str(httpx.get(h1["url"] + "/readyz", timeout=10).json()["consortium"])
+    ready = httpx.get(h1["url"] + "/readyz", timeout=10, verify=tls(h1)).json()
+    consortium = str(ready["consortium"])
 
     def grant(wallet: PatientWallet, grantee: str = "hospital-2") -> dict[str, Any]:
         now = _now_ms()
@@ -163,7 +165,7 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
 
     # A's own consent, submitted with A's patient token, still works: for A's records only.
     alice_token = _patient_token(base, alice.patient_id)
-    with _api(h1["url"], alice_token) as alice_api:
+    with _api(h1, alice_token) as alice_api:
         real = alice_api.post(
             "/fhir/Consent", json=grant(PatientWallet.open(wallets["alice"], WALLET_PW.encode()))
         )
@@ -182,7 +184,7 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
 
     # -- finding 5: B's patient token reaches for A's record --------------------------------
     bob_token = _patient_token(base, bob.patient_id)
-    with _api(h1["url"], bob_token) as bob_api:
+    with _api(h1, bob_token) as bob_api:
         _refused(bob_api.get(f"/fhir/Observation/{alice_obs['id']}"), 404)
         # B's token resolves to B's key only: B's trail and consents, never A's.
         mine = bob_api.get("/fhir/AuditEvent", params={"patient": a_fp}).json()
@@ -225,6 +227,7 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
 
     # -- legitimate re-binding 2: break-glass, admin token only ----------------------------
     rescue = ["patient", "rebind", "--wallet", wallets["alice-rescue"], "--node", h1["url"]]
+    rescue += ["--node-cert", h1["tls_cert"]]
     rescue += ["--patient-id", alice.patient_id]
     rescue_key = PatientWallet.open(wallets["alice-rescue"], WALLET_PW.encode())
     statement = {
@@ -266,7 +269,7 @@ def test_patient_identity_attacks_against_real_nodes(network_dir: Path) -> None:
     for trail in (alice_trail, bob_trail, new_trail, rescued):
         assert alice.patient_id not in json.dumps(trail) and bob.patient_id not in json.dumps(trail)
     # A's patient token now speaks for the rescued key, and its FHIR trail names the break-glass.
-    with _api(h1["url"], alice_token) as alice_api:
+    with _api(h1, alice_token) as alice_api:
         events = alice_api.get("/fhir/AuditEvent").json()
     glass_events = [
         e["resource"]

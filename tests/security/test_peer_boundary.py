@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +32,7 @@ from medledger.core.keys import SigningKey
 from medledger.core.peer import PeerRequest
 from medledger.services.sharing import PEER_REFUSALS
 from medledger.storage.keystore import FileKeyStore
-from network_support import PASSPHRASE, run_cli, stop_network
+from network_support import PASSPHRASE, member_tls, run_cli, stop_network, tls
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,8 +60,17 @@ def holder(network: dict[str, Any]) -> dict[str, Any]:
 
 
 def private_height(node: dict[str, Any]) -> int:
-    ready = httpx.get(f"{node['url']}/readyz", timeout=10).json()
+    ready = httpx.get(f"{node['url']}/readyz", timeout=10, verify=tls(node)).json()
     return int(ready["private_height"])
+
+
+def as_reader(network: dict[str, Any]) -> ssl.SSLContext:
+    """hospital-2's connection to hospital-1: mutual TLS with hospital-2's certificate.
+
+    Its signed requests are then authenticated; anything else sent on it is
+    still refused by its signature.
+    """
+    return member_tls(holder(network), network["base"] / "hospital-2")
 
 
 def member_key(network: dict[str, Any], inst: str) -> SigningKey:
@@ -100,7 +110,7 @@ def test_garbage_peer_requests_write_nothing_and_are_throttled(network: dict[str
     before = private_height(node)
     statuses: list[int] = []
     retry_after: set[str] = set()
-    with httpx.Client(base_url=node["url"], timeout=30) as client:
+    with httpx.Client(base_url=node["url"], timeout=30, verify=as_reader(network)) as client:
         for i in range(300):
             r = client.post("/peer/v1/fetch", content=garbage(i, outsider))
             statuses.append(r.status_code)
@@ -124,7 +134,7 @@ def test_phi_in_reader_or_holder_never_reaches_a_file(network: dict[str, Any]) -
         signed(member, holder=PHI),  # authenticated: a refusal that is recorded
         signed(member, holder=PHI, op="list", resource=""),
     ]
-    with httpx.Client(base_url=node["url"], timeout=30) as client:
+    with httpx.Client(base_url=node["url"], timeout=30, verify=as_reader(network)) as client:
         answers = [client.post("/peer/v1/fetch", content=b).status_code for b in bodies]
     assert all(400 <= s < 500 for s in answers), answers
     # The member's two authenticated refusals are on the chain (a bounded, derived record).
@@ -146,7 +156,7 @@ def test_a_members_refusals_are_recorded_at_a_bounded_rate(network: dict[str, An
     stale = time.time_ns() // 1_000_000 - 3_600_000
     before, started = private_height(node), time.monotonic()
     statuses: list[int] = []
-    with httpx.Client(base_url=node["url"], timeout=30) as client:
+    with httpx.Client(base_url=node["url"], timeout=30, verify=as_reader(network)) as client:
         for _ in range(PEER_REFUSALS.burst + 30):
             r = client.post("/peer/v1/fetch", content=signed(member, time_ms=stale))
             statuses.append(r.status_code)
@@ -166,7 +176,7 @@ def test_repeated_bad_tokens_get_429_with_retry_after(network: dict[str, Any]) -
     node = holder(network)
     bad = {"Authorization": f"Bearer mlt_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"}
     good = {"Authorization": f"Bearer {node['tokens']['clinician']}"}
-    with httpx.Client(base_url=node["url"], timeout=30) as client:
+    with httpx.Client(base_url=node["url"], timeout=30, verify=as_reader(network)) as client:
         answers = [client.get("/fhir/Patient", headers=bad) for _ in range(40)]
         statuses = [r.status_code for r in answers]
         assert set(statuses) <= {401, 429} and 429 in statuses, statuses

@@ -1,7 +1,7 @@
 """Consent and verified cross-institution sharing over real loopback HTTP (in one process).
 
 Three institutions (alpha holds the patient's records, beta reads, gamma is
-another member); every request travels through httpx → uvicorn → FastAPI.
+another member); every request travels through mutual TLS → uvicorn → FastAPI.
 Refusals must give a clear reason, leave an access entry, and leak no
 ciphertext or key material; the reader must refuse anything altered.
 """
@@ -28,6 +28,7 @@ from medledger.core.errors import ConsentDenied, IntegrityError, InvalidInput, N
 from medledger.core.keys import SigningKey
 from medledger.core.models import Transaction
 from medledger.core.peer import PeerRequest
+from medledger.core.tls import MemberCertificate
 from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.services.access import REASONS
 from medledger.services.consent_fhir import audit_event
@@ -188,9 +189,12 @@ def test_consent_refusals(tmp_path: Path) -> None:
 def _post(sn: SharingNet, document: Any, op: str = "fetch") -> httpx.Response:
     member = sn.node("alpha").consortium
     assert member is not None
-    url = member.state.members.by_id("alpha").peer_url  # type: ignore[union-attr]
+    alpha = member.state.members.by_id("alpha")
+    assert alpha is not None and alpha.tls_cert is not None
     body = document if isinstance(document, bytes) else canonical_bytes(document)
-    return httpx.post(f"{url}/peer/v1/{op}", content=body, timeout=10)
+    # On beta's connection (mutual TLS with beta's certificate), as beta's node sends.
+    tls = sn.node("beta").client_tls_context(alpha.tls_cert)
+    return httpx.post(f"{alpha.peer_url}/peer/v1/{op}", content=body, timeout=10, verify=tls)
 
 
 def _request(sn: SharingNet, consent: str, target: str, **changes: Any) -> PeerRequest:
@@ -354,8 +358,10 @@ class Tampering:
     def __init__(self, inner: PeerTransport, alter: Callable[[dict[str, Any]], None]) -> None:
         self.inner, self.alter = inner, alter
 
-    async def post(self, url: str, body: bytes) -> tuple[int, Any]:
-        status, answer = await self.inner.post(url, body)
+    async def post(
+        self, url: str, body: bytes, server_cert: MemberCertificate | None
+    ) -> tuple[int, Any]:
+        status, answer = await self.inner.post(url, body, server_cert)
         if status == 200:
             self.alter(answer)
         return status, answer
@@ -505,7 +511,7 @@ def test_members_publish_their_keys(tmp_path: Path) -> None:
         published: dict[str, Member] = {m.id: m for m in member.state.members.members}
         for inst in sn.names:
             assert published[inst].hpke_key == sn.node(inst).config.hpke_key
-            assert published[inst].peer_url.startswith("http://127.0.0.1:")
+            assert published[inst].peer_url.startswith("https://127.0.0.1:")
         with pytest.raises(InvalidInput):
             await sharing(sn, "beta").fetch("alpha", "zz", observation(sn))
 

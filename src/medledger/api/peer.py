@@ -6,7 +6,10 @@ the data key wrapped to the reader, and the record's provenance — or a FHIR
 OperationOutcome saying why not (403 consent, 400 stale/replayed/malformed,
 401-like signature failures as 403 ``security``).
 
-A body that is not a request signed by a current member is refused before
+Over TLS the client certificate (verified against the current members'
+pinned certificates by the handshake) must be the signer's own: a request
+signed by member A arriving on member B's connection is refused (403
+``security``). A body that is not a request signed by a current member is refused before
 anything is written, and counts as a failed authentication of the client
 address (``api.auth.AuthFailures``): past that budget the answer is 429.
 """
@@ -21,6 +24,7 @@ from fastapi.responses import Response
 
 from medledger.api.deps import Services
 from medledger.api.fhir import read_body
+from medledger.api.server import PEER_CERT_SCOPE_KEY
 from medledger.core.errors import MedledgerError, NotFound
 
 __all__ = ["router"]
@@ -38,7 +42,7 @@ async def peer(op: Literal["fetch", "list"], request: Request, services: Service
         raise NotFound("this node has not joined a consortium")
     try:
         document = await read_body(request, MAX_PEER_REQUEST_BYTES)
-        authenticated = node.sharing.authenticate(document)
+        authenticated = node.sharing.authenticate(document, request.scope.get(PEER_CERT_SCOPE_KEY))
     except MedledgerError:
         services.auth_failures.charge(request)
         raise

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -37,7 +38,16 @@ from typing import Any, ClassVar, cast
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HttpLimits", "GuardedHttpToolsProtocol", "guarded_protocol", "server_config"]
+__all__ = [
+    "PEER_CERT_SCOPE_KEY",
+    "GuardedHttpToolsProtocol",
+    "HttpLimits",
+    "guarded_protocol",
+    "server_config",
+]
+
+#: ASGI scope key of the client certificate (DER) the TLS handshake verified, or None.
+PEER_CERT_SCOPE_KEY = "medledger.peer_cert"
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +170,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # The client certificate the TLS handshake verified (a current member's, by
+        # the server context's trust anchors), or None: /peer/v1 binds it to the
+        # request's signer (api.peer). Read once: it cannot change on a connection.
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._peer_cert: bytes | None = (
+            ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        )
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -214,6 +231,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_fields = 0
         self._arm_head_timer()
         super().on_message_begin()
+        cast(dict[str, Any], self.scope)[PEER_CERT_SCOPE_KEY] = self._peer_cert
 
     def on_url(self, url: bytes) -> None:
         if self._head_fits(len(url)):
@@ -266,6 +284,7 @@ def server_config(
     host: str = "127.0.0.1",
     port: int = 8700,
     limits: HttpLimits | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     **options: Any,
 ) -> uvicorn.Config:
     """The uvicorn configuration a node is served with.
@@ -273,7 +292,10 @@ def server_config(
     httptools with :class:`GuardedHttpToolsProtocol`; no ``Server`` banner; no
     forwarding headers (the client is the TCP peer); no access log (paths and
     queries can carry identifiers); no WebSocket upgrade;
-    no lifespan (the caller owns the node). ``options`` are passed through.
+    no lifespan (the caller owns the node). ``ssl_context`` (from
+    ``services.tls.server_context``) serves HTTPS; without it the server speaks
+    plain HTTP, which only ``node start --plain-http`` on a loopback address and
+    in-process tests ask for. ``options`` are passed through.
     """
     limits = limits or HttpLimits()
     # The node's app counts answers (api.metrics); the protocol's own answers join them.
@@ -295,5 +317,8 @@ def server_config(
         "lifespan": "off",
         "log_config": None,
     }
+    if ssl_context is not None:
+        context = ssl_context
+        settings["ssl_context_factory"] = lambda _config, _default: context
     settings.update(options)
     return uvicorn.Config(app, **settings)

@@ -89,6 +89,9 @@ class NodeServer:
     port: int = 8700
     sockets: list[socket.socket] | None = None
     limits: HttpLimits = field(default_factory=HttpLimits)
+    #: Plain HTTP instead of HTTPS with the node's certificate: ``node start
+    #: --plain-http`` (loopback only, checked by the CLI) and in-process API tests.
+    plain_http: bool = False
     auth_failures: RateLimit = AUTH_FAILURES
     #: Set while serving (for tests and logs); None before the node opened.
     runtime: NodeRuntime | None = None
@@ -103,10 +106,11 @@ class NodeServer:
 
     @property
     def url(self) -> str:
+        scheme = "http" if self.plain_http else "https"
         if self.sockets:
             host, port = self.sockets[0].getsockname()[:2]
-            return f"http://{host}:{port}"
-        return f"http://{self.host}:{self.port}"
+            return f"{scheme}://{host}:{port}"
+        return f"{scheme}://{self.host}:{self.port}"
 
     def stop(self) -> None:
         """Begin the shutdown (on the serving event loop): readiness false, stop accepting."""
@@ -125,7 +129,10 @@ class NodeServer:
                 not_ready=runtime.not_ready,
                 ordering=runtime.ordering,
             )
-            config = server_config(app, host=self.host, port=self.port, limits=self.limits)
+            tls = None if self.plain_http else runtime.node.server_tls_context()
+            config = server_config(
+                app, host=self.host, port=self.port, limits=self.limits, ssl_context=tls
+            )
             self.http_server = server = GracefulServer(config, on_exit=runtime.stop)
 
             def exit_server() -> None:

@@ -13,7 +13,9 @@ from typing import Any
 import click
 
 from medledger.cli.common import dir_option, emit, read_passphrase
+from medledger.core.errors import InvalidInput
 from medledger.ledger.clock import SystemClock
+from medledger.services.tls import is_loopback
 from medledger.storage.ports import ROLES, TokenStore
 
 __all__ = ["JsonLogFormatter", "start", "token"]
@@ -106,6 +108,12 @@ def _structured_logging() -> None:
     help="Largest request line plus headers accepted (larger: 431).",
 )
 @click.option(
+    "--plain-http",
+    is_flag=True,
+    help="Development only: serve plain HTTP instead of HTTPS. Refused unless --host is a "
+    "loopback address; members with pinned certificates cannot share with such a node.",
+)
+@click.option(
     "--full-check",
     is_flag=True,
     help="Re-derive every block of the private chain at start (default: the newest ones).",
@@ -126,6 +134,7 @@ def start(
     body_timeout: float,
     idle_timeout: int,
     max_head_bytes: int,
+    plain_http: bool,
     full_check: bool,
     passphrase_fd: int | None,
 ) -> None:
@@ -136,6 +145,11 @@ def start(
     chain; /readyz answers 503 until it has caught up with the ordered stream.
     Logs are JSON lines on stderr. Connections that do not send their request
     in time are closed (408); oversized request heads are refused (431).
+
+    HTTPS with the node's certificate (tls.crt, tls.key; TLS 1.2 minimum, 1.3
+    preferred); a client certificate is optional, but one that is not a current
+    member's fails the handshake, and /peer/v1 requires the signer's own.
+    ``--plain-http`` (development) serves plain HTTP on a loopback address only.
 
     The node refuses to start (exit 1, one ``error:`` line) when its chain
     store fails the start-up check: damaged, or behind what the record index
@@ -149,6 +163,9 @@ def start(
     from medledger.node import scrub_settings
 
     host, port = _listen_address(root, host, port)
+    if plain_http and not is_loopback(host):
+        # Bearer tokens and FHIR bodies would cross the network in cleartext.
+        raise InvalidInput(f"--plain-http is for loopback addresses only, not {host!r}")
     limits = HttpLimits(
         head_timeout_s=head_timeout,
         body_timeout_s=body_timeout,
@@ -172,6 +189,7 @@ def start(
         host=host,
         port=port,
         limits=limits,
+        plain_http=plain_http,
     )
     try:
         import uvloop  # libuv's event loop: a faster HTTP service, same asyncio semantics

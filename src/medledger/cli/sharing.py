@@ -2,8 +2,9 @@
 
 ``patient init|show`` work on a wallet file alone. ``patient enroll|rotate|rebind``,
 ``consent grant|revoke|list`` and ``share list|fetch`` talk to a running node
-over its HTTP API (``--node`` URL and ``--token``, or ``MEDLEDGER_NODE_URL`` /
-``MEDLEDGER_TOKEN``): the wallet signs locally and only signed transactions
+over its HTTPS API (``--node`` URL, ``--node-cert`` the node's pinned
+certificate, and ``--token``, or ``MEDLEDGER_NODE_URL`` / ``MEDLEDGER_NODE_CERT``
+/ ``MEDLEDGER_TOKEN``): the wallet signs locally and only signed transactions
 leave this machine. ``audit --patient`` reads a node's chains from its
 directory (no passphrase, no running node needed); it names enrollments, key
 rotations and break-glass re-bindings (``event``) beside consents and reads.
@@ -33,9 +34,44 @@ wallet_option = click.option(
     required=True,
     help="The patient's wallet file.",
 )
-node_option = click.option(
-    "--node", "node_url", envvar="MEDLEDGER_NODE_URL", required=True, help="Node URL."
-)
+_NODE_CERT = "medledger.node_cert"
+
+
+def _remember_node_cert(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    ctx.meta[_NODE_CERT] = value
+
+
+def node_option(command: Any) -> Any:
+    """``--node URL`` and ``--node-cert PEM`` (the node's pinned TLS certificate)."""
+    command = click.option(
+        "--node-cert",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="MEDLEDGER_NODE_CERT",
+        expose_value=False,
+        callback=_remember_node_cert,
+        help="The node's TLS certificate (PEM, its tls.crt): trusted alone. Without it an "
+        "https node must present a certificate the system trusts.",
+    )(command)
+    return click.option(
+        "--node", "node_url", envvar="MEDLEDGER_NODE_URL", required=True, help="Node URL."
+    )(command)
+
+
+def _verify() -> Any:
+    """What the HTTP client trusts: the ``--node-cert`` certificate alone, else the system's."""
+    ctx = click.get_current_context(silent=True)
+    cert = ctx.meta.get(_NODE_CERT) if ctx is not None else None
+    if cert is None:
+        return True
+    from medledger.core.errors import MedledgerError
+    from medledger.services.tls import client_context, load_certificate
+
+    try:
+        return client_context([load_certificate(cert)])
+    except MedledgerError as exc:
+        fail(str(exc))
+
+
 token_option = click.option(
     "--token", envvar="MEDLEDGER_TOKEN", required=True, help="Bearer token for the node."
 )
@@ -67,6 +103,7 @@ def _call(
             content=None if body is None else canonical_bytes(body),
             params={k: v for k, v in params.items() if v is not None},
             timeout=60,
+            verify=_verify(),
         )
     except httpx.HTTPError as exc:
         fail(f"cannot reach {node_url}: {type(exc).__name__}")
@@ -86,7 +123,9 @@ def _ready(node_url: str) -> dict[str, Any]:
     import httpx
 
     try:
-        answer: dict[str, Any] = httpx.get(node_url.rstrip("/") + "/readyz", timeout=10).json()
+        answer: dict[str, Any] = httpx.get(
+            node_url.rstrip("/") + "/readyz", timeout=10, verify=_verify()
+        ).json()
     except (httpx.HTTPError, ValueError) as exc:
         fail(f"cannot reach {node_url}: {type(exc).__name__}")
     if "consortium" not in answer:

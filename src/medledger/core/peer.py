@@ -24,6 +24,7 @@ from medledger.core.hashing import hash_from_hex, sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import leaf_hash, verify_inclusion
 from medledger.core.models import BlockHeader, Signature, Transaction
+from medledger.core.tls import certificate_fingerprint
 from medledger.core.transactions import ANCHOR, RECORD_PUT
 
 __all__ = [
@@ -155,6 +156,29 @@ class SignedPeerRequest:
         if self.signature.signer != member.fingerprint:
             raise InvalidSignature(f"the request is not signed with {member.id}'s member key")
         member.signing_key.verify(self.signature, self.request.signing_bytes())
+
+    def verify_channel(self, members: MemberSet, client_cert: bytes | None) -> None:
+        """The connection it came on belongs to its signer (call after :meth:`verify`).
+
+        A reader with a pinned TLS certificate (``core.tls``) must have presented
+        exactly that certificate as its TLS client certificate: a member's
+        certificate carrying another member's signed request is refused, so a
+        request cannot be relayed through someone else's connection. A reader
+        without a pinned certificate (a consortium formed before TLS) is not bound.
+        """
+        member = members.by_id(self.request.reader)
+        if member is None:
+            raise InvalidSignature(f"{self.request.reader!r} is not a consortium member")
+        if member.tls_cert is None:
+            return
+        if client_cert is None:
+            raise InvalidSignature(
+                f"{member.id}'s requests must come over mutual TLS with its member certificate"
+            )
+        if certificate_fingerprint(client_cert) != member.tls_cert.fingerprint:
+            raise InvalidSignature(
+                "the TLS client certificate does not belong to the member that signed the request"
+            )
 
 
 def _hashes(value: Any, what: str) -> list[bytes]:

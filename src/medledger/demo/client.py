@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from medledger.core.errors import MedledgerError
+from medledger.localnet.netproc import node_tls
 from medledger.localnet.spec import InstitutionEntry
 from medledger.services.fhir import FHIR_JSON
 
@@ -49,7 +50,9 @@ class NodeApi:
         self.institution = entry.institution
         self.url = entry.url
         self.tokens = {"admin": entry.tokens.admin, "clinician": entry.tokens.clinician}
-        self._client = httpx.Client(base_url=self.url, timeout=60)
+        # HTTPS verified against the node's pinned certificate alone.
+        self._verify = node_tls(entry)
+        self._client = httpx.Client(base_url=self.url, timeout=60, verify=self._verify)
 
     def close(self) -> None:
         self._client.close()
@@ -93,7 +96,7 @@ class NodeApi:
         """PUT every resource under its own id with ``writers`` concurrent requests."""
         todo = iter(list(resources))
         done = 0
-        async with httpx.AsyncClient(base_url=self.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=self.url, timeout=60, verify=self._verify) as client:
 
             async def writer() -> None:
                 nonlocal done

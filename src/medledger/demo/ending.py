@@ -125,11 +125,14 @@ def next_steps(scene: Scene, *, keep_running: bool, elapsed: float) -> None:
             f"# API tokens (admin, clinician) of every node: {d}/network.json",
             f"TOKEN=$(python3 -c \"import json;print(json.load(open('{d}/network.json'))"
             f"['nodes'][0]['tokens']['clinician'])\")",
-            f'curl -H "Authorization: Bearer $TOKEN" '
+            "# HTTPS: each node's pinned certificate is the only one its clients trust",
+            f"CERT={first.tls_cert}",
+            f'curl --cacert "$CERT" -H "Authorization: Bearer $TOKEN" '
             f"'{first.url}/fhir/Patient?family={scene.facts['family'][:3]}'",
-            f'curl -H "Authorization: Bearer $TOKEN" {first.url}/chain/consortium/status',
+            f'curl --cacert "$CERT" -H "Authorization: Bearer $TOKEN" '
+            f"{first.url}/chain/consortium/status",
             f"medledger network status --dir {d}",
-            f"medledger consent list --node {first.url} --token $TOKEN",
+            f'medledger consent list --node {first.url} --node-cert "$CERT" --token $TOKEN',
             f"medledger network down --dir {d}      # stop it when you are done",
         ]
     else:

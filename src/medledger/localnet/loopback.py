@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from medledger.api.app import create_app
+from medledger.api.server import HttpLimits, server_config
 from medledger.node import Node
 from medledger.storage.ports import TokenStore
 from medledger.storage.sqlite.tokens import SqliteTokenStore
@@ -34,16 +35,24 @@ def loopback_socket() -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
-    return f"http://127.0.0.1:{sock.getsockname()[1]}"
+def url_of(sock: socket.socket, *, tls: bool = True) -> str:
+    """The URL a node served on ``sock`` by :func:`serve_nodes` answers at."""
+    return f"{'https' if tls else 'http'}://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @contextlib.asynccontextmanager
 async def serve_nodes(
-    nodes: Mapping[str, Node], sockets: Mapping[str, socket.socket], token_dir: Path
+    nodes: Mapping[str, Node],
+    sockets: Mapping[str, socket.socket],
+    token_dir: Path,
+    *,
+    tls: bool = True,
 ) -> AsyncIterator[dict[str, TokenStore]]:
     """Serve ``nodes[i]`` on ``sockets[i]`` until the block ends; yields each node's tokens.
 
+    Over HTTPS with each node's own certificate, member clients verified
+    (``Node.server_tls_context``), as ``node start`` serves; ``tls=False``
+    (plain HTTP) only for a consortium whose genesis pins no certificates.
     Token stores live in ``token_dir`` (``<institution>-tokens.db``). The
     servers stop (and the sockets close) on exit; the nodes stay open.
     """
@@ -52,12 +61,10 @@ async def serve_nodes(
     try:
         for inst, sock in sockets.items():
             tokens[inst] = SqliteTokenStore(token_dir / f"{inst}-tokens.db")
-            config = uvicorn.Config(
+            config = server_config(
                 create_app(nodes[inst], tokens[inst]),
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_keep_alive=30,
+                limits=HttpLimits(idle_timeout_s=30),
+                ssl_context=nodes[inst].server_tls_context() if tls else None,
             )
             server = uvicorn.Server(config)
             servers.append((server, asyncio.create_task(server.serve(sockets=[sock]))))

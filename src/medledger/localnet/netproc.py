@@ -38,6 +38,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # both load heavy or optional packages: imported when a netwo
 
 __all__ = [
     "create_order_file",
+    "node_tls",
     "NETWORK_FILE",
     "NatsStatus",
     "NetworkError",
@@ -228,10 +230,22 @@ def _stop(records: Sequence[tuple[PidRecord, Path]], timeout: float) -> list[int
     return [r.pid for r, _ in live]
 
 
-def _http_status(url: str) -> tuple[int, dict[str, Any]]:
-    """(status, JSON body) of GET ``url``; (0, {}) if nothing answers."""
+def node_tls(node: InstitutionEntry | Mapping[str, Any]) -> ssl.SSLContext:
+    """What a client of a ``network.json`` node trusts: its pinned certificate alone.
+
+    ``node`` is an entry of the network, or its JSON (``network up --json``).
+    """
+    from medledger.services.tls import client_context, load_certificate
+
+    cert = node.tls_cert if isinstance(node, InstitutionEntry) else Path(node["tls_cert"])
+    return client_context([load_certificate(cert)])
+
+
+def _http_status(url: str, tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of GET ``url`` (trusting ``tls``'s anchors); (0, {}) if none answers."""
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as resp:  # noqa: S310 (http to 127.0.0.1)
+        # https (verified against the pinned certificate), or http to 127.0.0.1.
+        with urllib.request.urlopen(url, timeout=2.0, context=tls) as resp:  # noqa: S310
             return int(resp.status), json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
@@ -497,7 +511,7 @@ def _create(
             consortium,
             roots,
             time_ms=now_ms,
-            peer_urls={root.name: f"http://{HOST}:{ports[i]}" for i, root in enumerate(roots)},
+            peer_urls={root.name: f"https://{HOST}:{ports[i]}" for i, root in enumerate(roots)},
         )
         nodes = tuple(
             InstitutionEntry(
@@ -506,6 +520,8 @@ def _create(
                 dir=root.name,
                 port=ports[i],
                 tokens=_create_tokens(root, storage, now_ms),
+                # The node's pinned certificate: what its clients trust, alone.
+                tls_cert=NodePaths(root=root).tls_cert,
             )
             for i, root in enumerate(roots)
         )
@@ -654,7 +670,8 @@ def _start(base: Path, spec: NetworkSpec, passphrase: bytes, timeout: float) -> 
     deadline = time.monotonic() + timeout
     for node in spec.nodes:
         root = base / node.dir
-        while _http_status(f"{node.url}/readyz")[0] != 200:
+        tls = node_tls(node)
+        while _http_status(f"{node.url}/readyz", tls)[0] != 200:
             if _running(root / "node.pid") is None:
                 raise NetworkError(
                     f"node {node.institution} exited while starting: "
@@ -814,7 +831,7 @@ def status(base: Path) -> NetworkStatus:
     nodes = []
     for node in spec.nodes:
         record = _running(base / node.dir / "node.pid")
-        code, body = _http_status(f"{node.url}/readyz") if record else (0, {})
+        code, body = _http_status(f"{node.url}/readyz", node_tls(node)) if record else (0, {})
         nodes.append(
             NodeStatus(
                 institution=node.institution,

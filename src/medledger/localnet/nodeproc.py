@@ -68,7 +68,16 @@ class NodeProcess:
         environment = {**os.environ, **(env or {}), "MEDLEDGER_PASSPHRASE": passphrase.decode()}
         self._log = (root / "server.log").open("ab")
         self.proc = subprocess.Popen(
-            [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(self.port)],
+            [
+                *medledger_command(),
+                "node",
+                "start",
+                "--plain-http",
+                "--dir",
+                str(root),
+                "--port",
+                str(self.port),
+            ],
             env=environment,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -10,7 +10,8 @@ What is checked, and why it matters to the code that acts on the file:
   (``network down`` signals the PIDs recorded under them: ``../..`` or an
   absolute path would point it elsewhere);
 * ports are integers 1..65535, all different; every URL is the one the port
-  implies, on ``127.0.0.1`` (``status`` polls them);
+  implies, on ``127.0.0.1`` (``status`` polls them); a node's ``tls_cert``
+  (the one certificate its clients trust) is ``<dir>/tls.crt`` by an absolute path;
 * API tokens and the PostgreSQL password use a small alphabet (the password
   is spliced into a libpq connection string, the tokens into HTTP headers);
 * ordering, store, stream replicas, NATS servers and the PostgreSQL entry
@@ -98,11 +99,14 @@ class InstitutionEntry:
     dir: str
     port: int
     tokens: ApiTokens
+    #: The node's pinned TLS certificate (``<network>/<dir>/tls.crt``): what its
+    #: clients trust, alone.
+    tls_cert: Path
 
     @property
     def url(self) -> str:
-        """The node's HTTP API (FHIR, chain, peer), on loopback."""
-        return f"http://{HOST}:{self.port}"
+        """The node's HTTPS API (FHIR, chain, peer), on loopback."""
+        return f"https://{HOST}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,6 +170,7 @@ class NetworkSpec:
                     "dir": n.dir,
                     "port": n.port,
                     "url": n.url,
+                    "tls_cert": str(n.tls_cert),
                     "tokens": {"admin": n.tokens.admin, "clinician": n.tokens.clinician},
                 }
                 for n in self.nodes
@@ -288,13 +293,23 @@ def _tokens(value: Any, where: str) -> ApiTokens:
 
 
 def _node(value: Any, where: str) -> InstitutionEntry:
-    data = _object(value, where, ("institution", "name", "dir", "port", "url", "tokens"))
+    data = _object(
+        value, where, ("institution", "name", "dir", "port", "url", "tls_cert", "tokens")
+    )
+    directory = _dir_name(data["dir"], f"{where}.dir")
+    cert = Path(_text(data["tls_cert"], f"{where}.tls_cert"))
+    # Clients trust this file alone: it must be the node's own, inside its directory.
+    if not cert.is_absolute() or ".." in cert.parts or cert.parts[-2:] != (directory, "tls.crt"):
+        raise _Malformed(
+            f"{where}.tls_cert: expected an absolute path ending in {directory}/tls.crt"
+        )
     entry = InstitutionEntry(
         institution=_dir_name(data["institution"], f"{where}.institution"),
         name=_text(data["name"], f"{where}.name"),
-        dir=_dir_name(data["dir"], f"{where}.dir"),
+        dir=directory,
         port=_port(data["port"], f"{where}.port"),
         tokens=_tokens(data["tokens"], f"{where}.tokens"),
+        tls_cert=cert,
     )
     if data["url"] != entry.url:
         raise _Malformed(f"{where}.url: expected {entry.url!r} (from its port)")

@@ -9,12 +9,16 @@ holder cannot make the reader buffer an unbounded body.
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
-from medledger.core.errors import OrderingError
+from medledger.core.errors import InvalidInput, OrderingError
+from medledger.core.tls import MemberCertificate
+from medledger.services.tls import client_context
 
 __all__ = ["MAX_ANSWER_BYTES", "HttpPeerTransport"]
 
@@ -24,19 +28,61 @@ _CHUNK = 64 * 1024
 
 
 class HttpPeerTransport:
-    """POSTs signed peer requests over one keep-alive connection pool."""
+    """POSTs signed peer requests over one keep-alive connection pool.
 
-    def __init__(self, timeout: float = 10.0, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
+    Over ``https`` the holder is trusted only if it presents its pinned
+    certificate (``server_cert``), and this node presents its own certificate
+    (``client_cert``/``client_key``) for mutual TLS. A holder with a pinned
+    certificate is never reached over plain ``http``: that would hand the
+    request to whoever sits on the path.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 10.0,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        *,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+    ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_answer = max_answer_bytes
+        self._client_cert = client_cert
+        self._client_key = client_key
+        #: One context per holder certificate (by fingerprint): it trusts that one alone.
+        self._contexts: dict[str, ssl.SSLContext] = {}
         # Created on first use: a session belongs to the running event loop.
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
-    async def post(self, url: str, body: bytes) -> tuple[int, Any]:
+    def _context(self, url: str, server_cert: MemberCertificate | None) -> ssl.SSLContext | bool:
+        scheme = url.partition(":")[0].lower()
+        if scheme == "http":
+            if server_cert is not None:
+                raise OrderingError(
+                    f"{url}: the holder has a pinned TLS certificate; its peer URL must be https"
+                )
+            return False  # aiohttp: no TLS (a consortium formed without certificates)
+        if scheme != "https" or server_cert is None:
+            raise OrderingError(f"{url}: the holder has no pinned TLS certificate to trust")
+        context = self._contexts.get(server_cert.fingerprint)
+        if context is None:
+            try:
+                context = client_context(
+                    [server_cert], cert_path=self._client_cert, key_path=self._client_key
+                )
+            except InvalidInput as exc:
+                raise OrderingError(str(exc)) from None
+            self._contexts[server_cert.fingerprint] = context
+        return context
+
+    async def post(
+        self, url: str, body: bytes, server_cert: MemberCertificate | None = None
+    ) -> tuple[int, Any]:
         """POST ``body``; the status and the decoded JSON answer (None if not JSON)."""
         if self._closed:
             raise OrderingError("the peer transport is closed")
+        tls = self._context(url, server_cert)
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
@@ -50,6 +96,7 @@ class HttpPeerTransport:
                 data=body,
                 headers={"content-type": "application/json"},
                 allow_redirects=False,
+                ssl=tls,
             ) as response:
                 declared = response.content_length
                 if declared is not None and declared > self._max_answer:

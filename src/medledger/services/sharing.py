@@ -56,6 +56,7 @@ from medledger.core.peer import (
     SignedPeerRequest,
     share_info,
 )
+from medledger.core.tls import MemberCertificate
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.private import PrivateChain
@@ -89,7 +90,11 @@ _ANCHOR_CACHE = 64
 class PeerTransport(Protocol):
     """Sends a signed request to a member's peer endpoint: ``(status, JSON body)``."""
 
-    async def post(self, url: str, body: bytes) -> tuple[int, Any]: ...
+    async def post(
+        self, url: str, body: bytes, server_cert: MemberCertificate | None
+    ) -> tuple[int, Any]:
+        """POST to ``url``; over TLS, trust ``server_cert`` (the holder's pinned one) alone."""
+        ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,15 +171,21 @@ class SharingService:
 
     # -- holder side ----------------------------------------------------------------
 
-    def authenticate(self, document: Any) -> AuthenticatedRequest:
+    def authenticate(self, document: Any, client_cert: bytes | None = None) -> AuthenticatedRequest:
         """``document`` as a peer request signed by a current member; writes nothing.
 
-        Raises :class:`InvalidInput` (malformed) or :class:`InvalidSignature`
-        (non-member, wrong key, altered body). Nothing about a request that
-        fails here is recorded anywhere: its text is unauthenticated.
+        ``client_cert`` is the DER certificate the request's TLS connection was
+        authenticated with (None: none); it must be the signer's pinned
+        certificate (``SignedPeerRequest.verify_channel``). Raises
+        :class:`InvalidInput` (malformed) or :class:`InvalidSignature`
+        (non-member, wrong key, altered body, another member's connection).
+        Nothing about a request that fails here is recorded anywhere: its text
+        is unauthenticated.
         """
         signed = SignedPeerRequest.from_json(document)
-        signed.verify(self._member.state.members)
+        members = self._member.state.members
+        signed.verify(members)
+        signed.verify_channel(members, client_cert)
         return AuthenticatedRequest(signed=signed)
 
     async def serve(self, op: str, authenticated: AuthenticatedRequest) -> dict[str, Any]:
@@ -399,7 +410,9 @@ class SharingService:
         if self.transport is None:
             raise OrderingError("this node has no peer transport")
         status, body = await self.transport.post(
-            f"{holder.peer_url.rstrip('/')}/peer/v1/{op}", canonical_bytes(signed.to_json())
+            f"{holder.peer_url.rstrip('/')}/peer/v1/{op}",
+            canonical_bytes(signed.to_json()),
+            holder.tls_cert,
         )
         if status != 200:
             raise _refusal(status, body)

@@ -41,6 +41,7 @@ __all__ = [
     "VALID_DAYS",
     "client_context",
     "create_certificate",
+    "is_loopback",
     "load_certificate",
     "pem_bundle",
     "server_context",
@@ -51,6 +52,16 @@ __all__ = [
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 #: How long a new certificate is valid (renewal: ``member.rotate`` with a new one).
 VALID_DAYS = 825
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listening or connecting address) stays on this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _san(host: str) -> x509.GeneralName:
