@@ -55,7 +55,17 @@ from typing import IO, Self
 
 from medledger.core.errors import OrderingError
 
-__all__ = ["NatsCluster", "NatsNode", "NodePorts", "find_nats_server", "free_ports"]
+__all__ = [
+    "NatsCluster",
+    "NatsNode",
+    "NatsSecurity",
+    "NatsUser",
+    "NodePorts",
+    "find_nats_server",
+    "free_ports",
+    "member_permissions",
+    "new_nkey",
+]
 
 HOST = "127.0.0.1"
 _BINARY = "nats-server"
@@ -126,6 +136,17 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def new_nkey() -> tuple[bytes, str]:
+    """A new NKey user: (seed, the file's content; public key ``U…``, the server's config)."""
+    import os
+
+    import nkeys  # type: ignore[import-untyped]  # (no type information shipped)
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key
+    return bytes(seed), public.decode("ascii")
+
+
 def _quote(value: str) -> str:
     # NATS config strings accept JSON-style double-quoted strings.
     return json.dumps(value)
@@ -138,6 +159,77 @@ class NodePorts:
     client: int
     cluster: int
     http: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsUser:
+    """An NKey user: its public key (``U…``) and what it may publish (``None``: anything).
+
+    A member (``member_permissions``) may publish to the consortium subject and
+    use the JetStream API subjects that read the stream through its own
+    consumers; it may not create, update, delete or purge a stream, delete a
+    message, or touch another stream. The operator (``publish=None``) may do
+    anything (creates the stream).
+    """
+
+    nkey: str
+    publish: tuple[str, ...] | None = None
+
+
+def member_permissions(stream: str, subject: str) -> tuple[str, ...]:
+    """The subjects a member may publish to (see :class:`NatsUser`)."""
+    return (
+        subject,
+        "$JS.API.INFO",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
+        f"$JS.ACK.{stream}.>",
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsSecurity:
+    """TLS and authorization of a server.
+
+    Clients connect over TLS only (the server presents ``cert_file``); cluster
+    routes are mutual TLS, each side verified against ``ca_file`` (the members'
+    pinned certificates); every client authenticates with an NKey of ``users``
+    (anonymous connections are refused) and gets that user's permissions.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    users: tuple[NatsUser, ...]
+
+    def tls_block(self, *, verify: bool) -> list[str]:
+        return [
+            "  tls {",
+            f"    cert_file: {_quote(str(self.cert_file))}",
+            f"    key_file: {_quote(str(self.key_file))}",
+            f"    ca_file: {_quote(str(self.ca_file))}",
+            *(["    verify: true"] if verify else []),
+            "    timeout: 5",
+            "  }",
+        ]
+
+    def authorization_block(self) -> list[str]:
+        lines = ["authorization {", "  users: ["]
+        for user in self.users:
+            if user.publish is None:
+                lines.append(f"    {{ nkey: {_quote(user.nkey)} }}")
+                continue
+            allow = ", ".join(_quote(subject) for subject in user.publish)
+            lines.append(
+                f"    {{ nkey: {_quote(user.nkey)}, permissions: {{"
+                f" publish: {{ allow: [{allow}] }},"
+                f' subscribe: {{ allow: ["_INBOX.>"] }} }} }}'
+            )
+        return [*lines, "  ]", "}"]
 
 
 class _Running:
@@ -195,12 +287,14 @@ class NatsNode:
         peers: Sequence[int] = (),
         cluster_name: str = "medledger",
         binary: Path | None = None,
+        security: NatsSecurity | None = None,
     ) -> None:
         self.directory = directory
         self.name = name
         self.ports = ports
         self.peers = tuple(peers)
         self.cluster_name = cluster_name
+        self.security = security
         self.binary = binary if binary is not None else find_nats_server()
         self._run = _Running()
         # Last resort if the node is dropped or the interpreter exits without
@@ -222,7 +316,8 @@ class NatsNode:
 
     @property
     def client_url(self) -> str:
-        return f"nats://{HOST}:{self.ports.client}"
+        scheme = "tls" if self.security is not None else "nats"
+        return f"{scheme}://{HOST}:{self.ports.client}"
 
     @property
     def monitor_url(self) -> str:
@@ -251,11 +346,17 @@ class NatsNode:
             "  sync_interval: always",
             "}",
         ]
+        security = self.security
+        if security is not None:
+            # Clients: TLS (server verified by them) and an NKey each; routes: mutual TLS.
+            lines += ["tls {", *security.tls_block(verify=False)[1:]]
+            lines += security.authorization_block()
         if self.peers:
             lines += [
                 "cluster {",
                 f"  name: {_quote(self.cluster_name)}",
                 f"  listen: {_quote(f'{HOST}:{self.ports.cluster}')}",
+                *(security.tls_block(verify=True) if security is not None else []),
                 "  routes: [",
                 *(f"    {_quote(f'nats-route://{HOST}:{port}')}" for port in self.peers),
                 "  ]",
@@ -380,9 +481,13 @@ class NatsCluster:
         name: str = "medledger",
         binary: Path | None = None,
         start_timeout: float = 20.0,
+        security: Sequence[NatsSecurity] = (),
     ) -> None:
+        """``security``: one :class:`NatsSecurity` per node (TLS and NKeys), or none."""
         if size < 1:
             raise ValueError("a cluster needs at least one node")
+        if security and len(security) != size:
+            raise ValueError("give one NatsSecurity per node, or none")
         self.root = root
         self.name = name
         self.start_timeout = start_timeout
@@ -400,6 +505,7 @@ class NatsCluster:
                 peers=[p.cluster for j, p in enumerate(ports) if j != i] if size > 1 else (),
                 cluster_name=name,
                 binary=exe,
+                security=security[i] if security else None,
             )
             for i in range(size)
         )

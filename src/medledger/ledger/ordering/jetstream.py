@@ -48,10 +48,12 @@ import contextlib
 import json
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats.errors
@@ -237,8 +239,14 @@ class JetStreamOrderer:
         retry_for: float = 30.0,
         name: str | None = None,
         tuning: JetStreamTuning | None = None,
+        tls: ssl.SSLContext | None = None,
+        nkeys_seed: Path | None = None,
     ) -> JetStreamOrderer:
         """Connect to the NATS servers and make sure the stream exists.
+
+        ``tls``: connect over TLS only, trusting that context's anchors (the
+        members' pinned certificates); ``nkeys_seed``: the file holding this
+        member's NKey seed, which the servers authenticate it by.
 
         Lists every server so the client can fail over, tried in the order
         given (put the member's own server first); after the first connection
@@ -276,6 +284,8 @@ class JetStreamOrderer:
                     ping_interval=tuning.ping_interval,
                     max_outstanding_pings=tuning.max_outstanding_pings,
                     reconnect_to_server_handler=choice,
+                    tls=tls,
+                    nkeys_seed=str(nkeys_seed) if nkeys_seed is not None else None,
                     disconnected_cb=disconnected,
                     reconnected_cb=reconnected,
                     error_cb=errors.record,
