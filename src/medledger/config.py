@@ -32,6 +32,8 @@
     # replicas = 3                 # stream replicas, at most the NATS cluster size
     # nats_ping_interval = 1       # s between pings; a server that misses
     # nats_max_outstanding_pings = 3   # this many more is left as hung (~4 s)
+    # nats_seed = "nats.nk"        # the member's NKey: TLS to NATS, verified against
+    #                              #   the genesis members' certificates
     anchor = true                  # anchor the private chain on the consortium
 
 Environment: ``MEDLEDGER_MAX_TXS`` and ``MEDLEDGER_MAX_WAIT_MS`` override the
@@ -233,6 +235,9 @@ class ConsortiumConfig:
     replicas: int = 3
     nats_ping_interval: int = 1
     nats_max_outstanding_pings: int = 3
+    #: The member's NKey seed file (relative to the node directory). Set: NATS over
+    #: TLS, servers verified against the genesis members' certificates, and this key.
+    nats_seed: str = ""
     anchor: bool = True
 
     def __post_init__(self) -> None:
@@ -295,6 +300,7 @@ class ConsortiumConfig:
             replicas=replicas,
             nats_ping_interval=pings["nats_ping_interval"],
             nats_max_outstanding_pings=pings["nats_max_outstanding_pings"],
+            nats_seed=str(sec.get("nats_seed", "")),
             anchor=anchor,
         )
 
@@ -309,6 +315,8 @@ class ConsortiumConfig:
                 subject=self.subject,
                 replicas=self.replicas,
             )
+            if self.nats_seed:
+                doc["nats_seed"] = self.nats_seed
             if (self.nats_ping_interval, self.nats_max_outstanding_pings) != (1, 3):
                 doc.update(
                     nats_ping_interval=self.nats_ping_interval,

@@ -645,6 +645,13 @@ async def open_orderer(config: NodeConfig, root: Path) -> Orderer:
         return SoloOrderer(settings.order_path(root))
     from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning
 
+    tls, seed = None, None
+    if settings.nats_seed:
+        # The servers are members' (any member's): trust the members' pinned certificates.
+        members = load_genesis(NodePaths(root=root).genesis).members
+        tls = client_context(MemberSet(members).tls_certificates())
+        seed = Path(settings.nats_seed)
+        seed = seed if seed.is_absolute() else root / seed
     return await JetStreamOrderer.connect(
         list(settings.nats_urls),
         stream=settings.stream,
@@ -655,6 +662,8 @@ async def open_orderer(config: NodeConfig, root: Path) -> Orderer:
             ping_interval=settings.nats_ping_interval,
             max_outstanding_pings=settings.nats_max_outstanding_pings,
         ),
+        tls=tls,
+        nkeys_seed=seed,
     )
 
 

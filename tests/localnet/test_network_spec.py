@@ -39,7 +39,8 @@ def _node(i: int, port: int) -> dict[str, Any]:
         "name": f"Hospital {i}",
         "dir": f"hospital-{i}",
         "port": port,
-        "url": f"http://127.0.0.1:{port}",
+        "url": f"https://127.0.0.1:{port}",
+        "tls_cert": f"/tmp/net/hospital-{i}/tls.crt",
         "tokens": {"admin": TOKEN, "clinician": TOKEN.replace("A", "B")},
     }
 
@@ -82,8 +83,9 @@ def test_the_valid_example_parses_to_typed_entries() -> None:
         dir="hospital-2",
         port=8002,
         tokens=ApiTokens(admin=TOKEN, clinician=TOKEN.replace("A", "B")),
+        tls_cert=Path("/tmp/net/hospital-2/tls.crt"),
     )
-    assert spec.nodes[1].url == "http://127.0.0.1:8002"
+    assert spec.nodes[1].url == "https://127.0.0.1:8002"
     assert spec.nats == (NatsEntry(name="n0", client=4222, cluster=6222, http=8222),)
     assert spec.nats[0].url == "nats://127.0.0.1:4222"
     assert spec.postgres == PostgresEntry(
@@ -127,6 +129,16 @@ MALFORMED: list[tuple[str, Callable[[], str | bytes], str]] = [
         "url elsewhere",
         lambda: json.dumps(_with("nodes.0.url", "http://evil.example:8001")),
         "nodes[0].url",
+    ),
+    (
+        "a trust anchor outside the node's directory",
+        lambda: json.dumps(_with("nodes.0.tls_cert", "/tmp/evil/tls.crt")),
+        "nodes[0].tls_cert",
+    ),
+    (
+        "a relative trust anchor",
+        lambda: json.dumps(_with("nodes.0.tls_cert", "hospital-1/tls.crt")),
+        "nodes[0].tls_cert",
     ),
     (
         "token ends a header",
@@ -215,6 +227,7 @@ def _specs(draw: st.DrawFn) -> NetworkSpec:
             dir=f"h-{i}",
             port=port,
             tokens=ApiTokens(admin=draw(token), clinician=draw(token)),
+            tls_cert=Path(f"/net/h-{i}/tls.crt"),
         )
         for i, port in enumerate(node_ports)
     )
@@ -253,7 +266,12 @@ def test_what_is_written_reads_back_equal(spec: NetworkSpec) -> None:
 
 def test_a_spec_that_breaks_the_rules_cannot_be_built() -> None:
     node = InstitutionEntry(
-        institution="a", name="A", dir="a", port=1, tokens=ApiTokens(admin="t", clinician="t")
+        institution="a",
+        name="A",
+        dir="a",
+        port=1,
+        tokens=ApiTokens(admin="t", clinician="t"),
+        tls_cert=Path("/net/a/tls.crt"),
     )
     with pytest.raises(InvalidInput, match="share one port"):
         NetworkSpec(

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -71,7 +72,7 @@ from medledger.localnet.spec import (
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
 
 if TYPE_CHECKING:  # both load heavy or optional packages: imported when a network needs them
-    from medledger.localnet.natsserver import NatsNode
+    from medledger.localnet.natsserver import NatsNode, NatsSecurity
     from medledger.localnet.pg_embedded import EmbeddedPostgres
 
 __all__ = [
@@ -328,22 +329,114 @@ def _nats_size(institutions: int) -> int:
     return institutions if institutions >= 3 else 1
 
 
-def _nats_nodes(base: Path, spec: Sequence[NatsEntry]) -> list[NatsNode]:
+#: The operator's NKey seed (creates the stream; members may not), in ``<dir>/nats/``.
+_OPERATOR_SEED = "operator.nk"
+#: Every member's pinned certificate: the NATS servers' trust anchors, in ``<dir>/nats/``.
+_MEMBER_CERTS = "members.pem"
+#: A member's NKey seed, in its node directory (``[consortium] nats_seed``).
+_MEMBER_SEED = "nats.nk"
+
+
+def _create_nats_credentials(base: Path, roots: Sequence[Path]) -> None:
+    """One NKey per member and one for the operator; the members' certificates as one file."""
+    from medledger.localnet.natsserver import new_nkey
+    from medledger.services.tls import load_certificate, pem_bundle
+
+    (base / "nats").mkdir(mode=0o700, exist_ok=True)
+    for seed_path in [*(root / _MEMBER_SEED for root in roots), base / "nats" / _OPERATOR_SEED]:
+        atomic_write(seed_path, new_nkey()[0], mode=0o600)
+    bundle = pem_bundle(load_certificate(NodePaths(root=root).tls_cert) for root in roots)
+    atomic_write(base / "nats" / _MEMBER_CERTS, bundle.encode("ascii"), mode=0o600)
+
+
+def _nkey_public(seed_path: Path) -> str:
+    import nkeys  # type: ignore[import-untyped]  # (no type information shipped)
+
+    try:
+        return str(nkeys.from_seed(bytearray(seed_path.read_bytes())).public_key.decode("ascii"))
+    except (OSError, nkeys.NkeysError) as exc:
+        raise NetworkError(f"cannot read the NATS credential {seed_path}: {exc}") from None
+
+
+def _nats_security(base: Path, spec: NetworkSpec, index: int) -> NatsSecurity | None:
+    """Server ``index``'s TLS (institution ``index``'s certificate) and NKey users.
+
+    ``None`` for a network created before NATS had credentials.
+    """
+    from medledger.localnet.natsserver import NatsSecurity, NatsUser, member_permissions
+
+    operator = base / "nats" / _OPERATOR_SEED
+    if not operator.exists():
+        return None
+    defaults = ConsortiumConfig()
+    allowed = member_permissions(defaults.stream, defaults.subject)
+    users = [
+        NatsUser(nkey=_nkey_public(base / n.dir / _MEMBER_SEED), publish=allowed)
+        for n in spec.nodes
+    ]
+    users.append(NatsUser(nkey=_nkey_public(operator)))
+    owner = NodePaths(root=base / spec.nodes[index % len(spec.nodes)].dir)
+    return NatsSecurity(
+        cert_file=owner.tls_cert,
+        key_file=owner.tls_key,
+        ca_file=base / "nats" / _MEMBER_CERTS,
+        users=tuple(users),
+    )
+
+
+def _nats_nodes(base: Path, spec: NetworkSpec) -> list[NatsNode]:
     from medledger.localnet.natsserver import NatsNode, NodePorts
 
-    ports = [NodePorts(client=n.client, cluster=n.cluster, http=n.http) for n in spec]
+    ports = [NodePorts(client=n.client, cluster=n.cluster, http=n.http) for n in spec.nats]
     return [
         NatsNode(
             base / "nats" / n.name,
             name=n.name,
             ports=ports[i],
             peers=[p.cluster for j, p in enumerate(ports) if j != i] if len(ports) > 1 else (),
+            security=_nats_security(base, spec, i),
         )
-        for i, n in enumerate(spec)
+        for i, n in enumerate(spec.nats)
     ]
 
 
-def _start_nats(base: Path, spec: Sequence[NatsEntry], timeout: float) -> None:
+def _create_stream(base: Path, spec: NetworkSpec, timeout: float) -> None:
+    """Create the consortium stream with the operator's credential (members may not)."""
+    import asyncio
+
+    from medledger.ledger.ordering.jetstream import JetStreamOrderer
+    from medledger.services.tls import client_context, load_certificate
+
+    operator = base / "nats" / _OPERATOR_SEED
+    if not operator.exists():
+        return  # an older network: the first member creates it
+    defaults = ConsortiumConfig()
+    anchors = [load_certificate(n.tls_cert) for n in spec.nodes]
+
+    async def create() -> None:
+        orderer = await JetStreamOrderer.connect(
+            [node.client_url for node in _nats_nodes(base, spec)],
+            stream=defaults.stream,
+            subject=defaults.subject,
+            replicas=spec.replicas or 1,
+            retry_for=timeout,
+            name="medledger-operator",
+            tls=client_context(anchors),
+            nkeys_seed=operator,
+        )
+        await orderer.close()
+
+    # nats-py's TLS transport makes asyncio log a warning on every close: not ours to show.
+    asyncio_log = logging.getLogger("asyncio")
+    level = asyncio_log.level
+    asyncio_log.setLevel(logging.ERROR)
+    try:
+        asyncio.run(create())
+    finally:
+        asyncio_log.setLevel(level)
+
+
+def _start_nats(base: Path, spec: NetworkSpec, timeout: float) -> None:
     nodes = _nats_nodes(base, spec)
     for node in nodes:
         pid_file = node.directory / "nats.pid"
@@ -500,13 +593,20 @@ def _create(
             if ordering == "solo":
                 settings = ConsortiumConfig(ordering="solo", order_file="../order.db")
             else:
-                own = [s.url for s in nats]
+                # TLS to the servers (verified against the members' certificates), and
+                # the member's own NKey.
+                own = [f"tls://{HOST}:{s.client}" for s in nats]
                 own = own[i % servers :] + own[: i % servers]  # its own server first
                 settings = ConsortiumConfig(
-                    ordering="jetstream", nats_urls=tuple(own), replicas=replicas or 1
+                    ordering="jetstream",
+                    nats_urls=tuple(own),
+                    replicas=replicas or 1,
+                    nats_seed=_MEMBER_SEED,
                 )
             config = load_config(root, env={})
             replace(config, consortium=settings).save(NodePaths(root=root).config)
+        if ordering == "jetstream":
+            _create_nats_credentials(base, roots)
         write_genesis(
             consortium,
             roots,
@@ -646,7 +746,8 @@ def _start(base: Path, spec: NetworkSpec, passphrase: bytes, timeout: float) -> 
     if spec.postgres is not None and _postgres_pid(spec.postgres) is None:
         _postgres(spec.postgres).start()
     if spec.nats:
-        _start_nats(base, spec.nats, timeout)
+        _start_nats(base, spec, timeout)
+        _create_stream(base, spec, timeout)
     env = _env_without_secrets()
     if spec.postgres is not None:
         env["MEDLEDGER_DSN"] = _dsn(spec.postgres)

@@ -298,11 +298,8 @@ def _node(value: Any, where: str) -> InstitutionEntry:
     )
     directory = _dir_name(data["dir"], f"{where}.dir")
     cert = Path(_text(data["tls_cert"], f"{where}.tls_cert"))
-    # Clients trust this file alone: it must be the node's own, inside its directory.
-    if not cert.is_absolute() or ".." in cert.parts or cert.parts[-2:] != (directory, "tls.crt"):
-        raise _Malformed(
-            f"{where}.tls_cert: expected an absolute path ending in {directory}/tls.crt"
-        )
+    if not cert.is_absolute() or ".." in cert.parts:
+        raise _Malformed(f"{where}.tls_cert: expected an absolute path without '..'")
     entry = InstitutionEntry(
         institution=_dir_name(data["institution"], f"{where}.institution"),
         name=_text(data["name"], f"{where}.name"),
@@ -381,6 +378,10 @@ def _check_spec(spec: NetworkSpec) -> None:
     taken = _RESERVED_DIRS & {n.dir for n in spec.nodes}
     if taken:
         raise InvalidInput(f"institution dir {sorted(taken)[0]!r} is the network's own")
+    for i, node in enumerate(spec.nodes):
+        # Clients trust this file alone: it must be the node's own, in its directory.
+        if node.tls_cert.parts[-2:] != (node.dir, "tls.crt"):
+            raise InvalidInput(f"nodes[{i}].tls_cert: expected a path ending in {node.dir}/tls.crt")
     ports = [n.port for n in spec.nodes]
     ports += [p for s in spec.nats for p in (s.client, s.cluster, s.http)]
     ports += [spec.postgres.port] if spec.postgres is not None else []
