@@ -45,11 +45,13 @@ _DEADLINE_S = 60.0
 
 #: One HTTP request (JSON on stdin: method, url, token, body) from inside a host; prints the answer.
 _HTTP = """
-import json, sys, httpx
+import json, ssl, sys, httpx
 calls = json.load(sys.stdin)
 out = []
-with httpx.Client(timeout=60) as client:
-    for call in calls:
+for call in calls:
+    # HTTPS: the node's pinned certificate (its tls.crt) is all the client trusts.
+    verify = ssl.create_default_context(cafile=call["cert"]) if call.get("cert") else True
+    with httpx.Client(timeout=60, verify=verify) as client:
         headers = {"Content-Type": "application/fhir+json"}
         if call.get("token"):
             headers["Authorization"] = "Bearer " + call["token"]
@@ -97,7 +99,11 @@ class Scenario:
         return self.net.host(self.host[inst]).address
 
     def url(self, inst: str) -> str:
-        return f"http://{self.address(inst)}:{API_PORT}"
+        return f"https://{self.address(inst)}:{API_PORT}"
+
+    def cert(self, inst: str) -> Path:
+        """``inst``'s pinned TLS certificate: what its clients trust."""
+        return self.node_dir(inst) / "tls.crt"
 
     def node_dir(self, inst: str) -> Path:
         return self.base / inst / "node"
@@ -149,6 +155,7 @@ def scenario(tmp_path: Path) -> Iterator[Scenario]:
 def _wait_all_ready(s: Scenario, from_inst: str) -> list[dict[str, Any]]:
     """``node status`` of every node, asked from ``from_inst``'s host, until all are ready."""
     urls = [arg for inst in INSTITUTIONS for arg in ("--node", s.url(inst))]
+    urls += ["--genesis", str(s.base / "genesis.json")]  # trust the members' certificates
     deadline = time.monotonic() + _DEADLINE_S
     while True:
         done = s.run(from_inst, "node", "status", *urls, "--json")
@@ -245,6 +252,7 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
             "url": f"{s.url('hospital-1')}/fhir/{r['resourceType']}/{r['id']}",
             "token": tokens["hospital-1"],
             "body": r,
+            "cert": str(s.cert("hospital-1")),
         }
         for r in bundle.all_resources()
     ]
@@ -255,7 +263,8 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     # -- the patient enrolls a wallet and consents to hospital-2 -------------------------
     wallet = s.base / "patient.wallet"
     s.cli("hospital-1", "patient", "init", "--wallet", wallet, env=WALLET_ENV)
-    at_a = ["--node", s.url("hospital-1"), "--token", tokens["hospital-1"]]
+    at_a = ["--node", s.url("hospital-1"), "--node-cert", str(s.cert("hospital-1"))]
+    at_a += ["--token", tokens["hospital-1"]]
     s.cli(
         "hospital-1", "patient", "enroll", "--wallet", wallet, *at_a,
         "--patient-id", bundle.patient_id, env=WALLET_ENV,
@@ -270,6 +279,7 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     # -- hospital-2 fetches and verifies across the bridge; hospital-3 is refused ---------
     shared = s.cli(
         "hospital-2", "share", "fetch", "--node", s.url("hospital-2"),
+        "--node-cert", s.cert("hospital-2"),
         "--token", tokens["hospital-2"], "--holder", "hospital-1",
         "--consent", consent["id"], target,
     )  # fmt: skip
@@ -279,6 +289,7 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     assert len(shared["provenance"]["certified_by"]) >= 2
     refused = s.run(
         "hospital-3", "share", "fetch", "--node", s.url("hospital-3"),
+        "--node-cert", s.cert("hospital-3"),
         "--token", tokens["hospital-3"], "--holder", "hospital-1",
         "--consent", consent["id"], target,
     )  # fmt: skip

@@ -123,8 +123,16 @@ def node_member_info(root: Path) -> None:
     metavar="URL",
     help="A node's URL, e.g. https://st-mary.example.org:8700 (repeat for every member).",
 )
+@click.option(
+    "--genesis",
+    "genesis_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The consortium's genesis: trust exactly its members' pinned TLS certificates "
+    "(without it, an https node must present a certificate the system trusts).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def node_status(node_urls: tuple[str, ...], as_json: bool) -> None:
+def node_status(node_urls: tuple[str, ...], genesis_path: Path | None, as_json: bool) -> None:
     """Ask running nodes, here or on other machines, whether they are ready (GET /readyz).
 
     One line (or JSON object) per node: institution, ready or why not, private
@@ -133,10 +141,18 @@ def node_status(node_urls: tuple[str, ...], as_json: bool) -> None:
     """
     from medledger.config import parse_advertise
 
+    verify: Any = True
+    if genesis_path is not None:
+        from medledger.core.consortium import MemberSet
+        from medledger.node import load_genesis
+        from medledger.services.tls import client_context
+
+        members = MemberSet(load_genesis(genesis_path).members)
+        verify = client_context(members.tls_certificates())
     report = []
     for url in node_urls:
         parse_advertise(url)  # a clear error for a mistyped URL, before any request
-        report.append(_remote_status(url))
+        report.append(_remote_status(url, verify))
     if as_json:
         emit(report)
     else:
@@ -154,13 +170,16 @@ def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _remote_status(url: str) -> dict[str, Any]:
-    """What ``url``'s ``/readyz`` says, reduced to the fields we show (the body is not trusted)."""
+def _remote_status(url: str, verify: Any = True) -> dict[str, Any]:
+    """What ``url``'s ``/readyz`` says, reduced to the fields we show (the body is not trusted).
+
+    ``verify``: what the TLS client trusts (an ``ssl.SSLContext``, or the system's CAs).
+    """
     import httpx
 
     entry: dict[str, Any] = {"url": url}
     try:
-        answer = httpx.get(url.rstrip("/") + "/readyz", timeout=10)
+        answer = httpx.get(url.rstrip("/") + "/readyz", timeout=10, verify=verify)
         body = answer.json()
     except (httpx.HTTPError, ValueError) as exc:
         return {**entry, "status": "unreachable", "error": type(exc).__name__}
