@@ -370,6 +370,35 @@ def test_search_paging_keeps_query_values_intact(
     assert all(page["total"] == pages[0]["total"] for page in pages)
 
 
+def test_paging_links_are_percent_encoded(clinician: httpx.Client) -> None:
+    """A code holding '&', '=', '#', '%' and a space survives the next link (issue #18).
+
+    The links were joined from raw text: '&' cut the value in two, so the next
+    page searched for another code (and for a stray parameter).
+    """
+    code = "a&b=c #1%"
+    for i in range(3):
+        body = {
+            "resourceType": "Observation",
+            "id": f"amp-{i}",
+            "status": "final",
+            "code": {"coding": [{"system": "urn:odd", "code": code}]},
+            "subject": {"reference": "Patient/amp"},
+            "effectiveDateTime": "2020-01-01",
+        }
+        assert put_json(clinician, f"/fhir/Observation/amp-{i}", body).status_code in (200, 201)
+    first = assert_searchset(
+        clinician.get("/fhir/Observation", params={"code": f"urn:odd|{code}", "_count": 1})
+    )
+    assert first["total"] == 3
+    found, pages = search_all(
+        clinician, next(x["url"] for x in first["link"] if x["relation"] == "self")
+    )
+    assert sorted(r["id"] for r in found) == ["amp-0", "amp-1", "amp-2"]
+    assert len(pages) == 3
+    assert all(page["total"] == 3 for page in pages)
+
+
 def test_search_with_no_match_is_an_empty_searchset(clinician: httpx.Client) -> None:
     bundle = assert_searchset(clinician.get("/fhir/Patient", params={"family": "Zzyzxqq"}))
     assert bundle["total"] == 0

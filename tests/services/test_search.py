@@ -26,15 +26,19 @@ from medledger.services.search import (
     MAX_RESOURCE_TERMS,
     SEARCH_PARAMS,
     TOKEN_SIZE,
-    _range_for,
-    _range_terms,
+    AllOf,
+    AnyOf,
+    Match,
+    Query,
     _token,
+    evaluate,
     normalize,
     patient_reference,
-    query_tokens,
     resource_terms,
     resource_tokens,
 )
+from medledger.services.search import query_tokens as plan_tokens
+from medledger.services.search_dates import cover, search_days
 from medledger.storage.keystore import KdfParams
 from medledger.synthetic import generate_patient
 
@@ -271,13 +275,14 @@ def _clinical_cases() -> list[tuple[str, str, dict[str, list[str]]]]:
         seen.add(rtype)
         terms = resource_terms(r)
         codes = sorted(t for p, t in terms if p == "code" and "|" in t)
-        days = sorted(t[2:] for p, t in terms if p == "date" and t.startswith("d:"))
-        assert codes and days, rtype
-        params = {
-            "patient": [SYNTH.patient_id],
-            "code": [codes[0]],
-            "date": [days[0], f"ge{days[0][:7]}", f"le{days[0][:4]}"],
-        }
+        starts = sorted(t[4:] for p, t in terms if p == "date" and t.startswith("s:d:"))
+        ends = sorted(t[4:] for p, t in terms if p == "date" and t.startswith("e:d:"))
+        assert codes and starts and ends, rtype
+        # The first date value's range lies in [ge its start month, le its end year].
+        dates = [f"ge{starts[0][:7]}", f"le{max(ends)[:4]}"]
+        if len(starts) == 1 and starts == ends:  # one day: eq that day finds it too
+            dates.append(starts[0])
+        params = {"patient": [SYNTH.patient_id], "code": [codes[0]], "date": dates}
         cases.append((rtype, r["id"], params))
     return cases
 
@@ -345,14 +350,15 @@ def test_date_values_beyond_the_supported_years_are_invalid_input(
 
 
 def test_range_terms_end_at_the_last_day_of_the_calendar() -> None:
-    assert _range_terms(date(9999, 12, 1), date.max) == ["m:9999-12"]
-    assert _range_terms(date(9999, 1, 1), date.max) == ["y:9999"]
-    assert _range_terms(date.max, date.max) == ["d:9999-12-31"]
+    assert cover(date(9999, 12, 1), date.max) == ["m:9999-12"]
+    assert cover(date(9999, 1, 1), date.max) == ["y:9999"]
+    assert cover(date(9990, 1, 1), date.max) == ["x:999"]
+    assert cover(date.max, date.max) == ["d:9999-12-31"]
 
 
 def test_a_parameter_takes_at_most_max_alternatives() -> None:
     codes = [f"c{i}" for i in range(MAX_ALTERNATIVES + 1)]
-    (group,) = query_tokens(KEY_A, "Observation", {"code": [",".join(codes[:-1])]})
+    (group,) = groups_of(query_tokens(KEY_A, "Observation", {"code": [",".join(codes[:-1])]}))
     assert len(group) == MAX_ALTERNATIVES
     for split in ([",".join(codes)], [",".join(codes[:40]), ",".join(codes[40:])]):
         with pytest.raises(InvalidInput, match=f"more than {MAX_ALTERNATIVES} alternatives"):
@@ -364,11 +370,9 @@ def test_a_query_takes_at_most_max_query_tokens() -> None:
     many = ",".join(f"ge1800-01-{d:02}" for d in range(2, 29))
     with pytest.raises(InvalidInput, match="too broad"):
         query_tokens(KEY_A, "Observation", {"date": [many]})
-    # Two open-ended ranges (the widest ordinary query) fit; a third does not.
-    both = {"date": ["ge1800-01-02", "le2200-12-30"]}
-    assert sum(map(len, query_tokens(KEY_A, "Observation", both))) <= MAX_QUERY_TOKENS
-    with pytest.raises(InvalidInput, match="too broad"):
-        query_tokens(KEY_A, "Observation", {"date": [*both["date"], "ge1800-01-03"]})
+    # Open-ended ranges (the widest ordinary query) fit, several of them.
+    both = {"date": ["ge1800-01-02", "le2200-12-30", "ap1801-02-03", "ne1802"]}
+    assert size_of(query_tokens(KEY_A, "Observation", both)) <= MAX_QUERY_TOKENS
 
 
 # -- pure: terms, tokens, ranges ----------------------------------------------------------------
@@ -399,6 +403,36 @@ def test_patient_reference() -> None:
 
 KEY_A = b"A" * 32
 KEY_B = b"B" * 32
+TODAY = date(2026, 12, 5)
+
+
+def query_tokens(key: bytes, rtype: str, params: Mapping[str, Sequence[str]]) -> Query:
+    return plan_tokens(key, rtype, params, today=TODAY)
+
+
+def groups_of(query: Query) -> list[frozenset[bytes]]:
+    """The token sets of a plain conjunction (one per parameter value)."""
+    assert isinstance(query, AllOf)
+    assert all(isinstance(p, Match) for p in query.parts), query
+    return [p.tokens for p in query.parts if isinstance(p, Match)]
+
+
+def size_of(query: Query) -> int:
+    if isinstance(query, Match):
+        return len(query.tokens)
+    if isinstance(query, AllOf | AnyOf):
+        return sum(size_of(p) for p in query.parts)
+    return size_of(query.part)
+
+
+def matches(query: Query, tokens: set[bytes]) -> bool:
+    """Whether a resource of these index tokens matches ``query``."""
+    found = evaluate(
+        query,
+        find=lambda groups: {"r"} if all(g & tokens for g in groups) else set(),
+        every=lambda: {"r"},
+    )
+    return found == {"r"}
 
 
 def test_tokens_are_16_bytes_and_keyed() -> None:
@@ -425,12 +459,10 @@ def test_query_tokens_match_resource_tokens() -> None:
         {"birthdate": ["1980"]},
         {"gender": ["female"]},
     ):
-        (group,) = query_tokens(KEY_A, "Patient", params)
-        assert all(len(t) == 16 for t in group)
-        assert group & tokens, params
-        (other,) = query_tokens(KEY_B, "Patient", params)
-        assert not other & tokens, params
-    groups = query_tokens(KEY_A, "Patient", {"name": ["a", "b,c"], "gender": ["male"]})
+        query = query_tokens(KEY_A, "Patient", params)
+        assert size_of(query) and matches(query, tokens), params
+        assert not matches(query_tokens(KEY_B, "Patient", params), tokens), params
+    groups = groups_of(query_tokens(KEY_A, "Patient", {"name": ["a", "b,c"], "gender": ["male"]}))
     assert [len(g) for g in groups] == [1, 2, 1]
 
 
@@ -440,54 +472,51 @@ def test_observation_terms() -> None:
         ("patient", "Patient/mueller"),
         ("code", "8867-4"),
         ("code", f"{LOINC}|8867-4"),
-        ("date", "d:2020-01-15"),
-        ("date", "m:2020-01"),
-        ("date", "y:2020"),
+        *(
+            ("date", f"{edge}:{bucket}")
+            for edge in ("s", "e", "w")
+            for bucket in ("x:202", "y:2020", "m:2020-01", "d:2020-01-15")
+        ),
     }
 
 
 @pytest.mark.parametrize(
-    ("value", "lo", "hi"),
+    ("value", "prefix", "lo", "hi"),
     [
-        ("2020-02-29", date(2020, 2, 29), date(2020, 2, 29)),
-        ("2020-02", date(2020, 2, 1), date(2020, 2, 29)),
-        ("2019-02", date(2019, 2, 1), date(2019, 2, 28)),
-        ("2020", date(2020, 1, 1), date(2020, 12, 31)),
-        ("ge2020-02", date(2020, 2, 1), date(2200, 12, 31)),
-        ("gt2020-02", date(2020, 3, 1), date(2200, 12, 31)),
-        ("le2020-02", date(1800, 1, 1), date(2020, 2, 29)),
-        ("lt2020-02", date(1800, 1, 1), date(2020, 1, 31)),
-        ("gt2020", date(2021, 1, 1), date(2200, 12, 31)),
-        ("lt2020-03-01", date(1800, 1, 1), date(2020, 2, 29)),
+        ("2020-02-29", "eq", date(2020, 2, 29), date(2020, 2, 29)),
+        ("2020-02", "eq", date(2020, 2, 1), date(2020, 2, 29)),
+        ("2019-02", "eq", date(2019, 2, 1), date(2019, 2, 28)),
+        ("2020", "eq", date(2020, 1, 1), date(2020, 12, 31)),
+        ("ge2020-02", "ge", date(2020, 2, 1), date(2020, 2, 29)),
+        ("sa2020", "sa", date(2020, 1, 1), date(2020, 12, 31)),
     ],
 )
-def test_range_for(value: str, lo: date, hi: date) -> None:
-    assert _range_for(value) == (lo, hi)
+def test_search_days(value: str, prefix: str, lo: date, hi: date) -> None:
+    assert search_days(value) == (prefix, lo, hi)
 
 
-def test_range_terms_examples() -> None:
-    assert _range_terms(date(2020, 1, 1), date(2020, 12, 31)) == ["y:2020"]
-    assert _range_terms(date(2020, 2, 1), date(2020, 2, 29)) == ["m:2020-02"]
-    assert _range_terms(date(2020, 2, 29), date(2020, 2, 29)) == ["d:2020-02-29"]
-    assert _range_terms(date(2020, 1, 30), date(2020, 3, 2)) == [
+def test_cover_examples() -> None:
+    assert cover(date(2020, 1, 1), date(2020, 12, 31)) == ["y:2020"]
+    assert cover(date(2020, 2, 1), date(2020, 2, 29)) == ["m:2020-02"]
+    assert cover(date(2020, 2, 29), date(2020, 2, 29)) == ["d:2020-02-29"]
+    assert cover(date(2020, 1, 30), date(2020, 3, 2)) == [
         "d:2020-01-30",
         "d:2020-01-31",
         "m:2020-02",
         "d:2020-03-01",
         "d:2020-03-02",
     ]
-    assert _range_terms(date(2019, 12, 1), date(2021, 1, 31)) == [
-        "m:2019-12",
-        "y:2020",
-        "m:2021-01",
-    ]
-    assert _range_terms(date(2020, 3, 1), date(2020, 2, 1)) == []
-    whole = _range_terms(date(1800, 1, 1), date(2200, 12, 31))
-    assert whole == [f"y:{y}" for y in range(1800, 2201)]
+    assert cover(date(2019, 12, 1), date(2021, 1, 31)) == ["m:2019-12", "y:2020", "m:2021-01"]
+    assert cover(date(2019, 1, 1), date(2031, 12, 31)) == ["y:2019", "x:202", "y:2030", "y:2031"]
+    assert cover(date(2020, 3, 1), date(2020, 2, 1)) == []
+    whole = cover(date(1800, 1, 1), date(2200, 12, 31))
+    assert whole == [f"x:{d}" for d in range(180, 220)] + ["y:2200"]
 
 
 def _term_days(term: str) -> tuple[date, date]:
     kind, text = term.split(":", 1)
+    if kind == "x":
+        return date(int(text) * 10, 1, 1), date(int(text) * 10 + 9, 12, 31)
     if kind == "y":
         y = int(text)
         return date(y, 1, 1), date(y, 12, 31)
@@ -512,7 +541,7 @@ ANY_DAYS = st.dates(min_value=date(1800, 1, 1), max_value=date(2200, 12, 31))
 def test_range_terms_cover_exactly_the_days(a: date, b: date) -> None:
     lo, hi = min(a, b), max(a, b)
     expanded: list[date] = []
-    for term in _range_terms(lo, hi):
+    for term in cover(lo, hi):
         start, end = _term_days(term)
         expanded.extend(_days(start, end))
     # Exactly [lo, hi]: nothing missing, nothing outside, nothing twice.
@@ -523,15 +552,15 @@ def test_range_terms_cover_exactly_the_days(a: date, b: date) -> None:
 @given(a=ANY_DAYS, b=ANY_DAYS)
 def test_range_terms_are_contiguous_and_few(a: date, b: date) -> None:
     lo, hi = min(a, b), max(a, b)
-    terms = _range_terms(lo, hi)
+    terms = cover(lo, hi)
     intervals = [_term_days(t) for t in terms]
     assert intervals[0][0] == lo
     assert intervals[-1][1] == hi
     for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start == end + timedelta(days=1)
-    # Whole years, then at most 11 months and 30 days on each side.
-    years = sum(t.startswith("y:") for t in terms)
-    assert len(terms) - years <= 2 * (11 + 30)
+    # Whole decades, then at most 9 years, 11 months and 30 days on each side.
+    decades = sum(t.startswith("x:") for t in terms)
+    assert len(terms) - decades <= 2 * (9 + 11 + 30)
     assert len(set(terms)) == len(terms)
 
 
@@ -544,9 +573,16 @@ def test_date_query_matches_iff_in_range(day: date, other: date) -> None:
     for prefix in ("", "ge", "gt", "le", "lt"):
         for text in (other.isoformat(), f"{other:%Y-%m}", f"{other:%Y}"):
             value = prefix + text
-            lo, hi = _range_for(value)
-            (group,) = query_tokens(KEY_A, "Observation", {"date": [value]})
-            assert bool(group & tokens) == (lo <= day <= hi), value
+            _, ps, pe = search_days(text)
+            lo, hi = {
+                "": (ps, pe),
+                "ge": (ps, date.max),
+                "gt": (pe + timedelta(days=1), date.max),
+                "le": (date.min, pe),
+                "lt": (date.min, ps - timedelta(days=1)),
+            }[prefix]
+            query = query_tokens(KEY_A, "Observation", {"date": [value]})
+            assert matches(query, tokens) == (lo <= day <= hi), value
 
 
 @pytest.mark.parametrize("rtype", ["Observation", "DiagnosticReport"])
@@ -558,10 +594,8 @@ def test_date_is_the_effective_time_not_when_the_result_was_issued(rtype: str) -
         "issued": "2021-05-05T10:00:00Z",
     }
     tokens = resource_tokens(KEY_A, resource)
-    (effective,) = query_tokens(KEY_A, rtype, {"date": ["2020-01-01"]})
-    (issued,) = query_tokens(KEY_A, rtype, {"date": ["2021-05-05"]})
-    assert effective & tokens
-    assert not issued & tokens
+    assert matches(query_tokens(KEY_A, rtype, {"date": ["2020-01-01"]}), tokens)
+    assert not matches(query_tokens(KEY_A, rtype, {"date": ["2021-05-05"]}), tokens)
 
 
 # -- write-side bounds (issue #15, item 8) ---------------------------------------------
@@ -576,15 +610,13 @@ def test_a_long_name_word_is_indexed_by_a_bounded_number_of_prefixes() -> None:
     family = {t for p, t in terms if p == "family"}
     assert len(family) == MAX_PREFIX_CHARS
     assert max(map(len, family)) == MAX_PREFIX_CHARS
-    assert len(terms) < 2 * MAX_PREFIX_CHARS + 20
+    assert len(terms) < 2 * MAX_PREFIX_CHARS + 30
     tokens = resource_tokens(KEY_A, long_patient)
     # Any prefix finds it, up to and beyond the indexed length, and so does the whole word.
     for query in (LONG_WORD[:3], LONG_WORD[:MAX_PREFIX_CHARS], LONG_WORD[:100], LONG_WORD):
         for param in ("family", "name"):
-            (group,) = query_tokens(KEY_A, "Patient", {param: [query.upper()]})
-            assert group & tokens, (param, len(query))
-    (other,) = query_tokens(KEY_A, "Patient", {"family": ["b" + LONG_WORD[:50]]})
-    assert not other & tokens
+            assert matches(query_tokens(KEY_A, "Patient", {param: [query.upper()]}), tokens)
+    assert not matches(query_tokens(KEY_A, "Patient", {"family": ["b" + LONG_WORD[:50]]}), tokens)
 
 
 def many_words_patient(pid: str, words: int) -> dict[str, Any]:
@@ -644,7 +676,7 @@ def test_long_and_wordy_names_through_a_node(
     assert sealing_threads["long"] != threading.get_ident()
     rows = _token_rows(node_root)
     long_terms = len(resource_terms(long_patient))
-    assert long_terms < 2 * MAX_PREFIX_CHARS + 20
+    assert long_terms < 2 * MAX_PREFIX_CHARS + 30
     assert rows == long_terms + len(resource_terms({**PATIENTS[1], "id": "short"}))
     blobs = sorted(p.name for p in (node_root / "blobs").rglob("*") if p.is_file())
 
@@ -656,3 +688,142 @@ def test_long_and_wordy_names_through_a_node(
     assert run(node_root, refused) == set()
     assert _token_rows(node_root) == rows
     assert sorted(p.name for p in (node_root / "blobs").rglob("*") if p.is_file()) == blobs
+
+
+# -- dates and Periods as ranges (issue #18: Periods were indexed by their start only) --------
+
+
+def _spec_relation(prefix: str, r: tuple[date, date], p: tuple[date, date], today: date) -> bool:
+    """FHIR R4 search.html#prefix, read literally over day sets (a slow reference)."""
+    r_days, p_days = set(_days(*r)), set(_days(*p))
+    contains = r_days <= p_days
+    if prefix == "eq":
+        return contains
+    if prefix == "ne":
+        return not contains
+    if prefix in ("gt", "ge"):
+        above = any(d > p[1] for d in r_days)
+        return above or (prefix == "ge" and contains)
+    if prefix in ("lt", "le"):
+        below = any(d < p[0] for d in r_days)
+        return below or (prefix == "le" and contains)
+    if prefix == "sa":
+        return all(d > p[1] for d in r_days)
+    if prefix == "eb":
+        return all(d < p[0] for d in r_days)
+    assert prefix == "ap"
+    slack = timedelta(days=abs((today - p[0]).days) // 10)
+    return bool(r_days & set(_days(p[0] - slack, p[1] + slack)))
+
+
+def encounter(eid: str, start: str | None, end: str | None) -> dict[str, Any]:
+    period = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"code": "IMP"},
+        "subject": {"reference": "Patient/p"},
+        "period": period,
+    }
+
+
+NEAR = st.dates(min_value=date(2019, 11, 1), max_value=date(2021, 2, 28))
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=NEAR, b=NEAR, other=NEAR, precision=st.sampled_from([10, 7, 4]))
+def test_period_search_follows_the_specification_for_every_prefix(
+    a: date, b: date, other: date, precision: int
+) -> None:
+    """Every prefix over a Period's whole range matches as the specification's text says."""
+    lo, hi = min(a, b), max(a, b)
+    tokens = resource_tokens(KEY_A, encounter("e", lo.isoformat(), hi.isoformat()))
+    text = other.isoformat()[:precision]
+    _, ps, pe = search_days(text)
+    for prefix in ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"):
+        query = query_tokens(KEY_A, "Encounter", {"date": [prefix + text]})
+        expected = _spec_relation(prefix, (lo, hi), (ps, pe), TODAY)
+        assert matches(query, tokens) == expected, (prefix + text, lo, hi)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "value", "expected"),
+    [
+        # In progress on the searched day: found by the day's bounds.
+        ("2020-03-01", "2020-03-10", "ge2020-03-05", True),
+        ("2020-03-01", "2020-03-10", "le2020-03-05", True),
+        # eq on the start day does not match a longer stay; eq on its month does.
+        ("2020-03-01", "2020-03-10", "2020-03-01", False),
+        ("2020-03-01", "2020-03-10", "2020-03", True),
+        ("2020-03-01", "2020-03-10", "ne2020-03-01", True),
+        # An open end is ongoing: after any later day, and never within a year.
+        ("2020-03-01", None, "gt2150-01-01", True),
+        ("2020-03-01", None, "2020", False),
+        ("2020-03-01", None, "sa2020-02-29", True),
+        ("2020-03-01", None, "eb2199-01-01", False),
+        # A missing start reaches back: before any earlier day.
+        (None, "2020-03-10", "lt1900", True),
+        (None, "2020-03-10", "eb2020-03-11", True),
+        ("2020-03-01", "2020-03-10", "eb2020-03-10", False),
+        ("2020-03-01", "2020-03-10", "sa2020-02-29", True),
+        ("2020-03-01", "2020-03-10", "sa2020-03-01", False),
+        ("2020-03-01T22:00:00+02:00", "2020-03-01T23:00:00+02:00", "2020-03-01", True),
+    ],
+)
+def test_period_examples(start: str | None, end: str | None, value: str, expected: bool) -> None:
+    tokens = resource_tokens(KEY_A, encounter("e", start, end))
+    assert matches(query_tokens(KEY_A, "Encounter", {"date": [value]}), tokens) == expected
+
+
+def test_a_year_only_birth_date_is_a_range() -> None:
+    """A birthDate of "1980" was not indexed at all (only full days were)."""
+    born = patient("y", "Year", ["Only"], "1980", "female", ("urn:mrn", "Y1"))
+    tokens = resource_tokens(KEY_A, born)
+    for value, expected in (("1980", True), ("1980-05", False), ("ge1980-05", True)):
+        assert matches(query_tokens(KEY_A, "Patient", {"birthdate": [value]}), tokens) == expected
+    assert not matches(query_tokens(KEY_A, "Patient", {"birthdate": ["lt1980"]}), tokens)
+
+
+def test_periods_and_absolute_references_through_a_node(tmp_path: Path) -> None:
+    """Through the records service and the index: ranges, complements and URL references."""
+    node_root = tmp_path / "node"
+    init_node(node_root, name="Periods", passphrase=PW, kdf=KdfParams(n=2**12))
+    stays = {
+        "long": encounter("long", "2020-03-01", "2020-03-10"),
+        "day": encounter("day", "2020-03-01", "2020-03-01"),
+        "open": encounter("open", "2020-03-08", None),
+        "before": encounter("before", "2020-01-01", "2020-01-05"),
+    }
+    elsewhere = {
+        **encounter("far", "2020-03-05", "2020-03-05"),
+        "subject": {"reference": "https://other.example/fhir/Patient/q"},
+    }
+
+    async def go(node: Node) -> dict[str, set[str]]:
+        for r in [*stays.values(), elsewhere]:
+            await node.records.update("Encounter", r["id"], r)
+        queries = {
+            "in progress on 03-05": {"date": ["ge2020-03-05", "le2020-03-05"]},
+            "eq start day": {"date": ["2020-03-01"]},
+            "ne start day": {"date": ["ne2020-03-01"], "patient": ["p"]},
+            "url": {"patient": ["http://host:8080/fhir/Patient/p"]},
+            "url with version": {
+                "patient": ["https://h/fhir/Patient/p/_history/2"],
+                "date": ["eb2020-02"],
+            },
+            "their url": {"patient": ["https://other.example/fhir/Patient/q"]},
+        }
+        return {
+            name: {s.id for s in await node.records.search("Encounter", q)}
+            for name, q in queries.items()
+        }
+
+    assert run(node_root, go) == {
+        "in progress on 03-05": {"long", "far"},  # "open" begins on 03-08
+        "eq start day": {"day"},
+        "ne start day": {"long", "open", "before"},
+        "url": set(stays),
+        "url with version": {"before"},
+        "their url": {"far"},
+    }

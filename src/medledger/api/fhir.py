@@ -495,12 +495,15 @@ async def _search(
         total, page = await records.search_page(resource_type, params, offset, count)
     shown.extend(page)
     base = f"/fhir/{resource_type}"
-    query = "&".join(f"{k}={v}" for k, vs in params.items() for v in vs)
-    links = [{"relation": "self", "url": f"{base}?{query}&_count={count}&_offset={offset}"}]
+
+    def page_url(at: int) -> str:
+        # Percent-encoded: a value holding '&', '=', '#' or '%' must come back intact.
+        pairs = [(k, v) for k, vs in params.items() for v in vs]
+        return f"{base}?{urlencode([*pairs, ('_count', count), ('_offset', at)])}"
+
+    links = [{"relation": "self", "url": page_url(offset)}]
     if offset + count < total:
-        links.append(
-            {"relation": "next", "url": f"{base}?{query}&_count={count}&_offset={offset + count}"}
-        )
+        links.append({"relation": "next", "url": page_url(offset + count)})
 
     def searchset() -> bytes:
         return dump_resource(

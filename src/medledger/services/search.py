@@ -15,12 +15,16 @@ Supported parameters (``SEARCH_PARAMS``):
   :data:`MAX_PREFIX_CHARS`), ``birthdate``, ``gender``.
 * Observation, Condition, MedicationRequest, Encounter, DiagnosticReport,
   AllergyIntolerance, Immunization, Procedure: ``patient``
-  (``Patient/id`` or ``id``), ``code`` (``system|code`` or ``code``),
-  ``date`` (``YYYY-MM-DD``, ``YYYY-MM``, ``YYYY``, with ``eq``/``ge``/``le``/
-  ``gt``/``lt`` prefixes, by day; years 1800 to 2200).
+  (``id``, ``Patient/id`` or an absolute URL ending in ``Patient/id``), ``code``
+  (``system|code`` or ``code``), ``date`` (``YYYY-MM-DD``, ``YYYY-MM``, ``YYYY``,
+  with every FHIR prefix, by day; years 1800 to 2200).
 
-Dates are indexed at day, month and year granularity, so a range is answered
-by a handful of token look-ups (whole years, whole months, then days).
+Dates and Periods are ranges of days compared as FHIR ranges
+(``services.search_dates``): a value is indexed by the calendar buckets of its
+start, its end and its whole, so each prefix is answered by a handful of
+token look-ups (whole decades, years, months, then days). A query is a small
+tree (:class:`AllOf`, :class:`AnyOf`, :class:`Not` over :class:`Match`) that
+:func:`evaluate` resolves through the index.
 A query is bounded: at most :data:`MAX_ALTERNATIVES` alternatives per
 parameter and :data:`MAX_QUERY_TOKENS` tokens in all, refused before any
 token is computed. A resource is bounded too: one that would need more than
@@ -31,15 +35,15 @@ terms stops as soon as it passes the bound.
 
 from __future__ import annotations
 
-import calendar
 import hmac
-import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
-from datetime import date, timedelta
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 from medledger.core.errors import InvalidInput
+from medledger.services.search_dates import date_condition, period_days, range_terms, value_days
 
 __all__ = [
     "MAX_ALTERNATIVES",
@@ -48,7 +52,14 @@ __all__ = [
     "MAX_RESOURCE_TERMS",
     "SEARCH_PARAMS",
     "TOKEN_SIZE",
+    "AllOf",
+    "AnyOf",
+    "Match",
+    "Not",
+    "Query",
+    "evaluate",
     "patient_reference",
+    "plan_query",
     "query_tokens",
     "resource_tokens",
 ]
@@ -89,17 +100,17 @@ _CODE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 _DATE_FIELDS: dict[str, tuple[str, ...]] = {
     # FHIR R4 ``date`` is the clinically relevant time (``effective[x]``), not ``issued``.
-    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant"),
-    "Condition": ("onsetDateTime", "recordedDate"),
+    # A field ending in "Period" (or Encounter.period) is a Period: indexed as its range.
+    "Observation": ("effectiveDateTime", "effectivePeriod", "effectiveInstant"),
+    "Condition": ("onsetDateTime", "onsetPeriod", "recordedDate"),
     "MedicationRequest": ("authoredOn",),
-    "Encounter": ("period.start",),
-    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start"),
-    "AllergyIntolerance": ("onsetDateTime", "recordedDate"),
+    "Encounter": ("period",),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod"),
+    "AllergyIntolerance": ("onsetDateTime", "onsetPeriod", "recordedDate"),
     "Immunization": ("occurrenceDateTime",),
-    "Procedure": ("performedDateTime", "performedPeriod.start"),
+    "Procedure": ("performedDateTime", "performedPeriod"),
 }
 _PATIENT_FIELDS = ("subject", "patient")
-_DAY = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
 def _token(key: bytes, rtype: str, param: str, term: str) -> bytes:
@@ -128,15 +139,6 @@ def patient_reference(resource: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _get(resource: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = resource
-    for part in dotted.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
 def _codings(value: Any) -> Iterator[Mapping[str, Any]]:
     items = value if isinstance(value, list) else [value]
     for item in items:
@@ -156,20 +158,13 @@ def _code_terms(system: Any, code: Any) -> list[str]:
     return terms
 
 
-def _day(value: Any) -> date | None:
-    if not isinstance(value, str):
-        return None
-    m = _DAY.match(value)
-    if not m or not m.group(3):
-        return None
-    try:
-        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    except ValueError:
-        return None
-
-
-def _date_terms(day: date) -> list[str]:
-    return [f"d:{day.isoformat()}", f"m:{day:%Y-%m}", f"y:{day:%Y}"]
+def _date_value_terms(value: Any) -> list[str]:
+    """Index terms of a date, dateTime, instant or Period (see ``services.search_dates``)."""
+    if isinstance(value, dict):
+        days = period_days(value.get("start"), value.get("end"))
+    else:
+        days = value_days(value)
+    return [] if days is None else range_terms(*days)
 
 
 def _words(text: str) -> Iterator[str]:
@@ -230,22 +225,24 @@ def resource_terms(
                 terms.update(("name", w) for w in _words(name["text"]))
         if isinstance(resource.get("gender"), str):
             terms.add(("gender", resource["gender"]))
-        day = _day(resource.get("birthDate"))
-        if day is not None:
-            terms.update(("birthdate", t) for t in _date_terms(day))
+        terms.update(("birthdate", t) for t in _date_value_terms(resource.get("birthDate")))
         return terms
     if rtype not in _CODE_FIELDS:
         return terms
     ref = patient_reference(resource)
     if ref is not None:
         terms.add(("patient", ref))
+    for name in _PATIENT_FIELDS:
+        # An absolute reference is another server's resource: found by its very URL.
+        field = resource.get(name)
+        value = field.get("reference") if isinstance(field, dict) else None
+        if isinstance(value, str) and "://" in value:
+            terms.add(("patient", value))
     for field in _CODE_FIELDS[rtype]:
         for coding in _codings(resource.get(field)):
             terms.update(("code", t) for t in _code_terms(coding.get("system"), coding.get("code")))
     for field in _DATE_FIELDS[rtype]:
-        day = _day(_get(resource, field))
-        if day is not None:
-            terms.update(("date", t) for t in _date_terms(day))
+        terms.update(("date", t) for t in _date_value_terms(resource.get(field)))
     return terms
 
 
@@ -263,102 +260,116 @@ def resource_tokens(
 
 # -- queries ----------------------------------------------------------------------
 
-_PREFIXES = ("eq", "ge", "le", "gt", "lt")
-_MIN_DAY, _MAX_DAY = date(1800, 1, 1), date(2200, 12, 31)
 #: At most this many alternatives (comma-separated values, over all repeats) per parameter.
 MAX_ALTERNATIVES = 64
-#: At most this many index tokens per query. A date range costs up to ~470 tokens
-#: (whole years from 1800 to 2200 plus the months and days at its ends), so two
-#: open-ended ranges fit; 600 alternatives of one (the 9 s query of issue #14) do not.
+#: At most this many index tokens per query. A date range costs up to ~200 tokens
+#: (whole decades, years, months and days at its ends; ``ge`` and ``le`` two such
+#: covers), so several open-ended ranges fit; 600 alternatives of one (the 9 s query
+#: of issue #14) do not.
 MAX_QUERY_TOKENS = 1024
 
 
-def _range_for(value: str) -> tuple[date, date]:
-    """The inclusive day range a FHIR date search value denotes (years 1800 to 2200)."""
-    prefix = value[:2] if value[:2] in _PREFIXES else "eq"
-    text = value[2:] if value[:2] in _PREFIXES else value
-    m = _DAY.fullmatch(text)
-    if not m:
-        raise InvalidInput(f"date search value {value!r} must be YYYY, YYYY-MM or YYYY-MM-DD")
-    year, month, day = int(m.group(1)), m.group(2), m.group(3)
-    if not _MIN_DAY.year <= year <= _MAX_DAY.year:
-        # Open ranges run from 1800 to 2200; outside them a day before or after
-        # can fall off the calendar (``gt9999-12-31``), so such values are refused.
-        raise InvalidInput(
-            f"date search value {value!r}: years from {_MIN_DAY.year} to {_MAX_DAY.year} only"
-        )
-    try:
-        if day:
-            lo = hi = date(year, int(month), int(day))
-        elif month:
-            lo = date(year, int(month), 1)
-            hi = date(year, int(month), calendar.monthrange(year, int(month))[1])
-        else:
-            lo, hi = date(year, 1, 1), date(year, 12, 31)
-    except ValueError:
-        raise InvalidInput(f"date search value {value!r} is not a real date") from None
-    if prefix == "eq":
-        return lo, hi
-    if prefix == "ge":
-        return lo, _MAX_DAY
-    if prefix == "gt":
-        return hi + timedelta(days=1), _MAX_DAY
-    if prefix == "le":
-        return _MIN_DAY, hi
-    return _MIN_DAY, lo - timedelta(days=1)  # lt
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Resources holding any of ``tokens`` (none: nothing matches)."""
+
+    tokens: frozenset[bytes]
 
 
-def _range_terms(lo: date, hi: date) -> list[str]:
-    """Cover ``[lo, hi]`` with whole years, whole months and single days."""
-    terms: list[str] = []
-    day = lo
-    while day <= hi:
-        year_end = date(day.year, 12, 31)
-        month_end = date(day.year, day.month, calendar.monthrange(day.year, day.month)[1])
-        if day.month == 1 and day.day == 1 and year_end <= hi:
-            terms.append(f"y:{day:%Y}")
-            last = year_end
-        elif day.day == 1 and month_end <= hi:
-            terms.append(f"m:{day:%Y-%m}")
-            last = month_end
-        else:
-            terms.append(f"d:{day.isoformat()}")
-            last = day
-        if last >= hi:  # also ends the walk at date.max, which has no next day
-            break
-        day = last + timedelta(days=1)
-    return terms
+@dataclass(frozen=True, slots=True)
+class AllOf:
+    """Resources matching every part (no parts: every resource of the type)."""
+
+    parts: tuple[Query, ...]
 
 
-def _param_terms(rtype: str, param: str, value: str) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """Resources matching at least one part."""
+
+    parts: tuple[Query, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    """Resources of the type not matching ``part``."""
+
+    part: Query
+
+
+Query = Match | AllOf | AnyOf | Not
+Tokenize = Callable[[str, str], bytes]
+
+
+def _reference_terms(param: str, value: str) -> list[str]:
+    """A reference search value as the terms it may be indexed under.
+
+    ``id``, ``Type/id`` and an absolute URL ending in ``Type/id`` (FHIR allows
+    all three) all find a relative ``Patient/id`` reference; an absolute URL
+    also finds a resource whose reference is that very URL.
+    """
+    if "://" in value:
+        parts = value.split("?")[0].rstrip("/").split("/")
+        if len(parts) >= 2 and parts[-2] == "_history" and len(parts) >= 4:
+            parts = parts[:-2]
+        if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
+            return [f"Patient/{parts[-1]}", value]
+        return [value]
+    if not value.startswith("Patient/"):
+        return [f"Patient/{value}"]
+    return [value]
+
+
+def _alternative(
+    rtype: str, param: str, value: str, tokenize: Tokenize, today: date
+) -> tuple[Query, int]:
+    """One alternative of a parameter as a query, and how many tokens it takes."""
+
+    def match(terms: Iterable[str]) -> Match:
+        return Match(frozenset(tokenize(param, t) for t in terms))
+
     if param in ("date", "birthdate"):
-        lo, hi = _range_for(value)
-        return _range_terms(lo, hi) if lo <= hi else []
+        condition = date_condition(value, today=today)
+        parts = tuple(match(terms) for terms in condition.all_of)
+        size = sum(len(p.tokens) for p in parts)
+        query: Query = parts[0] if len(parts) == 1 else AllOf(parts)
+        return (Not(query) if condition.negated else query), size
     if param in ("name", "family", "given"):
         words = normalize(value).split()
         if len(words) != 1:
             raise InvalidInput(f"{param} search takes one word, got {value!r}")
         # Only prefixes of up to MAX_PREFIX_CHARS are indexed: compare on those.
-        return [words[0][:MAX_PREFIX_CHARS]]
-    if param == "patient" and rtype != "Patient" and not value.startswith("Patient/"):
-        return [f"Patient/{value}"]
-    return [value]
+        return match([words[0][:MAX_PREFIX_CHARS]]), 1
+    if param == "patient" and rtype != "Patient":
+        terms = _reference_terms(param, value)
+        return match(terms), len(terms)
+    return match([value]), 1
 
 
-def query_tokens(key: bytes, rtype: str, params: Mapping[str, Iterable[str]]) -> list[set[bytes]]:
-    """For each parameter, the set of tokens any of which matches (all parameters must match).
+def _merge(parts: list[Query]) -> Query:
+    """Alternatives as one query: plain matches fold into one set of tokens."""
+    plain = [p for p in parts if isinstance(p, Match)]
+    rest: list[Query] = [p for p in parts if not isinstance(p, Match)]
+    if plain:
+        rest.insert(0, Match(frozenset().union(*(p.tokens for p in plain))))
+    return rest[0] if len(rest) == 1 else AnyOf(tuple(rest))
 
-    ``params`` maps a parameter to its values; each value may hold comma
-    separated alternatives (FHIR OR). Raises :class:`InvalidInput` for an
-    unsupported type, parameter or value, for more than
-    :data:`MAX_ALTERNATIVES` alternatives of one parameter, and for a query of
-    more than :data:`MAX_QUERY_TOKENS` tokens; the bounds are checked before
-    any token is computed, so a refused query costs little.
+
+def plan_query(
+    rtype: str, params: Mapping[str, Iterable[str]], tokenize: Tokenize, *, today: date
+) -> Query:
+    """The query for ``params``: every parameter must match, each repeat of one too.
+
+    Each value may hold comma separated alternatives (FHIR OR). Raises
+    :class:`InvalidInput` for an unsupported type, parameter or value, for
+    more than :data:`MAX_ALTERNATIVES` alternatives of one parameter, and for
+    a query of more than :data:`MAX_QUERY_TOKENS` tokens; the alternatives are
+    counted before any token is computed, and the tokens as they are.
     """
     allowed = SEARCH_PARAMS.get(rtype)
     if allowed is None:
         raise InvalidInput(f"search is not supported for {rtype}")
-    planned: list[tuple[str, list[str]]] = []
+    parts: list[Query] = []
     total = 0
     for param, values in params.items():
         if param not in allowed:
@@ -375,14 +386,58 @@ def query_tokens(key: bytes, rtype: str, params: Mapping[str, Iterable[str]]) ->
                 raise InvalidInput(
                     f"search parameter {param!r} has more than {MAX_ALTERNATIVES} alternatives"
                 )
-            terms: list[str] = []
+            queries = []
             for alt in alternatives:
-                terms.extend(_param_terms(rtype, param, alt))
-                if total + len(terms) > MAX_QUERY_TOKENS:
+                query, size = _alternative(rtype, param, alt, tokenize, today)
+                total += size
+                if total > MAX_QUERY_TOKENS:
                     raise InvalidInput(
                         f"the search is too broad: it needs more than {MAX_QUERY_TOKENS} index"
                         " look-ups (use fewer alternatives or narrower date ranges)"
                     )
-            total += len(terms)
-            planned.append((param, terms))
-    return [{_token(key, rtype, param, term) for term in terms} for param, terms in planned]
+                queries.append(query)
+            parts.append(_merge(queries))
+    return AllOf(tuple(parts))
+
+
+def query_tokens(
+    key: bytes, rtype: str, params: Mapping[str, Iterable[str]], *, today: date
+) -> Query:
+    """:func:`plan_query` with the institution's blind-index tokens."""
+    return plan_query(rtype, params, lambda p, t: _token(key, rtype, p, t), today=today)
+
+
+def evaluate(
+    query: Query,
+    *,
+    find: Callable[[list[frozenset[bytes]]], set[str]],
+    every: Callable[[], set[str]],
+) -> set[str]:
+    """The ids matching ``query``.
+
+    ``find(groups)`` gives the ids holding a token of every group (the index
+    resolves a conjunction of plain matches at once, most selective first);
+    ``every()`` gives every id of the type, for complements and for no parameters.
+    """
+    if isinstance(query, Match):
+        return find([query.tokens])
+    if isinstance(query, Not):
+        return every() - evaluate(query.part, find=find, every=every)
+    if isinstance(query, AnyOf):
+        found: set[str] = set()
+        for part in query.parts:
+            found |= evaluate(part, find=find, every=every)
+        return found
+    plain = [p.tokens for p in query.parts if isinstance(p, Match)]
+    others = [p for p in query.parts if not isinstance(p, Match)]
+    result = find(plain) if plain else None
+    for part in sorted(others, key=lambda p: isinstance(p, Not)):
+        if result is not None and not result:
+            return result
+        if isinstance(part, Not):
+            base = every() if result is None else result
+            result = base - evaluate(part.part, find=find, every=every)
+        else:
+            ids = evaluate(part, find=find, every=every)
+            result = ids if result is None else result & ids
+    return every() if result is None else result

@@ -89,12 +89,13 @@ class RecordsService:
             enabled=crash_recovery,
             mark_every=recovery_mark_every,
         )
+        self._clock: Clock = clock or SystemClock()
         self._sealer = Sealer(
             institution=institution,
             chain=chain,
             blobs=blobs,
             keys=keys,
-            clock=clock or SystemClock(),
+            clock=self._clock,
             random_bytes=random_bytes,
             sign_tx=sign_tx,
             stamp_chain_base=crash_recovery,
@@ -111,7 +112,7 @@ class RecordsService:
         self._eraser = RecordEraser(
             chain=chain, index=index, blobs=blobs, keys=keys, writer=self._writer
         )
-        self._search = RecordSearch(index=index, keys=keys, reader=self.reader)
+        self._search = RecordSearch(index=index, keys=keys, reader=self.reader, clock=self._clock)
         #: Conditional writes' search-then-write, one step per type (also for Bundles).
         self.conditional = ConditionalWrites(self)
         self._patients = PatientRecords(index=index, keys=keys)
