@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import Request
 
-from medledger.api.deps import Services
+from medledger.api.deps import services_of
 from medledger.api.errors import Forbidden, Unauthorized
 from medledger.core.errors import InvalidInput, RateLimited
 from medledger.ledger.clock import Clock
@@ -64,7 +64,10 @@ def require(*roles: str) -> Callable[..., Any]:
 
     # Async on purpose: a sync dependency would hop to a worker thread on every
     # request; the token check is one indexed SQLite read, cheaper than the hop.
-    async def dependency(request: Request, services: Services) -> TokenInfo:
+    # It takes the request alone (not ``Services``): a nested dependency is solved
+    # on every request and costs more than the look-up it saves.
+    async def dependency(request: Request) -> TokenInfo:
+        services = services_of(request.app)
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:

@@ -83,15 +83,18 @@ async def _services(request: Request) -> AppServices:
 Services = Annotated[AppServices, Depends(_services)]
 
 
-async def _node(services: Services) -> Node:
-    return services.node
+# Each provider reads the request alone: a provider that depends on another
+# provider makes FastAPI solve a nested dependency tree on every request,
+# which costs more CPU than the handler's own work on a FHIR read.
+async def _node(request: Request) -> Node:
+    return services_of(request.app).node
 
 
 NodeDep = Annotated[Node, Depends(_node)]
 
 
-async def _records(services: Services) -> RecordsService:
-    return services.node.records
+async def _records(request: Request) -> RecordsService:
+    return services_of(request.app).node.records
 
 
 Records = Annotated[RecordsService, Depends(_records)]
