@@ -96,6 +96,15 @@ def test_api_measures_http_and_in_process_with_ratios(api: dict[str, Any]) -> No
         best = max(x["per_s"] for x in api["http"][op])
         assert r["best_http_per_s"] == best
         assert r["in_process_over_http"] == round(ip[op]["per_s"] / best, 2)
+    # Issue 19's CPU ratios, from the same run's figures.
+    cpu = api["ratio"]["cpu"]
+    read = min(x["server_cpu_ms_per_request"] for x in api["http"]["reads"])
+    create = min(x["server_cpu_ms_per_request"] for x in api["http"]["creates"])
+    assert cpu["read_over_empty"] == round(read / floor["server_cpu_ms_per_request"], 2)
+    assert cpu["http_create_over_in_process"] == round(
+        create / ip["creates"]["cpu_ms_per_request"], 2
+    )
+    assert "Server CPU per FHIR read" in render_area("api", api)
 
 
 def test_hpke_cost_is_measured_for_each_kem() -> None:

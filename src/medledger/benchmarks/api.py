@@ -387,8 +387,9 @@ def _line(run: dict[str, Any]) -> str:
 
 
 def _ratios(results: dict[str, Any]) -> dict[str, Any]:
-    """In-process throughput over the best HTTP throughput (how much HTTP costs)."""
-    out: dict[str, Any] = {}
+    """In-process throughput over the best HTTP throughput (how much HTTP costs), and
+    the CPU ratios of issue 19 (:func:`_cpu_ratios`)."""
+    out: dict[str, Any] = {"cpu": _cpu_ratios(results)}
     ip = results["in_process"]
     for op, base in (("creates", ip["creates"]), ("reads", ip["reads"])):
         runs = results["http"][op]
@@ -410,6 +411,31 @@ def _ratios(results: dict[str, Any]) -> dict[str, Any]:
             "in_process_per_s": audited,
             "in_process_over_http": round(audited / best, 2) if best else None,
         }
+    return out
+
+
+def _cpu_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """Server CPU per request against a floor measured in the same run (process CPU
+    time, not wall time: it holds on a shared, loaded machine).
+
+    ``read_over_empty``: CPU per FHIR read (with its ``access`` entry) over CPU
+    per ``GET /healthz`` on the same server — what a read adds to the HTTP stack.
+    ``http_create_over_in_process``: CPU per ``POST /fhir/{type}`` over CPU per
+    ``node.records.create`` in this process — what HTTP adds to a create.
+    Target of each: ≤ 2. The lowest CPU per request of the runs is taken.
+    """
+    http, ip = results["http"], results["in_process"]
+    out: dict[str, Any] = {"target": 2.0}
+    empty = http.get("healthz", {}).get("server_cpu_ms_per_request")
+    if http["reads"] and empty:
+        read = min(r["server_cpu_ms_per_request"] for r in http["reads"])
+        out["read_ms"], out["empty_ms"] = read, empty
+        out["read_over_empty"] = round(read / empty, 2)
+    in_process = ip["creates"]["cpu_ms_per_request"]
+    if http["creates"] and in_process:
+        create = min(r["server_cpu_ms_per_request"] for r in http["creates"])
+        out["http_create_ms"], out["in_process_create_ms"] = create, in_process
+        out["http_create_over_in_process"] = round(create / in_process, 2)
     return out
 
 
@@ -440,4 +466,17 @@ def _print(results: dict[str, Any]) -> None:
         )
     Console().print(t)
     for op, r in results["ratio"].items():
-        Console().print(f"{op}: in-process / HTTP = {r['in_process_over_http']}x")
+        if op != "cpu":
+            Console().print(f"{op}: in-process / HTTP = {r['in_process_over_http']}x")
+    cpu = results["ratio"]["cpu"]
+    if "read_over_empty" in cpu:
+        Console().print(
+            f"server CPU per FHIR read / per GET /healthz = {cpu['read_over_empty']}x "
+            f"({cpu['read_ms']} / {cpu['empty_ms']} ms; target <= {cpu['target']}x)"
+        )
+    if "http_create_over_in_process" in cpu:
+        Console().print(
+            f"server CPU per HTTP create / in-process create = "
+            f"{cpu['http_create_over_in_process']}x ({cpu['http_create_ms']} / "
+            f"{cpu['in_process_create_ms']} ms; target <= {cpu['target']}x)"
+        )

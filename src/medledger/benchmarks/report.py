@@ -276,7 +276,7 @@ def _render_api(results: Mapping[str, Any]) -> list[str]:
             f"| in-process | {op.replace('_', ' ')} | - | {r['per_s']:,.1f} "
             f"| {_latency(r['latency_ms'])} | {r['cpu_ms_per_request']:g} | |"
         )
-    ratios = results.get("ratio") or {}
+    ratios = {op: r for op, r in (results.get("ratio") or {}).items() if op != "cpu"}
     if ratios:
         lines += [
             "",
@@ -285,6 +285,15 @@ def _render_api(results: Mapping[str, Any]) -> list[str]:
                 f"{op.replace('_', ' ')} {r['in_process_over_http']}x" for op, r in ratios.items()
             )
             + ".",
+        ]
+    cpu = (results.get("ratio") or {}).get("cpu") or {}
+    if "read_over_empty" in cpu and "http_create_over_in_process" in cpu:
+        lines += [
+            "",
+            f"Server CPU per FHIR read / per `GET /healthz`: {cpu['read_over_empty']}x "
+            f"({cpu['read_ms']:g} / {cpu['empty_ms']:g} ms); per HTTP create / in-process "
+            f"create: {cpu['http_create_over_in_process']}x ({cpu['http_create_ms']:g} / "
+            f"{cpu['in_process_create_ms']:g} ms); target ≤ {cpu['target']:g}x each.",
         ]
     return lines
 
