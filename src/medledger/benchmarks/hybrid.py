@@ -110,6 +110,12 @@ class HybridSettings:
     per_patient: int = 20
     #: All institutions in this process, instead of one process per institution.
     one_process: bool = False
+    #: Round trip between institutions through the delaying relay (``None``: plain loopback).
+    rtt_ms: float | None = None
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+    #: Each institution's processes in a cgroup limited to this many cores (``None``: no limit).
+    cpu_per_institution: float | None = None
 
     @classmethod
     def quick(cls, base: HybridSettings) -> HybridSettings:
@@ -125,6 +131,10 @@ class HybridSettings:
             seed=base.seed,
             per_patient=min(base.per_patient, 10),
             one_process=base.one_process,
+            rtt_ms=base.rtt_ms,
+            jitter_ms=base.jitter_ms,
+            loss_pct=base.loss_pct,
+            cpu_per_institution=base.cpu_per_institution,
         )
 
     def load_steps(self) -> Iterator[int]:
@@ -137,7 +147,16 @@ class HybridSettings:
             load *= 2
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        scale: dict[str, Any] = {}
+        if self.rtt_ms is not None:
+            scale["link"] = {
+                "rtt_ms": self.rtt_ms,
+                "jitter_ms": self.jitter_ms,
+                "loss_pct": self.loss_pct,
+            }
+        if self.cpu_per_institution is not None:
+            scale["cpu_per_institution"] = self.cpu_per_institution
+        return scale | {
             "institutions": self.institutions,
             "orderings": list(self.orderings),
             "modes": list(self.modes),
@@ -552,6 +571,8 @@ def run_result(
         "steps": steps,
         "saturation_per_s": max((s["achieved_per_s"] for s in steps), default=0.0),
         "saturated": any(s["saturated"] for s in steps),
+        "rtt_ms": settings.rtt_ms,
+        "cpu_per_institution": settings.cpu_per_institution,
     }
 
 

@@ -11,6 +11,15 @@ schedule its records, then gives them one start time on the system-wide
 monotonic clock; the workers write, wait until their records are
 tamper-evident, and send back their latencies. CPU is the parent's and all
 its children's (workers and nats-servers), as in the one-process layout.
+
+With ``rtt_ms`` (issue #20) NATS server *k* stands at institution *k*:
+every route between servers and every connection from an institution to
+another institution's server goes through a delaying relay
+(``localnet.relay``, RTT/2 each way), and servers advertise the relay's
+address, so neither route gossip nor client discovery can bypass it. With
+``cpu_per_institution`` each institution's worker, and its NATS server, run
+in a cgroup of their own with that quota (``localnet.cgroups``); the
+parent, which only coordinates, and the relay thread in it stay outside.
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ from medledger.config import ConsortiumConfig
 from medledger.core.consortium import HYBRID
 from medledger.core.errors import MedledgerError
 from medledger.ledger.ordering.port import Orderer
+from medledger.localnet.cgroups import CpuGroups
 from medledger.localnet.netproc import create_order_file
+from medledger.localnet.relay import LinkDelay, RelayGroup
 
 __all__ = ["run_per_institution"]
 
@@ -152,6 +163,9 @@ class _Workers:
             self._procs.append(proc)
             self._conns.append(parent)
 
+    def pids(self) -> list[int]:
+        return [int(proc.pid) for proc in self._procs]
+
     def ask(self, *message: Any) -> list[tuple[Any, ...]]:
         """Send ``message`` to every worker; return each one's answer."""
         for conn in self._conns:
@@ -216,16 +230,75 @@ def _steps(
             return
 
 
+def _delay_links(
+    cluster: Any, relays: RelayGroup, delay: LinkDelay, institutions: int
+) -> list[tuple[str, ...]]:
+    """Put a relay on every cross-institution NATS link; each institution's server URLs.
+
+    Server *k* is institution *k*'s: its own node reaches it directly, every
+    other one (and every other server's route) through a relay. Call before
+    the cluster starts.
+    """
+    from medledger.localnet.natsserver import HOST
+
+    nodes = cluster.nodes
+    route = [relays.add(HOST, n.ports.cluster, delay) for n in nodes]
+    client = [relays.add(HOST, n.ports.client, delay) for n in nodes]
+    for k, node in enumerate(nodes):
+        node.peers = tuple(route[j] for j in range(len(nodes)) if j != k)
+        node.cluster_advertise = f"{HOST}:{route[k]}"
+        node.client_advertise = f"{HOST}:{client[k]}"
+    return [
+        tuple(
+            node.client_url
+            if k == i
+            else node.client_url.replace(str(node.ports.client), str(client[k]))
+            for k, node in enumerate(nodes)
+        )
+        for i in range(institutions)
+    ]
+
+
 def run_per_institution(
     root: Path, mode: str, ordering: str, settings: HybridSettings, progress: Progress
 ) -> dict[str, Any]:
     """One (mode, ordering) run with a process per institution; same result shape as in-process."""
     label = f"{mode}, {ordering}"
+    if settings.rtt_ms is not None:
+        label += f", {settings.rtt_ms:g} ms RTT"
     base = root / f"{mode}-{ordering}"
+    if settings.rtt_ms is not None or settings.cpu_per_institution is not None:
+        base = base.with_name(f"{base.name}-{settings.institutions}-{settings.rtt_ms}")
     roots = create_nodes(base, mode, settings.institutions)
+    with contextlib.ExitStack() as stack:
+        relays = None
+        if settings.rtt_ms is not None:
+            if ordering != "jetstream":
+                raise WorkerFailed("a round trip between institutions needs the jetstream ordering")
+            relays = stack.enter_context(RelayGroup(seed=settings.seed))
+        groups = None
+        if settings.cpu_per_institution is not None:
+            groups = stack.enter_context(
+                CpuGroups(settings.institutions, settings.cpu_per_institution)
+            )
+        return _run(base, roots, label, mode, ordering, settings, progress, relays, groups)
+    raise AssertionError("unreachable")  # pragma: no cover - mypy: ExitStack may swallow
+
+
+def _run(
+    base: Path,
+    roots: list[Path],
+    label: str,
+    mode: str,
+    ordering: str,
+    settings: HybridSettings,
+    progress: Progress,
+    relays: RelayGroup | None,
+    groups: CpuGroups | None,
+) -> dict[str, Any]:
     cluster: Any = None
     order_file = None
-    urls: tuple[str, ...] = ()
+    urls: list[tuple[str, ...]] = [() for _ in roots]
     workers: _Workers | None = None
     try:
         if ordering == "solo":
@@ -234,17 +307,30 @@ def run_per_institution(
         else:
             from medledger.localnet.natsserver import NatsCluster
 
-            cluster = NatsCluster(base / "nats", size=3)
+            cluster = NatsCluster(base / "nats", size=3, start_timeout=60.0)
+            if relays is not None:
+                delay = LinkDelay.from_rtt(
+                    settings.rtt_ms or 0.0, settings.jitter_ms, settings.loss_pct
+                )
+                urls = _delay_links(cluster, relays, delay, len(roots))
+            else:
+                urls = [tuple(cluster.client_urls()) for _ in roots]
             cluster.start()
-            urls = tuple(cluster.client_urls())
-            asyncio.run(_create_stream(urls))
+            if groups is not None:
+                for k, node in enumerate(cluster.nodes[: len(roots)]):
+                    if node.pid is not None:
+                        groups.add(k, node.pid)
+            asyncio.run(_create_stream(tuple(cluster.client_urls())))
         task = progress.add_task(f"{label}: starting {len(roots)} institution processes", total=1)
         workers = _Workers(
             [
-                _WorkerSpec(root, n, mode, ordering, order_file, urls, settings)
+                _WorkerSpec(root, n, mode, ordering, order_file, urls[n], settings)
                 for n, root in enumerate(roots)
             ]
         )
+        if groups is not None:
+            for n, pid in enumerate(workers.pids()):
+                groups.add(n, pid)
         workers.answers()  # every node open and in the consortium
         first = settings.loads[0] if settings.loads else settings.start_load
         workers.ask("schedule", first, settings.warmup)

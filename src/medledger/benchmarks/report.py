@@ -83,6 +83,8 @@ def render_area(area: str, results: Mapping[str, Any]) -> str:
     lines += ["", _machine_line(results), ""]
     if area == "hybrid" and "runs" in results and "comparison" in results:
         lines += _render_hybrid(results)
+    elif area == "hybrid-scale" and "points" in results:
+        lines += _render_hybrid_scale(results)
     elif area == "sharing" and "runs" in results and "hpke" in results:
         lines += _render_sharing(results)
     elif area == "api" and "http" in results and "in_process" in results:
@@ -180,6 +182,48 @@ def _load_line(results: Mapping[str, Any]) -> str:
         f"took {results.get('elapsed_s')} s; 1-minute load average "
         f"{results.get('load_average_before')} before, {results.get('load_average_after')} after."
     )
+
+
+def _render_hybrid_scale(results: Mapping[str, Any]) -> list[str]:
+    s = results.get("settings", {})
+    load = results.get("load_average_at_start")
+    lines = [
+        f"Links: {results.get('link_emulation', '?')}; jitter {s.get('link', {}).get('jitter_ms', 0)}"
+        f" ms, loss {s.get('link', {}).get('loss_pct', 0)} %; CPU per institution:"
+        f" {s.get('cpu_per_institution') or 'unlimited'} cores; load average at start"
+        f" {load}; {s.get('step_seconds')} s per load, {s.get('writers_per_institution')}"
+        " writers per institution, jetstream ordering.",
+        "",
+        "| RTT ms | institutions | hybrid records/s (per inst.) | consortium-only records/s"
+        " (per inst.) | throughput ratio | validation p50 / p99 ratio by offered load |"
+        " hybrid tamper-evident p99 by load |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in results["points"]:
+        loads = row.get("loads", [])
+        lines.append(
+            f"| {'loopback' if row['rtt_ms'] is None else format(row['rtt_ms'], 'g')}"
+            f" | {row['institutions']}"
+            f" | {row.get('hybrid_throughput_per_s', 0):,.0f}"
+            f" ({row.get('hybrid_throughput_per_institution_per_s', 0):,.0f})"
+            f" | {row.get('consortium_only_throughput_per_s', 0):,.0f}"
+            f" ({row.get('consortium_only_throughput_per_institution_per_s', 0):,.0f})"
+            f" | {row.get('throughput_ratio')}x | "
+            + ", ".join(
+                f"{x['offered_per_s']}/s: {x['validation_p50_ratio']}x / {x['validation_p99_ratio']}x"
+                + (" (c-o sat.)" if x["consortium_only_saturated"] else "")
+                for x in loads
+            )
+            + " | "
+            + ", ".join(f"{x['offered_per_s']}/s: {x['hybrid_tamper_p99_ms']:g} ms" for x in loads)
+            + " |"
+        )
+    lines += ["", "| target | measured | met |", "| --- | --- | :---: |"]
+    lines += [
+        f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else 'no'} |"
+        for c in results.get("targets", [])
+    ]
+    return lines
 
 
 def _render_sharing(results: Mapping[str, Any]) -> list[str]:
@@ -442,3 +486,103 @@ def plot_hybrid(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(cdf, dpi=110)
     plt.close(fig)
     return [curves, cdf]
+
+
+def plot_hybrid_scale(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """The sweep's figures: delay vs load per RTT, throughput per institution, tamper vs RTT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = results["runs"]
+    note = f"{results['machine']['cores']} shared cores, load average {results.get('load_average_at_start')}"
+    written = []
+
+    smallest = min((r["institutions"] for r in runs), default=0)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in (r for r in runs if r["institutions"] == smallest):
+        color, dash = _STYLE.get((run["mode"], run["ordering"]), ("gray", ":"))
+        loads = [s["offered_per_s"] for s in run["steps"]]
+        ax.plot(
+            loads,
+            [s["validation_ms"]["p50"] for s in run["steps"]],
+            dash,
+            color=color,
+            marker="o",
+            alpha=0.4 + 0.6 * min(run["rtt_ms"] or 0, 40) / 40,
+            label=f"{run['mode']}, RTT {run['rtt_ms'] or 0:g} ms (p50)",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load, records/s")
+    ax.set_ylabel("validation delay p50, ms")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(
+        f"validation delay vs load per round trip ({smallest} institutions; {note})", fontsize=9
+    )
+    fig.tight_layout()
+    path = out_dir / "hybrid-scale-latency-vs-load.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    points = results.get("points", [])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for rtt in sorted({p["rtt_ms"] or 0.0 for p in points}):
+        row = sorted(
+            (p for p in points if (p["rtt_ms"] or 0.0) == rtt), key=lambda p: p["institutions"]
+        )
+        for key, color in (("hybrid", "tab:blue"), ("consortium_only", "tab:red")):
+            ax.plot(
+                [p["institutions"] for p in row],
+                [p.get(f"{key}_throughput_per_institution_per_s", 0) for p in row],
+                "-o",
+                color=color,
+                label=f"{key.replace('_', '-')}, RTT {rtt:g} ms",
+            )
+    ax.set_xlabel("institutions")
+    ax.set_ylabel("saturation throughput per institution, records/s")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"throughput per institution vs consortium size ({note})", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / "hybrid-scale-throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    hybrid = [r for r in runs if r["mode"] == "hybrid" and r["institutions"] == smallest]
+    loads = sorted({s["offered_per_s"] for r in hybrid for s in r["steps"] if not s["saturated"]})
+    for load in loads:
+        xs, ys = [], []
+        for run in sorted(hybrid, key=lambda r: r["rtt_ms"] or 0):
+            step = next((s for s in run["steps"] if s["offered_per_s"] == load), None)
+            if step is not None and not step["saturated"]:
+                xs.append(run["rtt_ms"] or 0)
+                ys.append(step["tamper_evidence_ms"]["p99"])
+        ax.plot(xs, ys, "-o", label=f"hybrid p99 at {load}/s")
+    rtts = sorted({r["rtt_ms"] or 0 for r in hybrid}) or [0]
+    ax.plot(
+        rtts,
+        [200 + 3 * x + 100 for x in rtts],
+        ":",
+        color="gray",
+        label="target: 200 ms + 3 RTT + 100 ms",
+    )
+    ax.set_xlabel("round trip between institutions, ms")
+    ax.set_ylabel("global tamper-evidence delay p99, ms")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(
+        f"tamper-evidence delay vs round trip ({smallest} institutions; {note})", fontsize=9
+    )
+    fig.tight_layout()
+    path = out_dir / "hybrid-scale-tamper-vs-rtt.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written

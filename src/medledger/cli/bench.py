@@ -212,7 +212,28 @@ def bench_consortium(
     default=("hybrid", "consortium-only"),
     show_default=True,
 )
-@click.option("--institutions", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--institutions",
+    default="4",
+    show_default=True,
+    help="Institutions; a list such as 4,8,16 runs the scale sweep at each size.",
+)
+@click.option(
+    "--rtt",
+    default=None,
+    help="Round trip(s) between institutions in ms through a delaying link, e.g. 0,10,40"
+    " (the scale sweep; default: plain loopback).",
+)
+@click.option("--jitter", type=click.FloatRange(min=0, max=1000), default=0.0, help="Jitter, ms.")
+@click.option(
+    "--loss", type=click.FloatRange(min=0, max=50), default=0.0, help="Loss, % (as TCP delays)."
+)
+@click.option(
+    "--cpu-per-institution",
+    type=click.FloatRange(min=0.01, max=256),
+    default=None,
+    help="Each institution's processes in a cgroup limited to this many cores (the scale sweep).",
+)
 @click.option(
     "--load",
     "loads",
@@ -260,7 +281,11 @@ def bench_hybrid(
     root: Path | None,
     orderings: tuple[str, ...],
     modes: tuple[str, ...],
-    institutions: int,
+    institutions: str,
+    rtt: str | None,
+    jitter: float,
+    loss: float,
+    cpu_per_institution: float | None,
     loads: tuple[int, ...],
     max_load: int,
     seconds: float,
@@ -277,28 +302,66 @@ def bench_hybrid(
     from medledger.benchmarks.hybrid import HybridSettings
     from medledger.benchmarks.hybrid_run import run_hybrid_bench
 
+    sizes = tuple(int(n) for n in _numbers("--institutions", institutions, 1, 64, whole=True))
+    rtts = _numbers("--rtt", rtt, 0, 2000) if rtt is not None else ()
+    scale = bool(rtts) or len(sizes) > 1 or cpu_per_institution is not None
     if not quick:
         plots_dir = plots_dir or _default_docs_path("")
         markdown = markdown or _default_docs_path("benchmarks.md")
+    settings = HybridSettings(
+        institutions=sizes[0],
+        jitter_ms=jitter,
+        loss_pct=loss,
+        cpu_per_institution=cpu_per_institution,
+        orderings=orderings,
+        modes=modes,
+        loads=loads,
+        max_load=max_load,
+        step_seconds=seconds,
+        writers=writers,
+        warmup=warmup,
+        seed=seed,
+        one_process=one_process,
+    )
+    if scale:
+        from medledger.benchmarks.hybrid_scale import run_hybrid_scale
+
+        if one_process:
+            raise click.UsageError("the scale sweep runs one process per institution")
+        run_hybrid_scale(
+            root=root,
+            settings=settings,
+            rtts=rtts or (None,),
+            sizes=sizes,
+            json_out=json_out,
+            quick=quick,
+            plots_dir=plots_dir,
+            markdown=markdown,
+        )
+        return
     run_hybrid_bench(
         root=root,
-        settings=HybridSettings(
-            institutions=institutions,
-            orderings=orderings,
-            modes=modes,
-            loads=loads,
-            max_load=max_load,
-            step_seconds=seconds,
-            writers=writers,
-            warmup=warmup,
-            seed=seed,
-            one_process=one_process,
-        ),
+        settings=settings,
         json_out=json_out,
         quick=quick,
         plots_dir=plots_dir,
         markdown=markdown,
     )
+
+
+def _numbers(
+    option: str, text: str, low: float, high: float, *, whole: bool = False
+) -> tuple[float, ...]:
+    """``4,8,16`` as numbers within ``[low, high]`` (``whole``: integers), or a usage error."""
+    try:
+        values = tuple((int if whole else float)(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"a comma-separated list of numbers, not {text!r}", param_hint=option
+        ) from None
+    if not values or any(not low <= v <= high for v in values):
+        raise click.BadParameter(f"each value is {low:g} to {high:g}", param_hint=option)
+    return values
 
 
 @bench.command("sharing")

@@ -296,6 +296,10 @@ class NatsNode:
         self.cluster_name = cluster_name
         self.security = security
         self.binary = binary if binary is not None else find_nats_server()
+        #: ``host:port`` other servers / clients are told to reach this node at (a relay in
+        #: between, e.g. ``localnet.relay``); ``None``: the listening address.
+        self.cluster_advertise: str | None = None
+        self.client_advertise: str | None = None
         self._run = _Running()
         # Last resort if the node is dropped or the interpreter exits without
         # stop(): never leave a server behind.
@@ -340,6 +344,11 @@ class NatsNode:
             f"listen: {_quote(f'{HOST}:{self.ports.client}')}",
             f"http: {_quote(f'{HOST}:{self.ports.http}')}",
             f"log_file: {_quote(str(self.log_path))}",
+            *(
+                [f"client_advertise: {_quote(self.client_advertise)}"]
+                if self.client_advertise
+                else []
+            ),
             "jetstream {",
             f"  store_dir: {_quote(str(self.store_dir))}",
             # fsync every write before it is acknowledged (default: every 2 min).
@@ -357,6 +366,11 @@ class NatsNode:
                 f"  name: {_quote(self.cluster_name)}",
                 f"  listen: {_quote(f'{HOST}:{self.ports.cluster}')}",
                 *(security.tls_block(verify=True) if security is not None else []),
+                *(
+                    [f"  advertise: {_quote(self.cluster_advertise)}"]
+                    if self.cluster_advertise
+                    else []
+                ),
                 "  routes: [",
                 *(f"    {_quote(f'nats-route://{HOST}:{port}')}" for port in self.peers),
                 "  ]",
