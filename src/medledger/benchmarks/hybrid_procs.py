@@ -250,9 +250,7 @@ def _delay_links(
         node.client_advertise = f"{HOST}:{client[k]}"
     return [
         tuple(
-            node.client_url
-            if k == i
-            else node.client_url.replace(str(node.ports.client), str(client[k]))
+            node.client_url if k == i else f"{node.client_url.rsplit(':', 1)[0]}:{client[k]}"
             for k, node in enumerate(nodes)
         )
         for i in range(institutions)
