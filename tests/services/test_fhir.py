@@ -599,3 +599,70 @@ def test_r4_types_the_r4b_models_lack_are_named_as_such(rtype: str) -> None:
     issue = first_issue(exc)
     assert issue.code == "not-supported"
     assert "R4B" in issue.diagnostics and rtype in issue.diagnostics
+
+
+_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+_ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+
+
+def _concept(system: str, code: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code}]}
+
+
+@pytest.mark.parametrize(
+    ("resource", "key"),
+    [
+        (
+            {
+                "resourceType": "Condition",
+                "subject": {"reference": "Patient/p"},
+                "clinicalStatus": _concept(_CLINICAL, "active"),
+                "abatementDateTime": "2020-01-01",
+            },
+            "con-4",
+        ),
+        (
+            {
+                "resourceType": "Condition",
+                "subject": {"reference": "Patient/p"},
+                "clinicalStatus": _concept(_CLINICAL, "active"),
+                "verificationStatus": _concept(_VERIFICATION, "entered-in-error"),
+            },
+            "con-5",
+        ),
+        ({"resourceType": "AllergyIntolerance", "patient": {"reference": "Patient/p"}}, "ait-2"),
+        (
+            {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": OBS_CODE,
+                "valueString": "x",
+                "dataAbsentReason": {"text": "not asked"},
+            },
+            "obs-6",
+        ),
+        ({"resourceType": "Patient", "contact": [{"gender": "male"}]}, "pat-1"),
+    ],
+)
+def test_core_invariants_the_models_miss_are_refused(resource: dict[str, Any], key: str) -> None:
+    with pytest.raises(FhirInvalid) as exc:
+        validate_resource(resource)
+    issue = first_issue(exc)
+    assert issue.code == "invariant" and issue.diagnostics.startswith(f"{key}:")
+
+
+def test_resources_keeping_the_invariants_are_accepted() -> None:
+    resolved = {
+        "resourceType": "Condition",
+        "subject": {"reference": "Patient/p"},
+        "clinicalStatus": _concept(_CLINICAL, "resolved"),
+        "abatementDateTime": "2020-01-01",
+    }
+    allergy = {
+        "resourceType": "AllergyIntolerance",
+        "patient": {"reference": "Patient/p"},
+        "clinicalStatus": _concept(_ALLERGY_CLINICAL, "active"),
+    }
+    contact = {"resourceType": "Patient", "contact": [{"name": {"family": "Roe"}}]}
+    for resource in (resolved, allergy, contact):
+        assert validate_resource(resource) == resource

@@ -25,7 +25,11 @@ import simplejson
 from pydantic import ValidationError
 
 from medledger.core.errors import InvalidInput
-from medledger.services.value_sets import CONCEPT_BINDINGS, required_codes
+from medledger.services.value_sets import (
+    CONCEPT_BINDINGS,
+    invariant_violations,
+    required_codes,
+)
 
 __all__ = [
     "FHIR_JSON",
@@ -203,6 +207,19 @@ def validate_resource(value: Any, *, expected_type: str | None = None) -> dict[s
         raise FhirInvalid(issues) from None
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise _invalid(f"invalid {rtype}: {type(exc).__name__}", rtype) from None
+    broken = invariant_violations(value)
+    if broken:
+        raise FhirInvalid(
+            [
+                Issue(
+                    severity="error",
+                    code="invariant",
+                    diagnostics=f"{key}: {text}",
+                    expression=(where,),
+                )
+                for key, where, text in broken
+            ]
+        )
     return value
 
 

@@ -4,7 +4,9 @@ A FHIR ``code`` element is bound *required* to a short code list (R4 §4.1,
 "required: to be conformant, the concept SHALL be from the specified value
 set"). The R4B models record each list in the field's ``enum_values`` (from
 the element's short description) but accept any string, so
-``gender: "robot"`` would be stored. Three lists live here as data:
+``gender: "robot"`` would be stored. Two tables live here as data, beside
+the few R4 core invariants the models do not check either
+(:func:`invariant_violations`):
 
 - :data:`COMPLETE_CODES`: lists the models cut short with a trailing ``+``
   (``Observation.status`` is ``registered | preliminary | final | amended +``),
@@ -19,7 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["COMPLETE_CODES", "CONCEPT_BINDINGS", "ConceptBinding", "required_codes"]
+__all__ = [
+    "COMPLETE_CODES",
+    "CONCEPT_BINDINGS",
+    "ConceptBinding",
+    "invariant_violations",
+    "required_codes",
+]
 
 
 def _codes(short: str) -> frozenset[str]:
@@ -109,3 +117,93 @@ CONCEPT_BINDINGS: dict[tuple[str, str], ConceptBinding] = {
         _codes("unconfirmed | confirmed | refuted | entered-in-error"),
     ),
 }
+
+
+# -- core invariants the models do not check ---------------------------------------------
+
+
+def _has_code(concept: Any, system: str, codes: frozenset[str]) -> bool:
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    return any(
+        isinstance(c, dict) and c.get("system") == system and c.get("code") in codes
+        for c in (codings if isinstance(codings, list) else [])
+    )
+
+
+_ERROR = frozenset({"entered-in-error"})
+_ABATED = frozenset({"inactive", "remission", "resolved"})
+
+
+def invariant_violations(resource: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The R4 core invariants ``resource`` breaks, as ``(key, expression, human text)``.
+
+    Only invariants of the resource itself, written from the R4 definitions:
+    Condition con-4 and con-5, AllergyIntolerance ait-1 and ait-2, Observation
+    obs-6, Patient pat-1.
+    """
+    rtype = resource.get("resourceType")
+    found: list[tuple[str, str, str]] = []
+    if rtype == "Condition":
+        erroneous = _has_code(resource.get("verificationStatus"), _CONDITION_VERIFICATION, _ERROR)
+        if erroneous and "clinicalStatus" in resource:
+            found.append(
+                (
+                    "con-5",
+                    "Condition.clinicalStatus",
+                    "clinicalStatus SHALL NOT be present if verificationStatus is entered-in-error",
+                )
+            )
+        abated = any(k.startswith("abatement") for k in resource)
+        if (
+            abated
+            and not erroneous
+            and not _has_code(resource.get("clinicalStatus"), _CONDITION_CLINICAL, _ABATED)
+        ):
+            found.append(
+                (
+                    "con-4",
+                    "Condition.clinicalStatus",
+                    "an abated condition's clinicalStatus must be inactive, resolved or remission",
+                )
+            )
+    elif rtype == "AllergyIntolerance":
+        erroneous = _has_code(resource.get("verificationStatus"), _ALLERGY_VERIFICATION, _ERROR)
+        if erroneous and "clinicalStatus" in resource:
+            found.append(
+                (
+                    "ait-1",
+                    "AllergyIntolerance.clinicalStatus",
+                    "clinicalStatus SHALL be absent if verificationStatus is entered-in-error",
+                )
+            )
+        if not erroneous and "clinicalStatus" not in resource:
+            found.append(
+                (
+                    "ait-2",
+                    "AllergyIntolerance.clinicalStatus",
+                    "clinicalStatus SHALL be present unless verificationStatus is entered-in-error",
+                )
+            )
+    elif rtype == "Observation":
+        if "dataAbsentReason" in resource and any(k.startswith("value") for k in resource):
+            found.append(
+                (
+                    "obs-6",
+                    "Observation.dataAbsentReason",
+                    "dataAbsentReason SHALL only be present if value[x] is not",
+                )
+            )
+    elif rtype == "Patient":
+        contacts = resource.get("contact")
+        for i, contact in enumerate(contacts if isinstance(contacts, list) else []):
+            if isinstance(contact, dict) and not any(
+                k in contact for k in ("name", "telecom", "address", "organization")
+            ):
+                found.append(
+                    (
+                        "pat-1",
+                        f"Patient.contact[{i}]",
+                        "a contact SHALL have a name, telecom, address or organization",
+                    )
+                )
+    return found
