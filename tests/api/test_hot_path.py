@@ -2,8 +2,8 @@
 
 FastAPI solves each dependency's own dependencies per request; a provider
 that depends on another provider (``Services`` under the token check and
-under ``NodeDep``) cost a FHIR read more CPU than the read's own work. The
-providers on the hot path take the request alone.
+under ``NodeDep``) added two dependency lists to every FHIR read (decision
+0035). The providers on the hot path take the request alone.
 """
 
 from __future__ import annotations
