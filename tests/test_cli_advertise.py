@@ -163,3 +163,36 @@ def test_node_status_reports_an_unreachable_node_and_refuses_a_bad_url() -> None
     assert json.loads(run.out) == [{"url": url, "status": "unreachable", "error": "ConnectError"}]
     bad = run_cli("node", "status", "--node", "127.0.0.1:8700")
     assert bad.code != 0 and bad.err.startswith("error: advertised address")
+
+
+def test_a_genesis_is_adopted_only_if_it_lists_this_node_as_it_is(tmp_path: Path) -> None:
+    a = _node(tmp_path / "a", "Alpha", "https://10.77.0.1:8700")
+    b = _node(tmp_path / "b", "Beta", "https://10.77.0.2:8700")
+    stranger = _node(tmp_path / "s", "Stranger", "https://10.77.0.9:8700")
+    (tmp_path / "b.json").write_text(json.dumps(member_entry(b).to_json()))
+    out = tmp_path / "genesis.json"
+    made = run_cli(
+        "consortium", "init", "--id", "two", "--member", a,
+        "--member-info", tmp_path / "b.json", "--out", out,
+    )  # fmt: skip
+    assert made.code == 0, made
+    # Not a member: refused, nothing written.
+    run = run_cli("consortium", "adopt", "--dir", stranger, "--genesis", out)
+    assert run.code == 1 and "does not list 'stranger'" in run.err
+    assert not (stranger / "genesis.json").exists()
+    # Listed with another URL (someone edited the entry in transit): refused.
+    doc = json.loads(out.read_text())
+    doc["members"][1]["peer_url"] = "https://10.66.6.6:8700"
+    (tmp_path / "edited.json").write_text(json.dumps(doc))
+    run = run_cli("consortium", "adopt", "--dir", b, "--genesis", tmp_path / "edited.json")
+    assert run.code == 1 and "other keys, URL or certificate" in run.err
+    assert not (b / "genesis.json").exists()
+    # The real one: installed byte for byte as the founder wrote it.
+    run = run_cli("consortium", "adopt", "--dir", b, "--genesis", out)
+    assert run.code == 0, run
+    assert (b / "genesis.json").read_bytes() == (a / "genesis.json").read_bytes()
+    assert load_genesis(out).hash().hex() in run.out
+    # A node that has a genesis keeps it.
+    (tmp_path / "other.json").write_text(json.dumps({**json.loads(out.read_text()), "time_ms": 1}))
+    run = run_cli("consortium", "adopt", "--dir", b, "--genesis", tmp_path / "other.json")
+    assert run.code == 1 and "already holds a different genesis" in run.err

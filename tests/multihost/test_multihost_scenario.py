@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -194,7 +193,13 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
         "--member", s.node_dir(INSTITUTIONS[0]), *entries, "--out", genesis,
     )  # fmt: skip
     for inst in INSTITUTIONS[1:]:
-        shutil.copyfile(genesis, s.node_dir(inst) / "genesis.json")
+        adopted = s.cli(
+            inst, "consortium", "adopt", "--dir", s.node_dir(inst), "--genesis", genesis
+        )
+        assert json.loads(genesis.read_text()) == json.loads(
+            (s.node_dir(inst) / "genesis.json").read_text()
+        )
+        assert "genesis hash" in adopted
     members = json.loads(genesis.read_text())["members"]
     assert {m["id"]: m["peer_url"] for m in members} == {i: s.url(i) for i in INSTITUTIONS}
 

@@ -90,6 +90,49 @@ def consortium_init(
     click.echo(f"genesis hash {genesis.hash().hex()} written to {where}")
 
 
+@consortium.command("adopt")
+@dir_option
+@click.option(
+    "--genesis",
+    "genesis_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The genesis file the founding member wrote with 'consortium init --out'.",
+)
+def consortium_adopt(root: Path, genesis_path: Path) -> None:
+    """Install a genesis written on another machine as this node's genesis.json.
+
+    The file is checked first: a well-formed genesis (``load_genesis``) that
+    lists this node with exactly its own entry (keys, advertised URL, TLS
+    certificate). Print its hash, to compare with the other members out of band.
+    """
+    from medledger.config import NodePaths
+    from medledger.core.errors import Conflict, InvalidInput
+    from medledger.node import load_genesis, member_entry, save_genesis
+
+    own = member_entry(root)
+    if genesis_path.is_file() and genesis_path.stat().st_size > MAX_GENESIS_BYTES:
+        raise InvalidInput(f"{genesis_path}: larger than {MAX_GENESIS_BYTES} bytes")
+    genesis = load_genesis(genesis_path)
+    listed = next((m for m in genesis.members if m.id == own.id), None)
+    if listed is None:
+        raise InvalidInput(f"{genesis_path}: the genesis does not list {own.id!r}")
+    if listed != own:
+        raise InvalidInput(
+            f"{genesis_path}: the genesis lists {own.id!r} with other keys, URL or certificate "
+            "than this node has (see 'node member-info')"
+        )
+    target = NodePaths(root=root).genesis
+    if target.exists() and load_genesis(target).hash() != genesis.hash():
+        raise Conflict(f"{target} already holds a different genesis")
+    save_genesis(genesis, target)
+    click.echo(f"genesis hash {genesis.hash().hex()} installed in {root}")
+
+
+#: A genesis of a few hundred members is well under this.
+MAX_GENESIS_BYTES = 4 * 1024 * 1024
+
+
 def _read_member_info(path: Path) -> Member:
     """A member entry from a file another institution sent: hostile until checked."""
     from medledger.config import parse_advertise
