@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ import pytest
 from medledger.localnet.hosts import HostNetwork, unavailable_reason
 from medledger.localnet.natsserver import find_nats_server
 from medledger.localnet.nodeproc import medledger_command
+from medledger.services.tls import write_certificate
 from medledger.synthetic import generate_patients
 from network_support import PASSPHRASE, cli_env
 
@@ -50,6 +52,8 @@ out = []
 for call in calls:
     # HTTPS: the node's pinned certificate (its tls.crt) is all the client trusts.
     verify = ssl.create_default_context(cafile=call["cert"]) if call.get("cert") else True
+    if call.get("client_cert") and verify is not True:
+        verify.load_cert_chain(call["client_cert"], call["client_key"])
     with httpx.Client(timeout=60, verify=verify) as client:
         headers = {"Content-Type": "application/fhir+json"}
         if call.get("token"):
@@ -57,11 +61,29 @@ for call in calls:
         body = None if call.get("body") is None else json.dumps(call["body"]).encode()
         try:
             r = client.request(call["method"], call["url"], headers=headers, content=body)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
             out.append({"status": 0, "body": type(exc).__name__})
             continue
         out.append({"status": r.status_code, "body": r.text})
 print(json.dumps(out))
+"""
+
+
+#: Every frame on every port of the bridge (AF_PACKET, all protocols, unbound: all the
+#: namespace's interfaces; br0 itself sees only frames for the bridge) appended to argv[1].
+_CAPTURE = """
+import signal, socket, sys
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+sock.settimeout(0.2)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+print("capturing", flush=True)
+with open(sys.argv[1], "ab") as out:
+    while not stop:
+        try:
+            out.write(sock.recv(65535))
+        except TimeoutError:
+            pass
 """
 
 
@@ -131,8 +153,6 @@ class Scenario:
 
     def http(self, inst: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """HTTP requests made from ``inst``'s host."""
-        import sys
-
         done = self.net.run(
             self.host[inst],
             [sys.executable, "-c", _HTTP],
@@ -203,6 +223,13 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     members = json.loads(genesis.read_text())["members"]
     assert {m["id"]: m["peer_url"] for m in members} == {i: s.url(i) for i in INSTITUTIONS}
 
+    # -- everything that crosses between the hosts is captured on the bridge --------------
+    capture_file = s.base / "bridge.capture"
+    capture = s.net.popen(
+        None, [sys.executable, "-c", _CAPTURE, str(capture_file)], stdout=subprocess.PIPE
+    )
+    assert capture.stdout is not None and capture.stdout.readline() == b"capturing\n"
+
     # -- each institution's NATS server, routed to the others ---------------------------
     nats = find_nats_server()
     for inst in INSTITUTIONS:
@@ -243,7 +270,39 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     local = s.http("hospital-1", [{"method": "GET", "url": f"http://127.0.0.1:{API_PORT}/healthz"}])
     assert local == [{"status": 0, "body": "ConnectError"}]
 
-    # -- write a patient's records at hospital-1 ------------------------------------------
+    # -- only TLS on the API port; a certificate that is not a member's fails the handshake -
+    intruder = write_certificate(
+        s.base / "intruder.crt", s.base / "intruder.key", "intruder", [s.address("hospital-3")],
+        now_ms=time.time_ns() // 1_000_000,
+    )  # fmt: skip
+    assert intruder.hex() not in genesis.read_text()
+    healthz = f"{s.url('hospital-1')}/healthz"
+    probes = s.http(
+        "hospital-3",
+        [
+            *(
+                {"method": "GET", "url": f"http://{s.address(i)}:{API_PORT}/healthz"}
+                for i in INSTITUTIONS
+            ),
+            {"method": "GET", "url": healthz, "cert": str(s.cert("hospital-1"))},
+            {
+                "method": "GET", "url": healthz, "cert": str(s.cert("hospital-1")),
+                "client_cert": str(s.base / "intruder.crt"),
+                "client_key": str(s.base / "intruder.key"),
+            },
+            {
+                "method": "GET", "url": healthz, "cert": str(s.cert("hospital-1")),
+                "client_cert": str(s.cert("hospital-3")),
+                "client_key": str(s.node_dir("hospital-3") / "tls.key"),
+            },
+        ],
+    )  # fmt: skip
+    assert [p["status"] for p in probes[:3]] == [0, 0, 0], probes  # plaintext: no answer
+    assert probes[3]["status"] == 200  # no client certificate: a FHIR client
+    assert probes[4]["status"] == 0, probes[4]  # not a member's certificate: handshake fails
+    assert probes[5]["status"] == 200  # a member's own certificate
+
+    # -- write a patient's records at hospital-1 (its EHR is on another machine) ----------
     tokens = {
         inst: s.cli(inst, "token", "create", "--dir", s.node_dir(inst), "--role", "clinician")[
             "token"
@@ -261,7 +320,7 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
         }
         for r in bundle.all_resources()
     ]
-    assert [a["status"] for a in s.http("hospital-1", puts)] == [201] * len(puts)
+    assert [a["status"] for a in s.http("hospital-3", puts)] == [201] * len(puts)
     observation = next(r for r in bundle.resources if r["resourceType"] == "Observation")
     target = f"Observation/{observation['id']}"
 
@@ -305,6 +364,20 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     # -- anchored everywhere: every node's copy of the consortium holds hospital-1's head --
     final = _wait_all_ready(s, "hospital-2")
     head = next(r for r in final if r["institution"] == "hospital-1")["private_height"]
+    # -- the capture: TLS records crossed the bridge, no PHI and no bearer token did ------
+    s.net.stop(capture)
+    captured = capture_file.read_bytes()
+    assert len(captured) > 100_000 and b"\x17\x03\x03" in captured  # TLS application data
+    patient = next(r for r in bundle.all_resources() if r["resourceType"] == "Patient")
+    secrets_and_phi = [
+        *tokens.values(),
+        bundle.patient_id,
+        observation["id"],
+        *(part for name in patient.get("name", []) for part in [name.get("family", "")] if part),
+        json.dumps(observation["code"]),
+    ]
+    for text in secrets_and_phi:
+        assert text.encode() not in captured, text
     s.net.close()  # stops the nodes (SIGTERM: they commit what they acknowledged) and NATS
     for inst in INSTITUTIONS:
         status = json.loads(
