@@ -6,6 +6,7 @@ n=2**12, which exercises the same code in a few milliseconds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +26,24 @@ settings.load_profile("medledger")
 #: Passphrase of every node made by ``make_node``.
 PASSPHRASE = b"correct horse battery staple"
 FAST_KDF = KdfParams(n=2**12)
+
+
+#: A default object repr in a test id (``<X object at 0x7f...>``): it changes from run to run.
+_ADDRESS_IN_ID = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse test ids that differ between runs.
+
+    ``make test`` runs two pytest-xdist workers, and they refuse to start unless
+    both collect the same ids; an id holding a memory address never matches.
+    """
+    unstable = [item.nodeid for item in items if _ADDRESS_IN_ID.search(item.nodeid)]
+    if unstable:
+        raise pytest.UsageError(
+            "test ids must be the same on every run (give the value a repr or the "
+            f"parameter an id): {unstable[:3]}"
+        )
 
 
 class StepClock:

@@ -143,7 +143,10 @@ def test_non_dict_mappings_are_rejected(make: Any) -> None:
 
 
 class _Custom:
-    pass
+    # A fixed repr: the test ids below are reprs, and an id with a memory address
+    # differs between pytest-xdist workers, which then refuse to run the suite.
+    def __repr__(self) -> str:
+        return "_Custom()"
 
 
 @pytest.mark.parametrize(
