@@ -8,10 +8,10 @@ their own records and write nothing, clinicians and admins do clinical work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ from api_helpers import (
     stop_server,
 )
 
+from medledger.api.deps import install_services, services_of
 from medledger.core.errors import InvalidInput
 from medledger.core.models import Transaction
 from medledger.node import open_chain
@@ -196,15 +197,34 @@ def test_public_endpoints_need_no_token(live: LiveServer) -> None:
             assert r.status_code == 200, f"{path}: {r.status_code} {r.text[:200]}"
 
 
+class _HandClock:
+    """A clock the test moves: the server's token checks read it."""
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def now_ms(self) -> int:
+        return self.now
+
+
 def test_a_token_stops_working_when_its_ttl_passes(live: LiveServer) -> None:
-    token = live.token("clinician", ttl_ms=700)
-    with live.client(token) as client:
-        assert client.get("/fhir/Patient", params={"_count": 1}).status_code == 200
-        time.sleep(0.9)
-        r = client.get("/fhir/Patient", params={"_count": 1})
-        assert_outcome(r, 401)
-        assert "expired" in r.text
-        assert r.headers["www-authenticate"].startswith("Bearer")
+    # The server's clock is moved by hand, not waited for: with real time, a
+    # loaded machine could let the TTL pass before the first request was served.
+    clock = _HandClock(now_ms())
+    served = services_of(live.app)
+    install_services(live.app, dataclasses.replace(served, clock=clock))
+    try:
+        token, _ = live.tokens.create(role="clinician", now_ms=clock.now, ttl_ms=700, label="ttl")
+        with live.client(token) as client:
+            clock.now += 699  # the last millisecond of its life
+            assert client.get("/fhir/Patient", params={"_count": 1}).status_code == 200
+            clock.now += 1
+            r = client.get("/fhir/Patient", params={"_count": 1})
+            assert_outcome(r, 401)
+            assert "expired" in r.text
+            assert r.headers["www-authenticate"].startswith("Bearer")
+    finally:
+        install_services(live.app, served)
 
 
 def test_a_revoked_token_stops_working_at_once(live: LiveServer) -> None:
