@@ -14,12 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_KDF
 from medledger.config import load_config, parse_advertise
 from medledger.core.errors import InvalidInput
 from medledger.node import init_node, load_genesis, member_entry
 from medledger.services.tls import load_certificate
+from medledger.storage.keystore import KdfParams
 from network_support import PASSPHRASE, run_cli
+
+# Not ``from conftest import FAST_KDF``: every tests/ folder with a conftest.py
+# puts its own module named ``conftest`` on the path, and which one the name
+# finds depends on what was collected before (tests/storage's has no FAST_KDF).
+FAST_KDF = KdfParams(n=2**12)
 
 
 def _node(root: Path, name: str, advertise: str = "") -> Path:
