@@ -6,7 +6,8 @@ the other two) and its own ``medledger node start``, listening on the
 address it advertised at ``node init``. Every command is the real
 ``medledger`` run inside the host it belongs to; the institutions exchange
 only public member entries (``node member-info``) and the genesis file.
-The story: form the consortium, check every node remotely (``node status``
+NATS runs over TLS with one NKey per member and an operator key that creates
+the stream. The story: form the consortium, check every node remotely (``node status``
 from another host), write a patient's records at hospital-1, the patient
 enrolls and grants hospital-2 consent, hospital-2 fetches and verifies the
 record across the bridge, hospital-3 is refused, and after shutdown every
@@ -27,9 +28,15 @@ from typing import Any
 import pytest
 
 from medledger.localnet.hosts import HostNetwork, unavailable_reason
-from medledger.localnet.natsserver import find_nats_server
+from medledger.localnet.natsserver import (
+    NatsSecurity,
+    NatsUser,
+    find_nats_server,
+    member_permissions,
+    new_nkey,
+)
 from medledger.localnet.nodeproc import medledger_command
-from medledger.services.tls import write_certificate
+from medledger.services.tls import load_certificate, pem_bundle, write_certificate
 from medledger.synthetic import generate_patients
 from network_support import PASSPHRASE, cli_env
 
@@ -43,6 +50,15 @@ ROUTE_PORT = 6222
 MONITOR_PORT = 8222
 WALLET_ENV = {"MEDLEDGER_WALLET_PASSPHRASE": "the patient's own passphrase"}
 _DEADLINE_S = 60.0
+STREAM = "CONSORTIUM"
+SUBJECT = "consortium.order"
+
+
+def _nkey_public(seed: Path) -> str:
+    import nkeys  # type: ignore[import-untyped]  # (no type information shipped)
+
+    return str(nkeys.from_seed(bytearray(seed.read_bytes())).public_key.decode("ascii"))
+
 
 #: One HTTP request (JSON on stdin: method, url, token, body) from inside a host; prints the answer.
 _HTTP = """
@@ -87,9 +103,14 @@ with open(sys.argv[1], "ab") as out:
 """
 
 
-def nats_config(name: str, address: str, peers: list[str], store: Path) -> str:
-    """The server config of docs/deploy.md (deploy/compose/nats-*.conf), for one host."""
+def nats_config(
+    name: str, address: str, peers: list[str], store: Path, security: NatsSecurity
+) -> str:
+    """The server config of docs/deploy.md for one host, with TLS and the members' NKeys."""
     routes = "\n".join(f'    "nats-route://{peer}:{ROUTE_PORT}"' for peer in peers)
+    client_tls = "\n".join(["tls {", *security.tls_block(verify=False)[1:]])
+    route_tls = "\n".join(security.tls_block(verify=True))
+    users = "\n".join(security.authorization_block())
     return f"""server_name: "{name}"
 listen: "{address}:{NATS_PORT}"
 http: "127.0.0.1:{MONITOR_PORT}"
@@ -97,13 +118,74 @@ jetstream {{
   store_dir: "{store}"
   sync_interval: always
 }}
+{client_tls}
+{users}
 cluster {{
   name: "medledger"
   listen: "{address}:{ROUTE_PORT}"
+{route_tls}
   routes: [
 {routes}
   ]
 }}
+"""
+
+
+#: As a NATS client from inside a host: argv = seed (or ""), members' PEM, action, URLs...
+#: Prints one JSON object: what happened.
+_NATS = """
+import asyncio, json, ssl, sys
+import nats
+seed, anchors, action, urls = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+
+async def main():
+    tls = ssl.create_default_context(cafile=anchors) if anchors else None
+    try:
+        nc = await nats.connect(
+            urls, tls=tls, nkeys_seed=seed or None, allow_reconnect=False,
+            connect_timeout=3, max_reconnect_attempts=0,
+        )
+    except Exception as exc:
+        return {"connected": False, "error": type(exc).__name__}
+    out = {"connected": True}
+    try:
+        js = nc.jsm()
+        if action == "create":  # as `network up` does: the orderer's own stream settings
+            from pathlib import Path
+            from medledger.ledger.ordering.jetstream import JetStreamOrderer
+            from medledger.services.tls import client_context, load_certificate
+            import re
+            pems = re.findall(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----",
+                              Path(anchors).read_text())
+            certs = []
+            for i, pem in enumerate(pems):
+                Path(anchors + f".{i}").write_text(pem + "\\n")
+                certs.append(load_certificate(Path(anchors + f".{i}")))
+            orderer = await JetStreamOrderer.connect(
+                urls, stream="CONSORTIUM", subject="consortium.order", replicas=3,
+                retry_for=30, name="medledger-operator", tls=client_context(certs),
+                nkeys_seed=Path(seed),
+            )
+            await orderer.close()
+            out["created"] = True
+        elif action == "destroy":
+            before = (await js.stream_info("CONSORTIUM")).state.messages
+            for what, attempt in (
+                ("purge", lambda: js.purge_stream("CONSORTIUM")),
+                ("delete", lambda: js.delete_stream("CONSORTIUM")),
+            ):
+                try:
+                    await asyncio.wait_for(attempt(), 3)
+                    out[what] = "done"
+                except Exception as exc:
+                    out[what] = type(exc).__name__
+            out["before"] = before
+            out["after"] = (await js.stream_info("CONSORTIUM")).state.messages
+    finally:
+        await nc.close()
+    return out
+
+print(json.dumps(asyncio.run(main())))
 """
 
 
@@ -150,6 +232,20 @@ class Scenario:
         )
         assert b"Traceback" not in done.stdout + done.stderr, done.stderr
         return done
+
+    def nats(
+        self, inst: str, seed: Path | None, anchors: Path | None, action: str, urls: list[str]
+    ) -> dict[str, Any]:
+        """A NATS client on ``inst``'s host (``_NATS``): connect, create or try to destroy."""
+        done = self.net.run(
+            self.host[inst],
+            [sys.executable, "-c", _NATS, str(seed or ""), str(anchors or ""), action, *urls],
+            env=self.env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        answer: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        return answer
 
     def http(self, inst: str, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """HTTP requests made from ``inst``'s host."""
@@ -230,28 +326,62 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     )
     assert capture.stdout is not None and capture.stdout.readline() == b"capturing\n"
 
+    # -- NATS credentials: an NKey per member (in its node directory), one for the operator;
+    # -- every server trusts the members' certificates pinned in the genesis ---------------
+    anchors = s.base / "members.pem"
+    anchors.write_text(
+        pem_bundle(load_certificate(s.node_dir(i) / "tls.crt") for i in INSTITUTIONS)
+    )
+    operator = s.base / "operator.nk"
+    operator.write_bytes(new_nkey()[0])
+    users = []
+    for inst in INSTITUTIONS:
+        seed = s.node_dir(inst) / "nats.nk"
+        seed.write_bytes(new_nkey()[0])
+        seed.chmod(0o600)
+        users.append(NatsUser(nkey=_nkey_public(seed), publish=member_permissions(STREAM, SUBJECT)))
+    users.append(NatsUser(nkey=_nkey_public(operator)))
+
     # -- each institution's NATS server, routed to the others ---------------------------
-    nats = find_nats_server()
+    nats_binary = find_nats_server()
     for inst in INSTITUTIONS:
         conf = s.base / inst / "nats.conf"
         others = [s.address(i) for i in INSTITUTIONS if i != inst]
-        conf.write_text(nats_config(inst, s.address(inst), others, s.base / inst / "jetstream"))
+        security = NatsSecurity(
+            cert_file=s.node_dir(inst) / "tls.crt",
+            key_file=s.node_dir(inst) / "tls.key",
+            ca_file=anchors,
+            users=tuple(users),
+        )
+        conf.write_text(
+            nats_config(inst, s.address(inst), others, s.base / inst / "jetstream", security)
+        )
         log = (s.base / inst / "nats.log").open("ab")
-        s.net.popen(s.host[inst], [str(nats), "-c", str(conf)], stdout=log)
+        s.net.popen(s.host[inst], [str(nats_binary), "-c", str(conf)], stdout=log)
         log.close()
+    nats_urls = {i: f"tls://{s.address(i)}:{NATS_PORT}" for i in INSTITUTIONS}
+
+    # The operator creates the stream (members may not), once the cluster has formed.
+    deadline = time.monotonic() + _DEADLINE_S
+    while True:
+        made = s.nats("hospital-1", operator, anchors, "create", list(nats_urls.values()))
+        if made.get("created"):
+            break
+        assert time.monotonic() < deadline, made
+        time.sleep(0.5)
 
     # -- each institution's node: its own NATS server first, then the others --------------
     for inst in INSTITUTIONS:
-        own_first = [inst, *(i for i in INSTITUTIONS if i != inst)]
-        env = {
-            **s.env,
-            "MEDLEDGER_PASSPHRASE": PASSPHRASE,
-            "MEDLEDGER_ORDERING": "jetstream",
-            "MEDLEDGER_NATS_URLS": ",".join(
-                f"nats://{s.address(i)}:{NATS_PORT}" for i in own_first
-            ),
-            "MEDLEDGER_STREAM_REPLICAS": "3",
-        }
+        own_first = [nats_urls[inst], *(u for i, u in nats_urls.items() if i != inst)]
+        with (s.node_dir(inst) / "node.toml").open("a", encoding="utf-8") as toml:
+            toml.write(
+                "\n[consortium]\n"
+                'ordering = "jetstream"\n'
+                f"nats_urls = {json.dumps(own_first)}\n"
+                "replicas = 3\n"
+                'nats_seed = "nats.nk"\n'
+            )
+        env = {**s.env, "MEDLEDGER_PASSPHRASE": PASSPHRASE}
         log = (s.base / inst / "node.log").open("ab")
         s.net.popen(
             s.host[inst],
@@ -301,6 +431,17 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     assert probes[3]["status"] == 200  # no client certificate: a FHIR client
     assert probes[4]["status"] == 0, probes[4]  # not a member's certificate: handshake fails
     assert probes[5]["status"] == 200  # a member's own certificate
+
+    # -- NATS: no plaintext, no anonymous client; a member cannot purge or delete -------
+    url_a = [nats_urls["hospital-1"]]
+    plain = s.nats("hospital-3", None, None, "connect", [f"nats://{s.address('hospital-1')}:4222"])
+    assert plain["connected"] is False, plain
+    anonymous = s.nats("hospital-3", None, anchors, "connect", url_a)
+    assert anonymous["connected"] is False, anonymous
+    member = s.nats("hospital-2", s.node_dir("hospital-2") / "nats.nk", anchors, "destroy", url_a)
+    assert member["connected"] is True and member["before"] >= 1, member
+    assert member["purge"] != "done" and member["delete"] != "done", member
+    assert member["after"] == member["before"], member
 
     # -- write a patient's records at hospital-1 (its EHR is on another machine) ----------
     tokens = {
