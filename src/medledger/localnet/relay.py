@@ -138,7 +138,10 @@ class _Link:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         try:
-            await asyncio.gather(*pumps)
+            # Closing the group cancels the pumps; the connection then just ends (asyncio
+            # would log a cancelled connection handler as an error).
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*pumps)
         finally:
             for w in (writer, up_writer):
                 w.close()
