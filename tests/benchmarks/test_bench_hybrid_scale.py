@@ -106,6 +106,16 @@ def test_targets_use_only_loads_below_saturation_and_say_which_are_missed() -> N
     assert flat["met"] is False  # 100/s per institution at 4, 75/s at 16: 25 % apart
 
 
+def test_a_sweep_saturated_everywhere_does_not_claim_the_latency_target() -> None:
+    runs = [
+        _run(HYBRID, 4, 40.0, 20.0, [_step(25, 100, 200, 3000, True)]),
+        _run(CONSORTIUM_ONLY, 4, 40.0, 15.0, [_step(25, 3000, 4000, 3000, True)]),
+    ]
+    checks = {c["id"]: c for c in targets(points(runs), HybridSettings())}
+    assert checks["validation_ratio"]["met"] is False
+    assert "no offered load below saturation" in checks["validation_ratio"]["measured"]
+
+
 def test_every_round_trip_runs_at_every_size() -> None:
     assert scale_points((0.0, 40.0), (4, 16)) == [(0.0, 4), (40.0, 4), (0.0, 16), (40.0, 16)]
 

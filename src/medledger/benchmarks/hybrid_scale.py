@@ -165,6 +165,15 @@ def targets(rows: list[dict[str, Any]], settings: HybridSettings) -> list[dict[s
                 "met": worst >= VALIDATION_RATIO_TARGET,
             }
         )
+    elif any((row["rtt_ms"] or 0) >= 10 for row in rows):
+        checks.append(
+            {
+                "id": "validation_ratio",
+                "target": "validation p50 and p99 ratio >= 20x below saturation, RTT >= 10 ms",
+                "measured": "no offered load below saturation in both modes",
+                "met": False,
+            }
+        )
     anchor_ms = 200.0  # the consortium's anchor interval (hybrid.py's documented profile)
     tamper = [
         (row["rtt_ms"] or 0.0, load["hybrid_tamper_p99_ms"])
