@@ -201,3 +201,18 @@ def test_a_genesis_is_adopted_only_if_it_lists_this_node_as_it_is(tmp_path: Path
     (tmp_path / "other.json").write_text(json.dumps({**json.loads(out.read_text()), "time_ms": 1}))
     run = run_cli("consortium", "adopt", "--dir", b, "--genesis", tmp_path / "other.json")
     assert run.code == 1 and "already holds a different genesis" in run.err
+
+
+def test_node_nats_key_makes_an_owner_only_seed_once(tmp_path: Path) -> None:
+    import nkeys  # type: ignore[import-untyped]
+
+    root = _node(tmp_path / "a", "Alpha")
+    run = run_cli("node", "nats-key", "--dir", root)
+    assert run.code == 0, run
+    seed = root / "nats.nk"
+    assert seed.stat().st_mode & 0o777 == 0o600
+    public = nkeys.from_seed(bytearray(seed.read_bytes())).public_key.decode()
+    assert run.out.strip() == public and public.startswith("U")
+    again = run_cli("node", "nats-key", "--dir", root)
+    assert again.code == 1 and "exists" in again.err
+    assert nkeys.from_seed(bytearray(seed.read_bytes())).public_key.decode() == public

@@ -336,10 +336,9 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     operator.write_bytes(new_nkey()[0])
     users = []
     for inst in INSTITUTIONS:
-        seed = s.node_dir(inst) / "nats.nk"
-        seed.write_bytes(new_nkey()[0])
-        seed.chmod(0o600)
-        users.append(NatsUser(nkey=_nkey_public(seed), publish=member_permissions(STREAM, SUBJECT)))
+        public = s.cli(inst, "node", "nats-key", "--dir", s.node_dir(inst)).strip()
+        assert public == _nkey_public(s.node_dir(inst) / "nats.nk")
+        users.append(NatsUser(nkey=public, publish=member_permissions(STREAM, SUBJECT)))
     users.append(NatsUser(nkey=_nkey_public(operator)))
 
     # -- each institution's NATS server, routed to the others ---------------------------

@@ -204,6 +204,35 @@ def _remote_status(url: str, verify: Any = True) -> dict[str, Any]:
     return entry
 
 
+@node.command("nats-key")
+@dir_option
+def node_nats_key(root: Path) -> None:
+    """Create the node's NATS credential (an NKey seed, DIR/nats.nk, owner-only).
+
+    Prints the public key (``U…``) to list in every member's NATS server
+    ``authorization`` block (docs/deploy.md); the seed never leaves this
+    machine. Refuses to replace an existing seed.
+    """
+    import os
+
+    import nkeys  # type: ignore[import-untyped]  # (no type information shipped)
+
+    from medledger.core.errors import Conflict
+
+    load_config(root)  # a clear error if DIR is not a node
+    path = root / "nats.nk"
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise Conflict(f"{path} exists; remove it first to make a new NATS key") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(bytes(seed))
+        handle.flush()
+        os.fsync(handle.fileno())
+    click.echo(nkeys.from_seed(bytearray(seed)).public_key.decode("ascii"))
+
+
 @node.command("tls-cert")
 @dir_option
 @click.option(
