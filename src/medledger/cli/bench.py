@@ -468,6 +468,36 @@ def bench_api(
     )
 
 
+@bench.command("tls")
+@_work_dir
+@click.option("--requests", type=click.IntRange(min=1), default=20_000, show_default=True)
+@click.option("--connections", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--clients", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--publishes", type=click.IntRange(min=1), default=2_000, show_default=True)
+@_json_out
+@_quick
+def bench_tls(
+    root: Path | None,
+    requests: int,
+    connections: int,
+    clients: int,
+    publishes: int,
+    json_out: Path | None,
+    quick: bool,
+) -> None:
+    """The API and JetStream ordering over TLS vs plaintext, in the same run."""
+    from medledger.benchmarks.tls import TlsSettings, run_tls_bench
+
+    run_tls_bench(
+        root=root,
+        settings=TlsSettings(
+            requests=requests, connections=connections, clients=clients, publishes=publishes
+        ),
+        json_out=json_out,
+        quick=quick,
+    )
+
+
 @bench.command("faults")
 @_work_dir
 @click.option(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -39,9 +40,10 @@ def medledger_command() -> list[str]:
     return [sys.executable, "-c", "from medledger.cli import main; main()"]
 
 
-def _status(url: str) -> int:
+def _status(url: str, tls: ssl.SSLContext | None = None) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=1) as answer:  # noqa: S310 - loopback http
+        # https verified against the node's pinned certificate, or http to loopback.
+        with urllib.request.urlopen(url, timeout=1, context=tls) as answer:  # noqa: S310
             return int(answer.status)
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -61,10 +63,19 @@ class NodeProcess:
         env: Mapping[str, str] | None = None,
         ready_path: str = "/healthz",
         timeout: float = 60.0,
+        tls: bool = False,
     ) -> None:
+        """``tls``: serve HTTPS with the node's certificate (``self.tls`` trusts it);
+        else plain HTTP on loopback (``--plain-http``)."""
         self.root = root
         self.port = port or free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.tls: ssl.SSLContext | None = None
+        if tls:
+            from medledger.config import NodePaths
+            from medledger.services.tls import client_context, load_certificate
+
+            self.tls = client_context([load_certificate(NodePaths(root=root).tls_cert)])
         environment = {**os.environ, **(env or {}), "MEDLEDGER_PASSPHRASE": passphrase.decode()}
         self._log = (root / "server.log").open("ab")
         self.proc = subprocess.Popen(
@@ -72,7 +83,7 @@ class NodeProcess:
                 *medledger_command(),
                 "node",
                 "start",
-                "--plain-http",
+                *(() if tls else ("--plain-http",)),
                 "--dir",
                 str(root),
                 "--port",
@@ -83,7 +94,7 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
-        while _status(self.url + ready_path) != 200:
+        while _status(self.url + ready_path, self.tls) != 200:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"node start did not get ready; see {root / 'server.log'}")
