@@ -268,6 +268,8 @@ async def _sharing_network(
             port=port,
             env={"MEDLEDGER_ORDERING": "solo", "MEDLEDGER_ORDER_FILE": str(base / "order.db")},
             ready_path="/readyz",
+            # The genesis names its https peer URL: the reader's mutual TLS must meet TLS.
+            tls=True,
         )
         try:
             yield ready(consent, stored, holder_proc=proc)
