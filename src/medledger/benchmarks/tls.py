@@ -66,7 +66,7 @@ class TlsSettings:
 
     @classmethod
     def quick(cls, settings: TlsSettings) -> TlsSettings:
-        return cls(requests=500, connections=30, clients=settings.clients, publishes=100)
+        return cls(requests=200, connections=20, clients=settings.clients, publishes=50)
 
 
 def _rate(count: int, wall_s: float) -> float:
