@@ -169,3 +169,42 @@ def test_validate_through_execute(fhir: SyncFHIRClient) -> None:
     )
     assert bad["issue"][0]["severity"] == "error"
     assert bad["issue"][0]["expression"] == ["Patient.gender"]
+
+
+def test_search_features_through_fhirpy(fhir: SyncFHIRClient) -> None:
+    """fhirpy's search API unchanged: chaining, include, revinclude, sort, elements, count, has."""
+    org = fhir.resource("Organization", id="fp-org", name="Fhirpy Clinic")
+    org.save()
+    for i, family in enumerate(["Fhirpyone", "Fhirpytwo"]):
+        fhir.resource(
+            "Patient",
+            id=f"fp-{i}",
+            name=[{"family": family}],
+            birthDate=f"198{i}-01-01",
+            managingOrganization={"reference": "Organization/fp-org"},
+        ).save()
+        fhir.resource(
+            "Encounter",
+            id=f"fp-enc-{i}",
+            status="finished",
+            subject={"reference": f"Patient/fp-{i}"},
+            period={"start": f"2021-0{i + 1}-01", "end": f"2021-0{i + 1}-03"},
+            **{"class": {"code": "AMB"}},
+        ).save()
+    patients = fhir.resources("Patient").search(organization="fp-org")
+    assert patients.count() == 2
+    assert [p.id for p in patients.sort("-birthdate").fetch()] == ["fp-1", "fp-0"]
+    chained = fhir.resources("Encounter").search(**{"subject:Patient.name": "fhirpytwo"}).fetch()
+    assert [e.id for e in chained] == ["fp-enc-1"]
+    included = fhir.resources("Encounter").search(_id="fp-enc-0").include("Encounter", "subject")
+    raw = included.fetch_raw()
+    assert {(e.resource.resourceType, e.resource.id) for e in raw.entry} == {
+        ("Encounter", "fp-enc-0"),
+        ("Patient", "fp-0"),
+    }
+    rev = fhir.resources("Patient").search(_id="fp-1").revinclude("Encounter", "subject")
+    assert {e.resource.id for e in rev.fetch_raw().entry} == {"fp-1", "fp-enc-1"}
+    slim = fhir.resources("Patient").search(_id="fp-0").elements("birthDate").fetch()
+    assert "name" not in slim[0] and slim[0]["birthDate"] == "1980-01-01"
+    has = fhir.resources("Patient").has("Encounter", "subject", date="2021-02").fetch()
+    assert [p.id for p in has] == ["fp-1"]

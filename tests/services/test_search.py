@@ -24,7 +24,6 @@ from medledger.services.search import (
     MAX_PREFIX_CHARS,
     MAX_QUERY_TOKENS,
     MAX_RESOURCE_TERMS,
-    SEARCH_PARAMS,
     TOKEN_SIZE,
     AllOf,
     AnyOf,
@@ -39,6 +38,7 @@ from medledger.services.search import (
 )
 from medledger.services.search import query_tokens as plan_tokens
 from medledger.services.search_dates import cover, search_days
+from medledger.services.search_terms import MARK
 from medledger.storage.keystore import KdfParams
 from medledger.synthetic import generate_patient
 
@@ -264,6 +264,19 @@ def test_observation_search(root: Path, params: dict[str, list[str]], expected: 
     assert ours(search_ids(root, "Observation", params)) == expected
 
 
+#: For each clinical type: the R4 search parameters of its code and its clinical date.
+CLINICAL = {
+    "Observation": ("code", "date"),
+    "Condition": ("code", "onset-date"),
+    "MedicationRequest": ("code", "authoredon"),
+    "Encounter": ("type", "date"),
+    "DiagnosticReport": ("code", "date"),
+    "AllergyIntolerance": ("code", "date"),
+    "Immunization": ("vaccine-code", "date"),
+    "Procedure": ("code", "date"),
+}
+
+
 def _clinical_cases() -> list[tuple[str, str, dict[str, list[str]]]]:
     """For one synthetic resource of each clinical type: (type, id, params it must match)."""
     cases = []
@@ -273,16 +286,17 @@ def _clinical_cases() -> list[tuple[str, str, dict[str, list[str]]]]:
         if rtype in seen:
             continue
         seen.add(rtype)
+        code_param, date_param = CLINICAL[rtype]
         terms = resource_terms(r)
-        codes = sorted(t for p, t in terms if p == "code" and "|" in t)
-        starts = sorted(t[4:] for p, t in terms if p == "date" and t.startswith("s:d:"))
-        ends = sorted(t[4:] for p, t in terms if p == "date" and t.startswith("e:d:"))
+        codes = sorted(t for p, t in terms if p == code_param and "|" in t[1:-1])
+        starts = sorted(t[4:] for p, t in terms if p == date_param and t.startswith("s:d:"))
+        ends = sorted(t[4:] for p, t in terms if p == date_param and t.startswith("e:d:"))
         assert codes and starts and ends, rtype
         # The first date value's range lies in [ge its start month, le its end year].
         dates = [f"ge{starts[0][:7]}", f"le{max(ends)[:4]}"]
         if len(starts) == 1 and starts == ends:  # one day: eq that day finds it too
             dates.append(starts[0])
-        params = {"patient": [SYNTH.patient_id], "code": [codes[0]], "date": dates}
+        params = {"patient": [SYNTH.patient_id], code_param: [codes[0]], date_param: dates}
         cases.append((rtype, r["id"], params))
     return cases
 
@@ -298,7 +312,7 @@ def test_every_clinical_type_is_searchable(
 
 def test_clinical_cases_cover_all_types() -> None:
     types = {c[0] for c in _clinical_cases()}
-    assert types == set(SEARCH_PARAMS) - {"Patient"}
+    assert types == set(CLINICAL)
 
 
 @pytest.mark.parametrize(
@@ -306,7 +320,12 @@ def test_clinical_cases_cover_all_types() -> None:
     [
         ("Patient", {"foo": ["x"]}),
         ("Patient", {"code": ["x"]}),
-        ("Patient", {"name": ["two words"]}),
+        ("Patient", {"name:contains": ["x"]}),
+        ("Patient", {"gender:below": ["x"]}),
+        ("Patient", {"name:missing": ["maybe"]}),
+        ("Observation", {"value-quantity": ["gt5"]}),
+        ("Observation", {"value-quantity": ["five"]}),
+        ("Observation", {"code:of-type": ["a|b"]}),
         ("Patient", {"name": [""]}),
         ("Patient", {"gender": [","]}),
         ("Patient", {"birthdate": ["1980-02-30"]}),
@@ -468,16 +487,28 @@ def test_query_tokens_match_resource_tokens() -> None:
 
 def test_observation_terms() -> None:
     terms = resource_terms(OBSERVATIONS[0])
-    assert terms == {
+    plain = {(p, t) for p, t in terms if not t.startswith(MARK)}
+    assert plain == {
+        ("_id", "o1"),
+        ("_id", "|o1"),
+        ("status", "final"),
+        ("status", "|final"),
         ("patient", "Patient/mueller"),
-        ("code", "8867-4"),
-        ("code", f"{LOINC}|8867-4"),
+        ("subject", "Patient/mueller"),
+        *(
+            (param, t)
+            for param in ("code", "combo-code")
+            for t in ("8867-4", f"{LOINC}|8867-4", f"{LOINC}|")
+        ),
         *(
             ("date", f"{edge}:{bucket}")
             for edge in ("s", "e", "w")
             for bucket in ("x:202", "y:2020", "m:2020-01", "d:2020-01-15")
         ),
     }
+    # Each parameter with a value is also marked present (for :missing), and nothing else.
+    marked = {(p, t) for p, t in terms if t.startswith(MARK)}
+    assert marked == {(p, f"{MARK}?") for p, _ in plain}
 
 
 @pytest.mark.parametrize(
@@ -607,10 +638,10 @@ def test_a_long_name_word_is_indexed_by_a_bounded_number_of_prefixes() -> None:
     """A 30,000-character name once made 60,001 index entries; now a handful."""
     long_patient = patient("long", LONG_WORD, ["Ann"], "1990-01-01", "female", ("urn:mrn", "L1"))
     terms = resource_terms(long_patient)
-    family = {t for p, t in terms if p == "family"}
+    family = {t for p, t in terms if p == "family" and not t.startswith(MARK)}
     assert len(family) == MAX_PREFIX_CHARS
     assert max(map(len, family)) == MAX_PREFIX_CHARS
-    assert len(terms) < 2 * MAX_PREFIX_CHARS + 30
+    assert len(terms) < 6 * MAX_PREFIX_CHARS
     tokens = resource_tokens(KEY_A, long_patient)
     # Any prefix finds it, up to and beyond the indexed length, and so does the whole word.
     for query in (LONG_WORD[:3], LONG_WORD[:MAX_PREFIX_CHARS], LONG_WORD[:100], LONG_WORD):
@@ -663,9 +694,12 @@ def test_long_and_wordy_names_through_a_node(
 
     monkeypatch.setattr(Sealer, "_tokens_and_blob", recording)
 
+    stored: list[dict[str, Any]] = []
+
     async def go(node: Node) -> tuple[set[str], set[str]]:
-        await node.records.update("Patient", "short", {**PATIENTS[1], "id": "short"})
-        await node.records.update("Patient", "long", long_patient)
+        for r in ({**PATIENTS[1], "id": "short"}, long_patient):
+            written, _ = await node.records.update("Patient", r["id"], r)
+            stored.append(written.resource())  # as indexed: with meta.lastUpdated
         found = {s.id for s in await node.records.search("Patient", {"name": [LONG_WORD[:5]]})}
         exact = {s.id for s in await node.records.search("Patient", {"family": [LONG_WORD]})}
         return found, exact
@@ -676,8 +710,8 @@ def test_long_and_wordy_names_through_a_node(
     assert sealing_threads["long"] != threading.get_ident()
     rows = _token_rows(node_root)
     long_terms = len(resource_terms(long_patient))
-    assert long_terms < 2 * MAX_PREFIX_CHARS + 30
-    assert rows == long_terms + len(resource_terms({**PATIENTS[1], "id": "short"}))
+    assert long_terms < 6 * MAX_PREFIX_CHARS
+    assert rows == sum(len(resource_terms(r)) for r in stored)
     blobs = sorted(p.name for p in (node_root / "blobs").rglob("*") if p.is_file())
 
     async def refused(node: Node) -> set[str]:

@@ -102,6 +102,9 @@ def create_app(
     # Routes are matched in order, one regex each: the busiest peer endpoint first
     # (its /peer/v1 prefix overlaps nothing), then Consent and AuditEvent, which
     # must come before /fhir's generic routes because they are served from the chains.
+    # The search registry and the statement built from it: loaded now (about a second)
+    # rather than in the first search's or the first /metadata request's time.
+    fhir.declared_search()
     app.include_router(peer.router)
     app.include_router(sharing.router)
     app.include_router(fhir.router)

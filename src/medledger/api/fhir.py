@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import Response
@@ -45,6 +46,7 @@ from medledger.services.fhir import (
     dump_resource,
     is_resource_type,
     load_json,
+    model_type_names,
     operation_outcome,
     validate_id,
 )
@@ -52,15 +54,15 @@ from medledger.services.history import TimeRange, current_during, parse_time_ran
 from medledger.services.patching import apply_json_patch, apply_merge_patch
 from medledger.services.records.model import StoredResource, VersionInfo
 from medledger.services.records.service import RecordsService
-from medledger.services.search import SEARCH_PARAMS, patient_reference
+from medledger.services.search import is_chain, known_parameter, patient_reference
+from medledger.services.search_registry import registry
 from medledger.storage.ports import TokenInfo
 
-__all__ = ["router"]
+__all__ = ["declared_search", "router"]
 
 router = APIRouter(prefix="/fhir", tags=["FHIR"], dependencies=[Depends(check_formats)])
 Clinical = Annotated[TokenInfo, Depends(require("clinician", "patient"))]
 Writer = Annotated[TokenInfo, Depends(require("clinician"))]
-_RESULT_PARAMS = {"_count", "_offset", "_format"}
 
 
 def _http_date(instant: str) -> str:
@@ -77,6 +79,11 @@ def _headers(s: StoredResource) -> dict[str, str]:
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
     """The request's JSON body, refused (413) past ``limit`` bytes before it is all read."""
+    return load_json(await read_raw_body(request, limit), max_bytes=limit)
+
+
+async def read_raw_body(request: Request, limit: int) -> bytes:
+    """The request's body bytes, refused (413) past ``limit`` bytes before it is all read."""
     length = request.headers.get("content-length")
     if length is not None and _digits(length) and int(length) > limit:
         raise TooLarge(f"request body is {length} bytes; the limit is {limit}")
@@ -86,7 +93,7 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
         if size > limit:
             raise TooLarge(f"request body exceeds {limit} bytes")
         chunks.append(chunk)
-    return load_json(b"".join(chunks), max_bytes=limit)
+    return b"".join(chunks)
 
 
 def _check_type(resource_type: str) -> str:
@@ -241,6 +248,24 @@ _CONSORTIUM_RESOURCES: list[dict[str, Any]] = [
 ]
 
 
+@functools.cache
+def declared_search() -> dict[str, list[dict[str, str]]]:
+    """Each type medledger holds, with the search parameters the registry serves for it.
+
+    The same registry decides what is indexed and what a search may ask for,
+    so the statement declares exactly what works.
+    """
+    declared: dict[str, list[dict[str, str]]] = {}
+    holdable = model_type_names()
+    for rtype, params in registry().by_type.items():
+        if rtype in ("Consent", "AuditEvent") or rtype.lower() not in holdable:
+            continue  # Consent and AuditEvent are served from the chains (below)
+        declared[rtype] = [
+            {"name": p.code, "definition": p.url, "type": p.type} for p in params.values()
+        ]
+    return declared
+
+
 @router.get("/metadata", summary="CapabilityStatement")
 async def metadata(request: Request, node: NodeDep) -> Response:
     """What this server supports — only what is implemented (no auth needed)."""
@@ -274,21 +299,9 @@ async def metadata(request: Request, node: NodeDep) -> Response:
                 }
             ],
             "interaction": interactions,
-            "searchParam": [
-                {
-                    "name": p,
-                    "type": "date"
-                    if p in ("date", "birthdate")
-                    else "reference"
-                    if p == "patient"
-                    else "string"
-                    if p in ("name", "family", "given")
-                    else "token",
-                }
-                for p in params
-            ],
+            "searchParam": search_parameters,
         }
-        for rtype, params in SEARCH_PARAMS.items()
+        for rtype, search_parameters in declared_search().items()
     ]
     if node.consortium is not None:
         resources.extend(_CONSORTIUM_RESOURCES)  # served from the chains (api.sharing)
@@ -467,7 +480,74 @@ def _time_param(request: Request, name: str) -> TimeRange | None:
 @router.get("/{resource_type}", summary="search")
 async def search(resource_type: str, request: Request, node: NodeDep, who: Clinical) -> Response:
     async with _audited(node, who, resource_type) as shown:
-        return await _search(resource_type, request, node.records, who, shown)
+        pairs = list(request.query_params.multi_items())
+        return await _search(resource_type, request, node.records, who, shown, pairs)
+
+
+@router.post("/{resource_type}/_search", summary="search (parameters in a form body)")
+async def search_by_post(
+    resource_type: str, request: Request, node: NodeDep, who: Clinical
+) -> Response:
+    """FHIR R4 §3.1.0.8.1: the same search, its parameters in an urlencoded form body."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/x-www-form-urlencoded":
+        raise InvalidInput("POST _search takes an application/x-www-form-urlencoded body")
+    body = await read_raw_body(request, MAX_SEARCH_BODY_BYTES)
+    try:
+        form = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise InvalidInput("the form body is not UTF-8") from None
+    async with _audited(node, who, resource_type) as shown:
+        pairs = [*request.query_params.multi_items(), *form]
+        return await _search(resource_type, request, node.records, who, shown, pairs)
+
+
+#: A POST _search body holds parameters only: a few kilobytes at most.
+MAX_SEARCH_BODY_BYTES = 64 * 1024
+#: Result parameters: they shape the answer, they select nothing.
+#: ``_totalMethod`` is what fhirpy's ``count()`` sends (an Aidbox name for ``_total``).
+_RESULT_PARAMS = {
+    "_count",
+    "_offset",
+    "_format",
+    "_summary",
+    "_elements",
+    "_total",
+    "_totalMethod",
+    "_pretty",
+}
+#: Result parameters that may repeat.
+_LIST_PARAMS = {"_sort", "_include", "_revinclude", "_include:iterate", "_revinclude:iterate"}
+_SUMMARIES = {"count", "false", "true", "text", "data"}
+
+
+def _lenient(request: Request) -> bool:
+    """``Prefer: handling=lenient`` (FHIR R4 §3.1.1.5.7): unknown parameters are ignored."""
+    prefer = request.headers.get("prefer", "")
+    return any(p.strip().lower() == "handling=lenient" for p in prefer.split(","))
+
+
+def _elements_of(text: str | None) -> set[str] | None:
+    if text is None:
+        return None
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    if not names or not all(n.isascii() and n.replace("_", "").isalnum() for n in names):
+        raise InvalidInput("_elements takes a comma separated list of element names")
+    return names
+
+
+def _subset(resource: dict[str, Any], elements: set[str] | None) -> dict[str, Any]:
+    """``_elements``: the named top-level elements and the mandatory ones, tagged SUBSETTED."""
+    if elements is None:
+        return resource
+    kept = {k: v for k, v in resource.items() if k in elements or k in ("resourceType", "id")}
+    meta = dict(resource.get("meta") or {})
+    tag = {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+        "code": "SUBSETTED",
+    }
+    meta["tag"] = [*meta.get("tag", []), tag]
+    return {**kept, "meta": meta}
 
 
 async def _search(
@@ -476,14 +556,30 @@ async def _search(
     records: RecordsService,
     who: TokenInfo,
     shown: list[StoredResource],
+    pairs: list[tuple[str, str]],
 ) -> Response:
     _check_type(resource_type)
+    lenient = _lenient(request)
     params: dict[str, list[str]] = {}
-    for key, value in request.query_params.multi_items():
-        if key not in _RESULT_PARAMS:
+    results: dict[str, str] = {}
+    lists: dict[str, list[str]] = {}
+    for key, value in pairs:
+        if key in _RESULT_PARAMS:
+            results[key] = value
+        elif key in _LIST_PARAMS:
+            lists.setdefault(key, []).append(value)
+        elif lenient and not known_parameter(resource_type, key):
+            continue  # ignored, and left out of the self link, as the specification asks
+        else:
             params.setdefault(key, []).append(value)
-    count = _int_param(request, "_count", 50, 1, 500)
-    offset = _int_param(request, "_offset", 0, 0, 10**9)
+    count = _int_value(results.get("_count"), "_count", 50, 0, 500)
+    offset = _int_value(results.get("_offset"), "_offset", 0, 0, 10**9)
+    summary = results.get("_summary", "false")
+    if summary not in _SUMMARIES:
+        raise InvalidInput(f"_summary must be one of {', '.join(sorted(_SUMMARIES))}")
+    if summary == "count":
+        count = 0
+    elements = _elements_of(results.get("_elements"))
     if who.role == "patient" and resource_type == "Patient":
         if params:
             raise InvalidInput("a patient token searches Patient without parameters (itself)")
@@ -491,44 +587,73 @@ async def _search(
         total, page = len(found), found[offset : offset + count]
     else:
         if who.role == "patient":
+            # These reach into other records than the patient's own (to match or to add).
+            reaching = ("_has", "_include", "_revinclude")
+            if any(is_chain(k) or k.split(":")[0] in reaching for k in (*params, *lists)):
+                raise InvalidInput(
+                    "a patient token searches its own records only: no chained parameters, "
+                    "_has, _include or _revinclude"
+                )
             params["patient"] = [f"Patient/{who.patient}"]
-        total, page = await records.search_page(resource_type, params, offset, count)
+        total, page = await records.search_page(
+            resource_type, params, offset, count, sort=lists.get("_sort", [])
+        )
+        for stored in page:  # second line: each is this patient's (raises if not)
+            _patient_may_see(who, stored)
+    include = [(v, False) for v in lists.get("_include", [])]
+    include += [(v, True) for v in lists.get("_include:iterate", [])]
+    revinclude = [(v, False) for v in lists.get("_revinclude", [])]
+    revinclude += [(v, True) for v in lists.get("_revinclude:iterate", [])]
+    extra = await records.included(page, include, revinclude) if include or revinclude else []
     shown.extend(page)
+    shown.extend(extra)
     base = f"/fhir/{resource_type}"
+    kept = [(k, v) for k, v in results.items() if k not in ("_count", "_offset")]
+    kept += [(k, v) for k, vs in lists.items() for v in vs]
 
     def page_url(at: int) -> str:
         # Percent-encoded: a value holding '&', '=', '#' or '%' must come back intact.
-        pairs = [(k, v) for k, vs in params.items() for v in vs]
-        return f"{base}?{urlencode([*pairs, ('_count', count), ('_offset', at)])}"
+        used = [(k, v) for k, vs in params.items() for v in vs]
+        return f"{base}?{urlencode([*used, *kept, ('_count', count), ('_offset', at)])}"
 
     links = [{"relation": "self", "url": page_url(offset)}]
-    if offset + count < total:
+    if count and offset + count < total:
         links.append({"relation": "next", "url": page_url(offset + count)})
 
     def searchset() -> bytes:
-        return dump_resource(
-            {
-                "resourceType": "Bundle",
-                "type": "searchset",
-                "total": total,
-                "link": links,
-                "entry": [
-                    {
-                        "fullUrl": f"{base}/{s.id}",
-                        "resource": s.resource(),
-                        "search": {"mode": "match"},
-                    }
-                    for s in page
-                ],
-            }
-        )
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "link": links,
+        }
+        if page or extra:
+            bundle["entry"] = [
+                {
+                    "fullUrl": f"{base}/{s.id}",
+                    "resource": _subset(s.resource(), elements),
+                    "search": {"mode": "match"},
+                }
+                for s in page
+            ] + [
+                {
+                    "fullUrl": f"/fhir/{s.resource_type}/{s.id}",
+                    "resource": s.resource(),
+                    "search": {"mode": "include"},
+                }
+                for s in extra
+            ]
+        return dump_resource(bundle)
 
     # Up to 500 resources parsed and re-encoded: off the event loop too.
     return raw_fhir_response(await asyncio.to_thread(searchset))
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    text = request.query_params.get(name)
+    return _int_value(request.query_params.get(name), name, default, lo, hi)
+
+
+def _int_value(text: str | None, name: str, default: int, lo: int, hi: int) -> int:
     if text is None:
         return default
     if not _digits(text) or not lo <= int(text) <= hi:

@@ -48,6 +48,16 @@ def _accepts_json(accept: str) -> bool:
     return False
 
 
+def _is_search_form(request: Request, content_type: str) -> bool:
+    """``POST [type]/_search`` takes its parameters as a form (FHIR R4 §3.1.0.8.1)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return (
+        request.method == "POST"
+        and request.url.path.endswith("/_search")
+        and kind == "application/x-www-form-urlencoded"
+    )
+
+
 async def check_formats(request: Request) -> None:
     """Refuse (406) a request whose answer must not be JSON, and (415) a non-JSON body."""
     formats = request.query_params.getlist("_format")
@@ -62,6 +72,7 @@ async def check_formats(request: Request) -> None:
         and content_type is not None
         and content_type.strip()
         and not is_json_media_type(content_type)
+        and not _is_search_form(request, content_type)
     ):
         raise UnsupportedMediaType(
             "the request body must be FHIR JSON (application/fhir+json)"

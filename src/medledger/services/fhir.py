@@ -12,12 +12,14 @@ written for rejected input.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
+from importlib import resources
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -33,6 +35,7 @@ from medledger.services.value_sets import (
 
 __all__ = [
     "FHIR_JSON",
+    "model_type_names",
     "MAX_BODY_BYTES",
     "MAX_DEPTH",
     "R4_ONLY_TYPES",
@@ -448,6 +451,16 @@ def _model(resource_type: str) -> Any:
             ) from None
         _MODELS[resource_type] = model
     return model
+
+
+@functools.cache
+def model_type_names() -> frozenset[str]:
+    """Lower-cased names of the R4B model modules: a superset of the types medledger can
+    hold, found without importing each (``is_resource_type`` imports one to be sure)."""
+    package = resources.files("fhir.resources.R4B")
+    return frozenset(
+        p.name.removesuffix(".py") for p in package.iterdir() if p.name.endswith(".py")
+    )
 
 
 def is_resource_type(name: str) -> bool:

@@ -4,30 +4,22 @@ A token is ``HMAC-SHA256(search key, "<type>|<param>|<term>")`` truncated to
 16 bytes. The index maps tokens to record ids; without the institution's
 search key, tokens reveal nothing but equality.
 
-Supported parameters (``SEARCH_PARAMS``):
+Every standard R4 search parameter of type string, token, reference, date,
+number, quantity or uri is served (``services.search_registry``); what terms
+a value gives is ``services.search_terms``. String search is "starts with"
+by word, case- and accent-insensitive: each word is indexed by its prefixes of
+up to :data:`MAX_PREFIX_CHARS` characters, so a search word compares on at
+most that many. Dates and Periods are ranges of days compared as FHIR ranges
+with every prefix (``services.search_dates``). Modifiers: ``:missing`` (all
+types), ``:exact`` (string), ``:not``, ``:text``, ``:of-type`` (token),
+``:identifier`` and type modifiers (reference). Numbers and quantities are
+compared for equality only (``eq``); other prefixes and modifiers are refused.
 
-* Patient: ``identifier`` (``system|value`` or ``value``), ``name``,
-  ``family``, ``given`` (case- and accent-insensitive, "starts with" as FHIR
-  string search: each name word is indexed by its prefixes of up to
-  :data:`MAX_PREFIX_CHARS` characters, so a search word compares on at most
-  that many characters — a longer one, the whole of a long word included,
-  finds every name word starting with the same first
-  :data:`MAX_PREFIX_CHARS`), ``birthdate``, ``gender``.
-* Observation, Condition, MedicationRequest, Encounter, DiagnosticReport,
-  AllergyIntolerance, Immunization, Procedure: ``patient``
-  (``id``, ``Patient/id`` or an absolute URL ending in ``Patient/id``), ``code``
-  (``system|code`` or ``code``), ``date`` (``YYYY-MM-DD``, ``YYYY-MM``, ``YYYY``,
-  with every FHIR prefix, by day; years 1800 to 2200).
-
-Dates and Periods are ranges of days compared as FHIR ranges
-(``services.search_dates``): a value is indexed by the calendar buckets of its
-start, its end and its whole, so each prefix is answered by a handful of
-token look-ups (whole decades, years, months, then days). A query is a small
-tree (:class:`AllOf`, :class:`AnyOf`, :class:`Not` over :class:`Match`) that
-:func:`evaluate` resolves through the index.
-A query is bounded: at most :data:`MAX_ALTERNATIVES` alternatives per
-parameter and :data:`MAX_QUERY_TOKENS` tokens in all, refused before any
-token is computed. A resource is bounded too: one that would need more than
+A query is a small tree (:class:`AllOf`, :class:`AnyOf`, :class:`Not` over
+:class:`Match`) that :func:`evaluate` resolves through the index. It is
+bounded: at most :data:`MAX_ALTERNATIVES` alternatives per parameter and
+:data:`MAX_QUERY_TOKENS` tokens in all, refused as soon as they are passed. A
+resource is bounded too: one that would need more than
 :data:`MAX_RESOURCE_TERMS` index entries is refused (no legitimate record
 comes near; a 30,000-character name once made 60,001), and collecting its
 terms stops as soon as it passes the bound.
@@ -36,21 +28,29 @@ terms stops as soon as it passes the bound.
 from __future__ import annotations
 
 import hmac
-import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
+from itertools import islice
 from typing import Any
 
 from medledger.core.errors import InvalidInput
-from medledger.services.search_dates import date_condition, period_days, range_terms, value_days
+from medledger.services.fhirpath_subset import reference_type, top_level_names
+from medledger.services.search_dates import date_condition
+from medledger.services.search_registry import SearchParameter, registry
+from medledger.services.search_terms import (
+    MARK,
+    MAX_PREFIX_CHARS,
+    normalize,
+    number_term,
+    parameter_terms,
+)
 
 __all__ = [
     "MAX_ALTERNATIVES",
     "MAX_PREFIX_CHARS",
     "MAX_QUERY_TOKENS",
     "MAX_RESOURCE_TERMS",
-    "SEARCH_PARAMS",
     "TOKEN_SIZE",
     "AllOf",
     "AnyOf",
@@ -58,71 +58,28 @@ __all__ = [
     "Not",
     "Query",
     "evaluate",
+    "is_chain",
+    "known_parameter",
+    "normalize",
     "patient_reference",
     "plan_query",
     "query_tokens",
+    "reference_match",
+    "resource_terms",
     "resource_tokens",
+    "split_parameter",
 ]
 
 TOKEN_SIZE = 16
-#: Name words are indexed by their prefixes of 1 to this many characters.
-MAX_PREFIX_CHARS = 24
 #: A resource needing more index entries than this is refused. A patient with three
 #: names of four 24-letter words each needs under 600.
 MAX_RESOURCE_TERMS = 2048
-_CLINICAL = ("patient", "code", "date")
-SEARCH_PARAMS: dict[str, tuple[str, ...]] = {
-    "Patient": ("identifier", "name", "family", "given", "birthdate", "gender"),
-    **{
-        t: _CLINICAL
-        for t in (
-            "Observation",
-            "Condition",
-            "MedicationRequest",
-            "Encounter",
-            "DiagnosticReport",
-            "AllergyIntolerance",
-            "Immunization",
-            "Procedure",
-        )
-    },
-}
-# Where each clinical type keeps its "code" and "date".
-_CODE_FIELDS: dict[str, tuple[str, ...]] = {
-    "Observation": ("code",),
-    "Condition": ("code",),
-    "MedicationRequest": ("medicationCodeableConcept",),
-    "Encounter": ("type", "class", "serviceType"),
-    "DiagnosticReport": ("code",),
-    "AllergyIntolerance": ("code",),
-    "Immunization": ("vaccineCode",),
-    "Procedure": ("code",),
-}
-_DATE_FIELDS: dict[str, tuple[str, ...]] = {
-    # FHIR R4 ``date`` is the clinically relevant time (``effective[x]``), not ``issued``.
-    # A field ending in "Period" (or Encounter.period) is a Period: indexed as its range.
-    "Observation": ("effectiveDateTime", "effectivePeriod", "effectiveInstant"),
-    "Condition": ("onsetDateTime", "onsetPeriod", "recordedDate"),
-    "MedicationRequest": ("authoredOn",),
-    "Encounter": ("period",),
-    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod"),
-    "AllergyIntolerance": ("onsetDateTime", "onsetPeriod", "recordedDate"),
-    "Immunization": ("occurrenceDateTime",),
-    "Procedure": ("performedDateTime", "performedPeriod"),
-}
 _PATIENT_FIELDS = ("subject", "patient")
 
 
 def _token(key: bytes, rtype: str, param: str, term: str) -> bytes:
     # hmac.digest: the one-shot C path, several times faster than hmac.new(...).digest().
     return hmac.digest(key, f"{rtype}|{param}|{term}".encode(), "sha256")[:TOKEN_SIZE]
-
-
-def normalize(text: str) -> str:
-    """Case-fold, strip accents, collapse white space (FHIR string matching)."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(stripped.casefold().split())
 
 
 def patient_reference(resource: Mapping[str, Any]) -> str | None:
@@ -139,110 +96,32 @@ def patient_reference(resource: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _codings(value: Any) -> Iterator[Mapping[str, Any]]:
-    items = value if isinstance(value, list) else [value]
-    for item in items:
-        if isinstance(item, dict):
-            if "coding" in item and isinstance(item["coding"], list):
-                yield from (c for c in item["coding"] if isinstance(c, dict))
-            elif "code" in item:  # a bare Coding (Encounter.class)
-                yield item
-
-
-def _code_terms(system: Any, code: Any) -> list[str]:
-    if not isinstance(code, str):
-        return []
-    terms = [code]
-    if isinstance(system, str):
-        terms.append(f"{system}|{code}")
-    return terms
-
-
-def _date_value_terms(value: Any) -> list[str]:
-    """Index terms of a date, dateTime, instant or Period (see ``services.search_dates``)."""
-    if isinstance(value, dict):
-        days = period_days(value.get("start"), value.get("end"))
-    else:
-        days = value_days(value)
-    return [] if days is None else range_terms(*days)
-
-
-def _words(text: str) -> Iterator[str]:
-    """Every prefix, up to :data:`MAX_PREFIX_CHARS` characters, of each word of ``text``."""
-    for word in normalize(text).replace(",", " ").split():
-        for end in range(1, min(len(word), MAX_PREFIX_CHARS) + 1):
-            yield word[:end]
-
-
-class _Terms(set[tuple[str, str]]):
-    """A term set that refuses to grow past ``limit`` entries (``None``: unbounded)."""
-
-    def __init__(self, limit: int | None) -> None:
-        super().__init__()
-        self._limit = limit
-
-    def update(self, *others: Iterable[tuple[str, str]]) -> None:
-        for other in others:
-            for term in other:
-                self.add(term)
-
-    def add(self, term: tuple[str, str]) -> None:
-        super().add(term)
-        if self._limit is not None and len(self) > self._limit:
-            raise InvalidInput(
-                f"the resource has too many searchable terms (more than {self._limit} index "
-                "entries: names, identifiers, codes); shorten or split it"
-            )
-
-
 def resource_terms(
     resource: Mapping[str, Any], *, limit: int | None = MAX_RESOURCE_TERMS
 ) -> set[tuple[str, str]]:
-    """The ``(param, term)`` pairs a resource is findable by.
+    """The ``(param, term)`` pairs a resource is findable by, over every registry parameter.
 
-    Raises :class:`InvalidInput` once there would be more than ``limit`` of them.
+    Raises :class:`InvalidInput` once there would be more than ``limit`` of them
+    (terms are taken in bounded slices, so a huge value is never expanded whole).
     """
-    rtype = resource.get("resourceType")
-    terms: set[tuple[str, str]] = _Terms(limit)
-    if rtype == "Patient":
-        for ident in resource.get("identifier") or []:
-            if isinstance(ident, dict):
-                terms.update(
-                    ("identifier", t) for t in _code_terms(ident.get("system"), ident.get("value"))
+    terms: set[tuple[str, str]] = set()
+    body = dict(resource)
+    present = top_level_names(body)
+    for code, param in registry().parameters(str(resource.get("resourceType"))).items():
+        if not param.path.may_select(present):
+            continue
+        pending = parameter_terms(param, body, present)
+        room = 1 + (limit - len(terms) if limit is not None else 4096)
+        while True:
+            chunk = list(islice(pending, room))
+            terms.update((code, t) for t in chunk)
+            if limit is not None and len(terms) > limit:
+                raise InvalidInput(
+                    f"the resource has too many searchable terms (more than {limit} index "
+                    "entries: names, identifiers, codes); shorten or split it"
                 )
-        for name in resource.get("name") or []:
-            if not isinstance(name, dict):
-                continue
-            family = name.get("family")
-            givens = [g for g in name.get("given") or [] if isinstance(g, str)]
-            if isinstance(family, str):
-                terms.update(("family", w) for w in _words(family))
-                terms.update(("name", w) for w in _words(family))
-            for g in givens:
-                terms.update(("given", w) for w in _words(g))
-                terms.update(("name", w) for w in _words(g))
-            if isinstance(name.get("text"), str):
-                terms.update(("name", w) for w in _words(name["text"]))
-        if isinstance(resource.get("gender"), str):
-            terms.add(("gender", resource["gender"]))
-        terms.update(("birthdate", t) for t in _date_value_terms(resource.get("birthDate")))
-        return terms
-    if rtype not in _CODE_FIELDS:
-        return terms
-    ref = patient_reference(resource)
-    if ref is not None:
-        terms.add(("patient", ref))
-    for name in _PATIENT_FIELDS:
-        # An absolute reference is another server's resource: found by its very URL.
-        field = resource.get(name)
-        value = field.get("reference") if isinstance(field, dict) else None
-        if isinstance(value, str) and "://" in value:
-            terms.add(("patient", value))
-    for field in _CODE_FIELDS[rtype]:
-        for coding in _codings(resource.get(field)):
-            terms.update(("code", t) for t in _code_terms(coding.get("system"), coding.get("code")))
-    for field in _DATE_FIELDS[rtype]:
-        terms.update(("date", t) for t in _date_value_terms(resource.get(field)))
+            if len(chunk) < room:
+                break
     return terms
 
 
@@ -301,49 +180,121 @@ Query = Match | AllOf | AnyOf | Not
 Tokenize = Callable[[str, str], bytes]
 
 
-def _reference_terms(param: str, value: str) -> list[str]:
+def split_parameter(key: str) -> tuple[str, str | None]:
+    """``code:text`` → ``("code", "text")``; ``code`` → ``("code", None)``."""
+    name, _, modifier = key.partition(":")
+    return name, (modifier or None)
+
+
+def _reference_query_terms(
+    param: SearchParameter, value: str, type_modifier: str | None
+) -> list[str]:
     """A reference search value as the terms it may be indexed under.
 
-    ``id``, ``Type/id`` and an absolute URL ending in ``Type/id`` (FHIR allows
-    all three) all find a relative ``Patient/id`` reference; an absolute URL
-    also finds a resource whose reference is that very URL.
+    ``id`` (with the parameter's target types, or the type modifier's),
+    ``Type/id``, and an absolute URL — which finds a reference written as
+    that URL and, when it ends in ``Type/id``, the relative ``Type/id`` too.
     """
     if "://" in value:
+        kind = reference_type(value)
+        if kind is None:
+            return [value, value.split("|")[0]]
         parts = value.split("?")[0].rstrip("/").split("/")
-        if len(parts) >= 2 and parts[-2] == "_history" and len(parts) >= 4:
+        if len(parts) >= 4 and parts[-2] == "_history":
             parts = parts[:-2]
-        if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
-            return [f"Patient/{parts[-1]}", value]
+        return [f"{kind}/{parts[-1]}", value]
+    if "/" in value:
+        if type_modifier is not None and not value.startswith(f"{type_modifier}/"):
+            return []
         return [value]
-    if not value.startswith("Patient/"):
-        return [f"Patient/{value}"]
-    return [value]
+    targets = (type_modifier,) if type_modifier else param.targets
+    return [f"{t}/{value}" for t in targets] or [value]
+
+
+def _number_value(param: SearchParameter, value: str) -> str:
+    prefix = value[:2] if value[:2].isalpha() else "eq"
+    text = value[2:] if value[:2].isalpha() else value
+    if prefix != "eq":
+        raise InvalidInput(
+            f"{param.type} search on {param.code!r} compares for equality only (no {prefix!r} prefix)"
+        )
+    number, _, unit = text.partition("|")
+    term = number_term(number)
+    if term is None or not number.strip():
+        raise InvalidInput(f"{param.code!r}: {number!r} is not a number")
+    return term if not unit else f"{term}|{unit}"
+
+
+_MODIFIERS = {
+    "string": {"exact", "missing"},
+    "token": {"not", "text", "of-type", "missing"},
+    "reference": {"identifier", "missing"},
+    "date": {"missing"},
+    "number": {"missing"},
+    "quantity": {"missing"},
+    "uri": {"missing"},
+}
 
 
 def _alternative(
-    rtype: str, param: str, value: str, tokenize: Tokenize, today: date
+    param: SearchParameter, modifier: str | None, value: str, tokenize: Tokenize, today: date
 ) -> tuple[Query, int]:
     """One alternative of a parameter as a query, and how many tokens it takes."""
 
     def match(terms: Iterable[str]) -> Match:
-        return Match(frozenset(tokenize(param, t) for t in terms))
+        return Match(frozenset(tokenize(param.code, t) for t in terms))
 
-    if param in ("date", "birthdate"):
+    if modifier == "missing":
+        if value not in ("true", "false"):
+            raise InvalidInput(f"{param.code}:missing takes true or false, got {value!r}")
+        present = match([f"{MARK}?"])
+        return (Not(present) if value == "true" else present), 1
+    if param.type == "date":
         condition = date_condition(value, today=today)
         parts = tuple(match(terms) for terms in condition.all_of)
         size = sum(len(p.tokens) for p in parts)
         query: Query = parts[0] if len(parts) == 1 else AllOf(parts)
-        return (Not(query) if condition.negated else query), size
-    if param in ("name", "family", "given"):
-        words = normalize(value).split()
-        if len(words) != 1:
-            raise InvalidInput(f"{param} search takes one word, got {value!r}")
-        # Only prefixes of up to MAX_PREFIX_CHARS are indexed: compare on those.
-        return match([words[0][:MAX_PREFIX_CHARS]]), 1
-    if param == "patient" and rtype != "Patient":
-        terms = _reference_terms(param, value)
+        if condition.negated:  # ``ne`` compares values: a resource without one is not "ne"
+            return AllOf((match([f"{MARK}?"]), Not(query))), size + 1
+        return query, size
+    if param.type == "string" and modifier == "exact":
+        return match([f"{MARK}={value}"]), 1
+    if param.type == "string" or modifier == "text":
+        found = normalize(value).replace(",", " ").split()
+        if not found:
+            raise InvalidInput(f"empty value for search parameter {param.code!r}")
+        # Every word must start a word of the value; only prefixes of up to
+        # MAX_PREFIX_CHARS are indexed, so compare on those.
+        mark = f"{MARK}~" if modifier == "text" else ""
+        each = [match([f"{mark}{w[:MAX_PREFIX_CHARS]}"]) for w in found]
+        return (each[0] if len(each) == 1 else AllOf(tuple(each))), len(each)
+    if param.type == "token":
+        if modifier == "of-type":
+            if value.count("|") != 2:
+                raise InvalidInput(f"{param.code}:of-type takes system|code|value, got {value!r}")
+            return match([f"{MARK}o{value}"]), 1
+        found_match = match([value])
+        return (Not(found_match) if modifier == "not" else found_match), 1
+    if param.type == "reference":
+        if modifier == "identifier":
+            return match([f"{MARK}i{value}"]), 1
+        terms = _reference_query_terms(param, value, modifier)
         return match(terms), len(terms)
-    return match([value]), 1
+    if param.type in ("number", "quantity"):
+        return match([_number_value(param, value)]), 1
+    return match([value]), 1  # uri
+
+
+def _check_modifier(rtype: str, param: SearchParameter, modifier: str | None) -> None:
+    if modifier is None:
+        return
+    if param.type == "reference" and modifier in param.targets:
+        return
+    if modifier not in _MODIFIERS[param.type]:
+        raise InvalidInput(
+            f"modifier :{modifier} is not supported for {rtype} search parameter "
+            f"{param.code!r} ({param.type})"
+        )
 
 
 def _merge(parts: list[Query]) -> Query:
@@ -355,40 +306,79 @@ def _merge(parts: list[Query]) -> Query:
     return rest[0] if len(rest) == 1 else AnyOf(tuple(rest))
 
 
+def reference_match(key: bytes, rtype: str, code: str, references: Iterable[str]) -> Match:
+    """Resources of ``rtype`` whose reference parameter ``code`` names any of ``references``
+    (``Type/id``): how a chained parameter's or ``_has``'s findings become a query."""
+    return Match(frozenset(_token(key, rtype, code, ref) for ref in references))
+
+
+def is_chain(key: str) -> bool:
+    """``subject.name`` or ``subject:Patient.name``: a chained parameter."""
+    return "." in key and not key.startswith("_has:")
+
+
+def known_parameter(rtype: str, key: str) -> bool:
+    """Whether ``key`` (with its modifier) names a parameter search serves for ``rtype``."""
+    if key.startswith("_has:"):
+        parts = key.split(":", 3)
+        return len(parts) == 4 and registry().get(parts[1], parts[2]) is not None
+    if is_chain(key):
+        head, _, rest = key.partition(".")
+        name, modifier = split_parameter(head)
+        param = registry().get(rtype, name)
+        if param is None or param.type != "reference":
+            return False
+        targets = (modifier,) if modifier else param.targets
+        return any(known_parameter(t, rest) for t in targets)
+    name, modifier = split_parameter(key)
+    param = registry().get(rtype, name)
+    if param is None:
+        return False
+    try:
+        _check_modifier(rtype, param, modifier)
+    except InvalidInput:
+        return False
+    return True
+
+
 def plan_query(
     rtype: str, params: Mapping[str, Iterable[str]], tokenize: Tokenize, *, today: date
 ) -> Query:
     """The query for ``params``: every parameter must match, each repeat of one too.
 
-    Each value may hold comma separated alternatives (FHIR OR). Raises
-    :class:`InvalidInput` for an unsupported type, parameter or value, for
-    more than :data:`MAX_ALTERNATIVES` alternatives of one parameter, and for
-    a query of more than :data:`MAX_QUERY_TOKENS` tokens; the alternatives are
-    counted before any token is computed, and the tokens as they are.
+    Keys are parameter codes with an optional modifier (``code:not``); each
+    value may hold comma separated alternatives (FHIR OR). Raises
+    :class:`InvalidInput` for an unknown type, parameter or modifier, a bad
+    value, more than :data:`MAX_ALTERNATIVES` alternatives of one parameter,
+    and a query of more than :data:`MAX_QUERY_TOKENS` tokens.
     """
-    allowed = SEARCH_PARAMS.get(rtype)
-    if allowed is None:
+    served = registry().parameters(rtype)
+    if not served:
         raise InvalidInput(f"search is not supported for {rtype}")
     parts: list[Query] = []
     total = 0
-    for param, values in params.items():
-        if param not in allowed:
+    for key, values in params.items():
+        name, modifier = split_parameter(key)
+        param = served.get(name)
+        if param is None:
             raise InvalidInput(
-                f"unsupported search parameter {param!r} for {rtype} (supported: {', '.join(allowed)})"
+                f"unknown search parameter {name!r} for {rtype} (see GET /fhir/metadata; "
+                "send 'Prefer: handling=lenient' to have unknown parameters ignored)"
             )
+        _check_modifier(rtype, param, modifier)
         alternatives_of_param = 0
         for value in values:
             alternatives = [v for v in value.split(",") if v]
             if not alternatives:
-                raise InvalidInput(f"empty value for search parameter {param!r}")
+                raise InvalidInput(f"empty value for search parameter {name!r}")
             alternatives_of_param += len(alternatives)
             if alternatives_of_param > MAX_ALTERNATIVES:
                 raise InvalidInput(
-                    f"search parameter {param!r} has more than {MAX_ALTERNATIVES} alternatives"
+                    f"search parameter {name!r} has more than {MAX_ALTERNATIVES} alternatives"
                 )
             queries = []
             for alt in alternatives:
-                query, size = _alternative(rtype, param, alt, tokenize, today)
+                query, size = _alternative(param, modifier, alt, tokenize, today)
                 total += size
                 if total > MAX_QUERY_TOKENS:
                     raise InvalidInput(

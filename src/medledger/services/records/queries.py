@@ -5,14 +5,31 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
+from medledger.core.errors import InvalidInput
 from medledger.ledger.clock import Clock
+from medledger.services.fhirpath_subset import reference_type
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import StoredResource
 from medledger.services.records.reading import RecordReader
-from medledger.services.search import evaluate, query_tokens
+from medledger.services.search import (
+    AllOf,
+    Query,
+    evaluate,
+    is_chain,
+    query_tokens,
+    reference_match,
+    split_parameter,
+)
+from medledger.services.search_registry import registry
+from medledger.services.search_sort import MAX_SORTED, parse_sort, sort_resources
 from medledger.storage.ports import RecordIndex, VersionRow
 
-__all__ = ["RecordSearch"]
+__all__ = ["MAX_CHAINED", "RecordSearch"]
+
+#: A chained parameter or ``_has`` may find at most this many resources to refer through.
+MAX_CHAINED = 1000
+#: Chains and ``_has`` nest at most this deep.
+MAX_DEPTH = 3
 
 
 class RecordSearch:
@@ -32,17 +49,56 @@ class RecordSearch:
         params: Mapping[str, Sequence[str]],
         offset: int,
         count: int | None,
+        sort: Sequence[str] = (),
     ) -> tuple[int, list[StoredResource]]:
-        """How many match, and those in ``[offset, offset + count)`` opened (only the page)."""
+        """How many match, and those in ``[offset, offset + count)`` opened.
+
+        Unsorted, only the page is decrypted. Sorted (``_sort`` values), every
+        match is decrypted and sorted in memory (``services.search_sort``): at
+        most :data:`MAX_SORTED` of them, else :class:`InvalidInput`.
+        """
         rows = self.matching(resource_type, params)
         end = None if count is None else offset + count
-        return len(rows), [self._reader.open(row) for row in rows[offset:end]]
+        fields = parse_sort(resource_type, list(sort))
+        if not fields:
+            return len(rows), [self._reader.open(row) for row in rows[offset:end]]
+        if len(rows) > MAX_SORTED:
+            raise InvalidInput(
+                f"the search matches {len(rows)} resources; _sort orders at most {MAX_SORTED} "
+                "(narrow the search)"
+            )
+        opened = [self._reader.open(row) for row in rows]
+        ordered = sort_resources(opened, fields, lambda s: s.resource())
+        return len(ordered), ordered[offset:end]
 
-    def matching(self, resource_type: str, params: Mapping[str, Sequence[str]]) -> list[VersionRow]:
-        """The latest, unerased rows matching ``params`` (see ``services.search``)."""
+    def matching(
+        self, resource_type: str, params: Mapping[str, Sequence[str]], depth: int = 0
+    ) -> list[VersionRow]:
+        """The latest, unerased rows matching ``params`` (see ``services.search``).
+
+        Chained parameters (``subject:Patient.name=x``) and ``_has`` search the
+        other type first — each finding at most :data:`MAX_CHAINED` resources —
+        and then match the references to or from what they found.
+        """
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"chained parameters and _has nest at most {MAX_DEPTH} deep")
+        plain = {k: v for k, v in params.items() if not is_chain(k) and not k.startswith("_has:")}
         # "Today" only sets the tolerance of a date search's ``ap`` prefix.
         today = datetime.fromtimestamp(self._clock.now_ms() / 1000, UTC).date()
-        query = query_tokens(self._keys.search_key, resource_type, params, today=today)
+        query: Query = query_tokens(self._keys.search_key, resource_type, plain, today=today)
+        extra: list[Query] = []
+        for key, values in params.items():
+            if is_chain(key):
+                extra.append(self._chain(resource_type, key, values, depth))
+            elif key.startswith("_has:"):
+                extra.append(self._has(resource_type, key, values, depth))
+        if extra:
+            assert isinstance(query, AllOf)
+            query = AllOf((*query.parts, *extra))
+        return self._rows(resource_type, query)
+
+    def _rows(self, resource_type: str, query: Query) -> list[VersionRow]:
+        """The latest, live rows of ``resource_type`` matching ``query``, by id."""
 
         def every() -> set[str]:
             return {
@@ -61,3 +117,148 @@ class RecordSearch:
             if row is not None and not row.erased and not row.deleted:
                 rows.append(row)
         return rows
+
+    def _chain(self, rtype: str, key: str, values: Sequence[str], depth: int) -> Query:
+        """``subject:Patient.name=x``: references to the Patients whose name matches."""
+        head, _, rest = key.partition(".")
+        name, modifier = split_parameter(head)
+        param = registry().get(rtype, name)
+        if param is None or param.type != "reference":
+            raise InvalidInput(f"{name!r} is not a reference parameter of {rtype}: cannot chain")
+        targets = (modifier,) if modifier else param.targets
+        if not targets:
+            raise InvalidInput(f"chain through {name!r} needs a type: {name}:Type.{rest}")
+        refs: list[str] = []
+        searched = False
+        for target in targets:
+            if registry().get(target, split_parameter(rest.partition(".")[0])[0]) is None and not (
+                rest.startswith("_has:")
+            ):
+                continue  # this target type has no such parameter
+            searched = True
+            found = self.matching(target, {rest: values}, depth + 1)
+            refs.extend(f"{target}/{row.id}" for row in found)
+            if len(refs) > MAX_CHAINED:
+                raise InvalidInput(
+                    f"the chained parameter {key!r} finds more than {MAX_CHAINED} resources "
+                    "(narrow it)"
+                )
+        if not searched:
+            raise InvalidInput(f"unknown chained parameter {key!r} for {rtype}")
+        return reference_match(self._keys.search_key, rtype, name, refs)
+
+    def _has(self, rtype: str, key: str, values: Sequence[str], depth: int) -> Query:
+        """``_has:Observation:patient:code=x``: those an Observation with code x refers to.
+
+        The index maps terms to resources, not back, so the referring resources
+        are decrypted (at most :data:`MAX_CHAINED`) to read their references.
+        """
+        parts = key.split(":", 3)
+        if len(parts) != 4 or not all(parts[1:]):
+            raise InvalidInput(f"_has takes _has:Type:reference:parameter, got {key!r}")
+        _, other, ref_code, rest = parts
+        param = registry().get(other, ref_code)
+        if param is None or param.type != "reference":
+            raise InvalidInput(f"{ref_code!r} is not a reference parameter of {other}")
+        rows = self.matching(other, {rest: values}, depth + 1)
+        if len(rows) > MAX_CHAINED:
+            raise InvalidInput(f"{key!r} finds more than {MAX_CHAINED} resources (narrow it)")
+        ids: set[str] = set()
+        for row in rows:
+            for value, _ in param.path.evaluate(self._reader.open(row).resource()):
+                ref = value.get("reference") if isinstance(value, dict) else None
+                # Only local references: an absolute URL names another server's resource.
+                if isinstance(ref, str) and "://" not in ref and reference_type(ref) == rtype:
+                    ids.add(ref.rsplit("/", 1)[-1])
+        return reference_match(self._keys.search_key, rtype, "_id", ids)
+
+    def included(
+        self,
+        found: Sequence[StoredResource],
+        include: Sequence[tuple[str, bool]],
+        revinclude: Sequence[tuple[str, bool]],
+    ) -> list[StoredResource]:
+        """The resources ``_include`` and ``_revinclude`` add to ``found`` (FHIR R4 §3.1.1.5.4).
+
+        ``_include=Type:param[:Target]`` adds what ``found``'s ``Type`` resources
+        refer to through ``param``; ``_revinclude=Type:param[:Target]`` adds the
+        ``Type`` resources that refer to any of ``found`` through ``param``. An
+        ``iterate`` one applies again to what was added (at most
+        :data:`MAX_DEPTH` rounds). At most :data:`MAX_CHAINED` are added.
+        """
+        seen = {(s.resource_type, s.id) for s in found}
+        added: list[StoredResource] = []
+        current = list(found)
+        for depth in range(MAX_DEPTH):
+            fresh: list[StoredResource] = []
+            for value, iterate in include:
+                if depth == 0 or iterate:
+                    fresh.extend(self._forward(current, value))
+            for value, iterate in revinclude:
+                if depth == 0 or iterate:
+                    fresh.extend(self._reverse(current, value))
+            current = []
+            for stored in fresh:
+                if (stored.resource_type, stored.id) not in seen:
+                    seen.add((stored.resource_type, stored.id))
+                    current.append(stored)
+            added.extend(current)
+            if len(added) > MAX_CHAINED:
+                raise InvalidInput(
+                    f"_include and _revinclude would add more than {MAX_CHAINED} resources"
+                )
+            if not current:
+                break
+        return added
+
+    @staticmethod
+    def _include_spec(value: str) -> tuple[str, str, str | None]:
+        parts = value.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise InvalidInput(
+                f"_include and _revinclude take Type:parameter[:Target], got {value!r}"
+            )
+        rtype, code = parts[0], parts[1]
+        param = registry().get(rtype, code)
+        if param is None or param.type != "reference":
+            raise InvalidInput(f"{code!r} is not a reference parameter of {rtype}")
+        target = parts[2] if len(parts) == 3 else None
+        if target is not None and param.targets and target not in param.targets:
+            raise InvalidInput(f"{rtype}:{code} does not refer to {target}")
+        return rtype, code, target
+
+    def _forward(self, current: Sequence[StoredResource], value: str) -> list[StoredResource]:
+        rtype, code, target = self._include_spec(value)
+        param = registry().get(rtype, code)
+        assert param is not None
+        wanted: set[tuple[str, str]] = set()
+        for stored in current:
+            if stored.resource_type != rtype:
+                continue
+            for element, _ in param.path.evaluate(stored.resource()):
+                ref = element.get("reference") if isinstance(element, dict) else None
+                kind = reference_type(ref)
+                # Local references only: an absolute URL names another server's resource.
+                if isinstance(ref, str) and "://" not in ref and kind and kind == (target or kind):
+                    wanted.add((kind, ref.rsplit("/", 1)[-1]))
+        out = []
+        for kind, rid in sorted(wanted):
+            row = self._index.latest(kind, rid)
+            if row is not None and not row.erased and not row.deleted:
+                out.append(self._reader.open(row))
+        return out
+
+    def _reverse(self, current: Sequence[StoredResource], value: str) -> list[StoredResource]:
+        rtype, code, target = self._include_spec(value)
+        refs = [
+            f"{s.resource_type}/{s.id}"
+            for s in current
+            if target is None or s.resource_type == target
+        ]
+        if not refs:
+            return []
+        query = AllOf((reference_match(self._keys.search_key, rtype, code, refs),))
+        rows = self._rows(rtype, query)
+        if len(rows) > MAX_CHAINED:
+            raise InvalidInput(f"_revinclude={value} would add more than {MAX_CHAINED} resources")
+        return [self._reader.open(row) for row in rows]

@@ -339,16 +339,30 @@ class RecordsService:
         params: Mapping[str, Sequence[str]],
         offset: int,
         count: int | None,
+        sort: Sequence[str] = (),
     ) -> tuple[int, list[StoredResource]]:
         """How many latest versions match, and those in ``[offset, offset + count)`` opened.
 
         The index look-ups and the decryption run in a worker thread, so an
         expensive query leaves the event loop free (hashing, SQLite and AES-GCM
         spend their time in C; the thread hands the GIL back at least every
-        ``sys.getswitchinterval()``). Only the page is decrypted.
+        ``sys.getswitchinterval()``). Only the page is decrypted, unless
+        ``sort`` (``_sort`` values) asks for every match to be ordered.
         """
         await self.recovery.ensure_recovered()
-        return await asyncio.to_thread(self._search.page, resource_type, params, offset, count)
+        return await asyncio.to_thread(
+            self._search.page, resource_type, params, offset, count, sort
+        )
+
+    async def included(
+        self,
+        found: Sequence[StoredResource],
+        include: Sequence[tuple[str, bool]],
+        revinclude: Sequence[tuple[str, bool]],
+    ) -> list[StoredResource]:
+        """What ``_include`` and ``_revinclude`` (``(value, iterate)``) add to ``found``."""
+        await self.recovery.ensure_recovered()
+        return await asyncio.to_thread(self._search.included, found, include, revinclude)
 
     async def search_ids(
         self, resource_type: str, params: Mapping[str, Sequence[str]]
