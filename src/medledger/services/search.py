@@ -51,6 +51,7 @@ __all__ = [
     "MAX_PREFIX_CHARS",
     "MAX_QUERY_TOKENS",
     "MAX_RESOURCE_TERMS",
+    "ROW_PARAMETERS",
     "TOKEN_SIZE",
     "AllOf",
     "AnyOf",
@@ -71,6 +72,9 @@ __all__ = [
 ]
 
 TOKEN_SIZE = 16
+#: Parameters answered from the index row, not from tokens: ``_lastUpdated`` is the
+#: row's own time (plaintext there already), so it costs no tokens.
+ROW_PARAMETERS = frozenset({"_lastUpdated"})
 #: A resource needing more index entries than this is refused. A patient with three
 #: names of four 24-letter words each needs under 600.
 MAX_RESOURCE_TERMS = 2048
@@ -108,7 +112,7 @@ def resource_terms(
     body = dict(resource)
     present = top_level_names(body)
     for code, param in registry().parameters(str(resource.get("resourceType"))).items():
-        if not param.path.may_select(present):
+        if code in ROW_PARAMETERS or not param.path.may_select(present):
             continue
         pending = parameter_terms(param, body, present)
         room = 1 + (limit - len(terms) if limit is not None else 4096)
@@ -359,6 +363,8 @@ def plan_query(
     total = 0
     for key, values in params.items():
         name, modifier = split_parameter(key)
+        if name in ROW_PARAMETERS:
+            continue  # the caller filters rows by these (RecordSearch.matching)
         param = served.get(name)
         if param is None:
             raise InvalidInput(

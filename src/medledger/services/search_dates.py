@@ -43,6 +43,7 @@ __all__ = [
     "DateCondition",
     "cover",
     "date_condition",
+    "day_matches",
     "period_days",
     "range_terms",
     "search_days",
@@ -212,3 +213,24 @@ def date_condition(value: str, *, today: date) -> DateCondition:
             )
         )
     return DateCondition(all_of=(tuple(terms),))
+
+
+def day_matches(value: str, day: date, *, today: date) -> bool:
+    """Whether a single day (an instant's day) satisfies a date search value.
+
+    The same table as :func:`date_condition`, for a value kept in plaintext
+    (a version's ``lastUpdated``) rather than in the blind index.
+    """
+    prefix, ps, pe = search_days(value)
+    if prefix in ("eq", "ne"):
+        return (ps <= day <= pe) == (prefix == "eq")
+    if prefix in ("gt", "sa"):
+        return day > pe
+    if prefix in ("lt", "eb"):
+        return day < ps
+    if prefix == "ge":
+        return day >= ps
+    if prefix == "le":
+        return day <= pe
+    slack = timedelta(days=abs((today - ps).days) // 10)
+    return ps - slack <= day <= pe + slack

@@ -53,6 +53,8 @@ _ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", 
 
 def normalize(text: str) -> str:
     """Case-fold, strip accents, collapse white space (FHIR string matching)."""
+    if text.isascii():  # the common case, and the same answer: no accents to strip
+        return " ".join(text.lower().split())
     decomposed = unicodedata.normalize("NFKD", text)
     stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
     return " ".join(stripped.casefold().split())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from medledger.core.errors import InvalidInput
 from medledger.ledger.clock import Clock
@@ -20,6 +20,7 @@ from medledger.services.search import (
     reference_match,
     split_parameter,
 )
+from medledger.services.search_dates import day_matches
 from medledger.services.search_registry import registry
 from medledger.services.search_sort import MAX_SORTED, parse_sort, sort_resources
 from medledger.storage.ports import RecordIndex, VersionRow
@@ -30,6 +31,10 @@ __all__ = ["MAX_CHAINED", "RecordSearch"]
 MAX_CHAINED = 1000
 #: Chains and ``_has`` nest at most this deep.
 MAX_DEPTH = 3
+
+
+def _day_of(ms: int) -> date:
+    return datetime.fromtimestamp(ms / 1000, UTC).date()
 
 
 class RecordSearch:
@@ -95,7 +100,22 @@ class RecordSearch:
         if extra:
             assert isinstance(query, AllOf)
             query = AllOf((*query.parts, *extra))
-        return self._rows(resource_type, query)
+        rows = self._rows(resource_type, query)
+        for key, values in params.items():
+            if split_parameter(key) == ("_lastUpdated", None):
+                # Not in the blind index: the row's own time answers it.
+                for value in values:
+                    alternatives = [v for v in value.split(",") if v]
+                    rows = [
+                        r
+                        for r in rows
+                        if any(
+                            day_matches(v, _day_of(r.updated_ms), today=today) for v in alternatives
+                        )
+                    ]
+            elif split_parameter(key)[0] == "_lastUpdated":
+                raise InvalidInput("_lastUpdated takes no modifier")
+        return rows
 
     def _rows(self, resource_type: str, query: Query) -> list[VersionRow]:
         """The latest, live rows of ``resource_type`` matching ``query``, by id."""
