@@ -192,3 +192,25 @@ def test_patient_tokens_may_not_reach_into_other_records(
         assert {e["resource"]["subject"]["reference"] for e in own.get("entry", [])} <= {
             "Patient/sa-1"
         }
+
+
+def test_last_updated_is_answered_from_the_stored_time(
+    clinician: httpx.Client, stored: list[Resource]
+) -> None:
+    """``_lastUpdated`` compares each version's own time (kept by the index row, not tokens)."""
+    written = {
+        e["resource"]["id"]: e["resource"]["meta"]["lastUpdated"][:10]
+        for e in _bundle(clinician.get("/fhir/Patient", params={"family": "searchapi"}))["entry"]
+    }
+    day = min(written.values())
+    for value, expected in (
+        (f"ge{day}", set(written)),
+        (day, {i for i, d in written.items() if d == day}),
+        ("lt2000", set()),
+        (f"sa{day[:4]}", set()),
+    ):
+        bundle = _bundle(
+            clinician.get("/fhir/Patient", params={"family": "searchapi", "_lastUpdated": value})
+        )
+        assert _ids(bundle) == expected, value
+    assert_outcome(clinician.get("/fhir/Patient", params={"_lastUpdated": "yesterday"}), 400)
