@@ -289,8 +289,9 @@ def _clinical_cases() -> list[tuple[str, str, dict[str, list[str]]]]:
         code_param, date_param = CLINICAL[rtype]
         terms = resource_terms(r)
         codes = sorted(t for p, t in terms if p == code_param and "|" in t[1:-1])
-        starts = sorted(t[4:] for p, t in terms if p == date_param and t.startswith("s:d:"))
-        ends = sorted(t[4:] for p, t in terms if p == date_param and t.startswith("e:d:"))
+        days = [(t[:1], t[4:]) for p, t in terms if p == date_param and t[1:4] == ":d:"]
+        starts = sorted(d for kind, d in days if kind in "sp")
+        ends = sorted(d for kind, d in days if kind in "ep")
         assert codes and starts and ends, rtype
         # The first date value's range lies in [ge its start month, le its end year].
         dates = [f"ge{starts[0][:7]}", f"le{max(ends)[:4]}"]
@@ -500,11 +501,8 @@ def test_observation_terms() -> None:
             for param in ("code", "combo-code")
             for t in ("8867-4", f"{LOINC}|8867-4", f"{LOINC}|")
         ),
-        *(
-            ("date", f"{edge}:{bucket}")
-            for edge in ("s", "e", "w")
-            for bucket in ("x:202", "y:2020", "m:2020-01", "d:2020-01-15")
-        ),
+        # A single day is indexed once, as a point (p:), by its decade, year, month, day.
+        *(("date", f"p:{b}") for b in ("x:202", "y:2020", "m:2020-01", "d:2020-01-15")),
     }
     # Each parameter with a value is also marked present (for :missing), and nothing else.
     marked = {(p, t) for p, t in terms if t.startswith(MARK)}

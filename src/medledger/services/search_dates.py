@@ -18,7 +18,8 @@ each prefix is a relation between the two. With the resource range
 
 Over the blind index only equality of tokens can be tested, so a value is
 indexed by the calendar buckets (day, month, year, decade) that hold its
-start (``s:``), hold its end (``e:``) and hold all of it (``w:``). A search
+start (``s:``), hold its end (``e:``) and hold all of it (``w:``); a single
+day, the common case, by its four buckets once (``p:``). A search
 range becomes a handful of buckets (:func:`cover`: whole decades, years,
 months, then days), so every prefix above is one set of tokens — any of which
 matches — except ``ne`` (a complement) and ``ap`` (two sets, both must
@@ -108,7 +109,14 @@ def _buckets(day: date) -> list[str]:
 
 
 def range_terms(lo: date, hi: date) -> list[str]:
-    """Index terms of the resource range ``[lo, hi]``: the buckets of its start, end and whole."""
+    """Index terms of the resource range ``[lo, hi]``: the buckets of its start, end and whole.
+
+    A single day (most values: a birth date, a dateTime) is its own start, end
+    and whole: its four buckets are indexed once, as ``p:`` (point), and every
+    query asks for ``p:`` wherever it asks for ``s:``, ``e:`` or ``w:``.
+    """
+    if lo == hi:
+        return [f"p:{b}" for b in _buckets(lo)]
     terms = [f"s:{b}" for b in _buckets(lo)] + [f"e:{b}" for b in _buckets(hi)]
     terms.extend(f"w:{b}" for b, c in zip(_buckets(lo), _buckets(hi), strict=True) if b == c)
     return terms
@@ -186,6 +194,15 @@ def date_condition(value: str, *, today: date) -> DateCondition:
 
     ``today`` sets the tolerance of ``ap``: a tenth of the days between the value and today.
     """
+    condition = _range_condition(value, today)
+    # A point value is indexed as ``p:`` only: it matches wherever s:, e: or w: would.
+    return DateCondition(
+        all_of=tuple((*terms, *(f"p:{t[2:]}" for t in terms)) for terms in condition.all_of),
+        negated=condition.negated,
+    )
+
+
+def _range_condition(value: str, today: date) -> DateCondition:
     prefix, ps, pe = search_days(value)
     bucket = cover(ps, pe)  # a search value is one day, month or year: one bucket
     if prefix in ("eq", "ne"):
