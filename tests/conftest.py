@@ -32,11 +32,15 @@ FAST_KDF = KdfParams(n=2**12)
 _ADDRESS_IN_ID = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Refuse test ids that differ between runs.
+    """Refuse test ids that differ between runs; keep each module on one xdist worker.
 
-    ``make test`` runs two pytest-xdist workers, and they refuse to start unless
-    both collect the same ids; an id holding a memory address never matches.
+    pytest-xdist workers refuse to start unless all collect the same ids; an id
+    holding a memory address never matches. Under ``-n 2 --dist loadgroup`` a
+    test without an ``xdist_group`` is grouped by its module: module-scoped
+    fixtures (a served node, a ``network up``) then start once, and tests that
+    read what earlier tests of their module left (a fuzzing tally) see it.
     """
     unstable = [item.nodeid for item in items if _ADDRESS_IN_ID.search(item.nodeid)]
     if unstable:
@@ -44,6 +48,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "test ids must be the same on every run (give the value a repr or the "
             f"parameter an id): {unstable[:3]}"
         )
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 class StepClock:
