@@ -113,3 +113,34 @@ def test_health_lists_failing_checks_by_name_and_survives_a_broken_check() -> No
     health.remove("sick")
     health.remove("broken")
     assert health.problems() == {}
+
+
+def test_close_ends_a_task_that_lost_its_cancellation() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` can swallow a cancellation (its result won).
+
+    A task that lost one must still end when closed: a node's shutdown waited for
+    such a task forever.
+    """
+    swallowed: list[bool] = []
+
+    async def work() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)  # what wait_for does when its result arrives too
+
+    async def main() -> bool:
+        task = SupervisedTask("worker", work)
+        task.start()
+        await asyncio.sleep(0)  # let it reach its first await
+        # Not wait_for: cancelling close() on its timeout would cancel the task again.
+        closing = asyncio.create_task(task.close())
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        assert closing in done, "close() still waits for a task that lost its cancellation"
+        return task.problem is None
+
+    assert asyncio.run(main())
+    assert swallowed == [True]

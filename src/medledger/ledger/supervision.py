@@ -67,6 +67,10 @@ class Health:
         return {name: p for name, p in self.results().items() if p is not None}
 
 
+#: How long :meth:`SupervisedTask.close` waits before cancelling a running task again.
+_CANCEL_AGAIN_S = 0.5
+
+
 def _always(_exc: BaseException) -> bool:
     return True
 
@@ -111,12 +115,23 @@ class SupervisedTask:
             self._task = asyncio.get_running_loop().create_task(self._supervise(), name=self.name)
 
     async def close(self) -> None:
-        """Cancel the task and wait for it. Idempotent."""
+        """Cancel the task and wait until it has ended. Idempotent.
+
+        The task is cancelled again every :data:`_CANCEL_AGAIN_S` while it still
+        runs: on Python 3.11, ``asyncio.wait_for`` (the consortium member's
+        ``submit``, nats-py requests) returns its result and drops a cancellation
+        that arrives together with it, and a loop that lost its cancellation
+        would run on while ``close`` waited for it forever (a node hung at
+        shutdown).
+        """
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=_CANCEL_AGAIN_S)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
