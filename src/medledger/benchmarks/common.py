@@ -18,6 +18,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from medledger.core.errors import MedledgerError
 from medledger.storage.keystore import KdfParams
 
@@ -165,3 +168,14 @@ async def gather_timed(coros: Iterable[Awaitable[Any]]) -> tuple[float, float]:
     start = time.perf_counter()
     await asyncio.gather(*coros)
     return time.perf_counter() - start, time.process_time() - cpu
+
+
+def sweep_progress(console: Console) -> Progress:
+    """The progress bar a benchmark sweep shows on ``console``: what runs, how far, how long."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )

@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medledger.benchmarks.common import finish_results, results_header, work_dir, write_json
+from medledger.benchmarks.common import (
+    finish_results,
+    results_header,
+    sweep_progress,
+    work_dir,
+    write_json,
+)
 from medledger.benchmarks.hybrid import HybridSettings, draw_plots, run_one_process
 from medledger.benchmarks.hybrid_procs import run_per_institution
 from medledger.benchmarks.hybrid_summary import compare, print_summary
@@ -42,13 +47,7 @@ def run_hybrid_bench(
     started = time.perf_counter()
     with (
         work_dir(root, "hybrid") as base,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        sweep_progress(console) as progress,
     ):
         for ordering in settings.orderings:
             for mode in settings.modes:

@@ -22,10 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medledger.benchmarks.common import finish_results, results_header, work_dir, write_json
+from medledger.benchmarks.common import (
+    finish_results,
+    results_header,
+    sweep_progress,
+    work_dir,
+    write_json,
+)
 from medledger.benchmarks.hybrid import HybridSettings
 from medledger.benchmarks.hybrid_procs import run_per_institution
 from medledger.benchmarks.hybrid_summary import compare
@@ -79,13 +84,7 @@ def run_hybrid_scale(
     started = time.perf_counter()
     with (
         work_dir(root, "hybrid-scale") as base,
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        sweep_progress(console) as progress,
     ):
         for rtt, size in scale_points(rtts, sizes):
             point = dataclasses.replace(settings, rtt_ms=rtt, institutions=size)
