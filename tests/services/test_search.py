@@ -324,7 +324,7 @@ def test_clinical_cases_cover_all_types() -> None:
         ("Patient", {"name:contains": ["x"]}),
         ("Patient", {"gender:below": ["x"]}),
         ("Patient", {"name:missing": ["maybe"]}),
-        ("Observation", {"value-quantity": ["gt5"]}),
+        ("Observation", {"value-quantity": ["gt5|mg"]}),
         ("Observation", {"value-quantity": ["five"]}),
         ("Observation", {"code:of-type": ["a|b"]}),
         ("Patient", {"name": [""]}),

@@ -16,6 +16,7 @@ import random
 import unicodedata
 from collections.abc import Callable, Iterator
 from datetime import date, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,37 @@ def build(seed: int = 18) -> list[R]:
             "effectiveDateTime": f"2023-05-{1 + n:02}T09:00:00Z",
             "valueQuantity": {"value": weight if n % 5 else 70.0, "unit": "kg", "system": UCUM, "code": "kg"},
         })  # fmt: skip
+    out.extend(measurements(random.Random(seed + 1)))
+    return out
+
+
+#: Numbers at the edges of the searches below (100's range is [99.5, 100.5), ap is ±10 %).
+EDGES = ["100", "99.5", "100.5", "99.49", "100.4999", "90", "110", "110.01", "-3", "0",
+         "0.25", "0.055", "1e2", "12.0", "0.5", "1"]  # fmt: skip
+
+
+def measurements(rng: random.Random) -> list[R]:
+    """Numbers and quantities: risk probabilities and heights in several units."""
+    out: list[R] = []
+    for n in range(24):
+        edge = EDGES[n % len(EDGES)]
+        out.append({
+            "resourceType": "RiskAssessment", "id": f"risk-{n}", "status": "final",
+            "subject": {"reference": f"Patient/pat-{n}"},
+            "prediction": [{"probabilityDecimal": float(edge) if n % 3 else rng.choice([0.1, 0.33, 0.5])}]
+            + ([{"probabilityDecimal": round(rng.uniform(0, 1), 3)}] if n % 4 == 0 else []),
+        })  # fmt: skip
+        unit = [
+            ("cm", UCUM, "cm"),
+            ("inch", UCUM, "[in_i]"),
+            ("centimetre", "http://example.org/units", "cm"),
+        ][n % 3]
+        value = float(edge) if n % 2 else round(rng.uniform(-5, 200), rng.choice([0, 1, 2]))
+        out.append({
+            "resourceType": "Observation", "id": f"obs-h-{n}", "status": "final", "subject": {"reference": f"Patient/pat-{n}"},
+            "code": {"coding": [{"system": LOINC, "code": "8302-2", "display": "Body height"}]},
+            "valueQuantity": {"value": value, "unit": unit[0], "system": unit[1], "code": unit[2]},
+        })  # fmt: skip
     return out
 
 
@@ -234,6 +266,28 @@ def day_range(value: Any) -> tuple[date, date] | None:
         d = date.fromisoformat(value[:10])
         return d, d
     return None
+
+
+def number_holds(prefix: str, value: float, search: str) -> bool:
+    """FHIR R4 search.html#number: the search value's written precision gives ``eq``,
+    ``ne``, ``sa`` and ``eb`` a range; ``ap`` is within 10 % of it."""
+    x, v = Decimal(search), Decimal(str(value))
+    places = -int(x.as_tuple().exponent)
+    lo, hi = x - Decimal(5).scaleb(-places - 1), x + Decimal(5).scaleb(-places - 1)
+    return {
+        "eq": lo <= v < hi, "ne": not lo <= v < hi, "gt": v > x, "lt": v < x, "ge": v >= x,
+        "le": v <= x, "sa": v >= hi, "eb": v < lo, "ap": abs(v - x) <= max(abs(x) / 10, hi - x),
+    }[prefix]  # fmt: skip
+
+
+def unit_holds(quantity: R, unit: str) -> bool:
+    """``|system|code`` or ``||code`` (code or unit text) or no unit."""
+    if not unit:
+        return True
+    system, code = unit[1:].split("|")
+    if system:
+        return bool(quantity.get("system") == system and quantity.get("code") == code)
+    return code in (quantity.get("code"), quantity.get("unit"))
 
 
 def search_range(text: str) -> tuple[date, date]:
@@ -439,19 +493,38 @@ def cases() -> Iterator[tuple[str, str, dict[str, list[str]], set[str]]]:
         {"location:missing": ["false"]},
         ids("Encounter", lambda r: "location" in r),
     )
-    # -- quantity (equality) and dates (every prefix, Periods as ranges)
+    # -- numbers and quantities (every prefix, units), dates (every prefix, Periods as ranges)
     yield (
         "value-quantity",
         "Observation",
         {"value-quantity": [f"70|{UCUM}|kg"]},
-        ids("Observation", lambda r: r["valueQuantity"]["value"] == 70.0),
-    )
+        ids("Observation", lambda r: r["valueQuantity"]["code"] == "kg"
+            and number_holds("eq", r["valueQuantity"]["value"], "70")),
+    )  # fmt: skip
     yield (
         "value-quantity number only",
         "Observation",
         {"value-quantity": ["70.0"]},
-        ids("Observation", lambda r: r["valueQuantity"]["value"] == 70.0),
+        ids("Observation", lambda r: number_holds("eq", r["valueQuantity"]["value"], "70.0")),
     )
+    for search in ("100", "100.0", "1e2", "99.5", "-3", "0", "0.25", "12", "110"):
+        for prefix in ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"):
+            for unit in ("", f"|{UCUM}|cm", "||cm", "||inch", f"|{UCUM}|[in_i]"):
+                yield (
+                    f"height {prefix}{search}{unit}",
+                    "Observation",
+                    {"value-quantity": [prefix + search + unit]},
+                    ids("Observation", lambda r, p=prefix, s=search, u=unit:
+                        unit_holds(r["valueQuantity"], u) and number_holds(p, r["valueQuantity"]["value"], s)),
+                )  # fmt: skip
+            yield (
+                f"probability {prefix}{search}",
+                "RiskAssessment",
+                {"probability": [prefix + search]},
+                ids("RiskAssessment", lambda r, p=prefix, s=search: any(
+                    number_holds(p, x["probabilityDecimal"], s) for x in r["prediction"])
+                    if p != "ne" else not any(number_holds("eq", x["probabilityDecimal"], s) for x in r["prediction"])),
+            )  # fmt: skip
     rng = random.Random(5)
     date_params = [
         ("Encounter", "date", lambda r: r["period"]),
@@ -541,7 +614,7 @@ def test_the_dataset_is_shaped_like_the_issue() -> None:
         "DocumentReference", "AllergyIntolerance", "Device", "Location", "Organization",
         "Practitioner", "PractitionerRole",
     }  # fmt: skip
-    assert 250 <= len(DATA) <= 400
+    assert 250 <= len(DATA) <= 450
     # Ongoing stays, absolute references and empty answers are all exercised.
     assert any("end" not in r["period"] for r in by_type("Encounter"))
     assert any(not expected for *_, expected in CASES)

@@ -13,7 +13,8 @@ most that many. Dates and Periods are ranges of days compared as FHIR ranges
 with every prefix (``services.search_dates``). Modifiers: ``:missing`` (all
 types), ``:exact`` (string), ``:not``, ``:text``, ``:of-type`` (token),
 ``:identifier`` and type modifiers (reference). Numbers and quantities are
-compared for equality only (``eq``); other prefixes and modifiers are refused.
+compared with every prefix, with the search value's implicit precision
+(``services.search_numbers``).
 
 A query is a small tree (:class:`AllOf`, :class:`AnyOf`, :class:`Not` over
 :class:`Match`) that :func:`evaluate` resolves through the index. It is
@@ -37,12 +38,12 @@ from typing import Any
 from medledger.core.errors import InvalidInput
 from medledger.services.fhirpath_subset import reference_type, top_level_names
 from medledger.services.search_dates import date_condition
+from medledger.services.search_numbers import EVERY_NUMBER, number_condition, range_cells
 from medledger.services.search_registry import SearchParameter, registry
 from medledger.services.search_terms import (
     MARK,
     MAX_PREFIX_CHARS,
     normalize,
-    number_term,
     parameter_terms,
 )
 
@@ -215,18 +216,23 @@ def _reference_query_terms(
     return [f"{t}/{value}" for t in targets] or [value]
 
 
-def _number_value(param: SearchParameter, value: str) -> str:
-    prefix = value[:2] if value[:2].isalpha() else "eq"
-    text = value[2:] if value[:2].isalpha() else value
-    if prefix != "eq":
-        raise InvalidInput(
-            f"{param.type} search on {param.code!r} compares for equality only (no {prefix!r} prefix)"
-        )
-    number, _, unit = text.partition("|")
-    term = number_term(number)
-    if term is None or not number.strip():
-        raise InvalidInput(f"{param.code!r}: {number!r} is not a number")
-    return term if not unit else f"{term}|{unit}"
+def _number_terms(param: SearchParameter, value: str) -> tuple[list[str], bool, str]:
+    """A number or quantity search value as index terms, whether they are negated (``ne``),
+    and the unit form they end in (``""``, ``||code`` or ``|system|code``).
+
+    ``[prefix]number`` for both; a quantity may add ``|system|code`` or ``||code``.
+    """
+    number, unit = value, ""
+    if "|" in value:
+        number, _, rest = value.partition("|")
+        if param.type != "quantity" or rest.count("|") != 1 or not rest.split("|")[1]:
+            raise InvalidInput(
+                f"{param.code!r}: {value!r} is not [prefix]number"
+                + ("|system|code or [prefix]number||code" if param.type == "quantity" else "")
+            )
+        unit = f"|{rest}"
+    condition = number_condition(number)
+    return [cell + unit for cell in condition.cells], condition.negated, unit
 
 
 _MODIFIERS = {
@@ -285,7 +291,12 @@ def _alternative(
         terms = _reference_query_terms(param, value, modifier)
         return match(terms), len(terms)
     if param.type in ("number", "quantity"):
-        return match([_number_value(param, value)]), 1
+        terms, negated, unit = _number_terms(param, value)
+        if negated:  # ``ne`` compares values: a resource without one (in the unit) is not "ne"
+            # "Has a value in this unit": every magnitude of both signs, and zero.
+            anywhere = [c + unit for c in range_cells(EVERY_NUMBER)] if unit else [f"{MARK}?"]
+            return AllOf((match(anywhere), Not(match(terms)))), len(terms) + len(anywhere)
+        return match(terms), len(terms)
     return match([value]), 1  # uri
 
 

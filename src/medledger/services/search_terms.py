@@ -16,8 +16,8 @@ reference  ``Type/id`` (relative) or the absolute URL as written; ``MARKi`` +
            ``system|value`` and ``value`` of a logical reference (``:identifier``);
            a canonical as written and without its ``|version``
 date       ``services.search_dates.range_terms`` of the value's day range
-number     the decimal, normalized (``1.50`` is ``1.5``)
-quantity   ``value``, ``value|system|code``, ``value||code``
+number     ``services.search_numbers.point_cells`` of the decimal (magnitude, digit prefixes, end)
+quantity   those cells, alone and before each unit form (``||code``, ``|system|code``)
 uri        the URI as written
 =========  ===========================================================================
 
@@ -32,6 +32,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from medledger.services.search_dates import period_days, range_terms, value_days
+from medledger.services.search_numbers import parse_number, point_cells, quantity_units
 from medledger.services.search_registry import SearchParameter
 
 __all__ = [
@@ -183,24 +184,21 @@ def _date_terms(values: Iterable[Any]) -> Iterator[str]:
 
 def _number_terms(values: Iterable[Any]) -> Iterator[str]:
     for value in values:
-        term = number_term(value)
-        if term is not None:
-            yield term
+        number = parse_number(value)
+        if number is not None:
+            yield from point_cells(number)
 
 
 def _quantity_terms(values: Iterable[Any]) -> Iterator[str]:
     for value in values:
         if not isinstance(value, dict):
             continue
-        number = number_term(value.get("value"))
+        number = parse_number(value.get("value"))
         if number is None:
             continue
-        yield number
-        code = value.get("code") or value.get("unit")
-        if isinstance(code, str):
-            yield f"{number}||{code}"
-            if isinstance(value.get("system"), str):
-                yield f"{number}|{value['system']}|{code}"
+        cells = point_cells(number)
+        for unit in quantity_units(value):
+            yield from (cell + unit for cell in cells)
 
 
 def _uri_terms(values: Iterable[Any]) -> Iterator[str]:
