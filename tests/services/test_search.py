@@ -38,7 +38,7 @@ from medledger.services.search import (
 )
 from medledger.services.search import query_tokens as plan_tokens
 from medledger.services.search_dates import cover, search_days
-from medledger.services.search_terms import MARK
+from medledger.services.search_terms import CONTAINS_CHARS, MARK
 from medledger.storage.keystore import KdfParams
 from medledger.synthetic import generate_patient
 
@@ -321,7 +321,7 @@ def test_clinical_cases_cover_all_types() -> None:
     [
         ("Patient", {"foo": ["x"]}),
         ("Patient", {"code": ["x"]}),
-        ("Patient", {"name:contains": ["x"]}),
+        ("Patient", {"gender:contains": ["x"]}),
         ("Patient", {"gender:below": ["x"]}),
         ("Patient", {"name:missing": ["maybe"]}),
         ("Observation", {"value-quantity": ["gt5|mg"]}),
@@ -639,7 +639,8 @@ def test_a_long_name_word_is_indexed_by_a_bounded_number_of_prefixes() -> None:
     family = {t for p, t in terms if p == "family" and not t.startswith(MARK)}
     assert len(family) == MAX_PREFIX_CHARS
     assert max(map(len, family)) == MAX_PREFIX_CHARS
-    assert len(terms) < 6 * MAX_PREFIX_CHARS
+    # ... and the 3-character pieces of its first CONTAINS_CHARS characters (:contains).
+    assert len(terms) < 6 * MAX_PREFIX_CHARS + 3 * CONTAINS_CHARS
     tokens = resource_tokens(KEY_A, long_patient)
     # Any prefix finds it, up to and beyond the indexed length, and so does the whole word.
     for query in (LONG_WORD[:3], LONG_WORD[:MAX_PREFIX_CHARS], LONG_WORD[:100], LONG_WORD):
@@ -708,7 +709,7 @@ def test_long_and_wordy_names_through_a_node(
     assert sealing_threads["long"] != threading.get_ident()
     rows = _token_rows(node_root)
     long_terms = len(resource_terms(long_patient))
-    assert long_terms < 6 * MAX_PREFIX_CHARS
+    assert long_terms < 6 * MAX_PREFIX_CHARS + 3 * CONTAINS_CHARS
     assert rows == sum(len(resource_terms(r)) for r in stored)
     blobs = sorted(p.name for p in (node_root / "blobs").rglob("*") if p.is_file())
 

@@ -68,6 +68,10 @@ def build(seed: int = 18) -> list[R]:
             "resourceType": "Location", "id": lid, "name": f"Ward {chr(65 + i)}",
             "address": {"city": CITIES[i]}, "managingOrganization": {"reference": f"Organization/{orgs[i % 3]}"},
         })  # fmt: skip
+    out.append({
+        "resourceType": "Organization", "id": "org-long",
+        "name": "The Northern Regional Teaching Hospital and Rehabilitation Centre of the Fjords",
+    })  # fmt: skip
     pracs = [f"prac-{i}" for i in range(5)]
     for i, pid in enumerate(pracs):
         out.append({
@@ -342,6 +346,33 @@ def cases() -> Iterator[tuple[str, str, dict[str, list[str]], set[str]]]:
     )
     yield "address-city:exact case", "Patient", {"address-city:exact": ["lund"]}, set()
     yield "organization name", "Organization", {"name": ["lyon"]}, {"org-1"}
+
+    # :contains: anywhere in a value, case and accents ignored (uri: as written)
+    def parts(r: R, key: str) -> list[str]:
+        value = r.get(key)
+        items = value if isinstance(value, list) else [value]
+        return [_plain(str(t)) for i in items if i for t in (
+            [i] if isinstance(i, str) else [i.get("family"), *i.get("given", []), i.get("city")]) if t]  # fmt: skip
+
+    for needle in ("m", "MY", "ith", "akamu", "Lindqvist", "Ò", "h s", "xyz", "da"):
+        yield f"name:contains {needle}", "Patient", {"name:contains": [needle]}, ids(
+            "Patient", lambda r, n=needle: any(_plain(n) in t for t in parts(r, "name"))
+        )  # fmt: skip
+        yield f"family:contains {needle}", "Practitioner", {"family:contains": [needle]}, ids(
+            "Practitioner", lambda r, n=needle: any(_plain(n) in _plain(x["family"]) for x in r["name"])
+        )  # fmt: skip
+    for needle in ("ee", "yon", "o", "und,ee"):
+        yield f"address-city:contains {needle}", "Patient", {"address-city:contains": [needle]}, ids(
+            "Patient", lambda r, n=needle: any(x in _plain(r["address"][0]["city"]) for x in n.split(","))
+        )  # fmt: skip
+    for needle in ("general hosp", "fjords", "the f", "centre of the", "hospital"):
+        yield f"organization name:contains {needle}", "Organization", {"name:contains": [needle]}, ids(
+            "Organization", lambda r, n=needle: n in _plain(r["name"])
+        )  # fmt: skip
+    for needle in ("special", "StructureDefinition/special-patient", "SPECIAL", "example.org/S"):
+        yield f"_profile:contains {needle}", "Patient", {"_profile:contains": [needle]}, ids(
+            "Patient", lambda r, n=needle: any(n in u for u in r.get("meta", {}).get("profile", []))
+        )  # fmt: skip
     yield (
         "practitioner name prefix",
         "Practitioner",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from itertools import islice
 from typing import Any
@@ -43,8 +43,10 @@ from medledger.services.search_registry import SearchParameter, registry
 from medledger.services.search_terms import (
     MARK,
     MAX_PREFIX_CHARS,
+    contains_grams,
     normalize,
     parameter_terms,
+    string_values,
 )
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "Match",
     "Not",
     "Query",
+    "Verified",
     "evaluate",
     "is_chain",
     "known_parameter",
@@ -181,7 +184,20 @@ class Not:
     part: Query
 
 
-Query = Match | AllOf | AnyOf | Not
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """Resources matching ``part`` (candidates) whose decrypted content ``accept`` holds.
+
+    The index finds a superset (``:contains`` pieces); the exact test needs the
+    values, so the caller decrypts each candidate (a bounded number of them).
+    """
+
+    part: Query
+    accept: Callable[[Mapping[str, Any]], bool] = field(compare=False)
+
+
+Query = Match | AllOf | AnyOf | Not | Verified
+Check = Callable[[set[str], Callable[[Mapping[str, Any]], bool]], set[str]]
 Tokenize = Callable[[str, str], bytes]
 
 
@@ -235,14 +251,48 @@ def _number_terms(param: SearchParameter, value: str) -> tuple[list[str], bool, 
     return [cell + unit for cell in condition.cells], condition.negated, unit
 
 
+#: A ``:contains`` search asks the index for at most this many of its needle's pieces
+#: (any subset finds a superset of the matches; the check after decryption is exact).
+MAX_CONTAINS_GRAMS = 12
+
+
+def _contains(param: SearchParameter, value: str, match: Callable[[Iterable[str]], Match]) -> Query:
+    """``:contains``: the candidates holding the needle's 3-character pieces (or a value
+    too long to be indexed whole), each checked after decryption.
+
+    A needle of one or two characters has no piece: every resource with a value is a
+    candidate (the caller bounds how many it decrypts).
+    """
+    needle = normalize(value) if param.type == "string" else value
+    if not needle.strip():
+        raise InvalidInput(f"empty value for {param.code}:contains")
+    grams = contains_grams(needle)[:MAX_CONTAINS_GRAMS]
+    if grams:
+        pieces = [match([f"{MARK}c{g}"]) for g in grams]
+        candidates: Query = AnyOf((AllOf(tuple(pieces)), match([f"{MARK}C"])))
+    else:
+        candidates = match([f"{MARK}?"])
+
+    def accept(resource: Mapping[str, Any]) -> bool:
+        for element, _ in param.path.evaluate(dict(resource)):
+            if param.type == "string":
+                if any(needle in normalize(text) for text in string_values(element)):
+                    return True
+            elif isinstance(element, str) and needle in element:
+                return True
+        return False
+
+    return Verified(candidates, accept)
+
+
 _MODIFIERS = {
-    "string": {"exact", "missing"},
+    "string": {"exact", "contains", "missing"},
     "token": {"not", "text", "of-type", "missing"},
     "reference": {"identifier", "missing"},
     "date": {"missing"},
     "number": {"missing"},
     "quantity": {"missing"},
-    "uri": {"missing"},
+    "uri": {"contains", "missing"},
 }
 
 
@@ -267,6 +317,8 @@ def _alternative(
         if condition.negated:  # ``ne`` compares values: a resource without one is not "ne"
             return AllOf((match([f"{MARK}?"]), Not(query))), size + 1
         return query, size
+    if modifier == "contains":
+        return _contains(param, value, match), MAX_CONTAINS_GRAMS + 1
     if param.type == "string" and modifier == "exact":
         return match([f"{MARK}={value}"]), 1
     if param.type == "string" or modifier == "text":
@@ -419,32 +471,50 @@ def evaluate(
     *,
     find: Callable[[list[frozenset[bytes]]], set[str]],
     every: Callable[[], set[str]],
+    check: Check | None = None,
 ) -> set[str]:
     """The ids matching ``query``.
 
     ``find(groups)`` gives the ids holding a token of every group (the index
     resolves a conjunction of plain matches at once, most selective first);
-    ``every()`` gives every id of the type, for complements and for no parameters.
+    ``every()`` gives every id of the type, for complements and for no parameters;
+    ``check(ids, accept)`` the ids whose decrypted resource ``accept`` holds (for
+    :class:`Verified`: applied last in a conjunction, to the fewest candidates).
     """
+
+    def again(part: Query) -> set[str]:
+        return evaluate(part, find=find, every=every, check=check)
+
+    def verify(part: Verified, candidates: set[str]) -> set[str]:
+        if check is None:
+            raise InvalidInput("this search needs the records' contents (:contains)")
+        return check(candidates, part.accept) if candidates else set()
+
     if isinstance(query, Match):
         return find([query.tokens])
+    if isinstance(query, Verified):
+        return verify(query, again(query.part))
     if isinstance(query, Not):
-        return every() - evaluate(query.part, find=find, every=every)
+        return every() - again(query.part)
     if isinstance(query, AnyOf):
         found: set[str] = set()
         for part in query.parts:
-            found |= evaluate(part, find=find, every=every)
+            found |= again(part)
         return found
     plain = [p.tokens for p in query.parts if isinstance(p, Match)]
     others = [p for p in query.parts if not isinstance(p, Match)]
     result = find(plain) if plain else None
-    for part in sorted(others, key=lambda p: isinstance(p, Not)):
+    # Index look-ups first, complements next, decryption last (on the fewest ids).
+    for part in sorted(others, key=lambda p: (isinstance(p, Verified), isinstance(p, Not))):
         if result is not None and not result:
             return result
         if isinstance(part, Not):
             base = every() if result is None else result
-            result = base - evaluate(part.part, find=find, every=every)
+            result = base - again(part.part)
+        elif isinstance(part, Verified):
+            candidates = again(part.part)
+            result = verify(part, candidates if result is None else result & candidates)
         else:
-            ids = evaluate(part, find=find, every=every)
+            ids = again(part)
             result = ids if result is None else result & ids
     return every() if result is None else result

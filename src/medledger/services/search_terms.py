@@ -8,7 +8,8 @@ hold, so no value can pose as one):
 
 =========  ===========================================================================
 string     each word's prefixes up to :data:`MAX_PREFIX_CHARS` (normalized: "starts
-           with", case and accents ignored); ``MARK=`` + the whole value (``:exact``)
+           with", case and accents ignored); ``MARK=`` + the whole value (``:exact``);
+           :func:`contains_terms` of the normalized value (``:contains``)
 token      ``code``, ``system|code``, ``system|``, ``|code`` (no system); ``MARK~`` +
            whole words of ``display``/``text`` (``:text``); for an Identifier
            ``MARKo`` + ``typesystem|typecode|value`` (``:of-type``)
@@ -18,7 +19,7 @@ reference  ``Type/id`` (relative) or the absolute URL as written; ``MARKi`` +
 date       ``services.search_dates.range_terms`` of the value's day range
 number     ``services.search_numbers.point_cells`` of the decimal (magnitude, digit prefixes, end)
 quantity   those cells, alone and before each unit form (``||code``, ``|system|code``)
-uri        the URI as written
+uri        the URI as written; :func:`contains_terms` of it (``:contains``)
 =========  ===========================================================================
 
 Every parameter with at least one value also gets ``MARK?`` (``:missing``).
@@ -36,8 +37,12 @@ from medledger.services.search_numbers import parse_number, point_cells, quantit
 from medledger.services.search_registry import SearchParameter
 
 __all__ = [
+    "CONTAINS_CHARS",
     "MARK",
     "MAX_PREFIX_CHARS",
+    "contains_grams",
+    "contains_terms",
+    "string_values",
     "normalize",
     "number_term",
     "parameter_terms",
@@ -48,6 +53,9 @@ __all__ = [
 MARK = "\x1f"
 #: Words are indexed by their prefixes of 1 to this many characters.
 MAX_PREFIX_CHARS = 24
+#: ``:contains`` indexes the 3-character pieces of a value's first this many characters;
+#: a longer value is marked instead (``MARK`` + ``C``) and is a candidate for every needle.
+CONTAINS_CHARS = 64
 _NAME_PARTS = ("family", "given", "prefix", "suffix", "text")
 _ADDRESS_PARTS = ("line", "city", "district", "state", "postalCode", "country", "text")
 
@@ -82,6 +90,28 @@ def number_term(value: object) -> str | None:
     return "0" if text in ("-0", "") else text
 
 
+def contains_grams(text: str) -> list[str]:
+    """The distinct 3-character pieces of ``text``, in order (none for a shorter text)."""
+    return list(dict.fromkeys(text[i : i + 3] for i in range(len(text) - 2)))
+
+
+def contains_terms(text: str) -> Iterator[str]:
+    """``:contains`` terms of a (normalized) value: ``MARK c`` + each 3-character piece
+    of its first :data:`CONTAINS_CHARS` characters, and ``MARK C`` if it is longer.
+
+    A search decrypts the candidates these find and checks each (``services.search``),
+    so the pieces need only find a superset.
+    """
+    yield from (f"{MARK}c{gram}" for gram in contains_grams(text[:CONTAINS_CHARS]))
+    if len(text) > CONTAINS_CHARS:
+        yield f"{MARK}C"
+
+
+def string_values(value: Any) -> Iterator[str]:
+    """The strings a string parameter's element holds (a HumanName's and an Address's parts)."""
+    yield from _strings(value)
+
+
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         yield value
@@ -103,6 +133,7 @@ def _string_terms(values: Iterable[Any]) -> Iterator[str]:
         for text in _strings(value):
             yield f"{MARK}={text}"
             yield from words(text)
+            yield from contains_terms(normalize(text))
 
 
 def _text_terms(text: str) -> Iterator[str]:
@@ -202,7 +233,10 @@ def _quantity_terms(values: Iterable[Any]) -> Iterator[str]:
 
 
 def _uri_terms(values: Iterable[Any]) -> Iterator[str]:
-    yield from (v for v in values if isinstance(v, str))
+    for value in values:
+        if isinstance(value, str):
+            yield value
+            yield from contains_terms(value)
 
 
 _BY_TYPE = {

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
+from typing import Any
 
 from medledger.core.errors import InvalidInput
 from medledger.ledger.clock import Clock
@@ -25,12 +26,14 @@ from medledger.services.search_registry import registry
 from medledger.services.search_sort import MAX_SORTED, parse_sort, sort_resources
 from medledger.storage.ports import RecordIndex, VersionRow
 
-__all__ = ["MAX_CHAINED", "RecordSearch"]
+__all__ = ["MAX_CHAINED", "MAX_CHECKED", "RecordSearch"]
 
 #: A chained parameter or ``_has`` may find at most this many resources to refer through.
 MAX_CHAINED = 1000
 #: Chains and ``_has`` nest at most this deep.
 MAX_DEPTH = 3
+#: A search checked after decryption (``:contains``) opens at most this many candidates.
+MAX_CHECKED = 5000
 
 
 def _day_of(ms: int) -> date:
@@ -130,7 +133,21 @@ class RecordSearch:
         def find(groups: list[frozenset[bytes]]) -> set[str]:
             return set(self._index.search(resource_type, [set(g) for g in groups]))
 
-        ids = sorted(evaluate(query, find=find, every=every))
+        def check(ids: set[str], accept: Callable[[Mapping[str, Any]], bool]) -> set[str]:
+            if len(ids) > MAX_CHECKED:
+                raise InvalidInput(
+                    f"the search needs to open {len(ids)} resources to compare their text; "
+                    f"at most {MAX_CHECKED} (use a longer :contains value or narrow the search)"
+                )
+            kept = set()
+            for rid in ids:
+                row = self._index.latest(resource_type, rid)
+                live = row is not None and not row.erased and not row.deleted
+                if live and row is not None and accept(self._reader.open(row).resource()):
+                    kept.add(rid)
+            return kept
+
+        ids = sorted(evaluate(query, find=find, every=every, check=check))
         rows = []
         for rid in ids:
             row = self._index.latest(resource_type, rid)
