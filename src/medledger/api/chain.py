@@ -19,6 +19,7 @@ from medledger.core.errors import InvalidInput, NotFound
 from medledger.core.hashing import hash_from_hex
 from medledger.ledger.export import (
     block_json,
+    block_line,
     consistency_proof_json,
     head_json,
     inclusion_proof_json,
@@ -58,6 +59,42 @@ async def block(
     which: str, height: Annotated[int, Path(ge=0, le=2**53)], node: NodeDep, who: Auditor
 ) -> Response:
     return _json(block_json(_store(node, which).block(height)))
+
+
+#: One export response holds at most this many bytes of blocks (and at least one block);
+#: the ``Medledger-Next-From`` header says where the next page starts.
+MAX_EXPORT_PAGE_BYTES = 8 * 1024 * 1024
+
+
+@router.get("/{which}/export")
+async def export(
+    which: str,
+    node: NodeDep,
+    who: Auditor,
+    start: Annotated[int, Query(alias="from", ge=0, le=2**53)] = 0,
+    end: Annotated[int | None, Query(alias="to", ge=0, le=2**53)] = None,
+) -> Response:
+    """Blocks ``from``..``to`` (inclusive) in the export form, one JSON line each.
+
+    The lines of ``chain export`` / ``consortium export``; a page ends after
+    :data:`MAX_EXPORT_PAGE_BYTES`, and ``Medledger-Next-From`` then names the
+    next height to ask for.
+    """
+    if end is not None and end < start:
+        raise InvalidInput(f"to {end} is before from {start}")
+    store = _store(node, which)
+    lines: list[bytes] = []
+    size = 0
+    next_from: int | None = None
+    for stored in store.iter_blocks(start, None if end is None else end + 1):
+        if lines and size >= MAX_EXPORT_PAGE_BYTES:
+            next_from = stored.height
+            break
+        line = block_line(stored)
+        lines.append(line)
+        size += len(line)
+    headers = {"Medledger-Next-From": str(next_from)} if next_from is not None else {}
+    return Response(b"".join(lines), media_type="application/x-ndjson", headers=headers)
 
 
 @router.get("/{which}/proof/inclusion")

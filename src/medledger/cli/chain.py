@@ -22,7 +22,7 @@ from medledger.ledger.export import (
     inclusion_proof_json,
 )
 from medledger.ledger.proofs import head_header
-from medledger.ledger.verify import parse_checkpoint, verify_chain
+from medledger.ledger.verify import Checkpoint, parse_checkpoint, verify_chain
 from medledger.storage.ports import ChainStore, StoredBlock
 
 __all__ = ["chain", "node", "stored_block_json", "verify"]
@@ -393,7 +393,13 @@ def proof_consistency(root: Path, old_size: int, new_size: int | None) -> None:
 
 
 @click.command()
-@dir_option
+@click.option(
+    "--dir",
+    "root",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The node directory (not needed to verify only a --consortium-export).",
+)
 @click.option(
     "--anchor",
     "anchors",
@@ -408,32 +414,50 @@ def proof_consistency(root: Path, old_size: int, new_size: int | None) -> None:
     help="Also verify the consortium chain and this chain against every final anchor of it.",
 )
 @click.option(
+    "--consortium-export",
+    "consortium_export",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Verify the consortium chain from this 'consortium export' file alone (and, with "
+    "--dir, the node's chain against every final anchor in it).",
+)
+@click.option(
+    "--genesis",
+    "genesis_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --consortium-export: the consortium's genesis.json, which block 0 must be "
+    "(default: the genesis in the export, whose hash is printed to compare).",
+)
+@click.option(
     "--records",
     "with_records",
     is_flag=True,
     help="Also check the record store: every index row against its record.put, every blob "
     "and wrapped data key, every record.put has its index row (needs the passphrase).",
 )
-def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool, with_records: bool) -> None:
+def verify(
+    root: Path | None,
+    anchors: tuple[str, ...],
+    with_consortium: bool,
+    consortium_export: Path | None,
+    genesis_path: Path | None,
+    with_records: bool,
+) -> None:
     """Re-derive and check every block, signature, root and proof node of the chain."""
-    checkpoints = [parse_checkpoint(a) for a in anchors]
-    if with_consortium:
-        from medledger.cli.consortium import verify_consortium_store
-        from medledger.ledger.consortium.verify import anchored_checkpoints
-        from medledger.node import open_consortium_chain
-
-        creport, _ = verify_consortium_store(root)
-        click.echo(
-            f"OK: {creport.chain}: {creport.blocks} blocks, {creport.log_size} transactions, "
-            f"every block final under a quorum certificate, every transaction re-validated"
+    if with_consortium and consortium_export is not None:
+        raise click.UsageError("give --consortium or --consortium-export, not both")
+    if genesis_path is not None and consortium_export is None:
+        raise click.UsageError("--genesis goes with --consortium-export")
+    if root is None and (consortium_export is None or anchors or with_records):
+        raise click.UsageError(
+            "Missing option '--dir' (only --consortium-export alone needs no node)."
         )
-        config = load_config(root)
-        _, cstore = open_consortium_chain(root)
-        try:
-            anchored = anchored_checkpoints(cstore, config.institution)
-        finally:
-            cstore.close()
-        checkpoints.extend(anchored)
+    checkpoints = [parse_checkpoint(a) for a in anchors]
+    if with_consortium or consortium_export is not None:
+        checkpoints.extend(_verify_consortium(root, consortium_export, genesis_path))
+    if root is None:
+        return
     with _chain(root) as (config, store):
         total = head_header(store).log_size
         with progress("verifying", total) as advance:
@@ -451,6 +475,39 @@ def verify(root: Path, anchors: tuple[str, ...], with_consortium: bool, with_rec
     )
     if with_records:
         _verify_records(root)
+
+
+def _verify_consortium(
+    root: Path | None, export: Path | None, genesis_path: Path | None
+) -> list[Checkpoint]:
+    """Verify the consortium chain (the node's copy, or an export); print what was checked.
+
+    Returns the node's final anchors in it (none without a node directory), for the
+    private chain's verification.
+    """
+    from medledger.cli.consortium import verify_consortium_export, verify_consortium_store
+    from medledger.ledger.consortium.verify import anchored_checkpoints
+    from medledger.node import open_consortium_chain
+
+    cstore: ChainStore
+    if export is not None:
+        creport, policy, cstore = verify_consortium_export(export, genesis_path)
+    else:
+        assert root is not None
+        creport, policy = verify_consortium_store(root)
+        _, cstore = open_consortium_chain(root)
+    click.echo(
+        f"OK: {creport.chain}: {creport.blocks} blocks, {creport.log_size} transactions, "
+        f"every block final under a quorum certificate, every transaction re-validated"
+    )
+    if export is not None:
+        click.echo(f"genesis hash {policy.genesis.hash().hex()} (compare with the members')")
+    try:
+        if root is None:
+            return []
+        return anchored_checkpoints(cstore, load_config(root).institution)
+    finally:
+        cstore.close()
 
 
 def _verify_records(root: Path) -> None:

@@ -12,12 +12,13 @@ from medledger.cli.common import dir_option, emit, fail
 from medledger.core.consortium import quorum
 from medledger.ledger.clock import SystemClock
 from medledger.ledger.consortium.verify import ConsortiumPolicy
+from medledger.ledger.export import ExportedChain
 from medledger.ledger.verify import VerifyReport, verify_chain
 
 if TYPE_CHECKING:
     from medledger.core.consortium import Member
 
-__all__ = ["consortium", "verify_consortium_store"]
+__all__ = ["consortium", "verify_consortium_export", "verify_consortium_store"]
 
 
 @click.group()
@@ -173,6 +174,74 @@ def verify_consortium_store(root: Path) -> tuple[VerifyReport, ConsortiumPolicy]
     try:
         policy = ConsortiumPolicy(genesis)
         return verify_chain(store, policy=policy), policy
+    finally:
+        store.close()
+
+
+def verify_consortium_export(
+    path: Path, genesis_path: Path | None = None
+) -> tuple[VerifyReport, ConsortiumPolicy, ExportedChain]:
+    """Verify a consortium chain from its export alone (``consortium export``).
+
+    The consortium's genesis is block 0's only transaction; with ``genesis_path``
+    (the auditor's own copy, compared out of band) block 0 must be exactly that
+    genesis. Otherwise the genesis in the export is the trust anchor: its hash is
+    in the report for the auditor to compare with the members'.
+    """
+    from medledger.core.consortium import Genesis
+    from medledger.core.errors import IntegrityError, InvalidInput, NotFound
+    from medledger.core.models import Transaction
+    from medledger.node import load_genesis
+
+    try:
+        with path.open("rb") as handle:
+            exported = ExportedChain(handle, label=f"consortium export {path.name}")
+    except FileNotFoundError:
+        raise NotFound(f"no consortium export at {path}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{path} is a directory, not a consortium export") from None
+    if genesis_path is not None:
+        genesis = load_genesis(genesis_path)
+    else:
+        first = next(exported.iter_blocks(0, 1), None)
+        if first is None or not first.tx_data:
+            raise IntegrityError("consortium chain, block 0: missing from the export")
+        try:
+            genesis = Genesis.from_json(Transaction.decode(first.tx_data[0]).body)
+        except InvalidInput as exc:
+            raise IntegrityError(
+                f"consortium chain, block 0: not a consortium genesis ({exc})"
+            ) from None
+    policy = ConsortiumPolicy(genesis)
+    return verify_chain(exported, policy=policy), policy, exported
+
+
+@consortium.command("export")
+@dir_option
+@click.option("--from", "start", type=click.IntRange(min=0), default=0, help="First height.")
+@click.option(
+    "--to", "end", type=click.IntRange(min=0), default=None, help="Last height (inclusive)."
+)
+def consortium_export(root: Path, start: int, end: int | None) -> None:
+    """Print this node's copy of the consortium chain as JSON lines: {header, hash, signatures, txs}.
+
+    The export form of ``chain export`` (docs/formats.md); the signatures are the
+    finality certificate. ``medledger verify --consortium-export FILE`` verifies a
+    whole export (from height 0) without a node.
+    """
+    import sys
+
+    from medledger.ledger.export import block_line
+    from medledger.node import open_consortium_chain
+
+    if end is not None and end < start:
+        fail(f"--to {end} is before --from {start}", 2)
+    _, store = open_consortium_chain(root)
+    try:
+        out = sys.stdout.buffer
+        for block in store.iter_blocks(start, None if end is None else end + 1):
+            out.write(block_line(block))
+        out.flush()
     finally:
         store.close()
 

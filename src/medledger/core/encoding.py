@@ -28,6 +28,7 @@ __all__ = [
     "canonical_bytes",
     "canonical_bytes_of_checked",
     "parse_canonical",
+    "parse_strict",
 ]
 
 JSONValue: TypeAlias = "bool | int | str | list[JSONValue] | dict[str, JSONValue] | None"
@@ -169,6 +170,16 @@ def _decode(decoder: json.JSONDecoder, text: str) -> Any:
         raise InvalidInput("canonical JSON: nesting too deep") from None
     except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
         raise InvalidInput(f"canonical JSON: {exc}") from None
+
+
+def parse_strict(text: str) -> Any:
+    """Parse JSON text that need not be canonical, but holds only the canonical subset.
+
+    For documents whose bytes are not hashed as they are (an export line, an
+    evidence record): floats, NaN/Infinity and duplicate keys are refused with
+    :class:`InvalidInput`, as they are in canonical bytes.
+    """
+    return _decode(_STRICT, text)
 
 
 def parse_canonical(data: bytes) -> Any:

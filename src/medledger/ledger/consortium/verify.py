@@ -89,6 +89,10 @@ class ConsortiumPolicy:
         return f"a quorum of {self._genesis.consortium} members"
 
     @property
+    def genesis(self) -> Genesis:
+        return self._genesis
+
+    @property
     def state(self) -> ConsortiumState:
         return self._state
 
