@@ -15,7 +15,7 @@ import asyncio
 import json
 import shutil
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -24,9 +24,13 @@ import pytest
 from medledger.api.app import create_app
 from medledger.cli.consortium import verify_consortium_export
 from medledger.core.consortium import ConsortiumParams, Genesis
+from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import VerificationError
+from medledger.core.keys import SigningKey
+from medledger.core.models import BlockHeader
+from medledger.ledger.consortium.evidence import Evidence
 from medledger.localnet.network import LocalNetwork
-from medledger.storage.keystore import KdfParams
+from medledger.storage.keystore import FileKeyStore, KdfParams
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import generate_patients
 from network_support import run_cli
@@ -237,3 +241,46 @@ def test_usage_errors(built: Built) -> None:
     assert run_cli("verify").code == 2
     backwards = run_cli("consortium", "export", "--dir", built.alpha, "--from", "3", "--to", "1")
     assert backwards.code == 2
+
+
+def _signed_pair(root: Path, key: SigningKey, member: str, height: int) -> bytes:
+    """An evidence record: ``key`` signed block ``height`` of alpha's copy and a forged twin."""
+    from medledger.node import open_consortium_chain
+
+    _, store = open_consortium_chain(root)
+    try:
+        real = BlockHeader.decode(store.block(height).header_bytes)
+    finally:
+        store.close()
+    twin = replace(real, time_ms=real.time_ms + 1)
+    evidence = Evidence(
+        member=member,
+        height=height,
+        first_header=real,
+        first=key.sign(real.hash()),
+        second_header=twin,
+        second=key.sign(twin.hash()),
+    )
+    return canonical_bytes(evidence.to_json()) + b"\n"
+
+
+def test_evidence_is_checked_before_status_shows_it(built: Built, tmp_path: Path) -> None:
+    root = _copy(built, tmp_path)
+    beta = FileKeyStore.open(built.base / "beta-hospital" / "keystore.json", PASSPHRASE)
+    (root / "evidence.jsonl").write_bytes(
+        _signed_pair(root, beta.signing_key(), "beta-hospital", 2)
+    )
+    status = run_cli("consortium", "status", "--dir", root, "--json")
+    assert status.code == 0, status
+    (shown,) = json.loads(status.out)["evidence"]
+    assert (shown["member"], shown["height"]) == ("beta-hospital", 2)
+    # A record signed by anyone but the member it names accuses no one.
+    (root / "evidence.jsonl").write_bytes(
+        _signed_pair(root, SigningKey.generate(), "beta-hospital", 2)
+    )
+    status = run_cli("consortium", "status", "--dir", root)
+    verify = run_cli("verify", "--dir", root, "--consortium")
+    for run in (status, verify):
+        assert run.code == 3, run
+        assert "EQUIVOCATION" not in run.out
+        assert "evidence.jsonl line 1 is not valid equivocation evidence" in run.err

@@ -485,7 +485,11 @@ def _verify_consortium(
     Returns the node's final anchors in it (none without a node directory), for the
     private chain's verification.
     """
-    from medledger.cli.consortium import verify_consortium_export, verify_consortium_store
+    from medledger.cli.consortium import (
+        verified_evidence,
+        verify_consortium_export,
+        verify_consortium_store,
+    )
     from medledger.ledger.consortium.verify import anchored_checkpoints
     from medledger.node import open_consortium_chain
 
@@ -505,6 +509,10 @@ def _verify_consortium(
     try:
         if root is None:
             return []
+        evidence = verified_evidence(root, policy)
+        if evidence:
+            named = ", ".join(f"{e.member} at height {e.height}" for e in evidence)
+            click.echo(f"OK: {len(evidence)} equivocation evidence record(s) verified: {named}")
         return anchored_checkpoints(cstore, load_config(root).institution)
     finally:
         cstore.close()

@@ -17,8 +17,14 @@ from medledger.ledger.verify import VerifyReport, verify_chain
 
 if TYPE_CHECKING:
     from medledger.core.consortium import Member
+    from medledger.ledger.consortium.evidence import Evidence
 
-__all__ = ["consortium", "verify_consortium_export", "verify_consortium_store"]
+__all__ = [
+    "consortium",
+    "verified_evidence",
+    "verify_consortium_export",
+    "verify_consortium_store",
+]
 
 
 @click.group()
@@ -216,6 +222,19 @@ def verify_consortium_export(
     return verify_chain(exported, policy=policy), policy, exported
 
 
+def verified_evidence(root: Path, policy: ConsortiumPolicy) -> list[Evidence]:
+    """The node's equivocation evidence (``evidence.jsonl``), every record checked.
+
+    ``policy`` has verified the consortium chain (it knows each height's voters).
+    A record that is not valid evidence raises :class:`IntegrityError` (tampering).
+    """
+    from medledger.ledger.consortium.evidence import EVIDENCE_FILE, read_evidence
+
+    return read_evidence(
+        root / EVIDENCE_FILE, chain_id=policy.genesis.chain_id, voters_at=policy.voters_at
+    )
+
+
 @consortium.command("export")
 @dir_option
 @click.option("--from", "start", type=click.IntRange(min=0), default=0, help="First height.")
@@ -250,13 +269,15 @@ def consortium_export(root: Path, start: int, end: int | None) -> None:
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def consortium_status(root: Path, as_json: bool) -> None:
-    """Height, members, each institution's last final anchor, and equivocation evidence."""
+    """Height, members, each institution's last final anchor, and equivocation evidence.
+
+    The chain is verified first, and every evidence record is checked (both signed
+    headers) before it is shown: a record that is not evidence fails the command
+    as tampering.
+    """
     report, policy = verify_consortium_store(root)
     state = policy.state
-    evidence_file = root / "evidence.jsonl"
-    evidence: list[Any] = []
-    if evidence_file.exists():
-        evidence = [json.loads(line) for line in evidence_file.read_text().splitlines() if line]
+    evidence = [e.to_json() for e in verified_evidence(root, policy)]
     info: dict[str, Any] = {
         "consortium": report.chain,
         "final_height": report.blocks - 1,

@@ -66,6 +66,7 @@ from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.consortium.evidence import Evidence
 from medledger.ledger.consortium.modes import initial_state
 from medledger.ledger.consortium.rules import ConsortiumState
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, Orderer
@@ -83,32 +84,6 @@ _VOTE_MEMORY = 1024
 #: up to the maximum, for as long as it is needed.
 _REPUBLISH_MIN_S = 0.5
 _REPUBLISH_MAX_S = 5.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Evidence:
-    """Proof that ``member`` signed two different block headers at ``height``.
-
-    Anyone can check it: both headers name the same chain and height, differ,
-    and the member's key signed the hash of each.
-    """
-
-    member: str
-    height: int
-    first_header: BlockHeader
-    first: Signature
-    second_header: BlockHeader
-    second: Signature
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "member": self.member,
-            "height": self.height,
-            "votes": [
-                {"header": self.first_header.to_json(), "signature": self.first.to_json()},
-                {"header": self.second_header.to_json(), "signature": self.second.to_json()},
-            ],
-        }
 
 
 def _marker_bytes(chain_id: str, height: int) -> bytes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis, block_time_bound
+from medledger.core.consortium import CONSORTIUM_GENESIS, Genesis, MemberSet, block_time_bound
 from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import InvalidInput, InvalidSignature, MedledgerError, VerificationError
 from medledger.core.models import Signature, Transaction
@@ -39,9 +39,15 @@ class ConsortiumPolicy:
         self._voters = self._state.members
         self._prev_time_ms = 0
         self._tx_times: list[int] = []
+        #: ``(first height, voters)`` each time the voting members changed.
+        self._voter_history: list[tuple[int, MemberSet]] = [(1, self._state.members)]
+        self._height = 0  # the last block begun
 
     def begin_block(self, height: int, prev_time_ms: int) -> None:
         self._voters = self._state.members
+        self._height = height
+        if height >= 1 and self._voters is not self._voter_history[-1][1]:
+            self._voter_history.append((height, self._voters))
         self._prev_time_ms = prev_time_ms
         self._tx_times = []
 
@@ -87,6 +93,19 @@ class ConsortiumPolicy:
 
     def signer(self) -> str:
         return f"a quorum of {self._genesis.consortium} members"
+
+    def voters_at(self, height: int) -> MemberSet:
+        """The members who vote on block ``height`` (those after block ``height - 1``).
+
+        Beyond the verified chain: the members after its last block.
+        """
+        if height > self._height:
+            return self._state.members
+        voters = self._voter_history[0][1]
+        for first, members in self._voter_history:
+            if first <= height:
+                voters = members
+        return voters
 
     @property
     def genesis(self) -> Genesis:
