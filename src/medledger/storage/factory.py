@@ -14,9 +14,17 @@ from typing import Final
 
 from medledger.core.errors import InvalidInput
 from medledger.storage.blobs import FileBlobStore
-from medledger.storage.ports import BlobStore, ChainStore, NonceStore, RecordIndex, TokenStore
+from medledger.storage.ports import (
+    BlobStore,
+    ChainStore,
+    NonceStore,
+    OAuthStore,
+    RecordIndex,
+    TokenStore,
+)
 from medledger.storage.sqlite.chain import SqliteChainStore
 from medledger.storage.sqlite.nonces import SqliteNonceStore
+from medledger.storage.sqlite.oauth import SqliteOAuthStore
 from medledger.storage.sqlite.records import SqliteRecordIndex
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 
@@ -32,13 +40,22 @@ __all__ = [
     "open_blob_store",
     "open_chain_store",
     "open_nonce_store",
+    "open_oauth_store",
     "open_record_index",
     "open_token_store",
 ]
 
 STORE_KINDS: Final = ("sqlite", "postgres")
 #: Every store of a node that has a schema in PostgreSQL (see :func:`node_schema`).
-NODE_SCHEMA_PARTS: Final = ("chain", "records", "consortium", "blobs", "tokens", "nonces")
+NODE_SCHEMA_PARTS: Final = (
+    "chain",
+    "records",
+    "consortium",
+    "blobs",
+    "tokens",
+    "nonces",
+    "oauth",
+)
 BLOB_KINDS: Final = ("file", "postgres")
 
 
@@ -175,6 +192,15 @@ def open_nonce_store(
             store.close_now()
             raise
     return store
+
+
+def open_oauth_store(kind: str, target: str | Path, *, schema: str | None = None) -> OAuthStore:
+    """Open the authorization server's store (created on first open): SQLite file or schema."""
+    if check_kind(kind) == "sqlite":
+        return SqliteOAuthStore(Path(target))
+    from medledger.storage.postgres.oauth import PostgresOAuthStore
+
+    return PostgresOAuthStore(str(target), schema=_need(schema))
 
 
 def _need(schema: str | None) -> str:

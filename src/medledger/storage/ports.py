@@ -28,6 +28,11 @@ __all__ = [
     "KeyStore",
     "NewBlock",
     "NonceStore",
+    "OAuthClient",
+    "OAuthGrant",
+    "OAuthPending",
+    "OAuthStore",
+    "OAuthToken",
     "RecordIndex",
     "StoredBlock",
     "TokenInfo",
@@ -293,6 +298,8 @@ class TokenInfo:
     label: str
     expires_ms: int | None
     revoked: bool
+    #: The OAuth scopes an access token was granted (``None``: a plain API token, role only).
+    scopes: tuple[str, ...] | None = None
 
 
 class TokenStore(Protocol):
@@ -346,3 +353,137 @@ class NonceStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# -- OAuth 2.0 authorization server ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthClient:
+    """An application registered to obtain tokens (SMART App Launch).
+
+    ``secret_hash``: SHA-256 of a confidential client's secret (``None`` for a
+    public client). ``redirect_uris`` are matched exactly. ``system_role``: the
+    role a confidential client's ``client_credentials`` token carries, if any.
+    """
+
+    id: str
+    name: str
+    redirect_uris: tuple[str, ...]
+    secret_hash: bytes | None
+    system_role: str | None
+    created_ms: int
+
+    @property
+    def confidential(self) -> bool:
+        return self.secret_hash is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthPending:
+    """One single-use step of the authorization-code flow.
+
+    ``kind`` ``request``: a sign-in in progress (stages ``signin`` →
+    ``approve`` → ``done``); ``code``: an issued authorization code (stages
+    ``issued`` → ``redeemed``). ``secret_hash`` is SHA-256 of the secret the
+    holder must show (the sign-in form's CSRF token, or the code's secret);
+    ``payload`` is canonical JSON the service reads; ``grant`` the grant a
+    redeemed code issued (revoked if the code is replayed).
+    """
+
+    id: str
+    kind: str
+    stage: str
+    secret_hash: bytes
+    payload: str
+    expires_ms: int
+    grant: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthGrant:
+    """What a user approved for a client: one family of access and refresh tokens."""
+
+    id: str
+    client_id: str
+    role: str
+    patient: str | None
+    scope: str
+    label: str
+    created_ms: int
+    revoked: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthToken:
+    """An access or refresh token of a grant, stored as SHA-256 of its secret.
+
+    ``state``: ``live``, ``used`` (a refresh token rotated away) or ``revoked``.
+    """
+
+    id: str
+    kind: str
+    grant: str
+    secret_hash: bytes
+    expires_ms: int
+    state: str = "live"
+
+
+class OAuthStore(Protocol):
+    """Clients, sign-in steps, codes, grants and tokens of the node's authorization server.
+
+    Every write is durable when it returns. The ``advance_*`` calls are the
+    single-use guarantee: each moves a row from one stage to the next
+    atomically and says whether *this* call did it, so of two concurrent
+    redemptions of one code exactly one succeeds.
+    """
+
+    def add_client(self, client: OAuthClient) -> None:
+        """Register a client; :class:`~medledger.core.errors.Conflict` if the id is taken."""
+        ...
+
+    def client(self, client_id: str) -> OAuthClient | None: ...
+
+    def clients(self) -> list[OAuthClient]:
+        """Every registered client, oldest first."""
+        ...
+
+    def put_pending(self, pending: OAuthPending) -> None: ...
+
+    def pending(self, pending_id: str, kind: str) -> OAuthPending | None: ...
+
+    def advance_pending(
+        self,
+        pending_id: str,
+        kind: str,
+        from_stage: str,
+        to_stage: str,
+        *,
+        payload: str | None = None,
+        grant: str | None = None,
+    ) -> bool:
+        """Move a step from ``from_stage`` to ``to_stage`` (and set ``payload``/``grant``
+        when given); ``False`` if it was not at ``from_stage`` (already used, or absent)."""
+        ...
+
+    def add_grant(self, grant: OAuthGrant) -> None: ...
+
+    def grant(self, grant_id: str) -> OAuthGrant | None: ...
+
+    def revoke_grant(self, grant_id: str) -> None:
+        """Revoke a grant: every token of it stops working at once (absent: nothing happens)."""
+        ...
+
+    def add_token(self, token: OAuthToken) -> None: ...
+
+    def token(self, token_id: str) -> OAuthToken | None: ...
+
+    def advance_token(self, token_id: str, from_state: str, to_state: str) -> bool:
+        """Move a token from ``from_state`` to ``to_state``; ``False`` if it was not there."""
+        ...
+
+    def forget_expired(self, before_ms: int) -> int:
+        """Delete sign-in steps, codes and tokens that expired before ``before_ms``; how many."""
+        ...
+
+    def close(self) -> None: ...

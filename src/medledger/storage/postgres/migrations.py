@@ -13,6 +13,7 @@ from medledger.core.errors import (
     NotFound,
     StorageError,
 )
+from medledger.storage.oauth import OAUTH_SCHEMA
 from medledger.storage.postgres.connection import Conn, connect, reason, schema_where
 
 __all__ = [
@@ -157,12 +158,21 @@ CREATE INDEX nonces_time ON nonces (time_ms);
     ),
 )
 
+OAUTH_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        name="oauth: clients, sign-in steps and codes, grants, access and refresh tokens",
+        sql="CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);\n" + OAUTH_SCHEMA,
+    ),
+)
+
 MIGRATIONS = {
     "chain": CHAIN_MIGRATIONS,
     "records": RECORDS_MIGRATIONS,
     "blobs": BLOBS_MIGRATIONS,
     "tokens": TOKENS_MIGRATIONS,
     "nonces": NONCES_MIGRATIONS,
+    "oauth": OAUTH_MIGRATIONS,
 }
 
 

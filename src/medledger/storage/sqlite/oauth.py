@@ -1,0 +1,61 @@
+"""SQLite adapter of :class:`~medledger.storage.ports.OAuthStore`: ``oauth.db`` of a SQLite node.
+
+The statements are shared with PostgreSQL (:class:`~medledger.storage.oauth.OAuthTables`);
+this module keeps the file (WAL, ``synchronous=FULL``: each change durable on return).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medledger.core.errors import StorageError
+from medledger.storage.dialect import SQLITE
+from medledger.storage.oauth import OAUTH_SCHEMA, OAuthTables
+from medledger.storage.sqlite.connection import storage_error
+
+__all__ = ["SqliteOAuthStore"]
+
+
+class SqliteOAuthStore(OAuthTables):
+    """The authorization server's state in one SQLite file (created on first open, mode 0600)."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            # Codes and token hashes: readable by the node's user only.
+            path.touch(mode=0o600, exist_ok=True)
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(OAUTH_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"{path}: {exc}") from None
+
+    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, exc) from None
+
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        try:
+            return self._conn.execute(sql, args).rowcount
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, exc) from None
+
+    def _insert(self, sql: str, args: Sequence[Any]) -> bool:
+        try:
+            self._conn.execute(sql, args)
+        except sqlite3.IntegrityError:
+            return False
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, exc) from None
+        return True
+
+    def close(self) -> None:
+        self._conn.close()
