@@ -34,8 +34,8 @@ from medledger.core.errors import DamagedStore, MedledgerError
 from medledger.ledger.clock import Clock
 from medledger.ledger.integrity import check_against_anchor
 from medledger.ledger.ordering.observed import ObservedOrderer
-from medledger.node import Node, open_node, open_orderer, open_token_store
-from medledger.storage.ports import TokenStore
+from medledger.node import Node, open_node, open_oauth_store, open_orderer, open_token_store
+from medledger.storage.ports import OAuthStore, TokenStore
 
 __all__ = ["ANCHOR_CHECK", "NodeRuntime", "RunSettings", "run_node"]
 
@@ -70,9 +70,11 @@ class NodeRuntime:
     event loop the node was opened on.
     """
 
-    def __init__(self, node: Node, tokens: TokenStore) -> None:
+    def __init__(self, node: Node, tokens: TokenStore, oauth: OAuthStore | None = None) -> None:
         self.node = node
         self.tokens = tokens
+        #: The SMART on FHIR authorization server's store (``api.oauth``).
+        self.oauth = oauth
         #: The ordering connection, once the node joined a consortium.
         self.ordering: ObservedOrderer | None = None
         #: Why the node stopped serving after it started (its chain is behind its anchor).
@@ -213,6 +215,8 @@ class NodeRuntime:
                     await self.node.close_stores()
                 finally:
                     self.tokens.close()
+                    if self.oauth is not None:
+                        self.oauth.close()
                     log.info("stopped")
 
 
@@ -238,7 +242,13 @@ async def run_node(
     except BaseException:
         await node.close()
         raise
-    runtime = NodeRuntime(node, tokens)
+    try:
+        oauth = open_oauth_store(root, node.config)
+    except BaseException:
+        tokens.close()
+        await node.close()
+        raise
+    runtime = NodeRuntime(node, tokens, oauth)
     try:
         await runtime._join_consortium(root)
         if settings.scrub_interval_s > 0:

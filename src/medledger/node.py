@@ -59,7 +59,14 @@ from medledger.services.trail import TrailIndex
 from medledger.services.validation import Validator
 from medledger.storage import factory
 from medledger.storage.keystore import FileKeyStore, KdfParams, atomic_write
-from medledger.storage.ports import BlobStore, ChainStore, NonceStore, RecordIndex, TokenStore
+from medledger.storage.ports import (
+    BlobStore,
+    ChainStore,
+    NonceStore,
+    OAuthStore,
+    RecordIndex,
+    TokenStore,
+)
 
 if TYPE_CHECKING:
     from medledger.services.peer_http import HttpPeerTransport
@@ -75,6 +82,7 @@ __all__ = [
     "open_node",
     "open_nonce_store",
     "open_orderer",
+    "open_oauth_store",
     "open_token_store",
     "own_last_anchor",
     "save_genesis",
@@ -369,6 +377,17 @@ def open_token_store(root: Path, config: NodeConfig | None = None) -> TokenStore
         _store_target(config.storage, sqlite_file),
         schema=_schema(config, "tokens"),
         legacy=sqlite_file if config.storage.store != "sqlite" else None,
+    )
+
+
+def open_oauth_store(root: Path, config: NodeConfig | None = None) -> OAuthStore:
+    """The node's authorization-server store: ``oauth.db`` of a SQLite node, a schema of a
+    PostgreSQL one (created on first open)."""
+    config = config or load_config(root)
+    return factory.open_oauth_store(
+        config.storage.store,
+        _store_target(config.storage, root / "oauth.db"),
+        schema=_schema(config, "oauth"),
     )
 
 

@@ -137,8 +137,12 @@ def start_server(
     name: str = "Api Test Hospital",
     auth_failures: RateLimit = AUTH_FAILURES,
     settings: RunSettings | None = None,
+    tls: bool = False,
 ) -> LiveServer:
     """Create a node in ``root`` and serve it on a free port until ``stop_server``.
+
+    ``tls``: serve HTTPS with the node's own certificate (``root/tls.crt``, made
+    by ``init_node`` for 127.0.0.1), as ``node start`` does; else plain HTTP.
 
     The node runs under the same lifecycle as ``node start`` (``api.serving``):
     opened, served and closed in its order, with the scrub off unless ``settings``
@@ -155,7 +159,7 @@ def start_server(
         sockets=[sock],
         limits=HttpLimits(idle_timeout_s=30),
         # API semantics on a loopback socket; TLS itself: tests/test_cli_service.py.
-        plain_http=True,
+        plain_http=not tls,
         auth_failures=auth_failures,
     )
     started = threading.Event()
@@ -189,7 +193,7 @@ def start_server(
     created = now_ms()
     live = LiveServer(
         root=root,
-        url=f"http://127.0.0.1:{sock.getsockname()[1]}",
+        url=f"{'https' if tls else 'http'}://127.0.0.1:{sock.getsockname()[1]}",
         tokens=tokens,
         app=node_server.app,
         node=node_server.runtime.node,

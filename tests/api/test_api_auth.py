@@ -36,7 +36,15 @@ from medledger.node import open_chain
 from medledger.services.ratelimit import RateLimit
 from medledger.synthetic import PatientBundle
 
-PUBLIC = {"/fhir/metadata", "/healthz", "/readyz", "/docs", "/openapi.json", "/metrics"}
+PUBLIC = {
+    "/fhir/metadata",
+    "/healthz",
+    "/readyz",
+    "/docs",
+    "/openapi.json",
+    "/metrics",
+    "/.well-known/smart-configuration",
+}
 #: Member-to-member endpoints: no bearer token, every request is signed by a member key
 #: (tests/services/test_sharing.py covers their refusals).
 SIGNED = {"/peer/v1/{op}"}

@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from medledger import __version__
-from medledger.api import admin, chain, fhir, peer, sharing
+from medledger.api import admin, chain, fhir, oauth, peer, sharing
 from medledger.api.auth import AUTH_FAILURES, AuthFailures
 from medledger.api.deps import AppServices, Services, always_ready, install_services
 from medledger.api.errors import install_error_handlers
@@ -28,8 +28,9 @@ from medledger.core.errors import MedledgerError
 from medledger.ledger.clock import Clock
 from medledger.ledger.ordering.observed import ObservedOrderer
 from medledger.node import Node
+from medledger.services.oauth.server import AuthorizationServer
 from medledger.services.ratelimit import RateLimit
-from medledger.storage.ports import TokenStore
+from medledger.storage.ports import OAuthStore, TokenStore
 
 __all__ = ["create_app"]
 
@@ -67,6 +68,7 @@ def create_app(
     auth_failures: RateLimit = AUTH_FAILURES,
     not_ready: Callable[[], str | None] = always_ready,
     ordering: ObservedOrderer | None = None,
+    oauth_store: OAuthStore | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``node``; callers own the node's and token store's lifetime.
 
@@ -75,6 +77,8 @@ def create_app(
     of each client address and token id (``api.auth``). ``not_ready`` and
     ``ordering``: the node's lifecycle, when it runs under
     :func:`medledger.lifecycle.run_node` (``api.serving`` passes them).
+    ``oauth_store``: the authorization server's store (``api.oauth``; without
+    it the SMART endpoints answer that there is no authorization server).
     """
     app = FastAPI(
         title=f"medledger node — {node.config.name}",
@@ -95,6 +99,15 @@ def create_app(
             auth_failures=AuthFailures(auth_failures, clock),
             not_ready=not_ready,
             ordering=ordering,
+            oauth=None
+            if oauth_store is None
+            else AuthorizationServer(
+                store=oauth_store,
+                tokens=tokens,
+                clock=clock,
+                institution=node.config.institution,
+                patient_of_key=node.enrollments.patient_id,
+            ),
         ),
     )
     install_error_handlers(app)
@@ -110,6 +123,7 @@ def create_app(
     app.include_router(fhir.router)
     app.include_router(chain.router)
     app.include_router(admin.router)
+    app.include_router(oauth.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> Response:

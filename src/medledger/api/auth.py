@@ -11,6 +11,14 @@ budget is spent the failure is answered 429 with ``Retry-After`` instead of
 401. A valid token is always checked and served: one client's failures never
 throttle another client's successes. The address is the TCP peer's;
 forwarding headers are not trusted.
+
+Two kinds of bearer token are accepted: the API tokens of ``medledger token
+create`` (``mlt_…``, role only, unchanged for services) and the access
+tokens of the SMART on FHIR authorization server (``mla_…``, ``api.oauth``).
+An access token carries a role too, and its granted scopes narrow further
+what it may do: the FHIR resource type and action of the request
+(:func:`~medledger.services.oauth.scopes.request_access`) must be allowed by
+one of them, else 403 before the handler runs.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from medledger.api.deps import services_of
 from medledger.api.errors import Forbidden, Unauthorized
 from medledger.core.errors import InvalidInput, RateLimited
 from medledger.ledger.clock import Clock
+from medledger.services.oauth.scopes import parse_scopes, request_access
 from medledger.services.ratelimit import RateLimit, RateLimiter
 from medledger.storage.ports import TokenInfo
 
@@ -35,8 +44,10 @@ Principal = TokenInfo
 #: Failed authentications one address (or token id) may cause back to back,
 #: then one more every few seconds (20 a minute).
 AUTH_FAILURES = RateLimit(burst=20, interval_ms=3_000)
-# Token ids are 12 hex digits (``storage.sqlite.tokens``); anything else is not tracked by id.
-_TOKEN_ID = re.compile(r"mlt_([0-9a-f]{12})_")
+_ACTIONS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
+# Token ids: 12 hex digits (``storage.tokens``), 24 for access tokens (``services.oauth``);
+# anything else is not tracked by id.
+_TOKEN_ID = re.compile(r"(?:mlt_([0-9a-f]{12})|mla_([0-9a-f]{24}))_")
 
 
 class AuthFailures:
@@ -51,7 +62,8 @@ class AuthFailures:
         wait_ms = self._limiter.spend(f"address:{client}")
         named = _TOKEN_ID.match(token)
         if named is not None:
-            wait_ms = max(wait_ms, self._limiter.spend(f"token:{named.group(1)}"))
+            token_id = named.group(1) or named.group(2)
+            wait_ms = max(wait_ms, self._limiter.spend(f"token:{token_id}"))
         if wait_ms:
             raise RateLimited(
                 "too many failed authentications from this client; retry later",
@@ -75,12 +87,20 @@ def require(*roles: str) -> Callable[..., Any]:
             raise Unauthorized("a bearer token is required")
         token = token.strip()
         try:
-            info = services.tokens.check(token, now_ms=services.clock.now_ms())
+            if token.startswith("mla_") and services.oauth is not None:
+                info = services.oauth.check_access(token, now_ms=services.clock.now_ms())
+            else:
+                info = services.tokens.check(token, now_ms=services.clock.now_ms())
         except InvalidInput as exc:
             services.auth_failures.charge(request, token)
             raise Unauthorized(str(exc)) from None
         if info.role != "admin" and info.role not in roles:
             raise Forbidden(f"role {info.role!r} may not do this")
+        if info.scopes is not None:
+            resource_type, action = request_access(request.method, request.url.path)
+            if not parse_scopes(" ".join(info.scopes)).allows(resource_type, action):
+                what = resource_type or "this resource"
+                raise Forbidden(f"the token's scopes do not allow {_ACTIONS[action]} of {what}")
         return info
 
     return dependency

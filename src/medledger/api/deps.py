@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from medledger.ledger.clock import Clock
 from medledger.ledger.ordering.observed import ObservedOrderer
 from medledger.node import Node
+from medledger.services.oauth.server import AuthorizationServer
 from medledger.services.records.service import RecordsService
 from medledger.storage.ports import TokenStore
 
@@ -51,6 +52,7 @@ def always_ready() -> str | None:
 class AppServices:
     """The node and what the HTTP layer adds around it, for one application.
 
+    ``oauth``: the node's authorization server (``api.oauth``);
     ``not_ready``: why the node's lifecycle is not ready (``/readyz``'s status,
     e.g. ``catching up`` or ``stopping``), None when it is
     (:meth:`medledger.lifecycle.NodeRuntime.not_ready`); ``ordering``: the
@@ -63,6 +65,8 @@ class AppServices:
     auth_failures: FailureBudget
     not_ready: Callable[[], str | None] = always_ready
     ordering: ObservedOrderer | None = None
+    #: The SMART on FHIR authorization server (``None``: the app was made without its store).
+    oauth: AuthorizationServer | None = None
 
 
 def install_services(app: FastAPI, services: AppServices) -> None:

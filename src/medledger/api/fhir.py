@@ -28,6 +28,7 @@ from medledger.api.auth import require
 from medledger.api.deps import NodeDep, Records
 from medledger.api.errors import TooLarge, UnsupportedMediaType, error_outcome
 from medledger.api.negotiation import JSON_PATCH, check_formats
+from medledger.api.oauth import oauth_uris_extension
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import (
     Gone,
@@ -319,7 +320,21 @@ async def metadata(request: Request, node: NodeDep) -> Response:
                 {
                     "mode": "server",
                     "security": {
-                        "description": "Bearer tokens issued with 'medledger token create'."
+                        "cors": False,
+                        "service": [
+                            {
+                                "coding": [
+                                    {
+                                        "system": "http://terminology.hl7.org/CodeSystem/"
+                                        "restful-security-service",
+                                        "code": "SMART-on-FHIR",
+                                    }
+                                ]
+                            }
+                        ],
+                        "extension": [oauth_uris_extension(str(request.base_url).rstrip("/"))],
+                        "description": "SMART on FHIR (see /.well-known/smart-configuration),"
+                        " or bearer tokens issued with 'medledger token create'.",
                     },
                     "resource": resources,
                     "interaction": [{"code": "transaction"}, {"code": "batch"}],

@@ -128,6 +128,7 @@ class NodeServer:
                 auth_failures=self.auth_failures,
                 not_ready=runtime.not_ready,
                 ordering=runtime.ordering,
+                oauth_store=runtime.oauth,
             )
             tls = None if self.plain_http else runtime.node.server_tls_context()
             config = server_config(

@@ -18,6 +18,7 @@ from medledger.cli.common import EXIT_TAMPERED, fail
 from medledger.cli.consortium import consortium
 from medledger.cli.demo import demo
 from medledger.cli.network import network
+from medledger.cli.oauth import oauth_client
 from medledger.cli.records import keys, record
 from medledger.cli.service import start, token
 from medledger.cli.sharing import audit, consent, patient, share
@@ -54,6 +55,7 @@ for command in (
 ):
     cli.add_command(command)
 node.add_command(start)
+node.add_command(oauth_client)
 
 
 #: Files and directories medledger creates are its owner's alone (0600 / 0700):

@@ -171,6 +171,37 @@ def patient_show(wallet_path: Path) -> None:
     emit({"fingerprint": wallet.fingerprint, "public_key": wallet.public.pem()})
 
 
+@patient.command("export-key")
+@wallet_option
+@click.option(
+    "--for-browser",
+    "for_browser",
+    is_flag=True,
+    required=True,
+    help="Required: the export is an unencrypted JWK for a browser's sign-in page.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="A new file (mode 0600); an existing one is never overwritten.",
+)
+def patient_export_key(wallet_path: Path, for_browser: bool, out: Path) -> None:
+    """Export the wallet key for the sign-in page of a node (import it, then delete the file)."""
+    if not for_browser:
+        fail("export-key only exports --for-browser", 2)
+    wallet = _wallet(wallet_path)
+    wallet.export_browser_key(out)
+    emit(
+        {
+            "file": str(out),
+            "fingerprint": wallet.fingerprint,
+            "note": "unencrypted key: import it on the sign-in page, then delete this file",
+        }
+    )
+
+
 def _enrollment(node_url: str, token: str, patient_id: str) -> dict[str, Any]:
     """What the node says a wallet signs for Patient/ID there, and the key bound now."""
     answer: dict[str, Any] = _call(

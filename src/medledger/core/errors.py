@@ -14,6 +14,7 @@ errors to HTTP / OperationOutcome and exit codes in exactly one place each.
     │   └── IntegrityError         stored bytes do not match their hash / chain
     │       └── RecordDamaged      acknowledged data is missing or altered in the node's store
     ├── InvalidInput               malformed or unacceptable input
+    │   └── OAuthError             an OAuth 2.0 refusal, with its RFC 6749 error code
     ├── NotFound                   no such block, transaction, record or key
     │   └── Gone                   it existed and was erased (FHIR 410)
     ├── Conflict                   a write contradicts current state
@@ -46,6 +47,7 @@ __all__ = [
     "KeyStoreError",
     "MedledgerError",
     "NotFound",
+    "OAuthError",
     "OrderingError",
     "RateLimited",
     "RetryableStorageError",
@@ -109,6 +111,44 @@ class RecordDamaged(IntegrityError):
 
 class InvalidInput(MedledgerError):
     """Input is malformed or not acceptable; nothing was changed."""
+
+
+class OAuthError(InvalidInput):
+    """The authorization server refuses a request (RFC 6749 §4.1.2.1, §5.2).
+
+    ``error`` is the RFC's code (``invalid_request``, ``invalid_client``,
+    ``invalid_grant``, ``invalid_scope``, ``access_denied``, …). When
+    ``redirect_uri`` is set the refusal may be sent back to the client there
+    (with ``state``); without it the client or its redirect URI could not be
+    trusted, so the refusal is shown to the user instead (§4.1.2.1).
+    """
+
+    def __init__(
+        self,
+        error: str,
+        message: str,
+        *,
+        redirect_uri: str | None = None,
+        state: str | None = None,
+        status: int = 400,
+    ) -> None:
+        super().__init__(message)
+        self.error = error
+        self.redirect_uri = redirect_uri
+        self.state = state
+        self.status = status
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _oauth_error,
+            (self.error, str(self), self.redirect_uri, self.state, self.status),
+        )
+
+
+def _oauth_error(
+    error: str, message: str, redirect_uri: str | None, state: str | None, status: int
+) -> OAuthError:
+    return OAuthError(error, message, redirect_uri=redirect_uri, state=state, status=status)
 
 
 class NotFound(MedledgerError):

@@ -12,6 +12,8 @@ on chains, institutions and patients are known by it.
 
 from __future__ import annotations
 
+import base64
+
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -150,6 +152,24 @@ class SigningKey:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise KeyStoreError("stored signing key is not an elliptic-curve key")
         return cls(key)
+
+    def to_private_jwk(self) -> dict[str, str]:
+        """The key as an unencrypted EC JWK (RFC 7518 §6.2), for one purpose only: importing
+        it into a browser's WebCrypto as a non-extractable key (``patient export-key
+        --for-browser``, which writes it to a file of mode 0600)."""
+        numbers = self._key.private_numbers()
+
+        def b64(value: int) -> str:
+            return base64.urlsafe_b64encode(value.to_bytes(32, "big")).rstrip(b"=").decode()
+
+        return {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64(numbers.public_numbers.x),
+            "y": b64(numbers.public_numbers.y),
+            "d": b64(numbers.private_value),
+            "kid": self.fingerprint,
+        }
 
     def to_encrypted_pem(self, passphrase: bytes) -> bytes:
         """PKCS#8 PEM encrypted under ``passphrase`` (cryptography's best available scheme)."""

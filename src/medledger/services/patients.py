@@ -59,6 +59,30 @@ class PatientWallet:
         """The patient's pseudonym on every chain."""
         return self._key.fingerprint
 
+    def export_browser_key(self, path: Path) -> None:
+        """Write the key as an unencrypted JWK to a *new* file of mode 0600, for a browser.
+
+        WebCrypto cannot import an encrypted PKCS#8 key, so the portal's sign-in
+        imports this file once (as a non-extractable key kept in IndexedDB);
+        the file should then be deleted. An existing file is never overwritten.
+        """
+        import json
+        import os
+
+        data = json.dumps(self._key.to_private_jwk(), indent=2).encode() + b"\n"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise Conflict(f"{path} already exists; choose a new file") from None
+        except OSError as exc:
+            raise KeyStoreError(f"cannot create {path}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask allowed
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def enrollment_signature(self, institution: str, pseudonym: str) -> Signature:
         """Consent to speak for the Patient with keyed ``pseudonym`` at ``institution``."""
         return self._key.sign(enrollment_message(institution, pseudonym))

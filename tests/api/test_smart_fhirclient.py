@@ -1,0 +1,363 @@
+"""SMART on FHIR end to end: a third-party app launches standalone against a node served over
+HTTPS, with the ``fhirclient`` library (the SMART on FHIR Python client).
+
+The test plays the browser: it follows the authorize URL, signs the sign-in
+challenge with the patient's wallet key as WebCrypto would (P1363 ``r||s``),
+approves, and hands the redirect to the app, which exchanges the code and
+reads the patient's data with fhirclient's models. Also: the scopes granted
+narrow what the token may do, CSRF, revocation and staff sign-in over HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from api_helpers import LiveServer, put_json, start_server, stop_server
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from fhirclient import client as smart_client
+from fhirclient.models.condition import Condition
+from fhirclient.models.observation import Observation
+from requests.adapters import HTTPAdapter
+
+from medledger.services.oauth import pkce
+from medledger.services.oauth.server import register_client
+from medledger.services.patients import PatientWallet
+from medledger.storage import factory
+
+PATIENT = "pat-smart"
+APP_REDIRECT = "http://127.0.0.1:1/app-callback"  # never contacted: the test reads the redirect
+
+
+@dataclass
+class Smart:
+    live: LiveServer
+    ca: str
+    tls: ssl.SSLContext
+    app_id: str
+    wallet: PatientWallet
+
+
+@pytest.fixture(scope="module")
+def smart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Smart]:
+    tmp = tmp_path_factory.mktemp("smart")
+    live = start_server(tmp / "node", tls=True)
+    try:
+        ca = str(live.root / "tls.crt")
+        tls = ssl.create_default_context(cafile=ca)
+        with live.client(live.clinician, verify=tls) as clinician:
+            for resource in (
+                {"resourceType": "Patient", "id": PATIENT, "gender": "female"},
+                {
+                    "resourceType": "Observation",
+                    "id": "obs-1",
+                    "status": "final",
+                    "code": {"text": "heart rate"},
+                    "subject": {"reference": f"Patient/{PATIENT}"},
+                    "valueQuantity": {"value": 61, "unit": "/min"},
+                },
+                {
+                    "resourceType": "Condition",
+                    "id": "cond-1",
+                    "subject": {"reference": f"Patient/{PATIENT}"},
+                    "code": {"text": "asthma"},
+                },
+            ):
+                path = f"/fhir/{resource['resourceType']}/{resource['id']}"
+                assert put_json(clinician, path, resource).status_code in (200, 201)
+        wallet = PatientWallet.create(tmp / "wallet.pem", b"a wallet passphrase for smart")
+        node = live.node
+        pseudonym = node.records.patient_pseudonym(PATIENT)
+        signature = wallet.enrollment_signature(node.config.institution, pseudonym)
+        live.run(node.enrollments.enroll(PATIENT, wallet.public, signature))
+        # As ``medledger node oauth-client add`` does, on the node's own store file.
+        store = factory.open_oauth_store("sqlite", live.root / "oauth.db")
+        try:
+            app, _ = register_client(
+                store, now_ms=0, name="Fitness app", redirect_uris=(APP_REDIRECT,)
+            )
+        finally:
+            store.close()
+        yield Smart(live, ca, tls, app.id, wallet)
+    finally:
+        stop_server(live)
+
+
+def browser(smart: Smart) -> httpx.Client:
+    return httpx.Client(base_url=smart.live.url, verify=smart.tls, timeout=30)
+
+
+def hidden(page: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', page)
+    assert match is not None, f"no {name} field"
+    return html.unescape(match.group(1))
+
+
+def webcrypto_signature(wallet: PatientWallet, message: str) -> str:
+    """The wallet key's signature in WebCrypto's form: P1363 ``r||s``, base64url."""
+    der = wallet._key.sign(message.encode()).sig  # the browser holds the same key
+    r, s = decode_dss_signature(der)
+    return base64.urlsafe_b64encode(r.to_bytes(32, "big") + s.to_bytes(32, "big")).decode()
+
+
+def patient_signs_in(smart: Smart, web: httpx.Client, authorize_url: str) -> httpx.Response:
+    """Open the sign-in page, sign its challenge, and answer the approval page's form."""
+    page = web.get(authorize_url)
+    assert page.status_code == 200, page.text
+    message = html.unescape(re.search(r'data-message="([^"]*)"', page.text).group(1))  # type: ignore[union-attr]
+    public_key = base64.urlsafe_b64encode(smart.wallet.public.der()).decode().rstrip("=")
+    approval = web.post(
+        "/oauth/authorize/patient",
+        data={
+            "step": hidden(page.text, "step"),
+            "csrf": hidden(page.text, "csrf"),
+            "public_key": public_key,
+            "signature": webcrypto_signature(smart.wallet, message),
+        },
+    )
+    assert approval.status_code == 200, approval.text
+    return approval
+
+
+def approve(web: httpx.Client, approval: httpx.Response, decision: str = "approve") -> str:
+    answer = web.post(
+        "/oauth/authorize/decision",
+        data={
+            "step": hidden(approval.text, "step"),
+            "csrf": hidden(approval.text, "csrf"),
+            "decision": decision,
+        },
+    )
+    assert answer.status_code == 303, answer.text
+    return answer.headers["location"]
+
+
+@contextmanager
+def fhir_app(smart: Smart, scope: str) -> Iterator[smart_client.FHIRClient]:
+    """The app, its HTTP session closed at the end (an open keep-alive would hold up the
+    server's graceful stop)."""
+    app = smart_client.FHIRClient(
+        settings={
+            "app_id": smart.app_id,
+            "api_base": f"{smart.live.url}/fhir",
+            "redirect_uri": APP_REDIRECT,
+            "scope": scope,
+        }
+    )
+    # Trust exactly the node's own certificate (the stdlib context given here; requests
+    # would otherwise use its own CA bundle).
+    app.server.session.mount(smart.live.url, _PinnedAdapter(smart.tls))
+    try:
+        yield app
+    finally:
+        app.server.session.close()
+
+
+class _PinnedAdapter(HTTPAdapter):
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def build_connection_pool_key_attributes(
+        self, request: Any, verify: Any, cert: Any = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(
+            request, verify, cert
+        )
+        pool_kwargs["ssl_context"] = self._context
+        pool_kwargs.pop("ca_certs", None)
+        pool_kwargs.pop("ca_cert_dir", None)
+        return host_params, pool_kwargs
+
+
+def test_a_third_party_app_launches_standalone_and_reads_the_patients_data(smart: Smart) -> None:
+    with fhir_app(smart, "patient/Patient.read patient/Observation.read offline_access") as app:
+        launch_and_read(smart, app)
+
+
+def launch_and_read(smart: Smart, app: smart_client.FHIRClient) -> None:
+    assert not app.ready
+    authorize_url = app.authorize_url  # discovered from /fhir/metadata (oauth-uris)
+    assert authorize_url.startswith(f"{smart.live.url}/oauth/authorize?")
+    with browser(smart) as web:
+        approval = patient_signs_in(smart, web, authorize_url)
+        assert "Fitness app" in approval.text and "patient/Observation.read" in approval.text
+        callback = approve(web, approval)
+    assert callback.startswith(APP_REDIRECT + "?")
+    app.handle_callback(callback)
+    assert app.ready and app.patient_id == PATIENT
+    assert app.patient is not None and app.patient.gender == "female"
+    found = list(Observation.where(struct={"patient": PATIENT}).perform_resources_iter(app.server))
+    assert [(o.id, o.valueQuantity.value) for o in found] == [("obs-1", 61)]
+    assert Observation.read("obs-1", app.server).code.text == "heart rate"
+    # Narrower than what the patient may see: the token was not granted Condition.
+    with pytest.raises(Exception) as refused:
+        Condition.read("cond-1", app.server)
+    assert getattr(refused.value, "response", None) is not None
+    assert refused.value.response.status_code == 403  # type: ignore[attr-defined]
+    assert "scopes do not allow read of Condition" in refused.value.response.text  # type: ignore[attr-defined]
+
+
+def test_discovery_documents(smart: Smart) -> None:
+    with browser(smart) as web:
+        config = web.get("/.well-known/smart-configuration").json()
+        metadata = web.get("/fhir/metadata").json()
+    base = smart.live.url
+    assert config["authorization_endpoint"] == f"{base}/oauth/authorize"
+    assert config["token_endpoint"] == f"{base}/oauth/token"
+    assert config["revocation_endpoint"] == f"{base}/oauth/revoke"
+    assert config["code_challenge_methods_supported"] == ["S256"]
+    for capability in ("launch-standalone", "client-public", "context-standalone-patient"):
+        assert capability in config["capabilities"]
+    extension = metadata["rest"][0]["security"]["extension"][0]
+    assert {e["url"]: e["valueUri"] for e in extension["extension"]} == {
+        "authorize": f"{base}/oauth/authorize",
+        "token": f"{base}/oauth/token",
+        "revoke": f"{base}/oauth/revoke",
+    }
+
+
+def manual_authorize_url(smart: Smart, verifier: str, scope: str, client_id: str = "") -> str:
+    query = httpx.QueryParams(
+        {
+            "response_type": "code",
+            "client_id": client_id or smart.app_id,
+            "redirect_uri": APP_REDIRECT,
+            "scope": scope,
+            "state": "st",
+            "code_challenge": pkce.s256(verifier),
+            "code_challenge_method": "S256",
+        }
+    )
+    return f"{smart.live.url}/oauth/authorize?{query}"
+
+
+def redeem(web: httpx.Client, smart: Smart, callback: str, verifier: str) -> httpx.Response:
+    code = parse_qs(urlsplit(callback).query)["code"][0]
+    return web.post(
+        "/oauth/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": APP_REDIRECT,
+            "client_id": smart.app_id,
+            "code_verifier": verifier,
+        },
+    )
+
+
+def test_the_sign_in_page_loads_only_its_own_script_and_checks_csrf(smart: Smart) -> None:
+    verifier = pkce.new_secret()
+    with browser(smart) as web:
+        page = web.get(manual_authorize_url(smart, verifier, "patient/*.read user/*.read"))
+        assert page.status_code == 200
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+        assert re.findall(r"<script[^>]*>", page.text) == [
+            '<script src="/oauth/static/signin.js" defer>'
+        ]
+        assert web.get("/oauth/static/signin.js").status_code == 200
+        form = {"step": hidden(page.text, "step"), "api_token": smart.live.clinician}
+        # No CSRF token in the form, or one that is not the cookie's: refused, nothing signed in.
+        for csrf in ("", pkce.new_secret()):
+            refused = web.post("/oauth/authorize/staff", data={**form, "csrf": csrf})
+            assert refused.status_code == 400 and "CSRF" in refused.text
+        # A form posted from another browser (no cookie) is refused too.
+        with browser(smart) as other:
+            stolen = other.post(
+                "/oauth/authorize/staff", data={**form, "csrf": hidden(page.text, "csrf")}
+            )
+            assert stolen.status_code == 400 and "CSRF" in stolen.text
+        # The step is still open for its own browser.
+        ok = web.post("/oauth/authorize/staff", data={**form, "csrf": hidden(page.text, "csrf")})
+        assert ok.status_code == 200 and "staff (clinician)" in ok.text
+
+
+def test_a_staff_user_token_reads_but_cannot_write_and_revocation_ends_it(smart: Smart) -> None:
+    verifier = pkce.new_secret()
+    with browser(smart) as web:
+        page = web.get(manual_authorize_url(smart, verifier, "user/*.read offline_access"))
+        approval = web.post(
+            "/oauth/authorize/staff",
+            data={
+                "step": hidden(page.text, "step"),
+                "csrf": hidden(page.text, "csrf"),
+                "api_token": smart.live.clinician,
+            },
+        )
+        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+        assert tokens["scope"] == "user/*.read offline_access" and "patient" not in tokens
+        with smart.live.client(tokens["access_token"], verify=smart.tls) as app:
+            assert app.get("/fhir/Condition/cond-1").status_code == 200
+            write = put_json(app, "/fhir/Condition/cond-1", {"resourceType": "Condition"})
+            assert write.status_code == 403
+            revoked = web.post(
+                "/oauth/revoke",
+                data={"token": tokens["refresh_token"], "client_id": smart.app_id},
+            )
+            assert revoked.status_code == 200
+            assert app.get("/fhir/Condition/cond-1").status_code == 401
+
+
+def test_token_endpoint_refusals_are_oauth_json(smart: Smart) -> None:
+    verifier = pkce.new_secret()
+    with browser(smart) as web:
+        approval = patient_signs_in(
+            smart, web, manual_authorize_url(smart, verifier, "patient/*.read")
+        )
+        callback = approve(web, approval)
+        first = redeem(web, smart, callback, verifier)
+        assert first.status_code == 200 and first.headers["cache-control"] == "no-store"
+        replay = redeem(web, smart, callback, verifier)
+        assert replay.status_code == 400
+        assert replay.json()["error"] == "invalid_grant"
+        with smart.live.client(first.json()["access_token"], verify=smart.tls) as app:
+            assert app.get("/fhir/Observation/obs-1").status_code == 401  # revoked by the replay
+        unknown = web.post(
+            "/oauth/token",
+            data={"grant_type": "authorization_code", "code": "x", "client_id": "nobody"},
+        )
+        assert unknown.status_code == 401 and unknown.json()["error"] == "invalid_client"
+        # A denial goes back to the app as access_denied, with its state.
+        approval = patient_signs_in(
+            smart, web, manual_authorize_url(smart, verifier, "patient/*.read")
+        )
+        denied = parse_qs(urlsplit(approve(web, approval, "deny")).query)
+        assert denied["error"] == ["access_denied"] and denied["state"] == ["st"]
+
+
+def test_a_wrong_signature_is_refused_on_the_page(smart: Smart) -> None:
+    verifier = pkce.new_secret()
+    with browser(smart) as web:
+        page = web.get(manual_authorize_url(smart, verifier, "patient/*.read"))
+        public_key = base64.urlsafe_b64encode(smart.wallet.public.der()).decode()
+        refused = web.post(
+            "/oauth/authorize/patient",
+            data={
+                "step": hidden(page.text, "step"),
+                "csrf": hidden(page.text, "csrf"),
+                "public_key": public_key,
+                "signature": webcrypto_signature(smart.wallet, "not the challenge"),
+            },
+        )
+        assert refused.status_code == 400 and "does not verify" in refused.text
+        assert "Sign-in refused" in refused.text
+
+
+def test_unregistered_redirects_are_never_followed(smart: Smart, tmp_path: Path) -> None:
+    with browser(smart) as web:
+        url = manual_authorize_url(smart, pkce.new_secret(), "patient/*.read")
+        evil = url.replace("127.0.0.1%3A1", "evil.example")
+        page = web.get(evil)
+        assert page.status_code == 400 and "redirect_uri" in page.text
+        assert "location" not in page.headers
