@@ -551,8 +551,34 @@ def test_anchor_without_a_quorum_is_not_final(
     certificate: Callable[[BlockHeader], tuple[Signature, ...]],
 ) -> None:
     proof = replace(ANCHOR, certificate=certificate(ANCHOR.header))
-    with pytest.raises(IntegrityError, match=r"not final: \d valid member signatures, 3 needed"):
+    with pytest.raises(
+        IntegrityError,
+        match=r"not final: (\d valid member signatures, 3 needed|its certificate carries)",
+    ):
         _verify(_provenance(proof))
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (lambda h: KEYS["delta"].sign(h.encode()), "member delta that does not verify"),
+        (lambda h: KEYS["alpha"].sign(h.hash()), "two signatures by member alpha"),
+    ],
+    ids=["invalid-member-signature", "second-signature-of-a-signer"],
+)
+def test_a_bad_signature_beside_a_quorum_is_refused(
+    extra: Callable[[BlockHeader], Signature], reason: str
+) -> None:
+    """A quorum does not excuse a signature no member put there (strict certificates)."""
+    certificate = (*_certificate(ANCHOR.header, IDS[:3]), extra(ANCHOR.header))
+    with pytest.raises(IntegrityError, match=f"not final: its certificate carries .*{reason}"):
+        _verify(_provenance(replace(ANCHOR, certificate=certificate)))
+
+
+def test_a_signer_who_has_left_is_not_counted_but_not_refused() -> None:
+    """The certificate is of the members at that block: a signer may have left since."""
+    certificate = (*_certificate(ANCHOR.header, IDS), OUTSIDER.sign(ANCHOR.header.hash()))
+    _verify(_provenance(replace(ANCHOR, certificate=certificate)))
 
 
 def test_anchor_block_altered_after_certification_is_not_final() -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from medledger.core.encoding import canonical_bytes
-from medledger.core.errors import InvalidInput, MedledgerError
+from medledger.core.errors import InvalidInput, InvalidSignature, MedledgerError
 from medledger.core.hashing import sha256
 from medledger.core.keys import VerifyingKey
 from medledger.core.tls import MemberCertificate
@@ -311,6 +311,35 @@ class MemberSet:
             member = self.by_fingerprint(sig.signer)
             if member is not None and member.id not in signers and _verifies(member, sig, message):
                 signers.add(member.id)
+        return signers
+
+    def certificate_signers(
+        self, message: bytes, signatures: Any, *, others: bool = False
+    ) -> set[str]:
+        """Ids of the members who signed ``message``, every signature checked (strict).
+
+        Raises :class:`InvalidSignature` if a signature does not verify under the key
+        of the member whose fingerprint it names, if one member signed twice, or (unless
+        ``others``) if it names a key that is no member's. A certificate a member
+        assembles holds only its voters' verified votes, so anything else in it was
+        put there afterwards. ``others`` ignores unknown signers instead: for a
+        certificate checked against a later member set, whose signers may since have
+        left or rotated their key.
+        """
+        signers: set[str] = set()
+        for sig in signatures:
+            member = self.by_fingerprint(sig.signer)
+            if member is None:
+                if others:
+                    continue
+                raise InvalidSignature(
+                    f"a signature by key {sig.signer[:16]}… that is no voting member's"
+                )
+            if member.id in signers:
+                raise InvalidSignature(f"two signatures by member {member.id}")
+            if not _verifies(member, sig, message):
+                raise InvalidSignature(f"a signature by member {member.id} that does not verify")
+            signers.add(member.id)
         return signers
 
     def with_member(self, member: Member) -> MemberSet:

@@ -233,7 +233,14 @@ class AnchorProof:
         header = self.header
         if header.chain != chain_id:
             raise IntegrityError(f"the anchor block is on {header.chain!r}, not {chain_id!r}")
-        signers = members.quorum_signers(header.hash(), self.certificate)
+        try:
+            # Strict for current members' keys; a signer who has since left or rotated
+            # its key is not counted (the certificate is of an earlier member set).
+            signers = members.certificate_signers(header.hash(), self.certificate, others=True)
+        except InvalidSignature as exc:
+            raise IntegrityError(
+                f"the anchor is not final: its certificate carries {exc}"
+            ) from None
         if len(signers) < members.quorum:
             raise IntegrityError(
                 f"the anchor is not final: {len(signers)} valid member signatures, "

@@ -526,7 +526,11 @@ class SharingService:
         if cached is not None and cached[0] is members:
             return cached[1], cached[2]
         result = anchor.verify(chain_id=self._member.chain_id, holder=holder, members=members)
-        signers = tuple(sorted(members.quorum_signers(anchor.header.hash(), anchor.certificate)))
+        signers = tuple(
+            sorted(
+                members.certificate_signers(anchor.header.hash(), anchor.certificate, others=True)
+            )
+        )
         if len(self._anchor_checks) >= _ANCHOR_CACHE:
             self._anchor_checks.pop(next(iter(self._anchor_checks)))
         self._anchor_checks[key] = (members, result, signers)

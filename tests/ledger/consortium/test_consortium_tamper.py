@@ -51,6 +51,27 @@ def outsider_signature(net: Network, sigs: Sigs, block_hash: bytes, prev: Sigs) 
     return [*sigs[:2], SigningKey.generate().sign(block_hash).to_json()]
 
 
+def _absent_member(net: Network, sigs: Sigs) -> SigningKey:
+    """A member's key that signed none of ``sigs``."""
+    present = {s["signer"] for s in sigs}
+    return next(k for k in net.keys.values() if k.fingerprint not in present)
+
+
+# Beside a valid quorum: the certificate still counts enough members, but carries a
+# signature no member would put there (accepted before certificates were strict).
+def outsider_beside_quorum(net: Network, sigs: Sigs, block_hash: bytes, prev: Sigs) -> Sigs:
+    return [*sigs[:3], SigningKey.generate().sign(block_hash).to_json()]
+
+
+def invalid_beside_quorum(net: Network, sigs: Sigs, block_hash: bytes, prev: Sigs) -> Sigs:
+    other = _absent_member(net, sigs[:3])
+    return [*sigs[:3], other.sign(b"\x00" * 32).to_json()]
+
+
+def duplicate_beside_quorum(net: Network, sigs: Sigs, block_hash: bytes, prev: Sigs) -> Sigs:
+    return [*sigs[:3], sigs[0]]
+
+
 def previous_blocks_certificate(net: Network, sigs: Sigs, block_hash: bytes, prev: Sigs) -> Sigs:
     return prev
 
@@ -62,6 +83,9 @@ CERTIFICATE_EDITS: dict[str, Callable[[Network, Sigs, bytes, Sigs], Sigs]] = {
     "one-signer-three-times": one_signer_three_times,
     "outsider-signature": outsider_signature,
     "previous-blocks-certificate": previous_blocks_certificate,
+    "outsider-beside-quorum": outsider_beside_quorum,
+    "invalid-beside-quorum": invalid_beside_quorum,
+    "duplicate-beside-quorum": duplicate_beside_quorum,
 }
 
 

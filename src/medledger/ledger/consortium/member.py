@@ -553,11 +553,18 @@ class ConsortiumMember:
             if cut is None:
                 return
             votes = self._votes.get(height, {})
+            # Only the votes of this block's voters, by their key at this height: a vote
+            # checked before the block was cut was checked against the final members,
+            # who may differ (a member removed or rotated in a block not yet final). A
+            # certificate holds nothing an auditor would refuse (strict certificates).
             good = sorted(
                 (
                     sig
                     for member, (h, sig, _) in votes.items()
-                    if h == cut.block.block_hash and member not in self._equivocators
+                    if h == cut.block.block_hash
+                    and member not in self._equivocators
+                    and (voter := cut.members.by_fingerprint(sig.signer)) is not None
+                    and voter.id == member
                 ),
                 key=lambda s: s.signer,
             )

@@ -84,7 +84,10 @@ class ConsortiumPolicy:
     def signatures(self, height: int, block_hash: bytes, signatures: Sequence[Signature]) -> None:
         if height == 0:
             return
-        signers = self._voters.quorum_signers(block_hash, signatures)
+        try:
+            signers = self._voters.certificate_signers(block_hash, signatures)
+        except InvalidSignature as exc:
+            raise InvalidSignature(f"block {height}: finality certificate carries {exc}") from None
         if len(signers) < self._voters.quorum:
             raise InvalidSignature(
                 f"block {height}: finality certificate has {len(signers)} valid member signatures, "
