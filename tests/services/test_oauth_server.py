@@ -56,6 +56,7 @@ class World:
     patient_key: SigningKey
     staff_token: str
     bindings: dict[str, str]
+    tokens: SqliteTokenStore
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def world(tmp_path: Path) -> Iterator[World]:
     )
     app, _ = server.register_client(name="Test app", redirect_uris=(APP_REDIRECT,))
     staff, _ = tokens.create(role="clinician", now_ms=T0, label="dr")
-    yield World(server, clock, app, key, staff, bindings)
+    yield World(server, clock, app, key, staff, bindings, tokens)
     store.close()
     tokens.close()
 
@@ -166,11 +167,11 @@ def test_a_patient_signs_in_approves_and_gets_a_patient_token(world: World) -> N
     assert answer["patient"] == "pat-1"
     assert answer["token_type"] == "Bearer" and answer["expires_in"] == ACCESS_TTL_MS // 1000
     assert answer["scope"] == "launch/patient patient/Observation.read offline_access"
-    info = world.server.check_access(answer["access_token"], now_ms=T0 + 1)
+    info = asyncio.run(world.server.check_access(answer["access_token"], now_ms=T0 + 1))
     assert (info.role, info.patient) == ("patient", "pat-1")
     assert info.scopes == ("launch/patient", "patient/Observation.read", "offline_access")
     with pytest.raises(InvalidInput, match="expired"):
-        world.server.check_access(answer["access_token"], now_ms=T0 + ACCESS_TTL_MS)
+        asyncio.run(world.server.check_access(answer["access_token"], now_ms=T0 + ACCESS_TTL_MS))
 
 
 def test_staff_sign_in_with_an_api_token_gets_user_scopes_and_its_role(world: World) -> None:
@@ -178,7 +179,7 @@ def test_staff_sign_in_with_an_api_token_gets_user_scopes_and_its_role(world: Wo
     approved = world.server.sign_in_staff(signin.step, signin.csrf, api_token=world.staff_token)
     assert (approved.role, approved.scopes) == ("clinician", ("offline_access", "user/*.read"))
     answer = exchange(world, code_of(world.server.decide(signin.step, signin.csrf, approve=True)))
-    info = world.server.check_access(answer["access_token"], now_ms=T0)
+    info = asyncio.run(world.server.check_access(answer["access_token"], now_ms=T0))
     assert (info.role, info.patient, "patient" in answer) == ("clinician", None, False)
 
 
@@ -197,12 +198,12 @@ def test_a_wrong_verifier_wrong_redirect_and_expired_code_are_refused(world: Wor
 def test_a_replayed_code_is_refused_and_revokes_what_it_issued(world: World) -> None:
     code = approved_code(world)
     first = exchange(world, code)
-    world.server.check_access(first["access_token"], now_ms=T0)
+    asyncio.run(world.server.check_access(first["access_token"], now_ms=T0))
     with pytest.raises(OAuthError, match="already used") as replay:
         exchange(world, code)
     assert replay.value.error == "invalid_grant"
     with pytest.raises(InvalidInput, match="revoked"):
-        world.server.check_access(first["access_token"], now_ms=T0)
+        asyncio.run(world.server.check_access(first["access_token"], now_ms=T0))
     with pytest.raises(OAuthError):
         refresh(world, first["refresh_token"])
 
@@ -211,24 +212,43 @@ def test_refresh_rotates_and_reuse_of_a_rotated_token_revokes_the_family(world: 
     first = exchange(world, approved_code(world))
     second = refresh(world, first["refresh_token"])
     assert second["refresh_token"] != first["refresh_token"]
-    world.server.check_access(second["access_token"], now_ms=T0)
+    asyncio.run(world.server.check_access(second["access_token"], now_ms=T0))
     third = refresh(world, second["refresh_token"])  # the rotated one works, once
     with pytest.raises(OAuthError, match="already used"):
         refresh(world, first["refresh_token"])  # stolen copy of a rotated token
     for dead in (first["access_token"], third["access_token"]):
         with pytest.raises(InvalidInput, match="revoked"):
-            world.server.check_access(dead, now_ms=T0)
+            asyncio.run(world.server.check_access(dead, now_ms=T0))
     with pytest.raises(OAuthError):
         refresh(world, third["refresh_token"])
 
 
-def test_refresh_stops_when_the_key_is_no_longer_the_patients(world: World) -> None:
+def test_a_re_bound_patient_key_ends_its_grants_at_once(world: World) -> None:
     first = exchange(world, approved_code(world))
-    world.bindings.clear()  # e.g. the patient rotated to a new key
-    with pytest.raises(OAuthError, match="binding changed"):
-        refresh(world, first["refresh_token"])
+    asyncio.run(world.server.check_access(first["access_token"], now_ms=T0))
+    world.bindings.clear()  # e.g. the patient rotated to a new key, or a break-glass re-binding
     with pytest.raises(InvalidInput, match="revoked"):
-        world.server.check_access(first["access_token"], now_ms=T0)
+        asyncio.run(world.server.check_access(first["access_token"], now_ms=T0))
+    world.bindings[world.patient_key.fingerprint] = "pat-1"  # the grant stays revoked
+    with pytest.raises(InvalidInput, match="revoked"):
+        asyncio.run(world.server.check_access(first["access_token"], now_ms=T0))
+    with pytest.raises(OAuthError):
+        refresh(world, first["refresh_token"])
+
+
+def test_revoking_the_staff_api_token_ends_the_grants_made_with_it(world: World) -> None:
+    def staff_grant() -> dict[str, Any]:
+        signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+        world.server.sign_in_staff(signin.step, signin.csrf, api_token=world.staff_token)
+        return exchange(world, code_of(world.server.decide(signin.step, signin.csrf, approve=True)))
+
+    used, kept = staff_grant(), staff_grant()
+    asyncio.run(world.server.check_access(used["access_token"], now_ms=T0))
+    world.tokens.revoke(world.staff_token.split("_")[1])
+    with pytest.raises(InvalidInput, match="revoked"):
+        asyncio.run(world.server.check_access(used["access_token"], now_ms=T0))
+    with pytest.raises(OAuthError, match="no longer holds"):
+        refresh(world, kept["refresh_token"])
 
 
 def test_revocation_of_refresh_and_access_tokens(world: World) -> None:
@@ -236,11 +256,11 @@ def test_revocation_of_refresh_and_access_tokens(world: World) -> None:
     b = exchange(world, approved_code(world))
     world.server.revoke(b["access_token"], world.app)
     with pytest.raises(InvalidInput, match="revoked"):
-        world.server.check_access(b["access_token"], now_ms=T0)
+        asyncio.run(world.server.check_access(b["access_token"], now_ms=T0))
     refresh(world, b["refresh_token"])  # revoking an access token leaves its grant
     world.server.revoke(a["refresh_token"], world.app)
     with pytest.raises(InvalidInput, match="revoked"):
-        world.server.check_access(a["access_token"], now_ms=T0)
+        asyncio.run(world.server.check_access(a["access_token"], now_ms=T0))
     with pytest.raises(OAuthError):
         refresh(world, a["refresh_token"])
     # Unknown tokens and another client's tokens: nothing happens, nothing is said.
@@ -248,7 +268,7 @@ def test_revocation_of_refresh_and_access_tokens(world: World) -> None:
     c = exchange(world, approved_code(world))
     world.server.revoke("mla_000000000000000000000000_" + "x" * 43, world.app)
     world.server.revoke(c["access_token"], other)
-    world.server.check_access(c["access_token"], now_ms=T0)
+    asyncio.run(world.server.check_access(c["access_token"], now_ms=T0))
 
 
 def test_redirect_uri_must_match_exactly_and_errors_before_it_are_not_redirected(
@@ -364,7 +384,7 @@ def test_confidential_clients_authenticate_and_get_system_tokens(world: World) -
     form = {"grant_type": "client_credentials", "scope": "system/*.read patient/*.read"}
     answer = asyncio.run(world.server.token(form, backend))
     assert answer["scope"] == "system/*.read" and "refresh_token" not in answer
-    info = world.server.check_access(answer["access_token"], now_ms=T0)
+    info = asyncio.run(world.server.check_access(answer["access_token"], now_ms=T0))
     assert info.role == "auditor" and info.scopes == ("system/*.read",)
     with pytest.raises(OAuthError, match="client_credentials"):
         asyncio.run(world.server.token(form, world.app))

@@ -107,6 +107,17 @@ def test_expiry_and_revocation(store: TokenStore) -> None:
         store.revoke("000000000000")
 
 
+def test_current_tells_by_id_whether_a_token_still_works(store: TokenStore) -> None:
+    _, info = store.create(role="clinician", now_ms=T0, label="dr", ttl_ms=1_000)
+    assert store.current(info.id, now_ms=T0 + 999) == info
+    assert store.current(info.id, now_ms=T0 + 1_000) is None  # expired
+    _, kept = store.create(role="auditor", now_ms=T0)
+    assert store.current(kept.id, now_ms=T0 + 10**12) == kept
+    store.revoke(kept.id)
+    assert store.current(kept.id, now_ms=T0) is None
+    assert store.current("000000000000", now_ms=T0) is None
+
+
 def test_patient_tokens_name_exactly_their_patient(store: TokenStore) -> None:
     text, info = store.create(role="patient", patient="pat-1.a", now_ms=T0)
     assert store.check(text, now_ms=T0).patient == "pat-1.a" == info.patient

@@ -88,7 +88,7 @@ def require(*roles: str) -> Callable[..., Any]:
         token = token.strip()
         try:
             if token.startswith("mla_") and services.oauth is not None:
-                info = services.oauth.check_access(token, now_ms=services.clock.now_ms())
+                info = await services.oauth.check_access(token, now_ms=services.clock.now_ms())
             else:
                 info = services.tokens.check(token, now_ms=services.clock.now_ms())
         except InvalidInput as exc:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import html
 import logging
 from importlib import resources
@@ -293,7 +294,7 @@ def _csrf(request: Request, form: dict[str, str]) -> tuple[str, str]:
     """The step id and CSRF token of a posted form, which must equal the step's cookie."""
     step, csrf = form.get("step", ""), form.get("csrf", "")
     cookie = request.cookies.get(f"{_COOKIE}_{step}", "")
-    if not csrf or unquote(cookie) != csrf:
+    if not csrf or not hmac.compare_digest(unquote(cookie).encode(), csrf.encode()):
         raise InvalidInput("this form is not valid (missing or wrong CSRF token); start again")
     return step, csrf
 

@@ -329,6 +329,14 @@ class TokenStore(Protocol):
         """Revoke a token; ``NotFound`` if no such token."""
         ...
 
+    def current(self, token_id: str, *, now_ms: int) -> TokenInfo | None:
+        """The info of token ``token_id`` if it is neither revoked nor expired, else ``None``.
+
+        By id, without the secret: for what was granted *with* a token (an
+        OAuth grant of a staff sign-in), which must end when the token does.
+        """
+        ...
+
     def list(self) -> list[TokenInfo]:
         """Every token, oldest first (revoked and expired ones included)."""
         ...

@@ -120,6 +120,26 @@ class TokenTable:
         if changed == 0:
             raise NotFound(f"no token {token_id}")
 
+    def current(self, token_id: str, *, now_ms: int) -> TokenInfo | None:
+        """The info of token ``token_id`` if it is neither revoked nor expired, else ``None``."""
+        rows = self._select(
+            self.dialect.render(
+                "SELECT role, patient, label, expires_ms, revoked FROM tokens WHERE id = ?"
+            ),
+            (token_id,),
+        )
+        if not rows or rows[0][4] or (rows[0][3] is not None and now_ms >= rows[0][3]):
+            return None
+        row = rows[0]
+        return TokenInfo(
+            id=token_id,
+            role=row[0],
+            patient=row[1],
+            label=row[2],
+            expires_ms=None if row[3] is None else int(row[3]),
+            revoked=False,
+        )
+
     def list(self) -> list[TokenInfo]:
         """Every token, oldest first (revoked and expired ones included)."""
         return [

@@ -534,14 +534,8 @@ class AuthorizationServer:
             raise OAuthError("invalid_grant", "the grant was revoked")
         if token.expires_ms <= self._clock.now_ms():
             raise OAuthError("invalid_grant", "refresh token expired")
-        # The key that signed in must still be the Patient's (rotation, break-glass).
-        if (
-            grant.role == "patient"
-            and grant.label.startswith("key:")
-            and await self._patient_of_key(grant.label[4:]) != grant.patient
-        ):
-            self.store.revoke_grant(grant.id)
-            raise OAuthError("invalid_grant", "the patient's key binding changed")
+        if not await self._still_holds(grant, self._clock.now_ms()):
+            raise OAuthError("invalid_grant", "what the user signed in with no longer holds")
         scope = grant.scope
         asked = form.get("scope")
         if asked is not None and not set(asked.split()) <= set(scope.split()):
@@ -615,8 +609,36 @@ class AuthorizationServer:
 
     # -- using and revoking tokens ---------------------------------------------------------------
 
-    def check_access(self, presented: str, *, now_ms: int) -> TokenInfo:
-        """Who a valid access token speaks for; ``InvalidInput`` for anything else."""
+    async def _still_holds(self, grant: OAuthGrant, now_ms: int) -> bool:
+        """Whether what the user signed in with still stands; if not, the grant is revoked.
+
+        A patient's key must still be bound to that Patient (a rotation or a
+        break-glass re-binding ends the grants of the old key); a staff API
+        token must still be valid, with the same role (revoking it ends them).
+        """
+        kind, _, ident = grant.label.partition(":")
+        if kind == "key":
+            holds = await self._patient_of_key(ident) == grant.patient
+        elif kind == "token":
+            info = self._tokens.current(ident, now_ms=now_ms)
+            holds = info is not None and (info.role, info.patient) == (grant.role, grant.patient)
+        else:
+            holds = kind == "client"  # client_credentials: the client is registered for good
+        if not holds:
+            self.store.revoke_grant(grant.id)
+            log.warning(
+                "oauth: a grant ended because its sign-in no longer holds",
+                extra={"fields": {"client": grant.client_id, "grant": grant.id}},
+            )
+        return holds
+
+    async def check_access(self, presented: str, *, now_ms: int) -> TokenInfo:
+        """Who a valid access token speaks for; ``InvalidInput`` for anything else.
+
+        Besides the token itself, what the user signed in with must still hold
+        (:meth:`_still_holds`), so a revoked API token or a re-bound patient key
+        ends the access at once, not when the access token expires.
+        """
         token, grant = self._lookup(presented, "mla")
         if token is None or grant is None:
             raise InvalidInput("unknown token")
@@ -626,6 +648,8 @@ class AuthorizationServer:
             raise InvalidInput("token expired")
         if grant.role not in ROLES:  # a row not written by this code
             raise InvalidInput("unknown token")
+        if not await self._still_holds(grant, now_ms):
+            raise InvalidInput("token was revoked")
         return TokenInfo(
             id=token.id,
             role=grant.role,

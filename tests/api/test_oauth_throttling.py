@@ -1,0 +1,106 @@
+"""Refusals of the authorization server spend the failed-authentication budget (429 after it).
+
+In-process over httpx's ASGI transport (each request from a chosen client
+address), as tests/api/test_throttling.py does for bearer tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+from api_helpers import FAST_KDF, PASSPHRASE
+
+from medledger.api.app import create_app
+from medledger.node import init_node, open_node
+from medledger.services.oauth import pkce
+from medledger.services.oauth.server import register_client
+from medledger.services.ratelimit import RateLimit
+from medledger.storage.sqlite.oauth import SqliteOAuthStore
+from medledger.storage.sqlite.tokens import SqliteTokenStore
+
+BUDGET = RateLimit(burst=3, interval_ms=10_000)
+REDIRECT = "https://app.example/cb"
+
+
+def run(root: Path, story: Any) -> None:
+    init_node(root, name="Throttle Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
+    tokens = SqliteTokenStore(root / "tokens.db")
+    oauth = SqliteOAuthStore(root / "oauth.db")
+
+    async def main() -> None:
+        node = open_node(root, PASSPHRASE)
+        try:
+            app = create_app(node, tokens, auth_failures=BUDGET, oauth_store=oauth)
+
+            def client(address: str) -> httpx.AsyncClient:
+                transport = httpx.ASGITransport(app=app, client=(address, 40_000))
+                return httpx.AsyncClient(transport=transport, base_url="http://node")
+
+            await story(client)
+        finally:
+            await node.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        tokens.close()
+        oauth.close()
+
+
+def test_bad_client_secrets_are_throttled_per_address(tmp_path: Path) -> None:
+    async def story(client: Any) -> None:
+        store = SqliteOAuthStore(tmp_path / "node" / "oauth.db")
+        backend, secret = register_client(
+            store, now_ms=0, name="B", redirect_uris=(), confidential=True, system_role="auditor"
+        )
+        store.close()
+        form = {"grant_type": "client_credentials", "scope": "system/*.read"}
+        async with client("203.0.113.7") as attacker, client("198.51.100.2") as other:
+            for _ in range(3):
+                wrong = await attacker.post("/oauth/token", data=form, auth=(backend.id, "guess"))
+                assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"
+            throttled = await attacker.post("/oauth/token", data=form, auth=(backend.id, "guess"))
+            assert throttled.status_code == 429
+            right = await other.post("/oauth/token", data=form, auth=(backend.id, str(secret)))
+            assert right.status_code == 200 and right.json()["scope"] == "system/*.read"
+
+    run(tmp_path / "node", story)
+
+
+def test_refused_sign_ins_are_throttled_and_say_so_on_the_page(tmp_path: Path) -> None:
+    async def story(client: Any) -> None:
+        store = SqliteOAuthStore(tmp_path / "node" / "oauth.db")
+        app, _ = register_client(store, now_ms=0, name="App", redirect_uris=(REDIRECT,))
+        store.close()
+        query = {
+            "response_type": "code",
+            "client_id": app.id,
+            "redirect_uri": REDIRECT,
+            "scope": "user/*.read",
+            "state": "s",
+            "code_challenge": pkce.s256(pkce.new_secret()),
+            "code_challenge_method": "S256",
+        }
+        async with client("203.0.113.9") as attacker:
+
+            async def guess() -> httpx.Response:
+                page = (await attacker.get("/oauth/authorize", params=query)).text
+                form = {
+                    name: html.unescape(re.search(rf'name="{name}" value="([^"]*)"', page)[1])  # type: ignore[index]
+                    for name in ("step", "csrf")
+                }
+                form["api_token"] = "mlt_000000000000_" + pkce.new_secret()
+                return await attacker.post("/oauth/authorize/staff", data=form)
+
+            for _ in range(3):
+                refused = await guess()
+                assert refused.status_code == 400 and "unknown token" in refused.text
+            throttled = await guess()
+            assert throttled.status_code == 429 and "too many failed" in throttled.text
+
+    run(tmp_path / "node", story)
