@@ -165,6 +165,16 @@ class NodePaths:
         """The node's TLS private key (PEM, owner-only)."""
         return self.root / "tls.key"
 
+    @property
+    def tls_next_cert(self) -> Path:
+        """A renewed certificate waiting for its ``member.tls`` to be final (``tls-cert --renew``)."""
+        return self.root / "tls.next.crt"
+
+    @property
+    def tls_next_key(self) -> Path:
+        """The key of :attr:`tls_next_cert` (owner-only)."""
+        return self.root / "tls.next.key"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageConfig:

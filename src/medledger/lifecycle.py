@@ -141,7 +141,8 @@ class NodeRuntime:
         if not node.paths.genesis.exists():
             log.warning("no genesis.json: serving without joining the consortium")
             return
-        self.ordering = ordering = ObservedOrderer(await open_orderer(node.config, root))
+        tls = node.nats_tls_context() if settings.nats_seed else None
+        self.ordering = ordering = ObservedOrderer(await open_orderer(node.config, root, tls=tls))
         target = await ordering.last_seq()
         # Anchoring starts once caught up: before, the member does not know its own
         # last anchor and would submit anchors every member refuses.

@@ -50,9 +50,11 @@ from medledger.services.sharing import SharingService
 from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
 from medledger.services.tls import (
     DEFAULT_HOSTS,
+    LiveServerTls,
     client_context,
     load_certificate,
-    server_context,
+    pem_bundle,
+    promote_renewed,
     write_certificate,
 )
 from medledger.services.trail import TrailIndex
@@ -123,6 +125,11 @@ class Node:
     _trail: TrailIndex | None = None
     _keys: InstitutionKeys | None = None
     _scrub: StoreScrub | None = None
+    #: The live HTTPS context, once :meth:`server_tls_context` made it.
+    server_tls: LiveServerTls | None = None
+    #: The NATS client's context (JetStream over TLS), once :meth:`nats_tls_context` made it.
+    nats_tls: ssl.SSLContext | None = None
+    _nats_trusted: set[str] = field(default_factory=set)
     health: Health = field(default_factory=Health)
     #: The node's time: everything it does that needs "now" asks this (tests inject theirs).
     clock: Clock = field(default_factory=SystemClock)
@@ -230,7 +237,9 @@ class Node:
             raise
         for task in member.tasks:
             self.health.watch(task)
+        member.on_members_changed = self._members_changed
         self.consortium, self._consortium_store = member, store
+        self._members_changed(member.state.members)
         self.enrollments.attach_consortium(member)
         self._trail = None  # rebuilt over both chains on next use
         self.access = AccessLog(
@@ -243,6 +252,7 @@ class Node:
         self._transport = HttpPeerTransport(
             client_cert=self.paths.tls_cert if self.paths.tls_cert.exists() else None,
             client_key=self.paths.tls_key,
+            before_request=self.promote_renewed_certificate,
         )
         kem = self.config.hpke_key.partition(":")[0] or DEFAULT_KEM
         self.sharing = SharingService(
@@ -270,17 +280,71 @@ class Node:
             return MemberSet(load_genesis(self.paths.genesis).members).tls_certificates()
         return ()
 
+    def promote_renewed_certificate(self) -> bool:
+        """Start using a renewed TLS certificate once the consortium pins it (see
+        ``services.tls.promote_renewed``); checked before each handshake and peer request."""
+        own = None
+        if self.consortium is not None:
+            own = self.consortium.state.members.by_id(self.config.institution)
+        paths = self.paths
+        return promote_renewed(
+            paths.tls_cert,
+            paths.tls_key,
+            paths.tls_next_cert,
+            paths.tls_next_key,
+            own.tls_cert if own is not None else None,
+        )
+
+    def nats_tls_context(self) -> ssl.SSLContext:
+        """The context the NATS client trusts the servers with: every member's certificate.
+
+        Built from the genesis, then extended as final membership changes pin new
+        certificates (a member's renewed one included), so a reconnection to a
+        NATS server that renewed its certificate succeeds without a restart. An
+        ``ssl`` trust store only grows: a removed member's certificate stays
+        trusted *as a NATS server* until the node restarts (its NKey is what
+        the servers' authorization drops).
+        """
+        if self.nats_tls is None:
+            certs = MemberSet(load_genesis(self.paths.genesis).members).tls_certificates()
+            self.nats_tls = client_context(certs)
+            self._nats_trusted = {cert.fingerprint for cert in certs}
+            if self.consortium is not None:
+                self._members_changed(self.consortium.state.members)
+        return self.nats_tls
+
+    def _members_changed(self, members: MemberSet) -> None:
+        """A final membership change: start using a renewed certificate, trust new ones."""
+        self.promote_renewed_certificate()
+        if self.nats_tls is not None:
+            new = [c for c in members.tls_certificates() if c.fingerprint not in self._nats_trusted]
+            if new:
+                self.nats_tls.load_verify_locations(cadata=pem_bundle(new))
+                self._nats_trusted.update(c.fingerprint for c in new)
+
+    def _live_tls_anchors(self) -> tuple[MemberCertificate, ...]:
+        self.promote_renewed_certificate()
+        return self.tls_anchors()
+
     def server_tls_context(self) -> ssl.SSLContext:
         """The HTTPS context of this node's API: its own certificate; member clients verified.
 
-        Raises :class:`NotFound` if the node has no TLS certificate (``node tls-cert``).
+        Live (``services.tls.LiveServerTls``, kept as :attr:`server_tls`): each new
+        handshake uses the certificate in ``tls.crt`` now and trusts the members
+        of the consortium state now, so renewing the certificate or a final
+        membership change needs no restart. Raises :class:`NotFound` if the node
+        has no TLS certificate (``node tls-cert``).
         """
+        self.promote_renewed_certificate()  # also finishes one a crash interrupted
         if not self.paths.tls_cert.exists():
             raise NotFound(
                 f"{self.paths.root} has no TLS certificate (tls.crt); create one with"
                 " 'medledger node tls-cert', or serve plain HTTP on loopback with --plain-http"
             )
-        return server_context(self.paths.tls_cert, self.paths.tls_key, self.tls_anchors())
+        self.server_tls = LiveServerTls(
+            self.paths.tls_cert, self.paths.tls_key, self._live_tls_anchors
+        )
+        return self.server_tls.context
 
     def client_tls_context(self, member_cert: MemberCertificate) -> ssl.SSLContext:
         """A client context that trusts ``member_cert`` alone and presents this node's."""
@@ -649,11 +713,15 @@ def init_node(
     return config
 
 
-async def open_orderer(config: NodeConfig, root: Path) -> Orderer:
+async def open_orderer(
+    config: NodeConfig, root: Path, *, tls: ssl.SSLContext | None = None
+) -> Orderer:
     """The ordering service named by ``[consortium]`` (the caller closes it).
 
     ``solo``: the order file shared by the nodes of this machine; ``jetstream``:
-    a connection to the NATS cluster (the stream is created if absent).
+    a connection to the NATS cluster (the stream is created if absent). With
+    an NKey seed it connects over TLS: with ``tls`` (a running node's
+    ``Node.nats_tls_context``), else trusting the genesis members' certificates.
     """
     settings = config.consortium
     if settings is None:
@@ -664,11 +732,14 @@ async def open_orderer(config: NodeConfig, root: Path) -> Orderer:
         return SoloOrderer(settings.order_path(root))
     from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning
 
-    tls, seed = None, None
-    if settings.nats_seed:
-        # The servers are members' (any member's): trust the members' pinned certificates.
-        members = load_genesis(NodePaths(root=root).genesis).members
-        tls = client_context(MemberSet(members).tls_certificates())
+    seed = None
+    if not settings.nats_seed:
+        tls = None
+    else:
+        if tls is None:
+            # The servers are members' (any member's): trust the members' pinned certificates.
+            members = load_genesis(NodePaths(root=root).genesis).members
+            tls = client_context(MemberSet(members).tls_certificates())
         seed = Path(settings.nats_seed)
         seed = seed if seed.is_absolute() else root / seed
     return await JetStreamOrderer.connect(

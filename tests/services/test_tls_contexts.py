@@ -15,6 +15,7 @@ from medledger.core.errors import InvalidInput
 from medledger.core.tls import MemberCertificate
 from medledger.ledger.clock import SystemClock
 from medledger.services.tls import (
+    LiveServerTls,
     client_context,
     load_certificate,
     server_context,
@@ -158,3 +159,67 @@ def test_certificate_files_are_owner_only_and_checked_on_load(tmp_path: Path) ->
         load_certificate(cert)
     with pytest.raises(InvalidInput, match="not a host name"):
         write_certificate(cert, key, "a", ["http://x"], now_ms=NOW_MS)
+
+
+def test_a_client_trusting_a_members_old_and_renewed_certificate_accepts_both(
+    tmp_path: Path,
+) -> None:
+    # Same institution, same host: during a renewal a trust store holds both.
+    old_cert, old_key = _member(tmp_path, "renewing")
+    new_cert, new_key = tmp_path / "renewed.crt", tmp_path / "renewed.key"
+    write_certificate(new_cert, new_key, "renewing", ["127.0.0.1"], now_ms=SystemClock().now_ms())
+    both = client_context([load_certificate(old_cert), load_certificate(new_cert)])
+    for cert, key in ((old_cert, old_key), (new_cert, new_key)):
+        srv = _Server(server_context(cert, key))
+        try:
+            assert _connect(srv.port, both) == b"ok"
+        finally:
+            srv.close()
+
+
+def test_a_live_server_context_serves_a_replaced_certificate_to_new_handshakes(
+    tmp_path: Path, members: dict[str, tuple[Path, Path]]
+) -> None:
+    cert_a, key_a = members["a"]
+    old = load_certificate(cert_a)
+    anchors = [load_certificate(members["b"][0])]
+    live = LiveServerTls(cert_a, key_a, lambda: anchors)
+    srv = _Server(live.context)
+    try:
+        assert _connect(srv.port, client_context([old])) == b"ok"
+        # Replaced on disk (what node tls-cert, or a promoted renewal, does) ...
+        renewed = write_certificate(
+            cert_a, key_a, "a", ["127.0.0.1"], now_ms=SystemClock().now_ms()
+        )
+        # ... the next handshake presents the new one, with no restart.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _connect(srv.port, client_context([old]))
+        assert _connect(srv.port, client_context([renewed])) == b"ok"
+        # The trusted client certificates follow anchors() too.
+        cert_b, key_b = members["b"]
+        as_b = client_context([renewed], cert_path=cert_b, key_path=key_b)
+        assert _connect(srv.port, as_b) == b"ok"
+        anchors.clear()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _connect(srv.port, as_b)
+        assert live.reloads == 2
+    finally:
+        srv.close()
+
+
+def test_a_live_server_context_keeps_the_last_good_one_while_key_and_certificate_disagree(
+    tmp_path: Path, members: dict[str, tuple[Path, Path]]
+) -> None:
+    cert_a, key_a = members["a"]
+    old = load_certificate(cert_a)
+    live = LiveServerTls(cert_a, key_a, list)
+    srv = _Server(live.context)
+    try:
+        # A new key alone: half of a replacement (the key is written first).
+        write_certificate(
+            tmp_path / "x.crt", key_a, "a", ["127.0.0.1"], now_ms=SystemClock().now_ms()
+        )
+        assert _connect(srv.port, client_context([old])) == b"ok"
+        assert live.reloads == 0
+    finally:
+        srv.close()

@@ -239,33 +239,59 @@ def node_nats_key(root: Path) -> None:
     "--host",
     "hosts",
     multiple=True,
-    required=True,
-    help="A host name or IP address others reach this node at (repeat).",
+    help="A host name or IP address others reach this node at (repeat; with --renew, "
+    "default: the names of the current certificate).",
 )
 @click.option(
     "--days", type=click.IntRange(1, 3650), default=825, show_default=True, help="Validity."
 )
-def node_tls_cert(root: Path, hosts: tuple[str, ...], days: int) -> None:
-    """Replace the node's TLS key and self-signed certificate (tls.key, tls.crt).
+@click.option(
+    "--renew",
+    is_flag=True,
+    help="Renew without downtime: once the node is in a consortium, write the new pair "
+    "beside the current one (tls.next.crt, tls.next.key) to propose with "
+    "'consortium propose-tls'; the running node switches to it once that change is final.",
+)
+def node_tls_cert(root: Path, hosts: tuple[str, ...], days: int, renew: bool) -> None:
+    """Make a new TLS key and self-signed certificate (tls.key, tls.crt).
 
     Members pin the certificate: once the consortium is formed, a new one is
-    accepted only after a ``member.rotate`` carrying it is final.
+    accepted only after a ``member.tls`` carrying it is final, so ``--renew``
+    writes it as ``tls.next.*`` and the node keeps the current pair until
+    then. Without a consortium (no genesis.json) the pair is replaced at once;
+    a running node uses it for its next handshakes.
     """
     from medledger.config import NodePaths
     from medledger.ledger.clock import SystemClock
-    from medledger.services.tls import write_certificate
+    from medledger.services.tls import load_certificate, write_certificate
 
     config = load_config(root)
     paths = NodePaths(root=root)
+    if not hosts:
+        if not renew or not paths.tls_cert.exists():
+            fail("name the host names or addresses with --host", 2)
+        hosts = load_certificate(paths.tls_cert).hosts
+    pending = renew and paths.genesis.exists()
+    if pending and paths.tls_next_cert.exists():
+        waiting = load_certificate(paths.tls_next_cert).fingerprint
+        fail(
+            f"a renewed certificate is already waiting for its member.tls ({waiting}); "
+            f"remove {paths.tls_next_cert.name} and {paths.tls_next_key.name} to make another"
+        )
     cert = write_certificate(
-        paths.tls_cert,
-        paths.tls_key,
+        paths.tls_next_cert if pending else paths.tls_cert,
+        paths.tls_next_key if pending else paths.tls_key,
         config.institution,
         hosts,
         now_ms=SystemClock().now_ms(),
         valid_days=days,
     )
     click.echo(f"TLS certificate fingerprint: {cert.fingerprint} ({', '.join(cert.hosts)})")
+    if pending:
+        click.echo(
+            "written as tls.next.crt: propose it with 'medledger consortium propose-tls'; "
+            "the node keeps its current certificate until that change is final"
+        )
 
 
 @node.command("show")

@@ -303,3 +303,195 @@ def consortium_status(root: Path, as_json: bool) -> None:
             click.echo(f"  EQUIVOCATION by {e['member']} at height {e['height']}")
     else:
         click.echo("  no equivocation evidence")
+
+
+# -- membership changes: propose, sign, submit --------------------------------------------
+#
+# A membership transaction needs a quorum of current members' signatures. It
+# travels between institutions as a file (public: ids, keys, certificates);
+# each member checks it against its own view of the consortium and adds its
+# signature; any member then submits it to the ordering service.
+
+#: A membership transaction is a few KiB (a certificate, a few signatures).
+MAX_MEMBERSHIP_TX_BYTES = 64 * 1024
+
+_tx_option = click.option(
+    "--tx",
+    "tx_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The membership transaction file (JSON).",
+)
+
+
+def _signing_key(root: Path) -> Any:
+    from medledger.cli.common import read_passphrase
+    from medledger.config import NodePaths
+    from medledger.storage.keystore import FileKeyStore
+
+    passphrase = read_passphrase(confirm=False)
+    return FileKeyStore.open(NodePaths(root=root).keystore, passphrase).signing_key()
+
+
+def _read_membership_tx(path: Path) -> Any:
+    """The membership transaction in ``path``, read as hostile input."""
+    from medledger.core.errors import InvalidInput
+    from medledger.core.models import Transaction
+    from medledger.core.transactions import CONSORTIUM_BODIES, MEMBER_TYPES
+
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MEMBERSHIP_TX_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_MEMBERSHIP_TX_BYTES:
+        raise InvalidInput(f"{path}: larger than {MAX_MEMBERSHIP_TX_BYTES} bytes")
+    try:
+        document = json.loads(data, parse_constant=_no_constant)
+        tx = Transaction.from_json(document)
+    except (ValueError, InvalidInput) as exc:
+        raise InvalidInput(f"{path}: not a transaction ({exc})") from None
+    if tx.type not in MEMBER_TYPES:
+        raise InvalidInput(f"{path}: a {tx.type!r} transaction is not a membership change")
+    if not CONSORTIUM_BODIES[tx.type].allows(set(tx.body)):
+        raise InvalidInput(f"{path}: the {tx.type} body has other fields than its type allows")
+    return tx
+
+
+def _checked_against_state(root: Path, tx: Any) -> Any:
+    """``tx`` checked against this node's final view of the consortium; returns that state."""
+    from medledger.core.errors import InvalidInput
+
+    report, policy = verify_consortium_store(root)
+    if tx.chain != report.chain:
+        raise InvalidInput(f"the transaction is for {tx.chain!r}, this node is in {report.chain!r}")
+    # Everything but the signatures: what every member would refuse, refused here too.
+    policy.state.copy().check(tx, verify_signatures=False)
+    return policy.state
+
+
+def _write_tx(path: Path, tx: Any) -> None:
+    from medledger.core.encoding import canonical_bytes
+    from medledger.storage.keystore import atomic_write
+
+    atomic_write(path, canonical_bytes(tx.to_json()) + b"\n", mode=0o644)
+
+
+def _describe(tx: Any, state: Any) -> str:
+    signers = state.members.quorum_signers(tx.signing_bytes(), tx.signatures)
+    body = tx.body
+    what = {
+        "member.tls": lambda: f"new TLS certificate for {body['id']}",
+        "member.remove": lambda: f"remove {body['id']}",
+        "member.add": lambda: f"add {body['member'].get('id')!r}",
+        "member.rotate": lambda: f"new keys for {body['id']}",
+    }[tx.type]()
+    return (
+        f"{tx.type} ({what}): {len(signers)} of {state.members.quorum} signatures needed"
+        f" ({', '.join(sorted(signers)) or 'none'}); tx {tx.hash().hex()}"
+    )
+
+
+@consortium.command("propose-tls")
+@dir_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the proposed transaction (to pass to the other members).",
+)
+def consortium_propose_tls(root: Path, out: Path) -> None:
+    """Propose this node's renewed TLS certificate (``node tls-cert --renew``) to the consortium.
+
+    Writes a ``member.tls`` transaction carrying the new certificate, signed by
+    this member. The other members check and sign it (``consortium sign``);
+    once it has a quorum, one submits it (``consortium submit``). The node
+    keeps its current certificate until the change is final, then switches to
+    the new one without a restart.
+    """
+    from dataclasses import replace
+
+    from medledger.config import NodePaths, load_config
+    from medledger.core.models import Transaction
+    from medledger.core.transactions import MEMBER_TLS
+    from medledger.services.tls import load_certificate
+
+    paths = NodePaths(root=root)
+    if not paths.tls_next_cert.exists() or not paths.tls_next_key.exists():
+        fail(f"{root} has no renewed certificate: run 'medledger node tls-cert --renew' first")
+    cert = load_certificate(paths.tls_next_cert)
+    institution = load_config(root).institution
+    report, _ = verify_consortium_store(root)
+    tx = Transaction(
+        type=MEMBER_TLS,
+        chain=report.chain,
+        body={"id": institution, "tls_cert": cert.hex()},
+        time_ms=SystemClock().now_ms(),
+    )
+    tx = replace(tx, signatures=(_signing_key(root).sign(tx.signing_bytes()),))
+    state = _checked_against_state(root, tx)
+    _write_tx(out, tx)
+    click.echo(f"new certificate fingerprint {cert.fingerprint}")
+    click.echo(_describe(tx, state))
+
+
+@consortium.command("sign")
+@dir_option
+@_tx_option
+def consortium_sign(root: Path, tx_path: Path) -> None:
+    """Check a proposed membership transaction and add this member's signature to the file.
+
+    It is checked against this node's final view of the consortium (chain,
+    body, members) before anything is signed; compare the printed description
+    and transaction hash with the proposer's over a second channel.
+    """
+    from dataclasses import replace
+
+    tx = _read_membership_tx(tx_path)
+    state = _checked_against_state(root, tx)
+    key = _signing_key(root)
+    if any(sig.signer == key.fingerprint for sig in tx.signatures):
+        click.echo("already signed by this member")
+    else:
+        tx = replace(tx, signatures=(*tx.signatures, key.sign(tx.signing_bytes())))
+        _write_tx(tx_path, tx)
+    click.echo(_describe(tx, state))
+
+
+@consortium.command("submit")
+@dir_option
+@_tx_option
+def consortium_submit(root: Path, tx_path: Path) -> None:
+    """Submit a membership transaction with a quorum of signatures to the ordering service.
+
+    No passphrase: the transaction carries its signatures. Refused here (and by
+    every member) without a quorum of current members' valid signatures. The
+    change applies once final; ``consortium status`` shows the members.
+    """
+    import asyncio
+
+    from medledger.config import load_config
+    from medledger.core.encoding import canonical_bytes
+    from medledger.core.errors import InvalidSignature
+    from medledger.ledger.consortium.member import MSG_TX
+    from medledger.node import open_orderer
+
+    tx = _read_membership_tx(tx_path)
+    state = _checked_against_state(root, tx)
+    signers = state.members.quorum_signers(tx.signing_bytes(), tx.signatures)
+    if len(signers) < state.members.quorum:
+        raise InvalidSignature(
+            f"{tx.type} needs {state.members.quorum} member signatures, has {len(signers)}"
+        )
+    config = load_config(root)
+    envelope = canonical_bytes({"kind": MSG_TX, "tx": tx.to_json()})
+
+    async def publish() -> int:
+        orderer = await open_orderer(config, root)
+        try:
+            return await orderer.publish(f"tx-{tx.hash().hex()}", envelope)
+        finally:
+            await orderer.close()
+
+    sequence = asyncio.run(publish())
+    click.echo(f"submitted {tx.type} as ordered message {sequence}; tx {tx.hash().hex()}")

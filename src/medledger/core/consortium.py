@@ -356,6 +356,16 @@ class MemberSet:
             raise InvalidInput("the last member cannot be removed")
         return MemberSet(tuple(m for m in self.members if m.id != member_id))
 
+    def with_certificate(self, member_id: str, tls_cert: MemberCertificate) -> MemberSet:
+        """``member_id`` with a new pinned TLS certificate (``member.tls``), keys unchanged."""
+        old = self.by_id(member_id)
+        if old is None:
+            raise InvalidInput(f"{member_id} is not a member")
+        if self.by_certificate(tls_cert.fingerprint):
+            raise InvalidInput("that TLS certificate already belongs to a member")
+        new = replace(old, tls_cert=tls_cert)
+        return MemberSet(tuple(new if m.id == member_id else m for m in self.members))
+
     def rotated(
         self,
         member_id: str,

@@ -38,6 +38,7 @@ __all__ = [
     "MEMBER_ADD",
     "MEMBER_REMOVE",
     "MEMBER_ROTATE",
+    "MEMBER_TLS",
     "MEMBER_TYPES",
     "PATIENT_ENROLL",
     "PATIENT_REBIND",
@@ -71,10 +72,12 @@ CONSENT_REVOKE = "consent.revoke"
 MEMBER_ADD = "member.add"
 MEMBER_REMOVE = "member.remove"
 MEMBER_ROTATE = "member.rotate"
+#: A member's new TLS certificate alone (renewal); its keys stay as they are.
+MEMBER_TLS = "member.tls"
 
 IDENTITY_TYPES = frozenset({PATIENT_ENROLL, PATIENT_ROTATE, PATIENT_REBIND})
 CONSENT_TYPES = frozenset({CONSENT_GRANT, CONSENT_REVOKE})
-MEMBER_TYPES = frozenset({MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE})
+MEMBER_TYPES = frozenset({MEMBER_ADD, MEMBER_REMOVE, MEMBER_ROTATE, MEMBER_TLS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,7 @@ CONSORTIUM_BODIES: Mapping[str, BodyFields] = MappingProxyType(
         MEMBER_ADD: _fields("member"),
         MEMBER_REMOVE: _fields("id"),
         MEMBER_ROTATE: _fields("id", "signing_key", "hpke_key", optional=("tls_cert",)),
+        MEMBER_TLS: _fields("id", "tls_cert"),
         PATIENT_REBIND: _fields("institution", "patient", "previous", "actor"),
     }
 )

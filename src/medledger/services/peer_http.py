@@ -10,6 +10,7 @@ holder cannot make the reader buffer an unbounded body.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import orjson
 
 from medledger.core.errors import InvalidInput, OrderingError
 from medledger.core.tls import MemberCertificate
-from medledger.services.tls import client_context
+from medledger.services.tls import client_context, file_version
 
 __all__ = ["MAX_ANSWER_BYTES", "HttpPeerTransport"]
 
@@ -35,6 +36,10 @@ class HttpPeerTransport:
     (``client_cert``/``client_key``) for mutual TLS. A holder with a pinned
     certificate is never reached over plain ``http``: that would hand the
     request to whoever sits on the path.
+
+    ``before_request`` runs before each request (the node: promote a renewed
+    certificate once it is pinned); the client certificate file is re-read
+    whenever it changed, so new connections present the current one.
     """
 
     def __init__(
@@ -44,13 +49,16 @@ class HttpPeerTransport:
         *,
         client_cert: Path | None = None,
         client_key: Path | None = None,
+        before_request: Callable[[], object] | None = None,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._max_answer = max_answer_bytes
         self._client_cert = client_cert
         self._client_key = client_key
-        #: One context per holder certificate (by fingerprint): it trusts that one alone.
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._before_request = before_request
+        #: One context per holder certificate (by fingerprint) and version of this
+        #: node's certificate file: it trusts that one holder alone.
+        self._contexts: dict[tuple[str, object], ssl.SSLContext] = {}
         # Created on first use: a session belongs to the running event loop.
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -65,7 +73,13 @@ class HttpPeerTransport:
             return False  # aiohttp: no TLS (a consortium formed without certificates)
         if scheme != "https" or server_cert is None:
             raise OrderingError(f"{url}: the holder has no pinned TLS certificate to trust")
-        context = self._contexts.get(server_cert.fingerprint)
+        own: object = None
+        if self._client_cert is not None:
+            try:
+                own = file_version(self._client_cert)
+            except OSError:
+                own = None  # client_context says why, below
+        context = self._contexts.get((server_cert.fingerprint, own))
         if context is None:
             try:
                 context = client_context(
@@ -73,7 +87,9 @@ class HttpPeerTransport:
                 )
             except InvalidInput as exc:
                 raise OrderingError(str(exc)) from None
-            self._contexts[server_cert.fingerprint] = context
+            if len(self._contexts) > 1024:  # renewed many times: drop the old versions
+                self._contexts.clear()
+            self._contexts[(server_cert.fingerprint, own)] = context
         return context
 
     async def post(
@@ -82,6 +98,8 @@ class HttpPeerTransport:
         """POST ``body``; the status and the decoded JSON answer (None if not JSON)."""
         if self._closed:
             raise OrderingError("the peer transport is closed")
+        if self._before_request is not None:
+            self._before_request()
         tls = self._context(url, server_cert)
         if self._session is None:
             self._session = aiohttp.ClientSession(

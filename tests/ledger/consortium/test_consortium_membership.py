@@ -1,4 +1,4 @@
-"""Membership changes (``member.add`` / ``member.remove`` / ``member.rotate``) by quorum."""
+"""Membership changes (``member.add`` / ``remove`` / ``rotate`` / ``tls``) by quorum."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from medledger.core.models import Transaction
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
+from medledger.services.tls import create_certificate
 from medledger.storage.sqlite.chain import SqliteChainStore
 
 FOUNDERS = ("h0", "h1", "h2", "h3")
@@ -33,6 +34,11 @@ def add_body(member_id: str, key: SigningKey) -> dict[str, Any]:
 
 def rotate_body(member_id: str, key: SigningKey) -> dict[str, Any]:
     return {"id": member_id, "signing_key": key.public.der().hex()}
+
+
+def tls_body(member_id: str) -> dict[str, Any]:
+    _, cert = create_certificate(member_id, ["127.0.0.1"], now_ms=now_ms())
+    return {"id": member_id, "tls_cert": cert.hex()}
 
 
 def members_by_height(net: Network, store: SqliteChainStore) -> list[MemberView]:
@@ -107,7 +113,7 @@ def _bad_signer_sets(net: Network, outsider: SigningKey) -> list[tuple[int, list
     ]
 
 
-@pytest.mark.parametrize("tx_type", ["member.add", "member.remove", "member.rotate"])
+@pytest.mark.parametrize("tx_type", ["member.add", "member.remove", "member.rotate", "member.tls"])
 def test_membership_change_without_quorum_is_refused(network: MakeNetwork, tx_type: str) -> None:
     net = network(4)
     outsider = SigningKey.generate()
@@ -119,6 +125,7 @@ def test_membership_change_without_quorum_is_refused(network: MakeNetwork, tx_ty
             "member.add": add_body("h4", outsider),
             "member.remove": {"id": "h3"},
             "member.rotate": rotate_body("h3", outsider),
+            "member.tls": tls_body("h3"),
         }[tx_type]
         refused: list[bytes] = []
         for counted, keys in _bad_signer_sets(net, outsider):
@@ -164,6 +171,9 @@ def test_membership_changes_that_make_no_sense_are_refused(network: MakeNetwork)
             ("member.rotate", rotate_body("h9", SigningKey.generate()), "not a member"),
             ("member.rotate", rotate_body("h0", net.keys["h1"]), "already belongs"),
             ("member.rotate", {"id": "h0", "signing_key": "nothex"}, "not hex"),
+            ("member.tls", tls_body("h9"), "not a member"),
+            ("member.tls", {"id": "h0", "tls_cert": "nothex"}, "not hex"),
+            ("member.tls", {"id": "h0", "tls_cert": "00"}, "not a DER X.509"),
         ]
         for tx_type, body, reason in cases:
             with pytest.raises(InvalidInput, match=reason):

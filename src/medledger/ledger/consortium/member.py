@@ -203,6 +203,9 @@ class ConsortiumMember:
             SupervisedTask("consortium-cut-timer", self._cut_timer),
         )
         self._diverged: str | None = None
+        #: Called with the new member set when a final block changed it (the node
+        #: re-reads its TLS trust there); an exception is logged, never raised.
+        self.on_members_changed: Callable[[MemberSet], None] | None = None
         self._stored_height = self._check_stored_genesis(first)
         # Replay: the stream's length when this member started reading (learned by
         # the consume task); until it is reached, own votes wait in ``_unvoted``.
@@ -578,7 +581,13 @@ class ConsortiumMember:
                     return
                 self._stored_height = height
             self._final_height = height
+            changed = cut.state.members is not self._final_state.members
             self._final_state = cut.state
+            if changed and self.on_members_changed is not None:
+                try:
+                    self.on_members_changed(cut.state.members)
+                except Exception:
+                    log.exception("reacting to a membership change failed")
             del self._cuts[height]
             # Keep recent votes: a conflicting vote for a final height is still evidence.
             self._votes.pop(height - _VOTE_MEMORY, None)

@@ -10,8 +10,9 @@ every honest member gives), ``apply`` updates the state. Rules:
 * ``anchor`` — signed by the member it anchors; ``log_size`` grows; the
   RFC 6962 consistency proof from the previous anchor verifies, so an
   institution that rewrote its private history cannot anchor again.
-* ``member.add`` / ``member.remove`` / ``member.rotate`` — signed by a
-  quorum of current members.
+* ``member.add`` / ``member.remove`` / ``member.rotate`` / ``member.tls``
+  (a new pinned TLS certificate, keys unchanged) — signed by a quorum of
+  current members.
 * ``access`` — a cross-institution read summary, signed by the member
   that held the record (it decided the outcome, and it cannot be skipped by
   a reader that would rather not be seen); pseudonyms and hashes only.
@@ -58,6 +59,7 @@ from medledger.core.transactions import (
     CONSORTIUM_BODIES,
     MEMBER_ADD,
     MEMBER_REMOVE,
+    MEMBER_TLS,
     MEMBER_TYPES,
 )
 
@@ -309,6 +311,13 @@ class ConsortiumState:
             return self.members.with_member(Member.from_json(body.get("member")))
         if tx.type == MEMBER_REMOVE:
             return self.members.without(str(body.get("id")))
+        if tx.type == MEMBER_TLS:
+            tls_hex = body.get("tls_cert")
+            if not isinstance(tls_hex, str):
+                raise InvalidInput("member.tls tls_cert must be hex DER")
+            return self.members.with_certificate(
+                str(body.get("id")), MemberCertificate.from_hex(tls_hex)
+            )
         key_hex = body.get("signing_key")
         if not isinstance(key_hex, str):
             raise InvalidInput("member.rotate needs signing_key (hex DER)")
