@@ -132,8 +132,9 @@ def assert_usage_error(run: Run) -> None:
 
 
 def assert_tampered(run: Run, height: int) -> str:
-    """``verify`` found tampering and names ``height``: one line, exit 3."""
-    return assert_error_line(run, 3, f"error: verification FAILED: block {height}: ")
+    """``verify`` found tampering and names the chain and ``height``: one line, exit 3."""
+    label = "private chain of " + CHAIN.removeprefix("private:")
+    return assert_error_line(run, 3, f"error: verification FAILED: {label}, block {height}: ")
 
 
 # -- independent references -------------------------------------------------------------

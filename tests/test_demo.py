@@ -52,7 +52,7 @@ def test_demo_tells_the_story_then_stops_everything(network_dir: Path) -> None:
     assert "equivocation by hospital-3" in out
     assert "not found anywhere" in out
     # Tampering: the edit and the re-signed rewrite (only with --consortium) are caught.
-    assert out.count("FAILED: block") == 2
+    assert out.count("FAILED: private chain of hospital-") == 2
     assert "tx_root does not match" in out and "history was rewritten" in out
     assert "The network is stopped" in out and "network up --dir" in out
     assert _running(network_dir) == []

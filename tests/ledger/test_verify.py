@@ -93,7 +93,7 @@ class Built:
         with pytest.raises(cls) as caught:
             self.verify(**kwargs)
         message = str(caught.value)
-        assert re.match(rf"block {height}: ", message), message
+        assert re.match(rf"private chain of [^,]+, block {height}: ", message), message
         if step is not None:
             assert caught.value.step == step, message
             assert message.endswith(f"(verify step: {step})"), message

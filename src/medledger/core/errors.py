@@ -72,9 +72,16 @@ class VerificationError(MedledgerError):
     """
 
     step: str | None = None
+    #: Which chain the message's block heights are of ("private chain of X",
+    #: "consortium chain Y"), when the error came from a whole-chain verification;
+    #: the message then starts with it.
+    chain: str | None = None
 
     def __str__(self) -> str:
         message = super().__str__()
+        if self.chain is not None:
+            joint = ", " if message.startswith("block ") else ": "
+            message = f"{self.chain}{joint}{message}"
         return message if self.step is None else f"{message} (verify step: {self.step})"
 
 

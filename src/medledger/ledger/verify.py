@@ -21,6 +21,7 @@ walk and re-implement it step by step. The first problem found raises a
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ParamSpec, Protocol, TypeVar
@@ -48,6 +49,7 @@ __all__ = [
     "STEPS",
     "PrivateChainPolicy",
     "VerifyReport",
+    "chain_label",
     "parse_checkpoint",
     "verify_chain",
 ]
@@ -55,10 +57,28 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Checkpoint:
-    """A published log state: ``size`` entries with RFC 6962 root ``root``."""
+    """A published log state: ``size`` entries with RFC 6962 root ``root``.
+
+    ``source`` says where it was published (e.g. "consortium chain c, block 12"),
+    for messages: its heights are of another chain than the one verified.
+    """
 
     size: int
     root: bytes
+    source: str = ""
+
+    def published(self) -> str:
+        return f" in {self.source}" if self.source else ""
+
+
+def chain_label(chain_id: str) -> str:
+    """How messages name a chain: "private chain of X" or "consortium chain Y"."""
+    kind, _, name = chain_id.partition(":")
+    if kind == "private" and name:
+        return f"private chain of {name}"
+    if kind == "consortium" and name:
+        return f"consortium chain {name}"
+    return f"chain {chain_id!r}" if chain_id else "the chain"
 
 
 def parse_checkpoint(text: str) -> Checkpoint:
@@ -117,6 +137,10 @@ class BlockPolicy(Protocol):
         """Who signs this chain, for the report."""
         ...
 
+    def chain_id(self) -> str:
+        """The chain's id where the rules know it before block 0 is read ("" if not)."""
+        ...
+
 
 class PrivateChainPolicy:
     """An institution's chain: every block signed by the key its genesis names."""
@@ -144,6 +168,9 @@ class PrivateChainPolicy:
 
     def signer(self) -> str:
         return self._key.fingerprint if self._key else ""
+
+    def chain_id(self) -> str:
+        return ""  # the genesis block names it
 
 
 #: The steps of :func:`verify_chain`, in the order it takes them. A failure names its
@@ -305,7 +332,7 @@ def check_transactions(walk: _Walk, block: StoredBlock, header: BlockHeader) -> 
             if walk.log.root() != cp.root and built.rewritten is None:
                 built.rewritten = InconsistentLog(
                     f"block {h}: the chain's root at size {cp.size} is {walk.log.root().hex()}, "
-                    f"but {cp.root.hex()} was published; history was rewritten"
+                    f"but {cp.root.hex()} was published{cp.published()}; history was rewritten"
                 )
     if h == 0 and header.tx_count == 0:
         raise _fail(0, "genesis block has no genesis transaction")
@@ -376,8 +403,8 @@ def check_checkpoints(walk: _Walk, store: ChainStore, checkpoints: Sequence[Chec
     consistency proof this store serves from each published root to the head verifies."""
     for cp in walk.pending:
         raise InconsistentLog(
-            f"a root at size {cp.size} was published, but the chain holds only {walk.log.size} "
-            "transactions: history was truncated"
+            f"a root at size {cp.size} was published{cp.published()}, but the chain holds only "
+            f"{walk.log.size} transactions: history was truncated"
         )
     for cp in checkpoints:
         # The served proof must agree too: proof-serving nodes are part of the contract.
@@ -385,7 +412,9 @@ def check_checkpoints(walk: _Walk, store: ChainStore, checkpoints: Sequence[Chec
             proof = consistency_proof(store, cp.size, walk.log.size)
             verify_consistency(cp.size, walk.log.size, proof, cp.root, walk.log.root())
         except MedledgerError as exc:
-            raise InconsistentLog(f"consistency proof from size {cp.size} fails: {exc}") from None
+            raise InconsistentLog(
+                f"consistency proof from size {cp.size} (published{cp.published()}) fails: {exc}"
+            ) from None
 
 
 def verify_chain(
@@ -409,34 +438,53 @@ def verify_chain(
         policy=policy if policy is not None else PrivateChainPolicy(expected_key),
         pending=sorted(checkpoints, key=lambda c: c.size),
     )
-    check_empty_roots(walk.pending)
-    walk.stored_nodes = store.iter_nodes()
-    for block in store.iter_blocks():
-        walk.height += 1
-        check_block_order(walk, block)
-        check_block_hash(block)
-        header = decode_header(block)
-        check_link(walk, header)
-        check_transaction_positions(walk, block, header)
-        built = check_transactions(walk, block, header)
-        check_roots(walk, header, built)
-        check_published_roots(built)
-        check_stored_nodes(walk, block.height, built)
-        check_signatures(walk, block)
-        walk.prev_hash, walk.prev_time = block.block_hash, header.time_ms
-        if progress is not None:
-            progress(walk.log.size)
-    check_head(walk, store)
-    check_checkpoints(walk, store, checkpoints)
-    return VerifyReport(
-        chain=walk.chain_id,
-        blocks=walk.height + 1,
-        log_size=walk.log.size,
-        log_root=walk.log.root(),
-        head_hash=walk.prev_hash,
-        signer=walk.policy.signer(),
-        checkpoints=len(checkpoints),
-    )
+    try:
+        check_empty_roots(walk.pending)
+        walk.stored_nodes = store.iter_nodes()
+        for block in store.iter_blocks():
+            walk.height += 1
+            check_block_order(walk, block)
+            check_block_hash(block)
+            header = decode_header(block)
+            check_link(walk, header)
+            check_transaction_positions(walk, block, header)
+            built = check_transactions(walk, block, header)
+            check_roots(walk, header, built)
+            check_published_roots(built)
+            check_stored_nodes(walk, block.height, built)
+            check_signatures(walk, block)
+            walk.prev_hash, walk.prev_time = block.block_hash, header.time_ms
+            if progress is not None:
+                progress(walk.log.size)
+        check_head(walk, store)
+        check_checkpoints(walk, store, checkpoints)
+        return VerifyReport(
+            chain=walk.chain_id,
+            blocks=walk.height + 1,
+            log_size=walk.log.size,
+            log_root=walk.log.root(),
+            head_hash=walk.prev_hash,
+            signer=walk.policy.signer(),
+            checkpoints=len(checkpoints),
+        )
+    except VerificationError as exc:
+        # Every message names the chain its heights are of (an auditor checks two
+        # kinds of chain, and an anchor carries heights of both).
+        if exc.chain is None:
+            exc.chain = chain_label(
+                walk.policy.chain_id() or walk.chain_id or _claimed_chain(store)
+            )
+        raise
+
+
+def _claimed_chain(store: ChainStore) -> str:
+    """The chain block 0's header names, read leniently (for a message about a bad block 0)."""
+    try:
+        header = json.loads(store.block(0).header_bytes)
+    except (MedledgerError, ValueError):
+        return ""
+    chain = header.get("chain") if isinstance(header, dict) else None
+    return chain if isinstance(chain, str) else ""
 
 
 def _where(created: Sequence[tuple[NodeID, bytes]], stored: Iterator[tuple[NodeID, bytes]]) -> str:

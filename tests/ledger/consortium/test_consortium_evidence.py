@@ -115,7 +115,7 @@ def test_the_key_must_be_the_members_key_at_that_height(tmp_path: Path) -> None:
     path.write_bytes(canonical_bytes(_evidence(height=5).to_json()) + b"\n")
     assert len(read_evidence(path, chain_id=CHAIN, voters_at=voters_at)) == 1
     path.write_bytes(canonical_bytes(_evidence(height=12).to_json()) + b"\n")
-    with pytest.raises(IntegrityError, match="not signed by h3's key at height 12"):
+    with pytest.raises(IntegrityError, match="not signed by h3's key at consortium height 12"):
         read_evidence(path, chain_id=CHAIN, voters_at=voters_at)
 
 

@@ -133,7 +133,7 @@ def test_tampered_certificate_is_caught(network: MakeNetwork, edit: str) -> None
             "UPDATE blocks SET signatures = ? WHERE height = ?",
             (json.dumps(new, separators=(",", ":")), target),
         )
-    with pytest.raises(VerificationError, match=rf"^block {target}: finality certificate"):
+    with pytest.raises(VerificationError, match=rf"^consortium chain \S+, block {target}: finality certificate"):
         verify_chain(net.open_store(path), policy=ConsortiumPolicy(net.genesis))
 
 
@@ -158,7 +158,7 @@ def test_altered_transaction_is_caught(network: MakeNetwork, old: bytes, new: by
         (data,) = conn.execute("SELECT data FROM txs WHERE idx = ?", (idx,)).fetchone()
         assert old in data
         conn.execute("UPDATE txs SET data = ? WHERE idx = ?", (data.replace(old, new, 1), idx))
-    with pytest.raises(VerificationError, match=rf"^block {target}:"):
+    with pytest.raises(VerificationError, match=rf"^consortium chain \S+, block {target}:"):
         verify_chain(net.open_store(path), policy=ConsortiumPolicy(net.genesis))
 
 
@@ -168,7 +168,7 @@ def test_swapped_genesis_document_is_caught(network: MakeNetwork) -> None:
     build(net)
     other = network(4)
     build(other)
-    with pytest.raises(VerificationError, match=r"^block 0: not this consortium's genesis"):
+    with pytest.raises(VerificationError, match=r"^consortium chain \S+, block 0: not this consortium's genesis"):
         verify_chain(
             net.open_store(other.consortium_path("h0")), policy=ConsortiumPolicy(net.genesis)
         )
@@ -180,5 +180,5 @@ def test_missing_block_is_caught(network: MakeNetwork) -> None:
     path = net.consortium_path("h3")
     with raw_db(path) as conn:
         conn.execute("DELETE FROM blocks WHERE height = ?", (height // 2,))
-    with pytest.raises(VerificationError, match=rf"^block {height // 2}: missing"):
+    with pytest.raises(VerificationError, match=rf"^consortium chain \S+, block {height // 2}: missing"):
         verify_chain(net.open_store(path), policy=ConsortiumPolicy(net.genesis))

@@ -98,7 +98,9 @@ def check_evidence(evidence: Evidence, *, chain_id: str, voters: MemberSet) -> N
     height = evidence.height
     member = voters.by_id(evidence.member)
     if member is None:
-        raise InvalidSignature(f"{evidence.member!r} is no member voting at height {height}")
+        raise InvalidSignature(
+            f"{evidence.member!r} is no member voting at consortium height {height}"
+        )
     for header in (evidence.first_header, evidence.second_header):
         if header.chain != chain_id or header.height != height:
             raise IntegrityError(f"a header is not of {chain_id} at height {height}")
@@ -107,7 +109,9 @@ def check_evidence(evidence: Evidence, *, chain_id: str, voters: MemberSet) -> N
         raise IntegrityError("both votes are for the same block")
     for sig, block_hash in ((evidence.first, first_hash), (evidence.second, second_hash)):
         if sig.signer != member.fingerprint:
-            raise InvalidSignature(f"a vote is not signed by {member.id}'s key at height {height}")
+            raise InvalidSignature(
+                f"a vote is not signed by {member.id}'s key at consortium height {height}"
+            )
         member.signing_key.verify(sig, block_hash)
 
 

@@ -24,7 +24,7 @@ from medledger.core.models import Signature, Transaction
 from medledger.core.transactions import ANCHOR
 from medledger.ledger.consortium.modes import initial_state
 from medledger.ledger.consortium.rules import ConsortiumState
-from medledger.ledger.verify import Checkpoint
+from medledger.ledger.verify import Checkpoint, chain_label
 from medledger.storage.ports import ChainStore
 
 __all__ = ["ConsortiumPolicy", "anchored_checkpoints"]
@@ -97,6 +97,9 @@ class ConsortiumPolicy:
     def signer(self) -> str:
         return f"a quorum of {self._genesis.consortium} members"
 
+    def chain_id(self) -> str:
+        return self._genesis.chain_id
+
     def voters_at(self, height: int) -> MemberSet:
         """The members who vote on block ``height`` (those after block ``height - 1``).
 
@@ -126,13 +129,15 @@ def anchored_checkpoints(store: ChainStore, institution: str) -> list[Checkpoint
         for data in block.tx_data:
             tx = Transaction.decode(data)
             if tx.type == ANCHOR and tx.body.get("institution") == institution:
+                where = f"{chain_label(tx.chain)}, block {block.height}"
                 try:
                     out.append(
                         Checkpoint(
                             size=int(tx.body["log_size"]),
                             root=bytes.fromhex(str(tx.body["log_root"])),
+                            source=f"the anchor of private height {tx.body['height']} in {where}",
                         )
                     )
                 except (KeyError, ValueError):
-                    raise InvalidInput(f"block {block.height}: malformed anchor") from None
+                    raise InvalidInput(f"{where}: malformed anchor") from None
     return out
