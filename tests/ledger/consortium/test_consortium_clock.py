@@ -148,7 +148,9 @@ def test_a_block_dated_beyond_its_transactions_fails_verification(network: MakeN
         )
     finally:
         conn.close()
-    with pytest.raises(VerificationError, match=rf"^consortium chain \S+, block {head}: time \d+ is \d+ ms beyond"):
+    with pytest.raises(
+        VerificationError, match=rf"^consortium chain \S+, block {head}: time \d+ is \d+ ms beyond"
+    ):
         verify_chain(net.open_store(path), policy=ConsortiumPolicy(net.genesis))
 
 

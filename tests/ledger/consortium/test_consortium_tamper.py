@@ -133,7 +133,9 @@ def test_tampered_certificate_is_caught(network: MakeNetwork, edit: str) -> None
             "UPDATE blocks SET signatures = ? WHERE height = ?",
             (json.dumps(new, separators=(",", ":")), target),
         )
-    with pytest.raises(VerificationError, match=rf"^consortium chain \S+, block {target}: finality certificate"):
+    with pytest.raises(
+        VerificationError, match=rf"^consortium chain \S+, block {target}: finality certificate"
+    ):
         verify_chain(net.open_store(path), policy=ConsortiumPolicy(net.genesis))
 
 
@@ -168,7 +170,9 @@ def test_swapped_genesis_document_is_caught(network: MakeNetwork) -> None:
     build(net)
     other = network(4)
     build(other)
-    with pytest.raises(VerificationError, match=r"^consortium chain \S+, block 0: not this consortium's genesis"):
+    with pytest.raises(
+        VerificationError, match=r"^consortium chain \S+, block 0: not this consortium's genesis"
+    ):
         verify_chain(
             net.open_store(other.consortium_path("h0")), policy=ConsortiumPolicy(net.genesis)
         )
@@ -180,5 +184,7 @@ def test_missing_block_is_caught(network: MakeNetwork) -> None:
     path = net.consortium_path("h3")
     with raw_db(path) as conn:
         conn.execute("DELETE FROM blocks WHERE height = ?", (height // 2,))
-    with pytest.raises(VerificationError, match=rf"^consortium chain \S+, block {height // 2}: missing"):
+    with pytest.raises(
+        VerificationError, match=rf"^consortium chain \S+, block {height // 2}: missing"
+    ):
         verify_chain(net.open_store(path), policy=ConsortiumPolicy(net.genesis))
