@@ -10,7 +10,10 @@
    the order that existed at start, check the private chain against the
    node's own final anchor learnt from it (a chain behind it is refused);
    anchoring starts only after that check;
-3. start the store scrub (``RunSettings.scrub_interval_s``).
+3. start re-indexing the search tokens if the index was made with older
+   search terms (``services.records.reindex``; ``/readyz`` shows its progress
+   as ``search_index``);
+4. start the store scrub (``RunSettings.scrub_interval_s``).
 
 Readiness (:meth:`NodeRuntime.not_ready`) is false until all of that is done,
 and false again from the moment the shutdown begins. The shutdown, once the
@@ -252,6 +255,8 @@ async def run_node(
     runtime = NodeRuntime(node, tokens, oauth)
     try:
         await runtime._join_consortium(root)
+        # Records stored under older search terms answer the new ones once re-indexed.
+        node.records.start_reindex()
         if settings.scrub_interval_s > 0:
             # Also removes temporary blob files and orphan blobs earlier processes left.
             node.start_store_scrub(

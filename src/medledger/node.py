@@ -144,6 +144,7 @@ class Node:
         disk, damage = STORE_HEALTH_CHECKS
         self.health.add(disk, self.store_health.space_problem)
         self.health.add(damage, self.store_health.damage_problem)
+        self.health.add("search-reindex", lambda: self.records.reindexer.failure)
 
     @property
     def store_health(self) -> StoreHealth:

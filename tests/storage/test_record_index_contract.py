@@ -18,9 +18,15 @@ from typing import Any
 import pytest
 from pg_server import unique
 
-from medledger.core.errors import Conflict, NotFound
+from medledger.core.errors import Conflict, NotFound, StorageError
 from medledger.core.hashing import sha256
-from medledger.storage.ports import RecordIndex, VersionRow
+from medledger.storage.ports import (
+    RECOVERY_MARK,
+    REINDEX_CURSOR_KEY,
+    TERMS_VERSION_KEY,
+    RecordIndex,
+    VersionRow,
+)
 from medledger.storage.postgres.migrations import drop_schema
 from medledger.storage.postgres.records import PostgresRecordIndex
 from medledger.storage.sqlite.records import SqliteRecordIndex
@@ -154,6 +160,27 @@ def test_index_keeps_chain_bases_and_the_recovery_mark(open_index: IndexFactory)
         async with opened(open_index) as index:  # durable across a reopen
             assert index.recovery_mark() == 9
             assert index.get_version("Observation", "b1", 1) == replace(row("b1", 1), chain_base=9)
+
+    asyncio.run(go())
+
+
+def test_index_keeps_its_own_values_durably(open_index: IndexFactory) -> None:
+    """The search terms' version and a re-index cursor survive a reopen; None forgets."""
+
+    async def go() -> None:
+        async with opened(open_index) as index:
+            assert index.meta(TERMS_VERSION_KEY) is None
+            await index.set_meta(TERMS_VERSION_KEY, "2")
+            await index.set_meta(REINDEX_CURSOR_KEY, "Patient/p9")
+            await index.set_meta(REINDEX_CURSOR_KEY, "Patient/q1")
+            with pytest.raises(StorageError):  # the recovery mark has its own, checked path
+                await index.set_meta(RECOVERY_MARK, "0")
+        async with opened(open_index) as index:
+            assert index.meta(TERMS_VERSION_KEY) == "2"
+            assert index.meta(REINDEX_CURSOR_KEY) == "Patient/q1"
+            await index.set_meta(REINDEX_CURSOR_KEY, None)
+        async with opened(open_index) as index:
+            assert index.meta(REINDEX_CURSOR_KEY) is None and index.recovery_mark() == 0
 
     asyncio.run(go())
 

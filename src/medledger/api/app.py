@@ -150,6 +150,8 @@ def create_app(
         # After a write failed for lack of space, a small flushed probe write (off the
         # event loop) tells whether space is back.
         await asyncio.to_thread(node.store_health.probe)
+        # Searches may miss records stored under older terms until this says "current".
+        body["search_index"] = await asyncio.to_thread(node.records.reindexer.status)
         problems = node.health.problems()
         # A chain store that cannot even answer its head cannot serve (off the loop:
         # a damaged or stalled disk must not stall every other request).

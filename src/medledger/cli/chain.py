@@ -136,7 +136,7 @@ def node_status(node_urls: tuple[str, ...], genesis_path: Path | None, as_json: 
     """Ask running nodes, here or on other machines, whether they are ready (GET /readyz).
 
     One line (or JSON object) per node: institution, ready or why not, private
-    and consortium heights. Exit 0 only if every node answered ready; a node
+    and consortium heights, and a search re-index in progress. Exit 0 only if every node answered ready; a node
     that cannot be reached is reported as such (the others are still asked).
     """
     from medledger.config import parse_advertise
@@ -161,6 +161,11 @@ def node_status(node_urls: tuple[str, ...], genesis_path: Path | None, as_json: 
                 f"{entry['url']:<32} {entry.get('institution') or '-':<20} {entry['status']:<12}"
                 f" private {_dash(entry.get('private_height'))}"
                 f" consortium {_dash(entry.get('consortium_height'))}"
+                + (
+                    f" search index {entry['search_index']}"
+                    if entry.get("search_index", "current") != "current"
+                    else ""
+                )
             )
     if not all(entry["status"] == "ready" for entry in report):
         sys.exit(1)
@@ -191,7 +196,7 @@ def _remote_status(url: str, verify: Any = True) -> dict[str, Any]:
     )[:64]
     if answer.status_code != 200 and entry["status"] == "ready":
         entry["status"] = "not ready"
-    for key in ("institution", "consortium"):
+    for key in ("institution", "consortium", "search_index"):
         if isinstance(body.get(key), str):
             entry[key] = body[key][:128]
     for key in ("private_height", "consortium_height"):

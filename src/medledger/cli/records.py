@@ -176,6 +176,28 @@ def record_search(root: Path, resource_type: str, params: tuple[str, ...]) -> No
     emit(_run(root, search))
 
 
+@record.command("reindex")
+@dir_option
+def record_reindex(root: Path) -> None:
+    """Rebuild every record's search tokens with this release's search terms.
+
+    Needed once after an upgrade whose search terms changed (a running node
+    does it by itself at start; ``/readyz`` shows ``search_index``). The node
+    must be stopped. Resumes where a stopped re-index left off; prints how
+    many records were re-indexed and the terms version now recorded.
+    """
+
+    async def reindex(node: Node) -> dict[str, Any]:
+        report = await node.records.reindex()
+        return {
+            "reindexed": report.reindexed,
+            "damaged": report.damaged,
+            "terms_version": report.terms_version,
+        }
+
+    emit(_run(root, reindex))
+
+
 @record.command("erase")
 @dir_option
 @click.argument("reference", required=False)

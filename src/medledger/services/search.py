@@ -55,6 +55,7 @@ __all__ = [
     "MAX_QUERY_TOKENS",
     "MAX_RESOURCE_TERMS",
     "ROW_PARAMETERS",
+    "TERMS_VERSION",
     "TOKEN_SIZE",
     "AllOf",
     "AnyOf",
@@ -76,6 +77,11 @@ __all__ = [
 ]
 
 TOKEN_SIZE = 16
+#: The set of terms :func:`resource_terms` makes. Bump it whenever any resource's terms
+#: change (a test pins them): an index made with another version is re-indexed
+#: (``services.records.reindex``). 1 (or none recorded): decision 0034's registry
+#: terms; 2: numbers as decimal cells, ``:contains`` pieces.
+TERMS_VERSION = 2
 #: Parameters answered from the index row, not from tokens: ``_lastUpdated`` is the
 #: row's own time (plaintext there already), so it costs no tokens.
 ROW_PARAMETERS = frozenset({"_lastUpdated"})

@@ -158,6 +158,11 @@ class ChainStore(Protocol):
 #: Meta key: every version indexed on a chain height below this is settled (committed
 #: or taken back); crash recovery looks only at versions from this height on.
 RECOVERY_MARK: Final = "recovered_through"
+#: Meta key: the version of the search terms every live resource's tokens were made
+#: with (``services.search.TERMS_VERSION``); absent in an index from before it was kept.
+TERMS_VERSION_KEY: Final = "search_terms_version"
+#: Meta key: a re-index in progress — the last ``Type/id`` it finished (resumed after).
+REINDEX_CURSOR_KEY: Final = "search_reindex_after"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,6 +228,14 @@ class RecordIndex(Protocol):
     def max_chain_base(self) -> int | None: ...
     def recovery_mark(self) -> int: ...
     async def set_recovery_mark(self, height: int) -> None: ...
+    def meta(self, key: str) -> str | None:
+        """A value the index keeps about itself (``None`` if never set)."""
+        ...
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        """Keep (durably) or, with ``None``, forget a value about the index."""
+        ...
+
     def iter_versions(self) -> Iterator[VersionRow]: ...
     def search(self, resource_type: str, groups: list[set[bytes]]) -> list[str]: ...
     def records_of_patient(self, pseudonym: str) -> list[tuple[str, str]]: ...

@@ -61,6 +61,7 @@ class RecordQueries:
     delete_tokens: str
     insert_token: str
     set_meta: str
+    delete_meta: str
     erase_select: str
     erase_update: str
     rewrap_select: str
@@ -92,6 +93,7 @@ class RecordQueries:
                 "INSERT INTO meta (key, value) VALUES (?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
             ),
+            delete_meta=r("DELETE FROM meta WHERE key = ?"),
             erase_select=r("SELECT blob_hash FROM versions WHERE rtype = ? AND rid = ?")
             + d.lock_rows,
             erase_update=r(
@@ -234,6 +236,11 @@ class RecordReads:
         """Chain height from which versions may still be unsettled (0 if never recorded)."""
         rows = self._select(self._queries.get_meta, (RECOVERY_MARK,))
         return int(rows[0][0]) if rows else 0
+
+    def meta(self, key: str) -> str | None:
+        """A value the index keeps about itself (``None`` if never set)."""
+        rows = self._select(self._queries.get_meta, (key,))
+        return str(rows[0][0]) if rows else None
 
     def iter_versions(self) -> Iterator[VersionRow]:
         """Every version row in key order, read in pages (store checks and sweeps)."""

@@ -28,6 +28,7 @@ from medledger.services.records.patients import PatientRecords
 from medledger.services.records.queries import RecordSearch
 from medledger.services.records.reading import RecordReader
 from medledger.services.records.recovery import CrashRecovery
+from medledger.services.records.reindex import Reindexer, ReindexReport
 from medledger.services.records.rotation import rotate_kek
 from medledger.services.records.sealing import Sealer
 from medledger.services.records.writes import RecordWriter
@@ -116,6 +117,10 @@ class RecordsService:
         #: Conditional writes' search-then-write, one step per type (also for Bundles).
         self.conditional = ConditionalWrites(self)
         self._patients = PatientRecords(index=index, keys=keys)
+        #: Rebuilds the search tokens when this code's terms differ from the index's.
+        self.reindexer = Reindexer(
+            index=index, keys=keys, reader=self.reader, lock=self._writer.lock
+        )
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -223,6 +228,15 @@ class RecordsService:
         """
         self.recovery.refuse(reason)
 
+    async def reindex(self) -> ReindexReport:
+        """Rebuild every live resource's search tokens with this code's terms (resumable)."""
+        await self.recovery.ensure_recovered()
+        return await self.reindexer.run()
+
+    def start_reindex(self) -> bool:
+        """Re-index in the background if the index's terms are older (``False``: current)."""
+        return self.reindexer.start(self.recovery.ensure_recovered)
+
     async def ensure_recovered(self) -> None:
         """Run crash recovery now unless it already ran (else the first operation runs it).
 
@@ -237,6 +251,7 @@ class RecordsService:
     async def close(self) -> None:
         """Stop; once every write settled, record it so the next start need not look again."""
         try:
+            await self.reindexer.close()
             await self.recovery.close()
         finally:
             await self._sealer.close()

@@ -101,6 +101,12 @@ class PostgresRecordIndex(PooledStore, RecordReads):
                                 cur.executemany(q.insert_token, [(t, rtype, rid) for t in tokens])
                         elif kind == "mark":
                             cur.execute(q.set_meta, (RECOVERY_MARK, str(arg)))
+                        elif kind == "meta":
+                            key, value = arg
+                            if value is None:
+                                cur.execute(q.delete_meta, (key,))
+                            else:
+                                cur.execute(q.set_meta, (key, value))
                         else:
                             results[i] = StorageError(f"unknown index operation {kind}")
         except psycopg.Error as exc:
@@ -123,6 +129,12 @@ class PostgresRecordIndex(PooledStore, RecordReads):
     async def set_recovery_mark(self, height: int) -> None:
         """Record that every version with ``chain_base < height`` is settled (durably)."""
         await self._writes.submit(("mark", height))
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        """Keep (durably) or, with ``None``, forget a value about the index."""
+        if key == RECOVERY_MARK:
+            raise StorageError("the recovery mark is set by set_recovery_mark")
+        await self._writes.submit(("meta", (key, value)))
 
     async def erase(self, resource_type: str, rid: str) -> list[bytes]:
         """Destroy every wrapped data key and token of a resource; return its blob hashes.

@@ -138,6 +138,12 @@ class SqliteRecordIndex(RecordReads):
             conn.executemany(q.insert_token, [(t, rtype, rid) for t in tokens])
         elif kind == "mark":
             conn.execute(q.set_meta, (RECOVERY_MARK, str(arg)))
+        elif kind == "meta":
+            key, value = arg
+            if value is None:
+                conn.execute(q.delete_meta, (key,))
+            else:
+                conn.execute(q.set_meta, (key, value))
         else:
             raise StorageError(f"unknown index operation {kind}")
 
@@ -156,6 +162,12 @@ class SqliteRecordIndex(RecordReads):
     async def set_recovery_mark(self, height: int) -> None:
         """Record that every version with ``chain_base < height`` is settled (durably)."""
         await self._writes.submit(("mark", height))
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        """Keep (durably) or, with ``None``, forget a value about the index."""
+        if key == RECOVERY_MARK:
+            raise StorageError("the recovery mark is set by set_recovery_mark")
+        await self._writes.submit(("meta", (key, value)))
 
     async def erase(self, resource_type: str, rid: str) -> list[bytes]:
         """Destroy every wrapped data key and token of a resource; return its blob hashes."""
