@@ -175,6 +175,11 @@ class ConsortiumParams:
     max_clock_skew_ms: int = 30_000
     #: ``HYBRID``, or ``CONSORTIUM_ONLY`` for the benchmark comparison only.
     mode: str = HYBRID
+    #: The fields a genesis document wrote (``from_json``), or ``None``: every field
+    #: (and ``mode`` if not hybrid). A document written before a parameter existed
+    #: lacks it; its block 0 carries the document as written, so ``to_json`` writes
+    #: back exactly those fields (the omitted ones take their defaults).
+    written: frozenset[str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in (HYBRID, CONSORTIUM_ONLY):
@@ -188,8 +193,10 @@ class ConsortiumParams:
             "anchor_interval_ms": self.anchor_interval_ms,
             "max_clock_skew_ms": self.max_clock_skew_ms,
         }
-        if self.mode != HYBRID:
+        if self.mode != HYBRID or (self.written is not None and "mode" in self.written):
             out["mode"] = self.mode
+        if self.written is not None:
+            out = {k: v for k, v in out.items() if k in self.written}
         return out
 
     @classmethod
@@ -205,7 +212,7 @@ class ConsortiumParams:
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in merged.values()
         ):
             raise InvalidInput("params must be positive integers")
-        return cls(**merged, mode=mode)
+        return cls(**merged, mode=mode, written=frozenset(value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

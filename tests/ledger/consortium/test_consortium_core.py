@@ -19,7 +19,11 @@ from medledger.core.consortium import (
 )
 from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import InvalidInput
+from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
+from medledger.core.models import Transaction
+from medledger.ledger.consortium.member import genesis_block
+from medledger.ledger.consortium.verify import ConsortiumPolicy
 
 # n -> (f, quorum), from f = ⌊(n-1)/3⌋ and quorum = ⌊(n+f)/2⌋+1 (DESIGN.md "Finality").
 QUORUM_TABLE = {
@@ -282,3 +286,28 @@ def test_quorum_signers_counts_distinct_valid_current_members() -> None:
     rotated = ms.rotated("h2", outsider.public)
     assert rotated.quorum_signers(message, sigs) == {"h0", "h2"}  # h2 now signs with the new key
     assert rotated.quorum_signers(message, [keys[2].sign(message)]) == set()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"max_block_txs": 7},
+        # A genesis written before max_clock_skew_ms existed (block time, decision 0018).
+        {"max_block_txs": 500, "max_block_bytes": 1048576, "cut_after_ms": 20,
+         "anchor_interval_ms": 200},
+        {"cut_after_ms": 9, "mode": "hybrid"},
+    ],
+)  # fmt: skip
+def test_a_genesis_without_some_params_is_block_0_as_written(params: dict[str, Any]) -> None:
+    """Omitted params take their defaults, but block 0 carries the document as written:
+    a consortium whose genesis predates a parameter still verifies (it was refused)."""
+    doc = {**_genesis().to_json(), "params": params}
+    genesis = Genesis.from_json(doc)
+    assert genesis.to_json() == doc
+    assert genesis.hash() == sha256(canonical_bytes(doc))
+    block = genesis_block(genesis)
+    assert Transaction.decode(block.tx_data[0]).body == doc
+    assert genesis.params.max_clock_skew_ms == params.get("max_clock_skew_ms", 30_000)
+    policy = ConsortiumPolicy(Genesis.from_json(doc))
+    policy.transaction(0, 0, Transaction.decode(block.tx_data[0]))  # block 0 is this genesis
