@@ -369,6 +369,29 @@ def test_csrf_token_expiry_and_denial(world: World) -> None:
         world.server.decide(denied.step, denied.csrf, approve=True)
 
 
+def test_client_registration_refuses_what_could_leak_a_code(world: World) -> None:
+    for uri, words in [
+        ("http://app.example/cb", "https"),  # plain HTTP off this machine
+        ("https://app.example/cb#frag", "fragment"),
+        ("/relative", "absolute"),
+        ("app.example/cb", "absolute"),
+    ]:
+        with pytest.raises(InvalidInput, match=words):
+            world.server.register_client(name="X", redirect_uris=(uri,))
+    world.server.register_client(name="Loopback app", redirect_uris=("http://127.0.0.1:9/cb",))
+    for kwargs, words in [
+        ({"client_id": PORTAL_CLIENT.id}, "portal"),
+        ({"client_id": "bad id"}, "client id"),
+        ({"system_role": "auditor"}, "confidential"),
+        ({"system_role": "patient", "confidential": True}, "system role"),
+        ({"name": " "}, "name"),
+    ]:
+        with pytest.raises(InvalidInput, match=words):
+            world.server.register_client(
+                **{"name": "X", "redirect_uris": (APP_REDIRECT,), **kwargs}
+            )
+
+
 def test_confidential_clients_authenticate_and_get_system_tokens(world: World) -> None:
     backend, secret = world.server.register_client(
         name="Backend", redirect_uris=(), confidential=True, system_role="auditor"
