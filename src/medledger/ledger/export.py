@@ -183,7 +183,12 @@ class ExportedChain:
 
     def node_hashes(self, ids: Sequence[NodeID]) -> dict[NodeID, bytes]:
         wanted = set(ids)
-        return {node: h for node, h in self._nodes() if node in wanted}
+        leaves = (
+            (NodeID(0, index), leaf_hash(data))
+            for _, index, data in self._txs()
+            if NodeID(0, index) in wanted
+        )
+        return dict(leaves) | {node: h for node, h in self._nodes() if node in wanted}
 
     def iter_nodes(self) -> Iterator[tuple[NodeID, bytes]]:
         return iter(self._nodes())
