@@ -65,13 +65,15 @@ def test_environment_overrides_the_section(make_node: Any) -> None:
         "MEDLEDGER_ORDERING": "jetstream",
         "MEDLEDGER_NATS_URLS": "nats://a:1, nats://b:2",
         "MEDLEDGER_STREAM_REPLICAS": "2",
+        "MEDLEDGER_NATS_SEED": "nats.nk",
     }
     got = load_config(root, env=env).consortium
     assert got is not None
-    assert (got.ordering, got.nats_urls, got.replicas) == (
+    assert (got.ordering, got.nats_urls, got.replicas, got.nats_seed) == (
         "jetstream",
         ("nats://a:1", "nats://b:2"),
         2,
+        "nats.nk",
     )
     assert load_config(root, env={"MEDLEDGER_ORDER_FILE": "/x.db"}).consortium == (
         ConsortiumConfig(order_file="/x.db")

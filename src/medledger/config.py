@@ -42,7 +42,8 @@ sequencer settings; ``MEDLEDGER_PASSPHRASE`` supplies the keystore passphrase;
 ``[storage]``. A PostgreSQL password comes from ``MEDLEDGER_DSN``,
 ``PGPASSWORD`` or ``~/.pgpass``: ``node.toml`` never stores one.
 ``MEDLEDGER_ORDERING``, ``MEDLEDGER_ORDER_FILE``, ``MEDLEDGER_NATS_URLS``
-(comma-separated) and ``MEDLEDGER_STREAM_REPLICAS`` override ``[consortium]``
+(comma-separated), ``MEDLEDGER_NATS_SEED`` and ``MEDLEDGER_STREAM_REPLICAS``
+override ``[consortium]``
 (``MEDLEDGER_ORDERING`` alone configures a node without the section).
 """
 
@@ -310,7 +311,7 @@ class ConsortiumConfig:
             replicas=replicas,
             nats_ping_interval=pings["nats_ping_interval"],
             nats_max_outstanding_pings=pings["nats_max_outstanding_pings"],
-            nats_seed=str(sec.get("nats_seed", "")),
+            nats_seed=str(env.get("MEDLEDGER_NATS_SEED") or sec.get("nats_seed", "")),
             anchor=anchor,
         )
 

@@ -28,15 +28,9 @@ from typing import Any
 import pytest
 
 from medledger.localnet.hosts import HostNetwork, unavailable_reason
-from medledger.localnet.natsserver import (
-    NatsSecurity,
-    NatsUser,
-    find_nats_server,
-    member_permissions,
-    new_nkey,
-)
+from medledger.localnet.natsserver import find_nats_server
 from medledger.localnet.nodeproc import medledger_command
-from medledger.services.tls import load_certificate, pem_bundle, write_certificate
+from medledger.services.tls import write_certificate
 from medledger.synthetic import generate_patients
 from network_support import PASSPHRASE, cli_env
 
@@ -103,34 +97,6 @@ with open(sys.argv[1], "ab") as out:
 """
 
 
-def nats_config(
-    name: str, address: str, peers: list[str], store: Path, security: NatsSecurity
-) -> str:
-    """The server config of docs/deploy.md for one host, with TLS and the members' NKeys."""
-    routes = "\n".join(f'    "nats-route://{peer}:{ROUTE_PORT}"' for peer in peers)
-    client_tls = "\n".join(["tls {", *security.tls_block(verify=False)[1:]])
-    route_tls = "\n".join(security.tls_block(verify=True))
-    users = "\n".join(security.authorization_block())
-    return f"""server_name: "{name}"
-listen: "{address}:{NATS_PORT}"
-http: "127.0.0.1:{MONITOR_PORT}"
-jetstream {{
-  store_dir: "{store}"
-  sync_interval: always
-}}
-{client_tls}
-{users}
-cluster {{
-  name: "medledger"
-  listen: "{address}:{ROUTE_PORT}"
-{route_tls}
-  routes: [
-{routes}
-  ]
-}}
-"""
-
-
 #: As a NATS client from inside a host: argv = seed (or ""), members' PEM, action, URLs...
 #: Prints one JSON object: what happened.
 _NATS = """
@@ -150,25 +116,7 @@ async def main():
     out = {"connected": True}
     try:
         js = nc.jsm()
-        if action == "create":  # as `network up` does: the orderer's own stream settings
-            from pathlib import Path
-            from medledger.ledger.ordering.jetstream import JetStreamOrderer
-            from medledger.services.tls import client_context, load_certificate
-            import re
-            pems = re.findall(r"-----BEGIN CERTIFICATE-----[^-]+-----END CERTIFICATE-----",
-                              Path(anchors).read_text())
-            certs = []
-            for i, pem in enumerate(pems):
-                Path(anchors + f".{i}").write_text(pem + "\\n")
-                certs.append(load_certificate(Path(anchors + f".{i}")))
-            orderer = await JetStreamOrderer.connect(
-                urls, stream="CONSORTIUM", subject="consortium.order", replicas=3,
-                retry_for=30, name="medledger-operator", tls=client_context(certs),
-                nkeys_seed=Path(seed),
-            )
-            await orderer.close()
-            out["created"] = True
-        elif action == "destroy":
+        if action == "destroy":
             before = (await js.stream_info("CONSORTIUM")).state.messages
             for what, attempt in (
                 ("purge", lambda: js.purge_stream("CONSORTIUM")),
@@ -236,7 +184,7 @@ class Scenario:
     def nats(
         self, inst: str, seed: Path | None, anchors: Path | None, action: str, urls: list[str]
     ) -> dict[str, Any]:
-        """A NATS client on ``inst``'s host (``_NATS``): connect, create or try to destroy."""
+        """A NATS client on ``inst``'s host (``_NATS``): connect, or try to destroy the stream."""
         done = self.net.run(
             self.host[inst],
             [sys.executable, "-c", _NATS, str(seed or ""), str(anchors or ""), action, *urls],
@@ -327,46 +275,52 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     assert capture.stdout is not None and capture.stdout.readline() == b"capturing\n"
 
     # -- NATS credentials: an NKey per member (in its node directory), one for the operator;
-    # -- every server trusts the members' certificates pinned in the genesis ---------------
-    anchors = s.base / "members.pem"
-    anchors.write_text(
-        pem_bundle(load_certificate(s.node_dir(i) / "tls.crt") for i in INSTITUTIONS)
-    )
+    # -- each institution's server configuration generated from its view of the members ---
     operator = s.base / "operator.nk"
-    operator.write_bytes(new_nkey()[0])
-    users = []
+    operator_public = s.cli("hospital-1", "nats", "operator-key", "--out", operator).strip()
+    assert operator_public == _nkey_public(operator)
+    nkey_args: list[str] = []
     for inst in INSTITUTIONS:
         public = s.cli(inst, "node", "nats-key", "--dir", s.node_dir(inst)).strip()
         assert public == _nkey_public(s.node_dir(inst) / "nats.nk")
-        users.append(NatsUser(nkey=public, publish=member_permissions(STREAM, SUBJECT)))
-    users.append(NatsUser(nkey=_nkey_public(operator)))
+        nkey_args += ["--nkey", f"{inst}={public}"]
 
     # -- each institution's NATS server, routed to the others ---------------------------
     nats_binary = find_nats_server()
     for inst in INSTITUTIONS:
         conf = s.base / inst / "nats.conf"
-        others = [s.address(i) for i in INSTITUTIONS if i != inst]
-        security = NatsSecurity(
-            cert_file=s.node_dir(inst) / "tls.crt",
-            key_file=s.node_dir(inst) / "tls.key",
-            ca_file=anchors,
-            users=tuple(users),
-        )
-        conf.write_text(
-            nats_config(inst, s.address(inst), others, s.base / inst / "jetstream", security)
-        )
+        routes = [
+            a
+            for i in INSTITUTIONS
+            if i != inst
+            for a in ("--route", f"{s.address(i)}:{ROUTE_PORT}")
+        ]
+        s.cli(
+            inst, "nats", "config", "--dir", s.node_dir(inst), "--server-name", inst,
+            "--listen", f"{s.address(inst)}:{NATS_PORT}",
+            "--cluster-listen", f"{s.address(inst)}:{ROUTE_PORT}", *routes,
+            *nkey_args, "--operator-nkey", operator_public,
+            "--store-dir", str(s.base / inst / "jetstream"),
+            "--monitor-port", str(MONITOR_PORT),
+            "--out", conf, "--ca-out", s.base / inst / "members.pem",
+        )  # fmt: skip
         log = (s.base / inst / "nats.log").open("ab")
         s.net.popen(s.host[inst], [str(nats_binary), "-c", str(conf)], stdout=log)
         log.close()
     nats_urls = {i: f"tls://{s.address(i)}:{NATS_PORT}" for i in INSTITUTIONS}
+    anchors = s.base / "hospital-1" / "members.pem"
 
     # The operator creates the stream (members may not), once the cluster has formed.
     deadline = time.monotonic() + _DEADLINE_S
+    url_args = [a for u in nats_urls.values() for a in ("--url", u)]
     while True:
-        made = s.nats("hospital-1", operator, anchors, "create", list(nats_urls.values()))
-        if made.get("created"):
+        created = s.run(
+            "hospital-1", "nats", "stream", "--dir", s.node_dir("hospital-1"),
+            "--operator-seed", operator, "--replicas", "3", *url_args,
+        )  # fmt: skip
+        if created.returncode == 0:
             break
-        assert time.monotonic() < deadline, made
+        assert time.monotonic() < deadline, created.stderr
         time.sleep(0.5)
 
     # -- each institution's node: its own NATS server first, then the others --------------

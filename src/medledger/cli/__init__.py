@@ -17,6 +17,7 @@ from medledger.cli.chain import chain, node, verify
 from medledger.cli.common import EXIT_TAMPERED, fail
 from medledger.cli.consortium import consortium
 from medledger.cli.demo import demo
+from medledger.cli.nats import nats
 from medledger.cli.network import network
 from medledger.cli.oauth import oauth_client
 from medledger.cli.records import keys, record
@@ -40,6 +41,7 @@ for command in (
     verify,
     consortium,
     network,
+    nats,
     record,
     keys,
     patient,

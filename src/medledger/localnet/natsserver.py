@@ -54,6 +54,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from medledger.core.errors import OrderingError
+from medledger.ledger.ordering.natsconfig import member_permissions
 
 __all__ = [
     "NatsCluster",
@@ -174,21 +175,6 @@ class NatsUser:
 
     nkey: str
     publish: tuple[str, ...] | None = None
-
-
-def member_permissions(stream: str, subject: str) -> tuple[str, ...]:
-    """The subjects a member may publish to (see :class:`NatsUser`)."""
-    return (
-        subject,
-        "$JS.API.INFO",
-        f"$JS.API.STREAM.INFO.{stream}",
-        f"$JS.API.CONSUMER.CREATE.{stream}",
-        f"$JS.API.CONSUMER.CREATE.{stream}.>",
-        f"$JS.API.CONSUMER.INFO.{stream}.*",
-        f"$JS.API.CONSUMER.DELETE.{stream}.*",
-        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.*",
-        f"$JS.ACK.{stream}.>",
-    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
