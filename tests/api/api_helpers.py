@@ -123,6 +123,19 @@ class LiveServer:
         finally:
             store.close()
 
+    def access_entries(self) -> list[dict[str, Any]]:
+        """The bodies of every ``access`` tx on the private chain, oldest first."""
+        _, store = open_chain(self.root)
+        try:
+            return [
+                tx.body
+                for block in store.iter_blocks(1)
+                for data in block.tx_data
+                if (tx := Transaction.decode(data)).type == "access"
+            ]
+        finally:
+            store.close()
+
     def verify(self) -> VerifyReport:
         config, store = open_chain(self.root)
         try:

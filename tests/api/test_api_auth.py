@@ -392,11 +392,12 @@ def test_patient_token_cannot_write_or_see_chains(
             if (
                 endpoint.template.startswith("/fhir/Consent")
                 or endpoint.template.endswith("$rotate-key")
-                or endpoint.template.endswith("/_search")
+                or endpoint.template.endswith(("/_search", "/$everything"))
             ):
                 # A patient submits its own signed consent (test_sharing_api.py) and
                 # rotates its own key with that key's signature (test_patient_identity.py);
-                # POST _search is a search, narrowed to the patient (test_fhir_search_api.py).
+                # POST _search is a search, narrowed to the patient (test_fhir_search_api.py),
+                # and POST $everything a read of its own records (test_fhir_everything.py).
                 continue
             if endpoint.method in ("POST", "PUT", "DELETE") or endpoint.template.startswith(
                 ("/chain", "/fhir/{resource_type}/_history", "/share")

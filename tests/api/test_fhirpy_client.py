@@ -171,6 +171,29 @@ def test_validate_through_execute(fhir: SyncFHIRClient) -> None:
     assert bad["issue"][0]["expression"] == ["Patient.gender"]
 
 
+def test_everything_through_execute(fhir: SyncFHIRClient) -> None:
+    """``resource.execute('$everything', method='get')``: the patient and its records."""
+    patient = fhir.resource("Patient", **_identified(uuid.uuid4().hex))
+    patient.save()
+    condition = fhir.resource(
+        "Condition",
+        subject={"reference": f"Patient/{patient.id}"},
+        code={"text": "everything-check"},
+    )
+    condition.save()
+    other = fhir.resource("Patient", **_identified(uuid.uuid4().hex))
+    other.save()
+    bundle = fhir.resource("Patient", id=patient.id).execute("$everything", method="get")
+    assert bundle["type"] == "searchset" and bundle["total"] == 2
+    keys = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in bundle["entry"]]
+    assert keys == [("Patient", patient.id), ("Condition", condition.id)]
+    posted = fhir.resource("Patient", id=patient.id).execute(
+        "$everything",
+        data={"resourceType": "Parameters", "parameter": [{"name": "_count", "valueInteger": 1}]},
+    )
+    assert len(posted["entry"]) == 1 and posted["link"][1]["relation"] == "next"
+
+
 def test_search_features_through_fhirpy(fhir: SyncFHIRClient) -> None:
     """fhirpy's search API unchanged: chaining, include, revinclude, sort, elements, count, has."""
     org = fhir.resource("Organization", id="fp-org", name="Fhirpy Clinic")

@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Annotated, Any
@@ -25,6 +23,33 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medledger.api.auth import require
+from medledger.api.clinical_reads import (
+    ABSENT as _ABSENT,
+)
+from medledger.api.clinical_reads import (
+    as_absent_for_patients as _as_absent_for_patients,
+)
+from medledger.api.clinical_reads import (
+    audited as _audited,
+)
+from medledger.api.clinical_reads import (
+    base_url as _base_url,
+)
+from medledger.api.clinical_reads import (
+    digits as _digits,
+)
+from medledger.api.clinical_reads import (
+    int_value as _int_value,
+)
+from medledger.api.clinical_reads import (
+    lenient as _lenient,
+)
+from medledger.api.clinical_reads import (
+    patient_gate as _patient_gate,
+)
+from medledger.api.clinical_reads import (
+    patient_may_see as _patient_may_see,
+)
 from medledger.api.deps import NodeDep, Records
 from medledger.api.errors import TooLarge, UnsupportedMediaType, error_outcome
 from medledger.api.negotiation import JSON_PATCH, check_formats
@@ -38,14 +63,12 @@ from medledger.core.errors import (
     PreconditionFailed,
 )
 from medledger.node import Node
-from medledger.services.access import AccessEntry, refusal_reason
 from medledger.services.conditional import parse_criteria
 from medledger.services.fhir import (
     MAX_BODY_BYTES,
     FhirInvalid,
     Issue,
     dump_resource,
-    is_resource_type,
     load_json,
     model_type_names,
     operation_outcome,
@@ -55,7 +78,7 @@ from medledger.services.history import TimeRange, current_during, parse_time_ran
 from medledger.services.patching import apply_json_patch, apply_merge_patch
 from medledger.services.records.model import StoredResource, VersionInfo
 from medledger.services.records.service import RecordsService
-from medledger.services.search import is_chain, known_parameter, patient_reference
+from medledger.services.search import is_chain, known_parameter
 from medledger.services.search_registry import registry
 from medledger.storage.ports import TokenInfo
 
@@ -101,115 +124,6 @@ def _check_type(resource_type: str) -> str:
     if not resource_type.isalpha() or not resource_type[0].isupper():
         raise InvalidInput(f"{resource_type!r} is not a FHIR resource type")
     return resource_type
-
-
-#: What a patient token hears about any record it may not see, existing or not.
-_ABSENT = "no such resource for this patient"
-
-
-def _digits(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also accepts '²', which ``int`` refuses."""
-    return text.isascii() and text.isdigit() and len(text) <= 18
-
-
-class _NotYours(NotFound):
-    """A patient token asked for another patient's record: refused, and audited as such.
-
-    ``patient`` is the pseudonym of the patient whose record it was, so the
-    refusal is in *that* patient's trail.
-    """
-
-    def __init__(self, message: str, *, patient: str | None) -> None:
-        super().__init__(message)
-        self.patient = patient
-
-
-def _patient_gate(
-    records: RecordsService,
-    who: TokenInfo,
-    resource_type: str,
-    rid: str,
-    *,
-    version: int | None = None,
-    whole_history: bool = False,
-) -> None:
-    """For a patient token: refuse, before anything is decrypted, what is not its own.
-
-    Another patient's record, an erased one and an id never used take the same
-    path — one index look-up, a refused ``access`` entry, the same 404 body —
-    so a patient cannot tell them apart, by the answer or by its time.
-    """
-    if who.role != "patient":
-        return
-    allowed, owner = records.patient_may_read(
-        resource_type, rid, str(who.patient), version=version, whole_history=whole_history
-    )
-    if not allowed:
-        # Audited under the patient the record is about (their trail shows the attempt).
-        raise _NotYours(_ABSENT, patient=owner)
-
-
-def _patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
-    """Second line behind :func:`_patient_gate`: the decrypted resource is the patient's."""
-    if who.role != "patient":
-        return
-    if patient_reference(stored.resource()) != f"Patient/{who.patient}":
-        raise _NotYours(_ABSENT, patient=stored.patient)
-
-
-@asynccontextmanager
-async def _audited(
-    node: Node, who: TokenInfo, resource_type: str, rid: str = "*"
-) -> AsyncIterator[list[StoredResource]]:
-    """Every clinical read is an ``access`` entry on the private chain, allowed or refused.
-
-    The body appends what it shows to the yielded list; the entries are durable
-    before the response leaves. Keyed record references only: no ids, no PHI.
-    A *refused* read is one the caller was not allowed to make: a patient
-    token reaching for a record that is not its own — another patient's, an
-    erased one, or an id never used, which a patient must not be able to tell
-    apart. Malformed requests, and a clinician's reads of records that do not
-    exist, touch no record and write nothing.
-    """
-    inst = node.config.institution
-
-    def entry(rtype: str, ident: str, patient: str | None, outcome: str, reason: str = "") -> Any:
-        return AccessEntry(
-            reader=inst,
-            holder=inst,
-            patient=patient or "",
-            consent="",
-            resource=f"{rtype}:{node.records.record_ref(rtype, ident)}",
-            outcome=outcome,
-            reason=reason,
-            actor=f"{who.role}:{who.id}",
-        )
-
-    shown: list[StoredResource] = []
-    try:
-        yield shown
-    except _NotYours as exc:
-        # The type is URL text: only a real FHIR type name may reach the chain. Any
-        # other word names no record, and that a word is no type is no secret.
-        if is_resource_type(resource_type):
-            await node.access.record(
-                entry(resource_type, rid, exc.patient, "refused", refusal_reason(exc))
-            )
-        raise
-    await node.access.record_many(
-        [entry(s.resource_type, s.id, s.patient, "allowed") for s in shown]
-    )
-
-
-@contextmanager
-def _as_absent_for_patients(who: TokenInfo) -> Iterator[None]:
-    """For a patient token, 'erased' is reported as 'absent' too (no existence oracle)."""
-    try:
-        yield
-    except NotFound:  # Gone included
-        if who.role == "patient":
-            raise NotFound(_ABSENT) from None
-        raise
 
 
 def _if_match(value: str | None) -> int | None:
@@ -267,6 +181,21 @@ def declared_search() -> dict[str, list[dict[str, str]]]:
     return declared
 
 
+_VALIDATE = {
+    "name": "validate",
+    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+}
+#: Operations served for one type beside ``$validate`` (``api.everything``).
+_TYPE_OPERATIONS: dict[str, list[dict[str, str]]] = {
+    "Patient": [
+        {
+            "name": "everything",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+        }
+    ],
+}
+
+
 @router.get("/metadata", summary="CapabilityStatement")
 async def metadata(request: Request, node: NodeDep) -> Response:
     """What this server supports — only what is implemented (no auth needed)."""
@@ -293,12 +222,7 @@ async def metadata(request: Request, node: NodeDep) -> Response:
             "conditionalCreate": True,
             "conditionalUpdate": True,
             "conditionalDelete": "single",
-            "operation": [
-                {
-                    "name": "validate",
-                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
-                }
-            ],
+            "operation": [_VALIDATE, *_TYPE_OPERATIONS.get(rtype, [])],
             "interaction": interactions,
             "searchParam": search_parameters,
         }
@@ -536,12 +460,6 @@ _LIST_PARAMS = {"_sort", "_include", "_revinclude", "_include:iterate", "_revinc
 _SUMMARIES = {"count", "false", "true", "text", "data"}
 
 
-def _lenient(request: Request) -> bool:
-    """``Prefer: handling=lenient`` (FHIR R4 §3.1.1.5.7): unknown parameters are ignored."""
-    prefer = request.headers.get("prefer", "")
-    return any(p.strip().lower() == "handling=lenient" for p in prefer.split(","))
-
-
 def _elements_of(text: str | None) -> set[str] | None:
     if text is None:
         return None
@@ -666,14 +584,6 @@ async def _search(
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     return _int_value(request.query_params.get(name), name, default, lo, hi)
-
-
-def _int_value(text: str | None, name: str, default: int, lo: int, hi: int) -> int:
-    if text is None:
-        return default
-    if not _digits(text) or not lo <= int(text) <= hi:
-        raise InvalidInput(f"{name} must be an integer from {lo} to {hi}")
-    return int(text)
 
 
 # -- instance level ------------------------------------------------------------------------
@@ -966,8 +876,3 @@ def _history_bundle(
     if total is not None:
         bundle["total"] = total
     return {**bundle, "link": links, "entry": entries}
-
-
-def _base_url(request: Request) -> str:
-    """This server's FHIR base as the client reached it (absolute, no trailing slash)."""
-    return f"{str(request.base_url).rstrip('/')}/fhir"

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
 from medledger.core.errors import InvalidInput
 from medledger.ledger.clock import Clock
+from medledger.services.compartments import local_references, patient_compartment
 from medledger.services.fhirpath_subset import reference_type
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import StoredResource
 from medledger.services.records.reading import RecordReader
 from medledger.services.search import (
     AllOf,
+    Match,
     Query,
     evaluate,
     is_chain,
@@ -298,4 +300,65 @@ class RecordSearch:
         rows = self._rows(rtype, query)
         if len(rows) > MAX_CHAINED:
             raise InvalidInput(f"_revinclude={value} would add more than {MAX_CHAINED} resources")
+        return [self._reader.open(row) for row in rows]
+
+    def compartment(self, patient_id: str, types: Collection[str] | None) -> list[VersionRow]:
+        """The latest, live rows in ``Patient/<patient_id>``'s compartment (FHIR R4 §3.1.0.8.5).
+
+        The Patient itself first, then by type and id: every resource a
+        parameter of the Patient CompartmentDefinition links to the patient,
+        found through the blind index (nothing decrypted). ``types``: only these.
+        """
+        ref = f"Patient/{patient_id}"
+        found: list[VersionRow] = []
+        if types is None or "Patient" in types:
+            row = self._index.latest("Patient", patient_id)
+            if row is not None and not row.erased and not row.deleted:
+                found.append(row)
+        for rtype, params in sorted(patient_compartment().items()):
+            if types is not None and rtype not in types:
+                continue
+            key = self._keys.search_key
+            tokens = frozenset(
+                t for p in params for t in reference_match(key, rtype, p, [ref]).tokens
+            )
+            found.extend(
+                row
+                for row in self._rows(rtype, AllOf((Match(tokens),)))
+                if (rtype, row.id) != ("Patient", patient_id)
+            )
+        return found
+
+    def referenced(
+        self,
+        shown: Sequence[StoredResource],
+        skip: Collection[tuple[str, str]],
+        admit: Callable[[VersionRow], bool],
+    ) -> list[StoredResource]:
+        """The live resources ``shown`` refers to (local references), opened, by type and id.
+
+        Those in ``skip`` (already shown elsewhere) and those ``admit`` refuses
+        are left out; at most :data:`MAX_CHAINED` are opened, else
+        :class:`InvalidInput` (ask for a smaller page).
+        """
+        wanted: set[tuple[str, str]] = set()
+        for stored in shown:
+            wanted |= local_references(stored.resource())
+        wanted -= {(s.resource_type, s.id) for s in shown}
+        out: list[StoredResource] = []
+        for rtype, rid in sorted(wanted):
+            if (rtype, rid) in skip:
+                continue
+            row = self._index.latest(rtype, rid)
+            if row is None or row.erased or row.deleted or not admit(row):
+                continue
+            if len(out) >= MAX_CHAINED:
+                raise InvalidInput(
+                    f"the page refers to more than {MAX_CHAINED} resources (ask for a smaller _count)"
+                )
+            out.append(self._reader.open(row))
+        return out
+
+    def open(self, rows: Sequence[VersionRow]) -> list[StoredResource]:
+        """``rows`` decrypted, in order."""
         return [self._reader.open(row) for row in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from medledger.core.errors import MedledgerError
@@ -33,7 +33,7 @@ from medledger.services.records.rotation import rotate_kek
 from medledger.services.records.sealing import Sealer
 from medledger.services.records.writes import RecordWriter
 from medledger.services.validation import Validator
-from medledger.storage.ports import BlobStore, RecordIndex
+from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordsService"]
 
@@ -386,6 +386,29 @@ class RecordsService:
         await self.recovery.ensure_recovered()
         rows = await asyncio.to_thread(self._search.matching, resource_type, params)
         return [row.id for row in rows]
+
+    async def compartment(
+        self, patient_id: str, types: Collection[str] | None = None
+    ) -> list[VersionRow]:
+        """The latest live rows in ``Patient/<patient_id>``'s compartment, the Patient first
+        (see ``RecordSearch.compartment``; index only, in a worker thread)."""
+        await self.recovery.ensure_recovered()
+        return await asyncio.to_thread(self._search.compartment, patient_id, types)
+
+    async def referenced(
+        self,
+        shown: Sequence[StoredResource],
+        skip: Collection[tuple[str, str]],
+        admit: Callable[[VersionRow], bool],
+    ) -> list[StoredResource]:
+        """What ``shown`` refers to, opened (see ``RecordSearch.referenced``; in a worker thread)."""
+        await self.recovery.ensure_recovered()
+        return await asyncio.to_thread(self._search.referenced, shown, skip, admit)
+
+    async def open_rows(self, rows: Sequence[VersionRow]) -> list[StoredResource]:
+        """``rows`` (from :meth:`compartment`) decrypted, in a worker thread."""
+        await self.recovery.ensure_recovered()
+        return await asyncio.to_thread(self._search.open, rows)
 
     # -- erasure and keys ------------------------------------------------------------------
 

@@ -1,0 +1,164 @@
+"""What every clinical read shares: the patient-token gate, the access entry, paging values.
+
+A read, a search, ``$everything`` and a bulk export all go through
+:func:`patient_gate` / :func:`patient_may_see` for patient tokens and
+:func:`audited` for the ``access`` entry every resource shown is recorded as.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+from fastapi import Request
+
+from medledger.core.errors import InvalidInput, NotFound
+from medledger.node import Node
+from medledger.services.access import AccessEntry, refusal_reason
+from medledger.services.fhir import is_resource_type
+from medledger.services.records.model import StoredResource
+from medledger.services.records.service import RecordsService
+from medledger.services.search import patient_reference
+from medledger.storage.ports import TokenInfo
+
+__all__ = [
+    "ABSENT",
+    "NotYours",
+    "as_absent_for_patients",
+    "audited",
+    "base_url",
+    "digits",
+    "int_value",
+    "lenient",
+    "patient_gate",
+    "patient_may_see",
+]
+
+
+#: What a patient token hears about any record it may not see, existing or not.
+ABSENT = "no such resource for this patient"
+
+
+def digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²', which ``int`` refuses."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+class NotYours(NotFound):
+    """A patient token asked for another patient's record: refused, and audited as such.
+
+    ``patient`` is the pseudonym of the patient whose record it was, so the
+    refusal is in *that* patient's trail.
+    """
+
+    def __init__(self, message: str, *, patient: str | None) -> None:
+        super().__init__(message)
+        self.patient = patient
+
+
+def patient_gate(
+    records: RecordsService,
+    who: TokenInfo,
+    resource_type: str,
+    rid: str,
+    *,
+    version: int | None = None,
+    whole_history: bool = False,
+) -> None:
+    """For a patient token: refuse, before anything is decrypted, what is not its own.
+
+    Another patient's record, an erased one and an id never used take the same
+    path — one index look-up, a refused ``access`` entry, the same 404 body —
+    so a patient cannot tell them apart, by the answer or by its time.
+    """
+    if who.role != "patient":
+        return
+    allowed, owner = records.patient_may_read(
+        resource_type, rid, str(who.patient), version=version, whole_history=whole_history
+    )
+    if not allowed:
+        # Audited under the patient the record is about (their trail shows the attempt).
+        raise NotYours(ABSENT, patient=owner)
+
+
+def patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
+    """Second line behind :func:`patient_gate`: the decrypted resource is the patient's."""
+    if who.role != "patient":
+        return
+    if patient_reference(stored.resource()) != f"Patient/{who.patient}":
+        raise NotYours(ABSENT, patient=stored.patient)
+
+
+@asynccontextmanager
+async def audited(
+    node: Node, who: TokenInfo, resource_type: str, rid: str = "*"
+) -> AsyncIterator[list[StoredResource]]:
+    """Every clinical read is an ``access`` entry on the private chain, allowed or refused.
+
+    The body appends what it shows to the yielded list; the entries are durable
+    before the response leaves. Keyed record references only: no ids, no PHI.
+    A *refused* read is one the caller was not allowed to make: a patient
+    token reaching for a record that is not its own — another patient's, an
+    erased one, or an id never used, which a patient must not be able to tell
+    apart. Malformed requests, and a clinician's reads of records that do not
+    exist, touch no record and write nothing.
+    """
+    inst = node.config.institution
+
+    def entry(rtype: str, ident: str, patient: str | None, outcome: str, reason: str = "") -> Any:
+        return AccessEntry(
+            reader=inst,
+            holder=inst,
+            patient=patient or "",
+            consent="",
+            resource=f"{rtype}:{node.records.record_ref(rtype, ident)}",
+            outcome=outcome,
+            reason=reason,
+            actor=f"{who.role}:{who.id}",
+        )
+
+    shown: list[StoredResource] = []
+    try:
+        yield shown
+    except NotYours as exc:
+        # The type is URL text: only a real FHIR type name may reach the chain. Any
+        # other word names no record, and that a word is no type is no secret.
+        if is_resource_type(resource_type):
+            await node.access.record(
+                entry(resource_type, rid, exc.patient, "refused", refusal_reason(exc))
+            )
+        raise
+    await node.access.record_many(
+        [entry(s.resource_type, s.id, s.patient, "allowed") for s in shown]
+    )
+
+
+@contextmanager
+def as_absent_for_patients(who: TokenInfo) -> Iterator[None]:
+    """For a patient token, 'erased' is reported as 'absent' too (no existence oracle)."""
+    try:
+        yield
+    except NotFound:  # Gone included
+        if who.role == "patient":
+            raise NotFound(ABSENT) from None
+        raise
+
+
+def lenient(request: Request) -> bool:
+    """``Prefer: handling=lenient`` (FHIR R4 §3.1.1.5.7): unknown parameters are ignored."""
+    prefer = request.headers.get("prefer", "")
+    return any(p.strip().lower() == "handling=lenient" for p in prefer.split(","))
+
+
+def int_value(text: str | None, name: str, default: int, lo: int, hi: int) -> int:
+    if text is None:
+        return default
+    if not digits(text) or not lo <= int(text) <= hi:
+        raise InvalidInput(f"{name} must be an integer from {lo} to {hi}")
+    return int(text)
+
+
+def base_url(request: Request) -> str:
+    """This server's FHIR base as the client reached it (absolute, no trailing slash)."""
+    return f"{str(request.base_url).rstrip('/')}/fhir"
