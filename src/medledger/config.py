@@ -149,6 +149,11 @@ class NodePaths:
         return self.root / "blobs"
 
     @property
+    def exports(self) -> Path:
+        """Bulk export jobs: their state and encrypted NDJSON files (``services.bulk_export``)."""
+        return self.root / "exports"
+
+    @property
     def genesis(self) -> Path:
         return self.root / "genesis.json"
 

@@ -38,6 +38,7 @@ from medledger.ledger.clock import Clock
 from medledger.ledger.integrity import check_against_anchor
 from medledger.ledger.ordering.observed import ObservedOrderer
 from medledger.node import Node, open_node, open_oauth_store, open_orderer, open_token_store
+from medledger.services.bulk_export import DEFAULT_TTL_S as DEFAULT_EXPORT_TTL_S
 from medledger.storage.ports import OAuthStore, TokenStore
 
 __all__ = ["ANCHOR_CHECK", "NodeRuntime", "RunSettings", "run_node"]
@@ -60,6 +61,9 @@ class RunSettings:
     """
 
     full_check: bool = False
+    #: Seconds a finished bulk export's files are kept; how often the expiry sweep runs.
+    export_ttl_s: float = DEFAULT_EXPORT_TTL_S
+    export_sweep_s: float = 60.0
     scrub_interval_s: float = 0.0
     scrub_rate: float = 500.0
     clock: Clock | None = None
@@ -257,6 +261,9 @@ async def run_node(
         await runtime._join_consortium(root)
         # Records stored under older search terms answer the new ones once re-indexed.
         node.records.start_reindex()
+        await node.start_exports(
+            ttl_s=settings.export_ttl_s, sweep_interval_s=settings.export_sweep_s
+        )
         if settings.scrub_interval_s > 0:
             # Also removes temporary blob files and orphan blobs earlier processes left.
             node.start_store_scrub(

@@ -40,6 +40,8 @@ from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.private import PrivateChain, SequencerConfig
 from medledger.ledger.supervision import Health
 from medledger.services.access import AccessLog
+from medledger.services.bulk_export import DEFAULT_TTL_S as DEFAULT_EXPORT_TTL_S
+from medledger.services.bulk_export import BulkExports
 from medledger.services.conditional import ConditionalWrites
 from medledger.services.enrollment import EnrollmentService
 from medledger.services.health import DEFAULT_MIN_FREE_BYTES, StoreHealth
@@ -88,6 +90,7 @@ __all__ = [
     "open_token_store",
     "own_last_anchor",
     "save_genesis",
+    "export_ttl",
     "scrub_settings",
     "write_genesis",
 ]
@@ -130,6 +133,8 @@ class Node:
     #: The NATS client's context (JetStream over TLS), once :meth:`nats_tls_context` made it.
     nats_tls: ssl.SSLContext | None = None
     _nats_trusted: set[str] = field(default_factory=set)
+    #: Bulk export jobs, once :meth:`start_exports` ran (the API answers 503 before).
+    exports: BulkExports | None = None
     health: Health = field(default_factory=Health)
     #: The node's time: everything it does that needs "now" asks this (tests inject theirs).
     clock: Clock = field(default_factory=SystemClock)
@@ -371,6 +376,24 @@ class Node:
         self.anchorer.start()
         return self.anchorer
 
+    async def start_exports(self, *, ttl_s: float, sweep_interval_s: float = 60.0) -> BulkExports:
+        """Open the bulk export jobs (resuming unfinished ones, removing expired ones) and
+        start their worker and expiry sweep as supervised tasks."""
+        if self.exports is None:
+            exports = BulkExports(
+                root=self.paths.exports,
+                institution=self.config.institution,
+                records=self.records,
+                keys=self._institution_keys(),
+                access=self.access,
+                clock=self.clock,
+                ttl_ms=int(ttl_s * 1000),
+                sweep_interval_s=sweep_interval_s,
+            )
+            await exports.start(self.health)
+            self.exports = exports
+        return self.exports
+
     async def close(self) -> None:
         """Commit everything queued, then release storage (:meth:`stop`, :meth:`close_stores`)."""
         await self.stop()
@@ -384,6 +407,8 @@ class Node:
         """
         if self._scrub is not None:
             await self._scrub.close()
+        if self.exports is not None:
+            await self.exports.close()
         if self.anchorer is not None:
             await self.anchorer.close()
         await self.access.drain()
@@ -508,6 +533,15 @@ def _env_number(name: str, default: float) -> float:
     if not value >= 0:  # also refuses NaN
         raise InvalidInput(f"{name} must not be negative")
     return value
+
+
+#: Seconds a finished bulk export's files are kept when not all were downloaded.
+EXPORT_TTL_ENV = "MEDLEDGER_EXPORT_TTL_S"
+
+
+def export_ttl() -> float:
+    """Seconds a finished bulk export is kept (``MEDLEDGER_EXPORT_TTL_S``, default 1 h)."""
+    return _env_number(EXPORT_TTL_ENV, DEFAULT_EXPORT_TTL_S)
 
 
 def scrub_settings() -> tuple[float, float]:

@@ -239,7 +239,7 @@ def test_patient_tokens_get_their_own_records_only(live: LiveServer, world: Worl
         assert_outcome(client.get(f"/fhir/Patient/{pid}/$everything"), 403)
 
 
-def test_capability_statement_declares_everything(live: LiveServer) -> None:
+def test_capability_statement_declares_everything_and_export(live: LiveServer) -> None:
     with live.client() as anonymous:
         statement = anonymous.get("/fhir/metadata").json()
     (rest,) = statement["rest"]
@@ -248,5 +248,10 @@ def test_capability_statement_declares_everything(live: LiveServer) -> None:
         "name": "everything",
         "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
     } in patient["operation"]
+    bulk = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
+    assert {"name": "export", "definition": f"{bulk}/patient-export"} in patient["operation"]
+    group = next(r for r in rest["resource"] if r["type"] == "Group")
+    assert {"name": "export", "definition": f"{bulk}/group-export"} in group["operation"]
+    assert rest["operation"] == [{"name": "export", "definition": f"{bulk}/export"}]
     observation = next(r for r in rest["resource"] if r["type"] == "Observation")
     assert [o["name"] for o in observation["operation"]] == ["validate"]

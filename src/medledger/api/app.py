@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from medledger import __version__
-from medledger.api import admin, chain, everything, fhir, oauth, peer, sharing
+from medledger.api import admin, bulk, chain, everything, fhir, oauth, peer, sharing
 from medledger.api.auth import AUTH_FAILURES, AuthFailures
 from medledger.api.deps import AppServices, Services, always_ready, install_services
 from medledger.api.errors import install_error_handlers
@@ -120,6 +120,7 @@ def create_app(
     fhir.declared_search()
     app.include_router(peer.router)
     app.include_router(sharing.router)
+    app.include_router(bulk.router)
     app.include_router(everything.router)
     app.include_router(fhir.router)
     app.include_router(chain.router)

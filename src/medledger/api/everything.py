@@ -127,7 +127,7 @@ async def _everything(
             patient = await records.read("Patient", rid)  # 404 or 410 as a read would
         patient_may_see(who, patient)
         own = records.patient_pseudonym(rid)
-        rows = await records.compartment(rid, types)
+        rows = await records.compartment([rid], types)
         if who.role == "patient":
             # Only what is about this patient (the index's keyed pseudonym decides).
             rows = [r for r in rows if r.patient == own]

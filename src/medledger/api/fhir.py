@@ -185,15 +185,20 @@ _VALIDATE = {
     "name": "validate",
     "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
 }
-#: Operations served for one type beside ``$validate`` (``api.everything``).
+_BULK = "http://hl7.org/fhir/uv/bulkdata"
+#: Operations served for one type beside ``$validate`` (``api.everything``, ``api.bulk``).
 _TYPE_OPERATIONS: dict[str, list[dict[str, str]]] = {
     "Patient": [
         {
             "name": "everything",
             "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-        }
+        },
+        {"name": "export", "definition": f"{_BULK}/OperationDefinition/patient-export"},
     ],
+    "Group": [{"name": "export", "definition": f"{_BULK}/OperationDefinition/group-export"}],
 }
+#: Whole-system operations (``api.bulk``).
+_SYSTEM_OPERATIONS = [{"name": "export", "definition": f"{_BULK}/OperationDefinition/export"}]
 
 
 @router.get("/metadata", summary="CapabilityStatement")
@@ -238,6 +243,7 @@ async def metadata(request: Request, node: NodeDep) -> Response:
             "kind": "instance",
             "software": {"name": "medledger", "version": request.app.version},
             "implementation": {"description": f"medledger node {node.config.name}"},
+            "instantiates": [f"{_BULK}/CapabilityStatement/bulk-data"],
             "fhirVersion": "4.0.1",
             "format": ["application/fhir+json", "json"],
             "rest": [
@@ -262,6 +268,7 @@ async def metadata(request: Request, node: NodeDep) -> Response:
                     },
                     "resource": resources,
                     "interaction": [{"code": "transaction"}, {"code": "batch"}],
+                    "operation": _SYSTEM_OPERATIONS,
                 }
             ],
         }

@@ -160,7 +160,7 @@ def start(
     from medledger.api.server import HttpLimits
     from medledger.api.serving import NodeServer
     from medledger.lifecycle import RunSettings
-    from medledger.node import scrub_settings
+    from medledger.node import export_ttl, scrub_settings
 
     host, port = _listen_address(root, host, port)
     if plain_http and not is_loopback(host):
@@ -184,7 +184,10 @@ def start(
         root=root,
         passphrase=passphrase,
         settings=RunSettings(
-            full_check=full_check, scrub_interval_s=scrub_interval, scrub_rate=scrub_rate
+            full_check=full_check,
+            scrub_interval_s=scrub_interval,
+            scrub_rate=scrub_rate,
+            export_ttl_s=export_ttl(),
         ),
         host=host,
         port=port,

@@ -32,6 +32,8 @@ __all__ = ["MAX_CHAINED", "MAX_CHECKED", "RecordSearch"]
 
 #: A chained parameter or ``_has`` may find at most this many resources to refer through.
 MAX_CHAINED = 1000
+#: Patients whose compartments one index query per type looks up together.
+COMPARTMENT_BATCH = 200
 #: Chains and ``_has`` nest at most this deep.
 MAX_DEPTH = 3
 #: A search checked after decryption (``:contains``) opens at most this many candidates.
@@ -302,32 +304,35 @@ class RecordSearch:
             raise InvalidInput(f"_revinclude={value} would add more than {MAX_CHAINED} resources")
         return [self._reader.open(row) for row in rows]
 
-    def compartment(self, patient_id: str, types: Collection[str] | None) -> list[VersionRow]:
-        """The latest, live rows in ``Patient/<patient_id>``'s compartment (FHIR R4 §3.1.0.8.5).
+    def compartment(
+        self, patient_ids: Sequence[str], types: Collection[str] | None
+    ) -> list[VersionRow]:
+        """The latest, live rows in the compartments of ``Patient/<id>`` for ``patient_ids``.
 
-        The Patient itself first, then by type and id: every resource a
-        parameter of the Patient CompartmentDefinition links to the patient,
-        found through the blind index (nothing decrypted). ``types``: only these.
+        The Patients themselves first (in the order given), then by type and id:
+        every resource a parameter of the Patient CompartmentDefinition links to
+        one of the patients, found through the blind index (nothing decrypted),
+        each once. ``types``: only these. The patients are looked up
+        :data:`COMPARTMENT_BATCH` at a time, one index query per type each.
         """
-        ref = f"Patient/{patient_id}"
-        found: list[VersionRow] = []
+        found: dict[tuple[str, str], VersionRow] = {}
         if types is None or "Patient" in types:
-            row = self._index.latest("Patient", patient_id)
-            if row is not None and not row.erased and not row.deleted:
-                found.append(row)
-        for rtype, params in sorted(patient_compartment().items()):
-            if types is not None and rtype not in types:
-                continue
-            key = self._keys.search_key
-            tokens = frozenset(
-                t for p in params for t in reference_match(key, rtype, p, [ref]).tokens
-            )
-            found.extend(
-                row
-                for row in self._rows(rtype, AllOf((Match(tokens),)))
-                if (rtype, row.id) != ("Patient", patient_id)
-            )
-        return found
+            for pid in patient_ids:
+                row = self._index.latest("Patient", pid)
+                if row is not None and not row.erased and not row.deleted:
+                    found[("Patient", pid)] = row
+        key = self._keys.search_key
+        for at in range(0, len(patient_ids), COMPARTMENT_BATCH):
+            refs = [f"Patient/{pid}" for pid in patient_ids[at : at + COMPARTMENT_BATCH]]
+            for rtype, params in sorted(patient_compartment().items()):
+                if types is not None and rtype not in types:
+                    continue
+                tokens = frozenset(
+                    t for p in params for t in reference_match(key, rtype, p, refs).tokens
+                )
+                for row in self._rows(rtype, AllOf((Match(tokens),))):
+                    found.setdefault((rtype, row.id), row)
+        return list(found.values())
 
     def referenced(
         self,

@@ -388,12 +388,38 @@ class RecordsService:
         return [row.id for row in rows]
 
     async def compartment(
-        self, patient_id: str, types: Collection[str] | None = None
+        self, patient_ids: Sequence[str], types: Collection[str] | None = None
     ) -> list[VersionRow]:
-        """The latest live rows in ``Patient/<patient_id>``'s compartment, the Patient first
+        """The latest live rows in these patients' compartments, the Patients first
         (see ``RecordSearch.compartment``; index only, in a worker thread)."""
         await self.recovery.ensure_recovered()
-        return await asyncio.to_thread(self._search.compartment, patient_id, types)
+        return await asyncio.to_thread(self._search.compartment, patient_ids, types)
+
+    async def latest_rows(
+        self, types: Collection[str] | None = None, since_ms: int | None = None
+    ) -> list[VersionRow]:
+        """The latest live row of every resource (of ``types``, written at or after
+        ``since_ms``), by type and id: what a system-level export holds (index only)."""
+        await self.recovery.ensure_recovered()
+
+        def work() -> list[VersionRow]:
+            latest: dict[tuple[str, str], VersionRow] = {}
+            for row in self._index.versions_since(since_ms or 0):
+                if types is not None and row.resource_type not in types:
+                    continue
+                key = (row.resource_type, row.id)
+                if key not in latest or latest[key].version < row.version:
+                    latest[key] = row
+            return [
+                row
+                for key, row in sorted(latest.items())
+                if not row.erased
+                and not row.deleted
+                and (current := self._index.latest(*key)) is not None
+                and current.version == row.version
+            ]
+
+        return await asyncio.to_thread(work)
 
     async def referenced(
         self,
