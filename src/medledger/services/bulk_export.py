@@ -71,7 +71,9 @@ __all__ = [
     "BulkExports",
     "ExportFile",
     "ExportJob",
+    "ExportFileWriter",
     "ExportSpec",
+    "read_export_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -239,7 +241,7 @@ def _valid_job_id(job_id: str) -> bool:
     return len(job_id) == 2 * _JOB_ID_BYTES and all(c in "0123456789abcdef" for c in job_id)
 
 
-class _FrameWriter:
+class ExportFileWriter:
     """Appends encrypted frames to one export file (blocking; a worker thread calls it)."""
 
     def __init__(self, path: Path, key: bytes, job_id: str) -> None:
@@ -273,7 +275,7 @@ class _FrameWriter:
             os.close(self._fd)
 
 
-def _read_frames(path: Path, key: bytes, job_id: str) -> Iterator[bytes]:
+def read_export_file(path: Path, key: bytes, job_id: str) -> Iterator[bytes]:
     """The plaintext of each frame, in order; :class:`IntegrityError` on any alteration."""
     aead = AESGCM(key)
     with path.open("rb") as f:
@@ -461,7 +463,7 @@ class BulkExports:
         if not job.complete or name not in files:
             raise NotFound("no such file in this bulk export")
         key = self._job_key(job)
-        frames = _read_frames(self._root / job.id / name, key, job.id)
+        frames = read_export_file(self._root / job.id / name, key, job.id)
         # The first frame before any byte is sent: a damaged file is an error response.
         first = await asyncio.to_thread(_next_frame, frames)
         self._downloading[job.id] = self._downloading.get(job.id, 0) + 1
@@ -559,8 +561,8 @@ class BulkExports:
             by_type.setdefault(row.resource_type, []).append(row)
         for rtype in sorted(by_type):
             name = f"{rtype}.ndjson"
-            writer = await asyncio.to_thread(_FrameWriter, folder / name, key, job.id)
-            count = 0
+            writer = await asyncio.to_thread(ExportFileWriter, folder / name, key, job.id)
+            count, closed = 0, False
             try:
                 typed = by_type[rtype]
                 for at in range(0, len(typed), CHUNK):
@@ -574,9 +576,10 @@ class BulkExports:
                     count += len(opened)
                     job.done += len(typed[at : at + CHUNK])
                 await asyncio.to_thread(writer.close)
-            except BaseException:
-                writer.abandon()
-                raise
+                closed = True
+            finally:
+                if not closed:
+                    writer.abandon()
             job.outputs.append(ExportFile(type=rtype, name=name, count=count))
         if job.id in self._cancelled:
             return
@@ -612,7 +615,7 @@ class BulkExports:
                 job.kek_id = kek_id
                 job.wrapped_key = wrap_key(kek, os.urandom(12), sealing, _key_binding(job.id))
                 job.sealed_spec = b""
-            writer = _FrameWriter(folder / "OperationOutcome.ndjson", sealing, job.id)
+            writer = ExportFileWriter(folder / "OperationOutcome.ndjson", sealing, job.id)
             writer.write(dump_resource(outcome) + b"\n")
             writer.close()
             job.outputs = []
