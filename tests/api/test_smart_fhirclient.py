@@ -14,6 +14,7 @@ import base64
 import html
 import re
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from api_helpers import LiveServer, put_json, start_server, stop_server
+from api_helpers import LiveServer, post_json, put_json, start_server, stop_server
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from fhirclient import client as smart_client
 from fhirclient.models.condition import Condition
@@ -361,3 +362,44 @@ def test_unregistered_redirects_are_never_followed(smart: Smart, tmp_path: Path)
         page = web.get(evil)
         assert page.status_code == 400 and "redirect_uri" in page.text
         assert "location" not in page.headers
+
+
+def test_everything_and_export_hold_only_the_types_the_scopes_allow(smart: Smart) -> None:
+    """$everything and $export answer many types behind one path's type: the scopes narrow
+    them (the path's scope check alone would let ``Patient.read`` read everything)."""
+    verifier = pkce.new_secret()
+    scope = "user/Patient.read user/Observation.read"
+    with browser(smart) as web:
+        page = web.get(manual_authorize_url(smart, verifier, scope))
+        approval = web.post(
+            "/oauth/authorize/staff",
+            data={
+                "step": hidden(page.text, "step"),
+                "csrf": hidden(page.text, "csrf"),
+                "api_token": smart.live.clinician,
+            },
+        )
+        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+    with smart.live.client(tokens["access_token"], verify=smart.tls) as app:
+        everything = app.get(f"/fhir/Patient/{PATIENT}/$everything")
+        assert everything.status_code == 200, everything.text
+        shown = {
+            (e["resource"]["resourceType"], e["resource"]["id"]) for e in everything.json()["entry"]
+        }
+        assert shown == {("Patient", PATIENT), ("Observation", "obs-1")}  # no cond-1
+        by_post = post_json(
+            app, f"/fhir/Patient/{PATIENT}/$everything", {"resourceType": "Parameters"}
+        )
+        assert by_post.status_code == 200, by_post.text  # reading, though a POST
+        refused = app.get(f"/fhir/Patient/{PATIENT}/$everything", params={"_type": "Condition"})
+        assert refused.status_code == 403
+        kick_off = app.get("/fhir/Patient/$export", headers={"Prefer": "respond-async"})
+        assert kick_off.status_code == 202, kick_off.text
+        status_url = kick_off.headers["Content-Location"]
+        deadline = time.monotonic() + 60
+        while (status := app.get(status_url)).status_code == 202:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status.status_code == 200, status.text
+        assert {o["type"] for o in status.json()["output"]} <= {"Patient", "Observation"}
+        assert app.delete(status_url).status_code == 202

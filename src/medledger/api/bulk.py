@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from medledger.api.auth import require
-from medledger.api.clinical_reads import base_url, lenient
+from medledger.api.clinical_reads import base_url, lenient, readable_types
 from medledger.api.deps import NodeDep
 from medledger.api.errors import Forbidden, NotAcceptable
 from medledger.api.fhir import read_raw_body
@@ -47,6 +47,9 @@ _OUTPUT_FORMATS = {NDJSON, "application/ndjson", "ndjson"}
 _SERVED = {"_type", "_since", "_outputFormat", "_format"}
 router = APIRouter(prefix="/fhir", tags=["Bulk Data"])
 Exporter = Annotated[TokenInfo, Depends(require("clinician", "patient"))]
+#: Status, files and cancel: the job is the token's own (checked by id), and what it may
+#: hold was narrowed to the token's scopes at kick-off.
+JobOwner = Annotated[TokenInfo, Depends(require("clinician", "patient", scoped=False))]
 JSON_ONLY = [Depends(check_formats)]
 
 
@@ -102,10 +105,11 @@ async def _kick_off(
         elif key not in _SERVED and not tolerant:
             raise InvalidInput(f"$export does not support the parameter {key!r}")
     request_url = str(request.url)
+    allowed = readable_types(who, frozenset(types) if types else None)
     spec = ExportSpec(
         level=level,
         request=request_url,
-        types=tuple(sorted(types)) or None,
+        types=None if allowed is None else tuple(sorted(allowed)),
         since_ms=since_ms,
         group=group,
         patient=str(who.patient) if who.role == "patient" else None,
@@ -158,7 +162,7 @@ def _http_date(ms: int) -> str:
 
 
 @router.get("/$export-status/{job_id}", summary="Bulk Data export: status and manifest")
-async def export_status(job_id: str, request: Request, node: NodeDep, who: Exporter) -> Response:
+async def export_status(job_id: str, request: Request, node: NodeDep, who: JobOwner) -> Response:
     exports = _exports(node)
     job = exports.job(job_id, who.id)
     if not job.complete:
@@ -177,7 +181,7 @@ def _expires(exports: BulkExports, job: ExportJob) -> dict[str, str]:
 
 
 @router.delete("/$export-status/{job_id}", summary="Bulk Data export: cancel")
-async def export_cancel(job_id: str, node: NodeDep, who: Exporter) -> Response:
+async def export_cancel(job_id: str, node: NodeDep, who: JobOwner) -> Response:
     """Cancel the job (or forget a finished one) and remove its files."""
     await _exports(node).cancel(job_id, who.id)
     outcome: dict[str, Any] = {
@@ -203,7 +207,7 @@ def _accepts_ndjson(request: Request) -> bool:
 
 @router.get("/$export-file/{job_id}/{name}", summary="Bulk Data export: one NDJSON file")
 async def export_file(
-    job_id: str, name: str, request: Request, node: NodeDep, who: Exporter
+    job_id: str, name: str, request: Request, node: NodeDep, who: JobOwner
 ) -> Response:
     """The file's NDJSON, decrypted while it streams; the job's files go after the last."""
     if not _accepts_ndjson(request):

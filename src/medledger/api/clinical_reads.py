@@ -13,10 +13,12 @@ from typing import Any
 
 from fastapi import Request
 
+from medledger.api.errors import Forbidden
 from medledger.core.errors import InvalidInput, NotFound
 from medledger.node import Node
 from medledger.services.access import AccessEntry, refusal_reason
 from medledger.services.fhir import is_resource_type
+from medledger.services.oauth.scopes import parse_scopes
 from medledger.services.records.model import StoredResource
 from medledger.services.records.service import RecordsService
 from medledger.services.search import patient_reference
@@ -33,6 +35,7 @@ __all__ = [
     "lenient",
     "patient_gate",
     "patient_may_see",
+    "readable_types",
 ]
 
 
@@ -162,3 +165,25 @@ def int_value(text: str | None, name: str, default: int, lo: int, hi: int) -> in
 def base_url(request: Request) -> str:
     """This server's FHIR base as the client reached it (absolute, no trailing slash)."""
     return f"{str(request.base_url).rstrip('/')}/fhir"
+
+
+def readable_types(who: TokenInfo, asked: frozenset[str] | None) -> frozenset[str] | None:
+    """The resource types an operation that reads many (``$everything``, ``$export``) may
+    show: ``asked`` (``_type``; ``None``: every type), narrowed to what an access token's
+    scopes let it read. ``None``: no limit. A type asked for but not in the scopes is 403.
+
+    The scope check of the request path sees only its first type (``Patient``); the
+    operation's answer holds every type of the compartment, so it is narrowed here.
+    """
+    if who.scopes is None:
+        return asked
+    scopes = parse_scopes(" ".join(who.scopes)).resources
+    granted = {s.resource_type for s in scopes if "r" in s.actions}
+    if "*" in granted:
+        return asked
+    if asked is None:
+        return frozenset(granted)
+    refused = sorted(asked - granted)
+    if refused:
+        raise Forbidden(f"the token's scopes do not allow reading {', '.join(refused)}")
+    return asked

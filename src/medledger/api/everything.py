@@ -31,6 +31,7 @@ from medledger.api.clinical_reads import (
     lenient,
     patient_gate,
     patient_may_see,
+    readable_types,
 )
 from medledger.api.deps import NodeDep
 from medledger.api.fhir import Clinical, read_raw_body
@@ -118,7 +119,7 @@ async def _everything(
     offset = int_value(single.get("_offset"), "_offset", 0, 0, 10**9)
     since_text = single.get("_since")
     since = None if since_text is None else parse_time_range("_since", since_text)[0]
-    types = _types_of(type_values)
+    types = readable_types(who, _types_of(type_values))
     records = node.records
     async with audited(node, who, "Patient", rid) as shown:
         rid = validate_id(rid)

@@ -103,12 +103,17 @@ def parse_scopes(text: str) -> ScopeSet:
     return ScopeSet(tuple(resources), frozenset(extras), tuple(granted))
 
 
+#: Operations that only read, whether asked with GET or POST (their handlers narrow what
+#: they show to the types the scopes allow: ``api.clinical_reads.readable_types``).
+_READING_OPERATIONS = frozenset({"$everything", "$export"})
+
+
 def request_access(method: str, path: str) -> tuple[str | None, str]:
     """Which FHIR resource type (``None``: not one type) and which action an HTTP request is.
 
     ``GET``/``HEAD`` of a type (search, type history) is ``s``, of an instance
     ``r``, of anything else ``r``; ``POST …/_search`` is ``s``, any other ``POST`` ``c``; ``PUT`` and
-    ``PATCH`` ``u``; ``DELETE`` ``d``. Only ``/fhir/<Type>…`` names a type:
+    ``PATCH`` ``u``; ``DELETE`` ``d``; ``POST`` of ``$everything`` or ``$export`` ``r``. Only ``/fhir/<Type>…`` names a type:
     everything else (chains, cross-institution fetches, whole-system
     history, batch Bundles) needs a ``*`` scope for the action.
     """
@@ -123,6 +128,8 @@ def request_access(method: str, path: str) -> tuple[str | None, str]:
         instance = len(parts) >= 3 and parts[2] != "_history"
         return resource_type, "r" if instance else "s"
     if method == "POST":
+        if parts and parts[-1] in _READING_OPERATIONS:
+            return resource_type, "r"  # an operation that reads, its parameters in a body
         return resource_type, "s" if parts and parts[-1] == "_search" else "c"
     if method in ("PUT", "PATCH"):
         return resource_type, "u"
