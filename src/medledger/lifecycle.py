@@ -258,12 +258,13 @@ async def run_node(
         raise
     runtime = NodeRuntime(node, tokens, oauth)
     try:
-        await runtime._join_consortium(root)
-        # Records stored under older search terms answer the new ones once re-indexed.
-        node.records.start_reindex()
+        # Before the consortium: once joined, readiness is the anchor check's to tell.
         await node.start_exports(
             ttl_s=settings.export_ttl_s, sweep_interval_s=settings.export_sweep_s
         )
+        await runtime._join_consortium(root)
+        # Records stored under older search terms answer the new ones once re-indexed.
+        node.records.start_reindex()
         if settings.scrub_interval_s > 0:
             # Also removes temporary blob files and orphan blobs earlier processes left.
             node.start_store_scrub(

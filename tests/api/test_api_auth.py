@@ -95,6 +95,9 @@ def endpoints(live: LiveServer, people: list[PatientBundle]) -> list[Endpoint]:
         "height": "0",
         "cid": "00" * 32,
         "holder": "elsewhere",
+        "gid": "no-such-group",
+        "job_id": "0" * 32,
+        "name": "Patient.ndjson",
     }
     query = {
         "/chain/{which}/proof/consistency": "?old=1",
@@ -393,11 +396,14 @@ def test_patient_token_cannot_write_or_see_chains(
                 endpoint.template.startswith("/fhir/Consent")
                 or endpoint.template.endswith("$rotate-key")
                 or endpoint.template.endswith(("/_search", "/$everything"))
+                or endpoint.template in ("/fhir/Patient/$export", "/fhir/$export-status/{job_id}")
             ):
                 # A patient submits its own signed consent (test_sharing_api.py) and
                 # rotates its own key with that key's signature (test_patient_identity.py);
                 # POST _search is a search, narrowed to the patient (test_fhir_search_api.py),
-                # and POST $everything a read of its own records (test_fhir_everything.py).
+                # and POST $everything a read of its own records (test_fhir_everything.py), as
+                # POST Patient/$export is an export of them and DELETE of its status URL the
+                # cancelling of its own export (test_bulk_export.py).
                 continue
             if endpoint.method in ("POST", "PUT", "DELETE") or endpoint.template.startswith(
                 ("/chain", "/fhir/{resource_type}/_history", "/share")
