@@ -47,7 +47,9 @@ from medledger.services.search_terms import (
     normalize,
     parameter_terms,
     string_values,
+    uri_segments,
 )
+from medledger.services.value_sets import SEARCH_VALUE_SETS
 
 __all__ = [
     "MAX_ALTERNATIVES",
@@ -80,8 +82,9 @@ TOKEN_SIZE = 16
 #: The set of terms :func:`resource_terms` makes. Bump it whenever any resource's terms
 #: change (a test pins them): an index made with another version is re-indexed
 #: (``services.records.reindex``). 1 (or none recorded): decision 0034's registry
-#: terms; 2: numbers as decimal cells, ``:contains`` pieces.
-TERMS_VERSION = 2
+#: terms; 2: numbers as decimal cells, ``:contains`` pieces; 3: uri ``:below`` segments,
+#: composite parameters.
+TERMS_VERSION = 3
 #: Parameters answered from the index row, not from tokens: ``_lastUpdated`` is the
 #: row's own time (plaintext there already), so it costs no tokens.
 ROW_PARAMETERS = frozenset({"_lastUpdated"})
@@ -291,14 +294,55 @@ def _contains(param: SearchParameter, value: str, match: Callable[[Iterable[str]
     return Verified(candidates, accept)
 
 
+def _value_set_terms(param: SearchParameter, value: str) -> list[str]:
+    """``:in`` / ``:not-in``: every code of a value set the node knows, with its system
+    and (for a bare ``code`` element, which has none) without."""
+    known = SEARCH_VALUE_SETS.get(value.split("|")[0])
+    if known is None:
+        raise InvalidInput(
+            f"{param.code}: unknown value set {value!r} (known: "
+            f"{', '.join(sorted(SEARCH_VALUE_SETS))})"
+        )
+    system, codes = known
+    return [term for code in sorted(codes) for term in (f"{system}|{code}", f"|{code}")]
+
+
+def _composite_query(
+    param: SearchParameter, value: str, match: Callable[[Iterable[str]], Match], today: date
+) -> tuple[Query, int]:
+    """``first$second``: a token, then a quantity, a date or a token (no ``ne``, no unit)."""
+    first, sep, second = value.partition("$")
+    if not sep or "$" in second or not first or not second:
+        raise InvalidInput(f"{param.code} takes two values joined by '$', got {value!r}")
+    if first.startswith("|") or first.endswith("|"):
+        raise InvalidInput(f"{param.code}: the first value is code or system|code")
+    kind = param.components[1][0]
+    if kind == "token":
+        return match([f"{first}${second}"]), 1
+    if kind == "quantity":
+        if "|" in second:
+            raise InvalidInput(f"{param.code}: the quantity is compared without a unit")
+        numbers = number_condition(second)
+        if numbers.negated:
+            raise InvalidInput(f"{param.code}: the prefix ne is not served for composites")
+        return match([f"{first}${c}" for c in numbers.cells]), len(numbers.cells)
+    dates = date_condition(second, today=today)
+    if dates.negated:
+        raise InvalidInput(f"{param.code}: the prefix ne is not served for composites")
+    parts = tuple(match([f"{first}${t}" for t in terms]) for terms in dates.all_of)
+    size = sum(len(p.tokens) for p in parts)
+    return (parts[0] if len(parts) == 1 else AllOf(parts)), size
+
+
 _MODIFIERS = {
     "string": {"exact", "contains", "missing"},
-    "token": {"not", "text", "of-type", "missing"},
+    "token": {"not", "text", "of-type", "in", "not-in", "missing"},
     "reference": {"identifier", "missing"},
     "date": {"missing"},
     "number": {"missing"},
     "quantity": {"missing"},
-    "uri": {"contains", "missing"},
+    "uri": {"contains", "below", "above", "missing"},
+    "composite": {"missing"},
 }
 
 
@@ -325,6 +369,17 @@ def _alternative(
         return query, size
     if modifier == "contains":
         return _contains(param, value, match), MAX_CONTAINS_GRAMS + 1
+    if param.type == "composite":
+        return _composite_query(param, value, match, today)
+    if modifier in ("in", "not-in"):
+        terms = _value_set_terms(param, value)
+        found_in = match(terms)
+        return (Not(found_in) if modifier == "not-in" else found_in), len(terms)
+    if modifier == "below":  # the value is a prefix of the resource's URI, by segments
+        return match([f"{MARK}b{value.rstrip('/')}"]), 1
+    if modifier == "above":  # the resource's URI is a prefix of the value, by segments
+        terms = [t for p in uri_segments(value) for t in (p, f"{p}/")]
+        return match(terms), len(terms)
     if param.type == "string" and modifier == "exact":
         return match([f"{MARK}={value}"]), 1
     if param.type == "string" or modifier == "text":

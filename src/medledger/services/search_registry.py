@@ -7,9 +7,13 @@ blind index serves — string, token, reference, date, number, quantity, uri —
 with its FHIRPath expression compiled for that type
 (``services.fhirpath_subset``). The same registry decides what is indexed,
 what a search may ask for and what the CapabilityStatement declares, so the
-three cannot drift apart. Composite and special parameters, and those
-without an expression (``_text``, ``_content``, ``_query``...), are not
-served and not declared.
+three cannot drift apart. Composite parameters of two components whose
+types pair a token with a quantity, a date or a token
+(``code-value-quantity``, ``component-code-value-quantity``,
+``code-value-date``, ``context-type-value``...) are served too, each
+component's expression compiled relative to the composite's element.
+Other composites, special parameters, and those without an expression
+(``_text``, ``_content``, ``_query``...), are not served and not declared.
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from medledger.services.fhirpath_subset import CompiledPath, compile_expression
+from medledger.services.fhirpath_subset import (
+    CompiledPath,
+    UnsupportedExpression,
+    compile_expression,
+)
 
 __all__ = [
+    "COMPOSITE_PAIRS",
     "SERVED_TYPES",
     "SearchParameter",
     "SearchRegistry",
@@ -32,7 +41,11 @@ __all__ = [
 ]
 
 #: The parameter types the blind index serves.
-SERVED_TYPES = frozenset({"string", "token", "reference", "date", "number", "quantity", "uri"})
+SERVED_TYPES = frozenset(
+    {"string", "token", "reference", "date", "number", "quantity", "uri", "composite"}
+)
+#: The component types a served composite may pair (first, second).
+COMPOSITE_PAIRS = frozenset({("token", "quantity"), ("token", "date"), ("token", "token")})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +60,8 @@ class SearchParameter:
     #: The resource types a reference parameter may point at.
     targets: tuple[str, ...]
     path: CompiledPath = field(compare=False, repr=False)
+    #: A composite's components: each one's type and its path from the composite's element.
+    components: tuple[tuple[str, CompiledPath], ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +85,35 @@ def load_bundle(name: str) -> dict[str, Any]:
     return bundle
 
 
+def _components(
+    definition: Mapping[str, Any], by_url: Mapping[str, Mapping[str, Any]]
+) -> tuple[tuple[str, CompiledPath], ...] | None:
+    """A composite's components compiled, or ``None`` if it is not a served pair."""
+    parts = definition.get("component", [])
+    if len(parts) != 2:
+        return None
+    out = []
+    for part in parts:
+        kind = by_url.get(part.get("definition", ""), {}).get("type")
+        text = part.get("expression", "")
+        if not isinstance(kind, str) or not text or "%" in text:
+            return None
+        try:
+            # Relative to the composite's element: compiled as a path from a resource.
+            compiled = compile_expression(text).get("Resource")
+        except UnsupportedExpression:
+            return None
+        if compiled is None:
+            return None
+        out.append((kind, compiled))
+    if (out[0][0], out[1][0]) not in COMPOSITE_PAIRS:
+        return None
+    return tuple(out)
+
+
 def _build(bundle: Mapping[str, Any]) -> SearchRegistry:
     definitions = [e["resource"] for e in bundle.get("entry", []) if "resource" in e]
+    by_url = {d["url"]: d for d in definitions if "url" in d}
     types = sorted(
         {b for d in definitions for b in d.get("base", [])} - {"Resource", "DomainResource"}
     )
@@ -80,6 +122,12 @@ def _build(bundle: Mapping[str, Any]) -> SearchRegistry:
         expression = d.get("expression")
         if d.get("type") not in SERVED_TYPES or not expression:
             continue
+        components: tuple[tuple[str, CompiledPath], ...] = ()
+        if d["type"] == "composite":
+            found = _components(d, by_url)
+            if found is None:
+                continue
+            components = found
         paths = compile_expression(expression)
         generic = paths.get("Resource")
         bases = d.get("base", [])
@@ -96,6 +144,7 @@ def _build(bundle: Mapping[str, Any]) -> SearchRegistry:
                 description=d.get("description", ""),
                 targets=tuple(d.get("target", [])),
                 path=path,
+                components=components,
             )
     return SearchRegistry({t: dict(sorted(p.items())) for t, p in by_type.items()})
 

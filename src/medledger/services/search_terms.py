@@ -19,7 +19,11 @@ reference  ``Type/id`` (relative) or the absolute URL as written; ``MARKi`` +
 date       ``services.search_dates.range_terms`` of the value's day range
 number     ``services.search_numbers.point_cells`` of the decimal (magnitude, digit prefixes, end)
 quantity   those cells, alone and before each unit form (``||code``, ``|system|code``)
-uri        the URI as written; :func:`contains_terms` of it (``:contains``)
+uri        the URI as written; :func:`contains_terms` of it (``:contains``); ``MARK b``
+           + the URI cut after each of its path segments (``:below``)
+composite  per element, ``first$second`` for each pair of its components' plain terms:
+           a token's ``code`` and ``system|code``, a quantity's cells (no unit), a
+           date's range terms
 =========  ===========================================================================
 
 Every parameter with at least one value also gets ``MARK?`` (``:missing``).
@@ -42,7 +46,10 @@ __all__ = [
     "MAX_PREFIX_CHARS",
     "contains_grams",
     "contains_terms",
+    "composite_terms",
+    "plain_token_terms",
     "string_values",
+    "uri_segments",
     "normalize",
     "number_term",
     "parameter_terms",
@@ -232,11 +239,56 @@ def _quantity_terms(values: Iterable[Any]) -> Iterator[str]:
             yield from (cell + unit for cell in cells)
 
 
+def uri_segments(uri: str) -> list[str]:
+    """``uri`` cut after each of its path segments, shortest first, without a trailing
+    ``/`` (``http://a.org/fhir/x`` → ``http://a.org``, ``http://a.org/fhir``, the whole)."""
+    uri = uri.rstrip("/")
+    scheme, sep, rest = uri.partition("://")
+    head = f"{scheme}{sep}" if sep else ""
+    body = rest if sep else uri
+    parts = body.split("/")
+    return [head + "/".join(parts[: i + 1]) for i in range(len(parts)) if parts[i] or i == 0]
+
+
 def _uri_terms(values: Iterable[Any]) -> Iterator[str]:
     for value in values:
         if isinstance(value, str):
             yield value
             yield from contains_terms(value)
+            yield from (f"{MARK}b{prefix}" for prefix in uri_segments(value))
+
+
+def plain_token_terms(values: Iterable[Any]) -> list[str]:
+    """A token's ``code`` and ``system|code`` terms (a composite's token component)."""
+    return [
+        t
+        for t in _token_terms(values)
+        if not t.startswith(MARK) and not t.startswith("|") and not t.endswith("|")
+    ]
+
+
+def _composite_part(kind: str, values: list[Any]) -> list[str]:
+    if kind == "token":
+        return plain_token_terms(values)
+    if kind == "quantity":
+        numbers = [parse_number(v.get("value")) for v in values if isinstance(v, dict)]
+        return [cell for n in numbers if n is not None for cell in point_cells(n)]
+    return list(_date_terms(values))
+
+
+def composite_terms(param: SearchParameter, values: Iterable[Any]) -> Iterator[str]:
+    """``first$second`` for each element's pairs of component terms."""
+    (first_kind, first_path), (second_kind, second_path) = param.components
+    for element in values:
+        if not isinstance(element, dict):
+            continue
+        firsts = _composite_part(first_kind, [v for v, _ in first_path.evaluate(element)])
+        if not firsts:
+            continue
+        seconds = _composite_part(second_kind, [v for v, _ in second_path.evaluate(element)])
+        for left in dict.fromkeys(firsts):
+            for right in dict.fromkeys(seconds):
+                yield f"{left}${right}"
 
 
 _BY_TYPE = {
@@ -261,7 +313,8 @@ def parameter_terms(
     if not values:
         return
     found = False
-    for term in _BY_TYPE[param.type](values):
+    terms = composite_terms(param, values) if param.type == "composite" else None
+    for term in terms if terms is not None else _BY_TYPE[param.type](values):
         found = True
         yield term
     if found:

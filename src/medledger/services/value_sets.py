@@ -24,6 +24,7 @@ from typing import Any
 __all__ = [
     "COMPLETE_CODES",
     "CONCEPT_BINDINGS",
+    "SEARCH_VALUE_SETS",
     "ConceptBinding",
     "invariant_violations",
     "required_codes",
@@ -116,6 +117,32 @@ CONCEPT_BINDINGS: dict[tuple[str, str], ConceptBinding] = {
         _ALLERGY_VERIFICATION,
         _codes("unconfirmed | confirmed | refuted | entered-in-error"),
     ),
+}
+
+
+#: The value sets a token search may name with ``:in`` / ``:not-in`` (the node's own
+#: code lists above): canonical URL -> (code system, its codes).
+SEARCH_VALUE_SETS: dict[str, tuple[str, frozenset[str]]] = {
+    "http://hl7.org/fhir/ValueSet/administrative-gender": (
+        "http://hl7.org/fhir/administrative-gender",
+        _codes("male | female | other | unknown"),
+    ),
+    "http://hl7.org/fhir/ValueSet/observation-status": (
+        "http://hl7.org/fhir/observation-status",
+        _OBSERVATION_STATUS,
+    ),
+    "http://hl7.org/fhir/ValueSet/encounter-status": (
+        "http://hl7.org/fhir/encounter-status",
+        _ENCOUNTER_STATUS,
+    ),
+    "http://hl7.org/fhir/ValueSet/diagnostic-report-status": (
+        "http://hl7.org/fhir/diagnostic-report-status",
+        COMPLETE_CODES[("DiagnosticReport", "status")],
+    ),
+    **{
+        f"http://hl7.org/fhir/ValueSet/{system.rsplit('/', 1)[-1]}": (system, codes)
+        for system, codes in CONCEPT_BINDINGS.values()
+    },
 }
 
 
