@@ -612,4 +612,13 @@ def test_history_pages_and_filters(live: LiveServer, clinician: httpx.Client) ->
     assert system["entry"][0]["request"]["url"] == f"Patient/{rid}"
     for bad in ({"_since": "last week"}, {"_count": "0"}):
         assert_outcome(clinician.get(f"{path}/_history", params=bad), 400)
-    assert_outcome(clinician.get("/fhir/Patient/_history", params={"_at": "2026"}), 400)
+    # _at on type and system history: the same versions of this resource, as for the
+    # instance (other resources may have versions current then too).
+    for url in ("/fhir/Patient/_history", "/fhir/_history"):
+        entries = _follow(clinician, f"{url}?_count=50&_at={t}", live.url)
+        mine_at = {
+            e["resource"]["gender"] for e in entries if e["request"]["url"] == f"Patient/{rid}"
+        }
+        assert mine_at == expected, url
+        assert all(e["response"]["lastModified"] <= t for e in entries)
+    assert_outcome(clinician.get("/fhir/Patient/_history", params={"_at": "yesterday"}), 400)

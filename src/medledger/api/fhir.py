@@ -389,7 +389,8 @@ async def _validation_outcome(records: RecordsService, resource: Any, rtype: str
 
 @router.get("/_history", summary="system history")
 async def system_history(request: Request, node: NodeDep, who: Writer) -> Response:
-    """Every version of every resource, newest first; ``_count``, ``_offset``, ``_since``."""
+    """Every version of every resource, newest first; ``_count``, ``_offset``, ``_since``,
+    ``_at`` (the versions current at some moment of that date or instant)."""
     return await _paged_history(request, node, who, None)
 
 
@@ -397,21 +398,24 @@ async def system_history(request: Request, node: NodeDep, who: Writer) -> Respon
 async def type_history(
     resource_type: str, request: Request, node: NodeDep, who: Writer
 ) -> Response:
-    """Every version of the type's resources, newest first; ``_count``, ``_offset``, ``_since``."""
+    """Every version of the type's resources, newest first; ``_count``, ``_offset``,
+    ``_since``, ``_at`` (the versions current at some moment of that date or instant)."""
     return await _paged_history(request, node, who, _check_type(resource_type))
 
 
 async def _paged_history(
     request: Request, node: Node, who: TokenInfo, resource_type: str | None
 ) -> Response:
-    if "_at" in request.query_params:
-        raise InvalidInput("_at is supported on the history of one resource only")
     count = _int_param(request, "_count", 100, 1, 1000)
     offset = _int_param(request, "_offset", 0, 0, 10**9)
-    since = _time_param(request, "_since")
+    since, at = _time_param(request, "_since"), _time_param(request, "_at")
     async with _audited(node, who, resource_type or "*") as shown:
         versions, more = await node.records.history_page(
-            resource_type, since_ms=None if since is None else since[0], offset=offset, count=count
+            resource_type,
+            since_ms=None if since is None else since[0],
+            offset=offset,
+            count=count,
+            at=at,
         )
         shown.extend(v.stored for v in versions if v.stored is not None)
     path = "_history" if resource_type is None else f"{resource_type}/_history"

@@ -14,6 +14,7 @@ from medledger.ledger.clock import Clock, SystemClock
 from medledger.services.conditional import ConditionalWrites
 from medledger.services.fhir import FhirInvalid, Issue, validate_id
 from medledger.services.health import StoreHealth
+from medledger.services.history import current_during
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.bundles import BundleContext, apply_batch, apply_transaction
 from medledger.services.records.erasure import RecordEraser
@@ -36,6 +37,20 @@ from medledger.services.validation import Validator
 from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordsService"]
+
+
+def _current_during(rows: Sequence[VersionRow], period: tuple[int, int]) -> list[VersionRow]:
+    """Of ``rows`` (newest first, every version of each resource), those current at some
+    moment of ``[start, end)``: each resource's versions, as ``services.history`` decides."""
+    by_resource: dict[tuple[str, str], list[VersionRow]] = {}
+    for row in rows:
+        by_resource.setdefault((row.resource_type, row.id), []).append(row)
+    kept: set[tuple[str, str, int]] = set()
+    for versions in by_resource.values():
+        versions.sort(key=lambda r: r.version, reverse=True)
+        for row in current_during(versions, [r.updated_ms for r in versions], period):
+            kept.add((row.resource_type, row.id, row.version))
+    return [r for r in rows if (r.resource_type, r.id, r.version) in kept]
 
 
 class RecordsService:
@@ -287,10 +302,17 @@ class RecordsService:
         return await asyncio.to_thread(self.reader.type_history, resource_type, limit)
 
     async def history_page(
-        self, resource_type: str | None, *, since_ms: int | None, offset: int, count: int
+        self,
+        resource_type: str | None,
+        *,
+        since_ms: int | None,
+        offset: int,
+        count: int,
+        at: tuple[int, int] | None = None,
     ) -> tuple[list[VersionInfo], bool]:
         """Versions of one type (or of every type), newest first, written at or after
-        ``since_ms``: those in ``[offset, offset + count)``, and whether more follow.
+        ``since_ms`` and (``at``, ``[start, end)`` ms) current at some moment of that
+        period: those in ``[offset, offset + count)``, and whether more follow.
 
         Only the page is decrypted (in a worker thread).
         """
@@ -298,12 +320,18 @@ class RecordsService:
 
         def work() -> tuple[list[VersionInfo], bool]:
             end = offset + count
-            if since_ms is None and resource_type is not None:
+            if since_ms is None and resource_type is not None and at is None:
                 rows = self._index.type_history(resource_type, end + 1)
+            elif at is not None and resource_type is not None:
+                rows = self._index.type_history(resource_type, 2**62)
             else:
-                rows = self._index.versions_since(since_ms or 0)
+                rows = self._index.versions_since(0 if at is not None else since_ms or 0)
                 if resource_type is not None:
                     rows = [r for r in rows if r.resource_type == resource_type]
+            if at is not None:
+                rows = _current_during(rows, at)
+                if since_ms is not None:
+                    rows = [r for r in rows if r.updated_ms >= since_ms]
             return [self.reader.info(r) for r in rows[offset:end]], len(rows) > end
 
         return await asyncio.to_thread(work)
