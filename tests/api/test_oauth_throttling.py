@@ -27,7 +27,7 @@ BUDGET = RateLimit(burst=3, interval_ms=10_000)
 REDIRECT = "https://app.example/cb"
 
 
-def run(root: Path, story: Any) -> None:
+def run(root: Path, story: Any, **app_options: Any) -> None:
     init_node(root, name="Throttle Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
     tokens = SqliteTokenStore(root / "tokens.db")
     oauth = SqliteOAuthStore(root / "oauth.db")
@@ -35,7 +35,7 @@ def run(root: Path, story: Any) -> None:
     async def main() -> None:
         node = open_node(root, PASSPHRASE)
         try:
-            app = create_app(node, tokens, auth_failures=BUDGET, oauth_store=oauth)
+            app = create_app(node, tokens, auth_failures=BUDGET, oauth_store=oauth, **app_options)
 
             def client(address: str) -> httpx.AsyncClient:
                 transport = httpx.ASGITransport(app=app, client=(address, 40_000))
@@ -104,3 +104,33 @@ def test_refused_sign_ins_are_throttled_and_say_so_on_the_page(tmp_path: Path) -
             assert throttled.status_code == 429 and "too many failed" in throttled.text
 
     run(tmp_path / "node", story)
+
+
+def test_each_address_opens_a_bounded_number_of_sign_ins(tmp_path: Path) -> None:
+    async def story(client: Any) -> None:
+        store = SqliteOAuthStore(tmp_path / "node" / "oauth.db")
+        app, _ = register_client(store, now_ms=0, name="App", redirect_uris=(REDIRECT,))
+        store.close()
+        query = {
+            "response_type": "code",
+            "client_id": app.id,
+            "redirect_uri": REDIRECT,
+            "scope": "patient/*.read",
+            "code_challenge": pkce.s256(pkce.new_secret()),
+            "code_challenge_method": "S256",
+        }
+        async with client("203.0.113.20") as flooder, client("198.51.100.20") as other:
+            for _ in range(2):
+                assert (await flooder.get("/oauth/authorize", params=query)).status_code == 200
+            refused = await flooder.get("/oauth/authorize", params=query)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "60"
+            assert "too many sign-ins" in refused.text
+            assert (await other.get("/oauth/authorize", params=query)).status_code == 200
+        store = SqliteOAuthStore(tmp_path / "node" / "oauth.db")
+        try:  # what was written: the three steps opened, not the refused one
+            rows = store._select("SELECT count(*) FROM oauth_pending WHERE kind = 'request'")
+            assert rows[0][0] == 3
+        finally:
+            store.close()
+
+    run(tmp_path / "node", story, sign_in_opens=RateLimit(burst=2, interval_ms=60_000))

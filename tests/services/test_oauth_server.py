@@ -347,6 +347,14 @@ def test_refused_sign_ins_spend_the_step(world: World) -> None:
             patient_sign_in(world, signin)  # the right key cannot reuse a spent step
 
 
+def test_expired_sign_in_steps_are_forgotten_when_new_ones_open(world: World) -> None:
+    old = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    world.clock.now += 10 * 60_000 + 1
+    new = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    assert world.server.store.pending(old.step, "request") is None
+    assert world.server.store.pending(new.step, "request") is not None
+
+
 def test_csrf_token_expiry_and_denial(world: World) -> None:
     signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
     with pytest.raises(InvalidInput, match="CSRF"):

@@ -156,8 +156,16 @@ def test_grants_tokens_revocation_and_forgetting(store: OAuthStore) -> None:
     assert revoked is not None and revoked.revoked
     store.put_pending(step("old", expires_ms=T0 - 1))
     store.put_pending(step("new", expires_ms=T0 + 1))
-    assert store.forget_expired(T0) == 2  # the old step and token t1
+    store.put_pending(step("late", expires_ms=T0 + 500))  # expired, within retention
+    store.put_pending(step("signin", kind="request", expires_ms=T0 + 500))
+    store.put_pending(step("open", kind="request", expires_ms=T0 + 1_001))
+    # At T0 + 1000, keeping codes and tokens 1000 ms past expiry: the old code, token t1
+    # (expired at T0 - 5) and the expired sign-in step go; the late code stays.
+    assert store.forget_expired(now_ms=T0 + 1_000, retain_ms=1_000) == 3
     assert store.pending("old", "code") is None and store.pending("new", "code") is not None
+    assert store.pending("late", "code") is not None
+    assert store.pending("signin", "request") is None
+    assert store.pending("open", "request") is not None
     assert store.token("t1") is None and store.token("t2") is not None
 
 

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from medledger import __version__
 from medledger.api import admin, bulk, chain, everything, fhir, oauth, peer, sharing
-from medledger.api.auth import AUTH_FAILURES, AuthFailures
+from medledger.api.auth import AUTH_FAILURES, SIGN_IN_OPENS, AuthFailures, SignInOpens
 from medledger.api.deps import AppServices, Services, always_ready, install_services
 from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
@@ -69,6 +69,7 @@ def create_app(
     not_ready: Callable[[], str | None] = always_ready,
     ordering: ObservedOrderer | None = None,
     oauth_store: OAuthStore | None = None,
+    sign_in_opens: RateLimit = SIGN_IN_OPENS,
 ) -> FastAPI:
     """A FastAPI app serving ``node``; callers own the node's and token store's lifetime.
 
@@ -78,7 +79,8 @@ def create_app(
     ``ordering``: the node's lifecycle, when it runs under
     :func:`medledger.lifecycle.run_node` (``api.serving`` passes them).
     ``oauth_store``: the authorization server's store (``api.oauth``; without
-    it the SMART endpoints answer that there is no authorization server).
+    it the SMART endpoints answer that there is no authorization server);
+    ``sign_in_opens``: how many sign-in steps each client address may open.
     """
     app = FastAPI(
         title=f"medledger node — {node.config.name}",
@@ -108,6 +110,7 @@ def create_app(
                 institution=node.config.institution,
                 patient_of_key=node.enrollments.patient_id,
             ),
+            sign_in_opens=SignInOpens(sign_in_opens, clock),
         ),
     )
     install_error_handlers(app)

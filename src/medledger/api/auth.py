@@ -37,7 +37,7 @@ from medledger.services.oauth.scopes import parse_scopes, request_access
 from medledger.services.ratelimit import RateLimit, RateLimiter
 from medledger.storage.ports import TokenInfo
 
-__all__ = ["AUTH_FAILURES", "AuthFailures", "Principal", "require"]
+__all__ = ["AUTH_FAILURES", "SIGN_IN_OPENS", "AuthFailures", "Principal", "SignInOpens", "require"]
 
 Principal = TokenInfo
 
@@ -68,6 +68,32 @@ class AuthFailures:
             raise RateLimited(
                 "too many failed authentications from this client; retry later",
                 retry_after_ms=wait_ms,
+            )
+
+
+#: Sign-ins one address may open (each writes a short-lived row before anyone signed in):
+#: 30 back to back, then one every 2 seconds.
+SIGN_IN_OPENS = RateLimit(burst=30, interval_ms=2_000)
+
+
+class SignInOpens:
+    """The budget of sign-in steps each client address may open (``api.oauth``).
+
+    Opening one is the only write the node makes for a client nobody has
+    authenticated yet (a row of the OAuth store that expires in minutes, no
+    chain); this bounds how many one address can keep open.
+    """
+
+    def __init__(self, limit: RateLimit, clock: Clock) -> None:
+        self._limiter = RateLimiter(limit, clock)
+
+    def charge(self, request: Request, token: str = "") -> None:
+        """Count one sign-in opened by ``request``'s client; ``RateLimited`` once over budget."""
+        client = request.client.host if request.client is not None else "unknown"
+        wait_ms = self._limiter.spend(f"address:{client}")
+        if wait_ms:
+            raise RateLimited(
+                "too many sign-ins opened from this client; retry later", retry_after_ms=wait_ms
             )
 
 

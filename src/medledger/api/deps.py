@@ -67,6 +67,8 @@ class AppServices:
     ordering: ObservedOrderer | None = None
     #: The SMART on FHIR authorization server (``None``: the app was made without its store).
     oauth: AuthorizationServer | None = None
+    #: Sign-in steps each client address may open (``api.auth.SignInOpens``).
+    sign_in_opens: FailureBudget | None = None
 
 
 def install_services(app: FastAPI, services: AppServices) -> None:

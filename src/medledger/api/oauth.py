@@ -148,6 +148,12 @@ def _error_page(request: Request, message: str, status: int = 400) -> HTMLRespon
     return _html(body, status=status)
 
 
+def _throttled_page(request: Request, exc: RateLimited) -> HTMLResponse:
+    page = _error_page(request, str(exc), status=429)
+    page.headers["Retry-After"] = str(max(1, -(-exc.retry_after_ms // 1000)))
+    return page
+
+
 def _redirect_error(exc: OAuthError) -> Response:
     params: dict[str, str] = {"error": exc.error, "error_description": str(exc)}
     if exc.state:
@@ -281,8 +287,14 @@ async def authorize(request: Request) -> Response:
         if name in params:
             return _error_page(request, f"parameter {name!r} is given more than once")
         params[name] = value
+    opens = services_of(request.app).sign_in_opens
     try:
-        signin = _server(request).begin(params, origin=_origin(request))
+        server = _server(request)
+        if opens is not None:
+            opens.charge(request)
+        signin = server.begin(params, origin=_origin(request))
+    except RateLimited as exc:
+        return _throttled_page(request, exc)
     except OAuthError as exc:
         if exc.redirect_uri is not None:
             return _redirect_error(exc)
@@ -314,7 +326,7 @@ def _signin_refused(request: Request, exc: InvalidInput) -> Response:
     try:
         _charge(request, "sign-in", str(exc))
     except RateLimited as limited:
-        return _error_page(request, str(limited), status=429)
+        return _throttled_page(request, limited)
     return _error_page(request, str(exc), status=400)
 
 

@@ -267,10 +267,15 @@ class OAuthTables:
             == 1
         )
 
-    def forget_expired(self, before_ms: int) -> int:
+    def forget_expired(self, *, now_ms: int, retain_ms: int) -> int:
+        before = now_ms - retain_ms
         forgotten = self._execute(
-            self._sql("DELETE FROM oauth_pending WHERE expires_ms < ?"), (before_ms,)
+            self._sql(
+                "DELETE FROM oauth_pending WHERE expires_ms < ?"
+                " OR (kind = 'request' AND expires_ms < ?)"
+            ),
+            (before, now_ms),
         )
         return forgotten + self._execute(
-            self._sql("DELETE FROM oauth_tokens WHERE expires_ms < ?"), (before_ms,)
+            self._sql("DELETE FROM oauth_tokens WHERE expires_ms < ?"), (before,)
         )

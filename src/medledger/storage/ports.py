@@ -503,8 +503,13 @@ class OAuthStore(Protocol):
         """Move a token from ``from_state`` to ``to_state``; ``False`` if it was not there."""
         ...
 
-    def forget_expired(self, before_ms: int) -> int:
-        """Delete sign-in steps, codes and tokens that expired before ``before_ms``; how many."""
+    def forget_expired(self, *, now_ms: int, retain_ms: int) -> int:
+        """Delete what expired; how many rows.
+
+        Sign-in steps (``request``) go as soon as they expired (a spent or
+        expired one is refused either way); codes and tokens are kept
+        ``retain_ms`` past expiry, so a late replay is still recognized as one.
+        """
         ...
 
     def close(self) -> None: ...

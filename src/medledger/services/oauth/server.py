@@ -308,6 +308,9 @@ class AuthorizationServer:
         scopes = parse_scopes(params.get("scope", ""))
         if not scopes.resources:
             raise refuse("invalid_scope", "no resource scope this node understands was requested")
+        # Opening a step writes a row before anyone signed in: expired ones go first,
+        # so open steps stay bounded by the rate the API lets each address open them.
+        self.store.forget_expired(now_ms=self._clock.now_ms(), retain_ms=_RETENTION_MS)
         step, csrf, challenge = pkce.new_secret(), pkce.new_secret(), pkce.new_secret()
         step = hashlib.sha256(step.encode()).hexdigest()[:32]
         payload = {
@@ -575,7 +578,7 @@ class AuthorizationServer:
             answer["patient"] = grant.patient
         if with_refresh:
             answer["refresh_token"] = self._new_token(grant, "mlr", now + REFRESH_TTL_MS)
-        self.store.forget_expired(now - _RETENTION_MS)
+        self.store.forget_expired(now_ms=now, retain_ms=_RETENTION_MS)
         return answer
 
     def _new_token(self, grant: OAuthGrant, prefix: str, expires_ms: int) -> str:
