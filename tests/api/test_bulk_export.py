@@ -283,3 +283,15 @@ def test_concurrent_jobs_are_bounded_and_survive_a_restart(live: LiveServer, dat
             manifest = _manifest(client, url)
             assert manifest["error"] == [] and manifest["output"]
             client.delete(url)
+
+
+def test_a_file_gone_under_a_download_is_404_not_a_server_error(
+    live: LiveServer, data: Data
+) -> None:
+    with live.client(live.admin) as client:
+        status_url = _kick_off(client, "/fhir/$export", _type="Practitioner")
+        (output,) = _manifest(client, status_url)["output"]
+        job_dir = live.root / "exports" / status_url.rsplit("/", 1)[1]
+        (job_dir / "Practitioner.ndjson").unlink()  # as a cancel or the sweep would, meanwhile
+        assert_outcome(client.get(output["url"]), 404)
+        assert client.delete(status_url).status_code == 202

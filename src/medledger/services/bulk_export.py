@@ -465,7 +465,11 @@ class BulkExports:
         key = self._job_key(job)
         frames = read_export_file(self._root / job.id / name, key, job.id)
         # The first frame before any byte is sent: a damaged file is an error response.
-        first = await asyncio.to_thread(_next_frame, frames)
+        try:
+            first = await asyncio.to_thread(_next_frame, frames)
+        except FileNotFoundError:
+            # Cancelled or expired between the look-up and the read.
+            raise NotFound("no such file in this bulk export") from None
         self._downloading[job.id] = self._downloading.get(job.id, 0) + 1
 
         async def stream() -> AsyncIterator[bytes]:
