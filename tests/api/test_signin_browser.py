@@ -16,7 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from api_helpers import LiveServer, put_json, start_server, stop_server
-from playwright.sync_api import Browser, Route, sync_playwright
+from axe_playwright_python.sync_playwright import Axe
+from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 from medledger.services.oauth import pkce
 from medledger.services.oauth.server import register_client
@@ -70,6 +71,12 @@ def browser() -> Iterator[Browser]:
             launched.close()
 
 
+def assert_accessible(page: Page) -> None:
+    """No violation of axe-core's WCAG rules (labels, contrast, landmarks, names)."""
+    results = Axe().run(page)
+    assert results.violations_count == 0, results.generate_report()
+
+
 def authorize_url(live: LiveServer, client_id: str, verifier: str) -> str:
     query = "&".join(
         f"{k}={v}"
@@ -106,9 +113,11 @@ def test_the_page_imports_the_key_signs_in_and_the_app_gets_a_code(
         verifier = pkce.new_secret()
         page.goto(authorize_url(server, client_id, verifier))
         page.screenshot(path=str(tmp_path / "signin.png"))  # kept with the test's files
+        assert_accessible(page)
         page.set_input_files("#key-file", str(key_file))
         page.wait_for_url(f"{server.url}/oauth/authorize/patient", timeout=20_000)
         assert "You are signed in" in page.content() and "a patient" in page.content()
+        assert_accessible(page)
         page.get_by_role("button", name="Approve").click()
         page.wait_for_url(f"{APP_REDIRECT}**", timeout=20_000)
         query = parse_qs(urlsplit(landed[-1]).query)
