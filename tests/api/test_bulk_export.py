@@ -295,3 +295,34 @@ def test_a_file_gone_under_a_download_is_404_not_a_server_error(
         (job_dir / "Practitioner.ndjson").unlink()  # as a cancel or the sweep would, meanwhile
         assert_outcome(client.get(output["url"]), 404)
         assert client.delete(status_url).status_code == 202
+
+
+def test_a_job_whose_key_is_gone_reports_an_error_not_a_server_error(
+    live: LiveServer, data: Data
+) -> None:
+    node = live.node
+    exports = node.exports
+    assert exports is not None
+    live.run(exports.worker.close())  # hold the job queued
+    with live.client(live.clinician) as client:
+        status_url = _kick_off(client, "/fhir/Patient/$export")
+        job_file = live.root / "exports" / status_url.rsplit("/", 1)[1] / "job.json"
+        # As if the KEK that wrapped the job's key had been rotated away meanwhile.
+        state = json.loads(job_file.read_text())
+        job_file.write_text(json.dumps({**state, "kek_id": "0" * 16}))
+
+        async def restart() -> None:
+            await exports.close()
+            node.exports = None
+            await node.start_exports(ttl_s=3600, sweep_interval_s=0.2)
+
+        live.run(restart())
+        manifest = _manifest(client, status_url)
+        assert manifest["output"] == []
+        (error,) = manifest["error"]
+        assert error["type"] == "OperationOutcome" and error["count"] == 1
+        (outcome,) = _download(client, error["url"])
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert outcome["issue"][0]["severity"] == "fatal"
+        assert "key" in outcome["issue"][0]["diagnostics"]
+        _wait_gone(live, status_url.rsplit("/", 1)[1])
