@@ -29,6 +29,10 @@ def test_tls_and_plaintext_are_measured_in_one_run(quick_all: Path) -> None:
         _latency_ok(api["keep_alive"]["latency_ms"])
         assert api["new_connection"]["requests"] == settings["connections"]
         _latency_ok(api["new_connection"]["latency_ms"])
+        fetch = results["sharing"][transport]
+        assert fetch["fetches"] == settings["fetches"] and fetch["errors"] == 0
+        assert fetch["fetches_per_s"] > 0
+        _latency_ok(fetch["latency_ms"])
         js = results["jetstream"][transport]
         assert js["publishes"] == settings["publishes"]
         assert js["concurrent_per_s"] > 0

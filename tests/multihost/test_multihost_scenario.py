@@ -215,10 +215,19 @@ def scenario(tmp_path: Path) -> Iterator[Scenario]:
         yield Scenario(net, tmp_path)
 
 
-def _wait_all_ready(s: Scenario, from_inst: str) -> list[dict[str, Any]]:
-    """``node status`` of every node, asked from ``from_inst``'s host, until all are ready."""
+def _wait_all_ready(
+    s: Scenario, from_inst: str, *, current_members: bool = False
+) -> list[dict[str, Any]]:
+    """``node status`` of every node, asked from ``from_inst``'s host, until all are ready.
+
+    Trusting the certificates the genesis pinned, or (``current_members``) those
+    of ``from_inst``'s node's current membership (after a renewal).
+    """
     urls = [arg for inst in INSTITUTIONS for arg in ("--node", s.url(inst))]
-    urls += ["--genesis", str(s.base / "genesis.json")]  # trust the members' certificates
+    if current_members:
+        urls += ["--members-of", str(s.node_dir(from_inst))]
+    else:
+        urls += ["--genesis", str(s.base / "genesis.json")]  # trust the members' certificates
     deadline = time.monotonic() + _DEADLINE_S
     while True:
         done = s.run(from_inst, "node", "status", *urls, "--json")
@@ -455,9 +464,36 @@ def test_three_institutions_on_three_hosts(scenario: Scenario) -> None:
     assert b"granted to hospital-2, not hospital-3" in refused.stderr
     assert observation["id"].encode() not in refused.stdout + refused.stderr
 
+    # -- hospital-1 renews its TLS certificate while everything runs: a member.tls proposed
+    # -- on its host, signed on another, submitted from a third; then sharing goes on -----
+    holder_dir = s.node_dir("hospital-1")
+    old_cert = s.cert("hospital-1").read_bytes()
+    s.cli("hospital-1", "node", "tls-cert", "--dir", holder_dir, "--renew")
+    proposal = s.base / "member-tls.json"
+    s.cli("hospital-1", "consortium", "propose-tls", "--dir", holder_dir, "--out", proposal)
+    s.cli("hospital-2", "consortium", "sign", "--dir", s.node_dir("hospital-2"), "--tx", proposal)
+    s.cli("hospital-3", "consortium", "submit", "--dir", s.node_dir("hospital-3"), "--tx", proposal)
+    deadline = time.monotonic() + _DEADLINE_S
+    while (holder_dir / "tls.next.crt").exists():  # the running node switches once final
+        assert time.monotonic() < deadline, "the renewed certificate was not taken into use"
+        time.sleep(0.2)
+    assert s.cert("hospital-1").read_bytes() != old_cert
+    again = s.cli(
+        "hospital-2", "share", "fetch", "--node", s.url("hospital-2"),
+        "--node-cert", s.cert("hospital-2"),
+        "--token", tokens["hospital-2"], "--holder", "hospital-1",
+        "--consent", consent["id"], target,
+    )  # fmt: skip
+    assert again["resource"]["id"] == observation["id"]
+    # hospital-1's own API now presents the renewed certificate (a client trusting it).
+    assert [
+        a["status"] for a in s.http("hospital-3", [{**puts[0], "method": "GET", "body": None}])
+    ] == [200]
     # -- anchored everywhere: every node's copy of the consortium holds hospital-1's head --
-    final = _wait_all_ready(s, "hospital-2")
+    # -- (asked trusting the current members' certificates: hospital-1 renewed its own) --
+    final = _wait_all_ready(s, "hospital-2", current_members=True)
     head = next(r for r in final if r["institution"] == "hospital-1")["private_height"]
+
     # -- the capture: TLS records crossed the bridge, no PHI and no bearer token did ------
     s.net.stop(capture)
     captured = capture_file.read_bytes()

@@ -6,6 +6,11 @@
   HTTP stack's floor, where TLS's share is largest) by ``clients`` keep-alive
   connections, closed loop; then ``connections`` requests that each open a
   new connection (a full TCP + TLS handshake per request).
+* **Cross-institution fetch** — a holder and a reader in one consortium
+  (solo ordering), each served by uvicorn on loopback in this process:
+  ``fetches`` verified ``/peer/v1`` fetches of a patient's records under
+  consent, ``clients`` in flight, over mutual TLS (the genesis pins both
+  certificates) and over plain HTTP (a genesis that pins none).
 * **JetStream ordering** — one nats-server with JetStream (file store,
   ``sync_interval: always``) run twice: TLS with NKey authentication and
   member permissions (as ``network up`` configures it) and plaintext without
@@ -39,8 +44,11 @@ from medledger.benchmarks.common import (
     work_dir,
     write_json,
 )
+from medledger.config import institution_id
+from medledger.core.consortium import ConsortiumParams
 from medledger.ledger.clock import SystemClock
 from medledger.ledger.ordering.jetstream import JetStreamOrderer
+from medledger.localnet.loopback import loopback_socket, serve_nodes, url_of
 from medledger.localnet.natsserver import (
     NatsCluster,
     NatsSecurity,
@@ -48,8 +56,9 @@ from medledger.localnet.natsserver import (
     member_permissions,
     new_nkey,
 )
+from medledger.localnet.network import LocalNetwork
 from medledger.localnet.nodeproc import NodeProcess
-from medledger.node import init_node
+from medledger.node import init_node, write_genesis
 from medledger.services.tls import client_context, load_certificate, pem_bundle
 
 __all__ = ["TlsSettings", "run_tls_bench"]
@@ -63,10 +72,11 @@ class TlsSettings:
     connections: int = 500
     clients: int = 16
     publishes: int = 2_000
+    fetches: int = 2_000
 
     @classmethod
     def quick(cls, settings: TlsSettings) -> TlsSettings:
-        return cls(requests=200, connections=20, clients=settings.clients, publishes=50)
+        return cls(requests=200, connections=20, clients=settings.clients, publishes=50, fetches=40)
 
 
 def _rate(count: int, wall_s: float) -> float:
@@ -131,6 +141,63 @@ def _api(root: Path, settings: TlsSettings, console: Console) -> dict[str, Any]:
         console.log(
             f"API {label}: {run['keep_alive']['per_s']} req/s keep-alive,"
             f" new connection p50 {run['new_connection']['latency_ms']['p50']} ms"
+        )
+    return out
+
+
+async def _sharing_run(base: Path, tls: bool, settings: TlsSettings) -> dict[str, Any]:
+    # Imported here: the sharing benchmark's setup and fetch loop, shared, not copied.
+    from medledger.benchmarks.sharing import _NAMES, _fetches, _Net, _setup
+
+    ids = [institution_id(n) for n in _NAMES]
+    socks = {i: loopback_socket() for i in ids}
+    urls = {i: url_of(sock, tls=tls) for i, sock in socks.items()}
+    roots = []
+    for name in _NAMES:
+        root = base / institution_id(name)
+        init_node(root, name=name, passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
+        if not tls:  # a genesis that pins no certificate: members talk plain HTTP
+            (root / "tls.crt").unlink()
+            (root / "tls.key").unlink()
+        roots.append(root)
+    write_genesis(
+        "bench-tls",
+        roots,
+        time_ms=SystemClock().now_ms(),
+        params=ConsortiumParams(),
+        peer_urls=urls,
+    )
+    net = await LocalNetwork.open(base, passphrase=BENCH_PASSPHRASE)
+    try:
+        holder, reader = net.nodes[ids[0]], net.nodes[ids[1]]
+        async with serve_nodes(net.nodes, socks, base, tls=tls):
+            consent, stored = await _setup(net, holder, reader, base, 8)
+            n = _Net(
+                net=net,
+                holder_id=ids[0],
+                holder_root=holder.paths.root,
+                reader=reader,
+                consent=consent,
+                records=stored,
+                holder_node=holder,
+            )
+            await _fetches(n, 20, settings.clients)  # warm-up (connections, caches)
+            run: dict[str, Any] = await _fetches(n, settings.fetches, settings.clients, 20)
+    finally:
+        await net.close()
+    if run["errors"]:
+        raise RuntimeError(f"{run['errors']} fetches failed: {run['first_error']}")
+    return run
+
+
+def _sharing(base: Path, settings: TlsSettings, console: Console) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label in ("tls", "plaintext"):
+        run = asyncio.run(_sharing_run(base / label, label == "tls", settings))
+        out[label] = run
+        console.log(
+            f"fetch {label}: {run['fetches_per_s']} fetches/s with {settings.clients} in flight,"
+            f" p50 {run['latency_ms']['p50']} ms"
         )
     return out
 
@@ -244,7 +311,7 @@ def _jetstream(base: Path, settings: TlsSettings, console: Console) -> dict[str,
 def run_tls_bench(
     *, root: Path | None, settings: TlsSettings, json_out: Path | None, quick: bool
 ) -> dict[str, Any]:
-    """The API and JetStream ordering over TLS and over plaintext, in one run."""
+    """The API, the cross-institution fetch and JetStream ordering over TLS and plaintext."""
     if quick:
         settings = TlsSettings.quick(settings)
     console = Console(stderr=True)
@@ -257,6 +324,7 @@ def run_tls_bench(
     try:
         with work_dir(root, "tls") as base:
             results["api"] = _api(base / "api-node", settings, console)
+            results["sharing"] = _sharing(base / "sharing", settings, console)
             results["jetstream"] = _jetstream(base / "jetstream", settings, console)
     finally:
         asyncio_log.setLevel(level)
@@ -269,7 +337,7 @@ def run_tls_bench(
 
 
 def _print(results: dict[str, Any], console: Console) -> None:
-    api, js = results["api"], results["jetstream"]
+    api, js, fetch = results["api"], results["jetstream"], results["sharing"]
     table = Table("measure", "TLS", "plaintext")
     table.add_row(
         "API GET /healthz, keep-alive (req/s)",
@@ -291,6 +359,17 @@ def _print(results: dict[str, Any], console: Console) -> None:
             f"JetStream publish, one at a time, {key} (ms)",
             str(js["tls"]["sequential_latency_ms"][key]),
             str(js["plaintext"]["sequential_latency_ms"][key]),
+        )
+    table.add_row(
+        f"Cross-institution fetches, {results['settings']['clients']} in flight (per s)",
+        str(fetch["tls"]["fetches_per_s"]),
+        str(fetch["plaintext"]["fetches_per_s"]),
+    )
+    for key in ("p50", "p99"):
+        table.add_row(
+            f"Cross-institution fetch latency {key} (ms)",
+            str(fetch["tls"]["latency_ms"][key]),
+            str(fetch["plaintext"]["latency_ms"][key]),
         )
     table.add_row(
         "JetStream publishes in flight (msg/s)",

@@ -474,6 +474,7 @@ def bench_api(
 @click.option("--connections", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--clients", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--publishes", type=click.IntRange(min=1), default=2_000, show_default=True)
+@click.option("--fetches", type=click.IntRange(min=1), default=2_000, show_default=True)
 @_json_out
 @_quick
 def bench_tls(
@@ -482,16 +483,21 @@ def bench_tls(
     connections: int,
     clients: int,
     publishes: int,
+    fetches: int,
     json_out: Path | None,
     quick: bool,
 ) -> None:
-    """The API and JetStream ordering over TLS vs plaintext, in the same run."""
+    """The API, the cross-institution fetch and JetStream ordering: TLS vs plaintext, one run."""
     from medledger.benchmarks.tls import TlsSettings, run_tls_bench
 
     run_tls_bench(
         root=root,
         settings=TlsSettings(
-            requests=requests, connections=connections, clients=clients, publishes=publishes
+            requests=requests,
+            connections=connections,
+            clients=clients,
+            publishes=publishes,
+            fetches=fetches,
         ),
         json_out=json_out,
         quick=quick,

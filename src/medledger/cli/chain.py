@@ -131,8 +131,18 @@ def node_member_info(root: Path) -> None:
     help="The consortium's genesis: trust exactly its members' pinned TLS certificates "
     "(without it, an https node must present a certificate the system trusts).",
 )
+@click.option(
+    "--members-of",
+    "members_of",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A node directory: trust its current members' certificates (its final consortium "
+    "state: renewed certificates included), instead of the genesis's.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def node_status(node_urls: tuple[str, ...], genesis_path: Path | None, as_json: bool) -> None:
+def node_status(
+    node_urls: tuple[str, ...], genesis_path: Path | None, members_of: Path | None, as_json: bool
+) -> None:
     """Ask running nodes, here or on other machines, whether they are ready (GET /readyz).
 
     One line (or JSON object) per node: institution, ready or why not, private
@@ -142,7 +152,14 @@ def node_status(node_urls: tuple[str, ...], genesis_path: Path | None, as_json: 
     from medledger.config import parse_advertise
 
     verify: Any = True
-    if genesis_path is not None:
+    if genesis_path is not None and members_of is not None:
+        fail("--genesis or --members-of, not both", 2)
+    if members_of is not None:
+        from medledger.cli.nats import current_members
+        from medledger.services.tls import client_context
+
+        verify = client_context(current_members(members_of).tls_certificates())
+    elif genesis_path is not None:
         from medledger.core.consortium import MemberSet
         from medledger.node import load_genesis
         from medledger.services.tls import client_context
