@@ -726,6 +726,7 @@ def init_node(
                 storage.dsn,
                 tokens=factory.node_schema(inst, "tokens"),
                 nonces=factory.node_schema(inst, "nonces"),
+                oauth=factory.node_schema(inst, "oauth"),
             )
         write_certificate(
             paths.tls_cert,

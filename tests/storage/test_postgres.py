@@ -404,6 +404,9 @@ def test_backup_restore_round_trip_sqlite(tmp_path: Path, monkeypatch: pytest.Mo
 def test_backup_restore_round_trip_postgres(tmp_path: Path, pg_env: dict[str, str]) -> None:
     root = pg_node(tmp_path / "node", pg_env["MEDLEDGER_DSN"])
     _write(root, 120)
+    # The sign-in store is backed up too: a registered app survives the restore.
+    _cli("node", "oauth-client", "add", "--dir", str(root), "--name", "Kept app",
+         "--client-id", "kept-app", "--redirect-uri", "https://app.example/cb", env=pg_env)  # fmt: skip
     out = _cli("migrate", "--dir", str(root), env=pg_env)
     assert "version 1 (current)" in out
     _cli("backup", "--dir", str(root), "--out", str(tmp_path / "b.tar.gz"), env=pg_env)
@@ -430,6 +433,8 @@ def test_backup_restore_round_trip_postgres(tmp_path: Path, pg_env: dict[str, st
             mp.setenv("MEDLEDGER_DSN", target)
             _write(restored, 10)
         assert "131 transactions" in _cli("verify", "--dir", str(restored), env=renv)
+        listed = _cli("node", "oauth-client", "list", "--dir", str(restored), env=renv)
+        assert "kept-app" in listed
         # Restoring over existing schemas is refused, leaving nothing behind.
         again = tmp_path / "again"
         r = subprocess.run(

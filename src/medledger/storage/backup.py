@@ -60,8 +60,8 @@ VERSION: Final = 1
 SQLITE_STORES: Final = {"consortium.db": "chain", "records.db": "records", "chain.db": "chain"}
 #: PostgreSQL stores a node may not have yet: the consortium copy (before joining),
 #: tokens and nonces (a node created before they moved to PostgreSQL: its first start
-#: creates them).
-_OPTIONAL_PARTS: Final = frozenset({"consortium", "tokens", "nonces"})
+#: creates them), the sign-in (OAuth) store (created on the first start that serves it).
+_OPTIONAL_PARTS: Final = frozenset({"consortium", "tokens", "nonces", "oauth"})
 _SQLITE_LATEST: Final = {"chain": CHAIN_SCHEMA_VERSION, "records": RECORDS_SCHEMA_VERSION}
 
 
@@ -98,6 +98,7 @@ class StoreLayout:
                 PgPart("consortium", "chain", node_schema(self.institution, "consortium")),
                 PgPart("tokens", "tokens", node_schema(self.institution, "tokens")),
                 PgPart("nonces", "nonces", node_schema(self.institution, "nonces")),
+                PgPart("oauth", "oauth", node_schema(self.institution, "oauth")),
             ]
         if self.blobs == "postgres":
             parts.append(PgPart("blobs", "blobs", node_schema(self.institution, "blobs")))

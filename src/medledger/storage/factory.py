@@ -134,8 +134,11 @@ def open_blob_store(kind: str, target: str | Path, *, schema: str | None = None)
     return PostgresBlobStore(str(target), schema=_need(schema))
 
 
-def initialize_peer_stores(kind: str, target: str | Path, *, tokens: str, nonces: str) -> None:
-    """Create the API token and peer-nonce stores of a new PostgreSQL node (schemas given).
+def initialize_peer_stores(
+    kind: str, target: str | Path, *, tokens: str, nonces: str, oauth: str | None = None
+) -> None:
+    """Create the API token, peer-nonce and (``oauth``) sign-in stores of a new PostgreSQL
+    node (schemas given).
 
     SQLite files are created on first open; nothing to do for ``"sqlite"``.
     """
@@ -146,6 +149,10 @@ def initialize_peer_stores(kind: str, target: str | Path, *, tokens: str, nonces
 
     PostgresTokenStore.initialize(str(target), schema=tokens)
     PostgresNonceStore.initialize(str(target), schema=nonces)
+    if oauth is not None:
+        from medledger.storage.postgres.oauth import PostgresOAuthStore
+
+        PostgresOAuthStore.initialize(str(target), schema=oauth)
 
 
 def open_token_store(

@@ -14,7 +14,7 @@ from medledger.core.errors import Conflict
 from medledger.storage.dialect import POSTGRES
 from medledger.storage.oauth import OAuthTables
 from medledger.storage.postgres.connection import PooledStore, open_pool
-from medledger.storage.postgres.migrations import open_or_create_schema
+from medledger.storage.postgres.migrations import open_or_create_schema, open_schema
 
 __all__ = ["PostgresOAuthStore"]
 
@@ -23,6 +23,16 @@ class PostgresOAuthStore(PooledStore, OAuthTables):
     """The authorization server's tables in one PostgreSQL schema."""
 
     dialect = POSTGRES
+
+    @classmethod
+    def initialize(cls, dsn: str, *, schema: str) -> None:
+        """Create an empty store in ``schema`` (which must hold no medledger store).
+
+        A new node creates it with its other stores, so a schema left by an
+        earlier node of the same name is refused instead of inherited (its
+        clients and grants would otherwise sign users in to the new node).
+        """
+        open_schema(dsn, schema, "oauth", create=True)
 
     def __init__(self, dsn: str, *, schema: str, pool_size: int = 2) -> None:
         open_or_create_schema(dsn, schema, "oauth")
