@@ -14,7 +14,7 @@ import pytest
 from api_helpers import LiveServer, assert_outcome, put_json, start_server, stop_server
 
 from medledger.lifecycle import RunSettings
-from medledger.services.bulk_export import MAX_JOBS_PER_TOKEN
+from medledger.services.bulk_export import MAX_JOBS_PER_NODE, MAX_JOBS_PER_TOKEN
 from medledger.synthetic import generate_patients
 
 Resource = dict[str, Any]
@@ -267,6 +267,17 @@ def test_concurrent_jobs_are_bounded_and_survive_a_restart(live: LiveServer, dat
         assert refused.headers["Retry-After"]
         queued = client.get(urls[0])
         assert queued.status_code == 202 and queued.headers["X-Progress"] == "queued"
+    second = live.token("clinician")
+    with live.client(second) as other:
+        more = [
+            _kick_off(other, "/fhir/Patient/$export")
+            for _ in range(MAX_JOBS_PER_NODE - MAX_JOBS_PER_TOKEN)
+        ]
+    with live.client(live.token("clinician")) as third:
+        # A token with no job of its own: the node's bound.
+        full = assert_outcome(third.get("/fhir/Patient/$export", headers=ASYNC), 429)
+        assert "the node runs" in full["issue"][0]["diagnostics"]
+    with live.client(token) as client:
         # As if the node had stopped mid-run: one job on disk says it was running.
         job_file = live.root / "exports" / urls[0].rsplit("/", 1)[1] / "job.json"
         state = json.loads(job_file.read_text())
@@ -283,6 +294,10 @@ def test_concurrent_jobs_are_bounded_and_survive_a_restart(live: LiveServer, dat
             manifest = _manifest(client, url)
             assert manifest["error"] == [] and manifest["output"]
             client.delete(url)
+    with live.client(second) as other:
+        for url in more:
+            assert _manifest(other, url)["output"]
+            other.delete(url)
 
 
 def test_a_file_gone_under_a_download_is_404_not_a_server_error(
