@@ -212,6 +212,8 @@ def launch_and_read(smart: Smart, app: smart_client.FHIRClient) -> None:
 def test_discovery_documents(smart: Smart) -> None:
     with browser(smart) as web:
         config = web.get("/.well-known/smart-configuration").json()
+        # SMART App Launch: the document is found by appending to the FHIR base URL.
+        assert web.get("/fhir/.well-known/smart-configuration").json() == config
         metadata = web.get("/fhir/metadata").json()
     base = smart.live.url
     assert config["authorization_endpoint"] == f"{base}/oauth/authorize"

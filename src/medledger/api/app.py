@@ -125,6 +125,7 @@ def create_app(
     app.include_router(sharing.router)
     app.include_router(bulk.router)
     app.include_router(everything.router)
+    app.include_router(oauth.discovery_router)
     app.include_router(fhir.router)
     app.include_router(chain.router)
     app.include_router(admin.router)

@@ -1,6 +1,7 @@
 """SMART on FHIR over HTTP: discovery, the sign-in pages, the token and revocation endpoints.
 
-* ``GET /.well-known/smart-configuration`` — SMART App Launch 2.x discovery.
+* ``GET /.well-known/smart-configuration`` (also under the FHIR base,
+  ``/fhir/.well-known/smart-configuration``) — SMART App Launch 2.x discovery.
 * ``GET /oauth/authorize`` — checks the authorization request and shows the
   sign-in page (server-rendered from ``oauth_pages/``; the only script is
   ``/oauth/static/signin.js``: the CSP is ``default-src 'self'``).
@@ -46,10 +47,14 @@ from medledger.services.oauth.pkce import CHALLENGE_METHODS
 from medledger.services.oauth.scopes import parse_scopes
 from medledger.services.oauth.server import AuthorizationServer, SignIn
 
-__all__ = ["SCOPES_SUPPORTED", "oauth_uris_extension", "router"]
+__all__ = ["SCOPES_SUPPORTED", "discovery_router", "oauth_uris_extension", "router"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["SMART on FHIR"])
+#: Discovery, served at the node's root and at the FHIR base (SMART App Launch: "appending
+#: /.well-known/smart-configuration to their base URL"); included before the FHIR routes,
+#: whose ``/fhir/{type}/{id}`` would otherwise take the second.
+discovery_router = APIRouter(tags=["SMART on FHIR"])
 
 SCOPES_SUPPORTED: Final = (
     "launch/patient",
@@ -195,7 +200,8 @@ def _charge(request: Request, what: str, reason: str, **fields: str) -> None:
 # -- discovery ------------------------------------------------------------------------------
 
 
-@router.get("/.well-known/smart-configuration", include_in_schema=False)
+@discovery_router.get("/.well-known/smart-configuration", include_in_schema=False)
+@discovery_router.get("/fhir/.well-known/smart-configuration", include_in_schema=False)
 async def smart_configuration(request: Request) -> Response:
     base = _origin(request)
     return JSONResponse(
