@@ -54,6 +54,7 @@ from medledger.services.tls import (
     DEFAULT_HOSTS,
     LiveServerTls,
     client_context,
+    file_version,
     load_certificate,
     pem_bundle,
     promote_renewed,
@@ -133,6 +134,7 @@ class Node:
     #: The NATS client's context (JetStream over TLS), once :meth:`nats_tls_context` made it.
     nats_tls: ssl.SSLContext | None = None
     _nats_trusted: set[str] = field(default_factory=set)
+    _genesis_anchors: tuple[object, tuple[MemberCertificate, ...]] | None = None
     #: Bulk export jobs, once :meth:`start_exports` ran (the API answers 503 before).
     exports: BulkExports | None = None
     health: Health = field(default_factory=Health)
@@ -282,9 +284,16 @@ class Node:
         """The current members' pinned TLS certificates (the genesis's before joining)."""
         if self.consortium is not None:
             return self.consortium.state.members.tls_certificates()
-        if self.paths.genesis.exists():
-            return MemberSet(load_genesis(self.paths.genesis).members).tls_certificates()
-        return ()
+        try:
+            version = file_version(self.paths.genesis)
+        except FileNotFoundError:
+            return ()
+        # Asked at every handshake: the genesis is read and its certificates checked
+        # once per version of the file, not each time.
+        if self._genesis_anchors is None or self._genesis_anchors[0] != version:
+            anchors = MemberSet(load_genesis(self.paths.genesis).members).tls_certificates()
+            self._genesis_anchors = (version, anchors)
+        return self._genesis_anchors[1]
 
     def promote_renewed_certificate(self) -> bool:
         """Start using a renewed TLS certificate once the consortium pins it (see

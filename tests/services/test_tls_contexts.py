@@ -18,6 +18,7 @@ from medledger.services.tls import (
     LiveServerTls,
     client_context,
     load_certificate,
+    promote_renewed,
     server_context,
     write_certificate,
 )
@@ -223,3 +224,36 @@ def test_a_live_server_context_keeps_the_last_good_one_while_key_and_certificate
         assert live.reloads == 0
     finally:
         srv.close()
+
+
+def _renewal(tmp_path: Path) -> tuple[Path, Path, Path, Path, MemberCertificate]:
+    cert, key = _member(tmp_path, "node")
+    next_cert, next_key = tmp_path / "tls.next.crt", tmp_path / "tls.next.key"
+    pending = write_certificate(
+        next_cert, next_key, "node", ["127.0.0.1"], now_ms=SystemClock().now_ms()
+    )
+    return cert, key, next_cert, next_key, pending
+
+
+def test_a_renewed_pair_moves_into_place_only_once_the_consortium_pins_it(tmp_path: Path) -> None:
+    cert, key, next_cert, next_key, pending = _renewal(tmp_path)
+    old = load_certificate(cert)
+    # Not pinned yet (the consortium still pins the old one, or knows no member): kept aside.
+    for pinned in (old, None):
+        assert not promote_renewed(cert, key, next_cert, next_key, pinned)
+        assert load_certificate(cert) == old and next_cert.exists() and next_key.exists()
+    assert promote_renewed(cert, key, next_cert, next_key, pending)
+    assert load_certificate(cert) == pending
+    assert not next_cert.exists() and not next_key.exists()
+    # The key that moved is the new certificate's own: a server loads the pair.
+    server_context(cert, key)
+
+
+def test_a_promotion_interrupted_between_its_renames_is_finished(tmp_path: Path) -> None:
+    cert, key, next_cert, next_key, pending = _renewal(tmp_path)
+    next_key.replace(key)  # the crash came after the key's rename, before the certificate's
+    with pytest.raises(InvalidInput):
+        server_context(cert, key)  # the old certificate with the new key
+    assert promote_renewed(cert, key, next_cert, next_key, None)
+    assert load_certificate(cert) == pending
+    server_context(cert, key)
