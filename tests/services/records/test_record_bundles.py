@@ -159,7 +159,7 @@ def test_the_resource_is_kept_out_of_a_write_intents_repr() -> None:
     [
         ({"request": {"method": "POST", "url": "Patient"}}, "Bundle.entry[0].resource"),
         (
-            {"resource": {"resourceType": "Patient"}, "request": {"method": "PATCH", "url": "x"}},
+            {"resource": {"resourceType": "Patient"}, "request": {"method": "HEAD", "url": "x"}},
             "Bundle.entry[0].request",
         ),
         (

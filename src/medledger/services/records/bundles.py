@@ -13,7 +13,12 @@ transaction of one and answered on its own (``batch-response``).
 
 Entries: ``POST Type`` (``ifNoneExist`` honoured), ``PUT Type/id`` (the
 body's id must be ``id``; ``ifMatch`` honoured), ``PUT Type?criteria``
-(conditional update), ``DELETE Type/id`` and ``DELETE Type?criteria``.
+(conditional update), ``DELETE Type/id``, ``DELETE Type?criteria``, and
+``PATCH Type/id`` or ``PATCH Type?criteria`` whose resource is a ``Binary``
+holding a JSON Patch (``contentType`` ``application/json-patch+json``, the
+operations base64 in ``data``): applied to the current version, written with
+that version as its ``ifMatch`` (or the entry's own), so nothing written in
+between is lost.
 Conditional searches run under the conditional-write lock of every type
 involved (``services.conditional``), so they are not raced by other
 conditional writes.
@@ -21,13 +26,16 @@ conditional writes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from medledger.core.errors import InvalidInput, MedledgerError, PreconditionFailed
+from medledger.core.errors import InvalidInput, MedledgerError, NotFound, PreconditionFailed
 from medledger.services.conditional import ConditionalWrites, parse_criteria
 from medledger.services.fhir import (
     FhirInvalid,
@@ -36,6 +44,7 @@ from medledger.services.fhir import (
     validate_id,
     validate_resource,
 )
+from medledger.services.patching import apply_json_patch
 from medledger.services.records.model import StoredResource, WriteIntent
 from medledger.services.validation import Validator
 
@@ -60,7 +69,7 @@ class _Entry:
     """One planned entry: a write, or an answer with nothing to write."""
 
     n: int
-    method: Literal["POST", "PUT", "DELETE"]
+    method: Literal["POST", "PUT", "DELETE", "PATCH"]
     resource_type: str
     id: str | None = None
     resource: dict[str, Any] | None = field(default=None, repr=False)
@@ -70,6 +79,8 @@ class _Entry:
     #: Set when planning finds nothing to write (ifNoneExist matched, delete of no match).
     answer: dict[str, Any] | None = None
     create: bool = False
+    #: A PATCH entry's JSON Patch operations (applied once the current version is read).
+    patch: Any = field(default=None, repr=False)
 
 
 def _invalid(n: int, where: str, diagnostics: str, code: str = "invalid") -> FhirInvalid:
@@ -100,9 +111,9 @@ def _parse_entry(n: int, entry: Any) -> _Entry:
     if not isinstance(request, dict):
         raise _invalid(n, "request", "every entry needs a request (method and url)", "required")
     method, url = request.get("method"), request.get("url")
-    if method not in ("POST", "PUT", "DELETE") or not isinstance(url, str) or not url:
+    if method not in ("POST", "PUT", "DELETE", "PATCH") or not isinstance(url, str) or not url:
         raise _invalid(
-            n, "request", "entries must POST, PUT or DELETE, with a url", "not-supported"
+            n, "request", "entries must POST, PUT, PATCH or DELETE, with a url", "not-supported"
         )
     resource = entry.get("resource")
     if method != "DELETE" and not isinstance(resource, dict):
@@ -112,10 +123,15 @@ def _parse_entry(n: int, entry: Any) -> _Entry:
     rtype = parts[0]
     if not is_resource_type(rtype):
         raise _invalid(n, "request.url", f"{rtype!r} is not a FHIR resource type")
-    if resource is not None and resource.get("resourceType") != rtype:
+    operations = None
+    if method == "PATCH":
+        operations = _patch_operations(n, resource)
+        resource = None  # the patched resource is made from the current version
+    elif resource is not None and resource.get("resourceType") != rtype:
         raise _invalid(n, "resource.resourceType", f"the resource is not a {rtype}")
     full_url = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
     planned = _Entry(n=n, method=method, resource_type=rtype, resource=resource, full_url=full_url)
+    planned.patch = operations
     if request.get("ifMatch") is not None:
         planned.if_match = _version_etag(request["ifMatch"], n)
     if method == "POST":
@@ -136,6 +152,30 @@ def _parse_entry(n: int, entry: Any) -> _Entry:
     if method == "PUT" and resource is not None and resource.get("id") != planned.id:
         raise _invalid(n, "resource.id", "the resource's id must be the id in the url")
     return planned
+
+
+def _patch_operations(n: int, resource: Any) -> Any:
+    """The JSON Patch a PATCH entry carries: a Binary of ``application/json-patch+json``."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
+        raise _invalid(
+            n, "resource", "a PATCH entry's resource is a Binary holding a JSON Patch", "required"
+        )
+    if resource.get("contentType") != "application/json-patch+json":
+        raise _invalid(
+            n,
+            "resource.contentType",
+            "only JSON Patch (application/json-patch+json) is applied",
+            "not-supported",
+        )
+    data = resource.get("data")
+    try:
+        if not isinstance(data, str):
+            raise ValueError
+        return json.loads(base64.b64decode(data, validate=True))
+    except (ValueError, binascii.Error):
+        raise _invalid(
+            n, "resource.data", "the JSON Patch must be base64 of a JSON array", "structure"
+        ) from None
 
 
 def _criteria(n: int, where: str, text: Any, rtype: str) -> dict[str, list[str]]:
@@ -244,6 +284,8 @@ async def _apply(planned: list[_Entry], ctx: BundleContext) -> list[dict[str, An
             urls[ref] = await _conditional_reference(ref, ctx)
         for entry in planned:
             await _decide(entry, ctx)
+            if entry.method == "PATCH":
+                await _patched(entry, ctx)
             if entry.full_url is not None and entry.id is not None:
                 urls[entry.full_url] = f"{entry.resource_type}/{entry.id}"
         writing = [entry for entry in planned if entry.answer is None]
@@ -286,6 +328,21 @@ async def _apply(planned: list[_Entry], ctx: BundleContext) -> list[dict[str, An
     return answers
 
 
+async def _patched(entry: _Entry, ctx: BundleContext) -> None:
+    """A PATCH entry becomes an update of the current version with the patch applied."""
+    assert entry.id is not None
+    current = await ctx.read(entry.resource_type, entry.id)
+    try:
+        entry.resource = apply_json_patch(current.resource(), entry.patch)
+    except FhirInvalid as exc:  # the patch itself is at fault: say which entry's
+        issues = [
+            replace(i, expression=(f"Bundle.entry[{entry.n}].resource.data",)) for i in exc.issues
+        ]
+        raise FhirInvalid(issues) from None
+    if entry.if_match is None:
+        entry.if_match = current.version  # nothing written since the read may be lost
+
+
 async def _conditional_reference(ref: str, ctx: BundleContext) -> str:
     rtype, _, query = ref.partition("?")
     if not is_resource_type(rtype):
@@ -317,6 +374,10 @@ async def _decide(entry: _Entry, ctx: BundleContext) -> None:
         entry.id = match.id
         if match.id is None:
             entry.answer = _response("204 No Content", None)
+    elif entry.method == "PATCH":
+        if match.id is None:
+            raise NotFound(f"a conditional PATCH of {entry.resource_type} matches nothing")
+        entry.id = match.id
     else:
         body_id = None if entry.resource is None else entry.resource.get("id")
         if match.id is not None:
