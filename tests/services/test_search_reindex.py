@@ -73,13 +73,13 @@ def run(root: Path, fn: Callable[[Node], Awaitable[T]]) -> T:
 
 
 def old_terms(resource: dict[str, Any]) -> set[tuple[str, str]]:
-    """The terms minus what TERMS_VERSIONs 2 and 3 added: number cells, :contains pieces,
-    uri segments (:below) and composites."""
+    """The terms minus what TERMS_VERSIONs 2 to 4 added: number cells, :contains pieces,
+    uri segments (:below), composites and quantity units."""
     params = registry().parameters(resource["resourceType"])
     return {
         (p, t)
         for p, t in resource_terms(resource, limit=None)
-        if not t.startswith((f"{MARK}c", f"{MARK}C", f"{MARK}b"))
+        if not t.startswith((f"{MARK}c", f"{MARK}C", f"{MARK}b", f"{MARK}u"))
         and (params[p].type not in ("number", "quantity", "composite") or t == f"{MARK}?")
     }
 
@@ -188,7 +188,7 @@ def test_the_cli_reindexes_a_stopped_node(old_store: Path) -> None:
 
 #: SHA-256 of the terms of a fixed sample, per TERMS_VERSION. A change of any term
 #: must bump TERMS_VERSION (stores re-index) and add its digest here.
-TERMS_DIGESTS = {3: "96d2ee1f7a4a6092355f2e5d878377a824bcf11545484e0671a86e7faaea275e"}
+TERMS_DIGESTS = {4: "c882884d168d9f7114763a1c1d558c96f12f64f80fe80778806af00fe3f8fbb1"}
 
 
 def test_changed_terms_bump_the_terms_version() -> None:

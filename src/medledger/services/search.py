@@ -38,7 +38,7 @@ from typing import Any
 from medledger.core.errors import InvalidInput
 from medledger.services.fhirpath_subset import reference_type, top_level_names
 from medledger.services.search_dates import date_condition
-from medledger.services.search_numbers import EVERY_NUMBER, number_condition, range_cells
+from medledger.services.search_numbers import number_condition
 from medledger.services.search_registry import SearchParameter, registry
 from medledger.services.search_terms import (
     MARK,
@@ -83,8 +83,8 @@ TOKEN_SIZE = 16
 #: change (a test pins them): an index made with another version is re-indexed
 #: (``services.records.reindex``). 1 (or none recorded): decision 0034's registry
 #: terms; 2: numbers as decimal cells, ``:contains`` pieces; 3: uri ``:below`` segments,
-#: composite parameters.
-TERMS_VERSION = 3
+#: composite parameters; 4: a quantity's unit indexed apart from its cells.
+TERMS_VERSION = 4
 #: Parameters answered from the index row, not from tokens: ``_lastUpdated`` is the
 #: row's own time (plaintext there already), so it costs no tokens.
 ROW_PARAMETERS = frozenset({"_lastUpdated"})
@@ -243,7 +243,7 @@ def _reference_query_terms(
 
 def _number_terms(param: SearchParameter, value: str) -> tuple[list[str], bool, str]:
     """A number or quantity search value as index terms, whether they are negated (``ne``),
-    and the unit form they end in (``""``, ``||code`` or ``|system|code``).
+    and the unit form it names (``""``, ``||code`` or ``|system|code``).
 
     ``[prefix]number`` for both; a quantity may add ``|system|code`` or ``||code``.
     """
@@ -257,7 +257,7 @@ def _number_terms(param: SearchParameter, value: str) -> tuple[list[str], bool, 
             )
         unit = f"|{rest}"
     condition = number_condition(number)
-    return [cell + unit for cell in condition.cells], condition.negated, unit
+    return list(condition.cells), condition.negated, unit
 
 
 #: A ``:contains`` search asks the index for at most this many of its needle's pieces
@@ -405,11 +405,12 @@ def _alternative(
         return match(terms), len(terms)
     if param.type in ("number", "quantity"):
         terms, negated, unit = _number_terms(param, value)
+        # The value's cells, and the unit (indexed apart: a resource holding several
+        # quantities may pair one's value with another's unit).
+        present = match([f"{MARK}u{unit}" if unit else f"{MARK}?"])
         if negated:  # ``ne`` compares values: a resource without one (in the unit) is not "ne"
-            # "Has a value in this unit": every magnitude of both signs, and zero.
-            anywhere = [c + unit for c in range_cells(EVERY_NUMBER)] if unit else [f"{MARK}?"]
-            return AllOf((match(anywhere), Not(match(terms)))), len(terms) + len(anywhere)
-        return match(terms), len(terms)
+            return AllOf((present, Not(match(terms)))), len(terms) + 1
+        return (AllOf((match(terms), present)) if unit else match(terms)), len(terms) + 1
     return match([value]), 1  # uri
 
 

@@ -18,7 +18,7 @@ reference  ``Type/id`` (relative) or the absolute URL as written; ``MARKi`` +
            a canonical as written and without its ``|version``
 date       ``services.search_dates.range_terms`` of the value's day range
 number     ``services.search_numbers.point_cells`` of the decimal (magnitude, digit prefixes, end)
-quantity   those cells, alone and before each unit form (``||code``, ``|system|code``)
+quantity   those cells; ``MARK u`` + each unit form (``||code``, ``||unit``, ``|system|code``)
 uri        the URI as written; :func:`contains_terms` of it (``:contains``); ``MARK b``
            + the URI cut after each of its path segments (``:below``)
 composite  per element, ``first$second`` for each pair of its components' plain terms:
@@ -234,9 +234,9 @@ def _quantity_terms(values: Iterable[Any]) -> Iterator[str]:
         number = parse_number(value.get("value"))
         if number is None:
             continue
-        cells = point_cells(number)
-        for unit in quantity_units(value):
-            yield from (cell + unit for cell in cells)
+        yield from point_cells(number)
+        # The unit on its own: a search with a unit asks for both (cells and unit).
+        yield from (f"{MARK}u{unit}" for unit in quantity_units(value) if unit)
 
 
 def uri_segments(uri: str) -> list[str]:
@@ -260,11 +260,22 @@ def _uri_terms(values: Iterable[Any]) -> Iterator[str]:
 
 def plain_token_terms(values: Iterable[Any]) -> list[str]:
     """A token's ``code`` and ``system|code`` terms (a composite's token component)."""
-    return [
-        t
-        for t in _token_terms(values)
-        if not t.startswith(MARK) and not t.startswith("|") and not t.endswith("|")
-    ]
+    out: list[str] = []
+    for value in values:
+        codings = value.get("coding") if isinstance(value, dict) else None
+        items = codings if isinstance(codings, list) else [value]
+        for item in items:
+            if isinstance(item, dict):
+                system, code = item.get("system"), item.get("code", item.get("value"))
+            else:
+                system, code = None, item
+            if isinstance(code, bool):
+                code = str(code).lower()
+            if isinstance(code, str | int) and code != "":
+                out.append(str(code))
+                if isinstance(system, str):
+                    out.append(f"{system}|{code}")
+    return out
 
 
 def _composite_part(kind: str, values: list[Any]) -> list[str]:
