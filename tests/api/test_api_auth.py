@@ -397,8 +397,10 @@ def test_patient_token_cannot_write_or_see_chains(
                 or endpoint.template.endswith("$rotate-key")
                 or endpoint.template.endswith(("/_search", "/$everything"))
                 or endpoint.template in ("/fhir/Patient/$export", "/fhir/$export-status/{job_id}")
+                or endpoint.template.endswith("$enroll")
             ):
-                # A patient submits its own signed consent (test_sharing_api.py) and
+                # A patient submits its own signed consent (test_sharing_api.py), enrolls
+                # its own first key (test_sharing_api.py) and
                 # rotates its own key with that key's signature (test_patient_identity.py);
                 # POST _search is a search, narrowed to the patient (test_fhir_search_api.py),
                 # and POST $everything a read of its own records (test_fhir_everything.py), as

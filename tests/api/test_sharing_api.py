@@ -87,8 +87,32 @@ def test_enrollment_needs_the_patients_signature(tmp_path: Path) -> None:
             after = (await api.get(f"/fhir/Patient/{pid}/$enrollment")).json()
             assert after["fingerprint"] == wallet.fingerprint
             assert after["bound_by"] == "patient.enroll"
+            fresh = await api.post(
+                "/fhir/Patient", json={"resourceType": "Patient", "gender": "unknown"}
+            )
+            fresh_id = fresh.json()["id"]
+            fresh_where = (await api.get(f"/fhir/Patient/{fresh_id}/$enrollment")).json()
+        # A patient token (the portal) may enroll its own Patient's first key, signed by
+        # that key; a bound key is not moved by it, and another Patient is out of reach.
+        browser = PatientWallet.create(sn.net.base / "w3", b"a browser key passphrase")
+        own_first = {
+            "patient_key": browser.public.der().hex(),
+            "signature": browser.enrollment_signature("alpha", fresh_where["pseudonym"]).to_json(),
+        }
+        moved = {
+            "patient_key": browser.public.der().hex(),
+            "signature": browser.enrollment_signature("alpha", where["pseudonym"]).to_json(),
+        }
         async with client(sn, "alpha", sn.token("alpha", "patient", pid)) as api:
-            outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=body), 403, "role")
+            outcome(await api.post(f"/fhir/Patient/{pid}/$enroll", json=moved), 409)
+            outcome(await api.post(f"/fhir/Patient/{fresh_id}/$enroll", json=own_first), 404)
+            assert (await api.get(f"/fhir/Patient/{pid}/$enrollment")).json()[
+                "fingerprint"
+            ] == wallet.fingerprint
+        async with client(sn, "alpha", sn.token("alpha", "patient", fresh_id)) as api:
+            ok = await api.post(f"/fhir/Patient/{fresh_id}/$enroll", json=own_first)
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["fingerprint"] == browser.fingerprint
 
     run(tmp_path, story)
 

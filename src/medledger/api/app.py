@@ -17,7 +17,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from medledger import __version__
-from medledger.api import admin, bulk, chain, everything, fhir, oauth, peer, sharing
+from medledger.api import (
+    admin,
+    bulk,
+    chain,
+    everything,
+    fhir,
+    oauth,
+    peer,
+    portal,
+    sharing,
+    verify,
+)
 from medledger.api.auth import AUTH_FAILURES, SIGN_IN_OPENS, AuthFailures, SignInOpens
 from medledger.api.deps import AppServices, Services, always_ready, install_services
 from medledger.api.errors import install_error_handlers
@@ -126,7 +137,9 @@ def create_app(
     app.include_router(bulk.router)
     app.include_router(everything.router)
     app.include_router(oauth.discovery_router)
+    app.include_router(portal.router)
     app.include_router(fhir.router)
+    app.include_router(verify.router)
     app.include_router(chain.router)
     app.include_router(admin.router)
     app.include_router(oauth.router)

@@ -3,7 +3,8 @@
 * ``GET /fhir/Patient/{id}/$enrollment`` — what a wallet signs to enroll
   there (institution, the Patient's keyed pseudonym) and the key bound now.
 * ``POST /fhir/Patient/{id}/$enroll`` — link a Patient that has no key yet to
-  the patient's key (the patient's signature proves they hold it).
+  the patient's key (the patient's signature proves they hold it); a
+  clinician, or the patient's own token for its first key.
 * ``POST /fhir/Patient/{id}/$rotate-key`` — move it to a new key, signed by
   the key bound now. (Break-glass without that key: ``/admin``.)
 * ``POST /fhir/Consent`` — a ``Consent`` carrying the patient-signed
@@ -128,7 +129,14 @@ async def enrollment(rid: str, node: NodeDep, who: ConsentWriter) -> Response:
 
 
 @router.post("/fhir/Patient/{rid}/$enroll", summary="link a Patient to the patient's key")
-async def enroll(rid: str, request: Request, node: NodeDep, who: Clinician) -> Response:
+async def enroll(rid: str, request: Request, node: NodeDep, who: ConsentWriter) -> Response:
+    """A clinician at the desk, or the patient's own token (the portal): the first key only.
+
+    A patient token was issued by this institution for this Patient, so it may
+    bind the Patient's first key (signed by that key); once a key is bound,
+    only that key's rotation signature (or an admin's break-glass) moves it.
+    """
+    _own_patient(who, validate_id(rid))
     key, signature = _key_and_signature(await read_body(request))
     fingerprint = await node.enrollments.enroll(validate_id(rid), key, signature)
     return _json({"patient": f"Patient/{rid}", "fingerprint": fingerprint})

@@ -45,6 +45,7 @@ from medledger.core.errors import (
     NotFound,
     OrderingError,
     RateLimited,
+    VerificationError,
 )
 from medledger.core.hashing import hash_from_hex, sha256
 from medledger.core.keys import SigningKey
@@ -326,6 +327,69 @@ class SharingService:
             "wrapped_for": reader.hpke_key,
             "provenance": provenance.to_json(),
         }
+
+    def local_provenance(
+        self, resource_type: str, rid: str, version: int | None = None
+    ) -> dict[str, Any]:
+        """Where one of this node's own record versions stands, checked as a reader would.
+
+        The private chain block and log position of its ``record.put``; once
+        an anchor of this institution covers it, the consortium block that
+        holds the anchor, when that block was cut, and the members whose
+        signatures make it final. ``verified`` is the result of the same
+        :meth:`Provenance.verify` a reader at another institution runs (record
+        tx against the ciphertext, inclusion in the anchored log, the anchor in
+        a block certified by a quorum); ``problem`` says what failed. Nothing
+        of the record's content is in the answer. Raises :class:`NotFound` for
+        an unknown, deleted or erased version.
+        """
+        sealed = self._records.sealed_version(resource_type, rid, version)
+        height, leaf_index = self._chain.store.tx_location(sealed.row.tx_hash)
+        out: dict[str, Any] = {
+            "resource": f"{resource_type}/{rid}",
+            "version": sealed.row.version,
+            "chain": self._chain.chain_id,
+            "block": height,
+            "record_tx": sealed.row.tx_hash.hex(),
+            "leaf_index": leaf_index,
+            "anchored": False,
+            "verified": False,
+        }
+        anchor = self._member.state.anchors.get(self.institution)
+        if anchor is None or anchor.log_size <= leaf_index or not anchor.tx_hash:
+            out["problem"] = "not anchored on the consortium yet"
+            return out
+        anchor_proof = self._anchor_proof(anchor.tx_hash)
+        out.update(
+            anchored=True,
+            consortium_chain=self._member.chain_id,
+            consortium_height=anchor_proof.header.height,
+            consortium_block=anchor_proof.header.hash().hex(),
+            anchored_ms=anchor_proof.header.time_ms,
+            anchored_log_size=anchor.log_size,
+        )
+        members = self._member.state.members
+        try:
+            anchored, certified_by = self._verified_anchor(anchor_proof, self.institution, members)
+            Provenance(
+                record_tx=Transaction.decode(sealed.tx_data),
+                leaf_index=leaf_index,
+                proof=tuple(inclusion_proof(self._chain.store, leaf_index, anchor.log_size)),
+                anchor=anchor_proof,
+            ).verify(
+                consortium_chain=self._member.chain_id,
+                holder=self.institution,
+                members=members,
+                resource_type=resource_type,
+                version=sealed.row.version,
+                blob=sealed.blob,
+                anchored=anchored,
+            )
+        except VerificationError as exc:
+            out["problem"] = str(exc)
+            return out
+        out.update(verified=True, certified_by=list(certified_by), quorum=members.quorum)
+        return out
 
     def _anchor_proof(self, tx_hash: bytes) -> AnchorProof:
         """The anchor tx proven in its final consortium block (built once per anchor)."""
