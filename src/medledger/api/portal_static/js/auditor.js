@@ -34,7 +34,7 @@ async function network() {
       })));
     const evidence = status.evidence || [];
     parts.push(evidence.length
-      ? table("Equivocation evidence", ["Member", "Height", "Evidence"], evidence.map((e) => [e.member, String(e.height), el("pre", { text: JSON.stringify(e, null, 2) })]))
+      ? table("Equivocation evidence", ["Member", "Height", "Evidence"], evidence.map((e) => [e.member, String(e.height), el("pre", { tabindex: "0", text: JSON.stringify(e, null, 2) })]))
       : el("p", {}, el("span", { class: "badge ok", text: "no equivocation evidence" })));
     if (status.diverged) parts.push(el("p", { class: "notice error", text: "This member's chain diverged from the consortium." }));
   }
@@ -61,7 +61,7 @@ function txRow(tx, index) {
     ? el("p", { text: `anchor of ${tx.body.institution} at private height ${tx.body.height}: ` +
         `consistency proof from log size ${tx.body.prev_size} to ${tx.body.log_size}, ${(tx.body.proof || []).length} node(s), checked by every member` })
     : null;
-  return [String(index), tx.type, when(tx.time_ms), el("div", {}, extra, el("pre", { text: JSON.stringify(tx, null, 2) }))];
+  return [String(index), tx.type, when(tx.time_ms), el("div", {}, extra, el("pre", { tabindex: "0", text: JSON.stringify(tx, null, 2) }))];
 }
 
 async function showBlock(which, height) {

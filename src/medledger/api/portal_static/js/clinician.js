@@ -111,7 +111,7 @@ async function share(data) {
     say("#share-status", `Verified: ${target} from ${holder} is the record ${holder} committed and anchored.`, "ok");
     fill("#shared", el("p", {}, el("span", { class: "badge ok", text: "✓ verified" }), ` ${summary(shared.resource) || target}`),
       sharedProvenance(shared.provenance), el("details", {}, el("summary", { text: "The record" }),
-        el("pre", { text: JSON.stringify(shared.resource, null, 2) })));
+        el("pre", { tabindex: "0", text: JSON.stringify(shared.resource, null, 2) })));
   } catch (error) {
     say("#share-status", `Refused: ${error.message}`, "error");
     fill("#shared", el("p", {}, el("span", { class: "badge bad", text: "refused" }), ` ${error.message}`));

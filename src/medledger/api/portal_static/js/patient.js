@@ -179,6 +179,11 @@ function member(reference) {
   return reference?.identifier?.value || "";
 }
 
+function recordRef(value) {
+  const [type, ref] = String(value).split(":");
+  return ref ? `${type} (ref ${short(ref, 10)})` : type;
+}
+
 function eventRow(event) {
   const agent = (event.agent || [])[0] || {};
   const record = (event.entity || []).find((e) => e.what?.identifier?.system === "urn:medledger:record");
@@ -189,7 +194,8 @@ function eventRow(event) {
     when(Date.parse(event.recorded)),
     `${member(agent.who)}${agent.altId ? ` (${agent.altId})` : ""}`,
     what,
-    record ? record.what.identifier.value : "—",
+    // Chains name a record by type and a keyed reference, never by its id.
+    record ? recordRef(record.what.identifier.value) : "—",
     el("span", { class: `badge ${refused ? "bad" : "ok"}`, text: refused ? "refused" : "allowed" }),
     refused ? event.outcomeDesc || "" : "",
     consent ? short(consent.what.reference.replace("Consent/", "")) : "—",
