@@ -8,10 +8,13 @@ up until ``network down``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import httpx
+
 from medledger.localnet.netproc import PidRecord
-from network_support import pid_files, run_cli
+from network_support import pid_files, run_cli, tls
 
 #: Wide enough that rich wraps no table cell, so phrases stay whole in the output.
 WIDE = {"COLUMNS": "400"}
@@ -71,6 +74,27 @@ def test_demo_tells_the_story_then_stops_everything(network_dir: Path) -> None:
     status = run_cli("network", "status", "--dir", network_dir, "--json").json()
     assert [n["running"] and n["ready"] for n in status["nodes"]] == [True, True, True]
     assert len(_running(network_dir)) == 3
+    # The portal's address and the demo accounts: each token signs in where it says.
+    nodes = {
+        n["institution"]: n
+        for n in run_cli("network", "up", "--dir", network_dir, "--json").json()["nodes"]
+    }
+    assert f"{nodes['hospital-1']['url']}/portal/" in out
+    assert "patient, no key yet" in out and "auditor" in out
+    accounts = re.findall(r"(hospital-\d)\W+(https://\S+/portal/)\W+(mlt_[0-9a-f]{12}_[\w-]+)", out)
+    assert len(accounts) == 5, out
+    roles = []
+    for inst, url, token in accounts:
+        assert url == f"{nodes[inst]['url']}/portal/"
+        me = httpx.get(
+            f"{nodes[inst]['url']}/portal/api/session",
+            headers={"Authorization": f"Bearer {token}"},
+            verify=tls(nodes[inst]),
+            timeout=30,
+        )
+        assert me.status_code == 200, me.text
+        roles.append(me.json()["role"])
+    assert sorted(roles) == ["auditor", "clinician", "clinician", "patient", "patient"]
     down = run_cli("network", "down", "--dir", network_dir)
     assert down.code == 0, down
     assert _running(network_dir) == []

@@ -186,7 +186,12 @@ def test_patient_clinician_and_auditor_in_a_browser(
     target = f"Observation/{observation['id']}"
 
     # -- the patient: sign in, make a key in the browser, enroll it, grant consent --------
-    patient = _sign_in(browser, h1, _token(base, "hospital-1", "patient", person.patient_id), "/portal/patient.html")
+    patient = _sign_in(
+        browser,
+        h1,
+        _token(base, "hospital-1", "patient", person.patient_id),
+        "/portal/patient.html",
+    )
     patient.get_by_role("button", name="Create my key and enroll").click()
     _status(patient, "#key", "This browser holds your key")
     # The key cannot be read out of the browser: WebCrypto made it non-extractable.
@@ -256,7 +261,7 @@ def test_patient_clinician_and_auditor_in_a_browser(
     family = person.patient["name"][0]["family"]
     local.get_by_label("Name", exact=True).fill(family)
     local.get_by_role("button", name="Search").click()
-    local.get_by_role("button", name=f"Open the records of", exact=False).first.click()
+    local.get_by_role("button", name="Open the records of", exact=False).first.click()
     records = local.locator("#records")
     sync_api.expect(records.locator(".badge.ok").first).to_contain_text("verified", timeout=WAIT_MS)
     sync_api.expect(records.locator(".badge.wait")).to_have_count(0, timeout=WAIT_MS)
@@ -302,7 +307,9 @@ def test_patient_clinician_and_auditor_in_a_browser(
 def test_the_consent_form_is_usable_by_keyboard(network: dict[str, Any], browser: Any) -> None:
     """Tab walks the grant form in reading order, every control labelled, the button reachable."""
     base, h1 = network["base"], network["nodes"]["hospital-1"]
-    page = _sign_in(browser, h1, _token(base, "hospital-1", "patient", "nobody"), "/portal/patient.html")
+    page = _sign_in(
+        browser, h1, _token(base, "hospital-1", "patient", "nobody"), "/portal/patient.html"
+    )
     page.locator("#grantee").focus()
     # A date input takes one Tab per part (day, month, year): count each control once.
     order: list[str] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from rich.table import Column, Table
@@ -19,9 +20,11 @@ from medledger.demo.attacks import Verdict, edit_one_transaction, rewrite_histor
 from medledger.demo.client import DemoFailed
 from medledger.demo.scene import DEMO_PASSPHRASE, WALLET_PASSPHRASE, Scene, titled_table
 from medledger.localnet import netproc
+from medledger.node import open_token_store
 
-__all__ = ["catch_tampering", "next_steps", "scan_disk"]
+__all__ = ["catch_tampering", "demo_accounts", "next_steps", "scan_disk"]
 
+_DAY_MS = 86_400_000
 _LONG_HEX = re.compile(r"\b([0-9a-f]{12})[0-9a-f]{20,}\b")
 
 
@@ -117,10 +120,11 @@ def next_steps(scene: Scene, *, keep_running: bool, elapsed: float) -> None:
     lines: list[str] = []
     if keep_running:
         scene.step(f"The network is [bold]running[/] (story told in {elapsed:.0f} s):")
-        table = Table("institution", "API (OpenAPI at /docs)")
+        table = Table("institution", "API (OpenAPI at /docs)", "web portal")
         for node in spec.nodes:
-            table.add_row(node.institution, node.url)
+            table.add_row(node.institution, node.url, f"{node.url}/portal/")
         scene.say(table)
+        _show_accounts(scene, first.tls_cert)
         lines += [
             f"# API tokens (admin, clinician) of every node: {d}/network.json",
             f"TOKEN=$(python3 -c \"import json;print(json.load(open('{d}/network.json'))"
@@ -168,3 +172,51 @@ def _verdict_text(v: Verdict) -> str:
         # Keep the private chain's line: blocks, transactions, anchors.
         text = next((part for part in text.split(" · ") if "private:" in part), text)
     return _LONG_HEX.sub(lambda m: m.group(1) + "…", text)
+
+
+def demo_accounts(scene: Scene) -> list[tuple[str, str, str, str]]:
+    """Portal sign-in tokens for the running network: ``(who, institution, page, token)``.
+
+    A patient with records at Hospital 1 and no key yet (the portal makes one in
+    the browser and enrolls it), the story's patient (enrolled with the wallet
+    file: consents and trail to look at), a clinician at each of the first two
+    institutions and an auditor at Hospital 1. Issued into each node's token
+    store as ``medledger token create`` does, valid for a day.
+    """
+    spec = netproc.load_network(scene.base)
+    by_name = {n.institution: n for n in spec.nodes}
+    story_patient = scene.facts["patient"]
+    fresh = next(b for b in scene.bundles[2:] if b.patient_id != story_patient.patient_id)
+    wanted = [
+        ("patient, no key yet", "hospital-1", "patient", fresh.patient_id),
+        ("patient of the story", "hospital-1", "patient", story_patient.patient_id),
+        ("clinician", "hospital-1", "clinician", None),
+        ("clinician", "hospital-2", "clinician", None),
+        ("auditor", "hospital-1", "auditor", None),
+    ]
+    now_ms = time.time_ns() // 1_000_000
+    accounts = []
+    for who, inst, role, patient in wanted:
+        node = by_name[inst]
+        store = open_token_store(scene.base / node.dir)
+        try:
+            token, _ = store.create(
+                role=role, patient=patient, label="demo portal", now_ms=now_ms, ttl_ms=_DAY_MS
+            )
+        finally:
+            store.close()
+        accounts.append((who, inst, f"{node.url}/portal/", token))
+    return accounts
+
+
+def _show_accounts(scene: Scene, cert: str | Path) -> None:
+    table = Table(
+        "demo account", "institution", "portal", "API token (paste it on the sign-in page)"
+    )
+    for who, inst, url, token in demo_accounts(scene):
+        table.add_row(who, inst, url, token)
+    scene.say(table)
+    scene.step(
+        "The portal is served over HTTPS with each node's own certificate: import "
+        f"{cert} into the browser (or accept it once) to open it."
+    )
