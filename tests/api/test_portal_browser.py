@@ -144,9 +144,8 @@ def browser(network: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
             context.close()
 
 
-def _sign_in(context: Any, node: dict[str, Any], token: str, landing: str) -> Any:
-    """A new tab signed in with ``token`` through the portal's token form."""
-    page = context.new_page()
+def _watch(page: Any) -> Any:
+    """Collect script errors and CSP violations of ``page`` into ``page.errors``."""
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -154,11 +153,42 @@ def _sign_in(context: Any, node: dict[str, Any], token: str, landing: str) -> An
         "console",
         lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None,
     )
+    page.errors = errors
+    return page
+
+
+def _token_sign_in(context: Any, node: dict[str, Any], token: str, landing: str) -> Any:
+    """A new tab signed in with an API token through the portal's token form."""
+    page = _watch(context.new_page())
     page.goto(node["url"] + "/portal/")
     page.get_by_label("API token", exact=True).fill(token)
     page.get_by_role("button", name="Use this token").click()
     page.wait_for_url(f"**{landing}")
-    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+def _smart_sign_in(
+    context: Any, node: dict[str, Any], role: str, landing: str, *, staff_token: str = ""
+) -> Any:
+    """A new tab signed in through SMART on FHIR: the portal's PKCE flow, the node's
+    sign-in page (the browser's wallet key for a patient, the API token for staff), the
+    approval page, then back to the portal, whose address keeps no code or state."""
+    page = _watch(context.new_page())
+    page.goto(node["url"] + "/portal/")
+    page.get_by_label("I am", exact=True).select_option(role)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.wait_for_url("**/oauth/authorize**")
+    assert "code_challenge_method=S256" in page.url and "client_id=medledger-portal" in page.url
+    if role == "patient":
+        page.get_by_role("button", name="Sign in with the key in this browser").click()
+    else:
+        page.get_by_label("Your medledger API token", exact=True).fill(staff_token)
+        page.locator("form[action='/oauth/authorize/staff'] button[type=submit]").click()
+    page.get_by_role("button", name="Approve").click()
+    page.wait_for_url(f"**{landing}")
+    assert "code=" not in page.url and "state=" not in page.url
+    bearer = page.evaluate("sessionStorage.getItem('medledger.token')")
+    assert bearer.startswith("mla_")  # an access token of the sign-in service
     return page
 
 
@@ -186,23 +216,35 @@ def test_patient_clinician_and_auditor_in_a_browser(
     target = f"Observation/{observation['id']}"
 
     # -- the patient: sign in, make a key in the browser, enroll it, grant consent --------
-    patient = _sign_in(
+    # First visit with the token the institution issued at the desk: the browser makes
+    # the patient's key and enrolls it. Then a real SMART sign-in with that key.
+    first = _token_sign_in(
         browser,
         h1,
         _token(base, "hospital-1", "patient", person.patient_id),
         "/portal/patient.html",
     )
-    patient.get_by_role("button", name="Create my key and enroll").click()
-    _status(patient, "#key", "This browser holds your key")
+    first.get_by_role("button", name="Create my key and enroll").click()
+    _status(first, "#key", "This browser holds your key")
     # The key cannot be read out of the browser: WebCrypto made it non-extractable.
-    assert patient.evaluate(
-        """async () => {
-            const db = await new Promise((ok) => { const r = indexedDB.open("medledger-wallet", 1); r.onsuccess = () => ok(r.result); });
-            const keys = await new Promise((ok) => { const r = db.transaction("keys").objectStore("keys").getAll(); r.onsuccess = () => ok(r.result); });
-            return keys.map((k) => k.privateKey.extractable);
+    assert (
+        first.evaluate(
+            """async () => {
+            const db = await new Promise((ok) => { const r = indexedDB.open("medledger", 1); r.onsuccess = () => ok(r.result); });
+            const entry = await new Promise((ok) => { const r = db.transaction("keys").objectStore("keys").get("wallet"); r.onsuccess = () => ok(r.result); });
+            return entry.privateKey.extractable;
         }"""
-    ) == [False]
-    shots(patient, "patient-enrolled")
+        )
+        is False
+    )
+    shots(first, "patient-enrolled")
+    first.get_by_role("button", name="Sign out").click()
+    first.wait_for_url("**/portal/index.html")
+    assert first.evaluate("sessionStorage.getItem('medledger.token')") is None
+    first.close()
+
+    patient = _smart_sign_in(browser, h1, "patient", "/portal/patient.html")
+    _status(patient, "#key", "This browser holds your key")
 
     patient.get_by_label("Institution that may read", exact=True).select_option("hospital-2")
     patient.get_by_label("Purpose", exact=True).select_option("TREAT")
@@ -214,7 +256,9 @@ def test_patient_clinician_and_auditor_in_a_browser(
     shots(patient, "patient-consent-granted")
 
     # -- a clinician at hospital-2 fetches the record under that consent ------------------
-    reader = _sign_in(browser, h2, h2["tokens"]["clinician"], "/portal/clinician.html")
+    reader = _smart_sign_in(
+        browser, h2, "clinician", "/portal/clinician.html", staff_token=h2["tokens"]["clinician"]
+    )
     reader.get_by_label("Institution holding the record", exact=True).select_option("hospital-1")
     reader.get_by_label("Consent id", exact=True).fill(consent_id)
     reader.locator("#target").fill("")
@@ -257,7 +301,7 @@ def test_patient_clinician_and_auditor_in_a_browser(
     sync_api.expect(refused_rows.filter(has_text="revoked").first).to_be_visible(timeout=WAIT_MS)
 
     # -- a clinician at hospital-1 finds the patient and sees verified provenance --------
-    local = _sign_in(browser, h1, h1["tokens"]["clinician"], "/portal/clinician.html")
+    local = _token_sign_in(browser, h1, h1["tokens"]["clinician"], "/portal/clinician.html")
     family = person.patient["name"][0]["family"]
     local.get_by_label("Name", exact=True).fill(family)
     local.get_by_role("button", name="Search").click()
@@ -270,7 +314,13 @@ def test_patient_clinician_and_auditor_in_a_browser(
     shots(local, "clinician-records-provenance")
 
     # -- the auditor: network status, explorer, verify now; then a stored block is edited
-    auditor = _sign_in(browser, h1, _token(base, "hospital-1", "auditor"), "/portal/auditor.html")
+    auditor = _smart_sign_in(
+        browser,
+        h1,
+        "auditor",
+        "/portal/auditor.html",
+        staff_token=_token(base, "hospital-1", "auditor"),
+    )
     _status(auditor, "#network", "hospital-2")
     _status(auditor, "#block", "Transactions as the chain holds them")
     auditor.get_by_label("Chain", exact=True).select_option("consortium")
@@ -297,7 +347,7 @@ def test_patient_clinician_and_auditor_in_a_browser(
     shots(index, "sign-in")
 
     for page in (patient, reader, local, auditor):
-        assert page.errors == [], page.errors  # type: ignore[attr-defined]
+        assert page.errors == [], page.errors
     SHOTS.mkdir(parents=True, exist_ok=True)
     for shot in shots.taken:
         shutil.copy(shot, SHOTS / shot.name)
@@ -307,7 +357,7 @@ def test_patient_clinician_and_auditor_in_a_browser(
 def test_the_consent_form_is_usable_by_keyboard(network: dict[str, Any], browser: Any) -> None:
     """Tab walks the grant form in reading order, every control labelled, the button reachable."""
     base, h1 = network["base"], network["nodes"]["hospital-1"]
-    page = _sign_in(
+    page = _token_sign_in(
         browser, h1, _token(base, "hospital-1", "patient", "nobody"), "/portal/patient.html"
     )
     page.locator("#grantee").focus()

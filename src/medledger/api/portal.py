@@ -123,9 +123,14 @@ async def portal_root() -> Response:
     return RedirectResponse("/portal/", status_code=308)
 
 
+#: Names served as another file: the sign-in service redirects back to /portal/callback
+#: (the portal's registered redirect URI, decision 0039), which the sign-in page handles.
+_ALIASES = {"": "index.html", "callback": "index.html"}
+
+
 @router.get("/portal/{name:path}", include_in_schema=False)
 async def portal_file(name: str) -> Response:
-    found = _FILES.get(name or "index.html")
+    found = _FILES.get(_ALIASES.get(name, name))
     if found is None:
         return Response(
             b"not found", status_code=404, headers=_headers("text/plain; charset=utf-8")

@@ -4,10 +4,12 @@
 import { HOME, finishSignIn, smartConfiguration, startSignIn, useToken, whoAmI } from "./session.js";
 import { $, onSubmit, say } from "./ui.js";
 
+// Decision 0039's scopes. Staff ask for write as well: the role still decides what a
+// token may do, and an auditor's "verify now" is a POST.
 const SCOPES = {
-  patient: "openid fhirUser launch/patient patient/*.read patient/Consent.write offline_access",
-  clinician: "openid fhirUser user/*.read user/*.write offline_access",
-  auditor: "openid fhirUser system/*.read",
+  patient: "launch/patient patient/*.read patient/Consent.write",
+  clinician: "user/*.read user/*.write",
+  auditor: "user/*.read user/*.write",
 };
 
 async function goHome() {

@@ -31,17 +31,13 @@ let wallet = null;
 let enrolled = null;
 let trail = null;
 
-function slot() {
-  return `${me.institution}/${me.patient}`;
-}
-
 function dateInput(ms) {
   return new Date(ms).toISOString().slice(0, 10);
 }
 
 async function showKey() {
   enrolled = await api(`/fhir/Patient/${encodeURIComponent(me.patient)}/$enrollment`);
-  wallet = await loadWallet(slot());
+  wallet = await loadWallet();
   const mine = wallet ? await wallet.fingerprint() : null;
   const target = $("#key");
   if (enrolled.fingerprint && mine === enrolled.fingerprint) {
@@ -57,6 +53,13 @@ async function showKey() {
     }));
     return;
   }
+  if (wallet) {
+    // This browser's key is bound elsewhere (another institution): enroll it here too.
+    fill(target,
+      el("p", { text: `No key is enrolled for you here yet. Enroll the key this browser holds (fingerprint ${short(mine, 16)}).` }),
+      el("button", { type: "button", id: "enroll", text: "Enroll this browser's key", onclick: enroll }));
+    return;
+  }
   fill(target,
     el("p", { text: "No key is enrolled for you here yet. Create one in this browser: its private part cannot leave the browser." }),
     el("button", { type: "button", id: "enroll", text: "Create my key and enroll", onclick: enroll }));
@@ -64,7 +67,7 @@ async function showKey() {
 
 async function enroll() {
   try {
-    const created = await createWallet(slot());
+    const created = wallet || (await createWallet());
     const statement = { "medledger-enroll": { institution: enrolled.institution, pseudonym: enrolled.pseudonym } };
     const signature = await created.sign(canonicalBytes(statement));
     await api(`/fhir/Patient/${encodeURIComponent(me.patient)}/$enroll`, {

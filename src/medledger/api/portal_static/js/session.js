@@ -12,8 +12,19 @@ export function token() {
 }
 
 export function signOut() {
+  const bearer = token();
   sessionStorage.removeItem(TOKEN);
   sessionStorage.removeItem(PKCE);
+  // An access token of the sign-in service is revoked there too (RFC 7009); an API
+  // token (mlt_) belongs to its owner and is only forgotten here.
+  if (bearer && bearer.startsWith("mla_")) {
+    fetch("/oauth/revoke", {
+      method: "POST",
+      headers: { "Content-Type": "application/x-www-form-urlencoded" },
+      body: new URLSearchParams({ token: bearer, client_id: CLIENT_ID }).toString(),
+      keepalive: true,
+    }).catch(() => {});
+  }
 }
 
 export function useToken(value) {
@@ -70,8 +81,9 @@ function randomText(n) {
   return base64url(crypto.getRandomValues(new Uint8Array(n)));
 }
 
+// The portal's registered redirect URI (decision 0039): this node's /portal/callback.
 function redirectUri() {
-  return `${location.origin}/portal/index.html`;
+  return `${location.origin}/portal/callback`;
 }
 
 // The SMART configuration of this node, or null when it offers no sign-in service.

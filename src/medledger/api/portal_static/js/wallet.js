@@ -1,12 +1,16 @@
-// The patient's key in this browser: an ECDSA P-256 key pair made by WebCrypto with
-// a non-extractable private key, kept in IndexedDB (a CryptoKey is stored as an
-// object; its private bytes never reach script). On chains the patient is the
-// SHA-256 fingerprint of the public key's DER SubjectPublicKeyInfo.
+// The patient's key in this browser: an ECDSA P-256 private key that WebCrypto holds
+// as non-extractable, kept in IndexedDB (a CryptoKey is stored as an object; its
+// private bytes never reach script) with its public key's DER SubjectPublicKeyInfo.
+// The entry is the one the node's sign-in page uses (decision 0039: database
+// "medledger", store "keys", entry "wallet" = {privateKey, spki}), so a key imported
+// there signs consents here, and a key made here signs in there. On chains the
+// patient is the SHA-256 fingerprint of that SPKI.
 
 import { canonicalBytes, hex, p1363ToDer, sha256Hex } from "./canonical.js";
 
-const DB = "medledger-wallet";
+const DB = "medledger";
 const STORE = "keys";
+const ENTRY = "wallet";
 const ALG = { name: "ECDSA", namedCurve: "P-256" };
 
 function database() {
@@ -33,8 +37,8 @@ async function request(mode, work) {
 }
 
 export class Wallet {
-  constructor(keys, spki) {
-    this.keys = keys;
+  constructor(privateKey, spki) {
+    this.privateKey = privateKey;
     this.publicDerHex = hex(spki);
     this.spki = spki;
   }
@@ -45,7 +49,7 @@ export class Wallet {
 
   // {signer, alg, sig}: the signature format of docs/formats.md over `message` bytes.
   async sign(message) {
-    const raw = await crypto.subtle.sign({ name: "ECDSA", hash: "SHA-256" }, this.keys.privateKey, message);
+    const raw = await crypto.subtle.sign({ name: "ECDSA", hash: "SHA-256" }, this.privateKey, message);
     return { signer: await this.fingerprint(), alg: "ecdsa-p256-sha256", sig: hex(p1363ToDer(raw)) };
   }
 
@@ -55,16 +59,17 @@ export class Wallet {
   }
 }
 
-// The key kept for `slot` (institution and Patient), or null.
-export async function loadWallet(slot) {
-  const keys = await request("readonly", (s) => s.get(slot));
-  if (!keys) return null;
-  return new Wallet(keys, await crypto.subtle.exportKey("spki", keys.publicKey));
+// The key this browser holds, or null.
+export async function loadWallet() {
+  const entry = await request("readonly", (s) => s.get(ENTRY));
+  if (!entry || !entry.privateKey || !entry.spki) return null;
+  return new Wallet(entry.privateKey, entry.spki);
 }
 
-// A new non-extractable key for `slot`, stored before it is used.
-export async function createWallet(slot) {
+// A new key with a non-extractable private part, stored before it is used.
+export async function createWallet() {
   const keys = await crypto.subtle.generateKey(ALG, false, ["sign", "verify"]);
-  await request("readwrite", (s) => s.put(keys, slot));
-  return new Wallet(keys, await crypto.subtle.exportKey("spki", keys.publicKey));
+  const spki = await crypto.subtle.exportKey("spki", keys.publicKey);
+  await request("readwrite", (s) => s.put({ privateKey: keys.privateKey, spki }, ENTRY));
+  return new Wallet(keys.privateKey, spki);
 }
