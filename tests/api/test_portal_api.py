@@ -174,3 +174,11 @@ def test_verify_now_reports_a_clean_chain_then_the_edited_block(live: LiveServer
 def test_verify_now_is_not_open_to_anonymous_callers(live: LiveServer) -> None:
     r = httpx.post(live.url + "/chain/verify", timeout=10)
     assert r.status_code == 401
+
+
+@pytest.mark.parametrize(("query", "body"), [("?full=1", b""), ("", b'{"chain":"x"}')])
+def test_verify_now_takes_no_parameters(live: LiveServer, query: str, body: bytes) -> None:
+    with live.client(live.auditor) as auditor:
+        r = auditor.post(f"/chain/verify{query}", content=body)
+    assert r.status_code == 400, r.text
+    assert "takes no parameters" in r.json()["issue"][0]["diagnostics"]

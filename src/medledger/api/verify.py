@@ -17,13 +17,19 @@ import threading
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from medledger.api.auth import require
 from medledger.api.deps import NodeDep
 from medledger.api.responses import fhir_response
-from medledger.core.errors import Conflict, MedledgerError, NotFound, VerificationError
+from medledger.core.errors import (
+    Conflict,
+    InvalidInput,
+    MedledgerError,
+    NotFound,
+    VerificationError,
+)
 from medledger.core.keys import VerifyingKey
 from medledger.ledger.consortium.verify import ConsortiumPolicy, anchored_checkpoints
 from medledger.ledger.verify import Checkpoint, VerifyReport, verify_chain
@@ -88,13 +94,15 @@ def verify_stored_chains(
 
 
 @router.post("/verify", summary="re-verify this node's stored chains now (one at a time)")
-async def verify_now(node: NodeDep, who: Auditor) -> Response:
+async def verify_now(request: Request, node: NodeDep, who: Auditor) -> Response:
     """Every block, signature, root and stored proof node, and consistency with the anchors.
 
     Answers 200 with ``{"ok", "chains": [...]}`` whether or not the chains
     verify (a failed check is the report, not an error of the request); 409
-    while another verification runs.
+    while another verification runs; 400 for any parameter or body (it takes none).
     """
+    if request.query_params or await request.body():
+        raise InvalidInput("verify takes no parameters and no body")
     if not _RUNNING.acquire(blocking=False):
         raise Conflict("a verification is already running on this node; retry when it ends")
 
