@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from rich.table import Column, Table
@@ -19,6 +18,7 @@ from rich.table import Column, Table
 from medledger.demo.attacks import Verdict, edit_one_transaction, rewrite_history, run_verify
 from medledger.demo.client import DemoFailed
 from medledger.demo.scene import DEMO_PASSPHRASE, WALLET_PASSPHRASE, Scene, titled_table
+from medledger.ledger.clock import SystemClock
 from medledger.localnet import netproc
 from medledger.node import open_token_store
 
@@ -194,7 +194,7 @@ def demo_accounts(scene: Scene) -> list[tuple[str, str, str, str]]:
         ("clinician", "hospital-2", "clinician", None),
         ("auditor", "hospital-1", "auditor", None),
     ]
-    now_ms = time.time_ns() // 1_000_000
+    now_ms = SystemClock().now_ms()
     accounts = []
     for who, inst, role, patient in wanted:
         node = by_name[inst]
