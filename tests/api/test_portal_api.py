@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from html.parser import HTMLParser
 
 import httpx
 import pytest
 from api_helpers import LiveServer
 
+from medledger.api import verify as verify_api
 from medledger.api.portal import PORTAL_CSP
 from medledger.core.encoding import canonical_bytes
 
@@ -138,6 +140,30 @@ def test_provenance_needs_a_clinician_and_a_consortium(live: LiveServer) -> None
         assert r.status_code == 404 and "consortium" in r.text
 
 
+def _verify(client: httpx.Client) -> httpx.Response:
+    """POST /chain/verify, waiting out the duty-cycle bound (bounded by a deadline)."""
+    deadline = time.monotonic() + 60
+    while True:
+        r = client.post("/chain/verify")
+        if r.status_code != 429 or time.monotonic() > deadline:
+            return r
+        time.sleep(float(r.headers["retry-after"]))
+
+
+def test_verify_now_waits_as_long_as_the_last_run_took(live: LiveServer) -> None:
+    """After a run that took a minute, the next may start a minute after it ended: 429."""
+    saved = list(verify_api._LAST)
+    verify_api._LAST[:] = [time.monotonic(), 60.0]
+    try:
+        with live.client(live.auditor) as auditor:
+            r = auditor.post("/chain/verify")
+    finally:
+        verify_api._LAST[:] = saved
+    assert r.status_code == 429, r.text
+    assert 50 <= int(r.headers["retry-after"]) <= 61
+    assert r.json()["resourceType"] == "OperationOutcome"
+
+
 def test_verify_now_reports_a_clean_chain_then_the_edited_block(live: LiveServer) -> None:
     with live.client(live.clinician) as clinician:
         for n in range(3):
@@ -146,7 +172,7 @@ def test_verify_now_reports_a_clean_chain_then_the_edited_block(live: LiveServer
     with live.client(live.token("patient", patient="v-0")) as patient_api:
         assert patient_api.post("/chain/verify").status_code == 403
     with live.client(live.auditor) as auditor:
-        clean = auditor.post("/chain/verify")
+        clean = _verify(auditor)
         assert clean.status_code == 200, clean.text
         report = clean.json()
         assert report["ok"] is True
@@ -162,7 +188,7 @@ def test_verify_now_reports_a_clean_chain_then_the_edited_block(live: LiveServer
             conn.execute(
                 "UPDATE blocks SET header = ? WHERE height = 1", (canonical_bytes(edited),)
             )
-        tampered = auditor.post("/chain/verify")
+        tampered = _verify(auditor)
     assert tampered.status_code == 200, tampered.text
     found = tampered.json()
     assert found["ok"] is False

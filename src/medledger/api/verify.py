@@ -5,8 +5,10 @@ consortium chain from genesis under the consortium's rules, then the private
 chain against the institution key and every final anchor of it. It reads the
 stores through connections of its own (the node keeps writing meanwhile) in a
 worker thread, and only one verification runs at a time per node: a second
-request while one runs is answered 409, so the action cannot be used to keep
-the disk busy. The report says, per chain, what was covered or the first
+request while one runs is answered 409. A verification may start only once as
+long has passed since the last one ended as that one took (429 with
+``Retry-After`` before): whoever presses the button keeps the node's disk and
+a core busy half of the time at most. The report says, per chain, what was covered or the first
 problem (the step and the block), never the content of a transaction.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +31,7 @@ from medledger.core.errors import (
     InvalidInput,
     MedledgerError,
     NotFound,
+    RateLimited,
     VerificationError,
 )
 from medledger.core.keys import VerifyingKey
@@ -44,6 +48,8 @@ Auditor = Annotated[TokenInfo, Depends(require("auditor", "clinician"))]
 # One verification per process at a time (a node serves one application). A thread
 # lock taken without blocking: it belongs to no event loop.
 _RUNNING = threading.Lock()
+#: ``(ended, took)`` of the last verification, in ``time.monotonic`` seconds.
+_LAST = [0.0, 0.0]
 
 
 def _report(report: VerifyReport) -> dict[str, Any]:
@@ -105,10 +111,19 @@ async def verify_now(request: Request, node: NodeDep, who: Auditor) -> Response:
         raise InvalidInput("verify takes no parameters and no body")
     if not _RUNNING.acquire(blocking=False):
         raise Conflict("a verification is already running on this node; retry when it ends")
+    # Monotonic time bounds the duty cycle; it is no timestamp of anything recorded.
+    wait_s = _LAST[0] + _LAST[1] - time.monotonic()
+    if wait_s > 0:
+        _RUNNING.release()
+        raise RateLimited(
+            "the last verification ended just now; retry shortly",
+            retry_after_ms=int(wait_s * 1000) + 1,
+        )
 
     def run() -> dict[str, Any]:
         # Released by the thread itself: a client that goes away cancels its request,
         # not the walk, and the next verification waits until this one has ended.
+        started = time.monotonic()
         try:
             return verify_stored_chains(
                 node.paths.root,
@@ -118,6 +133,8 @@ async def verify_now(request: Request, node: NodeDep, who: Auditor) -> Response:
                 consortium=node.consortium is not None,
             )
         finally:
+            ended = time.monotonic()
+            _LAST[:] = [ended, ended - started]
             _RUNNING.release()
 
     try:

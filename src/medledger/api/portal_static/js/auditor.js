@@ -44,7 +44,16 @@ async function network() {
 async function verifyNow() {
   say("#verify-status", "Verifying every block…");
   fill("#verify-report");
-  const report = await api("/chain/verify", { method: "POST" });
+  let report;
+  try {
+    report = await api("/chain/verify", { method: "POST" });
+  } catch (error) {
+    // The node lets a verification start only as long after the last one as that took.
+    if (error.status !== 429 || !error.retryAfterS || error.retryAfterS > 30) throw error;
+    say("#verify-status", `The last verification ended just now; starting again in ${error.retryAfterS} s…`);
+    await new Promise((done) => setTimeout(done, error.retryAfterS * 1000));
+    report = await api("/chain/verify", { method: "POST" });
+  }
   say("#verify-status", report.ok ? "Verified: no tampering found." : "TAMPERING FOUND: the chain does not verify.", report.ok ? "ok" : "error");
   fill("#verify-report", table("Verification report", ["Chain", "Result", "Covered / problem"], report.chains.map((c) => [
     c.chain,

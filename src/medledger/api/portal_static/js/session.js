@@ -33,9 +33,10 @@ export function useToken(value) {
 
 // A failed API call: the OperationOutcome's diagnostics, or the HTTP status.
 export class ApiError extends Error {
-  constructor(status, message) {
+  constructor(status, message, retryAfterS = null) {
     super(message);
     this.status = status;
+    this.retryAfterS = retryAfterS;
   }
 }
 
@@ -50,7 +51,8 @@ async function problem(response) {
   } catch (_) {
     // Not JSON: the status says enough.
   }
-  return new ApiError(response.status, text);
+  const retry = Number(response.headers.get("Retry-After"));
+  return new ApiError(response.status, text, Number.isFinite(retry) && retry > 0 ? retry : null);
 }
 
 // Call the node's API as the signed-in user; resolve to the JSON answer or throw ApiError.
