@@ -226,6 +226,7 @@ def test_bad_chain_requests_are_operation_outcomes(
         "/chain/consortium/proof/inclusion?index=0",
         "/chain/consortium/proof/consistency?old=0",
         "/chain/consortium/status",
+        "/chain/consortium/export",
     ],
 )
 def test_consortium_endpoints_are_404_without_a_consortium(
@@ -233,6 +234,45 @@ def test_consortium_endpoints_are_404_without_a_consortium(
 ) -> None:
     body = assert_outcome(auditor.get(path), 404, code="not-found")
     assert "consortium" in json.dumps(body)
+
+
+def test_export_is_the_blocks_as_json_lines(
+    live: LiveServer, auditor: httpx.Client, blocks: list[dict[str, Any]]
+) -> None:
+    whole = auditor.get("/chain/private/export")
+    assert whole.status_code == 200, whole.text
+    assert whole.headers["content-type"] == "application/x-ndjson"
+    assert "medledger-next-from" not in whole.headers  # a small chain is one page
+    exported = [json.loads(line) for line in whole.content.splitlines()]
+    assert exported[: len(blocks)] == blocks
+    # Each line is the block's canonical JSON.
+    assert whole.content.splitlines()[0] == canonical_bytes(blocks[0])
+    part = auditor.get("/chain/private/export", params={"from": 1, "to": 2})
+    assert [json.loads(line) for line in part.content.splitlines()] == blocks[1:3]
+    assert_outcome(auditor.get("/chain/private/export", params={"from": 3, "to": 1}), 400)
+    with live.client() as anonymous:
+        assert anonymous.get("/chain/private/export").status_code == 401
+
+
+def test_export_pages_name_the_next_height(
+    auditor: httpx.Client, blocks: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page ends after its byte budget (at least one block) and says where to go on."""
+    from medledger.api import chain as chain_api
+
+    monkeypatch.setattr(chain_api, "MAX_EXPORT_PAGE_BYTES", 1)
+    collected, start = [], 0
+    while True:
+        page = auditor.get("/chain/private/export", params={"from": start})
+        assert page.status_code == 200, page.text
+        lines = page.content.splitlines()
+        assert len(lines) == 1
+        collected.append(json.loads(lines[0]))
+        if "medledger-next-from" not in page.headers:
+            break
+        start = int(page.headers["medledger-next-from"])
+        assert start == collected[-1]["header"]["height"] + 1
+    assert collected[: len(blocks)] == blocks
 
 
 def test_chain_still_verifies(live: LiveServer, blocks: list[dict[str, Any]]) -> None:
