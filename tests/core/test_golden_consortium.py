@@ -175,9 +175,14 @@ class Auditor:
                 assert entry["outcome"] in ("allowed", "refused")
                 assert entry["consent"] == "" or len(entry["consent"]) == 64
         elif tx["type"] in ("member.add", "member.remove"):
-            assert len(signers(self.members, tx["signatures"], signing_bytes(tx))) >= quorum(
-                len(self.members)
-            )
+            # Distinct current members whose signature verifies (others are ignored).
+            valid_ids = {
+                m["id"]
+                for sig in tx["signatures"]
+                for m in self.members
+                if valid(m["signing_key"], sig, signing_bytes(tx))
+            }
+            assert len(valid_ids) >= quorum(len(self.members))
             if tx["type"] == "member.add":
                 self.members.append(body["member"])
             else:
