@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medledger demo
 
+# Two workers, whole modules each (tests/module_scheduling.py says why).
 test: $(STAMP) lint chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The browser tests (portal, sign-in page) drive Debian's chromium, never a downloaded
 # browser. CI runs as root: install it when it is missing; elsewhere those tests say

@@ -17,6 +17,7 @@ from medledger.config import NodeConfig
 from medledger.ledger.private import SequencerConfig
 from medledger.node import init_node
 from medledger.storage.keystore import KdfParams
+from module_scheduling import ModuleScheduling, slowest_first
 
 # Hypothesis's per-example deadline (200 ms) is a timing assertion: on a loaded
 # machine it failed examples that were correct. Speed is measured by benchmarks.
@@ -32,15 +33,12 @@ FAST_KDF = KdfParams(n=2**12)
 _ADDRESS_IN_ID = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Refuse test ids that differ between runs; keep each module on one xdist worker.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse test ids that differ between runs; under xdist, the slowest modules first.
 
     pytest-xdist workers refuse to start unless all collect the same ids; an id
-    holding a memory address never matches. Under ``-n 2 --dist loadgroup`` a
-    test without an ``xdist_group`` is grouped by its module: module-scoped
-    fixtures (a served node, a ``network up``) then start once, and tests that
-    read what earlier tests of their module left (a fuzzing tally) see it.
+    holding a memory address never matches.
     """
     unstable = [item.nodeid for item in items if _ADDRESS_IN_ID.search(item.nodeid)]
     if unstable:
@@ -48,9 +46,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "test ids must be the same on every run (give the value a repr or the "
             f"parameter an id): {unstable[:3]}"
         )
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if config.getoption("dist", default=None) == "loadfile":
+        slowest_first(items)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; `-p no:xdist` runs stay valid
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``-n N --dist loadfile``: whole modules per worker, the slowest first.
+
+    See :mod:`module_scheduling` (``make test`` runs ``-n 2 --dist loadfile``).
+    """
+    if config.getoption("dist", default=None) != "loadfile":
+        return None
+    return ModuleScheduling(config, log)
 
 
 class StepClock:

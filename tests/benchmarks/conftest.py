@@ -1,8 +1,9 @@
 """One ``medledger bench all --quick`` run (the smoke profile), shared by every benchmark test.
 
-Under ``pytest -n 2 --dist loadgroup`` each worker has its own session, so the
-tests that read the run are kept on one worker (an ``xdist_group``): the run,
-the suite's most expensive fixture, then happens once, not once per worker.
+Under ``pytest -n 2 --dist loadfile`` each worker has its own session, so the
+modules that read the run are sent to one worker as one unit (see
+``tests/module_scheduling.py``): the run, the suite's most expensive fixture,
+then happens once, not once per worker.
 """
 
 from __future__ import annotations
@@ -13,16 +14,6 @@ from pathlib import Path
 import pytest
 
 from cli_support import medledger_command
-
-#: The ``xdist_group`` of every test that reads the shared run.
-BENCH_ALL_GROUP = "bench-all-quick"
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "quick_all" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(BENCH_ALL_GROUP))
 
 
 @pytest.fixture(scope="session")
