@@ -354,8 +354,11 @@ def test_patient_clinician_and_auditor_in_a_browser(
     assert len(shots.taken) == 9
 
 
-def test_the_consent_form_is_usable_by_keyboard(network: dict[str, Any], browser: Any) -> None:
-    """Tab walks the grant form in reading order, every control labelled, the button reachable."""
+def test_the_consent_form_is_usable_by_keyboard(
+    network: dict[str, Any], browser: Any, tmp_path: Path
+) -> None:
+    """Tab walks the grant form in reading order, every control labelled, the button
+    reachable; on a phone-sized screen the page needs no sideways scrolling."""
     base, h1 = network["base"], network["nodes"]["hospital-1"]
     page = _token_sign_in(
         browser, h1, _token(base, "hospital-1", "patient", "nobody"), "/portal/patient.html"
@@ -382,3 +385,9 @@ def test_the_consent_form_is_usable_by_keyboard(network: dict[str, Any], browser
     page.locator("#scope-Observation").focus()
     page.keyboard.press("Space")
     assert page.locator("#scope-Observation").is_checked()
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    shot = tmp_path / "10-patient-phone.png"
+    page.screenshot(path=str(shot), full_page=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, SHOTS / shot.name)

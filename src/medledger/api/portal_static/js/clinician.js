@@ -5,8 +5,6 @@
 import { api } from "./session.js";
 import { $, el, fill, guard, onSubmit, say, short, table, when } from "./ui.js";
 
-const RECORD_TYPES = ["Condition", "Observation", "Encounter", "AllergyIntolerance", "MedicationRequest"];
-
 function patientName(patient) {
   const name = (patient.name || [])[0] || {};
   return name.text || [...(name.given || []), name.family || ""].join(" ").trim() || "(no name)";
@@ -37,13 +35,10 @@ export function provenanceBadge(p) {
 
 async function records(patient) {
   say("#status", `Loading the records of ${patientName(patient)}…`);
-  const rows = [];
-  for (const type of RECORD_TYPES) {
-    const bundle = await api(`/fhir/${type}/_search`, { method: "POST", form: { patient: `Patient/${patient.id}`, _count: "50" } });
-    for (const entry of bundle.entry || []) {
-      if (entry.search?.mode === "match" || !entry.search) rows.push(entry.resource);
-    }
-  }
+  // One $everything read (audited per resource, as every read is): the Patient first,
+  // then its compartment and what that refers to.
+  const bundle = await api(`/fhir/Patient/${encodeURIComponent(patient.id)}/$everything?_count=200`);
+  const rows = (bundle.entry || []).map((e) => e.resource).filter((r) => r && !(r.resourceType === "Patient" && r.id === patient.id));
   const cells = [];
   for (const resource of [patient, ...rows]) {
     const badge = el("span", { class: "badge wait", text: "checking…" });
