@@ -101,6 +101,7 @@ class ExportedChain:
 
     def __init__(self, lines: Iterable[bytes], *, label: str = "export") -> None:
         self._blocks: list[StoredBlock] = []
+        self._node_cache: dict[NodeID, bytes] | None = None
         self._label = label
         first_index = 0
         for number, line in enumerate(lines, start=1):
@@ -173,25 +174,23 @@ class ExportedChain:
             if block.height >= start and (end is None or block.height < end):
                 yield block
 
-    def _nodes(self) -> list[tuple[NodeID, bytes]]:
-        log = CompactRange()
-        nodes: list[tuple[NodeID, bytes]] = []
-        for block in self._blocks:
-            for data in block.tx_data:
-                nodes.extend(log.append(leaf_hash(data))[1:])
-        return nodes
+    def _nodes(self) -> dict[NodeID, bytes]:
+        """Every node of the log (leaves included), in creation order; built once."""
+        if self._node_cache is None:
+            log = CompactRange()
+            self._node_cache = {}
+            for _, index, data in self._txs():
+                leaf = leaf_hash(data)
+                self._node_cache[NodeID(0, index)] = leaf
+                self._node_cache.update(log.append(leaf)[1:])
+        return self._node_cache
 
     def node_hashes(self, ids: Sequence[NodeID]) -> dict[NodeID, bytes]:
-        wanted = set(ids)
-        leaves = (
-            (NodeID(0, index), leaf_hash(data))
-            for _, index, data in self._txs()
-            if NodeID(0, index) in wanted
-        )
-        return dict(leaves) | {node: h for node, h in self._nodes() if node in wanted}
+        nodes = self._nodes()
+        return {node: nodes[node] for node in ids if node in nodes}
 
     def iter_nodes(self) -> Iterator[tuple[NodeID, bytes]]:
-        return iter(self._nodes())
+        return ((node, h) for node, h in self._nodes().items() if node.level >= 1)
 
     def _txs(self) -> Iterator[tuple[int, int, bytes]]:
         for block in self._blocks:
@@ -221,7 +220,7 @@ class ExportedChain:
         return None
 
     def counts(self) -> tuple[int, int, int]:
-        return len(self._blocks), self._tx_count, len(self._nodes())
+        return len(self._blocks), self._tx_count, sum(1 for _ in self.iter_nodes())
 
     def close(self) -> None:
         return None
