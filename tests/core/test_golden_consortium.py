@@ -294,6 +294,7 @@ def test_formats_md_prints_these_values(audited: tuple[Auditor, list[dict[str, A
     doc = _documented()
     genesis = json.loads((GOLDEN / "genesis.json").read_text())
     assert doc["genesis hash"] == sha(canon(genesis)).hex()
+    assert doc["consortium block 0 header"] == canon(blocks[0]["header"]).decode()
     for block in blocks:
         assert doc[f"consortium block {block['header']['height']} hash"] == block["hash"]
     assert doc["consortium block 4 log_root"] == blocks[4]["header"]["log_root"]

@@ -303,6 +303,7 @@ def main() -> None:
 
     out = sys.stdout
     out.write(f"genesis hash = {genesis.hash().hex()}\n")
+    out.write(f"consortium block 0 header = {chain.headers[0].encode().decode()}\n")
     for h, header in enumerate(chain.headers):
         out.write(f"consortium block {h} hash = {header.hash().hex()}\n")
     out.write(f"consortium block 4 log_root = {chain.headers[4].log_root.hex()}\n")
