@@ -48,6 +48,8 @@ from medledger.services.health import DEFAULT_MIN_FREE_BYTES, StoreHealth
 from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.service import RecordsService
+from medledger.services.sequencer_link import SOCKET_NAME as SEQUENCER_SOCKET
+from medledger.services.sequencer_link import SequencerClient
 from medledger.services.sharing import SharingService
 from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
 from medledger.services.tls import (
@@ -89,6 +91,7 @@ __all__ = [
     "open_orderer",
     "open_oauth_store",
     "open_token_store",
+    "open_worker_node",
     "own_last_anchor",
     "save_genesis",
     "export_ttl",
@@ -114,7 +117,8 @@ class Node:
     paths: NodePaths
     keystore: FileKeyStore
     store: ChainStore
-    chain: PrivateChain
+    #: The private chain; in an API worker, the link to the sequencer that writes it.
+    chain: PrivateChain | SequencerClient
     index: RecordIndex
     records: RecordsService
     access: AccessLog
@@ -152,6 +156,13 @@ class Node:
         self.health.add(disk, self.store_health.space_problem)
         self.health.add(damage, self.store_health.damage_problem)
         self.health.add("search-reindex", lambda: self.records.reindexer.failure)
+
+    @property
+    def writer_chain(self) -> PrivateChain:
+        """The private chain this process writes: not in an API worker (its sequencer does)."""
+        if not isinstance(self.chain, PrivateChain):
+            raise InvalidInput("an API worker process does not write the chain itself")
+        return self.chain
 
     @property
     def store_health(self) -> StoreHealth:
@@ -251,7 +262,7 @@ class Node:
         self.enrollments.attach_consortium(member)
         self._trail = None  # rebuilt over both chains on next use
         self.access = AccessLog(
-            institution=self.config.institution, chain=self.chain, member=member
+            institution=self.config.institution, chain=self.writer_chain, member=member
         )
         self._nonces = open_nonce_store(self.config, self.paths)
         # Here, not at the top: commands that only read a chain need no HTTP client.
@@ -268,7 +279,7 @@ class Node:
             key=key,
             hpke=HpkeKeyPair.from_keystore(self.keystore, kem),
             records=self.records,
-            chain=self.chain,
+            chain=self.writer_chain,
             member=member,
             consortium_store=store,
             access=self.access,
@@ -376,7 +387,7 @@ class Node:
             raise InvalidInput("anchoring needs a consortium member: join the consortium first")
         self.anchorer = Anchorer(
             institution=self.config.institution,
-            chain=self.chain,
+            chain=self.writer_chain,
             member=self.consortium,
             key=self.keystore.signing_key(),
             when=when,
@@ -929,6 +940,99 @@ def open_node(
             root if storage.blobs == "file" else None,
             min_free_bytes=int(_env_number(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)),
         ),
+    )
+    return Node(
+        config=config,
+        paths=paths,
+        keystore=keystore,
+        store=store,
+        chain=chain,
+        index=index,
+        records=records,
+        access=AccessLog(institution=config.institution, chain=chain),
+        enrollments=EnrollmentService(
+            institution=config.institution, chain=chain, records=records, clock=clock
+        ),
+        _blobs=blobs,
+        _keys=keys,
+        clock=clock,
+    )
+
+
+def open_worker_node(
+    root: Path,
+    passphrase: bytes,
+    *,
+    on_stale_keys: Callable[[], None] = lambda: None,
+    clock: Clock | None = None,
+) -> Node:
+    """The node as an API worker process serves it (``node start --workers N``, N > 1).
+
+    Reads come straight from the stores the sequencer (the parent process,
+    opened by :func:`open_node`) writes; every chain transaction and record
+    commit goes to it over ``services.sequencer_link``. The worker runs no
+    start-up check and no crash recovery (the sequencer did both before any
+    worker started) and writes neither the chain nor the record index.
+    ``on_stale_keys``: called when the sequencer refused a version sealed under
+    a key-encryption key rotated since this process opened the keystore.
+    """
+    clock = clock if clock is not None else SystemClock()
+    config = load_config(root)
+    paths = NodePaths(root=root)
+    keystore = FileKeyStore.open(paths.keystore, passphrase)
+    if keystore.signing_key().public != config.signing_key:
+        raise IntegrityError("the keystore's signing key is not the one in node.toml")
+    storage = config.storage
+    store = factory.open_chain_store(
+        storage.store,
+        _store_target(storage, paths.chain_db),
+        config.chain,
+        schema=_schema(config, "chain"),
+    )
+    try:
+        index = factory.open_record_index(
+            storage.store,
+            _store_target(storage, paths.records_db),
+            schema=_schema(config, "records"),
+        )
+    except BaseException:
+        store.close()
+        raise
+    try:
+        blobs = factory.open_blob_store(
+            storage.blobs,
+            paths.blobs if storage.blobs == "file" else storage.dsn,
+            schema=factory.node_schema(config.institution, "blobs")
+            if storage.blobs != "file"
+            else None,
+        )
+    except BaseException:
+        store.close()
+        _close_unused(index)
+        raise
+    chain = SequencerClient(
+        paths.root / SEQUENCER_SOCKET,
+        chain_id=config.chain,
+        store=store,
+        clock_ms=clock.now_ms,
+        on_stale_keys=on_stale_keys,
+    )
+    keys = InstitutionKeys(keystore)
+    records = RecordsService(
+        institution=config.institution,
+        chain=chain,
+        index=index,
+        blobs=blobs,
+        keys=keys,
+        clock=clock,
+        validator=Validator(0),
+        # The sequencer stamps chain_base and alone recovers (see RecordWriter.commit_sealed).
+        crash_recovery=False,
+        health=StoreHealth(
+            root if storage.blobs == "file" else None,
+            min_free_bytes=int(_env_number(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)),
+        ),
+        remote=chain,
     )
     return Node(
         config=config,

@@ -29,18 +29,27 @@ one place ``uvicorn.Config`` is built for a node (``node start``, the API tests)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
+import socket
 import ssl
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, ClassVar, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from medledger.services.sequencer_link import peer_uid
+
 __all__ = [
     "PEER_CERT_SCOPE_KEY",
     "GuardedHttpToolsProtocol",
+    "GracefulServer",
     "HttpLimits",
     "guarded_protocol",
     "server_config",
@@ -170,6 +179,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX and peer_uid(sock) != os.getuid():
+            # The parent's socket for its API workers (api.workers): its own user's only.
+            log.warning("refused a Unix-socket connection from another user")
+            self._refused = True
+            transport.close()
+            return
         # The client certificate the TLS handshake verified (a current member's, by
         # the server context's trust anchors), or None: /peer/v1 binds it to the
         # request's signer (api.peer). Read once: it cannot change on a connection.
@@ -322,3 +338,45 @@ def server_config(
         settings["ssl_context_factory"] = lambda _config, _default: context
     settings.update(options)
     return uvicorn.Config(app, **settings)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, minus re-raising SIGTERM/SIGINT after shutdown; a signal also calls ``on_exit``.
+
+    uvicorn restores the default handlers and re-sends the signal once it has
+    stopped serving, which would kill the process before the node's queued
+    writes commit and its storage closes. Here a signal only asks the server
+    to exit, and ``on_exit`` turns the node's readiness false; the caller then
+    closes the node. A second SIGINT still forces the exit (uvicorn's rule).
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, on_exit: Callable[[], None], *, exit_now: bool = True
+    ) -> None:
+        """``exit_now=False``: a signal only calls ``on_exit`` (whose caller stops the
+        server later, e.g. once the API workers are done)."""
+        super().__init__(config)
+        self._on_exit = on_exit
+        self._exit_now = exit_now
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._exit_now:
+            # uvicorn first: a second SIGINT forces the exit only if one came before it.
+            super().handle_exit(sig, frame)
+        self._on_exit()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            # Only the main thread may install signal handlers (a server in a thread:
+            # it is stopped by its owner, e.g. the API tests).
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

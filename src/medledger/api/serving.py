@@ -11,65 +11,38 @@ against a closed store. The API tests serve their nodes through the same class.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
+from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 
+from medledger.api import fhir
 from medledger.api.app import create_app
 from medledger.api.auth import AUTH_FAILURES
-from medledger.api.server import HttpLimits, server_config
+from medledger.api.server import GracefulServer, HttpLimits, server_config
+from medledger.api.workers import (
+    API_SOCKET,
+    WorkerPool,
+    WorkerSettings,
+    fork_workers,
+    trust_forwarded,
+)
+from medledger.core.errors import InvalidInput
 from medledger.lifecycle import NodeRuntime, RunSettings, run_node
+from medledger.services.fhir import validate_resource
 from medledger.services.ratelimit import RateLimit
+from medledger.services.sequencer_link import SOCKET_NAME as SEQUENCER_SOCKET
+from medledger.services.sequencer_link import SequencerServer
 
 __all__ = ["GracefulServer", "NodeServer"]
 
 log = logging.getLogger("medledger.node")
-
-
-class GracefulServer(uvicorn.Server):
-    """uvicorn, minus re-raising SIGTERM/SIGINT after shutdown; a signal also calls ``on_exit``.
-
-    uvicorn restores the default handlers and re-sends the signal once it has
-    stopped serving, which would kill the process before the node's queued
-    writes commit and its storage closes. Here a signal only asks the server
-    to exit, and ``on_exit`` turns the node's readiness false; the caller then
-    closes the node. A second SIGINT still forces the exit (uvicorn's rule).
-    """
-
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_exit = on_exit
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # uvicorn first: a second SIGINT forces the exit only if one came before it.
-        super().handle_exit(sig, frame)
-        self._on_exit()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            # Only the main thread may install signal handlers (a server in a thread:
-            # it is stopped by its owner, e.g. the API tests).
-            yield
-            return
-        previous = {
-            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -96,8 +69,15 @@ class NodeServer:
     #: Set while serving (for tests and logs); None before the node opened.
     runtime: NodeRuntime | None = None
     app: FastAPI | None = None
-    #: The uvicorn server, once the node opened.
+    #: The uvicorn server, once the node opened (with workers: the parent's, on its
+    #: Unix socket for the requests the workers forward).
     http_server: GracefulServer | None = None
+    #: API worker processes (``node start --workers``); 1 serves in this process alone.
+    workers: int = 1
+    #: The worker processes, while serving with ``workers`` > 1.
+    pool: WorkerPool | None = None
+    _listener: socket.socket | None = None
+    _forked: list[Any] = field(default_factory=list)
 
     @property
     def started(self) -> bool:
@@ -116,10 +96,44 @@ class NodeServer:
         """Begin the shutdown (on the serving event loop): readiness false, stop accepting."""
         if self.runtime is not None:
             self.runtime.stop()
-        if self.http_server is not None:
+        if self.http_server is not None and self.workers == 1:
+            # With workers, the parent's server stops after them (``_serve_with_workers``).
             self.http_server.should_exit = True
 
+    def prefork(self) -> None:
+        """With workers: bind the socket and fork the workers now, before the event loop.
+
+        Only from a process that runs no thread yet (``node start`` calls it right
+        after reading its options): the workers then start with every module
+        loaded and the FHIR models warm. Without it, :meth:`serve` starts them as
+        new processes (slower: each imports everything again).
+        """
+        if self.workers <= 1 or self._listener is not None:
+            return
+        # Loaded before the fork, so that no worker pays for it (seconds each on a busy host).
+        fhir.declared_search()
+        validate_resource({"resourceType": "Patient"})
+        listener = self.sockets[0] if self.sockets else _bind(self.host, self.port)
+        self._listener = listener
+        pool_settings = WorkerSettings(
+            root=str(self.root),
+            passphrase_hex=self.passphrase.hex(),
+            fd=listener.fileno(),
+            plain_http=self.plain_http,
+            head_timeout_s=self.limits.head_timeout_s,
+            body_timeout_s=self.limits.body_timeout_s,
+            idle_timeout_s=self.limits.idle_timeout_s,
+            max_head_bytes=self.limits.max_head_bytes,
+            parent_pid=os.getpid(),
+        )
+        self._forked = fork_workers(self.workers, pool_settings)
+
     async def serve(self) -> None:
+        if self.workers < 1:
+            raise InvalidInput("a node serves with at least one worker")
+        if self.workers > 1:
+            await self._serve_with_workers()
+            return
         async with run_node(self.root, self.passphrase, self.settings) as runtime:
             self.runtime = runtime
             self.app = app = create_app(
@@ -153,3 +167,95 @@ class NodeServer:
                 },
             )
             await server.serve(sockets=self.sockets)
+
+    async def _serve_with_workers(self) -> None:
+        """The parent of ``workers`` API processes: listener, sequencer, forwarded requests.
+
+        The shutdown order: readiness false; the workers stop accepting and
+        complete their requests (which may still need the sequencer and this
+        process's API); then this process's API and the sequencer stop; then
+        ``run_node`` commits what is queued and closes the stores.
+        """
+        if self._listener is None:
+            self._listener = self.sockets[0] if self.sockets else _bind(self.host, self.port)
+        listener = self._listener
+        async with run_node(self.root, self.passphrase, self.settings) as runtime:
+            self.runtime = runtime
+            node = runtime.node
+            self.app = app = create_app(
+                node,
+                runtime.tokens,
+                auth_failures=self.auth_failures,
+                not_ready=runtime.not_ready,
+                ordering=runtime.ordering,
+            )
+            stopping = asyncio.Event()
+            runtime.on_stop(stopping.set)
+            if runtime.stopping:
+                return
+            # Crash recovery runs here, before any worker can hand over a write.
+            await node.records.ensure_recovered()
+            link = SequencerServer(
+                self.root / SEQUENCER_SOCKET, chain=node.writer_chain, records=node.records
+            )
+            await link.start()
+            api_socket = self.root / API_SOCKET
+            with contextlib.suppress(FileNotFoundError):
+                api_socket.unlink()  # left by a parent that was killed
+            config = server_config(trust_forwarded(app), limits=self.limits, uds=str(api_socket))
+            self.http_server = server = GracefulServer(config, on_exit=runtime.stop, exit_now=False)
+            serving = asyncio.create_task(server.serve())
+            self.pool = pool = WorkerPool(
+                self.workers,
+                root=self.root,
+                passphrase=self.passphrase,
+                listener=listener,
+                limits=self.limits,
+                plain_http=self.plain_http,
+                forked=self._forked,
+            )
+            self._forked = []
+            try:
+                await pool.start()
+                await pool.wait_ready()
+                log.info(
+                    "serving",
+                    extra={
+                        "fields": {
+                            "institution": node.config.institution,
+                            "url": self.url,
+                            "pid": os.getpid(),
+                            "workers": self.workers,
+                        }
+                    },
+                )
+                stopped = asyncio.create_task(stopping.wait())
+                await asyncio.wait({stopped, serving}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+            finally:
+                await pool.stop()
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await serving
+                await link.close()
+                with contextlib.suppress(FileNotFoundError):
+                    api_socket.unlink()
+                if not self.sockets:
+                    listener.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share (bound here, before any worker starts)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        # Not listening yet: the first worker to start serving listens (uvicorn does), so
+        # until one can answer, connections are refused rather than left waiting.
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise InvalidInput(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock

@@ -157,7 +157,7 @@ def _with_node(
     async def go() -> Any:
         node = open_node(path, BENCH_PASSPHRASE)
         try:
-            return await fn(node.chain)
+            return await fn(node.writer_chain)
         finally:
             await node.close()
 
@@ -193,7 +193,7 @@ def _proofs_and_verify_in(
         console.print(f"  building a {log_size:,}-transaction log ({missing:,} to write)…")
 
         async def fill() -> None:
-            await _closed_loop(node.chain, missing, 1024)
+            await _closed_loop(node.writer_chain, missing, 1024)
             await node.close()
 
         asyncio.run(fill())

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,13 @@ def _structured_logging() -> None:
     help="Re-derive every block of the private chain at start (default: the newest ones).",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="API worker processes sharing the listening socket [default: the machine's cores]. "
+    "1 serves everything in one process.",
+)
+@click.option(
     "--passphrase-fd",
     "passphrase_fd",
     type=click.IntRange(min=0),
@@ -136,6 +144,7 @@ def start(
     max_head_bytes: int,
     plain_http: bool,
     full_check: bool,
+    workers: int | None,
     passphrase_fd: int | None,
 ) -> None:
     """Serve the node's FHIR API (/fhir), chain API (/chain), OpenAPI (/docs), /metrics.
@@ -150,6 +159,10 @@ def start(
     preferred); a client certificate is optional, but one that is not a current
     member's fails the handshake, and /peer/v1 requires the signer's own.
     ``--plain-http`` (development) serves plain HTTP on a loopback address only.
+
+    With ``--workers N`` (N > 1) this process binds the socket and writes the
+    chains (the sequencer); N worker processes serve the requests, and one that
+    dies is restarted (docs/decisions/0035).
 
     The node refuses to start (exit 1, one ``error:`` line) when its chain
     store fails the start-up check: damaged, or behind what the record index
@@ -193,7 +206,9 @@ def start(
         port=port,
         limits=limits,
         plain_http=plain_http,
+        workers=workers if workers is not None else (os.cpu_count() or 1),
     )
+    server.prefork()  # with workers: before any thread or event loop exists in this process
     try:
         import uvloop  # libuv's event loop: a faster HTTP service, same asyncio semantics
     except ImportError:  # e.g. Windows

@@ -174,6 +174,14 @@ class PreconditionFailed(Conflict):
     """A conditional write's precondition (``If-Match``) does not hold."""
 
 
+class WriteRaced(Conflict):
+    """Another API worker wrote the resource between this write's read and its commit.
+
+    The sequencer refused the commit and nothing was written; the write may be
+    sealed again on the newer version (``services.records.writes``).
+    """
+
+
 class ConsentDenied(MedledgerError):
     """No final, unrevoked, unexpired consent authorizes the request."""
 
@@ -207,6 +215,21 @@ class StorageError(MedledgerError):
 
 class RetryableStorageError(StorageError):
     """A transient storage failure; retrying the same call may succeed."""
+
+
+class SequencerUnavailable(RetryableStorageError):
+    """An API worker could not reach the node's sequencer, or lost it with a write in flight.
+
+    The write may or may not be committed (HTTP 503): the client retries, and a
+    retried create may then exist twice, as after any lost answer.
+    """
+
+
+class StaleKeys(RetryableStorageError):
+    """An API worker sealed a version under a key-encryption key that is no longer current.
+
+    Nothing was written; the worker restarts to load the rotated keys (HTTP 503).
+    """
 
 
 class DamagedStore(StorageError):

@@ -42,8 +42,8 @@ from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.consortium.rules import MAX_ACCESS_BATCH
-from medledger.ledger.private import PrivateChain
 from medledger.services.fhir import is_resource_type
+from medledger.services.records.model import RecordChain
 
 __all__ = ["ALLOWED", "REASONS", "REFUSED", "AccessEntry", "AccessLog", "refusal_reason"]
 
@@ -185,7 +185,7 @@ class AccessLog:
         self,
         *,
         institution: str,
-        chain: PrivateChain,
+        chain: RecordChain,
         member: ConsortiumMember | None = None,
         clock: Clock | None = None,
     ) -> None:

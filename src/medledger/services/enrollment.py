@@ -42,7 +42,7 @@ from medledger.core.keys import VerifyingKey
 from medledger.core.models import Signature, Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.member import ConsortiumMember
-from medledger.ledger.private import PrivateChain
+from medledger.services.records.model import RecordChain
 from medledger.services.records.service import RecordsService
 
 __all__ = ["EnrollmentService"]
@@ -62,7 +62,7 @@ class EnrollmentService:
         self,
         *,
         institution: str,
-        chain: PrivateChain,
+        chain: RecordChain,
         records: RecordsService,
         clock: Clock | None = None,
     ) -> None:

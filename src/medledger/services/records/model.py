@@ -13,9 +13,11 @@ from medledger.storage.ports import ChainStore, VersionRow
 
 __all__ = [
     "RecordChain",
+    "SealedCommit",
     "SealedVersion",
     "SealedWrite",
     "StoredResource",
+    "VersionCommitter",
     "VersionInfo",
     "WriteIntent",
     "instant",
@@ -73,6 +75,15 @@ class SealedWrite:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SealedCommit:
+    """What the sequencer indexes and commits for an API worker's sealed version."""
+
+    row: VersionRow
+    tokens: set[bytes] = field(repr=False)
+    tx: Transaction
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SealedVersion:
     """One stored version with its data key, as the sharing protocol needs it."""
 
@@ -120,6 +131,18 @@ class RecordChain(Protocol):
     async def submit(self, tx_type: str, body: dict[str, Any]) -> Receipt: ...
 
     async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]: ...
+
+
+class VersionCommitter(Protocol):
+    """Where an API worker's sealed versions are indexed and committed: the sequencer."""
+
+    async def commit_versions(self, sealed: Sequence[SealedWrite]) -> None:
+        """Index and commit ``sealed`` all-or-nothing; return once durable.
+
+        Raises :class:`~medledger.core.errors.WriteRaced` when another writer
+        got there first (nothing written), or the error the commit failed with.
+        """
+        ...
 
 
 def instant(ms: int) -> str:

@@ -20,8 +20,10 @@ from medledger.services.records.bundles import BundleContext, apply_batch, apply
 from medledger.services.records.erasure import RecordEraser
 from medledger.services.records.model import (
     RecordChain,
+    SealedCommit,
     SealedVersion,
     StoredResource,
+    VersionCommitter,
     VersionInfo,
     WriteIntent,
 )
@@ -76,11 +78,14 @@ class RecordsService:
         crash_recovery: bool = True,
         recovery_mark_every: int = 4096,
         health: StoreHealth | None = None,
+        remote: VersionCommitter | None = None,
     ) -> None:
         """``crash_recovery=False`` (a second service sharing another's index, as the
         consortium-only benchmark mode does) neither records ``chain_base`` nor recovers.
         ``recovery_mark_every``: acknowledged writes between moves of the recovery mark.
-        ``sign_tx``: only the consortium-only benchmark mode signs record transactions."""
+        ``sign_tx``: only the consortium-only benchmark mode signs record transactions.
+        ``remote``: in an API worker, the sequencer that indexes and commits the versions
+        this process seals (``services.sequencer_link``)."""
         # Failed writes (disk full) and damaged reads are reported here for /readyz, /metrics.
         self.health = health or StoreHealth(None)
         self._chain = chain
@@ -124,6 +129,8 @@ class RecordsService:
             recovery=self.recovery,
             reader=self.reader,
             health=self.health,
+            blobs=blobs,
+            remote=remote,
         )
         self._eraser = RecordEraser(
             chain=chain, index=index, blobs=blobs, keys=keys, writer=self._writer
@@ -228,6 +235,10 @@ class RecordsService:
             read=self.read,
             conditional=self.conditional,
         )
+
+    async def commit_sealed(self, sealed: Sequence[SealedCommit]) -> None:
+        """Index and commit versions an API worker sealed (see ``RecordWriter.commit_sealed``)."""
+        await self._writer.commit_sealed(sealed)
 
     def writing(self, resource_type: str, rid: str) -> bool:
         """Whether a write or erasure of this resource is in progress (see ``RecordWriter``)."""

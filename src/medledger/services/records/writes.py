@@ -10,26 +10,42 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from medledger.core.consent import PATIENT_KEY_SYSTEM
-from medledger.core.errors import Gone, NotFound, PreconditionFailed, StorageError
+from medledger.core.errors import (
+    Gone,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    StaleKeys,
+    StorageError,
+    WriteRaced,
+)
+from medledger.core.models import Transaction
+from medledger.core.transactions import RECORD_PUT
 from medledger.services.fhir import FhirInvalid, Issue
 from medledger.services.health import StoreHealth
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import (
     RecordChain,
+    SealedCommit,
     SealedWrite,
     StoredResource,
+    VersionCommitter,
     WriteIntent,
 )
 from medledger.services.records.reading import RecordReader
 from medledger.services.records.recovery import CrashRecovery
 from medledger.services.records.sealing import Sealer
-from medledger.storage.ports import RecordIndex, VersionRow
+from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordWriter"]
+
+#: How often a worker's write is sealed again after another worker wrote the resource first.
+_RACE_RETRIES = 3
 
 
 class RecordWriter:
@@ -45,8 +61,14 @@ class RecordWriter:
         recovery: CrashRecovery,
         reader: RecordReader,
         health: StoreHealth,
+        blobs: BlobStore | None = None,
+        remote: VersionCommitter | None = None,
     ) -> None:
+        """``remote``: in an API worker, the sequencer process that indexes and commits
+        what this process sealed; ``blobs``: where :meth:`commit_sealed` finds the blobs."""
         self._chain = chain
+        self._blobs = blobs
+        self._remote = remote
         self._index = index
         self._keys = keys
         self._sealer = sealer
@@ -75,7 +97,22 @@ class RecordWriter:
         The resources are already validated. A ``create`` of an existing id, or
         an ``if_match`` that is not the current version, raises
         :class:`PreconditionFailed` and nothing is written.
+
+        In an API worker (``remote`` given) the versions are sealed here and
+        committed by the sequencer process (:meth:`commit_sealed` there); when
+        another worker wrote one of the resources in between, the sequencer
+        refuses with :class:`WriteRaced` and the write is sealed again on the
+        newer version (a few times at most).
         """
+        for attempt in range(_RACE_RETRIES + 1):
+            try:
+                return await self._write_once(intents)
+            except WriteRaced:
+                if attempt == _RACE_RETRIES:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _write_once(self, intents: Sequence[WriteIntent]) -> list[StoredResource]:
         await self._recovery.ensure_recovered()
         keys = sorted({(i.resource_type, i.id) for i in intents})
         if len(keys) != len(intents):
@@ -96,6 +133,7 @@ class RecordWriter:
         self.inflight[kek_id] += 1
         written: list[VersionRow] = []
         sealed: list[SealedWrite] = []
+        handed_over = False
         try:
             # Calls, not coroutines: a precondition failing halfway leaves none unawaited.
             pending: list[Callable[[], Awaitable[SealedWrite]]] = []
@@ -126,32 +164,120 @@ class RecordWriter:
             )
             sealed.extend(v for v in sealed_or_failed if isinstance(v, SealedWrite))
             _raise_first(sealed_or_failed)
-            for version in sealed:
-                self._recovery.indexing(version.row)
-            indexed = await asyncio.gather(
-                *(self._index.put_version(v.row, v.tokens) for v in sealed),
-                return_exceptions=True,
-            )
-            written.extend(v.row for v, r in zip(sealed, indexed, strict=True) if r is None)
-            _raise_first(indexed)
-            await self._chain.submit_many([version.tx for version in sealed])
-            self._recovery.acknowledged()
+            if self._remote is not None:
+                # From here the sequencer owns the blobs: it takes them back when it refuses
+                # or fails the commit, and a lost answer may mean committed (the store
+                # scrub removes blobs nothing refers to).
+                handed_over = True
+                await self._remote.commit_versions(sealed)
+            else:
+                await self._index_and_commit(
+                    [(v.row, v.tokens) for v in sealed], [v.tx for v in sealed], written
+                )
             self._health.write_succeeded()
             return [version.stored for version in sealed]
         except BaseException as exc:
-            if isinstance(exc, StorageError):
+            if isinstance(exc, StorageError) and not handed_over:
                 self._health.write_failed(exc)
-            try:
-                await self._recovery.undo(written, [version.row.blob_hash for version in sealed])
-            except BaseException:
-                self._recovery.stuck(written)
-                raise
+            if not handed_over:
+                try:
+                    await self._recovery.undo(
+                        written, [version.row.blob_hash for version in sealed]
+                    )
+                except BaseException:
+                    self._recovery.stuck(written)
+                    raise
             raise
         finally:
             self._recovery.settled([version.row for version in sealed])
             self.inflight[kek_id] -= 1
             for lock in locks:
                 lock.release()
+
+    async def _index_and_commit(
+        self,
+        versions: Sequence[tuple[VersionRow, set[bytes]]],
+        txs: Sequence[Transaction],
+        written: list[VersionRow],
+    ) -> None:
+        """Index the sealed versions, then commit their transactions in one block.
+
+        ``written`` collects the rows indexed, for the caller's take-back on failure.
+        """
+        for row, _ in versions:
+            self._recovery.indexing(row)
+        indexed = await asyncio.gather(
+            *(self._index.put_version(row, tokens) for row, tokens in versions),
+            return_exceptions=True,
+        )
+        written.extend(row for (row, _), r in zip(versions, indexed, strict=True) if r is None)
+        _raise_first(indexed)
+        await self._chain.submit_many(txs)
+        self._recovery.acknowledged()
+
+    async def commit_sealed(self, sealed: Sequence[SealedCommit]) -> None:
+        """The sequencer's half of a worker's write: check, index and commit versions sealed
+        by an API worker (``services.sequencer_link``), or take their blobs back.
+
+        Under this process's per-resource locks each version must be the next one
+        of its resource (else :class:`WriteRaced`: another worker wrote it first),
+        sealed under the current KEK (else :class:`StaleKeys`), with its blob
+        stored. ``chain_base`` is stamped here, from the chain this process writes.
+        Nothing is written when a check fails; the blobs are taken back.
+        """
+        keys = sorted({(v.row.resource_type, v.row.id) for v in sealed})
+        blob_hashes = [version.row.blob_hash for version in sealed]
+        if len(keys) != len(sealed):
+            await self._recovery.undo([], blob_hashes)
+            raise InvalidInput("the same resource is written twice in one commit")
+        locks = [self.lock(*k) for k in keys]
+        for lock in locks:
+            await lock.acquire()
+        written: list[VersionRow] = []
+        stamped: list[SealedCommit] = []
+        kek_id = ""
+        counted = False
+        try:
+            await self._recovery.ensure_recovered()
+            await self._recovery.before_write()
+            kek_id = self._keys.current_kek()[0]
+            self.inflight[kek_id] += 1
+            counted = True
+            base = self._chain.durable_height if self._recovery.enabled else None
+            for version in sealed:
+                row = version.row
+                _check_sealed(version, self._chain.chain_id)
+                latest = self._index.latest(row.resource_type, row.id)
+                current = latest.version if latest is not None else 0
+                if row.version != current + 1:
+                    raise WriteRaced(f"{row.resource_type}/{row.id} is at version {current} now")
+                if row.kek_id != kek_id:
+                    raise StaleKeys("the key-encryption key changed; the worker restarts")
+                if not await asyncio.to_thread(self._blob_exists, row.blob_hash):
+                    raise InvalidInput("a sealed version's blob is not stored")
+                stamped.append(replace(version, row=replace(row, chain_base=base)))
+            await self._index_and_commit(
+                [(v.row, v.tokens) for v in stamped], [v.tx for v in stamped], written
+            )
+            self._health.write_succeeded()
+        except BaseException as exc:
+            if isinstance(exc, StorageError):
+                self._health.write_failed(exc)
+            try:
+                await self._recovery.undo(written, blob_hashes)
+            except BaseException:
+                self._recovery.stuck(written)
+                raise
+            raise
+        finally:
+            self._recovery.settled([version.row for version in stamped])
+            if counted:
+                self.inflight[kek_id] -= 1
+            for lock in locks:
+                lock.release()
+
+    def _blob_exists(self, blob_hash: bytes) -> bool:
+        return self._blobs is not None and self._blobs.exists(blob_hash)
 
     async def _tombstone(
         self, rtype: str, rid: str, latest: VersionRow | None, kek_id: str, kek: bytes
@@ -193,6 +319,24 @@ class RecordWriter:
                     )
                 ]
             )
+
+
+def _check_sealed(version: SealedCommit, chain_id: str) -> None:
+    """A worker's sealed version must be a ``record.put`` on this chain that names its row."""
+    row, tx = version.row, version.tx
+    body = tx.body
+    if (
+        tx.type != RECORD_PUT
+        or tx.chain != chain_id
+        or tx.signatures
+        or tx.hash() != row.tx_hash
+        or body.get("resource_type") != row.resource_type
+        or body.get("version") != row.version
+        or body.get("blob") != row.blob_hash.hex()
+        or body.get("patient") != row.patient
+        or row.erased
+    ):
+        raise InvalidInput("a sealed version does not match its transaction")
 
 
 def _raise_first(outcomes: Sequence[object]) -> None:

@@ -1,0 +1,523 @@
+"""The link between API worker processes and the node's sequencer (decision 0035).
+
+With ``node start --workers N`` the parent process is the **sequencer**: the
+one writer of the private chain and of the record index. API workers seal
+versions (encryption, blob writes) and hand them over, with their access
+entries, through a Unix socket in the node's owner-only directory:
+
+* a frame is a 4-byte big-endian length and one canonical-JSON object; a frame
+  longer than :data:`MAX_FRAME_BYTES` closes the connection;
+* the sequencer accepts a connection only from a process of its own user
+  (``SO_PEERCRED``), and only two requests: ``submit`` (``access``
+  transactions) and ``commit`` (``record.put`` transactions with their index
+  rows, checked by ``RecordWriter.commit_sealed``);
+* every answer comes after the durable commit (or the failure): an
+  acknowledgement still means durable. A connection that ends with requests in
+  flight fails them with :class:`SequencerUnavailable` (HTTP 503) — their
+  outcome is unknown to the worker, and recovery is the sequencer's business.
+
+:class:`SequencerClient` is the worker's side: it stands in for the private
+chain (``RecordChain``: reads come straight from the chain store) and for the
+record commit (``VersionCommitter``), and reconnects on the next request once
+the sequencer is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from medledger.core.encoding import canonical_bytes
+from medledger.core.errors import (
+    Conflict,
+    DamagedStore,
+    InvalidInput,
+    MedledgerError,
+    NotFound,
+    PreconditionFailed,
+    RetryableStorageError,
+    SequencerUnavailable,
+    StaleKeys,
+    StorageError,
+    StorageFull,
+    WriteRaced,
+)
+from medledger.core.models import BlockHeader, Receipt, Transaction
+from medledger.core.transactions import ACCESS
+from medledger.ledger.private import PrivateChain
+from medledger.services.records.model import SealedCommit, SealedWrite
+from medledger.services.records.service import RecordsService
+from medledger.storage.ports import ChainStore, VersionRow
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "SOCKET_NAME",
+    "SequencerClient",
+    "SequencerServer",
+    "peer_uid",
+    "read_frame",
+    "write_frame",
+]
+
+log = logging.getLogger(__name__)
+
+#: The sequencer's socket, inside the node directory (0700).
+SOCKET_NAME = "sequencer.sock"
+#: The largest frame either side reads; a longer one ends the connection.
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+_LENGTH = struct.Struct(">I")
+#: Errors that cross the link, by the name the answer carries (anything else: StorageError).
+_ERRORS: dict[str, type[MedledgerError]] = {
+    cls.__name__: cls
+    for cls in (
+        InvalidInput,
+        NotFound,
+        Conflict,
+        PreconditionFailed,
+        WriteRaced,
+        StaleKeys,
+        StorageError,
+        StorageFull,
+        RetryableStorageError,
+        DamagedStore,
+    )
+}
+
+
+class FrameError(MedledgerError):
+    """A frame that is too long or not a JSON object: the connection is ended."""
+
+
+# -- frames --------------------------------------------------------------------------------
+
+
+async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next frame's object, or None at the end of the stream (between frames).
+
+    Raises :class:`FrameError` for an oversized or malformed frame and
+    ``asyncio.IncompleteReadError`` for a stream cut inside one.
+    """
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise
+    (size,) = _LENGTH.unpack(head)
+    if size > MAX_FRAME_BYTES:
+        raise FrameError(f"frame of {size} bytes; the limit is {MAX_FRAME_BYTES}")
+    try:
+        value = orjson.loads(await reader.readexactly(size))
+    except orjson.JSONDecodeError:
+        raise FrameError("a frame is not JSON") from None
+    if not isinstance(value, dict):
+        raise FrameError("a frame is not a JSON object")
+    return value
+
+
+def write_frame(writer: asyncio.StreamWriter, value: dict[str, Any]) -> None:
+    """Queue ``value`` as one frame (the caller drains)."""
+    data = canonical_bytes(value)
+    if len(data) > MAX_FRAME_BYTES:
+        raise InvalidInput(f"a frame of {len(data)} bytes is over the link's limit")
+    writer.write(_LENGTH.pack(len(data)) + data)
+
+
+def peer_uid(sock: Any) -> int:
+    """The user id of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+# -- what crosses the link -----------------------------------------------------------------
+
+
+def _row_json(row: VersionRow) -> dict[str, Any]:
+    return {
+        "resource_type": row.resource_type,
+        "id": row.id,
+        "version": row.version,
+        "blob_hash": row.blob_hash.hex(),
+        "wrapped_dek": row.wrapped_dek.hex() if row.wrapped_dek is not None else None,
+        "kek_id": row.kek_id,
+        "patient": row.patient,
+        "updated_ms": row.updated_ms,
+        "tx_hash": row.tx_hash.hex(),
+        "deleted": row.deleted,
+    }
+
+
+def _row_from_json(value: Any) -> VersionRow:
+    if not isinstance(value, dict):
+        raise InvalidInput("a version row is not an object")
+    try:
+        wrapped = value["wrapped_dek"]
+        return VersionRow(
+            resource_type=_text(value["resource_type"]),
+            id=_text(value["id"]),
+            version=_int(value["version"]),
+            blob_hash=bytes.fromhex(_text(value["blob_hash"])),
+            wrapped_dek=bytes.fromhex(_text(wrapped)) if wrapped is not None else None,
+            kek_id=_text(value["kek_id"]),
+            patient=None if value["patient"] is None else _text(value["patient"]),
+            updated_ms=_int(value["updated_ms"]),
+            tx_hash=bytes.fromhex(_text(value["tx_hash"])),
+            deleted=value["deleted"] is True,
+        )
+    except (KeyError, ValueError) as exc:
+        raise InvalidInput(f"a version row is malformed ({type(exc).__name__})") from None
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput("expected a string")
+    return value
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput("expected an integer")
+    return value
+
+
+def _commit_from_json(value: Any) -> SealedCommit:
+    if not isinstance(value, dict):
+        raise InvalidInput("a sealed version is not an object")
+    tokens = value.get("tokens")
+    if not isinstance(tokens, list):
+        raise InvalidInput("a sealed version's tokens are not a list")
+    try:
+        token_set = {bytes.fromhex(_text(t)) for t in tokens}
+    except ValueError:
+        raise InvalidInput("a search token is not hex") from None
+    return SealedCommit(
+        row=_row_from_json(value.get("row")),
+        tokens=token_set,
+        tx=Transaction.from_json(value.get("tx")),
+    )
+
+
+def _receipt_from_json(value: Any) -> Receipt:
+    if not isinstance(value, dict):
+        raise StorageError("the sequencer's receipt is malformed")
+    return Receipt(
+        height=_int(value.get("height")),
+        index=_int(value.get("index")),
+        tx_hash=bytes.fromhex(_text(value.get("tx_hash"))),
+    )
+
+
+def _error_json(exc: MedledgerError) -> dict[str, str]:
+    name = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _ERRORS), "StorageError")
+    return {"type": name, "message": str(exc)}
+
+
+def _error_from_json(value: Any) -> MedledgerError:
+    if not isinstance(value, dict):
+        return StorageError("the sequencer refused the request")
+    cls = _ERRORS.get(str(value.get("type")), StorageError)
+    return cls(str(value.get("message", "")))
+
+
+# -- the sequencer's side ------------------------------------------------------------------
+
+
+class SequencerServer:
+    """Serves ``submit`` and ``commit`` to the API workers on ``path`` (module docstring).
+
+    Runs on the event loop of the node it writes for; :meth:`close` stops
+    accepting and waits for the requests in flight to be answered.
+    """
+
+    def __init__(self, path: Path, *, chain: PrivateChain, records: RecordsService) -> None:
+        self.path = path
+        self._chain = chain
+        self._records = records
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._requests: set[asyncio.Task[None]] = set()
+        #: Connections refused (another user, or a bad frame): for tests and logs.
+        self.refused = 0
+
+    async def start(self) -> None:
+        # A socket left by a process that died is only a name: replace it.
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=str(self.path), limit=MAX_FRAME_BYTES
+        )
+        self.path.chmod(0o600)
+
+    async def close(self) -> None:
+        """Stop accepting, answer what is in flight, end every connection."""
+        if self._server is not None:
+            self._server.close()
+        if self._requests:
+            await asyncio.gather(*self._requests, return_exceptions=True)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is None or peer_uid(sock) != os.getuid():
+                self.refused += 1
+                log.warning("refused a sequencer connection from another user")
+                return
+            while True:
+                try:
+                    request = await read_frame(reader)
+                except (FrameError, asyncio.IncompleteReadError) as exc:
+                    self.refused += 1
+                    log.warning("ended a worker connection: %s", type(exc).__name__)
+                    return
+                if request is None:
+                    return
+                handler = asyncio.ensure_future(self._answer(request, writer))
+                self._requests.add(handler)
+                handler.add_done_callback(self._requests.discard)
+        except (ConnectionError, OSError):
+            return
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _answer(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        rid = request.get("id")
+        answer: dict[str, Any] = {"id": rid}
+        try:
+            answer["receipts"] = [r.to_json() for r in await self._handle(request)]
+            answer["ok"] = True
+        except MedledgerError as exc:
+            answer["ok"] = False
+            answer["error"] = _error_json(exc)
+        except Exception as exc:  # a bug: the worker must still get its answer
+            log.exception("sequencer request failed")
+            answer["ok"] = False
+            answer["error"] = {"type": "StorageError", "message": type(exc).__name__}
+        if writer.is_closing():
+            return
+        with contextlib.suppress(ConnectionError, OSError):
+            write_frame(writer, answer)
+            await writer.drain()
+
+    async def _handle(self, request: dict[str, Any]) -> list[Receipt]:
+        op = request.get("op")
+        if op == "submit":
+            txs = request.get("txs")
+            if not isinstance(txs, list) or not txs:
+                raise InvalidInput("submit names no transactions")
+            parsed = [Transaction.from_json(tx) for tx in txs]
+            if any(tx.type != ACCESS or tx.signatures for tx in parsed):
+                # Workers write access entries this way; records only through ``commit``.
+                raise InvalidInput("a worker submits only access entries")
+            return await self._chain.submit_many(parsed)
+        if op == "commit":
+            versions = request.get("versions")
+            if not isinstance(versions, list) or not versions:
+                raise InvalidInput("commit names no versions")
+            sealed = [_commit_from_json(v) for v in versions]
+            await self._records.commit_sealed(sealed)
+            return []
+        raise InvalidInput("unknown request")
+
+
+# -- the worker's side ---------------------------------------------------------------------
+
+
+class SequencerClient:
+    """The private chain and the record commit, as an API worker sees them.
+
+    ``store`` is the chain store opened for reading; writes go to the
+    sequencer at ``path``. :meth:`problem` (a health check) says when the
+    sequencer cannot be reached. ``on_stale_keys`` is called when the
+    sequencer refused a version sealed under a rotated key.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        chain_id: str,
+        store: ChainStore,
+        clock_ms: Callable[[], int],
+        on_stale_keys: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.path = path
+        self._chain_id = chain_id
+        self._store = store
+        self._clock_ms = clock_ms
+        self._on_stale_keys = on_stale_keys
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 0
+        self._connecting: asyncio.Lock | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._problem: str | None = None
+        self._closed = False
+
+    # -- RecordChain -----------------------------------------------------------------------
+
+    @property
+    def chain_id(self) -> str:
+        return self._chain_id
+
+    @property
+    def store(self) -> ChainStore:
+        return self._store
+
+    @property
+    def head(self) -> BlockHeader:
+        """The newest durable block's header, read from the store."""
+        head = self._store.head()
+        if head is None:
+            raise StorageError("the private chain has no blocks")
+        return BlockHeader.decode(head.header_bytes)
+
+    @property
+    def durable_height(self) -> int:
+        return self.head.height
+
+    async def submit(self, tx_type: str, body: dict[str, Any]) -> Receipt:
+        tx = Transaction(type=tx_type, chain=self._chain_id, body=body, time_ms=self._clock_ms())
+        return (await self.submit_many([tx]))[0]
+
+    async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]:
+        if not txs:
+            return []
+        answer = await self._request({"op": "submit", "txs": [tx.to_json() for tx in txs]})
+        receipts = answer.get("receipts")
+        if not isinstance(receipts, list) or len(receipts) != len(txs):
+            raise StorageError("the sequencer's answer does not match the request")
+        return [_receipt_from_json(r) for r in receipts]
+
+    # -- VersionCommitter ------------------------------------------------------------------
+
+    async def commit_versions(self, sealed: Sequence[SealedWrite]) -> None:
+        versions = [
+            {
+                "row": _row_json(v.row),
+                "tokens": sorted(t.hex() for t in v.tokens),
+                "tx": v.tx.to_json(),
+            }
+            for v in sealed
+        ]
+        try:
+            await self._request({"op": "commit", "versions": versions})
+        except StaleKeys:
+            self._on_stale_keys()
+            raise
+
+    # -- the connection --------------------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """Why writes fail now (the sequencer is unreachable), or None."""
+        return self._problem
+
+    async def _request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._closed:
+            raise SequencerUnavailable("the worker is stopping")
+        writer = await self._connect()
+        self._next_id += 1
+        rid = self._next_id
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            write_frame(writer, {**request, "id": rid})
+            await writer.drain()
+        except (ConnectionError, OSError):
+            self._pending.pop(rid, None)
+            self._lost("the connection to the sequencer broke")
+            raise SequencerUnavailable(
+                "the node's sequencer is unavailable; retry the request"
+            ) from None
+        try:
+            answer = await future
+        finally:
+            self._pending.pop(rid, None)
+        if answer.get("ok") is True:
+            return answer
+        raise _error_from_json(answer.get("error"))
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        if self._writer is not None and not self._writer.is_closing():
+            return self._writer
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._writer is not None and not self._writer.is_closing():
+                return self._writer
+            try:
+                reader, writer = await asyncio.open_unix_connection(
+                    str(self.path), limit=MAX_FRAME_BYTES
+                )
+            except OSError:
+                self._problem = "the node's sequencer cannot be reached"
+                raise SequencerUnavailable(
+                    "the node's sequencer is unavailable; retry the request"
+                ) from None
+            self._reader, self._writer = reader, writer
+            self._problem = None
+            self._listener = asyncio.ensure_future(self._listen(reader))
+            return writer
+
+    async def _listen(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                answer = await read_frame(reader)
+                if answer is None:
+                    break
+                future = self._pending.get(answer.get("id"))  # type: ignore[arg-type]
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        except (FrameError, asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        self._lost("the sequencer closed the connection")
+
+    def _lost(self, why: str) -> None:
+        """Fail every request in flight: whether it was committed is not known here."""
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = self._reader = None
+        if not self._closed:
+            self._problem = "the node's sequencer cannot be reached"
+        if self._pending:
+            log.warning("%s with %d requests in flight", why, len(self._pending))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(
+                    SequencerUnavailable(
+                        "the node's sequencer went away during the write; it may or may not"
+                        " have been committed"
+                    )
+                )
+        self._pending.clear()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener

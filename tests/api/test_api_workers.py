@@ -1,0 +1,315 @@
+"""``node start --workers 2``: real processes, a real socket, real kills.
+
+Every worker answers reads on its own; a worker killed under writes is
+replaced and loses nothing acknowledged; a killed sequencer (the parent) takes
+its workers with it, and after a restart every acknowledged write is there and
+``verify --records`` passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cli_support import medledger_command
+from medledger.localnet.natsserver import free_ports
+from medledger.node import init_node, open_token_store
+from medledger.storage.keystore import KdfParams
+
+PASSPHRASE = "api workers test passphrase"
+FHIR_JSON = "application/fhir+json"
+DEADLINE_S = 90.0
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
+    env["MEDLEDGER_PASSPHRASE"] = PASSPHRASE
+    # No scrub pass while the tests look at the store.
+    env["MEDLEDGER_SCRUB_INTERVAL_S"] = "0"
+    return env
+
+
+def _until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+@dataclass
+class Node:
+    root: Path
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def workers(self) -> list[int]:
+        """The parent's living children: its API workers."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(pid) for pid in text.split() if _alive(int(pid))]
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def start(root: Path, log: Path, workers: int = 2) -> Node:
+    (port,) = free_ports(1)
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [
+                *medledger_command(),
+                "node",
+                "start",
+                "--dir",
+                str(root),
+                "--port",
+                str(port),
+                "--plain-http",
+                "--workers",
+                str(workers),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+            env=_env(),
+        )
+    node = Node(root, proc, f"http://127.0.0.1:{port}", log)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"node start exited with {proc.returncode}: {node.stderr()[-3000:]}")
+        try:
+            return httpx.get(f"{node.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    _until(ready, "the node is ready")
+    if workers > 1:
+        _until(lambda: len(node.workers()) == workers, "every worker runs")
+    return node
+
+
+def stop(node: Node, sig: int = signal.SIGTERM) -> int:
+    node.proc.send_signal(sig)
+    try:
+        return node.proc.wait(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        node.proc.kill()
+        node.proc.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("workers") / "node"
+    init_node(root, name="Workers Hospital", passphrase=PASSPHRASE.encode(), kdf=KdfParams(n=2**12))
+    return root
+
+
+@pytest.fixture(scope="module")
+def token(root: Path) -> str:
+    tokens = open_token_store(root)
+    try:
+        text, _ = tokens.create(role="clinician", now_ms=int(time.time() * 1000))
+    finally:
+        tokens.close()
+    return text
+
+
+@pytest.fixture(scope="module")
+def running(root: Path) -> Iterator[Node]:
+    """One node for the module: its last test kills it."""
+    node = start(root, root.parent / "node.log")
+    try:
+        yield node
+    finally:
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()
+        for pid in node.workers():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Content-Type": FHIR_JSON}
+
+
+def _patient(i: int) -> bytes:
+    return json.dumps({"resourceType": "Patient", "name": [{"family": f"W{i}"}]}).encode()
+
+
+class Writers:
+    """Threads creating Patients until stopped; ``acked`` holds every 201's id and body."""
+
+    def __init__(self, node: Node, token: str, count: int = 4) -> None:
+        self.node, self.token = node, token
+        self.acked: dict[str, bytes] = {}
+        self.failures: list[int] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, n: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                # One connection per request: each lands on whichever worker accepts it.
+                r = httpx.post(
+                    f"{self.node.url}/fhir/Patient",
+                    content=_patient(n * 100_000 + i),
+                    headers=_headers(self.token),
+                    timeout=30,
+                )
+            except httpx.TransportError:
+                time.sleep(0.05)  # a worker or the node went away: never acknowledged
+                continue
+            with self._lock:
+                if r.status_code == 201:
+                    self.acked[r.json()["id"]] = r.content
+                else:
+                    self.failures.append(r.status_code)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acked)
+
+    def stop(self) -> dict[str, bytes]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(DEADLINE_S)
+        return dict(self.acked)
+
+
+def _check_store(root: Path, acked: dict[str, bytes], log: Path, token: str) -> None:
+    """Restart alone (recovery runs), read every acknowledged write, stop, then verify."""
+    node = start(root, log, workers=1)
+    try:
+        with httpx.Client(base_url=node.url, headers=_headers(token), timeout=30) as client:
+            for rid, body in acked.items():
+                r = client.get(f"/fhir/Patient/{rid}")
+                assert r.status_code == 200, (rid, r.text)
+                assert r.json() == json.loads(body)
+    finally:
+        assert stop(node) == 0
+    run = subprocess.run(
+        [*medledger_command(), "verify", "--dir", str(root), "--records"],
+        capture_output=True,
+        env=_env(),
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout.decode() + run.stderr.decode()
+
+
+def test_every_worker_serves_reads_and_writes_on_its_own(running: Node, token: str) -> None:
+    with httpx.Client(base_url=running.url, headers=_headers(token), timeout=30) as client:
+        created = client.post("/fhir/Patient", content=_patient(1))
+        assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    workers = running.workers()
+    assert len(workers) == 2
+    for paused in workers:
+        # A stopped worker accepts nothing: every new connection goes to the other one.
+        os.kill(paused, signal.SIGSTOP)
+        try:
+            for i in range(3):
+                r = httpx.get(f"{running.url}/fhir/Patient/{rid}", headers=_headers(token))
+                assert r.status_code == 200 and r.json()["id"] == rid, r.text
+                w = httpx.post(
+                    f"{running.url}/fhir/Patient", content=_patient(i), headers=_headers(token)
+                )
+                assert w.status_code == 201, w.text
+            # Forwarded to the parent (a transaction Bundle), answered through this worker.
+            bundle = {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {
+                        "resource": {"resourceType": "Patient"},
+                        "request": {"method": "POST", "url": "Patient"},
+                    }
+                ],
+            }
+            b = httpx.post(
+                f"{running.url}/fhir", content=json.dumps(bundle), headers=_headers(token)
+            )
+            assert b.status_code == 200, b.text
+            assert httpx.get(f"{running.url}/readyz").status_code == 200
+        finally:
+            os.kill(paused, signal.SIGCONT)
+
+
+def test_a_client_cannot_claim_another_address_through_the_forwarding_header(
+    running: Node,
+) -> None:
+    """The failed-authentication budget is per client address: a client that names
+    another address in the workers' forwarding header is still charged as itself."""
+    statuses = []
+    for i in range(40):
+        r = httpx.post(
+            f"{running.url}/admin/keys/rotate",
+            headers={
+                "Authorization": "Bearer mlt_bad_token",
+                "X-Medledger-Forwarded-For": f"10.0.{i}.1:1",
+            },
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            break
+    assert statuses[-1] == 429, statuses
+
+
+def test_killed_workers_and_a_killed_sequencer_lose_nothing_acknowledged(
+    running: Node, token: str, tmp_path: Path
+) -> None:
+    """A worker killed under writes is replaced and writes go on; then the sequencer
+    (the parent) is killed and takes its workers with it. After a restart every
+    acknowledged write reads back and ``verify --records`` passes."""
+    writers = Writers(running, token)
+    try:
+        _until(lambda: writers.count() >= 10, "ten writes are acknowledged")
+        victim = running.workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        _until(
+            lambda: len(running.workers()) == 2 and victim not in running.workers(),
+            "a new worker replaced the killed one",
+        )
+        after_kill = writers.count()
+        _until(lambda: writers.count() >= after_kill + 10, "writes continue")
+        workers = running.workers()
+        running.proc.kill()
+        running.proc.wait()
+        _until(
+            lambda: not any(_alive(pid) for pid in workers),
+            "the workers stop once their parent is gone",
+        )
+    finally:
+        acked = writers.stop()
+    # Writes in flight when a process died were answered 503, or not at all.
+    assert all(status == 503 for status in writers.failures), writers.failures
+    _check_store(running.root, acked, tmp_path / "after.log", token)
