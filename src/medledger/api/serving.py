@@ -188,6 +188,7 @@ class NodeServer:
                 auth_failures=self.auth_failures,
                 not_ready=runtime.not_ready,
                 ordering=runtime.ordering,
+                oauth_store=runtime.oauth,
             )
             stopping = asyncio.Event()
             runtime.on_stop(stopping.set)

@@ -493,7 +493,7 @@ class _JsonLines(logging.Formatter):
 
 
 async def _serve_worker(settings: WorkerSettings) -> None:
-    from medledger.node import open_token_store, open_worker_node
+    from medledger.node import open_oauth_store, open_token_store, open_worker_node
 
     root = Path(settings.root)
     server: GracefulServer | None = None
@@ -508,7 +508,9 @@ async def _serve_worker(settings: WorkerSettings) -> None:
         root, bytes.fromhex(settings.passphrase_hex), on_stale_keys=restart_for_new_keys
     )
     tokens = open_token_store(root, node.config)
-    app = ForwardingApp(create_app(node, tokens), root / API_SOCKET)
+    # OAuth access tokens are checked here too (api.oauth); sign-in itself is forwarded.
+    oauth = open_oauth_store(root, node.config)
+    app = ForwardingApp(create_app(node, tokens, oauth_store=oauth), root / API_SOCKET)
     limits = HttpLimits(
         head_timeout_s=settings.head_timeout_s,
         body_timeout_s=settings.body_timeout_s,
@@ -535,6 +537,7 @@ async def _serve_worker(settings: WorkerSettings) -> None:
             await node.close_stores()
         finally:
             tokens.close()
+            oauth.close()
 
 
 async def _announce_ready(server: Any, ready_fd: int) -> None:
