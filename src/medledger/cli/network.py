@@ -43,6 +43,13 @@ def network() -> None:
     help="JetStream stream replicas (default: min(3, NATS servers)).",
 )
 @click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="API worker processes per node (node start --workers): the nodes share this machine.",
+)
 @_json_option
 def network_up(
     base: Path,
@@ -51,6 +58,7 @@ def network_up(
     store: str | None,
     replicas: int | None,
     timeout: float,
+    workers: int,
     as_json: bool,
 ) -> None:
     """Create the network (keys, genesis, ordering, tokens) if absent; start what is not running.
@@ -70,6 +78,7 @@ def network_up(
         store=store,
         replicas=replicas,
         timeout=timeout,
+        workers=workers,
     )
     if as_json:
         emit(spec.to_json())

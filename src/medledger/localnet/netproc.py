@@ -698,8 +698,12 @@ def up(
     consortium: str = "local",
     kdf: KdfParams | None = None,
     timeout: float = 120.0,
+    workers: int = 1,
 ) -> NetworkSpec:
     """Create the network in ``base`` if it holds none, then start what is not running.
+
+    ``workers``: API worker processes of each node started now (``node start
+    --workers``); 1 by default, since the whole network shares this machine.
 
     Returns the network description (``network.json``) once every node answers
     ``/readyz``. On an existing network, options that differ from it are refused.
@@ -738,11 +742,13 @@ def up(
                 kdf=kdf,
             )
         _check_passphrase(base, spec, passphrase)
-        _start(base, spec, passphrase, timeout)
+        _start(base, spec, passphrase, timeout, workers)
     return spec
 
 
-def _start(base: Path, spec: NetworkSpec, passphrase: bytes, timeout: float) -> None:
+def _start(
+    base: Path, spec: NetworkSpec, passphrase: bytes, timeout: float, workers: int = 1
+) -> None:
     if spec.postgres is not None and _postgres_pid(spec.postgres) is None:
         _postgres(spec.postgres).start()
     if spec.nats:
@@ -766,6 +772,8 @@ def _start(base: Path, spec: NetworkSpec, passphrase: bytes, timeout: float) -> 
             HOST,
             "--port",
             str(node.port),
+            "--workers",
+            str(workers),
         ]
         _launch_node(argv, root=root, pid_file=pid_file, env=env, passphrase=passphrase)
     deadline = time.monotonic() + timeout

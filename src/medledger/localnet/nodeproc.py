@@ -32,6 +32,17 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid``, its running children (API workers) and the ones it reaped."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    return proc_cpu_s(pid) + reaped + sum(proc_cpu_s(int(child)) for child in children)
+
+
 def medledger_command() -> list[str]:
     """The ``medledger`` command of this environment (the script, else ``python -c``)."""
     script = Path(sys.executable).parent / "medledger"
@@ -64,9 +75,11 @@ class NodeProcess:
         ready_path: str = "/healthz",
         timeout: float = 60.0,
         tls: bool = False,
+        workers: int = 1,
     ) -> None:
         """``tls``: serve HTTPS with the node's certificate (``self.tls`` trusts it);
-        else plain HTTP on loopback (``--plain-http``)."""
+        else plain HTTP on loopback (``--plain-http``). ``workers``: ``node start
+        --workers`` (1: one process, what the benchmarks and tests measure unless told)."""
         self.root = root
         self.port = port or free_ports(1)[0]
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
@@ -88,6 +101,8 @@ class NodeProcess:
                 str(root),
                 "--port",
                 str(self.port),
+                "--workers",
+                str(workers),
             ],
             env=environment,
             stdout=self._log,
@@ -101,7 +116,8 @@ class NodeProcess:
             time.sleep(0.1)
 
     def cpu_s(self) -> float:
-        return proc_cpu_s(self.proc.pid)
+        """CPU seconds of the node: its process and its API workers."""
+        return tree_cpu_s(self.proc.pid)
 
     def kill(self) -> None:
         """SIGKILL (a crash: no shutdown work of any kind) and reap the process."""
