@@ -114,7 +114,7 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
 class _Server:
     """``medledger node start`` on a fresh node with a clinician token, in its own process."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, workers: int = 1) -> None:
         init_node(root, name="Bench Api Hospital", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
         tokens = SqliteTokenStore(root / "tokens.db")
         try:
@@ -123,7 +123,7 @@ class _Server:
             )
         finally:
             tokens.close()
-        self._node = NodeProcess(root, passphrase=BENCH_PASSPHRASE)
+        self._node = NodeProcess(root, passphrase=BENCH_PASSPHRASE, workers=workers)
         self.url = self._node.url
 
     def cpu_s(self) -> float:

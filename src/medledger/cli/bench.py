@@ -468,6 +468,54 @@ def bench_api(
     )
 
 
+@bench.command("workers")
+@_work_dir
+@click.option(
+    "--workers",
+    "worker_counts",
+    multiple=True,
+    type=click.IntRange(min=1),
+    default=(1, 2),
+    show_default=True,
+    help="API worker processes (repeat: each count is one run; start with 1).",
+)
+@click.option("--creates", type=click.IntRange(min=1), default=5_000, show_default=True)
+@click.option("--reads", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--clients", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--open-loop-seconds",
+    type=click.FloatRange(min=1),
+    default=10.0,
+    show_default=True,
+    help="How long each open-loop point (50 %, 80 % of saturation) sends.",
+)
+@_json_out
+@_quick
+def bench_workers(
+    root: Path | None,
+    worker_counts: tuple[int, ...],
+    creates: int,
+    reads: int,
+    clients: int,
+    open_loop_seconds: float,
+    json_out: Path | None,
+    quick: bool,
+) -> None:
+    """HTTP reads and creates with 1 and N API worker processes; open-loop p50/p99."""
+    from medledger.benchmarks.workers import run_workers_bench
+
+    run_workers_bench(
+        root=root,
+        workers=worker_counts,
+        creates=creates,
+        reads=reads,
+        clients=clients,
+        open_loop_s=open_loop_seconds,
+        json_out=json_out,
+        quick=quick,
+    )
+
+
 @bench.command("tls")
 @_work_dir
 @click.option("--requests", type=click.IntRange(min=1), default=20_000, show_default=True)
