@@ -119,7 +119,7 @@ def run_workers_bench(
 ) -> dict[str, Any]:
     """Saturation and open-loop latency with each worker count (module docstring)."""
     if quick:
-        creates, reads, open_loop_s = min(creates, 300), min(reads, 600), min(open_loop_s, 3.0)
+        creates, reads, open_loop_s = min(creates, 150), min(reads, 300), min(open_loop_s, 1.5)
     console = Console(stderr=True)
     settings = {
         "workers": list(workers),
@@ -133,7 +133,7 @@ def run_workers_bench(
     results["runs"] = []
     started = time.perf_counter()
     rng = random.Random(7)  # noqa: S311 - reproducible sampling
-    warmup = 200
+    warmup = 50 if quick else 200
     resources = _resources(warmup + creates * 8, 7)
     bodies = [{"resourceType": r["resourceType"], "body": orjson.dumps(r)} for r in resources]
     spawn = multiprocessing.get_context("spawn")
