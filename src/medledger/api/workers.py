@@ -263,6 +263,9 @@ class WorkerSettings:
     parent_pid: int
     #: Where the worker writes :data:`READY` once it accepts connections.
     ready_fd: int = -1
+    #: A forked worker serves only once the parent writes a byte here (after its
+    #: start-up checks and crash recovery); the end of the pipe means: exit.
+    go_fd: int = -1
 
 
 @dataclass(slots=True)
@@ -270,6 +273,8 @@ class _Worker:
     pid: int
     ready_fd: int
     popen: subprocess.Popen[bytes] | None = None
+    #: The parent's end of a forked worker's go pipe (see ``WorkerSettings.go_fd``).
+    go_fd: int = -1
 
 
 def fork_workers(count: int, settings: WorkerSettings) -> list[_Worker]:
@@ -284,21 +289,25 @@ def fork_workers(count: int, settings: WorkerSettings) -> list[_Worker]:
     workers: list[_Worker] = []
     for _ in range(count):
         read_end, write_end = os.pipe()
+        go_read, go_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 os.close(read_end)
+                os.close(go_write)
                 for worker in workers:
                     os.close(worker.ready_fd)
-                _run_worker(replace(settings, ready_fd=write_end))
+                    os.close(worker.go_fd)
+                _run_worker(replace(settings, ready_fd=write_end, go_fd=go_read))
                 code = 0
             except BaseException:
                 log.exception("API worker failed")
             finally:
                 os._exit(code)
         os.close(write_end)
-        workers.append(_Worker(pid=pid, ready_fd=read_end))
+        os.close(go_read)
+        workers.append(_Worker(pid=pid, ready_fd=read_end, go_fd=go_write))
     return workers
 
 
@@ -417,6 +426,12 @@ class WorkerPool:
 
         loop.add_reader(worker.ready_fd, on_ready)
         loop.add_reader(pidfd, on_exit)
+        if worker.go_fd >= 0:
+            # The node passed its start-up checks and recovery: the worker may serve.
+            with contextlib.suppress(OSError):
+                os.write(worker.go_fd, b"g")
+            os.close(worker.go_fd)
+            worker.go_fd = -1
         log.info("API worker started", extra={"fields": {"slot": slot, "pid": worker.pid}})
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -521,6 +536,14 @@ async def _serve_worker(settings: WorkerSettings) -> None:
         tls = None if settings.plain_http else node.server_tls_context()
         config = server_config(app, limits=limits, ssl_context=tls)
         server = GracefulServer(config, on_exit=lambda: None)
+        if settings.go_fd >= 0:
+            # Forked before the parent opened the node: nothing is served from the store
+            # until the parent checked it and ran crash recovery.
+            go = await asyncio.to_thread(os.read, settings.go_fd, 1)
+            os.close(settings.go_fd)
+            if not go:
+                log.debug("the node did not start: this worker ends")
+                return
         watcher = asyncio.create_task(_watch_parent(settings.parent_pid, server))
         announcer = asyncio.create_task(_announce_ready(server, settings.ready_fd))
         listener = socket.socket(fileno=settings.fd)
