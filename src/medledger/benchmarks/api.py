@@ -58,7 +58,7 @@ from medledger.services.fhir import FHIR_JSON
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import iter_patients
 
-__all__ = ["ApiSettings", "run_api_bench"]
+__all__ = ["ApiServer", "ApiSettings", "bench_resources", "http_run", "run_api_bench"]
 
 _PER_PATIENT = 20
 
@@ -94,7 +94,7 @@ class ApiSettings:
         }
 
 
-def _resources(count: int, seed: int) -> list[dict[str, Any]]:
+def bench_resources(count: int, seed: int) -> list[dict[str, Any]]:
     """``count`` synthetic resources without ids (the server assigns them), patients first."""
     out: list[dict[str, Any]] = []
     patients = -(-count // (_PER_PATIENT + 1))
@@ -111,7 +111,7 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
 # -- HTTP side ------------------------------------------------------------------------
 
 
-class _Server:
+class ApiServer:
     """``medledger node start`` on a fresh node with a clinician token, in its own process."""
 
     def __init__(self, root: Path, workers: int = 1) -> None:
@@ -208,9 +208,9 @@ def _client_process(url: str, token: str, op: str, items: list[Any], concurrency
     return asyncio.run(_client_async(url, token, op, items, concurrency))
 
 
-def _http_run(
+def http_run(
     pool: concurrent.futures.Executor,
-    server: _Server,
+    server: ApiServer,
     op: str,
     items: list[Any],
     clients: int,
@@ -323,40 +323,40 @@ def run_api_bench(
     console = Console(stderr=True)
     rng = random.Random(settings.seed)  # noqa: S311 - reproducible sampling
     runs = len(settings.client_processes)
-    resources = _resources(settings.warmup + settings.creates * runs, settings.seed)
+    resources = bench_resources(settings.warmup + settings.creates * runs, settings.seed)
     bodies = [{"resourceType": r["resourceType"], "body": orjson.dumps(r)} for r in resources]
     results = results_header(settings.to_json(), quick)
     results["http"] = {"creates": [], "reads": []}
     started = time.perf_counter()
     with work_dir(root, "api") as root:
-        server = _Server(root / "http-node")
+        server = ApiServer(root / "http-node")
         try:
             spawn = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(
                 max(settings.client_processes), mp_context=spawn
             ) as pool:
-                warm, ids = _http_run(
+                warm, ids = http_run(
                     pool, server, "create", bodies[: settings.warmup], settings.clients, 1
                 )
                 if warm["errors"]:
                     raise RuntimeError(f"warm-up creates failed: {warm['first_error']}")
-                _http_run(pool, server, "read", ids, settings.clients, 1)
+                http_run(pool, server, "read", ids, settings.clients, 1)
                 offset = settings.warmup
                 for p in settings.client_processes:
                     chunk = bodies[offset : offset + settings.creates]
                     offset += settings.creates
-                    run, new = _http_run(pool, server, "create", chunk, settings.clients, p)
+                    run, new = http_run(pool, server, "create", chunk, settings.clients, p)
                     ids += new
                     results["http"]["creates"].append(run)
                     console.log(f"HTTP creates, {p} client process(es): {_line(run)}")
                 for p in settings.client_processes:
                     order = rng.choices(ids, k=settings.reads)
-                    run, _ = _http_run(pool, server, "read", order, settings.clients, p)
+                    run, _ = http_run(pool, server, "read", order, settings.clients, p)
                     results["http"]["reads"].append(run)
                     console.log(f"HTTP reads, {p} client process(es): {_line(run)}")
                 # The floor of the HTTP stack: no token, no storage, a constant answer.
                 floor = [None] * min(settings.reads, 5_000)
-                run, _ = _http_run(pool, server, "healthz", floor, settings.clients, 1)
+                run, _ = http_run(pool, server, "healthz", floor, settings.clients, 1)
                 results["http"]["healthz"] = run
                 console.log(f"HTTP GET /healthz: {_line(run)}")
         finally:

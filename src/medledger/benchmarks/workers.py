@@ -32,7 +32,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from medledger.benchmarks.api import _http_run, _resources, _Server
+from medledger.benchmarks.api import ApiServer, bench_resources, http_run
 from medledger.benchmarks.common import (
     finish_results,
     percentiles,
@@ -134,7 +134,7 @@ def run_workers_bench(
     started = time.perf_counter()
     rng = random.Random(7)  # noqa: S311 - reproducible sampling
     warmup = 50 if quick else 200
-    resources = _resources(warmup + creates * 8, 7)
+    resources = bench_resources(warmup + creates * 8, 7)
     bodies = [{"resourceType": r["resourceType"], "body": orjson.dumps(r)} for r in resources]
     spawn = multiprocessing.get_context("spawn")
     with (
@@ -143,18 +143,18 @@ def run_workers_bench(
     ):
         for count in workers:
             run: dict[str, Any] = {"workers": count, "load_before": _load()}
-            server = _Server(base / f"node-{count}", count)
+            server = ApiServer(base / f"node-{count}", count)
             try:
                 offset = 0
-                _, ids = _http_run(pool, server, "create", bodies[:warmup], clients, 1)
+                _, ids = http_run(pool, server, "create", bodies[:warmup], clients, 1)
                 offset += warmup
-                _http_run(pool, server, "read", ids[:warmup], clients, 1)
-                made, new = _http_run(
+                http_run(pool, server, "read", ids[:warmup], clients, 1)
+                made, new = http_run(
                     pool, server, "create", bodies[offset : offset + creates], clients, 1
                 )
                 offset += creates
                 ids += new
-                read = _http_run(pool, server, "read", rng.choices(ids, k=reads), clients, 1)[0]
+                read = http_run(pool, server, "read", rng.choices(ids, k=reads), clients, 1)[0]
                 run["creates"], run["reads"] = made, read
                 console.log(
                     f"{count} worker(s): creates {made['per_s']:,}/s "
