@@ -71,7 +71,7 @@ from medledger.synthetic import generate_patients
 __all__ = ["SharingSettings", "hpke_cost_us", "run_sharing_bench"]
 
 _HOUR_MS = 3_600_000
-_NAMES = ("Holder Hospital", "Reader Clinic")
+INSTITUTION_NAMES = ("Holder Hospital", "Reader Clinic")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,7 +169,9 @@ def _primitive_round_trip_s(
 
 
 @dataclass
-class _Net:
+class SharingNet:
+    """Two institutions sharing one patient's records: what a fetch benchmark needs."""
+
     net: LocalNetwork
     holder_id: str
     holder_root: Path
@@ -183,7 +185,9 @@ class _Net:
         return self.holder_proc.cpu_s() if self.holder_proc is not None else 0.0
 
 
-async def _setup(net: LocalNetwork, holder: Node, reader: Node, base: Path, resources: int) -> Any:
+async def setup_sharing(
+    net: LocalNetwork, holder: Node, reader: Node, base: Path, resources: int
+) -> Any:
     """The patient's records at the holder, enrolled there, consent to the reader final."""
     patient = generate_patients(1, seed=7, resources_per_patient=resources)[0]
     stored = []
@@ -217,19 +221,19 @@ async def _setup(net: LocalNetwork, holder: Node, reader: Node, base: Path, reso
 @contextlib.asynccontextmanager
 async def _sharing_network(
     base: Path, kem: str, resources: int, holder_process: bool
-) -> AsyncIterator[_Net]:
+) -> AsyncIterator[SharingNet]:
     """Holder and reader in one consortium (solo), a patient's records at the holder.
 
     With ``holder_process`` the holder is set up here, closed, and started
     as its own ``medledger node start`` process on the peer URL of the
     genesis; otherwise both nodes are served by uvicorn in this process.
     """
-    holder_id, reader_id = (institution_id(n) for n in _NAMES)
+    holder_id, reader_id = (institution_id(n) for n in INSTITUTION_NAMES)
     socks = {i: loopback_socket() for i in (holder_id, reader_id)}
     urls = {inst: url_of(sock) for inst, sock in socks.items()}
     net = await LocalNetwork.create(
         base,
-        list(_NAMES),
+        list(INSTITUTION_NAMES),
         passphrase=BENCH_PASSPHRASE,
         kdf=BENCH_KDF,
         params=ConsortiumParams(),
@@ -239,8 +243,8 @@ async def _sharing_network(
     try:
         holder, reader = net.nodes[holder_id], net.nodes[reader_id]
 
-        def ready(consent: str, stored: list[str], **where: Any) -> _Net:
-            return _Net(
+        def ready(consent: str, stored: list[str], **where: Any) -> SharingNet:
+            return SharingNet(
                 net=net,
                 holder_id=holder_id,
                 holder_root=holder.paths.root,
@@ -252,10 +256,10 @@ async def _sharing_network(
 
         if not holder_process:
             async with serve_nodes(net.nodes, socks, base):
-                consent, stored = await _setup(net, holder, reader, base, resources)
+                consent, stored = await setup_sharing(net, holder, reader, base, resources)
                 yield ready(consent, stored, holder_node=holder)
             return
-        consent, stored = await _setup(net, holder, reader, base, resources)
+        consent, stored = await setup_sharing(net, holder, reader, base, resources)
         await holder.close()
         del net.nodes[holder_id]
         port = socks[holder_id].getsockname()[1]
@@ -279,7 +283,9 @@ async def _sharing_network(
         await net.close()
 
 
-async def _fetches(n: _Net, count: int, concurrency: int, offset: int = 0) -> dict[str, Any]:
+async def timed_fetches(
+    n: SharingNet, count: int, concurrency: int, offset: int = 0
+) -> dict[str, Any]:
     """``count`` verified fetches, ``concurrency`` in flight; throughput and latency."""
     assert n.reader.sharing is not None
     sharing = n.reader.sharing
@@ -353,11 +359,11 @@ async def _summaries_final(reader: Node, expected: int, timeout: float = 60.0) -
 
 async def _run_kem(base: Path, kem: str, settings: SharingSettings, console: Console) -> Any:
     async with _sharing_network(base, kem, settings.resources, settings.holder_process) as n:
-        warm = await _fetches(n, settings.warmup, 1)
+        warm = await timed_fetches(n, settings.warmup, 1)
         if warm["errors"]:
             raise RuntimeError(f"{kem}: warm-up fetch failed: {warm['first_error']}")
         done = settings.warmup
-        single = await _fetches(n, settings.latency_fetches, 1, done)
+        single = await timed_fetches(n, settings.latency_fetches, 1, done)
         done += settings.latency_fetches
         console.log(
             f"{kem}: concurrency 1 → p50 {single['latency_ms']['p50']} ms, "
@@ -365,7 +371,7 @@ async def _run_kem(base: Path, kem: str, settings: SharingSettings, console: Con
         )
         loaded = []
         for c in settings.concurrency:
-            run = await _fetches(n, settings.throughput_fetches, c, done)
+            run = await timed_fetches(n, settings.throughput_fetches, c, done)
             done += settings.throughput_fetches
             loaded.append(run)
             console.log(

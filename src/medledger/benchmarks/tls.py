@@ -147,13 +147,18 @@ def _api(root: Path, settings: TlsSettings, console: Console) -> dict[str, Any]:
 
 async def _sharing_run(base: Path, tls: bool, settings: TlsSettings) -> dict[str, Any]:
     # Imported here: the sharing benchmark's setup and fetch loop, shared, not copied.
-    from medledger.benchmarks.sharing import _NAMES, _fetches, _Net, _setup
+    from medledger.benchmarks.sharing import (
+        INSTITUTION_NAMES,
+        SharingNet,
+        setup_sharing,
+        timed_fetches,
+    )
 
-    ids = [institution_id(n) for n in _NAMES]
+    ids = [institution_id(n) for n in INSTITUTION_NAMES]
     socks = {i: loopback_socket() for i in ids}
     urls = {i: url_of(sock, tls=tls) for i, sock in socks.items()}
     roots = []
-    for name in _NAMES:
+    for name in INSTITUTION_NAMES:
         root = base / institution_id(name)
         init_node(root, name=name, passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
         if not tls:  # a genesis that pins no certificate: members talk plain HTTP
@@ -171,8 +176,8 @@ async def _sharing_run(base: Path, tls: bool, settings: TlsSettings) -> dict[str
     try:
         holder, reader = net.nodes[ids[0]], net.nodes[ids[1]]
         async with serve_nodes(net.nodes, socks, base, tls=tls):
-            consent, stored = await _setup(net, holder, reader, base, 8)
-            n = _Net(
+            consent, stored = await setup_sharing(net, holder, reader, base, 8)
+            n = SharingNet(
                 net=net,
                 holder_id=ids[0],
                 holder_root=holder.paths.root,
@@ -181,8 +186,8 @@ async def _sharing_run(base: Path, tls: bool, settings: TlsSettings) -> dict[str
                 records=stored,
                 holder_node=holder,
             )
-            await _fetches(n, 20, settings.clients)  # warm-up (connections, caches)
-            run: dict[str, Any] = await _fetches(n, settings.fetches, settings.clients, 20)
+            await timed_fetches(n, 20, settings.clients)  # warm-up (connections, caches)
+            run: dict[str, Any] = await timed_fetches(n, settings.fetches, settings.clients, 20)
     finally:
         await net.close()
     if run["errors"]:
