@@ -223,6 +223,22 @@ def test_refresh_rotates_and_reuse_of_a_rotated_token_revokes_the_family(world: 
         refresh(world, third["refresh_token"])
 
 
+def test_an_access_token_does_not_refresh_and_a_refresh_token_does_not_give_access(
+    world: World,
+) -> None:
+    # The prefix is the presenter's text: swapping it must not turn one kind into the other.
+    answer = exchange(world, approved_code(world))
+    as_refresh = "mlr_" + answer["access_token"].removeprefix("mla_")
+    with pytest.raises(OAuthError, match="unknown refresh token"):
+        refresh(world, as_refresh)
+    as_access = "mla_" + answer["refresh_token"].removeprefix("mlr_")
+    with pytest.raises(InvalidInput, match="unknown token"):
+        asyncio.run(world.server.check_access(as_access, now_ms=T0))
+    # Both real tokens still work as what they are.
+    asyncio.run(world.server.check_access(answer["access_token"], now_ms=T0))
+    refresh(world, answer["refresh_token"])
+
+
 def test_a_re_bound_patient_key_ends_its_grants_at_once(world: World) -> None:
     first = exchange(world, approved_code(world))
     asyncio.run(world.server.check_access(first["access_token"], now_ms=T0))

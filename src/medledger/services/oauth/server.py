@@ -608,6 +608,11 @@ class AuthorizationServer:
             token.secret_hash, pkce.secret_hash(match.group(3))
         ):
             return None, None
+        # The prefix is text the caller chose: the stored kind decides. Otherwise an access
+        # token re-prefixed ``mlr_`` would refresh (a one-hour leak becomes lasting access),
+        # and a refresh token re-prefixed ``mla_`` would be a bearer token.
+        if token.kind != ("access" if prefix == "mla" else "refresh"):
+            return None, None
         return token, self.store.grant(token.grant)
 
     # -- using and revoking tokens ---------------------------------------------------------------
