@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from medledger.localnet.netproc import PidRecord
+from medledger.localnet.netproc import PidRecord, load_network
 from network_support import pid_files, run_cli, tls
 
 #: Wide enough that rich wraps no table cell, so phrases stay whole in the output.
@@ -75,19 +75,16 @@ def test_demo_tells_the_story_then_stops_everything(network_dir: Path) -> None:
     assert [n["running"] and n["ready"] for n in status["nodes"]] == [True, True, True]
     assert len(_running(network_dir)) == 3
     # The portal's address and the demo accounts: each token signs in where it says.
-    nodes = {
-        n["institution"]: n
-        for n in run_cli("network", "up", "--dir", network_dir, "--json").json()["nodes"]
-    }
-    assert f"{nodes['hospital-1']['url']}/portal/" in out
+    nodes = {n.institution: n for n in load_network(network_dir.resolve()).nodes}
+    assert f"{nodes['hospital-1'].url}/portal/" in out
     assert "patient, no key yet" in out and "auditor" in out
     accounts = re.findall(r"(hospital-\d)\W+(https://\S+/portal/)\W+(mlt_[0-9a-f]{12}_[\w-]+)", out)
     assert len(accounts) == 5, out
     roles = []
     for inst, url, token in accounts:
-        assert url == f"{nodes[inst]['url']}/portal/"
+        assert url == f"{nodes[inst].url}/portal/"
         me = httpx.get(
-            f"{nodes[inst]['url']}/portal/api/session",
+            f"{nodes[inst].url}/portal/api/session",
             headers={"Authorization": f"Bearer {token}"},
             verify=tls(nodes[inst]),
             timeout=30,

@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from medledger.core.encoding import canonical_bytes
+from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.services.consent_fhir import consent_for_grant, revocation_for
 from medledger.services.patients import PatientWallet
@@ -213,5 +215,37 @@ def test_the_capability_statement_lists_consent_and_audit_event(tmp_path: Path) 
                     f"/fhir/{rtype}", params={"patient": sn.wallet.fingerprint}
                 )
                 assert found.status_code == 200 and found.json()["type"] == "searchset"
+
+    run(tmp_path, story)
+
+
+def test_a_clinician_sees_a_records_provenance_verified(tmp_path: Path) -> None:
+    """``$provenance``: the record's block, the anchor covering it and its certificate."""
+
+    async def story(sn: SharingNet) -> None:
+        target = next(r for r in sn.records if r.startswith("Observation/"))
+        async with client(sn, "alpha", sn.token("alpha", "clinician")) as api:
+            r = await api.get(f"/fhir/{target}/$provenance")
+            assert r.status_code == 200, r.text
+            p = r.json()
+            assert p["resource"] == target and p["chain"] == "private:alpha"
+            assert p["anchored"] is True and p["verified"] is True, p
+            assert len(p["certified_by"]) >= p["quorum"] >= 2
+            # The block named holds the record's transaction ...
+            block = (await api.get(f"/chain/private/blocks/{p['block']}")).json()
+            hashes = [sha256(canonical_bytes(tx)).hex() for tx in block["txs"]]
+            assert p["record_tx"] in hashes
+            # ... and the consortium block named is final and holds alpha's anchor of it.
+            final = (await api.get(f"/chain/consortium/blocks/{p['consortium_height']}")).json()
+            assert final["hash"] == p["consortium_block"]
+            anchors = [t for t in final["txs"] if t["type"] == "anchor"]
+            assert any(
+                a["body"]["institution"] == "alpha" and a["body"]["log_size"] > p["leaf_index"]
+                for a in anchors
+            )
+            assert p["anchored_ms"] == final["header"]["time_ms"]
+            outcome(await api.get("/fhir/Observation/nothing-here/$provenance"), 404)
+        async with client(sn, "alpha", sn.token("alpha", "patient", sn.patient_id)) as api:
+            outcome(await api.get(f"/fhir/{target}/$provenance"), 403)
 
     run(tmp_path, story)
