@@ -7,6 +7,7 @@ An in-process consortium of three nodes, each served by uvicorn on loopback
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -247,5 +248,26 @@ def test_a_clinician_sees_a_records_provenance_verified(tmp_path: Path) -> None:
             outcome(await api.get("/fhir/Observation/nothing-here/$provenance"), 404)
         async with client(sn, "alpha", sn.token("alpha", "patient", sn.patient_id)) as api:
             outcome(await api.get(f"/fhir/{target}/$provenance"), 403)
+
+    run(tmp_path, story)
+
+
+def test_provenance_says_what_fails_when_the_anchor_block_is_not_final(tmp_path: Path) -> None:
+    """The badge is checked, not asserted: a stored anchor block stripped of its finality
+    certificate is reported as not verified, with the reason."""
+
+    async def story(sn: SharingNet) -> None:
+        target = next(r for r in sn.records if r.startswith("Condition/"))
+        node = sn.node("alpha")
+        assert node.consortium is not None and node.consortium_store is not None
+        anchor = node.consortium.state.anchors["alpha"]
+        height, _ = node.consortium_store.tx_location(anchor.tx_hash)
+        with sqlite3.connect(node.paths.consortium_db) as conn:
+            conn.execute("UPDATE blocks SET signatures = '[]' WHERE height = ?", (height,))
+        async with client(sn, "alpha", sn.token("alpha", "clinician")) as api:
+            p = (await api.get(f"/fhir/{target}/$provenance")).json()
+        assert p["anchored"] is True and p["consortium_height"] == height
+        assert p["verified"] is False and "not final" in p["problem"], p
+        assert "certified_by" not in p
 
     run(tmp_path, story)
