@@ -15,6 +15,17 @@ import pytest
 
 from cli_support import medledger_command
 
+#: The run's hang guard, in seconds: the quick profile of every benchmark takes a few
+#: minutes on an idle machine and several times that on a loaded one.
+QUICK_ALL_TIMEOUT = 1200
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The test that first asks for the shared run pays its setup: give it the run's guard."""
+    for item in items:
+        if "quick_all" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(QUICK_ALL_TIMEOUT + 60))
+
 
 @pytest.fixture(scope="session")
 def quick_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -37,7 +48,7 @@ def quick_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=QUICK_ALL_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
