@@ -405,3 +405,52 @@ def test_everything_and_export_hold_only_the_types_the_scopes_allow(smart: Smart
         assert status.status_code == 200, status.text
         assert {o["type"] for o in status.json()["output"]} <= {"Patient", "Observation"}
         assert app.delete(status_url).status_code == 202
+
+
+def staff_access_token(smart: Smart, scope: str) -> str:
+    """An access token of the app for the clinician, granted ``scope`` (user/ scopes)."""
+    verifier = pkce.new_secret()
+    with browser(smart) as web:
+        page = web.get(manual_authorize_url(smart, verifier, scope))
+        approval = web.post(
+            "/oauth/authorize/staff",
+            data={
+                "step": hidden(page.text, "step"),
+                "csrf": hidden(page.text, "csrf"),
+                "api_token": smart.live.clinician,
+            },
+        )
+        answer = redeem(web, smart, approve(web, approval), verifier)
+        assert answer.status_code == 200, answer.text
+        token: str = answer.json()["access_token"]
+        return token
+
+
+def test_included_resources_are_only_of_the_types_the_scopes_allow(smart: Smart) -> None:
+    """The path's scope check sees the searched type only: what _include and _revinclude
+    add is of other types and must be narrowed to the scopes too."""
+    token = staff_access_token(smart, "user/Patient.read user/Observation.read")
+    with smart.live.client(token, verify=smart.tls) as app:
+        search = app.get(
+            "/fhir/Patient",
+            params=[
+                ("_id", PATIENT),
+                ("_revinclude", "Observation:subject"),
+                ("_revinclude", "Condition:subject"),
+            ],
+        )
+        assert search.status_code == 200, search.text
+        shown = {
+            (e["resource"]["resourceType"], e["resource"]["id"]) for e in search.json()["entry"]
+        }
+        assert shown == {("Patient", PATIENT), ("Observation", "obs-1")}  # no cond-1
+    only_observations = staff_access_token(smart, "user/Observation.read")
+    with smart.live.client(only_observations, verify=smart.tls) as app:
+        search = app.get(
+            "/fhir/Observation", params={"_id": "obs-1", "_include": "Observation:subject"}
+        )
+        assert search.status_code == 200, search.text
+        shown = {
+            (e["resource"]["resourceType"], e["resource"]["id"]) for e in search.json()["entry"]
+        }
+        assert shown == {("Observation", "obs-1")}  # not the Patient it refers to

@@ -36,6 +36,7 @@ __all__ = [
     "patient_gate",
     "patient_may_see",
     "readable_types",
+    "within_read_scopes",
 ]
 
 
@@ -187,3 +188,17 @@ def readable_types(who: TokenInfo, asked: frozenset[str] | None) -> frozenset[st
     if refused:
         raise Forbidden(f"the token's scopes do not allow reading {', '.join(refused)}")
     return asked
+
+
+def within_read_scopes(who: TokenInfo, found: list[StoredResource]) -> list[StoredResource]:
+    """Of ``found`` (e.g. what ``_include``/``_revinclude`` added), what an access token's
+    scopes let it read; all of it for a plain API token.
+
+    The path's scope check sees only the searched type; an included resource is of any
+    type its references name, so a ``user/Observation.read`` token would otherwise read
+    the Patients and Practitioners its Observations point to.
+    """
+    if who.scopes is None:
+        return found
+    scopes = parse_scopes(" ".join(who.scopes))
+    return [s for s in found if scopes.allows(s.resource_type, "r")]

@@ -50,6 +50,9 @@ from medledger.api.clinical_reads import (
 from medledger.api.clinical_reads import (
     patient_may_see as _patient_may_see,
 )
+from medledger.api.clinical_reads import (
+    within_read_scopes as _within_read_scopes,
+)
 from medledger.api.deps import NodeDep, Records
 from medledger.api.errors import TooLarge, UnsupportedMediaType, error_outcome
 from medledger.api.negotiation import JSON_PATCH, check_formats
@@ -549,6 +552,7 @@ async def _search(
     revinclude = [(v, False) for v in lists.get("_revinclude", [])]
     revinclude += [(v, True) for v in lists.get("_revinclude:iterate", [])]
     extra = await records.included(page, include, revinclude) if include or revinclude else []
+    extra = _within_read_scopes(who, extra)
     shown.extend(page)
     shown.extend(extra)
     base = f"/fhir/{resource_type}"
