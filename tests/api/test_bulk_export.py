@@ -4,6 +4,7 @@ owner-only status and files; cancel; expiry; the concurrent-job bound; resume af
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,3 +342,25 @@ def test_a_job_whose_key_is_gone_reports_an_error_not_a_server_error(
         assert outcome["issue"][0]["severity"] == "fatal"
         assert "key" in outcome["issue"][0]["diagnostics"]
         _wait_gone(live, status_url.rsplit("/", 1)[1])
+
+
+def test_an_accepted_job_is_on_disk_before_its_202(
+    live: LiveServer, data: Data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kick-off's 202 is an acknowledgement: the job file and the directory entries
+    leading to it are synced, so a crash right after it cannot lose the job."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with live.client(live.clinician) as client:
+        status_url = _kick_off(client, "/fhir/Patient/$export")
+        job_dir = live.root / "exports" / status_url.rsplit("/", 1)[1]
+        assert str(job_dir) in synced  # the job file's entry
+        assert str(job_dir.parent) in synced  # the job directory's entry
+        _manifest(client, status_url)
+        assert client.delete(status_url).status_code == 202

@@ -220,6 +220,14 @@ class ExportJob:
         )
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _file_json(f: ExportFile) -> dict[str, Any]:
     return {"type": f.type, "name": f.name, "count": f.count}
 
@@ -420,6 +428,9 @@ class BulkExports:
         )
         (self._root / job_id).mkdir(mode=0o700)
         self._save(job)
+        # The 202 is an acknowledgement: the job directory's own entry must be on disk
+        # too (``_save`` syncs the directory the job file is in, not the one above it).
+        _fsync_dir(self._root)
         self._jobs[job_id] = job
         self._queue.put_nowait(job_id)
         return job
