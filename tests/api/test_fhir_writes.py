@@ -471,7 +471,12 @@ def test_a_whole_patient_in_one_transaction_beyond_the_resource_limit(
     bundle = _bundle("transaction", *(_put(r) for r in resources))
     data = json.dumps(bundle, indent=4).encode()  # pretty-printed, as many clients send it
     assert len(data) > 4 * 1024 * 1024
-    r = clinician.post("/fhir", content=data, headers={"Content-Type": "application/fhir+json"})
+    r = clinician.post(
+        "/fhir",
+        content=data,
+        headers={"Content-Type": "application/fhir+json"},
+        timeout=600,  # a hang guard: thousands of entries take minutes on a loaded machine
+    )
     assert r.status_code == 200, r.text[:500]
     assert len(r.json()["entry"]) == len(resources)
     assert clinician.get(f"/fhir/Patient/{patient.patient_id}").status_code == 200
