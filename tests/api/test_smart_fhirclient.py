@@ -407,8 +407,9 @@ def test_everything_and_export_hold_only_the_types_the_scopes_allow(smart: Smart
         assert app.delete(status_url).status_code == 202
 
 
-def staff_access_token(smart: Smart, scope: str) -> str:
-    """An access token of the app for the clinician, granted ``scope`` (user/ scopes)."""
+def staff_access_token(smart: Smart, scope: str, api_token: str = "") -> str:
+    """An access token of the app for a staff member (the clinician unless ``api_token``
+    says otherwise), granted ``scope`` (user/ scopes)."""
     verifier = pkce.new_secret()
     with browser(smart) as web:
         page = web.get(manual_authorize_url(smart, verifier, scope))
@@ -417,7 +418,7 @@ def staff_access_token(smart: Smart, scope: str) -> str:
             data={
                 "step": hidden(page.text, "step"),
                 "csrf": hidden(page.text, "csrf"),
-                "api_token": smart.live.clinician,
+                "api_token": api_token or smart.live.clinician,
             },
         )
         answer = redeem(web, smart, approve(web, approval), verifier)
@@ -454,3 +455,17 @@ def test_included_resources_are_only_of_the_types_the_scopes_allow(smart: Smart)
             (e["resource"]["resourceType"], e["resource"]["id"]) for e in search.json()["entry"]
         }
         assert shown == {("Observation", "obs-1")}  # not the Patient it refers to
+
+
+def test_an_admins_sign_in_does_not_give_an_app_the_admin_operations(smart: Smart) -> None:
+    """SMART scopes are about FHIR data: an app an administrator approved for user/*.*
+    reads and writes records as the admin, but erasing, key rotation and re-binding
+    stay with the admin API token itself."""
+    token = staff_access_token(smart, "user/*.*", api_token=smart.live.admin)
+    with smart.live.client(token, verify=smart.tls) as app:
+        assert app.get("/fhir/Observation/obs-1").status_code == 200
+        for path in ("/admin/records/Condition/cond-1/erase", "/admin/keys/rotate"):
+            refused = app.post(path)
+            assert refused.status_code == 403, refused.text
+            assert "admin API token" in refused.text
+        assert app.get("/fhir/Condition/cond-1").status_code == 200  # not erased

@@ -28,6 +28,7 @@ from fastapi.responses import Response
 
 from medledger.api.auth import require
 from medledger.api.deps import NodeDep, Records
+from medledger.api.errors import Forbidden
 from medledger.api.fhir import read_body
 from medledger.api.responses import fhir_response
 from medledger.api.sharing import wallet_key
@@ -39,7 +40,20 @@ from medledger.storage.ports import TokenInfo
 __all__ = ["router"]
 
 router = APIRouter(prefix="/admin", tags=["operations"])
-Admin = Annotated[TokenInfo, Depends(require("admin"))]
+
+
+async def _node_admin(who: Annotated[TokenInfo, Depends(require("admin"))]) -> TokenInfo:
+    """An admin API token itself, never an access token a sign-in issued for it.
+
+    SMART scopes speak of FHIR resources: an app an administrator approved for
+    ``user/*.*`` must not thereby erase records, rotate keys or re-bind patients.
+    """
+    if who.scopes is not None:
+        raise Forbidden("administration needs the admin API token, not a sign-in's access token")
+    return who
+
+
+Admin = Annotated[TokenInfo, Depends(_node_admin)]
 
 
 @router.post("/patients/{rid}/rebind", summary="break-glass re-binding of a patient's key")
