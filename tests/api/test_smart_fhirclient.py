@@ -469,3 +469,21 @@ def test_an_admins_sign_in_does_not_give_an_app_the_admin_operations(smart: Smar
             assert refused.status_code == 403, refused.text
             assert "admin API token" in refused.text
         assert app.get("/fhir/Condition/cond-1").status_code == 200  # not erased
+
+
+def test_a_token_scoped_to_some_types_cannot_match_on_others_by_chain_or_has(
+    smart: Smart,
+) -> None:
+    """A chain or _has matches on another type's values: with Observation scopes only,
+    'which Observations are about a female Patient' would read the Patient's gender."""
+    token = staff_access_token(smart, "user/Observation.read")
+    with smart.live.client(token, verify=smart.tls) as app:
+        for params in ({"subject:Patient.gender": "female"}, {"_has:Condition:subject:code": "x"}):
+            refused = app.get("/fhir/Observation", params=params)
+            assert refused.status_code == 403, refused.text
+        assert app.get("/fhir/Observation", params={"code": "x"}).status_code == 200
+    everything = staff_access_token(smart, "user/*.read")
+    with smart.live.client(everything, verify=smart.tls) as app:
+        found = app.get("/fhir/Observation", params={"subject:Patient.gender": "female"})
+        assert found.status_code == 200, found.text
+        assert [e["resource"]["id"] for e in found.json()["entry"]] == ["obs-1"]

@@ -51,10 +51,13 @@ from medledger.api.clinical_reads import (
     patient_may_see as _patient_may_see,
 )
 from medledger.api.clinical_reads import (
+    readable_types as _readable_types,
+)
+from medledger.api.clinical_reads import (
     within_read_scopes as _within_read_scopes,
 )
 from medledger.api.deps import NodeDep, Records
-from medledger.api.errors import TooLarge, UnsupportedMediaType, error_outcome
+from medledger.api.errors import Forbidden, TooLarge, UnsupportedMediaType, error_outcome
 from medledger.api.negotiation import JSON_PATCH, check_formats
 from medledger.api.oauth import oauth_uris_extension
 from medledger.api.responses import fhir_response, raw_fhir_response
@@ -542,6 +545,14 @@ async def _search(
                     "_has, _include or _revinclude"
                 )
             params["patient"] = [f"Patient/{who.patient}"]
+        elif _readable_types(who, None) is not None and any(
+            is_chain(k) or k.split(":")[0] == "_has" for k in params
+        ):
+            # A chain or _has matches on another type's values: an answer would tell a
+            # token scoped to this type what those hold (a Patient's name, say).
+            raise Forbidden(
+                "chained parameters and _has need read scopes on every type (user/*.read)"
+            )
         total, page = await records.search_page(
             resource_type, params, offset, count, sort=lists.get("_sort", [])
         )
