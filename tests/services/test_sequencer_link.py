@@ -30,6 +30,7 @@ from medledger.core.errors import (
 from medledger.core.models import Transaction
 from medledger.core.transactions import ACCESS, RECORD_PUT
 from medledger.node import Node, init_node, open_node, open_worker_node
+from medledger.services.access import AccessEntry
 from medledger.services.sequencer_link import (
     MAX_FRAME_BYTES,
     SOCKET_NAME,
@@ -155,7 +156,15 @@ def test_a_version_sealed_under_a_rotated_key_is_refused_and_the_worker_told(
 def test_the_sequencer_accepts_only_access_entries_in_submit(root: Path) -> None:
     async def body(pair: Pair) -> None:
         chain = pair.worker.chain
-        receipt = await chain.submit(ACCESS, {"kind": "test"})
+        entry = AccessEntry(
+            reader="link-hospital",
+            holder="link-hospital",
+            patient="",
+            consent="",
+            resource="Patient:" + "ab" * 32,
+            outcome="allowed",
+        )
+        receipt = await chain.submit(ACCESS, entry.private_body())
         assert pair.sequencer.store.tx_location(receipt.tx_hash)[0] == receipt.height
         height = pair.sequencer.chain.head.height
         forged = Transaction(type=RECORD_PUT, chain=chain.chain_id, body={"version": 1}, time_ms=1)
@@ -322,3 +331,33 @@ def test_a_connection_from_another_user_is_refused(root: Path) -> None:
         run(root, body)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_an_access_entry_with_free_text_is_refused_and_nothing_written(root: Path) -> None:
+    """The link is the worker's only way onto the chain: an access entry must have the
+    shape of one the node derives, so a broken or subverted worker cannot write a name
+    or a request's words on the private chain."""
+
+    async def body(pair: Pair) -> None:
+        chain = pair.worker.chain
+        height = pair.sequencer.chain.head.height
+        good = AccessEntry(
+            reader="link-hospital",
+            holder="link-hospital",
+            patient="",
+            consent="",
+            resource="list",
+            outcome="allowed",
+        ).private_body()
+        for bad in (
+            {"kind": "test"},  # not an access entry's fields
+            {**good, "reason": "Ann Smith, HIV test"},  # free text in a field
+            {**good, "extra": "Ann Smith"},  # a field no entry has
+            {**good, "outcome": 1},  # not text
+        ):
+            with pytest.raises(InvalidInput):
+                await chain.submit(ACCESS, bad)
+        assert pair.sequencer.chain.head.height == height
+        await chain.submit(ACCESS, good)
+
+    run(root, body)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -54,6 +55,7 @@ from medledger.core.errors import (
 from medledger.core.models import BlockHeader, Receipt, Transaction
 from medledger.core.transactions import ACCESS
 from medledger.ledger.private import PrivateChain
+from medledger.services.access import AccessEntry
 from medledger.services.records.model import SealedCommit, SealedWrite
 from medledger.services.records.service import RecordsService
 from medledger.storage.ports import ChainStore, VersionRow
@@ -229,6 +231,18 @@ def _error_from_json(value: Any) -> MedledgerError:
     return cls(str(value.get("message", "")))
 
 
+def _check_access_body(body: dict[str, Any]) -> None:
+    """An access entry's body as the node derives it (``AccessEntry``): its fields, each
+    of the shape of a derived value. A worker cannot put free text (a name, a request's
+    words) on the chain, whatever it sends."""
+    if set(body) != _ACCESS_FIELDS or not all(isinstance(v, str) for v in body.values()):
+        raise InvalidInput("an access entry's body is not one this node derives")
+    AccessEntry(**body)
+
+
+_ACCESS_FIELDS = frozenset(field.name for field in dataclasses.fields(AccessEntry))
+
+
 # -- the sequencer's side ------------------------------------------------------------------
 
 
@@ -330,6 +344,8 @@ class SequencerServer:
             if any(tx.type != ACCESS or tx.signatures for tx in parsed):
                 # Workers write access entries this way; records only through ``commit``.
                 raise InvalidInput("a worker submits only access entries")
+            for tx in parsed:
+                _check_access_body(tx.body)
             return await self._chain.submit_many(parsed)
         if op == "commit":
             versions = request.get("versions")
