@@ -49,6 +49,8 @@ _MAX_INT: Final = 2**62
 #: Tokens (and candidate ids) per statement: far below both backends' parameter limits.
 _CHUNK: Final = 400
 _PAGE: Final = 1000
+#: The first limit a search counts each group's stored tokens up to.
+_FIRST_COUNT_LIMIT: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,17 +138,32 @@ class RecordQueries:
         )
 
     def count_tokens(self, tokens: int) -> str:
-        """How many stored tokens of a type are among ``tokens`` given ones."""
+        """How many stored tokens of a type are among ``tokens`` given ones, up to a limit.
+
+        The limit (the last parameter) keeps counting a common token from
+        reading every record that holds it.
+        """
         return self.dialect.render(
-            f"SELECT COUNT(*) FROM tokens WHERE rtype = ? AND token IN ({_marks(tokens)})"
+            "SELECT COUNT(*) FROM (SELECT 1 FROM tokens WHERE rtype = ?"
+            f" AND token IN ({_marks(tokens)}) LIMIT ?) AS capped"
         )
 
     def ids_with_tokens(self, tokens: int, candidates: int = 0) -> str:
-        """Ids of a type holding one of ``tokens`` tokens (among ``candidates`` ids, if any)."""
+        """Ids of a type holding one of ``tokens`` tokens (among ``candidates`` ids, if any).
+
+        An id holding several of the tokens comes back once per token: the
+        caller collects them in a set. No ``DISTINCT``: to return distinct
+        ids without sorting, SQLite's planner walked ``tokens_by_record`` over
+        *every* token of the type (rid order) instead of looking the tokens up
+        in ``tokens_by_token`` — a search then read the whole type, its cost
+        growing with the store instead of with what it matches. Without it,
+        the lookup uses the index matching the most columns on both backends:
+        ``tokens_by_token`` (token, type), or ``tokens_by_record`` (type, id)
+        among candidates, whose rows are bounded by the candidates.
+        """
         among = f" AND rid IN ({_marks(candidates)})" if candidates else ""
         return self.dialect.render(
-            f"SELECT DISTINCT rid FROM tokens WHERE rtype = ? AND token IN ({_marks(tokens)})"
-            + among
+            f"SELECT rid FROM tokens WHERE rtype = ? AND token IN ({_marks(tokens)})" + among
         )
 
 
@@ -259,10 +276,22 @@ class RecordReads:
         The group matching the fewest stored tokens is resolved first (counted,
         not guessed from the group's size); the others only check its
         candidates, so a common code does not drag in every record it matches.
+        The work done grows with the rarest group's matches and the
+        candidates, not with the store.
         """
         if not groups:
             return []
-        counted = sorted(groups, key=lambda g: self._count(resource_type, g))
+        # Counted up to a limit that grows eightfold until some group falls
+        # below it: that group is the rarest, and no count read more than
+        # eight times its matches (a common code is never counted in full).
+        limit = _FIRST_COUNT_LIMIT
+        while True:
+            counts = [self._count(resource_type, g, limit) for g in groups]
+            if min(counts) < limit:
+                break
+            limit *= 8
+        order = sorted(range(len(groups)), key=counts.__getitem__)
+        counted = [groups[i] for i in order]
         found = self._ids(resource_type, counted[0], None)
         for group in counted[1:]:
             if not found:
@@ -270,11 +299,14 @@ class RecordReads:
             found &= self._ids(resource_type, group, found)
         return sorted(found)
 
-    def _count(self, resource_type: str, group: set[bytes]) -> int:
+    def _count(self, resource_type: str, group: set[bytes], limit: int) -> int:
+        """Stored tokens of ``group`` (of this type), counted up to ``limit``."""
         total = 0
         for chunk in _chunks(sorted(group)):
-            row = self._select(self._queries.count_tokens(len(chunk)), (resource_type, *chunk))[0]
-            total += int(row[0])
+            sql = self._queries.count_tokens(len(chunk))
+            total += int(self._select(sql, (resource_type, *chunk, limit - total))[0][0])
+            if total >= limit:
+                return limit
         return total
 
     def _ids(self, resource_type: str, group: set[bytes], among: set[str] | None) -> set[str]:
