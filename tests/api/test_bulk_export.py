@@ -364,3 +364,29 @@ def test_an_accepted_job_is_on_disk_before_its_202(
         assert str(job_dir.parent) in synced  # the job directory's entry
         _manifest(client, status_url)
         assert client.delete(status_url).status_code == 202
+
+
+def test_at_start_a_corrupt_job_is_removed_but_an_unreadable_one_is_kept(
+    live: LiveServer, data: Data
+) -> None:
+    """A job.json that does not parse is derived data gone bad; one that cannot be read
+    now (here: a directory in its place, read fails with EISDIR) may read next time."""
+    node = live.node
+    exports = node.exports
+    assert exports is not None
+    root = live.root / "exports"
+    corrupt, unreadable = root / ("a" * 32), root / ("b" * 32)
+    corrupt.mkdir()
+    (corrupt / "job.json").write_text("{not json")
+    (unreadable / "job.json").mkdir(parents=True)
+
+    async def restart() -> None:
+        await exports.close()
+        node.exports = None
+        await node.start_exports(ttl_s=3600, sweep_interval_s=0.2)
+
+    live.run(restart())
+    assert not corrupt.exists()
+    assert (unreadable / "job.json").is_dir()
+    (unreadable / "job.json").rmdir()
+    unreadable.rmdir()

@@ -61,6 +61,7 @@ from medledger.services.fhir import dump_resource
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import StoredResource, instant
 from medledger.services.records.service import RecordsService
+from medledger.storage.durable_files import write_all
 from medledger.storage.keystore import atomic_write
 from medledger.storage.ports import VersionRow
 
@@ -264,10 +265,7 @@ class ExportFileWriter:
         aad = _frame_aad(self._job_id, self._name, self._index, last)
         sealed = nonce + self._aead.encrypt(nonce, plaintext, aad)
         data = _FRAME_HEADER.pack(len(sealed)) + sealed
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        write_all(self._fd, data)
         self._index += 1
 
     def close(self) -> None:
@@ -379,11 +377,19 @@ class BulkExports:
             if not entry.is_dir() or not _valid_job_id(entry.name):
                 continue
             try:
-                data = json.loads((entry / _JOB_FILE).read_text(encoding="utf-8"))
-                job = ExportJob.from_json(data)
+                text = (entry / _JOB_FILE).read_text(encoding="utf-8")
+            except FileNotFoundError:
+                text = ""  # a job whose kick-off never finished: nothing was acknowledged
+            except OSError:
+                # A read error may pass (EIO, EMFILE): keep the job for the next start
+                # rather than delete what was acknowledged.
+                log.warning("a bulk export job directory could not be read; kept for later")
+                continue
+            try:
+                job = ExportJob.from_json(json.loads(text))
                 if job.id != entry.name:
                     raise ValueError("job id differs from its directory")
-            except (OSError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 # Derived data only (the records stay in the store): a job whose state
                 # cannot be read is removed rather than served half-known.
                 log.warning("removing an unreadable bulk export job directory")

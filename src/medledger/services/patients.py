@@ -16,6 +16,7 @@ from medledger.core.errors import Conflict, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey, VerifyingKey
 from medledger.core.models import Signature, Transaction
 from medledger.core.passphrase import check_new_passphrase
+from medledger.storage.durable_files import write_all
 from medledger.storage.keystore import atomic_write
 
 __all__ = ["PatientWallet"]
@@ -78,7 +79,7 @@ class PatientWallet:
             raise KeyStoreError(f"cannot create {path}: {exc.strerror}") from None
         try:
             os.fchmod(fd, 0o600)  # whatever the umask allowed
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from medledger.core.errors import IntegrityError, NotFound, StorageError, StorageFull
 from medledger.core.hashing import sha256
+from medledger.storage.durable_files import write_all
 
 __all__ = ["FileBlobStore", "PROCESS_STARTED", "storage_os_error"]
 
@@ -98,7 +99,7 @@ class FileBlobStore:
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                     staged.append((tmp, final))
                     file_fds.append(fd)
-                    _write_all(fd, data)
+                    write_all(fd, data)
                 if not staged:
                     return hashes
                 for tmp, final in staged:
@@ -206,16 +207,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:
         return float("inf")  # gone meanwhile: never "old"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write every byte of ``data``: ``os.write`` may write only part of it."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:  # pragma: no cover - a POSIX write of >0 bytes never returns 0
-            raise OSError(errno.EIO, "write wrote nothing")
-        view = view[written:]
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)

@@ -32,6 +32,7 @@ from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import InvalidInput, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey
 from medledger.core.passphrase import check_new_passphrase
+from medledger.storage.durable_files import write_all
 
 __all__ = ["CURRENT_KEK", "FileKeyStore", "KdfParams", "atomic_write"]
 
@@ -57,7 +58,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
