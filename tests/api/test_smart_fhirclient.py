@@ -487,3 +487,45 @@ def test_a_token_scoped_to_some_types_cannot_match_on_others_by_chain_or_has(
         found = app.get("/fhir/Observation", params={"subject:Patient.gender": "female"})
         assert found.status_code == 200, found.text
         assert [e["resource"]["id"] for e in found.json()["entry"]] == ["obs-1"]
+
+
+def test_an_app_keeps_its_bulk_export_across_a_token_refresh(smart: Smart) -> None:
+    """An export outlives the hour-long access token that started it: the job belongs to
+    the sign-in (its grant), so the refreshed token polls it and another sign-in cannot."""
+    verifier = pkce.new_secret()
+    with browser(smart) as web:
+        page = web.get(manual_authorize_url(smart, verifier, "user/Patient.read offline_access"))
+        approval = web.post(
+            "/oauth/authorize/staff",
+            data={
+                "step": hidden(page.text, "step"),
+                "csrf": hidden(page.text, "csrf"),
+                "api_token": smart.live.clinician,
+            },
+        )
+        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+        with smart.live.client(tokens["access_token"], verify=smart.tls) as app:
+            kick_off = app.get("/fhir/Patient/$export", headers={"Prefer": "respond-async"})
+            assert kick_off.status_code == 202, kick_off.text
+        status_url = kick_off.headers["Content-Location"]
+        refreshed = web.post(
+            "/oauth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": tokens["refresh_token"],
+                "client_id": smart.app_id,
+            },
+        )
+        assert refreshed.status_code == 200, refreshed.text
+    new_access = refreshed.json()["access_token"]
+    assert new_access != tokens["access_token"]
+    other = staff_access_token(smart, "user/Patient.read")  # the same clinician, another sign-in
+    with smart.live.client(other, verify=smart.tls) as stranger:
+        assert stranger.get(status_url).status_code == 404
+    with smart.live.client(new_access, verify=smart.tls) as app:
+        deadline = time.monotonic() + 60
+        while (status := app.get(status_url)).status_code == 202:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert status.status_code == 200, status.text
+        assert app.delete(status_url).status_code == 202

@@ -117,7 +117,7 @@ async def _kick_off(
     if group is not None:
         # The Group must exist now: a kick-off for a Group that is not there is a 404.
         await node.records.read("Group", group)
-    job = exports.submit(spec, owner=who.id, actor=f"{who.role}:{who.id}")
+    job = exports.submit(spec, owner=who.owner, actor=f"{who.role}:{who.id}")
     status_url = f"{base_url(request)}/$export-status/{job.id}"
     outcome = {
         "resourceType": "OperationOutcome",
@@ -164,7 +164,7 @@ def _http_date(ms: int) -> str:
 @router.get("/$export-status/{job_id}", summary="Bulk Data export: status and manifest")
 async def export_status(job_id: str, request: Request, node: NodeDep, who: JobOwner) -> Response:
     exports = _exports(node)
-    job = exports.job(job_id, who.id)
+    job = exports.job(job_id, who.owner)
     if not job.complete:
         return Response(status_code=202, headers={"X-Progress": job.progress(), "Retry-After": "2"})
     manifest = exports.manifest(job, f"{base_url(request)}/$export-file")
@@ -183,7 +183,7 @@ def _expires(exports: BulkExports, job: ExportJob) -> dict[str, str]:
 @router.delete("/$export-status/{job_id}", summary="Bulk Data export: cancel")
 async def export_cancel(job_id: str, node: NodeDep, who: JobOwner) -> Response:
     """Cancel the job (or forget a finished one) and remove its files."""
-    await _exports(node).cancel(job_id, who.id)
+    await _exports(node).cancel(job_id, who.owner)
     outcome: dict[str, Any] = {
         "resourceType": "OperationOutcome",
         "issue": [
@@ -212,7 +212,7 @@ async def export_file(
     """The file's NDJSON, decrypted while it streams; the job's files go after the last."""
     if not _accepts_ndjson(request):
         raise NotAcceptable(f"export files are {NDJSON}")
-    stream = await _exports(node).download(job_id, who.id, name)
+    stream = await _exports(node).download(job_id, who.owner, name)
     return StreamingResponse(
         stream,
         media_type=NDJSON,

@@ -313,6 +313,15 @@ class TokenInfo:
     revoked: bool
     #: The OAuth scopes an access token was granted (``None``: a plain API token, role only).
     scopes: tuple[str, ...] | None = None
+    #: Who owns what the token starts (a bulk export job). An OAuth access token is
+    #: replaced at every refresh, so its owner is the sign-in's grant or, for
+    #: client_credentials, the client; ``None``: the token itself (see :attr:`owner`).
+    principal: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """The owner of what this token starts: :attr:`principal`, else the token's id."""
+        return self.principal or self.id
 
 
 class TokenStore(Protocol):

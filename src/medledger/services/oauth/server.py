@@ -666,6 +666,7 @@ class AuthorizationServer:
             expires_ms=token.expires_ms,
             revoked=False,
             scopes=parse_scopes(grant.scope).granted,
+            principal=_principal_of(grant),
         )
 
     def revoke(self, presented: str, client: OAuthClient) -> None:
@@ -688,3 +689,10 @@ class AuthorizationServer:
     def scopes_of(info: TokenInfo) -> ScopeSet | None:
         """The scopes an access token carries (``None``: a plain API token)."""
         return None if info.scopes is None else parse_scopes(" ".join(info.scopes))
+
+
+def _principal_of(grant: OAuthGrant) -> str:
+    """Who owns what a grant's tokens start: the client for client_credentials (a new
+    grant every hour), else the sign-in's grant (its tokens change at every refresh)."""
+    kind, _, ident = grant.label.partition(":")
+    return f"oauth-client:{ident}" if kind == "client" else f"oauth-grant:{grant.id}"
