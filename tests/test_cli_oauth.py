@@ -39,6 +39,14 @@ def test_apps_are_registered_secrets_shown_once_and_bad_uris_refused(
         "node", "oauth-client", "add", "--dir", root, "--name", "X", "--redirect-uri", "http://a.example/cb"
     )  # fmt: skip
     assert refused.code == 1 and refused.err.startswith("error: ") and "https" in refused.err
+    removed = run_cli("node", "oauth-client", "remove", "--dir", root, "--client-id", "lab")
+    assert removed.code == 0, removed
+    assert removed.json() == {"removed": "lab", "grants_revoked": 0}
+    listed = run_cli("node", "oauth-client", "list", "--dir", root)
+    assert [c["client_id"] for c in listed.json()] == ["medledger-portal"]
+    for client_id in ("lab", "medledger-portal"):
+        again = run_cli("node", "oauth-client", "remove", "--dir", root, "--client-id", client_id)
+        assert again.code != 0 and again.err.startswith("error: ") and again.out == "", again
 
 
 def test_export_key_for_browser_writes_a_new_owner_only_jwk(tmp_path: Path) -> None:

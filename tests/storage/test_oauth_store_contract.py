@@ -124,6 +124,28 @@ def test_of_concurrent_redemptions_exactly_one_wins(backend: OAuthBackend) -> No
     assert sorted(wins) == [False, False, False, True]
 
 
+def test_removing_a_client_revokes_its_grants_first(store: OAuthStore) -> None:
+    store.add_client(client())
+    store.add_client(client("app-2"))
+    for grant_id, client_id in (("g1", "app-1"), ("g2", "app-1"), ("g3", "app-2")):
+        store.add_grant(
+            OAuthGrant(
+                id=grant_id,
+                client_id=client_id,
+                role="clinician",
+                patient=None,
+                scope="user/*.read",
+                label="token:t",
+                created_ms=T0,
+            )
+        )
+    store.revoke_grant("g2")
+    assert store.remove_client("app-1") == 1  # g1; g2 was revoked already
+    assert store.client("app-1") is None and [c.id for c in store.clients()] == ["app-2"]
+    assert [store.grant(g).revoked for g in ("g1", "g2", "g3")] == [True, True, False]  # type: ignore[union-attr]
+    assert store.remove_client("app-1") is None
+
+
 def test_grants_tokens_revocation_and_forgetting(store: OAuthStore) -> None:
     grant = OAuthGrant(
         id="g1",

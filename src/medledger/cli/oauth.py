@@ -1,4 +1,4 @@
-"""``medledger node oauth-client``: register and list the SMART on FHIR apps of a node.
+"""``medledger node oauth-client``: register, list and remove the SMART on FHIR apps of a node.
 
 The node's own portal (client id ``medledger-portal``) is always registered;
 other apps are added here. A confidential client's secret is printed once and
@@ -19,7 +19,7 @@ __all__ = ["oauth_client"]
 
 @click.group("oauth-client")
 def oauth_client() -> None:
-    """Register and list the apps that may sign users in through this node (SMART on FHIR)."""
+    """Register, list and remove the apps that may sign users in through this node (SMART)."""
 
 
 @oauth_client.command("add")
@@ -100,3 +100,24 @@ def oauth_client_list(root: Path) -> None:
             for c in clients
         ]
     )
+
+
+@oauth_client.command("remove")
+@dir_option
+@click.option("--client-id", required=True, help="The app to unregister.")
+def oauth_client_remove(root: Path, client_id: str) -> None:
+    """Unregister an app (a leaked secret, a retired app): every grant it holds ends now."""
+    from medledger.core.errors import InvalidInput, NotFound
+    from medledger.node import open_oauth_store
+    from medledger.services.oauth.server import PORTAL_CLIENT
+
+    if client_id == PORTAL_CLIENT.id:
+        raise InvalidInput("the node's own portal is always registered; it cannot be removed")
+    store = open_oauth_store(root)
+    try:
+        revoked = store.remove_client(client_id)
+    finally:
+        store.close()
+    if revoked is None:
+        raise NotFound(f"no app {client_id!r} is registered at this node")
+    emit({"removed": client_id, "grants_revoked": revoked})

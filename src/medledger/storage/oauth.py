@@ -126,6 +126,16 @@ class OAuthTables:
         rows = self._select(f"SELECT {_CLIENT_COLUMNS} FROM oauth_clients ORDER BY created_ms, id")
         return [_client(r) for r in rows]
 
+    def remove_client(self, client_id: str) -> int | None:
+        if self.client(client_id) is None:
+            return None
+        revoked = self._execute(
+            self._sql("UPDATE oauth_grants SET revoked = 1 WHERE client_id = ? AND revoked = 0"),
+            (client_id,),
+        )
+        self._execute(self._sql("DELETE FROM oauth_clients WHERE id = ?"), (client_id,))
+        return revoked
+
     # -- sign-in steps and codes ---------------------------------------------------------
 
     def put_pending(self, pending: OAuthPending) -> None:
