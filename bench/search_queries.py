@@ -7,7 +7,8 @@ query ``--repeat`` times with varying values, through the records service
 and prints p50 / p99 / max in milliseconds as JSON. Not part of the suite:
 100,000 resources take many minutes to load. Run:
 ``python bench/search_queries.py --resources 100000`` (``--resources 2000``
-for a quick look).
+for a quick look). ``--dir D`` keeps the node; ``--dir D --reuse`` queries it
+again without loading (e.g. with another build on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -83,11 +84,26 @@ async def _time(queries: list[Callable[[], Awaitable[int]]]) -> tuple[list[float
     return samples, found
 
 
-async def _run(root: Path, resources: int, repeat: int, seed: int) -> dict[str, Any]:
+def _generated(patients: int, seed: int) -> list[dict[str, Any]]:
+    """The patients :func:`_load` stored with the same arguments (generation is seeded)."""
+    people = []
+    for start in range(0, patients, 50):
+        batch = generate_patients(
+            min(50, patients - start),
+            seed=seed,
+            start_index=start,
+            resources_per_patient=PER_PATIENT,
+        )
+        people.extend(bundle.patient for bundle in batch)
+    return people
+
+
+async def _run(root: Path, resources: int, repeat: int, seed: int, load: bool) -> dict[str, Any]:
     node = open_node(root, PW)
     try:
         t = time.perf_counter()
-        people = await _load(node, max(1, resources // (PER_PATIENT + 1)), seed)
+        patients = max(1, resources // (PER_PATIENT + 1))
+        people = await _load(node, patients, seed) if load else _generated(patients, seed)
         load_s = time.perf_counter() - t
         rng = random.Random(seed)
         chosen = [rng.choice(people) for _ in range(repeat)]
@@ -143,8 +159,14 @@ async def _run(root: Path, resources: int, repeat: int, seed: int) -> dict[str, 
             results[name] = {**_percentiles(samples), "matches_per_query": found / len(chosen)}
         return {
             "resources": len(people) * (PER_PATIENT + 1),
-            "load_s": round(load_s, 1),
-            "load_per_s": round(len(people) * (PER_PATIENT + 1) / load_s, 1),
+            **(
+                {
+                    "load_s": round(load_s, 1),
+                    "load_per_s": round(len(people) * (PER_PATIENT + 1) / load_s, 1),
+                }
+                if load
+                else {}
+            ),
             "queries": results,
             "load_average": os.getloadavg(),
         }
@@ -158,11 +180,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--dir", type=Path, default=None, help="keep the node here")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="query the node an earlier run kept in --dir (same --resources and --seed)"
+        " instead of loading a new one: compares two builds on the same data",
+    )
     args = parser.parse_args()
+    if args.reuse and args.dir is None:
+        parser.error("--reuse needs --dir")
     with tempfile.TemporaryDirectory(prefix="search-bench-") as tmp:
         root = (args.dir or Path(tmp)) / "node"
-        init_node(root, name="Search Bench", passphrase=PW, kdf=KdfParams(n=2**12))
-        result = asyncio.run(_run(root, args.resources, args.repeat, args.seed))
+        if not args.reuse:
+            init_node(root, name="Search Bench", passphrase=PW, kdf=KdfParams(n=2**12))
+        result = asyncio.run(_run(root, args.resources, args.repeat, args.seed, not args.reuse))
     print(json.dumps(result, indent=2))
 
 
