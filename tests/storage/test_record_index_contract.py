@@ -386,3 +386,38 @@ def test_sqlite_search_work_does_not_grow_with_the_store(tmp_path: Path) -> None
             await index.close()
 
     asyncio.run(go())
+
+
+def test_latest_of_reads_many_resources_in_few_statements(open_index: IndexFactory) -> None:
+    """``latest_of`` gives each existing id's newest version, one statement per 400 ids.
+
+    A search reads the rows of everything it matches: one ``latest`` per id
+    was one statement per match.
+    """
+
+    async def go() -> None:
+        async with opened(open_index) as index:
+            await asyncio.gather(
+                *(index.put_version(row(f"r{i:04d}", 1), set()) for i in range(900))
+            )
+            await index.put_version(row("r0001", 2, t=5), set())
+            await index.put_version(row("r0001", 3, t=6), set())
+            statements: list[str] = []
+            select = index._select  # type: ignore[attr-defined]
+
+            def counting(sql: str, args: Sequence[Any] = ()) -> list[Any]:
+                statements.append(sql)
+                rows: list[Any] = select(sql, args)
+                return rows
+
+            index._select = counting  # type: ignore[attr-defined]
+            wanted = [f"r{i:04d}" for i in range(900)] + ["absent", "r0001"]
+            found = index.latest_of("Observation", wanted)
+            assert len(statements) == 3  # 901 distinct ids: 400 + 400 + 101
+            assert sorted(found) == [f"r{i:04d}" for i in range(900)]
+            assert found["r0001"] == row("r0001", 3, t=6)
+            assert found["r0899"] == row("r0899", 1)
+            assert index.latest_of("Patient", wanted) == {}
+            assert index.latest_of("Observation", []) == {}
+
+    asyncio.run(go())

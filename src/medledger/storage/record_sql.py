@@ -148,6 +148,14 @@ class RecordQueries:
             f" AND token IN ({_marks(tokens)}) LIMIT ?) AS capped"
         )
 
+    def latest_of(self, rids: int) -> str:
+        """The latest version of each of ``rids`` ids of a type (one primary-key probe each)."""
+        return self.dialect.render(
+            f"SELECT {COLUMNS} FROM versions AS v WHERE rtype = ? AND rid IN ({_marks(rids)})"
+            " AND version = (SELECT MAX(version) FROM versions"
+            " WHERE rtype = v.rtype AND rid = v.rid)"
+        )
+
     def ids_with_tokens(self, tokens: int, candidates: int = 0) -> str:
         """Ids of a type holding one of ``tokens`` tokens (among ``candidates`` ids, if any).
 
@@ -215,6 +223,16 @@ class RecordReads:
     def latest(self, resource_type: str, rid: str) -> VersionRow | None:
         rows = self._select(self._queries.latest, (resource_type, rid))
         return version_row(rows[0]) if rows else None
+
+    def latest_of(self, resource_type: str, rids: Sequence[str]) -> dict[str, VersionRow]:
+        """The latest version of each of ``rids`` that exists: one statement per
+        :data:`_CHUNK` ids, not one per id (a search reads its matches' rows at once)."""
+        found: dict[str, VersionRow] = {}
+        for chunk in _chunks(sorted(set(rids))):
+            for r in self._select(self._queries.latest_of(len(chunk)), (resource_type, *chunk)):
+                latest = version_row(r)
+                found[latest.id] = latest
+        return found
 
     def get_version(self, resource_type: str, rid: str, version: int) -> VersionRow | None:
         """The version, or ``None`` — also for a number no backend can store (outside int4)."""

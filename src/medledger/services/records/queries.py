@@ -152,12 +152,12 @@ class RecordSearch:
             return kept
 
         ids = sorted(evaluate(query, find=find, every=every, check=check))
-        rows = []
-        for rid in ids:
-            row = self._index.latest(resource_type, rid)
-            if row is not None and not row.erased and not row.deleted:
-                rows.append(row)
-        return rows
+        latest = self._index.latest_of(resource_type, ids)
+        return [
+            row
+            for row in (latest.get(rid) for rid in ids)
+            if row is not None and not row.erased and not row.deleted
+        ]
 
     def _chain(self, rtype: str, key: str, values: Sequence[str], depth: int) -> Query:
         """``subject:Patient.name=x``: references to the Patients whose name matches."""
