@@ -187,11 +187,24 @@ def clinician_token(node_dir: Path) -> str:
     return str(json.loads(run.out)["token"])
 
 
-def start_node(root: Path, log: Path) -> NodeProcess:
+def start_node(root: Path, log: Path, workers: int | None = 2) -> NodeProcess:
+    """``node start`` with ``workers`` API worker processes (None: the default)."""
+    worker_options = [] if workers is None else ["--workers", str(workers)]
     (port,) = free_ports(1)
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            [*medledger_command(), "node", "start", "--dir", str(root), "--port", str(port)],
+            # Two API workers unless told otherwise: the graceful stop under writes
+            # is pinned with the sequencer and its workers (decision 0035).
+            [
+                *medledger_command(),
+                "node",
+                "start",
+                "--dir",
+                str(root),
+                "--port",
+                str(port),
+                *worker_options,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,
@@ -370,7 +383,7 @@ def test_restart_serves_every_acknowledged_record(
 def test_the_node_serves_https_only_and_plain_http_is_refused_off_loopback(
     node_dir: Path, tmp_path: Path
 ) -> None:
-    node = start_node(node_dir, tmp_path / "tls.log")
+    node = start_node(node_dir, tmp_path / "tls.log", workers=None)
     try:
         port = int(node.url.rsplit(":", 1)[1])
         with httpx.Client(base_url=node.url, timeout=10, verify=node.tls) as client:
