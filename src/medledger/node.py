@@ -33,6 +33,7 @@ from medledger.core.passphrase import check_new_passphrase
 from medledger.core.tls import MemberCertificate
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.consortium.followed import StoredMembership
 from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.consortium.rules import AnchorRecord
 from medledger.ledger.integrity import check_private_store, last_anchor
@@ -139,6 +140,8 @@ class Node:
     nats_tls: ssl.SSLContext | None = None
     _nats_trusted: set[str] = field(default_factory=set)
     _genesis_anchors: tuple[object, tuple[MemberCertificate, ...]] | None = None
+    #: An API worker's view of the members: the stored consortium chain it follows.
+    _stored_members: StoredMembership | None = None
     #: Bulk export jobs, once :meth:`start_exports` ran (the API answers 503 before).
     exports: BulkExports | None = None
     health: Health = field(default_factory=Health)
@@ -295,6 +298,10 @@ class Node:
         """The current members' pinned TLS certificates (the genesis's before joining)."""
         if self.consortium is not None:
             return self.consortium.state.members.tls_certificates()
+        if self._stored_members is not None:
+            # An API worker: the parent's member stores the final chain; a member the
+            # consortium removed is no longer trusted here either (decision 0035).
+            return self._stored_members.members().tls_certificates()
         try:
             version = file_version(self.paths.genesis)
         except FileNotFoundError:
@@ -447,6 +454,8 @@ class Node:
         self.store.close()
         if self._consortium_store is not None:
             self._consortium_store.close()
+        if self._stored_members is not None:
+            self._stored_members.close()
         close_blobs = getattr(self._blobs, "close", None)
         if close_blobs is not None:
             close_blobs()
@@ -1049,4 +1058,25 @@ def open_worker_node(
         _blobs=blobs,
         _keys=keys,
         clock=clock,
+        _stored_members=_stored_membership(config, paths),
     )
+
+
+def _stored_membership(config: NodeConfig, paths: NodePaths) -> StoredMembership | None:
+    """An API worker's view of the consortium's members, if the node is in a consortium.
+
+    The store is opened at the first handshake (a forked worker opens its node
+    before the parent has joined the consortium and created it); until it exists
+    the genesis's members are trusted, as by a node that has not joined.
+    """
+    if config.consortium is None or not paths.genesis.exists():
+        return None
+    genesis = load_genesis(paths.genesis)
+    target = _store_target(config.storage, paths.consortium_db)
+
+    def open_store() -> ChainStore:
+        return factory.open_chain_store(
+            config.storage.store, target, genesis.chain_id, schema=_schema(config, "consortium")
+        )
+
+    return StoredMembership(genesis, open_store)
