@@ -30,7 +30,13 @@ BENCH_ALL_UNIT = "tests/benchmarks (bench all --quick)"
 SLOWEST_FIRST: tuple[str, ...] = (
     BENCH_ALL_UNIT,
     "tests/multihost/test_multihost_scenario.py",
+    "tests/test_cli_network.py",
     "tests/api/test_api_fuzz.py",
+    "tests/test_demo.py",
+    "tests/test_cli_sharing.py",
+    "tests/ledger/test_crash_safety.py",
+    "tests/api/test_portal_browser.py",
+    "tests/faults/test_store_faults.py",
     "tests/test_cli.py",
 )
 
