@@ -865,6 +865,55 @@ def _close_unused(index: RecordIndex) -> None:
     raise StorageError("the record index could not be closed")
 
 
+def _open_node_keys(root: Path, passphrase: bytes) -> tuple[NodeConfig, NodePaths, FileKeyStore]:
+    """The node's configuration and unlocked keystore, whose signing key must be node.toml's."""
+    config = load_config(root)
+    paths = NodePaths(root=root)
+    keystore = FileKeyStore.open(paths.keystore, passphrase)
+    if keystore.signing_key().public != config.signing_key:
+        raise IntegrityError("the keystore's signing key is not the one in node.toml")
+    return config, paths, keystore
+
+
+def _open_chain_and_index(config: NodeConfig, paths: NodePaths) -> tuple[ChainStore, RecordIndex]:
+    """The private chain's store and the record index (the store closed if the index fails)."""
+    storage = config.storage
+    store = factory.open_chain_store(
+        storage.store,
+        _store_target(storage, paths.chain_db),
+        config.chain,
+        schema=_schema(config, "chain"),
+    )
+    try:
+        index = factory.open_record_index(
+            storage.store,
+            _store_target(storage, paths.records_db),
+            schema=_schema(config, "records"),
+        )
+    except BaseException:
+        store.close()
+        raise
+    return store, index
+
+
+def _open_blob_store(config: NodeConfig, paths: NodePaths) -> BlobStore:
+    """The node's blob store: files under the node directory, or its database schema."""
+    storage = config.storage
+    if storage.blobs == "file":
+        return factory.open_blob_store(storage.blobs, paths.blobs, schema=None)
+    return factory.open_blob_store(
+        storage.blobs, storage.dsn, schema=factory.node_schema(config.institution, "blobs")
+    )
+
+
+def _store_health(root: Path, blobs: str) -> StoreHealth:
+    """Free-space watch of the node's disk (only where its blobs are files)."""
+    return StoreHealth(
+        root if blobs == "file" else None,
+        min_free_bytes=int(_env_number(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)),
+    )
+
+
 def open_node(
     root: Path,
     passphrase: bytes,
@@ -886,29 +935,11 @@ def open_node(
     is raised and nothing is changed.
     """
     clock = clock if clock is not None else SystemClock()
-    config = load_config(root)
-    paths = NodePaths(root=root)
-    keystore = FileKeyStore.open(paths.keystore, passphrase)
+    config, paths, keystore = _open_node_keys(root, passphrase)
     key = keystore.signing_key()
-    if key.public != config.signing_key:
-        raise IntegrityError("the keystore's signing key is not the one in node.toml")
     _make_private(root)
     storage = config.storage
-    store = factory.open_chain_store(
-        storage.store,
-        _store_target(storage, paths.chain_db),
-        config.chain,
-        schema=_schema(config, "chain"),
-    )
-    try:
-        index = factory.open_record_index(
-            storage.store,
-            _store_target(storage, paths.records_db),
-            schema=_schema(config, "records"),
-        )
-    except BaseException:
-        store.close()
-        raise
+    store, index = _open_chain_and_index(config, paths)
     try:
         check_private_store(
             store,
@@ -925,13 +956,7 @@ def open_node(
         _close_unused(index)
         raise
     try:
-        blobs = factory.open_blob_store(
-            storage.blobs,
-            paths.blobs if storage.blobs == "file" else storage.dsn,
-            schema=factory.node_schema(config.institution, "blobs")
-            if storage.blobs != "file"
-            else None,
-        )
+        blobs = _open_blob_store(config, paths)
     except BaseException:
         store.close()
         _close_unused(index)
@@ -945,10 +970,7 @@ def open_node(
         keys=keys,
         clock=clock,
         validator=Validator(_validation_workers(validation_workers)),
-        health=StoreHealth(
-            root if storage.blobs == "file" else None,
-            min_free_bytes=int(_env_number(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)),
-        ),
+        health=_store_health(root, storage.blobs),
     )
     return Node(
         config=config,
@@ -986,35 +1008,11 @@ def open_worker_node(
     a key-encryption key rotated since this process opened the keystore.
     """
     clock = clock if clock is not None else SystemClock()
-    config = load_config(root)
-    paths = NodePaths(root=root)
-    keystore = FileKeyStore.open(paths.keystore, passphrase)
-    if keystore.signing_key().public != config.signing_key:
-        raise IntegrityError("the keystore's signing key is not the one in node.toml")
+    config, paths, keystore = _open_node_keys(root, passphrase)
     storage = config.storage
-    store = factory.open_chain_store(
-        storage.store,
-        _store_target(storage, paths.chain_db),
-        config.chain,
-        schema=_schema(config, "chain"),
-    )
+    store, index = _open_chain_and_index(config, paths)
     try:
-        index = factory.open_record_index(
-            storage.store,
-            _store_target(storage, paths.records_db),
-            schema=_schema(config, "records"),
-        )
-    except BaseException:
-        store.close()
-        raise
-    try:
-        blobs = factory.open_blob_store(
-            storage.blobs,
-            paths.blobs if storage.blobs == "file" else storage.dsn,
-            schema=factory.node_schema(config.institution, "blobs")
-            if storage.blobs != "file"
-            else None,
-        )
+        blobs = _open_blob_store(config, paths)
     except BaseException:
         store.close()
         _close_unused(index)
@@ -1037,10 +1035,7 @@ def open_worker_node(
         validator=Validator(0),
         # The sequencer stamps chain_base and alone recovers (see RecordWriter.commit_sealed).
         crash_recovery=False,
-        health=StoreHealth(
-            root if storage.blobs == "file" else None,
-            min_free_bytes=int(_env_number(MIN_FREE_ENV, DEFAULT_MIN_FREE_BYTES)),
-        ),
+        health=_store_health(root, storage.blobs),
         remote=chain,
     )
     return Node(
