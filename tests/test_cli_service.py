@@ -217,14 +217,15 @@ def start_node(root: Path, log: Path, workers: int | None = 2) -> NodeProcess:
         if proc.poll() is not None:
             pytest.fail(f"node start exited with {proc.returncode}: {node.stderr()}")
         try:
-            if httpx.get(f"{node.url}/healthz", timeout=1, verify=tls).status_code == 200:
+            # /readyz, not /healthz: ready once every API worker accepts connections.
+            if httpx.get(f"{node.url}/readyz", timeout=1, verify=tls).status_code == 200:
                 return node
         except httpx.TransportError:
             pass
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    pytest.fail(f"node start did not answer /healthz within 30 s: {node.stderr()}")
+    pytest.fail(f"node start was not ready within 30 s: {node.stderr()}")
 
 
 def stop_node(node: NodeProcess, sig: int = signal.SIGTERM) -> tuple[int, float]:
@@ -301,6 +302,8 @@ def first_run(
         stop.set()
         for w in writers:
             w.join(15)
+    except httpx.TransportError as exc:
+        pytest.fail(f"the node dropped a connection ({exc!r}); its log:\n{node.stderr()}")
     finally:
         if node.proc.poll() is None:
             node.proc.kill()

@@ -182,11 +182,21 @@ class NodeServer:
         async with run_node(self.root, self.passphrase, self.settings) as runtime:
             self.runtime = runtime
             node = runtime.node
+            workers_ready = False
+
+            def not_ready() -> str | None:
+                # /readyz (answered here for every worker) is true only once every worker
+                # accepts connections: before, a client could reach one still starting.
+                waiting = runtime.not_ready()
+                if waiting is None and not workers_ready:
+                    return "starting API workers"
+                return waiting
+
             self.app = app = create_app(
                 node,
                 runtime.tokens,
                 auth_failures=self.auth_failures,
-                not_ready=runtime.not_ready,
+                not_ready=not_ready,
                 ordering=runtime.ordering,
                 oauth_store=runtime.oauth,
             )
@@ -219,6 +229,7 @@ class NodeServer:
             try:
                 await pool.start()
                 await pool.wait_ready()
+                workers_ready = True
                 log.info(
                     "serving",
                     extra={
