@@ -190,6 +190,8 @@ class ConsortiumMember:
         self._equivocators: set[str] = set()
         self._waiters: dict[bytes, asyncio.Future[Receipt]] = {}
         self._final_event = asyncio.Event()
+        # Set when the cut timer may have work: a first pending tx, or going live.
+        self._cut_wanted = asyncio.Event()
         self._mid_message = False  # the consume task is applying a message
         #: The member's long-running tasks; a dead one is logged and shows in ``problems``.
         self.tasks = (
@@ -312,6 +314,7 @@ class ConsortiumMember:
     def _go_live(self) -> None:
         """The replay reached the stream's length at start: send the votes still owed."""
         self._live = True
+        self._cut_wanted.set()
         for height, block_hash in sorted(self._unvoted.items()):
             cut = self._cuts.get(height)  # gone once final: then no vote is owed
             if cut is not None and cut.block.block_hash == block_hash:
@@ -337,6 +340,7 @@ class ConsortiumMember:
         p.size += len(data)
         if p.first_seen is None:
             p.first_seen = self._monotonic()
+            self._cut_wanted.set()
         params = self.genesis.params
         if len(p.txs) >= params.max_block_txs or p.size >= params.max_block_bytes:
             self._cut()
@@ -345,6 +349,10 @@ class ConsortiumMember:
         height = envelope.get("height")
         if not isinstance(height, int):
             raise InvalidInput("cut marker needs an integer height")
+        if height != self._tip_header.height + 1 or not self._pending.txs:
+            # Every member whose timer fired sends a marker; once the first one cut the
+            # block the others change nothing, so their signatures need no check.
+            return
         # Only members may cut: an outsider's markers could split blocks at will.
         sig = Signature.from_json(envelope.get("signature"))
         # The members who may cut block h are those who vote on it: the members
@@ -353,8 +361,7 @@ class ConsortiumMember:
         if member is None:
             raise InvalidInput("cut marker not signed by a member")
         member.signing_key.verify(sig, _marker_bytes(self.chain_id, height))
-        if height == self._tip_header.height + 1 and self._pending.txs:
-            self._cut()
+        self._cut()
 
     def _members_before(self, height: int) -> MemberSet:
         """The members after block ``height - 1``: who votes on (and may cut) block ``height``."""
@@ -626,32 +633,40 @@ class ConsortiumMember:
         task.add_done_callback(self._background.discard)
 
     async def _cut_timer(self) -> None:
+        """Send a cut marker once the oldest pending tx waited ``cut_after_ms``.
+
+        Sleeps until there is something to cut: an idle member must not wake
+        hundreds of times a second (on a machine shared by several institutions
+        that alone cost each a twentieth of a core).
+        """
         period = self.genesis.params.cut_after_ms / 1000
         while True:
-            await asyncio.sleep(period / 2)
             p = self._pending
-            if (
-                self._live  # replayed txs were cut by markers further on in the order
-                and p.txs
-                and not p.marker_sent
-                and p.first_seen is not None
-                and self._monotonic() - p.first_seen >= period
-            ):
-                p.marker_sent = True
-                height = self._tip_header.height + 1
-                marker = canonical_bytes(
-                    {
-                        "kind": MSG_CUT,
-                        "height": height,
-                        "signature": self._key.sign(_marker_bytes(self.chain_id, height)).to_json(),
-                    }
-                )
-                # One id per member: a squatter on a shared id could not stop the cut.
-                self._publish(
-                    marker,
-                    f"cut-{self.genesis.consortium}-{height}-{self.member_id}",
-                    needed=functools.partial(self._not_cut_yet, height),
-                )
+            if not (self._live and p.txs and not p.marker_sent and p.first_seen is not None):
+                # No await between the check and the clear: nothing can set it in between.
+                self._cut_wanted.clear()
+                await self._cut_wanted.wait()
+                continue
+            wait = p.first_seen + period - self._monotonic()
+            if wait > 0:
+                # At most half a period: the clock may be a test's, moved by hand.
+                await asyncio.sleep(min(wait, period / 2))
+                continue
+            p.marker_sent = True
+            height = self._tip_header.height + 1
+            marker = canonical_bytes(
+                {
+                    "kind": MSG_CUT,
+                    "height": height,
+                    "signature": self._key.sign(_marker_bytes(self.chain_id, height)).to_json(),
+                }
+            )
+            # One id per member: a squatter on a shared id could not stop the cut.
+            self._publish(
+                marker,
+                f"cut-{self.genesis.consortium}-{height}-{self.member_id}",
+                needed=functools.partial(self._not_cut_yet, height),
+            )
 
     def _not_cut_yet(self, height: int) -> bool:
         return self._tip_header.height < height
