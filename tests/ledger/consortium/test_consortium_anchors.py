@@ -283,3 +283,44 @@ def test_last_anchor_finds_a_members_newest_final_anchor_in_a_store(network: Mak
         assert found is not None and found.tx_hash in stored_tx_hashes(store)
         check_against_anchor(net.chains[mid].store, found)
     assert last_anchor(store, "h9") is None
+
+
+class _FixedClock:
+    def __init__(self, now_ms: int) -> None:
+        self.now = now_ms
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+def test_every_institution_anchors_at_the_same_multiples_of_the_interval(
+    network: MakeNetwork,
+) -> None:
+    """Anchors of all institutions meet in one block: each waits for the next multiple
+    of the interval on the wall clock, whatever moment its last anchor ended."""
+    net = network(2)
+    clock = _FixedClock(0)
+
+    async def scenario(net: Network) -> None:
+        await net.start("h0", "h1")
+        interval_ms = net.genesis.params.anchor_interval_ms
+        anchorers = [
+            Anchorer(
+                institution=mid,
+                chain=net.private_chain(mid),
+                member=net.members[mid],
+                key=net.keys[mid],
+                clock=clock,
+            )
+            for mid in ("h0", "h1")
+        ]
+        base = 1_700_000_000_000 - 1_700_000_000_000 % interval_ms
+        for offset in (0, 1, interval_ms // 2, interval_ms - 1):
+            clock.now = base + offset
+            for anchorer in anchorers:
+                delay_ms = anchorer.next_anchor_delay_s() * 1000
+                # The next multiple of the interval, within one interval from now.
+                assert 0 < delay_ms <= interval_ms
+                assert round(clock.now + delay_ms) % interval_ms == 0
+
+    net.run(scenario)
