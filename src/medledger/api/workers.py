@@ -519,6 +519,15 @@ async def _serve_worker(settings: WorkerSettings) -> None:
         if server is not None:
             server.should_exit = True
 
+    if settings.go_fd >= 0:
+        # Forked before the parent opened the node: the stores are opened only once the
+        # parent checked them, ran crash recovery and created what a new node lacks (a
+        # worker opening them alongside could read a schema being created, and fail).
+        go = await asyncio.to_thread(os.read, settings.go_fd, 1)
+        os.close(settings.go_fd)
+        if not go:
+            log.debug("the node did not start: this worker ends")
+            return
     node = open_worker_node(
         root, bytes.fromhex(settings.passphrase_hex), on_stale_keys=restart_for_new_keys
     )
@@ -536,14 +545,6 @@ async def _serve_worker(settings: WorkerSettings) -> None:
         tls = None if settings.plain_http else node.server_tls_context()
         config = server_config(app, limits=limits, ssl_context=tls)
         server = GracefulServer(config, on_exit=lambda: None)
-        if settings.go_fd >= 0:
-            # Forked before the parent opened the node: nothing is served from the store
-            # until the parent checked it and ran crash recovery.
-            go = await asyncio.to_thread(os.read, settings.go_fd, 1)
-            os.close(settings.go_fd)
-            if not go:
-                log.debug("the node did not start: this worker ends")
-                return
         watcher = asyncio.create_task(_watch_parent(settings.parent_pid, server))
         announcer = asyncio.create_task(_announce_ready(server, settings.ready_fd))
         listener = socket.socket(fileno=settings.fd)
