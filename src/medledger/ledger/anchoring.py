@@ -57,9 +57,14 @@ class Anchorer:
         self.task = SupervisedTask("anchoring", self._run)
 
     def anchor_tx(self) -> Transaction | None:
-        """The signed anchor for the current private head, or ``None`` if nothing is new."""
+        """The signed anchor for the current private head, or ``None`` if nothing is new.
+
+        It extends this institution's newest anchor in the order, final or not
+        (every member applies the order in the same sequence), so an anchor need
+        not wait for the previous one to be final.
+        """
         head = self._chain.head
-        prev = self._member.state.anchors.get(self._institution)
+        prev = self._member.ordered_anchor(self._institution)
         if prev is not None and prev.log_size >= head.log_size:
             return None
         prev_size = prev.log_size if prev is not None else 0
@@ -98,12 +103,31 @@ class Anchorer:
                 "caught up with the consortium; anchoring",
                 extra={"fields": {"height": self._member.final_height}},
             )
-        while True:
-            try:
-                await self.anchor_once()
-            except MedledgerError as exc:
-                log.warning("anchoring failed, will retry: %s", exc)
-            await asyncio.sleep(self.next_anchor_delay_s())
+        # Anchors are pipelined: the next is sent at the next multiple of the interval
+        # once the previous one is in the order, without waiting for it to be final
+        # (that took several round trips, and a write waited for two of them).
+        pending: set[asyncio.Task[Receipt]] = set()
+        sent_size = 0  # the log size of the newest anchor sent
+        try:
+            while True:
+                ordered = self._member.ordered_anchor(self._institution)
+                in_order = ordered is not None and ordered.log_size >= sent_size
+                if in_order or not pending:  # (none pending: the last one failed)
+                    try:
+                        tx = self.anchor_tx()
+                    except MedledgerError as exc:
+                        log.warning("anchoring failed, will retry: %s", exc)
+                        tx = None
+                    if tx is not None:
+                        sent_size = int(tx.body["log_size"])
+                        task = asyncio.get_running_loop().create_task(self._member.submit(tx))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
+                        task.add_done_callback(_log_failure)
+                await asyncio.sleep(self.next_anchor_delay_s())
+        finally:
+            for task in pending:
+                task.cancel()
 
     def next_anchor_delay_s(self) -> float:
         """Seconds until the next multiple of the anchor interval on the wall clock.
@@ -119,3 +143,8 @@ class Anchorer:
 
     async def close(self) -> None:
         await self.task.close()
+
+
+def _log_failure(task: asyncio.Task[Receipt]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("anchoring failed, will retry: %s", exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from medledger.ledger.verify import verify_chain
 from medledger.storage.ports import ChainStore
 
 INSTITUTIONS = ("h0", "h1", "h2", "h3")
+_NO_ANCHOR = AnchorRecord(institution="", height=0, log_size=0, log_root=b"", block_hash=b"")
 
 
 def expected_anchor(net: Network, mid: str) -> AnchorRecord:
@@ -322,5 +324,35 @@ def test_every_institution_anchors_at_the_same_multiples_of_the_interval(
                 # The next multiple of the interval, within one interval from now.
                 assert 0 < delay_ms <= interval_ms
                 assert round(clock.now + delay_ms) % interval_ms == 0
+
+    net.run(scenario)
+
+
+def test_an_anchor_builds_on_the_previous_one_once_it_is_in_the_order(
+    network: MakeNetwork,
+) -> None:
+    """The next anchor need not wait for the previous one to be final: it extends the
+    newest anchor in the order, and both become final in turn."""
+    net = network(4)
+
+    async def scenario(net: Network) -> None:
+        await net.start(*INSTITUTIONS)
+        await net.write_private("h1", 3)
+        anchorer, member = net.anchorers["h1"], net.members["h1"]
+        first = anchorer.anchor_tx()
+        assert first is not None
+        submitted = asyncio.ensure_future(member.submit(first))
+        deadline = asyncio.get_running_loop().time() + 10
+        while (member.ordered_anchor("h1") or _NO_ANCHOR).log_size < first.body["log_size"]:
+            assert asyncio.get_running_loop().time() < deadline, "the anchor was never ordered"
+            await asyncio.sleep(0.001)
+        await net.write_private("h1", 2)
+        second = anchorer.anchor_tx()
+        assert second is not None
+        assert second.body["prev_size"] == first.body["log_size"]
+        await asyncio.gather(submitted, member.submit(second))
+        await net.settle()
+        for each in net.members.values():
+            assert each.state.anchors["h1"].log_size == second.body["log_size"]
 
     net.run(scenario)

@@ -68,7 +68,7 @@ from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.evidence import Evidence
 from medledger.ledger.consortium.modes import initial_state
-from medledger.ledger.consortium.rules import ConsortiumState
+from medledger.ledger.consortium.rules import AnchorRecord, ConsortiumState
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, Orderer
 from medledger.ledger.supervision import SupervisedTask
 from medledger.storage.ports import ChainStore, NewBlock
@@ -681,6 +681,15 @@ class ConsortiumMember:
     def state(self) -> ConsortiumState:
         """The state as of the last final block."""
         return self._final_state
+
+    def ordered_anchor(self, institution: str) -> AnchorRecord | None:
+        """``institution``'s newest anchor in the order, final or not yet.
+
+        Every tx in the order is applied in order by every member, and a block
+        once cut becomes final unless the consortium diverged, so the next
+        anchor may build on this one before it is final (ledger.anchoring).
+        """
+        return self._state.anchors.get(institution)
 
     @property
     def evidence(self) -> tuple[Evidence, ...]:
