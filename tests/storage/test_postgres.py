@@ -337,7 +337,7 @@ def test_migrations_are_recorded_and_applied_once(pg_dsn: str) -> None:
     PostgresChainStore.open(pg_dsn, CHAIN, schema=schema).close()
     with psycopg.connect(pg_dsn) as conn:
         rows = conn.execute(f'SELECT version FROM "{schema}".schema_migrations').fetchall()
-    assert rows == [(1,)]
+    assert rows == [(1,), (2,)]
     drop_schema(pg_dsn, schema)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 __all__ = [
     "Conflict",
     "DamagedStore",
+    "Deposed",
     "Gone",
     "PreconditionFailed",
     "ConsentDenied",
@@ -222,6 +223,14 @@ class SequencerUnavailable(RetryableStorageError):
 
     The write may or may not be committed (HTTP 503): the client retries, and a
     retried create may then exist twice, as after any lost answer.
+    """
+
+
+class Deposed(SequencerUnavailable):
+    """This process no longer holds the sequencer lease: another host took over.
+
+    Raised by a fenced chain append of a deposed sequencer; nothing was appended
+    (HTTP 503: the client retries, and its write reaches the active sequencer).
     """
 
 

@@ -10,7 +10,7 @@ only when chosen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from medledger.core.errors import InvalidInput
 from medledger.storage.blobs import FileBlobStore
@@ -28,11 +28,15 @@ from medledger.storage.sqlite.oauth import SqliteOAuthStore
 from medledger.storage.sqlite.records import SqliteRecordIndex
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 
+if TYPE_CHECKING:
+    from medledger.storage.postgres.lease import SequencerLease
+
 __all__ = [
     "BLOB_KINDS",
     "NODE_SCHEMA_PARTS",
     "STORE_KINDS",
     "check_kind",
+    "fence_chain_store",
     "initialize_blob_store",
     "initialize_peer_stores",
     "initialize_record_index",
@@ -42,6 +46,7 @@ __all__ = [
     "open_nonce_store",
     "open_oauth_store",
     "open_record_index",
+    "open_sequencer_lease",
     "open_token_store",
 ]
 
@@ -94,6 +99,24 @@ def open_chain_store(
     if create:
         return PostgresChainStore.create(str(target), chain, schema=schema)
     return PostgresChainStore.open(str(target), chain, schema=schema)
+
+
+def fence_chain_store(store: ChainStore, epoch: int) -> None:
+    """Make every append of ``store`` check the sequencer lease's ``epoch`` (PostgreSQL only)."""
+    from medledger.storage.postgres.chain import PostgresChainStore
+
+    if not isinstance(store, PostgresChainStore):
+        raise InvalidInput("only a PostgreSQL chain store is shared by several hosts")
+    store.fence(epoch)
+
+
+def open_sequencer_lease(kind: str, dsn: str, *, schema: str) -> SequencerLease:
+    """The sequencer lease of the chain in ``schema`` (PostgreSQL: several hosts, one writer)."""
+    if check_kind(kind) != "postgres":
+        raise InvalidInput("the sequencer is elected only through PostgreSQL")
+    from medledger.storage.postgres.lease import SequencerLease
+
+    return SequencerLease(dsn, _need(schema))
 
 
 def initialize_record_index(kind: str, target: str | Path, *, schema: str | None = None) -> None:

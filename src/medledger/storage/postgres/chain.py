@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from medledger.core.errors import (
     Conflict,
+    Deposed,
     IntegrityError,
     InvalidInput,
     NotFound,
@@ -62,6 +63,8 @@ class PostgresChainStore(PooledStore):
         super().__init__(dsn, schema, pool)
         self.chain = chain
         self._write_lock = threading.Lock()
+        #: The sequencer lease's epoch every append must still see (:meth:`fence`), if any.
+        self._epoch: int | None = None
 
     @staticmethod
     def default_schema(chain: str) -> str:
@@ -115,8 +118,23 @@ class PostgresChainStore(PooledStore):
 
     # -- writes ------------------------------------------------------------
 
+    def fence(self, epoch: int) -> None:
+        """From now on, append only while the sequencer lease is still at ``epoch``.
+
+        The check is a statement of the block's own transaction that share-locks
+        the lease row (``storage.postgres.lease``): a takeover's epoch increment
+        waits for an append in progress to end, and an append after it is refused
+        with :class:`Deposed`. A sequencer that lost its lease but still runs
+        therefore cannot append, whatever it believes.
+        """
+        self._epoch = epoch
+
     def append_block(self, block: NewBlock) -> None:
-        """Write the block in one transaction; return once committed (durable)."""
+        """Write the block in one transaction; return once committed (durable).
+
+        Fenced (:meth:`fence`): raises :class:`Deposed` and writes nothing once
+        another process took the sequencer lease.
+        """
         height = block.header.height
         first = block.first_index
         sigs = json.dumps([s.to_json() for s in block.signatures], separators=(",", ":"))
@@ -130,6 +148,16 @@ class PostgresChainStore(PooledStore):
             committing = False
             try:
                 with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                    if self._epoch is not None:
+                        held = cur.execute(
+                            b"SELECT epoch FROM sequencer WHERE id = 1 AND epoch = %s FOR SHARE",
+                            (self._epoch,),
+                        ).fetchone()
+                        if held is None:
+                            raise Deposed(
+                                f"{self.where}: the sequencer lease of epoch {self._epoch} was"
+                                f" taken over; block {height} was not appended"
+                            )
                     row = cur.execute(
                         b"SELECT pg_current_xact_id()::text, (SELECT max(height) FROM blocks)"
                     ).fetchone()

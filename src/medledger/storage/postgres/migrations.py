@@ -64,6 +64,21 @@ CREATE INDEX txs_by_hkey ON txs(hkey);
 CREATE TABLE nodes (id bigint PRIMARY KEY, hash bytea NOT NULL);
 """,
     ),
+    Migration(
+        version=2,
+        name="chain: the sequencer lease's epoch and the active sequencer's address",
+        sql="""
+-- At most one row (made by the first lease taken, not here: a restore copies the table):
+-- the epoch grows at each takeover of the sequencer role (storage.postgres.lease), and a
+-- fenced block append must still see its own epoch here, in the same transaction.
+CREATE TABLE sequencer (
+    id integer PRIMARY KEY CHECK (id = 1),
+    epoch bigint NOT NULL,
+    address text,
+    since_ms bigint
+);
+""",
+    ),
 )
 
 RECORDS_MIGRATIONS: tuple[Migration, ...] = (
