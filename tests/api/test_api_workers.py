@@ -284,6 +284,115 @@ def test_a_client_cannot_claim_another_address_through_the_forwarding_header(
     assert statuses[-1] == 429, statuses
 
 
+def _scrape(node: Node) -> dict[str, float]:
+    """Every series of ``/metrics`` (answered by the parent, whichever worker receives it)."""
+    r = httpx.get(f"{node.url}/metrics", timeout=30)
+    assert r.status_code == 200, r.text
+    series: dict[str, float] = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            series[key] = float(value)
+    return series
+
+
+UNAUTHENTICATED = 'medledger_refusals_total{reason="unauthenticated"}'
+FOUR_XX = 'medledger_requests_total{class="4xx"}'
+COMMITS = "medledger_commit_latency_seconds_count"
+
+
+def _through_one_worker(node: Node, served_by: int, requests: Callable[[], None]) -> None:
+    """Run ``requests`` with every other worker stopped: ``served_by`` answers them all."""
+    others = [pid for pid in node.workers() if pid != served_by]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        requests()
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _unauthenticated_reads(node: Node, count: int) -> Callable[[], None]:
+    def send() -> None:
+        for _ in range(count):
+            # A worker answers this itself (a FHIR read): 401, no token presented, no budget.
+            r = httpx.get(f"{node.url}/fhir/Patient/no-such-id", timeout=30)
+            assert r.status_code == 401, r.text
+
+    return send
+
+
+def test_metrics_count_every_workers_answers_exactly_once(running: Node, token: str) -> None:
+    """K answers spread over both workers are K in the scrape, wherever the scrape lands."""
+    before = _scrape(running)
+    per_worker = 7
+    workers = running.workers()
+    assert len(workers) == 2
+    for pid in workers:
+        _through_one_worker(running, pid, _unauthenticated_reads(running, per_worker))
+
+        def create() -> None:
+            r = httpx.post(
+                f"{running.url}/fhir/Patient", content=_patient(7), headers=_headers(token)
+            )
+            assert r.status_code == 201, r.text
+
+        _through_one_worker(running, pid, create)
+    after = _scrape(running)
+    assert after[UNAUTHENTICATED] - before[UNAUTHENTICATED] == 2 * per_worker
+    assert after[FOUR_XX] - before[FOUR_XX] == 2 * per_worker
+    assert after[COMMITS] - before[COMMITS] == 2
+
+
+def test_a_killed_workers_counts_are_kept_by_its_replacement(running: Node) -> None:
+    """Counters are monotonic: a worker killed and restarted loses none of its counts,
+    and the new one counts on from them."""
+    victim, survivor = running.workers()
+    _through_one_worker(running, victim, _unauthenticated_reads(running, 5))
+    counted = _scrape(running)[UNAUTHENTICATED]
+    os.kill(victim, signal.SIGKILL)
+    _until(
+        lambda: len(running.workers()) == 2 and victim not in running.workers(),
+        f"a new worker replaced the killed one (log: {running.stderr()[-2000:]})",
+    )
+    assert _scrape(running)[UNAUTHENTICATED] == counted
+    (replacement,) = [pid for pid in running.workers() if pid != survivor]
+    _through_one_worker(running, replacement, _unauthenticated_reads(running, 3))
+    assert _scrape(running)[UNAUTHENTICATED] == counted + 3
+
+
+def test_failed_authentications_through_several_workers_spend_one_budget(
+    running: Node,
+) -> None:
+    """One budget per node (20 failures, then one per 3 s), not one per worker: a client
+    whose guesses land on both workers is throttled as soon as on one."""
+    first, second = running.workers()
+    statuses: list[int] = []
+    started = time.monotonic()
+
+    def guesses(count: int) -> Callable[[], None]:
+        def send() -> None:
+            # From an address of its own: the budget of 127.0.0.1 is spent by another test.
+            transport = httpx.HTTPTransport(local_address="127.0.0.3")
+            with httpx.Client(transport=transport, timeout=30) as client:
+                for _ in range(count):
+                    r = client.get(
+                        f"{running.url}/fhir/Patient",
+                        headers={"Authorization": "Bearer mlt_bad_token"},
+                    )
+                    statuses.append(r.status_code)
+
+        return send
+
+    _through_one_worker(running, first, guesses(15))
+    _through_one_worker(running, second, guesses(25))
+    refilled = int((time.monotonic() - started) / 3) + 1
+    assert set(statuses) == {401, 429}, statuses
+    # With a budget per worker, the second worker alone would answer 20 guesses 401.
+    assert statuses.count(401) <= 20 + refilled, statuses
+
+
 def test_killed_workers_and_a_killed_sequencer_lose_nothing_acknowledged(
     running: Node, token: str, tmp_path: Path
 ) -> None:

@@ -13,11 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from api_helpers import FAST_KDF, PASSPHRASE, assert_outcome, now_ms
 
 from medledger.api.app import create_app
-from medledger.node import init_node, open_node
+from medledger.api.auth import AuthFailures, SharedAuthFailures
+from medledger.core.errors import InvalidInput
+from medledger.node import init_node, open_node, open_worker_node
 from medledger.services.ratelimit import RateLimit
+from medledger.services.sequencer_link import SOCKET_NAME as SEQUENCER_SOCKET
+from medledger.services.sequencer_link import SequencerClient, SequencerServer
 from medledger.storage.ports import TokenStore
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 
@@ -124,3 +129,71 @@ def test_refused_and_throttled_answers_change_nothing(tmp_path: Path) -> None:
             assert after == head
 
     run(tmp_path, story)
+
+
+def test_api_workers_spend_one_budget_per_node(tmp_path: Path) -> None:
+    """``node start --workers N``: each worker process has its own app, but a client's
+    failures are charged to the parent's one budget over the sequencer link; two workers
+    do not give a client twice the guesses (with a budget per worker, six 401s here)."""
+    root = tmp_path / "node"
+    init_node(root, name="Throttle Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
+    tokens = SqliteTokenStore(root / "tokens.db")
+    clock = HandClock()
+
+    async def main() -> None:
+        sequencer = open_node(root, PASSPHRASE)
+        budget = AuthFailures(BUDGET, clock)
+        link = SequencerServer(
+            root / SEQUENCER_SOCKET,
+            chain=sequencer.writer_chain,
+            records=sequencer.records,
+            spend_failures=budget.spend,
+        )
+        await link.start()
+        workers = [open_worker_node(root, PASSPHRASE) for _ in range(2)]
+        try:
+            clients = []
+            for worker in workers:
+                assert isinstance(worker.chain, SequencerClient)
+                app = create_app(
+                    worker,
+                    tokens,
+                    clock=clock,
+                    auth_failures=SharedAuthFailures(worker.chain.spend_failures),
+                )
+                transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40_000))
+                clients.append(httpx.AsyncClient(transport=transport, base_url="http://node"))
+            bad = bearer(f"mlt_000000000000_{secrets.token_urlsafe(32)}")
+            statuses = [
+                (await clients[i % 2].get("/chain/private/head", headers=bad)).status_code
+                for i in range(6)
+            ]
+            assert statuses == [401, 401, 401, 429, 429, 429]
+            # The parent's own app (forwarded requests) spends the same budget.
+            assert budget.spend(["address:203.0.113.7"]) > 0
+            for client in clients:
+                await client.aclose()
+        finally:
+            for worker in workers:
+                await worker.stop()
+                await worker.close_stores()
+            await link.close()
+            await sequencer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        tokens.close()
+
+
+def test_the_parent_refuses_budget_keys_a_failed_authentication_does_not_make() -> None:
+    budget = AuthFailures(BUDGET, HandClock())
+    for keys in (
+        [],
+        ["free text"],
+        ["address:a", "token:b", "address:c"],
+        ["address:" + "x" * 200],
+    ):
+        with pytest.raises(InvalidInput):
+            budget.spend(keys)
+    assert budget.spend(["address:192.0.2.1", "token:0123456789ab"]) == 0

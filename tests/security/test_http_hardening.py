@@ -8,7 +8,9 @@ banner; ``HEAD`` is answered; ``/docs`` loads nothing from elsewhere; a 5xx
 answer is counted in ``/metrics``; and none of it puts an error line in the log.
 
 The node runs with short limits (``--head-timeout 1 --body-timeout 1
---idle-timeout 1``) so each wait is short; every wait has a deadline.
+--idle-timeout 1``) so each wait is short; every wait has a deadline. It runs
+two API worker processes, so the counts read from ``/metrics`` are those of
+the whole node, whichever worker answered.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
     env["MEDLEDGER_PASSPHRASE"] = PASSPHRASE
     args = ["--head-timeout", "1", "--body-timeout", "1", "--idle-timeout", "1"]
+    # Two API workers on any machine: every count in /metrics must be the whole node's.
+    args += ["--workers", "2"]
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [
@@ -101,17 +105,19 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         )
     running = Node(f"http://127.0.0.1:{port}", port, token, log, proc)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"node start exited with {proc.returncode}: {log.read_text()}")
             try:
-                if httpx.get(f"{running.url}/healthz", timeout=1).status_code == 200:
+                # /readyz, not /healthz: a worker answers /healthz as soon as it listens,
+                # /readyz (the parent's) only once every worker and the parent serve.
+                if httpx.get(f"{running.url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"node start did not answer /healthz within 30 s: {log.read_text()}")
+                pytest.fail(f"node start was not ready within 60 s: {log.read_text()}")
             time.sleep(0.05)
         yield running
     finally:

@@ -30,10 +30,16 @@ from medledger.api import (
     verify,
 )
 from medledger.api.auth import AUTH_FAILURES, SIGN_IN_OPENS, AuthFailures, SignInOpens
-from medledger.api.deps import AppServices, Services, always_ready, install_services
+from medledger.api.deps import (
+    AppServices,
+    FailureBudget,
+    Services,
+    always_ready,
+    install_services,
+)
 from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
-from medledger.api.metrics import install_metrics
+from medledger.api.metrics import Counts, Metrics, install_metrics
 from medledger.api.responses import fhir_response
 from medledger.core.errors import MedledgerError
 from medledger.ledger.clock import Clock
@@ -76,22 +82,27 @@ def create_app(
     tokens: TokenStore,
     *,
     clock: Clock | None = None,
-    auth_failures: RateLimit = AUTH_FAILURES,
+    auth_failures: RateLimit | FailureBudget = AUTH_FAILURES,
     not_ready: Callable[[], str | None] = always_ready,
     ordering: ObservedOrderer | None = None,
     oauth_store: OAuthStore | None = None,
     sign_in_opens: RateLimit = SIGN_IN_OPENS,
+    metrics: Metrics | None = None,
+    worker_counts: Callable[[], Counts] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``node``; callers own the node's and token store's lifetime.
 
     ``clock``: the time token expiry and the failure budgets are read from
     (default: the node's). ``auth_failures``: the failed-authentication budget
-    of each client address and token id (``api.auth``). ``not_ready`` and
+    of each client address and token id (``api.auth``), or the budgets themselves
+    (an API worker's are its parent's, ``api.auth.SharedAuthFailures``). ``not_ready`` and
     ``ordering``: the node's lifecycle, when it runs under
     :func:`medledger.lifecycle.run_node` (``api.serving`` passes them).
     ``oauth_store``: the authorization server's store (``api.oauth``; without
     it the SMART endpoints answer that there is no authorization server);
     ``sign_in_opens``: how many sign-in steps each client address may open.
+    ``metrics`` and ``worker_counts``: where this app counts its answers, and the
+    API workers' counts its ``/metrics`` adds (``api.metrics``, ``api.worker_metrics``).
     """
     app = FastAPI(
         title=f"medledger node — {node.config.name}",
@@ -109,7 +120,9 @@ def create_app(
             node=node,
             tokens=tokens,
             clock=clock,
-            auth_failures=AuthFailures(auth_failures, clock),
+            auth_failures=AuthFailures(auth_failures, clock)
+            if isinstance(auth_failures, RateLimit)
+            else auth_failures,
             not_ready=not_ready,
             ordering=ordering,
             oauth=None
@@ -188,6 +201,6 @@ def create_app(
         )
 
     install_docs(app)
-    install_metrics(app)
+    install_metrics(app, metrics, worker_counts)
     install_headers(app)  # outermost: every answer, counted or not, carries the headers
     return app

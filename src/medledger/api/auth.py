@@ -12,6 +12,12 @@ budget is spent the failure is answered 429 with ``Retry-After`` instead of
 throttle another client's successes. The address is the TCP peer's;
 forwarding headers are not trusted.
 
+The budgets are one per node, not one per process: an API worker
+(``node start --workers N``) keeps none of its own but spends the parent's
+over the sequencer link (:class:`SharedAuthFailures`), so N workers do not
+give a client N times the guesses. If the parent cannot be asked, the
+failure is answered 503 (the guess is not answered as 401 either way).
+
 Two kinds of bearer token are accepted: the API tokens of ``medledger token
 create`` (``mlt_…``, role only, unchanged for services) and the access
 tokens of the SMART on FHIR authorization server (``mla_…``, ``api.oauth``).
@@ -24,7 +30,7 @@ one of them, else 403 before the handler runs.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -37,7 +43,16 @@ from medledger.services.oauth.scopes import parse_scopes, request_access
 from medledger.services.ratelimit import RateLimit, RateLimiter
 from medledger.storage.ports import TokenInfo
 
-__all__ = ["AUTH_FAILURES", "SIGN_IN_OPENS", "AuthFailures", "Principal", "SignInOpens", "require"]
+__all__ = [
+    "AUTH_FAILURES",
+    "SIGN_IN_OPENS",
+    "AuthFailures",
+    "Principal",
+    "SharedAuthFailures",
+    "SignInOpens",
+    "failure_keys",
+    "require",
+]
 
 Principal = TokenInfo
 
@@ -50,25 +65,70 @@ _ACTIONS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "sear
 _TOKEN_ID = re.compile(r"(?:mlt_([0-9a-f]{12})|mla_([0-9a-f]{24}))_")
 
 
+#: The longest budget key :meth:`AuthFailures.spend` accepts (an address or a token id).
+MAX_FAILURE_KEY = 128
+
+
+def failure_keys(request: Request, token: str = "") -> list[str]:
+    """The budgets one failed authentication of ``request`` spends: its client address's,
+    and the presented token's id if it names one."""
+    client = request.client.host if request.client is not None else "unknown"
+    keys = [f"address:{client}"]
+    named = _TOKEN_ID.match(token)
+    if named is not None:
+        keys.append(f"token:{named.group(1) or named.group(2)}")
+    return keys
+
+
+def _refuse_over_budget(wait_ms: int) -> None:
+    if wait_ms:
+        raise RateLimited(
+            "too many failed authentications from this client; retry later",
+            retry_after_ms=wait_ms,
+        )
+
+
 class AuthFailures:
     """Failure budgets per client address and per token id (see module docstring)."""
 
     def __init__(self, limit: RateLimit, clock: Clock) -> None:
         self._limiter = RateLimiter(limit, clock)
 
-    def charge(self, request: Request, token: str = "") -> None:
+    def spend(self, keys: Sequence[str]) -> int:
+        """Spend one unit of each of ``keys`` (:func:`failure_keys`): 0 if every one had
+        budget left, else the longest wait in milliseconds.
+
+        Raises :class:`InvalidInput` for keys that :func:`failure_keys` does not make
+        (what an API worker sends is checked too).
+        """
+        if not 1 <= len(keys) <= 2 or not all(
+            isinstance(key, str)
+            and len(key) <= MAX_FAILURE_KEY
+            and key.startswith(("address:", "token:"))
+            for key in keys
+        ):
+            raise InvalidInput("not the budget keys of a failed authentication")
+        wait_ms = 0
+        for key in keys:
+            wait_ms = max(wait_ms, self._limiter.spend(key))
+        return wait_ms
+
+    async def charge(self, request: Request, token: str = "") -> None:
         """Count one failed authentication; raise :class:`RateLimited` once over budget."""
-        client = request.client.host if request.client is not None else "unknown"
-        wait_ms = self._limiter.spend(f"address:{client}")
-        named = _TOKEN_ID.match(token)
-        if named is not None:
-            token_id = named.group(1) or named.group(2)
-            wait_ms = max(wait_ms, self._limiter.spend(f"token:{token_id}"))
-        if wait_ms:
-            raise RateLimited(
-                "too many failed authentications from this client; retry later",
-                retry_after_ms=wait_ms,
-            )
+        _refuse_over_budget(self.spend(failure_keys(request, token)))
+
+
+class SharedAuthFailures:
+    """An API worker's failure budgets: the parent's :class:`AuthFailures`, spent over
+    the sequencer link (``SequencerClient.spend_failures``), one budget per node."""
+
+    def __init__(self, spend: Callable[[Sequence[str]], Awaitable[int]]) -> None:
+        self._spend = spend
+
+    async def charge(self, request: Request, token: str = "") -> None:
+        """Count one failed authentication at the parent; :class:`RateLimited` once over
+        budget, ``SequencerUnavailable`` (503) if the parent cannot be asked."""
+        _refuse_over_budget(await self._spend(failure_keys(request, token)))
 
 
 #: Sign-ins one address may open (each writes a short-lived row before anyone signed in):
@@ -87,7 +147,7 @@ class SignInOpens:
     def __init__(self, limit: RateLimit, clock: Clock) -> None:
         self._limiter = RateLimiter(limit, clock)
 
-    def charge(self, request: Request, token: str = "") -> None:
+    async def charge(self, request: Request, token: str = "") -> None:
         """Count one sign-in opened by ``request``'s client; ``RateLimited`` once over budget."""
         client = request.client.host if request.client is not None else "unknown"
         wait_ms = self._limiter.spend(f"address:{client}")
@@ -123,7 +183,7 @@ def require(*roles: str, scoped: bool = True) -> Callable[..., Any]:
             else:
                 info = services.tokens.check(token, now_ms=services.clock.now_ms())
         except InvalidInput as exc:
-            services.auth_failures.charge(request, token)
+            await services.auth_failures.charge(request, token)
             raise Unauthorized(str(exc)) from None
         if info.role != "admin" and info.role not in roles:
             raise Forbidden(f"role {info.role!r} may not do this")

@@ -38,7 +38,7 @@ __all__ = [
 class FailureBudget(Protocol):
     """Failed authentications charged per client (``api.auth.AuthFailures``)."""
 
-    def charge(self, request: Request, token: str = "") -> None:
+    async def charge(self, request: Request, token: str = "") -> None:
         """Count one failure of ``request``'s client; raise ``RateLimited`` once over budget."""
         ...
 

@@ -23,14 +23,21 @@ Series (no labels carry identifiers, paths or queries — nothing about patients
 The consortium series appear once the node has joined a consortium. Counting
 happens in a plain ASGI middleware (:class:`MetricsMiddleware`); gauges are
 read from the node when scraped.
+
+With API worker processes (``node start --workers N``) every counter is the
+whole node's: each worker counts in its slot of a shared-memory region, the
+parent (which answers every ``/metrics``, whichever worker receives it) counts
+what it answers itself and adds every slot (``api.worker_metrics``, decision
+0047). A request is counted once, by the process that answered it; a worker
+that replaces a dead one goes on from the dead one's counts.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -72,25 +79,106 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class Metrics:
-    """What the middleware counts (one instance per app, on ``app.state.metrics``)."""
+#: Answer classes counted (``medledger_requests_total``).
+ANSWER_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+#: Refusal reasons counted (``medledger_refusals_total``), in exposition order.
+REFUSAL_REASONS = tuple(sorted({*REASONS.values(), "other"}))
 
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
-        self.latency_sum = 0.0
-        self.latency_count = 0
-        self.refusals: Counter[str] = Counter()
-        self.answers: Counter[str] = Counter()
+# Where each counter lives in a :class:`Metrics`'s cells (float64 each).
+_SUM = len(BUCKETS) + 1
+_COUNT = _SUM + 1
+_ANSWERS = _COUNT + 1
+_REFUSALS = _ANSWERS + len(ANSWER_CLASSES)
+_INTEGRITY = _REFUSALS + len(REFUSAL_REASONS)
+#: Cells of one :class:`Metrics` (one process's counters).
+CELLS = _INTEGRITY + 1
+_ANSWER_CELL = {name: _ANSWERS + i for i, name in enumerate(ANSWER_CLASSES)}
+_REFUSAL_CELL = {name: _REFUSALS + i for i, name in enumerate(REFUSAL_REASONS)}
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """A reading of the counters of one or more processes (see :meth:`Metrics.counts`)."""
+
+    values: tuple[float, ...]
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(tuple(a + b for a, b in zip(self.values, other.values, strict=True)))
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Commit latencies per histogram bucket (not cumulative; the last is +Inf)."""
+        return tuple(int(v) for v in self.values[:_SUM])
+
+    @property
+    def latency_sum(self) -> float:
+        return self.values[_SUM]
+
+    @property
+    def latency_count(self) -> int:
+        return int(self.values[_COUNT])
+
+    @property
+    def answers(self) -> dict[str, int]:
+        """Answers by status class (``"2xx"``, ...)."""
+        return {name: int(self.values[cell]) for name, cell in _ANSWER_CELL.items()}
+
+    @property
+    def refusals(self) -> dict[str, int]:
+        """4xx answers by reason (:data:`REASONS`, ``"other"``)."""
+        return {name: int(self.values[cell]) for name, cell in _REFUSAL_CELL.items()}
+
+    @property
+    def integrity_errors(self) -> int:
+        """Reads an API worker found damaged (the serving process's own are in its node)."""
+        return int(self.values[_INTEGRITY])
+
+
+class Metrics:
+    """What one process counts: :data:`CELLS` float64 cells, written by this process alone.
+
+    Without ``cells`` they are this process's own memory. An API worker passes
+    its slot of the node's shared counter region (``api.worker_metrics``): the
+    parent reads every slot when scraped, and a worker that replaces a dead one
+    goes on adding to the same cells, so no count is lost or goes backwards.
+    Counts are whole numbers in float64 (exact up to 2**53).
+    """
+
+    def __init__(self, cells: memoryview[float] | None = None) -> None:
+        if cells is None:
+            cells = memoryview(bytearray(8 * CELLS)).cast("d")
+        if cells.format != "d" or len(cells) != CELLS:
+            raise ValueError(f"metrics need {CELLS} float64 cells")
+        self._cells = cells
+
+    def counts(self) -> Counts:
+        """The counters now."""
+        return Counts(tuple(self._cells.tolist()))
+
+    @property
+    def answers(self) -> dict[str, int]:
+        return self.counts().answers
+
+    @property
+    def refusals(self) -> dict[str, int]:
+        return self.counts().refusals
 
     def observe_commit(self, seconds: float) -> None:
-        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
+        cells = self._cells
+        cells[bisect.bisect_left(BUCKETS, seconds)] += 1
+        cells[_SUM] += seconds
+        cells[_COUNT] += 1
 
     def observe_answer(self, status: int) -> None:
-        self.answers[f"{status // 100}xx"] += 1
+        cell = _ANSWER_CELL.get(f"{status // 100}xx")
+        if cell is not None:
+            self._cells[cell] += 1
         if 400 <= status < 500:
-            self.refusals[REASONS.get(status, "other")] += 1
+            self._cells[_REFUSAL_CELL[REASONS.get(status, "other")]] += 1
+
+    def observe_integrity_error(self) -> None:
+        """A read found acknowledged data missing or altered (an API worker's store health)."""
+        self._cells[_INTEGRITY] += 1
 
 
 class MetricsMiddleware:
@@ -141,7 +229,11 @@ def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
 
 def exposition(app: FastAPI) -> str:
     """The text exposition of every series (see the module docstring)."""
-    metrics: Metrics = app.state.metrics
+    own: Metrics = app.state.metrics
+    metrics = own.counts()
+    workers: Callable[[], Counts] | None = app.state.worker_counts
+    if workers is not None:
+        metrics += workers()
     services = services_of(app)
     node = services.node
     out: list[str] = []
@@ -198,28 +290,42 @@ def exposition(app: FastAPI) -> str:
         "counter",
         "Reads that found acknowledged data missing or altered in the store",
     )
-    out.append(_line("medledger_integrity_errors_total", health.integrity_errors))
+    out.append(
+        _line(
+            "medledger_integrity_errors_total", health.integrity_errors + metrics.integrity_errors
+        )
+    )
     family("medledger_store_problems", "gauge", "Problems found by the last store scrub pass")
     out.append(_line("medledger_store_problems", len(health.damage)))
     family("medledger_store_ready", "gauge", "1 while the store can serve")
     out.append(_line("medledger_store_ready", int(not health.problems(probe=False))))
 
     family("medledger_refusals_total", "counter", "Requests refused with a 4xx status, by reason")
-    for reason in sorted({*REASONS.values(), "other"}):
-        out.append(_line("medledger_refusals_total", metrics.refusals[reason], {"reason": reason}))
+    refusals = metrics.refusals
+    for reason in REFUSAL_REASONS:
+        out.append(_line("medledger_refusals_total", refusals[reason], {"reason": reason}))
     family("medledger_requests_total", "counter", "HTTP answers by status class")
-    for status_class in ("2xx", "3xx", "4xx", "5xx"):
+    answers = metrics.answers
+    for status_class in ANSWER_CLASSES:
         out.append(
-            _line(
-                "medledger_requests_total", metrics.answers[status_class], {"class": status_class}
-            )
+            _line("medledger_requests_total", answers[status_class], {"class": status_class})
         )
     return "\n".join(out) + "\n"
 
 
-def install_metrics(app: FastAPI) -> None:
-    """Count requests on ``app`` and serve ``GET /metrics`` (no token: no PHI in it)."""
-    app.state.metrics = Metrics()
+def install_metrics(
+    app: FastAPI,
+    own: Metrics | None = None,
+    worker_counts: Callable[[], Counts] | None = None,
+) -> None:
+    """Count requests on ``app`` and serve ``GET /metrics`` (no token: no PHI in it).
+
+    ``own``: where this process counts (default: its own memory);
+    ``worker_counts``: the API workers' counters, added to this process's in
+    every scrape (the parent of ``node start --workers N``).
+    """
+    app.state.metrics = own if own is not None else Metrics()
+    app.state.worker_counts = worker_counts
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     @app.get("/metrics", tags=["operations"], include_in_schema=True)

@@ -191,10 +191,10 @@ async def _form(request: Request) -> dict[str, str]:
     return form
 
 
-def _charge(request: Request, what: str, reason: str, **fields: str) -> None:
+async def _charge(request: Request, what: str, reason: str, **fields: str) -> None:
     """Log a refused credential (no secrets) and charge the client's failure budget."""
     log.warning("oauth: %s refused: %s", what, reason, extra={"fields": fields})
-    services_of(request.app).auth_failures.charge(request)
+    await services_of(request.app).auth_failures.charge(request)
 
 
 # -- discovery ------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ async def authorize(request: Request) -> Response:
     try:
         server = _server(request)
         if opens is not None:
-            opens.charge(request)
+            await opens.charge(request)
         signin = server.begin(params, origin=_origin(request))
     except RateLimited as exc:
         return _throttled_page(request, exc)
@@ -324,13 +324,13 @@ async def _posted(request: Request) -> dict[str, str] | Response:
         return _error_page(request, str(exc))
 
 
-def _signin_refused(request: Request, exc: InvalidInput) -> Response:
+async def _signin_refused(request: Request, exc: InvalidInput) -> Response:
     if isinstance(exc, OAuthError) and exc.redirect_uri is not None:
         # The user proved who they are; the app asked for scopes they cannot have.
         log.info("oauth: sign-in ends without a grant: %s", exc)
         return _redirect_error(exc)
     try:
-        _charge(request, "sign-in", str(exc))
+        await _charge(request, "sign-in", str(exc))
     except RateLimited as limited:
         return _throttled_page(request, limited)
     return _error_page(request, str(exc), status=400)
@@ -347,7 +347,7 @@ async def sign_in_patient(request: Request) -> Response:
             step, csrf, public_key=form.get("public_key", ""), signature=form.get("signature", "")
         )
     except InvalidInput as exc:
-        return _signin_refused(request, exc)
+        return await _signin_refused(request, exc)
     return _approve_page(request, signin)
 
 
@@ -360,7 +360,7 @@ async def sign_in_staff(request: Request) -> Response:
         step, csrf = _csrf(request, form)
         signin = _server(request).sign_in_staff(step, csrf, api_token=form.get("api_token", ""))
     except InvalidInput as exc:
-        return _signin_refused(request, exc)
+        return await _signin_refused(request, exc)
     return _approve_page(request, signin)
 
 
@@ -418,7 +418,7 @@ async def _authenticated(request: Request) -> tuple[dict[str, str], Any]:
     try:
         client = _server(request).authenticate_client(client_id, secret)
     except OAuthError as exc:
-        _charge(request, "client authentication", str(exc), client=client_id[:64])
+        await _charge(request, "client authentication", str(exc), client=client_id[:64])
         raise
     return form, client
 
@@ -431,7 +431,7 @@ async def token(request: Request) -> Response:
             answer = await _server(request).token(form, client)
         except OAuthError as exc:
             if exc.error == "invalid_grant":
-                _charge(request, "token request", str(exc), client=client.id)
+                await _charge(request, "token request", str(exc), client=client.id)
             raise
     except OAuthError as exc:
         return _oauth_json(exc)

@@ -44,7 +44,7 @@ async def peer(op: Literal["fetch", "list"], request: Request, services: Service
         document = await read_body(request, MAX_PEER_REQUEST_BYTES)
         authenticated = node.sharing.authenticate(document, request.scope.get(PEER_CERT_SCOPE_KEY))
     except MedledgerError:
-        services.auth_failures.charge(request)
+        await services.auth_failures.charge(request)
         raise
     answer = await node.sharing.serve(op, authenticated)
     # Plain JSON of strings and integers (base64 ciphertext, hex proofs): orjson.

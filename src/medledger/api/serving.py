@@ -24,8 +24,9 @@ from fastapi import FastAPI
 
 from medledger.api import fhir
 from medledger.api.app import create_app
-from medledger.api.auth import AUTH_FAILURES
+from medledger.api.auth import AUTH_FAILURES, AuthFailures
 from medledger.api.server import GracefulServer, HttpLimits, server_config
+from medledger.api.worker_metrics import WorkerCounters
 from medledger.api.workers import (
     API_SOCKET,
     WorkerPool,
@@ -76,6 +77,8 @@ class NodeServer:
     workers: int = 1
     #: The worker processes, while serving with ``workers`` > 1.
     pool: WorkerPool | None = None
+    #: The workers' shared counters, while serving with ``workers`` > 1 (``/metrics``).
+    worker_counters: WorkerCounters | None = None
     _listener: socket.socket | None = None
     _forked: list[Any] = field(default_factory=list)
 
@@ -115,6 +118,7 @@ class NodeServer:
         validate_resource({"resourceType": "Patient"})
         listener = self.sockets[0] if self.sockets else _bind(self.host, self.port)
         self._listener = listener
+        self.worker_counters = counters = WorkerCounters.create(self.workers)
         pool_settings = WorkerSettings(
             root=str(self.root),
             passphrase_hex=self.passphrase.hex(),
@@ -125,6 +129,8 @@ class NodeServer:
             idle_timeout_s=self.limits.idle_timeout_s,
             max_head_bytes=self.limits.max_head_bytes,
             parent_pid=os.getpid(),
+            metrics_fd=counters.fd,
+            slots=self.workers,
         )
         self._forked = fork_workers(self.workers, pool_settings)
 
@@ -179,6 +185,16 @@ class NodeServer:
         if self._listener is None:
             self._listener = self.sockets[0] if self.sockets else _bind(self.host, self.port)
         listener = self._listener
+        if self.worker_counters is None:
+            self.worker_counters = WorkerCounters.create(self.workers)
+        counters = self.worker_counters
+        try:
+            await self._serve_as_parent(listener, counters)
+        finally:
+            self.worker_counters = None
+            counters.close()
+
+    async def _serve_as_parent(self, listener: socket.socket, counters: WorkerCounters) -> None:
         async with run_node(self.root, self.passphrase, self.settings) as runtime:
             self.runtime = runtime
             node = runtime.node
@@ -192,13 +208,17 @@ class NodeServer:
                     return "starting API workers"
                 return waiting
 
+            # One failed-authentication budget per node: the workers spend this one.
+            auth_failures = AuthFailures(self.auth_failures, node.clock)
             self.app = app = create_app(
                 node,
                 runtime.tokens,
-                auth_failures=self.auth_failures,
+                auth_failures=auth_failures,
                 not_ready=not_ready,
                 ordering=runtime.ordering,
                 oauth_store=runtime.oauth,
+                # /metrics is answered here for every worker: their counts join this one's.
+                worker_counts=counters.counts,
             )
             stopping = asyncio.Event()
             runtime.on_stop(stopping.set)
@@ -207,7 +227,10 @@ class NodeServer:
             # Crash recovery runs here, before any worker can hand over a write.
             await node.records.ensure_recovered()
             link = SequencerServer(
-                self.root / SEQUENCER_SOCKET, chain=node.writer_chain, records=node.records
+                self.root / SEQUENCER_SOCKET,
+                chain=node.writer_chain,
+                records=node.records,
+                spend_failures=auth_failures.spend,
             )
             await link.start()
             api_socket = self.root / API_SOCKET
@@ -224,6 +247,7 @@ class NodeServer:
                 limits=self.limits,
                 plain_http=self.plain_http,
                 forked=self._forked,
+                counters=counters,
             )
             self._forked = []
             try:

@@ -20,6 +20,11 @@ send.
 :class:`WorkerPool` restarts a worker that dies (one that keeps dying at
 start is restarted at most once a second) and stops them all, letting their
 requests in flight complete, before the parent stops its sequencer.
+
+What stays the whole node's (decision 0047): each worker counts its answers in
+its slot of the parent's shared counter region (``api.worker_metrics``), which
+``/metrics`` adds up, and charges failed authentications to the parent's one
+budget over the sequencer link (``api.auth.SharedAuthFailures``).
 """
 
 from __future__ import annotations
@@ -44,11 +49,15 @@ from typing import Any
 import httpx
 
 from medledger.api.app import create_app
+from medledger.api.auth import SharedAuthFailures
 from medledger.api.errors import outcome_response
 from medledger.api.headers import SecurityHeadersMiddleware
+from medledger.api.metrics import Metrics
 from medledger.api.server import PEER_CERT_SCOPE_KEY, GracefulServer, HttpLimits, server_config
+from medledger.api.worker_metrics import WorkerCounters
 from medledger.core.errors import InvalidInput, StorageError
 from medledger.services.fhir import Issue
+from medledger.services.sequencer_link import SequencerClient
 
 __all__ = [
     "API_SOCKET",
@@ -178,6 +187,8 @@ class ForwardingApp:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError:
             await self._unavailable(scope, receive, send)
+            # Answered here, not by the parent's app: counted in this worker's metrics.
+            self.state.metrics.observe_answer(503)
             return
         try:
             await send(
@@ -266,6 +277,11 @@ class WorkerSettings:
     #: A forked worker serves only once the parent writes a byte here (after its
     #: start-up checks and crash recovery); the end of the pipe means: exit.
     go_fd: int = -1
+    #: The node's shared counter region (``api.worker_metrics``) of ``slots`` slots,
+    #: and this worker's slot in it (-1: none; the worker counts for itself alone).
+    metrics_fd: int = -1
+    slots: int = 1
+    slot: int = 0
 
 
 @dataclass(slots=True)
@@ -287,7 +303,7 @@ def fork_workers(count: int, settings: WorkerSettings) -> list[_Worker]:
     if threading.active_count() != 1:
         raise InvalidInput("workers are forked only from a process without threads")
     workers: list[_Worker] = []
-    for _ in range(count):
+    for slot in range(count):
         read_end, write_end = os.pipe()
         go_read, go_write = os.pipe()
         pid = os.fork()
@@ -299,7 +315,7 @@ def fork_workers(count: int, settings: WorkerSettings) -> list[_Worker]:
                 for worker in workers:
                     os.close(worker.ready_fd)
                     os.close(worker.go_fd)
-                _run_worker(replace(settings, ready_fd=write_end, go_fd=go_read))
+                _run_worker(replace(settings, ready_fd=write_end, go_fd=go_read, slot=slot))
                 code = 0
             except BaseException:
                 log.exception("API worker failed")
@@ -328,8 +344,12 @@ class WorkerPool:
         limits: HttpLimits,
         plain_http: bool,
         forked: list[_Worker] | None = None,
+        counters: WorkerCounters | None = None,
     ) -> None:
+        """``forked``: workers :func:`fork_workers` started, in slot order; ``counters``:
+        the region every worker counts in, one slot each (``api.worker_metrics``)."""
         self.count = count
+        self._counters = counters
         self._root = root
         self._passphrase = passphrase
         self._listener = listener
@@ -356,6 +376,8 @@ class WorkerPool:
             idle_timeout_s=limits.idle_timeout_s,
             max_head_bytes=limits.max_head_bytes,
             parent_pid=os.getpid(),
+            metrics_fd=self._counters.fd if self._counters is not None else -1,
+            slots=self.count,
         )
 
     @property
@@ -381,12 +403,15 @@ class WorkerPool:
 
     def _spawn(self, slot: int) -> None:
         read_end, write_end = os.pipe()
-        settings = replace(self.settings(), ready_fd=write_end)
+        settings = replace(self.settings(), ready_fd=write_end, slot=slot)
+        inherited = [self._listener.fileno(), write_end]
+        if settings.metrics_fd >= 0:
+            inherited.append(settings.metrics_fd)
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "medledger.api.workers"],
                 stdin=subprocess.PIPE,
-                pass_fds=(self._listener.fileno(), write_end),
+                pass_fds=inherited,
             )
         finally:
             os.close(write_end)
@@ -534,7 +559,25 @@ async def _serve_worker(settings: WorkerSettings) -> None:
     tokens = open_token_store(root, node.config)
     # OAuth access tokens are checked here too (api.oauth); sign-in itself is forwarded.
     oauth = open_oauth_store(root, node.config)
-    app = ForwardingApp(create_app(node, tokens, oauth_store=oauth), root / API_SOCKET)
+    metrics: Metrics | None = None
+    if settings.metrics_fd >= 0:
+        # This worker's slot of the node's counters: the parent's /metrics adds them up.
+        metrics = WorkerCounters.attach(settings.metrics_fd, settings.slots).metrics(settings.slot)
+        node.store_health.count_integrity_errors_in(metrics.observe_integrity_error)
+    link = node.chain
+    if not isinstance(link, SequencerClient):
+        raise StorageError("an API worker's node writes through the sequencer link")
+    app = ForwardingApp(
+        create_app(
+            node,
+            tokens,
+            oauth_store=oauth,
+            metrics=metrics,
+            # The node's one budget, kept by the parent: N workers do not give N times the guesses.
+            auth_failures=SharedAuthFailures(link.spend_failures),
+        ),
+        root / API_SOCKET,
+    )
     limits = HttpLimits(
         head_timeout_s=settings.head_timeout_s,
         body_timeout_s=settings.body_timeout_s,

@@ -57,6 +57,7 @@ class StoreHealth:
         self._last_probe = float("-inf")
         self._damage: tuple[str, ...] = ()
         self.integrity_errors = 0
+        self._integrity_observers: list[Callable[[], None]] = []
         self.scrub_passes = 0
 
     # -- what the write and read paths report --------------------------------------------
@@ -81,7 +82,15 @@ class StoreHealth:
         """A read found acknowledged data missing or altered (the message carries no PHI)."""
         with self._lock:
             self.integrity_errors += 1
+            for observer in self._integrity_observers:
+                observer()
         log.error("%s", exc)
+
+    def count_integrity_errors_in(self, observer: Callable[[], None]) -> None:
+        """Call ``observer`` on each integrity error too (an API worker's shared counters:
+        its ``/metrics`` is answered by the parent, whose own store health never saw it)."""
+        with self._lock:
+            self._integrity_observers.append(observer)
 
     # -- what the scrub reports --------------------------------------------------------
 

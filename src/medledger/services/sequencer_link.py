@@ -8,9 +8,11 @@ entries, through a Unix socket in the node's owner-only directory:
 * a frame is a 4-byte big-endian length and one canonical-JSON object; a frame
   longer than :data:`MAX_FRAME_BYTES` closes the connection;
 * the sequencer accepts a connection only from a process of its own user
-  (``SO_PEERCRED``), and only two requests: ``submit`` (``access``
-  transactions) and ``commit`` (``record.put`` transactions with their index
-  rows, checked by ``RecordWriter.commit_sealed``);
+  (``SO_PEERCRED``), and only three requests: ``submit`` (``access``
+  transactions), ``commit`` (``record.put`` transactions with their index
+  rows, checked by ``RecordWriter.commit_sealed``) and ``spend`` (one failed
+  authentication charged to the node's budgets, ``api.auth``: the answer is
+  the wait in milliseconds, 0 while there is budget left);
 * every answer comes after the durable commit (or the failure): an
   acknowledgement still means durable. A connection that ends with requests in
   flight fails them with :class:`SequencerUnavailable` (HTTP 503) — their
@@ -253,10 +255,20 @@ class SequencerServer:
     accepting and waits for the requests in flight to be answered.
     """
 
-    def __init__(self, path: Path, *, chain: PrivateChain, records: RecordsService) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        chain: PrivateChain,
+        records: RecordsService,
+        spend_failures: Callable[[Sequence[str]], int] | None = None,
+    ) -> None:
+        """``spend_failures``: the node's failed-authentication budgets
+        (``api.auth.AuthFailures.spend``); without it ``spend`` is refused."""
         self.path = path
         self._chain = chain
         self._records = records
+        self._spend_failures = spend_failures
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._requests: set[asyncio.Task[None]] = set()
@@ -319,7 +331,7 @@ class SequencerServer:
         rid = request.get("id")
         answer: dict[str, Any] = {"id": rid}
         try:
-            answer["receipts"] = [r.to_json() for r in await self._handle(request)]
+            answer.update(await self._handle(request))
             answer["ok"] = True
         except MedledgerError as exc:
             answer["ok"] = False
@@ -334,8 +346,19 @@ class SequencerServer:
             write_frame(writer, answer)
             await writer.drain()
 
-    async def _handle(self, request: dict[str, Any]) -> list[Receipt]:
+    async def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The answer's fields (besides ``id`` and ``ok``) for ``request``."""
         op = request.get("op")
+        if op == "spend":
+            keys = request.get("keys")
+            if self._spend_failures is None or not isinstance(keys, list):
+                raise InvalidInput("spend names no budget keys")
+            # Checked by the budget itself (AuthFailures.spend): key kinds and lengths.
+            return {"wait_ms": self._spend_failures(keys)}
+        receipts = await self._write(op, request)
+        return {"receipts": [r.to_json() for r in receipts]}
+
+    async def _write(self, op: object, request: dict[str, Any]) -> list[Receipt]:
         if op == "submit":
             txs = request.get("txs")
             if not isinstance(txs, list) or not txs:
@@ -443,6 +466,17 @@ class SequencerClient:
         except StaleKeys:
             self._on_stale_keys()
             raise
+
+    # -- the node's failure budgets (api.auth.SharedAuthFailures) --------------------------
+
+    async def spend_failures(self, keys: Sequence[str]) -> int:
+        """Charge one failed authentication to the node's budgets ``keys``: the wait in
+        milliseconds once one is spent, else 0. ``SequencerUnavailable`` if unreachable."""
+        answer = await self._request({"op": "spend", "keys": list(keys)})
+        wait_ms = answer.get("wait_ms")
+        if not isinstance(wait_ms, int) or isinstance(wait_ms, bool) or wait_ms < 0:
+            raise StorageError("the sequencer's answer does not match the request")
+        return wait_ms
 
     # -- the connection --------------------------------------------------------------------
 
