@@ -892,6 +892,16 @@ def _make_medledger_with(sql: str) -> Callable[[Path], None]:
     return make
 
 
+def _make_truncated_medledger(path: Path) -> None:
+    # A chain file in WAL mode cut short: SQLite opens it, creates its -wal and -shm
+    # files beside it, and fails on the first read.
+    store = SqliteChainStore.create(path, CHAIN)
+    BlockBuilder(SigningKey.generate()).append_sizes(store, [1, 2, 3, 4])
+    store.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 BAD_FILES: dict[str, Callable[[Path], None]] = {
     "garbage": _make_garbage,
     "empty-file": _make_empty,
@@ -907,6 +917,7 @@ BAD_FILES: dict[str, Callable[[Path], None]] = {
     ),
     "no-schema-version": _make_medledger_with("DELETE FROM meta WHERE key = 'schema_version'"),
     "no-chain-id": _make_medledger_with("DELETE FROM meta WHERE key = 'chain'"),
+    "truncated-to-half": _make_truncated_medledger,
 }
 
 
@@ -915,8 +926,11 @@ def test_sqlite_open_refuses_without_modifying(tmp_path: Path, kind: str) -> Non
     path = tmp_path / "chain.db"
     BAD_FILES[kind](path)
     before = _snapshot(tmp_path)
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError) as refused:
         SqliteChainStore.open(path)
+    # While the error is still held (a server logs it, a caller inspects it): the
+    # refused open left no connection, so nothing beside the file either.
     after = _snapshot(tmp_path)
+    assert refused.value is not None
     assert after.keys() == before.keys(), "open created or removed files"
     assert after[path.name] == before[path.name], f"open modified the {kind} file"

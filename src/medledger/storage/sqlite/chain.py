@@ -89,6 +89,7 @@ class SqliteChainStore:
         """Open an existing chain database; never creates or alters one."""
         if not path.is_file():
             raise NotFound(f"no chain database at {path}")
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(
                 sqlite_uri(path, "rw"),
@@ -99,6 +100,10 @@ class SqliteChainStore:
             )
             rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as exc:
+            # Closed now, not when the error is dropped: an open connection keeps the
+            # -wal/-shm files SQLite created beside a file it could not read.
+            if conn is not None:
+                conn.close()
             raise StorageError(
                 f"{path} is not a readable medledger chain database ({exc})"
             ) from None
