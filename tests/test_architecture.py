@@ -18,6 +18,7 @@ LAYERS = {
     "services": 3,
     "config": 4,
     "node": 5,
+    "stores": 5,
     "lifecycle": 5,
     "api": 6,
     "cli": 6,
@@ -27,7 +28,9 @@ LAYERS = {
     "synthetic": 6,
 }
 #: The product: what an institution's node runs. Laptop tooling stays out of it.
-PRODUCT_LAYERS = ("core", "storage", "ledger", "services", "config", "node", "lifecycle", "api")
+PRODUCT_LAYERS = (
+    "core", "storage", "ledger", "services", "config", "node", "stores", "lifecycle", "api",
+)  # fmt: skip
 #: Tooling for one machine, tests, the demo and the benchmarks.
 TOOLING_LAYERS = ("localnet", "synthetic", "benchmarks", "demo")
 #: Interface packages: each is a way in for its own users (HTTP clients, operators,

@@ -62,7 +62,7 @@ import tomli_w
 
 from medledger.core.errors import InvalidInput, NotFound
 from medledger.core.keys import VerifyingKey
-from medledger.ledger.private import SequencerConfig
+from medledger.ledger.sequencer_config import SequencerConfig
 from medledger.storage.keystore import atomic_write
 
 __all__ = [

@@ -3,7 +3,8 @@
 ``init_node`` creates a node directory (keystore, chain with its genesis
 block, ``node.toml``); ``open_node`` unlocks and opens it for writing;
 ``open_chain`` opens only the chain for reading and verification, which needs
-no passphrase.
+no passphrase (it and the other single-store openers live in
+:mod:`medledger.stores`, re-exported here).
 """
 
 from __future__ import annotations
@@ -71,9 +72,17 @@ from medledger.storage.ports import (
     BlobStore,
     ChainStore,
     NonceStore,
-    OAuthStore,
     RecordIndex,
-    TokenStore,
+)
+from medledger.stores import (
+    load_genesis,
+    open_chain,
+    open_consortium_chain,
+    open_nonce_store,
+    open_oauth_store,
+    open_token_store,
+    store_schema,
+    store_target,
 )
 
 if TYPE_CHECKING:
@@ -461,76 +470,15 @@ class Node:
             close_blobs()
 
 
-def _store_target(storage: StorageConfig, path: Path) -> str | Path:
-    """Where a store lives: its SQLite file, or the PostgreSQL DSN."""
-    return path if storage.store == "sqlite" else storage.dsn
-
-
-def _schema(config: NodeConfig, part: str) -> str | None:
-    return (
-        factory.node_schema(config.institution, part) if config.storage.store != "sqlite" else None
-    )
-
-
-def open_nonce_store(config: NodeConfig, paths: NodePaths) -> NonceStore:
-    """The node's peer-request nonce store: beside its other stores, SQLite or PostgreSQL."""
-    sqlite_file = paths.root / "peer_nonces.db"
-    return factory.open_nonce_store(
-        config.storage.store,
-        _store_target(config.storage, sqlite_file),
-        schema=_schema(config, "nonces"),
-        legacy=sqlite_file if config.storage.store != "sqlite" else None,
-    )
-
-
-def open_token_store(root: Path, config: NodeConfig | None = None) -> TokenStore:
-    """The node's API token store: ``tokens.db`` of a SQLite node, a schema of a PostgreSQL one.
-
-    A PostgreSQL node that kept its tokens in ``tokens.db`` before has them
-    imported on this first open (see :func:`~medledger.storage.factory.open_token_store`).
-    """
-    config = config or load_config(root)
-    sqlite_file = root / "tokens.db"
-    return factory.open_token_store(
-        config.storage.store,
-        _store_target(config.storage, sqlite_file),
-        schema=_schema(config, "tokens"),
-        legacy=sqlite_file if config.storage.store != "sqlite" else None,
-    )
-
-
-def open_oauth_store(root: Path, config: NodeConfig | None = None) -> OAuthStore:
-    """The node's authorization-server store: ``oauth.db`` of a SQLite node, a schema of a
-    PostgreSQL one (created on first open)."""
-    config = config or load_config(root)
-    return factory.open_oauth_store(
-        config.storage.store,
-        _store_target(config.storage, root / "oauth.db"),
-        schema=_schema(config, "oauth"),
-    )
-
-
 def _consortium_store(config: NodeConfig, paths: NodePaths, chain_id: str) -> ChainStore:
-    target = _store_target(config.storage, paths.consortium_db)
-    schema = _schema(config, "consortium")
+    target = store_target(config.storage, paths.consortium_db)
+    schema = store_schema(config, "consortium")
     try:
         return factory.open_chain_store(config.storage.store, target, chain_id, schema=schema)
     except NotFound:
         return factory.open_chain_store(
             config.storage.store, target, chain_id, schema=schema, create=True
         )
-
-
-def open_consortium_chain(root: Path) -> tuple[Genesis, ChainStore]:
-    """A node's genesis and its copy of the consortium chain, for reading (no passphrase)."""
-    config = load_config(root)
-    paths = NodePaths(root=root)
-    genesis = load_genesis(paths.genesis)
-    target = _store_target(config.storage, paths.consortium_db)
-    store = factory.open_chain_store(
-        config.storage.store, target, genesis.chain_id, schema=_schema(config, "consortium")
-    )
-    return genesis, store
 
 
 def _validation_workers(explicit: int | None) -> int:
@@ -583,16 +531,6 @@ def scrub_settings() -> tuple[float, float]:
     if interval > 0 and rate == 0:
         raise InvalidInput(f"{SCRUB_RATE_ENV} must be positive")
     return interval, rate
-
-
-def load_genesis(path: Path) -> Genesis:
-    """Read a genesis document (JSON) written by ``medledger consortium init``."""
-    try:
-        return Genesis.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise NotFound(f"no genesis document at {path}; run 'medledger consortium init'") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"{path}: not a genesis document ({exc})") from None
 
 
 def member_entry(root: Path) -> Member:
@@ -718,7 +656,7 @@ def init_node(
         schema = factory.node_schema(inst, "chain") if storage.store != "sqlite" else None
         store = factory.open_chain_store(
             storage.store,
-            _store_target(storage, paths.chain_db),
+            store_target(storage, paths.chain_db),
             chain_id,
             schema=schema,
             create=True,
@@ -746,8 +684,8 @@ def init_node(
         )
         factory.initialize_record_index(
             storage.store,
-            _store_target(storage, paths.records_db),
-            schema=_schema(config, "records"),
+            store_target(storage, paths.records_db),
+            schema=store_schema(config, "records"),
         )
         if storage.store != "sqlite":
             factory.initialize_peer_stores(
@@ -822,26 +760,20 @@ async def open_orderer(
     )
 
 
-def open_chain(root: Path) -> tuple[NodeConfig, ChainStore]:
-    """Open a node's chain for reading (no passphrase). Caller closes the store."""
-    config = load_config(root)
-    target = _store_target(config.storage, NodePaths(root=root).chain_db)
-    return config, factory.open_chain_store(
-        config.storage.store, target, config.chain, schema=_schema(config, "chain")
-    )
-
-
 def own_last_anchor(config: NodeConfig, paths: NodePaths) -> AnchorRecord | None:
     """The node's own newest anchor in its copy of the final consortium chain, if any."""
     if not paths.genesis.exists():
         return None
     genesis = load_genesis(paths.genesis)
-    target = _store_target(config.storage, paths.consortium_db)
+    target = store_target(config.storage, paths.consortium_db)
     if config.storage.store == "sqlite" and not paths.consortium_db.exists():
         return None
     try:
         store = factory.open_chain_store(
-            config.storage.store, target, genesis.chain_id, schema=_schema(config, "consortium")
+            config.storage.store,
+            target,
+            genesis.chain_id,
+            schema=store_schema(config, "consortium"),
         )
     except NotFound:
         return None  # never joined: nothing anchored here
@@ -880,15 +812,15 @@ def _open_chain_and_index(config: NodeConfig, paths: NodePaths) -> tuple[ChainSt
     storage = config.storage
     store = factory.open_chain_store(
         storage.store,
-        _store_target(storage, paths.chain_db),
+        store_target(storage, paths.chain_db),
         config.chain,
-        schema=_schema(config, "chain"),
+        schema=store_schema(config, "chain"),
     )
     try:
         index = factory.open_record_index(
             storage.store,
-            _store_target(storage, paths.records_db),
-            schema=_schema(config, "records"),
+            store_target(storage, paths.records_db),
+            schema=store_schema(config, "records"),
         )
     except BaseException:
         store.close()
@@ -1067,11 +999,14 @@ def _stored_membership(config: NodeConfig, paths: NodePaths) -> StoredMembership
     if config.consortium is None or not paths.genesis.exists():
         return None
     genesis = load_genesis(paths.genesis)
-    target = _store_target(config.storage, paths.consortium_db)
+    target = store_target(config.storage, paths.consortium_db)
 
     def open_store() -> ChainStore:
         return factory.open_chain_store(
-            config.storage.store, target, genesis.chain_id, schema=_schema(config, "consortium")
+            config.storage.store,
+            target,
+            genesis.chain_id,
+            schema=store_schema(config, "consortium"),
         )
 
     return StoredMembership(genesis, open_store)

@@ -32,6 +32,7 @@ from medledger.core.merkle import CompactRange, leaf_hash, range_nodes
 from medledger.core.models import BlockHeader, Receipt, Transaction
 from medledger.core.transactions import CHAIN_GENESIS as GENESIS_TX
 from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.sequencer_config import SequencerConfig
 from medledger.storage.ports import ChainStore, NewBlock
 
 __all__ = ["GENESIS_TX", "MAX_TX_BYTES", "PrivateChain", "SequencerConfig"]
@@ -39,25 +40,6 @@ __all__ = ["GENESIS_TX", "MAX_TX_BYTES", "PrivateChain", "SequencerConfig"]
 #: A single transaction larger than this is refused: records live in the blob
 #: store, and chains carry only hashes and pseudonyms.
 MAX_TX_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SequencerConfig:
-    """When the sequencer cuts a block.
-
-    ``max_txs``: most transactions in one block. ``max_wait_ms``: how long to
-    wait for more transactions when fewer than ``max_txs`` are queued (0 = cut
-    at once; the previous commit is already a batching window).
-    """
-
-    max_txs: int = 4096
-    max_wait_ms: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_txs < 1:
-            raise InvalidInput("max_txs must be at least 1")
-        if self.max_wait_ms < 0:
-            raise InvalidInput("max_wait_ms must not be negative")
 
 
 def _as_storage_error(exc: BaseException) -> Exception:

@@ -39,7 +39,7 @@ from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import VerifyingKey
 from medledger.core.merkle import EMPTY_ROOT, CompactRange, NodeID, leaf_hash, verify_consistency
 from medledger.core.models import BlockHeader, Signature, Transaction
-from medledger.ledger.private import GENESIS_TX
+from medledger.core.transactions import CHAIN_GENESIS as GENESIS_TX
 from medledger.ledger.proofs import consistency_proof
 from medledger.storage.ports import ChainStore, StoredBlock
 

@@ -3,8 +3,8 @@
 The composition root (``node.py``) calls only these functions, so the rest of
 medledger never names an adapter. For SQLite ``target`` is a file path (the
 blob store's: a directory); for PostgreSQL it is a DSN and ``schema`` names
-the store's schema (see :func:`node_schema`). PostgreSQL modules are imported
-only when chosen.
+the store's schema (see :func:`node_schema`). An adapter's module is imported
+only when that adapter is opened: a command that opens one store loads one.
 """
 
 from __future__ import annotations
@@ -13,22 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from medledger.core.errors import InvalidInput
-from medledger.storage.blobs import FileBlobStore
-from medledger.storage.ports import (
-    BlobStore,
-    ChainStore,
-    NonceStore,
-    OAuthStore,
-    RecordIndex,
-    TokenStore,
-)
-from medledger.storage.sqlite.chain import SqliteChainStore
-from medledger.storage.sqlite.nonces import SqliteNonceStore
-from medledger.storage.sqlite.oauth import SqliteOAuthStore
-from medledger.storage.sqlite.records import SqliteRecordIndex
-from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 if TYPE_CHECKING:
+    from medledger.storage.ports import (
+        BlobStore,
+        ChainStore,
+        NonceStore,
+        OAuthStore,
+        RecordIndex,
+        TokenStore,
+    )
     from medledger.storage.postgres.lease import SequencerLease
 
 __all__ = [
@@ -92,6 +86,8 @@ def open_chain_store(
     PostgreSQL: ``target`` is the DSN; ``chain`` must match the stored id.
     """
     if check_kind(kind) == "sqlite":
+        from medledger.storage.sqlite.chain import SqliteChainStore
+
         path = Path(target)
         return SqliteChainStore.create(path, chain) if create else SqliteChainStore.open(path)
     from medledger.storage.postgres.chain import PostgresChainStore
@@ -122,6 +118,8 @@ def open_sequencer_lease(kind: str, dsn: str, *, schema: str) -> SequencerLease:
 def initialize_record_index(kind: str, target: str | Path, *, schema: str | None = None) -> None:
     """Create an empty record index (for node creation)."""
     if check_kind(kind) == "sqlite":
+        from medledger.storage.sqlite.records import SqliteRecordIndex
+
         SqliteRecordIndex.initialize(Path(target))
         return
     from medledger.storage.postgres.records import PostgresRecordIndex
@@ -132,6 +130,8 @@ def initialize_record_index(kind: str, target: str | Path, *, schema: str | None
 def open_record_index(kind: str, target: str | Path, *, schema: str | None = None) -> RecordIndex:
     """Open the record index."""
     if check_kind(kind) == "sqlite":
+        from medledger.storage.sqlite.records import SqliteRecordIndex
+
         return SqliteRecordIndex(Path(target))
     from medledger.storage.postgres.records import PostgresRecordIndex
 
@@ -151,6 +151,8 @@ def initialize_blob_store(kind: str, target: str | Path, *, schema: str | None =
 def open_blob_store(kind: str, target: str | Path, *, schema: str | None = None) -> BlobStore:
     """Open the blob store."""
     if check_kind(kind, BLOB_KINDS, "blob store") == "file":
+        from medledger.storage.blobs import FileBlobStore
+
         return FileBlobStore(Path(target))
     from medledger.storage.postgres.blobs import PostgresBlobStore
 
@@ -189,6 +191,8 @@ def open_token_store(
     no issued token is lost or silently revived.
     """
     if check_kind(kind) == "sqlite":
+        from medledger.storage.sqlite.tokens import SqliteTokenStore
+
         return SqliteTokenStore(Path(target))
     from medledger.storage.postgres.tokens import PostgresTokenStore
 
@@ -211,6 +215,8 @@ def open_nonce_store(
     imported once, so a request seen just before cannot be replayed just after.
     """
     if check_kind(kind) == "sqlite":
+        from medledger.storage.sqlite.nonces import SqliteNonceStore
+
         return SqliteNonceStore(Path(target))
     from medledger.storage.postgres.nonces import PostgresNonceStore
 
@@ -227,6 +233,8 @@ def open_nonce_store(
 def open_oauth_store(kind: str, target: str | Path, *, schema: str | None = None) -> OAuthStore:
     """Open the authorization server's store (created on first open): SQLite file or schema."""
     if check_kind(kind) == "sqlite":
+        from medledger.storage.sqlite.oauth import SqliteOAuthStore
+
         return SqliteOAuthStore(Path(target))
     from medledger.storage.postgres.oauth import PostgresOAuthStore
 
