@@ -59,9 +59,11 @@ def test_importing_the_cli_loads_no_heavy_library() -> None:
 
 def test_help_of_every_command_loads_no_heavy_library() -> None:
     code = (
-        "import contextlib, io\n"
+        "import click, contextlib, io\n"
         "from medledger.cli import cli, main\n"
-        "for args in [[]] + [[name] for name in cli.commands]:\n"
+        "names = cli.list_commands(click.Context(cli))\n"
+        "assert len(names) == 18, names\n"
+        "for args in [[]] + [[name] for name in names] + [['node', 'start'], ['bench', 'all']]:\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
         "        try:\n"
         "            main([*args, '--help'])\n"
@@ -98,3 +100,58 @@ def test_reading_a_chain_loads_no_heavy_library(make_node: MakeNode) -> None:
     head = json.loads(printed)
     assert head["chain"] == config.chain
     assert head["height"] == 0
+
+
+#: What a command reading one store of a node needs none of: the other commands'
+#: modules, the opened node (records service, FHIR models, consortium member),
+#: the sequencer and asyncio, X.509 certificates.
+NOT_FOR_ONE_STORE = (
+    "medledger.cli.bench",
+    "medledger.cli.consortium",
+    "medledger.cli.network",
+    "medledger.cli.records",
+    "medledger.cli.sharing",
+    "medledger.cli.storage",
+    "medledger.node",
+    "medledger.ledger.private",
+    "medledger.services.records.service",
+    "medledger.services.tls",
+    "asyncio",
+    "pydantic",
+    "cryptography.x509",
+)
+
+
+def _modules_loaded_by(code: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
+    """What ``code`` printed, and which of the modules ``names`` it imported."""
+    probe = (
+        f"import json, sys\n{code}\nprint(json.dumps(sorted(set(sys.modules) & set({names!r}))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    printed, _, last = done.stdout.rstrip("\n").rpartition("\n")
+    loaded: list[str] = json.loads(last)
+    return printed, loaded
+
+
+def test_the_probe_sees_a_module_of_medledger() -> None:
+    _, loaded = _modules_loaded_by("import medledger.node", NOT_FOR_ONE_STORE)
+    assert "medledger.node" in loaded and "asyncio" in loaded
+
+
+def test_token_list_and_verify_load_their_command_and_one_store_only(
+    make_node: MakeNode,
+) -> None:
+    root, config = make_node()
+    printed, loaded = _modules_loaded_by(
+        _run_cli(["token", "list", "--dir", str(root)]), NOT_FOR_ONE_STORE
+    )
+    assert loaded == []
+    assert json.loads(printed) == []
+    printed, loaded = _modules_loaded_by(
+        _run_cli(["verify", "--dir", str(root)]), NOT_FOR_ONE_STORE
+    )
+    assert loaded == []
+    assert printed.startswith(f"OK: {config.chain}: 1 blocks, 1 transactions")

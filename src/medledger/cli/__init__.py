@@ -12,52 +12,45 @@ import sys
 
 import click
 
-from medledger.cli.bench import bench
-from medledger.cli.chain import chain, node, verify
 from medledger.cli.common import EXIT_TAMPERED, fail
-from medledger.cli.consortium import consortium
-from medledger.cli.demo import demo
-from medledger.cli.nats import nats
-from medledger.cli.network import network
-from medledger.cli.oauth import oauth_client
-from medledger.cli.records import keys, record
-from medledger.cli.service import start, token
-from medledger.cli.sharing import audit, consent, patient, share
-from medledger.cli.storage import backup, migrate, restore
+from medledger.cli.lazy import LazyGroup
 from medledger.core.errors import MedledgerError, VerificationError
 
-__all__ = ["PRIVATE_UMASK", "cli", "main"]
+__all__ = ["COMMANDS", "PRIVATE_UMASK", "cli", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Every command: where it is defined. A run imports only the module of its own
+#: command (see :class:`~medledger.cli.lazy.LazyGroup`), so each start stays short.
+COMMANDS = {
+    "audit": "medledger.cli.sharing:audit",
+    "backup": "medledger.cli.storage:backup",
+    "bench": "medledger.cli.bench:bench",
+    "chain": "medledger.cli.chain:chain",
+    "consent": "medledger.cli.sharing:consent",
+    "consortium": "medledger.cli.consortium:consortium",
+    "demo": "medledger.cli.demo:demo",
+    "keys": "medledger.cli.records:keys",
+    "migrate": "medledger.cli.storage:migrate",
+    "nats": "medledger.cli.nats:nats",
+    "network": "medledger.cli.network:network",
+    "node": "medledger.cli.chain:node",
+    "patient": "medledger.cli.sharing:patient",
+    "record": "medledger.cli.records:record",
+    "restore": "medledger.cli.storage:restore",
+    "share": "medledger.cli.sharing:share",
+    "token": "medledger.cli.service:token",
+    "verify": "medledger.cli.chain:verify",
+}
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="medledger")
 def cli() -> None:
     """medledger: secure health-information storage on a hybrid blockchain."""
-
-
-for command in (
-    node,
-    chain,
-    verify,
-    consortium,
-    network,
-    nats,
-    record,
-    keys,
-    patient,
-    consent,
-    share,
-    audit,
-    token,
-    bench,
-    demo,
-    migrate,
-    backup,
-    restore,
-):
-    cli.add_command(command)
-node.add_command(start)
-node.add_command(oauth_client)
 
 
 #: Files and directories medledger creates are its owner's alone (0600 / 0700):

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from medledger.cli.common import dir_option, emit, fail, progress, read_passphrase
+from medledger.cli.lazy import LazyGroup
 from medledger.config import load_config
 from medledger.core.errors import RecordDamaged
 from medledger.core.hashing import hash_from_hex
@@ -30,7 +31,7 @@ __all__ = ["chain", "node", "stored_block_json", "verify"]
 
 @contextmanager
 def _chain(root: Path) -> Iterator[tuple[Any, ChainStore]]:
-    from medledger.node import open_chain
+    from medledger.stores import open_chain
 
     config, store = open_chain(root)
     try:
@@ -47,7 +48,13 @@ def stored_block_json(block: StoredBlock) -> dict[str, Any]:
 # -- node ---------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(
+    cls=LazyGroup,
+    lazy_commands={
+        "oauth-client": "medledger.cli.oauth:oauth_client",
+        "start": "medledger.cli.service:start",
+    },
+)
 def node() -> None:
     """Create and inspect an institution node."""
 
@@ -161,8 +168,8 @@ def node_status(
         verify = client_context(current_members(members_of).tls_certificates())
     elif genesis_path is not None:
         from medledger.core.consortium import MemberSet
-        from medledger.node import load_genesis
         from medledger.services.tls import client_context
+        from medledger.stores import load_genesis
 
         members = MemberSet(load_genesis(genesis_path).members)
         verify = client_context(members.tls_certificates())
@@ -539,7 +546,7 @@ def _verify_consortium(
         verify_consortium_store,
     )
     from medledger.ledger.consortium.verify import anchored_checkpoints
-    from medledger.node import open_consortium_chain
+    from medledger.stores import open_consortium_chain
 
     cstore: ChainStore
     if export is not None:

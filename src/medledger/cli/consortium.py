@@ -115,7 +115,8 @@ def consortium_adopt(root: Path, genesis_path: Path) -> None:
     """
     from medledger.config import NodePaths
     from medledger.core.errors import Conflict, InvalidInput
-    from medledger.node import load_genesis, member_entry, save_genesis
+    from medledger.node import member_entry, save_genesis
+    from medledger.stores import load_genesis
 
     own = member_entry(root)
     if genesis_path.is_file() and genesis_path.stat().st_size > MAX_GENESIS_BYTES:
@@ -174,7 +175,7 @@ def _no_constant(name: str) -> Any:
 
 def verify_consortium_store(root: Path) -> tuple[VerifyReport, ConsortiumPolicy]:
     """Re-verify a node's copy of the consortium chain from genesis (no passphrase)."""
-    from medledger.node import open_consortium_chain
+    from medledger.stores import open_consortium_chain
 
     genesis, store = open_consortium_chain(root)
     try:
@@ -197,7 +198,7 @@ def verify_consortium_export(
     from medledger.core.consortium import Genesis
     from medledger.core.errors import IntegrityError, InvalidInput, NotFound
     from medledger.core.models import Transaction
-    from medledger.node import load_genesis
+    from medledger.stores import load_genesis
 
     try:
         with path.open("rb") as handle:
@@ -251,7 +252,7 @@ def consortium_export(root: Path, start: int, end: int | None) -> None:
     import sys
 
     from medledger.ledger.export import block_line
-    from medledger.node import open_consortium_chain
+    from medledger.stores import open_consortium_chain
 
     if end is not None and end < start:
         fail(f"--to {end} is before --from {start}", 2)

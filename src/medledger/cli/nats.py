@@ -67,7 +67,7 @@ def current_members(root: Path) -> MemberSet:
     """The node's view of the members: its final consortium state, else its genesis."""
     from medledger.config import NodePaths
     from medledger.core.consortium import MemberSet
-    from medledger.node import load_genesis
+    from medledger.stores import load_genesis
 
     paths = NodePaths(root=root)
     if paths.consortium_db.exists():

@@ -48,8 +48,8 @@ def oauth_client_add(
     client_id: str | None,
 ) -> None:
     """Register an app; a confidential app's secret is printed once."""
-    from medledger.node import open_oauth_store
     from medledger.services.oauth.server import register_client
+    from medledger.stores import open_oauth_store
 
     store = open_oauth_store(root)
     try:
@@ -80,8 +80,8 @@ def oauth_client_add(
 @dir_option
 def oauth_client_list(root: Path) -> None:
     """List the registered apps (never their secrets)."""
-    from medledger.node import open_oauth_store
     from medledger.services.oauth.server import PORTAL_CLIENT
+    from medledger.stores import open_oauth_store
 
     store = open_oauth_store(root)
     try:
@@ -108,8 +108,8 @@ def oauth_client_list(root: Path) -> None:
 def oauth_client_remove(root: Path, client_id: str) -> None:
     """Unregister an app (a leaked secret, a retired app): every grant it holds ends now."""
     from medledger.core.errors import InvalidInput, NotFound
-    from medledger.node import open_oauth_store
     from medledger.services.oauth.server import PORTAL_CLIENT
+    from medledger.stores import open_oauth_store
 
     if client_id == PORTAL_CLIENT.id:
         raise InvalidInput("the node's own portal is always registered; it cannot be removed")

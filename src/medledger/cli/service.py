@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from medledger.cli.common import dir_option, emit, read_passphrase
 from medledger.core.errors import InvalidInput
 from medledger.ledger.clock import SystemClock
-from medledger.services.tls import is_loopback
-from medledger.storage.ports import ROLES, TokenStore
+from medledger.storage.ports import ROLES
+
+if TYPE_CHECKING:
+    from medledger.storage.ports import TokenStore
 
 __all__ = ["JsonLogFormatter", "start", "token"]
 
 
 def _tokens(root: Path) -> TokenStore:
-    from medledger.node import open_token_store
+    from medledger.stores import open_token_store
 
     return open_token_store(root)  # load_config: a clear error if ROOT is not a node
 
@@ -169,10 +170,13 @@ def start(
     Once caught up with the consortium it checks the chain again against the
     anchor learnt from the ordered stream, and stops (exit 1) if it is behind.
     """
+    import asyncio
+
     from medledger.api.server import HttpLimits
     from medledger.api.serving import NodeServer
     from medledger.lifecycle import RunSettings
     from medledger.node import export_ttl, scrub_settings
+    from medledger.services.tls import is_loopback
 
     host, port = _listen_address(root, host, port)
     if plain_http and not is_loopback(host):

@@ -411,8 +411,8 @@ def audit(root: Path, fingerprint: str) -> None:
     """Who read what of a patient, where, when, under which consent (from ROOT's chains)."""
     from medledger.core.errors import MedledgerError
     from medledger.core.hashing import hash_from_hex
-    from medledger.node import open_chain, open_consortium_chain
     from medledger.services.trail import patient_trail
+    from medledger.stores import open_chain, open_consortium_chain
 
     hash_from_hex(fingerprint, "--patient fingerprint")
     _, private = open_chain(root)

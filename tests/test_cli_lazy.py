@@ -1,0 +1,86 @@
+"""Commands loaded on first use (``cli/lazy.py``): every one still listed, found and helped.
+
+The listing is compared with the same group built the ordinary way (every
+subcommand added up front), so ``--help`` reads as it did before the commands
+were loaded lazily; which modules a run imports is checked in a fresh
+interpreter by ``test_cli_imports.py``.
+"""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from medledger.cli import cli
+from medledger.cli.lazy import LazyGroup
+
+#: Every command of ``medledger``, and of ``medledger node`` (two of which live elsewhere).
+TOP_LEVEL = {
+    "audit", "backup", "bench", "chain", "consent", "consortium", "demo", "keys", "migrate",
+    "nats", "network", "node", "patient", "record", "restore", "share", "token", "verify",
+}  # fmt: skip
+NODE = {"init", "member-info", "nats-key", "oauth-client", "show", "start", "status", "tls-cert"}
+
+
+def _groups() -> list[tuple[str, click.Group]]:
+    """Every group of the command tree with its command path, the top level first."""
+    found: list[tuple[str, click.Group]] = []
+    pending: list[tuple[str, click.Group]] = [("medledger", cli)]
+    while pending:
+        path, group = pending.pop(0)
+        found.append((path, group))
+        ctx = click.Context(group, info_name=path)
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            if isinstance(command, click.Group):
+                pending.append((f"{path} {name}", command))
+    return found
+
+
+def _eager(group: click.Group, ctx: click.Context) -> click.Group:
+    """``group`` built as a plain :class:`click.Group` with every subcommand added up front."""
+    eager = click.Group(
+        name=group.name,
+        callback=group.callback,
+        params=group.params,
+        help=group.help,
+        context_settings=group.context_settings,
+    )
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, name
+        eager.add_command(command, name)
+    return eager
+
+
+def test_every_command_is_listed_and_found_under_its_own_name() -> None:
+    ctx = click.Context(cli)
+    assert set(cli.list_commands(ctx)) == TOP_LEVEL
+    for name in TOP_LEVEL:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name
+        assert command.get_short_help_str(), name  # the listing shows a line for it
+    node = cli.get_command(ctx, "node")
+    assert isinstance(node, click.Group)
+    assert set(node.list_commands(click.Context(node))) == NODE
+    assert cli.get_command(ctx, "no-such-command") is None
+
+
+@pytest.mark.parametrize("path", [path for path, _ in _groups()])
+def test_help_of_every_group_reads_as_with_every_command_added_up_front(path: str) -> None:
+    group = dict(_groups())[path]
+    ctx = click.Context(group, info_name=path, terminal_width=80)
+    lazy_help = group.get_help(ctx)
+    eager = _eager(group, ctx)
+    assert lazy_help == eager.get_help(click.Context(eager, info_name=path, terminal_width=80))
+    for name in group.list_commands(ctx):
+        assert f"  {name} " in lazy_help or lazy_help.rstrip().endswith(f"  {name}"), name
+
+
+def test_a_lazy_entry_that_names_another_command_is_refused() -> None:
+    group = LazyGroup(name="g", lazy_commands={"show": "medledger.cli.chain:verify"})
+    with pytest.raises(TypeError, match="is not the click command 'show'"):
+        group.get_command(click.Context(group), "show")
+    missing = LazyGroup(name="g", lazy_commands={"x": "medledger.cli.chain:no_such_thing"})
+    with pytest.raises(AttributeError):
+        missing.get_command(click.Context(missing), "x")
