@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cli_support import medledger_command
+from cli_support import medledger_command, run_in_process
 from medledger.core.errors import MedledgerError
 from medledger.localnet.netproc import PidRecord, load_network, node_tls
 from medledger.services.tls import client_context, load_certificate
@@ -51,8 +51,23 @@ class Run:
         return json.loads(self.out)
 
 
-def run_cli(*args: str | Path, timeout: float = 240, env: dict[str, str] | None = None) -> Run:
-    """Run ``medledger ARGS`` (with ``env`` added to the test environment); no tracebacks."""
+def run_cli(
+    *args: str | Path,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
+    in_process: bool = False,
+) -> Run:
+    """Run ``medledger ARGS`` (with ``env`` added to the test environment); no tracebacks.
+
+    A subprocess running the console script, or with ``in_process`` the CLI's
+    entry point in this process (``cli_support.run_in_process``): for commands
+    that only print and exit, never for one that starts processes (``network up``).
+    """
+    if in_process:
+        done = run_in_process(args, env={"MEDLEDGER_PASSPHRASE": PASSPHRASE, **(env or {})})
+        run = Run(done.code, done.out, done.err)
+        assert "Traceback" not in run.out + run.err, run
+        return run
     proc = subprocess.run(
         [*medledger_command(), *(str(a) for a in args)],
         stdin=subprocess.DEVNULL,

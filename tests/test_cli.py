@@ -1,4 +1,9 @@
-"""End-to-end tests of the ``medledger`` command line, run as real subprocesses.
+"""End-to-end tests of the ``medledger`` command line.
+
+Commands run in this process through the CLI's entry point
+(``cli_support.run_in_process``: same output and exit status as the console
+script); ``node init``, ``chain show``, ``verify``, ``--version`` and
+``--help`` also run as the installed console script in a subprocess.
 
 One node is created per module through ``medledger node init`` (default scrypt
 cost) and filled with transactions through the Python API; tests that modify a
@@ -25,7 +30,6 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -36,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cli_support import medledger_command
+from cli_support import medledger_command, run_in_process
 from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import KeyStoreError
 from medledger.core.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -82,22 +86,29 @@ def run_cli(
     *args: str | Path,
     passphrase: str | None = PASSPHRASE,
     extra_env: dict[str, str] | None = None,
+    process: bool = False,
 ) -> Run:
-    """Run ``medledger ARGS`` with stdin closed; never a traceback, whatever happens."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
-    if passphrase is not None:
-        env[PASSPHRASE_ENV] = passphrase
+    """Run ``medledger ARGS`` with stdin closed; never a traceback, whatever happens.
+
+    In this process (``cli_support.run_in_process``) unless ``process``: then
+    the installed console script in a subprocess, as a user runs it.
+    """
+    env = {PASSPHRASE_ENV: passphrase} if passphrase is not None else {}
     env.update(extra_env or {})
     argv = tuple(str(a) for a in args)
-    proc = subprocess.run(
-        [*medledger_command(), *argv],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    run = Run(argv, proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8"))
+    if process:
+        proc = subprocess.run(
+            [*medledger_command(), *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}, **env},
+            timeout=120,
+            check=False,
+        )
+        run = Run(argv, proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8"))
+    else:
+        done = run_in_process(argv, env=env)
+        run = Run(argv, done.code, done.out, done.err)
     assert "Traceback" not in run.out + run.err, run
     return run
 
@@ -276,7 +287,7 @@ def fill(root: Path, waves: Sequence[int], tag: str = "p") -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     root = tmp_path_factory.mktemp("cli") / "st-mary"
-    init = run_cli("node", "init", "--dir", root, "--name", NAME)
+    init = run_cli("node", "init", "--dir", root, "--name", NAME, process=True)
     assert init.code == 0, init
     fill(root, WAVES)
     blocks, txs = read_db(root / "chain.db")
@@ -421,7 +432,7 @@ def test_chain_show_json_matches_the_head(base: Base, unchanged: None) -> None:
 
 
 def test_chain_show_text(base: Base, unchanged: None) -> None:
-    lines = ok("chain", "show", "--dir", base.root).out.splitlines()
+    lines = ok("chain", "show", "--dir", base.root, process=True).out.splitlines()
     assert f"height:   {base.head.height}" in lines
     assert f"hash:     {base.head.hash.hex()}" in lines
     assert f"log_size: {base.log_size}" in lines
@@ -587,7 +598,7 @@ def test_proof_consistency_verifies(base: Base, unchanged: None, old: int, new: 
 
 
 def test_verify_ok(base: Base, unchanged: None) -> None:
-    run = ok("verify", "--dir", base.root, passphrase=None)
+    run = ok("verify", "--dir", base.root, passphrase=None, process=True)
     line = run.out.strip()
     assert line.startswith(f"OK: {CHAIN}: {len(base.blocks)} blocks, {base.log_size} transactions")
     assert ref_root(base.leaves()).hex() in line
@@ -927,13 +938,12 @@ def _check_broken(
     commands: Sequence[str],
     expect: str,
 ) -> None:
-    """Run every command on the broken directory (concurrently); each must fail cleanly."""
+    """Run every command on the broken directory; each must fail cleanly."""
     root = tmp_path / "node"
     make(base, root)
     before = snapshot(root)
     existed = root.exists()
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        runs = list(pool.map(lambda c: run_cli(*READ_COMMANDS[c], "--dir", root), commands))
+    runs = [run_cli(*READ_COMMANDS[c], "--dir", root) for c in commands]
     problems = []
     for cmd, run in zip(commands, runs, strict=True):
         try:
@@ -1130,8 +1140,8 @@ def test_dir_that_is_a_file_is_a_usage_error(base: Base) -> None:
 
 
 def test_version_and_help(base: Base) -> None:
-    assert "0.1.0" in ok("--version").out
-    help_out = ok("--help").out
+    assert "0.1.0" in ok("--version", process=True).out
+    help_out = ok("--help", process=True).out
     for command in ("node", "chain", "verify"):
         assert command in help_out
 

@@ -1,8 +1,9 @@
 """Nodes on several machines: ``node init --advertise``, ``node member-info``, ``consortium init --member-info``.
 
-Runs the real command where the contract is the command line (what an
-operator types on each machine), and the Python API to make the other
-members quickly. A member entry comes from another institution: it is
+Runs the command where the contract is the command line (what an operator
+types on each machine): ``node init`` and the first ``consortium init`` as the
+console script in a subprocess, the others through the CLI's entry point in
+this process; and the Python API to make the other members quickly. A member entry comes from another institution: it is
 checked like a genesis member, and a bad one writes nothing.
 """
 
@@ -78,7 +79,7 @@ def test_node_init_records_the_advertised_url_and_node_start_listens_there(
     # Clients check the host name against the certificate, so it names the advertised host.
     cert = load_certificate(root / "tls.crt")
     assert "10.77.0.1" in cert.hosts
-    info = run_cli("node", "member-info", "--dir", root).json()
+    info = run_cli("node", "member-info", "--dir", root, in_process=True).json()
     assert info["peer_url"] == "https://10.77.0.1:8701"
     assert info["id"] == "st-mary"
     assert info["tls_cert"] == cert.hex()
@@ -92,7 +93,17 @@ def test_node_init_records_the_advertised_url_and_node_start_listens_there(
 
 def test_a_bad_advertised_url_creates_no_node(tmp_path: Path) -> None:
     root = tmp_path / "st-mary"
-    run = run_cli("node", "init", "--dir", root, "--name", "St Mary", "--advertise", "st-mary:8700")
+    run = run_cli(
+        "node",
+        "init",
+        "--dir",
+        root,
+        "--name",
+        "St Mary",
+        "--advertise",
+        "st-mary:8700",
+        in_process=True,
+    )
     assert run.code != 0
     assert run.err.startswith("error: ") and "advertised address" in run.err
     assert not root.exists()
@@ -112,7 +123,7 @@ def test_members_on_other_machines_form_a_genesis_from_their_entries(tmp_path: P
     c = _node(tmp_path / "c", "Gamma", "https://gamma.example.org:8443")
     for root in (b, c):  # what b and c send to a
         (tmp_path / f"{root.name}.json").write_text(
-            run_cli("node", "member-info", "--dir", root).out
+            run_cli("node", "member-info", "--dir", root, in_process=True).out
         )
     out = tmp_path / "genesis.json"
     run = run_cli(
@@ -149,13 +160,15 @@ def test_a_hostile_member_entry_writes_no_genesis(tmp_path: Path) -> None:
         entry.write_text(text)
         run = run_cli(
             "consortium", "init", "--id", "x", "--member", a, "--member-info", entry,
-            "--out", out,
+            "--out", out, in_process=True,
         )  # fmt: skip
         assert run.code != 0, (label, run)
         assert run.err.startswith("error: ") and run.err.count("\n") == 1, (label, run.err)
         assert not out.exists(), label
         assert not (a / "genesis.json").exists(), label
-    run = run_cli("consortium", "init", "--id", "x", "--member-info", tmp_path / "extra.json")
+    run = run_cli(
+        "consortium", "init", "--id", "x", "--member-info", tmp_path / "extra.json", in_process=True
+    )
     assert run.code == 2 and "needs --out" in run.err
 
 
@@ -163,10 +176,10 @@ def test_node_status_reports_an_unreachable_node_and_refuses_a_bad_url() -> None
     from medledger.localnet.natsserver import free_ports
 
     url = f"http://127.0.0.1:{free_ports(1)[0]}"
-    run = run_cli("node", "status", "--node", url, "--json")
+    run = run_cli("node", "status", "--node", url, "--json", in_process=True)
     assert run.code == 1
     assert json.loads(run.out) == [{"url": url, "status": "unreachable", "error": "ConnectError"}]
-    bad = run_cli("node", "status", "--node", "127.0.0.1:8700")
+    bad = run_cli("node", "status", "--node", "127.0.0.1:8700", in_process=True)
     assert bad.code != 0 and bad.err.startswith("error: advertised address")
 
 
@@ -178,28 +191,32 @@ def test_a_genesis_is_adopted_only_if_it_lists_this_node_as_it_is(tmp_path: Path
     out = tmp_path / "genesis.json"
     made = run_cli(
         "consortium", "init", "--id", "two", "--member", a,
-        "--member-info", tmp_path / "b.json", "--out", out,
+        "--member-info", tmp_path / "b.json", "--out", out, in_process=True,
     )  # fmt: skip
     assert made.code == 0, made
     # Not a member: refused, nothing written.
-    run = run_cli("consortium", "adopt", "--dir", stranger, "--genesis", out)
+    run = run_cli("consortium", "adopt", "--dir", stranger, "--genesis", out, in_process=True)
     assert run.code == 1 and "does not list 'stranger'" in run.err
     assert not (stranger / "genesis.json").exists()
     # Listed with another URL (someone edited the entry in transit): refused.
     doc = json.loads(out.read_text())
     doc["members"][1]["peer_url"] = "https://10.66.6.6:8700"
     (tmp_path / "edited.json").write_text(json.dumps(doc))
-    run = run_cli("consortium", "adopt", "--dir", b, "--genesis", tmp_path / "edited.json")
+    run = run_cli(
+        "consortium", "adopt", "--dir", b, "--genesis", tmp_path / "edited.json", in_process=True
+    )
     assert run.code == 1 and "other keys, URL or certificate" in run.err
     assert not (b / "genesis.json").exists()
     # The real one: installed byte for byte as the founder wrote it.
-    run = run_cli("consortium", "adopt", "--dir", b, "--genesis", out)
+    run = run_cli("consortium", "adopt", "--dir", b, "--genesis", out, in_process=True)
     assert run.code == 0, run
     assert (b / "genesis.json").read_bytes() == (a / "genesis.json").read_bytes()
     assert load_genesis(out).hash().hex() in run.out
     # A node that has a genesis keeps it.
     (tmp_path / "other.json").write_text(json.dumps({**json.loads(out.read_text()), "time_ms": 1}))
-    run = run_cli("consortium", "adopt", "--dir", b, "--genesis", tmp_path / "other.json")
+    run = run_cli(
+        "consortium", "adopt", "--dir", b, "--genesis", tmp_path / "other.json", in_process=True
+    )
     assert run.code == 1 and "already holds a different genesis" in run.err
 
 
@@ -207,12 +224,12 @@ def test_node_nats_key_makes_an_owner_only_seed_once(tmp_path: Path) -> None:
     import nkeys  # type: ignore[import-untyped]
 
     root = _node(tmp_path / "a", "Alpha")
-    run = run_cli("node", "nats-key", "--dir", root)
+    run = run_cli("node", "nats-key", "--dir", root, in_process=True)
     assert run.code == 0, run
     seed = root / "nats.nk"
     assert seed.stat().st_mode & 0o777 == 0o600
     public = nkeys.from_seed(bytearray(seed.read_bytes())).public_key.decode()
     assert run.out.strip() == public and public.startswith("U")
-    again = run_cli("node", "nats-key", "--dir", root)
+    again = run_cli("node", "nats-key", "--dir", root, in_process=True)
     assert again.code == 1 and "exists" in again.err
     assert nkeys.from_seed(bytearray(seed.read_bytes())).public_key.decode() == public

@@ -1,8 +1,9 @@
 """``consortium export`` and ``verify --consortium-export``: the consortium checked without a node.
 
 A real three-member network (in-process nodes on a solo order, records written
-and anchored) is built once; then, through the real command as an auditor
-would run it: the export verifies from the file alone and gives the same answer
+and anchored) is built once; then, through the command as an auditor would
+run it (the first ``verify --consortium-export`` as the console script in a
+subprocess, the others through the CLI's entry point in this process): the export verifies from the file alone and gives the same answer
 as ``verify --consortium`` on the node — on the clean network and on a node
 whose consortium store was tampered with — and an edited, shortened or
 reordered export fails with exit 3. ``/chain/consortium/export`` serves the same
@@ -104,7 +105,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 def _export(root: Path, out: Path, *args: str) -> Path:
-    run = run_cli("consortium", "export", "--dir", root, *args)
+    run = run_cli("consortium", "export", "--dir", root, *args, in_process=True)
     assert run.code == 0, run
     out.write_text(run.out)
     return out
@@ -123,7 +124,7 @@ def test_the_export_verifies_alone_and_answers_as_the_node_does(
     lines = export.read_bytes().splitlines()
     assert len(lines) >= 4
     assert [json.loads(line)["header"]["height"] for line in lines] == list(range(len(lines)))
-    on_node = run_cli("verify", "--dir", root, "--consortium")
+    on_node = run_cli("verify", "--dir", root, "--consortium", in_process=True)
     alone = run_cli("verify", "--consortium-export", export)
     assert on_node.code == 0 and alone.code == 0, (on_node, alone)
     consortium_line = on_node.out.splitlines()[0]
@@ -136,7 +137,7 @@ def test_the_export_verifies_alone_and_answers_as_the_node_does(
     # against the export's anchors, exactly as against the node's own copy.
     report, _, _ = verify_consortium_export(export, root / "genesis.json")
     assert report.blocks == len(lines)
-    both = run_cli("verify", "--dir", root, "--consortium-export", export)
+    both = run_cli("verify", "--dir", root, "--consortium-export", export, in_process=True)
     assert both.code == 0, both
     assert both.out.splitlines()[-1] == on_node.out.splitlines()[-1]
     assert "consistent with" in on_node.out.splitlines()[-1]
@@ -185,9 +186,9 @@ def test_a_tampered_store_fails_on_the_node_and_in_its_export_alike(
 ) -> None:
     root = _copy(built, tmp_path)
     _tamper_store(root)
-    on_node = run_cli("verify", "--dir", root, "--consortium")
+    on_node = run_cli("verify", "--dir", root, "--consortium", in_process=True)
     export = _export(root, tmp_path / "tampered.jsonl")
-    alone = run_cli("verify", "--consortium-export", export)
+    alone = run_cli("verify", "--consortium-export", export, in_process=True)
     assert on_node.code == 3 and alone.code == 3, (on_node, alone)
     assert "finality certificate" in on_node.err
     assert alone.err == on_node.err
@@ -232,14 +233,18 @@ def test_an_edited_export_fails(built: Built, tmp_path: Path, edit: str) -> None
 
 
 def test_an_edited_export_fails_on_the_command_line(built: Built, tmp_path: Path) -> None:
-    run = run_cli("verify", "--consortium-export", _edited(built, tmp_path, "swapped-blocks"))
+    run = run_cli(
+        "verify", "--consortium-export", _edited(built, tmp_path, "swapped-blocks"), in_process=True
+    )
     assert run.code == 3, run
     assert run.err.startswith("error: verification FAILED: ") and run.err.count("\n") == 1
 
 
 def test_usage_errors(built: Built) -> None:
-    assert run_cli("verify").code == 2
-    backwards = run_cli("consortium", "export", "--dir", built.alpha, "--from", "3", "--to", "1")
+    assert run_cli("verify", in_process=True).code == 2
+    backwards = run_cli(
+        "consortium", "export", "--dir", built.alpha, "--from", "3", "--to", "1", in_process=True
+    )
     assert backwards.code == 2
 
 
@@ -270,7 +275,7 @@ def test_evidence_is_checked_before_status_shows_it(built: Built, tmp_path: Path
     (root / "evidence.jsonl").write_bytes(
         _signed_pair(root, beta.signing_key(), "beta-hospital", 2)
     )
-    status = run_cli("consortium", "status", "--dir", root, "--json")
+    status = run_cli("consortium", "status", "--dir", root, "--json", in_process=True)
     assert status.code == 0, status
     (shown,) = json.loads(status.out)["evidence"]
     assert (shown["member"], shown["height"]) == ("beta-hospital", 2)
@@ -278,8 +283,8 @@ def test_evidence_is_checked_before_status_shows_it(built: Built, tmp_path: Path
     (root / "evidence.jsonl").write_bytes(
         _signed_pair(root, SigningKey.generate(), "beta-hospital", 2)
     )
-    status = run_cli("consortium", "status", "--dir", root)
-    verify = run_cli("verify", "--dir", root, "--consortium")
+    status = run_cli("consortium", "status", "--dir", root, in_process=True)
+    verify = run_cli("verify", "--dir", root, "--consortium", in_process=True)
     for run in (status, verify):
         assert run.code == 3, run
         assert "EQUIVOCATION" not in run.out

@@ -8,7 +8,8 @@ served again, the network anchors the new heads, ``/metrics`` moved, logs
 are JSON lines without PHI → ``network down`` stops every process it started
 (and none it did not) → ``medledger verify --consortium`` passes on every
 node. A JetStream variant (``slow``) does the same over a 3-server NATS
-cluster. Every test stops what it started, also when it fails.
+cluster. Every test stops what it started, also when it fails. ``network
+status`` (it starts nothing) runs through the CLI's entry point in this process.
 """
 
 from __future__ import annotations
@@ -161,14 +162,14 @@ def _scenario(base: Path, ordering: str, writes: int) -> None:
             t.join(60)
     assert all(len(a) >= writes for a in acked.values()), {n: len(a) for n, a in acked.items()}
 
-    status = run_cli("network", "status", "--dir", base, "--json").json()
+    status = run_cli("network", "status", "--dir", base, "--json", in_process=True).json()
     by_name = {n["institution"]: n for n in status["nodes"]}
     assert not by_name["hospital-2"]["running"] and not by_name["hospital-2"]["ready"]
     assert by_name["hospital-1"]["running"] and by_name["hospital-1"]["ready"]
 
     resumed = run_cli("network", "up", "--dir", base, "--json").json()
     assert resumed["nodes"] == data["nodes"], "resuming changed the network"
-    status = run_cli("network", "status", "--dir", base, "--json").json()
+    status = run_cli("network", "status", "--dir", base, "--json", in_process=True).json()
     assert all(n["running"] and n["ready"] for n in status["nodes"]), status
     for n in ("hospital-1", "hospital-3"):  # the survivors were left alone
         assert PidRecord.load(base / n / "node.pid") == records[n]
@@ -323,7 +324,7 @@ def test_network_on_embedded_postgres_survives_kill_and_restart(network_dir: Pat
     os.kill(record.pid, signal.SIGKILL)
     run_cli("network", "up", "--dir", network_dir, "--json").json()
     _read_back({node["institution"]: node}, {node["institution"]: acked})
-    status = run_cli("network", "status", "--dir", network_dir, "--json").json()
+    status = run_cli("network", "status", "--dir", network_dir, "--json", in_process=True).json()
     assert status["postgres"]["running"]
     postmaster = status["postgres"]["pid"]
     down = run_cli("network", "down", "--dir", network_dir, "--json").json()

@@ -1,4 +1,8 @@
-"""``medledger record`` and ``medledger keys`` as real subprocesses on one node per module.
+"""``medledger record`` and ``medledger keys`` on one node per module.
+
+Commands run in this process through the CLI's entry point
+(``cli_support.run_in_process``); ``node init``, the first ``record put`` and
+``get`` and ``keys rotate`` run as the installed console script in a subprocess.
 
 The node is created with ``medledger node init`` (default scrypt cost). Contract checked:
 success prints JSON (or the stored bytes for ``get``) with exit 0; a failure is exactly one
@@ -19,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from cli_support import medledger_command
+from cli_support import medledger_command, run_in_process
 from medledger.node import open_node
 from medledger.storage.keystore import FileKeyStore
 
@@ -37,26 +41,34 @@ class Run:
         return json.loads(self.out)
 
 
-def cli(*args: str | Path, stdin: bytes = b"", passphrase: str | None = PASSPHRASE) -> Run:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
-    if passphrase is not None:
-        env["MEDLEDGER_PASSPHRASE"] = passphrase
+def cli(
+    *args: str | Path,
+    stdin: bytes = b"",
+    passphrase: str | None = PASSPHRASE,
+    process: bool = False,
+) -> Run:
+    """``medledger ARGS`` in this process, or with ``process`` as the console script."""
+    env = {"MEDLEDGER_PASSPHRASE": passphrase} if passphrase is not None else {}
     argv = tuple(str(a) for a in args)
-    proc = subprocess.run(
-        [*medledger_command(), *argv],
-        input=stdin,
-        capture_output=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    run = Run(argv, proc.returncode, proc.stdout, proc.stderr.decode())
+    if process:
+        proc = subprocess.run(
+            [*medledger_command(), *argv],
+            input=stdin,
+            capture_output=True,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}, **env},
+            timeout=120,
+            check=False,
+        )
+        run = Run(argv, proc.returncode, proc.stdout, proc.stderr.decode())
+    else:
+        done = run_in_process(argv, env=env, stdin=stdin)
+        run = Run(argv, done.code, done.stdout, done.err)
     assert "Traceback" not in run.err and b"Traceback" not in run.out, run
     return run
 
 
-def ok(*args: str | Path, stdin: bytes = b"") -> Run:
-    run = cli(*args, stdin=stdin)
+def ok(*args: str | Path, stdin: bytes = b"", process: bool = False) -> Run:
+    run = cli(*args, stdin=stdin, process=process)
     assert run.code == 0, run
     assert run.err == "", run
     return run
@@ -82,7 +94,7 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli-records") / "node"
-    run = cli("node", "init", "--dir", root, "--name", "CLI Records Clinic")
+    run = cli("node", "init", "--dir", root, "--name", "CLI Records Clinic", process=True)
     assert run.code == 0, run
     return root
 
@@ -116,12 +128,12 @@ OBSERVATION = (
 
 
 def test_put_from_stdin_creates_and_get_returns_exact_bytes(node: Path) -> None:
-    summary = ok("record", "put", "--dir", node, stdin=PATIENT.encode()).json()
+    summary = ok("record", "put", "--dir", node, stdin=PATIENT.encode(), process=True).json()
     assert summary["resourceType"] == "Patient"
     assert summary["versionId"] == "1"
     assert len(summary["tx_hash"]) == 64
     rid = summary["id"]
-    got = ok("record", "get", "--dir", node, f"Patient/{rid}")
+    got = ok("record", "get", "--dir", node, f"Patient/{rid}", process=True)
     stored = api_read(node, "Patient", rid)
     assert got.out == stored + b"\n"
     data = json.loads(got.out)
@@ -231,7 +243,7 @@ def test_erase_reference_and_patient(node: Path, tmp_path: Path) -> None:
 def test_keys_rotate(node: Path) -> None:
     before = FileKeyStore.open(node / "keystore.json", PASSPHRASE.encode())
     old = before.secret("kek_current").decode()
-    result = ok("keys", "rotate", "--dir", node).json()
+    result = ok("keys", "rotate", "--dir", node, process=True).json()
     assert result["old"] == old
     assert result["new"] != old
     assert result["rewrapped"] >= 5

@@ -1,4 +1,8 @@
-"""``medledger token create|list|revoke`` and ``medledger node start``, run as real subprocesses.
+"""``medledger token create|list|revoke`` and ``medledger node start``.
+
+``node start``, the first ``token create`` and ``verify`` run as the console
+script in a subprocess; the other token commands through the CLI's entry point
+in this process (``cli_support.run_in_process``).
 
 Tokens: printed once, stored only as hashes, never listed with their secrets,
 failures are one ``error:`` line. The node service: answers ``/healthz`` and
@@ -25,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cli_support import medledger_command
+from cli_support import medledger_command, run_in_process
 from medledger.config import NodePaths
 from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node
@@ -51,16 +55,21 @@ class Run:
     err: str
 
 
-def run_cli(*args: str | Path) -> Run:
-    proc = subprocess.run(
-        [*medledger_command(), *(str(a) for a in args)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=_env(),
-        timeout=120,
-        check=False,
-    )
-    run = Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+def run_cli(*args: str | Path, process: bool = False) -> Run:
+    """``medledger ARGS`` in this process, or with ``process`` as the console script."""
+    if process:
+        proc = subprocess.run(
+            [*medledger_command(), *(str(a) for a in args)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=_env(),
+            timeout=120,
+            check=False,
+        )
+        run = Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    else:
+        done = run_in_process(args, env={"MEDLEDGER_PASSPHRASE": PASSPHRASE})
+        run = Run(done.code, done.out, done.err)
     assert "Traceback" not in run.out + run.err, run
     return run
 
@@ -88,7 +97,9 @@ def node_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_token_create_prints_the_token_once_and_stores_only_a_hash(node_dir: Path) -> None:
-    run = run_cli("token", "create", "--dir", node_dir, "--role", "clinician", "--label", "ehr")
+    run = run_cli(
+        "token", "create", "--dir", node_dir, "--role", "clinician", "--label", "ehr", process=True
+    )
     assert run.code == 0, run
     info = json.loads(run.out)
     token = info["token"]
@@ -340,7 +351,7 @@ def test_logs_carry_no_phi(first_run: FirstRun) -> None:
 
 
 def test_verify_passes_after_shutdown(node_dir: Path, first_run: FirstRun) -> None:
-    run = run_cli("verify", "--dir", node_dir)
+    run = run_cli("verify", "--dir", node_dir, process=True)
     assert run.code == 0, run
     assert run.out.startswith("OK: ")
 
@@ -406,8 +417,9 @@ def test_the_node_serves_https_only_and_plain_http_is_refused_off_loopback(
     finally:
         stop_node(node)
     refused = run_cli(
-        "node", "start", "--dir", node_dir, "--host", "0.0.0.0", "--plain-http", "--port", "1"
-    )
+        "node", "start", "--dir", node_dir, "--host", "0.0.0.0", "--plain-http", "--port", "1",
+        process=True,
+    )  # fmt: skip
     assert refused.code != 0
     assert refused.err.strip() == (
         "error: --plain-http is for loopback addresses only, not '0.0.0.0'"

@@ -6,7 +6,10 @@ refused → the patient grants consent (``consent grant``) → hospital-2 fetche
 and verifies (``share fetch``), hospital-3 is still refused → the patient
 revokes → hospital-2 is refused again → ``audit --patient`` lists every step
 and the FHIR ``AuditEvent`` / ``Consent`` searches agree. Solo ordering, and
-JetStream (slow). Every command is the real ``medledger`` as a user runs it.
+JetStream (slow). ``network``, the first command of each kind a patient or
+hospital runs, ``audit`` and ``verify`` are the console script in a subprocess,
+as a user runs them; the other client commands go through the CLI's entry point
+in this process (``cli_support.run_in_process``).
 """
 
 from __future__ import annotations
@@ -66,12 +69,21 @@ def _story(base: Path, ordering: str) -> None:
         "--patient-id",
         bundle.patient_id,
         env=WALLET_ENV,
+        in_process=True,
     ).json()
     assert enrolled["fingerprint"] == fingerprint
 
     # No consent yet: refused, with the reason, and nothing of the record in the answer.
     refused = run_cli(
-        "share", "fetch", *_as(b), "--holder", "hospital-1", "--consent", "ab" * 32, target
+        "share",
+        "fetch",
+        *_as(b),
+        "--holder",
+        "hospital-1",
+        "--consent",
+        "ab" * 32,
+        target,
+        in_process=True,
     )
     assert refused.code == 1 and "403" in refused.err and "no final consent" in refused.err
     assert observation["id"] not in refused.out + refused.err
@@ -96,7 +108,7 @@ def _story(base: Path, ordering: str) -> None:
     consent_id = consent["id"]
 
     listed = run_cli(
-        "share", "list", *_as(b), "--holder", "hospital-1", "--consent", consent_id
+        "share", "list", *_as(b), "--holder", "hospital-1", "--consent", consent_id, in_process=True
     ).json()
     assert target in listed["entries"]
     assert all(e.split("/")[0] in ("Observation", "Condition") for e in listed["entries"])
@@ -112,7 +124,15 @@ def _story(base: Path, ordering: str) -> None:
 
     # The consent is hospital-2's, not hospital-3's.
     other = run_cli(
-        "share", "fetch", *_as(c), "--holder", "hospital-1", "--consent", consent_id, target
+        "share",
+        "fetch",
+        *_as(c),
+        "--holder",
+        "hospital-1",
+        "--consent",
+        consent_id,
+        target,
+        in_process=True,
     )
     assert other.code == 1 and "granted to hospital-2, not hospital-3" in other.err
 
@@ -131,26 +151,50 @@ def _story(base: Path, ordering: str) -> None:
         "--days",
         "1",
         env=WALLET_ENV,
+        in_process=True,
     ).json()
     period = later["provision"]["period"]
     assert datetime.fromisoformat(period["start"]) == start
     assert datetime.fromisoformat(period["end"]) == start + timedelta(days=1)
     early = run_cli(
-        "share", "fetch", *_as(c), "--holder", "hospital-1", "--consent", later["id"], target
+        "share",
+        "fetch",
+        *_as(c),
+        "--holder",
+        "hospital-1",
+        "--consent",
+        later["id"],
+        target,
+        in_process=True,
     )
     assert early.code == 1 and "period has not started yet" in early.err
     bad_start = run_cli(
         "consent", "grant", "--wallet", wallet, *_as(a), "--grantee", "hospital-3",
-        "--start", "next tuesday", env=WALLET_ENV,
+        "--start", "next tuesday", env=WALLET_ENV, in_process=True,
     )  # fmt: skip
     assert bad_start.code == 2 and bad_start.err.startswith("error: --start 'next tuesday'")
 
     revoked = run_cli(
-        "consent", "revoke", "--wallet", wallet, *_as(a), consent_id, env=WALLET_ENV
+        "consent",
+        "revoke",
+        "--wallet",
+        wallet,
+        *_as(a),
+        consent_id,
+        env=WALLET_ENV,
+        in_process=True,
     ).json()
     assert revoked["status"] == "inactive"
     again = run_cli(
-        "share", "fetch", *_as(b), "--holder", "hospital-1", "--consent", consent_id, target
+        "share",
+        "fetch",
+        *_as(b),
+        "--holder",
+        "hospital-1",
+        "--consent",
+        consent_id,
+        target,
+        in_process=True,
     )
     assert again.code == 1 and "revoked" in again.err
 
@@ -194,7 +238,14 @@ def test_sharing_story_across_processes_jetstream(network_dir: Path) -> None:
 @pytest.mark.parametrize("weak", ["a", " ", "    ", "short-pass1"])
 def test_patient_init_refuses_a_weak_wallet_passphrase(tmp_path: Path, weak: str) -> None:
     wallet = tmp_path / "patient.wallet"
-    run = run_cli("patient", "init", "--wallet", wallet, env={"MEDLEDGER_WALLET_PASSPHRASE": weak})
+    run = run_cli(
+        "patient",
+        "init",
+        "--wallet",
+        wallet,
+        env={"MEDLEDGER_WALLET_PASSPHRASE": weak},
+        in_process=True,
+    )
     assert run.code != 0 and run.out == ""
     assert run.err.startswith("error: the wallet passphrase is too weak"), run
     assert len(run.err.strip().splitlines()) == 1
