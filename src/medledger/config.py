@@ -74,6 +74,7 @@ __all__ = [
     "institution_id",
     "load_config",
     "parse_advertise",
+    "public_base_url",
 ]
 
 CONFIG_FILE = "node.toml"
@@ -120,6 +121,36 @@ def parse_advertise(url: str) -> tuple[str, str, int]:
             "a host name or IP address, a port, nothing else)"
         )
     return parts.scheme, parts.hostname, port
+
+
+#: Listening addresses that name no one host: a URL built from them reaches nobody.
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 (recognized, not bound)
+
+
+def public_base_url(
+    advertise: str, *, scheme: str = "https", host: str = "", port: int = 0
+) -> str | None:
+    """Where clients reach this node: its public base URL (``scheme://host:port``), or ``None``.
+
+    ``advertise`` (node.toml, ``node init --advertise``) when set; else the
+    address the node listens on (``node start --host/--port``, ``scheme``
+    ``https`` or ``http`` for ``--plain-http``), unless that is a wildcard
+    address, which names no host a client could use. The node says this URL
+    wherever it must name itself to a client (the SMART authorization server's
+    issuer, endpoints, ``aud`` and the portal's redirect URI): never the
+    request's ``Host`` header, which the client chooses.
+    """
+    if advertise:
+        scheme, host, port = parse_advertise(advertise)
+    elif host in _WILDCARDS:
+        return None
+    # As a browser writes an origin (``location.origin``): lowercase, brackets around an
+    # IPv6 address, no default port. The portal compares the two.
+    bare = host.strip("[]").lower()
+    netloc = f"[{bare}]" if ":" in bare else bare
+    if port != {"https": 443, "http": 80}.get(scheme):
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

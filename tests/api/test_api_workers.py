@@ -393,6 +393,32 @@ def test_failed_authentications_through_several_workers_spend_one_budget(
     assert statuses.count(401) <= 20 + refilled, statuses
 
 
+def test_workers_and_their_parent_name_the_node_by_its_own_url(running: Node) -> None:
+    """/fhir/metadata is a worker's own answer; discovery and sign-in are forwarded to the
+    parent, which sees them on its Unix socket under another Host. Both name the node by
+    where it is served, so the portal's sign-in on the node's URL is accepted."""
+    endpoints = {f"{running.url}/oauth/{name}" for name in ("authorize", "token", "revoke")}
+    for _ in range(4):  # new connections, spread over the workers
+        metadata = httpx.get(f"{running.url}/fhir/metadata", timeout=30).json()
+        extension = metadata["rest"][0]["security"]["extension"][0]["extension"]
+        assert {e["valueUri"] for e in extension} == endpoints
+        config = httpx.get(f"{running.url}/.well-known/smart-configuration", timeout=30).json()
+        assert config["issuer"] == running.url, config
+    query = {
+        "response_type": "code",
+        "client_id": "medledger-portal",
+        "redirect_uri": f"{running.url}/portal/callback",
+        "scope": "user/*.read",
+        "state": "s",
+        "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        "code_challenge_method": "S256",
+        "aud": f"{running.url}/fhir",
+    }
+    page = httpx.get(f"{running.url}/oauth/authorize", params=query, timeout=30)
+    assert page.status_code == 200, page.text
+    assert 'name="csrf"' in page.text
+
+
 def test_killed_workers_and_a_killed_sequencer_lose_nothing_acknowledged(
     running: Node, token: str, tmp_path: Path
 ) -> None:

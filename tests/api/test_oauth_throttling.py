@@ -35,7 +35,14 @@ def run(root: Path, story: Any, **app_options: Any) -> None:
     async def main() -> None:
         node = open_node(root, PASSPHRASE)
         try:
-            app = create_app(node, tokens, auth_failures=BUDGET, oauth_store=oauth, **app_options)
+            app = create_app(
+                node,
+                tokens,
+                auth_failures=BUDGET,
+                oauth_store=oauth,
+                public_url="http://node",
+                **app_options,
+            )
 
             def client(address: str) -> httpx.AsyncClient:
                 transport = httpx.ASGITransport(app=app, client=(address, 40_000))
@@ -85,6 +92,7 @@ def test_refused_sign_ins_are_throttled_and_say_so_on_the_page(tmp_path: Path) -
             "state": "s",
             "code_challenge": pkce.s256(pkce.new_secret()),
             "code_challenge_method": "S256",
+            "aud": "http://node/fhir",
         }
         async with client("203.0.113.9") as attacker:
 
@@ -118,6 +126,7 @@ def test_each_address_opens_a_bounded_number_of_sign_ins(tmp_path: Path) -> None
             "scope": "patient/*.read",
             "code_challenge": pkce.s256(pkce.new_secret()),
             "code_challenge_method": "S256",
+            "aud": "http://node/fhir",
         }
         async with client("203.0.113.20") as flooder, client("198.51.100.20") as other:
             for _ in range(2):

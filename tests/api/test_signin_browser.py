@@ -88,6 +88,7 @@ def authorize_url(live: LiveServer, client_id: str, verifier: str) -> str:
             "state": "browser-state",
             "code_challenge": pkce.s256(verifier),
             "code_challenge_method": "S256",
+            "aud": f"{live.url}/fhir",
         }.items()
     )
     return f"{live.url}/oauth/authorize?{query.replace('/', '%2F').replace(':', '%3A')}"

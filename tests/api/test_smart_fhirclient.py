@@ -220,6 +220,7 @@ def test_discovery_documents(smart: Smart) -> None:
     assert config["token_endpoint"] == f"{base}/oauth/token"
     assert config["revocation_endpoint"] == f"{base}/oauth/revoke"
     assert config["code_challenge_methods_supported"] == ["S256"]
+    assert config["authorization_response_iss_parameter_supported"] is True  # RFC 9207
     for capability in ("launch-standalone", "client-public", "context-standalone-patient"):
         assert capability in config["capabilities"]
     extension = metadata["rest"][0]["security"]["extension"][0]
@@ -240,6 +241,7 @@ def manual_authorize_url(smart: Smart, verifier: str, scope: str, client_id: str
             "state": "st",
             "code_challenge": pkce.s256(verifier),
             "code_challenge_method": "S256",
+            "aud": f"{smart.live.url}/fhir",
         }
     )
     return f"{smart.live.url}/oauth/authorize?{query}"
@@ -529,3 +531,17 @@ def test_an_app_keeps_its_bulk_export_across_a_token_refresh(smart: Smart) -> No
             time.sleep(0.05)
         assert status.status_code == 200, status.text
         assert app.delete(status_url).status_code == 202
+
+
+def test_a_forged_host_header_changes_nothing_the_node_says_about_itself(smart: Smart) -> None:
+    """Over real HTTP: the URLs come from where the node is served, not from the Host."""
+    with browser(smart) as web:
+        honest = web.get("/.well-known/smart-configuration").json()
+        forged = web.get("/.well-known/smart-configuration", headers={"Host": "evil.example"})
+        assert forged.status_code == 200 and forged.json() == honest
+        assert honest["issuer"] == smart.live.url
+        metadata = web.get("/fhir/metadata", headers={"Host": "evil.example"}).json()
+        extension = metadata["rest"][0]["security"]["extension"][0]["extension"]
+        assert {e["valueUri"] for e in extension} == {
+            f"{smart.live.url}/oauth/{name}" for name in ("authorize", "token", "revoke")
+        }

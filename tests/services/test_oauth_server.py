@@ -71,7 +71,12 @@ def world(tmp_path: Path) -> Iterator[World]:
         return bindings.get(fingerprint)
 
     server = AuthorizationServer(
-        store=store, tokens=tokens, clock=clock, institution="alpha", patient_of_key=patient_of_key
+        store=store,
+        tokens=tokens,
+        clock=clock,
+        institution="alpha",
+        patient_of_key=patient_of_key,
+        base_url=ORIGIN,
     )
     app, _ = server.register_client(name="Test app", redirect_uris=(APP_REDIRECT,))
     staff, _ = tokens.create(role="clinician", now_ms=T0, label="dr")
@@ -120,11 +125,12 @@ def patient_sign_in(world: World, signin: SignIn, key: SigningKey | None = None)
 def code_of(location: str) -> str:
     query = parse_qs(urlsplit(location).query)
     assert query["state"] == ["s-123"]
+    assert query["iss"] == [ORIGIN]  # RFC 9207: which server answered
     return query["code"][0]
 
 
 def approved_code(world: World, **changes: str) -> str:
-    signin = world.server.begin(authorize_params(world.app.id, **changes), origin=ORIGIN)
+    signin = world.server.begin(authorize_params(world.app.id, **changes))
     approved = patient_sign_in(world, signin)
     return code_of(world.server.decide(approved.step, approved.csrf, approve=True))
 
@@ -157,7 +163,7 @@ def test_pkce_s256_matches_rfc_7636_and_plain_is_refused() -> None:
 
 
 def test_a_patient_signs_in_approves_and_gets_a_patient_token(world: World) -> None:
-    signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    signin = world.server.begin(authorize_params(world.app.id))
     assert "institution: alpha" in signin.message and world.app.id in signin.message
     approved = patient_sign_in(world, signin)
     assert approved.role == "patient"
@@ -175,7 +181,7 @@ def test_a_patient_signs_in_approves_and_gets_a_patient_token(world: World) -> N
 
 
 def test_staff_sign_in_with_an_api_token_gets_user_scopes_and_its_role(world: World) -> None:
-    signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    signin = world.server.begin(authorize_params(world.app.id))
     approved = world.server.sign_in_staff(signin.step, signin.csrf, api_token=world.staff_token)
     assert (approved.role, approved.scopes) == ("clinician", ("offline_access", "user/*.read"))
     answer = exchange(world, code_of(world.server.decide(signin.step, signin.csrf, approve=True)))
@@ -254,7 +260,7 @@ def test_a_re_bound_patient_key_ends_its_grants_at_once(world: World) -> None:
 
 def test_revoking_the_staff_api_token_ends_the_grants_made_with_it(world: World) -> None:
     def staff_grant() -> dict[str, Any]:
-        signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+        signin = world.server.begin(authorize_params(world.app.id))
         world.server.sign_in_staff(signin.step, signin.csrf, api_token=world.staff_token)
         return exchange(world, code_of(world.server.decide(signin.step, signin.csrf, approve=True)))
 
@@ -292,10 +298,10 @@ def test_redirect_uri_must_match_exactly_and_errors_before_it_are_not_redirected
 ) -> None:
     for uri in (APP_REDIRECT + "/", APP_REDIRECT + "?x=1", "https://evil.example/callback", ""):
         with pytest.raises(OAuthError, match="redirect_uri") as refused:
-            world.server.begin(authorize_params(world.app.id, redirect_uri=uri), origin=ORIGIN)
+            world.server.begin(authorize_params(world.app.id, redirect_uri=uri))
         assert refused.value.redirect_uri is None  # shown to the user, never sent there
     with pytest.raises(OAuthError, match="client_id") as unknown:
-        world.server.begin(authorize_params("no-such-app"), origin=ORIGIN)
+        world.server.begin(authorize_params("no-such-app"))
     assert unknown.value.redirect_uri is None
     # After the redirect URI checked, refusals go back to the client with its state.
     for changes, error in [
@@ -306,7 +312,7 @@ def test_redirect_uri_must_match_exactly_and_errors_before_it_are_not_redirected
         ({"aud": "https://other.example/fhir"}, "invalid_request"),
     ]:
         with pytest.raises(OAuthError) as refused:
-            world.server.begin(authorize_params(world.app.id, **changes), origin=ORIGIN)
+            world.server.begin(authorize_params(world.app.id, **changes))
         assert (refused.value.error, refused.value.redirect_uri) == (error, APP_REDIRECT)
         assert refused.value.state == "s-123"
 
@@ -314,13 +320,41 @@ def test_redirect_uri_must_match_exactly_and_errors_before_it_are_not_redirected
 def test_the_portal_is_registered_with_a_redirect_on_the_nodes_own_origin(world: World) -> None:
     assert world.server.client(PORTAL_CLIENT.id) == PORTAL_CLIENT
     params = authorize_params(PORTAL_CLIENT.id, redirect_uri=f"{ORIGIN}/portal/callback")
-    world.server.begin(params, origin=ORIGIN)
-    with pytest.raises(OAuthError, match="redirect_uri"):
-        world.server.begin(params, origin="https://evil.example")
+    world.server.begin(params)
+    # Only on the node's configured base URL: no other origin is the portal's.
+    for origin in ("https://evil.example", "http://node.example:8700", "https://node.example"):
+        with pytest.raises(OAuthError, match="redirect_uri") as refused:
+            world.server.begin({**params, "redirect_uri": f"{origin}/portal/callback"})
+        assert refused.value.redirect_uri is None
+
+
+def test_aud_is_required_and_must_be_this_nodes_fhir_base(world: World) -> None:
+    """SMART App Launch 2.x: a request without ``aud``, or for another server, gets no
+    sign-in (a token for one server must not be phished for another)."""
+    missing = authorize_params(world.app.id)
+    del missing["aud"]
+    for params in (
+        missing,
+        authorize_params(world.app.id, aud=""),
+        authorize_params(world.app.id, aud="https://other.example/fhir"),
+        authorize_params(world.app.id, aud=ORIGIN),  # the node, not its FHIR base
+        authorize_params(world.app.id, aud=f"{ORIGIN}/fhir/Patient"),
+        authorize_params(world.app.id, aud="http://node.example:8700/fhir"),
+    ):
+        with pytest.raises(OAuthError, match="aud") as refused:
+            world.server.begin(params)
+        assert (refused.value.error, refused.value.redirect_uri) == (
+            "invalid_request",
+            APP_REDIRECT,
+        )
+        assert refused.value.state == "s-123"
+    rows = world.server.store._select("SELECT count(*) FROM oauth_pending")  # type: ignore[attr-defined]
+    assert rows[0][0] == 0  # no sign-in step was opened for any of them
+    world.server.begin(authorize_params(world.app.id, aud=f"{ORIGIN}/fhir/"))  # fhirclient's form
 
 
 def test_a_sign_in_challenge_is_single_use_and_bound_to_its_step(world: World) -> None:
-    signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    signin = world.server.begin(authorize_params(world.app.id))
     signature = p1363(world.patient_key, signin.message.encode())
     asyncio.run(
         world.server.sign_in_patient(
@@ -334,7 +368,7 @@ def test_a_sign_in_challenge_is_single_use_and_bound_to_its_step(world: World) -
             )
         )
     # The same signature does not open another step: its challenge differs.
-    other = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    other = world.server.begin(authorize_params(world.app.id))
     with pytest.raises(InvalidInput, match="does not verify"):
         asyncio.run(
             world.server.sign_in_patient(
@@ -346,7 +380,7 @@ def test_a_sign_in_challenge_is_single_use_and_bound_to_its_step(world: World) -
 def test_refused_sign_ins_spend_the_step(world: World) -> None:
     stranger = SigningKey.generate()
     for key, words in [(stranger, "not enrolled"), (None, "does not verify")]:
-        signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+        signin = world.server.begin(authorize_params(world.app.id))
         signature = p1363(key or world.patient_key, b"something else")
         if key is not None:
             signature = p1363(key, signin.message.encode())
@@ -364,27 +398,27 @@ def test_refused_sign_ins_spend_the_step(world: World) -> None:
 
 
 def test_expired_sign_in_steps_are_forgotten_when_new_ones_open(world: World) -> None:
-    old = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    old = world.server.begin(authorize_params(world.app.id))
     world.clock.now += 10 * 60_000 + 1
-    new = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    new = world.server.begin(authorize_params(world.app.id))
     assert world.server.store.pending(old.step, "request") is None
     assert world.server.store.pending(new.step, "request") is not None
 
 
 def test_csrf_token_expiry_and_denial(world: World) -> None:
-    signin = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    signin = world.server.begin(authorize_params(world.app.id))
     with pytest.raises(InvalidInput, match="CSRF"):
         world.server.sign_in_staff(signin.step, "", api_token=world.staff_token)
     with pytest.raises(InvalidInput, match="CSRF"):
         world.server.sign_in_staff(signin.step, pkce.new_secret(), api_token=world.staff_token)
     with pytest.raises(InvalidInput, match="sign-in refused"):
         world.server.sign_in_staff(signin.step, signin.csrf, api_token="mlt_000000000000_x")
-    late = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    late = world.server.begin(authorize_params(world.app.id))
     world.clock.now += 10 * 60_000
     with pytest.raises(InvalidInput, match="expired"):
         patient_sign_in(world, late)
     world.clock.now = T0
-    denied = world.server.begin(authorize_params(world.app.id), origin=ORIGIN)
+    denied = world.server.begin(authorize_params(world.app.id))
     patient_sign_in(world, denied)
     location = world.server.decide(denied.step, denied.csrf, approve=False)
     query = parse_qs(urlsplit(location).query)

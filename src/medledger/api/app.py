@@ -41,6 +41,7 @@ from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
 from medledger.api.metrics import Counts, Metrics, install_metrics
 from medledger.api.responses import fhir_response
+from medledger.config import public_base_url
 from medledger.core.errors import MedledgerError
 from medledger.ledger.clock import Clock
 from medledger.ledger.ordering.observed import ObservedOrderer
@@ -89,6 +90,7 @@ def create_app(
     sign_in_opens: RateLimit = SIGN_IN_OPENS,
     metrics: Metrics | None = None,
     worker_counts: Callable[[], Counts] | None = None,
+    public_url: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``node``; callers own the node's and token store's lifetime.
 
@@ -103,6 +105,9 @@ def create_app(
     ``sign_in_opens``: how many sign-in steps each client address may open.
     ``metrics`` and ``worker_counts``: where this app counts its answers, and the
     API workers' counts its ``/metrics`` adds (``api.metrics``, ``api.worker_metrics``).
+    ``public_url``: where clients reach this node (``config.public_base_url``; default:
+    node.toml's ``advertise``), the only origin the authorization server names or
+    accepts; without one it offers no sign-in.
     """
     app = FastAPI(
         title=f"medledger node — {node.config.name}",
@@ -114,6 +119,8 @@ def create_app(
         swagger_ui_oauth2_redirect_url=None,
     )
     clock = clock or node.clock
+    if public_url is None:
+        public_url = public_base_url(node.config.advertise)
     install_services(
         app,
         AppServices(
@@ -126,15 +133,17 @@ def create_app(
             not_ready=not_ready,
             ordering=ordering,
             oauth=None
-            if oauth_store is None
+            if oauth_store is None or public_url is None
             else AuthorizationServer(
                 store=oauth_store,
                 tokens=tokens,
                 clock=clock,
                 institution=node.config.institution,
                 patient_of_key=node.enrollments.patient_id,
+                base_url=public_url,
             ),
             sign_in_opens=SignInOpens(sign_in_opens, clock),
+            public_url=public_url,
         ),
     )
     install_error_handlers(app)

@@ -69,6 +69,10 @@ class AppServices:
     oauth: AuthorizationServer | None = None
     #: Sign-in steps each client address may open (``api.auth.SignInOpens``).
     sign_in_opens: FailureBudget | None = None
+    #: Where clients reach this node (``config.public_base_url``): what the authorization
+    #: server names itself as. ``None``: unknown (no ``advertise``, a wildcard listening
+    #: address), and then the node offers no sign-in rather than guess from a request.
+    public_url: str | None = None
 
 
 def install_services(app: FastAPI, services: AppServices) -> None:

@@ -59,7 +59,7 @@ from medledger.api.clinical_reads import (
 from medledger.api.deps import NodeDep, Records
 from medledger.api.errors import Forbidden, TooLarge, UnsupportedMediaType, error_outcome
 from medledger.api.negotiation import JSON_PATCH, check_formats
-from medledger.api.oauth import oauth_uris_extension
+from medledger.api.oauth import oauth_uris_extension, public_url
 from medledger.api.responses import fhir_response, raw_fhir_response
 from medledger.core.errors import (
     Gone,
@@ -210,6 +210,7 @@ _SYSTEM_OPERATIONS = [{"name": "export", "definition": f"{_BULK}/OperationDefini
 @router.get("/metadata", summary="CapabilityStatement")
 async def metadata(request: Request, node: NodeDep) -> Response:
     """What this server supports — only what is implemented (no auth needed)."""
+    base = public_url(request)
     interactions = [
         {"code": c}
         for c in (
@@ -268,7 +269,9 @@ async def metadata(request: Request, node: NodeDep) -> Response:
                                 ]
                             }
                         ],
-                        "extension": [oauth_uris_extension(str(request.base_url).rstrip("/"))],
+                        # The node's configured URL, never the request's Host header (FHIR
+                        # allows no empty array: no URL, no extension).
+                        **({"extension": [oauth_uris_extension(base)]} if base else {}),
                         "description": "SMART on FHIR (see /.well-known/smart-configuration),"
                         " or bearer tokens issued with 'medledger token create'.",
                     },

@@ -47,7 +47,13 @@ from medledger.services.oauth.pkce import CHALLENGE_METHODS
 from medledger.services.oauth.scopes import parse_scopes
 from medledger.services.oauth.server import AuthorizationServer, SignIn
 
-__all__ = ["SCOPES_SUPPORTED", "discovery_router", "oauth_uris_extension", "router"]
+__all__ = [
+    "SCOPES_SUPPORTED",
+    "discovery_router",
+    "oauth_uris_extension",
+    "public_url",
+    "router",
+]
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["SMART on FHIR"])
@@ -90,8 +96,14 @@ def _page(name: str) -> str:
     return resources.files("medledger.api").joinpath("oauth_pages", name).read_text("utf-8")
 
 
-def _origin(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
+def public_url(request: Request) -> str | None:
+    """Where clients reach this node, from its configuration (``config.public_base_url``).
+
+    Never ``request.base_url``: that is the request's ``Host`` header, chosen by
+    whoever sends it, and would let them pick the issuer, the endpoints, the
+    ``aud`` accepted and the portal's redirect URI this node prints.
+    """
+    return services_of(request.app).public_url
 
 
 def oauth_uris_extension(base: str) -> dict[str, Any]:
@@ -106,11 +118,19 @@ def oauth_uris_extension(base: str) -> dict[str, Any]:
     }
 
 
+_NO_PUBLIC_URL: Final = (
+    "this node does not know its public URL, so it offers no sign-in: set advertise in"
+    " node.toml (node init --advertise) or listen on a named address"
+)
+
+
 def _server(request: Request) -> AuthorizationServer:
-    server = services_of(request.app).oauth
-    if server is None:
+    services = services_of(request.app)
+    if services.oauth is None:
+        if services.public_url is None:
+            raise OAuthError("temporarily_unavailable", _NO_PUBLIC_URL)
         raise OAuthError("temporarily_unavailable", "this node has no authorization server")
-    return server
+    return services.oauth
 
 
 def _html(body: str, *, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
@@ -159,10 +179,11 @@ def _throttled_page(request: Request, exc: RateLimited) -> HTMLResponse:
     return page
 
 
-def _redirect_error(exc: OAuthError) -> Response:
+def _redirect_error(request: Request, exc: OAuthError) -> Response:
     params: dict[str, str] = {"error": exc.error, "error_description": str(exc)}
     if exc.state:
         params["state"] = exc.state
+    params["iss"] = _server(request).base_url  # RFC 9207, as on a code
     uri = str(exc.redirect_uri)
     return RedirectResponse(
         uri + ("&" if urlsplit(uri).query else "?") + urlencode(params), status_code=303
@@ -203,7 +224,13 @@ async def _charge(request: Request, what: str, reason: str, **fields: str) -> No
 @discovery_router.get("/.well-known/smart-configuration", include_in_schema=False)
 @discovery_router.get("/fhir/.well-known/smart-configuration", include_in_schema=False)
 async def smart_configuration(request: Request) -> Response:
-    base = _origin(request)
+    base = public_url(request)
+    if base is None:
+        return JSONResponse(
+            {"error": "temporarily_unavailable", "error_description": _NO_PUBLIC_URL},
+            status_code=404,
+            headers={"Cache-Control": "no-store"},
+        )
     return JSONResponse(
         {
             "issuer": base,
@@ -219,6 +246,7 @@ async def smart_configuration(request: Request) -> Response:
             "response_types_supported": ["code"],
             "scopes_supported": list(SCOPES_SUPPORTED),
             "code_challenge_methods_supported": list(CHALLENGE_METHODS),
+            "authorization_response_iss_parameter_supported": True,
             "capabilities": [
                 "launch-standalone",
                 "client-public",
@@ -265,7 +293,9 @@ def _signin_page(request: Request, signin: SignIn) -> HTMLResponse:
         signin.csrf,
         max_age=600,
         path="/oauth",
-        secure=request.url.scheme == "https",
+        # The node's scheme, not the request's: with API workers the request reached
+        # this process over a Unix socket as plain HTTP, yet the browser used HTTPS.
+        secure=urlsplit(_server(request).base_url).scheme == "https",
         httponly=True,
         samesite="strict",
     )
@@ -298,12 +328,12 @@ async def authorize(request: Request) -> Response:
         server = _server(request)
         if opens is not None:
             await opens.charge(request)
-        signin = server.begin(params, origin=_origin(request))
+        signin = server.begin(params)
     except RateLimited as exc:
         return _throttled_page(request, exc)
     except OAuthError as exc:
         if exc.redirect_uri is not None:
-            return _redirect_error(exc)
+            return _redirect_error(request, exc)
         return _error_page(request, str(exc))
     return _signin_page(request, signin)
 
@@ -328,7 +358,7 @@ async def _signin_refused(request: Request, exc: InvalidInput) -> Response:
     if isinstance(exc, OAuthError) and exc.redirect_uri is not None:
         # The user proved who they are; the app asked for scopes they cannot have.
         log.info("oauth: sign-in ends without a grant: %s", exc)
-        return _redirect_error(exc)
+        return _redirect_error(request, exc)
     try:
         await _charge(request, "sign-in", str(exc))
     except RateLimited as limited:

@@ -34,6 +34,7 @@ from medledger.api.workers import (
     fork_workers,
     trust_forwarded,
 )
+from medledger.config import load_config, public_base_url
 from medledger.core.errors import InvalidInput
 from medledger.lifecycle import NodeRuntime, RunSettings, run_node
 from medledger.services.fhir import validate_resource
@@ -95,6 +96,23 @@ class NodeServer:
             return f"{scheme}://{host}:{port}"
         return f"{scheme}://{self.host}:{self.port}"
 
+    def public_url(self, advertise: str) -> str | None:
+        """Where clients reach this node: node.toml's ``advertise``, else the address it
+        listens on unless that is a wildcard (``config.public_base_url``)."""
+        if self.sockets:
+            host, port = self.sockets[0].getsockname()[:2]
+        else:
+            host, port = self.host, self.port
+        scheme = "http" if self.plain_http else "https"
+        return public_base_url(advertise, scheme=scheme, host=host, port=port)
+
+    def _say_public_url(self, public_url: str | None) -> None:
+        if public_url is None:
+            log.warning(
+                "no sign-in service: node.toml has no advertise URL and the node listens on"
+                " a wildcard address, so it cannot name itself to apps (node init --advertise)"
+            )
+
     def stop(self) -> None:
         """Begin the shutdown (on the serving event loop): readiness false, stop accepting."""
         if self.runtime is not None:
@@ -120,6 +138,7 @@ class NodeServer:
         self._listener = listener
         self.worker_counters = counters = WorkerCounters.create(self.workers)
         pool_settings = WorkerSettings(
+            public_url=self.public_url(load_config(self.root).advertise) or "",
             root=str(self.root),
             passphrase_hex=self.passphrase.hex(),
             fd=listener.fileno(),
@@ -142,6 +161,8 @@ class NodeServer:
             return
         async with run_node(self.root, self.passphrase, self.settings) as runtime:
             self.runtime = runtime
+            public_url = self.public_url(runtime.node.config.advertise)
+            self._say_public_url(public_url)
             self.app = app = create_app(
                 runtime.node,
                 runtime.tokens,
@@ -149,6 +170,7 @@ class NodeServer:
                 not_ready=runtime.not_ready,
                 ordering=runtime.ordering,
                 oauth_store=runtime.oauth,
+                public_url=public_url,
             )
             tls = None if self.plain_http else runtime.node.server_tls_context()
             config = server_config(
@@ -210,6 +232,8 @@ class NodeServer:
 
             # One failed-authentication budget per node: the workers spend this one.
             auth_failures = AuthFailures(self.auth_failures, node.clock)
+            public_url = self.public_url(node.config.advertise)
+            self._say_public_url(public_url)
             self.app = app = create_app(
                 node,
                 runtime.tokens,
@@ -219,6 +243,7 @@ class NodeServer:
                 oauth_store=runtime.oauth,
                 # /metrics is answered here for every worker: their counts join this one's.
                 worker_counts=counters.counts,
+                public_url=public_url,
             )
             stopping = asyncio.Event()
             runtime.on_stop(stopping.set)
@@ -248,6 +273,7 @@ class NodeServer:
                 plain_http=self.plain_http,
                 forked=self._forked,
                 counters=counters,
+                public_url=public_url,
             )
             self._forked = []
             try:

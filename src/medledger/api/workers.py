@@ -282,6 +282,9 @@ class WorkerSettings:
     metrics_fd: int = -1
     slots: int = 1
     slot: int = 0
+    #: Where clients reach the node (``NodeServer.public_url``; empty: unknown). The
+    #: worker names the node by it, as the parent does, never by a request's Host.
+    public_url: str = ""
 
 
 @dataclass(slots=True)
@@ -345,11 +348,13 @@ class WorkerPool:
         plain_http: bool,
         forked: list[_Worker] | None = None,
         counters: WorkerCounters | None = None,
+        public_url: str | None = None,
     ) -> None:
         """``forked``: workers :func:`fork_workers` started, in slot order; ``counters``:
         the region every worker counts in, one slot each (``api.worker_metrics``)."""
         self.count = count
         self._counters = counters
+        self._public_url = public_url
         self._root = root
         self._passphrase = passphrase
         self._listener = listener
@@ -378,6 +383,7 @@ class WorkerPool:
             parent_pid=os.getpid(),
             metrics_fd=self._counters.fd if self._counters is not None else -1,
             slots=self.count,
+            public_url=self._public_url or "",
         )
 
     @property
@@ -575,6 +581,7 @@ async def _serve_worker(settings: WorkerSettings) -> None:
             metrics=metrics,
             # The node's one budget, kept by the parent: N workers do not give N times the guesses.
             auth_failures=SharedAuthFailures(link.spend_failures),
+            public_url=settings.public_url or None,
         ),
         root / API_SOCKET,
     )

@@ -5,8 +5,9 @@ secret stored only as its SHA-256):
 
 1. :meth:`AuthorizationServer.begin` checks an authorization request — the
    client is registered, ``redirect_uri`` is one of its URIs *exactly*,
-   ``response_type=code``, PKCE ``S256`` — and opens a sign-in step with a
-   random CSRF token and a random sign-in challenge (10 minutes).
+   ``response_type=code``, PKCE ``S256``, ``aud`` this node's FHIR base — and
+   opens a sign-in step with a random CSRF token and a random sign-in
+   challenge (10 minutes).
 2. The user proves who they are, once per step: a patient signs the
    challenge with their wallet key (:meth:`~AuthorizationServer.sign_in_patient`;
    the key must be enrolled here, and the Patient it is bound to becomes the
@@ -209,12 +210,23 @@ class AuthorizationServer:
         clock: Clock,
         institution: str,
         patient_of_key: Callable[[str], Awaitable[str | None]],
+        base_url: str,
     ) -> None:
+        """``base_url``: where clients reach this node (``scheme://host:port``, from its
+        configuration: ``config.public_base_url``). It is the issuer, the origin of every
+        endpoint and of the portal's redirect URI, and ``<base_url>/fhir`` is the one
+        ``aud`` accepted; nothing a request says (its ``Host`` header) changes it."""
         self.store = store
         self._tokens = tokens
         self._clock = clock
         self.institution = institution
         self._patient_of_key = patient_of_key
+        self.base_url = base_url.rstrip("/")
+
+    @property
+    def fhir_base(self) -> str:
+        """This node's FHIR base URL: the ``aud`` an authorization request must name."""
+        return f"{self.base_url}/fhir"
 
     # -- clients --------------------------------------------------------------------------
 
@@ -246,11 +258,10 @@ class AuthorizationServer:
             return None
         return self.store.client(client_id)
 
-    @staticmethod
-    def redirect_matches(client: OAuthClient, redirect_uri: str, origin: str) -> bool:
-        """Exact match against a registered URI (a relative one is on ``origin``)."""
+    def redirect_matches(self, client: OAuthClient, redirect_uri: str) -> bool:
+        """Exact match against a registered URI (a relative one is on this node's base URL)."""
         for registered in client.redirect_uris:
-            expected = origin.rstrip("/") + registered if registered.startswith("/") else registered
+            expected = self.base_url + registered if registered.startswith("/") else registered
             if hmac.compare_digest(expected.encode(), redirect_uri.encode()):
                 return True
         return False
@@ -275,14 +286,20 @@ class AuthorizationServer:
 
     # -- 1. the authorization request -------------------------------------------------------
 
-    def begin(self, params: Mapping[str, str], *, origin: str) -> SignIn:
-        """Check an authorization request and open its sign-in step (module docstring, 1)."""
+    def begin(self, params: Mapping[str, str]) -> SignIn:
+        """Check an authorization request and open its sign-in step (module docstring, 1).
+
+        Refusals before the redirect URI is known good are shown to the user
+        (``OAuthError`` without ``redirect_uri``); later ones go back to the client.
+        ``aud`` is required and must be :attr:`fhir_base` (SMART App Launch 2.x:
+        a token asked for another server must not be issued by this one).
+        """
         client_id = params.get("client_id", "")
         client = self.client(client_id) if client_id else None
         if client is None:
             raise OAuthError("invalid_request", "unknown client_id")
         redirect_uri = params.get("redirect_uri", "")
-        if not redirect_uri or not self.redirect_matches(client, redirect_uri, origin):
+        if not redirect_uri or not self.redirect_matches(client, redirect_uri):
             raise OAuthError(
                 "invalid_request", "redirect_uri is not one registered for this client"
             )
@@ -302,9 +319,16 @@ class AuthorizationServer:
             )
         except InvalidInput as exc:
             raise refuse("invalid_request", str(exc)) from None
-        aud = params.get("aud")
-        if aud is not None and aud.rstrip("/") != origin.rstrip("/") + "/fhir":
-            raise refuse("invalid_request", "aud is not this node's FHIR base URL")
+        aud = params.get("aud", "")
+        if not aud:
+            raise refuse(
+                "invalid_request", f"aud is required: this node's FHIR base URL, {self.fhir_base}"
+            )
+        # One trailing slash is tolerated (fhirclient sends its base URL with one).
+        if aud.removesuffix("/") != self.fhir_base:
+            raise refuse(
+                "invalid_request", f"aud is not this node's FHIR base URL, {self.fhir_base}"
+            )
         scopes = parse_scopes(params.get("scope", ""))
         if not scopes.resources:
             raise refuse("invalid_scope", "no resource scope this node understands was requested")
@@ -462,6 +486,8 @@ class AuthorizationServer:
             answer["error_description"] = "the user denied the request"
         if payload["state"]:
             answer["state"] = payload["state"]
+        # RFC 9207: who answered, so a client talking to several servers can tell (mix-up).
+        answer["iss"] = self.base_url
         return _append_query(payload["redirect_uri"], answer)
 
     # -- 4. the token endpoint ---------------------------------------------------------------

@@ -83,9 +83,10 @@ function randomText(n) {
   return base64url(crypto.getRandomValues(new Uint8Array(n)));
 }
 
-// The portal's registered redirect URI (decision 0039): this node's /portal/callback.
-function redirectUri() {
-  return `${location.origin}/portal/callback`;
+// The portal's registered redirect URI (decision 0039): /portal/callback on the node's
+// public URL, which its SMART configuration names as the issuer.
+function redirectUri(issuer) {
+  return `${issuer}/portal/callback`;
 }
 
 // The SMART configuration of this node, or null when it offers no sign-in service.
@@ -97,19 +98,29 @@ export async function smartConfiguration() {
 
 // Start the authorization code flow with PKCE: a fresh verifier and state per attempt.
 export async function startSignIn(config, scope) {
+  if (config.issuer !== location.origin) {
+    // The node answers sign-ins only at its public URL, and the callback must come back
+    // to this tab's origin (the verifier is in its sessionStorage): start over there.
+    location.assign(`${config.issuer}/portal/`);
+    return;
+  }
   const verifier = randomText(48);
   const challenge = base64url(
     await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier)),
   );
   const state = randomText(24);
-  sessionStorage.setItem(PKCE, JSON.stringify({ verifier, state, token: config.token_endpoint }));
+  sessionStorage.setItem(
+    PKCE,
+    JSON.stringify({ verifier, state, token: config.token_endpoint, issuer: config.issuer }),
+  );
   const query = new URLSearchParams({
     response_type: "code",
     client_id: CLIENT_ID,
-    redirect_uri: redirectUri(),
+    redirect_uri: redirectUri(config.issuer),
     scope,
     state,
-    aud: `${location.origin}/fhir`,
+    // SMART App Launch: the FHIR base the token is for; the node refuses any other.
+    aud: `${config.issuer}/fhir`,
     code_challenge: challenge,
     code_challenge_method: "S256",
   });
@@ -129,13 +140,17 @@ export async function finishSignIn() {
   if (!pending || params.get("state") !== pending.state) {
     throw new ApiError(400, "sign-in answer does not belong to this tab (state mismatch)");
   }
+  // RFC 9207: the answer names the server that gave it; it must be the one asked.
+  if (params.get("iss") !== pending.issuer) {
+    throw new ApiError(400, "sign-in answer comes from another server (iss mismatch)");
+  }
   const response = await fetch(pending.token, {
     method: "POST",
     headers: { "Content-Type": "application/x-www-form-urlencoded" },
     body: new URLSearchParams({
       grant_type: "authorization_code",
       code: params.get("code"),
-      redirect_uri: redirectUri(),
+      redirect_uri: redirectUri(pending.issuer),
       client_id: CLIENT_ID,
       code_verifier: pending.verifier,
     }).toString(),
