@@ -533,6 +533,46 @@ def test_an_app_keeps_its_bulk_export_across_a_token_refresh(smart: Smart) -> No
         assert app.delete(status_url).status_code == 202
 
 
+def test_a_refresh_for_a_narrower_scope_gives_a_token_that_can_do_only_that(
+    smart: Smart,
+) -> None:
+    """RFC 6749 §6 over HTTP: the refreshed token is refused what the refresh left out; a
+    refresh asking for more than the grant is invalid_scope and spends nothing."""
+    verifier = pkce.new_secret()
+    with browser(smart) as web:
+        page = web.get(manual_authorize_url(smart, verifier, "user/*.read offline_access"))
+        approval = web.post(
+            "/oauth/authorize/staff",
+            data={
+                "step": hidden(page.text, "step"),
+                "csrf": hidden(page.text, "csrf"),
+                "api_token": smart.live.clinician,
+            },
+        )
+        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+
+        def refresh(refresh_token: str, scope: str) -> httpx.Response:
+            return web.post(
+                "/oauth/token",
+                data={
+                    "grant_type": "refresh_token",
+                    "refresh_token": refresh_token,
+                    "client_id": smart.app_id,
+                    "scope": scope,
+                },
+            )
+
+        wider = refresh(tokens["refresh_token"], "user/*.read user/*.write")
+        assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
+        narrow = refresh(tokens["refresh_token"], "user/Observation.read")  # not spent above
+        assert narrow.status_code == 200, narrow.text
+        assert narrow.json()["scope"] == "user/Observation.read"
+    with smart.live.client(narrow.json()["access_token"], verify=smart.tls) as app:
+        assert app.get("/fhir/Observation/obs-1").status_code == 200
+        refused = app.get("/fhir/Condition/cond-1")
+        assert refused.status_code == 403 and "scopes do not allow" in refused.text
+
+
 def test_a_forged_host_header_changes_nothing_the_node_says_about_itself(smart: Smart) -> None:
     """Over real HTTP: the URLs come from where the node is served, not from the Host."""
     with browser(smart) as web:

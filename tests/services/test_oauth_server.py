@@ -146,8 +146,10 @@ def exchange(world: World, code: str, **changes: str) -> dict[str, Any]:
     return asyncio.run(world.server.token(form, world.app))
 
 
-def refresh(world: World, refresh_token: str) -> dict[str, Any]:
+def refresh(world: World, refresh_token: str, scope: str | None = None) -> dict[str, Any]:
     form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    if scope is not None:
+        form["scope"] = scope
     return asyncio.run(world.server.token(form, world.app))
 
 
@@ -227,6 +229,51 @@ def test_refresh_rotates_and_reuse_of_a_rotated_token_revokes_the_family(world: 
             asyncio.run(world.server.check_access(dead, now_ms=T0))
     with pytest.raises(OAuthError):
         refresh(world, third["refresh_token"])
+
+
+def test_a_refresh_asking_for_less_gets_only_that_and_the_grant_keeps_the_rest(
+    world: World,
+) -> None:
+    """RFC 6749 §6: the new access token carries the narrower scope asked for; the
+    refresh token keeps the original grant, so the next refresh may ask for all of it."""
+    first = exchange(world, approved_code(world, scope="patient/*.read offline_access"))
+    assert first["scope"] == "patient/*.read offline_access"
+    narrow = refresh(world, first["refresh_token"], scope="patient/Observation.rs")
+    assert narrow["scope"] == "patient/Observation.rs"
+    info = asyncio.run(world.server.check_access(narrow["access_token"], now_ms=T0))
+    assert info.scopes == ("patient/Observation.rs",)
+    scopes = world.server.scopes_of(info)
+    assert scopes is not None and scopes.allows("Observation", "r")
+    assert not scopes.allows("Condition", "r")  # the grant's patient/*.read is not in it
+    # Omitted: the whole grant again (RFC 6749 §6: "treated as equal to the scope
+    # originally granted"), from the refresh token the narrow refresh returned.
+    full = refresh(world, narrow["refresh_token"])
+    assert full["scope"] == "patient/*.read offline_access"
+    info = asyncio.run(world.server.check_access(full["access_token"], now_ms=T0))
+    assert info.scopes == ("patient/*.read", "offline_access")
+
+
+def test_a_refresh_asking_for_more_than_the_grant_is_refused_and_spends_nothing(
+    world: World,
+) -> None:
+    first = exchange(world, approved_code(world, scope="patient/Observation.read offline_access"))
+    for wider in (
+        "patient/*.read",  # another type
+        "patient/Observation.write",  # another action
+        "patient/Observation.cruds",
+        "user/Observation.read",  # another context
+        "launch/patient",  # an extra scope not granted
+        "patient/Observation.read launch/patient",
+        "patient/Observation.rs?category=vital-signs",  # not understood here: not granted
+        "",
+    ):
+        with pytest.raises(OAuthError) as refused:
+            refresh(world, first["refresh_token"], scope=wider)
+        assert refused.value.error == "invalid_scope", wider
+    # The refresh token was not spent by the refusals, nor its grant revoked.
+    asyncio.run(world.server.check_access(first["access_token"], now_ms=T0))
+    again = refresh(world, first["refresh_token"], scope="patient/Observation.r")
+    assert again["scope"] == "patient/Observation.r"
 
 
 def test_an_access_token_does_not_refresh_and_a_refresh_token_does_not_give_access(

@@ -210,3 +210,78 @@ def test_the_sqlite_file_is_the_owners_alone(tmp_path: Path) -> None:
     opened = factory.open_oauth_store("sqlite", tmp_path / "oauth.db")
     opened.close()
     assert (tmp_path / "oauth.db").stat().st_mode & 0o077 == 0
+
+
+def test_an_access_token_keeps_its_own_narrower_scope(store: OAuthStore) -> None:
+    narrow = OAuthToken(
+        id="t3",
+        kind="access",
+        grant="g1",
+        secret_hash=b"\x05" * 32,
+        expires_ms=T0,
+        scope="patient/Observation.rs",
+    )
+    whole = OAuthToken(id="t4", kind="access", grant="g1", secret_hash=b"\x06" * 32, expires_ms=T0)
+    store.add_token(narrow)
+    store.add_token(whole)
+    assert store.token("t3") == narrow
+    found = store.token("t4")
+    assert found is not None and found.scope is None  # the grant's scope
+
+
+def test_a_store_made_before_tokens_had_a_scope_is_upgraded_on_open(
+    backend: OAuthBackend,
+) -> None:
+    """A node's oauth.db (or schema) from before the column: its tokens stay readable with
+    the grant's scope, and new tokens carry their own."""
+    if backend.name == "sqlite":
+        import sqlite3
+
+        from medledger.storage.oauth import OAUTH_SCHEMA
+
+        old = sqlite3.connect(backend.path)
+        old.executescript(OAUTH_SCHEMA)
+        old.execute(
+            "INSERT INTO oauth_tokens (id, kind, grant_id, secret_hash, expires_ms, state)"
+            " VALUES ('t0', 'refresh', 'g1', ?, ?, 'live')",
+            (b"\x07" * 32, T0),
+        )
+        old.commit()
+        old.close()
+    else:
+        from psycopg import sql
+
+        from medledger.storage.postgres.connection import connect
+        from medledger.storage.postgres.migrations import migrate, schema_version
+
+        with connect(backend.dsn) as conn:
+            migrate(conn, backend.schema, "oauth", create=True, upto=1)
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (id, kind, grant_id, secret_hash, expires_ms, state)"
+                    " VALUES ('t0', 'refresh', 'g1', %s, %s, 'live')"
+                ).format(sql.Identifier(backend.schema, "oauth_tokens")),
+                (b"\x07" * 32, T0),
+            )
+            conn.commit()
+            assert schema_version(conn, backend.schema) == 1
+    for _ in range(2):  # a second open finds the column there and changes nothing
+        upgraded = backend.open()
+        try:
+            kept = upgraded.token("t0")
+            assert kept is not None and (kept.state, kept.scope) == ("live", None)
+            if upgraded.token("t5") is None:
+                upgraded.add_token(
+                    OAuthToken(
+                        id="t5",
+                        kind="access",
+                        grant="g1",
+                        secret_hash=b"\x08" * 32,
+                        expires_ms=T0,
+                        scope="patient/Observation.rs",
+                    )
+                )
+            again = upgraded.token("t5")
+            assert again is not None and again.scope == "patient/Observation.rs"
+        finally:
+            upgraded.close()

@@ -18,7 +18,7 @@ from medledger.core.errors import Conflict
 from medledger.storage.dialect import Dialect
 from medledger.storage.ports import OAuthClient, OAuthGrant, OAuthPending, OAuthToken
 
-__all__ = ["OAUTH_SCHEMA", "OAuthTables"]
+__all__ = ["OAUTH_SCHEMA", "OAUTH_TOKEN_SCOPE", "OAuthTables"]
 
 #: The tables, in SQL both backends accept (``BYTEA`` is ``BLOB`` affinity in SQLite).
 OAUTH_SCHEMA: Final = """
@@ -61,11 +61,14 @@ CREATE TABLE IF NOT EXISTS oauth_tokens (
 );
 CREATE INDEX IF NOT EXISTS oauth_tokens_expiry ON oauth_tokens (expires_ms);
 """
+#: The second step: an access token may carry less than its grant (a refresh that asked
+#: for a narrower scope, RFC 6749 §6); NULL is the grant's scope, as before the step.
+OAUTH_TOKEN_SCOPE: Final = "ALTER TABLE oauth_tokens ADD COLUMN scope TEXT;\n"  # noqa: S105
 
 _CLIENT_COLUMNS = "id, name, redirect_uris, secret_hash, system_role, created_ms"
 _PENDING_COLUMNS = "id, kind, stage, secret_hash, payload, expires_ms, grant_id"
 _GRANT_COLUMNS = "id, client_id, role, patient, scope, label, created_ms, revoked"
-_TOKEN_COLUMNS = "id, kind, grant_id, secret_hash, expires_ms, state"  # noqa: S105 (column names)
+_TOKEN_COLUMNS = "id, kind, grant_id, secret_hash, expires_ms, state, scope"  # noqa: S105 (column names)
 
 
 def _client(r: Sequence[Any]) -> OAuthClient:
@@ -239,7 +242,7 @@ class OAuthTables:
 
     def add_token(self, token: OAuthToken) -> None:
         added = self._insert(
-            self._sql(f"INSERT INTO oauth_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"),
+            self._sql(f"INSERT INTO oauth_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
             (
                 token.id,
                 token.kind,
@@ -247,6 +250,7 @@ class OAuthTables:
                 token.secret_hash,
                 token.expires_ms,
                 token.state,
+                token.scope,
             ),
         )
         if not added:
@@ -266,6 +270,7 @@ class OAuthTables:
             secret_hash=bytes(r[3]),
             expires_ms=int(r[4]),
             state=r[5],
+            scope=r[6],
         )
 
     def advance_token(self, token_id: str, from_state: str, to_state: str) -> bool:

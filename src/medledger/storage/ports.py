@@ -453,6 +453,8 @@ class OAuthToken:
     """An access or refresh token of a grant, stored as SHA-256 of its secret.
 
     ``state``: ``live``, ``used`` (a refresh token rotated away) or ``revoked``.
+    ``scope``: what an access token may do when a refresh asked for less than the
+    grant (RFC 6749 §6); ``None``: the grant's scope.
     """
 
     id: str
@@ -461,6 +463,7 @@ class OAuthToken:
     secret_hash: bytes
     expires_ms: int
     state: str = "live"
+    scope: str | None = None
 
 
 class OAuthStore(Protocol):

@@ -25,6 +25,7 @@ __all__ = [
     "EXTRA_SCOPES",
     "ResourceScope",
     "ScopeSet",
+    "narrowed_scope",
     "parse_scopes",
     "request_access",
 ]
@@ -52,6 +53,14 @@ class ResourceScope:
         if action not in self.actions:
             return False
         return self.resource_type == "*" or self.resource_type == resource_type
+
+    def covers(self, other: ResourceScope) -> bool:
+        """Whether everything ``other`` allows, this allows too (same context)."""
+        return (
+            self.context == other.context
+            and self.resource_type in ("*", other.resource_type)
+            and other.actions <= self.actions
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +110,31 @@ def parse_scopes(text: str) -> ScopeSet:
         resources.append(ResourceScope(match.group(1), match.group(2), frozenset(letters) & _ALL))
         granted.append(word)
     return ScopeSet(tuple(resources), frozenset(extras), tuple(granted))
+
+
+def narrowed_scope(asked: str, granted: str) -> str | None:
+    """The scope a refresh asked for (RFC 6749 §6), if it asks for nothing ``granted`` lacks.
+
+    Its text (understood words, in the order given) when every word is a scope
+    the grant covers — an extra scope it holds, or a resource scope within one
+    of its resource scopes (``patient/Observation.rs`` within ``patient/*.read``);
+    ``None`` when any word is not (wider, another context, or a word this node
+    does not understand: dropping it silently would answer something else than
+    asked) or nothing is asked.
+    """
+    have = parse_scopes(granted)
+    words = asked.split()
+    if not words:
+        return None
+    for word in words:
+        if word in EXTRA_SCOPES:
+            if word not in have.extras:
+                return None
+            continue
+        wanted = parse_scopes(word).resources
+        if not wanted or not any(mine.covers(wanted[0]) for mine in have.resources):
+            return None
+    return parse_scopes(asked).text
 
 
 #: Operations that only read, whether asked with GET or POST (their handlers narrow what

@@ -22,7 +22,8 @@ secret stored only as its SHA-256):
 
 Tokens: ``mla_<id>_<secret>`` access tokens (1 hour) and, with
 ``offline_access``, ``mlr_<id>_<secret>`` refresh tokens (30 days) of one
-*grant*. Refreshing rotates the refresh token; presenting a rotated one
+*grant*. Refreshing rotates the refresh token (and may ask for a narrower
+access token; the refresh token keeps the grant); presenting a rotated one
 again revokes the whole grant. Revocation (RFC 7009) of a refresh token
 revokes the grant, of an access token that token.
 
@@ -57,7 +58,7 @@ from medledger.core.keys import ECDSA_P256, VerifyingKey
 from medledger.core.models import Signature
 from medledger.ledger.clock import Clock
 from medledger.services.oauth import pkce
-from medledger.services.oauth.scopes import ScopeSet, parse_scopes
+from medledger.services.oauth.scopes import ScopeSet, narrowed_scope, parse_scopes
 from medledger.storage.ports import (
     ROLES,
     OAuthClient,
@@ -546,10 +547,27 @@ class AuthorizationServer:
         return self._issue(grant, with_refresh="offline_access" in grant.scope.split())
 
     async def _refresh(self, form: Mapping[str, str], client: OAuthClient) -> dict[str, Any]:
+        """RFC 6749 §6: rotate the refresh token and issue an access token.
+
+        ``scope`` may ask for less than the grant: the new access token carries
+        only that; asking for anything the grant lacks is ``invalid_scope`` and
+        spends nothing (the refresh token stays valid). The new refresh token
+        keeps the whole grant, so a later refresh may ask for all of it again.
+        """
         presented = form.get("refresh_token", "")
         token, grant = self._lookup(presented, "mlr")
         if token is None or grant is None or grant.client_id != client.id:
             raise OAuthError("invalid_grant", "unknown refresh token")
+        scope: str | None = None
+        asked = form.get("scope")
+        # Checked before the token is spent (a refused request changes nothing), and only
+        # for a live one: a rotated token presented again is a replay whatever it asks.
+        if asked is not None and token.state == "live":
+            scope = narrowed_scope(asked, grant.scope)
+            if scope is None:
+                raise OAuthError(
+                    "invalid_scope", "a refresh may ask only for scopes the grant holds"
+                )
         if not self.store.advance_token(token.id, "live", "used"):
             if token.state == "used" or self._state(token.id) == "used":
                 # A rotated refresh token came back: the family is compromised.
@@ -565,11 +583,7 @@ class AuthorizationServer:
             raise OAuthError("invalid_grant", "refresh token expired")
         if not await self._still_holds(grant, self._clock.now_ms()):
             raise OAuthError("invalid_grant", "what the user signed in with no longer holds")
-        scope = grant.scope
-        asked = form.get("scope")
-        if asked is not None and not set(asked.split()) <= set(scope.split()):
-            raise OAuthError("invalid_scope", "a refresh cannot widen the granted scope")
-        return self._issue(grant, with_refresh=True)
+        return self._issue(grant, with_refresh=True, scope=scope)
 
     def _client_credentials(self, form: Mapping[str, str], client: OAuthClient) -> dict[str, Any]:
         if client.secret_hash is None or client.system_role is None:
@@ -591,14 +605,20 @@ class AuthorizationServer:
         self.store.add_grant(grant)
         return self._issue(grant, with_refresh=False)
 
-    def _issue(self, grant: OAuthGrant, *, with_refresh: bool) -> dict[str, Any]:
+    def _issue(
+        self, grant: OAuthGrant, *, with_refresh: bool, scope: str | None = None
+    ) -> dict[str, Any]:
+        """An access token (of ``scope``, narrower than the grant's; ``None``: all of it)
+        and, ``with_refresh``, a refresh token of the whole grant."""
         now = self._clock.now_ms()
-        access = self._new_token(grant, "mla", now + ACCESS_TTL_MS)
+        if scope == grant.scope:
+            scope = None
+        access = self._new_token(grant, "mla", now + ACCESS_TTL_MS, scope=scope)
         answer: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
             "expires_in": ACCESS_TTL_MS // 1000,
-            "scope": grant.scope,
+            "scope": grant.scope if scope is None else scope,
         }
         if grant.role == "patient" and grant.patient is not None:
             answer["patient"] = grant.patient
@@ -607,7 +627,9 @@ class AuthorizationServer:
         self.store.forget_expired(now_ms=now, retain_ms=_RETENTION_MS)
         return answer
 
-    def _new_token(self, grant: OAuthGrant, prefix: str, expires_ms: int) -> str:
+    def _new_token(
+        self, grant: OAuthGrant, prefix: str, expires_ms: int, *, scope: str | None = None
+    ) -> str:
         token_id, secret = secrets.token_hex(12), pkce.new_secret()
         self.store.add_token(
             OAuthToken(
@@ -616,6 +638,7 @@ class AuthorizationServer:
                 grant=grant.id,
                 secret_hash=pkce.secret_hash(secret),
                 expires_ms=expires_ms,
+                scope=scope,
             )
         )
         return f"{prefix}_{token_id}_{secret}"
@@ -691,7 +714,8 @@ class AuthorizationServer:
             label=f"oauth:{grant.client_id}",
             expires_ms=token.expires_ms,
             revoked=False,
-            scopes=parse_scopes(grant.scope).granted,
+            # A refresh may have asked for less than the grant: the token's own scope.
+            scopes=parse_scopes(grant.scope if token.scope is None else token.scope).granted,
             principal=_principal_of(grant),
         )
 

@@ -13,7 +13,7 @@ from medledger.core.errors import (
     NotFound,
     StorageError,
 )
-from medledger.storage.oauth import OAUTH_SCHEMA
+from medledger.storage.oauth import OAUTH_SCHEMA, OAUTH_TOKEN_SCOPE
 from medledger.storage.postgres.connection import Conn, connect, reason, schema_where
 
 __all__ = [
@@ -178,6 +178,11 @@ OAUTH_MIGRATIONS: tuple[Migration, ...] = (
         version=1,
         name="oauth: clients, sign-in steps and codes, grants, access and refresh tokens",
         sql="CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);\n" + OAUTH_SCHEMA,
+    ),
+    Migration(
+        version=2,
+        name="oauth: an access token's own scope (a refresh asked for less than the grant)",
+        sql=OAUTH_TOKEN_SCOPE,
     ),
 )
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from medledger.core.errors import StorageError
 from medledger.storage.dialect import SQLITE
-from medledger.storage.oauth import OAUTH_SCHEMA, OAuthTables
+from medledger.storage.oauth import OAUTH_SCHEMA, OAUTH_TOKEN_SCOPE, OAuthTables
 from medledger.storage.sqlite.connection import storage_error
 
 __all__ = ["SqliteOAuthStore"]
@@ -33,8 +33,22 @@ class SqliteOAuthStore(OAuthTables):
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(OAUTH_SCHEMA)
+            self._add_token_scope()
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"{path}: {exc}") from None
+
+    def _add_token_scope(self) -> None:
+        """Give a file made before tokens had their own scope that column (once: the check
+        and the change in one write transaction, as a node's processes open it together)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(oauth_tokens)")}
+            if "scope" not in columns:
+                self._conn.execute(OAUTH_TOKEN_SCOPE)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         try:
