@@ -77,8 +77,9 @@ def node() -> None:
     default="",
     metavar="URL",
     help="The URL other members reach this node at, e.g. https://st-mary.example.org:8700: "
-    "recorded in the genesis as its peer URL, named by its TLS certificate, and the address "
-    "'node start' listens on by default.",
+    "recorded in the genesis as its peer URL, named by its TLS certificate, the address "
+    "'node start' listens on by default, and the URL its sign-in service (SMART on FHIR) "
+    "names itself by.",
 )
 def node_init(
     root: Path, name: str, institution: str | None, hosts: tuple[str, ...], advertise: str
