@@ -68,6 +68,8 @@ class RunSettings:
     scrub_rate: float = 500.0
     clock: Clock | None = None
     validation_workers: int | None = None
+    #: The sequencer lease's epoch this process holds (``Node`` fenced with it), if elected.
+    fence_epoch: int | None = None
 
 
 class NodeRuntime:
@@ -244,6 +246,7 @@ async def run_node(
         clock=settings.clock,
         validation_workers=settings.validation_workers,
         full_check=settings.full_check,
+        fence_epoch=settings.fence_epoch,
     )
     try:
         tokens = open_token_store(root, node.config)

@@ -51,7 +51,7 @@ from medledger.services.hpke import DEFAULT_KEM, HpkeKeyPair
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.service import RecordsService
 from medledger.services.sequencer_link import SOCKET_NAME as SEQUENCER_SOCKET
-from medledger.services.sequencer_link import SequencerClient
+from medledger.services.sequencer_link import Dial, SequencerClient
 from medledger.services.sharing import SharingService
 from medledger.services.store_check import StoreReport, StoreScrub, check_store, settle_writes
 from medledger.services.tls import (
@@ -853,8 +853,13 @@ def open_node(
     clock: Clock | None = None,
     validation_workers: int | None = None,
     full_check: bool = False,
+    fence_epoch: int | None = None,
 ) -> Node:
     """Unlock the keystore, check the stores, and open the chain for writing.
+
+    ``fence_epoch``: the sequencer lease this process holds (PostgreSQL,
+    ``storage.postgres.lease``); every block append then checks it in its own
+    transaction, so this process appends nothing once another one took over.
 
     ``validation_workers``: processes that validate FHIR input beside the event
     loop (default: ``MEDLEDGER_VALIDATION_WORKERS`` or 0, i.e. inline).
@@ -873,6 +878,8 @@ def open_node(
     storage = config.storage
     store, index = _open_chain_and_index(config, paths)
     try:
+        if fence_epoch is not None:
+            factory.fence_chain_store(store, fence_epoch)
         check_private_store(
             store,
             key=key.public,
@@ -928,6 +935,7 @@ def open_worker_node(
     *,
     on_stale_keys: Callable[[], None] = lambda: None,
     clock: Clock | None = None,
+    dial: Dial | None = None,
 ) -> Node:
     """The node as an API worker process serves it (``node start --workers N``, N > 1).
 
@@ -938,6 +946,8 @@ def open_worker_node(
     worker started) and writes neither the chain nor the record index.
     ``on_stale_keys``: called when the sequencer refused a version sealed under
     a key-encryption key rotated since this process opened the keystore.
+    ``dial``: how to reach the sequencer when it is not the parent process (a
+    standby host: the active host's link over mutual TLS); default its Unix socket.
     """
     clock = clock if clock is not None else SystemClock()
     config, paths, keystore = _open_node_keys(root, passphrase)
@@ -955,6 +965,7 @@ def open_worker_node(
         store=store,
         clock_ms=clock.now_ms,
         on_stale_keys=on_stale_keys,
+        dial=dial,
     )
     keys = InstitutionKeys(keystore)
     records = RecordsService(

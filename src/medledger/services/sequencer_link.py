@@ -8,11 +8,14 @@ entries, through a Unix socket in the node's owner-only directory:
 * a frame is a 4-byte big-endian length and one canonical-JSON object; a frame
   longer than :data:`MAX_FRAME_BYTES` closes the connection;
 * the sequencer accepts a connection only from a process of its own user
-  (``SO_PEERCRED``), and only three requests: ``submit`` (``access``
-  transactions), ``commit`` (``record.put`` transactions with their index
-  rows, checked by ``RecordWriter.commit_sealed``) and ``spend`` (one failed
-  authentication charged to the node's budgets, ``api.auth``: the answer is
-  the wait in milliseconds, 0 while there is budget left);
+  (``SO_PEERCRED``) or, on TCP between the hosts of one institution
+  (:meth:`SequencerServer.start_tcp`, decision 0048), only over mutual TLS
+  from a peer presenting the institution's own certificate; and only three
+  requests: ``submit`` (``access`` transactions), ``commit`` (``record.put``
+  transactions with their index rows, checked by ``RecordWriter.commit_sealed``)
+  and ``spend`` (one failed authentication charged to the node's budgets,
+  ``api.auth``: the answer is the wait in milliseconds, 0 while there is
+  budget left);
 * every answer comes after the durable commit (or the failure): an
   acknowledgement still means durable. A connection that ends with requests in
   flight fails them with :class:`SequencerUnavailable` (HTTP 503) — their
@@ -32,8 +35,9 @@ import dataclasses
 import logging
 import os
 import socket
+import ssl
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from medledger.core.encoding import canonical_bytes
 from medledger.core.errors import (
     Conflict,
     DamagedStore,
+    Deposed,
     InvalidInput,
     MedledgerError,
     NotFound,
@@ -68,6 +73,7 @@ __all__ = [
     "SequencerClient",
     "SequencerServer",
     "peer_uid",
+    "tcp_dialer",
     "read_frame",
     "write_frame",
 ]
@@ -92,9 +98,13 @@ _ERRORS: dict[str, type[MedledgerError]] = {
         StorageError,
         StorageFull,
         RetryableStorageError,
+        SequencerUnavailable,
+        Deposed,
         DamagedStore,
     )
 }
+#: What a worker or standby calls to open its connection to the sequencer.
+Dial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 class FrameError(MedledgerError):
@@ -270,6 +280,9 @@ class SequencerServer:
         self._records = records
         self._spend_failures = spend_failures
         self._server: asyncio.Server | None = None
+        self._tcp: asyncio.Server | None = None
+        #: The one certificate (DER) a TCP peer must present (:meth:`start_tcp`).
+        self._peer_certificate: bytes | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._requests: set[asyncio.Task[None]] = set()
         #: Connections refused (another user, or a bad frame): for tests and logs.
@@ -284,8 +297,40 @@ class SequencerServer:
         )
         self.path.chmod(0o600)
 
+    async def start_tcp(
+        self, host: str, port: int, tls: ssl.SSLContext, peer_certificate: bytes
+    ) -> tuple[str, int]:
+        """Also serve the standby hosts on TCP ``host``:``port`` (0: any free port).
+
+        ``tls`` must require a client certificate (``services.tls.link_contexts``);
+        a connection is then served only if that certificate is exactly
+        ``peer_certificate`` (DER: the institution's own). Returns the address bound.
+        """
+        self._peer_certificate = peer_certificate
+        self._tcp = await asyncio.start_server(
+            self._serve,
+            host,
+            port,
+            ssl=tls,
+            ssl_handshake_timeout=10.0,
+            limit=MAX_FRAME_BYTES,
+        )
+        bound = self._tcp.sockets[0].getsockname()
+        return str(bound[0]), int(bound[1])
+
+    def _authentic(self, writer: asyncio.StreamWriter) -> bool:
+        """A process of this user on the Unix socket, or this institution over mutual TLS."""
+        tls = writer.get_extra_info("ssl_object")
+        if tls is not None:
+            der = tls.getpeercert(binary_form=True)
+            return der is not None and der == self._peer_certificate
+        sock = writer.get_extra_info("socket")
+        return sock is not None and sock.family == socket.AF_UNIX and peer_uid(sock) == os.getuid()
+
     async def close(self) -> None:
         """Stop accepting, answer what is in flight, end every connection."""
+        if self._tcp is not None:
+            self._tcp.close()
         if self._server is not None:
             self._server.close()
         if self._requests:
@@ -296,6 +341,8 @@ class SequencerServer:
             await asyncio.gather(*self._connections, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -304,10 +351,9 @@ class SequencerServer:
         assert task is not None
         self._connections.add(task)
         try:
-            sock = writer.get_extra_info("socket")
-            if sock is None or peer_uid(sock) != os.getuid():
+            if not self._authentic(writer):
                 self.refused += 1
-                log.warning("refused a sequencer connection from another user")
+                log.warning("refused a sequencer connection from another user or host")
                 return
             while True:
                 try:
@@ -387,7 +433,8 @@ class SequencerClient:
     """The private chain and the record commit, as an API worker sees them.
 
     ``store`` is the chain store opened for reading; writes go to the
-    sequencer at ``path``. :meth:`problem` (a health check) says when the
+    sequencer at ``path``, or wherever ``dial`` connects (a standby host:
+    :func:`tcp_dialer`). :meth:`problem` (a health check) says when the
     sequencer cannot be reached. ``on_stale_keys`` is called when the
     sequencer refused a version sealed under a rotated key.
     """
@@ -400,8 +447,10 @@ class SequencerClient:
         store: ChainStore,
         clock_ms: Callable[[], int],
         on_stale_keys: Callable[[], None] = lambda: None,
+        dial: Dial | None = None,
     ) -> None:
         self.path = path
+        self._dial = dial
         self._chain_id = chain_id
         self._store = store
         self._clock_ms = clock_ms
@@ -484,6 +533,14 @@ class SequencerClient:
         """Why writes fail now (the sequencer is unreachable), or None."""
         return self._problem
 
+    async def probe(self) -> None:
+        """Connect now if not connected, so that :meth:`problem` tells the truth before the
+        next write (a standby's ``/readyz``); a failure only sets the problem."""
+        if self._closed:
+            return
+        with contextlib.suppress(SequencerUnavailable):
+            await self._connect()
+
     async def _request(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._closed:
             raise SequencerUnavailable("the worker is stopping")
@@ -518,10 +575,13 @@ class SequencerClient:
             if self._writer is not None and not self._writer.is_closing():
                 return self._writer
             try:
-                reader, writer = await asyncio.open_unix_connection(
-                    str(self.path), limit=MAX_FRAME_BYTES
-                )
-            except OSError:
+                if self._dial is not None:
+                    reader, writer = await self._dial()
+                else:
+                    reader, writer = await asyncio.open_unix_connection(
+                        str(self.path), limit=MAX_FRAME_BYTES
+                    )
+            except (OSError, TimeoutError, SequencerUnavailable):
                 self._problem = "the node's sequencer cannot be reached"
                 raise SequencerUnavailable(
                     "the node's sequencer is unavailable; retry the request"
@@ -571,3 +631,38 @@ class SequencerClient:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
+
+
+def tcp_dialer(
+    address: Callable[[], str | None],
+    tls: ssl.SSLContext,
+    peer_certificate: bytes,
+    *,
+    timeout_s: float = 5.0,
+) -> Dial:
+    """Connect to the active sequencer at ``address()`` (``host:port``) over mutual TLS.
+
+    ``tls`` trusts the institution's own certificate alone (``link_contexts``) and the
+    answer must come from exactly ``peer_certificate``; otherwise, or when no address
+    is published, or the connection takes over ``timeout_s``: :class:`SequencerUnavailable`.
+    """
+
+    async def dial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        where = address()
+        if not where:
+            raise SequencerUnavailable("no active sequencer has published its address yet")
+        host, _, port = where.rpartition(":")
+        if not port.isdigit():
+            raise SequencerUnavailable("the published sequencer address is not host:port")
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host.strip("[]"), int(port), ssl=tls, limit=MAX_FRAME_BYTES),
+            timeout_s,
+        )
+        tls_object = writer.get_extra_info("ssl_object")
+        der = tls_object.getpeercert(binary_form=True) if tls_object is not None else None
+        if der != peer_certificate:
+            writer.close()
+            raise SequencerUnavailable("the sequencer link's peer is not this institution")
+        return reader, writer
+
+    return dial

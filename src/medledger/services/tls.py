@@ -51,6 +51,7 @@ __all__ = [
     "create_certificate",
     "file_version",
     "is_loopback",
+    "link_contexts",
     "load_certificate",
     "pem_bundle",
     "promote_renewed",
@@ -377,3 +378,27 @@ def client_context(
                 f"cannot load the TLS key and certificate ({cert_path}): {exc}"
             ) from None
     return ctx
+
+
+def link_contexts(cert_path: Path, key_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The (server, client) contexts of the sequencer link between an institution's hosts.
+
+    Mutual TLS pinned to the institution's own certificate: each end presents
+    ``cert_path`` and trusts that certificate alone, so only a holder of the
+    node's TLS key (a host of this institution) completes a handshake. Host
+    names are not checked: the pin names the peer, wherever its host is.
+    """
+    anchors = [load_certificate(cert_path)]
+    server = _base_context(ssl.PROTOCOL_TLS_SERVER)
+    client = _base_context(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    for ctx in (server, client):
+        try:
+            ctx.load_cert_chain(cert_path, key_path)
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidInput(
+                f"cannot load the TLS key and certificate ({cert_path}): {exc}"
+            ) from None
+        ctx.load_verify_locations(cadata=pem_bundle(anchors))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return server, client
