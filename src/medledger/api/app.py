@@ -91,6 +91,7 @@ def create_app(
     metrics: Metrics | None = None,
     worker_counts: Callable[[], Counts] | None = None,
     public_url: str | None = None,
+    role: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``node``; callers own the node's and token store's lifetime.
 
@@ -108,6 +109,7 @@ def create_app(
     ``public_url``: where clients reach this node (``config.public_base_url``; default:
     node.toml's ``advertise``), the only origin the authorization server names or
     accepts; without one it offers no sign-in.
+    ``role``: this host's sequencer role for ``/readyz`` (``api.failover``).
     """
     app = FastAPI(
         title=f"medledger node — {node.config.name}",
@@ -144,6 +146,7 @@ def create_app(
             ),
             sign_in_opens=SignInOpens(sign_in_opens, clock),
             public_url=public_url,
+            role=role,
         ),
     )
     install_error_handlers(app)
@@ -182,6 +185,8 @@ def create_app(
             "institution": node.config.institution,
             "private_height": node.chain.head.height,
         }
+        if services.role is not None:
+            body.update(services.role())
         if node.consortium is not None:
             body["consortium"] = node.consortium.chain_id
             body["consortium_height"] = node.consortium.final_height

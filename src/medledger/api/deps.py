@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 
@@ -73,6 +73,9 @@ class AppServices:
     #: server names itself as. ``None``: unknown (no ``advertise``, a wildcard listening
     #: address), and then the node offers no sign-in rather than guess from a request.
     public_url: str | None = None
+    #: What ``/readyz`` adds about this host's sequencer role (``role``, ``active``: the
+    #: active sequencer's address), when the node is elected through PostgreSQL.
+    role: Callable[[], dict[str, Any]] | None = None
 
 
 def install_services(app: FastAPI, services: AppServices) -> None:

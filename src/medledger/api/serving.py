@@ -16,7 +16,8 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,15 @@ from fastapi import FastAPI
 from medledger.api import fhir
 from medledger.api.app import create_app
 from medledger.api.auth import AUTH_FAILURES, AuthFailures
+from medledger.api.failover import (
+    DEFAULT_LINK,
+    Election,
+    dup_listener,
+    elected,
+    open_lease,
+    parse_link_address,
+    serve_standby,
+)
 from medledger.api.server import GracefulServer, HttpLimits, server_config
 from medledger.api.worker_metrics import WorkerCounters
 from medledger.api.workers import (
@@ -80,8 +90,15 @@ class NodeServer:
     pool: WorkerPool | None = None
     #: The workers' shared counters, while serving with ``workers`` > 1 (``/metrics``).
     worker_counters: WorkerCounters | None = None
+    #: With a PostgreSQL store, where this host's sequencer link listens once it is the
+    #: active host (``HOST:PORT``, port 0: any; published for the standbys, ``api.failover``).
+    sequencer_link: str = DEFAULT_LINK
+    #: This host's side of the sequencer election (PostgreSQL store), once serving.
+    election: Election | None = None
     _listener: socket.socket | None = None
     _forked: list[Any] = field(default_factory=list)
+    _stop_standby: Callable[[], None] | None = None
+    _stop_requested: bool = False
 
     @property
     def started(self) -> bool:
@@ -115,6 +132,9 @@ class NodeServer:
 
     def stop(self) -> None:
         """Begin the shutdown (on the serving event loop): readiness false, stop accepting."""
+        self._stop_requested = True
+        if self._stop_standby is not None:
+            self._stop_standby()
         if self.runtime is not None:
             self.runtime.stop()
         if self.http_server is not None and self.workers == 1:
@@ -156,9 +176,73 @@ class NodeServer:
     async def serve(self) -> None:
         if self.workers < 1:
             raise InvalidInput("a node serves with at least one worker")
-        if self.workers > 1:
-            await self._serve_with_workers()
+        if elected(load_config(self.root)):
+            await self._serve_elected()
             return
+        await self._serve_role(None)
+
+    async def _serve_role(self, election: Election | None) -> None:
+        if self.workers > 1:
+            await self._serve_with_workers(election)
+        else:
+            await self._serve_single(election)
+
+    async def _serve_elected(self) -> None:
+        """A PostgreSQL store: active sequencer while holding the lease, else a standby that
+        takes over once the active host's session ends (``api.failover``)."""
+        link = parse_link_address(self.sequencer_link)
+        lease = open_lease(load_config(self.root))
+        self.election = election = Election(lease=lease, link=link)
+        if self._listener is None:
+            self._listener = self.sockets[0] if self.sockets else _bind(self.host, self.port)
+        listener = self._listener
+        try:
+            epoch = await asyncio.to_thread(lease.try_acquire)
+            if epoch is None:
+                epoch = await serve_standby(
+                    self.root,
+                    self.passphrase,
+                    election,
+                    listener,
+                    limits=self.limits,
+                    plain_http=self.plain_http,
+                    public_url=self.public_url(load_config(self.root).advertise),
+                    on_server=self._standby_serving,
+                )
+                self._stop_standby = None
+            if epoch is None or self._stop_requested:
+                return
+            self.settings = replace(self.settings, fence_epoch=epoch)
+            await self._serve_role(election)
+        finally:
+            await asyncio.to_thread(lease.close)
+            if not self.sockets:
+                listener.close()
+        if election.deposed is not None:
+            raise election.deposed
+
+    def _standby_serving(self, server: GracefulServer, stop: Callable[[], None]) -> None:
+        self.http_server = server
+        self._stop_standby = stop
+        if self._stop_requested:
+            stop()
+
+    async def _start_link(self, election: Election, runtime: NodeRuntime) -> SequencerServer:
+        """The active host's link for the standbys (and its own workers' Unix socket's server)."""
+        node = runtime.node
+        # Crash recovery before any other host can hand over a write.
+        await node.records.ensure_recovered()
+        link = SequencerServer(
+            self.root / SEQUENCER_SOCKET, chain=node.writer_chain, records=node.records
+        )
+        try:
+            await election.start_active(link, node, runtime.stop)
+        except BaseException:
+            await link.close()
+            raise
+        return link
+
+    async def _serve_single(self, election: Election | None) -> None:
         async with run_node(self.root, self.passphrase, self.settings) as runtime:
             self.runtime = runtime
             public_url = self.public_url(runtime.node.config.advertise)
@@ -171,6 +255,7 @@ class NodeServer:
                 ordering=runtime.ordering,
                 oauth_store=runtime.oauth,
                 public_url=public_url,
+                role=None if election is None else election.readiness,
             )
             tls = None if self.plain_http else runtime.node.server_tls_context()
             config = server_config(
@@ -184,6 +269,7 @@ class NodeServer:
             runtime.on_stop(exit_server)
             if runtime.stopping:  # refused (or stopped) before the server was made
                 return
+            link = None if election is None else await self._start_link(election, runtime)
             log.info(
                 "serving",
                 extra={
@@ -194,9 +280,18 @@ class NodeServer:
                     }
                 },
             )
-            await server.serve(sockets=self.sockets)
+            try:
+                if election is not None and self._listener is not None:
+                    await server.serve(sockets=[dup_listener(self._listener)])
+                else:
+                    await server.serve(sockets=self.sockets)
+            finally:
+                if election is not None:
+                    await election.stop_active()
+                if link is not None:
+                    await link.close()
 
-    async def _serve_with_workers(self) -> None:
+    async def _serve_with_workers(self, election: Election | None = None) -> None:
         """The parent of ``workers`` API processes: listener, sequencer, forwarded requests.
 
         The shutdown order: readiness false; the workers stop accepting and
@@ -211,12 +306,14 @@ class NodeServer:
             self.worker_counters = WorkerCounters.create(self.workers)
         counters = self.worker_counters
         try:
-            await self._serve_as_parent(listener, counters)
+            await self._serve_as_parent(listener, counters, election)
         finally:
             self.worker_counters = None
             counters.close()
 
-    async def _serve_as_parent(self, listener: socket.socket, counters: WorkerCounters) -> None:
+    async def _serve_as_parent(
+        self, listener: socket.socket, counters: WorkerCounters, election: Election | None
+    ) -> None:
         async with run_node(self.root, self.passphrase, self.settings) as runtime:
             self.runtime = runtime
             node = runtime.node
@@ -244,6 +341,7 @@ class NodeServer:
                 # /metrics is answered here for every worker: their counts join this one's.
                 worker_counts=counters.counts,
                 public_url=public_url,
+                role=None if election is None else election.readiness,
             )
             stopping = asyncio.Event()
             runtime.on_stop(stopping.set)
@@ -258,6 +356,12 @@ class NodeServer:
                 spend_failures=auth_failures.spend,
             )
             await link.start()
+            if election is not None:
+                try:
+                    await election.start_active(link, node, runtime.stop)
+                except BaseException:
+                    await link.close()
+                    raise
             api_socket = self.root / API_SOCKET
             with contextlib.suppress(FileNotFoundError):
                 api_socket.unlink()  # left by a parent that was killed
@@ -299,6 +403,8 @@ class NodeServer:
                 server.should_exit = True
                 with contextlib.suppress(Exception):
                     await serving
+                if election is not None:
+                    await election.stop_active()
                 await link.close()
                 with contextlib.suppress(FileNotFoundError):
                     api_socket.unlink()

@@ -516,6 +516,37 @@ def bench_workers(
     )
 
 
+@bench.command("failover")
+@_work_dir
+@click.option(
+    "--dsn",
+    default=None,
+    help="PostgreSQL DSN to use (default: an embedded server started for the run).",
+)
+@click.option(
+    "--writers",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Writing clients per host.",
+)
+@_json_out
+@_quick
+def bench_failover(
+    root: Path | None, dsn: str | None, writers: int, json_out: Path | None, quick: bool
+) -> None:
+    """Kill the active sequencer under writes: seconds to the next acknowledged write, writes lost."""
+    from medledger.benchmarks.failover import FailoverSettings, run_failover_bench
+
+    run_failover_bench(
+        root=root,
+        dsn=dsn,
+        settings=FailoverSettings(writers=writers),
+        json_out=json_out,
+        quick=quick,
+    )
+
+
 @bench.command("tls")
 @_work_dir
 @click.option("--requests", type=click.IntRange(min=1), default=20_000, show_default=True)

@@ -127,6 +127,15 @@ def _structured_logging() -> None:
     "this process]; e.g. the machine's cores. See docs/decisions/0035.",
 )
 @click.option(
+    "--sequencer-link",
+    "sequencer_link",
+    default=None,
+    metavar="HOST:PORT",
+    help="With a PostgreSQL store: where this host's sequencer link listens while it is the "
+    "active host, an address the institution's other hosts reach [default: 127.0.0.1:0, "
+    "one machine]. See docs/deploy.md, 'One institution on several hosts'.",
+)
+@click.option(
     "--passphrase-fd",
     "passphrase_fd",
     type=click.IntRange(min=0),
@@ -145,6 +154,7 @@ def start(
     plain_http: bool,
     full_check: bool,
     workers: int | None,
+    sequencer_link: str | None,
     passphrase_fd: int | None,
 ) -> None:
     """Serve the node's FHIR API (/fhir), chain API (/chain), OpenAPI (/docs), /metrics.
@@ -164,6 +174,11 @@ def start(
     chains (the sequencer); N worker processes serve the requests, and one that
     dies is restarted (docs/decisions/0035).
 
+    With a PostgreSQL store, hosts sharing the institution's database elect one
+    active sequencer through a PostgreSQL lease; the others serve as standbys
+    (reads; writes through the active host's link) and one takes over when the
+    active host dies (docs/decisions/0050).
+
     The node refuses to start (exit 1, one ``error:`` line) when its chain
     store fails the start-up check: damaged, or behind what the record index
     or its own final anchor saw committed (docs/reliability.md, "Repair").
@@ -172,6 +187,7 @@ def start(
     """
     import asyncio
 
+    from medledger.api.failover import DEFAULT_LINK, parse_link_address
     from medledger.api.server import HttpLimits
     from medledger.api.serving import NodeServer
     from medledger.lifecycle import RunSettings
@@ -182,6 +198,7 @@ def start(
     if plain_http and not is_loopback(host):
         # Bearer tokens and FHIR bodies would cross the network in cleartext.
         raise InvalidInput(f"--plain-http is for loopback addresses only, not {host!r}")
+    parse_link_address(sequencer_link or DEFAULT_LINK)  # a bad address: one error line now
     limits = HttpLimits(
         head_timeout_s=head_timeout,
         body_timeout_s=body_timeout,
@@ -211,6 +228,7 @@ def start(
         plain_http=plain_http,
         # Not yet the machine's cores by default: decision 0035, "Not done".
         workers=workers if workers is not None else 1,
+        sequencer_link=sequencer_link or DEFAULT_LINK,
     )
     server.prefork()  # with workers: before any thread or event loop exists in this process
     try:

@@ -9,7 +9,7 @@ entries, through a Unix socket in the node's owner-only directory:
   longer than :data:`MAX_FRAME_BYTES` closes the connection;
 * the sequencer accepts a connection only from a process of its own user
   (``SO_PEERCRED``) or, on TCP between the hosts of one institution
-  (:meth:`SequencerServer.start_tcp`, decision 0048), only over mutual TLS
+  (:meth:`SequencerServer.start_tcp`, decision 0050), only over mutual TLS
   from a peer presenting the institution's own certificate; and only three
   requests: ``submit`` (``access`` transactions), ``commit`` (``record.put``
   transactions with their index rows, checked by ``RecordWriter.commit_sealed``)

@@ -2,7 +2,7 @@
 
 Several hosts of one institution share its PostgreSQL; exactly one of them is
 the **active sequencer** (the one writer of the private chain and the record
-index), the others are standbys (decision 0048). The role is held through:
+index), the others are standbys (decision 0050). The role is held through:
 
 * a session-level advisory lock (``pg_try_advisory_lock``) on a connection
   of its own: PostgreSQL releases it when that session ends (the process
