@@ -8,9 +8,12 @@ interpreter by ``test_cli_imports.py``.
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import click
 import pytest
 
+from cli_support import run_in_process
 from medledger.cli import cli
 from medledger.cli.lazy import LazyGroup
 
@@ -84,3 +87,11 @@ def test_a_lazy_entry_that_names_another_command_is_refused() -> None:
     missing = LazyGroup(name="g", lazy_commands={"x": "medledger.cli.chain:no_such_thing"})
     with pytest.raises(AttributeError):
         missing.get_command(click.Context(missing), "x")
+
+
+def test_version_is_the_installed_package_version() -> None:
+    # `--version` prints medledger.__version__ (no metadata look-up at run time):
+    # it must be what the installed package says it is.
+    outcome = run_in_process(["--version"])
+    assert outcome.code == 0
+    assert outcome.out == f"medledger, version {importlib.metadata.version('medledger')}\n"

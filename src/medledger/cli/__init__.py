@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from medledger import __version__
 from medledger.cli.common import EXIT_TAMPERED, fail
 from medledger.cli.lazy import LazyGroup
 from medledger.core.errors import MedledgerError, VerificationError
@@ -48,7 +49,9 @@ COMMANDS = {
     lazy_commands=COMMANDS,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-@click.version_option(package_name="medledger")
+# The version as a constant: looking it up in the installed package's metadata
+# (importlib.metadata) would cost every `--version` a scan of site-packages.
+@click.version_option(version=__version__, package_name="medledger")
 def cli() -> None:
     """medledger: secure health-information storage on a hybrid blockchain."""
 

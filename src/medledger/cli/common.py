@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import simplejson
 
 __all__ = [
     "EXIT_ERROR",
@@ -131,6 +130,8 @@ def forget_env(name: str) -> None:
 
 def emit(obj: Any) -> None:
     """Print ``obj`` as indented JSON on stdout (FHIR decimals keep their precision)."""
+    import simplejson  # not needed by commands that print no JSON
+
     click.echo(simplejson.dumps(obj, indent=2, ensure_ascii=False, use_decimal=True))
 
 
