@@ -37,7 +37,6 @@ SLOWEST_FIRST: tuple[str, ...] = (
     "tests/ledger/test_crash_safety.py",
     "tests/api/test_portal_browser.py",
     "tests/faults/test_store_faults.py",
-    "tests/test_cli.py",
 )
 
 
