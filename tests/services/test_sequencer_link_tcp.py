@@ -17,6 +17,7 @@ import pytest
 from medledger.config import NodePaths
 from medledger.core.errors import SequencerUnavailable
 from medledger.core.transactions import ACCESS
+from medledger.localnet.natsserver import free_ports
 from medledger.node import Node, init_node, open_node, open_worker_node
 from medledger.services.access import AccessEntry
 from medledger.services.sequencer_link import (
@@ -173,5 +174,35 @@ def test_a_dialer_refuses_a_server_with_another_certificate(roots: tuple[Path, P
         finally:
             await link.close()
             await node.close()
+
+    asyncio.run(main())
+
+
+def test_a_standby_whose_link_is_down_says_so_before_the_next_write(
+    roots: tuple[Path, Path],
+) -> None:
+    """A standby probes its link (``SequencerClient.probe``) each poll: ``/readyz`` names the
+    ``private-sequencer`` problem without waiting for a write to fail, and a write fails
+    with 503 (``SequencerUnavailable``) rather than waiting."""
+    own, _ = roots
+    (port,) = free_ports(1)  # nothing listens there: the active host is gone
+
+    async def main() -> None:
+        paths = NodePaths(root=own)
+        _, client_tls = link_contexts(paths.tls_cert, paths.tls_key)
+        dial = tcp_dialer(
+            lambda: f"127.0.0.1:{port}", client_tls, load_certificate(paths.tls_cert).der
+        )
+        standby = open_worker_node(own, PASSPHRASE, dial=dial)
+        try:
+            assert "private-sequencer" not in standby.health.problems()
+            await standby.chain.probe()
+            problems = standby.health.problems()
+            assert problems.get("private-sequencer") == "the node's sequencer cannot be reached"
+            with pytest.raises(SequencerUnavailable):
+                await standby.records.create({"resourceType": "Patient", "gender": "other"})
+        finally:
+            await standby.stop()
+            await standby.close_stores()
 
     asyncio.run(main())

@@ -55,9 +55,10 @@ _PASSPHRASE = BENCH_PASSPHRASE.decode()
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FailoverSettings:
     """``writers`` per host; ``acks_before_kill`` per host; ``acks_after_kill`` in all;
-    every wait bounded by ``deadline_s``."""
+    every wait bounded by ``deadline_s``; ``api_workers``: ``node start --workers``."""
 
     writers: int = 4
+    api_workers: int = 1
     acks_before_kill: int = 20
     acks_after_kill: int = 40
     deadline_s: float = 90.0
@@ -110,11 +111,21 @@ def _medledger() -> list[str]:
     return [sys.executable, "-c", "from medledger.cli import main; main()"]
 
 
-def _start(host: _Host, dsn: str) -> None:
+def _start(host: _Host, dsn: str, workers: int) -> None:
     port = host.url.rsplit(":", 1)[1]
     with host.log.open("ab") as sink:
         host.proc = subprocess.Popen(
-            [*_medledger(), "node", "start", "--dir", str(host.root), "--port", port],
+            [
+                *_medledger(),
+                "node",
+                "start",
+                "--dir",
+                str(host.root),
+                "--port",
+                port,
+                "--workers",
+                str(workers),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,
@@ -268,9 +279,9 @@ def _run(
     acks = _Acks()
     writers: list[threading.Thread] = []
     try:
-        _start(hosts[0], dsn)
+        _start(hosts[0], dsn, settings.api_workers)
         active = _wait_role(hosts[0], tls, "active", settings.deadline_s)
-        _start(hosts[1], dsn)
+        _start(hosts[1], dsn, settings.api_workers)
         standby = _wait_role(hosts[1], tls, "standby", settings.deadline_s)
         writers = [
             threading.Thread(
@@ -370,7 +381,11 @@ def run_failover_bench(
     ``quick``: 2 writers per host, 5 writes per host before the kill, 10 after."""
     if quick:
         settings = FailoverSettings(
-            writers=2, acks_before_kill=5, acks_after_kill=10, deadline_s=settings.deadline_s
+            writers=2,
+            api_workers=settings.api_workers,
+            acks_before_kill=5,
+            acks_after_kill=10,
+            deadline_s=settings.deadline_s,
         )
     from rich.console import Console
 
@@ -381,6 +396,7 @@ def run_failover_bench(
     results = results_header(
         {
             "writers_per_host": settings.writers,
+            "api_workers": settings.api_workers,
             "acks_before_kill": settings.acks_before_kill,
             "acks_after_kill": settings.acks_after_kill,
         },

@@ -530,10 +530,22 @@ def bench_workers(
     show_default=True,
     help="Writing clients per host.",
 )
+@click.option(
+    "--api-workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="node start --workers of each host.",
+)
 @_json_out
 @_quick
 def bench_failover(
-    root: Path | None, dsn: str | None, writers: int, json_out: Path | None, quick: bool
+    root: Path | None,
+    dsn: str | None,
+    writers: int,
+    api_workers: int,
+    json_out: Path | None,
+    quick: bool,
 ) -> None:
     """Kill the active sequencer under writes: seconds to the next acknowledged write, writes lost."""
     from medledger.benchmarks.failover import FailoverSettings, run_failover_bench
@@ -541,7 +553,7 @@ def bench_failover(
     run_failover_bench(
         root=root,
         dsn=dsn,
-        settings=FailoverSettings(writers=writers),
+        settings=FailoverSettings(writers=writers, api_workers=api_workers),
         json_out=json_out,
         quick=quick,
     )
