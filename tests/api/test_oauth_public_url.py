@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
 from api_helpers import FAST_KDF, PASSPHRASE
 
 from medledger.api.app import create_app
@@ -223,3 +225,86 @@ def test_a_node_that_cannot_name_itself_offers_no_sign_in(tmp_path: Path) -> Non
         assert open_steps(root) == 0
 
     run(root, story, advertise="")
+
+
+def test_no_code_token_or_secret_reaches_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole flow with every kind of refusal the server logs (a wrong staff token, a bad
+    client secret, a replayed code, a replayed refresh token): the log names what
+    happened, never a credential."""
+    root = tmp_path / "node"
+    verifier = pkce.new_secret()
+    seen: list[str] = [verifier]
+    caplog.set_level(logging.DEBUG)
+
+    async def story(client: Client, staff: str) -> None:
+        store = SqliteOAuthStore(root / "oauth.db")
+        backend, secret = register_client(
+            store, now_ms=0, name="B", redirect_uris=(), confidential=True, system_role="auditor"
+        )
+        store.close()
+        seen.extend([staff, str(secret)])
+        query = authorize_query(
+            PORTAL_CLIENT.id, f"{PUBLIC}/portal/callback", f"{PUBLIC}/fhir", pkce.s256(verifier)
+        )
+        query["scope"] = "user/*.read offline_access"
+        async with client("node.example:8700") as web:
+
+            async def signed_in_step(api_token: str) -> tuple[dict[str, str], dict[str, str]]:
+                page = await web.get("/oauth/authorize", params=query)
+                name, _, rest = page.headers["set-cookie"].partition("=")
+                jar = {"Cookie": f"{name}={rest.split(';')[0]}"}
+                step = {"step": hidden(page.text, "step"), "csrf": hidden(page.text, "csrf")}
+                seen.append(step["csrf"])
+                signed = await web.post(
+                    "/oauth/authorize/staff", data={**step, "api_token": api_token}, headers=jar
+                )
+                assert signed.status_code == (200 if api_token == staff else 400)
+                return step, jar
+
+            wrong = "mlt_000000000000_" + pkce.new_secret()
+            seen.append(wrong)
+            await signed_in_step(wrong)
+            step, jar = await signed_in_step(staff)
+            decided = await web.post(
+                "/oauth/authorize/decision", data={**step, "decision": "approve"}, headers=jar
+            )
+            code = parse_qs(urlsplit(decided.headers["location"]).query)["code"][0]
+            seen.append(code)
+            form = {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": f"{PUBLIC}/portal/callback",
+                "client_id": PORTAL_CLIENT.id,
+                "code_verifier": verifier,
+            }
+            tokens = (await web.post("/oauth/token", data=form)).json()
+            seen.extend([tokens["access_token"], tokens["refresh_token"]])
+            assert (await web.post("/oauth/token", data=form)).status_code == 400  # replayed
+            refresh = {
+                "grant_type": "refresh_token",
+                "refresh_token": tokens["refresh_token"],
+                "client_id": PORTAL_CLIENT.id,
+            }
+            assert (await web.post("/oauth/token", data=refresh)).status_code == 400
+            bad = pkce.new_secret()
+            seen.append(bad)
+            refused = await web.post(
+                "/oauth/token",
+                data={"grant_type": "client_credentials", "scope": "system/*.read"},
+                auth=(backend.id, bad),
+            )
+            assert refused.status_code == 401
+
+    run(root, story, advertise=PUBLIC)
+    logged = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert "refused" in logged and "presented again" in logged  # the refusals were logged
+    for secret in seen:
+        # The secret part (a token's ``ml?_<id>_`` may be named; the random part may itself
+        # hold "_"), and its tail: a truncated copy is a leak too.
+        token = re.match(r"^ml[art]_[0-9a-f]+_(.+)$", secret)
+        hidden_part = secret if token is None else token.group(1)
+        assert len(hidden_part) >= 43
+        for piece in (hidden_part, hidden_part[-16:]):
+            assert piece not in logged, piece
