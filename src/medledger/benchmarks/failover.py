@@ -275,6 +275,21 @@ def _run(
     institution: str,
     settings: FailoverSettings,
 ) -> dict[str, Any]:
+    try:
+        return _measure(hosts, dsn, token, tls, institution, settings)
+    except subprocess.TimeoutExpired as exc:
+        logs = "\n".join(f"--- {h.root.name}:\n{h.log_tail()}" for h in hosts)
+        raise RuntimeError(f"{exc}; the logs:\n{logs}") from None
+
+
+def _measure(
+    hosts: list[_Host],
+    dsn: str,
+    token: str,
+    tls: Any,
+    institution: str,
+    settings: FailoverSettings,
+) -> dict[str, Any]:
     stop = threading.Event()
     acks = _Acks()
     writers: list[threading.Thread] = []
