@@ -25,19 +25,34 @@ TOP_LEVEL = {
 NODE = {"init", "member-info", "nats-key", "oauth-client", "show", "start", "status", "tls-cert"}
 
 
-def _groups() -> list[tuple[str, click.Group]]:
-    """Every group of the command tree with its command path, the top level first."""
-    found: list[tuple[str, click.Group]] = []
-    pending: list[tuple[str, click.Group]] = [("medledger", cli)]
+def _groups() -> dict[str, tuple[str, ...]]:
+    """Every group of the command tree: its command path, and the names leading to it."""
+    found: dict[str, tuple[str, ...]] = {}
+    pending: list[tuple[tuple[str, ...], click.Group]] = [((), cli)]
     while pending:
-        path, group = pending.pop(0)
-        found.append((path, group))
-        ctx = click.Context(group, info_name=path)
+        names, group = pending.pop(0)
+        found[" ".join(("medledger", *names))] = names
+        ctx = click.Context(group)
         for name in group.list_commands(ctx):
             command = group.get_command(ctx, name)
             if isinstance(command, click.Group):
-                pending.append((f"{path} {name}", command))
+                pending.append(((*names, name), command))
     return found
+
+
+def _context(names: tuple[str, ...]) -> click.Context:
+    """The context of the group at ``names`` as ``medledger NAMES --help`` makes it.
+
+    Through its parents, as click does: a subgroup inherits ``-h`` from the top level.
+    """
+    ctx = cli.make_context("medledger", [], resilient_parsing=True, terminal_width=80)
+    for name in names:
+        group = ctx.command
+        assert isinstance(group, click.Group)
+        command = group.get_command(ctx, name)
+        assert isinstance(command, click.Group), name
+        ctx = command.make_context(name, [], parent=ctx, resilient_parsing=True)
+    return ctx
 
 
 def _eager(group: click.Group, ctx: click.Context) -> click.Group:
@@ -69,15 +84,20 @@ def test_every_command_is_listed_and_found_under_its_own_name() -> None:
     assert cli.get_command(ctx, "no-such-command") is None
 
 
-@pytest.mark.parametrize("path", [path for path, _ in _groups()])
+@pytest.mark.parametrize("path", list(_groups()))
 def test_help_of_every_group_reads_as_with_every_command_added_up_front(path: str) -> None:
-    group = dict(_groups())[path]
-    ctx = click.Context(group, info_name=path, terminal_width=80)
+    ctx = _context(_groups()[path])
+    group = ctx.command
+    assert isinstance(group, click.Group)
     lazy_help = group.get_help(ctx)
     eager = _eager(group, ctx)
-    assert lazy_help == eager.get_help(click.Context(eager, info_name=path, terminal_width=80))
+    eager_ctx = eager.make_context(
+        ctx.info_name, [], parent=ctx.parent, resilient_parsing=True, terminal_width=80
+    )
+    assert lazy_help == eager.get_help(eager_ctx)
+    assert lazy_help.startswith(f"Usage: {path} ")
     for name in group.list_commands(ctx):
-        assert f"  {name} " in lazy_help or lazy_help.rstrip().endswith(f"  {name}"), name
+        assert f"\n  {name} " in lazy_help or lazy_help.endswith(f"\n  {name}\n"), name
 
 
 def test_a_lazy_entry_that_names_another_command_is_refused() -> None:
