@@ -30,6 +30,7 @@ import httpx
 import pytest
 
 from cli_support import medledger_command, run_in_process
+from medledger.cli.service import machine_cores
 from medledger.config import NodePaths
 from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node
@@ -399,6 +400,10 @@ def test_the_node_serves_https_only_and_plain_http_is_refused_off_loopback(
 ) -> None:
     node = start_node(node_dir, tmp_path / "tls.log", workers=None)
     try:
+        # By default one API worker per core this process may run on (its children).
+        cores = machine_cores()
+        task = Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children")
+        assert len(task.read_text().split()) == (cores if cores > 1 else 0), node.stderr()
         port = int(node.url.rsplit(":", 1)[1])
         with httpx.Client(base_url=node.url, timeout=10, verify=node.tls) as client:
             answer = client.get("/healthz")

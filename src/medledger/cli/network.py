@@ -48,7 +48,8 @@ def network() -> None:
     type=click.IntRange(1, 64),
     default=1,
     show_default=True,
-    help="API worker processes per node (node start --workers): the nodes share this machine.",
+    help="API worker processes per node (node start --workers). 1 by default, unlike "
+    "node start (one per core): every node of the network shares this one machine.",
 )
 @_json_option
 def network_up(

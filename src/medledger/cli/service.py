@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,8 +124,8 @@ def _structured_logging() -> None:
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="API worker processes sharing the listening socket [default: 1, everything in "
-    "this process]; e.g. the machine's cores. See docs/decisions/0035.",
+    help="API worker processes sharing the listening socket [default: the cores this "
+    "process may run on]; 1 serves everything in this process. See docs/decisions/0035.",
 )
 @click.option(
     "--sequencer-link",
@@ -170,9 +171,11 @@ def start(
     member's fails the handshake, and /peer/v1 requires the signer's own.
     ``--plain-http`` (development) serves plain HTTP on a loopback address only.
 
-    With ``--workers N`` (N > 1) this process binds the socket and writes the
-    chains (the sequencer); N worker processes serve the requests, and one that
-    dies is restarted (docs/decisions/0035).
+    By default one API worker process per core (``--workers N``; 1 serves
+    everything in this process): this process binds the socket and writes the
+    chains (the sequencer); the workers serve the requests, and one that dies
+    is restarted (docs/decisions/0035). /metrics and the failed-authentication
+    budget are the whole node's (docs/decisions/0047).
 
     With a PostgreSQL store, hosts sharing the institution's database elect one
     active sequencer through a PostgreSQL lease; the others serve as standbys
@@ -226,8 +229,7 @@ def start(
         port=port,
         limits=limits,
         plain_http=plain_http,
-        # Not yet the machine's cores by default: decision 0035, "Not done".
-        workers=workers if workers is not None else 1,
+        workers=workers if workers is not None else machine_cores(),
         sequencer_link=sequencer_link or DEFAULT_LINK,
     )
     server.prefork()  # with workers: before any thread or event loop exists in this process
@@ -237,6 +239,20 @@ def start(
         asyncio.run(server.serve())
     else:
         uvloop.run(server.serve())
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's), at least 1.
+
+    ``node start``'s default number of API workers: one event loop per core. The
+    affinity rather than ``os.cpu_count()``, so that a node confined to a few cores
+    of a large machine (taskset, a container's cpuset) does not start a worker for
+    each of the machine's cores.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _listen_address(root: Path, host: str | None, port: int | None) -> tuple[str, int]:
