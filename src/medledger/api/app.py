@@ -37,6 +37,7 @@ from medledger.api.deps import (
     always_ready,
     install_services,
 )
+from medledger.api.dispatch import install_path_gates
 from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
 from medledger.api.metrics import Counts, Metrics, install_metrics
@@ -217,4 +218,7 @@ def create_app(
     install_docs(app)
     install_metrics(app, metrics, worker_counts)
     install_headers(app)  # outermost: every answer, counted or not, carries the headers
+    # Last, once every route is in: a FHIR read no longer tries the eleven routers
+    # before the FHIR router one route at a time (``api.dispatch``).
+    install_path_gates(app)
     return app
