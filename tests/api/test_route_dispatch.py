@@ -203,7 +203,7 @@ def test_a_shape_admits_every_path_the_route_regex_matches(template: str, path: 
     shape = PathShape.of(template)
     assert shape is not None
     regex, _, _ = compile_path(template)
-    admitted = shape.admits(path[1:].split("/"))
+    admitted = shape.admits(path)
     if regex.match(path):
         assert admitted, f"{template} matches {path} but the gate would skip it"
     if "{" not in template:
@@ -219,7 +219,7 @@ def test_every_route_template_admits_its_own_filled_paths(apps: tuple[FastAPI, F
         for fill in ("p1", "a/b", ""):
             path = _PARAM.sub(fill, template)
             if regex.match(path):
-                assert shape.admits(path[1:].split("/")), (template, path)
+                assert shape.admits(path), (template, path)
 
 
 def test_a_route_of_unknown_shape_is_always_asked() -> None:

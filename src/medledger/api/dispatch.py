@@ -21,6 +21,7 @@ is never skipped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -61,12 +62,16 @@ class PathShape:
             segments.append(None if "{" in part else part)
         return cls(tuple(segments), open_tail=False)
 
-    def admits(self, parts: list[str]) -> bool:
-        """Whether a path split as ``parts`` (``path[1:].split('/')``) can match."""
-        want = self.segments
-        if len(parts) != len(want) and not (self.open_tail and len(parts) >= len(want)):
-            return False
-        return all(w is None or w == p for w, p in zip(want, parts, strict=False))
+    def pattern(self) -> str:
+        """A regular expression (``re.DOTALL``, matched whole) for the paths of this shape."""
+        parts = ["[^/]*" if s is None else re.escape(s) for s in self.segments]
+        if self.open_tail:
+            return "/" + "".join(f"{p}/" for p in parts[:-1]) + ".*"
+        return "/" + "/".join(parts)
+
+    def admits(self, path: str) -> bool:
+        """Whether a request path (``get_route_path``) of this shape may match."""
+        return re.fullmatch(self.pattern(), path, re.DOTALL) is not None
 
 
 def route_shapes(route: Any) -> list[PathShape] | None:
@@ -94,13 +99,12 @@ def route_shapes(route: Any) -> list[PathShape] | None:
 def _gated(
     matches: Callable[[Scope], tuple[Match, Scope]], shapes: Iterable[PathShape]
 ) -> Callable[[Scope], tuple[Match, Scope]]:
-    shapes = tuple(shapes)
+    # Every shape in one expression: one match in C per route asked, not a Python loop.
+    admitted = re.compile("|".join(f"(?:{s.pattern()})" for s in shapes), re.DOTALL).fullmatch
 
     def gated_matches(scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] in ("http", "websocket"):
-            parts = get_route_path(scope)[1:].split("/")
-            if not any(shape.admits(parts) for shape in shapes):
-                return Match.NONE, {}
+        if scope["type"] in ("http", "websocket") and admitted(get_route_path(scope)) is None:
+            return Match.NONE, {}
         return matches(scope)
 
     gated_matches.__wrapped__ = matches  # type: ignore[attr-defined]
