@@ -84,20 +84,33 @@ def test_every_command_is_listed_and_found_under_its_own_name() -> None:
     assert cli.get_command(ctx, "no-such-command") is None
 
 
+def _commands_section(group: click.Group, ctx: click.Context) -> str:
+    """The "Commands:" part of ``group``'s help: what lazy loading could change.
+
+    Only that part: click caches a group's ``--help`` option on the group object
+    the first time it is used, so the options part of a shared group's help
+    depends on how earlier tests in this process invoked it.
+    """
+    formatter = ctx.make_formatter()
+    group.format_commands(ctx, formatter)
+    return formatter.getvalue()
+
+
 @pytest.mark.parametrize("path", list(_groups()))
-def test_help_of_every_group_reads_as_with_every_command_added_up_front(path: str) -> None:
+def test_help_of_every_group_lists_what_every_command_added_up_front_lists(path: str) -> None:
     ctx = _context(_groups()[path])
     group = ctx.command
     assert isinstance(group, click.Group)
-    lazy_help = group.get_help(ctx)
+    listed = _commands_section(group, ctx)
     eager = _eager(group, ctx)
     eager_ctx = eager.make_context(
         ctx.info_name, [], parent=ctx.parent, resilient_parsing=True, terminal_width=80
     )
-    assert lazy_help == eager.get_help(eager_ctx)
-    assert lazy_help.startswith(f"Usage: {path} ")
+    assert listed == _commands_section(eager, eager_ctx)
+    assert listed.startswith("Commands:\n")
     for name in group.list_commands(ctx):
-        assert f"\n  {name} " in lazy_help or lazy_help.endswith(f"\n  {name}\n"), name
+        assert f"\n  {name} " in listed or listed.endswith(f"\n  {name}\n"), name
+    assert group.get_help(ctx).startswith(f"Usage: {path} ")
 
 
 def test_a_lazy_entry_that_names_another_command_is_refused() -> None:
