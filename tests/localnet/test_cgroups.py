@@ -59,3 +59,19 @@ def test_impossible_quotas_are_refused(count: int, cores: float) -> None:
 def test_an_unknown_group_is_refused() -> None:
     with CpuGroups(1, 0.5) as groups, pytest.raises(InvalidInput):
         groups.add(1, 1)
+
+
+def test_a_group_reports_its_quota_processes_and_throttling_as_the_kernel_holds_them() -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with CpuGroups(1, 0.3) as groups:
+            assert groups.quota(0) == (30_000, 100_000)
+            assert groups.pids(0) == []
+            groups.add(0, sleeper.pid)
+            assert groups.pids(0) == [sleeper.pid]
+            stat = groups.throttling(0)
+            assert set(stat) == {"nr_periods", "nr_throttled", "throttled_usec"}
+            assert 0 <= stat["nr_throttled"] <= stat["nr_periods"]
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)

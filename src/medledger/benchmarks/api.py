@@ -51,7 +51,7 @@ from medledger.benchmarks.common import (
     write_json,
 )
 from medledger.ledger.clock import SystemClock
-from medledger.localnet.nodeproc import NodeProcess
+from medledger.localnet.nodeproc import NodeProcess, tree_pids
 from medledger.node import Node, init_node, open_node
 from medledger.services.access import ALLOWED, AccessEntry
 from medledger.services.fhir import FHIR_JSON
@@ -114,7 +114,8 @@ def _split(items: list[Any], parts: int) -> list[list[Any]]:
 class ApiServer:
     """``medledger node start`` on a fresh node with a clinician token, in its own process."""
 
-    def __init__(self, root: Path, workers: int = 1) -> None:
+    def __init__(self, root: Path, workers: int = 1, cgroup_procs: Path | None = None) -> None:
+        """``cgroup_procs``: run the node's whole process tree in that cgroup."""
         init_node(root, name="Bench Api Hospital", passphrase=BENCH_PASSPHRASE, kdf=BENCH_KDF)
         tokens = SqliteTokenStore(root / "tokens.db")
         try:
@@ -123,8 +124,14 @@ class ApiServer:
             )
         finally:
             tokens.close()
-        self._node = NodeProcess(root, passphrase=BENCH_PASSPHRASE, workers=workers)
+        self._node = NodeProcess(
+            root, passphrase=BENCH_PASSPHRASE, workers=workers, cgroup_procs=cgroup_procs
+        )
         self.url = self._node.url
+
+    def pids(self) -> list[int]:
+        """The node's processes now: the parent (sequencer) and its API workers."""
+        return tree_pids(self._node.proc.pid)
 
     def cpu_s(self) -> float:
         return self._node.cpu_s()
@@ -241,6 +248,13 @@ def http_run(
         "client_cpu_ms_per_request": round(
             sum(p["cpu_s"] for p in parts) * 1000 / max(len(lat), 1), 3
         ),
+        # Cores the load generator used; one client process near 1.0 is the bottleneck.
+        "client_cpu_utilization": round(sum(p["cpu_s"] for p in parts) / elapsed, 2)
+        if elapsed > 0
+        else 0.0,
+        "client_cpu_utilization_max_process": round(max(p["cpu_s"] for p in parts) / elapsed, 2)
+        if elapsed > 0
+        else 0.0,
     }, [c for p in parts for c in p["created"]]
 
 

@@ -489,6 +489,20 @@ def bench_api(
     show_default=True,
     help="How long each open-loop point (50 %, 80 % of saturation) sends.",
 )
+@click.option(
+    "--cpu-per-worker",
+    type=click.FloatRange(min=0.01, max=64),
+    default=None,
+    help="Run the node's processes in a cgroup of N x this many cores for the run with N "
+    "workers; the load generator keeps the rest of the machine (needs root and cgroups).",
+)
+@click.option(
+    "--client-processes",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Processes the load generator's clients are split over.",
+)
 @_json_out
 @_quick
 def bench_workers(
@@ -498,6 +512,8 @@ def bench_workers(
     reads: int,
     clients: int,
     open_loop_seconds: float,
+    cpu_per_worker: float | None,
+    client_processes: int,
     json_out: Path | None,
     quick: bool,
 ) -> None:
@@ -513,6 +529,8 @@ def bench_workers(
         open_loop_s=open_loop_seconds,
         json_out=json_out,
         quick=quick,
+        cpu_per_worker=cpu_per_worker,
+        client_processes=client_processes,
     )
 
 

@@ -104,7 +104,38 @@ class CpuGroups:
 
     def add(self, index: int, pid: int) -> None:
         """Move process ``pid`` (all its threads; children it forks later follow) into group ``index``."""
-        self._write(self.group(index) / "cgroup.procs", str(pid))
+        self._write(self.procs_file(index), str(pid))
+
+    def procs_file(self, index: int) -> Path:
+        """Group ``index``'s ``cgroup.procs``: a process that writes its own pid there joins it."""
+        return self.group(index) / "cgroup.procs"
+
+    def pids(self, index: int) -> list[int]:
+        """The processes in group ``index`` now, as the kernel lists them."""
+        return [int(pid) for pid in self._read(self.procs_file(index)).split()]
+
+    def quota(self, index: int) -> tuple[int, int]:
+        """``(quota_us, period_us)`` of group ``index``, read back from the kernel."""
+        group = self.group(index)
+        if self.version == "v2":
+            quota, period = self._read(group / "cpu.max").split()
+            return int(quota), int(period)
+        return int(self._read(group / "cpu.cfs_quota_us")), int(
+            self._read(group / "cpu.cfs_period_us")
+        )
+
+    def throttling(self, index: int) -> dict[str, int]:
+        """Group ``index``'s ``cpu.stat`` counters so far: ``nr_periods`` (quota periods in
+        which it ran), ``nr_throttled`` (periods in which it used up its quota and was
+        held) and ``throttled_usec`` (time held; v1 counts it in nanoseconds)."""
+        stat: dict[str, int] = {}
+        for line in self._read(self.group(index) / "cpu.stat").splitlines():
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                stat[key] = int(value)
+        if "throttled_usec" not in stat:
+            stat["throttled_usec"] = stat.get("throttled_time", 0) // 1000
+        return {k: stat.get(k, 0) for k in ("nr_periods", "nr_throttled", "throttled_usec")}
 
     def _create(self) -> None:
         self._mkdir(self.top)
@@ -152,6 +183,13 @@ class CpuGroups:
         except OSError as exc:
             raise CpuGroupsError(f"{path}: {exc.strerror or exc}") from None
         self._made.append(path)
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise CpuGroupsError(f"{path}: {exc.strerror or exc}") from None
 
     @staticmethod
     def _write(path: Path, value: str) -> None:

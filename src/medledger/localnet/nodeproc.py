@@ -20,7 +20,13 @@ from pathlib import Path
 
 from medledger.localnet.natsserver import free_ports
 
-__all__ = ["NodeProcess", "medledger_command", "proc_cpu_s"]
+__all__ = ["NodeProcess", "medledger_command", "proc_cpu_s", "tree_pids"]
+
+#: Run by ``/bin/sh`` before the node: the shell writes its own pid into the cgroup's
+#: ``cgroup.procs`` (``$0``) and then *becomes* the node (``exec`` keeps the pid), so the
+#: node is in the group from its first instruction and every process it forks inherits it.
+#: A failed write stops here (exit 126, the reason in the node's log): no node outside.
+_JOIN_CGROUP = 'echo "$$" > "$0" || exit 126; exec "$@"'
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -41,6 +47,25 @@ def tree_cpu_s(pid: int) -> float:
         return 0.0
     reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     return proc_cpu_s(pid) + reaped + sum(proc_cpu_s(int(child)) for child in children)
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every live descendant of it (Linux /proc), parents before children."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop(0)
+        out.append(current)
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except OSError:
+            continue  # exited meanwhile
+        for task in tasks:
+            try:
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+            except OSError:
+                continue
+    return out
 
 
 def medledger_command() -> list[str]:
@@ -76,10 +101,13 @@ class NodeProcess:
         timeout: float = 60.0,
         tls: bool = False,
         workers: int = 1,
+        cgroup_procs: Path | None = None,
     ) -> None:
         """``tls``: serve HTTPS with the node's certificate (``self.tls`` trusts it);
         else plain HTTP on loopback (``--plain-http``). ``workers``: ``node start
-        --workers`` (1: one process, what the benchmarks and tests measure unless told)."""
+        --workers`` (1: one process, what the benchmarks and tests measure unless told).
+        ``cgroup_procs``: a cgroup's ``cgroup.procs`` the node joins before its first
+        instruction (its workers, forked later, inherit the group)."""
         self.root = root
         self.port = port or free_ports(1)[0]
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
@@ -91,8 +119,10 @@ class NodeProcess:
             self.tls = client_context([load_certificate(NodePaths(root=root).tls_cert)])
         environment = {**os.environ, **(env or {}), "MEDLEDGER_PASSPHRASE": passphrase.decode()}
         self._log = (root / "server.log").open("ab")
+        join = ("/bin/sh", "-c", _JOIN_CGROUP, str(cgroup_procs)) if cgroup_procs else ()
         self.proc = subprocess.Popen(
             [
+                *join,
                 *medledger_command(),
                 "node",
                 "start",
