@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from medledger.api.auth import require
-from medledger.api.clinical_reads import base_url, lenient, readable_types
+from medledger.api.clinical_reads import fhir_base, lenient, readable_types
 from medledger.api.deps import NodeDep
 from medledger.api.errors import Forbidden, NotAcceptable
 from medledger.api.fhir import read_raw_body
@@ -104,7 +104,10 @@ async def _kick_off(
                 raise InvalidInput(f"_outputFormat must be {NDJSON}")
         elif key not in _SERVED and not tolerant:
             raise InvalidInput(f"$export does not support the parameter {key!r}")
-    request_url = str(request.url)
+    # The kick-off as the client sent it, but on this node's configured URL (not Host).
+    query = request.url.query
+    request_url = f"{fhir_base(request)}{request.url.path.removeprefix('/fhir')}"
+    request_url += f"?{query}" if query else ""
     allowed = readable_types(who, frozenset(types) if types else None)
     spec = ExportSpec(
         level=level,
@@ -118,7 +121,7 @@ async def _kick_off(
         # The Group must exist now: a kick-off for a Group that is not there is a 404.
         await node.records.read("Group", group)
     job = exports.submit(spec, owner=who.owner, actor=f"{who.role}:{who.id}")
-    status_url = f"{base_url(request)}/$export-status/{job.id}"
+    status_url = f"{fhir_base(request)}/$export-status/{job.id}"
     outcome = {
         "resourceType": "OperationOutcome",
         "issue": [
@@ -167,7 +170,7 @@ async def export_status(job_id: str, request: Request, node: NodeDep, who: JobOw
     job = exports.job(job_id, who.owner)
     if not job.complete:
         return Response(status_code=202, headers={"X-Progress": job.progress(), "Retry-After": "2"})
-    manifest = exports.manifest(job, f"{base_url(request)}/$export-file")
+    manifest = exports.manifest(job, f"{fhir_base(request)}/$export-file")
     return fhir_response(
         manifest,
         headers={"Content-Type": "application/json", **_expires(exports, job)},

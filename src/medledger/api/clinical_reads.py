@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import Request
 
+from medledger.api.deps import services_of
 from medledger.api.errors import Forbidden
 from medledger.core.errors import InvalidInput, NotFound
 from medledger.node import Node
@@ -29,8 +30,8 @@ __all__ = [
     "NotYours",
     "as_absent_for_patients",
     "audited",
-    "base_url",
     "digits",
+    "fhir_base",
     "int_value",
     "lenient",
     "patient_gate",
@@ -163,9 +164,17 @@ def int_value(text: str | None, name: str, default: int, lo: int, hi: int) -> in
     return int(text)
 
 
-def base_url(request: Request) -> str:
-    """This server's FHIR base as the client reached it (absolute, no trailing slash)."""
-    return f"{str(request.base_url).rstrip('/')}/fhir"
+def fhir_base(request: Request) -> str:
+    """This node's FHIR base for the links it writes (no trailing slash): the configured
+    public URL (``config.public_base_url``, decision 0049) followed by ``/fhir``.
+
+    Never the request's ``Host`` header: whoever sends the request chooses it, and a
+    link built from it would point a client (or a cached or forwarded answer) wherever
+    the sender liked. A node that does not know its public URL (no ``advertise`` and a
+    wildcard listening address) writes ``/fhir``: an absolute path, which a client
+    resolves against the origin it used itself (RFC 3986 §5).
+    """
+    return f"{services_of(request.app).public_url or ''}/fhir"
 
 
 def readable_types(who: TokenInfo, asked: frozenset[str] | None) -> frozenset[str] | None:

@@ -26,7 +26,7 @@ from fastapi.responses import Response
 from medledger.api.clinical_reads import (
     as_absent_for_patients,
     audited,
-    base_url,
+    fhir_base,
     int_value,
     lenient,
     patient_gate,
@@ -151,7 +151,7 @@ async def _everything(
         extra = await records.referenced(page, in_compartment, admit)
         shown.extend(page)
         shown.extend(extra)
-    base = base_url(request)
+    base = fhir_base(request)
     kept = [("_since", since_text)] if since_text is not None else []
     kept += [("_type", v) for v in type_values]
 

@@ -33,11 +33,9 @@ from medledger.api.clinical_reads import (
     audited as _audited,
 )
 from medledger.api.clinical_reads import (
-    base_url as _base_url,
-)
-from medledger.api.clinical_reads import (
     digits as _digits,
 )
+from medledger.api.clinical_reads import fhir_base
 from medledger.api.clinical_reads import (
     int_value as _int_value,
 )
@@ -569,7 +567,7 @@ async def _search(
     extra = _within_read_scopes(who, extra)
     shown.extend(page)
     shown.extend(extra)
-    base = f"/fhir/{resource_type}"
+    base = f"{fhir_base(request)}/{resource_type}"
     kept = [(k, v) for k, v in results.items() if k not in ("_count", "_offset")]
     kept += [(k, v) for k, vs in lists.items() for v in vs]
 
@@ -866,7 +864,7 @@ def _history_bundle(
     total: int | None = None,
 ) -> dict[str, Any]:
     """A ``history`` Bundle of one page: absolute, percent-encoded fullUrl and links."""
-    base = _base_url(request)
+    base = fhir_base(request)
     kept = [(k, v) for k, v in request.query_params.multi_items() if k in ("_since", "_at")]
 
     def link(relation: str, at: int) -> dict[str, str]:

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from medledger.api.auth import require
+from medledger.api.clinical_reads import fhir_base
 from medledger.api.deps import NodeDep
 from medledger.api.errors import Forbidden
 from medledger.api.fhir import read_body
@@ -216,6 +217,7 @@ def _bundle(resources: list[dict[str, Any]], base: str) -> dict[str, Any]:
 
 @router.get("/fhir/Consent", summary="search consents")
 async def search_consent(
+    request: Request,
     node: NodeDep,
     who: ConsentReader,
     patient: Annotated[str | None, Query(pattern=_FINGERPRINT)] = None,
@@ -229,11 +231,14 @@ async def search_consent(
         if patient is not None
         else sorted(member.state.consents.values(), key=lambda r: r.height)
     )
-    return _json(_bundle([_consent_json(node, r) for r in records], "/fhir/Consent"))
+    return _json(
+        _bundle([_consent_json(node, r) for r in records], f"{fhir_base(request)}/Consent")
+    )
 
 
 @router.get("/fhir/AuditEvent", summary="a patient's access trail")
 async def audit_events(
+    request: Request,
     node: NodeDep,
     who: TrailReader,
     patient: Annotated[str | None, Query(pattern=_FINGERPRINT)] = None,
@@ -252,7 +257,7 @@ async def audit_events(
         for i in trail
         if i["type"] == "access" or "event" in i
     ]
-    return _json(_bundle(events, "/fhir/AuditEvent"))
+    return _json(_bundle(events, f"{fhir_base(request)}/AuditEvent"))
 
 
 @router.get("/share/{holder}", summary="list what a consent lets this node fetch")
