@@ -33,7 +33,7 @@ def quick_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench-all")
     markdown = out / "benchmarks.md"
     markdown.write_text("# Benchmarks\n\nHand-written analysis stays.\n")
-    proc = subprocess.run(
+    proc = _run_stopped_by_sigterm(
         [
             *medledger_command(),
             "bench",
@@ -46,9 +46,25 @@ def quick_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--markdown",
             str(markdown),
         ],
-        capture_output=True,
-        text=True,
         timeout=QUICK_ALL_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def _run_stopped_by_sigterm(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` with output captured, except that a run over ``timeout`` gets
+    SIGTERM (SIGKILL, which ``run`` sends, would leave its nats-servers and institution
+    processes running) and SIGKILL only if still there a minute later; then it fails."""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                stdout, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            pytest.fail(f"bench all --quick took over {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)

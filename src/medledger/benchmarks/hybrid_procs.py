@@ -205,12 +205,21 @@ class _Workers:
             out.append(answer)
         return out
 
-    def close(self) -> None:
-        for conn in self._conns:
-            with contextlib.suppress(OSError):  # already gone
-                conn.send(("close",))
+    def close(self, *, abandon: bool = False) -> None:
+        """Ask every worker to close its node and wait for them all (30 s in all, then
+        SIGKILL). ``abandon`` (the run failed or was signalled): stop them at once
+        instead, since a worker busy with a step would read the request only when the
+        step is over."""
+        for proc, conn in zip(self._procs, self._conns, strict=True):
+            if abandon:
+                proc.terminate()
+            else:
+                with contextlib.suppress(OSError):  # already gone
+                    conn.send(("close",))
+        deadline = time.monotonic() + 30
         for proc in self._procs:
-            proc.join(30)
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
@@ -317,6 +326,7 @@ def _run(
     order_file = None
     urls: list[tuple[str, ...]] = [() for _ in roots]
     workers: _Workers | None = None
+    finished = False
     try:
         if ordering == "solo":
             order_file = base / "order.db"
@@ -358,9 +368,10 @@ def _run(
         time.sleep(1.0 if settings.step_seconds >= 2 else 0.3)
         idle_cores = (tree_cpu_s() - cpu0) / (time.perf_counter() - t0)
         steps = list(_steps(workers, settings, progress, label, idle_cores))
+        finished = True
     finally:
         if workers is not None:
-            workers.close()
+            workers.close(abandon=not finished)
         if cluster is not None:
             cluster.stop()
     return run_result(mode, ordering, settings, idle_cores, steps)

@@ -27,8 +27,14 @@ _quick = click.option("--quick", is_flag=True, help="Small sizes: a smoke run in
 
 
 @click.group()
-def bench() -> None:
+@click.pass_context
+def bench(ctx: click.Context) -> None:
     """Benchmarks; results go to docs/benchmarks.md style tables and JSON."""
+    from medledger.localnet.process_tree import children_torn_down
+
+    # SIGTERM/SIGINT unwind through each benchmark's own cleanup, then whatever it
+    # started and is still running (institution processes, nats-servers) is stopped.
+    ctx.with_resource(children_torn_down())
 
 
 @bench.command("private")
