@@ -34,7 +34,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from medledger.core.consent import grant_tx
-from medledger.core.consortium import Genesis, Member, quorum
+from medledger.core.consortium import ConsortiumParams, Genesis, Member, quorum
 from medledger.core.encoding import canonical_bytes
 from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
@@ -198,6 +198,16 @@ def main() -> None:
         consortium=CONSORTIUM,
         time_ms=T0,
         members=(member("hosp-a"), member("hosp-b"), member("hosp-c")),
+        # The parameters as the frozen document wrote them (before anchor_round_cut).
+        params=ConsortiumParams.from_json(
+            {
+                "max_block_txs": 500,
+                "max_block_bytes": 1048576,
+                "cut_after_ms": 20,
+                "anchor_interval_ms": 200,
+                "max_clock_skew_ms": 30000,
+            }
+        ),
     )
     g0 = genesis_block(genesis)
     chain = Chain(CHAIN, CONSORTIUM, Transaction.decode(g0.tx_data[0]), T0)

@@ -175,6 +175,12 @@ class ConsortiumParams:
     max_clock_skew_ms: int = 30_000
     #: ``HYBRID``, or ``CONSORTIUM_ONLY`` for the benchmark comparison only.
     mode: str = HYBRID
+    #: Cut a block as soon as every member that anchored in the previous block with
+    #: anchors has anchored again (decision 0052), without waiting ``cut_after_ms``
+    #: and a cut marker. On in every new genesis; a document written before this
+    #: parameter existed lacks it and keeps the old rule, so its stream replays to
+    #: the same blocks.
+    anchor_round_cut: bool = True
     #: The fields a genesis document wrote (``from_json``), or ``None``: every field
     #: (and ``mode`` if not hybrid). A document written before a parameter existed
     #: lacks it; its block 0 carries the document as written, so ``to_json`` writes
@@ -195,6 +201,10 @@ class ConsortiumParams:
         }
         if self.mode != HYBRID or (self.written is not None and "mode" in self.written):
             out["mode"] = self.mode
+        if self.anchor_round_cut or (
+            self.written is not None and "anchor_round_cut" in self.written
+        ):
+            out["anchor_round_cut"] = self.anchor_round_cut
         if self.written is not None:
             out = {k: v for k, v in out.items() if k in self.written}
         return out
@@ -208,11 +218,16 @@ class ConsortiumParams:
         mode = merged.pop("mode", HYBRID)
         if not isinstance(mode, str):
             raise InvalidInput("params mode must be a string")
+        # Absent means the rule from before this parameter existed: off.
+        merged.pop("anchor_round_cut")
+        round_cut = value.get("anchor_round_cut", False)
+        if not isinstance(round_cut, bool):
+            raise InvalidInput("params anchor_round_cut must be true or false")
         if not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in merged.values()
         ):
             raise InvalidInput("params must be positive integers")
-        return cls(**merged, mode=mode, written=frozenset(value))
+        return cls(**merged, mode=mode, anchor_round_cut=round_cut, written=frozenset(value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -118,8 +118,22 @@ def test_genesis_hash_changes_with_any_field() -> None:
 def test_params_default_fields_and_round_trip() -> None:
     params = ConsortiumParams(max_block_txs=3)
     assert ConsortiumParams.from_json(params.to_json()) == params
-    # Omitted fields take their defaults.
-    assert ConsortiumParams.from_json({"cut_after_ms": 7}) == ConsortiumParams(cut_after_ms=7)
+    # Omitted fields take their defaults, except the anchor-round rule: a document
+    # written before it existed keeps the old rule (and is written back without it).
+    old = ConsortiumParams.from_json({"cut_after_ms": 7})
+    assert old == ConsortiumParams(cut_after_ms=7, anchor_round_cut=False)
+    assert old.to_json() == {"cut_after_ms": 7}
+    assert ConsortiumParams().to_json()["anchor_round_cut"] is True
+    for value in (True, False):
+        written = ConsortiumParams.from_json({"anchor_round_cut": value})
+        assert written.anchor_round_cut is value
+        assert written.to_json() == {"anchor_round_cut": value}
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", None, [True]])
+def test_params_anchor_round_cut_must_be_a_boolean(value: object) -> None:
+    with pytest.raises(InvalidInput, match="anchor_round_cut must be true or false"):
+        ConsortiumParams.from_json({"anchor_round_cut": value})
 
 
 def test_member_json_round_trip() -> None:

@@ -11,7 +11,10 @@ blocks without talking to each other:
   when a member-signed ``cut`` marker for the next height arrives: a member
   whose oldest pending tx is ``cut_after_ms`` old publishes one, as Fabric's
   Kafka orderer did with time-to-cut messages; no local clock decides a block
-  boundary.
+  boundary. Where the genesis says ``anchor_round_cut``, a block is also cut
+  as soon as every member whose anchor the previous block with anchors held
+  has anchored again: institutions anchor at common moments, so that is when
+  a round of anchors is complete (decision 0052).
 * Block time comes from the members' clocks, not the ordering service's (a
   ``solo`` order is stamped by whichever member published; a JetStream order
   by one server): each vote carries its member's signed clock reading, and
@@ -65,6 +68,7 @@ from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
+from medledger.core.transactions import ANCHOR
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.evidence import Evidence
 from medledger.ledger.consortium.modes import initial_state
@@ -142,6 +146,7 @@ class _Pending:
     size: int = 0
     first_seen: float | None = None
     marker_sent: bool = False
+    anchorers: set[str] = field(default_factory=set)  # members with an anchor here
 
 
 class ConsortiumMember:
@@ -180,6 +185,9 @@ class ConsortiumMember:
         self._log.append(leaf_hash(first.tx_data[0]))
         self._state = initial_state(genesis)
         self._pending = _Pending()
+        # The members whose anchors the newest block with anchors held: once each has
+        # anchored again, the anchor round is complete and the block is cut (0052).
+        self._anchor_round: frozenset[str] = frozenset()
         self._cuts: dict[int, _Cut] = {}
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
         self._final_height = 0
@@ -338,12 +346,30 @@ class ConsortiumMember:
         p.txs.append((data, tx_hash))
         p.tx_times.append(tx.time_ms)
         p.size += len(data)
+        if tx.type == ANCHOR:
+            p.anchorers.add(str(tx.body["institution"]))
         if p.first_seen is None:
             p.first_seen = self._monotonic()
             self._cut_wanted.set()
         params = self.genesis.params
-        if len(p.txs) >= params.max_block_txs or p.size >= params.max_block_bytes:
+        if (
+            len(p.txs) >= params.max_block_txs
+            or p.size >= params.max_block_bytes
+            or (params.anchor_round_cut and self._anchor_round_complete(p))
+        ):
             self._cut()
+
+    def _anchor_round_complete(self, pending: _Pending) -> bool:
+        """Whether every member that anchored in the newest block with anchors anchored again.
+
+        Institutions anchor at the same multiples of the interval, so their anchors
+        reach the order together; cutting once the last expected one is in saves the
+        cut timer and a cut marker's trip through the order. The rule reads only the
+        ordered stream, so every member cuts at the same place. A member that stops
+        anchoring delays one block by the cut timer, after which the round no longer
+        expects it; a member cannot cut earlier than it already could with a marker.
+        """
+        return bool(self._anchor_round) and self._anchor_round <= pending.anchorers
 
     def _on_cut(self, envelope: dict[str, Any]) -> None:
         height = envelope.get("height")
@@ -372,6 +398,8 @@ class ConsortiumMember:
         p = self._pending
         time_ms = self._next_block_time(p)
         self._pending = _Pending()
+        if p.anchorers:
+            self._anchor_round = frozenset(p.anchorers)
         first_index = self._log.size
         block_log = CompactRange()
         nodes = []

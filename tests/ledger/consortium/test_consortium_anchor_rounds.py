@@ -1,0 +1,161 @@
+"""Anchor-round cuts (decision 0052): a block is cut once every member that anchored in
+the previous block with anchors has anchored again, without a cut marker.
+
+With ``SLOW`` parameters no member's cut timer fires during a test, so a block cut
+here without a published marker was cut by the anchor-round rule, and nothing else.
+"""
+
+from __future__ import annotations
+
+from consortium_net import MakeNetwork, Network, publish_marker, publish_tx, wait_until
+
+from medledger.core.consortium import ConsortiumParams
+from medledger.core.hashing import sha256
+from medledger.core.models import BlockHeader
+from medledger.ledger.consortium.verify import ConsortiumPolicy
+from medledger.ledger.verify import verify_chain
+
+#: Cut timers that never fire within a test.
+SLOW = ConsortiumParams(cut_after_ms=600_000)
+#: Parameters as a genesis document written before ``anchor_round_cut`` existed reads.
+SLOW_OLD_RULE = ConsortiumParams.from_json({"cut_after_ms": 600_000})
+MEMBERS = ("h0", "h1", "h2", "h3")
+
+
+def tips(net: Network) -> set[int]:
+    return {m.status()["tip_height"] for m in net.members.values()}
+
+
+async def anchor(net: Network, mid: str, round_no: int) -> bytes:
+    """Write to ``mid``'s private chain and publish its anchor; the anchor tx's hash."""
+    await net.write_private(mid, 2, tag=f"round-{round_no}")
+    tx = net.anchorers[mid].anchor_tx()
+    assert tx is not None
+    await publish_tx(net.orderer, tx)
+    return tx.hash()
+
+
+async def seen_by_all(net: Network, tx_hash: bytes) -> None:
+    # ``seen`` is shared by every copy of the state: it holds what is in the order.
+    await wait_until(
+        lambda: all(tx_hash in m.state.seen for m in net.members.values()),
+        "every member to take the transaction into its order",
+    )
+
+
+async def first_round_by_marker(net: Network, members: tuple[str, ...]) -> None:
+    """Round 0: nothing anchored before, so only a marker cuts block 1."""
+    hashes = [await anchor(net, mid, 0) for mid in members]
+    for tx_hash in hashes:
+        await seen_by_all(net, tx_hash)
+    assert tips(net) == {0}, "a first round of anchors was cut without a marker"
+    await publish_marker(net.orderer, net.chain_id, 1, net.keys["h0"], "marker-1")
+    for member in net.members.values():
+        await member.wait_final(1, timeout=5)
+
+
+def block_tx_hashes(net: Network, mid: str, height: int) -> list[bytes]:
+    store = net.open_store(net.consortium_path(mid))
+    return [sha256(d) for d in store.block(height).tx_data]
+
+
+def test_the_last_anchor_of_a_round_cuts_the_block(network: MakeNetwork) -> None:
+    net = network(4, params=SLOW)
+    second_round: list[bytes] = []
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await first_round_by_marker(net, MEMBERS)
+        for mid in MEMBERS[:-1]:
+            second_round.append(await anchor(net, mid, 1))
+        for tx_hash in second_round:
+            await seen_by_all(net, tx_hash)
+        assert tips(net) == {1}, "the block was cut before the round was complete"
+        second_round.append(await anchor(net, MEMBERS[-1], 1))
+        # No marker: the fourth anchor completes the round and cuts block 2.
+        for member in net.members.values():
+            await member.wait_final(2, timeout=5)
+        assert tips(net) == {2}
+
+    net.run(scenario)
+    for mid in MEMBERS:
+        store = net.open_store(net.consortium_path(mid))
+        verify_chain(store, policy=ConsortiumPolicy(net.genesis))
+        assert block_tx_hashes(net, mid, 2) == second_round
+        assert BlockHeader.decode(store.block(2).header_bytes).tx_count == 4
+
+
+def test_a_genesis_without_the_parameter_keeps_waiting_for_a_marker(
+    network: MakeNetwork,
+) -> None:
+    """A consortium founded before the rule existed replays to the same blocks."""
+    net = network(4, params=SLOW_OLD_RULE)
+    assert "anchor_round_cut" not in net.genesis.to_json()["params"]
+    assert not net.genesis.params.anchor_round_cut
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await first_round_by_marker(net, MEMBERS)
+        hashes = [await anchor(net, mid, 1) for mid in MEMBERS]
+        for tx_hash in hashes:
+            await seen_by_all(net, tx_hash)
+        assert tips(net) == {1}, "a complete round was cut under the old rule"
+        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h1"], "marker-2")
+        for member in net.members.values():
+            await member.wait_final(2, timeout=5)
+
+    net.run(scenario)
+
+
+def test_a_member_that_stops_anchoring_leaves_the_round(network: MakeNetwork) -> None:
+    """h3 stops anchoring: one block waits for a marker, then the round is h0–h2."""
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await first_round_by_marker(net, MEMBERS)
+        hashes = [await anchor(net, mid, 1) for mid in MEMBERS[:-1]]
+        for tx_hash in hashes:
+            await seen_by_all(net, tx_hash)
+        assert tips(net) == {1}, "h3's anchor is still expected in this round"
+        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h2"], "marker-2")
+        for member in net.members.values():
+            await member.wait_final(2, timeout=5)
+        # The round is now h0, h1, h2: their next anchors cut block 3 without a marker.
+        for mid in MEMBERS[:-1]:
+            await anchor(net, mid, 2)
+        for member in net.members.values():
+            await member.wait_final(3, timeout=5)
+        assert tips(net) == {3}
+
+    net.run(scenario)
+    for mid in MEMBERS:
+        verify_chain(
+            net.open_store(net.consortium_path(mid)), policy=ConsortiumPolicy(net.genesis)
+        )
+
+
+def test_other_transactions_neither_complete_nor_reset_the_round(network: MakeNetwork) -> None:
+    """A block of other transactions keeps the round; they ride with the anchors."""
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await first_round_by_marker(net, MEMBERS)
+        access = net.access("h1")
+        await publish_tx(net.orderer, access)
+        await seen_by_all(net, access.hash())
+        assert tips(net) == {1}, "a non-anchor transaction completed a round"
+        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h0"], "marker-2")
+        for member in net.members.values():
+            await member.wait_final(2, timeout=5)
+        # Block 2 had no anchors: the expected round is still all four members.
+        hashes = [await anchor(net, mid, 1) for mid in MEMBERS[:-1]]
+        for tx_hash in hashes:
+            await seen_by_all(net, tx_hash)
+        assert tips(net) == {2}
+        await anchor(net, MEMBERS[-1], 1)
+        for member in net.members.values():
+            await member.wait_final(3, timeout=5)
+
+    net.run(scenario)
