@@ -108,7 +108,7 @@ def test_a_genesis_without_the_parameter_keeps_waiting_for_a_marker(
 
 
 def test_a_member_that_stops_anchoring_leaves_the_round(network: MakeNetwork) -> None:
-    """h3 stops anchoring: one block waits for a marker, then the round is h0–h2."""
+    """h3 stops anchoring: one block waits for a marker, then the round is h0, h1 and h2."""
     net = network(4, params=SLOW)
 
     async def scenario(net: Network) -> None:
@@ -130,9 +130,7 @@ def test_a_member_that_stops_anchoring_leaves_the_round(network: MakeNetwork) ->
 
     net.run(scenario)
     for mid in MEMBERS:
-        verify_chain(
-            net.open_store(net.consortium_path(mid)), policy=ConsortiumPolicy(net.genesis)
-        )
+        verify_chain(net.open_store(net.consortium_path(mid)), policy=ConsortiumPolicy(net.genesis))
 
 
 def test_other_transactions_neither_complete_nor_reset_the_round(network: MakeNetwork) -> None:
