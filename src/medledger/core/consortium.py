@@ -176,7 +176,7 @@ class ConsortiumParams:
     #: ``HYBRID``, or ``CONSORTIUM_ONLY`` for the benchmark comparison only.
     mode: str = HYBRID
     #: Cut a block as soon as every member that anchored in the previous block with
-    #: anchors has anchored again (decision 0052), without waiting ``cut_after_ms``
+    #: anchors has anchored again (decision 0053), without waiting ``cut_after_ms``
     #: and a cut marker. On in every new genesis; a document written before this
     #: parameter existed lacks it and keeps the old rule, so its stream replays to
     #: the same blocks.

@@ -1,4 +1,4 @@
-"""Anchor-round cuts (decision 0052): a block is cut once every member that anchored in
+"""Anchor-round cuts (decision 0053): a block is cut once every member that anchored in
 the previous block with anchors has anchored again, without a cut marker.
 
 With ``SLOW`` parameters no member's cut timer fires during a test, so a block cut

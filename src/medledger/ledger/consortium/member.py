@@ -14,7 +14,7 @@ blocks without talking to each other:
   boundary. Where the genesis says ``anchor_round_cut``, a block is also cut
   as soon as every member whose anchor the previous block with anchors held
   has anchored again: institutions anchor at common moments, so that is when
-  a round of anchors is complete (decision 0052).
+  a round of anchors is complete (decision 0053).
 * Block time comes from the members' clocks, not the ordering service's (a
   ``solo`` order is stamped by whichever member published; a JetStream order
   by one server): each vote carries its member's signed clock reading, and
@@ -186,7 +186,7 @@ class ConsortiumMember:
         self._state = initial_state(genesis)
         self._pending = _Pending()
         # The members whose anchors the newest block with anchors held: once each has
-        # anchored again, the anchor round is complete and the block is cut (0052).
+        # anchored again, the anchor round is complete and the block is cut (0053).
         self._anchor_round: frozenset[str] = frozenset()
         self._cuts: dict[int, _Cut] = {}
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
