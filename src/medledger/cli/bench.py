@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from medledger.cli.common import number_option
+
 __all__ = ["bench"]
 
 
-# Options every benchmark takes.
+# Options several benchmarks take (the first three: every one).
 _work_dir = click.option(
     "--dir",
     "root",
@@ -24,6 +26,18 @@ _json_out = click.option(
     help="Write results as JSON here.",
 )
 _quick = click.option("--quick", is_flag=True, help="Small sizes: a smoke run in seconds.")
+_dsn = click.option(
+    "--dsn",
+    default=None,
+    help="PostgreSQL DSN to use (default: an embedded server started for the run).",
+)
+# The summary in docs/benchmarks.md: written by ``bench hybrid`` and by ``bench all``.
+_markdown = click.option(
+    "--markdown",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Update the generated summary in this file (default: docs/benchmarks.md unless --quick).",
+)
 
 
 @click.group()
@@ -39,26 +53,13 @@ def bench(ctx: click.Context) -> None:
 
 @bench.command("private")
 @_work_dir
-@click.option(
-    "--txs",
-    type=click.IntRange(min=100),
-    default=200_000,
-    show_default=True,
-    help="Transactions for the throughput run.",
-)
-@click.option("--writers", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option(
-    "--rate",
-    type=click.IntRange(min=1),
-    default=2_000,
-    show_default=True,
-    help="Offered load (tx/s) for the latency run.",
-)
-@click.option(
+@number_option("--txs", low=100, default=200_000, help="Transactions for the throughput run.")
+@number_option("--writers", low=1, default=256)
+@number_option("--rate", low=1, default=2_000, help="Offered load (tx/s) for the latency run.")
+@number_option(
     "--proof-log",
-    type=click.IntRange(min=0),
+    low=0,
     default=1_000_000,
-    show_default=True,
     help="Log size for the proof and full-verify run (0 to skip).",
 )
 @_json_out
@@ -70,11 +71,7 @@ def bench(ctx: click.Context) -> None:
     show_default=True,
     help="Chain store to measure; 'both' reports SQLite and PostgreSQL side by side.",
 )
-@click.option(
-    "--dsn",
-    default=None,
-    help="PostgreSQL DSN to use (default: an embedded server started for the run).",
-)
+@_dsn
 def bench_private(
     root: Path | None,
     txs: int,
@@ -104,23 +101,16 @@ def bench_private(
 
 @bench.command("records")
 @_work_dir
-@click.option("--patients", type=click.IntRange(min=1), default=1_000, show_default=True)
-@click.option(
-    "--per-patient",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Resources per patient.",
-)
-@click.option("--writers", type=click.IntRange(min=1), default=64, show_default=True)
+@number_option("--patients", low=1, default=1_000)
+@number_option("--per-patient", low=1, default=100, help="Resources per patient.")
+@number_option("--writers", low=1, default=64)
 @_json_out
 @_quick
-@click.option(
+@number_option(
     "--validation-workers",
     "workers",
-    type=click.IntRange(min=0),
+    low=0,
     default=0,
-    show_default=True,
     help="Processes validating FHIR beside the event loop (0 = inline).",
 )
 def bench_records(
@@ -156,23 +146,10 @@ def bench_records(
     default=("solo", "jetstream"),
     show_default=True,
 )
-@click.option(
-    "--members",
-    "sizes",
-    multiple=True,
-    type=click.IntRange(min=1),
-    default=(4, 7, 10),
-    show_default=True,
-)
-@click.option("--rate", type=click.IntRange(min=1), default=1_000, show_default=True)
-@click.option("--seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True)
-@click.option(
-    "--txs",
-    type=click.IntRange(min=10),
-    default=4_000,
-    show_default=True,
-    help="Transactions for the throughput run.",
-)
+@number_option("--members", "sizes", low=1, multiple=True, default=(4, 7, 10))
+@number_option("--rate", low=1, default=1_000)
+@number_option("--seconds", low=0.1, default=3.0)
+@number_option("--txs", low=10, default=4_000, help="Transactions for the throughput run.")
 @_json_out
 @_quick
 def bench_consortium(
@@ -247,22 +224,10 @@ def bench_consortium(
     type=click.IntRange(min=1),
     help="Offered loads in records/s (default: 100, doubling up to --max-load or saturation).",
 )
-@click.option("--max-load", type=click.IntRange(min=1), default=3_200, show_default=True)
-@click.option(
-    "--seconds",
-    type=click.FloatRange(min=0.1),
-    default=5.0,
-    show_default=True,
-    help="Duration of each offered load.",
-)
-@click.option(
-    "--writers",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Concurrent writers per institution.",
-)
-@click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True)
+@number_option("--max-load", low=1, default=3_200)
+@number_option("--seconds", low=0.1, default=5.0, help="Duration of each offered load.")
+@number_option("--writers", low=1, default=64, help="Concurrent writers per institution.")
+@number_option("--warmup", low=0, default=200)
 @click.option("--seed", type=int, default=11, show_default=True)
 @click.option(
     "--one-process",
@@ -277,12 +242,7 @@ def bench_consortium(
     default=None,
     help="Write the PNG plots here (default: docs/ unless --quick).",
 )
-@click.option(
-    "--markdown",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Update the generated summary in this file (default: docs/benchmarks.md unless --quick).",
-)
+@_markdown
 def bench_hybrid(
     root: Path | None,
     orderings: tuple[str, ...],
@@ -381,24 +341,17 @@ def _numbers(
     show_default=True,
     help="HPKE KEMs to measure side by side (one fresh network each).",
 )
-@click.option("--resources", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option(
-    "--fetches",
-    type=click.IntRange(min=1),
-    default=500,
-    show_default=True,
-    help="Fetches one at a time, for latency.",
-)
-@click.option(
+@number_option("--resources", low=1, default=20)
+@number_option("--fetches", low=1, default=500, help="Fetches one at a time, for latency.")
+@number_option(
     "--concurrency",
+    low=1,
     multiple=True,
-    type=click.IntRange(min=1),
     default=(16, 64),
-    show_default=True,
     help="Fetches in flight for the throughput runs (repeat for more runs).",
 )
-@click.option("--throughput-fetches", type=click.IntRange(min=1), default=2_000, show_default=True)
-@click.option("--hpke-rounds", type=click.IntRange(min=1), default=2_000, show_default=True)
+@number_option("--throughput-fetches", low=1, default=2_000)
+@number_option("--hpke-rounds", low=1, default=2_000)
 @click.option(
     "--holder-in-process",
     is_flag=True,
@@ -439,15 +392,14 @@ def bench_sharing(
 
 @bench.command("api")
 @_work_dir
-@click.option("--creates", type=click.IntRange(min=1), default=10_000, show_default=True)
-@click.option("--reads", type=click.IntRange(min=1), default=20_000, show_default=True)
-@click.option("--clients", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
+@number_option("--creates", low=1, default=10_000)
+@number_option("--reads", low=1, default=20_000)
+@number_option("--clients", low=1, default=64)
+@number_option(
     "--client-processes",
+    low=1,
     multiple=True,
-    type=click.IntRange(min=1),
     default=(1,),
-    show_default=True,
     help="Processes the clients are split over (repeat: each count is one run).",
 )
 @_json_out
@@ -476,23 +428,21 @@ def bench_api(
 
 @bench.command("workers")
 @_work_dir
-@click.option(
+@number_option(
     "--workers",
     "worker_counts",
+    low=1,
     multiple=True,
-    type=click.IntRange(min=1),
     default=(1, 2),
-    show_default=True,
     help="API worker processes (repeat: each count is one run; start with 1).",
 )
-@click.option("--creates", type=click.IntRange(min=1), default=5_000, show_default=True)
-@click.option("--reads", type=click.IntRange(min=1), default=10_000, show_default=True)
-@click.option("--clients", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
+@number_option("--creates", low=1, default=5_000)
+@number_option("--reads", low=1, default=10_000)
+@number_option("--clients", low=1, default=64)
+@number_option(
     "--open-loop-seconds",
-    type=click.FloatRange(min=1),
+    low=1,
     default=10.0,
-    show_default=True,
     help="How long each open-loop point (50 %, 80 % of saturation) sends.",
 )
 @click.option(
@@ -502,11 +452,11 @@ def bench_api(
     help="Run the node's processes in a cgroup of N x this many cores for the run with N "
     "workers; the load generator keeps the rest of the machine (needs root and cgroups).",
 )
-@click.option(
+@number_option(
     "--client-processes",
-    type=click.IntRange(min=1, max=64),
+    low=1,
+    high=64,
     default=1,
-    show_default=True,
     help="Processes the load generator's clients are split over.",
 )
 @_json_out
@@ -542,25 +492,9 @@ def bench_workers(
 
 @bench.command("failover")
 @_work_dir
-@click.option(
-    "--dsn",
-    default=None,
-    help="PostgreSQL DSN to use (default: an embedded server started for the run).",
-)
-@click.option(
-    "--writers",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Writing clients per host.",
-)
-@click.option(
-    "--api-workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="node start --workers of each host.",
-)
+@_dsn
+@number_option("--writers", low=1, default=4, help="Writing clients per host.")
+@number_option("--api-workers", low=1, default=1, help="node start --workers of each host.")
 @_json_out
 @_quick
 def bench_failover(
@@ -585,11 +519,11 @@ def bench_failover(
 
 @bench.command("tls")
 @_work_dir
-@click.option("--requests", type=click.IntRange(min=1), default=20_000, show_default=True)
-@click.option("--connections", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--clients", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--publishes", type=click.IntRange(min=1), default=2_000, show_default=True)
-@click.option("--fetches", type=click.IntRange(min=1), default=2_000, show_default=True)
+@number_option("--requests", low=1, default=20_000)
+@number_option("--connections", low=1, default=500)
+@number_option("--clients", low=1, default=16)
+@number_option("--publishes", low=1, default=2_000)
+@number_option("--fetches", low=1, default=2_000)
 @_json_out
 @_quick
 def bench_tls(
@@ -621,26 +555,18 @@ def bench_tls(
 
 @bench.command("faults")
 @_work_dir
-@click.option(
-    "--kills",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="SIGKILLs of the node under concurrent writers.",
-)
-@click.option("--writers", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option(
+@number_option("--kills", low=1, default=10, help="SIGKILLs of the node under concurrent writers.")
+@number_option("--writers", low=1, default=16)
+@number_option(
     "--writes-per-round",
-    type=click.IntRange(min=1),
+    low=1,
     default=200,
-    show_default=True,
     help="Acknowledged writes between one restart and the next kill.",
 )
-@click.option(
+@number_option(
     "--nats-rounds",
-    type=click.IntRange(min=0),
+    low=0,
     default=3,
-    show_default=True,
     help="Times a member's nats-server is SIGSTOPped (0: skip the NATS part).",
 )
 @_json_out
@@ -690,12 +616,7 @@ _ORDER = ("private", "records", "consortium", "sharing", "api", "hybrid")
     show_default=True,
     help="One JSON file per benchmark: <name>.json.",
 )
-@click.option(
-    "--markdown",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Update the generated summary in this file (default: docs/benchmarks.md unless --quick).",
-)
+@_markdown
 @click.pass_context
 def bench_all(
     ctx: click.Context,

@@ -20,6 +20,7 @@ __all__ = [
     "emit",
     "fail",
     "forget_env",
+    "number_option",
     "progress",
     "read_passphrase",
 ]
@@ -35,6 +36,29 @@ dir_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="The node directory.",
 )
+
+
+def number_option(
+    *decls: str,
+    low: float,
+    default: float | tuple[float, ...],
+    high: float | None = None,
+    multiple: bool = False,
+    help: str | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option taking a number from ``low`` (to ``high``), its default shown in ``--help``:
+    the shape of every size, count, rate and timeout option. Whole numbers throughout
+    (``default``, ``low``, ``high``) make it an integer option (``click.IntRange``), any
+    fraction a float option."""
+    values = (*(default if isinstance(default, tuple) else (default,)), low, high)
+    kind: click.IntRange | click.FloatRange = (
+        click.IntRange(min=int(low), max=None if high is None else int(high))
+        if all(v is None or isinstance(v, int) for v in values)
+        else click.FloatRange(min=low, max=high)
+    )
+    return click.option(
+        *decls, type=kind, default=default, show_default=True, multiple=multiple, help=help
+    )
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:

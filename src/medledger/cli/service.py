@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from medledger.cli.common import dir_option, emit, read_passphrase
+from medledger.cli.common import dir_option, emit, number_option, read_passphrase
 from medledger.core.errors import InvalidInput
 from medledger.ledger.clock import SystemClock
 from medledger.storage.ports import ROLES
@@ -81,32 +81,25 @@ def _structured_logging() -> None:
     default=None,
     help="Port to listen on [default: the port of node.toml's advertise URL, else 8700].",
 )
-@click.option(
+@number_option(
     "--head-timeout",
-    type=click.FloatRange(min=0.1),
+    low=0.1,
     default=10.0,
-    show_default=True,
     help="Seconds a client has to send a request's line and headers.",
 )
-@click.option(
+@number_option(
     "--body-timeout",
-    type=click.FloatRange(min=0.1),
+    low=0.1,
     default=30.0,
-    show_default=True,
     help="Seconds a client has to send a request's body after its headers.",
 )
-@click.option(
-    "--idle-timeout",
-    type=click.IntRange(min=1),
-    default=5,
-    show_default=True,
-    help="Seconds an idle keep-alive connection is kept open.",
+@number_option(
+    "--idle-timeout", low=1, default=5, help="Seconds an idle keep-alive connection is kept open."
 )
-@click.option(
+@number_option(
     "--max-head-bytes",
-    type=click.IntRange(min=1024),
+    low=1024,
     default=16 * 1024,
-    show_default=True,
     help="Largest request line plus headers accepted (larger: 431).",
 )
 @click.option(
