@@ -249,6 +249,17 @@ def _base_context(purpose: int) -> ssl.SSLContext:
     return ctx
 
 
+def _load_key_pair(ctx: ssl.SSLContext, cert_path: Path, key_path: Path | None) -> None:
+    """Present ``cert_path`` with ``key_path`` (``None``: the key is in the certificate
+    file); an unreadable or mismatched pair is ``InvalidInput`` naming the file."""
+    try:
+        ctx.load_cert_chain(cert_path, key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(
+            f"cannot load the TLS key and certificate ({cert_path}): {exc}"
+        ) from None
+
+
 def server_context(
     cert_path: Path, key_path: Path, client_anchors: Iterable[MemberCertificate] = ()
 ) -> ssl.SSLContext:
@@ -258,12 +269,7 @@ def server_context(
     presents any other certificate fails the handshake.
     """
     ctx = _base_context(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_cert_chain(cert_path, key_path)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidInput(
-            f"cannot load the TLS key and certificate ({cert_path}): {exc}"
-        ) from None
+    _load_key_pair(ctx, cert_path, key_path)
     # Always asked for, also with no member yet: a context swapped in by LiveServerTls
     # keeps the verify mode of the one the connection started with (OpenSSL's
     # SSL_set_SSL_CTX), and with no anchor any presented certificate fails.
@@ -371,12 +377,7 @@ def client_context(
         raise InvalidInput("no TLS trust anchor: the member has no pinned certificate")
     ctx.load_verify_locations(cadata=bundle)
     if cert_path is not None:
-        try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidInput(
-                f"cannot load the TLS key and certificate ({cert_path}): {exc}"
-            ) from None
+        _load_key_pair(ctx, cert_path, key_path)
     return ctx
 
 
@@ -393,12 +394,7 @@ def link_contexts(cert_path: Path, key_path: Path) -> tuple[ssl.SSLContext, ssl.
     client = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname = False
     for ctx in (server, client):
-        try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidInput(
-                f"cannot load the TLS key and certificate ({cert_path}): {exc}"
-            ) from None
+        _load_key_pair(ctx, cert_path, key_path)
         ctx.load_verify_locations(cadata=pem_bundle(anchors))
         ctx.verify_mode = ssl.CERT_REQUIRED
     return server, client
