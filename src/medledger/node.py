@@ -875,7 +875,6 @@ def open_node(
     config, paths, keystore = _open_node_keys(root, passphrase)
     key = keystore.signing_key()
     _make_private(root)
-    storage = config.storage
     store, index = _open_chain_and_index(config, paths)
     try:
         if fence_epoch is not None:
@@ -900,32 +899,17 @@ def open_node(
         store.close()
         _close_unused(index)
         raise
-    keys = InstitutionKeys(keystore)
-    records = RecordsService(
-        institution=config.institution,
-        chain=chain,
-        index=index,
-        blobs=blobs,
-        keys=keys,
-        clock=clock,
+    return _assemble(
+        root,
+        config,
+        paths,
+        keystore,
+        store,
+        index,
+        blobs,
+        chain,
+        clock,
         validator=Validator(_validation_workers(validation_workers)),
-        health=_store_health(root, storage.blobs),
-    )
-    return Node(
-        config=config,
-        paths=paths,
-        keystore=keystore,
-        store=store,
-        chain=chain,
-        index=index,
-        records=records,
-        access=AccessLog(institution=config.institution, chain=chain),
-        enrollments=EnrollmentService(
-            institution=config.institution, chain=chain, records=records, clock=clock
-        ),
-        _blobs=blobs,
-        _keys=keys,
-        clock=clock,
     )
 
 
@@ -951,7 +935,6 @@ def open_worker_node(
     """
     clock = clock if clock is not None else SystemClock()
     config, paths, keystore = _open_node_keys(root, passphrase)
-    storage = config.storage
     store, index = _open_chain_and_index(config, paths)
     try:
         blobs = _open_blob_store(config, paths)
@@ -967,6 +950,42 @@ def open_worker_node(
         on_stale_keys=on_stale_keys,
         dial=dial,
     )
+    return _assemble(
+        root,
+        config,
+        paths,
+        keystore,
+        store,
+        index,
+        blobs,
+        chain,
+        clock,
+        validator=Validator(0),
+        # The sequencer stamps chain_base and alone recovers (see RecordWriter.commit_sealed).
+        crash_recovery=False,
+        remote=chain,
+        stored_members=_stored_membership(config, paths),
+    )
+
+
+def _assemble(
+    root: Path,
+    config: NodeConfig,
+    paths: NodePaths,
+    keystore: FileKeyStore,
+    store: ChainStore,
+    index: RecordIndex,
+    blobs: BlobStore,
+    chain: PrivateChain | SequencerClient,
+    clock: Clock,
+    *,
+    validator: Validator,
+    crash_recovery: bool = True,
+    remote: SequencerClient | None = None,
+    stored_members: StoredMembership | None = None,
+) -> Node:
+    """The node's services over its opened stores, writing through ``chain`` (the
+    chain itself in the sequencer, the link to it in an API worker)."""
     keys = InstitutionKeys(keystore)
     records = RecordsService(
         institution=config.institution,
@@ -975,11 +994,10 @@ def open_worker_node(
         blobs=blobs,
         keys=keys,
         clock=clock,
-        validator=Validator(0),
-        # The sequencer stamps chain_base and alone recovers (see RecordWriter.commit_sealed).
-        crash_recovery=False,
-        health=_store_health(root, storage.blobs),
-        remote=chain,
+        validator=validator,
+        crash_recovery=crash_recovery,
+        health=_store_health(root, config.storage.blobs),
+        remote=remote,
     )
     return Node(
         config=config,
@@ -996,7 +1014,7 @@ def open_worker_node(
         _blobs=blobs,
         _keys=keys,
         clock=clock,
-        _stored_members=_stored_membership(config, paths),
+        _stored_members=stored_members,
     )
 
 
