@@ -27,7 +27,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from psycopg import sql
 from medledger.benchmarks.common import BENCH_PASSPHRASE
 from medledger.config import NodePaths, StorageConfig
 from medledger.localnet.natsserver import free_ports
+from medledger.localnet.nodeproc import medledger_command
 from medledger.node import init_node
 from medledger.services.fhir import FHIR_JSON
 from medledger.services.tls import client_context, load_certificate
@@ -104,19 +104,12 @@ def _env(dsn: str) -> dict[str, str]:
     return env
 
 
-def _medledger() -> list[str]:
-    script = Path(sys.executable).parent / "medledger"
-    if script.is_file():
-        return [str(script)]
-    return [sys.executable, "-c", "from medledger.cli import main; main()"]
-
-
 def _start(host: _Host, dsn: str, workers: int) -> None:
     port = host.url.rsplit(":", 1)[1]
     with host.log.open("ab") as sink:
         host.proc = subprocess.Popen(
             [
-                *_medledger(),
+                *medledger_command(),
                 "node",
                 "start",
                 "--dir",
@@ -193,12 +186,16 @@ def _writer(
         client.close()
 
 
+def _logs(hosts: list[_Host]) -> str:
+    """Every host's log tail, for an error message."""
+    return "\n".join(f"--- {h.root.name}:\n{h.log_tail()}" for h in hosts)
+
+
 def _wait(predicate: Any, deadline_s: float, what: str, hosts: list[_Host]) -> None:
     deadline = time.monotonic() + deadline_s
     while not predicate():
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {h.root.name}:\n{h.log_tail()}" for h in hosts)
-            raise RuntimeError(f"timed out waiting for {what}; the logs:\n{logs}")
+            raise RuntimeError(f"timed out waiting for {what}; the logs:\n{_logs(hosts)}")
         time.sleep(0.05)
 
 
@@ -248,7 +245,7 @@ def failover_scenario(
         second = work / "host-b"
         shutil.copytree(first, second)  # the node directory as copied to another host
         token_run = subprocess.run(
-            [*_medledger(), "token", "create", "--dir", str(first), "--role", "clinician"],
+            [*medledger_command(), "token", "create", "--dir", str(first), "--role", "clinician"],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             env=_env(dsn),
@@ -262,24 +259,12 @@ def failover_scenario(
             for root, port in zip((first, second), ports, strict=True)
         ]
         tls = client_context([load_certificate(NodePaths(root=first).tls_cert)])
-        return _run(hosts, dsn, token, tls, institution, settings)
+        try:
+            return _measure(hosts, dsn, token, tls, institution, settings)
+        except subprocess.TimeoutExpired as exc:  # a process did not stop or answer in time
+            raise RuntimeError(f"{exc}; the logs:\n{_logs(hosts)}") from None
     finally:
         _drop_schemas(dsn, institution)
-
-
-def _run(
-    hosts: list[_Host],
-    dsn: str,
-    token: str,
-    tls: Any,
-    institution: str,
-    settings: FailoverSettings,
-) -> dict[str, Any]:
-    try:
-        return _measure(hosts, dsn, token, tls, institution, settings)
-    except subprocess.TimeoutExpired as exc:
-        logs = "\n".join(f"--- {h.root.name}:\n{h.log_tail()}" for h in hosts)
-        raise RuntimeError(f"{exc}; the logs:\n{logs}") from None
 
 
 def _measure(
@@ -333,7 +318,7 @@ def _measure(
         hosts[1].proc.send_signal(signal.SIGTERM)
         survivor_exit = hosts[1].proc.wait(timeout=60)
         verify = subprocess.run(
-            [*_medledger(), "verify", "--dir", str(hosts[1].root)],
+            [*medledger_command(), "verify", "--dir", str(hosts[1].root)],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
