@@ -20,6 +20,7 @@ import httpx
 import pytest
 from api_helpers import LiveServer
 
+from medledger.api import portal
 from medledger.api import verify as verify_api
 from medledger.api.portal import PORTAL_CSP
 from medledger.core.encoding import canonical_bytes
@@ -57,6 +58,22 @@ class _Inline(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._in_script and data.strip():
             self.problems.append("script text")
+
+
+def test_every_page_is_framed_with_its_own_title_module_and_heading() -> None:
+    """The shared frame (``page.tmpl``) around each page's own part: one document, titled
+    by the page's heading, loading the page's own module, with one status line."""
+    for name in PAGES:
+        page = portal._FILES[name].body.decode()
+        heading = re.search(r"<h1>(.+)</h1>", page)
+        assert heading is not None, name
+        assert page.startswith("<!doctype html>\n") and page.endswith("</html>\n"), name
+        assert page.count("<html") == page.count("<title>") == page.count("<h1>") == 1, name
+        assert f"<title>{heading[1]} — medledger</title>" in page, name
+        module = name.removesuffix(".html")
+        assert f'<script type="module" src="/portal/js/{module}.js"></script>' in page, name
+        assert page.count('id="status"') == 1 and "$" not in page, name
+        assert page.index("<h1>") < page.index('id="status"') < page.index("</main>"), name
 
 
 def test_pages_are_served_with_the_portal_policy(live: LiveServer) -> None:

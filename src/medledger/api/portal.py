@@ -22,8 +22,10 @@ cannot act with the user's credentials (docs/security.md).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -65,13 +67,27 @@ class _File:
     content_type: str
 
 
+def _framed(page: Path, frame: Template) -> bytes:
+    """A page as served: its own part (``page``, which begins with its ``<h1>`` line) in the
+    frame every page shares (``page.tmpl``: head, header bar, status line, footer), with
+    the heading as its title and its own module (``js/<name>.js``)."""
+    heading_line, _, content = page.read_text(encoding="utf-8").partition("\n")
+    heading = re.fullmatch(r"<h1>(.+)</h1>", heading_line)
+    if heading is None:
+        raise InvalidInput(f"{page.name}: a portal page begins with its <h1> line")
+    return frame.substitute(heading=heading[1], name=page.stem, content=content).encode()
+
+
 def _load_files(root: Path) -> dict[str, _File]:
-    """Every servable file under ``root``, by its ``/``-separated relative name."""
+    """Every servable file under ``root``, by its ``/``-separated relative name; the pages
+    (``*.html``) in their frame."""
+    frame = Template((root / "page.tmpl").read_text(encoding="utf-8"))
     files: dict[str, _File] = {}
     for path in sorted(root.rglob("*")):
         content_type = _TYPES.get(path.suffix)
         if path.is_file() and content_type is not None:
-            files[path.relative_to(root).as_posix()] = _File(path.read_bytes(), content_type)
+            body = _framed(path, frame) if path.suffix == ".html" else path.read_bytes()
+            files[path.relative_to(root).as_posix()] = _File(body, content_type)
     return files
 
 
