@@ -289,18 +289,8 @@ def test_the_sign_in_page_loads_only_its_own_script_and_checks_csrf(smart: Smart
 
 
 def test_a_staff_user_token_reads_but_cannot_write_and_revocation_ends_it(smart: Smart) -> None:
-    verifier = pkce.new_secret()
     with browser(smart) as web:
-        page = web.get(manual_authorize_url(smart, verifier, "user/*.read offline_access"))
-        approval = web.post(
-            "/oauth/authorize/staff",
-            data={
-                "step": hidden(page.text, "step"),
-                "csrf": hidden(page.text, "csrf"),
-                "api_token": smart.live.clinician,
-            },
-        )
-        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+        tokens: dict[str, Any] = staff_sign_in(smart, web, "user/*.read offline_access")
         assert tokens["scope"] == "user/*.read offline_access" and "patient" not in tokens
         with smart.live.client(tokens["access_token"], verify=smart.tls) as app:
             assert app.get("/fhir/Condition/cond-1").status_code == 200
@@ -371,19 +361,9 @@ def test_unregistered_redirects_are_never_followed(smart: Smart, tmp_path: Path)
 def test_everything_and_export_hold_only_the_types_the_scopes_allow(smart: Smart) -> None:
     """$everything and $export answer many types behind one path's type: the scopes narrow
     them (the path's scope check alone would let ``Patient.read`` read everything)."""
-    verifier = pkce.new_secret()
     scope = "user/Patient.read user/Observation.read"
     with browser(smart) as web:
-        page = web.get(manual_authorize_url(smart, verifier, scope))
-        approval = web.post(
-            "/oauth/authorize/staff",
-            data={
-                "step": hidden(page.text, "step"),
-                "csrf": hidden(page.text, "csrf"),
-                "api_token": smart.live.clinician,
-            },
-        )
-        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+        tokens: dict[str, Any] = staff_sign_in(smart, web, scope)
     with smart.live.client(tokens["access_token"], verify=smart.tls) as app:
         everything = app.get(f"/fhir/Patient/{PATIENT}/$everything")
         assert everything.status_code == 200, everything.text
@@ -409,23 +389,28 @@ def test_everything_and_export_hold_only_the_types_the_scopes_allow(smart: Smart
         assert app.delete(status_url).status_code == 202
 
 
-def staff_access_token(smart: Smart, scope: str, api_token: str = "") -> str:
-    """An access token of the app for a staff member (the clinician unless ``api_token``
-    says otherwise), granted ``scope`` (user/ scopes)."""
+def staff_sign_in(smart: Smart, web: httpx.Client, scope: str, api_token: str = "") -> Any:
+    """The app's whole sign-in in browser ``web`` for a staff member (the clinician unless
+    ``api_token`` says otherwise), asking for ``scope``: the token endpoint's answer."""
     verifier = pkce.new_secret()
+    page = web.get(manual_authorize_url(smart, verifier, scope))
+    approval = web.post(
+        "/oauth/authorize/staff",
+        data={
+            "step": hidden(page.text, "step"),
+            "csrf": hidden(page.text, "csrf"),
+            "api_token": api_token or smart.live.clinician,
+        },
+    )
+    answer = redeem(web, smart, approve(web, approval), verifier)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def staff_access_token(smart: Smart, scope: str, api_token: str = "") -> str:
+    """An access token of the app for a staff member, granted ``scope`` (user/ scopes)."""
     with browser(smart) as web:
-        page = web.get(manual_authorize_url(smart, verifier, scope))
-        approval = web.post(
-            "/oauth/authorize/staff",
-            data={
-                "step": hidden(page.text, "step"),
-                "csrf": hidden(page.text, "csrf"),
-                "api_token": api_token or smart.live.clinician,
-            },
-        )
-        answer = redeem(web, smart, approve(web, approval), verifier)
-        assert answer.status_code == 200, answer.text
-        token: str = answer.json()["access_token"]
+        token: str = staff_sign_in(smart, web, scope, api_token)["access_token"]
         return token
 
 
@@ -494,18 +479,8 @@ def test_a_token_scoped_to_some_types_cannot_match_on_others_by_chain_or_has(
 def test_an_app_keeps_its_bulk_export_across_a_token_refresh(smart: Smart) -> None:
     """An export outlives the hour-long access token that started it: the job belongs to
     the sign-in (its grant), so the refreshed token polls it and another sign-in cannot."""
-    verifier = pkce.new_secret()
     with browser(smart) as web:
-        page = web.get(manual_authorize_url(smart, verifier, "user/Patient.read offline_access"))
-        approval = web.post(
-            "/oauth/authorize/staff",
-            data={
-                "step": hidden(page.text, "step"),
-                "csrf": hidden(page.text, "csrf"),
-                "api_token": smart.live.clinician,
-            },
-        )
-        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+        tokens: dict[str, Any] = staff_sign_in(smart, web, "user/Patient.read offline_access")
         with smart.live.client(tokens["access_token"], verify=smart.tls) as app:
             kick_off = app.get("/fhir/Patient/$export", headers={"Prefer": "respond-async"})
             assert kick_off.status_code == 202, kick_off.text
@@ -538,18 +513,8 @@ def test_a_refresh_for_a_narrower_scope_gives_a_token_that_can_do_only_that(
 ) -> None:
     """RFC 6749 §6 over HTTP: the refreshed token is refused what the refresh left out; a
     refresh asking for more than the grant is invalid_scope and spends nothing."""
-    verifier = pkce.new_secret()
     with browser(smart) as web:
-        page = web.get(manual_authorize_url(smart, verifier, "user/*.read offline_access"))
-        approval = web.post(
-            "/oauth/authorize/staff",
-            data={
-                "step": hidden(page.text, "step"),
-                "csrf": hidden(page.text, "csrf"),
-                "api_token": smart.live.clinician,
-            },
-        )
-        tokens: dict[str, Any] = redeem(web, smart, approve(web, approval), verifier).json()
+        tokens: dict[str, Any] = staff_sign_in(smart, web, "user/*.read offline_access")
 
         def refresh(refresh_token: str, scope: str) -> httpx.Response:
             return web.post(
