@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from medledger.api.app import create_app
 from medledger.api.auth import AUTH_FAILURES
 from medledger.api.server import HttpLimits
 from medledger.api.serving import NodeServer
@@ -34,10 +35,11 @@ from medledger.ledger.proofs import head_header
 from medledger.ledger.verify import VerifyReport, verify_chain
 from medledger.lifecycle import RunSettings
 from medledger.localnet.loopback import loopback_socket
-from medledger.node import Node, init_node, open_chain
+from medledger.node import Node, init_node, open_chain, open_node
 from medledger.services.ratelimit import RateLimit
 from medledger.storage.keystore import KdfParams
 from medledger.storage.ports import TokenStore
+from medledger.storage.sqlite.oauth import SqliteOAuthStore
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 from medledger.synthetic import PatientBundle, generate_patients
 
@@ -142,6 +144,52 @@ class LiveServer:
             return verify_chain(store, expected_key=config.signing_key)
         finally:
             store.close()
+
+
+#: ``client(address=..., host=...)`` of :func:`serve_in_process`.
+InProcessClient = Callable[..., httpx.AsyncClient]
+
+
+def serve_in_process(
+    root: Path,
+    story: Callable[[InProcessClient, SqliteTokenStore], Awaitable[None]],
+    *,
+    name: str = "In-Process Test Hospital",
+    advertise: str = "",
+    oauth: bool = False,
+    **app_options: Any,
+) -> None:
+    """Create a node in ``root`` and serve it in-process (``create_app`` over httpx's ASGI
+    transport, no socket) for ``story(client, tokens)``, then close everything.
+
+    ``client(address="198.51.100.4", host="node")``: an ``AsyncClient`` whose requests
+    come from ``address`` and carry ``Host: host``, both as a test (or an attacker)
+    chooses. ``oauth``: with the authorization server's store (``root/oauth.db``).
+    ``app_options`` go to ``create_app``.
+    """
+    init_node(root, name=name, passphrase=PASSPHRASE, kdf=FAST_KDF, advertise=advertise)
+    tokens = SqliteTokenStore(root / "tokens.db")
+    oauth_store = SqliteOAuthStore(root / "oauth.db") if oauth else None
+
+    async def main() -> None:
+        node = open_node(root, PASSPHRASE)
+        try:
+            app = create_app(node, tokens, oauth_store=oauth_store, **app_options)
+
+            def client(address: str = "198.51.100.4", host: str = "node") -> httpx.AsyncClient:
+                transport = httpx.ASGITransport(app=app, client=(address, 40_000))
+                return httpx.AsyncClient(transport=transport, base_url=f"http://{host}")
+
+            await story(client, tokens)
+        finally:
+            await node.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        tokens.close()
+        if oauth_store is not None:
+            oauth_store.close()
 
 
 def start_server(

@@ -10,7 +10,6 @@ in an answer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -19,10 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import FAST_KDF, PASSPHRASE, LiveServer, put_json, start_server, stop_server
+from api_helpers import (
+    InProcessClient,
+    LiveServer,
+    put_json,
+    serve_in_process,
+    start_server,
+    stop_server,
+)
 
-from medledger.api.app import create_app
-from medledger.node import init_node, open_node
 from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 FORGED_HOST = "evil.example"
@@ -132,36 +136,22 @@ def test_bulk_export_urls_use_the_configured_url(live: LiveServer) -> None:
 def test_a_node_without_a_public_url_writes_absolute_paths(tmp_path: Path) -> None:
     """No ``advertise`` and no named listening address (``create_app`` alone): links are
     absolute paths, which a client resolves against the origin it used (RFC 3986 §5)."""
-    root = tmp_path / "node"
-    init_node(root, name="No URL Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
-    tokens = SqliteTokenStore(root / "tokens.db")
-    staff, _ = tokens.create(role="clinician", now_ms=0, label="dr")
 
-    async def main() -> None:
-        node = open_node(root, PASSPHRASE)
-        try:
-            transport = httpx.ASGITransport(app=create_app(node, tokens))
-            async with httpx.AsyncClient(
-                transport=transport,
-                base_url=f"http://{FORGED_HOST}",
-                headers={"Authorization": f"Bearer {staff}", **FORGED},
-            ) as web:
-                patient = {"resourceType": "Patient", "id": "p1"}
-                put = await web.put(
-                    "/fhir/Patient/p1",
-                    content=json.dumps(patient),
-                    headers={"Content-Type": "application/fhir+json"},
-                )
-                assert put.status_code in (200, 201), put.text
-                for url in ("/fhir/Patient?_count=1", "/fhir/Patient/p1/_history"):
-                    response = await web.get(url)
-                    assert FORGED_HOST not in response.text, response.text
-                    urls = _urls(response.json())
-                    assert urls and all(u.startswith("/fhir/Patient") for u in urls), urls
-        finally:
-            await node.close()
+    async def story(client: InProcessClient, tokens: SqliteTokenStore) -> None:
+        staff, _ = tokens.create(role="clinician", now_ms=0, label="dr")
+        headers = {"Authorization": f"Bearer {staff}", **FORGED}
+        async with client(host=FORGED_HOST) as web:
+            patient = {"resourceType": "Patient", "id": "p1"}
+            put = await web.put(
+                "/fhir/Patient/p1",
+                content=json.dumps(patient),
+                headers={"Content-Type": "application/fhir+json", **headers},
+            )
+            assert put.status_code in (200, 201), put.text
+            for url in ("/fhir/Patient?_count=1", "/fhir/Patient/p1/_history"):
+                response = await web.get(url, headers=headers)
+                assert FORGED_HOST not in response.text, response.text
+                urls = _urls(response.json())
+                assert urls and all(u.startswith("/fhir/Patient") for u in urls), urls
 
-    try:
-        asyncio.run(main())
-    finally:
-        tokens.close()
+    serve_in_process(tmp_path / "node", story, name="No URL Hospital")

@@ -9,7 +9,6 @@ accepted, the portal's redirect URI and where the browser is sent stay that URL.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import logging
 import re
@@ -20,10 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from api_helpers import FAST_KDF, PASSPHRASE
+from api_helpers import InProcessClient, serve_in_process
 
-from medledger.api.app import create_app
-from medledger.node import init_node, open_node
 from medledger.services.oauth import pkce
 from medledger.services.oauth.server import PORTAL_CLIENT, register_client
 from medledger.storage.sqlite.oauth import SqliteOAuthStore
@@ -38,32 +35,14 @@ Client = Callable[[str], httpx.AsyncClient]
 
 
 def run(root: Path, story: Callable[[Client, str], Awaitable[None]], advertise: str) -> None:
-    """Serve a new node in-process; ``story(client, staff_token)``."""
-    init_node(
-        root, name="Host Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF, advertise=advertise
-    )
-    tokens = SqliteTokenStore(root / "tokens.db")
-    oauth = SqliteOAuthStore(root / "oauth.db")
-    staff, _ = tokens.create(role="clinician", now_ms=0, label="dr")
+    """Serve a new node in-process; ``story(client, staff_token)``, ``client(host)`` a
+    client whose requests claim that Host."""
 
-    async def main() -> None:
-        node = open_node(root, PASSPHRASE)
-        try:
-            app = create_app(node, tokens, oauth_store=oauth)  # the URL: node.toml's advertise
+    async def signed_in(client: InProcessClient, tokens: SqliteTokenStore) -> None:
+        staff, _ = tokens.create(role="clinician", now_ms=0, label="dr")
+        await story(lambda host: client(host=host), staff)
 
-            def client(host: str) -> httpx.AsyncClient:
-                transport = httpx.ASGITransport(app=app, client=("198.51.100.4", 40_000))
-                return httpx.AsyncClient(transport=transport, base_url=f"http://{host}")
-
-            await story(client, staff)
-        finally:
-            await node.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        tokens.close()
-        oauth.close()
+    serve_in_process(root, signed_in, name="Host Test Hospital", advertise=advertise, oauth=True)
 
 
 def open_steps(root: Path) -> int:

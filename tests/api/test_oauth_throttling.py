@@ -6,57 +6,34 @@ address), as tests/api/test_throttling.py does for bearer tokens.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import re
 from pathlib import Path
 from typing import Any
 
 import httpx
-from api_helpers import FAST_KDF, PASSPHRASE
+from api_helpers import serve_in_process
 
-from medledger.api.app import create_app
-from medledger.node import init_node, open_node
 from medledger.services.oauth import pkce
 from medledger.services.oauth.server import register_client
 from medledger.services.ratelimit import RateLimit
 from medledger.storage.sqlite.oauth import SqliteOAuthStore
-from medledger.storage.sqlite.tokens import SqliteTokenStore
 
 BUDGET = RateLimit(burst=3, interval_ms=10_000)
 REDIRECT = "https://app.example/cb"
 
 
 def run(root: Path, story: Any, **app_options: Any) -> None:
-    init_node(root, name="Throttle Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
-    tokens = SqliteTokenStore(root / "tokens.db")
-    oauth = SqliteOAuthStore(root / "oauth.db")
-
-    async def main() -> None:
-        node = open_node(root, PASSPHRASE)
-        try:
-            app = create_app(
-                node,
-                tokens,
-                auth_failures=BUDGET,
-                oauth_store=oauth,
-                public_url="http://node",
-                **app_options,
-            )
-
-            def client(address: str) -> httpx.AsyncClient:
-                transport = httpx.ASGITransport(app=app, client=(address, 40_000))
-                return httpx.AsyncClient(transport=transport, base_url="http://node")
-
-            await story(client)
-        finally:
-            await node.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        tokens.close()
-        oauth.close()
+    """Serve a new node in-process; ``story(client)``, ``client(address)`` a client there."""
+    serve_in_process(
+        root,
+        lambda client, tokens: story(client),
+        name="Throttle Test Hospital",
+        oauth=True,
+        auth_failures=BUDGET,
+        public_url="http://node",
+        **app_options,
+    )
 
 
 def test_bad_client_secrets_are_throttled_per_address(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import FAST_KDF, PASSPHRASE, assert_outcome, now_ms
+from api_helpers import FAST_KDF, PASSPHRASE, assert_outcome, now_ms, serve_in_process
 
 from medledger.api.app import create_app
 from medledger.api.auth import AuthFailures, SharedAuthFailures
@@ -38,27 +38,15 @@ class HandClock:
 
 
 def run(root: Path, story: Any) -> None:
-    init_node(root, name="Throttle Test Hospital", passphrase=PASSPHRASE, kdf=FAST_KDF)
-    tokens = SqliteTokenStore(root / "tokens.db")
+    """Serve a new node in-process; ``story(client, tokens, clock)`` on a hand clock."""
     clock = HandClock()
-
-    async def main() -> None:
-        node = open_node(root, PASSPHRASE)
-        try:
-            app = create_app(node, tokens, clock=clock, auth_failures=BUDGET)
-
-            def client(address: str) -> httpx.AsyncClient:
-                transport = httpx.ASGITransport(app=app, client=(address, 40_000))
-                return httpx.AsyncClient(transport=transport, base_url="http://node")
-
-            await story(client, tokens, clock)
-        finally:
-            await node.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        tokens.close()
+    serve_in_process(
+        root,
+        lambda client, tokens: story(client, tokens, clock),
+        name="Throttle Test Hospital",
+        clock=clock,
+        auth_failures=BUDGET,
+    )
 
 
 def bearer(token: str) -> dict[str, str]:
