@@ -7,6 +7,7 @@ after the node connected to NATS must leave no connection and no open file.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -175,3 +176,26 @@ def test_an_anchor_check_that_cannot_run_keeps_the_node_unready_and_says_why(
     problem = asyncio.run(restart())
     assert "StorageError" in problem and "restart the node" in problem
     assert str(root) not in problem  # unauthenticated /readyz shows it: no paths
+
+
+def test_a_started_node_has_frozen_its_start_up_heap(tmp_path: Path) -> None:
+    """Once open and before serving, start-up's objects are out of the collector's reach
+    (medledger.heap): a full collection no longer rescans them under load."""
+    root = tmp_path / "node"
+    order = tmp_path / "order"
+    order.mkdir()
+    _make_node(root, ConsortiumConfig(ordering="solo", order_file=str(order / "order.db")))
+    write_genesis("lifecycle", [root], time_ms=1_700_000_000_000)
+    gc.unfreeze()
+
+    async def started() -> tuple[int, bool]:
+        async with run_node(root, PASSPHRASE) as runtime:
+            node = runtime.node
+            return gc.get_freeze_count(), any(o is node.records for o in gc.get_objects())
+
+    try:
+        frozen, records_tracked = asyncio.run(started())
+    finally:
+        gc.unfreeze()
+    assert frozen > 0
+    assert not records_tracked, "the node's records service is still scanned by the collector"

@@ -54,6 +54,7 @@ from medledger.benchmarks.hybrid import (
 from medledger.config import ConsortiumConfig
 from medledger.core.consortium import HYBRID
 from medledger.core.errors import MedledgerError
+from medledger.heap import freeze_startup_heap
 from medledger.ledger.ordering.port import Orderer
 from medledger.localnet.cgroups import CpuGroups
 from medledger.localnet.netproc import create_order_file
@@ -140,6 +141,7 @@ async def _serve(spec: _WorkerSpec, conn: Connection) -> None:
     )
     work = workload(spec.settings)
     _warm_fhir_models(spec.settings)
+    freeze_startup_heap()  # as ``node start`` does once it is open
     queues = None
     try:
         conn.send(("ready",))
