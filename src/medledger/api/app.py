@@ -40,6 +40,7 @@ from medledger.api.deps import (
 from medledger.api.dispatch import install_path_gates
 from medledger.api.errors import install_error_handlers
 from medledger.api.headers import install_docs, install_headers
+from medledger.api.lean_reads import install_lean_reads
 from medledger.api.metrics import Counts, Metrics, install_metrics
 from medledger.api.responses import fhir_response
 from medledger.config import public_base_url
@@ -221,4 +222,7 @@ def create_app(
     # Last, once every route is in: a FHIR read no longer tries the eleven routers
     # before the FHIR router one route at a time (``api.dispatch``).
     install_path_gates(app)
+    # First of all routes: FHIR read and vread without FastAPI's per-request machinery,
+    # the same checks and answer (``api.lean_reads``, decision 0052).
+    install_lean_reads(app)
     return app

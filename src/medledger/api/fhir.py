@@ -86,10 +86,13 @@ from medledger.services.search import is_chain, known_parameter
 from medledger.services.search_registry import registry
 from medledger.storage.ports import TokenInfo
 
-__all__ = ["declared_search", "router"]
+__all__ = ["clinical_reader", "declared_search", "read_answer", "router", "vread_answer"]
 
 router = APIRouter(prefix="/fhir", tags=["FHIR"], dependencies=[Depends(check_formats)])
-Clinical = Annotated[TokenInfo, Depends(require("clinician", "patient"))]
+#: The token check of every clinical read: a dependency of the FastAPI routes, and
+#: called as is by the lean read path (``api.lean_reads``).
+clinical_reader = require("clinician", "patient")
+Clinical = Annotated[TokenInfo, Depends(clinical_reader)]
 Writer = Annotated[TokenInfo, Depends(require("clinician"))]
 
 
@@ -618,6 +621,15 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
 
 @router.get("/{resource_type}/{rid}", summary="read")
 async def read(resource_type: str, rid: str, node: NodeDep, who: Clinical) -> Response:
+    return await read_answer(node, who, resource_type, rid)
+
+
+async def read_answer(node: Node, who: TokenInfo, resource_type: str, rid: str) -> Response:
+    """FHIR read of ``resource_type/rid`` for an authenticated ``who``: the patient gate,
+    the durable ``access`` entry, and the record as stored with its ETag and Last-Modified.
+
+    What both the FastAPI route and the lean read path (``api.lean_reads``) answer.
+    """
     async with _audited(node, who, resource_type, rid) as shown:
         rtype, rid = _check_type(resource_type), validate_id(rid)
         _patient_gate(node.records, who, rtype, rid)
@@ -844,6 +856,13 @@ async def vread(
     node: NodeDep,
     who: Clinical,
 ) -> Response:
+    return await vread_answer(node, who, resource_type, rid, vid)
+
+
+async def vread_answer(
+    node: Node, who: TokenInfo, resource_type: str, rid: str, vid: int
+) -> Response:
+    """FHIR vread of version ``vid`` (already checked: 0 to 2**53): as :func:`read_answer`."""
     async with _audited(node, who, resource_type, rid) as shown:
         rtype, rid = _check_type(resource_type), validate_id(rid)
         _patient_gate(node.records, who, rtype, rid, version=vid)
