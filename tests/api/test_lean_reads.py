@@ -25,12 +25,14 @@ from typing import Any
 
 import pytest
 from api_helpers import FAST_KDF, PASSPHRASE
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 import medledger.api.app as app_module
+from medledger.api import fhir
 from medledger.api.app import create_app
 from medledger.api.deps import services_of
-from medledger.api.lean_reads import LeanReadRoute
+from medledger.api.lean_reads import LeanReadRoute, install_lean_reads
+from medledger.api.negotiation import check_formats
 from medledger.core.models import Transaction
 from medledger.node import Node, init_node, open_node
 from medledger.services.oauth.server import AuthorizationServer
@@ -397,3 +399,40 @@ def test_both_apps_count_the_same_answers(served: Served) -> None:
     ]
     assert counted[0] == counted[1]
     assert sum(counted[0]) >= 15
+
+
+def _app_with_read(*router_dependencies: Any) -> FastAPI:
+    app = FastAPI()
+    router = APIRouter(prefix="/fhir", dependencies=[Depends(d) for d in router_dependencies])
+    router.add_api_route("/{resource_type}/{rid}", fhir.read, methods=["GET"])
+    app.include_router(router)
+    install_lean_reads(app)
+    return app
+
+
+async def _audit_everything() -> None:
+    """A dependency the lean route does not know of."""
+
+
+def test_a_read_route_with_other_dependencies_is_left_to_fastapi() -> None:
+    assert isinstance(_app_with_read(check_formats).router.routes[0], LeanReadRoute)
+    for extra in ((check_formats, _audit_everything), (_audit_everything,), ()):
+        app = _app_with_read(*extra)
+        assert not any(isinstance(r, LeanReadRoute) for r in app.router.routes), extra
+
+
+def test_overridden_dependencies_are_left_to_fastapi(served: Served) -> None:
+    headers = _auth(served.tokens["clinician"])
+    path = served.paths["alice"]
+    assert served.loop.run_until_complete(
+        _call(served.lean, served.node, "GET", path, "", headers)
+    ).lean
+    served.lean.dependency_overrides[check_formats] = _audit_everything
+    try:
+        answer = served.loop.run_until_complete(
+            _call(served.lean, served.node, "GET", path, "", {**headers, "accept": "text/xml"})
+        )
+    finally:
+        served.lean.dependency_overrides.clear()
+    assert not answer.lean
+    assert answer.status == 200  # the override (no format check) was applied

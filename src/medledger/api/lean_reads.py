@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
@@ -48,7 +48,7 @@ from starlette.types import Receive, Scope, Send
 
 from medledger.api import fhir
 from medledger.api.clinical_reads import digits
-from medledger.api.deps import services_of
+from medledger.api.deps import NodeDep, services_of
 from medledger.api.dispatch import route_shapes
 from medledger.api.negotiation import check_formats
 
@@ -107,6 +107,27 @@ def _leaves(routes: list[BaseRoute]) -> Iterator[Any]:
             yield route
 
 
+#: What FastAPI solves for the read and vread routes, in its order: the FHIR router's
+#: format check, ``NodeDep``'s provider, the token check. A route whose dependencies
+#: differ (one added later, say) is left to FastAPI rather than answered without them.
+_DEPENDENCIES = (check_formats, get_args(NodeDep)[1].dependency, fhir.clinical_reader)
+
+
+def _does_what_lean_does(leaf: Any) -> bool:
+    """Whether ``leaf``'s FastAPI dependant asks exactly what the lean route does: the
+    three dependencies above (none with its own), path parameters, nothing else."""
+    dependant = getattr(leaf, "dependant", None)
+    if dependant is None:
+        return False
+    own = tuple(d.call for d in dependant.dependencies)
+    return (
+        own == _DEPENDENCIES
+        and not any(d.dependencies for d in dependant.dependencies)
+        and not (dependant.query_params or dependant.header_params or dependant.cookie_params)
+        and not dependant.body_params
+    )
+
+
 def _may_answer_get(leaf: Any) -> bool:
     methods = getattr(leaf, "methods", None)
     return methods is None or not methods or "GET" in methods
@@ -127,7 +148,12 @@ def _targets(app: FastAPI) -> list[_Target]:
         endpoint = getattr(leaf, "endpoint", None)
         found = answers.get(endpoint)
         regex = getattr(leaf, "path_regex", None)
-        if found is not None and isinstance(regex, re.Pattern) and _may_answer_get(leaf):
+        if (
+            found is not None
+            and isinstance(regex, re.Pattern)
+            and _may_answer_get(leaf)
+            and _does_what_lean_does(leaf)
+        ):
             answer, version_param = found
             targets.append(
                 _Target(
@@ -159,11 +185,13 @@ def _only_format(query_string: bytes) -> bool:
 class LeanReadRoute(BaseRoute):
     """Answers FHIR read and vread as their FastAPI routes do (module docstring)."""
 
-    def __init__(self, targets: list[_Target]) -> None:
+    def __init__(self, app: FastAPI, targets: list[_Target]) -> None:
+        self._overrides = app.dependency_overrides
         self._targets = tuple(targets)
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] != "http" or scope["method"] != "GET":
+        if scope["type"] != "http" or scope["method"] != "GET" or self._overrides:
+            # Overridden dependencies (tests may override them) are FastAPI's to apply.
             return Match.NONE, {}
         path = get_route_path(scope)
         if not path.startswith("/fhir/"):
@@ -219,4 +247,4 @@ def install_lean_reads(app: FastAPI) -> None:
         return
     targets = _targets(app)
     if targets:
-        app.router.routes.insert(0, LeanReadRoute(targets))
+        app.router.routes.insert(0, LeanReadRoute(app, targets))
