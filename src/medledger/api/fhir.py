@@ -96,7 +96,9 @@ Clinical = Annotated[TokenInfo, Depends(clinical_reader)]
 Writer = Annotated[TokenInfo, Depends(require("clinician"))]
 
 
+@functools.lru_cache(maxsize=4096)
 def _http_date(instant: str) -> str:
+    # Pure, and the same few instants come back on every read of a busy record.
     return format_datetime(datetime.fromisoformat(instant.replace("Z", "+00:00")), usegmt=True)
 
 

@@ -60,7 +60,8 @@ def _is_search_form(request: Request, content_type: str) -> bool:
 
 async def check_formats(request: Request) -> None:
     """Refuse (406) a request whose answer must not be JSON, and (415) a non-JSON body."""
-    formats = request.query_params.getlist("_format")
+    # No query string, no ``_format``: the common read skips parsing one.
+    formats = request.query_params.getlist("_format") if request.scope.get("query_string") else []
     if any(f.strip().lower() not in _JSON_FORMATS for f in formats):
         raise NotAcceptable("only FHIR JSON is served (_format=json or application/fhir+json)")
     accept = request.headers.get("accept")
