@@ -223,6 +223,6 @@ def create_app(
     # before the FHIR router one route at a time (``api.dispatch``).
     install_path_gates(app)
     # First of all routes: FHIR read and vread without FastAPI's per-request machinery,
-    # the same checks and answer (``api.lean_reads``, decision 0054).
+    # the same checks and answer (``api.lean_reads``, decision 0055).
     install_lean_reads(app)
     return app
