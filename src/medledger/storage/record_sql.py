@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from medledger.core.errors import StorageError
+from medledger.storage.batching import GroupCommitter
 from medledger.storage.dialect import POSTGRES, SQLITE, Dialect
 from medledger.storage.ports import RECOVERY_MARK, VersionRow
 
@@ -32,6 +34,7 @@ __all__ = [
     "Dialect",
     "RecordQueries",
     "RecordReads",
+    "RecordWrites",
     "version_params",
     "version_row",
 ]
@@ -347,3 +350,36 @@ class RecordReads:
 
     def count_wrapped_by(self, kek_id: str) -> int:
         return int(self._select(self._queries.count_wrapped_by, (kek_id,))[0][0])
+
+
+class RecordWrites:
+    """The writes of the :class:`~medledger.storage.ports.RecordIndex` port, for both
+    backends: each is one operation handed to the adapter's group commit.
+
+    An adapter sets ``_writes``, whose ``_apply`` runs a batch of ``(kind, argument)``
+    operations (``put``, ``remove``, ``tokens``, ``mark``, ``meta``) in one transaction.
+    """
+
+    _writes: GroupCommitter[tuple[str, Any]]
+
+    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None:
+        """Add a version and make ``tokens`` the resource's search tokens; ``Conflict`` if taken."""
+        await self._writes.submit(("put", (row, tokens)))
+
+    async def remove_version(self, resource_type: str, rid: str, version: int) -> None:
+        """Undo a ``put_version`` whose chain commit failed."""
+        await self._writes.submit(("remove", (resource_type, rid, version)))
+
+    async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None:
+        """Make ``tokens`` the resource's search tokens (e.g. after undoing a failed write)."""
+        await self._writes.submit(("tokens", (resource_type, rid, tokens)))
+
+    async def set_recovery_mark(self, height: int) -> None:
+        """Record that every version with ``chain_base < height`` is settled (durably)."""
+        await self._writes.submit(("mark", height))
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        """Keep (durably) or, with ``None``, forget a value about the index."""
+        if key == RECOVERY_MARK:
+            raise StorageError("the recovery mark is set by set_recovery_mark")
+        await self._writes.submit(("meta", (key, value)))

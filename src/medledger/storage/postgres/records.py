@@ -21,6 +21,7 @@ from medledger.storage.postgres.migrations import open_schema
 from medledger.storage.record_sql import (
     RecordQueries,
     RecordReads,
+    RecordWrites,
     version_params,
     version_row,
 )
@@ -31,7 +32,7 @@ __all__ = ["PostgresRecordIndex"]
 _QUERIES = RecordQueries.for_dialect(POSTGRES)
 
 
-class PostgresRecordIndex(PooledStore, RecordReads):
+class PostgresRecordIndex(PooledStore, RecordReads, RecordWrites):
     """:class:`~medledger.storage.ports.RecordIndex` in one PostgreSQL schema.
 
     Writes are group committed: concurrent ``put_version`` / ``remove_version``
@@ -113,28 +114,6 @@ class PostgresRecordIndex(PooledStore, RecordReads):
             err = storage_error(exc, self.where)
             return [err] * len(ops)
         return results
-
-    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None:
-        """Add a version and make ``tokens`` the resource's search tokens; ``Conflict`` if taken."""
-        await self._writes.submit(("put", (row, tokens)))
-
-    async def remove_version(self, resource_type: str, rid: str, version: int) -> None:
-        """Undo a ``put_version`` whose chain commit failed."""
-        await self._writes.submit(("remove", (resource_type, rid, version)))
-
-    async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None:
-        """Make ``tokens`` the resource's search tokens (e.g. after undoing a failed write)."""
-        await self._writes.submit(("tokens", (resource_type, rid, tokens)))
-
-    async def set_recovery_mark(self, height: int) -> None:
-        """Record that every version with ``chain_base < height`` is settled (durably)."""
-        await self._writes.submit(("mark", height))
-
-    async def set_meta(self, key: str, value: str | None) -> None:
-        """Keep (durably) or, with ``None``, forget a value about the index."""
-        if key == RECOVERY_MARK:
-            raise StorageError("the recovery mark is set by set_recovery_mark")
-        await self._writes.submit(("meta", (key, value)))
 
     async def erase(self, resource_type: str, rid: str) -> list[bytes]:
         """Destroy every wrapped data key and token of a resource; return its blob hashes.
