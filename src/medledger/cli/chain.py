@@ -243,24 +243,10 @@ def node_nats_key(root: Path) -> None:
     ``authorization`` block (docs/deploy.md); the seed never leaves this
     machine. Refuses to replace an existing seed.
     """
-    import os
-
-    import nkeys  # type: ignore[import-untyped]  # (no type information shipped)
-
-    from medledger.core.errors import Conflict
+    from medledger.cli.nats import write_new_seed
 
     load_config(root)  # a clear error if DIR is not a node
-    path = root / "nats.nk"
-    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise Conflict(f"{path} exists; remove it first to make a new NATS key") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(bytes(seed))
-        handle.flush()
-        os.fsync(handle.fileno())
-    click.echo(nkeys.from_seed(bytearray(seed)).public_key.decode("ascii"))
+    click.echo(write_new_seed(root / "nats.nk"))
 
 
 @node.command("tls-cert")

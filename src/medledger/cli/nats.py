@@ -22,7 +22,7 @@ from medledger.core.errors import Conflict, InvalidInput
 if TYPE_CHECKING:
     from medledger.core.consortium import MemberSet
 
-__all__ = ["nats"]
+__all__ = ["nats", "write_new_seed"]
 
 
 @click.group()
@@ -30,7 +30,7 @@ def nats() -> None:
     """Configure this institution's NATS server; create the consortium stream."""
 
 
-def _write_new_seed(path: Path) -> str:
+def write_new_seed(path: Path) -> str:
     """A new NKey user seed in ``path`` (0600, never replaced); returns its public key."""
     import nkeys  # type: ignore[import-untyped]  # (no type information shipped)
 
@@ -60,7 +60,7 @@ def nats_operator_key(out: Path) -> None:
     (``nats config --operator-nkey``). Members' keys cannot create, update,
     delete or purge the stream; this one can, so keep it off the servers.
     """
-    click.echo(_write_new_seed(out))
+    click.echo(write_new_seed(out))
 
 
 def current_members(root: Path) -> MemberSet:
