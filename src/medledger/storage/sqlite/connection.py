@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from medledger.core.errors import StorageError, StorageFull
 
-__all__ = ["DAMAGE_CODES", "connect_wal", "immediate", "sqlite_uri", "storage_error"]
+__all__ = [
+    "DAMAGE_CODES",
+    "SqliteFileStore",
+    "connect_wal",
+    "immediate",
+    "sqlite_uri",
+    "storage_error",
+]
 
 
 def sqlite_uri(path: Path, mode: str) -> str:
@@ -52,3 +60,36 @@ def storage_error(path: Path, exc: sqlite3.Error) -> StorageError:
     if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
         return StorageFull(f"{path}: {exc} (no space left; nothing was stored)")
     return StorageError(f"{path}: {exc}")
+
+
+class SqliteFileStore:
+    """A small store in one SQLite file, on one autocommit connection (WAL,
+    ``synchronous=FULL``: each change durable on return), ``schema`` created if missing:
+    the statement primitives that tables written once for every backend
+    (``storage.tokens.TokenTable``, ``storage.oauth.OAuthTables``) run on.
+    """
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = path
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(schema)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{path}: {exc}") from None
+
+    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._conn.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, exc) from None
+
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        try:
+            return self._conn.execute(sql, args).rowcount
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, exc) from None
+
+    def close(self) -> None:
+        self._conn.close()

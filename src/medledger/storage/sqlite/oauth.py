@@ -14,27 +14,26 @@ from typing import Any
 from medledger.core.errors import StorageError
 from medledger.storage.dialect import SQLITE
 from medledger.storage.oauth import OAUTH_SCHEMA, OAUTH_TOKEN_SCOPE, OAuthTables
-from medledger.storage.sqlite.connection import storage_error
+from medledger.storage.sqlite.connection import SqliteFileStore, storage_error
 
 __all__ = ["SqliteOAuthStore"]
 
 
-class SqliteOAuthStore(OAuthTables):
+class SqliteOAuthStore(SqliteFileStore, OAuthTables):
     """The authorization server's state in one SQLite file (created on first open, mode 0600)."""
 
     dialect = SQLITE
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         try:
             # Codes and token hashes: readable by the node's user only.
             path.touch(mode=0o600, exist_ok=True)
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(OAUTH_SCHEMA)
+        except OSError as exc:
+            raise StorageError(f"{path}: {exc}") from None
+        super().__init__(path, OAUTH_SCHEMA)
+        try:
             self._add_token_scope()
-        except (sqlite3.Error, OSError) as exc:
+        except sqlite3.Error as exc:
             raise StorageError(f"{path}: {exc}") from None
 
     def _add_token_scope(self) -> None:
@@ -50,18 +49,6 @@ class SqliteOAuthStore(OAuthTables):
             raise
         self._conn.execute("COMMIT")
 
-    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        try:
-            return self._conn.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise storage_error(self.path, exc) from None
-
-    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
-        try:
-            return self._conn.execute(sql, args).rowcount
-        except sqlite3.Error as exc:
-            raise storage_error(self.path, exc) from None
-
     def _insert(self, sql: str, args: Sequence[Any]) -> bool:
         try:
             self._conn.execute(sql, args)
@@ -70,6 +57,3 @@ class SqliteOAuthStore(OAuthTables):
         except sqlite3.Error as exc:
             raise storage_error(self.path, exc) from None
         return True
-
-    def close(self) -> None:
-        self._conn.close()

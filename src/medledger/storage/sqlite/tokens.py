@@ -6,14 +6,10 @@ Issuing and checking are written once for every backend
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from medledger.core.errors import StorageError
 from medledger.storage.dialect import SQLITE
-from medledger.storage.sqlite.connection import storage_error
+from medledger.storage.sqlite.connection import SqliteFileStore
 from medledger.storage.tokens import TokenTable
 
 __all__ = ["SqliteTokenStore"]
@@ -32,32 +28,10 @@ CREATE TABLE IF NOT EXISTS tokens (
 """
 
 
-class SqliteTokenStore(TokenTable):
+class SqliteTokenStore(SqliteFileStore, TokenTable):
     """Tokens in one SQLite file (WAL, ``synchronous=FULL``: each change durable on return)."""
 
     dialect = SQLITE
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StorageError(f"{path}: {exc}") from None
-
-    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        try:
-            return self._conn.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise storage_error(self.path, exc) from None
-
-    def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
-        try:
-            return self._conn.execute(sql, args).rowcount
-        except sqlite3.Error as exc:
-            raise storage_error(self.path, exc) from None
-
-    def close(self) -> None:
-        self._conn.close()
+        super().__init__(path, _SCHEMA)
