@@ -81,6 +81,8 @@ def test_the_node_and_its_workers_run_in_a_group_of_n_times_the_share(tmp_path: 
             assert 0 <= throttling["nr_throttled"] <= throttling["nr_periods"]
             assert 0 <= phase["machine_idle_share"] <= 1
             assert phase["client_cpu_utilization"] >= 0
+            # Every create and every read (its access entry) is on the private chain.
+            assert 1 <= phase["blocks"] <= phase["requests"]
         total = cgroup["throttling_total"]
         assert total["nr_periods"] >= run["reads"]["throttling"]["nr_periods"]
         assert not Path(cgroup["top"]).exists()  # nothing of it left in /sys/fs/cgroup

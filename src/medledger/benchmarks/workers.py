@@ -21,7 +21,7 @@ whose quota is N x SHARE cores (``localnet.cgroups``), joined before the node's
 first instruction; the load generator stays outside and has the rest of the
 machine. "N workers" then means "a machine of N x SHARE cores", which is what
 the scaling ratio has to compare on a machine that also runs the client
-(decision 0052). Each run records what the kernel held (quota, period), which
+(decision 0053). Each run records what the kernel held (quota, period), which
 processes were in the group, and per closed-loop phase the group's throttling
 (``cpu.stat``), the client's CPU and the machine's idle share; the group is
 removed after the run, after a failure too.
@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import random
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,27 @@ def _machine_cpu() -> tuple[int, int]:
     return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
 
 
-class _Phase:
-    """The machine's idle share and the node's cgroup throttling over one closed-loop phase."""
+def _private_height(url: str) -> int | None:
+    """The node's private-chain height from its ``/metrics`` (``None`` if not there)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as answer:  # noqa: S310 - loopback
+            text = answer.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("medledger_private_height "):
+            return int(float(line.split()[1]))
+    return None
 
-    def __init__(self, groups: CpuGroups | None) -> None:
-        self._groups = groups
+
+class _Phase:
+    """Over one closed-loop phase: the machine's idle share, the node's cgroup throttling,
+    and the private-chain blocks the phase cost (group commit: fewer, fuller blocks mean
+    fewer signatures and syncs per request)."""
+
+    def __init__(self, groups: CpuGroups | None, url: str) -> None:
+        self._groups, self._url = groups, url
+        self._height = _private_height(url)
         self._cpu = _machine_cpu()
         self._stat = groups.throttling(0) if groups is not None else None
 
@@ -141,6 +158,12 @@ class _Phase:
         idle, total = _machine_cpu()
         spent = total - self._cpu[1]
         into["machine_idle_share"] = round((idle - self._cpu[0]) / spent, 3) if spent > 0 else 0.0
+        height = _private_height(self._url)
+        if height is not None and self._height is not None:
+            into["blocks"] = height - self._height
+            into["requests_per_block"] = (
+                round(into["requests"] / into["blocks"], 2) if into["blocks"] else None
+            )
         if self._groups is None or self._stat is None:
             return
         now = self._groups.throttling(0)
@@ -296,14 +319,14 @@ def _measure(
     _, ids = http_run(pool, server, "create", bodies[:warmup], clients, processes)
     offset += warmup
     http_run(pool, server, "read", ids[:warmup], clients, processes)
-    phase = _Phase(groups)
+    phase = _Phase(groups, server.url)
     made, new = http_run(
         pool, server, "create", bodies[offset : offset + creates], clients, processes
     )
     phase.finish(made)
     offset += creates
     ids += new
-    phase = _Phase(groups)
+    phase = _Phase(groups, server.url)
     read = http_run(pool, server, "read", rng.choices(ids, k=reads), clients, processes)[0]
     phase.finish(read)
     run["creates"], run["reads"] = made, read
@@ -364,14 +387,28 @@ def _scaling(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     b.get("client_cpu_utilization"),
                     r.get("client_cpu_utilization"),
                 ],
+                "quota_throughput": _quota_ratio(base, run, op),
             }
         out[f"{run['workers']}_over_1"] = entry
     return out
 
 
+def _quota_ratio(base: dict[str, Any], run: dict[str, Any], op: str) -> float | None:
+    """What the quotas allow, from CPU per request: ``(quota / CPU per request)`` of ``run``
+    over that of ``base``. It is what the wall-clock ratio shows when both runs are held
+    by their quotas (throttled share near 1); on a machine too busy to give the node its
+    quota, the wall clock measures the machine and only this estimate is left."""
+    base_quota, run_quota = _quota_cores(base), _quota_cores(run)
+    base_cpu = float(base[op]["server_cpu_ms_per_request"])
+    run_cpu = float(run[op]["server_cpu_ms_per_request"])
+    if base_quota is None or run_quota is None or not base_cpu or not run_cpu:
+        return None
+    return round((run_quota / run_cpu) / (base_quota / base_cpu), 2)
+
+
 def _quota_cores(run: dict[str, Any]) -> float | None:
     cgroup = run.get("cgroup")
-    return cgroup["quota_cores"] if cgroup else None
+    return float(cgroup["quota_cores"]) if cgroup else None
 
 
 def _throttled(phase: dict[str, Any]) -> float | None:
@@ -398,6 +435,7 @@ def _print(results: dict[str, Any]) -> None:
         "throttled",
         "client cores",
         "idle",
+        "req/block",
         "p50/p99 @50 %",
         "p99 @80 %",
         "load before/after",
@@ -418,6 +456,7 @@ def _print(results: dict[str, Any]) -> None:
                 _percent(_throttled(sat)),
                 str(sat.get("client_cpu_utilization", "")),
                 _percent(sat.get("machine_idle_share")),
+                str(sat.get("requests_per_block", "-")),
                 f"{half['latency_ms']['p50']}/{half['latency_ms']['p99']}" if half else "",
                 str(most["latency_ms"]["p99"]) if most else "",
                 f"{run['load_before'][0]}/{run['load_after'][0]}",
@@ -429,7 +468,9 @@ def _print(results: dict[str, Any]) -> None:
             f"{entry['reads']['throughput']}x, creates {entry['creates']['throughput']}x"
             + (
                 f" (node quota {entry['reads']['quota_cores'][0]:g} -> "
-                f"{entry['reads']['quota_cores'][1]:g} cores)"
+                f"{entry['reads']['quota_cores'][1]:g} cores; from CPU per request the "
+                f"quotas allow reads {entry['reads']['quota_throughput']}x, creates "
+                f"{entry['creates']['quota_throughput']}x)"
                 if entry["reads"]["quota_cores"][0] is not None
                 else " (no CPU quota: the node and the client share the machine)"
             )
