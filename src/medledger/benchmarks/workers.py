@@ -21,7 +21,7 @@ whose quota is N x SHARE cores (``localnet.cgroups``), joined before the node's
 first instruction; the load generator stays outside and has the rest of the
 machine. "N workers" then means "a machine of N x SHARE cores", which is what
 the scaling ratio has to compare on a machine that also runs the client
-(decision 0053). Each run records what the kernel held (quota, period), which
+(decision 0056). Each run records what the kernel held (quota, period), which
 processes were in the group, and per closed-loop phase the group's throttling
 (``cpu.stat``), the client's CPU and the machine's idle share; the group is
 removed after the run, after a failure too.
