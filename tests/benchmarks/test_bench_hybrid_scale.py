@@ -107,6 +107,35 @@ def test_targets_use_only_loads_below_saturation_and_say_which_are_missed() -> N
     assert flat["met"] is False  # 100/s per institution at 4, 75/s at 16: 25 % apart
 
 
+def test_the_tamper_target_counts_each_points_own_anchor_interval() -> None:
+    """With --anchor-interval-per-institution the interval grows with the consortium:
+    the target is that interval + 3 RTT + 100 ms, point by point."""
+    settings = HybridSettings(anchor_interval_ms=50, anchor_interval_scales=True)
+    runs = []
+    for size, tamper in ((4, 320.0), (16, 880.0)):
+        hybrid = _run(HYBRID, size, 10.0, 100.0, [_step(25, 2, 4, tamper, False)])
+        hybrid["anchor_interval_ms"] = 50 * size
+        runs += [hybrid, _run(CONSORTIUM_ONLY, size, 10.0, 50.0, [_step(25, 60, 90, 60, False)])]
+    rows = points(runs)
+    assert [r["anchor_interval_ms"] for r in rows] == [200, 800]
+    # 320 <= 200 + 30 + 100 and 880 <= 800 + 30 + 100: both within their own target...
+    assert {c["id"]: c for c in targets(rows, settings)}["tamper_evidence"]["met"] is True
+    # ...while 880 ms against a fixed 200 ms interval would not be.
+    for row in rows:
+        row.pop("anchor_interval_ms")
+    fixed = targets(rows, HybridSettings())
+    assert {c["id"]: c for c in fixed}["tamper_evidence"]["met"] is False
+
+
+def test_the_anchor_interval_scales_with_the_institutions() -> None:
+    assert HybridSettings(institutions=16).anchor_interval() == 200  # the genesis default
+    scaled = HybridSettings(institutions=16, anchor_interval_ms=50, anchor_interval_scales=True)
+    assert scaled.anchor_interval() == 800
+    assert HybridSettings.quick(scaled).anchor_interval() == 800
+    assert scaled.to_json()["consortium_params"]["anchor_interval_ms"] == 800
+    assert scaled.to_json()["consortium_params"]["anchor_round_cut"] is True
+
+
 def test_a_sweep_saturated_everywhere_does_not_claim_the_latency_target() -> None:
     runs = [
         _run(HYBRID, 4, 40.0, 20.0, [_step(25, 100, 200, 3000, True)]),
@@ -128,6 +157,7 @@ def test_every_round_trip_runs_at_every_size() -> None:
         ["--institutions", "0"],
         ["--rtt", "-5"],
         ["--rtt", "10", "--one-process"],
+        ["--rtt", "10", "--anchor-interval", "5"],
     ],
 )
 def test_bad_scale_options_are_refused_before_anything_runs(

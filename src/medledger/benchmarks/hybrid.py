@@ -116,6 +116,12 @@ class HybridSettings:
     loss_pct: float = 0.0
     #: Each institution's processes in a cgroup limited to this many cores (``None``: no limit).
     cpu_per_institution: float | None = None
+    #: The genesis anchor interval, or, with ``anchor_interval_scales``, the interval
+    #: per institution (interval = this times the institutions): each member checks N anchors
+    #: and N votes per interval, so a growing consortium on fixed CPU per institution
+    #: keeps its per-member consortium work constant only with a growing interval.
+    anchor_interval_ms: int = ConsortiumParams().anchor_interval_ms
+    anchor_interval_scales: bool = False
 
     @classmethod
     def quick(cls, base: HybridSettings) -> HybridSettings:
@@ -135,7 +141,15 @@ class HybridSettings:
             jitter_ms=base.jitter_ms,
             loss_pct=base.loss_pct,
             cpu_per_institution=base.cpu_per_institution,
+            anchor_interval_ms=base.anchor_interval_ms,
+            anchor_interval_scales=base.anchor_interval_scales,
         )
+
+    def anchor_interval(self) -> int:
+        """The anchor interval of this run's genesis, in ms."""
+        if self.anchor_interval_scales:
+            return self.anchor_interval_ms * self.institutions
+        return self.anchor_interval_ms
 
     def load_steps(self) -> Iterator[int]:
         if self.loads:
@@ -168,19 +182,22 @@ class HybridSettings:
             "resources_per_patient": self.per_patient,
             "layout": "one process" if self.one_process else "one process per institution",
             "saturated_below": _SATURATED,
-            "consortium_params": _params(HYBRID).to_json(),
-            "consortium_only_params": _params(CONSORTIUM_ONLY).to_json(),
+            "anchor_interval_per_institution": self.anchor_interval_scales,
+            "consortium_params": genesis_params(HYBRID, self.anchor_interval()).to_json(),
+            "consortium_only_params": genesis_params(CONSORTIUM_ONLY).to_json(),
         }
 
 
-def _params(mode: str) -> ConsortiumParams:
+def genesis_params(mode: str, anchor_interval_ms: int | None = None) -> ConsortiumParams:
+    """The benchmark consortium's genesis parameters in ``mode``."""
+    interval = anchor_interval_ms or ConsortiumParams().anchor_interval_ms
     if mode == HYBRID:
-        # As deployed (the genesis defaults): a block is cut 20 ms after its first
-        # tx, so the anchors every institution sends at the same multiple of the
-        # interval (ledger.anchoring) share one block.
-        return ConsortiumParams(max_block_txs=500, mode=mode)
+        # As deployed (the genesis defaults): anchors every institution sends at the
+        # same multiple of the interval (ledger.anchoring) share one block, cut when
+        # the round is complete (decision 0053) or 20 ms after its first tx.
+        return ConsortiumParams(max_block_txs=500, anchor_interval_ms=interval, mode=mode)
     # Each record is a consortium tx: bench consortium's 5 ms time-to-cut, its
-    # lowest latency.
+    # lowest latency. Nothing is anchored.
     return ConsortiumParams(max_block_txs=500, cut_after_ms=5, mode=mode)
 
 
@@ -240,7 +257,9 @@ def workload(settings: HybridSettings) -> Iterator[tuple[int, dict[str, Any]]]:
                     yield k % n, stream.popleft()
 
 
-def create_nodes(base: Path, mode: str, n: int) -> list[Path]:
+def create_nodes(
+    base: Path, mode: str, n: int, anchor_interval_ms: int | None = None
+) -> list[Path]:
     """``n`` institution nodes under ``base`` and a genesis for ``mode`` naming them all."""
     base.mkdir(parents=True)
     roots = []
@@ -249,7 +268,8 @@ def create_nodes(base: Path, mode: str, n: int) -> list[Path]:
         root = base / institution_id(name)
         init_node(root, name=name, passphrase=PASSPHRASE, kdf=KdfParams(n=2**12))
         roots.append(root)
-    write_genesis(f"bench-{mode}", roots, time_ms=SystemClock().now_ms(), params=_params(mode))
+    params = genesis_params(mode, anchor_interval_ms)
+    write_genesis(f"bench-{mode}", roots, time_ms=SystemClock().now_ms(), params=params)
     return roots
 
 
@@ -280,9 +300,11 @@ class BenchNetwork:
         self._extra_closers: list[Any] = []
 
     @classmethod
-    async def open(cls, base: Path, mode: str, ordering: str, n: int) -> BenchNetwork:
+    async def open(
+        cls, base: Path, mode: str, ordering: str, n: int, anchor_interval_ms: int | None = None
+    ) -> BenchNetwork:
         """All ``n`` institutions in this process (the ``--one-process`` layout)."""
-        create_nodes(base, mode, n)
+        create_nodes(base, mode, n, anchor_interval_ms)
         net = await LocalNetwork.open(
             base, passphrase=PASSPHRASE, ordering=ordering, anchor=mode == HYBRID
         )
@@ -520,7 +542,11 @@ async def run_one_process(
     """One (mode, ordering) run with every institution in this process."""
     label = f"{mode}, {ordering}"
     bench = await BenchNetwork.open(
-        root / f"{mode}-{ordering}", mode, ordering, settings.institutions
+        root / f"{mode}-{ordering}",
+        mode,
+        ordering,
+        settings.institutions,
+        settings.anchor_interval(),
     )
     steps: list[dict[str, Any]] = []
     try:
@@ -579,6 +605,7 @@ def run_result(
         "saturated": any(s["saturated"] for s in steps),
         "rtt_ms": settings.rtt_ms,
         "cpu_per_institution": settings.cpu_per_institution,
+        "anchor_interval_ms": settings.anchor_interval() if mode == HYBRID else None,
     }
 
 

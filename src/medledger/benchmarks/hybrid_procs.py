@@ -297,7 +297,7 @@ def run_per_institution(
     base = root / f"{mode}-{ordering}"
     if settings.rtt_ms is not None or settings.cpu_per_institution is not None:
         base = base.with_name(f"{base.name}-{settings.institutions}-{settings.rtt_ms}")
-    roots = create_nodes(base, mode, settings.institutions)
+    roots = create_nodes(base, mode, settings.institutions, settings.anchor_interval())
     with contextlib.ExitStack() as stack:
         relays = None
         if settings.rtt_ms is not None:

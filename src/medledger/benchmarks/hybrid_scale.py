@@ -124,6 +124,9 @@ def points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_mode = {r["mode"]: r for r in here}
         comparison = compare(here)
         row: dict[str, Any] = {"rtt_ms": rtt, "institutions": size}
+        interval = by_mode.get(HYBRID, {}).get("anchor_interval_ms")
+        if interval is not None:
+            row["anchor_interval_ms"] = interval
         for mode in (HYBRID, CONSORTIUM_ONLY):
             run = by_mode.get(mode)
             if run is None:
@@ -173,15 +176,23 @@ def targets(rows: list[dict[str, Any]], settings: HybridSettings) -> list[dict[s
                 "met": False,
             }
         )
-    anchor_ms = 200.0  # the consortium's anchor interval (hybrid.py's documented profile)
+    default_interval = settings.anchor_interval()
     tamper = [
-        (row["rtt_ms"] or 0.0, load["hybrid_tamper_p99_ms"])
+        (
+            row["rtt_ms"] or 0.0,
+            load["hybrid_tamper_p99_ms"],
+            row.get("anchor_interval_ms", default_interval),
+        )
         for row in rows
         for load in row.get("loads", [])
         if not load["hybrid_saturated"]
     ]
     if tamper:
-        over = [(rtt, p99) for rtt, p99 in tamper if p99 > anchor_ms + 3 * rtt + TAMPER_SLACK_MS]
+        over = [
+            (rtt, p99)
+            for rtt, p99, interval in tamper
+            if p99 > interval + 3 * rtt + TAMPER_SLACK_MS
+        ]
         checks.append(
             {
                 "id": "tamper_evidence",
@@ -239,6 +250,7 @@ def _print(results: dict[str, Any]) -> None:
     for col in (
         "RTT ms",
         "institutions",
+        "anchor ms",
         "hybrid /s (per inst.)",
         "consortium-only /s (per inst.)",
         "throughput ratio",
@@ -249,10 +261,11 @@ def _print(results: dict[str, Any]) -> None:
         table.add_row(
             "loopback" if row["rtt_ms"] is None else f"{row['rtt_ms']:g}",
             str(row["institutions"]),
+            str(row.get("anchor_interval_ms", "")),
             f"{row.get('hybrid_throughput_per_s', 0):,.0f}"
-            f" ({row.get('hybrid_throughput_per_institution_per_s', 0):,.0f})",
+            f" ({row.get('hybrid_throughput_per_institution_per_s', 0):,.1f})",
             f"{row.get('consortium_only_throughput_per_s', 0):,.0f}"
-            f" ({row.get('consortium_only_throughput_per_institution_per_s', 0):,.0f})",
+            f" ({row.get('consortium_only_throughput_per_institution_per_s', 0):,.1f})",
             str(row.get("throughput_ratio")),
             ", ".join(
                 f"{x['offered_per_s']}/s {x['validation_p50_ratio']}x" for x in row.get("loads", [])

@@ -217,6 +217,20 @@ def bench_consortium(
     default=None,
     help="Each institution's processes in a cgroup limited to this many cores (the scale sweep).",
 )
+@number_option(
+    "--anchor-interval",
+    low=10,
+    default=200,
+    help="The consortium's anchor interval in ms (the genesis default is 200).",
+)
+@click.option(
+    "--anchor-interval-per-institution",
+    "anchor_interval_scales",
+    is_flag=True,
+    help="Read --anchor-interval as per institution: the interval is it times the"
+    " institutions, so each member's consortium work per second stays the same as the"
+    " consortium grows (the scale sweep).",
+)
 @click.option(
     "--load",
     "loads",
@@ -252,6 +266,8 @@ def bench_hybrid(
     jitter: float,
     loss: float,
     cpu_per_institution: float | None,
+    anchor_interval: int,
+    anchor_interval_scales: bool,
     loads: tuple[int, ...],
     max_load: int,
     seconds: float,
@@ -279,6 +295,8 @@ def bench_hybrid(
         jitter_ms=jitter,
         loss_pct=loss,
         cpu_per_institution=cpu_per_institution,
+        anchor_interval_ms=anchor_interval,
+        anchor_interval_scales=anchor_interval_scales,
         orderings=orderings,
         modes=modes,
         loads=loads,
