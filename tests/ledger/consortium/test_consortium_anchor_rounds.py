@@ -43,15 +43,26 @@ async def seen_by_all(net: Network, tx_hash: bytes) -> None:
     )
 
 
-async def first_round_by_marker(net: Network, members: tuple[str, ...]) -> None:
-    """Round 0: nothing anchored before, so only a marker cuts block 1."""
-    hashes = [await anchor(net, mid, 0) for mid in members]
+async def anchors_in_order(net: Network, members: tuple[str, ...], round_no: int) -> list[bytes]:
+    """Anchor each of ``members`` and wait until every member has them in its order."""
+    hashes = [await anchor(net, mid, round_no) for mid in members]
     for tx_hash in hashes:
         await seen_by_all(net, tx_hash)
-    assert tips(net) == {0}, "a first round of anchors was cut without a marker"
-    await publish_marker(net.orderer, net.chain_id, 1, net.keys["h0"], "marker-1")
+    return hashes
+
+
+async def cut_by_marker(net: Network, height: int, by: str) -> None:
+    """Publish ``by``'s marker for ``height`` and wait until the block is final everywhere."""
+    await publish_marker(net.orderer, net.chain_id, height, net.keys[by], f"marker-{height}")
     for member in net.members.values():
-        await member.wait_final(1, timeout=5)
+        await member.wait_final(height, timeout=5)
+
+
+async def first_round_by_marker(net: Network, members: tuple[str, ...]) -> None:
+    """Round 0: nothing anchored before, so only a marker cuts block 1."""
+    await anchors_in_order(net, members, 0)
+    assert tips(net) == {0}, "a first round of anchors was cut without a marker"
+    await cut_by_marker(net, 1, "h0")
 
 
 def block_tx_hashes(net: Network, mid: str, height: int) -> list[bytes]:
@@ -66,10 +77,7 @@ def test_the_last_anchor_of_a_round_cuts_the_block(network: MakeNetwork) -> None
     async def scenario(net: Network) -> None:
         await net.start(*MEMBERS)
         await first_round_by_marker(net, MEMBERS)
-        for mid in MEMBERS[:-1]:
-            second_round.append(await anchor(net, mid, 1))
-        for tx_hash in second_round:
-            await seen_by_all(net, tx_hash)
+        second_round.extend(await anchors_in_order(net, MEMBERS[:-1], 1))
         assert tips(net) == {1}, "the block was cut before the round was complete"
         second_round.append(await anchor(net, MEMBERS[-1], 1))
         # No marker: the fourth anchor completes the round and cuts block 2.
@@ -96,13 +104,9 @@ def test_a_genesis_without_the_parameter_keeps_waiting_for_a_marker(
     async def scenario(net: Network) -> None:
         await net.start(*MEMBERS)
         await first_round_by_marker(net, MEMBERS)
-        hashes = [await anchor(net, mid, 1) for mid in MEMBERS]
-        for tx_hash in hashes:
-            await seen_by_all(net, tx_hash)
+        await anchors_in_order(net, MEMBERS, 1)
         assert tips(net) == {1}, "a complete round was cut under the old rule"
-        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h1"], "marker-2")
-        for member in net.members.values():
-            await member.wait_final(2, timeout=5)
+        await cut_by_marker(net, 2, "h1")
 
     net.run(scenario)
 
@@ -114,13 +118,9 @@ def test_a_member_that_stops_anchoring_leaves_the_round(network: MakeNetwork) ->
     async def scenario(net: Network) -> None:
         await net.start(*MEMBERS)
         await first_round_by_marker(net, MEMBERS)
-        hashes = [await anchor(net, mid, 1) for mid in MEMBERS[:-1]]
-        for tx_hash in hashes:
-            await seen_by_all(net, tx_hash)
+        await anchors_in_order(net, MEMBERS[:-1], 1)
         assert tips(net) == {1}, "h3's anchor is still expected in this round"
-        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h2"], "marker-2")
-        for member in net.members.values():
-            await member.wait_final(2, timeout=5)
+        await cut_by_marker(net, 2, "h2")
         # The round is now h0, h1, h2: their next anchors cut block 3 without a marker.
         for mid in MEMBERS[:-1]:
             await anchor(net, mid, 2)
@@ -144,13 +144,9 @@ def test_other_transactions_neither_complete_nor_reset_the_round(network: MakeNe
         await publish_tx(net.orderer, access)
         await seen_by_all(net, access.hash())
         assert tips(net) == {1}, "a non-anchor transaction completed a round"
-        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h0"], "marker-2")
-        for member in net.members.values():
-            await member.wait_final(2, timeout=5)
+        await cut_by_marker(net, 2, "h0")
         # Block 2 had no anchors: the expected round is still all four members.
-        hashes = [await anchor(net, mid, 1) for mid in MEMBERS[:-1]]
-        for tx_hash in hashes:
-            await seen_by_all(net, tx_hash)
+        await anchors_in_order(net, MEMBERS[:-1], 1)
         assert tips(net) == {2}
         await anchor(net, MEMBERS[-1], 1)
         for member in net.members.values():
