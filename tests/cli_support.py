@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-__all__ = ["CliOutcome", "medledger_command", "run_in_process"]
+__all__ = ["CliOutcome", "medledger_command", "run_in_process", "start_node_process"]
 
 
 def medledger_command() -> list[str]:
@@ -33,6 +34,36 @@ def medledger_command() -> list[str]:
     if script.is_file():
         return [str(script)]
     return [sys.executable, "-c", "from medledger.cli import main; main()"]
+
+
+def start_node_process(
+    root: Path,
+    port: int,
+    log: Path,
+    env: Mapping[str, str],
+    *options: str,
+    append: bool = False,
+) -> subprocess.Popen[bytes]:
+    """``medledger node start --dir ROOT --port PORT OPTIONS`` as its own process, with
+    ``env``; its output (stdout and stderr) goes to ``log`` (``append``: after what is
+    there, else replacing it). The caller waits for it to be ready and stops it."""
+    with log.open("ab" if append else "wb") as sink:
+        return subprocess.Popen(
+            [
+                *medledger_command(),
+                "node",
+                "start",
+                "--dir",
+                str(root),
+                "--port",
+                str(port),
+                *options,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+        )
 
 
 @dataclass(frozen=True, slots=True)

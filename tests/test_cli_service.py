@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cli_support import medledger_command, run_in_process
+from cli_support import medledger_command, run_in_process, start_node_process
 from medledger.cli.service import machine_cores
 from medledger.config import NodePaths
 from medledger.localnet.natsserver import free_ports
@@ -203,25 +203,9 @@ def start_node(root: Path, log: Path, workers: int | None = 2) -> NodeProcess:
     """``node start`` with ``workers`` API worker processes (None: the default)."""
     worker_options = [] if workers is None else ["--workers", str(workers)]
     (port,) = free_ports(1)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            # Two API workers unless told otherwise: the graceful stop under writes
-            # is pinned with the sequencer and its workers (decision 0035).
-            [
-                *medledger_command(),
-                "node",
-                "start",
-                "--dir",
-                str(root),
-                "--port",
-                str(port),
-                *worker_options,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-            env=_env(),
-        )
+    # Two API workers unless told otherwise: the graceful stop under writes
+    # is pinned with the sequencer and its workers (decision 0035).
+    proc = start_node_process(root, port, log, _env(), *worker_options)
     tls = client_context([load_certificate(NodePaths(root=root).tls_cert)])
     node = NodeProcess(proc, f"https://127.0.0.1:{port}", log, tls)
     deadline = time.monotonic() + 30

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli_support import medledger_command
+from cli_support import medledger_command, start_node_process
 from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node, open_token_store
 from medledger.storage.keystore import KdfParams
@@ -76,25 +76,9 @@ def _alive(pid: int) -> bool:
 
 def start(root: Path, log: Path, workers: int = 2) -> Node:
     (port,) = free_ports(1)
-    with log.open("ab") as sink:
-        proc = subprocess.Popen(
-            [
-                *medledger_command(),
-                "node",
-                "start",
-                "--dir",
-                str(root),
-                "--port",
-                str(port),
-                "--plain-http",
-                "--workers",
-                str(workers),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-            env=_env(),
-        )
+    proc = start_node_process(
+        root, port, log, _env(), "--plain-http", "--workers", str(workers), append=True
+    )
     node = Node(root, proc, f"http://127.0.0.1:{port}", log)
 
     def ready() -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli_support import medledger_command
+from cli_support import medledger_command, start_node_process
 from medledger.core.errors import StorageFull
 from medledger.localnet.natsserver import free_ports
 from medledger.node import Node, init_node, open_node
@@ -145,23 +145,7 @@ def test_disk_full_mid_blob_answers_507_loses_nothing_and_recovers(small_disk: P
     (port,) = free_ports(1)
     log = small_disk.parent / "node.log"
     env = _env(MEDLEDGER_MIN_FREE_BYTES=str(1 << 20), MEDLEDGER_SCRUB_INTERVAL_S="0")
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                *medledger_command(),
-                "node",
-                "start",
-                "--plain-http",
-                "--dir",
-                str(root),
-                "--port",
-                str(port),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-            env=env,
-        )
+    proc = start_node_process(root, port, log, env, "--plain-http")
     url = f"http://127.0.0.1:{port}"
     try:
         client = httpx.Client(

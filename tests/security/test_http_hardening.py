@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli_support import medledger_command
+from cli_support import start_node_process
 from medledger.localnet.natsserver import free_ports
 from medledger.node import init_node
 from medledger.storage.keystore import KdfParams
@@ -85,24 +85,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     args = ["--head-timeout", "1", "--body-timeout", "1", "--idle-timeout", "1"]
     # Two API workers on any machine: every count in /metrics must be the whole node's.
     args += ["--workers", "2"]
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                *medledger_command(),
-                "node",
-                "start",
-                "--plain-http",
-                "--dir",
-                str(root),
-                "--port",
-                str(port),
-                *args,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-            env=env,
-        )
+    proc = start_node_process(root, port, log, env, "--plain-http", *args)
     running = Node(f"http://127.0.0.1:{port}", port, token, log, proc)
     try:
         deadline = time.monotonic() + 60

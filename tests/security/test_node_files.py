@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli_support import medledger_command
+from cli_support import start_node_process
 from medledger.localnet.natsserver import free_ports
 from medledger.localnet.netproc import PidRecord
 from medledger.node import init_node
@@ -116,23 +116,7 @@ def test_a_node_started_with_the_variable_wipes_it_from_its_environment(tmp_path
     port = free_ports(1)[0]
     env = {**cli_env(), "MEDLEDGER_PASSPHRASE": passphrase}
     log = tmp_path / "node.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [
-                *medledger_command(),
-                "node",
-                "start",
-                "--plain-http",
-                "--dir",
-                str(root),
-                "--port",
-                str(port),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    proc = start_node_process(root, port, log, env, "--plain-http")
     try:
         deadline = time.monotonic() + 60
         while True:
