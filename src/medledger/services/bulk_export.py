@@ -61,7 +61,7 @@ from medledger.services.fhir import dump_resource
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import StoredResource, instant
 from medledger.services.records.service import RecordsService
-from medledger.storage.durable_files import write_all
+from medledger.storage.durable_files import fsync_dir, write_all
 from medledger.storage.keystore import atomic_write
 from medledger.storage.ports import VersionRow
 
@@ -219,14 +219,6 @@ class ExportJob:
             done=int(data.get("done", 0)),
             total=int(data.get("total", 0)),
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_json(f: ExportFile) -> dict[str, Any]:
@@ -436,7 +428,7 @@ class BulkExports:
         self._save(job)
         # The 202 is an acknowledgement: the job directory's own entry must be on disk
         # too (``_save`` syncs the directory the job file is in, not the one above it).
-        _fsync_dir(self._root)
+        fsync_dir(self._root)
         self._jobs[job_id] = job
         self._queue.put_nowait(job_id)
         return job

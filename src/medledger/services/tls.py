@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medledger.core.errors import InvalidInput, NotFound
 from medledger.core.tls import MemberCertificate
+from medledger.storage.durable_files import fsync_dir
 from medledger.storage.keystore import atomic_write
 
 __all__ = [
@@ -182,14 +182,6 @@ def load_certificate(path: Path) -> MemberCertificate:
         raise InvalidInput(f"{path}: {exc}") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def promote_renewed(
     cert_path: Path,
     key_path: Path,
@@ -213,7 +205,7 @@ def promote_renewed(
         return False
     if not next_key.exists():
         next_cert.replace(cert_path)
-        _fsync_dir(cert_path.parent)
+        fsync_dir(cert_path.parent)
         log.warning("finished an interrupted TLS certificate promotion")
         return True
     if pinned is None:
@@ -228,7 +220,7 @@ def promote_renewed(
     # keeps its previous context until both are in place.
     next_key.replace(key_path)
     next_cert.replace(cert_path)
-    _fsync_dir(cert_path.parent)
+    fsync_dir(cert_path.parent)
     log.info(
         "renewed TLS certificate in use", extra={"fields": {"fingerprint": pending.fingerprint}}
     )

@@ -32,7 +32,7 @@ from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import InvalidInput, KeyStoreError, NotFound
 from medledger.core.keys import SigningKey
 from medledger.core.passphrase import check_new_passphrase
-from medledger.storage.durable_files import write_all
+from medledger.storage.durable_files import fsync_dir, write_all
 
 __all__ = ["CURRENT_KEK", "FileKeyStore", "KdfParams", "atomic_write"]
 
@@ -63,11 +63,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     tmp.replace(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def _derive(passphrase: bytes, salt: bytes, params: KdfParams) -> bytes:
