@@ -1,4 +1,4 @@
-"""How both chain adapters key what they store (one layout, so they cannot drift).
+"""How both chain adapters key and read back what they store (one layout, so they cannot drift).
 
 Merkle nodes are keyed so that creation order is key order::
 
@@ -14,9 +14,16 @@ a signed integer: a small integer index costs far less per insert than a
 
 from __future__ import annotations
 
-from medledger.core.merkle import NodeID
+import json
+from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["hkey", "node_from_key", "node_key"]
+from medledger.core.errors import IntegrityError, InvalidInput
+from medledger.core.merkle import NodeID
+from medledger.core.models import Signature
+from medledger.storage.ports import StoredBlock
+
+__all__ = ["hkey", "node_from_key", "node_key", "stored_block"]
 
 
 def node_key(node: NodeID) -> int:
@@ -34,3 +41,22 @@ def node_from_key(key: int) -> NodeID:
 def hkey(tx_hash: bytes) -> int:
     """The transaction-hash index key: the hash's first 8 bytes as a signed integer."""
     return int.from_bytes(tx_hash[:8], "big", signed=True)
+
+
+def stored_block(row: Sequence[Any], txs: Sequence[bytes]) -> StoredBlock:
+    """A block from its row (``height, hash, header, signatures, first_index``) and its
+    transactions' bytes. Unreadable signatures are :class:`IntegrityError`: tampering
+    evidence, not a backend failure."""
+    height, block_hash, header, sigs, first = row
+    try:
+        signatures = tuple(Signature.from_json(s) for s in json.loads(sigs))
+    except (ValueError, TypeError, InvalidInput) as exc:
+        raise IntegrityError(f"block {height}: stored signatures are unreadable ({exc})") from None
+    return StoredBlock(
+        height=int(height),
+        header_bytes=bytes(header),
+        block_hash=bytes(block_hash),
+        signatures=signatures,
+        first_index=int(first),
+        tx_data=tuple(bytes(t) for t in txs),
+    )

@@ -15,7 +15,6 @@ from psycopg_pool import ConnectionPool
 from medledger.core.errors import (
     Conflict,
     Deposed,
-    IntegrityError,
     InvalidInput,
     NotFound,
     RetryableStorageError,
@@ -23,8 +22,7 @@ from medledger.core.errors import (
 )
 from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
-from medledger.core.models import Signature
-from medledger.storage.chain_layout import hkey, node_from_key, node_key
+from medledger.storage.chain_layout import hkey, node_from_key, node_key, stored_block
 from medledger.storage.ports import NewBlock, StoredBlock
 from medledger.storage.postgres.connection import (
     IN_DOUBT_TIMEOUT_S,
@@ -226,21 +224,7 @@ class PostgresChainStore(PooledStore):
     # -- reads -------------------------------------------------------------
 
     def _stored(self, row: Sequence[Any]) -> StoredBlock:
-        height, block_hash, header, sigs, first, txs = row
-        try:
-            signatures = tuple(Signature.from_json(s) for s in json.loads(sigs))
-        except (ValueError, TypeError, InvalidInput) as exc:
-            raise IntegrityError(
-                f"block {height}: stored signatures are unreadable ({exc})"
-            ) from None
-        return StoredBlock(
-            height=int(height),
-            header_bytes=bytes(header),
-            block_hash=bytes(block_hash),
-            signatures=signatures,
-            first_index=int(first),
-            tx_data=tuple(bytes(t) for t in txs),
-        )
+        return stored_block(row[:5], row[5])
 
     def head(self) -> StoredBlock | None:
         rows = self._rows(_BLOCK_SELECT + " ORDER BY b.height DESC LIMIT 1")

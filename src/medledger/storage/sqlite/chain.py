@@ -19,15 +19,12 @@ from typing import Any
 from medledger.core.errors import (
     Conflict,
     DamagedStore,
-    IntegrityError,
-    InvalidInput,
     NotFound,
     StorageError,
 )
 from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
-from medledger.core.models import Signature
-from medledger.storage.chain_layout import hkey, node_from_key, node_key
+from medledger.storage.chain_layout import hkey, node_from_key, node_key, stored_block
 from medledger.storage.ports import NewBlock, StoredBlock
 from medledger.storage.sqlite.connection import (
     DAMAGE_CODES,
@@ -198,22 +195,7 @@ class SqliteChainStore:
     # -- reads -------------------------------------------------------------
 
     def _stored(self, row: Any, txs: tuple[bytes, ...]) -> StoredBlock:
-        height, block_hash, header, sigs, first = row
-        try:
-            signatures = tuple(Signature.from_json(s) for s in json.loads(sigs))
-        except (ValueError, TypeError, InvalidInput) as exc:
-            # Unreadable signatures are tampering evidence, not a backend failure.
-            raise IntegrityError(
-                f"block {height}: stored signatures are unreadable ({exc})"
-            ) from None
-        return StoredBlock(
-            height=height,
-            header_bytes=bytes(header),
-            block_hash=bytes(block_hash),
-            signatures=signatures,
-            first_index=first,
-            tx_data=txs,
-        )
+        return stored_block(row, txs)
 
     _BLOCK_COLS = "height, hash, header, signatures, first_index"
 
