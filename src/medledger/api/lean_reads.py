@@ -23,9 +23,10 @@ functions in the same order: ``api.negotiation.check_formats`` (406),
 ``fhir.clinical_reader`` (the bearer token, the failed-authentication budget,
 role and SMART scopes: 401/403/429), and ``fhir.read_answer`` /
 ``fhir.vread_answer`` (patient gate, durable ``access`` entry, the response).
-An error propagates to the application's exception handlers exactly as it
-does from the route, and the answer passes through the same middleware
-(metrics, security headers, ``HEAD``, unexpected errors). The request's scope
+An error propagates to the application's exception handlers (its
+``ExceptionMiddleware``), which answer it as they answer it from the route,
+and the answer passes through the same middleware (metrics, security
+headers, ``HEAD``, unexpected errors). The request's scope
 names the FastAPI route and endpoint, so logs name the same route template.
 The FastAPI routes stay registered: the OpenAPI description is unchanged, and
 every request the lean route declines reaches them as before.
@@ -41,7 +42,6 @@ from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette._utils import get_route_path
 from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
@@ -225,14 +225,12 @@ class LeanReadRoute(BaseRoute):
         target: _Target = scope["medledger.lean_read"]
         request = Request(scope, receive, send)
 
-        async def answer(scope: Scope, receive: Receive, send: Send) -> None:
-            # The FHIR router's dependency first, then the route's (FastAPI's order).
-            await check_formats(request)
-            response = await target.answer(request, scope["path_params"])
-            await response(scope, receive, send)
-
-        # Errors become OperationOutcomes through the app's own handlers, as in a route.
-        await wrap_app_handling_exceptions(answer, request)(scope, receive, send)
+        # The FHIR router's dependency first, then the route's (FastAPI's order). An error
+        # propagates to the app's ExceptionMiddleware, whose handlers answer it exactly as
+        # they answer the same error from the FastAPI route (an OperationOutcome).
+        await check_formats(request)
+        response = await target.answer(request, scope["path_params"])
+        await response(scope, receive, send)
 
     def url_path_for(self, name: str, /, **path_params: Any) -> Any:
         raise NoMatchFound(name, path_params)  # the FastAPI routes name these paths

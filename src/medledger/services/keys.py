@@ -19,6 +19,10 @@ from medledger.storage.ports import KeyStore
 
 __all__ = ["InstitutionKeys"]
 
+#: Record references remembered (then forgotten all at once): a read needs its record's
+#: twice (the chain check of the version, and the ``access`` entry).
+_RECORD_REFS = 4096
+
 
 class InstitutionKeys:
     """Record-level key operations over a :class:`KeyStore`."""
@@ -27,6 +31,7 @@ class InstitutionKeys:
         self._store = keystore
         self.search_key = keystore.secret("search_key")
         self._keks: dict[str, bytes] = {}
+        self._record_refs: dict[str, str] = {}
 
     def __repr__(self) -> str:
         # The search key and the cached KEKs stay out of every repr.
@@ -67,4 +72,10 @@ class InstitutionKeys:
 
     def record_ref(self, resource_type: str, rid: str) -> str:
         """The on-chain name of a resource: its id could be an MRN, so it is keyed-hashed."""
-        return self._mac("record", f"{resource_type}/{rid}")
+        name = f"{resource_type}/{rid}"
+        ref = self._record_refs.get(name)
+        if ref is None:
+            if len(self._record_refs) >= _RECORD_REFS:
+                self._record_refs.clear()
+            ref = self._record_refs[name] = self._mac("record", name)
+        return ref
