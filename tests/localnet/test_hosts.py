@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from medledger.core.errors import InvalidInput
-from medledger.localnet.hosts import HostNetwork, unavailable_reason
+from medledger.localnet.hosts import (
+    HostNetwork,
+    HostNetworkError,
+    call_in_namespace,
+    enter_namespace,
+    unavailable_reason,
+)
+from medledger.localnet.relay import LinkDelay, RelayGroup
 
 _REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -118,3 +127,85 @@ def test_bad_requests_are_refused_before_anything_is_created() -> None:
         HostNetwork(["a", "b", "c"], subnet="10.1.2.0/30")
     with pytest.raises(InvalidInput, match="1 to"):
         HostNetwork([])
+
+
+#: Enters namespace argv[1] (unless "-"), prints its interfaces, then tries 127.0.0.1:argv[2].
+_ENTERING_CLIENT = """
+import socket, sys
+from medledger.localnet.hosts import enter_namespace
+if sys.argv[1] != "-":
+    enter_namespace(sys.argv[1])
+print(sorted(name for _, name in socket.if_nameindex()))
+try:
+    with socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5) as c:
+        print(c.recv(100).decode())
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def _answer_once(server: socket.socket) -> threading.Thread:
+    def answer() -> None:
+        server.settimeout(30)
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.sendall(b"parent")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return thread
+
+
+def _entering_client(namespace: str, port: int) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", _ENTERING_CLIENT, namespace, str(port)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode().splitlines()
+
+
+def test_a_process_that_enters_a_namespace_sees_only_that_hosts_interfaces() -> None:
+    """The setns helper a benchmark's institution worker calls first thing."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        # Control: from the parent's namespace the listener answers.
+        answering = _answer_once(server)
+        assert _entering_client("-", port)[-1] == "parent"
+        answering.join(30)
+        with HostNetwork(["a"]) as net:
+            interfaces, outcome = _entering_client(net.host("a").namespace, port)
+    assert interfaces == "['eth0', 'lo']"
+    # The parent's 127.0.0.1 is not the host's own loopback.
+    assert outcome == "ConnectionRefusedError"
+
+
+def test_a_thread_in_a_namespace_leaves_the_rest_of_the_process_where_it_was() -> None:
+    def interfaces() -> set[str]:
+        return {name for _, name in socket.if_nameindex()}
+
+    ours = interfaces()
+    with HostNetwork(["a"]) as net:
+        bridge = call_in_namespace(net.bridge_namespace, interfaces, timeout=30)
+        with pytest.raises(HostNetworkError, match="cannot enter network namespace"):
+            call_in_namespace(f"ml{net.tag}nothere", interfaces, timeout=30)
+    assert bridge == {"lo", "br0", "v0"}
+    assert interfaces() == ours
+    with pytest.raises(InvalidInput, match="not a network namespace name"):
+        enter_namespace("../../proc/1/ns/net")
+
+
+def test_a_relay_group_in_the_bridge_namespace_joins_two_hosts() -> None:
+    with HostNetwork(["a", "b"]) as net:
+        a = net.host("a")
+        _serve(net, "a", a.address, 7400)
+        with RelayGroup(listen_host=net.bridge_address, namespace=net.bridge_namespace) as relays:
+            port = relays.add(a.address, 7400, LinkDelay.from_rtt(2))
+            assert _connect(net, "b", net.bridge_address, port) == a.address
+        with pytest.raises(HostNetworkError):
+            RelayGroup(namespace=f"ml{net.tag}nothere")

@@ -41,22 +41,32 @@ of iproute2; :func:`unavailable_reason` says why not where they are missing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final, Self
+from typing import IO, Any, Final, Self, TypeVar
 
 from medledger.core.errors import InvalidInput, MedledgerError
 
-__all__ = ["Host", "HostNetwork", "HostNetworkError", "unavailable_reason"]
+__all__ = [
+    "Host",
+    "HostNetwork",
+    "HostNetworkError",
+    "call_in_namespace",
+    "enter_namespace",
+    "unavailable_reason",
+]
 
 #: A private range no machine we run on routes: the namespaces never see the root's routes anyway.
 DEFAULT_SUBNET: Final = "10.77.0.0/24"
@@ -65,6 +75,13 @@ MAX_HOSTS: Final = 64
 _IP_TIMEOUT_S = 10.0
 _STOP_GRACE_S = 10.0
 _POLL_S = 0.05
+#: ``setns(2)``'s flag for a network namespace (linux/sched.h).
+_CLONE_NEWNET: Final = 0x40000000
+#: Where ``ip netns add`` keeps a handle (a bind-mounted nsfs file) per named namespace.
+_NETNS_DIR: Final = Path("/var/run/netns")
+_NAMESPACE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+_T = TypeVar("_T")
 
 
 class HostNetworkError(MedledgerError):
@@ -108,6 +125,68 @@ def unavailable_reason() -> str | None:
         [ip, "netns", "del", probe], capture_output=True, timeout=_IP_TIMEOUT_S, check=False
     )
     return None
+
+
+def enter_namespace(namespace: str) -> None:
+    """Move the calling *thread* into the named network namespace (``ip netns`` name).
+
+    Why a helper: Python 3.11 has no ``os.setns``, so this calls libc's
+    ``setns(2)`` through ``ctypes``. A network namespace belongs to a thread,
+    not a process: only the calling thread moves, and threads and processes
+    it creates afterwards start in the new namespace. So a process that must
+    live in a namespace (a ``spawn`` child) calls this first thing, before it
+    has made any socket or thread; a process that must stay where it is calls
+    it only in a thread of its own (see :func:`call_in_namespace`). Sockets
+    already open keep the namespace they were made in.
+
+    Raises :class:`HostNetworkError` (with the reason) if the namespace does
+    not exist or the caller may not enter it (needs ``CAP_SYS_ADMIN``).
+    """
+    if _NAMESPACE_NAME.fullmatch(namespace) is None:
+        raise InvalidInput(f"not a network namespace name: {namespace!r}")
+    try:
+        fd = os.open(_NETNS_DIR / namespace, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HostNetworkError(
+            f"cannot enter network namespace {namespace}: {exc.strerror}"
+        ) from None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, _CLONE_NEWNET) == -1:
+            reason = os.strerror(ctypes.get_errno())
+            raise HostNetworkError(f"cannot enter network namespace {namespace}: {reason}")
+    finally:
+        os.close(fd)
+
+
+def call_in_namespace(namespace: str, fn: Callable[[], _T], *, timeout: float) -> _T:
+    """``fn()`` run in a new thread inside ``namespace``; its result, or its exception.
+
+    The rest of the calling process stays in its own namespace: the thread
+    enters ``namespace`` (:func:`enter_namespace`) and ends with ``fn``, so
+    nothing else ever runs there. Waits at most ``timeout`` seconds, then
+    raises :class:`HostNetworkError` (the thread is a daemon and is left to
+    finish on its own; ``fn`` should bound its own waits).
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            enter_namespace(namespace)
+            outcome.append((True, fn()))
+        except BaseException as exc:  # handed to the caller below
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=f"netns-{namespace}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise HostNetworkError(f"no answer from namespace {namespace} after {timeout:.0f} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    result: _T = value
+    return result
 
 
 class HostNetwork:
@@ -219,6 +298,15 @@ class HostNetwork:
             return self.hosts[name]
         except KeyError:
             raise InvalidInput(f"no host {name!r} in this network") from None
+
+    def holds(self, host: str, pid: int) -> bool:
+        """Whether process ``pid`` (its main thread) is inside ``host``'s namespace now."""
+        try:
+            theirs = Path(f"/proc/{pid}/ns/net").stat()
+            ours = (_NETNS_DIR / self.host(host).namespace).stat()
+        except OSError:
+            return False
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
     def command(self, host: str | None, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside ``host``'s namespace (``None``: the bridge's)."""

@@ -286,6 +286,13 @@ class NatsNode:
         #: between, e.g. ``localnet.relay``); ``None``: the listening address.
         self.cluster_advertise: str | None = None
         self.client_advertise: str | None = None
+        #: The address the node listens on (client, route and monitor ports) and the one its
+        #: ``peers`` ports are on: 127.0.0.1 unless the node runs in a namespace of its own.
+        self.listen_host = HOST
+        self.route_host = HOST
+        #: Put before the server's command line, e.g. ``ip netns exec NAME`` to start it in a
+        #: network namespace (the prefix must exec the server, so its PID stays the server's).
+        self.command_prefix: tuple[str, ...] = ()
         self._run = _Running()
         # Last resort if the node is dropped or the interpreter exits without
         # stop(): never leave a server behind.
@@ -307,11 +314,11 @@ class NatsNode:
     @property
     def client_url(self) -> str:
         scheme = "tls" if self.security is not None else "nats"
-        return f"{scheme}://{HOST}:{self.ports.client}"
+        return f"{scheme}://{self.listen_host}:{self.ports.client}"
 
     @property
     def monitor_url(self) -> str:
-        return f"http://{HOST}:{self.ports.http}"
+        return f"http://{self.listen_host}:{self.ports.http}"
 
     @property
     def pid(self) -> int | None:
@@ -327,8 +334,8 @@ class NatsNode:
         """The server config: client, monitoring and cluster listeners, JetStream, routes."""
         lines = [
             f"server_name: {_quote(self.name)}",
-            f"listen: {_quote(f'{HOST}:{self.ports.client}')}",
-            f"http: {_quote(f'{HOST}:{self.ports.http}')}",
+            f"listen: {_quote(f'{self.listen_host}:{self.ports.client}')}",
+            f"http: {_quote(f'{self.listen_host}:{self.ports.http}')}",
             f"log_file: {_quote(str(self.log_path))}",
             *(
                 [f"client_advertise: {_quote(self.client_advertise)}"]
@@ -350,7 +357,7 @@ class NatsNode:
             lines += [
                 "cluster {",
                 f"  name: {_quote(self.cluster_name)}",
-                f"  listen: {_quote(f'{HOST}:{self.ports.cluster}')}",
+                f"  listen: {_quote(f'{self.listen_host}:{self.ports.cluster}')}",
                 *(security.tls_block(verify=True) if security is not None else []),
                 *(
                     [f"  advertise: {_quote(self.cluster_advertise)}"]
@@ -358,7 +365,7 @@ class NatsNode:
                     else []
                 ),
                 "  routes: [",
-                *(f"    {_quote(f'nats-route://{HOST}:{port}')}" for port in self.peers),
+                *(f"    {_quote(f'nats-route://{self.route_host}:{port}')}" for port in self.peers),
                 "  ]",
                 "}",
             ]
@@ -375,7 +382,7 @@ class NatsNode:
         self._run.log = self.log_path.open("ab")
         try:
             self._run.proc = subprocess.Popen(
-                [str(self.binary), "-c", str(self.config_path)],
+                [*self.command_prefix, str(self.binary), "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=self._run.log,
                 stderr=subprocess.STDOUT,
@@ -408,7 +415,9 @@ class NatsNode:
                     f"{self.last_error(proc.pid)} (log: {self.log_path})"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:  # noqa: S310 (http to 127.0.0.1)
+                # No proxy: the monitor port is on this machine (or one of its namespaces).
+                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with direct.open(url, timeout=1.0) as resp:
                     if resp.status == 200:
                         return
                     last = f"HTTP {resp.status}"

@@ -205,18 +205,46 @@ class RelayGroup:
     """Delaying relays on ``listen_host``, run by one event loop in a daemon thread; use ``with``.
 
     :meth:`add` starts a link and returns the port to point clients at.
-    ``seed`` makes jitter and loss reproducible.
+    ``seed`` makes jitter and loss reproducible. With ``namespace`` (an
+    ``ip netns`` name, e.g. :attr:`HostNetwork.bridge_namespace`) the loop's
+    thread enters that network namespace before it makes any socket, so the
+    relays listen and connect there while the rest of the process stays in
+    its own namespace (a namespace is per thread); :class:`HostNetworkError`
+    if it cannot.
     """
 
-    def __init__(self, *, listen_host: str = "127.0.0.1", seed: int = 20) -> None:
+    def __init__(
+        self, *, listen_host: str = "127.0.0.1", seed: int = 20, namespace: str | None = None
+    ) -> None:
         self.listen_host = listen_host
         self._rng = random.Random(seed)  # noqa: S311 - simulated jitter, not secrets
         self._links: list[_Link] = []
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="delay-relay", daemon=True
-        )
+        entered: Future[None] = Future()
+
+        def serve() -> None:
+            if namespace is not None:
+                from medledger.localnet.hosts import enter_namespace
+
+                try:
+                    enter_namespace(namespace)
+                except BaseException as exc:
+                    entered.set_exception(exc)
+                    return
+            entered.set_result(None)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="delay-relay", daemon=True)
         self._thread.start()
+        try:
+            entered.result(_CONNECT_TIMEOUT_S)
+        except BaseException:
+            if entered.done():  # the thread gave up before running the loop: it is ending
+                self._thread.join(_CLOSE_TIMEOUT_S)
+                self._loop.close()
+            else:
+                self.close()
+            raise
 
     def __enter__(self) -> Self:
         return self
