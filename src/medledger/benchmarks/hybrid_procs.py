@@ -16,7 +16,13 @@ With ``rtt_ms`` (issue #20) NATS server *k* stands at institution *k*:
 every route between servers and every connection from an institution to
 another institution's server goes through a delaying relay
 (``localnet.relay``, RTT/2 each way), and servers advertise the relay's
-address, so neither route gossip nor client discovery can bypass it. With
+address, so neither route gossip nor client discovery can bypass it.
+Where network namespaces can be made (root, ``ip``), each institution is a
+host of its own (``localnet.hosts``): its worker and its NATS server run in
+its namespace and listen on its address, the relays run in a thread of the
+parent that entered the bridge's namespace, and nothing else can reach the
+servers; elsewhere everything stays on the machine's loopback. The run's
+``network_layout`` says which. With
 ``cpu_per_institution`` each institution's worker, and its NATS server, run
 in a cgroup of their own with that quota (``localnet.cgroups``); the
 parent, which only coordinates, and the relay thread in it stay outside.
@@ -29,7 +35,7 @@ import contextlib
 import multiprocessing
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -57,6 +63,7 @@ from medledger.core.errors import MedledgerError
 from medledger.heap import freeze_startup_heap
 from medledger.ledger.ordering.port import Orderer
 from medledger.localnet.cgroups import CpuGroups
+from medledger.localnet.hosts import HostNetwork, call_in_namespace, unavailable_reason
 from medledger.localnet.netproc import create_order_file
 from medledger.localnet.relay import LinkDelay, RelayGroup
 from medledger.synthetic import iter_patients
@@ -69,6 +76,14 @@ STREAM, SUBJECT = ConsortiumConfig().stream, ConsortiumConfig().subject
 _ANSWER_TIMEOUT_S = 300.0
 #: Lead time between the start message and the shared start instant.
 _START_LEAD_S = 0.1
+#: Longest wait for the NATS cluster to form and the stream to be created.
+_CLUSTER_START_S = 60.0
+#: NATS servers of the ordering service (server *k* stands at institution *k*).
+_SERVERS = 3
+#: ``network_layout`` of a run: each institution a namespace, or all on one loopback.
+NAMESPACES = "namespaces + userspace relay"
+LOOPBACK_RELAY = "loopback + userspace relay"
+LOOPBACK = "loopback"
 
 
 class WorkerFailed(MedledgerError):
@@ -84,6 +99,8 @@ class _WorkerSpec:
     order_file: Path | None
     nats_urls: tuple[str, ...]
     settings: HybridSettings
+    #: The ``ip netns`` name of the institution's host, or ``None`` (the parent's network).
+    namespace: str | None = None
 
 
 # -- the worker (one institution) ------------------------------------------------------
@@ -91,6 +108,11 @@ class _WorkerSpec:
 
 def _worker_main(spec: _WorkerSpec, conn: Connection) -> None:
     try:
+        if spec.namespace is not None:
+            # First thing, before any thread or socket: every one made later is inside.
+            from medledger.localnet.hosts import enter_namespace
+
+            enter_namespace(spec.namespace)
         asyncio.run(_serve(spec, conn))
     except BaseException as exc:  # report any failure to the parent, then exit
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()[-2000:]))
@@ -261,30 +283,54 @@ def _steps(
 
 
 def _delay_links(
-    cluster: Any, relays: RelayGroup, delay: LinkDelay, institutions: int
+    cluster: Any,
+    relays: RelayGroup,
+    delay: LinkDelay,
+    institutions: int,
+    hosts: HostNetwork | None,
 ) -> list[tuple[str, ...]]:
     """Put a relay on every cross-institution NATS link; each institution's server URLs.
 
     Server *k* is institution *k*'s: its own node reaches it directly, every
-    other one (and every other server's route) through a relay. Call before
-    the cluster starts.
+    other one (and every other server's route) through a relay. With
+    ``hosts``, server *k* runs in host *k*'s namespace on its address and the
+    relays (in the bridge's namespace) listen on the bridge's address.
+    Call before the cluster starts.
     """
-    from medledger.localnet.natsserver import HOST
-
     nodes = cluster.nodes
-    route = [relays.add(HOST, n.ports.cluster, delay) for n in nodes]
-    client = [relays.add(HOST, n.ports.client, delay) for n in nodes]
+    if hosts is not None:
+        for k, node in enumerate(nodes):
+            host = hosts.host(_host_name(k))
+            node.listen_host = host.address
+            node.route_host = hosts.bridge_address
+            node.command_prefix = tuple(hosts.command(host.name, []))
+    relay_at = relays.listen_host
+    route = [relays.add(n.listen_host, n.ports.cluster, delay) for n in nodes]
+    client = [relays.add(n.listen_host, n.ports.client, delay) for n in nodes]
     for k, node in enumerate(nodes):
         node.peers = tuple(route[j] for j in range(len(nodes)) if j != k)
-        node.cluster_advertise = f"{HOST}:{route[k]}"
-        node.client_advertise = f"{HOST}:{client[k]}"
+        node.cluster_advertise = f"{relay_at}:{route[k]}"
+        node.client_advertise = f"{relay_at}:{client[k]}"
+    scheme = "tls" if nodes[0].security is not None else "nats"
     return [
         tuple(
-            node.client_url if k == i else f"{node.client_url.rsplit(':', 1)[0]}:{client[k]}"
+            node.client_url if k == i else f"{scheme}://{relay_at}:{client[k]}"
             for k, node in enumerate(nodes)
         )
         for i in range(institutions)
     ]
+
+
+def _host_name(index: int) -> str:
+    """Host *k*: institution *k*'s worker (if k < institutions), NATS server *k* (if k < 3)."""
+    return f"site-{index}"
+
+
+def network_layout(settings: HybridSettings) -> str:
+    """How this run's institutions are apart (see the module docstring)."""
+    if settings.rtt_ms is None:
+        return LOOPBACK
+    return NAMESPACES if unavailable_reason() is None else LOOPBACK_RELAY
 
 
 def run_per_institution(
@@ -298,18 +344,37 @@ def run_per_institution(
     if settings.rtt_ms is not None or settings.cpu_per_institution is not None:
         base = base.with_name(f"{base.name}-{settings.institutions}-{settings.rtt_ms}")
     roots = create_nodes(base, mode, settings.institutions, settings.anchor_interval())
+    layout = network_layout(settings)
     with contextlib.ExitStack() as stack:
         relays = None
+        hosts = None
         if settings.rtt_ms is not None:
             if ordering != "jetstream":
                 raise WorkerFailed("a round trip between institutions needs the jetstream ordering")
-            relays = stack.enter_context(RelayGroup(seed=settings.seed))
+            if layout == NAMESPACES:
+                # Entered first, left last: its close kills whatever still runs inside.
+                hosts = stack.enter_context(
+                    HostNetwork(
+                        [_host_name(k) for k in range(max(settings.institutions, _SERVERS))]
+                    )
+                )
+                relays = stack.enter_context(
+                    RelayGroup(
+                        listen_host=hosts.bridge_address,
+                        seed=settings.seed,
+                        namespace=hosts.bridge_namespace,
+                    )
+                )
+            else:
+                relays = stack.enter_context(RelayGroup(seed=settings.seed))
         groups = None
         if settings.cpu_per_institution is not None:
             groups = stack.enter_context(
                 CpuGroups(settings.institutions, settings.cpu_per_institution)
             )
-        return _run(base, roots, label, mode, ordering, settings, progress, relays, groups)
+        result = _run(base, roots, label, mode, ordering, settings, progress, relays, groups, hosts)
+        result["network_layout"] = layout
+        return result
     raise AssertionError("unreachable")  # pragma: no cover - mypy: ExitStack may swallow
 
 
@@ -323,6 +388,7 @@ def _run(
     progress: Progress,
     relays: RelayGroup | None,
     groups: CpuGroups | None,
+    hosts: HostNetwork | None,
 ) -> dict[str, Any]:
     cluster: Any = None
     order_file = None
@@ -336,24 +402,34 @@ def _run(
         else:
             from medledger.localnet.natsserver import NatsCluster
 
-            cluster = NatsCluster(base / "nats", size=3, start_timeout=60.0)
+            cluster = NatsCluster(base / "nats", size=_SERVERS, start_timeout=_CLUSTER_START_S)
             if relays is not None:
                 delay = LinkDelay.from_rtt(
                     settings.rtt_ms or 0.0, settings.jitter_ms, settings.loss_pct
                 )
-                urls = _delay_links(cluster, relays, delay, len(roots))
+                urls = _delay_links(cluster, relays, delay, len(roots), hosts)
             else:
                 urls = [tuple(cluster.client_urls()) for _ in roots]
-            cluster.start()
+            _start_cluster(cluster, hosts)
+            if hosts is not None:
+                _check_inside(hosts, "nats-server", [node.pid for node in cluster.nodes])
             if groups is not None:
                 for k, node in enumerate(cluster.nodes[: len(roots)]):
                     if node.pid is not None:
                         groups.add(k, node.pid)
-            asyncio.run(_create_stream(tuple(cluster.client_urls())))
         task = progress.add_task(f"{label}: starting {len(roots)} institution processes", total=1)
         workers = _Workers(
             [
-                _WorkerSpec(root, n, mode, ordering, order_file, urls[n], settings)
+                _WorkerSpec(
+                    root,
+                    n,
+                    mode,
+                    ordering,
+                    order_file,
+                    urls[n],
+                    settings,
+                    None if hosts is None else hosts.host(_host_name(n)).namespace,
+                )
                 for n, root in enumerate(roots)
             ]
         )
@@ -361,6 +437,8 @@ def _run(
             for n, pid in enumerate(workers.pids()):
                 groups.add(n, pid)
         workers.answers()  # every node open and in the consortium
+        if hosts is not None:
+            _check_inside(hosts, "institution worker", workers.pids())
         first = settings.loads[0] if settings.loads else settings.start_load
         workers.ask("schedule", first, settings.warmup)
         workers.ask("go", time.perf_counter() + _START_LEAD_S, first, settings.warmup, False)
@@ -377,6 +455,32 @@ def _run(
         if cluster is not None:
             cluster.stop()
     return run_result(mode, ordering, settings, idle_cores, steps)
+
+
+def _check_inside(hosts: HostNetwork, what: str, pids: Sequence[int | None]) -> None:
+    """Refuse to measure unless process *k* of ``pids`` really is in host *k*'s namespace
+    (the results then claim a layout that did not run)."""
+    for k, pid in enumerate(pids):
+        if pid is None or not hosts.holds(_host_name(k), pid):
+            raise WorkerFailed(f"{what} {k} is not in its network namespace")
+
+
+def _start_cluster(cluster: Any, hosts: HostNetwork | None) -> None:
+    """Start the servers and create the consortium stream.
+
+    With ``hosts`` the servers listen on the hosts' addresses, which the
+    parent's own network does not reach: both steps then run in a thread of
+    the parent that entered the bridge's namespace (the relays' namespace).
+    """
+
+    def start() -> None:
+        cluster.start()
+        asyncio.run(_create_stream(tuple(cluster.client_urls())))
+
+    if hosts is None:
+        start()
+    else:
+        call_in_namespace(hosts.bridge_namespace, start, timeout=2 * _CLUSTER_START_S)
 
 
 async def _create_stream(urls: tuple[str, ...]) -> None:

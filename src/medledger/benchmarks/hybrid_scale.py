@@ -93,6 +93,10 @@ def run_hybrid_scale(
                     run_per_institution(base / f"{size}-{rtt}", mode, ORDERING, point, progress)
                 )
     finish_results(results, started)
+    # Which layout the delayed points ran in (namespaces where they can be made; see hybrid_procs).
+    results["network_layout"] = ", ".join(
+        dict.fromkeys(r["network_layout"] for r in results["runs"])
+    )
     results["load_average_at_end"] = _load_average()
     results["points"] = points(results["runs"])
     results["targets"] = targets(results["points"], settings)
@@ -246,7 +250,12 @@ def _draw(results: dict[str, Any], plots_dir: Path, console: Console) -> list[st
 
 def _print(results: dict[str, Any]) -> None:
     console = Console()
-    table = Table(title=f"medledger bench hybrid at scale ({results['link_emulation']})")
+    table = Table(
+        title=(
+            "medledger bench hybrid at scale"
+            f" ({results['link_emulation']}; {results['network_layout']})"
+        )
+    )
     for col in (
         "RTT ms",
         "institutions",

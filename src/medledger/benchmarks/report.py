@@ -188,7 +188,8 @@ def _render_hybrid_scale(results: Mapping[str, Any]) -> list[str]:
     s = results.get("settings", {})
     load = results.get("load_average_at_start")
     lines = [
-        f"Links: {results.get('link_emulation', '?')}; jitter {s.get('link', {}).get('jitter_ms', 0)}"
+        f"Links: {results.get('link_emulation', '?')}"
+        f" ({results.get('network_layout', 'loopback + userspace relay')}); jitter {s.get('link', {}).get('jitter_ms', 0)}"
         f" ms, loss {s.get('link', {}).get('loss_pct', 0)} %; CPU per institution:"
         f" {s.get('cpu_per_institution') or 'unlimited'} cores; load average at start"
         f" {load}; {s.get('step_seconds')} s per load, {s.get('writers_per_institution')}"
