@@ -29,10 +29,11 @@ namespace with this run's random tag holds nothing else), then deletes the
 namespaces, which removes their interfaces. Every wait is bounded.
 
 Link delay (issue #20): ``netem`` is not available on every kernel, so a
-delay goes into a userspace relay: a process run in the bridge namespace
-(:meth:`HostNetwork.popen` with ``host=None``), which can reach every host,
-and which the clients of a delayed link are pointed at instead of the host
-itself. Nothing here needs to change for that.
+delay goes into a userspace relay in the bridge namespace, which can reach
+every host, and which the clients of a delayed link are pointed at instead
+of the host itself: a process started there (:meth:`HostNetwork.popen` with
+``host=None``), or one thread of the caller that entered it
+(:func:`enter_namespace`, as ``RelayGroup(namespace=…)`` does).
 
 Needs root (``CAP_SYS_ADMIN`` and ``CAP_NET_ADMIN``) and the ``ip`` command
 of iproute2; :func:`unavailable_reason` says why not where they are missing.
