@@ -205,7 +205,8 @@ def bench_consortium(
     "--rtt",
     default=None,
     help="Round trip(s) between institutions in ms through a delaying link, e.g. 0,10,40"
-    " (the scale sweep; default: plain loopback).",
+    " (the scale sweep; default: plain loopback). As root, each institution runs in a"
+    " network namespace of its own; elsewhere on loopback (the results say which).",
 )
 @click.option("--jitter", type=click.FloatRange(min=0, max=1000), default=0.0, help="Jitter, ms.")
 @click.option(
