@@ -17,7 +17,7 @@ from medledger.config import NodeConfig
 from medledger.ledger.private import SequencerConfig
 from medledger.node import init_node
 from medledger.storage.keystore import KdfParams
-from module_scheduling import ModuleScheduling, slowest_first
+from module_scheduling import ModuleScheduling
 
 # Hypothesis's per-example deadline (200 ms) is a timing assertion: on a loaded
 # machine it failed examples that were correct. Speed is measured by benchmarks.
@@ -35,7 +35,7 @@ _ADDRESS_IN_ID = re.compile(r" at 0x[0-9a-fA-F]+")
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse test ids that differ between runs; under xdist, the slowest modules first.
+    """Refuse test ids that differ between runs.
 
     pytest-xdist workers refuse to start unless all collect the same ids; an id
     holding a memory address never matches.
@@ -46,8 +46,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "test ids must be the same on every run (give the value a repr or the "
             f"parameter an id): {unstable[:3]}"
         )
-    if config.getoption("dist", default=None) == "loadfile":
-        slowest_first(items)
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; `-p no:xdist` runs stay valid

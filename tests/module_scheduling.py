@@ -11,7 +11,10 @@ added here:
   ``loadgroup`` cannot do this with pytest 9.2: it renames test ids through an
   attribute pytest no longer reads.)
 - The slowest units start first, so the run does not end with one worker
-  busy on a long module while the other waits.
+  busy on a long module while the other waits. The scheduler (in the
+  controller) picks them: sorting the items in a ``pytest_collection_modifyitems``
+  hook does nothing under xdist, whose workers collect with ``dist`` set to
+  ``"no"`` and whose controller takes the units in the workers' collection order.
 - A worker is given its next unit only when it is down to its last test, not
   two tests before as pytest-xdist does: a unit handed out early waits behind
   the current module's long test while the other worker may run out of work.
@@ -79,15 +82,13 @@ def unit_of(nodeid: str) -> str:
     return module
 
 
-def slowest_first(items: list[pytest.Item]) -> None:
-    """Reorder ``items`` in place: the units in SLOWEST_FIRST, then the rest as collected.
+#: Each unit's place in the order work is handed out: SLOWEST_FIRST's, then the rest.
+_RANK = {unit: index for index, unit in enumerate(SLOWEST_FIRST)}
 
-    Every worker applies the same order to the same collection, so the
-    collections still compare equal.
-    """
-    rank = {unit: index for index, unit in enumerate(SLOWEST_FIRST)}
-    last = len(rank)
-    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), last))  # stable
+
+def rank_of(unit: str) -> int:
+    """Where ``unit`` comes in the hand-out order (ties keep the collection order)."""
+    return _RANK.get(unit, len(_RANK))
 
 
 class ModuleScheduling(LoadFileScheduling):  # type: ignore[misc]
@@ -95,10 +96,16 @@ class ModuleScheduling(LoadFileScheduling):  # type: ignore[misc]
 
     def __init__(self, config: pytest.Config, log: Any = None) -> None:
         super().__init__(config, log)
-        config.option.loadscopereorder = False  # keep the slowest-first order
+        config.option.loadscopereorder = False  # the units as collected; ranked when handed out
 
     def _split_scope(self, nodeid: str) -> str:
         return unit_of(nodeid)
+
+    def _assign_work_unit(self, node: Any) -> None:
+        """Hand ``node`` the waiting unit that comes first in SLOWEST_FIRST, else the next one."""
+        unit = min(self.workqueue, key=rank_of)  # the first of equal rank: collection order
+        self.workqueue.move_to_end(unit, last=False)
+        super()._assign_work_unit(node)
 
     def _reschedule(self, node: Any) -> None:
         """Give ``node`` the next unit once its last pending test is all it has left.

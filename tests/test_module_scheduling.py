@@ -100,6 +100,22 @@ def test_a_module_of_one_test_does_not_stall_its_worker() -> None:
     assert sorted(len(tests) for tests in ran.values()) == [2, 2]
 
 
+def test_the_slowest_units_start_first_whatever_their_place_in_the_collection() -> None:
+    fuzz, network = SLOWEST_FIRST[1], SLOWEST_FIRST[2]
+    durations = {
+        "tests/a.py::test_a": 10.0,
+        "tests/b.py::test_b": 10.0,
+        f"{network}::test_network": 40.0,  # collected after the others, ranked second
+        f"{network}::test_network_too": 10.0,
+        f"{fuzz}::test_fuzz": 90.0,  # collected last, ranked first
+        f"{fuzz}::test_fuzz_too": 10.0,
+    }
+    end, ran = _run(durations)
+    assert sorted(unit_of(tests[0]) for tests in ran.values()) == sorted([fuzz, network])
+    # In collection order the fuzz module would start at 10 s and end the run at 110 s.
+    assert end == 100.0
+
+
 def test_every_unit_named_slowest_is_a_unit_of_the_suite() -> None:
     assert len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)
     for unit in SLOWEST_FIRST:
