@@ -32,37 +32,42 @@ from xdist.scheduler import LoadFileScheduling
 #: The unit of every module that uses the shared ``bench all --quick`` run.
 BENCH_ALL_UNIT = "tests/benchmarks (bench all --quick)"
 
-#: Units that take the longest, the longest first: each unit's share of the
-#: ``--durations`` of a full two-worker run of the 3,319 tests (on a loaded shared
+#: Units that take the longest, the longest first: every unit of 10 s or more in a
+#: full two-worker run of the 3,366 tests (``--junitxml``, summed per unit; a shared
 #: machine, so only the order counts). Every other unit follows in collection order;
 #: they take seconds each, so whichever runs last the two workers end close together.
 SLOWEST_FIRST: tuple[str, ...] = (
-    BENCH_ALL_UNIT,  # ~330 s
-    "tests/api/test_api_fuzz.py",  # ~215 s
-    "tests/test_cli_network.py",  # ~150 s
-    "tests/test_demo.py",  # ~95 s
-    "tests/multihost/test_multihost_scenario.py",  # ~85 s
-    "tests/faults/test_store_faults.py",  # ~75 s
-    "tests/test_cli_sharing.py",  # ~62 s
-    "tests/ledger/test_crash_safety.py",  # ~59 s
-    "tests/api/test_api_workers.py",  # ~53 s
-    "tests/api/test_portal_browser.py",  # ~47 s
-    "tests/api/test_fhir_writes.py",  # ~37 s
-    "tests/storage/test_postgres.py",  # ~29 s
-    "tests/test_cli_service.py",  # ~25 s
-    "tests/security/test_patient_identity.py",  # ~25 s
-    "tests/benchmarks/test_bench_hybrid_scale.py",  # ~19 s
-    "tests/storage/test_sequencer_failover.py",  # ~19 s
-    "tests/security/test_node_files.py",  # ~17 s
-    "tests/ledger/ordering/test_jetstream_failover.py",  # ~16 s
-    "tests/faults/test_disk_faults.py",  # ~15 s
-    "tests/test_architecture.py",  # ~14 s
-    "tests/localnet/test_network_nats_credentials.py",  # ~14 s
-    "tests/ledger/consortium/test_consortium_jetstream.py",  # ~13 s
-    "tests/services/test_records.py",  # ~11 s
-    "tests/security/test_peer_boundary.py",  # ~11 s
-    "tests/faults/test_nats_faults.py",  # ~11 s
-    "tests/test_cli_records.py",  # ~11 s
+    BENCH_ALL_UNIT,  # 188 s
+    "tests/api/test_api_fuzz.py",  # 109 s
+    "tests/test_cli_network.py",  # 72 s
+    "tests/multihost/test_multihost_scenario.py",  # 71 s
+    "tests/test_demo.py",  # 67 s
+    "tests/ledger/test_crash_safety.py",  # 46 s
+    "tests/api/test_portal_browser.py",  # 43 s
+    "tests/storage/test_postgres.py",  # 39 s
+    "tests/test_cli_sharing.py",  # 38 s
+    "tests/faults/test_store_faults.py",  # 36 s
+    "tests/api/test_api_workers.py",  # 26 s
+    "tests/api/test_fhir_writes.py",  # 24 s
+    "tests/services/test_sharing.py",  # 21 s
+    "tests/ledger/ordering/test_nats_security.py",  # 19 s
+    "tests/ledger/ordering/test_orderer_contract.py",  # 18 s
+    "tests/benchmarks/test_bench_workers_cpu_quota.py",  # 18 s
+    "tests/services/test_search.py",  # 16 s
+    "tests/services/test_records.py",  # 16 s
+    "tests/storage/test_sequencer_lease.py",  # 16 s
+    "tests/test_cli_service.py",  # 15 s
+    "tests/storage/test_chain_store_contract.py",  # 15 s
+    "tests/test_architecture.py",  # 14 s
+    "tests/localnet/test_process_tree.py",  # 14 s
+    "tests/localnet/test_network_nats_credentials.py",  # 14 s
+    "tests/test_cli_records.py",  # 14 s
+    "tests/security/test_node_files.py",  # 13 s
+    "tests/storage/test_sequencer_failover.py",  # 13 s
+    "tests/ledger/test_private_chain.py",  # 12 s
+    "tests/security/test_http_hardening.py",  # 11 s
+    "tests/faults/test_nats_faults.py",  # 11 s
+    "tests/security/test_patient_identity.py",  # 10 s
 )
 
 
