@@ -20,6 +20,7 @@ LAYERS = {
     "node": 5,
     "stores": 5,
     "lifecycle": 5,
+    "heap": 5,
     "api": 6,
     "cli": 6,
     "demo": 6,
@@ -29,7 +30,8 @@ LAYERS = {
 }
 #: The product: what an institution's node runs. Laptop tooling stays out of it.
 PRODUCT_LAYERS = (
-    "core", "storage", "ledger", "services", "config", "node", "stores", "lifecycle", "api",
+    "core", "storage", "ledger", "services", "config", "node", "stores", "lifecycle", "heap",
+    "api",
 )  # fmt: skip
 #: Tooling for one machine, tests, the demo and the benchmarks.
 TOOLING_LAYERS = ("localnet", "synthetic", "benchmarks", "demo")
