@@ -260,7 +260,7 @@ class JetStreamOrderer:
         if not servers:
             raise OrderingError("no NATS servers given")
         tuning = tuning or JetStreamTuning()
-        nc = Client()
+        nc = _Client()
         errors = _LastError()
         choice = _ServerChoice()
 
@@ -649,6 +649,24 @@ def _resume_cancellation() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class _Client(Client):
+    """nats-py's client, closing a failed attempt's socket before it dials the next.
+
+    nats-py 2.16 keeps one transport object across reconnection attempts: when a
+    server accepts the TCP connection but does not complete the handshake (a hung
+    or recovering server: no INFO, no answer to CONNECT), the next attempt opened a
+    new connection over the old one's writer without closing it. Every such attempt
+    left a socket open until the event loop closed: file descriptors leaked for as
+    long as an outage lasted.
+    """
+
+    async def _connect_to_server(self, s: Any) -> None:
+        transport = self._transport
+        if transport is not None:
+            transport.close()  # type: ignore[no-untyped-call]  # a no-op once closed (a reconnect closes it first)
+        await super()._connect_to_server(s)
 
 
 async def _close_quietly(nc: Client) -> None:
