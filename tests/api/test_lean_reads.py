@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from api_helpers import FAST_KDF, PASSPHRASE
+from asgi_support import http_scope
 from fastapi import APIRouter, Depends, FastAPI
 
 import medledger.api.app as app_module
@@ -75,27 +76,10 @@ class Answer:
     lean: bool
 
 
-def _scope(method: str, path: str, query: str, headers: list[tuple[bytes, bytes]]) -> Any:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(b"host", b"testserver"), *headers],
-        "client": ("127.0.0.1", 50_000),
-        "server": ("testserver", 80),
-    }
-
-
 async def _call(
     app: FastAPI, node: Node, method: str, path: str, query: str, headers: dict[str, str]
 ) -> Answer:
-    scope = _scope(method, path, query, [(k.encode(), v.encode()) for k, v in headers.items()])
+    scope = http_scope(method, path, query, [(k.encode(), v.encode()) for k, v in headers.items()])
     height = node.chain.head.height
     started: dict[str, Any] = {}
     body = bytearray()
@@ -126,7 +110,7 @@ async def _call(
 
 
 def _post(served: Served, path: str, resource: dict[str, Any]) -> dict[str, Any]:
-    scope = _scope(
+    scope = http_scope(
         "POST",
         path,
         "",

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from api_helpers import FAST_KDF, PASSPHRASE
+from asgi_support import http_scope
 from fastapi import FastAPI
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, compile_path
@@ -81,20 +82,7 @@ def _some(words: set[str], *, seed: str) -> list[str]:
 async def _reached(app: FastAPI, method: str, path: str) -> tuple[Any, ...]:
     """What ``method path`` (no token, no body) reaches in ``app``: the endpoint, its path
     parameters and the answer's status."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 50_000),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope(method, path)
     status: list[int] = []
 
     async def receive() -> dict[str, Any]:
