@@ -889,18 +889,12 @@ def open_node(
         chain = PrivateChain(
             store, key, proposer=config.institution, config=config.sequencer, clock=clock
         )
-    except BaseException:
-        store.close()
-        _close_unused(index)
-        raise
-    try:
         blobs = _open_blob_store(config, paths)
     except BaseException:
         store.close()
         _close_unused(index)
         raise
     return _assemble(
-        root,
         config,
         paths,
         keystore,
@@ -951,7 +945,6 @@ def open_worker_node(
         dial=dial,
     )
     return _assemble(
-        root,
         config,
         paths,
         keystore,
@@ -969,7 +962,6 @@ def open_worker_node(
 
 
 def _assemble(
-    root: Path,
     config: NodeConfig,
     paths: NodePaths,
     keystore: FileKeyStore,
@@ -996,7 +988,7 @@ def _assemble(
         clock=clock,
         validator=validator,
         crash_recovery=crash_recovery,
-        health=_store_health(root, config.storage.blobs),
+        health=_store_health(paths.root, config.storage.blobs),
         remote=remote,
     )
     return Node(
