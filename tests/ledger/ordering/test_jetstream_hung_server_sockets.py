@@ -1,4 +1,4 @@
-"""A hung NATS server (accepts TCP, never speaks) must not cost a socket per reconnect.
+"""A hung NATS server must not cost a socket per reconnect; a closed client stays closed.
 
 nats-py reuses one transport across reconnection attempts and dialled the next
 attempt over the previous one without closing it; the orderer's client closes
@@ -6,6 +6,8 @@ a failed attempt's socket first (``jetstream._Client``). The server here is a
 real listening socket that speaks NATS to its first client only, then accepts
 and says nothing, as a hung ``nats-server`` does; the test watches, from the
 server's side, whether the client closed each connection it gave up on.
+A client closed while it reconnects must end that reconnection and close its
+socket, even when the dial completes as the cancellation arrives.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from nats.aio.transport import TcpTransport
 
 from medledger.ledger.ordering.jetstream import _Client
 
@@ -30,10 +34,12 @@ class HungServer:
 
     The first connection gets the handshake (INFO, then PONG to the client's PING),
     so the client is connected; the test then drops it, as a server does when it
-    hangs and restarts. Every later connection is accepted and never spoken to.
+    hangs and restarts. Every later connection is accepted and never spoken to,
+    unless ``answers_all``: then every connection gets the handshake.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, answers_all: bool = False) -> None:
+        self._answers_all = answers_all
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.setblocking(False)
         self.url = f"nats://127.0.0.1:{self._listener.getsockname()[1]}"
@@ -56,7 +62,7 @@ class HungServer:
                     conn, _ = self._listener.accept()
                     with self._lock:
                         self.accepted.append(conn)
-                    if len(self.accepted) == 1:
+                    if len(self.accepted) == 1 or self._answers_all:
                         conn.sendall(_INFO)
                     continue
                 try:
@@ -66,7 +72,7 @@ class HungServer:
                 if not data:  # EOF: the client closed it
                     with self._lock:
                         self.closed_by_peer.add(self.accepted.index(sock))
-                elif b"PING" in data and sock is self.accepted[0]:
+                elif b"PING" in data and (sock is self.accepted[0] or self._answers_all):
                     sock.sendall(b"PONG\r\n")
 
     def drop_first(self) -> None:
@@ -120,3 +126,62 @@ def test_a_reconnect_attempt_given_up_on_is_closed_before_the_next(hung: HungSer
     accepted, closed = asyncio.run(main())
     assert accepted >= 4
     assert {1, 2} <= closed, f"attempts given up on but left open: {sorted({1, 2} - closed)}"
+
+
+@pytest.fixture
+def answering() -> Iterator[HungServer]:
+    server = HungServer(answers_all=True)
+    yield server
+    server.close()
+
+
+def test_close_ends_a_reconnection_whose_dial_completed_as_it_was_cancelled(
+    answering: HungServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close()`` while a reconnection's dial completes: no socket stays open, nothing revives.
+
+    Python 3.11's ``asyncio.wait_for`` returns a result that completed as the
+    cancellation arrived instead of raising it, so the cancelled reconnection
+    carries on with a connected socket. The dial here reproduces exactly that:
+    it connects, then swallows the cancellation that arrives while it finishes.
+    """
+    real_connect = TcpTransport.connect
+    dialled = asyncio.Event()
+    dials: list[int] = []
+    swallowed: list[bool] = []
+
+    async def dial_swallowing_cancellation(self: TcpTransport, *args: Any, **kwargs: Any) -> None:
+        await real_connect(self, *args, **kwargs)
+        dials.append(1)
+        if len(dials) == 1:
+            return  # the first connection: nothing to race with
+        dialled.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            swallowed.append(True)  # wait_for on 3.11: the completed dial is returned
+
+    monkeypatch.setattr(TcpTransport, "connect", dial_swallowing_cancellation)
+
+    async def main() -> tuple[_Client, tuple[int, set[int]]]:
+        nc = _Client()
+        await nc.connect(servers=[answering.url], connect_timeout=1, max_reconnect_attempts=-1)
+        answering.drop_first()
+        await asyncio.wait_for(dialled.wait(), _DEADLINE_S)
+        await nc.close()
+        # Whatever the cancelled reconnection does next, it does within this wait.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            accepted, closed = answering.snapshot()
+            if accepted > 1 and len(closed) == accepted:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # room for a revived client to dial again
+        return nc, answering.snapshot()
+
+    nc, (accepted, closed) = asyncio.run(main())
+    assert swallowed, "close() did not cancel the reconnection during its dial"
+    assert nc.is_closed
+    assert nc._reconnection_task is not None and nc._reconnection_task.done()
+    assert accepted == 2, f"the client dialled {accepted - 2} more connections after close()"
+    assert closed == set(range(accepted)), f"left open: {sorted(set(range(accepted)) - closed)}"

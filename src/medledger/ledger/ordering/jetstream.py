@@ -652,21 +652,71 @@ def _resume_cancellation() -> None:
 
 
 class _Client(Client):
-    """nats-py's client, closing a failed attempt's socket before it dials the next.
+    """nats-py's client, made to leave no socket open and to stay closed once closed.
 
-    nats-py 2.16 keeps one transport object across reconnection attempts: when a
-    server accepts the TCP connection but does not complete the handshake (a hung
-    or recovering server: no INFO, no answer to CONNECT), the next attempt opened a
-    new connection over the old one's writer without closing it. Every such attempt
-    left a socket open until the event loop closed: file descriptors leaked for as
-    long as an outage lasted.
+    Two nats-py 2.16 behaviours are corrected here:
+
+    * It keeps one transport object across reconnection attempts: when a server
+      accepts the TCP connection but does not complete the handshake (a hung or
+      recovering server: no INFO, no answer to CONNECT), the next attempt opened a
+      new connection over the old one's writer without closing it. Every such
+      attempt left a socket open until the event loop closed: file descriptors
+      leaked for as long as an outage lasted.
+    * ``close()`` cancels a running reconnection and waits for it at most
+      ``reconnect_time_wait`` seconds. On Python 3.11, ``asyncio.wait_for``
+      returns a result that completed as the cancellation arrived instead of
+      raising, so a reconnection cancelled just as its TCP connection opened
+      carries on: it finishes its handshake after ``close()``, marks the client
+      connected again, and its read loop, finding the transport closed, starts a
+      new reconnection that dials a socket nobody closes. Once closing has begun,
+      this client dials nothing, starts no reconnection, and ``close()`` returns
+      only after the reconnection task has ended and the transport is closed.
     """
 
+    _closing = False
+    # close() waits this long, in all, for a reconnection that ignores cancellation.
+    _RECONNECT_END_S = 5.0
+
     async def _connect_to_server(self, s: Any) -> None:
+        self._end_dial_if_closing()
         transport = self._transport
         if transport is not None:
             transport.close()  # type: ignore[no-untyped-call]  # a no-op once closed (a reconnect closes it first)
         await super()._connect_to_server(s)
+        self._end_dial_if_closing()  # the dial completed as close() cancelled it
+
+    def _end_dial_if_closing(self) -> None:
+        if self._closing:
+            if self._transport is not None:
+                self._transport.close()  # type: ignore[no-untyped-call]
+            raise asyncio.CancelledError  # ends the reconnection loop (it breaks on this)
+
+    async def _process_op_err(self, e: Exception) -> None:
+        if self._closing:
+            return  # a read loop that outlived close() must not start a reconnection
+        await super()._process_op_err(e)
+
+    async def _close(self, status: int, do_cbs: bool = True) -> None:
+        self._closing = True
+        try:
+            await super()._close(status, do_cbs)
+        finally:
+            await self._end_reconnection()
+            if self._transport is not None:
+                self._transport.close()  # type: ignore[no-untyped-call]  # idempotent
+            self._status = Client.CLOSED
+
+    async def _end_reconnection(self) -> None:
+        """Cancel the reconnection task until it has ended (bounded), unless it is us."""
+        task = self._reconnection_task
+        if task is None or task is asyncio.current_task():
+            return
+        deadline = time.monotonic() + self._RECONNECT_END_S
+        while not task.done() and time.monotonic() < deadline:
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if not task.done():
+            log.error("NATS reconnection did not end %.0f s after close", self._RECONNECT_END_S)
 
 
 async def _close_quietly(nc: Client) -> None:
