@@ -185,3 +185,37 @@ def test_close_ends_a_reconnection_whose_dial_completed_as_it_was_cancelled(
     assert nc._reconnection_task is not None and nc._reconnection_task.done()
     assert accepted == 2, f"the client dialled {accepted - 2} more connections after close()"
     assert closed == set(range(accepted)), f"left open: {sorted(set(range(accepted)) - closed)}"
+
+
+def test_a_first_connection_passes_a_hung_server_for_the_next_one(answering: HungServer) -> None:
+    """``connect()`` given up on at a hung server goes on to the next server listed.
+
+    nats-py closes a failed first attempt with status DISCONNECTED before it tries
+    the next server; that is not the client being closed, so the attempt after it
+    must dial. The hung server here is a listening socket nobody accepts on: the
+    kernel completes the TCP handshake and the client waits for an INFO that never
+    comes, as with a stopped ``nats-server``.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent_url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+
+        async def main() -> tuple[bool, str | None]:
+            nc = _Client()
+            try:
+                await asyncio.wait_for(
+                    nc.connect(
+                        servers=[silent_url, answering.url],
+                        connect_timeout=0.3,
+                        dont_randomize=True,
+                        max_reconnect_attempts=-1,
+                    ),
+                    _DEADLINE_S,
+                )
+                url = nc.connected_url
+                return nc.is_connected, url.netloc if url is not None else None
+            finally:
+                await nc.close()
+
+        connected, netloc = asyncio.run(main())
+    assert connected
+    assert netloc == answering.url.removeprefix("nats://")

@@ -697,6 +697,11 @@ class _Client(Client):
         await super()._process_op_err(e)
 
     async def _close(self, status: int, do_cbs: bool = True) -> None:
+        if status != Client.CLOSED:
+            # DISCONNECTED: ``connect()`` ending an attempt it gave up on before it tries
+            # the next server. The client is not being closed: the next attempt dials.
+            await super()._close(status, do_cbs)
+            return
         self._closing = True
         try:
             await super()._close(status, do_cbs)
