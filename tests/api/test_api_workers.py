@@ -39,10 +39,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+def _until(
+    condition: Callable[[], bool],
+    what: str,
+    node: Node | None = None,
+    deadline_s: float = DEADLINE_S,
+) -> None:
+    """Poll ``condition`` until it holds; past the deadline, fail with ``node``'s log."""
     deadline = time.monotonic() + deadline_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        if time.monotonic() >= deadline:
+            log = f"; the node's log ends:\n{node.stderr()[-3000:]}" if node is not None else ""
+            pytest.fail(f"timed out waiting until {what}{log}")
         time.sleep(0.05)
 
 
@@ -63,6 +71,18 @@ class Node:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def ready_workers(self) -> set[int]:
+        """The workers the parent logged as accepting connections (``API worker ready``)."""
+        ready = set()
+        for line in self.stderr().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # not one of the node's log lines
+            if isinstance(entry, dict) and entry.get("message") == "API worker ready":
+                ready.add(entry["fields"]["pid"])
+        return ready
 
 
 def _alive(pid: int) -> bool:
@@ -89,9 +109,9 @@ def start(root: Path, log: Path, workers: int = 2) -> Node:
         except httpx.TransportError:
             return False
 
-    _until(ready, "the node is ready")
+    _until(ready, "the node is ready", node)
     if workers > 1:
-        _until(lambda: len(node.workers()) == workers, "every worker runs")
+        _until(lambda: len(node.workers()) == workers, "every worker runs", node)
     return node
 
 
@@ -222,10 +242,15 @@ def test_every_worker_serves_reads_and_writes_on_its_own(running: Node, token: s
         os.kill(paused, signal.SIGSTOP)
         try:
             for i in range(3):
-                r = httpx.get(f"{running.url}/fhir/Patient/{rid}", headers=_headers(token))
+                r = httpx.get(
+                    f"{running.url}/fhir/Patient/{rid}", headers=_headers(token), timeout=30
+                )
                 assert r.status_code == 200 and r.json()["id"] == rid, r.text
                 w = httpx.post(
-                    f"{running.url}/fhir/Patient", content=_patient(i), headers=_headers(token)
+                    f"{running.url}/fhir/Patient",
+                    content=_patient(i),
+                    headers=_headers(token),
+                    timeout=30,
                 )
                 assert w.status_code == 201, w.text
             # Forwarded to the parent (a transaction Bundle), answered through this worker.
@@ -240,10 +265,13 @@ def test_every_worker_serves_reads_and_writes_on_its_own(running: Node, token: s
                 ],
             }
             b = httpx.post(
-                f"{running.url}/fhir", content=json.dumps(bundle), headers=_headers(token)
+                f"{running.url}/fhir",
+                content=json.dumps(bundle),
+                headers=_headers(token),
+                timeout=30,
             )
             assert b.status_code == 200, b.text
-            assert httpx.get(f"{running.url}/readyz").status_code == 200
+            assert httpx.get(f"{running.url}/readyz", timeout=30).status_code == 200
         finally:
             os.kill(paused, signal.SIGCONT)
 
@@ -261,6 +289,7 @@ def test_a_client_cannot_claim_another_address_through_the_forwarding_header(
                 "Authorization": "Bearer mlt_bad_token",
                 "X-Medledger-Forwarded-For": f"10.0.{i}.1:1",
             },
+            timeout=30,
         )
         statuses.append(r.status_code)
         if r.status_code == 429:
@@ -318,7 +347,10 @@ def test_metrics_count_every_workers_answers_exactly_once(running: Node, token: 
 
         def create() -> None:
             r = httpx.post(
-                f"{running.url}/fhir/Patient", content=_patient(7), headers=_headers(token)
+                f"{running.url}/fhir/Patient",
+                content=_patient(7),
+                headers=_headers(token),
+                timeout=30,
             )
             assert r.status_code == 201, r.text
 
@@ -338,10 +370,14 @@ def test_a_killed_workers_counts_are_kept_by_its_replacement(running: Node) -> N
     os.kill(victim, signal.SIGKILL)
     _until(
         lambda: len(running.workers()) == 2 and victim not in running.workers(),
-        f"a new worker replaced the killed one (log: {running.stderr()[-2000:]})",
+        "a new worker replaced the killed one",
+        running,
     )
     assert _scrape(running)[UNAUTHENTICATED] == counted
     (replacement,) = [pid for pid in running.workers() if pid != survivor]
+    # A restarted worker imports everything anew (seconds; far longer on a loaded
+    # machine): only once it accepts connections can it answer with the survivor stopped.
+    _until(lambda: replacement in running.ready_workers(), "the new worker is ready", running)
     _through_one_worker(running, replacement, _unauthenticated_reads(running, 3))
     assert _scrape(running)[UNAUTHENTICATED] == counted + 3
 
@@ -411,21 +447,23 @@ def test_killed_workers_and_a_killed_sequencer_lose_nothing_acknowledged(
     acknowledged write reads back and ``verify --records`` passes."""
     writers = Writers(running, token)
     try:
-        _until(lambda: writers.count() >= 10, "ten writes are acknowledged")
+        _until(lambda: writers.count() >= 10, "ten writes are acknowledged", running)
         victim = running.workers()[0]
         os.kill(victim, signal.SIGKILL)
         _until(
             lambda: len(running.workers()) == 2 and victim not in running.workers(),
             "a new worker replaced the killed one",
+            running,
         )
         after_kill = writers.count()
-        _until(lambda: writers.count() >= after_kill + 10, "writes continue")
+        _until(lambda: writers.count() >= after_kill + 10, "writes continue", running)
         workers = running.workers()
         running.proc.kill()
         running.proc.wait()
         _until(
             lambda: not any(_alive(pid) for pid in workers),
             "the workers stop once their parent is gone",
+            running,
         )
     finally:
         acked = writers.stop()

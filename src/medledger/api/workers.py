@@ -435,6 +435,7 @@ class WorkerPool:
         exited: asyncio.Future[int] = loop.create_future()
         self._ready[slot], self._exits[worker.pid] = ready, exited
         pidfd = os.pidfd_open(worker.pid)
+        adopted = time.monotonic()
 
         def on_ready() -> None:
             try:
@@ -445,6 +446,11 @@ class WorkerPool:
             os.close(worker.ready_fd)
             if not ready.done():
                 ready.set_result(line.strip() == READY)
+            if line.strip() == READY:
+                # Until now the slot answered nothing: how long a restart left it empty.
+                start_s = round(time.monotonic() - adopted, 3)
+                fields = {"slot": slot, "pid": worker.pid, "start_s": start_s}
+                log.info("API worker ready", extra={"fields": fields})
 
         def on_exit() -> None:
             loop.remove_reader(pidfd)
