@@ -2,12 +2,18 @@
 
 The chain transaction carries only the type, the keyed record ref, the
 version, the blob hash and the patient pseudonym — never plaintext or PHI.
+
+:meth:`Sealer.prepare` does the CPU work and stores nothing; :meth:`Sealer.store`
+makes the blob durable. They are apart so that a write can index its row while
+its blob is flushed (``writes``): the row and the transaction need only the
+blob's hash, which is known before the blob is on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from medledger.core.envelope import RecordContext, seal_record, wrap_key
@@ -22,11 +28,20 @@ from medledger.services.search import patient_reference, resource_tokens
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.ports import BlobStore, VersionRow
 
-__all__ = ["Sealer"]
+__all__ = ["PreparedWrite", "Sealer"]
 
 #: Resources of at least this many bytes are tokenized and sealed off the event loop
 #: (below it, the hand-off to a thread costs more than the work).
 OFFLOAD_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedWrite:
+    """A version sealed, its blob not yet stored (nothing may name it until it is)."""
+
+    sealed: SealedWrite
+    #: The ciphertext to store; its hash is ``sealed.row.blob_hash``.
+    blob: bytes = field(repr=False)
 
 
 class Sealer:
@@ -73,6 +88,34 @@ class Sealer:
         """Seal ``resource`` as ``version`` of ``rtype/rid`` and store its blob durably.
 
         The returned row and transaction are not yet indexed or committed.
+        Arguments as :meth:`prepare`.
+        """
+        prepared = await self.prepare(
+            rtype, rid, version, resource, kek_id, kek, deletion_of=deletion_of
+        )
+        await self.store(prepared)
+        return prepared.sealed
+
+    async def store(self, prepared: PreparedWrite) -> None:
+        """Store ``prepared``'s blob; return once it is durable (one flush shared with
+        the blobs of concurrent writes). On failure none of the batch is left behind."""
+        await self._blob_writes.submit(prepared.blob)
+
+    async def prepare(
+        self,
+        rtype: str,
+        rid: str,
+        version: int,
+        resource: dict[str, Any],
+        kek_id: str,
+        kek: bytes,
+        *,
+        deletion_of: VersionRow | None = None,
+    ) -> PreparedWrite:
+        """Seal ``resource`` as ``version`` of ``rtype/rid``: its blob, row and transaction.
+
+        Nothing is stored: :meth:`store` must make the blob durable before
+        anything that names it is committed.
         ``deletion_of``: this version deletes the resource whose current version
         is that row — it is sealed like any other (blob, data key, ``record.put``)
         so every check of a stored version holds for it, but it has no search
@@ -101,7 +144,6 @@ class Sealer:
             )
         else:
             tokens, blob = self._tokens_and_blob(final, dek, nonce, data, context)
-        await self._blob_writes.submit(blob)
         blob_hash = sha256(blob)
         pseudonym = (
             deletion_of.patient
@@ -144,7 +186,7 @@ class Sealer:
             tx_hash=row.tx_hash,
             patient=pseudonym,
         )
-        return SealedWrite(row=row, tokens=tokens, stored=stored, tx=tx)
+        return PreparedWrite(SealedWrite(row=row, tokens=tokens, stored=stored, tx=tx), blob)
 
     async def close(self) -> None:
         await self._blob_writes.close()

@@ -2,6 +2,12 @@
 
 A write returns only after its chain commit is durable; if the commit fails,
 what was indexed and stored is taken back (``recovery``).
+
+The durable steps of a write, in order: the blobs and the index rows, at the
+same time (neither is acknowledged, and a row whose transaction never reached
+the chain is taken back, so either may land first); then, once both are
+durable, the chain block naming them. The block is never written before the
+blobs it names are durable (decision 0058).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from medledger.services.records.model import (
 )
 from medledger.services.records.reading import RecordReader
 from medledger.services.records.recovery import CrashRecovery
-from medledger.services.records.sealing import Sealer
+from medledger.services.records.sealing import PreparedWrite, Sealer
 from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordWriter"]
@@ -136,7 +142,7 @@ class RecordWriter:
         handed_over = False
         try:
             # Calls, not coroutines: a precondition failing halfway leaves none unawaited.
-            pending: list[Callable[[], Awaitable[SealedWrite]]] = []
+            pending: list[Callable[[], Awaitable[PreparedWrite]]] = []
             for intent in intents:
                 rtype, rid = intent.resource_type, intent.id
                 latest = self._index.latest(rtype, rid)
@@ -153,27 +159,31 @@ class RecordWriter:
                 self._keep_reserved(rtype, intent.resource, latest)
                 pending.append(
                     partial(
-                        self._sealer.seal, rtype, rid, current + 1, intent.resource, kek_id, kek
+                        self._sealer.prepare, rtype, rid, current + 1, intent.resource, kek_id, kek
                     )
                 )
-            # All at once: the blobs of a large transaction share file-system flushes and
-            # its rows share index commits (one by one, a 3,000-entry Bundle took minutes).
-            # Every outcome is collected first, so what was stored is known when one fails.
-            sealed_or_failed = await asyncio.gather(
-                *(seal() for seal in pending), return_exceptions=True
+            # Every outcome is collected first, so none is left unawaited when one fails.
+            prepared_or_failed = await asyncio.gather(
+                *(prepare() for prepare in pending), return_exceptions=True
             )
-            sealed.extend(v for v in sealed_or_failed if isinstance(v, SealedWrite))
-            _raise_first(sealed_or_failed)
+            _raise_first(prepared_or_failed)  # nothing is stored yet
+            prepared = [v for v in prepared_or_failed if isinstance(v, PreparedWrite)]
             if self._remote is not None:
+                stored = await asyncio.gather(
+                    *(self._sealer.store(v) for v in prepared), return_exceptions=True
+                )
+                sealed.extend(v.sealed for v, r in zip(prepared, stored, strict=True) if r is None)
+                _raise_first(stored)
                 # From here the sequencer owns the blobs: it takes them back when it refuses
                 # or fails the commit, and a lost answer may mean committed (the store
                 # scrub removes blobs nothing refers to).
                 handed_over = True
                 await self._remote.commit_versions(sealed)
             else:
-                await self._index_and_commit(
-                    [(v.row, v.tokens) for v in sealed], [v.tx for v in sealed], written
-                )
+                # Any of these blobs may be stored from here on; taking back one that was
+                # not is harmless (a blob's hash is unique to its version).
+                sealed.extend(v.sealed for v in prepared)
+                await self._store_index_and_commit(prepared, written)
             self._health.write_succeeded()
             return [version.stored for version in sealed]
         except BaseException as exc:
@@ -193,6 +203,34 @@ class RecordWriter:
             self.inflight[kek_id] -= 1
             for lock in locks:
                 lock.release()
+
+    async def _store_index_and_commit(
+        self, prepared: Sequence[PreparedWrite], written: list[VersionRow]
+    ) -> None:
+        """Store the blobs and index the rows at the same time, then commit the transactions
+        in one block once both are durable.
+
+        All at once: the blobs of a large transaction share file-system flushes
+        and its rows share index commits (one by one, a 3,000-entry Bundle took
+        minutes), and the index commit overlaps the blob flush instead of
+        following it. ``written`` collects the rows indexed, for the caller's
+        take-back on failure. Every outcome is collected before raising, so
+        what was stored is known when one fails.
+        """
+        for version in prepared:
+            self._recovery.indexing(version.sealed.row)
+        rows = [(v.sealed.row, v.sealed.tokens) for v in prepared]
+        outcomes = await asyncio.gather(
+            *(self._sealer.store(v) for v in prepared),
+            *(self._index.put_version(row, tokens) for row, tokens in rows),
+            return_exceptions=True,
+        )
+        indexed = outcomes[len(prepared) :]
+        written.extend(row for (row, _), r in zip(rows, indexed, strict=True) if r is None)
+        _raise_first(outcomes)
+        # Only now: a block must never name a blob that is not durable.
+        await self._chain.submit_many([v.sealed.tx for v in prepared])
+        self._recovery.acknowledged()
 
     async def _index_and_commit(
         self,
@@ -281,7 +319,7 @@ class RecordWriter:
 
     async def _tombstone(
         self, rtype: str, rid: str, latest: VersionRow | None, kek_id: str, kek: bytes
-    ) -> SealedWrite:
+    ) -> PreparedWrite:
         """The version that deletes ``rtype/rid`` (which must exist and be live)."""
         if latest is None:
             raise NotFound(f"{rtype}/{rid} does not exist")
@@ -289,7 +327,7 @@ class RecordWriter:
             raise Gone(f"{rtype}/{rid} was erased")
         if latest.deleted:
             raise Gone(f"{rtype}/{rid} is already deleted")
-        return await self._sealer.seal(
+        return await self._sealer.prepare(
             rtype, rid, latest.version + 1, {}, kek_id, kek, deletion_of=latest
         )
 
