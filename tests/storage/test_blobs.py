@@ -178,3 +178,24 @@ def test_iter_hashes_lists_blobs_by_age(store: FileBlobStore) -> None:
     (store.root / "not-a-blob-dir").mkdir()
     assert sorted(store.iter_hashes()) == sorted([a, b])
     assert list(store.iter_hashes(older_than=2_000_000)) == [a]
+
+
+@pytest.mark.parametrize("size", [1, 1000, 65_535, 65_536, 65_537, 3 * 65_536, 300_001])
+def test_a_blob_reads_back_whole_at_every_size_even_in_short_reads(
+    store: FileBlobStore, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Around the first read's size, and with the kernel answering a little at a time
+    (a short read is not the end of the file: only an empty one is)."""
+    data = os.urandom(size)
+    h = store.put(data)
+    assert store.get(h) == data
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 4093)))
+    assert store.get(h) == data
+
+
+def test_a_directory_under_a_blob_name_is_a_storage_error(store: FileBlobStore) -> None:
+    h = hashlib.sha256(b"never stored").digest()
+    (store.root / h.hex()[:2] / h.hex()).mkdir(parents=True)
+    with pytest.raises(StorageError, match="cannot read blob"):
+        store.get(h)
