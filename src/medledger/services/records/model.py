@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -145,8 +146,18 @@ class VersionCommitter(Protocol):
         ...
 
 
+#: 10000-01-01T00:00:00Z in ms: below it (and from the epoch on) the year has four digits.
+_YEAR_10000_MS = 253_402_300_800_000
+
+
 def instant(ms: int) -> str:
     """``ms`` since the epoch as a FHIR ``instant`` (UTC, millisecond precision)."""
+    if 0 <= ms < _YEAR_10000_MS:
+        # Every read formats its version's time: integer seconds and milliseconds cost
+        # a third less than a datetime, and are exact (``ms / 1000`` as a float is not
+        # beyond the year 2106).
+        seconds, millis = divmod(ms, 1000)
+        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
     return (
         datetime.fromtimestamp(ms / 1000, UTC)
         .isoformat(timespec="milliseconds")
