@@ -467,6 +467,62 @@ def test_a_failed_commit_fails_its_writers_and_loses_nothing_acked(
     assert chain.head == head_header(inner)
 
 
+def test_submit_groups_shares_one_block_and_answers_each_group_alone(
+    chains: Chains, key: SigningKey
+) -> None:
+    """A worker's frame of access groups (decision 0059): the groups the chain accepts
+    go into one block, each atomic and in order; a refused group is answered with its
+    own error and writes nothing; the others are not held back by it."""
+    chain = chains.create(key)
+
+    def group(g: int, size: int) -> list[Transaction]:
+        return [
+            Transaction(type="record.put", chain=CHAIN, body={"g": g, "i": i}, time_ms=g)
+            for i in range(size)
+        ]
+
+    groups = [group(0, 1), [*group(1, 2), REFUSED["other-chain"]], group(2, 3), group(3, 1)]
+
+    async def main() -> list[list[Receipt] | MedledgerError]:
+        try:
+            return await chain.submit_groups(groups)
+        finally:
+            await chain.close()
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], InvalidInput)
+    accepted = [r for r in results if isinstance(r, list)]
+    assert [len(r) for r in accepted] == [1, 3, 1]
+    assert len({r.height for rs in accepted for r in rs}) == 1, "one block for all groups"
+    assert [r.index for rs in accepted for r in rs] == [1, 2, 3, 4, 5]
+    assert chain.store.counts()[1] == 1 + 5  # the refused group left nothing behind
+    for g, receipts in zip((0, 2, 3), accepted, strict=True):
+        for i, r in enumerate(receipts):
+            assert Transaction.decode(chain.store.tx_data(r.index)).body == {"g": g, "i": i}
+    verify_chain(chain.store, expected_key=key.public)
+
+
+def test_submit_groups_in_a_failed_block_all_get_its_error(
+    chains: Chains, key: SigningKey, clock: Clock
+) -> None:
+    inner = chains.create(key).store
+    flaky = FlakyStore(inner, fail_on=1, error=StorageError("disk full"))
+    chain = PrivateChain(flaky, key, proposer="st-mary", clock=clock)
+    groups = [[_tx(body={"n": n})] for n in range(4)]
+
+    async def main() -> tuple[list[list[Receipt] | MedledgerError], Receipt]:
+        try:
+            failed = await chain.submit_groups(groups)
+            return failed, await chain.submit("record.put", {"after": 1})
+        finally:
+            await chain.close()
+
+    failed, after = asyncio.run(main())
+    assert all(isinstance(r, StorageError) for r in failed)
+    assert after.index == 1  # nothing of the failed block took an index
+    assert inner.counts()[1] == 2
+
+
 def test_a_lone_failed_write_does_not_consume_its_index(
     chains: Chains, key: SigningKey, clock: Clock
 ) -> None:

@@ -57,6 +57,17 @@ async def _outcome(fut: asyncio.Future[None]) -> Exception | None:
     return None
 
 
+def _group_outcome(futures: Sequence[asyncio.Future[Receipt]]) -> list[Receipt] | MedledgerError:
+    """A finished group's receipts, or the error its block failed with."""
+    for fut in futures:
+        if fut.cancelled():
+            return StorageError("the block commit was cancelled")
+        exc = fut.exception()
+        if exc is not None:
+            return exc if isinstance(exc, MedledgerError) else StorageError(str(exc))
+    return [fut.result() for fut in futures]
+
+
 def _fail_all(batch: Sequence[_Pending], exc: Exception) -> None:
     for p in batch:
         if not p.future.done():
@@ -230,6 +241,50 @@ class PrivateChain:
         encoded = [self._encode(tx) for tx in txs]
         if not encoded:
             return []
+        (futures,) = self._enqueue([encoded])
+        if len(futures) == 1:
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
+
+    async def submit_groups(
+        self, groups: Sequence[Sequence[Transaction]]
+    ) -> list[list[Receipt] | MedledgerError]:
+        """Append each group atomically, and each independently of the others.
+
+        The groups are queued together, so they share a block when they fit in
+        one (``max_txs``): one signature and one sync for all of them. A group
+        this chain refuses (:meth:`_encode`: another chain, too large) gets its
+        :class:`InvalidInput` and the others are still appended; a block that
+        cannot be committed fails the groups in it with its storage error.
+        The result is, per group in order, its receipts or its error; this
+        method raises only if the chain is closing (nothing was queued then).
+        """
+        outcomes: list[list[bytes] | MedledgerError] = []
+        for group in groups:
+            try:
+                encoded = [self._encode(tx) for tx in group]
+            except MedledgerError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(encoded if encoded else InvalidInput("an empty group"))
+        queued = [o for o in outcomes if isinstance(o, list)]
+        if not queued:
+            return [o for o in outcomes if not isinstance(o, list)]
+        # Queued in one call: no block is cut between two of these groups' entries.
+        queued_futures = self._enqueue(queued)
+        await asyncio.wait([f for fs in queued_futures for f in fs])
+        futures = iter(queued_futures)
+        results: list[list[Receipt] | MedledgerError] = []
+        for outcome in outcomes:
+            if not isinstance(outcome, list):
+                results.append(outcome)
+                continue
+            results.append(_group_outcome(next(futures)))
+        return results
+
+    def _enqueue(self, groups: Sequence[Sequence[bytes]]) -> list[list[asyncio.Future[Receipt]]]:
+        """Queue each group of encoded transactions (each one atomic) and wake the sequencer;
+        the futures of each group, in order."""
         if self._closing:
             raise StorageError("chain is closing; no new transactions accepted")
         loop = asyncio.get_running_loop()
@@ -240,17 +295,18 @@ class PrivateChain:
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._sequence(), name="medledger-sequencer")
-        futures: list[asyncio.Future[Receipt]] = []
-        last = len(encoded) - 1
-        for i, data in enumerate(encoded):
-            fut: asyncio.Future[Receipt] = loop.create_future()
-            self._queue.append(_Pending(data, sha256(data), fut, last - i))
-            futures.append(fut)
+        out: list[list[asyncio.Future[Receipt]]] = []
+        for encoded in groups:
+            futures: list[asyncio.Future[Receipt]] = []
+            last = len(encoded) - 1
+            for i, data in enumerate(encoded):
+                fut: asyncio.Future[Receipt] = loop.create_future()
+                self._queue.append(_Pending(data, sha256(data), fut, last - i))
+                futures.append(fut)
+            out.append(futures)
         assert self._wakeup is not None
         self._wakeup.set()
-        if len(futures) == 1:
-            return [await futures[0]]
-        return list(await asyncio.gather(*futures))
+        return out
 
     def _encode(self, tx: Transaction) -> bytes:
         if tx.chain != self.chain_id:
