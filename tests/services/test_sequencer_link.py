@@ -361,3 +361,165 @@ def test_an_access_entry_with_free_text_is_refused_and_nothing_written(root: Pat
         await chain.submit(ACCESS, good)
 
     run(root, body)
+
+
+def _entry_body(n: int) -> dict[str, Any]:
+    return AccessEntry(
+        reader="link-hospital",
+        holder="link-hospital",
+        patient="",
+        consent="",
+        resource=f"Patient:{n:064x}",
+        outcome="allowed",
+    ).private_body()
+
+
+def test_a_frame_of_groups_shares_one_block_and_a_bad_group_fails_alone(root: Path) -> None:
+    """``submit_groups`` (decision 0059): the sequencer checks every group on its own; a
+    group with free text is refused and writes nothing, the others share one block."""
+
+    async def body(pair: Pair) -> None:
+        chain_id = pair.worker.chain.chain_id
+        height = pair.sequencer.chain.head.height
+
+        def tx(entry: dict[str, Any]) -> dict[str, Any]:
+            return Transaction(type=ACCESS, chain=chain_id, body=entry, time_ms=1).to_json()
+
+        groups = [
+            [tx(_entry_body(1))],
+            [tx(_entry_body(2)), tx({**_entry_body(3), "reason": "Ann Smith, HIV test"})],
+            [tx(_entry_body(4)), tx(_entry_body(5))],
+            "not a group",
+        ]
+        reader, writer = await asyncio.open_unix_connection(str(pair.root / SOCKET_NAME))
+        try:
+            write_frame(writer, {"id": 7, "op": "submit_groups", "groups": groups})
+            await writer.drain()
+            answer = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        finally:
+            writer.close()
+        assert answer is not None and answer["ok"] is True and answer["id"] == 7
+        first, refused, third, malformed = answer["results"]
+        assert refused["error"]["type"] == malformed["error"]["type"] == "InvalidInput"
+        assert [r["height"] for r in first["receipts"] + third["receipts"]] == [height + 1] * 3
+        assert pair.sequencer.chain.head.height == height + 1
+        stored = pair.sequencer.store.block(height + 1).tx_data
+        assert [Transaction.decode(d).body["resource"] for d in stored] == [
+            _entry_body(n)["resource"] for n in (1, 4, 5)
+        ]
+
+    run(root, body)
+
+
+def test_a_worker_sends_what_queued_meanwhile_in_one_frame_and_answers_each_group(
+    root: Path,
+) -> None:
+    """A worker keeps one access frame in flight; the groups queued while it is out go
+    together in the next one, and each caller gets its own group's answer (receipts or
+    error). A stand-in sequencer on the real socket records the frames and answers
+    the first only once more groups are queued."""
+
+    async def body(pair: Pair) -> None:
+        await pair.server.close()
+        path = pair.root / SOCKET_NAME
+        frames: list[dict[str, Any]] = []
+        first_seen, release = asyncio.Event(), asyncio.Event()
+
+        async def stand_in(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while (frame := await read_frame(reader)) is not None:
+                    frames.append(frame)
+                    if len(frames) == 1:
+                        first_seen.set()
+                        await release.wait()
+                    results: list[dict[str, Any]] = []
+                    for group in frame["groups"]:
+                        if group[0]["body"]["resource"] == _entry_body(66)["resource"]:
+                            results.append({"error": {"type": "InvalidInput", "message": "no"}})
+                            continue
+                        receipts = [
+                            {
+                                "height": len(frames),
+                                "index": int(tx["body"]["resource"][-4:], 16),
+                                "tx_hash": "00" * 32,
+                            }
+                            for tx in group
+                        ]
+                        results.append({"receipts": receipts})
+                    write_frame(writer, {"id": frame["id"], "ok": True, "results": results})
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(stand_in, path=str(path))
+        try:
+            chain = pair.worker.chain
+            first = asyncio.ensure_future(chain.submit(ACCESS, _entry_body(1)))
+            await asyncio.wait_for(first_seen.wait(), DEADLINE_S)
+            later = [
+                asyncio.ensure_future(chain.submit(ACCESS, _entry_body(n))) for n in (2, 3, 66)
+            ]
+            group = asyncio.ensure_future(
+                chain.submit_many(
+                    [
+                        Transaction(
+                            type=ACCESS, chain=chain.chain_id, body=_entry_body(n), time_ms=1
+                        )
+                        for n in (4, 5)
+                    ]
+                )
+            )
+            await asyncio.sleep(0)  # let every caller queue (no frame can go: one is out)
+            release.set()
+            assert (await asyncio.wait_for(first, DEADLINE_S)).index == 1
+            assert [(await asyncio.wait_for(f, DEADLINE_S)).index for f in later[:2]] == [2, 3]
+            with pytest.raises(InvalidInput):
+                await asyncio.wait_for(later[2], DEADLINE_S)
+            assert [r.index for r in await asyncio.wait_for(group, DEADLINE_S)] == [4, 5]
+            assert [f["op"] for f in frames] == ["submit_groups", "submit_groups"]
+            assert [len(f["groups"]) for f in frames] == [1, 4]
+        finally:
+            server.close()
+            await server.wait_closed()
+        pair.server = SequencerServer(
+            path, chain=pair.sequencer.writer_chain, records=pair.sequencer.records
+        )
+        await pair.server.start()
+
+    run(root, body)
+
+
+def test_groups_queued_when_the_worker_stops_fail_with_503(root: Path) -> None:
+    """A sequencer that never answers, then the worker stops: the group in flight and the
+    groups queued behind it all fail (503) instead of waiting forever."""
+
+    async def body(pair: Pair) -> None:
+        await pair.server.close()
+        path = pair.root / SOCKET_NAME
+        got_frame = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await read_frame(reader)
+                got_frame.set()
+                await reader.read()  # until the worker closes its end
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(silent, path=str(path))
+        try:
+            chain = pair.worker.chain
+            calls = [asyncio.ensure_future(chain.submit(ACCESS, _entry_body(1)))]
+            await asyncio.wait_for(got_frame.wait(), DEADLINE_S)
+            calls += [asyncio.ensure_future(chain.submit(ACCESS, _entry_body(n))) for n in (2, 3)]
+            await asyncio.sleep(0)
+            await chain.close()  # type: ignore[attr-defined]
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*calls, return_exceptions=True), DEADLINE_S
+            )
+            assert all(isinstance(o, SequencerUnavailable) for o in outcomes), outcomes
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(root, body)

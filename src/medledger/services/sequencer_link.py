@@ -10,12 +10,14 @@ entries, through a Unix socket in the node's owner-only directory:
 * the sequencer accepts a connection only from a process of its own user
   (``SO_PEERCRED``) or, on TCP between the hosts of one institution
   (:meth:`SequencerServer.start_tcp`, decision 0050), only over mutual TLS
-  from a peer presenting the institution's own certificate; and only three
-  requests: ``submit`` (``access`` transactions), ``commit`` (``record.put``
-  transactions with their index rows, checked by ``RecordWriter.commit_sealed``)
-  and ``spend`` (one failed authentication charged to the node's budgets,
-  ``api.auth``: the answer is the wait in milliseconds, 0 while there is
-  budget left);
+  from a peer presenting the institution's own certificate; and only four
+  requests: ``submit_groups`` (groups of ``access`` transactions, each group
+  atomic and answered on its own: what a worker queued while its previous frame
+  was in flight, decision 0059), ``submit`` (one such group), ``commit``
+  (``record.put`` transactions with their index rows, checked by
+  ``RecordWriter.commit_sealed``) and ``spend`` (one failed authentication
+  charged to the node's budgets, ``api.auth``: the answer is the wait in
+  milliseconds, 0 while there is budget left);
 * every answer comes after the durable commit (or the failure): an
   acknowledgement still means durable. A connection that ends with requests in
   flight fails them with :class:`SequencerUnavailable` (HTTP 503) — their
@@ -85,6 +87,9 @@ SOCKET_NAME = "sequencer.sock"
 #: The largest frame either side reads; a longer one ends the connection.
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
+#: The most transactions a worker puts in one ``submit_groups`` frame (a group larger
+#: than this goes alone): ~700 bytes per access entry keeps a frame far below the cap.
+MAX_FRAME_TXS = 4096
 #: Errors that cross the link, by the name the answer carries (anything else: StorageError).
 _ERRORS: dict[str, type[MedledgerError]] = {
     cls.__name__: cls
@@ -255,6 +260,40 @@ def _check_access_body(body: dict[str, Any]) -> None:
 _ACCESS_FIELDS = frozenset(field.name for field in dataclasses.fields(AccessEntry))
 
 
+def _access_group(txs: object) -> list[Transaction]:
+    """One atomic group a worker submits: access entries only, each as the node derives it."""
+    if not isinstance(txs, list) or not txs:
+        raise InvalidInput("submit names no transactions")
+    parsed = [Transaction.from_json(tx) for tx in txs]
+    if any(tx.type != ACCESS or tx.signatures for tx in parsed):
+        # Workers write access entries this way; records only through ``commit``.
+        raise InvalidInput("a worker submits only access entries")
+    for tx in parsed:
+        _check_access_body(tx.body)
+    return parsed
+
+
+def _receipts_from_json(value: Any, count: int) -> list[Receipt]:
+    """One group's answer in ``submit_groups``: its ``count`` receipts, or its error raised."""
+    if not isinstance(value, dict):
+        raise StorageError("the sequencer's answer does not match the request")
+    if "error" in value:
+        raise _error_from_json(value["error"])
+    receipts = value.get("receipts")
+    if not isinstance(receipts, list) or len(receipts) != count:
+        raise StorageError("the sequencer's answer does not match the request")
+    return [_receipt_from_json(r) for r in receipts]
+
+
+def _fresh(exc: MedledgerError) -> MedledgerError:
+    """A copy of ``exc`` for one more waiter (one exception object raised in many tasks
+    would gather all their tracebacks)."""
+    try:
+        return type(exc)(str(exc))
+    except TypeError:
+        return exc
+
+
 # -- the sequencer's side ------------------------------------------------------------------
 
 
@@ -401,21 +440,36 @@ class SequencerServer:
                 raise InvalidInput("spend names no budget keys")
             # Checked by the budget itself (AuthFailures.spend): key kinds and lengths.
             return {"wait_ms": self._spend_failures(keys)}
+        if op == "submit_groups":
+            return {"results": await self._submit_groups(request.get("groups"))}
         receipts = await self._write(op, request)
         return {"receipts": [r.to_json() for r in receipts]}
 
+    async def _submit_groups(self, groups: object) -> list[dict[str, Any]]:
+        """Each group of access entries checked and appended on its own (one group's
+        refusal or error is its answer alone), all queued together so they share a block."""
+        if not isinstance(groups, list) or not groups:
+            raise InvalidInput("submit_groups names no groups")
+        checked: list[list[Transaction] | MedledgerError] = []
+        for group in groups:
+            try:
+                checked.append(_access_group(group))
+            except MedledgerError as exc:
+                checked.append(exc)
+        valid = [c for c in checked if isinstance(c, list)]
+        outcomes = iter(await self._chain.submit_groups(valid) if valid else [])
+        answers: list[dict[str, Any]] = []
+        for entry in checked:
+            outcome = next(outcomes) if isinstance(entry, list) else entry
+            if isinstance(outcome, list):
+                answers.append({"receipts": [r.to_json() for r in outcome]})
+            else:
+                answers.append({"error": _error_json(outcome)})
+        return answers
+
     async def _write(self, op: object, request: dict[str, Any]) -> list[Receipt]:
         if op == "submit":
-            txs = request.get("txs")
-            if not isinstance(txs, list) or not txs:
-                raise InvalidInput("submit names no transactions")
-            parsed = [Transaction.from_json(tx) for tx in txs]
-            if any(tx.type != ACCESS or tx.signatures for tx in parsed):
-                # Workers write access entries this way; records only through ``commit``.
-                raise InvalidInput("a worker submits only access entries")
-            for tx in parsed:
-                _check_access_body(tx.body)
-            return await self._chain.submit_many(parsed)
+            return await self._chain.submit_many(_access_group(request.get("txs")))
         if op == "commit":
             versions = request.get("versions")
             if not isinstance(versions, list) or not versions:
@@ -463,6 +517,10 @@ class SequencerClient:
         self._listener: asyncio.Task[None] | None = None
         self._problem: str | None = None
         self._closed = False
+        #: Access groups waiting for the next ``submit_groups`` frame, and the task that
+        #: sends them: one frame in flight at a time (group commit, decision 0059).
+        self._outbox: list[tuple[list[dict[str, Any]], asyncio.Future[list[Receipt]]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     # -- RecordChain -----------------------------------------------------------------------
 
@@ -491,13 +549,69 @@ class SequencerClient:
         return (await self.submit_many([tx]))[0]
 
     async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]:
+        """Append ``txs`` (access entries) atomically; return once their block is durable.
+
+        Groups submitted while an earlier frame is in flight wait and go together in
+        the next ``submit_groups`` frame: one frame, one answer and (usually) one
+        block for all of them, instead of one per group. Each group still succeeds or
+        fails on its own, and only after the sequencer's durable commit.
+        """
         if not txs:
             return []
-        answer = await self._request({"op": "submit", "txs": [tx.to_json() for tx in txs]})
-        receipts = answer.get("receipts")
-        if not isinstance(receipts, list) or len(receipts) != len(txs):
-            raise StorageError("the sequencer's answer does not match the request")
-        return [_receipt_from_json(r) for r in receipts]
+        if self._closed:
+            raise SequencerUnavailable("the worker is stopping")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Receipt]] = loop.create_future()
+        self._outbox.append(([tx.to_json() for tx in txs], future))
+        if self._sender is None or self._sender.done():
+            # Started on the next turn of the loop: every group queued on this turn joins.
+            self._sender = loop.create_task(self._send_groups(), name="medledger-access-link")
+        return await future
+
+    async def _send_groups(self) -> None:
+        """Send what the outbox holds, one frame at a time, until it is empty."""
+        batch: list[tuple[list[dict[str, Any]], asyncio.Future[list[Receipt]]]] = []
+        try:
+            while self._outbox:
+                batch, count = [], 0
+                while self._outbox and (
+                    not batch or count + len(self._outbox[0][0]) <= MAX_FRAME_TXS
+                ):
+                    group, future = self._outbox.pop(0)
+                    if future.done():
+                        continue  # its request was cancelled: no answer waits for it
+                    batch.append((group, future))
+                    count += len(group)
+                if not batch:
+                    continue
+                try:
+                    answer = await self._request(
+                        {"op": "submit_groups", "groups": [group for group, _ in batch]}
+                    )
+                    results = answer.get("results")
+                    if not isinstance(results, list) or len(results) != len(batch):
+                        raise StorageError("the sequencer's answer does not match the request")
+                except MedledgerError as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(_fresh(exc))
+                    continue
+                for (group, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    try:
+                        future.set_result(_receipts_from_json(result, len(group)))
+                    except MedledgerError as exc:
+                        future.set_exception(exc)
+        finally:
+            # Cancelled (the worker stops) or a bug: nobody may wait for an answer forever.
+            for _, future in [*batch, *self._outbox]:
+                if not future.done():
+                    future.set_exception(
+                        SequencerUnavailable("the access entry was not sent; retry the request")
+                    )
+            if self._closed:
+                self._outbox.clear()
 
     # -- VersionCommitter ------------------------------------------------------------------
 
@@ -627,6 +741,10 @@ class SequencerClient:
         self._closed = True
         if self._writer is not None:
             self._writer.close()
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
