@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from nats.aio.transport import TcpTransport
 
-from medledger.ledger.ordering.jetstream import _Client
+from medledger.ledger.ordering.jetstream import JetStreamOrderer, JetStreamTuning, _Client
 
 _DEADLINE_S = 10.0
 _INFO = b'INFO {"server_id":"hung","version":"2.10.0","proto":1,"max_payload":1048576}\r\n'
@@ -35,11 +35,13 @@ class HungServer:
     The first connection gets the handshake (INFO, then PONG to the client's PING),
     so the client is connected; the test then drops it, as a server does when it
     hangs and restarts. Every later connection is accepted and never spoken to,
-    unless ``answers_all``: then every connection gets the handshake.
+    unless ``answers_all``: then every connection gets the handshake. A ``silent``
+    server speaks to no connection at all.
     """
 
-    def __init__(self, *, answers_all: bool = False) -> None:
+    def __init__(self, *, answers_all: bool = False, silent: bool = False) -> None:
         self._answers_all = answers_all
+        self._silent = silent
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.setblocking(False)
         self.url = f"nats://127.0.0.1:{self._listener.getsockname()[1]}"
@@ -62,7 +64,7 @@ class HungServer:
                     conn, _ = self._listener.accept()
                     with self._lock:
                         self.accepted.append(conn)
-                    if len(self.accepted) == 1 or self._answers_all:
+                    if not self._silent and (len(self.accepted) == 1 or self._answers_all):
                         conn.sendall(_INFO)
                     continue
                 try:
@@ -219,3 +221,42 @@ def test_a_first_connection_passes_a_hung_server_for_the_next_one(answering: Hun
         connected, netloc = asyncio.run(main())
     assert connected
     assert netloc == answering.url.removeprefix("nats://")
+
+
+@pytest.fixture
+def silent() -> Iterator[HungServer]:
+    server = HungServer(silent=True)
+    yield server
+    server.close()
+
+
+def test_a_connect_cancelled_while_it_waits_for_the_server_closes_its_socket(
+    silent: HungServer,
+) -> None:
+    """A member stopped while its orderer still connects leaves no socket open."""
+
+    async def main() -> tuple[int, set[int]]:
+        connecting = asyncio.create_task(
+            JetStreamOrderer.connect(
+                [silent.url],
+                stream="S",
+                subject="s",
+                replicas=1,
+                retry_for=60,
+                tuning=JetStreamTuning(connect_timeout=30),
+            )
+        )
+        deadline = time.monotonic() + _DEADLINE_S
+        while silent.snapshot()[0] < 1:
+            assert time.monotonic() < deadline, "the orderer did not dial the server"
+            await asyncio.sleep(0.02)
+        connecting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await connecting
+        while silent.snapshot()[1] != {0} and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return silent.snapshot()
+
+    accepted, closed = asyncio.run(main())
+    assert accepted == 1
+    assert closed == {0}, "the cancelled connection attempt left its socket open"

@@ -303,6 +303,11 @@ class JetStreamOrderer:
             raise OrderingError(
                 f"cannot connect to NATS at {', '.join(servers)}: {_describe(exc)}"
             ) from None
+        except BaseException:
+            # Cancelled (a member stopping while it starts) or failed otherwise: the
+            # attempt's socket must not outlive it.
+            await _close_quietly(nc)
+            raise
         choice.connected(nc)
         orderer = cls(
             nc, stream=stream, subject=subject, retry_for=retry_for, tuning=tuning, _token=_CONNECT
