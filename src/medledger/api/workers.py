@@ -409,6 +409,7 @@ class WorkerPool:
         self._supervisor = asyncio.create_task(self._supervise(), name="medledger-workers")
 
     def _spawn(self, slot: int) -> None:
+        """Start a worker for ``slot`` and watch it; ``OSError`` if no process could start."""
         read_end, write_end = os.pipe()
         settings = replace(self.settings(), ready_fd=write_end, slot=slot)
         inherited = [self._listener.fileno(), write_end]
@@ -420,12 +421,20 @@ class WorkerPool:
                 stdin=subprocess.PIPE,
                 pass_fds=inherited,
             )
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
-        assert popen.stdin is not None
-        popen.stdin.write(json.dumps(asdict(settings)).encode() + b"\n")
-        popen.stdin.close()
+        # Watched before it is told anything: however it ends from here on, it is reaped
+        # and its slot restarted.
         self._adopt(slot, _Worker(pid=popen.pid, ready_fd=read_end, popen=popen))
+        assert popen.stdin is not None
+        try:
+            with popen.stdin:
+                popen.stdin.write(json.dumps(asdict(settings)).encode() + b"\n")
+        except OSError:
+            pass  # it ended before it read its settings: seen as any other exit
 
     def _adopt(self, slot: int, worker: _Worker) -> None:
         """Watch ``worker``: its ready line and its exit (a pidfd, readable once it ended)."""
@@ -500,17 +509,40 @@ class WorkerPool:
                 if time.monotonic() - started[slot] < _QUICK_DEATH_S:
                     # (stop() cancels this task, sleeping or not)
                     await asyncio.sleep(_QUICK_DEATH_S)
-                self.restarts += 1
-                self._spawn(slot)
+                await self._restart(slot)
                 started[slot] = time.monotonic()
+
+    async def _restart(self, slot: int) -> None:
+        """Start another worker in ``slot``, trying again each second until one starts.
+
+        A failed start (no process, no pipe: the machine is out of them for now) must
+        not end the supervision: every other slot would then go unwatched too.
+        """
+        while True:
+            try:
+                self._spawn(slot)
+            except OSError as exc:
+                log.error(
+                    "cannot start an API worker; trying again",
+                    extra={"fields": {"slot": slot, "error": str(exc)}},
+                )
+                await asyncio.sleep(_QUICK_DEATH_S)
+                continue
+            self.restarts += 1
+            return
 
     async def stop(self, timeout_s: float = 60.0) -> None:
         """SIGTERM every worker, let each complete its requests; SIGKILL after ``timeout_s``."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._supervisor
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # A defect, but the workers must still be stopped below.
+                log.exception("the API workers' supervision had failed")
         running = [w for w in self._workers if w is not None and not self._exits[w.pid].done()]
         log.info("stopping the API workers", extra={"fields": {"running": len(running)}})
         for worker in running:
