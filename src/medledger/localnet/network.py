@@ -88,28 +88,26 @@ class LocalNetwork:
         roots = sorted(p.parent for p in base.glob(f"*/{CONFIG_FILE}"))
         if not roots:
             raise InvalidInput(f"no nodes under {base}")
-        orderers: list[Orderer] = []
-        cluster = None
-        if ordering == "solo":
-            shared = SoloOrderer(base / "order.db")
-            orderers.append(shared)
-            per_node: list[Orderer] = [shared] * len(roots)
-        elif ordering == "jetstream":
-            cluster, per_node = await _jetstream(base, len(roots))
-            orderers.extend(per_node)
-        else:
+        if ordering not in ("solo", "jetstream"):
             raise InvalidInput(f"unknown ordering {ordering!r} (solo or jetstream)")
         nodes: dict[str, Node] = {}
+        opened = cls(base, nodes, [])
         try:
+            if ordering == "solo":
+                shared = SoloOrderer(base / "order.db")
+                opened._orderers.append(shared)
+                per_node: list[Orderer] = [shared] * len(roots)
+            else:
+                per_node = await opened._start_jetstream(len(roots))
             for root, orderer in zip(roots, per_node, strict=True):
                 node = open_node(root, passphrase)
                 nodes[node.config.institution] = node
                 await node.join_consortium(orderer, anchor=anchor)
         except BaseException:
-            for node in nodes.values():
-                await node.close()
+            # Nothing opened stays behind: no store open, no connection, no nats-server.
+            await opened.close()
             raise
-        return cls(base, nodes, orderers, cluster)
+        return opened
 
     @property
     def orderers(self) -> list[Orderer]:
@@ -135,31 +133,34 @@ class LocalNetwork:
         except TimeoutError:
             raise OrderingError(f"private heads were not anchored within {timeout} s") from None
 
-    async def close(self) -> None:
-        for node in self.nodes.values():
-            await node.close()
-        for orderer in {id(o): o for o in self._orderers}.values():
-            await orderer.close()
-        if self._cluster is not None:
-            self._cluster.stop()
+    async def _start_jetstream(self, count: int) -> list[Orderer]:
+        """Start a NATS cluster and connect ``count`` orderers, one per node; :meth:`close`
+        closes whatever of it was opened, also when this failed halfway."""
+        from medledger.ledger.ordering.jetstream import JetStreamOrderer
+        from medledger.localnet.natsserver import NatsCluster
 
-
-async def _jetstream(base: Path, count: int) -> tuple[NatsCluster, list[Orderer]]:
-    from medledger.ledger.ordering.jetstream import JetStreamOrderer
-    from medledger.localnet.natsserver import NatsCluster
-
-    cluster = NatsCluster(base / "nats", size=3)
-    await asyncio.to_thread(cluster.start)
-    orderers: list[Orderer] = []
-    urls = cluster.client_urls()
-    for i in range(count):
-        own = i % len(urls)  # each institution prefers a server of its own
-        orderers.append(
-            await JetStreamOrderer.connect(
-                urls[own:] + urls[:own],
-                stream="CONSORTIUM",
-                subject="consortium.order",
-                replicas=3,
+        self._cluster = cluster = NatsCluster(self.base / "nats", size=3)
+        await asyncio.to_thread(cluster.start)
+        urls = cluster.client_urls()
+        for i in range(count):
+            own = i % len(urls)  # each institution prefers a server of its own
+            self._orderers.append(
+                await JetStreamOrderer.connect(
+                    urls[own:] + urls[:own],
+                    stream="CONSORTIUM",
+                    subject="consortium.order",
+                    replicas=3,
+                )
             )
-        )
-    return cluster, orderers
+        return list(self._orderers)
+
+    async def close(self) -> None:
+        """Close every node, then every ordering connection, then stop the NATS servers."""
+        try:
+            for node in self.nodes.values():
+                await node.close()
+            for orderer in {id(o): o for o in self._orderers}.values():
+                await orderer.close()
+        finally:
+            if self._cluster is not None:
+                await asyncio.to_thread(self._cluster.stop)
