@@ -8,6 +8,7 @@ its workers with it, and after a restart every acknowledged write is there and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,10 +110,25 @@ def start(root: Path, log: Path, workers: int = 2) -> Node:
         except httpx.TransportError:
             return False
 
-    _until(ready, "the node is ready", node)
-    if workers > 1:
-        _until(lambda: len(node.workers()) == workers, "every worker runs", node)
+    try:
+        _until(ready, "the node is ready", node)
+        if workers > 1:
+            _until(lambda: len(node.workers()) == workers, "every worker runs", node)
+    except BaseException:
+        _kill(node)  # a node that never got ready must not outlive the test
+        raise
     return node
+
+
+def _kill(node: Node) -> None:
+    """SIGKILL the node and its workers, and reap the node."""
+    workers = node.workers()
+    if node.proc.poll() is None:
+        node.proc.kill()
+    node.proc.wait()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def stop(node: Node, sig: int = signal.SIGTERM) -> int:
@@ -149,11 +165,7 @@ def running(root: Path) -> Iterator[Node]:
     try:
         yield node
     finally:
-        if node.proc.poll() is None:
-            node.proc.kill()
-            node.proc.wait()
-        for pid in node.workers():
-            os.kill(pid, signal.SIGKILL)
+        _kill(node)
 
 
 def _headers(token: str) -> dict[str, str]:
