@@ -26,6 +26,7 @@ from medledger.core.hashing import sha256
 from medledger.core.merkle import NodeID, leaf_hash
 from medledger.storage.chain_layout import hkey, node_from_key, node_key, stored_block
 from medledger.storage.ports import NewBlock, StoredBlock
+from medledger.storage.sqlite.checkpoint import WalCheckpointer
 from medledger.storage.sqlite.connection import (
     DAMAGE_CODES,
     connect_wal,
@@ -46,6 +47,14 @@ class SqliteChainStore:
         self.chain = chain
         self._writer = writer
         self._write_lock = threading.Lock()
+        # Checkpoints run on a thread of their own (started by the first append), not
+        # inside a block's commit.
+        self._checkpoints = WalCheckpointer(path)
+        try:
+            WalCheckpointer.configure_writer(writer)
+        except sqlite3.Error as exc:
+            writer.close()
+            raise storage_error(path, exc) from None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -120,6 +129,7 @@ class SqliteChainStore:
         return cls(path, rows["chain"], conn)
 
     def close(self) -> None:
+        self._checkpoints.close()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
@@ -191,6 +201,7 @@ class SqliteChainStore:
                     )
             except sqlite3.Error as exc:
                 raise self._failed(exc) from None
+            self._checkpoints.committed()
 
     # -- reads -------------------------------------------------------------
 

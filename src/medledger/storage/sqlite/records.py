@@ -25,6 +25,7 @@ from medledger.storage.record_sql import (
     version_params,
     version_row,
 )
+from medledger.storage.sqlite.checkpoint import WalCheckpointer
 from medledger.storage.sqlite.connection import immediate, sqlite_uri, storage_error
 from medledger.storage.sqlite.schema import (
     RECORDS_CHAIN_BASE,
@@ -71,6 +72,8 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
             )
             self._writer.execute("PRAGMA journal_mode=WAL")
             self._writer.execute("PRAGMA synchronous=FULL")
+            # Checkpoints run on a thread of their own, not inside a write's commit.
+            WalCheckpointer.configure_writer(self._writer)
             # Erased keys and tokens are overwritten, not left in free pages.
             self._writer.execute("PRAGMA secure_delete=ON")
             if new:
@@ -97,6 +100,7 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._checkpoints = WalCheckpointer(path)
         self._writes: GroupCommitter[tuple[str, Any]] = GroupCommitter(
             self._apply, name="medledger-index"
         )
@@ -121,6 +125,7 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
         except sqlite3.Error as exc:
             err = storage_error(self.path, exc)
             return [err] * len(ops)
+        self._checkpoints.committed()
         return results
 
     @staticmethod
@@ -159,8 +164,10 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
                     raise NotFound(f"{resource_type}/{rid} does not exist")
                 conn.execute(_QUERIES.erase_update, (resource_type, rid))
                 conn.execute(_QUERIES.delete_tokens, (resource_type, rid))
-            # Overwritten pages of the old keys must not linger in the WAL or free pages.
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Overwritten pages of the old keys must not linger in the WAL or free pages
+            # (under the lock: SQLite skips a checkpoint while another one runs).
+            with self._checkpoints.lock:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return [bytes(r[0]) for r in rows]
 
         result: list[bytes] = await self._exclusive(run)
@@ -182,7 +189,8 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
                 with immediate(conn):
                     conn.executemany(_QUERIES.rewrap_update, updates)
                 done += len(rows)
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with self._checkpoints.lock:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return done
 
         count: int = await self._exclusive(run)
@@ -219,6 +227,7 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
 
     async def close(self) -> None:
         await self._writes.close()
+        self._checkpoints.close()
         with self._lock:
             for conn in self._readers:
                 conn.close()
