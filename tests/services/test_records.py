@@ -26,6 +26,7 @@ from medledger.core.errors import (
     MedledgerError,
     NotFound,
     PreconditionFailed,
+    RecordDamaged,
 )
 from medledger.ledger.verify import verify_chain
 from medledger.node import Node, init_node, open_chain, open_node
@@ -735,6 +736,66 @@ def test_index_row_replayed_from_old_version(tmp_path: Path) -> None:
         )
     conn.close()
     _expect_integrity_error(root, ("Patient", "p1", None))
+
+
+def _edit_index(root: Path, sql: str, args: tuple[Any, ...] = ()) -> None:
+    conn = sqlite3.connect(root / "records.db")
+    try:
+        with conn:
+            assert conn.execute(sql, args).rowcount == 1
+    finally:
+        conn.close()
+
+
+def test_an_index_row_changed_while_the_node_runs_is_refused_on_the_next_read(
+    tmp_path: Path,
+) -> None:
+    """The node remembers what a checked chain transaction says (``RecordReader``), so it
+    reads every version once first; each row then changed under the running node still
+    fails its next read, by the same check a fresh node makes."""
+    root = new_node(tmp_path / "n")
+    v1, v2, other = _two_versions(root)
+
+    async def go(node: Node) -> None:
+        for version in (1, 2):
+            await node.records.vread("Patient", "p1", version)
+        await node.records.read("Patient", "p2")
+        # v2's row now names v1's blob (its own transaction says v2's).
+        _edit_index(
+            root,
+            "UPDATE versions SET blob_hash = ? WHERE rid = 'p1' AND version = 2",
+            (v1,),
+        )
+        with pytest.raises(RecordDamaged, match="does not match its chain transaction"):
+            await node.records.read("Patient", "p1")
+        # p2's row replayed whole from p1 v1 (blob, key and transaction): the transaction,
+        # remembered from p1's read, names another record.
+        _edit_index(
+            root,
+            "UPDATE versions SET (blob_hash, wrapped_dek, tx_hash) = (SELECT blob_hash,"
+            " wrapped_dek, tx_hash FROM versions WHERE rid = 'p1' AND version = 1)"
+            " WHERE rid = 'p2' AND version = 1",
+        )
+        with pytest.raises(RecordDamaged, match="does not match its chain transaction"):
+            await node.records.read("Patient", "p2")
+        # p1 v1's row claims another patient.
+        _edit_index(
+            root, "UPDATE versions SET patient = 'someone' WHERE rid = 'p1' AND version = 1"
+        )
+        with pytest.raises(RecordDamaged, match="does not match its chain transaction"):
+            await node.records.vread("Patient", "p1", 1)
+        # And the blob itself is re-hashed on every read, remembered transaction or not.
+        _edit_index(
+            root,
+            "UPDATE versions SET blob_hash = ? WHERE rid = 'p1' AND version = 2",
+            (v2,),
+        )
+        await node.records.read("Patient", "p1")
+        blob_path(root, v2).write_bytes(blob_path(root, other).read_bytes())
+        with pytest.raises(RecordDamaged, match="blob does not match its hash"):
+            await node.records.read("Patient", "p1")
+
+    run(root, go)
 
 
 def test_swapped_wrapped_keys(tmp_path: Path) -> None:

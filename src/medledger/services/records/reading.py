@@ -28,6 +28,9 @@ from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordReader"]
 
+#: Checked chain transactions remembered (then forgotten all at once, as record refs are).
+_COMMITTED = 4096
+
 
 class RecordReader:
     """Open index rows into resources (blocking: index, chain store and blob reads)."""
@@ -48,6 +51,8 @@ class RecordReader:
         self._blobs = blobs
         self._keys = keys
         self._health = health
+        # tx hash -> (type, id, version, blob hash, patient) a committed record.put says.
+        self._committed: dict[bytes, tuple[str, str, int, bytes, str | None]] = {}
 
     def latest(self, resource_type: str, rid: str) -> StoredResource:
         row = self._index.latest(resource_type, rid)
@@ -106,8 +111,14 @@ class RecordReader:
         )
 
     def open(self, row: VersionRow) -> StoredResource:
-        """The decrypted version ``row`` names, after every check of :meth:`sealed`."""
-        _, blob, dek = self.sealed(row)
+        """The decrypted version ``row`` names, after every check of :meth:`sealed`.
+
+        The chain transaction's side of the first check may come from memory
+        (:meth:`_check_chained`); the row, the blob and its hash, the key and the
+        ciphertext's authentication are read and checked on every call.
+        """
+        self._check_chained(row)
+        blob, dek = self._blob_and_key(row)
         context = RecordContext(
             institution=self._institution,
             resource_type=row.resource_type,
@@ -134,6 +145,11 @@ class RecordReader:
         An erased version raises :class:`Gone`; a damaged one :class:`RecordDamaged`.
         """
         tx_data = self._checked_tx(row)
+        blob, dek = self._blob_and_key(row)
+        return tx_data, blob, dek
+
+    def _blob_and_key(self, row: VersionRow) -> tuple[bytes, bytes]:
+        """The ciphertext (re-hashed against ``row``'s blob hash) and its unwrapped data key."""
         assert row.wrapped_dek is not None and row.kek_id is not None
         try:
             blob = self._blobs.get(row.blob_hash)
@@ -145,7 +161,7 @@ class RecordReader:
             dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
         except IntegrityError:
             raise self.damaged(row, "its data key does not unwrap") from None
-        return tx_data, blob, dek
+        return blob, dek
 
     def damaged(self, row: VersionRow, what: str) -> RecordDamaged:
         """The error for a damaged acknowledged version, counted and logged (no PHI)."""
@@ -156,6 +172,32 @@ class RecordReader:
         )
         self._health.integrity_error(exc)
         return exc
+
+    def _check_chained(self, row: VersionRow) -> None:
+        """What :meth:`_checked_tx` checks, the transaction's side remembered.
+
+        A committed transaction never changes: its bytes hash to the ``tx_hash``
+        the row names, and a chain only grows. So once a row was found to say
+        exactly what the transaction ``tx_hash`` says, those values are kept,
+        keyed by the hash (what the index row holds itself: a type, an id, a
+        version, a blob hash, a pseudonym; no key, no plaintext, never the
+        resource), and a later row naming the same
+        transaction is compared with them instead of reading and parsing the
+        transaction again. The row itself is read fresh on every call, so an
+        index row changed on disk still fails the comparison; an erased version
+        is :class:`Gone` before anything is looked up.
+        """
+        if row.erased or row.wrapped_dek is None or row.kek_id is None:
+            raise Gone(f"{row.resource_type}/{row.id} was erased")
+        says = (row.resource_type, row.id, row.version, row.blob_hash, row.patient)
+        committed = self._committed.get(row.tx_hash)
+        if committed is None:
+            self._checked_tx(row)
+            if len(self._committed) >= _COMMITTED:
+                self._committed.clear()
+            self._committed[row.tx_hash] = says
+        elif committed != says:
+            raise self.damaged(row, "the index does not match its chain transaction")
 
     def _checked_tx(self, row: VersionRow) -> bytes:
         """The committed ``record.put`` bytes of ``row``, which must say what the row says."""
