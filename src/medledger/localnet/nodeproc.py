@@ -120,30 +120,38 @@ class NodeProcess:
         environment = {**os.environ, **(env or {}), "MEDLEDGER_PASSPHRASE": passphrase.decode()}
         self._log = (root / "server.log").open("ab")
         join = ("/bin/sh", "-c", _JOIN_CGROUP, str(cgroup_procs)) if cgroup_procs else ()
-        self.proc = subprocess.Popen(
-            [
-                *join,
-                *medledger_command(),
-                "node",
-                "start",
-                *(() if tls else ("--plain-http",)),
-                "--dir",
-                str(root),
-                "--port",
-                str(self.port),
-                "--workers",
-                str(workers),
-            ],
-            env=environment,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while _status(self.url + ready_path, self.tls) != 200:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"node start did not get ready; see {root / 'server.log'}")
-            time.sleep(0.1)
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    *join,
+                    *medledger_command(),
+                    "node",
+                    "start",
+                    *(() if tls else ("--plain-http",)),
+                    "--dir",
+                    str(root),
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(workers),
+                ],
+                env=environment,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
+        except BaseException:
+            self._log.close()
+            raise
+        try:
+            deadline = time.monotonic() + timeout
+            while _status(self.url + ready_path, self.tls) != 200:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"node start did not get ready; see {root / 'server.log'}")
+                time.sleep(0.1)
+        except BaseException:
+            # Also when interrupted while waiting: the node must not outlive its owner.
+            self.stop()
+            raise
 
     def cpu_s(self) -> float:
         """CPU seconds of the node: its process and its API workers."""
