@@ -259,7 +259,11 @@ def test_a_reader_ends_when_the_orderer_closes(backend: Backend) -> None:
                 seen.append(message.seq)
 
         reader = asyncio.create_task(read_all())
-        await asyncio.sleep(0.2)
+        # Closed once the reader has the message and waits for the next: a fixed pause
+        # was too short on a loaded machine (the reader had seen nothing yet).
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         await order.close()
         await asyncio.wait_for(reader, 5)
         assert seen == [1]
