@@ -25,6 +25,7 @@ __all__ = [
     "KEY_SIZE",
     "NONCE_SIZE",
     "RecordContext",
+    "key_cipher",
     "open_record",
     "seal_record",
     "unwrap_key",
@@ -89,10 +90,27 @@ def wrap_key(kek: bytes, nonce: bytes, dek: bytes, blob_hash: bytes) -> bytes:
     return nonce + AESGCM(kek).encrypt(nonce, dek, b"medledger-dek:" + blob_hash)
 
 
-def unwrap_key(kek: bytes, wrapped: bytes, blob_hash: bytes) -> bytes:
-    """Unwrap a data key; raises :class:`IntegrityError` for a wrong KEK, blob or tampering."""
+def key_cipher(kek: bytes) -> AESGCM:
+    """The AES-256-GCM instance of a key-encryption key, to unwrap many data keys with.
+
+    Making one costs more than the unwrap itself (the key schedule), and every
+    read unwraps a data key; the instance holds nothing but the KEK, and AEAD
+    instances are stateless between calls. Raises :class:`InvalidInput` for a
+    key that is not 32 bytes.
+    """
+    if len(kek) != KEY_SIZE:
+        raise InvalidInput("AES-256 keys are 32 bytes")
+    return AESGCM(kek)
+
+
+def unwrap_key(kek: bytes | AESGCM, wrapped: bytes, blob_hash: bytes) -> bytes:
+    """Unwrap a data key; raises :class:`IntegrityError` for a wrong KEK, blob or tampering.
+
+    ``kek`` is the key, or its :func:`key_cipher`.
+    """
     try:
-        return AESGCM(kek).decrypt(
+        cipher = kek if isinstance(kek, AESGCM) else AESGCM(kek)
+        return cipher.decrypt(
             wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], b"medledger-dek:" + blob_hash
         )
     except (InvalidTag, ValueError):

@@ -13,7 +13,10 @@ from __future__ import annotations
 import hmac
 import secrets
 
-from medledger.core.errors import KeyStoreError, NotFound
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from medledger.core.envelope import key_cipher
+from medledger.core.errors import InvalidInput, KeyStoreError, NotFound
 from medledger.storage.keystore import CURRENT_KEK
 from medledger.storage.ports import KeyStore
 
@@ -31,6 +34,7 @@ class InstitutionKeys:
         self._store = keystore
         self.search_key = keystore.secret("search_key")
         self._keks: dict[str, bytes] = {}
+        self._kek_ciphers: dict[str, AESGCM] = {}
         self._record_refs: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -51,6 +55,18 @@ class InstitutionKeys:
             self._keks[kek_id] = key
         return key
 
+    def kek_cipher(self, kek_id: str) -> AESGCM:
+        """The AES-GCM instance of KEK ``kek_id`` (``core.envelope.key_cipher``), made once:
+        every read unwraps its data key with it. Dropped with the KEK (:meth:`destroy_kek`)."""
+        cipher = self._kek_ciphers.get(kek_id)
+        if cipher is None:
+            try:
+                cipher = key_cipher(self.kek(kek_id))
+            except InvalidInput:
+                raise KeyStoreError(f"key-encryption key {kek_id} is not a 256-bit key") from None
+            self._kek_ciphers[kek_id] = cipher
+        return cipher
+
     def add_current_kek(self) -> str:
         """Create a new KEK and make it current (the old one stays until destroyed)."""
         kek_id = secrets.token_hex(8)
@@ -62,6 +78,7 @@ class InstitutionKeys:
             raise KeyStoreError("cannot destroy the current key-encryption key")
         self._store.update({f"kek:{kek_id}": None})
         self._keks.pop(kek_id, None)
+        self._kek_ciphers.pop(kek_id, None)
 
     def _mac(self, label: str, text: str) -> str:
         return hmac.digest(self.search_key, f"{label}|{text}".encode(), "sha256").hex()

@@ -158,7 +158,7 @@ class RecordReader:
         except IntegrityError:
             raise self.damaged(row, "its blob does not match its hash") from None
         try:
-            dek = unwrap_key(self._keys.kek(row.kek_id), row.wrapped_dek, row.blob_hash)
+            dek = unwrap_key(self._keys.kek_cipher(row.kek_id), row.wrapped_dek, row.blob_hash)
         except IntegrityError:
             raise self.damaged(row, "its data key does not unwrap") from None
         return blob, dek
