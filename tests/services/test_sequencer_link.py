@@ -15,7 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from medledger.core.errors import (
 from medledger.core.models import Transaction
 from medledger.core.transactions import ACCESS, RECORD_PUT
 from medledger.node import Node, init_node, open_node, open_worker_node
+from medledger.services import sequencer_link
 from medledger.services.access import AccessEntry
 from medledger.services.sequencer_link import (
     MAX_FRAME_BYTES,
@@ -411,73 +412,50 @@ def test_a_frame_of_groups_shares_one_block_and_a_bad_group_fails_alone(root: Pa
     run(root, body)
 
 
-def test_a_worker_sends_what_queued_meanwhile_in_one_frame_and_answers_each_group(
-    root: Path,
-) -> None:
-    """A worker keeps one access frame in flight; the groups queued while it is out go
-    together in the next one, and each caller gets its own group's answer (receipts or
-    error). A stand-in sequencer on the real socket records the frames and answers
-    the first only once more groups are queued."""
+class StandIn:
+    """A stand-in sequencer on the real socket: records every frame, holds its answer to
+    the first until :attr:`release` is set, and answers each group with receipts whose
+    index is the entry's number (``_entry_body``), or an error for entry 66."""
 
-    async def body(pair: Pair) -> None:
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.first_seen, self.release = asyncio.Event(), asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                self.frames.append(frame)
+                if len(self.frames) == 1:
+                    self.first_seen.set()
+                    await self.release.wait()
+                results: list[dict[str, Any]] = []
+                for group in frame["groups"]:
+                    if group[0]["body"]["resource"] == _entry_body(66)["resource"]:
+                        results.append({"error": {"type": "InvalidInput", "message": "no"}})
+                        continue
+                    receipts = [
+                        {
+                            "height": len(self.frames),
+                            "index": int(tx["body"]["resource"][-4:], 16),
+                            "tx_hash": "00" * 32,
+                        }
+                        for tx in group
+                    ]
+                    results.append({"receipts": receipts})
+                write_frame(writer, {"id": frame["id"], "ok": True, "results": results})
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+def with_stand_in(root: Path, body: Callable[[Pair, StandIn], Awaitable[None]]) -> None:
+    async def outer(pair: Pair) -> None:
         await pair.server.close()
         path = pair.root / SOCKET_NAME
-        frames: list[dict[str, Any]] = []
-        first_seen, release = asyncio.Event(), asyncio.Event()
-
-        async def stand_in(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while (frame := await read_frame(reader)) is not None:
-                    frames.append(frame)
-                    if len(frames) == 1:
-                        first_seen.set()
-                        await release.wait()
-                    results: list[dict[str, Any]] = []
-                    for group in frame["groups"]:
-                        if group[0]["body"]["resource"] == _entry_body(66)["resource"]:
-                            results.append({"error": {"type": "InvalidInput", "message": "no"}})
-                            continue
-                        receipts = [
-                            {
-                                "height": len(frames),
-                                "index": int(tx["body"]["resource"][-4:], 16),
-                                "tx_hash": "00" * 32,
-                            }
-                            for tx in group
-                        ]
-                        results.append({"receipts": receipts})
-                    write_frame(writer, {"id": frame["id"], "ok": True, "results": results})
-                    await writer.drain()
-            finally:
-                writer.close()
-
-        server = await asyncio.start_unix_server(stand_in, path=str(path))
+        stand_in = StandIn()
+        server = await asyncio.start_unix_server(stand_in.serve, path=str(path))
         try:
-            chain = pair.worker.chain
-            first = asyncio.ensure_future(chain.submit(ACCESS, _entry_body(1)))
-            await asyncio.wait_for(first_seen.wait(), DEADLINE_S)
-            later = [
-                asyncio.ensure_future(chain.submit(ACCESS, _entry_body(n))) for n in (2, 3, 66)
-            ]
-            group = asyncio.ensure_future(
-                chain.submit_many(
-                    [
-                        Transaction(
-                            type=ACCESS, chain=chain.chain_id, body=_entry_body(n), time_ms=1
-                        )
-                        for n in (4, 5)
-                    ]
-                )
-            )
-            await asyncio.sleep(0)  # let every caller queue (no frame can go: one is out)
-            release.set()
-            assert (await asyncio.wait_for(first, DEADLINE_S)).index == 1
-            assert [(await asyncio.wait_for(f, DEADLINE_S)).index for f in later[:2]] == [2, 3]
-            with pytest.raises(InvalidInput):
-                await asyncio.wait_for(later[2], DEADLINE_S)
-            assert [r.index for r in await asyncio.wait_for(group, DEADLINE_S)] == [4, 5]
-            assert [f["op"] for f in frames] == ["submit_groups", "submit_groups"]
-            assert [len(f["groups"]) for f in frames] == [1, 4]
+            await body(pair, stand_in)
         finally:
             server.close()
             await server.wait_closed()
@@ -486,7 +464,64 @@ def test_a_worker_sends_what_queued_meanwhile_in_one_frame_and_answers_each_grou
         )
         await pair.server.start()
 
-    run(root, body)
+    run(root, outer)
+
+
+def _group(chain_id: str, numbers: Sequence[int]) -> list[Transaction]:
+    return [
+        Transaction(type=ACCESS, chain=chain_id, body=_entry_body(n), time_ms=1) for n in numbers
+    ]
+
+
+def test_a_worker_sends_what_queued_meanwhile_in_one_frame_and_answers_each_group(
+    root: Path,
+) -> None:
+    """A worker keeps one access frame in flight; the groups queued while it is out go
+    together in the next one, and each caller gets its own group's answer (receipts or
+    error)."""
+
+    async def body(pair: Pair, stand_in: StandIn) -> None:
+        chain = pair.worker.chain
+        first = asyncio.ensure_future(chain.submit(ACCESS, _entry_body(1)))
+        await asyncio.wait_for(stand_in.first_seen.wait(), DEADLINE_S)
+        later = [asyncio.ensure_future(chain.submit(ACCESS, _entry_body(n))) for n in (2, 3, 66)]
+        group = asyncio.ensure_future(chain.submit_many(_group(chain.chain_id, (4, 5))))
+        await asyncio.sleep(0)  # let every caller queue (no frame can go: one is out)
+        stand_in.release.set()
+        assert (await asyncio.wait_for(first, DEADLINE_S)).index == 1
+        assert [(await asyncio.wait_for(f, DEADLINE_S)).index for f in later[:2]] == [2, 3]
+        with pytest.raises(InvalidInput):
+            await asyncio.wait_for(later[2], DEADLINE_S)
+        assert [r.index for r in await asyncio.wait_for(group, DEADLINE_S)] == [4, 5]
+        assert [f["op"] for f in stand_in.frames] == ["submit_groups", "submit_groups"]
+        assert [len(f["groups"]) for f in stand_in.frames] == [1, 4]
+
+    with_stand_in(root, body)
+
+
+def test_a_frame_carries_at_most_max_frame_txs_and_a_larger_group_goes_alone(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sequencer_link, "MAX_FRAME_TXS", 3)
+
+    async def body(pair: Pair, stand_in: StandIn) -> None:
+        chain = pair.worker.chain
+        first = asyncio.ensure_future(chain.submit(ACCESS, _entry_body(1)))
+        await asyncio.wait_for(stand_in.first_seen.wait(), DEADLINE_S)
+        queued = [(2, 3), (4, 5), (6,), (7, 8, 9, 10)]
+        calls = [
+            asyncio.ensure_future(chain.submit_many(_group(chain.chain_id, numbers)))
+            for numbers in queued
+        ]
+        await asyncio.sleep(0)
+        stand_in.release.set()
+        await asyncio.wait_for(first, DEADLINE_S)
+        answers = await asyncio.wait_for(asyncio.gather(*calls), DEADLINE_S)
+        assert [[r.index for r in receipts] for receipts in answers] == [list(q) for q in queued]
+        sizes = [[len(g) for g in f["groups"]] for f in stand_in.frames]
+        assert sizes == [[1], [2], [2, 1], [4]]
+
+    with_stand_in(root, body)
 
 
 def test_groups_queued_when_the_worker_stops_fail_with_503(root: Path) -> None:

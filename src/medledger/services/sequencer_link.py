@@ -573,15 +573,16 @@ class SequencerClient:
         batch: list[tuple[list[dict[str, Any]], asyncio.Future[list[Receipt]]]] = []
         try:
             while self._outbox:
-                batch, count = [], 0
-                while self._outbox and (
-                    not batch or count + len(self._outbox[0][0]) <= MAX_FRAME_TXS
-                ):
-                    group, future = self._outbox.pop(0)
+                batch, count, taken = [], 0, 0
+                for group, future in self._outbox:
+                    if batch and count + len(group) > MAX_FRAME_TXS:
+                        break
+                    taken += 1
                     if future.done():
                         continue  # its request was cancelled: no answer waits for it
                     batch.append((group, future))
                     count += len(group)
+                del self._outbox[:taken]
                 if not batch:
                     continue
                 try:
