@@ -558,3 +558,21 @@ def test_groups_queued_when_the_worker_stops_fail_with_503(root: Path) -> None:
             await server.wait_closed()
 
     run(root, body)
+
+
+def test_a_frame_json_cannot_hold_is_refused_before_anything_is_sent(root: Path) -> None:
+    async def body(pair: Pair) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(pair.root / SOCKET_NAME))
+        try:
+            for value in ({"id": 1, "op": "x\ud800"}, {"id": 2**70, "op": "spend"}):
+                with pytest.raises(InvalidInput):
+                    write_frame(writer, value)
+            assert writer.transport.get_write_buffer_size() == 0
+            write_frame(writer, {"id": 3, "op": "no such op"})
+            await writer.drain()
+            answer = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+            assert answer is not None and answer["id"] == 3 and answer["ok"] is False
+        finally:
+            writer.close()
+
+    run(root, body)
