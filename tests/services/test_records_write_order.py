@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from node_files import blob_names, node_state
 
-from medledger.core.errors import StorageError
+from medledger.core.errors import NotFound, StorageError
 from medledger.ledger.verify import verify_chain
 from medledger.node import Node, init_node, open_chain, open_node
 from medledger.storage.keystore import KdfParams
@@ -251,3 +251,59 @@ def test_a_crash_during_the_blob_flush_leaves_a_row_that_recovery_takes_back(
         verify_chain(store, expected_key=config.signing_key)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("outcome", ["committed", "failed"])
+def test_a_read_meeting_a_write_in_flight_waits_for_its_outcome_and_finds_no_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """Between a version's index commit and its block, reads wait for the write's outcome.
+
+    A committed write is then read as the new version; a failed one as what was there
+    before (read), or as no such version (vread). Neither is damage: no integrity error
+    is counted, and the event loop keeps running while the reads wait.
+    """
+    root = _new_node(tmp_path / "n")
+    release = threading.Event()
+    held: list[bool] = []
+
+    async def go() -> None:
+        node = open_node(root, PW)
+        try:
+            await node.records.update("Patient", PATIENT["id"], PATIENT)
+
+            def hold() -> None:
+                held.append(True)
+                assert release.wait(DEADLINE_S), "the test never released the flush"
+                if outcome == "failed":
+                    raise StorageError("the disk went away")
+
+            _hold_blob_flush(node, monkeypatch, hold, give_up=release)
+            write = asyncio.create_task(
+                node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
+            )
+            try:
+                await asyncio.to_thread(_poll, lambda: bool(held), "version 2 is indexed")
+                read = asyncio.create_task(node.records.read("Patient", PATIENT["id"]))
+                vread = asyncio.create_task(node.records.vread("Patient", PATIENT["id"], 2))
+                await asyncio.sleep(0.1)  # the loop runs: the reads wait off it
+                assert not read.done() and not vread.done()
+            finally:
+                release.set()
+                done, _ = await asyncio.wait([write, read, vread], timeout=DEADLINE_S)
+            assert len(done) == 3
+            if outcome == "committed":
+                assert write.result()[0].version == 2
+                assert read.result().version == 2
+                assert (
+                    vread.result().data == (await node.records.read("Patient", PATIENT["id"])).data
+                )
+            else:
+                assert isinstance(write.exception(), StorageError)
+                assert read.result().version == 1
+                assert isinstance(vread.exception(), NotFound)
+            assert node.store_health.integrity_errors == 0
+        finally:
+            await node.close()
+
+    asyncio.run(go())

@@ -174,7 +174,7 @@ def test_missing_blob_reads_as_damage_not_absence(root: Path) -> None:
             assert "blob is missing" in str(exc.value)
             assert "p1" not in str(exc.value) and SECRET_NAME not in str(exc.value)
         with pytest.raises(RecordDamaged):
-            node.records.sealed_version("Patient", "p1")
+            await node.records.sealed_version("Patient", "p1")
         # The intact version is still served; an unknown id is still "not found".
         assert (await node.records.vread("Patient", "p1", 1)).version == 1
         with pytest.raises(NotFound):

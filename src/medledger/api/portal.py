@@ -130,7 +130,7 @@ async def provenance(resource_type: str, rid: str, node: NodeDep, who: Clinician
         raise InvalidInput(f"{resource_type!r} is not a FHIR resource type")
     if node.sharing is None:
         raise NotFound("this node has not joined a consortium")
-    body = node.sharing.local_provenance(resource_type, validate_id(rid))
+    body = await node.sharing.local_provenance(resource_type, validate_id(rid))
     return fhir_response(body, headers={"Content-Type": "application/json"})
 
 

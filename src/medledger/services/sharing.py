@@ -292,7 +292,7 @@ class SharingService:
         self, request: PeerRequest, consent: ConsentRecord, patient_id: str
     ) -> dict[str, Any]:
         rtype, rid, version = request.target
-        sealed = self._records.sealed_version(rtype, rid, version)
+        sealed = await self._records.sealed_version(rtype, rid, version)
         about = (rtype == "Patient" and rid == patient_id) or sealed.row.patient == (
             self._records.patient_pseudonym(patient_id)
         )
@@ -328,7 +328,7 @@ class SharingService:
             "provenance": provenance.to_json(),
         }
 
-    def local_provenance(
+    async def local_provenance(
         self, resource_type: str, rid: str, version: int | None = None
     ) -> dict[str, Any]:
         """Where one of this node's own record versions stands, checked as a reader would.
@@ -343,7 +343,7 @@ class SharingService:
         of the record's content is in the answer. Raises :class:`NotFound` for
         an unknown, deleted or erased version.
         """
-        sealed = self._records.sealed_version(resource_type, rid, version)
+        sealed = await self._records.sealed_version(resource_type, rid, version)
         height, leaf_index = self._chain.store.tx_location(sealed.row.tx_hash)
         out: dict[str, Any] = {
             "resource": f"{resource_type}/{rid}",

@@ -3,17 +3,28 @@
 What the index and the chain say was acknowledged but cannot be read back
 intact is :class:`RecordDamaged` (counted for ``/readyz`` and ``/metrics``),
 never :class:`NotFound`.
+
+A write indexes its row before the block holding its transaction commits
+(decision 0058), so a read can meet a row whose transaction is not on the
+chain yet: a write in flight, not damage. Such a read waits, bounded by
+:data:`IN_FLIGHT_S`, until the transaction is committed (it then shows the
+new version: durable, its acknowledgement on its way) or the row is taken
+back (a failed write: it shows what was there before). Only a row whose
+transaction stays missing past that bound is damage. Waiting blocks, so a
+caller on the event loop passes ``wait=False`` and gets :class:`WriteInFlight`
+instead, to wait on a thread.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import orjson
 
 from medledger.core.envelope import RecordContext, open_record, unwrap_key
-from medledger.core.errors import Gone, IntegrityError, NotFound, RecordDamaged
+from medledger.core.errors import Gone, IntegrityError, MedledgerError, NotFound, RecordDamaged
 from medledger.core.transactions import RECORD_PUT
 from medledger.services.health import StoreHealth
 from medledger.services.keys import InstitutionKeys
@@ -26,10 +37,27 @@ from medledger.services.records.model import (
 )
 from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
-__all__ = ["RecordReader"]
+__all__ = ["IN_FLIGHT_S", "RecordReader", "WriteInFlight"]
 
 #: Checked chain transactions remembered (then forgotten all at once, as record refs are).
 _COMMITTED = 4096
+#: How long a read waits for a version whose row is indexed and whose transaction is
+#: not on the chain: far longer than a write takes from its index commit to its block,
+#: even on a loaded machine; a transaction missing for longer is damage.
+IN_FLIGHT_S = 5.0
+#: How many times ``latest`` looks again after the row it met was taken back.
+_RESOLVE_TRIES = 3
+
+
+class WriteInFlight(MedledgerError):
+    """The version read is indexed and its write not yet committed (only with ``wait=False``).
+
+    The caller repeats the read with ``wait=True`` off the event loop.
+    """
+
+
+class _TakenBack(Exception):
+    """The row a read waited on was removed or replaced: its write failed."""
 
 
 class RecordReader:
@@ -54,19 +82,30 @@ class RecordReader:
         # tx hash -> (type, id, version, blob hash, patient) a committed record.put says.
         self._committed: dict[bytes, tuple[str, str, int, bytes, str | None]] = {}
 
-    def latest(self, resource_type: str, rid: str) -> StoredResource:
-        row = self._index.latest(resource_type, rid)
-        if row is None:
-            raise NotFound(f"{resource_type}/{rid} does not exist")
-        _not_deleted(row)
-        return self.open(row)
+    def latest(self, resource_type: str, rid: str, *, wait: bool = True) -> StoredResource:
+        """The newest committed version (see the module doc for ``wait``)."""
+        for _ in range(_RESOLVE_TRIES):
+            row = self._index.latest(resource_type, rid)
+            if row is None:
+                raise NotFound(f"{resource_type}/{rid} does not exist")
+            _not_deleted(row)
+            try:
+                return self._open(row, wait=wait)
+            except _TakenBack:
+                continue  # the newest version's write failed: the one before is newest again
+        raise NotFound(f"{resource_type}/{rid} is being rewritten; retry")
 
-    def version(self, resource_type: str, rid: str, version: int) -> StoredResource:
+    def version(
+        self, resource_type: str, rid: str, version: int, *, wait: bool = True
+    ) -> StoredResource:
         row = self._index.get_version(resource_type, rid, version)
         if row is None:
             raise NotFound(f"{resource_type}/{rid} has no version {version}")
         _not_deleted(row)
-        return self.open(row)
+        try:
+            return self._open(row, wait=wait)
+        except _TakenBack:
+            raise NotFound(f"{resource_type}/{rid} has no version {version}") from None
 
     def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
         """Every version, newest first; erased versions and deletions have ``stored=None``."""
@@ -80,7 +119,7 @@ class RecordReader:
         return [self.info(r) for r in self._index.type_history(resource_type, limit)]
 
     def sealed_version(
-        self, resource_type: str, rid: str, version: int | None = None
+        self, resource_type: str, rid: str, version: int | None = None, *, wait: bool = True
     ) -> SealedVersion:
         """A version as stored — ciphertext, unwrapped data key, chain tx — for sharing.
 
@@ -95,7 +134,7 @@ class RecordReader:
         if row is None:
             raise NotFound(f"{resource_type}/{rid} does not exist (or has no such version)")
         _not_deleted(row)
-        tx_data, blob, dek = self.sealed(row)
+        tx_data, blob, dek = self.sealed(row, wait=wait)
         return SealedVersion(row=row, blob=blob, dek=dek, tx_data=tx_data)
 
     def info(self, row: VersionRow) -> VersionInfo:
@@ -110,14 +149,23 @@ class RecordReader:
             updated_ms=row.updated_ms,
         )
 
-    def open(self, row: VersionRow) -> StoredResource:
+    def open(self, row: VersionRow, *, wait: bool = True) -> StoredResource:
         """The decrypted version ``row`` names, after every check of :meth:`sealed`.
 
         The chain transaction's side of the first check may come from memory
         (:meth:`_check_chained`); the row, the blob and its hash, the key and the
-        ciphertext's authentication are read and checked on every call.
+        ciphertext's authentication are read and checked on every call. Waits
+        for a write in flight (module doc); :class:`NotFound` if its write failed.
         """
-        self._check_chained(row)
+        try:
+            return self._open(row, wait=wait)
+        except _TakenBack:
+            raise NotFound(
+                f"{row.resource_type}/{row.id} has no version {row.version} (its write failed)"
+            ) from None
+
+    def _open(self, row: VersionRow, *, wait: bool) -> StoredResource:
+        self._check_chained(row, wait=wait)
         blob, dek = self._blob_and_key(row)
         context = RecordContext(
             institution=self._institution,
@@ -139,12 +187,17 @@ class RecordReader:
             patient=row.patient,
         )
 
-    def sealed(self, row: VersionRow) -> tuple[bytes, bytes, bytes]:
+    def sealed(self, row: VersionRow, *, wait: bool = True) -> tuple[bytes, bytes, bytes]:
         """``(tx bytes, ciphertext, data key)`` of an acknowledged version, all checked.
 
         An erased version raises :class:`Gone`; a damaged one :class:`RecordDamaged`.
         """
-        tx_data = self._checked_tx(row)
+        try:
+            tx_data = self._checked_tx(row, wait=wait)
+        except _TakenBack:
+            raise NotFound(
+                f"{row.resource_type}/{row.id} has no version {row.version} (its write failed)"
+            ) from None
         blob, dek = self._blob_and_key(row)
         return tx_data, blob, dek
 
@@ -173,7 +226,7 @@ class RecordReader:
         self._health.integrity_error(exc)
         return exc
 
-    def _check_chained(self, row: VersionRow) -> None:
+    def _check_chained(self, row: VersionRow, *, wait: bool) -> None:
         """What :meth:`_checked_tx` checks, the transaction's side remembered.
 
         A committed transaction never changes: its bytes hash to the ``tx_hash``
@@ -192,21 +245,18 @@ class RecordReader:
         says = (row.resource_type, row.id, row.version, row.blob_hash, row.patient)
         committed = self._committed.get(row.tx_hash)
         if committed is None:
-            self._checked_tx(row)
+            self._checked_tx(row, wait=wait)
             if len(self._committed) >= _COMMITTED:
                 self._committed.clear()
             self._committed[row.tx_hash] = says
         elif committed != says:
             raise self.damaged(row, "the index does not match its chain transaction")
 
-    def _checked_tx(self, row: VersionRow) -> bytes:
+    def _checked_tx(self, row: VersionRow, *, wait: bool) -> bytes:
         """The committed ``record.put`` bytes of ``row``, which must say what the row says."""
         if row.erased or row.wrapped_dek is None or row.kek_id is None:
             raise Gone(f"{row.resource_type}/{row.id} was erased")
-        try:
-            _, tx_data = self._chain.store.tx_by_hash(row.tx_hash)
-        except NotFound:
-            raise self.damaged(row, "its chain transaction is missing") from None
+        tx_data = self._committed_tx(row, wait=wait)
         # The bytes hash to the committed tx hash, so a plain parse is enough here;
         # `verify` checks canonical form for the whole chain.
         tx = _parse(tx_data)
@@ -222,6 +272,33 @@ class RecordReader:
         ):
             raise self.damaged(row, "the index does not match its chain transaction")
         return tx_data
+
+    def _committed_tx(self, row: VersionRow, *, wait: bool) -> bytes:
+        """``row``'s transaction bytes once committed: waits out a write in flight.
+
+        :class:`WriteInFlight` without ``wait``; :class:`_TakenBack` when the row
+        is removed or replaced meanwhile; damage when the transaction is still
+        missing after :data:`IN_FLIGHT_S` with the row unchanged.
+        """
+        deadline: float | None = None
+        pause = 0.001
+        while True:
+            try:
+                return self._chain.store.tx_by_hash(row.tx_hash)[1]
+            except NotFound:
+                pass
+            if not wait:
+                raise WriteInFlight(f"{row.resource_type} version {row.version} is being written")
+            current = self._index.get_version(row.resource_type, row.id, row.version)
+            if current is None or current.tx_hash != row.tx_hash:
+                raise _TakenBack
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + IN_FLIGHT_S
+            elif now >= deadline:
+                raise self.damaged(row, "its chain transaction is missing")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def _not_deleted(row: VersionRow) -> None:

@@ -29,7 +29,7 @@ from medledger.services.records.model import (
 )
 from medledger.services.records.patients import PatientRecords
 from medledger.services.records.queries import RecordSearch
-from medledger.services.records.reading import RecordReader
+from medledger.services.records.reading import RecordReader, WriteInFlight
 from medledger.services.records.recovery import CrashRecovery
 from medledger.services.records.reindex import Reindexer, ReindexReport
 from medledger.services.records.rotation import rotate_kek
@@ -287,17 +287,26 @@ class RecordsService:
 
     async def read(self, resource_type: str, rid: str) -> StoredResource:
         await self.recovery.ensure_recovered()
-        return self.reader.latest(resource_type, rid)
+        try:  # on the event loop: a read is short, unless it meets a write in flight
+            return self.reader.latest(resource_type, rid, wait=False)
+        except WriteInFlight:
+            return await asyncio.to_thread(self.reader.latest, resource_type, rid)
 
     async def vread(self, resource_type: str, rid: str, version: int) -> StoredResource:
         await self.recovery.ensure_recovered()
-        return self.reader.version(resource_type, rid, version)
+        try:
+            return self.reader.version(resource_type, rid, version, wait=False)
+        except WriteInFlight:
+            return await asyncio.to_thread(self.reader.version, resource_type, rid, version)
 
-    def sealed_version(
+    async def sealed_version(
         self, resource_type: str, rid: str, version: int | None = None
     ) -> SealedVersion:
         """A version as stored, for sharing (see ``RecordReader.sealed_version``)."""
-        return self.reader.sealed_version(resource_type, rid, version)
+        try:
+            return self.reader.sealed_version(resource_type, rid, version, wait=False)
+        except WriteInFlight:
+            return await asyncio.to_thread(self.reader.sealed_version, resource_type, rid, version)
 
     async def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
         """Every version, newest first; erased versions have ``stored=None``.

@@ -43,7 +43,7 @@ from medledger.services.records.model import (
     VersionCommitter,
     WriteIntent,
 )
-from medledger.services.records.reading import RecordReader
+from medledger.services.records.reading import RecordReader, WriteInFlight
 from medledger.services.records.recovery import CrashRecovery
 from medledger.services.records.sealing import PreparedWrite, Sealer
 from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
@@ -344,7 +344,12 @@ class RecordWriter:
         new = _reserved_entries(resource)
         old: list[bytes] = []
         if latest is not None and not latest.erased and (new or rtype == "Patient"):
-            old = _reserved_entries(self._reader.open(latest).resource())
+            try:  # on the event loop: never wait here for another process's write
+                current = self._reader.open(latest, wait=False)
+            except WriteInFlight:
+                # Another worker's version of it is not committed yet: a race, sealed again.
+                raise WriteRaced(f"{rtype} version {latest.version} is being written") from None
+            old = _reserved_entries(current.resource())
         if new != old:
             raise FhirInvalid(
                 [
