@@ -121,6 +121,10 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        # FastAPI's native OpenTelemetry asks the global providers on every request
+        # whether anything listens (a read's largest single cost after its own work);
+        # the node reports through its own /metrics and JSON logs instead.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     clock = clock or node.clock
     if public_url is None:
