@@ -496,9 +496,9 @@ def test_another_patients_record_and_a_missing_id_take_the_same_path(
     open_row, record, record_many = reader.open, access.record, access.record_many
     steps: list[tuple[str, str]] = []
 
-    def spying_open(row: Any) -> Any:
+    def spying_open(row: Any, **kwargs: Any) -> Any:
         steps.append(("decrypt", row.id))
-        return open_row(row)
+        return open_row(row, **kwargs)
 
     async def spying_record(entry: Any, **kwargs: Any) -> None:
         steps.append(("audit", entry.outcome))

@@ -56,7 +56,7 @@ class WriteInFlight(MedledgerError):
     """
 
 
-class _TakenBack(Exception):
+class _TakenBack(NotFound):
     """The row a read waited on was removed or replaced: its write failed."""
 
 
@@ -90,7 +90,7 @@ class RecordReader:
                 raise NotFound(f"{resource_type}/{rid} does not exist")
             _not_deleted(row)
             try:
-                return self._open(row, wait=wait)
+                return self.open(row, wait=wait)
             except _TakenBack:
                 continue  # the newest version's write failed: the one before is newest again
         raise NotFound(f"{resource_type}/{rid} is being rewritten; retry")
@@ -102,10 +102,7 @@ class RecordReader:
         if row is None:
             raise NotFound(f"{resource_type}/{rid} has no version {version}")
         _not_deleted(row)
-        try:
-            return self._open(row, wait=wait)
-        except _TakenBack:
-            raise NotFound(f"{resource_type}/{rid} has no version {version}") from None
+        return self.open(row, wait=wait)  # its write failed meanwhile: NotFound
 
     def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
         """Every version, newest first; erased versions and deletions have ``stored=None``."""
@@ -157,14 +154,6 @@ class RecordReader:
         ciphertext's authentication are read and checked on every call. Waits
         for a write in flight (module doc); :class:`NotFound` if its write failed.
         """
-        try:
-            return self._open(row, wait=wait)
-        except _TakenBack:
-            raise NotFound(
-                f"{row.resource_type}/{row.id} has no version {row.version} (its write failed)"
-            ) from None
-
-    def _open(self, row: VersionRow, *, wait: bool) -> StoredResource:
         self._check_chained(row, wait=wait)
         blob, dek = self._blob_and_key(row)
         context = RecordContext(
@@ -192,12 +181,7 @@ class RecordReader:
 
         An erased version raises :class:`Gone`; a damaged one :class:`RecordDamaged`.
         """
-        try:
-            tx_data = self._checked_tx(row, wait=wait)
-        except _TakenBack:
-            raise NotFound(
-                f"{row.resource_type}/{row.id} has no version {row.version} (its write failed)"
-            ) from None
+        tx_data = self._checked_tx(row, wait=wait)
         blob, dek = self._blob_and_key(row)
         return tx_data, blob, dek
 
@@ -291,7 +275,9 @@ class RecordReader:
                 raise WriteInFlight(f"{row.resource_type} version {row.version} is being written")
             current = self._index.get_version(row.resource_type, row.id, row.version)
             if current is None or current.tx_hash != row.tx_hash:
-                raise _TakenBack
+                raise _TakenBack(
+                    f"{row.resource_type}/{row.id} has no version {row.version} (its write failed)"
+                )
             now = time.monotonic()
             if deadline is None:
                 deadline = now + IN_FLIGHT_S
