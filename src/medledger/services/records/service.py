@@ -6,7 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from medledger.core.errors import MedledgerError
 from medledger.core.models import Transaction
@@ -39,6 +39,8 @@ from medledger.services.validation import Validator
 from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordsService"]
+
+T = TypeVar("T")
 
 
 def _current_during(rows: Sequence[VersionRow], period: tuple[int, int]) -> list[VersionRow]:
@@ -287,26 +289,17 @@ class RecordsService:
 
     async def read(self, resource_type: str, rid: str) -> StoredResource:
         await self.recovery.ensure_recovered()
-        try:  # on the event loop: a read is short, unless it meets a write in flight
-            return self.reader.latest(resource_type, rid, wait=False)
-        except WriteInFlight:
-            return await asyncio.to_thread(self.reader.latest, resource_type, rid)
+        return await _settled(self.reader.latest, resource_type, rid)
 
     async def vread(self, resource_type: str, rid: str, version: int) -> StoredResource:
         await self.recovery.ensure_recovered()
-        try:
-            return self.reader.version(resource_type, rid, version, wait=False)
-        except WriteInFlight:
-            return await asyncio.to_thread(self.reader.version, resource_type, rid, version)
+        return await _settled(self.reader.version, resource_type, rid, version)
 
     async def sealed_version(
         self, resource_type: str, rid: str, version: int | None = None
     ) -> SealedVersion:
         """A version as stored, for sharing (see ``RecordReader.sealed_version``)."""
-        try:
-            return self.reader.sealed_version(resource_type, rid, version, wait=False)
-        except WriteInFlight:
-            return await asyncio.to_thread(self.reader.sealed_version, resource_type, rid, version)
+        return await _settled(self.reader.sealed_version, resource_type, rid, version)
 
     async def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
         """Every version, newest first; erased versions have ``stored=None``.
@@ -520,3 +513,12 @@ def _object(value: Any) -> dict[str, Any]:
             ]
         )
     return dict(value)
+
+
+async def _settled(read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)`` on the event loop, where a read is short; if it meets a write in
+    flight (``RecordReader``'s module doc), again on a thread, waiting for its outcome."""
+    try:
+        return read(*args, wait=False)
+    except WriteInFlight:
+        return await asyncio.to_thread(read, *args)
