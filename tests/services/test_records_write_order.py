@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -53,6 +53,20 @@ def _poll(condition: Callable[[], bool], what: str, give_up: threading.Event | N
         time.sleep(0.005)
 
 
+def _on_version_1(root: Path, body: Callable[[Node], Awaitable[None]]) -> None:
+    """Open the node, write version 1 of the patient, run ``body``, close the node."""
+
+    async def go() -> None:
+        node = open_node(root, PW)
+        try:
+            await node.records.update("Patient", PATIENT["id"], PATIENT)
+            await body(node)
+        finally:
+            await node.close()
+
+    asyncio.run(go())
+
+
 def _v2_indexed(node: Node) -> bool:
     return node.index.get_version("Patient", PATIENT["id"], 2) is not None
 
@@ -83,41 +97,36 @@ def test_the_index_commit_overlaps_the_blob_flush_and_the_block_waits_for_it(
     release = threading.Event()
     heights_while_held: list[int] = []
 
-    async def go() -> None:
-        node = open_node(root, PW)
+    async def go(node: Node) -> None:
+        height = node.chain.durable_height
+
+        def hold() -> None:
+            # The row is durable and the blob not yet: the block must not exist.
+            heights_while_held.append(node.chain.durable_height)
+            assert release.wait(DEADLINE_S), "the test never released the flush"
+
+        _hold_blob_flush(node, monkeypatch, hold, give_up=release)
+        write = asyncio.create_task(
+            node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
+        )
         try:
-            await node.records.update("Patient", PATIENT["id"], PATIENT)
-            height = node.chain.durable_height
-
-            def hold() -> None:
-                # The row is durable and the blob not yet: the block must not exist.
-                heights_while_held.append(node.chain.durable_height)
-                assert release.wait(DEADLINE_S), "the test never released the flush"
-
-            _hold_blob_flush(node, monkeypatch, hold, give_up=release)
-            write = asyncio.create_task(
-                node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
+            await asyncio.to_thread(
+                _poll, lambda: bool(heights_while_held), "the index row is durable"
             )
-            try:
-                await asyncio.to_thread(
-                    _poll, lambda: bool(heights_while_held), "the index row is durable"
-                )
-                await asyncio.sleep(0.05)  # a block written early would have had time to land
-                assert node.chain.durable_height == height
-                assert not write.done()
-            finally:
-                release.set()  # also ends a held flush that waits in vain
-                done, _ = await asyncio.wait([write], timeout=DEADLINE_S)
-            assert write in done
-            stored, _ = write.result()
-            assert stored.version == 2
-            assert heights_while_held == [height]
-            assert node.chain.durable_height == height + 1
-            assert (await node.records.read("Patient", PATIENT["id"])).version == 2
+            await asyncio.sleep(0.05)  # a block written early would have had time to land
+            assert node.chain.durable_height == height
+            assert not write.done()
         finally:
-            await node.close()
+            release.set()  # also ends a held flush that waits in vain
+            done, _ = await asyncio.wait([write], timeout=DEADLINE_S)
+        assert write in done
+        stored, _ = write.result()
+        assert stored.version == 2
+        assert heights_while_held == [height]
+        assert node.chain.durable_height == height + 1
+        assert (await node.records.read("Patient", PATIENT["id"])).version == 2
 
-    asyncio.run(go())
+    _on_version_1(root, go)
     config, store = open_chain(root)
     try:
         verify_chain(store, expected_key=config.signing_key)
@@ -130,28 +139,23 @@ def test_a_failed_blob_flush_takes_back_the_row_indexed_beside_it(
 ) -> None:
     root = _new_node(tmp_path / "n")
 
-    async def go() -> None:
-        node = open_node(root, PW)
-        try:
-            await node.records.update("Patient", PATIENT["id"], PATIENT)
-            before = node_state(root)
+    async def go(node: Node) -> None:
+        before = node_state(root)
 
-            def fail() -> None:
-                raise StorageError("the disk went away")
+        def fail() -> None:
+            raise StorageError("the disk went away")
 
-            _hold_blob_flush(node, monkeypatch, fail)
-            with pytest.raises(StorageError, match="disk went away"):
-                await node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
-            assert not _v2_indexed(node)
-            assert node_state(root) == before, "the failed write left something behind"
-            stored = await node.records.read("Patient", PATIENT["id"])
-            assert stored.version == 1
-            found = await node.records.search("Patient", {"gender": [PATIENT["gender"]]})
-            assert [s.id for s in found] == [PATIENT["id"]]
-        finally:
-            await node.close()
+        _hold_blob_flush(node, monkeypatch, fail)
+        with pytest.raises(StorageError, match="disk went away"):
+            await node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
+        assert not _v2_indexed(node)
+        assert node_state(root) == before, "the failed write left something behind"
+        stored = await node.records.read("Patient", PATIENT["id"])
+        assert stored.version == 1
+        found = await node.records.search("Patient", {"gender": [PATIENT["gender"]]})
+        assert [s.id for s in found] == [PATIENT["id"]]
 
-    asyncio.run(go())
+    _on_version_1(root, go)
 
 
 def test_a_failed_index_commit_removes_the_blob_stored_beside_it(
@@ -159,34 +163,29 @@ def test_a_failed_index_commit_removes_the_blob_stored_beside_it(
 ) -> None:
     root = _new_node(tmp_path / "n")
 
-    async def go() -> None:
-        node = open_node(root, PW)
-        try:
-            await node.records.update("Patient", PATIENT["id"], PATIENT)
-            before = node_state(root)
-            blob_writes: list[int] = []
-            blobs = node._blobs
-            real_put_many = blobs.put_many
+    async def go(node: Node) -> None:
+        before = node_state(root)
+        blob_writes: list[int] = []
+        blobs = node._blobs
+        real_put_many = blobs.put_many
 
-            def counted_put_many(data: Sequence[bytes]) -> list[bytes]:
-                hashes = real_put_many(data)
-                blob_writes.append(len(data))
-                return hashes
+        def counted_put_many(data: Sequence[bytes]) -> list[bytes]:
+            hashes = real_put_many(data)
+            blob_writes.append(len(data))
+            return hashes
 
-            async def failing_put_version(row: VersionRow, tokens: set[bytes]) -> None:
-                raise StorageError("the index is full")
+        async def failing_put_version(row: VersionRow, tokens: set[bytes]) -> None:
+            raise StorageError("the index is full")
 
-            monkeypatch.setattr(blobs, "put_many", counted_put_many)
-            monkeypatch.setattr(node.index, "put_version", failing_put_version)
-            with pytest.raises(StorageError, match="index is full"):
-                await node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
-            assert blob_writes == [1]  # the blob was stored beside the failing index commit
-            assert node_state(root) == before, "the failed write left its blob behind"
-            assert (await node.records.read("Patient", PATIENT["id"])).version == 1
-        finally:
-            await node.close()
+        monkeypatch.setattr(blobs, "put_many", counted_put_many)
+        monkeypatch.setattr(node.index, "put_version", failing_put_version)
+        with pytest.raises(StorageError, match="index is full"):
+            await node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
+        assert blob_writes == [1]  # the blob was stored beside the failing index commit
+        assert node_state(root) == before, "the failed write left its blob behind"
+        assert (await node.records.read("Patient", PATIENT["id"])).version == 1
 
-    asyncio.run(go())
+    _on_version_1(root, go)
 
 
 CRASH_CHILD = textwrap.dedent(
@@ -267,43 +266,36 @@ def test_a_read_meeting_a_write_in_flight_waits_for_its_outcome_and_finds_no_dam
     release = threading.Event()
     held: list[bool] = []
 
-    async def go() -> None:
-        node = open_node(root, PW)
+    async def go(node: Node) -> None:
+
+        def hold() -> None:
+            held.append(True)
+            assert release.wait(DEADLINE_S), "the test never released the flush"
+            if outcome == "failed":
+                raise StorageError("the disk went away")
+
+        _hold_blob_flush(node, monkeypatch, hold, give_up=release)
+        write = asyncio.create_task(
+            node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
+        )
         try:
-            await node.records.update("Patient", PATIENT["id"], PATIENT)
-
-            def hold() -> None:
-                held.append(True)
-                assert release.wait(DEADLINE_S), "the test never released the flush"
-                if outcome == "failed":
-                    raise StorageError("the disk went away")
-
-            _hold_blob_flush(node, monkeypatch, hold, give_up=release)
-            write = asyncio.create_task(
-                node.records.update("Patient", PATIENT["id"], _other_gender(PATIENT))
-            )
-            try:
-                await asyncio.to_thread(_poll, lambda: bool(held), "version 2 is indexed")
-                read = asyncio.create_task(node.records.read("Patient", PATIENT["id"]))
-                vread = asyncio.create_task(node.records.vread("Patient", PATIENT["id"], 2))
-                await asyncio.sleep(0.1)  # the loop runs: the reads wait off it
-                assert not read.done() and not vread.done()
-            finally:
-                release.set()
-                done, _ = await asyncio.wait([write, read, vread], timeout=DEADLINE_S)
-            assert len(done) == 3
-            if outcome == "committed":
-                assert write.result()[0].version == 2
-                assert read.result().version == 2
-                assert (
-                    vread.result().data == (await node.records.read("Patient", PATIENT["id"])).data
-                )
-            else:
-                assert isinstance(write.exception(), StorageError)
-                assert read.result().version == 1
-                assert isinstance(vread.exception(), NotFound)
-            assert node.store_health.integrity_errors == 0
+            await asyncio.to_thread(_poll, lambda: bool(held), "version 2 is indexed")
+            read = asyncio.create_task(node.records.read("Patient", PATIENT["id"]))
+            vread = asyncio.create_task(node.records.vread("Patient", PATIENT["id"], 2))
+            await asyncio.sleep(0.1)  # the loop runs: the reads wait off it
+            assert not read.done() and not vread.done()
         finally:
-            await node.close()
+            release.set()
+            done, _ = await asyncio.wait([write, read, vread], timeout=DEADLINE_S)
+        assert len(done) == 3
+        if outcome == "committed":
+            assert write.result()[0].version == 2
+            assert read.result().version == 2
+            assert vread.result().data == (await node.records.read("Patient", PATIENT["id"])).data
+        else:
+            assert isinstance(write.exception(), StorageError)
+            assert read.result().version == 1
+            assert isinstance(vread.exception(), NotFound)
+        assert node.store_health.integrity_errors == 0
 
-    asyncio.run(go())
+    _on_version_1(root, go)
