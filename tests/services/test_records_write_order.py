@@ -259,8 +259,9 @@ def test_a_read_meeting_a_write_in_flight_waits_for_its_outcome_and_finds_no_dam
     """Between a version's index commit and its block, reads wait for the write's outcome.
 
     A committed write is then read as the new version; a failed one as what was there
-    before (read), or as no such version (vread). Neither is damage: no integrity error
-    is counted, and the event loop keeps running while the reads wait.
+    before (read), or as no such version (vread, history). A search that met the failed
+    version leaves it out instead of failing whole. Neither is damage: no integrity
+    error is counted, and the event loop keeps running while the reads wait.
     """
     root = _new_node(tmp_path / "n")
     release = threading.Event()
@@ -282,20 +283,27 @@ def test_a_read_meeting_a_write_in_flight_waits_for_its_outcome_and_finds_no_dam
             await asyncio.to_thread(_poll, lambda: bool(held), "version 2 is indexed")
             read = asyncio.create_task(node.records.read("Patient", PATIENT["id"]))
             vread = asyncio.create_task(node.records.vread("Patient", PATIENT["id"], 2))
+            history = asyncio.create_task(node.records.history("Patient", PATIENT["id"]))
+            search = asyncio.create_task(node.records.search("Patient", {"_id": [PATIENT["id"]]}))
+            reads = [read, vread, history, search]
             await asyncio.sleep(0.1)  # the loop runs: the reads wait off it
-            assert not read.done() and not vread.done()
+            assert not any(r.done() for r in reads)
         finally:
             release.set()
-            done, _ = await asyncio.wait([write, read, vread], timeout=DEADLINE_S)
-        assert len(done) == 3
+            done, _ = await asyncio.wait([write, *reads], timeout=DEADLINE_S)
+        assert len(done) == 5
         if outcome == "committed":
             assert write.result()[0].version == 2
             assert read.result().version == 2
             assert vread.result().data == (await node.records.read("Patient", PATIENT["id"])).data
+            assert [v.version for v in history.result()] == [2, 1]
+            assert [s.version for s in search.result()] == [2]
         else:
             assert isinstance(write.exception(), StorageError)
             assert read.result().version == 1
             assert isinstance(vread.exception(), NotFound)
+            assert [v.version for v in history.result()] == [1]
+            assert search.result() == []  # it matched the failed version's row
         assert node.store_health.integrity_errors == 0
 
     _on_version_1(root, go)

@@ -73,13 +73,13 @@ class RecordSearch:
         end = None if count is None else offset + count
         fields = parse_sort(resource_type, list(sort))
         if not fields:
-            return len(rows), [self._reader.open(row) for row in rows[offset:end]]
+            return len(rows), self._reader.open_all(rows[offset:end])
         if len(rows) > MAX_SORTED:
             raise InvalidInput(
                 f"the search matches {len(rows)} resources; _sort orders at most {MAX_SORTED} "
                 "(narrow the search)"
             )
-        opened = [self._reader.open(row) for row in rows]
+        opened = self._reader.open_all(rows)
         ordered = sort_resources(opened, fields, lambda s: s.resource())
         return len(ordered), ordered[offset:end]
 
@@ -147,7 +147,8 @@ class RecordSearch:
             for rid in ids:
                 row = self._index.latest(resource_type, rid)
                 live = row is not None and not row.erased and not row.deleted
-                if live and row is not None and accept(self._reader.open(row).resource()):
+                opened = self._reader.open_unless_failed(row) if live and row else None
+                if opened is not None and accept(opened.resource()):
                     kept.add(rid)
             return kept
 
@@ -205,8 +206,8 @@ class RecordSearch:
         if len(rows) > MAX_CHAINED:
             raise InvalidInput(f"{key!r} finds more than {MAX_CHAINED} resources (narrow it)")
         ids: set[str] = set()
-        for row in rows:
-            for value, _ in param.path.evaluate(self._reader.open(row).resource()):
+        for opened in self._reader.open_all(rows):
+            for value, _ in param.path.evaluate(opened.resource()):
                 ref = value.get("reference") if isinstance(value, dict) else None
                 # Only local references: an absolute URL names another server's resource.
                 if isinstance(ref, str) and "://" not in ref and reference_type(ref) == rtype:
@@ -286,8 +287,8 @@ class RecordSearch:
         for kind, rid in sorted(wanted):
             row = self._index.latest(kind, rid)
             if row is not None and not row.erased and not row.deleted:
-                out.append(self._reader.open(row))
-        return out
+                out.append(row)
+        return self._reader.open_all(out)
 
     def _reverse(self, current: Sequence[StoredResource], value: str) -> list[StoredResource]:
         rtype, code, target = self._include_spec(value)
@@ -302,7 +303,7 @@ class RecordSearch:
         rows = self._rows(rtype, query)
         if len(rows) > MAX_CHAINED:
             raise InvalidInput(f"_revinclude={value} would add more than {MAX_CHAINED} resources")
-        return [self._reader.open(row) for row in rows]
+        return self._reader.open_all(rows)
 
     def compartment(
         self, patient_ids: Sequence[str], types: Collection[str] | None
@@ -361,9 +362,10 @@ class RecordSearch:
                 raise InvalidInput(
                     f"the page refers to more than {MAX_CHAINED} resources (ask for a smaller _count)"
                 )
-            out.append(self._reader.open(row))
+            if (opened := self._reader.open_unless_failed(row)) is not None:
+                out.append(opened)
         return out
 
     def open(self, rows: Sequence[VersionRow]) -> list[StoredResource]:
-        """``rows`` decrypted, in order."""
-        return [self._reader.open(row) for row in rows]
+        """``rows`` decrypted, in order, without those whose write failed meanwhile."""
+        return self._reader.open_all(rows)

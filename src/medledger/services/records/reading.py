@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -107,13 +108,14 @@ class RecordReader:
     def history(self, resource_type: str, rid: str) -> list[VersionInfo]:
         """Every version, newest first; erased versions and deletions have ``stored=None``."""
         rows = self._index.history(resource_type, rid)
-        if not rows:
+        infos = self.infos(rows)
+        if not infos:
             raise NotFound(f"{resource_type}/{rid} does not exist")
-        return [self.info(r) for r in rows]
+        return infos
 
     def type_history(self, resource_type: str, limit: int) -> list[VersionInfo]:
         """The ``limit`` latest versions of any resource of the type."""
-        return [self.info(r) for r in self._index.type_history(resource_type, limit)]
+        return self.infos(self._index.type_history(resource_type, limit))
 
     def sealed_version(
         self, resource_type: str, rid: str, version: int | None = None, *, wait: bool = True
@@ -133,6 +135,20 @@ class RecordReader:
         _not_deleted(row)
         tx_data, blob, dek = self.sealed(row, wait=wait)
         return SealedVersion(row=row, blob=blob, dek=dek, tx_data=tx_data)
+
+    def infos(self, rows: Iterable[VersionRow]) -> list[VersionInfo]:
+        """:meth:`info` of each row, in order, leaving out versions whose write failed.
+
+        A list read beside a write that fails would otherwise fail whole (a
+        :class:`NotFound` for a version that never came to be).
+        """
+        out = []
+        for row in rows:
+            try:
+                out.append(self.info(row))
+            except _TakenBack:
+                continue
+        return out
 
     def info(self, row: VersionRow) -> VersionInfo:
         stored = None if row.erased or row.deleted else self.open(row)
@@ -175,6 +191,23 @@ class RecordReader:
             tx_hash=row.tx_hash,
             patient=row.patient,
         )
+
+    def open_unless_failed(self, row: VersionRow) -> StoredResource | None:
+        """:meth:`open`, or ``None`` when ``row``'s write failed while the read waited on it.
+
+        For the rows of a list (a search page, includes): a write that fails
+        beside it leaves its resource out of that one answer, instead of failing
+        the whole answer. Its previous version is not shown in its place: the
+        row may have matched on terms only the failed version had.
+        """
+        try:
+            return self.open(row)
+        except _TakenBack:
+            return None
+
+    def open_all(self, rows: Iterable[VersionRow]) -> list[StoredResource]:
+        """The rows opened, in order, leaving out those whose write failed meanwhile."""
+        return [s for row in rows if (s := self.open_unless_failed(row)) is not None]
 
     def sealed(self, row: VersionRow, *, wait: bool = True) -> tuple[bytes, bytes, bytes]:
         """``(tx bytes, ciphertext, data key)`` of an acknowledged version, all checked.

@@ -345,7 +345,7 @@ class RecordsService:
                 rows = _current_during(rows, at)
                 if since_ms is not None:
                     rows = [r for r in rows if r.updated_ms >= since_ms]
-            return [self.reader.info(r) for r in rows[offset:end]], len(rows) > end
+            return self.reader.infos(rows[offset:end]), len(rows) > end
 
         return await asyncio.to_thread(work)
 
