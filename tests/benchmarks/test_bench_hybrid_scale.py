@@ -47,6 +47,7 @@ def test_consortium_commits_pay_the_emulated_round_trip(tmp_path: Path) -> None:
         per_patient=3,
         rtt_ms=_RTT_MS,
         cpu_per_institution=1.0 if cpu_groups_unavailable_reason() is None else None,
+        cpu_per_nats_server=0.5 if cpu_groups_unavailable_reason() is None else None,
     )
     namespaces_before = _namespaces()
     processes_before = descendants()
@@ -57,6 +58,7 @@ def test_consortium_commits_pay_the_emulated_round_trip(tmp_path: Path) -> None:
     assert step["errors"] == 0
     assert step["cdf_ms"]["validation"][0] >= _RTT_MS  # the fastest commit: one round trip
     assert run["rtt_ms"] == _RTT_MS
+    assert run["cpu_per_nats_server"] == settings.cpu_per_nats_server
     # The run's cgroups are gone: CpuGroups.close raises (and the run with it) if one is left.
     # (Comparing the machine's medledger-* groups before and after was racy: other runs on
     # the machine make their own groups meanwhile.)

@@ -116,6 +116,11 @@ class HybridSettings:
     loss_pct: float = 0.0
     #: Each institution's processes in a cgroup limited to this many cores (``None``: no limit).
     cpu_per_institution: float | None = None
+    #: Each NATS server in a cgroup of its own limited to this many cores, apart from the
+    #: institutions' groups (``None``: a server shares its institution's group, as when it
+    #: runs on that institution's machine). Separates the ordering service's CPU from the
+    #: members' when the consortium grows.
+    cpu_per_nats_server: float | None = None
     #: The genesis anchor interval, or, with ``anchor_interval_scales``, the interval
     #: per institution (interval = this times the institutions): each member checks N anchors
     #: and N votes per interval, so a growing consortium on fixed CPU per institution
@@ -141,6 +146,7 @@ class HybridSettings:
             jitter_ms=base.jitter_ms,
             loss_pct=base.loss_pct,
             cpu_per_institution=base.cpu_per_institution,
+            cpu_per_nats_server=base.cpu_per_nats_server,
             anchor_interval_ms=base.anchor_interval_ms,
             anchor_interval_scales=base.anchor_interval_scales,
         )
@@ -170,6 +176,8 @@ class HybridSettings:
             }
         if self.cpu_per_institution is not None:
             scale["cpu_per_institution"] = self.cpu_per_institution
+        if self.cpu_per_nats_server is not None:
+            scale["cpu_per_nats_server"] = self.cpu_per_nats_server
         return scale | {
             "institutions": self.institutions,
             "orderings": list(self.orderings),
@@ -605,6 +613,7 @@ def run_result(
         "saturated": any(s["saturated"] for s in steps),
         "rtt_ms": settings.rtt_ms,
         "cpu_per_institution": settings.cpu_per_institution,
+        "cpu_per_nats_server": settings.cpu_per_nats_server,
         "anchor_interval_ms": settings.anchor_interval() if mode == HYBRID else None,
     }
 

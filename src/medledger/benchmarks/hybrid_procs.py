@@ -26,6 +26,9 @@ servers; elsewhere everything stays on the machine's loopback. The run's
 ``cpu_per_institution`` each institution's worker, and its NATS server, run
 in a cgroup of their own with that quota (``localnet.cgroups``); the
 parent, which only coordinates, and the relay thread in it stay outside.
+With ``cpu_per_nats_server`` each NATS server instead runs in a group of
+its own with that quota, so the ordering service's CPU is measured apart
+from the members' (as with servers on machines of their own).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from medledger.localnet.netproc import create_order_file
 from medledger.localnet.relay import LinkDelay, RelayGroup
 from medledger.synthetic import iter_patients
 
-__all__ = ["run_per_institution"]
+__all__ = ["CpuPlacement", "run_per_institution"]
 
 #: The consortium stream and subject every node uses by default.
 STREAM, SUBJECT = ConsortiumConfig().stream, ConsortiumConfig().subject
@@ -372,7 +375,21 @@ def run_per_institution(
             groups = stack.enter_context(
                 CpuGroups(settings.institutions, settings.cpu_per_institution)
             )
-        result = _run(base, roots, label, mode, ordering, settings, progress, relays, groups, hosts)
+        server_groups = None
+        if settings.cpu_per_nats_server is not None and ordering == "jetstream":
+            server_groups = stack.enter_context(CpuGroups(_SERVERS, settings.cpu_per_nats_server))
+        result = _run(
+            base,
+            roots,
+            label,
+            mode,
+            ordering,
+            settings,
+            progress,
+            relays,
+            CpuPlacement(groups, server_groups),
+            hosts,
+        )
         result["network_layout"] = layout
         return result
     raise AssertionError("unreachable")  # pragma: no cover - mypy: ExitStack may swallow
@@ -387,7 +404,7 @@ def _run(
     settings: HybridSettings,
     progress: Progress,
     relays: RelayGroup | None,
-    groups: CpuGroups | None,
+    placement: CpuPlacement,
     hosts: HostNetwork | None,
 ) -> dict[str, Any]:
     cluster: Any = None
@@ -413,10 +430,7 @@ def _run(
             _start_cluster(cluster, hosts)
             if hosts is not None:
                 _check_inside(hosts, "nats-server", [node.pid for node in cluster.nodes])
-            if groups is not None:
-                for k, node in enumerate(cluster.nodes[: len(roots)]):
-                    if node.pid is not None:
-                        groups.add(k, node.pid)
+            placement.place_servers([node.pid for node in cluster.nodes], len(roots))
         task = progress.add_task(f"{label}: starting {len(roots)} institution processes", total=1)
         workers = _Workers(
             [
@@ -433,9 +447,9 @@ def _run(
                 for n, root in enumerate(roots)
             ]
         )
-        if groups is not None:
+        if placement.institutions is not None:
             for n, pid in enumerate(workers.pids()):
-                groups.add(n, pid)
+                placement.institutions.add(n, pid)
         workers.answers()  # every node open and in the consortium
         if hosts is not None:
             _check_inside(hosts, "institution worker", workers.pids())
@@ -455,6 +469,34 @@ def _run(
         if cluster is not None:
             cluster.stop()
     return run_result(mode, ordering, settings, idle_cores, steps)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuPlacement:
+    """The run's CPU groups: one per institution, and (optional) one per NATS server."""
+
+    institutions: CpuGroups | None
+    servers: CpuGroups | None
+
+    def place_servers(self, pids: Sequence[int | None], institutions: int) -> None:
+        """Server *k* joins its own group, else institution *k*'s (if it stands at one).
+
+        A server left outside every group would run on CPU no institution pays
+        for; one moved into the wrong group would tax its neighbour. Either is
+        checked against the kernel's list before anything is measured.
+        """
+        for k, pid in enumerate(pids):
+            if pid is None:
+                continue
+            if self.servers is not None:
+                groups, index = self.servers, k
+            elif self.institutions is not None and k < institutions:
+                groups, index = self.institutions, k
+            else:
+                continue
+            groups.add(index, pid)
+            if pid not in groups.pids(index):
+                raise WorkerFailed(f"nats-server {pid} is not in its CPU group {index}")
 
 
 def _check_inside(hosts: HostNetwork, what: str, pids: Sequence[int | None]) -> None:

@@ -191,7 +191,13 @@ def _render_hybrid_scale(results: Mapping[str, Any]) -> list[str]:
         f"Links: {results.get('link_emulation', '?')}"
         f" ({results.get('network_layout', 'loopback + userspace relay')}); jitter {s.get('link', {}).get('jitter_ms', 0)}"
         f" ms, loss {s.get('link', {}).get('loss_pct', 0)} %; CPU per institution:"
-        f" {s.get('cpu_per_institution') or 'unlimited'} cores; load average at start"
+        f" {s.get('cpu_per_institution') or 'unlimited'} cores"
+        + (
+            f", each NATS server apart with {s['cpu_per_nats_server']} cores"
+            if s.get("cpu_per_nats_server")
+            else ""
+        )
+        + "; load average at start"
         f" {load}; {s.get('step_seconds')} s per load, {s.get('writers_per_institution')}"
         " writers per institution, jetstream ordering.",
         "",

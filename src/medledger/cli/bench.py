@@ -218,6 +218,13 @@ def bench_consortium(
     default=None,
     help="Each institution's processes in a cgroup limited to this many cores (the scale sweep).",
 )
+@click.option(
+    "--cpu-per-nats-server",
+    type=click.FloatRange(min=0.01, max=256),
+    default=None,
+    help="Each NATS server in a cgroup of its own limited to this many cores, apart from the"
+    " institutions' (default: it shares its institution's group).",
+)
 @number_option(
     "--anchor-interval",
     low=10,
@@ -267,6 +274,7 @@ def bench_hybrid(
     jitter: float,
     loss: float,
     cpu_per_institution: float | None,
+    cpu_per_nats_server: float | None,
     anchor_interval: int,
     anchor_interval_scales: bool,
     loads: tuple[int, ...],
@@ -287,7 +295,12 @@ def bench_hybrid(
 
     sizes = tuple(int(n) for n in _numbers("--institutions", institutions, 1, 64, whole=True))
     rtts = _numbers("--rtt", rtt, 0, 2000) if rtt is not None else ()
-    scale = bool(rtts) or len(sizes) > 1 or cpu_per_institution is not None
+    scale = (
+        bool(rtts)
+        or len(sizes) > 1
+        or cpu_per_institution is not None
+        or cpu_per_nats_server is not None
+    )
     if not quick:
         plots_dir = plots_dir or _default_docs_path("")
         markdown = markdown or _default_docs_path("benchmarks.md")
@@ -296,6 +309,7 @@ def bench_hybrid(
         jitter_ms=jitter,
         loss_pct=loss,
         cpu_per_institution=cpu_per_institution,
+        cpu_per_nats_server=cpu_per_nats_server,
         anchor_interval_ms=anchor_interval,
         anchor_interval_scales=anchor_interval_scales,
         orderings=orderings,
