@@ -24,6 +24,7 @@ from medledger.core.encoding import (
     MAX_DEPTH,
     MAX_SAFE_INTEGER,
     canonical_bytes,
+    canonical_text,
     parse_canonical,
 )
 from medledger.core.errors import InvalidInput
@@ -627,3 +628,21 @@ def test_prop_parse_returns_canonical_value_or_raises_invalid_input(data: bytes)
     except InvalidInput:
         return  # any other exception fails the test
     assert canonical_bytes(value) == data
+
+
+@given(
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",)) | st.sampled_from('"\\\x00\x1f\x7f')
+    )
+)
+def test_prop_canonical_text_is_how_a_string_is_written_anywhere(text: str) -> None:
+    assert canonical_text(text) == canonical_bytes(text)
+    assert b"[" + canonical_text(text) + b"]" == canonical_bytes([text])
+    assert canonical_bytes({"k": text}) == b'{"k":' + canonical_text(text) + b"}"
+    assert canonical_text(text) == json.dumps(text, ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("value", ["a\ud800", "\udfff", 1, None, b"x"])
+def test_canonical_text_refuses_what_is_no_valid_string(value: Any) -> None:
+    with pytest.raises(InvalidInput):
+        canonical_text(value)

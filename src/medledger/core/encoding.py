@@ -27,6 +27,7 @@ __all__ = [
     "MAX_SAFE_INTEGER",
     "canonical_bytes",
     "canonical_bytes_of_checked",
+    "canonical_text",
     "parse_canonical",
     "parse_strict",
 ]
@@ -135,6 +136,24 @@ def canonical_bytes_of_checked(value: Any) -> bytes:
     a transaction without its signatures): the same bytes, without the walk.
     """
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def canonical_text(value: str) -> bytes:
+    """The canonical JSON of one string, quotes included: exactly the bytes
+    :func:`canonical_bytes` writes for it wherever it stands in a value.
+
+    For encoders that lay out a fixed shape of object themselves (keys in
+    sorted order, values inserted), such as an ``access`` transaction's. Raises
+    :class:`InvalidInput` for a value that is not a string or holds a lone surrogate.
+    """
+    if not isinstance(value, str):
+        raise InvalidInput(f"canonical JSON: expected a string, not {type(value).__name__}")
+    try:
+        # The same encoder as canonical_bytes: a string's escaping does not depend on
+        # where it stands.
+        return orjson.dumps(value)
+    except TypeError:
+        raise InvalidInput("canonical JSON: string is not valid Unicode") from None
 
 
 def _reject_float(text: str) -> Any:

@@ -246,6 +246,27 @@ class PrivateChain:
             return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
+    async def submit_encoded(self, encoded: Sequence[bytes]) -> list[Receipt]:
+        """Append transactions given as their canonical bytes, atomically; return once durable.
+
+        For the node's own writers that lay out a transaction's bytes directly (an
+        ``access`` entry per read: ``services.access.access_tx_bytes``) rather than
+        building a :class:`Transaction` to encode. The caller vouches that each item
+        is the canonical encoding of an unsigned transaction naming this chain, of a
+        type other than ``chain.genesis`` (what :meth:`submit_many` checks); nothing
+        from outside the node reaches here. The size limit is still checked
+        (:class:`InvalidInput`, nothing queued).
+        """
+        for data in encoded:
+            if len(data) > MAX_TX_BYTES:
+                raise InvalidInput(f"transaction is {len(data)} bytes; the limit is {MAX_TX_BYTES}")
+        if not encoded:
+            return []
+        (futures,) = self._enqueue([encoded])
+        if len(futures) == 1:
+            return [await futures[0]]
+        return list(await asyncio.gather(*futures))
+
     async def submit_groups(
         self, groups: Sequence[Sequence[Transaction]]
     ) -> list[list[Receipt] | MedledgerError]:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+from medledger.core.encoding import MAX_SAFE_INTEGER, canonical_text
 from medledger.core.errors import (
     ConsentDenied,
     Gone,
@@ -37,7 +39,7 @@ from medledger.core.errors import (
     StorageError,
     VerificationError,
 )
-from medledger.core.models import Transaction
+from medledger.core.models import Receipt, Transaction
 from medledger.core.transactions import ACCESS, ACCESS_BATCH
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.member import ConsortiumMember
@@ -45,7 +47,16 @@ from medledger.ledger.consortium.rules import MAX_ACCESS_BATCH
 from medledger.services.fhir import is_resource_type
 from medledger.services.records.model import RecordChain
 
-__all__ = ["ALLOWED", "REASONS", "REFUSED", "AccessEntry", "AccessLog", "refusal_reason"]
+__all__ = [
+    "ALLOWED",
+    "REASONS",
+    "REFUSED",
+    "AccessEntry",
+    "AccessLog",
+    "EncodedSubmit",
+    "access_tx_bytes",
+    "refusal_reason",
+]
 
 log = logging.getLogger(__name__)
 ALLOWED, REFUSED = "allowed", "refused"
@@ -115,6 +126,31 @@ _RESOURCE = re.compile(r"[A-Z][A-Za-z]{0,63}:[0-9a-f]{64}")
 _ACTOR = re.compile(r"[a-z]{1,16}:[A-Za-z0-9-]{1,64}")
 
 
+def _first_bad_field(e: AccessEntry) -> str | None:
+    """The first field of ``e`` (in declaration order) that is not a value the node derives."""
+    if not _MEMBER.fullmatch(e.reader):
+        return "reader"
+    if e.holder != e.reader and not _MEMBER.fullmatch(e.holder):
+        return "holder"
+    if e.patient and not _HASH.fullmatch(e.patient):
+        return "patient"
+    if e.consent and not _HASH.fullmatch(e.consent):
+        return "consent"
+    if e.request and not _HASH.fullmatch(e.request):
+        return "request"
+    if e.resource not in ("", "list") and (
+        _RESOURCE.fullmatch(e.resource) is None or not is_resource_type(e.resource.split(":", 1)[0])
+    ):
+        return "resource"
+    if e.outcome not in (ALLOWED, REFUSED):
+        return "outcome"
+    if e.reason and e.reason not in REASONS:
+        return "reason"
+    if e.actor and not _ACTOR.fullmatch(e.actor):
+        return "actor"
+    return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AccessEntry:
     """One access as written on a chain."""
@@ -131,28 +167,11 @@ class AccessEntry:
 
     def __post_init__(self) -> None:
         """Every field has the shape of a value the node derived; free text is refused."""
-        checks = (
-            ("reader", _MEMBER.fullmatch(self.reader)),
-            ("holder", _MEMBER.fullmatch(self.holder)),
-            ("patient", not self.patient or _HASH.fullmatch(self.patient)),
-            ("consent", not self.consent or _HASH.fullmatch(self.consent)),
-            ("request", not self.request or _HASH.fullmatch(self.request)),
-            (
-                "resource",
-                self.resource in ("", "list")
-                or (
-                    _RESOURCE.fullmatch(self.resource) is not None
-                    and is_resource_type(self.resource.split(":", 1)[0])
-                ),
-            ),
-            ("outcome", self.outcome in (ALLOWED, REFUSED)),
-            ("reason", not self.reason or self.reason in REASONS),
-            ("actor", not self.actor or _ACTOR.fullmatch(self.actor)),
-        )
-        for name, ok in checks:
-            if not ok:
-                # The value itself stays out of the message: it may be the text refused.
-                raise InvalidInput(f"access entry {name} is not a value this node derived")
+        # One test after another, the cheap ones first: every read builds an entry.
+        bad = _first_bad_field(self)
+        if bad is not None:
+            # The value itself stays out of the message: it may be the text refused.
+            raise InvalidInput(f"access entry {bad} is not a value this node derived")
 
     def private_body(self) -> dict[str, Any]:
         return {
@@ -178,6 +197,59 @@ class AccessEntry:
         }
 
 
+#: An ``access`` transaction as canonical JSON writes it: ``{type, chain, body, time_ms}``
+#: and the body's nine keys, each object's keys in sorted order, the values put in their
+#: places (each string as :func:`~medledger.core.encoding.canonical_text` writes it).
+_ACCESS_TX_LAYOUT = (
+    b'{"body":{"actor":%b,"consent":%b,"holder":%b,"outcome":%b,"patient":%b,'
+    b'"reader":%b,"reason":%b,"request":%b,"resource":%b},"chain":%b,"time_ms":%d,'
+    b'"type":"access"}'
+)
+_EMPTY_TEXT = b'""'
+
+
+def access_tx_bytes(entry: AccessEntry, *, chain: str, time_ms: int) -> bytes:
+    """The canonical bytes of the unsigned ``access`` transaction of ``entry`` on ``chain``.
+
+    Exactly ``Transaction(type=ACCESS, chain=chain, body=entry.private_body(),
+    time_ms=time_ms).encode()`` (a property test holds the two together), without
+    building the transaction and walking it: every read writes one. Refuses what that
+    transaction refuses: an empty or non-string ``chain``, a ``time_ms`` that is not
+    a non-negative integer or is beyond JSON's safe range (:class:`InvalidInput`).
+    """
+    if not isinstance(chain, str) or not chain:
+        raise InvalidInput("transaction chain must be a non-empty string")
+    if type(time_ms) is not int or not 0 <= time_ms <= MAX_SAFE_INTEGER:
+        if not isinstance(time_ms, int) or isinstance(time_ms, bool) or time_ms < 0:
+            raise InvalidInput("transaction time_ms must be a non-negative integer")
+        if time_ms > MAX_SAFE_INTEGER:
+            raise InvalidInput("canonical JSON: integer outside the safe range at $.time_ms")
+        time_ms = int(time_ms)  # an int subclass: written as the int it is
+    text = canonical_text
+    return _ACCESS_TX_LAYOUT % (
+        text(entry.actor) if entry.actor else _EMPTY_TEXT,
+        text(entry.consent) if entry.consent else _EMPTY_TEXT,
+        text(entry.holder),
+        text(entry.outcome),
+        text(entry.patient) if entry.patient else _EMPTY_TEXT,
+        text(entry.reader),
+        text(entry.reason) if entry.reason else _EMPTY_TEXT,
+        text(entry.request) if entry.request else _EMPTY_TEXT,
+        text(entry.resource),
+        text(chain),
+        time_ms,
+    )
+
+
+@runtime_checkable
+class EncodedSubmit(Protocol):
+    """A chain that appends transactions given as their canonical bytes (``PrivateChain``)."""
+
+    async def submit_encoded(self, encoded: Sequence[bytes]) -> list[Receipt]:
+        """Append ``encoded`` atomically; return once durable (see ``PrivateChain``)."""
+        ...
+
+
 class AccessLog:
     """Writes access entries of one institution (see module docstring)."""
 
@@ -196,6 +268,10 @@ class AccessLog:
         self._unreported: list[AccessEntry] = []
         self._reporter: asyncio.Task[None] | None = None
         self._reporter_died: str | None = None
+        # The institution's own chain takes an entry as its bytes, laid out directly
+        # (``access_tx_bytes``); a chain reached otherwise (an API worker's link to the
+        # sequencer) takes transaction objects.
+        self._submit_encoded = chain.submit_encoded if isinstance(chain, EncodedSubmit) else None
 
     async def record(self, entry: AccessEntry, *, summarize: bool = False) -> None:
         """Append ``entry`` to the private chain (durable on return).
@@ -232,7 +308,14 @@ class AccessLog:
 
     async def record_many(self, entries: list[AccessEntry]) -> None:
         """Append several entries (one read of many resources) in one atomic commit."""
-        if entries:
+        if not entries:
+            return
+        if self._submit_encoded is not None:
+            chain, now_ms = self._chain.chain_id, self._clock.now_ms
+            await self._submit_encoded(
+                [access_tx_bytes(e, chain=chain, time_ms=now_ms()) for e in entries]
+            )
+        else:
             await self._chain.submit_many(
                 [
                     Transaction(
