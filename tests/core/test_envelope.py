@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medledger.core.encoding import canonical_bytes
 from medledger.core.envelope import (
     KEY_SIZE,
     NONCE_SIZE,
@@ -153,3 +154,45 @@ def test_seal_rejects_bad_nonce_size(size: int) -> None:
 def test_wrap_rejects_bad_sizes(kek: bytes, nonce: bytes, dek: bytes) -> None:
     with pytest.raises(InvalidInput):
         wrap_key(kek, nonce, dek, b"\x00" * 32)
+
+
+_AAD_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)) | st.sampled_from('"\\\x00\x1f\x7f'),
+    max_size=30,
+)
+
+
+@given(
+    institution=_AAD_TEXT,
+    resource_type=_AAD_TEXT,
+    rid=_AAD_TEXT,
+    version=st.integers(min_value=-(2**60), max_value=2**60),
+)
+def test_aad_is_the_canonical_json_of_the_context(
+    institution: str, resource_type: str, rid: str, version: int
+) -> None:
+    """The additional data a ciphertext is bound to is laid out directly on the hot path;
+    it must stay exactly the canonical JSON it always was (or be refused as it was)."""
+    context = RecordContext(
+        institution=institution, resource_type=resource_type, id=rid, version=version
+    )
+    plain = {"institution": institution, "resource_type": resource_type, "id": rid}
+    try:
+        expected = canonical_bytes({**plain, "version": version})
+    except InvalidInput:
+        with pytest.raises(InvalidInput):
+            context.aad()
+        return
+    assert context.aad() == expected
+
+
+def test_aad_of_a_known_context() -> None:
+    context = RecordContext(
+        institution="st-mary", resource_type="Patient", id="p-\u00e9\n1", version=3
+    )
+    assert (
+        context.aad()
+        == (
+            '{"id":"p-\u00e9\\n1","institution":"st-mary","resource_type":"Patient","version":3}'
+        ).encode()
+    )

@@ -7,9 +7,9 @@ A read, a search, ``$everything`` and a bulk export all go through
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
 
 from fastapi import Request
 
@@ -27,6 +27,7 @@ from medledger.storage.ports import TokenInfo
 
 __all__ = [
     "ABSENT",
+    "AuditedRead",
     "NotYours",
     "as_absent_for_patients",
     "audited",
@@ -95,23 +96,38 @@ def patient_may_see(who: TokenInfo, stored: StoredResource) -> None:
         raise NotYours(ABSENT, patient=stored.patient)
 
 
-@asynccontextmanager
-async def audited(
-    node: Node, who: TokenInfo, resource_type: str, rid: str = "*"
-) -> AsyncIterator[list[StoredResource]]:
+def audited(node: Node, who: TokenInfo, resource_type: str, rid: str = "*") -> AuditedRead:
+    """``async with audited(node, who, resource_type, rid) as shown:`` (:class:`AuditedRead`)."""
+    return AuditedRead(node, who, resource_type, rid)
+
+
+class AuditedRead:
     """Every clinical read is an ``access`` entry on the private chain, allowed or refused.
 
-    The body appends what it shows to the yielded list; the entries are durable
-    before the response leaves. Keyed record references only: no ids, no PHI.
-    A *refused* read is one the caller was not allowed to make: a patient
-    token reaching for a record that is not its own — another patient's, an
-    erased one, or an id never used, which a patient must not be able to tell
-    apart. Malformed requests, and a clinician's reads of records that do not
-    exist, touch no record and write nothing.
-    """
-    inst = node.config.institution
+    ``async with audited(node, who, resource_type, rid) as shown:`` — the body
+    appends what it shows to ``shown``; the entries are durable before the
+    ``async with`` is left, so before the response leaves. Keyed record references
+    only: no ids, no PHI. A *refused* read is one the caller was not allowed to
+    make: a patient token reaching for a record that is not its own — another
+    patient's, an erased one, or an id never used, which a patient must not be
+    able to tell apart. Malformed requests, and a clinician's reads of records
+    that do not exist, touch no record and write nothing.
 
-    def entry(rtype: str, ident: str, patient: str | None, outcome: str, reason: str = "") -> Any:
+    A class rather than an ``asynccontextmanager`` generator: every read enters
+    one, and an async generator costs the event loop's bookkeeping of it besides.
+    """
+
+    __slots__ = ("_node", "_rid", "_type", "_who", "shown")
+
+    def __init__(self, node: Node, who: TokenInfo, resource_type: str, rid: str = "*") -> None:
+        self._node, self._who, self._type, self._rid = node, who, resource_type, rid
+        self.shown: list[StoredResource] = []
+
+    def _entry(
+        self, rtype: str, ident: str, patient: str | None, outcome: str, reason: str = ""
+    ) -> AccessEntry:
+        node, who = self._node, self._who
+        inst = node.config.institution
         return AccessEntry(
             reader=inst,
             holder=inst,
@@ -123,20 +139,26 @@ async def audited(
             actor=f"{who.role}:{who.id}",
         )
 
-    shown: list[StoredResource] = []
-    try:
-        yield shown
-    except NotYours as exc:
-        # The type is URL text: only a real FHIR type name may reach the chain. Any
-        # other word names no record, and that a word is no type is no secret.
-        if is_resource_type(resource_type):
-            await node.access.record(
-                entry(resource_type, rid, exc.patient, "refused", refusal_reason(exc))
+    async def __aenter__(self) -> list[StoredResource]:
+        return self.shown
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Write the entries; an error propagates as it came (after its entry, if any)."""
+        if exc is None:
+            await self._node.access.record_many(
+                [self._entry(s.resource_type, s.id, s.patient, "allowed") for s in self.shown]
             )
-        raise
-    await node.access.record_many(
-        [entry(s.resource_type, s.id, s.patient, "allowed") for s in shown]
-    )
+        elif isinstance(exc, NotYours) and is_resource_type(self._type):
+            # The type is URL text: only a real FHIR type name may reach the chain. Any
+            # other word names no record, and that a word is no type is no secret.
+            await self._node.access.record(
+                self._entry(self._type, self._rid, exc.patient, "refused", refusal_reason(exc))
+            )
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from medledger.core.encoding import canonical_bytes
+from medledger.core.encoding import MAX_SAFE_INTEGER, canonical_bytes, canonical_text
 from medledger.core.errors import IntegrityError, InvalidInput
 
 __all__ = [
@@ -36,6 +36,9 @@ KEY_SIZE = 32
 NONCE_SIZE = 12
 
 
+_AAD_LAYOUT = b'{"id":%b,"institution":%b,"resource_type":%b,"version":%d}'
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecordContext:
     """What a ciphertext is bound to."""
@@ -46,6 +49,23 @@ class RecordContext:
     version: int
 
     def aad(self) -> bytes:
+        """Canonical JSON ``{"id", "institution", "resource_type", "version"}``."""
+        version = self.version
+        if (
+            type(version) is int
+            and -MAX_SAFE_INTEGER <= version <= MAX_SAFE_INTEGER
+            and type(self.id) is str
+            and type(self.institution) is str
+            and type(self.resource_type) is str
+        ):
+            # Every read opens a version: its canonical bytes laid out directly, the
+            # keys in sorted order (a property test holds this to canonical_bytes).
+            return _AAD_LAYOUT % (
+                canonical_text(self.id),
+                canonical_text(self.institution),
+                canonical_text(self.resource_type),
+                version,
+            )
         return canonical_bytes(
             {
                 "institution": self.institution,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -150,6 +151,9 @@ class VersionCommitter(Protocol):
 _YEAR_10000_MS = 253_402_300_800_000
 
 
+# Pure, and every read formats its version's time: the versions read often come back
+# (4,096 remembered, as ``api.fhir`` remembers their HTTP dates).
+@functools.lru_cache(maxsize=4096)
 def instant(ms: int) -> str:
     """``ms`` since the epoch as a FHIR ``instant`` (UTC, millisecond precision)."""
     if 0 <= ms < _YEAR_10000_MS:
