@@ -58,7 +58,7 @@ from medledger.api.deps import NodeDep, Records
 from medledger.api.errors import Forbidden, TooLarge, UnsupportedMediaType, error_outcome
 from medledger.api.negotiation import JSON_PATCH, check_formats
 from medledger.api.oauth import oauth_uris_extension, public_url
-from medledger.api.responses import fhir_response, raw_fhir_response
+from medledger.api.responses import StoredResourceResponse, fhir_response, raw_fhir_response
 from medledger.core.errors import (
     Gone,
     InvalidInput,
@@ -108,6 +108,16 @@ def _headers(s: StoredResource) -> dict[str, str]:
         "Last-Modified": _http_date(s.last_updated),
         "Location": f"/fhir/{s.resource_type}/{s.id}/_history/{s.version}",
     }
+
+
+def _stored_answer(s: StoredResource) -> Response:
+    """What a read or vread answers: ``raw_fhir_response(s.data, headers=_headers(s))``."""
+    return StoredResourceResponse(
+        s.data,
+        etag=f'W/"{s.version}"',
+        last_modified=_http_date(s.last_updated),
+        location=f"/fhir/{s.resource_type}/{s.id}/_history/{s.version}",
+    )
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> Any:
@@ -639,7 +649,7 @@ async def read_answer(node: Node, who: TokenInfo, resource_type: str, rid: str) 
             stored = await node.records.read(rtype, rid)
         _patient_may_see(who, stored)
         shown.append(stored)
-    return raw_fhir_response(stored.data, headers=_headers(stored))
+    return _stored_answer(stored)
 
 
 #: JSON Merge Patch (RFC 7386): what fhirpy and other clients send as a partial resource.
@@ -872,7 +882,7 @@ async def vread_answer(
             stored = await node.records.vread(rtype, rid, vid)
         _patient_may_see(who, stored)
         shown.append(stored)
-    return raw_fhir_response(stored.data, headers=_headers(stored))
+    return _stored_answer(stored)
 
 
 def _history_bundle(
