@@ -67,10 +67,11 @@ async def check_formats(request: Request) -> None:
     accept = request.headers.get("accept")
     if accept is not None and accept.strip() and not formats and not _accepts_json(accept):
         raise NotAcceptable("only FHIR JSON is served: Accept must admit application/fhir+json")
+    if request.method not in _METHODS_WITH_BODY:
+        return  # no body, no content type to check (every read ends here)
     content_type = request.headers.get("content-type")
     if (
-        request.method in _METHODS_WITH_BODY
-        and content_type is not None
+        content_type is not None
         and content_type.strip()
         and not is_json_media_type(content_type)
         and not _is_search_form(request, content_type)
