@@ -54,6 +54,7 @@ from medledger.localnet.natsserver import (
     NatsSecurity,
     NatsUser,
     member_permissions,
+    member_subscriptions,
     new_nkey,
 )
 from medledger.localnet.network import LocalNetwork
@@ -220,7 +221,13 @@ def _nats_security(base: Path) -> tuple[NatsSecurity, ssl.SSLContext, Path]:
         cert_file=root / "tls.crt",
         key_file=root / "tls.key",
         ca_file=ca_file,
-        users=(NatsUser(nkey=public, publish=member_permissions(_STREAM, _SUBJECT)),),
+        users=(
+            NatsUser(
+                nkey=public,
+                publish=member_permissions(_STREAM, _SUBJECT),
+                subscribe=member_subscriptions(_SUBJECT),
+            ),
+        ),
     )
     return security, client_context([cert]), seed_path
 

@@ -54,7 +54,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from medledger.core.errors import OrderingError
-from medledger.ledger.ordering.natsconfig import member_permissions
+from medledger.ledger.ordering.natsconfig import member_permissions, member_subscriptions
 
 __all__ = [
     "NatsCluster",
@@ -65,6 +65,7 @@ __all__ = [
     "find_nats_server",
     "free_ports",
     "member_permissions",
+    "member_subscriptions",
     "new_nkey",
 ]
 
@@ -164,9 +165,12 @@ class NodePorts:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NatsUser:
-    """An NKey user: its public key (``U…``) and what it may publish (``None``: anything).
+    """An NKey user: its public key (``U…``), what it may publish (``None``: anything)
+    and subscribe to (with ``publish=None``: anything).
 
-    A member (``member_permissions``) may publish to the consortium subject and
+    A member (``member_permissions``, ``member_subscriptions``) may publish to
+    the consortium subject and its broadcast subject, subscribe to its inboxes
+    and the broadcasts, and
     use the JetStream API subjects that read the stream through its own
     consumers; it may not create, update, delete or purge a stream, delete a
     message, or touch another stream. The operator (``publish=None``) may do
@@ -175,6 +179,7 @@ class NatsUser:
 
     nkey: str
     publish: tuple[str, ...] | None = None
+    subscribe: tuple[str, ...] = ("_INBOX.>",)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,10 +215,11 @@ class NatsSecurity:
                 lines.append(f"    {{ nkey: {_quote(user.nkey)} }}")
                 continue
             allow = ", ".join(_quote(subject) for subject in user.publish)
+            listen = ", ".join(_quote(subject) for subject in user.subscribe)
             lines.append(
                 f"    {{ nkey: {_quote(user.nkey)}, permissions: {{"
                 f" publish: {{ allow: [{allow}] }},"
-                f' subscribe: {{ allow: ["_INBOX.>"] }} }} }}'
+                f" subscribe: {{ allow: [{listen}] }} }} }}"
             )
         return [*lines, "  ]", "}"]
 

@@ -363,15 +363,21 @@ def _nats_security(base: Path, spec: NetworkSpec, index: int) -> NatsSecurity | 
 
     ``None`` for a network created before NATS had credentials.
     """
-    from medledger.localnet.natsserver import NatsSecurity, NatsUser, member_permissions
+    from medledger.localnet.natsserver import (
+        NatsSecurity,
+        NatsUser,
+        member_permissions,
+        member_subscriptions,
+    )
 
     operator = base / "nats" / _OPERATOR_SEED
     if not operator.exists():
         return None
     defaults = ConsortiumConfig()
     allowed = member_permissions(defaults.stream, defaults.subject)
+    listen = member_subscriptions(defaults.subject)
     users = [
-        NatsUser(nkey=_nkey_public(base / n.dir / _MEMBER_SEED), publish=allowed)
+        NatsUser(nkey=_nkey_public(base / n.dir / _MEMBER_SEED), publish=allowed, subscribe=listen)
         for n in spec.nodes
     ]
     users.append(NatsUser(nkey=_nkey_public(operator)))

@@ -28,6 +28,7 @@ from medledger.localnet.natsserver import (
     NatsSecurity,
     NatsUser,
     member_permissions,
+    member_subscriptions,
     new_nkey,
 )
 from medledger.services.tls import client_context, load_certificate, pem_bundle, write_certificate
@@ -64,8 +65,16 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredCluster
         seed, public = new_nkey()
         seeds[who] = base / f"{who}.nk"
         seeds[who].write_bytes(seed)
-        publish = member_permissions(STREAM, SUBJECT) if who == "member" else None
-        users.append(NatsUser(nkey=public, publish=publish))
+        if who == "member":
+            users.append(
+                NatsUser(
+                    nkey=public,
+                    publish=member_permissions(STREAM, SUBJECT),
+                    subscribe=member_subscriptions(SUBJECT),
+                )
+            )
+        else:
+            users.append(NatsUser(nkey=public))
     security = [
         NatsSecurity(cert_file=cert, key_file=key, ca_file=ca_file, users=tuple(users))
         for cert, key in certs
@@ -126,6 +135,36 @@ def test_a_member_orders_and_reads_but_cannot_purge_or_delete(secured: SecuredCl
         finally:
             await member.close()
             await operator.close()
+
+    asyncio.run(main())
+
+
+def test_members_broadcast_and_hear_broadcasts_with_their_permissions(
+    secured: SecuredCluster,
+) -> None:
+    async def main() -> None:
+        operator = await _orderer(secured, secured.operator_seed)  # creates the stream
+        sender = await _orderer(secured, secured.member_seed, create=False)
+        listener = await _orderer(secured, secured.member_seed, create=False)
+        heard: list[bytes] = []
+
+        async def listen() -> None:
+            async for payload in listener.broadcasts():
+                heard.append(payload)
+
+        task = asyncio.create_task(listen())
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while not heard:  # sent again until the subscription reached the servers
+                assert asyncio.get_running_loop().time() < deadline, "no broadcast heard"
+                await sender.broadcast(b"vote")
+                await asyncio.sleep(0.05)
+            assert set(heard) == {b"vote"}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for orderer in (sender, listener, operator):
+                await orderer.close()
 
     asyncio.run(main())
 

@@ -297,6 +297,91 @@ def test_reopening_keeps_everything(backend: Backend) -> None:
     run(main)
 
 
+async def _hear(
+    sender: Orderer, listeners: list[Orderer], message: bytes, timeout: float = 20.0
+) -> list[list[bytes]]:
+    """Broadcast ``message`` from ``sender`` until every listener heard it; what each heard.
+
+    Sent again until heard: a listener starts listening when its iterator first
+    runs (and on NATS once its subscription reached the servers).
+    """
+    heard: list[list[bytes]] = [[] for _ in listeners]
+
+    async def listen(order: Orderer, into: list[bytes]) -> None:
+        async for payload in order.broadcasts():
+            into.append(payload)
+
+    tasks = [asyncio.create_task(listen(o, into)) for o, into in zip(listeners, heard, strict=True)]
+    try:
+        deadline = time.monotonic() + timeout
+        while not all(heard):
+            assert time.monotonic() < deadline, f"not heard within {timeout} s: {heard}"
+            await sender.broadcast(message)
+            await asyncio.sleep(0.02)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return heard
+
+
+def test_a_broadcast_reaches_every_listener_and_stays_out_of_the_order(
+    backend: Backend,
+) -> None:
+    async def main() -> None:
+        order = await backend.open()
+        try:
+            await order.publish("m0", payload(0))
+            heard = await _hear(order, [order, order], b"vote for block 1")
+            assert all(set(got) == {b"vote for block 1"} for got in heard), heard
+            assert await order.last_seq() == 1, "a broadcast went into the order"
+            assert _pairs(await take(order, 1, 1)) == [(1, payload(0))]
+            with pytest.raises(OrderingError):
+                await order.broadcast(b"x" * (MAX_MESSAGE_BYTES + 1))
+        finally:
+            await order.close()
+
+    run(main)
+
+
+def test_broadcast_listeners_end_when_the_orderer_closes(backend: Backend) -> None:
+    async def main() -> None:
+        order = await backend.open()
+        heard: list[bytes] = []
+
+        async def listen() -> None:
+            async for message in order.broadcasts():
+                heard.append(message)
+
+        listener = asyncio.create_task(listen())
+        deadline = time.monotonic() + 20
+        while not heard:  # listening (on NATS: subscribed) before the close
+            assert time.monotonic() < deadline, "the broadcast was never heard"
+            await order.broadcast(b"hello")
+            await asyncio.sleep(0.02)
+        await order.close()
+        await asyncio.wait_for(listener, 5)
+        with pytest.raises(OrderingError):
+            await order.broadcast(b"after close")
+
+    run(main)
+
+
+@pytest.mark.parametrize("backend", ["jetstream"], indirect=True)
+def test_a_jetstream_broadcast_reaches_other_connections(backend: Backend) -> None:
+    async def main() -> None:
+        sender, other = await backend.open(), await backend.open()
+        try:
+            heard = await _hear(sender, [other, sender], b"vote")
+            assert all(set(got) == {b"vote"} for got in heard), heard
+            assert await other.last_seq() == 0
+        finally:
+            await sender.close()
+            await other.close()
+
+    run(main)
+
+
 # -- JetStream only: failover and durability on a real cluster -------------------------------
 
 

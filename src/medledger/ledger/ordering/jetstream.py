@@ -37,6 +37,11 @@ How the port's guarantees are kept:
   (a stopped process, a black-holed link) is left within a few seconds. A
   reconnect tries the servers it did not just lose first. See
   :class:`JetStreamTuning`.
+* ``broadcast``: a core NATS publish on
+  :func:`~medledger.ledger.ordering.natsconfig.broadcast_subject` (one hop
+  over the cluster's routes, nothing stored or replicated); ``broadcasts``:
+  one subscription to it per orderer, fanned out to its listeners, with
+  bounded pending queues (a flood is dropped, not buffered).
 * Every nats error becomes :class:`~medledger.core.errors.OrderingError`
   with a one-line message naming the stream.
 """
@@ -64,6 +69,8 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
 from medledger.core.errors import OrderingError
+from medledger.ledger.ordering.listeners import LISTENER_QUEUE, Listeners
+from medledger.ledger.ordering.natsconfig import broadcast_subject
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
 
 __all__ = ["JetStreamOrderer", "JetStreamTuning"]
@@ -225,6 +232,10 @@ class JetStreamOrderer:
         self._tuning = tuning
         self._closed = False
         self._feeds: set[_Feed] = set()
+        self._broadcast_subject = broadcast_subject(subject)
+        self._listeners = Listeners()
+        self._broadcast_sub: Subscription | None = None
+        self._subscribing = asyncio.Lock()
 
     @classmethod
     async def connect(
@@ -435,6 +446,43 @@ class JetStreamOrderer:
                 await self._drop_consumer(feed)
             idle_pause = 0.0 if expected > before else min(max(idle_pause * 2, 0.05), 1.0)
 
+    async def broadcast(self, payload: bytes) -> None:
+        """Publish ``payload`` on the broadcast subject (core NATS: unordered, not stored)."""
+        self._check_open()
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise OrderingError(
+                f"stream {self._stream}: message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}"
+            )
+        try:
+            await self._nc.publish(self._broadcast_subject, payload)
+        except (nats.errors.Error, OSError) as exc:
+            # Best effort by contract: whatever was broadcast also goes through the order.
+            log.debug("stream %s: broadcast not sent: %s", self._stream, _describe(exc))
+
+    async def broadcasts(self) -> AsyncIterator[bytes]:
+        """Payloads on the broadcast subject from now on (anyone's: unauthenticated)."""
+        if self._closed:
+            return
+        async with self._subscribing:
+            if self._broadcast_sub is None:
+                try:
+                    self._broadcast_sub = await self._nc.subscribe(
+                        self._broadcast_subject,
+                        cb=self._on_broadcast,
+                        # nats-py's own queue in front of ours: bounded too.
+                        pending_msgs_limit=LISTENER_QUEUE,
+                        pending_bytes_limit=4 * MAX_MESSAGE_BYTES,
+                    )
+                except (nats.errors.Error, OSError) as exc:
+                    raise OrderingError(
+                        f"stream {self._stream}: cannot listen for broadcasts: {_describe(exc)}"
+                    ) from None
+        async for payload in self._listeners.listen():
+            yield payload
+
+    async def _on_broadcast(self, msg: Msg) -> None:
+        self._listeners.deliver(msg.data)
+
     async def last_seq(self) -> int:
         """The sequence of the last message in the stream (0 if empty)."""
         self._check_open()
@@ -452,6 +500,7 @@ class JetStreamOrderer:
         self._closed = True
         for feed in self._feeds:
             feed.queue.put_nowait(None)
+        self._listeners.close()
         await _close_quietly(self._nc)
 
     # -- internals --------------------------------------------------------------------------

@@ -55,6 +55,12 @@ class ObservedOrderer:
             self.read_seq = max(self.read_seq, message.seq)
             yield message
 
+    async def broadcast(self, payload: bytes) -> None:
+        await self.inner.broadcast(payload)
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        return self.inner.broadcasts()
+
     async def last_seq(self) -> int:
         return await self.inner.last_seq()
 

@@ -11,6 +11,15 @@ Guarantees every adapter keeps (one conformance suite checks them all):
 * ``read(start)`` yields ``(seq, payload, time_ms)`` for every message from ``start``
   in sequence order, without gaps, then waits for new ones — a member that
   was down replays from where it stopped.
+* ``broadcast`` / ``broadcasts``: a second, unordered path beside the
+  order. A broadcast payload reaches the ``broadcasts()`` listeners that are
+  open when it is sent (the sender's own included), at most once each,
+  without being stored or ordered; it may be lost (a listener that is slow,
+  disconnected or not yet listening misses it), so nothing may depend on it
+  arriving. Anyone who can reach the transport can broadcast: a listener
+  treats every payload as hostile. The consortium sends votes this way as
+  well as through the order (decision 0062): one hop instead of a pass
+  through the replicated order.
 * Failures raise :class:`~medledger.core.errors.OrderingError`.
 """
 
@@ -50,6 +59,18 @@ class Orderer(Protocol):
 
     async def last_seq(self) -> int:
         """The sequence of the last message in the order (0 if empty)."""
+        ...
+
+    async def broadcast(self, payload: bytes) -> None:
+        """Send ``payload`` to the open ``broadcasts()`` listeners, best effort (see module doc).
+
+        Raises :class:`OrderingError` only for a closed orderer or a payload over
+        :data:`MAX_MESSAGE_BYTES`; a send the transport loses is not an error.
+        """
+        ...
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        """Payloads broadcast from now on by anyone (unauthenticated); ends when closed."""
         ...
 
     async def close(self) -> None: ...

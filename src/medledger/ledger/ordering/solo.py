@@ -16,6 +16,9 @@ node process per institution over one ``order.db``:
   it sleeps until a publish of this orderer wakes it, or ``poll_interval``
   seconds (a few ms) pass — the way it sees other processes' publishes.
   Every row must be exactly the next sequence, else :class:`OrderingError`.
+* ``broadcast`` reaches the ``broadcasts()`` listeners of this orderer only
+  (this process): other processes sharing the file get the ordered copy of
+  whatever was broadcast, which is all a broadcast may be relied on for.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from medledger.core.errors import OrderingError, StorageError
 from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.ordering.listeners import Listeners
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
 from medledger.storage.batching import GroupCommitter
 from medledger.storage.sqlite.connection import immediate
@@ -117,6 +121,7 @@ class SoloOrderer:
         self._poll = poll_interval
         self._closed = False
         self._wakeup = _Wakeup()
+        self._listeners = Listeners()
         # In memory (no path):
         self._messages: list[bytes] = []
         self._times: list[int] = []
@@ -170,6 +175,16 @@ class SoloOrderer:
             if not batch:
                 await self._wakeup.wait(generation, None if self._path is None else self._poll)
 
+    async def broadcast(self, payload: bytes) -> None:
+        if self._closed:
+            raise OrderingError("orderer is closed")
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise OrderingError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        self._listeners.deliver(payload)
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        return self._listeners.listen()
+
     async def last_seq(self) -> int:
         if self._path is None:
             return len(self._messages)
@@ -186,6 +201,7 @@ class SoloOrderer:
             return
         self._closed = True
         self._wakeup.notify()
+        self._listeners.close()
         if self._publishes is not None:
             # Let the publishes queued or in flight commit before the connection closes.
             await self._publishes.close()
