@@ -47,6 +47,12 @@ class FailingReads:
                 raise OrderingError("stream CONSORTIUM: not found")
             yield msg
 
+    async def broadcast(self, payload: bytes) -> None:
+        await self.inner.broadcast(payload)
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        return self.inner.broadcasts()
+
     async def last_seq(self) -> int:
         return await self.inner.last_seq()
 

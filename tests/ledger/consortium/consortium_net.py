@@ -201,13 +201,7 @@ class VoteRewriter:
             return await self._inner.publish(msg_id, payload)
         vote = parse_canonical(payload)
         real = BlockHeader.from_json(vote["header"])
-        fake1, fake2 = fake_header(real, "fake-1"), fake_header(real, "fake-2")
-        plan = {
-            "fake-only": [fake1],
-            "fake-then-real": [fake1, real],
-            "real-then-fake": [real, fake1],
-            "two-fakes": [fake1, fake2],
-        }[self._mode]
+        plan = self._plan(real)
         self.fakes[real.height] = [h for h in plan if h != real]
         seq = 0
         for i, header in enumerate(plan):
@@ -215,6 +209,27 @@ class VoteRewriter:
                 self._inner, header, self._key.sign(header.hash()), f"{msg_id}-{i}"
             )
         return seq
+
+    async def broadcast(self, payload: bytes) -> None:
+        # The member broadcasts each vote beside the order: rewritten the same way.
+        vote = parse_canonical(payload)
+        if vote.get("kind") != "vote":
+            await self._inner.broadcast(payload)
+            return
+        for header in self._plan(BlockHeader.from_json(vote["header"])):
+            await self._inner.broadcast(vote_payload(header, self._key.sign(header.hash())))
+
+    def _plan(self, real: BlockHeader) -> list[BlockHeader]:
+        fake1, fake2 = fake_header(real, "fake-1"), fake_header(real, "fake-2")
+        return {
+            "fake-only": [fake1],
+            "fake-then-real": [fake1, real],
+            "real-then-fake": [real, fake1],
+            "two-fakes": [fake1, fake2],
+        }[self._mode]
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        return self._inner.broadcasts()
 
     def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
         return self._inner.read(start)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from consortium_net import MakeNetwork, Network
 
-from medledger.core.consortium import ConsortiumParams
+from medledger.core.consortium import ConsortiumParams, MemberSet
 from medledger.core.models import BlockHeader, Receipt
 from medledger.ledger.consortium.member import ConsortiumMember
 from medledger.ledger.consortium.rules import AnchorRecord
@@ -246,6 +246,7 @@ def test_consortium_survives_a_nats_node_kill_and_a_member_crash(
     height = net.run(scenario)
     stores = {mid: net.open_store(net.consortium_path(mid)) for mid in MEMBERS}
     reference = stores["h0"]
+    quorum = MemberSet(net.genesis.members).quorum
     for mid, store in stores.items():
         head = store.head()
         assert head is not None and head.height == height, mid
@@ -255,7 +256,11 @@ def test_consortium_survives_a_nats_node_kill_and_a_member_crash(
             assert mine.block_hash == ref.block_hash
             assert mine.tx_data == ref.tx_data, f"{mid} block {h} transactions differ"
             assert mine.first_index == ref.first_index
-            assert mine.signatures == ref.signatures, f"{mid} block {h} certificate differs"
+            if h:
+                # Votes also travel beside the order, so members may hold different
+                # quorums; each must be one (verify_chain below checks the signatures).
+                signers = {s.signer for s in mine.signatures}
+                assert len(signers) == len(mine.signatures) >= quorum, f"{mid} block {h}"
         report = verify_chain(store, policy=ConsortiumPolicy(net.genesis))
         assert report.blocks == height + 1
         times = [BlockHeader.decode(b.header_bytes).time_ms for b in store.iter_blocks()]

@@ -39,6 +39,13 @@ class PublishLog:
             return 0
         return await self._inner.publish(msg_id, payload)
 
+    async def broadcast(self, payload: bytes) -> None:
+        if not self.drop_votes:  # a member broadcasts only votes
+            await self._inner.broadcast(payload)
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        return self._inner.broadcasts()
+
     async def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
         async for msg in self._inner.read(start):
             yield msg

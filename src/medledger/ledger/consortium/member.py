@@ -28,6 +28,15 @@ blocks without talking to each other:
   stored, with their votes as the finality certificate. A member voting for
   two different blocks at one height is recorded as equivocation evidence
   and no longer counted.
+* Each vote is also broadcast beside the order (``Orderer.broadcast``: one
+  hop, not replicated; decision 0062), and a member counts a vote from
+  either path once its signature checks against the block's voters: a quorum
+  of member signatures over the block hash is the same proof whichever way
+  it came. Blocks are still cut from the order alone, and clock readings
+  (block time) are taken only from the ordered copy, so a replay cuts the
+  same blocks. A broadcast vote for a block not cut here yet is held (at
+  most one per member for each of the next few heights) until it is cut.
+  Certificates may then differ between members (any quorum is valid).
 * A restarted member replays the stream from the start over its stored chain.
   It does not vote again where its vote is already in the order: a block it
   holds is final (its vote is not needed), and the vote for a block cut
@@ -88,6 +97,11 @@ _VOTE_MEMORY = 1024
 #: up to the maximum, for as long as it is needed.
 _REPUBLISH_MIN_S = 0.5
 _REPUBLISH_MAX_S = 5.0
+#: A broadcast vote for a block not cut here yet is held if its height is at most
+#: this far beyond the tip (votes arrive ahead of the order by a few round trips).
+_EARLY_HEIGHTS = 4
+#: A broadcast larger than this is no vote (a vote is a header and two signatures).
+_MAX_BROADCAST_BYTES = 16 * 1024
 
 
 def _marker_bytes(chain_id: str, height: int) -> bytes:
@@ -211,6 +225,7 @@ class ConsortiumMember:
                 restart_if=lambda _exc: not self._mid_message,
             ),
             SupervisedTask("consortium-cut-timer", self._cut_timer),
+            SupervisedTask("consortium-broadcast-votes", self._listen_votes),
         )
         self._diverged: str | None = None
         #: Called with the new member set when a final block changed it (the node
@@ -222,6 +237,8 @@ class ConsortiumMember:
         self._replay_to: int | None = None
         self._live = False
         self._unvoted: dict[int, bytes] = {}  # height -> hash of the block cut
+        # Broadcast votes for heights not cut yet: height -> signer fingerprint -> envelope.
+        self._early_votes: dict[int, dict[str, dict[str, Any]]] = {}
         self._next_seq = 1  # the next stream sequence to consume
 
     def _check_stored_genesis(self, first: NewBlock) -> int:
@@ -445,17 +462,85 @@ class ConsortiumMember:
         else:
             # Replaying: our vote may be further on in the order; see _go_live.
             self._unvoted[header.height] = block_hash
+        self._count_early_votes(header.height)
         self._try_finalize()
 
     def _send_vote(self, header: BlockHeader, block_hash: bytes) -> None:
         # The message id names the key, so a vote re-sent after a key rotation is not
         # swallowed by de-duplication of the old one.
         height = header.height
+        vote = self._vote_message(header, block_hash)
         self._publish(
-            self._vote_message(header, block_hash),
+            vote,
             f"vote-{self.member_id}-{height}-{self._key.fingerprint[:16]}",
             needed=lambda: self._final_height < height,
         )
+        self._broadcast(vote)
+
+    def _broadcast(self, payload: bytes) -> None:
+        """Broadcast in the background, once: the ordered copy is the one that must arrive."""
+
+        async def go() -> None:
+            try:
+                await self._orderer.broadcast(payload)
+            except OrderingError as exc:
+                log.debug("broadcast not sent: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _listen_votes(self) -> None:
+        """Count the votes broadcast beside the order (see module doc)."""
+        async for payload in self._orderer.broadcasts():
+            try:
+                self._on_broadcast(payload)
+            except Exception as exc:  # hostile input must not stop the listener
+                # Anyone who reaches the transport can send here: one line, and only
+                # at debug level, so a flood cannot flood the log.
+                log.debug("broadcast ignored: %s: %s", type(exc).__name__, exc)
+
+    def _on_broadcast(self, payload: bytes) -> None:
+        """A vote that came beside the order: counted, held for a block not cut yet, or dropped.
+
+        Raises :class:`InvalidInput` / :class:`VerificationError` for what is no valid
+        member vote. Nothing from this path reads a clock or touches the replay's
+        owed votes: those come from the ordered copy only.
+        """
+        if len(payload) > _MAX_BROADCAST_BYTES:
+            raise InvalidInput(f"broadcast of {len(payload)} bytes is no vote")
+        envelope = parse_canonical(payload)
+        if not isinstance(envelope, dict) or envelope.get("kind") != MSG_VOTE:
+            raise InvalidInput("broadcast is no vote")
+        header = BlockHeader.from_json(envelope.get("header"))
+        if header.chain != self.chain_id or header.height < 1:
+            raise InvalidInput("vote for a block of another chain or for genesis")
+        height = header.height
+        if height <= self._final_height - _VOTE_MEMORY:
+            return  # its block is long final; a conflict there is no longer tracked
+        if height <= self._tip_header.height:
+            self._on_vote(envelope, ordered=False)
+            return
+        if height > self._tip_header.height + _EARLY_HEIGHTS:
+            raise InvalidInput(f"vote for height {height}, far beyond the tip")
+        # Not cut here yet: its voters are not known for sure, so check it against
+        # the members who vote on the next block and keep one vote per member.
+        sig = Signature.from_json(envelope.get("signature"))
+        member = self._members_before(self._tip_header.height + 1).by_fingerprint(sig.signer)
+        if member is None:
+            raise InvalidInput(f"vote at height {height} from a non-member key")
+        member.signing_key.verify(sig, header.hash())
+        self._early_votes.setdefault(height, {}).setdefault(sig.signer, envelope)
+
+    def _count_early_votes(self, height: int) -> None:
+        """Count the broadcast votes held for ``height``, now cut (checked again, as cut)."""
+        for stale in [h for h in self._early_votes if h < height]:
+            del self._early_votes[stale]
+        for envelope in self._early_votes.pop(height, {}).values():
+            try:
+                self._on_vote(envelope, ordered=False)
+            except MedledgerError as exc:
+                log.debug("broadcast vote for block %d ignored: %s", height, exc)
 
     def _next_block_time(self, pending: _Pending) -> int:
         """The next block's time from the readings seen so far in the stream (see module doc)."""
@@ -532,7 +617,8 @@ class ConsortiumMember:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _on_vote(self, envelope: dict[str, Any]) -> None:
+    def _on_vote(self, envelope: dict[str, Any], *, ordered: bool = True) -> None:
+        """Count a vote; ``ordered``: it came through the order (else broadcast beside it)."""
         header = BlockHeader.from_json(envelope.get("header"))
         if header.chain != self.chain_id or header.height < 1:
             raise InvalidInput("vote for a block of another chain or for genesis")
@@ -543,14 +629,16 @@ class ConsortiumMember:
         if member is None:
             raise InvalidInput(f"vote at height {height} from a non-member key")
         member.signing_key.verify(sig, block_hash)
-        if sig.signer == self._key.fingerprint:
-            owed = self._unvoted.pop(height, None)
-            if owed is not None and owed != block_hash:
-                # This key signed another block at this height before: never sign
-                # a second one (that would be equivocation).
-                self._diverged = f"this member voted for another block {height} before"
-                log.error("consortium divergence: %s", self._diverged)
-        self._clock_reading(envelope, member, height)
+        if ordered:
+            if sig.signer == self._key.fingerprint:
+                owed = self._unvoted.pop(height, None)
+                if owed is not None and owed != block_hash:
+                    # This key signed another block at this height before: never sign
+                    # a second one (that would be equivocation).
+                    self._diverged = f"this member voted for another block {height} before"
+                    log.error("consortium divergence: %s", self._diverged)
+            # Block time is a function of the order: readings come from ordered votes only.
+            self._clock_reading(envelope, member, height)
         votes = self._votes.setdefault(height, {})
         previous = votes.get(member.id)
         if previous is not None:
