@@ -1,4 +1,4 @@
-"""Votes broadcast beside the order (decision 0062): counted from either path, safely.
+"""Votes broadcast beside the order (decision 0063): counted from either path, safely.
 
 Each member sends its vote through the order and broadcasts it (one hop, not
 replicated). These tests take one path away at a time: a block is final from

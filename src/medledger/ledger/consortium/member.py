@@ -29,7 +29,7 @@ blocks without talking to each other:
   two different blocks at one height is recorded as equivocation evidence
   and no longer counted.
 * Each vote is also broadcast beside the order (``Orderer.broadcast``: one
-  hop, not replicated; decision 0062), and a member counts a vote from
+  hop, not replicated; decision 0063), and a member counts a vote from
   either path once its signature checks against the block's voters: a quorum
   of member signatures over the block hash is the same proof whichever way
   it came. Blocks are still cut from the order alone, and clock readings

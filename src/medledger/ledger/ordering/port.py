@@ -18,7 +18,7 @@ Guarantees every adapter keeps (one conformance suite checks them all):
   disconnected or not yet listening misses it), so nothing may depend on it
   arriving. Anyone who can reach the transport can broadcast: a listener
   treats every payload as hostile. The consortium sends votes this way as
-  well as through the order (decision 0062): one hop instead of a pass
+  well as through the order (decision 0063): one hop instead of a pass
   through the replicated order.
 * Failures raise :class:`~medledger.core.errors.OrderingError`.
 """
