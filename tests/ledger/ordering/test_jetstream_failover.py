@@ -11,6 +11,7 @@ own server first), and a reconnect prefers the servers it did not just lose.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from urllib.parse import urlparse
@@ -60,67 +61,69 @@ def test_a_reader_leaves_a_hung_server_and_never_gives_up(
     hung = 0
 
     async def main() -> None:
-        # retry_for=2 s: the old reader gave up after retry_for seconds of failure.
-        reading = await JetStreamOrderer.connect(
-            urls,
-            stream=f"F{tag}",
-            subject=f"f.{tag}",
-            replicas=3,
-            retry_for=2.0,
-            tuning=FAST_DETECTION,
-            name="reader",
-        )
-        writing = await JetStreamOrderer.connect(
-            urls[1:] + urls[:1],
-            stream=f"F{tag}",
-            subject=f"f.{tag}",
-            replicas=3,
-            tuning=FAST_DETECTION,
-            name="writer",
-        )
-        got: list[OrderedMessage] = []
+        # Every orderer opened is closed, also when the next connect or the scenario fails.
+        async with contextlib.AsyncExitStack() as opened:
+            # retry_for=2 s: the old reader gave up after retry_for seconds of failure.
+            reading = await JetStreamOrderer.connect(
+                urls,
+                stream=f"F{tag}",
+                subject=f"f.{tag}",
+                replicas=3,
+                retry_for=2.0,
+                tuning=FAST_DETECTION,
+                name="reader",
+            )
+            opened.push_async_callback(reading.close)
+            writing = await JetStreamOrderer.connect(
+                urls[1:] + urls[:1],
+                stream=f"F{tag}",
+                subject=f"f.{tag}",
+                replicas=3,
+                tuning=FAST_DETECTION,
+                name="writer",
+            )
+            opened.push_async_callback(writing.close)
+            got: list[OrderedMessage] = []
 
-        async def follow() -> None:
-            async for msg in reading.read(1):
-                got.append(msg)
+            async def follow() -> None:
+                async for msg in reading.read(1):
+                    got.append(msg)
 
-        async def until(count: int, timeout: float) -> None:
-            deadline = asyncio.get_running_loop().time() + timeout
-            while len(got) < count:
-                assert not follower.done(), follower
-                assert asyncio.get_running_loop().time() < deadline, f"{len(got)} of {count}"
-                await asyncio.sleep(0.05)
+            async def until(count: int, timeout: float) -> None:
+                deadline = asyncio.get_running_loop().time() + timeout
+                while len(got) < count:
+                    assert not follower.done(), follower
+                    assert asyncio.get_running_loop().time() < deadline, f"{len(got)} of {count}"
+                    await asyncio.sleep(0.05)
 
-        follower = asyncio.create_task(follow())
-        try:
-            # Own server first: no shuffling of the configured list.
-            assert reading._nc.connected_url is not None
-            assert reading._nc.connected_url.netloc == urlparse(urls[hung]).netloc
-            for i in range(5):
-                await writing.publish(f"m{i}", b"before %d" % i)
-            await until(5, 15)
-            fault_cluster.pause_node(hung)
+            follower = asyncio.create_task(follow())
             try:
-                # Longer than retry_for and than the reader's missed-heartbeat limit.
-                for i in range(5, 10):
-                    await writing.publish(f"m{i}", b"during %d" % i)
-                await until(10, 30)
-                connected = reading._nc.connected_url
-                assert connected is not None and connected.netloc != urlparse(urls[hung]).netloc
-                await asyncio.sleep(3.0)  # an idle stream over the outage is not a failure
-                assert not follower.done()
+                # Own server first: no shuffling of the configured list.
+                assert reading._nc.connected_url is not None
+                assert reading._nc.connected_url.netloc == urlparse(urls[hung]).netloc
+                for i in range(5):
+                    await writing.publish(f"m{i}", b"before %d" % i)
+                await until(5, 15)
+                fault_cluster.pause_node(hung)
+                try:
+                    # Longer than retry_for and than the reader's missed-heartbeat limit.
+                    for i in range(5, 10):
+                        await writing.publish(f"m{i}", b"during %d" % i)
+                    await until(10, 30)
+                    connected = reading._nc.connected_url
+                    assert connected is not None and connected.netloc != urlparse(urls[hung]).netloc
+                    await asyncio.sleep(3.0)  # an idle stream over the outage is not a failure
+                    assert not follower.done()
+                finally:
+                    fault_cluster.resume_node(hung)
+                for i in range(10, 15):
+                    await writing.publish(f"m{i}", b"after %d" % i)
+                await until(15, 30)
+                assert [m.seq for m in got] == list(range(1, 16))
+                assert [m.payload for m in got[5:10]] == [b"during %d" % i for i in range(5, 10)]
             finally:
-                fault_cluster.resume_node(hung)
-            for i in range(10, 15):
-                await writing.publish(f"m{i}", b"after %d" % i)
-            await until(15, 30)
-            assert [m.seq for m in got] == list(range(1, 16))
-            assert [m.payload for m in got[5:10]] == [b"during %d" % i for i in range(5, 10)]
-        finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-            await reading.close()
-            await writing.close()
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
 
     asyncio.run(main())
     failing = [r for r in caplog.records if "reader cannot resume" in r.getMessage()]
