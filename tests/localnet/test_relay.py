@@ -7,7 +7,9 @@ loaded machine delivers is not the relay's contract.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 import threading
 import time
 
@@ -160,6 +162,56 @@ def test_close_stops_the_thread_and_the_listeners() -> None:
 
     with pytest.raises(OSError):
         asyncio.run(connect())
+
+
+def _connecting_to(port: int) -> int:
+    """How many of this machine's TCP sockets are still connecting (SYN_SENT) to ``port``."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)  # the header
+            for line in lines:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "02":
+                    count += 1
+    return count
+
+
+def test_close_ends_a_connection_still_reaching_its_target() -> None:
+    """A closed group leaves no task behind: not even the handler of a connection whose
+    relay is still connecting to the target (it is cancelled and its socket closed)."""
+    queued: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full:  # never accepts
+        target = full.getsockname()[1]
+        try:
+            # Fill its accept queue: the kernel then drops new connection attempts (SYNs),
+            # so the relay's connect to it waits.
+            while not _connecting_to(target):
+                attempt = socket.socket()
+                attempt.setblocking(False)
+                queued.append(attempt)
+                attempt.connect_ex(("127.0.0.1", target))
+                assert len(queued) < 64, "the accept queue never filled"
+                time.sleep(0.01)
+            waiting = _connecting_to(target)
+            relays = RelayGroup()
+            try:
+                with socket.create_connection(
+                    ("127.0.0.1", relays.add("127.0.0.1", target, LinkDelay(one_way_s=0))),
+                    timeout=_DEADLINE_S,
+                ):
+                    deadline = time.monotonic() + _DEADLINE_S
+                    while _connecting_to(target) == waiting:  # the relay's own attempt
+                        assert time.monotonic() < deadline, "the relay never connected on"
+                        time.sleep(0.01)
+                    relays.close()
+                    assert not asyncio.all_tasks(relays._loop)
+                    assert _connecting_to(target) == waiting, "the relay's connect was left open"
+            finally:
+                relays.close()
+        finally:
+            for attempt in queued:
+                attempt.close()
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from medledger.core.errors import InvalidInput
 
@@ -107,7 +107,8 @@ class _Link:
         self.delay = delay
         self.rng = rng
         self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        #: The connection handlers (``_accepted``) and their pumps: :meth:`close` ends them all.
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str) -> int:
@@ -115,12 +116,18 @@ class _Link:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio runs each handler as a task of its own that nothing else keeps: tracked,
+        # so that closing the link ends a handler still connecting to the target too.
+        handler = asyncio.current_task()
+        if handler is not None:
+            self.tasks.add(handler)
+            handler.add_done_callback(self.tasks.discard)
         self.writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(*self.target), _CONNECT_TIMEOUT_S
             )
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, asyncio.CancelledError):  # cancelled: the link is closing
             writer.close()
             self.writers.discard(writer)
             return
@@ -190,15 +197,23 @@ class _Link:
                     await sender
 
     async def close(self) -> None:
+        """Stop listening, close every connection and end every handler and pump.
+
+        When this returns no task of the link is left: the loop can stop without
+        abandoning one half-way (a pending task destroyed with its loop).
+        """
         if self.server is not None:
             self.server.close()
         for writer in list(self.writers):
             writer.close()
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(asyncio.CancelledError, OSError, ConnectionError):
-                await task
+        while self.tasks:  # until none is left, also one that started meanwhile
+            tasks = list(self.tasks)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, OSError, ConnectionError):
+                    await task
+                self.tasks.discard(task)
 
 
 class RelayGroup:
