@@ -9,7 +9,12 @@ a dialer that reaches a server with another certificate refuses to use it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import socket
 import ssl
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,8 @@ from medledger.services.tls import client_context, link_contexts, load_certifica
 from medledger.storage.keystore import KdfParams
 
 PASSPHRASE = b"sequencer link tcp test passphrase"
+#: Bounds every wait of a test on its own server thread.
+_DEADLINE_S = 30.0
 
 
 def _node(root: Path, name: str) -> Path:
@@ -176,6 +183,41 @@ def test_a_dialer_refuses_a_server_with_another_certificate(roots: tuple[Path, P
             await node.close()
 
     asyncio.run(main())
+
+
+def test_a_refused_dial_closes_its_connection_before_it_raises(roots: tuple[Path, Path]) -> None:
+    """A server whose certificate is trusted by the context but is not the pinned one: the
+    dial is refused, and its socket is closed by then although that server never answers
+    a TLS shutdown (an unawaited close left it open for the garbage collector to find)."""
+    own, other = roots
+    other_paths = NodePaths(root=other)
+    server_tls, client_tls = link_contexts(other_paths.tls_cert, other_paths.tls_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(_DEADLINE_S)
+    finished = threading.Event()
+
+    def serve() -> None:  # completes the handshake, then says nothing more
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with server_tls.wrap_socket(conn, server_side=True):
+                finished.wait(_DEADLINE_S)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    port = listener.getsockname()[1]
+    pinned = load_certificate(NodePaths(root=own).tls_cert).der
+    dial = tcp_dialer(lambda: f"127.0.0.1:{port}", client_tls, pinned)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(SequencerUnavailable, match="not this institution"):
+                asyncio.run(dial())
+            gc.collect()  # an unclosed socket or transport says so when it is collected
+    finally:
+        finished.set()
+        server.join(_DEADLINE_S)
+        listener.close()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
 
 
 def test_a_standby_whose_link_is_down_says_so_before_the_next_write(

@@ -788,7 +788,12 @@ def tcp_dialer(
         tls_object = writer.get_extra_info("ssl_object")
         der = tls_object.getpeercert(binary_form=True) if tls_object is not None else None
         if der != peer_certificate:
-            writer.close()
+            # Not this institution: no orderly TLS shutdown, which would wait on the peer's
+            # answer (up to asyncio's 30 s) and outlive this call. The socket is closed
+            # before the refusal is raised, so a refused dial leaves nothing open.
+            writer.transport.abort()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
             raise SequencerUnavailable("the sequencer link's peer is not this institution")
         return reader, writer
 
