@@ -13,8 +13,10 @@ from pathlib import Path
 
 from medledger.benchmarks.failover import FailoverSettings, failover_scenario
 
-#: A bound, not a figure: the standby polls the lease every 0.5 s, then opens the node.
-RESUME_BOUND_S = 30.0
+#: Each step of the scenario (writes resuming after the kill among them) must happen within
+#: this; a bound against a hang, not a figure: the resume time is ``medledger bench
+#: failover``'s to measure, and a loaded machine must not fail a correct failover.
+STEP_DEADLINE_S = 120.0
 
 
 def test_writes_resume_through_the_standby_and_nothing_acknowledged_is_lost(
@@ -23,7 +25,9 @@ def test_writes_resume_through_the_standby_and_nothing_acknowledged_is_lost(
     run = failover_scenario(
         tmp_path,
         pg_dsn,
-        FailoverSettings(writers=2, acks_before_kill=5, acks_after_kill=10, deadline_s=90.0),
+        FailoverSettings(
+            writers=2, acks_before_kill=5, acks_after_kill=10, deadline_s=STEP_DEADLINE_S
+        ),
     )
     logs = "\n".join(f"--- {name}:\n{text}" for name, text in run["logs"].items())
     assert run["active_before"]["role"] == "active", logs
@@ -31,7 +35,9 @@ def test_writes_resume_through_the_standby_and_nothing_acknowledged_is_lost(
     assert standby["role"] == "standby" and standby["active"], logs
     assert standby["epoch"] == run["active_before"]["epoch"], logs
     assert run["lost"] == 0, f"acknowledged writes lost: {run['lost_ids']}\n{logs}"
-    assert run["resume_s"] < RESUME_BOUND_S, logs
+    # Writes resumed through the standby: 10 acknowledged after the kill, within the deadline.
+    assert 0 <= run["resume_s"] <= STEP_DEADLINE_S, logs
+    assert run["acked_total"] >= run["acked_before_kill"] + 10, logs
     after = run["survivor_after"]
     assert after is not None and after["role"] == "active", logs
     assert after["epoch"] == run["active_before"]["epoch"] + 1, logs
