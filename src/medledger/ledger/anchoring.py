@@ -56,19 +56,25 @@ class Anchorer:
         #: The background anchoring task (see :meth:`start`).
         self.task = SupervisedTask("anchoring", self._run)
 
-    def anchor_tx(self) -> Transaction | None:
+    def anchor_tx(self, *, after_size: int | None = None) -> Transaction | None:
         """The signed anchor for the current private head, or ``None`` if nothing is new.
 
         It extends this institution's newest anchor in the order, final or not
         (every member applies the order in the same sequence), so an anchor need
-        not wait for the previous one to be final.
+        not wait for the previous one to be final. ``after_size``: extend instead
+        the anchor of that log size that was sent but is not in the order yet
+        (it will be, before this one, or this one is refused and anchoring
+        starts again from the order).
         """
         head = self._chain.head
-        prev = self._member.ordered_anchor(self._institution)
-        if prev is not None and prev.log_size >= head.log_size:
+        if after_size is None:
+            prev = self._member.ordered_anchor(self._institution)
+            prev_size = prev.log_size if prev is not None else 0
+        else:
+            prev_size = after_size
+        if prev_size >= head.log_size:
             return None
-        prev_size = prev.log_size if prev is not None else 0
-        proof = consistency_proof(self._chain.store, prev_size, head.log_size) if prev else []
+        proof = consistency_proof(self._chain.store, prev_size, head.log_size) if prev_size else []
         unsigned = Transaction(
             type=ANCHOR,
             chain=self._member.chain_id,
@@ -104,26 +110,44 @@ class Anchorer:
                 extra={"fields": {"height": self._member.final_height}},
             )
         # Anchors are pipelined: the next is sent at the next multiple of the interval
-        # once the previous one is in the order, without waiting for it to be final
-        # (that took several round trips, and a write waited for two of them).
+        # without waiting for the previous one to be final (that took several round
+        # trips, and a write waited for two of them). If the previous one is not even
+        # in the order yet (at tens of ms between institutions its pass through the
+        # replicated order can outlast an interval), the next builds on it rather
+        # than skip the round: a skipped round cost the institution's records a whole
+        # interval and left the round incomplete, to be cut by the timer and a
+        # marker. At most two anchors are on their way: a third waits.
         pending: set[asyncio.Task[Receipt]] = set()
         sent_size = 0  # the log size of the newest anchor sent
+        sent_prev = 0  # the log size that anchor built on
+        failed: list[bool] = [False]
+
+        def done(task: asyncio.Task[Receipt]) -> None:
+            pending.discard(task)
+            if _log_failure(task):
+                failed[0] = True  # an anchor built on it would be refused too
+
         try:
             while True:
                 ordered = self._member.ordered_anchor(self._institution)
-                in_order = ordered is not None and ordered.log_size >= sent_size
-                if in_order or not pending:  # (none pending: the last one failed)
-                    try:
+                ordered_size = ordered.log_size if ordered is not None else 0
+                if failed[0]:
+                    failed[0], sent_size, sent_prev = False, 0, 0  # start again from the order
+                tx: Transaction | None = None
+                on_the_way = False  # builds on an anchor not in the order yet
+                try:
+                    if ordered_size >= sent_size or not pending:
                         tx = self.anchor_tx()
-                    except MedledgerError as exc:
-                        log.warning("anchoring failed, will retry: %s", exc)
-                        tx = None
-                    if tx is not None:
-                        sent_size = int(tx.body["log_size"])
-                        task = asyncio.get_running_loop().create_task(self._member.submit(tx))
-                        pending.add(task)
-                        task.add_done_callback(pending.discard)
-                        task.add_done_callback(_log_failure)
+                    elif ordered_size >= sent_prev:
+                        tx, on_the_way = self.anchor_tx(after_size=sent_size), True
+                except MedledgerError as exc:
+                    log.warning("anchoring failed, will retry: %s", exc)
+                if tx is not None:
+                    sent_size, sent_prev = int(tx.body["log_size"]), int(tx.body["prev_size"])
+                    submit = self._member.submit(tx, check_early=not on_the_way)
+                    task = asyncio.get_running_loop().create_task(submit)
+                    pending.add(task)
+                    task.add_done_callback(done)
                 await asyncio.sleep(self.next_anchor_delay_s())
         finally:
             for task in pending:
@@ -145,6 +169,9 @@ class Anchorer:
         await self.task.close()
 
 
-def _log_failure(task: asyncio.Task[Receipt]) -> None:
+def _log_failure(task: asyncio.Task[Receipt]) -> bool:
+    """Log a failed anchor; whether it failed."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.warning("anchoring failed, will retry: %s", exc)
+        return True
+    return False
