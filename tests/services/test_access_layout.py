@@ -324,3 +324,24 @@ def test_the_chain_refuses_an_oversized_encoded_transaction_and_writes_nothing(
         assert store.counts() == (1, 1, 0)
     finally:
         store.close()
+
+
+def test_remembered_values_change_no_answer() -> None:
+    """Values that passed are remembered (every read builds an entry from values seen
+    before); what was refused is refused again, and a full memory is forgotten, not
+    trusted past its bound."""
+    from medledger.services import access
+
+    for _ in range(3):
+        assert AccessEntry(**VALID).private_body() == VALID
+        for field in FIELDS:
+            with pytest.raises(InvalidInput, match=f"access entry {field} is not a value"):
+                AccessEntry(**{**VALID, field: "Jane Roe, HIV positive"})
+    for i in range(access._SEEN_MAX + 10):  # fills and overflows the memory of hashes
+        AccessEntry(**{**VALID, "patient": f"{i:064x}"})
+    assert len(access._HASH._seen) <= access._SEEN_MAX
+    AccessEntry(**VALID)
+    with pytest.raises(InvalidInput, match="access entry patient"):
+        AccessEntry(**{**VALID, "patient": "AB" * 32})  # upper case: never a pseudonym
+    with pytest.raises(InvalidInput, match="access entry resource"):
+        AccessEntry(**{**VALID, "resource": f"JaneRoeHasCarcinoma:{'ef' * 32}"})

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -120,33 +120,68 @@ def refusal_reason(exc: MedledgerError) -> str:
     return next(fixed for cls, fixed in _BY_CLASS if isinstance(exc, cls))
 
 
-_MEMBER = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_HASH = re.compile(r"[0-9a-f]{64}")
-_RESOURCE = re.compile(r"[A-Z][A-Za-z]{0,63}:[0-9a-f]{64}")
-_ACTOR = re.compile(r"[a-z]{1,16}:[A-Za-z0-9-]{1,64}")
+#: Accepted values each shape check remembers, at most (then forgotten all at once).
+_SEEN_MAX = 4096
+
+
+class _Shape:
+    """A field shape: a value passes if it fits ``pattern`` (and ``also``, if given).
+
+    Every read builds an entry, mostly from values seen before (the institution,
+    the token's actor, the patient pseudonym, the record reference): a value that
+    passed is remembered, and the next one equal to it skips the regular
+    expression. Only passing values are kept, so anything refused is refused by
+    the full check, every time; and the check is a pure function of the text.
+    """
+
+    __slots__ = ("_also", "_pattern", "_seen")
+
+    def __init__(self, pattern: str, also: Callable[[str], bool] | None = None) -> None:
+        self._pattern = re.compile(pattern)
+        self._also = also
+        self._seen: set[str] = set()
+
+    def fits(self, value: str) -> bool:
+        if value in self._seen:
+            return True
+        if self._pattern.fullmatch(value) is None:
+            return False
+        if self._also is not None and not self._also(value):
+            return False
+        if len(self._seen) >= _SEEN_MAX:
+            self._seen.clear()
+        self._seen.add(value)
+        return True
+
+
+_MEMBER = _Shape(r"[a-z0-9][a-z0-9-]{0,62}")
+_HASH = _Shape(r"[0-9a-f]{64}")
+#: A keyed record reference of a real FHIR type: a word shaped like a type is no type.
+_RESOURCE = _Shape(
+    r"[A-Z][A-Za-z]{0,63}:[0-9a-f]{64}", lambda v: is_resource_type(v.split(":", 1)[0])
+)
+_ACTOR = _Shape(r"[a-z]{1,16}:[A-Za-z0-9-]{1,64}")
 
 
 def _first_bad_field(e: AccessEntry) -> str | None:
     """The first field of ``e`` (in declaration order) that is not a value the node derives."""
-    if not _MEMBER.fullmatch(e.reader):
+    if not _MEMBER.fits(e.reader):
         return "reader"
-    if e.holder != e.reader and not _MEMBER.fullmatch(e.holder):
+    if e.holder != e.reader and not _MEMBER.fits(e.holder):
         return "holder"
-    if e.patient and not _HASH.fullmatch(e.patient):
+    if e.patient and not _HASH.fits(e.patient):
         return "patient"
-    if e.consent and not _HASH.fullmatch(e.consent):
+    if e.consent and not _HASH.fits(e.consent):
         return "consent"
-    if e.request and not _HASH.fullmatch(e.request):
+    if e.request and not _HASH.fits(e.request):
         return "request"
-    if e.resource not in ("", "list") and (
-        _RESOURCE.fullmatch(e.resource) is None or not is_resource_type(e.resource.split(":", 1)[0])
-    ):
+    if e.resource not in ("", "list") and not _RESOURCE.fits(e.resource):
         return "resource"
     if e.outcome not in (ALLOWED, REFUSED):
         return "outcome"
     if e.reason and e.reason not in REASONS:
         return "reason"
-    if e.actor and not _ACTOR.fullmatch(e.actor):
+    if e.actor and not _ACTOR.fits(e.actor):
         return "actor"
     return None
 
