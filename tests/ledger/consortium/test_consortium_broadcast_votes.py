@@ -200,6 +200,8 @@ def test_hostile_broadcasts_change_nothing(network: MakeNetwork) -> None:
         ]
         far = BlockHeader.from_json({**header.to_json(), "height": header.height + 50})
         hostile.append(vote_payload(far, member_key.sign(far.hash())))
+        # h0 has been handed h0's and h1's broadcast votes (both are in the order).
+        await wait_until(lambda: watched.heard >= 2, "h0 to hear the two votes")
         before = watched.heard
         for payload in hostile:
             await net.orderer.broadcast(payload)
