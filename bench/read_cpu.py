@@ -30,7 +30,7 @@ from typing import Any
 from medledger.api.app import create_app
 from medledger.benchmarks.api import bench_resources
 from medledger.benchmarks.common import BENCH_KDF, BENCH_PASSPHRASE
-from medledger.heap import freeze_startup_heap
+from medledger.heap import ready_heap_for_serving
 from medledger.ledger.clock import SystemClock
 from medledger.node import init_node, open_node
 from medledger.storage.sqlite.tokens import SqliteTokenStore
@@ -108,7 +108,7 @@ async def _run(args: argparse.Namespace) -> None:
         calls = {"healthz": (healthz, range(args.reads)), "read": (read, order)}
         for call, items in calls.values():  # warm-up: imports, caches, first blocks
             await _closed_loop(list(items)[:300], args.clients, call)
-        freeze_startup_heap()  # as node start does before it serves
+        ready_heap_for_serving()  # as node start does before it serves
         per_request: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.rounds):
             for name, (call, items) in calls.items():

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medledger.core.errors import DamagedStore, MedledgerError
-from medledger.heap import freeze_startup_heap
+from medledger.heap import ready_heap_for_serving
 from medledger.ledger.clock import Clock
 from medledger.ledger.integrity import check_against_anchor
 from medledger.ledger.ordering.observed import ObservedOrderer
@@ -274,7 +274,7 @@ async def run_node(
             node.start_store_scrub(
                 interval_s=settings.scrub_interval_s, rows_per_s=settings.scrub_rate
             )
-        freeze_startup_heap()
+        ready_heap_for_serving()
         yield runtime
     finally:
         await runtime._close()

@@ -56,7 +56,7 @@ from medledger.api.metrics import Metrics
 from medledger.api.server import PEER_CERT_SCOPE_KEY, GracefulServer, HttpLimits, server_config
 from medledger.api.worker_metrics import WorkerCounters
 from medledger.core.errors import InvalidInput, StorageError
-from medledger.heap import freeze_startup_heap
+from medledger.heap import ready_heap_for_serving
 from medledger.services.fhir import Issue
 from medledger.services.sequencer_link import SequencerClient
 
@@ -633,7 +633,7 @@ async def _serve_worker(settings: WorkerSettings) -> None:
     try:
         tls = None if settings.plain_http else node.server_tls_context()
         config = server_config(app, limits=limits, ssl_context=tls)
-        freeze_startup_heap()
+        ready_heap_for_serving()
         server = GracefulServer(config, on_exit=lambda: None)
         watcher = asyncio.create_task(_watch_parent(settings.parent_pid, server))
         announcer = asyncio.create_task(_announce_ready(server, settings.ready_fd))

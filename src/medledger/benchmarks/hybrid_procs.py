@@ -63,7 +63,7 @@ from medledger.benchmarks.hybrid import (
 from medledger.config import ConsortiumConfig
 from medledger.core.consortium import HYBRID
 from medledger.core.errors import MedledgerError
-from medledger.heap import freeze_startup_heap
+from medledger.heap import ready_heap_for_serving
 from medledger.ledger.ordering.port import Orderer
 from medledger.localnet.cgroups import CpuGroups
 from medledger.localnet.hosts import HostNetwork, call_in_namespace, unavailable_reason
@@ -166,7 +166,7 @@ async def _serve(spec: _WorkerSpec, conn: Connection) -> None:
     )
     work = workload(spec.settings)
     _warm_fhir_models(spec.settings)
-    freeze_startup_heap()  # as ``node start`` does once it is open
+    ready_heap_for_serving()  # as ``node start`` does once it is open
     queues = None
     try:
         conn.send(("ready",))
