@@ -6,6 +6,7 @@ n=2**12, which exercises the same code in a few milliseconds.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from bytecode_cache import enable_for_children
 from medledger.config import NodeConfig
 from medledger.ledger.private import SequencerConfig
 from medledger.node import init_node
@@ -31,6 +33,15 @@ FAST_KDF = KdfParams(n=2**12)
 
 #: A default object repr in a test id (``<X object at 0x7f...>``): it changes from run to run.
 _ADDRESS_IN_ID = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Child processes (xdist workers, nodes, CLI runs) share one bytecode cache.
+
+    Only when bytecode writing is turned off: then each would compile every module
+    it imports again (see :mod:`bytecode_cache`).
+    """
+    enable_for_children(os.environ)
 
 
 @pytest.hookimpl(tryfirst=True)
