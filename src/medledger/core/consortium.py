@@ -43,6 +43,7 @@ __all__ = [
     "block_time_bound",
     "clock_bytes",
     "consortium_chain_id",
+    "idle_notice_bytes",
     "max_faulty",
     "quorum",
 ]
@@ -68,6 +69,16 @@ def clock_bytes(chain_id: str, height: int, time_ms: int) -> bytes:
     return canonical_bytes(
         {"chain": chain_id, "kind": "clock", "height": height, "time_ms": time_ms}
     )
+
+
+def idle_notice_bytes(chain_id: str, height: int) -> bytes:
+    """What a member signs to say it has nothing new to anchor in block ``height``.
+
+    The ``kind`` keeps these bytes apart from a cut marker's (``"cut"``), a clock
+    reading's (``"clock"``) and a vote (a bare block hash): no signature made for
+    one of them checks as another.
+    """
+    return canonical_bytes({"chain": chain_id, "kind": "idle", "height": height})
 
 
 def block_time_bound(prev_time_ms: int, tx_times: Sequence[int], skew_ms: int) -> int:
@@ -181,6 +192,11 @@ class ConsortiumParams:
     #: parameter existed lacks it and keeps the old rule, so its stream replays to
     #: the same blocks.
     anchor_round_cut: bool = True
+    #: With ``anchor_round_cut``: a member with nothing new to anchor at a slot sends
+    #: a signed idle notice for the pending block, and the round is also complete
+    #: when every member of it has an anchor or a notice there (decision 0064). On
+    #: in every new genesis; absent means off, as for ``anchor_round_cut``.
+    anchor_idle_notice: bool = True
     #: The fields a genesis document wrote (``from_json``), or ``None``: every field
     #: (and ``mode`` if not hybrid). A document written before a parameter existed
     #: lacks it; its block 0 carries the document as written, so ``to_json`` writes
@@ -205,6 +221,10 @@ class ConsortiumParams:
             self.written is not None and "anchor_round_cut" in self.written
         ):
             out["anchor_round_cut"] = self.anchor_round_cut
+        if self.anchor_idle_notice or (
+            self.written is not None and "anchor_idle_notice" in self.written
+        ):
+            out["anchor_idle_notice"] = self.anchor_idle_notice
         if self.written is not None:
             out = {k: v for k, v in out.items() if k in self.written}
         return out
@@ -218,16 +238,19 @@ class ConsortiumParams:
         mode = merged.pop("mode", HYBRID)
         if not isinstance(mode, str):
             raise InvalidInput("params mode must be a string")
-        # Absent means the rule from before this parameter existed: off.
-        merged.pop("anchor_round_cut")
-        round_cut = value.get("anchor_round_cut", False)
-        if not isinstance(round_cut, bool):
-            raise InvalidInput("params anchor_round_cut must be true or false")
+        # Absent means the rule from before the parameter existed: off.
+        switches: dict[str, bool] = {}
+        for name in ("anchor_round_cut", "anchor_idle_notice"):
+            merged.pop(name)
+            switch = value.get(name, False)
+            if not isinstance(switch, bool):
+                raise InvalidInput(f"params {name} must be true or false")
+            switches[name] = switch
         if not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in merged.values()
         ):
             raise InvalidInput("params must be positive integers")
-        return cls(**merged, mode=mode, anchor_round_cut=round_cut, written=frozenset(value))
+        return cls(**merged, mode=mode, **switches, written=frozenset(value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

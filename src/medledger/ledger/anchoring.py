@@ -135,9 +135,11 @@ class Anchorer:
                     failed[0], sent_size, sent_prev = False, 0, 0  # start again from the order
                 tx: Transaction | None = None
                 on_the_way = False  # builds on an anchor not in the order yet
+                nothing_new = False  # the newest anchor in the order is the head
                 try:
                     if ordered_size >= sent_size or not pending:
                         tx = self.anchor_tx()
+                        nothing_new = tx is None
                     elif ordered_size >= sent_prev:
                         tx, on_the_way = self.anchor_tx(after_size=sent_size), True
                 except MedledgerError as exc:
@@ -148,6 +150,10 @@ class Anchorer:
                     task = asyncio.get_running_loop().create_task(submit)
                     pending.add(task)
                     task.add_done_callback(done)
+                elif nothing_new:
+                    # The others' anchors for this slot go out now: say this member
+                    # has none, so their block need not wait for the cut timer (0064).
+                    self._member.notify_idle()
                 await asyncio.sleep(self.next_anchor_delay_s())
         finally:
             for task in pending:

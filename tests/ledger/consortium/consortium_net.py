@@ -8,7 +8,8 @@ open afterwards for synchronous inspection and are closed by the fixture.
 
 Raw messages for Byzantine tests are built here in the wire formats of
 ``ledger.consortium.member``: a vote carries the header it signs (``vote_payload``), a
-cut marker is signed by a member over ``marker_bytes`` (``marker_payload``).
+cut marker is signed by a member over ``marker_bytes`` (``marker_payload``), an
+idle notice over ``idle_notice_bytes`` (``idle_payload``).
 Tasks a scenario starts go through :meth:`Network.spawn`, so they are always
 awaited or cancelled.
 """
@@ -43,6 +44,8 @@ __all__ = [
     "Network",
     "VoteRewriter",
     "fake_header",
+    "idle_notice_bytes",
+    "idle_payload",
     "marker_bytes",
     "marker_payload",
     "now_ms",
@@ -115,6 +118,24 @@ async def publish_vote(
 def marker_bytes(chain_id: str, height: int) -> bytes:
     """What a member signs to ask for a cut at ``height`` (the fixed format)."""
     return canonical_bytes({"chain": chain_id, "kind": "cut", "height": height})
+
+
+def idle_notice_bytes(chain_id: str, height: int) -> bytes:
+    """What a member signs to say it has nothing to anchor at ``height`` (the fixed format)."""
+    return canonical_bytes({"chain": chain_id, "kind": "idle", "height": height})
+
+
+def idle_payload(
+    chain_id: str, height: Any, key: SigningKey | None, *, signed: bytes | None = None
+) -> bytes:
+    """An idle notice for ``height`` signed by ``key`` (``None``: unsigned).
+
+    ``signed``: the bytes to sign instead of the notice's own (another message's).
+    """
+    doc: dict[str, Any] = {"kind": "idle", "height": height}
+    if key is not None:
+        doc["signature"] = key.sign(signed or idle_notice_bytes(chain_id, height)).to_json()
+    return canonical_bytes(doc)
 
 
 def marker_payload(
@@ -298,11 +319,13 @@ class Network:
         orderer: Orderer | None = None,
         evidence: bool = False,
         clock: Clock | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> list[ConsortiumMember]:
         """Start members (new store, or the member's existing store on a restart).
 
         With ``evidence``, each member appends equivocation evidence to
-        :meth:`evidence_path`. ``clock`` is the members' clock (default: the system's).
+        :meth:`evidence_path`. ``clock`` is the members' clock (default: the system's),
+        ``monotonic`` their monotonic clock (default: ``time.monotonic``).
         """
         started = []
         for mid in member_ids:
@@ -324,6 +347,7 @@ class Network:
                 store=store,
                 evidence_path=self.evidence_path(mid) if evidence else None,
                 clock=clock,
+                monotonic=monotonic,
             )
             await member.start()
             self.members[mid], self.stores[mid] = member, store

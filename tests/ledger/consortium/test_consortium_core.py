@@ -121,19 +121,25 @@ def test_params_default_fields_and_round_trip() -> None:
     # Omitted fields take their defaults, except the anchor-round rule: a document
     # written before it existed keeps the old rule (and is written back without it).
     old = ConsortiumParams.from_json({"cut_after_ms": 7})
-    assert old == ConsortiumParams(cut_after_ms=7, anchor_round_cut=False)
+    assert old == ConsortiumParams(cut_after_ms=7, anchor_round_cut=False, anchor_idle_notice=False)
     assert old.to_json() == {"cut_after_ms": 7}
     assert ConsortiumParams().to_json()["anchor_round_cut"] is True
-    for value in (True, False):
-        written = ConsortiumParams.from_json({"anchor_round_cut": value})
-        assert written.anchor_round_cut is value
-        assert written.to_json() == {"anchor_round_cut": value}
+    assert ConsortiumParams().to_json()["anchor_idle_notice"] is True
+    for name in ("anchor_round_cut", "anchor_idle_notice"):
+        for value in (True, False):
+            written = ConsortiumParams.from_json({name: value})
+            assert getattr(written, name) is value
+            assert written.to_json() == {name: value}
+    # A genesis written after anchor rounds but before idle notices keeps them off.
+    rounds_only = ConsortiumParams.from_json({"anchor_round_cut": True})
+    assert rounds_only.anchor_round_cut and not rounds_only.anchor_idle_notice
 
 
+@pytest.mark.parametrize("name", ["anchor_round_cut", "anchor_idle_notice"])
 @pytest.mark.parametrize("value", [1, 0, "true", None, [True]])
-def test_params_anchor_round_cut_must_be_a_boolean(value: object) -> None:
-    with pytest.raises(InvalidInput, match="anchor_round_cut must be true or false"):
-        ConsortiumParams.from_json({"anchor_round_cut": value})
+def test_params_switches_must_be_booleans(name: str, value: object) -> None:
+    with pytest.raises(InvalidInput, match=f"{name} must be true or false"):
+        ConsortiumParams.from_json({name: value})
 
 
 def test_member_json_round_trip() -> None:

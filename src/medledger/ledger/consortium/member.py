@@ -14,7 +14,11 @@ blocks without talking to each other:
   boundary. Where the genesis says ``anchor_round_cut``, a block is also cut
   as soon as every member whose anchor the previous block with anchors held
   has anchored again: institutions anchor at common moments, so that is when
-  a round of anchors is complete (decision 0053).
+  a round of anchors is complete (decision 0053). Where it also says
+  ``anchor_idle_notice``, a member with nothing new to anchor at a slot sends
+  a member-signed ``idle`` notice for the pending height instead (not in any
+  block), and the round is complete once each of its members has an anchor
+  or a notice in the pending block, with at least one anchor (decision 0064).
 * Block time comes from the members' clocks, not the ordering service's (a
   ``solo`` order is stamped by whichever member published; a JetStream order
   by one server): each vote carries its member's signed clock reading, and
@@ -64,6 +68,7 @@ from medledger.core.consortium import (
     MemberSet,
     block_time,
     clock_bytes,
+    idle_notice_bytes,
 )
 from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import (
@@ -90,7 +95,10 @@ __all__ = ["ConsortiumMember", "Evidence", "genesis_block"]
 
 log = logging.getLogger(__name__)
 
-MSG_TX, MSG_CUT, MSG_VOTE = "tx", "cut", "vote"
+MSG_TX, MSG_CUT, MSG_VOTE, MSG_IDLE = "tx", "cut", "vote", "idle"
+#: Idle notices are sent while the newest block with anchors was cut at most this
+#: many anchor intervals ago (or anchors are pending): a quiet consortium goes quiet.
+_IDLE_ACTIVE_INTERVALS = 2
 #: How many final heights' votes are kept to detect late equivocation.
 _VOTE_MEMORY = 1024
 #: A vote or cut marker whose publish failed is retried after this long, doubling
@@ -161,6 +169,7 @@ class _Pending:
     first_seen: float | None = None
     marker_sent: bool = False
     anchorers: set[str] = field(default_factory=set)  # members with an anchor here
+    idle: set[str] = field(default_factory=set)  # members with an idle notice for here
 
 
 class ConsortiumMember:
@@ -202,6 +211,10 @@ class ConsortiumMember:
         # The members whose anchors the newest block with anchors held: once each has
         # anchored again, the anchor round is complete and the block is cut (0053).
         self._anchor_round: frozenset[str] = frozenset()
+        # When (own monotonic clock) the newest block with anchors was cut, and the
+        # newest height this member sent an idle notice for.
+        self._anchors_cut_at: float | None = None
+        self._idle_sent_height = 0
         self._cuts: dict[int, _Cut] = {}
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
         self._final_height = 0
@@ -333,6 +346,8 @@ class ConsortiumMember:
                     self._on_cut(envelope)
                 elif kind == MSG_VOTE:
                     self._on_vote(envelope)
+                elif kind == MSG_IDLE:
+                    self._on_idle(envelope)
                 else:
                     raise InvalidInput(f"unknown message kind {kind!r}")
             except MedledgerError as exc:
@@ -383,7 +398,12 @@ class ConsortiumMember:
             self._cut()
 
     def _anchor_round_complete(self, pending: _Pending) -> bool:
-        """Whether every member that anchored in the newest block with anchors anchored again.
+        """Whether every member of the round anchored again, or sent an idle notice for here.
+
+        The round is the members with an anchor or a counted idle notice in the
+        newest block with anchors; at least one anchor must be pending (a round of
+        notices alone would cut an empty block). Notices are only ever counted
+        where the genesis enables them (``_on_idle``).
 
         Institutions anchor at the same multiples of the interval, so their anchors
         reach the order together; cutting once the last expected one is in saves the
@@ -392,7 +412,79 @@ class ConsortiumMember:
         anchoring delays one block by the cut timer, after which the round no longer
         expects it; a member cannot cut earlier than it already could with a marker.
         """
-        return bool(self._anchor_round) and self._anchor_round <= pending.anchorers
+        return (
+            bool(self._anchor_round)
+            and bool(pending.anchorers)
+            and self._anchor_round <= pending.anchorers | pending.idle
+        )
+
+    def _on_idle(self, envelope: dict[str, Any]) -> None:
+        """Count a member's idle notice for the pending block; cut if it completes the round.
+
+        A notice for any other height (late, early, sent from a stale view)
+        changes nothing; one not signed by a voter of the pending block, over
+        ``idle_notice_bytes``, is refused.
+        """
+        params = self.genesis.params
+        if not (params.anchor_round_cut and params.anchor_idle_notice):
+            raise InvalidInput("idle notices are off in this consortium")
+        height = envelope.get("height")
+        if type(height) is not int:
+            raise InvalidInput("idle notice needs an integer height")
+        if height != self._tip_header.height + 1:
+            return
+        sig = Signature.from_json(envelope.get("signature"))
+        # As for a cut marker: the members who vote on the block, whatever the
+        # pending transactions would change.
+        member = self._members_before(height).by_fingerprint(sig.signer)
+        if member is None:
+            raise InvalidInput("idle notice not signed by a member")
+        member.signing_key.verify(sig, idle_notice_bytes(self.chain_id, height))
+        self._pending.idle.add(member.id)
+        if self._anchor_round_complete(self._pending):
+            self._cut()
+
+    def notify_idle(self) -> bool:
+        """Say through the order that this member has nothing new to anchor in the pending block.
+
+        Called by the anchorer at a slot where the private chain has not grown
+        since its anchor in the order. Sent only where the genesis enables idle
+        notices, once live, by a voter of the pending block, at most once per
+        height, and only while anchoring is active: anchors are pending, or the
+        newest block with anchors was cut at most ``_IDLE_ACTIVE_INTERVALS`` anchor
+        intervals ago by this member's monotonic clock. A consortium where nobody
+        anchors therefore stores no notices (they are kept in the replicated
+        stream). Returns whether a notice was sent.
+        """
+        params = self.genesis.params
+        if not (params.anchor_round_cut and params.anchor_idle_notice and self._live):
+            return False
+        height = self._tip_header.height + 1
+        if height <= self._idle_sent_height or self.member_id in self._pending.anchorers:
+            return False
+        if self._members_before(height).by_fingerprint(self._key.fingerprint) is None:
+            return False
+        window = _IDLE_ACTIVE_INTERVALS * params.anchor_interval_ms / 1000
+        recent = (
+            self._anchors_cut_at is not None and self._monotonic() - self._anchors_cut_at <= window
+        )
+        if not (recent or self._pending.anchorers):
+            return False
+        self._idle_sent_height = height
+        notice = canonical_bytes(
+            {
+                "kind": MSG_IDLE,
+                "height": height,
+                "signature": self._key.sign(idle_notice_bytes(self.chain_id, height)).to_json(),
+            }
+        )
+        # One id per member and height, as for cut markers.
+        self._publish(
+            notice,
+            f"idle-{self.genesis.consortium}-{height}-{self.member_id}",
+            needed=functools.partial(self._not_cut_yet, height),
+        )
+        return True
 
     def _on_cut(self, envelope: dict[str, Any]) -> None:
         height = envelope.get("height")
@@ -422,7 +514,10 @@ class ConsortiumMember:
         time_ms = self._next_block_time(p)
         self._pending = _Pending()
         if p.anchorers:
-            self._anchor_round = frozenset(p.anchorers)
+            # An idle member stays in the round: it anchors or sends a notice again
+            # at the next slot. One that does neither costs one block the cut timer.
+            self._anchor_round = frozenset(p.anchorers | p.idle)
+            self._anchors_cut_at = self._monotonic()
         first_index = self._log.size
         block_log = CompactRange()
         nodes = []

@@ -1,0 +1,374 @@
+"""Idle notices (decision 0064): a member with nothing new to anchor at a slot says so.
+
+``{"kind": "idle", "height": h, "signature": <member over idle_notice_bytes>}`` goes
+through the order, is in no block, and completes the anchor round for the pending
+block ``h`` in place of that member's anchor. With ``SLOW`` parameters no member's
+cut timer fires during a test, so a block cut here without a published marker was
+cut by the round rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from consortium_net import (
+    MakeNetwork,
+    Network,
+    idle_notice_bytes,
+    idle_payload,
+    marker_bytes,
+    marker_payload,
+    order_messages,
+    publish_marker,
+    publish_tx,
+    wait_until,
+)
+
+from medledger.core.consortium import ConsortiumParams, clock_bytes
+from medledger.core.encoding import canonical_bytes, parse_canonical
+from medledger.core.hashing import sha256
+from medledger.core.keys import SigningKey
+from medledger.core.models import BlockHeader, Signature
+from medledger.ledger.anchoring import Anchorer
+from medledger.ledger.consortium.verify import ConsortiumPolicy
+from medledger.ledger.verify import verify_chain
+
+#: Cut timers that never fire within a test; anchor rounds and idle notices on.
+SLOW = ConsortiumParams(cut_after_ms=600_000)
+#: A genesis written after anchor rounds (0053) but before idle notices existed.
+SLOW_ROUNDS_ONLY = ConsortiumParams.from_json({"cut_after_ms": 600_000, "anchor_round_cut": True})
+MEMBERS = ("h0", "h1", "h2", "h3")
+OUTSIDER = SigningKey.generate()
+#: The genesis anchor interval in seconds: notices are sent for two of them after
+#: the newest block with anchors was cut.
+INTERVAL_S = SLOW.anchor_interval_ms / 1000
+
+
+class FakeMonotonic:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tips(net: Network) -> set[int]:
+    return {m.status()["tip_height"] for m in net.members.values()}
+
+
+async def anchor(net: Network, mid: str, round_no: int) -> bytes:
+    """Write to ``mid``'s private chain and publish its anchor; the anchor tx's hash."""
+    await net.write_private(mid, 2, tag=f"round-{round_no}")
+    tx = net.anchorers[mid].anchor_tx()
+    assert tx is not None
+    await publish_tx(net.orderer, tx)
+    return tx.hash()
+
+
+async def seen_by_all(net: Network, tx_hash: bytes) -> None:
+    await wait_until(
+        lambda: all(tx_hash in m.state.seen for m in net.members.values()),
+        "every member to take the transaction into its order",
+    )
+
+
+async def anchors_in_order(net: Network, members: tuple[str, ...], round_no: int) -> list[bytes]:
+    hashes = [await anchor(net, mid, round_no) for mid in members]
+    for tx_hash in hashes:
+        await seen_by_all(net, tx_hash)
+    return hashes
+
+
+async def everyone_read_so_far(net: Network) -> bytes:
+    """Publish an access tx and wait until every member has it: all before it is read.
+
+    The tx joins the pending block; it neither completes nor resets a round.
+    """
+    tx = net.access("h1")
+    await publish_tx(net.orderer, tx)
+    await seen_by_all(net, tx.hash())
+    return tx.hash()
+
+
+async def final_everywhere(net: Network, height: int) -> None:
+    for member in net.members.values():
+        await member.wait_final(height, timeout=5)
+
+
+async def first_round_by_marker(net: Network) -> None:
+    """Round 0: every member anchors; nothing anchored before, so a marker cuts block 1."""
+    await anchors_in_order(net, MEMBERS, 0)
+    assert tips(net) == {0}, "a first round of anchors was cut without a marker"
+    await publish_marker(net.orderer, net.chain_id, 1, net.keys["h0"], "marker-1")
+    await final_everywhere(net, 1)
+
+
+async def publish_notice(net: Network, mid: str, height: int) -> None:
+    payload = idle_payload(net.chain_id, height, net.keys[mid])
+    await net.orderer.publish(f"test-idle-{height}-{mid}", payload)
+
+
+async def idle_notices(net: Network) -> list[dict[str, Any]]:
+    """Every idle notice in the order, parsed."""
+    out = []
+    for _, payload in await order_messages(net.orderer):
+        doc = parse_canonical(payload)
+        if isinstance(doc, dict) and doc.get("kind") == "idle":
+            out.append(doc)
+    return out
+
+
+def block_tx_hashes(net: Network, mid: str, height: int) -> list[bytes]:
+    store = net.open_store(net.consortium_path(mid))
+    return [sha256(d) for d in store.block(height).tx_data]
+
+
+async def round_with_an_idle_member(net: Network) -> list[bytes]:
+    """Rounds 0-2; in round 1 h3 has nothing new and sends a notice first."""
+    await first_round_by_marker(net)
+    await publish_notice(net, "h3", 2)
+    second_round = await anchors_in_order(net, MEMBERS[:2], 1)
+    assert tips(net) == {1}, "the block was cut before the round was complete"
+    second_round.append(await anchor(net, "h2", 1))
+    # No marker: h2's anchor, the last of (anchors + notice), cuts block 2.
+    await final_everywhere(net, 2)
+    assert tips(net) == {2}
+    # The idle member stayed in the round: round 2 is cut by the last of four anchors.
+    await anchors_in_order(net, MEMBERS[:3], 2)
+    assert tips(net) == {2}, "round 2 was cut without h3's anchor"
+    await anchor(net, "h3", 2)
+    await final_everywhere(net, 3)
+    return second_round
+
+
+def test_an_idle_members_notice_completes_the_round(network: MakeNetwork) -> None:
+    net = network(4, params=SLOW)
+    assert net.genesis.to_json()["params"]["anchor_idle_notice"] is True
+
+    async def scenario(net: Network) -> list[bytes]:
+        await net.start(*MEMBERS)
+        return await round_with_an_idle_member(net)
+
+    second_round = net.run(scenario)
+    for mid in MEMBERS:
+        store = net.open_store(net.consortium_path(mid))
+        verify_chain(store, policy=ConsortiumPolicy(net.genesis))
+        # The notice is in no block: block 2 holds exactly the three anchors.
+        assert block_tx_hashes(net, mid, 2) == second_round
+        assert BlockHeader.decode(store.block(3).header_bytes).tx_count == 4
+
+
+def test_a_replay_from_the_start_cuts_the_same_blocks(network: MakeNetwork) -> None:
+    """An observer reading the stream from the start counts the notice where the members did."""
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await round_with_an_idle_member(net)
+        (observer,) = await net.start("h9")  # not in the genesis: replays, never votes
+        await observer.wait_final(3, timeout=5)
+        assert observer.status()["tip_height"] == 3
+
+    net.run(scenario)
+    replayed = net.open_store(net.consortium_path("h9"))
+    original = net.open_store(net.consortium_path("h0"))
+    verify_chain(replayed, policy=ConsortiumPolicy(net.genesis))
+    for height in range(4):
+        assert replayed.block(height).block_hash == original.block(height).block_hash
+
+
+def test_without_the_parameter_a_notice_cuts_nothing(network: MakeNetwork) -> None:
+    """A consortium founded before idle notices keeps the 0053 rule and sends none."""
+    net = network(4, params=SLOW_ROUNDS_ONLY)
+    assert "anchor_idle_notice" not in net.genesis.to_json()["params"]
+    assert net.genesis.params.anchor_round_cut and not net.genesis.params.anchor_idle_notice
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await first_round_by_marker(net)
+        await anchors_in_order(net, MEMBERS[:3], 1)
+        await publish_notice(net, "h3", 2)
+        assert not net.members["h3"].notify_idle()
+        await everyone_read_so_far(net)
+        assert tips(net) == {1}, "an idle notice counted where the genesis has them off"
+        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h1"], "marker-2")
+        await final_everywhere(net, 2)
+        assert len(await idle_notices(net)) == 1  # the test's own, nothing from a member
+
+    net.run(scenario)
+
+
+async def publish_bad_notice(net: Network, bad: str) -> None:
+    """Something that is not h3's idle notice for the pending height 2."""
+    chain, key, height = net.chain_id, net.keys["h3"], 2
+    if bad == "early":
+        payload = idle_payload(chain, height + 1, key)
+    elif bad == "late":
+        payload = idle_payload(chain, height - 1, key)
+    elif bad == "unsigned":
+        payload = idle_payload(chain, height, None)
+    elif bad == "outsider":
+        payload = idle_payload(chain, height, OUTSIDER)
+    elif bad == "forged-signer":  # an outsider's signature claiming to be h3's
+        forged = OUTSIDER.sign(idle_notice_bytes(chain, height))
+        sig = Signature(signer=key.fingerprint, alg=forged.alg, sig=forged.sig)
+        payload = canonical_bytes({"kind": "idle", "height": height, "signature": sig.to_json()})
+    elif bad == "other-chain":
+        payload = idle_payload(chain, height, key, signed=idle_notice_bytes("private:h3", height))
+    elif bad == "other-height-signature":
+        payload = idle_payload(chain, height, key, signed=idle_notice_bytes(chain, height + 1))
+    elif bad == "cut-marker-signature":  # a marker's signature does not make a notice
+        payload = idle_payload(chain, height, key, signed=marker_bytes(chain, height))
+    elif bad == "clock-signature":
+        payload = idle_payload(chain, height, key, signed=clock_bytes(chain, height, 1))
+    else:  # "string-height"
+        payload = idle_payload(chain, str(height), key)
+    await net.orderer.publish(f"bad-idle-{bad}", payload)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "early",
+        "late",
+        "unsigned",
+        "outsider",
+        "forged-signer",
+        "other-chain",
+        "other-height-signature",
+        "cut-marker-signature",
+        "clock-signature",
+        "string-height",
+    ],
+)
+def test_only_a_members_notice_for_the_pending_height_counts(
+    network: MakeNetwork, bad: str
+) -> None:
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await first_round_by_marker(net)
+        await anchors_in_order(net, MEMBERS[:3], 1)
+        await publish_bad_notice(net, bad)
+        await everyone_read_so_far(net)
+        assert tips(net) == {1}, f"a bad idle notice ({bad}) completed the round"
+        await publish_notice(net, "h3", 2)
+        await final_everywhere(net, 2)
+        assert tips(net) == {2}
+
+    net.run(scenario)
+
+
+def test_a_notice_signature_does_not_make_a_cut_marker(network: MakeNetwork) -> None:
+    """Domain separation the other way: h3's notice signature in a cut marker cuts nothing."""
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS)
+        await first_round_by_marker(net)
+        await anchors_in_order(net, MEMBERS[:3], 1)
+        doc = parse_canonical(marker_payload(net.chain_id, 2, None))
+        notice_sig = net.keys["h3"].sign(idle_notice_bytes(net.chain_id, 2))
+        doc["signature"] = notice_sig.to_json()
+        await net.orderer.publish("marker-with-notice-signature", canonical_bytes(doc))
+        await everyone_read_so_far(net)
+        assert tips(net) == {1}, "an idle notice's signature cut a block as a marker"
+
+    net.run(scenario)
+
+
+def test_a_member_sends_notices_only_while_anchoring_is_active(network: MakeNetwork) -> None:
+    net = network(4, params=SLOW)
+    clock = FakeMonotonic()
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS, monotonic=clock)
+        h3 = net.members["h3"]
+        assert not h3.notify_idle(), "a notice before anyone ever anchored"
+        await first_round_by_marker(net)  # block 1, with anchors, cut at 0.0
+        await anchors_in_order(net, MEMBERS[:3], 1)
+        clock.now = INTERVAL_S * 1.5
+        assert h3.notify_idle()
+        assert not h3.notify_idle(), "a second notice for the same height"
+        await final_everywhere(net, 2)  # cut by h3's notice
+        sent = await idle_notices(net)
+        assert [n["height"] for n in sent] == [2]
+        # Quiet: no anchors for longer than two intervals. Blocks of other
+        # transactions go on being cut; nobody sends a notice for them.
+        clock.now += 2 * INTERVAL_S + 0.01
+        for height in (3, 4, 5):
+            await everyone_read_so_far(net)
+            assert not any(m.notify_idle() for m in net.members.values())
+            await publish_marker(net.orderer, net.chain_id, height, net.keys["h0"], f"m{height}")
+            await final_everywhere(net, height)
+        assert len(await idle_notices(net)) == 1
+        # Anchors pending again: the others' notices may complete the round at once.
+        await anchors_in_order(net, ("h0",), 2)
+        assert [mid for mid in MEMBERS[1:] if net.members[mid].notify_idle()] == ["h1", "h2", "h3"]
+        await final_everywhere(net, 6)
+        assert len(await idle_notices(net)) == 4
+
+    net.run(scenario)
+
+
+def test_the_anchorer_sends_a_notice_at_a_slot_with_nothing_new_while_active(
+    network: MakeNetwork, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = network(4, params=SLOW)
+    clock = FakeMonotonic()
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS, monotonic=clock)
+        await first_round_by_marker(net)  # block 1 holds h3's anchor: nothing new since
+        member = net.members["h3"]
+        calls: list[bool] = []
+        notify = member.notify_idle
+
+        def counting_notify() -> bool:
+            sent = notify()
+            calls.append(sent)
+            return sent
+
+        monkeypatch.setattr(member, "notify_idle", counting_notify)
+        anchorer = Anchorer(
+            institution="h3",
+            chain=net.chains["h3"],
+            member=member,
+            key=net.keys["h3"],
+            interval_ms=10,
+        )
+        anchorer.start()
+        try:
+            # Active (block 1 was cut "now"): h3's notice and the others' anchors cut block 2.
+            await anchors_in_order(net, MEMBERS[:3], 1)
+            await final_everywhere(net, 2)
+            assert [n["height"] for n in await idle_notices(net)][:1] == [2]
+            # Quiet for longer than two intervals (until then the anchorer may have
+            # sent its notice for height 3 too); a block without anchors is cut.
+            clock.now = 2 * INTERVAL_S + 0.01
+            await everyone_read_so_far(net)
+            await publish_marker(net.orderer, net.chain_id, 3, net.keys["h0"], "marker-3")
+            await final_everywhere(net, 3)
+            seen = len(calls)
+            await wait_until(lambda: len(calls) >= seen + 3, "three more slots of the anchorer")
+            assert not any(calls[seen:])
+            quiet = [n["height"] for n in await idle_notices(net)]
+            assert quiet in ([2], [2, 3])
+            # Something new: the anchorer anchors at its next slot instead.
+            await net.write_private("h3", 1, tag="new")
+            await wait_until(
+                lambda: (
+                    (a := member.ordered_anchor("h3")) is not None
+                    and a.log_size == net.chains["h3"].head.log_size
+                ),
+                "h3's new anchor in the order",
+            )
+            assert [n["height"] for n in await idle_notices(net)] == quiet
+        finally:
+            await anchorer.close()
+
+    net.run(scenario)
