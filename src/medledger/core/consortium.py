@@ -194,7 +194,7 @@ class ConsortiumParams:
     anchor_round_cut: bool = True
     #: With ``anchor_round_cut``: a member with nothing new to anchor at a slot sends
     #: a signed idle notice for the pending block, and the round is also complete
-    #: when every member of it has an anchor or a notice there (decision 0064). On
+    #: when every member of it has an anchor or a notice there (decision 0066). On
     #: in every new genesis; absent means off, as for ``anchor_round_cut``.
     anchor_idle_notice: bool = True
     #: The fields a genesis document wrote (``from_json``), or ``None``: every field

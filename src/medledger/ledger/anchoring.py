@@ -135,13 +135,14 @@ class Anchorer:
                     failed[0], sent_size, sent_prev = False, 0, 0  # start again from the order
                 tx: Transaction | None = None
                 on_the_way = False  # builds on an anchor not in the order yet
-                nothing_new = False  # the newest anchor in the order is the head
+                nothing_new = False  # the head is anchored (in the order, or on the way)
                 try:
                     if ordered_size >= sent_size or not pending:
                         tx = self.anchor_tx()
                         nothing_new = tx is None
                     elif ordered_size >= sent_prev:
                         tx, on_the_way = self.anchor_tx(after_size=sent_size), True
+                        nothing_new = tx is None
                 except MedledgerError as exc:
                     log.warning("anchoring failed, will retry: %s", exc)
                 if tx is not None:
@@ -152,8 +153,8 @@ class Anchorer:
                     task.add_done_callback(done)
                 elif nothing_new:
                     # The others' anchors for this slot go out now: say this member
-                    # has none, so their block need not wait for the cut timer (0064).
-                    self._member.notify_idle()
+                    # has none, so their block need not wait for the cut timer (0066).
+                    self._member.notify_idle(anchor_on_the_way=on_the_way)
                 await asyncio.sleep(self.next_anchor_delay_s())
         finally:
             for task in pending:

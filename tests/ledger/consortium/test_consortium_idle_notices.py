@@ -1,4 +1,4 @@
-"""Idle notices (decision 0064): a member with nothing new to anchor at a slot says so.
+"""Idle notices (decision 0066): a member with nothing new to anchor at a slot says so.
 
 ``{"kind": "idle", "height": h, "signature": <member over idle_notice_bytes>}`` goes
 through the order, is in no block, and completes the anchor round for the pending
@@ -9,6 +9,9 @@ cut by the round rule.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,9 +22,11 @@ from consortium_net import (
     idle_payload,
     marker_bytes,
     marker_payload,
+    now_ms,
     order_messages,
     publish_marker,
     publish_tx,
+    sign_tx,
     wait_until,
 )
 
@@ -32,10 +37,15 @@ from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.consortium.verify import ConsortiumPolicy
+from medledger.ledger.ordering.port import OrderedMessage, Orderer
 from medledger.ledger.verify import verify_chain
 
-#: Cut timers that never fire within a test; anchor rounds and idle notices on.
-SLOW = ConsortiumParams(cut_after_ms=600_000)
+#: Cut timers that never fire within a test; anchor rounds and idle notices on. The
+#: minute-long anchor interval keeps every anchor a test stamps "now" in the slot
+#: it notifies at (a member names the block after the pending one if that still
+#: collects an earlier slot's anchors).
+SLOW = ConsortiumParams(cut_after_ms=600_000, anchor_interval_ms=60_000)
+INTERVAL_MS = SLOW.anchor_interval_ms
 #: A genesis written after anchor rounds (0053) but before idle notices existed.
 SLOW_ROUNDS_ONLY = ConsortiumParams.from_json({"cut_after_ms": 600_000, "anchor_round_cut": True})
 MEMBERS = ("h0", "h1", "h2", "h3")
@@ -59,11 +69,16 @@ def tips(net: Network) -> set[int]:
     return {m.status()["tip_height"] for m in net.members.values()}
 
 
-async def anchor(net: Network, mid: str, round_no: int) -> bytes:
-    """Write to ``mid``'s private chain and publish its anchor; the anchor tx's hash."""
+async def anchor(net: Network, mid: str, round_no: int, *, time_ms: int | None = None) -> bytes:
+    """Write to ``mid``'s private chain and publish its anchor; the anchor tx's hash.
+
+    ``time_ms``: the anchor's signed time instead of now (an earlier slot's anchor).
+    """
     await net.write_private(mid, 2, tag=f"round-{round_no}")
     tx = net.anchorers[mid].anchor_tx()
     assert tx is not None
+    if time_ms is not None:
+        tx = sign_tx(replace(tx, time_ms=time_ms), net.keys[mid])
     await publish_tx(net.orderer, tx)
     return tx.hash()
 
@@ -328,8 +343,8 @@ def test_the_anchorer_sends_a_notice_at_a_slot_with_nothing_new_while_active(
         calls: list[bool] = []
         notify = member.notify_idle
 
-        def counting_notify() -> bool:
-            sent = notify()
+        def counting_notify(*, anchor_on_the_way: bool = False) -> bool:
+            sent = notify(anchor_on_the_way=anchor_on_the_way)
             calls.append(sent)
             return sent
 
@@ -370,5 +385,131 @@ def test_the_anchorer_sends_a_notice_at_a_slot_with_nothing_new_while_active(
             assert [n["height"] for n in await idle_notices(net)] == quiet
         finally:
             await anchorer.close()
+
+    net.run(scenario)
+
+
+class HeldNotices:
+    """The order as one member sees it: its idle notices wait until released.
+
+    A notice then reaches the order after what the test publishes meanwhile, as
+    one sent from a view that lags the order does.
+    """
+
+    def __init__(self, inner: Orderer) -> None:
+        self._inner = inner
+        self.released = asyncio.Event()
+        self.held: list[str] = []
+
+    async def publish(self, msg_id: str, payload: bytes) -> int:
+        if msg_id.startswith("idle-"):
+            self.held.append(msg_id)
+            await self.released.wait()
+        return await self._inner.publish(msg_id, payload)
+
+    async def broadcast(self, payload: bytes) -> None:
+        await self._inner.broadcast(payload)
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        return self._inner.broadcasts()
+
+    def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
+        return self._inner.read(start)
+
+    async def last_seq(self) -> int:
+        return await self._inner.last_seq()
+
+    async def close(self) -> None:
+        return None
+
+
+async def start_with_held_notices(net: Network) -> HeldNotices:
+    held = HeldNotices(net.orderer)
+    await net.start(*MEMBERS[:3])
+    await net.start("h3", orderer=held)
+    return held
+
+
+async def release(net: Network, held: HeldNotices, count: int) -> None:
+    """Let h3's held notices (``count`` of them) into the order; wait until all read them."""
+    await wait_until(lambda: len(held.held) == count, f"h3 to send {count} notice(s)")
+    held.released.set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while len(await idle_notices(net)) < count:
+        assert loop.time() < deadline, "h3's released notices did not reach the order"
+        await asyncio.sleep(0.005)
+    await everyone_read_so_far(net)
+
+
+@pytest.mark.parametrize("behind", ["earlier-anchor-pending", "own-anchor-on-the-way"])
+def test_a_member_whose_view_lags_names_the_block_after(network: MakeNetwork, behind: str) -> None:
+    """The pending block still collects an earlier slot's anchors: the notice names the
+    next one, and counts there once it arrives after the earlier block was cut."""
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        held = await start_with_held_notices(net)
+        await first_round_by_marker(net)
+        earlier = now_ms() - 2 * INTERVAL_MS
+        if behind == "earlier-anchor-pending":
+            await seen_by_all(net, await anchor(net, "h0", 1, time_ms=earlier))
+            assert net.members["h3"].notify_idle()
+            await anchors_in_order(net, ("h1", "h2"), 1)
+            await anchor(net, "h3", 1, time_ms=earlier)
+        else:
+            assert net.members["h3"].notify_idle(anchor_on_the_way=True)
+            for mid in MEMBERS:
+                await anchor(net, mid, 1, time_ms=earlier)
+        await final_everywhere(net, 2)  # the earlier slot's round, complete
+        await release(net, held, 1)
+        assert [n["height"] for n in await idle_notices(net)] == [3]
+        # This slot's anchors: h3's notice completes the round with the other three.
+        await anchors_in_order(net, MEMBERS[:2], 2)
+        assert tips(net) == {2}
+        await anchor(net, "h2", 2)
+        await final_everywhere(net, 3)
+
+    net.run(scenario)
+
+
+def test_a_notice_overtaken_by_an_earlier_slots_cut_is_sent_again(network: MakeNetwork) -> None:
+    """h3 names block 2, which is cut with an earlier slot's anchors before its notice
+    arrives: the notice for 2 changes nothing, the one sent again for 3 counts."""
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        held = await start_with_held_notices(net)
+        await first_round_by_marker(net)
+        assert net.members["h3"].notify_idle()  # names 2: nothing pending in its view
+        # The earlier slot's anchors reach the order first (h3's own among them):
+        # they complete the round and cut block 2 before h3's notice arrives.
+        earlier = now_ms() - 2 * INTERVAL_MS
+        for mid in MEMBERS:
+            await anchor(net, mid, 1, time_ms=earlier)
+        await final_everywhere(net, 2)
+        await release(net, held, 2)
+        assert [n["height"] for n in await idle_notices(net)] == [2, 3]
+        await anchors_in_order(net, MEMBERS[:2], 2)
+        assert tips(net) == {2}
+        await anchor(net, "h2", 2)
+        await final_everywhere(net, 3)
+
+    net.run(scenario)
+
+
+def test_a_notice_is_not_sent_again_once_its_slots_block_is_cut(network: MakeNetwork) -> None:
+    """The block h3 named is cut holding this slot's anchors: no second notice."""
+    net = network(4, params=SLOW)
+
+    async def scenario(net: Network) -> None:
+        held = await start_with_held_notices(net)
+        await first_round_by_marker(net)
+        assert net.members["h3"].notify_idle()
+        await anchors_in_order(net, MEMBERS[:3], 1)
+        await publish_marker(net.orderer, net.chain_id, 2, net.keys["h0"], "marker-2")
+        await final_everywhere(net, 2)
+        await release(net, held, 1)
+        assert [n["height"] for n in await idle_notices(net)] == [2]
 
     net.run(scenario)

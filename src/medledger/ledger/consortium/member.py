@@ -18,7 +18,7 @@ blocks without talking to each other:
   ``anchor_idle_notice``, a member with nothing new to anchor at a slot sends
   a member-signed ``idle`` notice for the pending height instead (not in any
   block), and the round is complete once each of its members has an anchor
-  or a notice in the pending block, with at least one anchor (decision 0064).
+  or a notice in the pending block, with at least one anchor (decision 0066).
 * Block time comes from the members' clocks, not the ordering service's (a
   ``solo`` order is stamped by whichever member published; a JetStream order
   by one server): each vote carries its member's signed clock reading, and
@@ -170,6 +170,7 @@ class _Pending:
     marker_sent: bool = False
     anchorers: set[str] = field(default_factory=set)  # members with an anchor here
     idle: set[str] = field(default_factory=set)  # members with an idle notice for here
+    anchor_times: list[int] = field(default_factory=list)  # the anchors' signed time_ms
 
 
 class ConsortiumMember:
@@ -215,6 +216,10 @@ class ConsortiumMember:
         # newest height this member sent an idle notice for.
         self._anchors_cut_at: float | None = None
         self._idle_sent_height = 0
+        # The slot (wall-clock ms) this member last said it had nothing new at, and
+        # whether its own anchor from an earlier slot was still on its way then.
+        self._idle_slot_ms: int | None = None
+        self._idle_behind = False
         self._cuts: dict[int, _Cut] = {}
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
         self._final_height = 0
@@ -386,6 +391,7 @@ class ConsortiumMember:
         p.size += len(data)
         if tx.type == ANCHOR:
             p.anchorers.add(str(tx.body["institution"]))
+            p.anchor_times.append(tx.time_ms)
         if p.first_seen is None:
             p.first_seen = self._monotonic()
             self._cut_wanted.set()
@@ -444,31 +450,67 @@ class ConsortiumMember:
         if self._anchor_round_complete(self._pending):
             self._cut()
 
-    def notify_idle(self) -> bool:
-        """Say through the order that this member has nothing new to anchor in the pending block.
+    def notify_idle(self, *, anchor_on_the_way: bool = False) -> bool:
+        """Say through the order that this member has nothing new to anchor at this slot.
 
         Called by the anchorer at a slot where the private chain has not grown
-        since its anchor in the order. Sent only where the genesis enables idle
-        notices, once live, by a voter of the pending block, at most once per
-        height, and only while anchoring is active: anchors are pending, or the
-        newest block with anchors was cut at most ``_IDLE_ACTIVE_INTERVALS`` anchor
-        intervals ago by this member's monotonic clock. A consortium where nobody
-        anchors therefore stores no notices (they are kept in the replicated
-        stream). Returns whether a notice was sent.
+        since its newest anchor; ``anchor_on_the_way``: that anchor was sent but
+        is not in the order yet. Sent only where the genesis enables idle
+        notices, once live, by a voter, at most once per height, and only while
+        anchoring is active: anchors are pending, or the newest block with
+        anchors was cut at most ``_IDLE_ACTIVE_INTERVALS`` anchor intervals ago by
+        this member's monotonic clock. A consortium where nobody anchors
+        therefore stores no notices (they are kept in the replicated stream).
+
+        The notice names the block that will hold this slot's anchors: the
+        pending one, or the one after it if the pending block (as seen here)
+        still collects an earlier slot's anchors; and if the block it named is
+        cut holding only an earlier slot's anchors before the notice arrived, it
+        is sent again for the next one (``_idle_after_cut``), at most once per
+        height and only until the next slot. Only what is sent
+        reads the clocks; what counts is decided by the order alone
+        (``_on_idle``). Returns whether a notice was sent.
         """
         params = self.genesis.params
         if not (params.anchor_round_cut and params.anchor_idle_notice and self._live):
-            return False
-        height = self._tip_header.height + 1
-        if height <= self._idle_sent_height or self.member_id in self._pending.anchorers:
-            return False
-        if self._members_before(height).by_fingerprint(self._key.fingerprint) is None:
             return False
         window = _IDLE_ACTIVE_INTERVALS * params.anchor_interval_ms / 1000
         recent = (
             self._anchors_cut_at is not None and self._monotonic() - self._anchors_cut_at <= window
         )
         if not (recent or self._pending.anchorers):
+            return False
+        now = self._clock.now_ms()
+        self._idle_slot_ms = now - now % params.anchor_interval_ms
+        self._idle_behind = anchor_on_the_way
+        return self._send_idle_notice()
+
+    def _idle_claim_current(self) -> bool:
+        """Whether the slot this member said it is idle at has not ended (by its clock)."""
+        slot = self._idle_slot_ms
+        interval = self.genesis.params.anchor_interval_ms
+        return slot is not None and self._clock.now_ms() < slot + interval
+
+    def _from_earlier_slot(self, anchor_time_ms: int) -> bool:
+        """Whether an anchor stamped ``anchor_time_ms`` was sent before the idle slot.
+
+        Half an interval of slack: institutions' clocks differ by a few ms.
+        """
+        slot = self._idle_slot_ms
+        return (
+            slot is not None and anchor_time_ms < slot - self.genesis.params.anchor_interval_ms // 2
+        )
+
+    def _send_idle_notice(self) -> bool:
+        """Send the notice for the current idle slot, for the block its anchors will be in."""
+        if not self._idle_claim_current():
+            return False
+        p = self._pending
+        behind = self._idle_behind or any(self._from_earlier_slot(t) for t in p.anchor_times)
+        height = self._tip_header.height + (2 if behind else 1)
+        if height <= self._idle_sent_height:
+            return False
+        if self._members_before(height).by_fingerprint(self._key.fingerprint) is None:
             return False
         self._idle_sent_height = height
         notice = canonical_bytes(
@@ -485,6 +527,21 @@ class ConsortiumMember:
             needed=functools.partial(self._not_cut_yet, height),
         )
         return True
+
+    def _idle_after_cut(self, cut: _Pending, height: int) -> None:
+        """A block with anchors was cut. If it is the one this member's notice named but
+        held only an earlier slot's anchors, this slot's go in the next: say it again."""
+        if self._idle_slot_ms is None or not self._live:
+            return
+        if not self._idle_claim_current() or not all(
+            self._from_earlier_slot(t) for t in cut.anchor_times
+        ):
+            self._idle_slot_ms = None  # the slot's block is cut, or the slot is over
+            return
+        if self.member_id in cut.anchorers:
+            self._idle_behind = False  # this member's earlier anchor is in now
+        if self._idle_sent_height == height:
+            self._send_idle_notice()
 
     def _on_cut(self, envelope: dict[str, Any]) -> None:
         height = envelope.get("height")
@@ -551,6 +608,8 @@ class ConsortiumMember:
         voters = self._members_before(header.height)
         self._cuts[header.height] = _Cut(block=block, members=voters, state=self._state.copy())
         self._tip_header, self._tip_hash = header, block_hash
+        if p.anchorers:
+            self._idle_after_cut(p, header.height)
         if header.height <= self._stored_height:
             # Stored means final: a quorum voted, no vote of ours is needed (and on a
             # divergence none may be sent).
