@@ -71,14 +71,17 @@ def clock_bytes(chain_id: str, height: int, time_ms: int) -> bytes:
     )
 
 
-def idle_notice_bytes(chain_id: str, height: int) -> bytes:
-    """What a member signs to say it has nothing new to anchor in block ``height``.
+def idle_notice_bytes(chain_id: str, height: int, time_ms: int) -> bytes:
+    """What a member signs to say it had nothing new to anchor at ``time_ms`` (its
+    anchor slot), for block ``height``.
 
     The ``kind`` keeps these bytes apart from a cut marker's (``"cut"``), a clock
     reading's (``"clock"``) and a vote (a bare block hash): no signature made for
     one of them checks as another.
     """
-    return canonical_bytes({"chain": chain_id, "kind": "idle", "height": height})
+    return canonical_bytes(
+        {"chain": chain_id, "kind": "idle", "height": height, "time_ms": time_ms}
+    )
 
 
 def block_time_bound(prev_time_ms: int, tx_times: Sequence[int], skew_ms: int) -> int:
@@ -194,7 +197,8 @@ class ConsortiumParams:
     anchor_round_cut: bool = True
     #: With ``anchor_round_cut``: a member with nothing new to anchor at a slot sends
     #: a signed idle notice for the pending block, and the round is also complete
-    #: when every member of it has an anchor or a notice there (decision 0066). On
+    #: when every member of it has an anchor, or a notice from the slot of the
+    #: newest anchor, there (decision 0066). On
     #: in every new genesis; absent means off, as for ``anchor_round_cut``.
     anchor_idle_notice: bool = True
     #: The fields a genesis document wrote (``from_json``), or ``None``: every field

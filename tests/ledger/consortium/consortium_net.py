@@ -120,21 +120,29 @@ def marker_bytes(chain_id: str, height: int) -> bytes:
     return canonical_bytes({"chain": chain_id, "kind": "cut", "height": height})
 
 
-def idle_notice_bytes(chain_id: str, height: int) -> bytes:
-    """What a member signs to say it has nothing to anchor at ``height`` (the fixed format)."""
-    return canonical_bytes({"chain": chain_id, "kind": "idle", "height": height})
+def idle_notice_bytes(chain_id: str, height: int, time_ms: int) -> bytes:
+    """What a member signs to say it had nothing to anchor at ``time_ms``, for block
+    ``height`` (the fixed format)."""
+    return canonical_bytes(
+        {"chain": chain_id, "kind": "idle", "height": height, "time_ms": time_ms}
+    )
 
 
 def idle_payload(
-    chain_id: str, height: Any, key: SigningKey | None, *, signed: bytes | None = None
+    chain_id: str,
+    height: Any,
+    key: SigningKey | None,
+    *,
+    time_ms: Any = None,
+    signed: bytes | None = None,
 ) -> bytes:
-    """An idle notice for ``height`` signed by ``key`` (``None``: unsigned).
-
-    ``signed``: the bytes to sign instead of the notice's own (another message's).
-    """
-    doc: dict[str, Any] = {"kind": "idle", "height": height}
+    """An idle notice for ``height`` at ``time_ms`` (default: now) signed by ``key``
+    (``None``: unsigned). ``signed``: the bytes to sign instead of the notice's own."""
+    time_ms = now_ms() if time_ms is None else time_ms
+    doc: dict[str, Any] = {"kind": "idle", "height": height, "time_ms": time_ms}
     if key is not None:
-        doc["signature"] = key.sign(signed or idle_notice_bytes(chain_id, height)).to_json()
+        own = signed or idle_notice_bytes(chain_id, height, time_ms)
+        doc["signature"] = key.sign(own).to_json()
     return canonical_bytes(doc)
 
 

@@ -1,8 +1,9 @@
 """Idle notices (decision 0066): a member with nothing new to anchor at a slot says so.
 
-``{"kind": "idle", "height": h, "signature": <member over idle_notice_bytes>}`` goes
-through the order, is in no block, and completes the anchor round for the pending
-block ``h`` in place of that member's anchor. With ``SLOW`` parameters no member's
+``{"kind": "idle", "height": h, "time_ms": t, "signature": <member over
+idle_notice_bytes>}`` goes through the order, is in no block, and completes the
+anchor round for the pending block ``h`` in place of that member's anchor, if ``t``
+is within half an interval of the newest pending anchor's time. With ``SLOW`` parameters no member's
 cut timer fires during a test, so a block cut here without a published marker was
 cut by the round rule.
 """
@@ -219,8 +220,13 @@ def test_without_the_parameter_a_notice_cuts_nothing(network: MakeNetwork) -> No
 async def publish_bad_notice(net: Network, bad: str) -> None:
     """Something that is not h3's idle notice for the pending height 2."""
     chain, key, height = net.chain_id, net.keys["h3"], 2
+    now = now_ms()
     if bad == "early":
         payload = idle_payload(chain, height + 1, key)
+    elif bad == "earlier-slot":  # a notice that waited from a slot before the anchors'
+        payload = idle_payload(chain, height, key, time_ms=now - INTERVAL_MS)
+    elif bad == "later-slot":
+        payload = idle_payload(chain, height, key, time_ms=now + INTERVAL_MS)
     elif bad == "late":
         payload = idle_payload(chain, height - 1, key)
     elif bad == "unsigned":
@@ -228,17 +234,28 @@ async def publish_bad_notice(net: Network, bad: str) -> None:
     elif bad == "outsider":
         payload = idle_payload(chain, height, OUTSIDER)
     elif bad == "forged-signer":  # an outsider's signature claiming to be h3's
-        forged = OUTSIDER.sign(idle_notice_bytes(chain, height))
+        forged = OUTSIDER.sign(idle_notice_bytes(chain, height, now))
         sig = Signature(signer=key.fingerprint, alg=forged.alg, sig=forged.sig)
-        payload = canonical_bytes({"kind": "idle", "height": height, "signature": sig.to_json()})
+        doc = {"kind": "idle", "height": height, "time_ms": now, "signature": sig.to_json()}
+        payload = canonical_bytes(doc)
     elif bad == "other-chain":
-        payload = idle_payload(chain, height, key, signed=idle_notice_bytes("private:h3", height))
+        other = idle_notice_bytes("private:h3", height, now)
+        payload = idle_payload(chain, height, key, time_ms=now, signed=other)
     elif bad == "other-height-signature":
-        payload = idle_payload(chain, height, key, signed=idle_notice_bytes(chain, height + 1))
+        other = idle_notice_bytes(chain, height + 1, now)
+        payload = idle_payload(chain, height, key, time_ms=now, signed=other)
+    elif bad == "other-time-signature":
+        other = idle_notice_bytes(chain, height, now - 1)
+        payload = idle_payload(chain, height, key, time_ms=now, signed=other)
     elif bad == "cut-marker-signature":  # a marker's signature does not make a notice
         payload = idle_payload(chain, height, key, signed=marker_bytes(chain, height))
     elif bad == "clock-signature":
-        payload = idle_payload(chain, height, key, signed=clock_bytes(chain, height, 1))
+        clock = clock_bytes(chain, height, now)
+        payload = idle_payload(chain, height, key, time_ms=now, signed=clock)
+    elif bad == "no-time":
+        sig = key.sign(idle_notice_bytes(chain, height, now))
+        doc = {"kind": "idle", "height": height, "signature": sig.to_json()}
+        payload = canonical_bytes(doc)
     else:  # "string-height"
         payload = idle_payload(chain, str(height), key)
     await net.orderer.publish(f"bad-idle-{bad}", payload)
@@ -249,13 +266,17 @@ async def publish_bad_notice(net: Network, bad: str) -> None:
     [
         "early",
         "late",
+        "earlier-slot",
+        "later-slot",
         "unsigned",
         "outsider",
         "forged-signer",
         "other-chain",
         "other-height-signature",
+        "other-time-signature",
         "cut-marker-signature",
         "clock-signature",
+        "no-time",
         "string-height",
     ],
 )
@@ -287,7 +308,7 @@ def test_a_notice_signature_does_not_make_a_cut_marker(network: MakeNetwork) -> 
         await first_round_by_marker(net)
         await anchors_in_order(net, MEMBERS[:3], 1)
         doc = parse_canonical(marker_payload(net.chain_id, 2, None))
-        notice_sig = net.keys["h3"].sign(idle_notice_bytes(net.chain_id, 2))
+        notice_sig = net.keys["h3"].sign(idle_notice_bytes(net.chain_id, 2, now_ms()))
         doc["signature"] = notice_sig.to_json()
         await net.orderer.publish("marker-with-notice-signature", canonical_bytes(doc))
         await everyone_read_so_far(net)

@@ -18,7 +18,8 @@ blocks without talking to each other:
   ``anchor_idle_notice``, a member with nothing new to anchor at a slot sends
   a member-signed ``idle`` notice for the pending height instead (not in any
   block), and the round is complete once each of its members has an anchor
-  or a notice in the pending block, with at least one anchor (decision 0066).
+  in the pending block or a notice from the same slot as its newest anchor,
+  with at least one anchor (decision 0066).
 * Block time comes from the members' clocks, not the ordering service's (a
   ``solo`` order is stamped by whichever member published; a JetStream order
   by one server): each vote carries its member's signed clock reading, and
@@ -169,7 +170,8 @@ class _Pending:
     first_seen: float | None = None
     marker_sent: bool = False
     anchorers: set[str] = field(default_factory=set)  # members with an anchor here
-    idle: set[str] = field(default_factory=set)  # members with an idle notice for here
+    # Members with an idle notice for here: member id -> the notice's signed time_ms.
+    idle: dict[str, int] = field(default_factory=dict)
     anchor_times: list[int] = field(default_factory=list)  # the anchors' signed time_ms
 
 
@@ -418,11 +420,23 @@ class ConsortiumMember:
         anchoring delays one block by the cut timer, after which the round no longer
         expects it; a member cannot cut earlier than it already could with a marker.
         """
-        return (
-            bool(self._anchor_round)
-            and bool(pending.anchorers)
-            and self._anchor_round <= pending.anchorers | pending.idle
-        )
+        return bool(self._anchor_round) and self._anchor_round <= self._round_covered(pending)
+
+    def _round_covered(self, pending: _Pending) -> set[str]:
+        """The members with an anchor pending, or a notice from the newest anchor's slot.
+
+        Empty without a pending anchor. A notice counts only if its time is within
+        half an anchor interval of the newest pending anchor's: a notice from an
+        earlier slot (one that waited in a block nobody anchored in) says nothing
+        about this one, and counting it would cut the block before that member's
+        anchor for this slot arrived.
+        """
+        if not pending.anchor_times:
+            return set()
+        newest = max(pending.anchor_times)
+        half = self.genesis.params.anchor_interval_ms // 2
+        same_slot = {m for m, t in pending.idle.items() if abs(t - newest) <= half}
+        return pending.anchorers | same_slot
 
     def _on_idle(self, envelope: dict[str, Any]) -> None:
         """Count a member's idle notice for the pending block; cut if it completes the round.
@@ -434,9 +448,9 @@ class ConsortiumMember:
         params = self.genesis.params
         if not (params.anchor_round_cut and params.anchor_idle_notice):
             raise InvalidInput("idle notices are off in this consortium")
-        height = envelope.get("height")
-        if type(height) is not int:
-            raise InvalidInput("idle notice needs an integer height")
+        height, time_ms = envelope.get("height"), envelope.get("time_ms")
+        if type(height) is not int or type(time_ms) is not int or time_ms < 0:
+            raise InvalidInput("idle notice needs an integer height and time_ms")
         if height != self._tip_header.height + 1:
             return
         sig = Signature.from_json(envelope.get("signature"))
@@ -445,8 +459,8 @@ class ConsortiumMember:
         member = self._members_before(height).by_fingerprint(sig.signer)
         if member is None:
             raise InvalidInput("idle notice not signed by a member")
-        member.signing_key.verify(sig, idle_notice_bytes(self.chain_id, height))
-        self._pending.idle.add(member.id)
+        member.signing_key.verify(sig, idle_notice_bytes(self.chain_id, height, time_ms))
+        self._pending.idle[member.id] = time_ms
         if self._anchor_round_complete(self._pending):
             self._cut()
 
@@ -480,8 +494,8 @@ class ConsortiumMember:
         )
         if not (recent or self._pending.anchorers):
             return False
-        now = self._clock.now_ms()
-        self._idle_slot_ms = now - now % params.anchor_interval_ms
+        # The anchorer calls at its slot: this reading is the slot's time.
+        self._idle_slot_ms = self._clock.now_ms()
         self._idle_behind = anchor_on_the_way
         return self._send_idle_notice()
 
@@ -503,7 +517,8 @@ class ConsortiumMember:
 
     def _send_idle_notice(self) -> bool:
         """Send the notice for the current idle slot, for the block its anchors will be in."""
-        if not self._idle_claim_current():
+        slot = self._idle_slot_ms
+        if slot is None or not self._idle_claim_current():
             return False
         p = self._pending
         behind = self._idle_behind or any(self._from_earlier_slot(t) for t in p.anchor_times)
@@ -513,11 +528,13 @@ class ConsortiumMember:
         if self._members_before(height).by_fingerprint(self._key.fingerprint) is None:
             return False
         self._idle_sent_height = height
+        signed = idle_notice_bytes(self.chain_id, height, slot)
         notice = canonical_bytes(
             {
                 "kind": MSG_IDLE,
                 "height": height,
-                "signature": self._key.sign(idle_notice_bytes(self.chain_id, height)).to_json(),
+                "time_ms": slot,
+                "signature": self._key.sign(signed).to_json(),
             }
         )
         # One id per member and height, as for cut markers.
@@ -573,7 +590,7 @@ class ConsortiumMember:
         if p.anchorers:
             # An idle member stays in the round: it anchors or sends a notice again
             # at the next slot. One that does neither costs one block the cut timer.
-            self._anchor_round = frozenset(p.anchorers | p.idle)
+            self._anchor_round = frozenset(self._round_covered(p))
             self._anchors_cut_at = self._monotonic()
         first_index = self._log.size
         block_log = CompactRange()
