@@ -9,11 +9,14 @@ while a checkpoint cannot run, and the checkpoint catches up once it can.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from medledger.storage.ports import VersionRow
 from medledger.storage.sqlite.chain import SqliteChainStore
@@ -105,3 +108,83 @@ def test_chain_appends_leave_checkpoints_to_the_background(tmp_path: Path) -> No
         assert pages > 10 * BACKLOG_PAGES
     finally:
         store.close()
+
+
+#: The byte of a ``-shm`` file whose read lock says "in use" (SQLite's unix VFS:
+#: ``UNIX_SHM_DMS``, after the 120-byte header area and the 8 lock bytes).
+_SHM_DMS_BYTE = 128
+
+_HOLDER = """
+import sqlite3, sys
+from pathlib import Path
+from medledger.storage.sqlite.checkpoint import wal_backlog
+
+db = Path(sys.argv[1])
+conn = sqlite3.connect(db, isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("CREATE TABLE t (x INTEGER)")
+conn.execute("INSERT INTO t VALUES (1)")
+for _ in range(3):
+    wal_backlog(db)  # as the writer does after every commit
+print("ready", flush=True)
+sys.stdin.readline()  # another process opened the database meanwhile
+for n in range(50):
+    conn.execute("INSERT INTO t VALUES (?)", (n,))
+    conn.execute("SELECT count(*) FROM t").fetchall()
+print("alive", flush=True)
+"""
+
+
+def test_reading_the_backlog_keeps_sqlites_locks_for_other_processes_to_see(
+    tmp_path: Path,
+) -> None:
+    """Another process opening the database must find the shared memory in use.
+
+    Closing a descriptor of the ``-shm`` file drops every POSIX lock the
+    process holds on it, SQLite's among them; the next process to open the
+    database then took the file for unused and truncated it, and the first
+    process, which maps it, died of SIGBUS at its next access (a node, when
+    ``medledger audit`` read its chain).
+    """
+    import subprocess
+    import sys
+
+    db = tmp_path / "shared.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(db)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "ready", holder.stderr
+        # SQLite's unix VFS marks a -shm file in use with a read lock on byte 128 (its
+        # "DMS" byte); a process that can write-lock it truncates the file as unused.
+        shm = os.open(f"{db}-shm", os.O_RDWR)
+        try:
+            with pytest.raises(OSError):
+                fcntl.lockf(shm, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS_BYTE)
+        finally:
+            os.close(shm)  # this process's own locks only
+        other = sqlite3.connect(db)  # another process opens and reads, as `audit` does
+        try:
+            assert other.execute("SELECT count(*) FROM t").fetchone() == (1,)
+        finally:
+            other.close()
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        out, err = holder.communicate(timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+    assert holder.returncode == 0, f"the holder died ({holder.returncode}): {err}"
+    assert out.strip() == "alive"
+    check = sqlite3.connect(db)
+    try:
+        assert check.execute("SELECT count(*) FROM t").fetchone() == (51,)
+        assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        check.close()

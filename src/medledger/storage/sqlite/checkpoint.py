@@ -20,7 +20,15 @@ bounded should this thread fall behind or fail.
 How many frames wait is read from the WAL-index header in the ``-shm`` file
 (https://www.sqlite.org/walformat.html: ``mxFrame`` and ``nBackfill``), a
 hint only: a header that cannot be read starts no checkpoint, and the
-fallback bound still holds.
+fallback bound still holds. The file is read through a descriptor that stays
+open for the life of the process: POSIX record locks belong to a process and
+a file, and closing *any* descriptor of the file drops *all* the process's
+locks on it — among them the lock by which SQLite tells other processes that
+the shared memory is in use. Closing a descriptor after each read did exactly
+that: the next process to open the database (``medledger audit``,
+``verify``, an API worker) found the file unused, truncated it, and this
+process's SQLite, which maps it, died of SIGBUS
+(https://www.sqlite.org/howtocorrupt.html, section 2.2).
 """
 
 from __future__ import annotations
@@ -49,19 +57,54 @@ _WAL_INDEX_VERSION = 3007000
 _MX_FRAME_AT, _BACKFILL_AT, _HEADER_BYTES = 16, 96, 100
 
 
+#: ``-shm`` path -> (descriptor, device, inode): opened once, never closed while the file
+#: lives (see the module doc); guarded by ``_SHM_LOCK``.
+_SHM_FDS: dict[str, tuple[int, int, int]] = {}
+_SHM_LOCK = threading.Lock()
+
+
+def _shm_descriptor(shm_path: str) -> int | None:
+    """A descriptor of the live ``-shm`` file at ``shm_path``, kept open; ``None`` if none.
+
+    A descriptor is closed only once the file it names was replaced (SQLite
+    unlinks ``-shm`` only as the database's last user anywhere, so no
+    connection of this process maps the old one, and dropping locks on it
+    harms nobody).
+    """
+    try:
+        now = Path(shm_path).stat()
+    except OSError:
+        return None
+    with _SHM_LOCK:
+        known = _SHM_FDS.get(shm_path)
+        if known is not None:
+            fd, dev, ino = known
+            if (dev, ino) == (now.st_dev, now.st_ino):
+                return fd
+            del _SHM_FDS[shm_path]
+            os.close(fd)
+        try:
+            fd = os.open(shm_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        opened = os.fstat(fd)
+        _SHM_FDS[shm_path] = (fd, opened.st_dev, opened.st_ino)
+        return fd
+
+
 def wal_backlog(db_path: Path) -> int | None:
     """Frames in ``db_path``'s WAL not yet copied into the database, or ``None`` when the
-    WAL-index header cannot be read (no ``-shm`` file, an unknown version)."""
-    try:
-        fd = os.open(f"{db_path}-shm", os.O_RDONLY)
-    except OSError:
+    WAL-index header cannot be read (no ``-shm`` file, an unknown version).
+
+    Never closes a descriptor of a ``-shm`` file SQLite uses (see the module doc).
+    """
+    fd = _shm_descriptor(f"{db_path}-shm")
+    if fd is None:
         return None
     try:
         head = os.pread(fd, _HEADER_BYTES, 0)
     except OSError:
         return None
-    finally:
-        os.close(fd)
     if len(head) < _HEADER_BYTES:
         return None
     # Native byte order: the file is a shared-memory image, never moved between machines.
