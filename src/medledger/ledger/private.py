@@ -238,13 +238,7 @@ class PrivateChain:
 
     async def submit_many(self, txs: Sequence[Transaction]) -> list[Receipt]:
         """Append ``txs`` atomically: all in one block, in order, or none of them."""
-        encoded = [self._encode(tx) for tx in txs]
-        if not encoded:
-            return []
-        (futures,) = self._enqueue([encoded])
-        if len(futures) == 1:
-            return [await futures[0]]
-        return list(await asyncio.gather(*futures))
+        return await self._submit_group([self._encode(tx) for tx in txs])
 
     async def submit_encoded(self, encoded: Sequence[bytes]) -> list[Receipt]:
         """Append transactions given as their canonical bytes, atomically; return once durable.
@@ -260,6 +254,10 @@ class PrivateChain:
         for data in encoded:
             if len(data) > MAX_TX_BYTES:
                 raise InvalidInput(f"transaction is {len(data)} bytes; the limit is {MAX_TX_BYTES}")
+        return await self._submit_group(encoded)
+
+    async def _submit_group(self, encoded: Sequence[bytes]) -> list[Receipt]:
+        """Queue checked, encoded transactions as one atomic group; their receipts once durable."""
         if not encoded:
             return []
         (futures,) = self._enqueue([encoded])
