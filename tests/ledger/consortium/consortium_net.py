@@ -515,3 +515,45 @@ class Network:
 
 #: The ``network`` fixture: ``network(n=4, params=FAST) -> Network``.
 MakeNetwork = Callable[..., Network]
+
+
+# -- rounds of anchors (tests of the round cut and of idle notices) --------------------
+
+
+def tips(net: Network) -> set[int]:
+    return {m.status()["tip_height"] for m in net.members.values()}
+
+
+async def anchor(net: Network, mid: str, round_no: int, *, time_ms: int | None = None) -> bytes:
+    """Write to ``mid``'s private chain and publish its anchor; the anchor tx's hash.
+
+    ``time_ms``: the anchor's signed time instead of now (an earlier slot's anchor).
+    """
+    await net.write_private(mid, 2, tag=f"round-{round_no}")
+    tx = net.anchorers[mid].anchor_tx()
+    assert tx is not None
+    if time_ms is not None:
+        tx = sign_tx(replace(tx, time_ms=time_ms), net.keys[mid])
+    await publish_tx(net.orderer, tx)
+    return tx.hash()
+
+
+async def seen_by_all(net: Network, tx_hash: bytes) -> None:
+    # ``seen`` is shared by every copy of the state: it holds what is in the order.
+    await wait_until(
+        lambda: all(tx_hash in m.state.seen for m in net.members.values()),
+        "every member to take the transaction into its order",
+    )
+
+
+async def anchors_in_order(net: Network, members: tuple[str, ...], round_no: int) -> list[bytes]:
+    """Anchor each of ``members`` and wait until every member has them in its order."""
+    hashes = [await anchor(net, mid, round_no) for mid in members]
+    for tx_hash in hashes:
+        await seen_by_all(net, tx_hash)
+    return hashes
+
+
+def block_tx_hashes(net: Network, mid: str, height: int) -> list[bytes]:
+    store = net.open_store(net.consortium_path(mid))
+    return [sha256(d) for d in store.block(height).tx_data]

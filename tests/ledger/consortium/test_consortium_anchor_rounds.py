@@ -7,10 +7,19 @@ here without a published marker was cut by the anchor-round rule, and nothing el
 
 from __future__ import annotations
 
-from consortium_net import MakeNetwork, Network, publish_marker, publish_tx, wait_until
+from consortium_net import (
+    MakeNetwork,
+    Network,
+    anchor,
+    anchors_in_order,
+    block_tx_hashes,
+    publish_marker,
+    publish_tx,
+    seen_by_all,
+    tips,
+)
 
 from medledger.core.consortium import ConsortiumParams
-from medledger.core.hashing import sha256
 from medledger.core.models import BlockHeader
 from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
@@ -20,35 +29,6 @@ SLOW = ConsortiumParams(cut_after_ms=600_000)
 #: Parameters as a genesis document written before ``anchor_round_cut`` existed reads.
 SLOW_OLD_RULE = ConsortiumParams.from_json({"cut_after_ms": 600_000})
 MEMBERS = ("h0", "h1", "h2", "h3")
-
-
-def tips(net: Network) -> set[int]:
-    return {m.status()["tip_height"] for m in net.members.values()}
-
-
-async def anchor(net: Network, mid: str, round_no: int) -> bytes:
-    """Write to ``mid``'s private chain and publish its anchor; the anchor tx's hash."""
-    await net.write_private(mid, 2, tag=f"round-{round_no}")
-    tx = net.anchorers[mid].anchor_tx()
-    assert tx is not None
-    await publish_tx(net.orderer, tx)
-    return tx.hash()
-
-
-async def seen_by_all(net: Network, tx_hash: bytes) -> None:
-    # ``seen`` is shared by every copy of the state: it holds what is in the order.
-    await wait_until(
-        lambda: all(tx_hash in m.state.seen for m in net.members.values()),
-        "every member to take the transaction into its order",
-    )
-
-
-async def anchors_in_order(net: Network, members: tuple[str, ...], round_no: int) -> list[bytes]:
-    """Anchor each of ``members`` and wait until every member has them in its order."""
-    hashes = [await anchor(net, mid, round_no) for mid in members]
-    for tx_hash in hashes:
-        await seen_by_all(net, tx_hash)
-    return hashes
 
 
 async def cut_by_marker(net: Network, height: int, by: str) -> None:
@@ -63,11 +43,6 @@ async def first_round_by_marker(net: Network, members: tuple[str, ...]) -> None:
     await anchors_in_order(net, members, 0)
     assert tips(net) == {0}, "a first round of anchors was cut without a marker"
     await cut_by_marker(net, 1, "h0")
-
-
-def block_tx_hashes(net: Network, mid: str, height: int) -> list[bytes]:
-    store = net.open_store(net.consortium_path(mid))
-    return [sha256(d) for d in store.block(height).tx_data]
 
 
 def test_the_last_anchor_of_a_round_cuts_the_block(network: MakeNetwork) -> None:

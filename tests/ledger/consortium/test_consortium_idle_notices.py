@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from consortium_net import (
     MakeNetwork,
     Network,
+    anchor,
+    anchors_in_order,
+    block_tx_hashes,
     idle_notice_bytes,
     idle_payload,
     marker_bytes,
@@ -27,13 +29,13 @@ from consortium_net import (
     order_messages,
     publish_marker,
     publish_tx,
-    sign_tx,
+    seen_by_all,
+    tips,
     wait_until,
 )
 
 from medledger.core.consortium import ConsortiumParams, clock_bytes
 from medledger.core.encoding import canonical_bytes, parse_canonical
-from medledger.core.hashing import sha256
 from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature
 from medledger.ledger.anchoring import Anchorer
@@ -64,38 +66,6 @@ class FakeMonotonic:
 
     def __call__(self) -> float:
         return self.now
-
-
-def tips(net: Network) -> set[int]:
-    return {m.status()["tip_height"] for m in net.members.values()}
-
-
-async def anchor(net: Network, mid: str, round_no: int, *, time_ms: int | None = None) -> bytes:
-    """Write to ``mid``'s private chain and publish its anchor; the anchor tx's hash.
-
-    ``time_ms``: the anchor's signed time instead of now (an earlier slot's anchor).
-    """
-    await net.write_private(mid, 2, tag=f"round-{round_no}")
-    tx = net.anchorers[mid].anchor_tx()
-    assert tx is not None
-    if time_ms is not None:
-        tx = sign_tx(replace(tx, time_ms=time_ms), net.keys[mid])
-    await publish_tx(net.orderer, tx)
-    return tx.hash()
-
-
-async def seen_by_all(net: Network, tx_hash: bytes) -> None:
-    await wait_until(
-        lambda: all(tx_hash in m.state.seen for m in net.members.values()),
-        "every member to take the transaction into its order",
-    )
-
-
-async def anchors_in_order(net: Network, members: tuple[str, ...], round_no: int) -> list[bytes]:
-    hashes = [await anchor(net, mid, round_no) for mid in members]
-    for tx_hash in hashes:
-        await seen_by_all(net, tx_hash)
-    return hashes
 
 
 async def everyone_read_so_far(net: Network) -> bytes:
@@ -135,11 +105,6 @@ async def idle_notices(net: Network) -> list[dict[str, Any]]:
         if isinstance(doc, dict) and doc.get("kind") == "idle":
             out.append(doc)
     return out
-
-
-def block_tx_hashes(net: Network, mid: str, height: int) -> list[bytes]:
-    store = net.open_store(net.consortium_path(mid))
-    return [sha256(d) for d in store.block(height).tx_data]
 
 
 async def round_with_an_idle_member(net: Network) -> list[bytes]:
