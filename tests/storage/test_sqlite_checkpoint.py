@@ -20,11 +20,21 @@ import pytest
 
 from medledger.storage.ports import VersionRow
 from medledger.storage.sqlite.chain import SqliteChainStore
-from medledger.storage.sqlite.checkpoint import BACKLOG_PAGES, wal_backlog
+from medledger.storage.sqlite.checkpoint import BACKLOG_PAGES, WalIndexHeader
 from medledger.storage.sqlite.records import SqliteRecordIndex
 
 #: Longest wait for the background checkpoint (a failure, never a pass).
 DEADLINE_S = 10.0
+
+
+def wal_backlog(path: Path) -> int | None:
+    """The backlog as the store's checkpointer reads it (one read, then its descriptor closed:
+    fine in a test that has no other process on the database)."""
+    header = WalIndexHeader(path)
+    try:
+        return header.backlog()
+    finally:
+        header.close()
 
 
 def _poll(condition: Callable[[], bool], what: str) -> None:
@@ -117,15 +127,16 @@ _SHM_DMS_BYTE = 128
 _HOLDER = """
 import sqlite3, sys
 from pathlib import Path
-from medledger.storage.sqlite.checkpoint import wal_backlog
+from medledger.storage.sqlite.checkpoint import WalIndexHeader
 
 db = Path(sys.argv[1])
+header = WalIndexHeader(db)
 conn = sqlite3.connect(db, isolation_level=None)
 conn.execute("PRAGMA journal_mode=WAL")
 conn.execute("CREATE TABLE t (x INTEGER)")
 conn.execute("INSERT INTO t VALUES (1)")
 for _ in range(3):
-    wal_backlog(db)  # as the writer does after every commit
+    header.backlog()  # as the writer does after every commit
 print("ready", flush=True)
 sys.stdin.readline()  # another process opened the database meanwhile
 for n in range(50):

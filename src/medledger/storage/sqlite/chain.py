@@ -135,6 +135,7 @@ class SqliteChainStore:
                 conn.close()
             self._readers.clear()
         self._writer.close()
+        self._checkpoints.release()  # after the last connection: it drops the file's locks
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -21,7 +21,8 @@ How many frames wait is read from the WAL-index header in the ``-shm`` file
 (https://www.sqlite.org/walformat.html: ``mxFrame`` and ``nBackfill``), a
 hint only: a header that cannot be read starts no checkpoint, and the
 fallback bound still holds. The file is read through a descriptor that stays
-open for the life of the process: POSIX record locks belong to a process and
+open for the life of the store, closed only after the store's last SQLite
+connection (:class:`WalIndexHeader`): POSIX record locks belong to a process and
 a file, and closing *any* descriptor of the file drops *all* the process's
 locks on it — among them the lock by which SQLite tells other processes that
 the shared memory is in use. Closing a descriptor after each read did exactly
@@ -41,7 +42,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["BACKLOG_PAGES", "FALLBACK_PAGES", "WalCheckpointer", "wal_backlog"]
+__all__ = ["BACKLOG_PAGES", "FALLBACK_PAGES", "WalCheckpointer", "WalIndexHeader"]
 
 log = logging.getLogger(__name__)
 
@@ -57,54 +58,58 @@ _WAL_INDEX_VERSION = 3007000
 _MX_FRAME_AT, _BACKFILL_AT, _HEADER_BYTES = 16, 96, 100
 
 
-#: ``-shm`` path -> (descriptor, device, inode): opened once, never closed while the file
-#: lives (see the module doc); guarded by ``_SHM_LOCK``.
-_SHM_FDS: dict[str, tuple[int, int, int]] = {}
-_SHM_LOCK = threading.Lock()
+class WalIndexHeader:
+    """A WAL database's backlog, read from its ``-shm`` file through one descriptor.
 
-
-def _shm_descriptor(shm_path: str) -> int | None:
-    """A descriptor of the live ``-shm`` file at ``shm_path``, kept open; ``None`` if none.
-
-    A descriptor is closed only once the file it names was replaced (SQLite
-    unlinks ``-shm`` only as the database's last user anywhere, so no
-    connection of this process maps the old one, and dropping locks on it
-    harms nobody).
+    The descriptor stays open between reads (see the module doc): the owner
+    closes it only after the last SQLite connection it has to the database,
+    since closing it drops every POSIX lock this process holds on the file.
+    It is replaced when the file was (SQLite unlinks ``-shm`` only as the
+    database's last user anywhere, so no connection of this process maps the
+    old one and dropping locks on it harms nobody).
     """
-    try:
-        now = Path(shm_path).stat()
-    except OSError:
-        return None
-    with _SHM_LOCK:
-        known = _SHM_FDS.get(shm_path)
-        if known is not None:
-            fd, dev, ino = known
-            if (dev, ino) == (now.st_dev, now.st_ino):
-                return fd
-            del _SHM_FDS[shm_path]
-            os.close(fd)
+
+    def __init__(self, db_path: Path) -> None:
+        self._path = Path(f"{db_path}-shm")
+        self._fd: int | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) the descriptor names
+
+    def _descriptor(self) -> int | None:
         try:
-            fd = os.open(shm_path, os.O_RDONLY | os.O_CLOEXEC)
+            now = self._path.stat()
+        except OSError:
+            return None
+        if self._fd is not None and self._file == (now.st_dev, now.st_ino):
+            return self._fd
+        self.close()  # a replaced file (or none open yet)
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         opened = os.fstat(fd)
-        _SHM_FDS[shm_path] = (fd, opened.st_dev, opened.st_ino)
+        self._fd, self._file = fd, (opened.st_dev, opened.st_ino)
         return fd
 
+    def backlog(self) -> int | None:
+        """Frames in the WAL not yet copied into the database, or ``None`` when the
+        WAL-index header cannot be read (no ``-shm`` file, an unknown version)."""
+        fd = self._descriptor()
+        if fd is None:
+            return None
+        try:
+            head = os.pread(fd, _HEADER_BYTES, 0)
+        except OSError:
+            return None
+        return _frames_waiting(head)
 
-def wal_backlog(db_path: Path) -> int | None:
-    """Frames in ``db_path``'s WAL not yet copied into the database, or ``None`` when the
-    WAL-index header cannot be read (no ``-shm`` file, an unknown version).
+    def close(self) -> None:
+        """Close the descriptor: only after this process's last connection to the database."""
+        if self._fd is not None:
+            fd, self._fd, self._file = self._fd, None, None
+            os.close(fd)
 
-    Never closes a descriptor of a ``-shm`` file SQLite uses (see the module doc).
-    """
-    fd = _shm_descriptor(f"{db_path}-shm")
-    if fd is None:
-        return None
-    try:
-        head = os.pread(fd, _HEADER_BYTES, 0)
-    except OSError:
-        return None
+
+def _frames_waiting(head: bytes) -> int | None:
     if len(head) < _HEADER_BYTES:
         return None
     # Native byte order: the file is a shared-memory image, never moved between machines.
@@ -137,6 +142,7 @@ class WalCheckpointer:
         self._running: Future[None] | None = None
         self._closed = False
         self._state = threading.Lock()
+        self._header = WalIndexHeader(path)
 
     @staticmethod
     def configure_writer(conn: sqlite3.Connection) -> None:
@@ -148,7 +154,7 @@ class WalCheckpointer:
         with self._state:
             if self._closed or (self._running is not None and not self._running.done()):
                 return
-            backlog = wal_backlog(self.path)
+            backlog = self._header.backlog()
             if backlog is None or backlog < self._backlog_pages:
                 return
             if self._executor is None:
@@ -181,3 +187,9 @@ class WalCheckpointer:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def release(self) -> None:
+        """Close the ``-shm`` descriptor; call after the store's last connection is closed
+        (closing it drops this process's locks on the file, see the module doc)."""
+        with self._state:
+            self._header.close()

@@ -232,3 +232,4 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
             for conn in self._readers:
                 conn.close()
         self._writer.close()
+        self._checkpoints.release()  # after the last connection: it drops the file's locks
