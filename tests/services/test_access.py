@@ -8,9 +8,9 @@ is recorded as one of medledger's own sentences, whatever the error said.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
+from access_values import VALID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,18 +28,6 @@ from medledger.core.errors import (
 )
 from medledger.services.access import ALLOWED, REASONS, REFUSED, AccessEntry, refusal_reason
 
-HEX = "ab" * 32
-VALID: dict[str, Any] = {
-    "reader": "hospital-2",
-    "holder": "hospital-1",
-    "patient": HEX,
-    "consent": "cd" * 32,
-    "resource": f"Observation:{'ef' * 32}",
-    "outcome": REFUSED,
-    "reason": "the consent has expired",
-    "actor": "clinician:0123456789ab",
-    "request": "01" * 32,
-}
 PHI = "John Smith, born 1970-01-01, SSN 078-05-1120, HIV positive"
 
 

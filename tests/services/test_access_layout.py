@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from access_values import HEX, VALID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -47,18 +48,6 @@ FIELDS = (
     "actor",
     "request",
 )
-HEX = "ab" * 32
-VALID: dict[str, str] = {
-    "reader": "hospital-2",
-    "holder": "hospital-1",
-    "patient": HEX,
-    "consent": "cd" * 32,
-    "resource": f"Observation:{'ef' * 32}",
-    "outcome": REFUSED,
-    "reason": "the consent has expired",
-    "actor": "clinician:0123456789ab",
-    "request": "01" * 32,
-}
 
 
 def unchecked_entry(**fields: str) -> AccessEntry:
