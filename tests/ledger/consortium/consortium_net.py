@@ -210,7 +210,35 @@ def fake_header(header: BlockHeader, tag: str) -> BlockHeader:
     return replace(header, tx_root=sha256(tag.encode() + header.tx_root))
 
 
-class VoteRewriter:
+class OrdererWrapper:
+    """An orderer that passes everything to ``inner``; subclasses change what a test needs.
+
+    ``close`` leaves ``inner`` open: its owner (the network) closes it.
+    """
+
+    def __init__(self, inner: Orderer) -> None:
+        self._inner = inner
+
+    async def publish(self, msg_id: str, payload: bytes) -> int:
+        return await self._inner.publish(msg_id, payload)
+
+    async def broadcast(self, payload: bytes) -> None:
+        await self._inner.broadcast(payload)
+
+    def broadcasts(self) -> AsyncIterator[bytes]:
+        return self._inner.broadcasts()
+
+    def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
+        return self._inner.read(start)
+
+    async def last_seq(self) -> int:
+        return await self._inner.last_seq()
+
+    async def close(self) -> None:
+        return None
+
+
+class VoteRewriter(OrdererWrapper):
     """The orderer as one Byzantine member sees it: its votes are rewritten on the way out.
 
     Modes: ``fake-only`` (a vote for another header at the same height instead of
@@ -256,18 +284,6 @@ class VoteRewriter:
             "real-then-fake": [real, fake1],
             "two-fakes": [fake1, fake2],
         }[self._mode]
-
-    def broadcasts(self) -> AsyncIterator[bytes]:
-        return self._inner.broadcasts()
-
-    def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
-        return self._inner.read(start)
-
-    async def last_seq(self) -> int:
-        return await self._inner.last_seq()
-
-    async def close(self) -> None:
-        return None
 
 
 class Network:

@@ -15,38 +15,23 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from consortium_net import MakeNetwork, Network, order_messages, wait_until
+from consortium_net import MakeNetwork, Network, OrdererWrapper, order_messages, wait_until
 
 from medledger.core.encoding import parse_canonical
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 
 
-class PausedReads:
+class PausedReads(OrdererWrapper):
     """The order as one member sees it, with its reading paused while ``reading`` is clear."""
 
     def __init__(self, inner: Orderer) -> None:
         self._inner = inner
         self.reading = asyncio.Event()
 
-    async def publish(self, msg_id: str, payload: bytes) -> int:
-        return await self._inner.publish(msg_id, payload)
-
     async def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
         async for msg in self._inner.read(start):
             await self.reading.wait()
             yield msg
-
-    async def broadcast(self, payload: bytes) -> None:
-        await self._inner.broadcast(payload)
-
-    def broadcasts(self) -> AsyncIterator[bytes]:
-        return self._inner.broadcasts()
-
-    async def last_seq(self) -> int:
-        return await self._inner.last_seq()
-
-    async def close(self) -> None:
-        return None
 
 
 async def _anchors_of(net: Network, institution: str) -> list[dict[str, Any]]:

@@ -13,7 +13,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from consortium_net import MakeNetwork, Network, now_ms, vote_payload, votes_in_order, wait_until
+from consortium_net import (
+    MakeNetwork,
+    Network,
+    OrdererWrapper,
+    now_ms,
+    vote_payload,
+    votes_in_order,
+    wait_until,
+)
 
 from medledger.core.consortium import MemberSet, clock_bytes
 from medledger.core.encoding import canonical_bytes, parse_canonical
@@ -22,7 +30,7 @@ from medledger.core.models import BlockHeader
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 
 
-class Paths:
+class Paths(OrdererWrapper):
     """The order as one member sees it, with the vote paths under the test's control.
 
     ``ordered_votes=False`` loses the member's votes on their way into the order
@@ -76,12 +84,6 @@ class Paths:
         async for payload in self._inner.broadcasts():
             self.heard += 1
             yield payload
-
-    async def last_seq(self) -> int:
-        return await self._inner.last_seq()
-
-    async def close(self) -> None:
-        return None
 
 
 def _signers(net: Network, member_id: str, height: int) -> set[str]:

@@ -11,13 +11,13 @@ cut by the round rule.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from consortium_net import (
     MakeNetwork,
     Network,
+    OrdererWrapper,
     anchor,
     anchors_in_order,
     block_tx_hashes,
@@ -40,7 +40,7 @@ from medledger.core.keys import SigningKey
 from medledger.core.models import BlockHeader, Signature
 from medledger.ledger.anchoring import Anchorer
 from medledger.ledger.consortium.verify import ConsortiumPolicy
-from medledger.ledger.ordering.port import OrderedMessage, Orderer
+from medledger.ledger.ordering.port import Orderer
 from medledger.ledger.verify import verify_chain
 
 #: Cut timers that never fire within a test; anchor rounds and idle notices on. The
@@ -375,7 +375,7 @@ def test_the_anchorer_sends_a_notice_at_a_slot_with_nothing_new_while_active(
     net.run(scenario)
 
 
-class HeldNotices:
+class HeldNotices(OrdererWrapper):
     """The order as one member sees it: its idle notices wait until released.
 
     A notice then reaches the order after what the test publishes meanwhile, as
@@ -392,21 +392,6 @@ class HeldNotices:
             self.held.append(msg_id)
             await self.released.wait()
         return await self._inner.publish(msg_id, payload)
-
-    async def broadcast(self, payload: bytes) -> None:
-        await self._inner.broadcast(payload)
-
-    def broadcasts(self) -> AsyncIterator[bytes]:
-        return self._inner.broadcasts()
-
-    def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
-        return self._inner.read(start)
-
-    async def last_seq(self) -> int:
-        return await self._inner.last_seq()
-
-    async def close(self) -> None:
-        return None
 
 
 async def start_with_held_notices(net: Network) -> HeldNotices:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from consortium_net import MakeNetwork, Network, votes_in_order, wait_until
+from consortium_net import MakeNetwork, Network, OrdererWrapper, votes_in_order, wait_until
 
 from medledger.ledger.ordering.port import OrderedMessage, Orderer
 
 
-class PublishLog:
+class PublishLog(OrdererWrapper):
     """The order as one member sees it: its publishes written down, how far it read.
 
     ``drop_votes`` loses the member's votes on the way out, as a crash between
@@ -43,19 +43,10 @@ class PublishLog:
         if not self.drop_votes:  # a member broadcasts only votes
             await self._inner.broadcast(payload)
 
-    def broadcasts(self) -> AsyncIterator[bytes]:
-        return self._inner.broadcasts()
-
     async def read(self, start: int = 1) -> AsyncIterator[OrderedMessage]:
         async for msg in self._inner.read(start):
             yield msg
             self.read_seq = msg.seq  # the member is done with it
-
-    async def last_seq(self) -> int:
-        return await self._inner.last_seq()
-
-    async def close(self) -> None:
-        return None
 
 
 async def _caught_up(net: Network, log: PublishLog) -> None:
