@@ -40,6 +40,7 @@ from medledger.storage.sqlite.chain import SqliteChainStore
 
 __all__ = [
     "FAST",
+    "FakeMonotonic",
     "MakeNetwork",
     "Network",
     "VoteRewriter",
@@ -534,6 +535,16 @@ MakeNetwork = Callable[..., Network]
 
 
 # -- rounds of anchors (tests of the round cut and of idle notices) --------------------
+
+
+class FakeMonotonic:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def tips(net: Network) -> set[int]:

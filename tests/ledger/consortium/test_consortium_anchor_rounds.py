@@ -7,12 +7,16 @@ here without a published marker was cut by the anchor-round rule, and nothing el
 
 from __future__ import annotations
 
+import asyncio
+
 from consortium_net import (
+    FakeMonotonic,
     MakeNetwork,
     Network,
     anchor,
     anchors_in_order,
     block_tx_hashes,
+    order_messages,
     publish_marker,
     publish_tx,
     seen_by_all,
@@ -20,6 +24,7 @@ from consortium_net import (
 )
 
 from medledger.core.consortium import ConsortiumParams
+from medledger.core.encoding import parse_canonical
 from medledger.core.models import BlockHeader
 from medledger.ledger.consortium.verify import ConsortiumPolicy
 from medledger.ledger.verify import verify_chain
@@ -126,5 +131,63 @@ def test_other_transactions_neither_complete_nor_reset_the_round(network: MakeNe
         await anchor(net, MEMBERS[-1], 1)
         for member in net.members.values():
             await member.wait_final(3, timeout=5)
+
+    net.run(scenario)
+
+
+#: A short cut timer and a long interval: a marker for a block of anchors alone
+#: waits half the interval (10 s on the test's clock), any other block ``cut_after_ms``.
+PATIENT = ConsortiumParams(cut_after_ms=50, anchor_interval_ms=20_000)
+
+
+async def markers_for(net: Network, height: int) -> int:
+    """How many cut markers for ``height`` are in the order."""
+    count = 0
+    for _, payload in await order_messages(net.orderer):
+        doc = parse_canonical(payload)
+        if isinstance(doc, dict) and doc.get("kind") == "cut" and doc.get("height") == height:
+            count += 1
+    return count
+
+
+def test_a_block_of_anchors_waits_half_an_interval_for_its_round(network: MakeNetwork) -> None:
+    """Decision 0067: three of four anchors are in; no marker overtakes the fourth at
+    ``cut_after_ms``, only once half an anchor interval has passed."""
+    net = network(4, params=PATIENT)
+    clock = FakeMonotonic()
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS, monotonic=clock)
+        await first_round_by_marker(net, MEMBERS)
+        second_round = await anchors_in_order(net, MEMBERS[:-1], 1)
+        clock.now = 20 * PATIENT.cut_after_ms / 1000
+        await asyncio.sleep(0.3)  # many checks of every member's cut timer
+        assert tips(net) == {1}, "a marker cut the round before half an interval"
+        assert await markers_for(net, 2) == 0
+        clock.now = PATIENT.anchor_interval_ms / 2000 + 0.01
+        for member in net.members.values():
+            await member.wait_final(2, timeout=5)
+        assert await markers_for(net, 2) >= 1
+        assert block_tx_hashes(net, "h0", 2) == second_round
+
+    net.run(scenario)
+
+
+def test_a_block_with_other_transactions_is_cut_after_cut_after_ms(network: MakeNetwork) -> None:
+    """Another tx beside the anchors is not kept waiting for the round."""
+    net = network(4, params=PATIENT)
+    clock = FakeMonotonic()
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS, monotonic=clock)
+        await first_round_by_marker(net, MEMBERS)
+        anchors = await anchors_in_order(net, MEMBERS[:-1], 1)
+        access = net.access("h1")
+        await publish_tx(net.orderer, access)
+        await seen_by_all(net, access.hash())
+        clock.now = PATIENT.cut_after_ms / 1000 + 0.01
+        for member in net.members.values():
+            await member.wait_final(2, timeout=5)
+        assert block_tx_hashes(net, "h0", 2) == [*anchors, access.hash()]
 
     net.run(scenario)

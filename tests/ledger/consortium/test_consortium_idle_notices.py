@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from consortium_net import (
+    FakeMonotonic,
     MakeNetwork,
     Network,
     OrdererWrapper,
@@ -56,16 +57,6 @@ OUTSIDER = SigningKey.generate()
 #: The genesis anchor interval in seconds: notices are sent for two of them after
 #: the newest block with anchors was cut.
 INTERVAL_S = SLOW.anchor_interval_ms / 1000
-
-
-class FakeMonotonic:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def everyone_read_so_far(net: Network) -> bytes:

@@ -11,7 +11,8 @@ blocks without talking to each other:
   when a member-signed ``cut`` marker for the next height arrives: a member
   whose oldest pending tx is ``cut_after_ms`` old publishes one, as Fabric's
   Kafka orderer did with time-to-cut messages; no local clock decides a block
-  boundary. Where the genesis says ``anchor_round_cut``, a block is also cut
+  boundary. (A block of anchors alone waits up to half an anchor interval for
+  the rest of its round before a member sends a marker: decision 0067.) Where the genesis says ``anchor_round_cut``, a block is also cut
   as soon as every member whose anchor the previous block with anchors held
   has anchored again: institutions anchor at common moments, so that is when
   a round of anchors is complete (decision 0053). Where it also says
@@ -926,9 +927,11 @@ class ConsortiumMember:
         task.add_done_callback(self._background.discard)
 
     async def _cut_timer(self) -> None:
-        """Send a cut marker once the oldest pending tx waited ``cut_after_ms``.
+        """Send a cut marker once the oldest pending tx waited ``cut_after_ms`` (longer
+        for a block of anchors alone: :meth:`_marker_patience_s`).
 
-        Sleeps until there is something to cut: an idle member must not wake
+        While something is pending it checks every half ``cut_after_ms``, so a
+        non-anchor tx joining a block of anchors is cut on time. Sleeps until there is something to cut: an idle member must not wake
         hundreds of times a second (on a machine shared by several institutions
         that alone cost each a twentieth of a core).
         """
@@ -940,7 +943,7 @@ class ConsortiumMember:
                 self._cut_wanted.clear()
                 await self._cut_wanted.wait()
                 continue
-            wait = p.first_seen + period - self._monotonic()
+            wait = p.first_seen + self._marker_patience_s(p) - self._monotonic()
             if wait > 0:
                 # At most half a period: the clock may be a test's, moved by hand.
                 await asyncio.sleep(min(wait, period / 2))
@@ -960,6 +963,25 @@ class ConsortiumMember:
                 f"cut-{self.genesis.consortium}-{height}-{self.member_id}",
                 needed=functools.partial(self._not_cut_yet, height),
             )
+
+    def _marker_patience_s(self, pending: _Pending) -> float:
+        """How long ``pending``'s oldest tx waits before this member sends a cut marker.
+
+        ``cut_after_ms``, except for a block of anchors alone where blocks are cut by
+        rounds: there the round's other anchors were sent at the same slot and are on
+        their way, and the last of them (or a member's idle notice) cuts the block
+        without a marker. A marker sent after ``cut_after_ms`` would overtake an anchor
+        whose institution is a few round trips further from the order, cut the block
+        without it and leave that anchor to wait for the next block (decision 0067).
+        So the marker waits up to half an anchor interval, the bound by which one
+        slot's anchors are told from the next slot's. Only when a marker is sent is
+        local: every member still cuts where the ordered marker or anchor says.
+        """
+        params = self.genesis.params
+        cut_after = params.cut_after_ms / 1000
+        if not params.anchor_round_cut or len(pending.anchor_times) != len(pending.txs):
+            return cut_after
+        return max(cut_after, params.anchor_interval_ms / 2000)
 
     def _not_cut_yet(self, height: int) -> bool:
         return self._tip_header.height < height
