@@ -16,6 +16,7 @@ from consortium_net import (
     anchor,
     anchors_in_order,
     block_tx_hashes,
+    now_ms,
     order_messages,
     publish_marker,
     publish_tx,
@@ -150,6 +151,15 @@ async def markers_for(net: Network, height: int) -> int:
     return count
 
 
+async def next_slot_anchors(net: Network, members: tuple[str, ...]) -> list[bytes]:
+    """Anchors of ``members`` signed one interval from now, once every member has them."""
+    slot = now_ms() + PATIENT.anchor_interval_ms
+    hashes = [await anchor(net, mid, 1, time_ms=slot) for mid in members]
+    for tx_hash in hashes:
+        await seen_by_all(net, tx_hash)
+    return hashes
+
+
 def test_a_block_of_anchors_waits_half_an_interval_for_its_round(network: MakeNetwork) -> None:
     """Decision 0067: three of four anchors are in; no marker overtakes the fourth at
     ``cut_after_ms``, only once half an anchor interval has passed."""
@@ -159,7 +169,8 @@ def test_a_block_of_anchors_waits_half_an_interval_for_its_round(network: MakeNe
     async def scenario(net: Network) -> None:
         await net.start(*MEMBERS, monotonic=clock)
         await first_round_by_marker(net, MEMBERS)
-        second_round = await anchors_in_order(net, MEMBERS[:-1], 1)
+        # The next slot's anchors: h3's is still to come.
+        second_round = await next_slot_anchors(net, MEMBERS[:-1])
         clock.now = 20 * PATIENT.cut_after_ms / 1000
         await asyncio.sleep(0.3)  # many checks of every member's cut timer
         assert tips(net) == {1}, "a marker cut the round before half an interval"
@@ -189,5 +200,34 @@ def test_a_block_with_other_transactions_is_cut_after_cut_after_ms(network: Make
         for member in net.members.values():
             await member.wait_final(2, timeout=5)
         assert block_tx_hashes(net, "h0", 2) == [*anchors, access.hash()]
+
+    net.run(scenario)
+
+
+def test_a_round_whose_missing_member_already_anchored_this_slot_is_cut_after_cut_after_ms(
+    network: MakeNetwork,
+) -> None:
+    """h0's slot-2 anchor joined block 2 with the others' slot-1 anchors. Waiting for h0
+    again would cut the others' slot-2 anchors only with h0's slot-3 one, a slot late,
+    and so on for every later block; the marker goes out after ``cut_after_ms``."""
+    net = network(4, params=PATIENT)
+    clock = FakeMonotonic()
+    interval = PATIENT.anchor_interval_ms
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS, monotonic=clock)
+        await first_round_by_marker(net, MEMBERS)
+        slot = now_ms()
+        await anchors_in_order(net, MEMBERS[1:], 1)
+        await anchor(net, "h0", 2, time_ms=slot + interval)  # early: completes the round
+        for member in net.members.values():
+            await member.wait_final(2, timeout=5)
+        late = [await anchor(net, mid, 2, time_ms=slot + interval) for mid in MEMBERS[1:]]
+        for tx_hash in late:
+            await seen_by_all(net, tx_hash)
+        clock.now = PATIENT.cut_after_ms / 1000 + 0.01
+        for member in net.members.values():
+            await member.wait_final(3, timeout=5)
+        assert block_tx_hashes(net, "h0", 3) == late
 
     net.run(scenario)

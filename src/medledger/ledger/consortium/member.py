@@ -171,6 +171,7 @@ class _Pending:
     first_seen: float | None = None
     marker_sent: bool = False
     anchorers: set[str] = field(default_factory=set)  # members with an anchor here
+    anchored_at: dict[str, int] = field(default_factory=dict)  # member -> its anchor's time_ms
     # Members with an idle notice for here: member id -> the notice's signed time_ms.
     idle: dict[str, int] = field(default_factory=dict)
     anchor_times: list[int] = field(default_factory=list)  # the anchors' signed time_ms
@@ -215,6 +216,8 @@ class ConsortiumMember:
         # The members whose anchors the newest block with anchors held: once each has
         # anchored again, the anchor round is complete and the block is cut (0053).
         self._anchor_round: frozenset[str] = frozenset()
+        # Each member's newest anchor in a cut block: its signed time_ms (for 0067).
+        self._anchor_cut_ms: dict[str, int] = {}
         # When (own monotonic clock) the newest block with anchors was cut, and the
         # newest height this member sent an idle notice for.
         self._anchors_cut_at: float | None = None
@@ -395,6 +398,7 @@ class ConsortiumMember:
         if tx.type == ANCHOR:
             p.anchorers.add(str(tx.body["institution"]))
             p.anchor_times.append(tx.time_ms)
+            p.anchored_at[str(tx.body["institution"])] = tx.time_ms
         if p.first_seen is None:
             p.first_seen = self._monotonic()
             self._cut_wanted.set()
@@ -593,6 +597,7 @@ class ConsortiumMember:
             # at the next slot. One that does neither costs one block the cut timer.
             self._anchor_round = frozenset(self._round_covered(p))
             self._anchors_cut_at = self._monotonic()
+            self._anchor_cut_ms.update(p.anchored_at)
         first_index = self._log.size
         block_log = CompactRange()
         nodes = []
@@ -981,7 +986,28 @@ class ConsortiumMember:
         cut_after = params.cut_after_ms / 1000
         if not params.anchor_round_cut or len(pending.anchor_times) != len(pending.txs):
             return cut_after
+        if not self._round_may_complete(pending):
+            return cut_after
         return max(cut_after, params.anchor_interval_ms / 2000)
+
+    def _round_may_complete(self, pending: _Pending) -> bool:
+        """Whether a member of the round that ``pending`` lacks may still anchor for its slot.
+
+        Not if each of them already has an anchor from that slot (signed within half an
+        interval of the newest pending anchor) in a block cut before: its anchor reached
+        the order early enough to join the previous block. Waiting would then only let
+        its *next* anchor complete the round, a slot late for everyone else's, and every
+        later block would repeat that (measured at 40 ms RTT: one institution's
+        anchors arriving ~25 ms before the others' kept the blocks a slot out of step,
+        +180 ms for three institutions' records, until a marker realigned them).
+        """
+        newest = max(pending.anchor_times)
+        half = self.genesis.params.anchor_interval_ms // 2
+        for member in self._anchor_round - self._round_covered(pending):
+            last = self._anchor_cut_ms.get(member)
+            if last is None or abs(last - newest) > half:
+                return True
+        return False
 
     def _not_cut_yet(self, height: int) -> bool:
         return self._tip_header.height < height
