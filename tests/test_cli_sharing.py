@@ -15,6 +15,7 @@ in this process (``cli_support.run_in_process``).
 from __future__ import annotations
 
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,31 @@ def test_network_up_refuses_a_weak_passphrase_and_creates_nothing(tmp_path: Path
     assert run.err.startswith("error: the keystore passphrase is too weak"), run
     assert not (base / "network.json").exists()
     assert not base.exists()
+
+
+def test_an_unreachable_node_is_a_one_line_error_with_its_reason(tmp_path: Path) -> None:
+    wallet = tmp_path / "patient.wallet"
+    env = {"MEDLEDGER_WALLET_PASSPHRASE": "a wallet passphrase long enough"}
+    assert run_cli("patient", "init", "--wallet", wallet, env=env, in_process=True).code == 0
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        run = run_cli(
+            "patient",
+            "enroll",
+            "--wallet",
+            wallet,
+            "--node",
+            url,
+            "--token",
+            "a-token-that-must-not-be-printed",
+            "--patient-id",
+            "p1",
+            env=env,
+            in_process=True,
+        )
+    assert run.code != 0 and run.out == ""
+    assert run.err.startswith(f"error: cannot reach {url}: ConnectError: "), run
+    assert "refused" in run.err.lower()
+    assert len(run.err.strip().splitlines()) == 1
+    assert "a-token-that-must-not-be-printed" not in run.err

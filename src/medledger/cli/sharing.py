@@ -106,7 +106,7 @@ def _call(
             verify=_verify(),
         )
     except httpx.HTTPError as exc:
-        fail(f"cannot reach {node_url}: {type(exc).__name__}")
+        fail(f"cannot reach {node_url}: {_why(exc)}")
     try:
         answer = response.json()
     except ValueError:
@@ -119,6 +119,14 @@ def _call(
     return answer
 
 
+def _why(exc: Exception) -> str:
+    """What went wrong, in one line: the error's kind and the reason it gives, if any
+    (``ConnectError: [Errno 111] Connection refused``). Neither holds the request's
+    headers, so no token is printed."""
+    reason = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
 def _ready(node_url: str) -> dict[str, Any]:
     import httpx
 
@@ -127,7 +135,7 @@ def _ready(node_url: str) -> dict[str, Any]:
             node_url.rstrip("/") + "/readyz", timeout=10, verify=_verify()
         ).json()
     except (httpx.HTTPError, ValueError) as exc:
-        fail(f"cannot reach {node_url}: {type(exc).__name__}")
+        fail(f"cannot reach {node_url}: {_why(exc)}")
     if "consortium" not in answer:
         fail(f"{node_url} has not joined a consortium")
     return answer
