@@ -474,7 +474,7 @@ def consortium_submit(root: Path, tx_path: Path) -> None:
     from medledger.config import load_config
     from medledger.core.encoding import canonical_bytes
     from medledger.core.errors import InvalidSignature
-    from medledger.ledger.consortium.member import MSG_TX
+    from medledger.ledger.consortium.messages import MSG_TX
     from medledger.node import open_orderer
 
     tx = _read_membership_tx(tx_path)

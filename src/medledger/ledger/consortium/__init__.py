@@ -1,6 +1,7 @@
 """The consortium chain shared by all member institutions.
 
 * ``member`` — a member's view: validate, cut, vote, finalize (``ConsortiumMember``);
+* ``messages`` — the kinds of message in the ordered stream;
 * ``rules`` — the deterministic transaction rules every member and auditor applies;
 * ``modes`` — which rules a genesis's mode selects (the benchmark-only
   consortium-only mode also orders record transactions);

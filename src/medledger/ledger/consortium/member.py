@@ -87,6 +87,7 @@ from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.core.transactions import ANCHOR
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.evidence import Evidence
+from medledger.ledger.consortium.messages import MSG_CUT, MSG_IDLE, MSG_TX, MSG_VOTE
 from medledger.ledger.consortium.modes import initial_state
 from medledger.ledger.consortium.rules import AnchorRecord, ConsortiumState
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, Orderer
@@ -97,7 +98,6 @@ __all__ = ["ConsortiumMember", "Evidence", "genesis_block"]
 
 log = logging.getLogger(__name__)
 
-MSG_TX, MSG_CUT, MSG_VOTE, MSG_IDLE = "tx", "cut", "vote", "idle"
 #: Idle notices are sent while the newest block with anchors was cut at most this
 #: many anchor intervals ago (or anchors are pending): a quiet consortium goes quiet.
 _IDLE_ACTIVE_INTERVALS = 2
