@@ -11,16 +11,11 @@ blocks without talking to each other:
   when a member-signed ``cut`` marker for the next height arrives: a member
   whose oldest pending tx is ``cut_after_ms`` old publishes one, as Fabric's
   Kafka orderer did with time-to-cut messages; no local clock decides a block
-  boundary. (A block of anchors alone waits up to half an anchor interval for
-  the rest of its round before a member sends a marker: decision 0067.) Where the genesis says ``anchor_round_cut``, a block is also cut
-  as soon as every member whose anchor the previous block with anchors held
-  has anchored again: institutions anchor at common moments, so that is when
-  a round of anchors is complete (decision 0053). Where it also says
-  ``anchor_idle_notice``, a member with nothing new to anchor at a slot sends
-  a member-signed ``idle`` notice for the pending height instead (not in any
-  block), and the round is complete once each of its members has an anchor
-  in the pending block or a notice from the same slot as its newest anchor,
-  with at least one anchor (decision 0066).
+  boundary. Where the genesis says ``anchor_round_cut``, a block is also cut
+  as soon as its round of anchors is complete, counting members' ``idle``
+  notices where it also says ``anchor_idle_notice``; and a block of anchors
+  alone waits longer before a member sends a marker. Those rules, and when a
+  member sends a notice, are in ``rounds`` (decisions 0053, 0066, 0067).
 * Block time comes from the members' clocks, not the ordering service's (a
   ``solo`` order is stamped by whichever member published; a JetStream order
   by one server): each vote carries its member's signed clock reading, and
@@ -70,7 +65,6 @@ from medledger.core.consortium import (
     MemberSet,
     block_time,
     clock_bytes,
-    idle_notice_bytes,
 )
 from medledger.core.encoding import canonical_bytes, parse_canonical
 from medledger.core.errors import (
@@ -89,6 +83,7 @@ from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.evidence import Evidence
 from medledger.ledger.consortium.messages import MSG_CUT, MSG_IDLE, MSG_TX, MSG_VOTE
 from medledger.ledger.consortium.modes import initial_state
+from medledger.ledger.consortium.rounds import AnchorRounds, PendingAnchors
 from medledger.ledger.consortium.rules import AnchorRecord, ConsortiumState
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, Orderer
 from medledger.ledger.supervision import SupervisedTask
@@ -98,9 +93,6 @@ __all__ = ["ConsortiumMember", "Evidence", "genesis_block"]
 
 log = logging.getLogger(__name__)
 
-#: Idle notices are sent while the newest block with anchors was cut at most this
-#: many anchor intervals ago (or anchors are pending): a quiet consortium goes quiet.
-_IDLE_ACTIVE_INTERVALS = 2
 #: How many final heights' votes are kept to detect late equivocation.
 _VOTE_MEMORY = 1024
 #: A vote or cut marker whose publish failed is retried after this long, doubling
@@ -170,11 +162,7 @@ class _Pending:
     size: int = 0
     first_seen: float | None = None
     marker_sent: bool = False
-    anchorers: set[str] = field(default_factory=set)  # members with an anchor here
-    anchored_at: dict[str, int] = field(default_factory=dict)  # member -> its anchor's time_ms
-    # Members with an idle notice for here: member id -> the notice's signed time_ms.
-    idle: dict[str, int] = field(default_factory=dict)
-    anchor_times: list[int] = field(default_factory=list)  # the anchors' signed time_ms
+    anchors: PendingAnchors = field(default_factory=PendingAnchors)  # what its round reads
 
 
 class ConsortiumMember:
@@ -213,19 +201,15 @@ class ConsortiumMember:
         self._log.append(leaf_hash(first.tx_data[0]))
         self._state = initial_state(genesis)
         self._pending = _Pending()
-        # The members whose anchors the newest block with anchors held: once each has
-        # anchored again, the anchor round is complete and the block is cut (0053).
-        self._anchor_round: frozenset[str] = frozenset()
-        # Each member's newest anchor in a cut block: its signed time_ms (for 0067).
-        self._anchor_cut_ms: dict[str, int] = {}
-        # When (own monotonic clock) the newest block with anchors was cut, and the
-        # newest height this member sent an idle notice for.
-        self._anchors_cut_at: float | None = None
-        self._idle_sent_height = 0
-        # The slot (wall-clock ms) this member last said it had nothing new at, and
-        # whether its own anchor from an earlier slot was still on its way then.
-        self._idle_slot_ms: int | None = None
-        self._idle_behind = False
+        self._rounds = AnchorRounds(
+            genesis=genesis,
+            member_id=member_id,
+            key=key,
+            clock=self._clock,
+            monotonic=self._monotonic,
+            voters=self._members_before,
+            send=self._send_until_cut,
+        )
         self._cuts: dict[int, _Cut] = {}
         self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
         self._final_height = 0
@@ -396,9 +380,7 @@ class ConsortiumMember:
         p.tx_times.append(tx.time_ms)
         p.size += len(data)
         if tx.type == ANCHOR:
-            p.anchorers.add(str(tx.body["institution"]))
-            p.anchor_times.append(tx.time_ms)
-            p.anchored_at[str(tx.body["institution"])] = tx.time_ms
+            p.anchors.add_anchor(str(tx.body["institution"]), tx.time_ms)
         if p.first_seen is None:
             p.first_seen = self._monotonic()
             self._cut_wanted.set()
@@ -406,67 +388,13 @@ class ConsortiumMember:
         if (
             len(p.txs) >= params.max_block_txs
             or p.size >= params.max_block_bytes
-            or (params.anchor_round_cut and self._anchor_round_complete(p))
+            or self._rounds.round_complete(p.anchors)
         ):
             self._cut()
 
-    def _anchor_round_complete(self, pending: _Pending) -> bool:
-        """Whether every member of the round anchored again, or sent an idle notice for here.
-
-        The round is the members with an anchor or a counted idle notice in the
-        newest block with anchors; at least one anchor must be pending (a round of
-        notices alone would cut an empty block). Notices are only ever counted
-        where the genesis enables them (``_on_idle``).
-
-        Institutions anchor at the same multiples of the interval, so their anchors
-        reach the order together; cutting once the last expected one is in saves the
-        cut timer and a cut marker's trip through the order. The rule reads only the
-        ordered stream, so every member cuts at the same place. A member that stops
-        anchoring delays one block by the cut timer, after which the round no longer
-        expects it; a member cannot cut earlier than it already could with a marker.
-        """
-        return bool(self._anchor_round) and self._anchor_round <= self._round_covered(pending)
-
-    def _round_covered(self, pending: _Pending) -> set[str]:
-        """The members with an anchor pending, or a notice from the newest anchor's slot.
-
-        Empty without a pending anchor. A notice counts only if its time is within
-        half an anchor interval of the newest pending anchor's: a notice from an
-        earlier slot (one that waited in a block nobody anchored in) says nothing
-        about this one, and counting it would cut the block before that member's
-        anchor for this slot arrived.
-        """
-        if not pending.anchor_times:
-            return set()
-        newest = max(pending.anchor_times)
-        half = self.genesis.params.anchor_interval_ms // 2
-        same_slot = {m for m, t in pending.idle.items() if abs(t - newest) <= half}
-        return pending.anchorers | same_slot
-
     def _on_idle(self, envelope: dict[str, Any]) -> None:
-        """Count a member's idle notice for the pending block; cut if it completes the round.
-
-        A notice for any other height (late, early, sent from a stale view)
-        changes nothing; one not signed by a voter of the pending block, over
-        ``idle_notice_bytes``, is refused.
-        """
-        params = self.genesis.params
-        if not (params.anchor_round_cut and params.anchor_idle_notice):
-            raise InvalidInput("idle notices are off in this consortium")
-        height, time_ms = envelope.get("height"), envelope.get("time_ms")
-        if type(height) is not int or type(time_ms) is not int or time_ms < 0:
-            raise InvalidInput("idle notice needs an integer height and time_ms")
-        if height != self._tip_header.height + 1:
-            return
-        sig = Signature.from_json(envelope.get("signature"))
-        # As for a cut marker: the members who vote on the block, whatever the
-        # pending transactions would change.
-        member = self._members_before(height).by_fingerprint(sig.signer)
-        if member is None:
-            raise InvalidInput("idle notice not signed by a member")
-        member.signing_key.verify(sig, idle_notice_bytes(self.chain_id, height, time_ms))
-        self._pending.idle[member.id] = time_ms
-        if self._anchor_round_complete(self._pending):
+        """Count a member's idle notice for the pending block; cut if it completes the round."""
+        if self._rounds.count_notice(envelope, self._pending.anchors, self._tip_header.height + 1):
             self._cut()
 
     def notify_idle(self, *, anchor_on_the_way: bool = False) -> bool:
@@ -474,96 +402,17 @@ class ConsortiumMember:
 
         Called by the anchorer at a slot where the private chain has not grown
         since its newest anchor; ``anchor_on_the_way``: that anchor was sent but
-        is not in the order yet. Sent only where the genesis enables idle
-        notices, once live, by a voter, at most once per height, and only while
-        anchoring is active: anchors are pending, or the newest block with
-        anchors was cut at most ``_IDLE_ACTIVE_INTERVALS`` anchor intervals ago by
-        this member's monotonic clock. A consortium where nobody anchors
-        therefore stores no notices (they are kept in the replicated stream).
-
-        The notice names the block that will hold this slot's anchors: the
-        pending one, or the one after it if the pending block (as seen here)
-        still collects an earlier slot's anchors; and if the block it named is
-        cut holding only an earlier slot's anchors before the notice arrived, it
-        is sent again for the next one (``_idle_after_cut``), at most once per
-        height and only until the next slot. Only what is sent
-        reads the clocks; what counts is decided by the order alone
-        (``_on_idle``). Returns whether a notice was sent.
+        is not in the order yet. Returns whether a notice was sent: only where
+        the genesis enables idle notices, once live, and while anchoring is
+        active (:meth:`AnchorRounds.notify_idle
+        <medledger.ledger.consortium.rounds.AnchorRounds.notify_idle>`).
         """
-        params = self.genesis.params
-        if not (params.anchor_round_cut and params.anchor_idle_notice and self._live):
-            return False
-        window = _IDLE_ACTIVE_INTERVALS * params.anchor_interval_ms / 1000
-        recent = (
-            self._anchors_cut_at is not None and self._monotonic() - self._anchors_cut_at <= window
+        return self._rounds.notify_idle(
+            self._pending.anchors,
+            self._tip_header.height,
+            live=self._live,
+            anchor_on_the_way=anchor_on_the_way,
         )
-        if not (recent or self._pending.anchorers):
-            return False
-        # The anchorer calls at its slot: this reading is the slot's time.
-        self._idle_slot_ms = self._clock.now_ms()
-        self._idle_behind = anchor_on_the_way
-        return self._send_idle_notice()
-
-    def _idle_claim_current(self) -> bool:
-        """Whether the slot this member said it is idle at has not ended (by its clock)."""
-        slot = self._idle_slot_ms
-        interval = self.genesis.params.anchor_interval_ms
-        return slot is not None and self._clock.now_ms() < slot + interval
-
-    def _from_earlier_slot(self, anchor_time_ms: int) -> bool:
-        """Whether an anchor stamped ``anchor_time_ms`` was sent before the idle slot.
-
-        Half an interval of slack: institutions' clocks differ by a few ms.
-        """
-        slot = self._idle_slot_ms
-        return (
-            slot is not None and anchor_time_ms < slot - self.genesis.params.anchor_interval_ms // 2
-        )
-
-    def _send_idle_notice(self) -> bool:
-        """Send the notice for the current idle slot, for the block its anchors will be in."""
-        slot = self._idle_slot_ms
-        if slot is None or not self._idle_claim_current():
-            return False
-        p = self._pending
-        behind = self._idle_behind or any(self._from_earlier_slot(t) for t in p.anchor_times)
-        height = self._tip_header.height + (2 if behind else 1)
-        if height <= self._idle_sent_height:
-            return False
-        if self._members_before(height).by_fingerprint(self._key.fingerprint) is None:
-            return False
-        self._idle_sent_height = height
-        signed = idle_notice_bytes(self.chain_id, height, slot)
-        notice = canonical_bytes(
-            {
-                "kind": MSG_IDLE,
-                "height": height,
-                "time_ms": slot,
-                "signature": self._key.sign(signed).to_json(),
-            }
-        )
-        # One id per member and height, as for cut markers.
-        self._publish(
-            notice,
-            f"idle-{self.genesis.consortium}-{height}-{self.member_id}",
-            needed=functools.partial(self._not_cut_yet, height),
-        )
-        return True
-
-    def _idle_after_cut(self, cut: _Pending, height: int) -> None:
-        """A block with anchors was cut. If it is the one this member's notice named but
-        held only an earlier slot's anchors, this slot's go in the next: say it again."""
-        if self._idle_slot_ms is None or not self._live:
-            return
-        if not self._idle_claim_current() or not all(
-            self._from_earlier_slot(t) for t in cut.anchor_times
-        ):
-            self._idle_slot_ms = None  # the slot's block is cut, or the slot is over
-            return
-        if self.member_id in cut.anchorers:
-            self._idle_behind = False  # this member's earlier anchor is in now
-        if self._idle_sent_height == height:
-            self._send_idle_notice()
 
     def _on_cut(self, envelope: dict[str, Any]) -> None:
         height = envelope.get("height")
@@ -592,12 +441,7 @@ class ConsortiumMember:
         p = self._pending
         time_ms = self._next_block_time(p)
         self._pending = _Pending()
-        if p.anchorers:
-            # An idle member stays in the round: it anchors or sends a notice again
-            # at the next slot. One that does neither costs one block the cut timer.
-            self._anchor_round = frozenset(self._round_covered(p))
-            self._anchors_cut_at = self._monotonic()
-            self._anchor_cut_ms.update(p.anchored_at)
+        self._rounds.block_cut(p.anchors)
         first_index = self._log.size
         block_log = CompactRange()
         nodes = []
@@ -631,8 +475,7 @@ class ConsortiumMember:
         voters = self._members_before(header.height)
         self._cuts[header.height] = _Cut(block=block, members=voters, state=self._state.copy())
         self._tip_header, self._tip_hash = header, block_hash
-        if p.anchorers:
-            self._idle_after_cut(p, header.height)
+        self._rounds.after_cut(p.anchors, self._pending.anchors, header.height, live=self._live)
         if header.height <= self._stored_height:
             # Stored means final: a quorum voted, no vote of ours is needed (and on a
             # divergence none may be sent).
@@ -933,7 +776,7 @@ class ConsortiumMember:
 
     async def _cut_timer(self) -> None:
         """Send a cut marker once the oldest pending tx waited ``cut_after_ms`` (longer
-        for a block of anchors alone: :meth:`_marker_patience_s`).
+        for a block of anchors alone: :meth:`AnchorRounds.marker_patience_s`).
 
         While something is pending it checks every half ``cut_after_ms``, so a
         non-anchor tx joining a block of anchors is cut on time. Sleeps until there is something to cut: an idle member must not wake
@@ -948,7 +791,8 @@ class ConsortiumMember:
                 self._cut_wanted.clear()
                 await self._cut_wanted.wait()
                 continue
-            wait = p.first_seen + self._marker_patience_s(p) - self._monotonic()
+            patience = self._rounds.marker_patience_s(p.anchors, len(p.txs))
+            wait = p.first_seen + patience - self._monotonic()
             if wait > 0:
                 # At most half a period: the clock may be a test's, moved by hand.
                 await asyncio.sleep(min(wait, period / 2))
@@ -963,51 +807,13 @@ class ConsortiumMember:
                 }
             )
             # One id per member: a squatter on a shared id could not stop the cut.
-            self._publish(
-                marker,
-                f"cut-{self.genesis.consortium}-{height}-{self.member_id}",
-                needed=functools.partial(self._not_cut_yet, height),
+            self._send_until_cut(
+                marker, f"cut-{self.genesis.consortium}-{height}-{self.member_id}", height
             )
 
-    def _marker_patience_s(self, pending: _Pending) -> float:
-        """How long ``pending``'s oldest tx waits before this member sends a cut marker.
-
-        ``cut_after_ms``, except for a block of anchors alone where blocks are cut by
-        rounds: there the round's other anchors were sent at the same slot and are on
-        their way, and the last of them (or a member's idle notice) cuts the block
-        without a marker. A marker sent after ``cut_after_ms`` would overtake an anchor
-        whose institution is a few round trips further from the order, cut the block
-        without it and leave that anchor to wait for the next block (decision 0067).
-        So the marker waits up to half an anchor interval, the bound by which one
-        slot's anchors are told from the next slot's. Only when a marker is sent is
-        local: every member still cuts where the ordered marker or anchor says.
-        """
-        params = self.genesis.params
-        cut_after = params.cut_after_ms / 1000
-        if not params.anchor_round_cut or len(pending.anchor_times) != len(pending.txs):
-            return cut_after
-        if not self._round_may_complete(pending):
-            return cut_after
-        return max(cut_after, params.anchor_interval_ms / 2000)
-
-    def _round_may_complete(self, pending: _Pending) -> bool:
-        """Whether a member of the round that ``pending`` lacks may still anchor for its slot.
-
-        Not if each of them already has an anchor from that slot (signed within half an
-        interval of the newest pending anchor) in a block cut before: its anchor reached
-        the order early enough to join the previous block. Waiting would then only let
-        its *next* anchor complete the round, a slot late for everyone else's, and every
-        later block would repeat that (measured at 40 ms RTT: one institution's
-        anchors arriving ~25 ms before the others' kept the blocks a slot out of step,
-        +180 ms for three institutions' records, until a marker realigned them).
-        """
-        newest = max(pending.anchor_times)
-        half = self.genesis.params.anchor_interval_ms // 2
-        for member in self._anchor_round - self._round_covered(pending):
-            last = self._anchor_cut_ms.get(member)
-            if last is None or abs(last - newest) > half:
-                return True
-        return False
+    def _send_until_cut(self, payload: bytes, msg_id: str, height: int) -> None:
+        """Publish a message that is needed until block ``height`` is cut (a marker, a notice)."""
+        self._publish(payload, msg_id, needed=functools.partial(self._not_cut_yet, height))
 
     def _not_cut_yet(self, height: int) -> bool:
         return self._tip_header.height < height
