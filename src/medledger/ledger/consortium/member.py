@@ -35,9 +35,9 @@ blocks without talking to each other:
   of member signatures over the block hash is the same proof whichever way
   it came. Blocks are still cut from the order alone, and clock readings
   (block time) are taken only from the ordered copy, so a replay cuts the
-  same blocks. A broadcast vote for a block not cut here yet is held (at
-  most one per member for each of the next few heights) until it is cut.
-  Certificates may then differ between members (any quorum is valid).
+  same blocks. A broadcast vote for a block not cut here yet is held until
+  it is cut (``broadcast_votes``). Certificates may then differ between
+  members (any quorum is valid).
 * A restarted member replays the stream from the start over its stored chain.
   It does not vote again where its vote is already in the order: a block it
   holds is final (its vote is not needed), and the vote for a block cut
@@ -80,6 +80,7 @@ from medledger.core.merkle import CompactRange, leaf_hash
 from medledger.core.models import BlockHeader, Receipt, Signature, Transaction
 from medledger.core.transactions import ANCHOR
 from medledger.ledger.clock import Clock, SystemClock
+from medledger.ledger.consortium.broadcast_votes import BroadcastVotes
 from medledger.ledger.consortium.evidence import Evidence
 from medledger.ledger.consortium.messages import MSG_CUT, MSG_IDLE, MSG_TX, MSG_VOTE
 from medledger.ledger.consortium.modes import initial_state
@@ -99,11 +100,6 @@ _VOTE_MEMORY = 1024
 #: up to the maximum, for as long as it is needed.
 _REPUBLISH_MIN_S = 0.5
 _REPUBLISH_MAX_S = 5.0
-#: A broadcast vote for a block not cut here yet is held if its height is at most
-#: this far beyond the tip (votes arrive ahead of the order by a few round trips).
-_EARLY_HEIGHTS = 4
-#: A broadcast larger than this is no vote (a vote is a header and two signatures).
-_MAX_BROADCAST_BYTES = 16 * 1024
 
 
 def _marker_bytes(chain_id: str, height: int) -> bytes:
@@ -245,8 +241,12 @@ class ConsortiumMember:
         self._replay_to: int | None = None
         self._live = False
         self._unvoted: dict[int, bytes] = {}  # height -> hash of the block cut
-        # Broadcast votes for heights not cut yet: height -> signer fingerprint -> envelope.
-        self._early_votes: dict[int, dict[str, dict[str, Any]]] = {}
+        self._broadcast_votes = BroadcastVotes(
+            chain_id=self.chain_id,
+            vote_memory=_VOTE_MEMORY,
+            voters=self._members_before,
+            count=functools.partial(self._on_vote, ordered=False),
+        )
         self._next_seq = 1  # the next stream sequence to consume
 
     def _check_stored_genesis(self, first: NewBlock) -> int:
@@ -488,7 +488,7 @@ class ConsortiumMember:
         else:
             # Replaying: our vote may be further on in the order; see _go_live.
             self._unvoted[header.height] = block_hash
-        self._count_early_votes(header.height)
+        self._broadcast_votes.block_cut(header.height)
         self._try_finalize()
 
     def _send_vote(self, header: BlockHeader, block_hash: bytes) -> None:
@@ -520,53 +520,13 @@ class ConsortiumMember:
         """Count the votes broadcast beside the order (see module doc)."""
         async for payload in self._orderer.broadcasts():
             try:
-                self._on_broadcast(payload)
+                self._broadcast_votes.receive(
+                    payload, tip_height=self._tip_header.height, final_height=self._final_height
+                )
             except Exception as exc:  # hostile input must not stop the listener
                 # Anyone who reaches the transport can send here: one line, and only
                 # at debug level, so a flood cannot flood the log.
                 log.debug("broadcast ignored: %s: %s", type(exc).__name__, exc)
-
-    def _on_broadcast(self, payload: bytes) -> None:
-        """A vote that came beside the order: counted, held for a block not cut yet, or dropped.
-
-        Raises :class:`InvalidInput` / :class:`VerificationError` for what is no valid
-        member vote. Nothing from this path reads a clock or touches the replay's
-        owed votes: those come from the ordered copy only.
-        """
-        if len(payload) > _MAX_BROADCAST_BYTES:
-            raise InvalidInput(f"broadcast of {len(payload)} bytes is no vote")
-        envelope = parse_canonical(payload)
-        if not isinstance(envelope, dict) or envelope.get("kind") != MSG_VOTE:
-            raise InvalidInput("broadcast is no vote")
-        header = BlockHeader.from_json(envelope.get("header"))
-        if header.chain != self.chain_id or header.height < 1:
-            raise InvalidInput("vote for a block of another chain or for genesis")
-        height = header.height
-        if height <= self._final_height - _VOTE_MEMORY:
-            return  # its block is long final; a conflict there is no longer tracked
-        if height <= self._tip_header.height:
-            self._on_vote(envelope, ordered=False)
-            return
-        if height > self._tip_header.height + _EARLY_HEIGHTS:
-            raise InvalidInput(f"vote for height {height}, far beyond the tip")
-        # Not cut here yet: its voters are not known for sure, so check it against
-        # the members who vote on the next block and keep one vote per member.
-        sig = Signature.from_json(envelope.get("signature"))
-        member = self._members_before(self._tip_header.height + 1).by_fingerprint(sig.signer)
-        if member is None:
-            raise InvalidInput(f"vote at height {height} from a non-member key")
-        member.signing_key.verify(sig, header.hash())
-        self._early_votes.setdefault(height, {}).setdefault(sig.signer, envelope)
-
-    def _count_early_votes(self, height: int) -> None:
-        """Count the broadcast votes held for ``height``, now cut (checked again, as cut)."""
-        for stale in [h for h in self._early_votes if h < height]:
-            del self._early_votes[stale]
-        for envelope in self._early_votes.pop(height, {}).values():
-            try:
-                self._on_vote(envelope, ordered=False)
-            except MedledgerError as exc:
-                log.debug("broadcast vote for block %d ignored: %s", height, exc)
 
     def _next_block_time(self, pending: _Pending) -> int:
         """The next block's time from the readings seen so far in the stream (see module doc)."""
