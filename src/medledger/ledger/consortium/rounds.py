@@ -126,7 +126,8 @@ class AnchorRounds:
         reach the order together; cutting once the last expected one is in saves the
         cut timer and a cut marker's trip through the order. The rule reads only the
         ordered stream, so every member cuts at the same place. A member that stops
-        anchoring delays one block by the cut timer, after which the round no longer
+        anchoring delays one block until the others' marker (sent after up to half an
+        anchor interval: :meth:`marker_patience_s`), after which the round no longer
         expects it; a member cannot cut earlier than it already could with a marker.
         """
         return (
@@ -184,7 +185,7 @@ class AnchorRounds:
         """The block holding ``cut`` is being cut: if it holds anchors, it sets the next round."""
         if cut.anchorers:
             # An idle member stays in the round: it anchors or sends a notice again
-            # at the next slot. One that does neither costs one block the cut timer.
+            # at the next slot. One that does neither costs one block a marker's wait.
             self._anchor_round = frozenset(self._round_covered(cut))
             self._anchors_cut_at = self._monotonic()
             self._anchor_cut_ms.update(cut.anchored_at)
