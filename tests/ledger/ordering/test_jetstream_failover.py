@@ -63,6 +63,18 @@ def test_a_reader_leaves_a_hung_server_and_never_gives_up(
     async def main() -> None:
         # Every orderer opened is closed, also when the next connect or the scenario fails.
         async with contextlib.AsyncExitStack() as opened:
+            # The writer first: it creates the stream with the default patience, which a
+            # cluster just started on a loaded machine may need (its first stream waits
+            # for a JetStream leader).
+            writing = await JetStreamOrderer.connect(
+                urls[1:] + urls[:1],
+                stream=f"F{tag}",
+                subject=f"f.{tag}",
+                replicas=3,
+                tuning=FAST_DETECTION,
+                name="writer",
+            )
+            opened.push_async_callback(writing.close)
             # retry_for=2 s: the old reader gave up after retry_for seconds of failure.
             reading = await JetStreamOrderer.connect(
                 urls,
@@ -74,15 +86,6 @@ def test_a_reader_leaves_a_hung_server_and_never_gives_up(
                 name="reader",
             )
             opened.push_async_callback(reading.close)
-            writing = await JetStreamOrderer.connect(
-                urls[1:] + urls[:1],
-                stream=f"F{tag}",
-                subject=f"f.{tag}",
-                replicas=3,
-                tuning=FAST_DETECTION,
-                name="writer",
-            )
-            opened.push_async_callback(writing.close)
             got: list[OrderedMessage] = []
 
             async def follow() -> None:
