@@ -74,7 +74,7 @@ from medledger.ledger.ordering.listeners import LISTENER_QUEUE, Listeners
 from medledger.ledger.ordering.natsconfig import broadcast_subject
 from medledger.ledger.ordering.port import MAX_MESSAGE_BYTES, OrderedMessage
 
-__all__ = ["JetStreamOrderer", "JetStreamTuning"]
+__all__ = ["JetStreamOrderer", "JetStreamTuning", "PullBudget"]
 
 T = TypeVar("T")
 
@@ -583,10 +583,10 @@ class JetStreamOrderer:
             num_replicas=1,
             mem_storage=True,
         )
-        feed = _Feed(name, last_stream=start - 1, inbox=self._nc.new_inbox())
+        feed = _Feed(name, last_stream=start - 1)
         try:
             await self._js.add_consumer(self._stream, config, timeout=_ATTEMPT_S)
-            feed.sub = await self._nc.subscribe(f"{feed.inbox}.*", cb=feed.deliver)
+            feed.sub = await self._nc.subscribe(self._nc.new_inbox(), cb=feed.deliver)
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             if self._closed:
                 raise _Transient("orderer is closed") from None
@@ -607,8 +607,8 @@ class JetStreamOrderer:
         ordered after a request ran out (its batch, bytes or lifetime) waited for the
         next one to reach the consumer's server: at 40 ms between institutions that
         stalled every member's feed for 150 to 370 ms every few seconds, the largest
-        delay an anchor met. Each request has its own reply subject, so a status
-        that ends one (expired, byte limit) names the request it ends.
+        delay an anchor met. How many messages the open requests may still
+        deliver is counted exactly (:class:`PullBudget`).
         """
         assert feed.sub is not None
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{feed.consumer}"
@@ -620,15 +620,14 @@ class JetStreamOrderer:
                 "idle_heartbeat": int(_HEARTBEAT_S * 1e9),
             }
         ).encode()
-        pulls: dict[str, _Pull] = {}  # open requests by reply subject, oldest first
+        budget = PullBudget(batch=_BATCH, lifetime_s=_PULL_EXPIRES_S)
         while not self._closed:
-            if _wants_pull(pulls, time.monotonic()):
-                reply = feed.next_reply()
+            if budget.wants_pull(time.monotonic()):
                 try:
-                    await self._nc.publish(subject, request, reply=reply)
+                    await self._nc.publish(subject, request, reply=feed.sub.subject)
                 except (nats.errors.Error, OSError):
                     return
-                pulls[reply] = _Pull(remaining=_BATCH, sent=time.monotonic())
+                budget.sent(time.monotonic())
             # Our own queue and asyncio.timeout rather than Subscription.next_msg:
             # on Python 3.11 its wait_for can swallow a cancellation of the reader.
             try:
@@ -640,13 +639,7 @@ class JetStreamOrderer:
                 return  # the orderer was closed
             status = JetStreamContext.is_status_msg(msg)
             if status is None:
-                # A data message's subject is the stream's, not the request's: it is
-                # counted against the oldest open request, which the server serves first.
-                if pulls:
-                    oldest = next(iter(pulls))
-                    pulls[oldest].remaining -= 1
-                    if pulls[oldest].remaining <= 0:
-                        del pulls[oldest]  # its batch is complete
+                budget.delivered()
                 if msg.reply.startswith("$JS.ACK."):  # carries the stream sequence
                     feed.last_stream = max(feed.last_stream, msg.metadata.sequence.stream)
                     yield msg
@@ -659,7 +652,7 @@ class JetStreamOrderer:
             elif status in (api.StatusCode.REQUEST_TIMEOUT, api.StatusCode.NO_MESSAGES) or (
                 status == api.StatusCode.CONFLICT and _byte_limit_reached(msg)
             ):
-                pulls.pop(msg.subject, None)  # that request expired or reached max_bytes
+                budget.ended(_pending_messages(msg))  # expired, or reached max_bytes
             else:
                 return  # 409 leadership change / consumer deleted, 503, …
 
@@ -686,41 +679,60 @@ class _Feed:
     the first).
     """
 
-    def __init__(self, consumer: str, *, last_stream: int, inbox: str) -> None:
+    def __init__(self, consumer: str, *, last_stream: int) -> None:
         self.consumer = consumer
         self.last_stream = last_stream
-        #: Pull requests are answered on ``<inbox>.<n>``; the subscription is ``<inbox>.*``.
-        self.inbox = inbox
-        self._pulls_sent = 0
         self.sub: Subscription | None = None
         self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()
-
-    def next_reply(self) -> str:
-        """The reply subject of the next pull request, one of its own."""
-        self._pulls_sent += 1
-        return f"{self.inbox}.{self._pulls_sent}"
 
     async def deliver(self, msg: Msg) -> None:
         self.queue.put_nowait(msg)
 
 
-@dataclass(slots=True)
-class _Pull:
-    """An open pull request: how many messages it may still deliver, when it was sent."""
+class PullBudget:
+    """What a reader's open pull requests may still deliver, and when to send another.
 
-    remaining: int
-    sent: float
+    The server serves open requests in turn, not one after the other, and a data
+    message does not say which request it answers, so no count per request is
+    kept: only the total. Every request adds its batch; every data message takes
+    one; a request that ends early (expired, or its byte limit reached) takes what
+    it still had, which its status says (``Nats-Pending-Messages``). A request
+    whose batch was delivered ends with no status, and the total already holds it.
 
+    Another request is wanted when less than half a batch is left in all, or when
+    the newest request is half way to expiring: so one with at least half its
+    lifetime left is always open, and at most about two are open at once.
+    """
 
-def _wants_pull(pulls: dict[str, _Pull], now: float) -> bool:
-    """Whether to send another pull request: none is open, or the only one is half used
-    or half way to expiring (at most two are open)."""
-    if not pulls:
-        return True
-    if len(pulls) > 1:
-        return False
-    (only,) = pulls.values()
-    return only.remaining <= _BATCH // 2 or now - only.sent >= _PULL_EXPIRES_S / 2
+    def __init__(self, *, batch: int, lifetime_s: float) -> None:
+        self.batch = batch
+        self.lifetime_s = lifetime_s
+        #: Messages the open requests may still deliver, in all.
+        self.capacity = 0
+        self._newest_sent: float | None = None
+
+    def wants_pull(self, now: float) -> bool:
+        """Whether to send another pull request now."""
+        if self.capacity <= self.batch // 2 or self._newest_sent is None:
+            return True
+        return now - self._newest_sent >= self.lifetime_s / 2
+
+    def sent(self, now: float) -> None:
+        """A pull request for a whole batch was sent at ``now``."""
+        self.capacity += self.batch
+        self._newest_sent = now
+
+    def delivered(self) -> None:
+        """A data message arrived."""
+        self.capacity = max(0, self.capacity - 1)
+
+    def ended(self, pending: int | None) -> None:
+        """A request ended early with ``pending`` messages undelivered (``None``: its status
+        did not say; then nothing is assumed left, and the next request goes out at once)."""
+        if pending is None:
+            self.capacity = 0
+        else:
+            self.capacity = max(0, self.capacity - pending)
 
 
 def _last_stream(heartbeat: Msg) -> int:
@@ -730,6 +742,13 @@ def _last_stream(heartbeat: Msg) -> int:
     """
     text = (heartbeat.headers or {}).get(api.Header.LAST_STREAM.value, "")
     return int(text) if text.isascii() and text.isdigit() else 0
+
+
+def _pending_messages(status: Msg) -> int | None:
+    """What an ended pull request had still to deliver, from its status's header; ``None``
+    if the header is missing or malformed."""
+    text = (status.headers or {}).get("Nats-Pending-Messages", "")
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _byte_limit_reached(msg: Msg) -> bool:
