@@ -53,6 +53,9 @@ def test_a_message_ordered_at_a_batch_boundary_is_delivered_without_asking(
             await asyncio.wait_for(until_delivered(), 10)
             late = await anext(reader)
             assert (late.seq, late.payload) == (BATCH + 1, b"late")
+            # The first request's "409 Batch Completed" ended the request, not the
+            # consumer: the reader still reads through the same one.
+            assert orderer._feeds == {feed}
         finally:
             await reader.aclose()  # type: ignore[attr-defined]
             await orderer.close()

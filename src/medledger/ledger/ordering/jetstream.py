@@ -650,9 +650,13 @@ class JetStreamOrderer:
                     # it will not resend them, so start over from the next one.
                     return
             elif status in (api.StatusCode.REQUEST_TIMEOUT, api.StatusCode.NO_MESSAGES) or (
-                status == api.StatusCode.CONFLICT and _byte_limit_reached(msg)
+                status == api.StatusCode.CONFLICT and _request_ended(msg)
             ):
-                budget.ended(_pending_messages(msg))  # expired, or reached max_bytes
+                # Expired, reached max_bytes, or its whole batch was delivered: the
+                # request ended, the consumer did not. (A completed batch's 409 was
+                # once taken for a lost consumer, which was then made again: several
+                # round trips to the stream's leader, every 256 messages.)
+                budget.ended(_pending_messages(msg))
             else:
                 return  # 409 leadership change / consumer deleted, 503, …
 
@@ -751,9 +755,12 @@ def _pending_messages(status: Msg) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def _byte_limit_reached(msg: Msg) -> bool:
+def _request_ended(msg: Msg) -> bool:
+    """Whether a 409 status ends only its pull request: its byte limit was reached, or its
+    batch was delivered. Any other 409 (leadership change, consumer deleted) ends the
+    consumer."""
     description = (msg.headers or {}).get(api.Header.DESCRIPTION, "")
-    return "Message Size Exceeds MaxBytes" in description
+    return "Message Size Exceeds MaxBytes" in description or description == "Batch Completed"
 
 
 def _resume_cancellation() -> None:
