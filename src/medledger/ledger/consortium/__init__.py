@@ -1,6 +1,8 @@
 """The consortium chain shared by all member institutions.
 
 * ``member`` — a member's view: validate, cut, vote, finalize (``ConsortiumMember``);
+* ``finality`` — the vote count: which cut blocks are final, with which
+  certificate, and who equivocated (``Finality``);
 * ``rounds`` — when a block of anchors is complete, and the idle notices that
   complete it (``AnchorRounds``, decisions 0053, 0066, 0067);
 * ``broadcast_votes`` — votes that came beside the order, held until their

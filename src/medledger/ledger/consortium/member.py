@@ -25,10 +25,10 @@ blocks without talking to each other:
   member sees the same readings at the same place in the stream, so all cut
   the same header; a minority of wrong clocks cannot move it.
 * Each member signs the block hash and publishes a ``vote``. A block is final
-  with votes from a quorum of ⌊(n+f)/2⌋+1 members; only final blocks are
-  stored, with their votes as the finality certificate. A member voting for
-  two different blocks at one height is recorded as equivocation evidence
-  and no longer counted.
+  with votes from a quorum of its voters, stored with their votes as the
+  finality certificate; a member voting for two different blocks at one
+  height is recorded as equivocation evidence. The count, and what is
+  final, are in ``finality``.
 * Each vote is also broadcast beside the order (``Orderer.broadcast``: one
   hop, not replicated; decision 0063), and a member counts a vote from
   either path once its signature checks against the block's voters: a quorum
@@ -53,7 +53,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,13 +67,7 @@ from medledger.core.consortium import (
     clock_bytes,
 )
 from medledger.core.encoding import canonical_bytes, parse_canonical
-from medledger.core.errors import (
-    InvalidInput,
-    MedledgerError,
-    OrderingError,
-    StorageError,
-    VerificationError,
-)
+from medledger.core.errors import InvalidInput, MedledgerError, OrderingError, VerificationError
 from medledger.core.hashing import ZERO_HASH, sha256
 from medledger.core.keys import SigningKey
 from medledger.core.merkle import CompactRange, leaf_hash
@@ -82,6 +76,7 @@ from medledger.core.transactions import ANCHOR
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.ledger.consortium.broadcast_votes import BroadcastVotes
 from medledger.ledger.consortium.evidence import Evidence
+from medledger.ledger.consortium.finality import VOTE_MEMORY, Cut, Finality
 from medledger.ledger.consortium.messages import MSG_CUT, MSG_IDLE, MSG_TX, MSG_VOTE
 from medledger.ledger.consortium.modes import initial_state
 from medledger.ledger.consortium.rounds import AnchorRounds, PendingAnchors
@@ -94,8 +89,6 @@ __all__ = ["ConsortiumMember", "Evidence", "genesis_block"]
 
 log = logging.getLogger(__name__)
 
-#: How many final heights' votes are kept to detect late equivocation.
-_VOTE_MEMORY = 1024
 #: A vote or cut marker whose publish failed is retried after this long, doubling
 #: up to the maximum, for as long as it is needed.
 _REPUBLISH_MIN_S = 0.5
@@ -143,15 +136,6 @@ def genesis_block(genesis: Genesis) -> NewBlock:
 
 
 @dataclass(slots=True)
-class _Cut:
-    """A block cut locally, waiting for a quorum of votes."""
-
-    block: NewBlock
-    members: MemberSet  # who may vote on it
-    state: ConsortiumState  # the state after it
-
-
-@dataclass(slots=True)
 class _Pending:
     txs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (data, hash)
     tx_times: list[int] = field(default_factory=list)  # each tx's signed time_ms
@@ -185,9 +169,7 @@ class ConsortiumMember:
         self._store = store
         self._clock: Clock = clock or SystemClock()
         self._monotonic = monotonic or time.monotonic
-        self._evidence_path = evidence_path
         self._background: set[asyncio.Task[None]] = set()
-        self._store_retry: asyncio.Task[None] | None = None
         self.chain_id = genesis.chain_id
         # Tip (cut, maybe not final) and committed (final, stored) positions.
         first = genesis_block(genesis)
@@ -206,16 +188,9 @@ class ConsortiumMember:
             voters=self._members_before,
             send=self._send_until_cut,
         )
-        self._cuts: dict[int, _Cut] = {}
-        self._votes: dict[int, dict[str, tuple[bytes, Signature, BlockHeader]]] = {}
-        self._final_height = 0
-        self._final_state = self._state.copy()
         # Each member's latest signed clock reading (from its votes), by member id.
         self._readings: dict[str, int] = {}
-        self._evidence: list[Evidence] = []
-        self._equivocators: set[str] = set()
         self._waiters: dict[bytes, asyncio.Future[Receipt]] = {}
-        self._final_event = asyncio.Event()
         # Set when the cut timer may have work: a first pending tx, or going live.
         self._cut_wanted = asyncio.Event()
         self._mid_message = False  # the consume task is applying a message
@@ -235,7 +210,15 @@ class ConsortiumMember:
         #: Called with the new member set when a final block changed it (the node
         #: re-reads its TLS trust there); an exception is logged, never raised.
         self.on_members_changed: Callable[[MemberSet], None] | None = None
-        self._stored_height = self._check_stored_genesis(first)
+        self._finality = Finality(
+            store=store,
+            state=self._state.copy(),
+            stored_height=self._check_stored_genesis(first),
+            evidence_path=evidence_path,
+            members_changed=self._members_changed,
+            finalized=self._settle_waiters,
+            spawn=self._spawn,
+        )
         # Replay: the stream's length when this member started reading (learned by
         # the consume task); until it is reached, own votes wait in ``_unvoted``.
         self._replay_to: int | None = None
@@ -243,7 +226,7 @@ class ConsortiumMember:
         self._unvoted: dict[int, bytes] = {}  # height -> hash of the block cut
         self._broadcast_votes = BroadcastVotes(
             chain_id=self.chain_id,
-            vote_memory=_VOTE_MEMORY,
+            vote_memory=VOTE_MEMORY,
             voters=self._members_before,
             count=functools.partial(self._on_vote, ordered=False),
         )
@@ -357,7 +340,7 @@ class ConsortiumMember:
         self._live = True
         self._cut_wanted.set()
         for height, block_hash in sorted(self._unvoted.items()):
-            cut = self._cuts.get(height)  # gone once final: then no vote is owed
+            cut = self._finality.cut(height)  # gone once final: then no vote is owed
             if cut is not None and cut.block.block_hash == block_hash:
                 self._send_vote(cut.block.header, block_hash)
         self._unvoted.clear()
@@ -434,8 +417,8 @@ class ConsortiumMember:
 
     def _members_before(self, height: int) -> MemberSet:
         """The members after block ``height - 1``: who votes on (and may cut) block ``height``."""
-        previous = self._cuts.get(height - 1)
-        return previous.state.members if previous is not None else self._final_state.members
+        previous = self._finality.cut(height - 1)
+        return previous.state.members if previous is not None else self._finality.state.members
 
     def _cut(self) -> None:
         p = self._pending
@@ -473,10 +456,10 @@ class ConsortiumMember:
             nodes=nodes,
         )
         voters = self._members_before(header.height)
-        self._cuts[header.height] = _Cut(block=block, members=voters, state=self._state.copy())
+        self._finality.add_cut(Cut(block=block, members=voters, state=self._state.copy()))
         self._tip_header, self._tip_hash = header, block_hash
         self._rounds.after_cut(p.anchors, self._pending.anchors, header.height, live=self._live)
-        if header.height <= self._stored_height:
+        if header.height <= self._finality.stored_height:
             # Stored means final: a quorum voted, no vote of ours is needed (and on a
             # divergence none may be sent).
             stored = self._store.block(header.height)
@@ -489,7 +472,7 @@ class ConsortiumMember:
             # Replaying: our vote may be further on in the order; see _go_live.
             self._unvoted[header.height] = block_hash
         self._broadcast_votes.block_cut(header.height)
-        self._try_finalize()
+        self._finality.try_finalize()
 
     def _send_vote(self, header: BlockHeader, block_hash: bytes) -> None:
         # The message id names the key, so a vote re-sent after a key rotation is not
@@ -499,7 +482,7 @@ class ConsortiumMember:
         self._publish(
             vote,
             f"vote-{self.member_id}-{height}-{self._key.fingerprint[:16]}",
-            needed=lambda: self._final_height < height,
+            needed=lambda: self._finality.height < height,
         )
         self._broadcast(vote)
 
@@ -512,16 +495,14 @@ class ConsortiumMember:
             except OrderingError as exc:
                 log.debug("broadcast not sent: %s", exc)
 
-        task = asyncio.get_running_loop().create_task(go())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(go())
 
     async def _listen_votes(self) -> None:
         """Count the votes broadcast beside the order (see module doc)."""
         async for payload in self._orderer.broadcasts():
             try:
                 self._broadcast_votes.receive(
-                    payload, tip_height=self._tip_header.height, final_height=self._final_height
+                    payload, tip_height=self._tip_header.height, final_height=self._finality.height
                 )
             except Exception as exc:  # hostile input must not stop the listener
                 # Anyone who reaches the transport can send here: one line, and only
@@ -599,9 +580,7 @@ class ConsortiumMember:
                     log.warning("publish %s done after retrying", msg_id)
                 return
 
-        task = asyncio.get_running_loop().create_task(go())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(go())
 
     def _on_vote(self, envelope: dict[str, Any], *, ordered: bool = True) -> None:
         """Count a vote; ``ordered``: it came through the order (else broadcast beside it)."""
@@ -610,11 +589,7 @@ class ConsortiumMember:
             raise InvalidInput("vote for a block of another chain or for genesis")
         height, block_hash = header.height, header.hash()
         sig = Signature.from_json(envelope.get("signature"))
-        members = self._cuts[height].members if height in self._cuts else self._final_state.members
-        member = members.by_fingerprint(sig.signer)
-        if member is None:
-            raise InvalidInput(f"vote at height {height} from a non-member key")
-        member.signing_key.verify(sig, block_hash)
+        member = self._finality.voter(height, sig, block_hash)
         if ordered:
             if sig.signer == self._key.fingerprint:
                 owed = self._unvoted.pop(height, None)
@@ -625,114 +600,30 @@ class ConsortiumMember:
                     log.error("consortium divergence: %s", self._diverged)
             # Block time is a function of the order: readings come from ordered votes only.
             self._clock_reading(envelope, member, height)
-        votes = self._votes.setdefault(height, {})
-        previous = votes.get(member.id)
-        if previous is not None:
-            if previous[0] != block_hash and member.id not in self._equivocators:
-                self._equivocators.add(member.id)
-                evidence = Evidence(
-                    member=member.id,
-                    height=height,
-                    first_header=previous[2],
-                    first=previous[1],
-                    second_header=header,
-                    second=sig,
-                )
-                self._evidence.append(evidence)
-                self._record_evidence(evidence)
-                log.warning("equivocation by %s at height %d", member.id, height)
-            return
-        votes[member.id] = (block_hash, sig, header)
-        self._try_finalize()
+        self._finality.count(member.id, header, block_hash, sig)
 
-    def _record_evidence(self, evidence: Evidence) -> None:
-        """Append evidence to the evidence file (kept across restarts, shown by status)."""
-        if self._evidence_path is None:
-            return
-        line = canonical_bytes(evidence.to_json()) + b"\n"
-        try:
-            existing = self._evidence_path.read_bytes() if self._evidence_path.exists() else b""
-            if line not in existing:
-                with self._evidence_path.open("ab") as f:
-                    f.write(line)
-        except OSError as exc:
-            log.error("cannot record equivocation evidence: %s", exc)
+    def _members_changed(self, members: MemberSet) -> None:
+        """A final block changed the member set: tell ``on_members_changed``, never raise."""
+        if self.on_members_changed is not None:
+            try:
+                self.on_members_changed(members)
+            except Exception:
+                log.exception("reacting to a membership change failed")
 
-    def _try_finalize(self) -> None:
-        while True:
-            height = self._final_height + 1
-            cut = self._cuts.get(height)
-            if cut is None:
-                return
-            votes = self._votes.get(height, {})
-            # Only the votes of this block's voters, by their key at this height: a vote
-            # checked before the block was cut was checked against the final members,
-            # who may differ (a member removed or rotated in a block not yet final). A
-            # certificate holds nothing an auditor would refuse (strict certificates).
-            good = sorted(
-                (
-                    sig
-                    for member, (h, sig, _) in votes.items()
-                    if h == cut.block.block_hash
-                    and member not in self._equivocators
-                    and (voter := cut.members.by_fingerprint(sig.signer)) is not None
-                    and voter.id == member
-                ),
-                key=lambda s: s.signer,
-            )
-            if len(good) < cut.members.quorum:
-                return
-            if height > self._stored_height:
-                try:
-                    self._store.append_block(replace(cut.block, signatures=tuple(good)))
-                except StorageError as exc:
-                    self._retry_store(height, exc)
-                    return
-                self._stored_height = height
-            self._final_height = height
-            changed = cut.state.members is not self._final_state.members
-            self._final_state = cut.state
-            if changed and self.on_members_changed is not None:
-                try:
-                    self.on_members_changed(cut.state.members)
-                except Exception:
-                    log.exception("reacting to a membership change failed")
-            del self._cuts[height]
-            # Keep recent votes: a conflicting vote for a final height is still evidence.
-            self._votes.pop(height - _VOTE_MEMORY, None)
-            first = cut.block.first_index
-            for i, tx_hash in enumerate(cut.block.tx_hashes):
-                fut = self._waiters.pop(tx_hash, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(Receipt(height=height, index=first + i, tx_hash=tx_hash))
-            self._final_event.set()
-            self._final_event = asyncio.Event()
+    def _settle_waiters(self, block: NewBlock) -> None:
+        """``block`` is final: each submitter waiting for one of its txs gets its receipt."""
+        height, first = block.header.height, block.first_index
+        for i, tx_hash in enumerate(block.tx_hashes):
+            fut = self._waiters.pop(tx_hash, None)
+            if fut is not None and not fut.done():
+                fut.set_result(Receipt(height=height, index=first + i, tx_hash=tx_hash))
 
-    def _retry_store(self, height: int, exc: StorageError) -> None:
-        """Store final block ``height`` again until it sticks (e.g. after a disk-full period).
-
-        Every vote for it may already be consumed, so no later message needs to
-        arrive: without this the member stayed a block behind (and its view of
-        anchors with it, so its own anchors were refused) until the next write.
-        """
-        if self._store_retry is not None and not self._store_retry.done():
-            return
-        log.warning("final block %d could not be stored, retrying: %s", height, exc)
-
-        async def retry() -> None:
-            delay = 0.05
-            while self._final_height < height:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                try:
-                    self._try_finalize()
-                except MedledgerError as error:
-                    log.warning("final block %d still not stored: %s", height, error)
-
-        task = asyncio.get_running_loop().create_task(retry())
-        self._store_retry = task
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coroutine`` in the background, until it ends or the member closes."""
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _cut_timer(self) -> None:
         """Send a cut marker once the oldest pending tx waited ``cut_after_ms`` (longer
@@ -782,12 +673,12 @@ class ConsortiumMember:
 
     @property
     def final_height(self) -> int:
-        return self._final_height
+        return self._finality.height
 
     @property
     def state(self) -> ConsortiumState:
         """The state as of the last final block."""
-        return self._final_state
+        return self._finality.state
 
     def ordered_anchor(self, institution: str) -> AnchorRecord | None:
         """``institution``'s newest anchor in the order, final or not yet.
@@ -800,26 +691,21 @@ class ConsortiumMember:
 
     @property
     def evidence(self) -> tuple[Evidence, ...]:
-        return tuple(self._evidence)
+        return self._finality.evidence
 
     async def wait_final(self, height: int, timeout: float = 30.0) -> None:
         """Wait until ``height`` is final here."""
-
-        async def until() -> None:
-            while self._final_height < height:
-                await self._final_event.wait()
-
-        await asyncio.wait_for(until(), timeout)
+        await asyncio.wait_for(self._finality.until(height), timeout)
 
     def status(self) -> dict[str, Any]:
         return {
             "consortium": self.genesis.consortium,
             "member": self.member_id,
-            "final_height": self._final_height,
+            "final_height": self._finality.height,
             "tip_height": self._tip_header.height,
-            "members": [m.id for m in self._final_state.members.members],
-            "anchors": {k: a.to_json() for k, a in sorted(self._final_state.anchors.items())},
-            "evidence": [e.to_json() for e in self._evidence],
+            "members": [m.id for m in self._finality.state.members.members],
+            "anchors": {k: a.to_json() for k, a in sorted(self._finality.state.anchors.items())},
+            "evidence": [e.to_json() for e in self._finality.evidence],
             "diverged": self._diverged,
             "problems": {t.name: t.problem for t in self.tasks if t.problem is not None},
         }
