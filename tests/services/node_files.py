@@ -28,5 +28,6 @@ def node_state(root: Path) -> tuple[Any, ...]:
         "records.db",
         "SELECT rtype, rid, version, blob_hash, wrapped_dek, kek_id FROM versions ORDER BY 1,2,3",
         "SELECT token, rtype, rid FROM tokens ORDER BY 1, 2, 3",
+        "SELECT rtype, rid, version FROM pending_tokens ORDER BY 1, 2, 3",
     )
     return (chain, index, blob_names(root))

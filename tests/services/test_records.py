@@ -568,6 +568,7 @@ def test_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
 
     async def go(node: Node) -> None:
         await node.records.update("Patient", "existing", old)
+        await node.records.tokens_settled()  # they follow the acknowledgement
         before = node_state(root)
         bundle = {
             "resourceType": "Bundle",

@@ -60,6 +60,7 @@ def _on_version_1(root: Path, body: Callable[[Node], Awaitable[None]]) -> None:
         node = open_node(root, PW)
         try:
             await node.records.update("Patient", PATIENT["id"], PATIENT)
+            await node.records.tokens_settled()
             await body(node)
         finally:
             await node.close()
@@ -259,8 +260,9 @@ def test_a_read_meeting_a_write_in_flight_waits_for_its_outcome_and_finds_no_dam
     """Between a version's index commit and its block, reads wait for the write's outcome.
 
     A committed write is then read as the new version; a failed one as what was there
-    before (read), or as no such version (vread, history). A search that met the failed
-    version leaves it out instead of failing whole. Neither is damage: no integrity
+    before (read), or as no such version (vread, history). A search waits too (the
+    version is pending its tokens), then finds what survived: a failed version never
+    replaced the resource's tokens (decision 0069). Neither is damage: no integrity
     error is counted, and the event loop keeps running while the reads wait.
     """
     root = _new_node(tmp_path / "n")
@@ -303,7 +305,7 @@ def test_a_read_meeting_a_write_in_flight_waits_for_its_outcome_and_finds_no_dam
             assert read.result().version == 1
             assert isinstance(vread.exception(), NotFound)
             assert [v.version for v in history.result()] == [1]
-            assert search.result() == []  # it matched the failed version's row
+            assert [s.version for s in search.result()] == [1]
         assert node.store_health.integrity_errors == 0
 
     _on_version_1(root, go)

@@ -254,6 +254,64 @@ def test_index_search(open_index: IndexFactory) -> None:
     asyncio.run(go())
 
 
+def test_a_pending_version_keeps_the_old_tokens_until_it_settles(open_index: IndexFactory) -> None:
+    """``put_version(row, None)``: the row is durable, the resource's tokens unchanged and
+    the version listed as pending until ``settle_tokens`` (decision 0069)."""
+
+    async def go() -> None:
+        async with opened(open_index) as index:
+            s = index.search
+            await index.put_version(row("a", 1), {b"code:1"})
+            await index.put_version(row("a", 2), None)
+            await index.put_version(row("b", 1), None)
+            assert index.latest("Observation", "a") == row("a", 2)
+            assert index.pending_tokens() == [("Observation", "a", 2), ("Observation", "b", 1)]
+            assert s("Observation", [{b"code:1"}]) == ["a"]  # version 1's, still
+        async with opened(open_index) as index:  # pending is durable too
+            s = index.search
+            assert index.pending_tokens() == [("Observation", "a", 2), ("Observation", "b", 1)]
+            await index.settle_tokens(row("a", 2), {b"code:2"})
+            await index.settle_tokens(row("b", 1), {b"code:2"})
+            assert index.pending_tokens() == []
+            assert s("Observation", [{b"code:1"}]) == []
+            assert s("Observation", [{b"code:2"}]) == ["a", "b"]
+
+    asyncio.run(go())
+
+
+def test_a_settling_version_that_is_no_longer_current_changes_no_tokens(
+    open_index: IndexFactory,
+) -> None:
+    """A newer version, an erasure or a take-back that came first wins over a late settle."""
+
+    async def go() -> None:
+        async with opened(open_index) as index:
+            s = index.search
+            # Newer version first: the late settle of version 1 leaves version 2's tokens.
+            await index.put_version(row("new", 1), None)
+            await index.put_version(row("new", 2), None)
+            await index.settle_tokens(row("new", 2), {b"v2"})
+            await index.settle_tokens(row("new", 1), {b"v1"})
+            assert s("Observation", [{b"v2"}]) == ["new"]
+            assert s("Observation", [{b"v1"}]) == []
+            # Erased while pending: no tokens come back, nothing stays pending.
+            await index.put_version(row("gone", 1), None)
+            await index.erase("Observation", "gone")
+            assert index.pending_tokens() == []
+            await index.settle_tokens(row("gone", 1), {b"gone"})
+            assert s("Observation", [{b"gone"}]) == []
+            # Taken back while pending: the entry goes with the row.
+            await index.put_version(row("back", 1), {b"kept"})
+            await index.put_version(row("back", 2), None)
+            await index.remove_version("Observation", "back", 2)
+            assert index.pending_tokens() == []
+            await index.settle_tokens(row("back", 2), {b"lost"})
+            assert s("Observation", [{b"kept"}]) == ["back"]
+            assert s("Observation", [{b"lost"}]) == []
+
+    asyncio.run(go())
+
+
 def test_index_erase_and_rewrap(open_index: IndexFactory) -> None:
     async def go() -> None:
         async with opened(open_index) as index:

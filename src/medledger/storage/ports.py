@@ -212,7 +212,26 @@ class RecordIndex(Protocol):
     :class:`~medledger.core.errors.Conflict` without failing the writes batched with it.
     """
 
-    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None: ...
+    async def put_version(self, row: VersionRow, tokens: set[bytes] | None) -> None:
+        """Add a version and make ``tokens`` the resource's search tokens, in one commit.
+
+        ``tokens=None``: the version's tokens follow (:meth:`settle_tokens`); until
+        then it is listed by :meth:`pending_tokens` and the resource keeps the
+        tokens it had. ``Conflict`` if the version is already stored.
+        """
+        ...
+
+    async def settle_tokens(self, row: VersionRow, tokens: set[bytes]) -> None:
+        """The tokens of a version added with ``tokens=None``: it leaves
+        :meth:`pending_tokens`, and if it is still pending and the resource's latest
+        version, ``tokens`` become the resource's. Otherwise (a newer version, an
+        erasure, a take-back came first) nothing else changes."""
+        ...
+
+    def pending_tokens(self) -> list[tuple[str, str, int]]:
+        """``(type, id, version)`` of every version whose tokens have not settled."""
+        ...
+
     async def remove_version(self, resource_type: str, rid: str, version: int) -> None: ...
     async def set_tokens(self, resource_type: str, rid: str, tokens: set[bytes]) -> None: ...
     async def erase(self, resource_type: str, rid: str) -> list[bytes]: ...

@@ -82,6 +82,11 @@ class RecordQueries:
     page_versions: str
     records_of_patient: str
     count_wrapped_by: str
+    insert_pending: str
+    delete_pending: str
+    delete_pending_of: str
+    settle_check: str
+    pending: str
 
     @classmethod
     def for_dialect(cls, d: Dialect) -> RecordQueries:
@@ -138,6 +143,21 @@ class RecordQueries:
             ),
             records_of_patient=r("SELECT DISTINCT rtype, rid FROM versions WHERE patient = ?"),
             count_wrapped_by=r("SELECT COUNT(*) FROM versions WHERE kek_id = ?"),
+            insert_pending=r("INSERT INTO pending_tokens (rtype, rid, version) VALUES (?, ?, ?)"),
+            delete_pending=r(
+                "DELETE FROM pending_tokens WHERE rtype = ? AND rid = ? AND version = ?"
+            ),
+            delete_pending_of=r("DELETE FROM pending_tokens WHERE rtype = ? AND rid = ?"),
+            # A settling version replaces the resource's tokens only while it is pending
+            # (not taken back, not erased) and no newer version was added.
+            settle_check=r(
+                "SELECT 1 FROM pending_tokens WHERE rtype = ? AND rid = ? AND version = ?"
+                " AND NOT EXISTS (SELECT 1 FROM versions WHERE rtype = ? AND rid = ?"
+                " AND version > ?)"
+            ),
+            pending=r(
+                "SELECT rtype, rid, version FROM pending_tokens ORDER BY rtype, rid, version"
+            ),
         )
 
     def count_tokens(self, tokens: int) -> str:
@@ -351,20 +371,32 @@ class RecordReads:
     def count_wrapped_by(self, kek_id: str) -> int:
         return int(self._select(self._queries.count_wrapped_by, (kek_id,))[0][0])
 
+    def pending_tokens(self) -> list[tuple[str, str, int]]:
+        """``(type, id, version)`` of every version whose tokens have not settled."""
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in self._select(self._queries.pending)]
+
 
 class RecordWrites:
     """The writes of the :class:`~medledger.storage.ports.RecordIndex` port, for both
     backends: each is one operation handed to the adapter's group commit.
 
     An adapter sets ``_writes``, whose ``_apply`` runs a batch of ``(kind, argument)``
-    operations (``put``, ``remove``, ``tokens``, ``mark``, ``meta``) in one transaction.
+    operations (``put``, ``remove``, ``tokens``, ``settle``, ``mark``, ``meta``) in one
+    transaction.
     """
 
     _writes: GroupCommitter[tuple[str, Any]]
 
-    async def put_version(self, row: VersionRow, tokens: set[bytes]) -> None:
-        """Add a version and make ``tokens`` the resource's search tokens; ``Conflict`` if taken."""
+    async def put_version(self, row: VersionRow, tokens: set[bytes] | None) -> None:
+        """Add a version and make ``tokens`` the resource's search tokens; ``Conflict`` if taken.
+
+        ``tokens=None``: the tokens follow (:meth:`settle_tokens`); the version is pending.
+        """
         await self._writes.submit(("put", (row, tokens)))
+
+    async def settle_tokens(self, row: VersionRow, tokens: set[bytes]) -> None:
+        """A pending version's tokens (see the port: replaced only while it is current)."""
+        await self._writes.submit(("settle", (row, tokens)))
 
     async def remove_version(self, resource_type: str, rid: str, version: int) -> None:
         """Undo a ``put_version`` whose chain commit failed."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from medledger.core.errors import DamagedStore, MedledgerError, NotFound
+from medledger.core.errors import DamagedStore, MedledgerError, NotFound, RecordDamaged
 from medledger.ledger.integrity import REPAIR_HINT, check_blocks
 from medledger.services.keys import InstitutionKeys
 from medledger.services.records.model import RecordChain, version_key
@@ -115,8 +115,30 @@ class CrashRecovery:
         if orphans:
             log.warning("taking back %d uncommitted record versions after a crash", len(orphans))
             await self.undo(orphans, [row.blob_hash for row in orphans])
+        await self._settle_pending()
         await self._advance_mark(head)
         return len(orphans)
+
+    async def _settle_pending(self) -> None:
+        """Derive again the search tokens of committed versions a crash left pending
+        (their tokens follow the acknowledgement: decision 0069)."""
+        for rtype, rid, version in self._index.pending_tokens():
+            row = self._index.get_version(rtype, rid, version)
+            if row is None:
+                continue  # taken back: its pending entry went with it
+            tokens: set[bytes] = set()
+            if not (row.erased or row.deleted):
+                try:
+                    resource = self._reader.open(row).resource()
+                except RecordDamaged:
+                    # Reported to the store's health by the reader; a version that cannot
+                    # be opened cannot be searched for either.
+                    log.error(
+                        "%s/%s version %d is damaged: it gets no search tokens", *version_key(row)
+                    )
+                else:
+                    tokens = resource_tokens(self._keys.search_key, resource, limit=None)
+            await self._index.settle_tokens(row, tokens)
 
     # -- around each write -----------------------------------------------------------------
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
-from medledger.core.errors import MedledgerError
+from medledger.core.errors import MedledgerError, StorageError
 from medledger.core.models import Transaction
 from medledger.ledger.clock import Clock, SystemClock
 from medledger.services.conditional import ConditionalWrites
@@ -41,6 +43,9 @@ from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 __all__ = ["RecordsService"]
 
 T = TypeVar("T")
+
+#: Longest a search waits for the tokens of versions acknowledged before it (decision 0069).
+TOKENS_WAIT_S = 10.0
 
 
 def _current_during(rows: Sequence[VersionRow], period: tuple[int, int]) -> list[VersionRow]:
@@ -279,6 +284,8 @@ class RecordsService:
     async def close(self) -> None:
         """Stop; once every write settled, record it so the next start need not look again."""
         try:
+            with contextlib.suppress(MedledgerError):  # left pending: the next start settles
+                await self.tokens_settled()
             await self.reindexer.close()
             await self.recovery.close()
         finally:
@@ -382,6 +389,30 @@ class RecordsService:
 
     # -- search ----------------------------------------------------------------------------
 
+    async def tokens_settled(self) -> None:
+        """Return once the search tokens of every version this process acknowledged are
+        stored (they follow the acknowledgement: decision 0069); :class:`StorageError` if
+        storing some failed again."""
+        await self._writer.settle_tokens()
+
+    async def _searchable(self) -> None:
+        """Before a search: recovery, then the tokens of every version acknowledged before
+        now (decision 0069), in this process or another; :class:`StorageError` if they are
+        still missing after :data:`TOKENS_WAIT_S`."""
+        await self.recovery.ensure_recovered()
+        waiting = set(self._index.pending_tokens())
+        if not waiting:
+            return
+        await self.tokens_settled()
+        deadline = time.monotonic() + TOKENS_WAIT_S
+        while waiting := waiting & set(self._index.pending_tokens()):
+            if time.monotonic() >= deadline:
+                raise StorageError(
+                    f"the search index is behind: {len(waiting)} acknowledged versions still"
+                    " wait for their search tokens"
+                )
+            await asyncio.sleep(0.002)
+
     async def search(
         self, resource_type: str, params: Mapping[str, Sequence[str]]
     ) -> list[StoredResource]:
@@ -405,7 +436,7 @@ class RecordsService:
         ``sys.getswitchinterval()``). Only the page is decrypted, unless
         ``sort`` (``_sort`` values) asks for every match to be ordered.
         """
-        await self.recovery.ensure_recovered()
+        await self._searchable()
         return await asyncio.to_thread(
             self._search.page, resource_type, params, offset, count, sort
         )
@@ -417,14 +448,14 @@ class RecordsService:
         revinclude: Sequence[tuple[str, bool]],
     ) -> list[StoredResource]:
         """What ``_include`` and ``_revinclude`` (``(value, iterate)``) add to ``found``."""
-        await self.recovery.ensure_recovered()
+        await self._searchable()
         return await asyncio.to_thread(self._search.included, found, include, revinclude)
 
     async def search_ids(
         self, resource_type: str, params: Mapping[str, Sequence[str]]
     ) -> list[str]:
         """The ids :meth:`search` would return, from the blind index alone (nothing decrypted)."""
-        await self.recovery.ensure_recovered()
+        await self._searchable()
         rows = await asyncio.to_thread(self._search.matching, resource_type, params)
         return [row.id for row in rows]
 
@@ -433,7 +464,7 @@ class RecordsService:
     ) -> list[VersionRow]:
         """The latest live rows in these patients' compartments, the Patients first
         (see ``RecordSearch.compartment``; index only, in a worker thread)."""
-        await self.recovery.ensure_recovered()
+        await self._searchable()
         return await asyncio.to_thread(self._search.compartment, patient_ids, types)
 
     async def latest_rows(
@@ -469,7 +500,7 @@ class RecordsService:
         admit: Callable[[VersionRow], bool],
     ) -> list[StoredResource]:
         """What ``shown`` refers to, opened (see ``RecordSearch.referenced``; in a worker thread)."""
-        await self.recovery.ensure_recovered()
+        await self._searchable()
         return await asyncio.to_thread(self._search.referenced, shown, skip, admit)
 
     async def open_rows(self, rows: Sequence[VersionRow]) -> list[StoredResource]:

@@ -8,12 +8,22 @@ same time (neither is acknowledged, and a row whose transaction never reached
 the chain is taken back, so either may land first); then, once both are
 durable, the chain block naming them. The block is never written before the
 blobs it names are durable (decision 0058).
+
+The search tokens follow the acknowledgement (decision 0069): the row (with
+the wrapped data key) is added as *pending*, and once the block is durable
+the tokens are committed in the background. They are derived data: a crash
+in between leaves the version pending, and recovery derives its tokens again
+from the stored version. A search first waits for the versions pending when
+it started (``RecordsService``), so a client that wrote and then searches
+finds what it wrote, in this process or another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -50,6 +60,8 @@ from medledger.storage.ports import BlobStore, RecordIndex, VersionRow
 
 __all__ = ["RecordWriter"]
 
+log = logging.getLogger(__name__)
+
 #: How often a worker's write is sealed again after another worker wrote the resource first.
 _RACE_RETRIES = 3
 
@@ -84,6 +96,10 @@ class RecordWriter:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         # Writes in flight per KEK id: key rotation waits for the old KEK's to land.
         self.inflight: Counter[str] = Counter()
+        # Tokens of acknowledged versions being committed, and those whose commit failed
+        # (retried before the next write, a search, or the close).
+        self._settling: set[asyncio.Task[None]] = set()
+        self._unsettled: dict[tuple[str, str, int], tuple[VersionRow, set[bytes]]] = {}
 
     def lock(self, resource_type: str, rid: str) -> asyncio.Lock:
         """The lock every write or erasure of this resource holds."""
@@ -118,8 +134,44 @@ class RecordWriter:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def settle_tokens(self) -> None:
+        """Wait for this process's token commits in flight; retry those that failed.
+
+        Raises the storage error of a retry that fails again (the versions stay pending).
+        """
+        if self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
+        if not self._unsettled:
+            return
+        retry = list(self._unsettled.values())
+        self._unsettled.clear()
+        await self._settle(retry)
+        if self._unsettled:
+            count = len(self._unsettled)
+            raise StorageError(f"the search tokens of {count} versions could not be stored")
+
+    def _settle_later(self, versions: Sequence[tuple[VersionRow, set[bytes]]]) -> None:
+        """Commit acknowledged versions' tokens in the background."""
+        task = asyncio.get_running_loop().create_task(self._settle(versions))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, versions: Sequence[tuple[VersionRow, set[bytes]]]) -> None:
+        outcomes = await asyncio.gather(
+            *(self._index.settle_tokens(row, tokens) for row, tokens in versions),
+            return_exceptions=True,
+        )
+        for (row, tokens), outcome in zip(versions, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                # Left pending: searches wait for it; retried before the next write.
+                self._unsettled[(row.resource_type, row.id, row.version)] = (row, tokens)
+                log.warning("search tokens of a version not stored yet: %s", outcome)
+
     async def _write_once(self, intents: Sequence[WriteIntent]) -> list[StoredResource]:
         await self._recovery.ensure_recovered()
+        if self._unsettled:
+            with contextlib.suppress(StorageError):  # reported by the search that waits
+                await self.settle_tokens()
         keys = sorted({(i.resource_type, i.id) for i in intents})
         if len(keys) != len(intents):
             raise FhirInvalid(
@@ -208,7 +260,7 @@ class RecordWriter:
         self, prepared: Sequence[PreparedWrite], written: list[VersionRow]
     ) -> None:
         """Store the blobs and index the rows at the same time, then commit the transactions
-        in one block once both are durable.
+        in one block once both are durable; the tokens follow (module docstring).
 
         All at once: the blobs of a large transaction share file-system flushes
         and its rows share index commits (one by one, a 3,000-entry Bundle took
@@ -222,7 +274,7 @@ class RecordWriter:
         rows = [(v.sealed.row, v.sealed.tokens) for v in prepared]
         outcomes = await asyncio.gather(
             *(self._sealer.store(v) for v in prepared),
-            *(self._index.put_version(row, tokens) for row, tokens in rows),
+            *(self._index.put_version(row, None) for row, _ in rows),
             return_exceptions=True,
         )
         indexed = outcomes[len(prepared) :]
@@ -231,6 +283,7 @@ class RecordWriter:
         # Only now: a block must never name a blob that is not durable.
         await self._chain.submit_many([v.sealed.tx for v in prepared])
         self._recovery.acknowledged()
+        self._settle_later(rows)
 
     async def _index_and_commit(
         self,
@@ -238,20 +291,22 @@ class RecordWriter:
         txs: Sequence[Transaction],
         written: list[VersionRow],
     ) -> None:
-        """Index the sealed versions, then commit their transactions in one block.
+        """Index the sealed versions, then commit their transactions in one block; the
+        tokens follow (module docstring).
 
         ``written`` collects the rows indexed, for the caller's take-back on failure.
         """
         for row, _ in versions:
             self._recovery.indexing(row)
         indexed = await asyncio.gather(
-            *(self._index.put_version(row, tokens) for row, tokens in versions),
+            *(self._index.put_version(row, None) for row, _ in versions),
             return_exceptions=True,
         )
         written.extend(row for (row, _), r in zip(versions, indexed, strict=True) if r is None)
         _raise_first(indexed)
         await self._chain.submit_many(txs)
         self._recovery.acknowledged()
+        self._settle_later(versions)
 
     async def commit_sealed(self, sealed: Sequence[SealedCommit]) -> None:
         """The sequencer's half of a worker's write: check, index and commit versions sealed

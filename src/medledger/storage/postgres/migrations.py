@@ -123,6 +123,18 @@ CREATE INDEX versions_by_chain_base ON versions(chain_base);
 ALTER TABLE versions ADD COLUMN deleted boolean NOT NULL DEFAULT false;
 """,
     ),
+    Migration(
+        version=4,
+        name="records: versions whose search tokens follow their acknowledgement",
+        sql="""
+CREATE TABLE pending_tokens (
+    rtype text NOT NULL,
+    rid text NOT NULL,
+    version integer NOT NULL,
+    PRIMARY KEY (rtype, rid, version)
+);
+""",
+    ),
 )
 
 BLOBS_MIGRATIONS: tuple[Migration, ...] = (

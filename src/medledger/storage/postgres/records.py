@@ -73,6 +73,13 @@ class PostgresRecordIndex(PooledStore, RecordReads, RecordWrites):
                             ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
                         ).fetchall()
                     }
+                # Which settling versions are still current: read before the pipeline (this
+                # thread is the index's only writer, so nothing changes in between).
+                current = {
+                    i
+                    for i, (kind, arg) in enumerate(ops)
+                    if kind == "settle" and _settles(conn, arg[0])
+                }
                 with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
                     for i, (kind, arg) in enumerate(ops):
                         if kind == "put":
@@ -86,15 +93,29 @@ class PostgresRecordIndex(PooledStore, RecordReads, RecordWrites):
                                 continue
                             taken.add(key)
                             cur.execute(q.insert_version, version_params(row))
+                            if tokens is None:  # its tokens follow ("settle")
+                                cur.execute(q.insert_pending, key)
+                                continue
                             cur.execute(q.delete_tokens, (row.resource_type, row.id))
                             if tokens:
                                 cur.executemany(
                                     q.insert_token,
                                     [(t, row.resource_type, row.id) for t in tokens],
                                 )
+                        elif kind == "settle":
+                            row, tokens = arg
+                            cur.execute(q.delete_pending, (row.resource_type, row.id, row.version))
+                            if i in current:
+                                cur.execute(q.delete_tokens, (row.resource_type, row.id))
+                                if tokens:
+                                    cur.executemany(
+                                        q.insert_token,
+                                        [(t, row.resource_type, row.id) for t in tokens],
+                                    )
                         elif kind == "remove":
                             taken.discard(arg)
                             cur.execute(q.delete_version, arg)
+                            cur.execute(q.delete_pending, arg)
                         elif kind == "tokens":
                             rtype, rid, tokens = arg
                             cur.execute(q.delete_tokens, (rtype, rid))
@@ -130,6 +151,7 @@ class PostgresRecordIndex(PooledStore, RecordReads, RecordWrites):
                         raise NotFound(f"{resource_type}/{rid} does not exist")
                     conn.execute(_QUERIES.erase_update, (resource_type, rid))
                     conn.execute(_QUERIES.delete_tokens, (resource_type, rid))
+                    conn.execute(_QUERIES.delete_pending_of, (resource_type, rid))
                 conn.execute(b"VACUUM versions, tokens")
                 return [bytes(r[0]) for r in rows]
 
@@ -173,3 +195,9 @@ class PostgresRecordIndex(PooledStore, RecordReads, RecordWrites):
 
 def _puts(ops: Sequence[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     return ((kind, arg) for kind, arg in ops if kind == "put")
+
+
+def _settles(conn: psycopg.Connection[Any], row: VersionRow) -> bool:
+    """Whether a settling version is still pending and its resource's latest."""
+    key = (row.resource_type, row.id, row.version)
+    return conn.execute(_QUERIES.settle_check, (*key, *key)).fetchone() is not None

@@ -30,6 +30,7 @@ from medledger.storage.sqlite.connection import immediate, sqlite_uri, storage_e
 from medledger.storage.sqlite.schema import (
     RECORDS_CHAIN_BASE,
     RECORDS_DELETED,
+    RECORDS_PENDING_TOKENS,
     RECORDS_SCHEMA,
     RECORDS_SCHEMA_VERSION,
 )
@@ -53,7 +54,12 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(
-                    "BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + RECORDS_DELETED + "COMMIT;"
+                    "BEGIN;"
+                    + RECORDS_SCHEMA
+                    + RECORDS_CHAIN_BASE
+                    + RECORDS_DELETED
+                    + RECORDS_PENDING_TOKENS
+                    + "COMMIT;"
                 )
                 conn.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
@@ -78,7 +84,12 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
             self._writer.execute("PRAGMA secure_delete=ON")
             if new:
                 self._writer.executescript(
-                    "BEGIN;" + RECORDS_SCHEMA + RECORDS_CHAIN_BASE + RECORDS_DELETED + "COMMIT;"
+                    "BEGIN;"
+                    + RECORDS_SCHEMA
+                    + RECORDS_CHAIN_BASE
+                    + RECORDS_DELETED
+                    + RECORDS_PENDING_TOKENS
+                    + "COMMIT;"
                 )
                 self._writer.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
@@ -92,6 +103,10 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
                     self._writer.executescript("BEGIN;" + RECORDS_CHAIN_BASE + "COMMIT;")
                 if "deleted" not in columns:
                     self._writer.executescript("BEGIN;" + RECORDS_DELETED + "COMMIT;")
+                if not self._writer.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'pending_tokens'"
+                ).fetchone():
+                    self._writer.executescript("BEGIN;" + RECORDS_PENDING_TOKENS + "COMMIT;")
         except sqlite3.Error as exc:
             raise StorageError(f"{path} is not a readable record index ({exc})") from None
         if version is None or version[0] != str(RECORDS_SCHEMA_VERSION):
@@ -134,10 +149,22 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
         if kind == "put":
             row, tokens = arg
             conn.execute(q.insert_version, version_params(row))
+            if tokens is None:  # its tokens follow ("settle")
+                conn.execute(q.insert_pending, (row.resource_type, row.id, row.version))
+                return None
             conn.execute(q.delete_tokens, (row.resource_type, row.id))
             conn.executemany(q.insert_token, [(t, row.resource_type, row.id) for t in tokens])
+        elif kind == "settle":
+            row, tokens = arg
+            key = (row.resource_type, row.id, row.version)
+            current = conn.execute(q.settle_check, (*key, *key)).fetchone() is not None
+            conn.execute(q.delete_pending, key)
+            if current:
+                conn.execute(q.delete_tokens, (row.resource_type, row.id))
+                conn.executemany(q.insert_token, [(t, row.resource_type, row.id) for t in tokens])
         elif kind == "remove":
             conn.execute(q.delete_version, arg)
+            conn.execute(q.delete_pending, arg)
         elif kind == "tokens":
             rtype, rid, tokens = arg
             conn.execute(q.delete_tokens, (rtype, rid))
@@ -164,6 +191,7 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
                     raise NotFound(f"{resource_type}/{rid} does not exist")
                 conn.execute(_QUERIES.erase_update, (resource_type, rid))
                 conn.execute(_QUERIES.delete_tokens, (resource_type, rid))
+                conn.execute(_QUERIES.delete_pending_of, (resource_type, rid))
             # Overwritten pages of the old keys must not linger in the WAL or free pages
             # (under the lock: SQLite skips a checkpoint while another one runs).
             with self._checkpoints.lock:

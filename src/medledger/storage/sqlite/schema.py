@@ -13,6 +13,7 @@ __all__ = [
     "CHAIN_SCHEMA_VERSION",
     "RECORDS_CHAIN_BASE",
     "RECORDS_DELETED",
+    "RECORDS_PENDING_TOKENS",
     "RECORDS_SCHEMA",
     "RECORDS_SCHEMA_VERSION",
 ]
@@ -72,4 +73,15 @@ CREATE INDEX versions_by_chain_base ON versions(chain_base);
 # version as live (it cannot tell a deletion from a version with no search terms).
 RECORDS_DELETED = """
 ALTER TABLE versions ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+"""
+# Added with search tokens committed after the acknowledgement (decision 0069): a
+# version listed here has its row (and wrapped key) durable but its tokens still to
+# come. Additive: an older release ignores the table.
+RECORDS_PENDING_TOKENS = """
+CREATE TABLE IF NOT EXISTS pending_tokens (
+    rtype TEXT NOT NULL,
+    rid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (rtype, rid, version)
+) WITHOUT ROWID;
 """
