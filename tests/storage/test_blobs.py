@@ -1,4 +1,4 @@
-"""The filesystem blob store: its on-disk layout and its faults (short writes, a full disk, torn files).
+"""The filesystem blob store: its on-disk layout, its faults (short writes, a full disk, torn files), and its pool of unnamed files.
 
 What every blob store promises is in ``test_blob_store_contract.py``.
 """
@@ -6,15 +6,20 @@ What every blob store promises is in ``test_blob_store_contract.py``.
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import os
+import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from medledger.core.errors import IntegrityError, NotFound, StorageError, StorageFull
-from medledger.storage.blobs import FileBlobStore
+from medledger.storage import tmpfile_pool
+from medledger.storage.blobs import FileBlobStore, _Flush
+from medledger.storage.tmpfile_pool import TmpfilePool
 
 
 def files(root: Path) -> list[Path]:
@@ -22,8 +27,10 @@ def files(root: Path) -> list[Path]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FileBlobStore:
-    return FileBlobStore(tmp_path / "blobs")
+def store(tmp_path: Path) -> Iterator[FileBlobStore]:
+    opened = FileBlobStore(tmp_path / "blobs")
+    yield opened
+    opened.close()
 
 
 def test_a_blob_is_one_file_under_its_hash_and_delete_removes_it(store: FileBlobStore) -> None:
@@ -199,3 +206,182 @@ def test_a_directory_under_a_blob_name_is_a_storage_error(store: FileBlobStore) 
     (store.root / h.hex()[:2] / h.hex()).mkdir(parents=True)
     with pytest.raises(StorageError, match="cannot read blob"):
         store.get(h)
+
+
+# -- the pool of unnamed files ------------------------------------------------------
+
+
+def _pool_full(store: FileBlobStore) -> TmpfilePool:
+    """The store's pool, once it holds every file it keeps ready."""
+    pool = store._tmpfiles
+    pool.start()
+    deadline = time.monotonic() + 10
+    while len(pool) < 8:
+        assert time.monotonic() < deadline, "the pool never filled"
+        time.sleep(0.002)
+    return pool
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_blob_written_through_the_pool_is_named_before_the_flush_and_private(
+    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = _pool_full(store)
+    data = os.urandom(3000)
+    path = store.root / hashlib.sha256(data).hexdigest()[:2] / hashlib.sha256(data).hexdigest()
+    at_flush: list[tuple[bool, int]] = []
+    created: list[str] = []
+    real_flush, real_open = _Flush.__call__, os.open
+
+    def flush(self: _Flush, fds: list[int]) -> None:
+        # Named before the syncfs, which covers its directory entry; the pool is
+        # refilled only after it, so no file is being created while it runs.
+        time.sleep(0.02)
+        at_flush.append((path.exists(), len(pool)))
+        real_flush(self, fds)
+
+    def spy_open(file: str, flags: int, mode: int = 0o777, **kw: int) -> int:
+        if flags & os.O_CREAT:
+            created.append(str(file))
+        return real_open(file, flags, mode, **kw)
+
+    monkeypatch.setattr(_Flush, "__call__", flush)
+    monkeypatch.setattr("medledger.storage.blobs.os.open", spy_open)
+    h = store.put(data)
+    monkeypatch.undo()
+    assert pool.taken == 1
+    assert created == []  # no named temporary file
+    assert at_flush == [(True, 7)]
+    deadline = time.monotonic() + 10
+    while len(pool) < 8:
+        assert time.monotonic() < deadline, "the pool was not refilled after the flush"
+        time.sleep(0.002)
+    info = path.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_nlink == 1
+    assert hashlib.sha256(path.read_bytes()).digest() == h
+    assert store.get(h) == data
+    assert files(store.root) == [path]
+
+
+def test_a_batch_larger_than_the_pool_is_stored_whole(store: FileBlobStore) -> None:
+    """Pooled files while there are any (the thread refills meanwhile), named ones after."""
+    pool = _pool_full(store)
+    batch = [os.urandom(3000) for _ in range(40)]
+    hashes = store.put_many(batch)
+    assert pool.taken >= 8
+    assert [store.get(h) for h in hashes] == batch
+    assert not [p for p in files(store.root) if p.name.startswith(".")]
+
+
+def test_a_failure_after_linking_leaves_nothing_of_the_batch(
+    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first blob is linked under its hash when naming the second fails: it is removed."""
+    kept = store.put(b"stored before")
+    pool = _pool_full(store)
+    fds = _open_fds()
+    real_link = tmpfile_pool.link
+    linked: list[Path] = []
+
+    def link(fd: int, path: Path) -> None:
+        if linked:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_link(fd, path)
+        linked.append(path)
+
+    monkeypatch.setattr("medledger.storage.blobs.link", link)
+    batch = [b"a" * 3000, b"b" * 3000, b"c" * 3000]
+    taken = pool.taken
+    with pytest.raises(StorageFull):
+        store.put_many(batch)
+    monkeypatch.undo()
+    assert pool.taken == taken + 3
+    assert linked == [store._path(hashlib.sha256(batch[0]).digest())]
+    assert files(store.root) == [store._path(kept)]
+    _pool_full(store)
+    assert _open_fds() == fds  # every descriptor of the batch closed
+    assert [store.get(h) for h in store.put_many(batch)] == batch
+
+
+def test_a_failed_flush_after_linking_leaves_nothing(
+    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = _pool_full(store)
+
+    def failing_flush(self: object, fds: list[int]) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr("medledger.storage.blobs._Flush.__call__", failing_flush)
+    with pytest.raises(StorageError, match="Input/output error"):
+        store.put_many([b"one" * 1000, b"two" * 1000])
+    monkeypatch.undo()
+    assert pool.taken == 2
+    assert files(store.root) == []
+
+
+def test_a_torn_file_is_replaced_through_the_pool(store: FileBlobStore) -> None:
+    pool = _pool_full(store)
+    data = b"ciphertext that was being written when the power failed" * 50
+    h = hashlib.sha256(data).digest()
+    path = store._path(h)
+    path.parent.mkdir()
+    path.write_bytes(data[:10])
+    assert store.put(data) == h
+    assert pool.taken == 1
+    assert store.get(h) == data
+    assert files(store.root) == [path]
+
+
+def test_without_o_tmpfile_blobs_go_through_named_temporary_files(
+    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+    refused = 0
+
+    def open_without_tmpfile(path: str, flags: int, mode: int = 0o777) -> int:
+        nonlocal refused
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused += 1
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr("medledger.storage.tmpfile_pool.os.open", open_without_tmpfile)
+    store.put(b"first")
+    pool = store._tmpfiles
+    deadline = time.monotonic() + 10
+    while pool.supported:
+        assert time.monotonic() < deadline, "the pool never gave up"
+        time.sleep(0.002)
+    batch = [os.urandom(3000) for _ in range(5)]
+    assert [store.get(h) for h in store.put_many(batch)] == batch
+    assert pool.taken == 0 and refused == 1
+    assert len(files(store.root)) == 6
+    assert not [p for p in files(store.root) if p.name.startswith(".")]
+
+
+def test_close_closes_the_pooled_files_and_writes_go_on(tmp_path: Path) -> None:
+    before = _open_fds()
+    store = FileBlobStore(tmp_path / "blobs")
+    _pool_full(store)
+    assert _open_fds() == before + 8
+    store.close()
+    assert _open_fds() == before
+    h = store.put(b"written after close")
+    assert store.get(h) == b"written after close"
+    assert store._tmpfiles.taken == 0
+    assert _open_fds() == before
+    store.close()
+
+
+def test_a_store_dropped_without_close_closes_its_pool(tmp_path: Path) -> None:
+    before = _open_fds()
+    store = FileBlobStore(tmp_path / "blobs")
+    thread = _pool_full(store)._thread
+    assert thread is not None and thread.is_alive()
+    del store
+    gc.collect()
+    assert _open_fds() == before
+    assert not thread.is_alive()

@@ -1,9 +1,13 @@
 """The filesystem adapter of :class:`~medledger.storage.ports.BlobStore`: ciphertexts named by their SHA-256.
 
 The filesystem adapter writes each blob completely (a short write is
-continued, never ignored) to a temporary file, renames it into
+continued, never ignored) to a temporary file, names it
 ``<root>/<hh>/<hash>``, and makes the batch durable before
 :meth:`FileBlobStore.put_many` returns — nothing is acknowledged before.
+The temporary file is an unnamed one from the store's
+:class:`~medledger.storage.tmpfile_pool.TmpfilePool`, created ahead of need
+(creating an inode is most of a small write's cost), which is linked to its
+name; when the pool has none ready, a named temporary file, renamed to it.
 Durability is group-committed: one ``syncfs`` flushes the whole batch, file
 data and directory entries, in one journal commit (an ``fsync`` per file and
 directory costs a device flush each; fsync-before-rename a second commit per
@@ -11,16 +15,17 @@ batch). The ``syncfs`` descriptor is opened before the batch is written, so
 it reports any write-back error since — including one that background
 write-back met on a file of the batch before the flush.
 
-A crash between a rename and the flush can leave a torn file under a hash
-name, but never an acknowledged one: the write had not returned, so no index
-row or chain transaction names it. Such a file is never trusted — reads
-re-hash, a ``put`` of the same bytes re-hashes the existing file and replaces
-it if it differs, and the orphan sweep removes it.
+A crash between naming a blob and the flush can leave a torn file under a
+hash name, but never an acknowledged one: the write had not returned, so no
+index row or chain transaction names it. Such a file is never trusted —
+reads re-hash, a ``put`` of the same bytes re-hashes the existing file and
+replaces it if it differs, and the orphan sweep removes it.
 
 Any failure (``ENOSPC``, ``EIO``, a short write) raises and leaves nothing
-of the batch behind: temporary files are removed and blobs this call renamed
-into place are removed again. :meth:`FileBlobStore.remove_stale_temporaries`
-clears the temporary files a crashed process left.
+of the batch behind: named temporary files are removed, unnamed ones vanish
+with their descriptors, and blobs this call named are removed again.
+:meth:`FileBlobStore.remove_stale_temporaries` clears the named temporary
+files a crashed process left; an unnamed one needs no sweep.
 
 Reads re-hash the bytes: a swapped or edited blob raises
 :class:`IntegrityError`, never returns garbage.
@@ -35,12 +40,15 @@ import errno
 import os
 import secrets
 import time
+import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from medledger.core.errors import IntegrityError, NotFound, StorageError, StorageFull
 from medledger.core.hashing import sha256
 from medledger.storage.durable_files import write_all
+from medledger.storage.tmpfile_pool import TmpfilePool, link
 
 __all__ = ["FileBlobStore", "PROCESS_STARTED", "storage_os_error"]
 
@@ -91,8 +99,22 @@ def _read_file(path: str) -> bytes:
         os.close(fd)
 
 
+@dataclass(slots=True)
+class _Staged:
+    """A blob of a batch being written: its descriptor and what names it."""
+
+    final: Path
+    fd: int
+    tmp: Path | None  # its named temporary file; None while an unnamed file is not linked
+    named: bool = False  # it is under ``final``: a failure must remove it there
+
+
+def _temporary(final: Path) -> Path:
+    return final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+
+
 class FileBlobStore:
-    """Blobs as files under ``root``."""
+    """Blobs as files under ``root``. :meth:`close` closes the pool of unnamed files."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -101,6 +123,13 @@ class FileBlobStore:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create blob directory {root}: {exc.strerror}") from None
+        self._tmpfiles = TmpfilePool(self._root_text)
+        # A store dropped without close() stops its pool's thread all the same.
+        self._closer = weakref.finalize(self, self._tmpfiles.close)
+
+    def close(self) -> None:
+        """Stop refilling the pool and close its files; later writes use named files."""
+        self._closer()
 
     def _path(self, blob_hash: bytes) -> Path:
         name = blob_hash.hex()
@@ -111,10 +140,8 @@ class FileBlobStore:
 
     def put_many(self, blobs: Sequence[bytes]) -> list[bytes]:
         hashes = [sha256(data) for data in blobs]
-        staged: list[tuple[Path, Path]] = []  # (temporary, final) paths
+        staged: list[_Staged] = []
         targets: set[Path] = set()
-        renamed: set[Path] = set()
-        file_fds: list[int] = []
         try:
             flush = _Flush(self.root)
         except OSError as exc:
@@ -127,23 +154,28 @@ class FileBlobStore:
                         continue
                     targets.add(final)
                     final.parent.mkdir(mode=0o700, exist_ok=True)
-                    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    staged.append((tmp, final))
-                    file_fds.append(fd)
+                    # An empty blob is never written, so a pooled file would keep its
+                    # creation time as the blob's time, which the orphan sweep trusts.
+                    fd = self._tmpfiles.take() if data else None
+                    if fd is not None:
+                        staged.append(_Staged(final, fd, None))
+                    else:
+                        tmp = _temporary(final)
+                        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                        staged.append(_Staged(final, fd, tmp))
                     write_all(fd, data)
                 if not staged:
                     return hashes
-                for tmp, final in staged:
-                    tmp.replace(final)
-                    renamed.add(final)
-                flush(file_fds)
+                for blob in staged:
+                    _name(blob)
+                flush([blob.fd for blob in staged])
             finally:
-                for fd in file_fds:
-                    os.close(fd)
+                for blob in staged:
+                    os.close(blob.fd)
                 flush.close()
+                self._tmpfiles.refill()  # after the flush: see TmpfilePool.refill
         except OSError as exc:
-            self._discard(staged, renamed)
+            self._discard(staged)
             raise storage_os_error(exc, f"cannot write blobs under {self.root}") from None
         return hashes
 
@@ -156,12 +188,14 @@ class FileBlobStore:
             return False
 
     @staticmethod
-    def _discard(staged: list[tuple[Path, Path]], renamed: set[Path]) -> None:
+    def _discard(staged: list[_Staged]) -> None:
         """Remove what a failed ``put_many`` left: nothing of it was acknowledged."""
-        for tmp, final in staged:
-            # Already gone, or unremovable: the start-up sweep retries.
-            with contextlib.suppress(OSError):
-                (final if final in renamed else tmp).unlink()
+        for blob in staged:
+            path = blob.final if blob.named else blob.tmp
+            if path is not None:  # else unnamed: gone with its descriptor
+                # Already gone, or unremovable: the start-up sweep retries.
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def get(self, blob_hash: bytes) -> bytes:
         name = blob_hash.hex()
@@ -197,10 +231,11 @@ class FileBlobStore:
             yield bytes.fromhex(name)
 
     def remove_stale_temporaries(self, *, older_than: float = PROCESS_STARTED) -> int:
-        """Remove temporary files last written before ``older_than``; returns how many.
+        """Remove named temporary files last written before ``older_than``; returns how many.
 
         A temporary file is never acknowledged (a blob is only acknowledged
-        after its rename), so one a finished process left is safe to remove.
+        once it has its hash name), so one a finished process left is safe to
+        remove. Unnamed ones have no name to find: they vanish by themselves.
         """
         removed = 0
         for name, entry in self._entries():
@@ -231,6 +266,22 @@ class FileBlobStore:
                 raise storage_os_error(exc, f"cannot list blobs under {parent}") from None
             for entry in entries:
                 yield entry.name, entry
+
+
+def _name(blob: _Staged) -> None:
+    """Give a written blob its final name: link an unnamed file, rename a named one."""
+    if blob.tmp is None:
+        try:
+            link(blob.fd, blob.final)
+            blob.named = True
+            return
+        except FileExistsError:
+            # A torn file from a crash, or another put of the same bytes: replace it
+            # as a rename does, never leave it.
+            blob.tmp = _temporary(blob.final)
+            link(blob.fd, blob.tmp)
+    blob.tmp.replace(blob.final)
+    blob.named = True
 
 
 def _mtime(path: Path) -> float:
