@@ -298,11 +298,38 @@ def test_a_member_sends_notices_only_while_anchoring_is_active(network: MakeNetw
             await publish_marker(net.orderer, net.chain_id, height, net.keys["h0"], f"m{height}")
             await final_everywhere(net, height)
         assert len(await idle_notices(net)) == 1
-        # Anchors pending again: the others' notices may complete the round at once.
+        # Anchors pending again: the others' notices for this slot, held back while it
+        # was quiet, go out as h0's anchor reaches them and complete the round.
         await anchors_in_order(net, ("h0",), 2)
-        assert [mid for mid in MEMBERS[1:] if net.members[mid].notify_idle()] == ["h1", "h2", "h3"]
         await final_everywhere(net, 6)
-        assert len(await idle_notices(net)) == 4
+        assert [n["height"] for n in await idle_notices(net)] == [2, 6, 6, 6]
+
+    net.run(scenario)
+
+
+def test_after_a_quiet_spell_a_notice_follows_the_first_anchor_of_its_slot(
+    network: MakeNetwork,
+) -> None:
+    """Decision 0070: the first block after a quiet spell is cut by its round, no marker."""
+    net = network(4, params=SLOW)
+    clock = FakeMonotonic()
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS, monotonic=clock)
+        await first_round_by_marker(net)  # block 1, with anchors, cut at 0.0
+        clock.now = 2 * INTERVAL_S + 0.01  # quiet
+        # h1-h3 have nothing new at this slot; h0 has (its anchorer would not call).
+        assert not any(net.members[mid].notify_idle() for mid in MEMBERS[1:])
+        await everyone_read_so_far(net)
+        assert await idle_notices(net) == [], "a quiet consortium stays quiet"
+        assert tips(net) == {1}
+        await anchors_in_order(net, ("h0",), 1)
+        await final_everywhere(net, 2)  # no marker was published: the round cut it
+        notices = await idle_notices(net)
+        assert sorted(n["height"] for n in notices) == [2, 2, 2]
+        member_of = {net.keys[mid].fingerprint: mid for mid in MEMBERS}
+        assert sorted(member_of[n["signature"]["signer"]] for n in notices) == list(MEMBERS[1:])
+        assert len(block_tx_hashes(net, "h0", 2)) == 2  # the access tx and h0's anchor
 
     net.run(scenario)
 

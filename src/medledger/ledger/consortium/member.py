@@ -374,6 +374,8 @@ class ConsortiumMember:
             or self._rounds.round_complete(p.anchors)
         ):
             self._cut()
+        elif tx.type == ANCHOR:
+            self._rounds.anchor_ordered(p.anchors, self._tip_header.height, live=self._live)
 
     def _on_idle(self, envelope: dict[str, Any]) -> None:
         """Count a member's idle notice for the pending block; cut if it completes the round."""

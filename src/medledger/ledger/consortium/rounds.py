@@ -19,7 +19,9 @@ view; whether it counts reads the order alone.
 A block of anchors alone waits up to half an anchor interval for the rest of
 its round before a member sends a cut marker, unless the round cannot
 complete in this slot (decision 0067). When a marker is sent is local; where
-the block is cut is still decided by the order.
+the block is cut is still decided by the order. After a quiet spell, a
+member's notice for a slot waits for another member's anchor of that slot,
+so the first block after it is cut by its round too (decision 0070).
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ class AnchorRounds:
     say whether the member must cut now), :meth:`block_cut` as it cuts a block
     (before the block becomes its tip) and :meth:`after_cut` once it has. What
     these decide from the order is the same at every member and in a replay.
-    :meth:`notify_idle` and :meth:`marker_patience_s` decide only what this member
-    sends and when, from its own clocks; nothing here ever cuts a block itself.
+    :meth:`notify_idle`, :meth:`anchor_ordered` and :meth:`marker_patience_s` decide
+    only what this member sends and when, from its own clocks; nothing here ever
+    cuts a block itself.
 
     ``voters(h)`` are the members who vote on block ``h`` (the member's
     ``_members_before``); ``send(payload, msg_id, h)`` publishes into the order,
@@ -110,6 +113,9 @@ class AnchorRounds:
         # whether its own anchor from an earlier slot was still on its way then.
         self._idle_slot_ms: int | None = None
         self._idle_behind = False
+        # Idle at that slot while anchoring was quiet: the notice waits for another
+        # member's anchor of the slot to reach the order (:meth:`anchor_ordered`).
+        self._idle_waiting = False
 
     # -- what the order decides -----------------------------------------------------------
 
@@ -206,7 +212,9 @@ class AnchorRounds:
         anchoring is active: anchors are pending, or the newest block with anchors
         was cut at most ``_IDLE_ACTIVE_INTERVALS`` anchor intervals ago by this
         member's monotonic clock. A consortium where nobody anchors therefore stores
-        no notices (they are kept in the replicated stream).
+        no notices (they are kept in the replicated stream). A notice not sent for
+        that reason waits for another member's anchor of the slot
+        (:meth:`anchor_ordered`, decision 0070).
 
         The notice names the block that will hold this slot's anchors: the pending
         one, or the one after it if the pending block (as seen here) still collects
@@ -223,11 +231,34 @@ class AnchorRounds:
         recent = (
             self._anchors_cut_at is not None and self._monotonic() - self._anchors_cut_at <= window
         )
-        if not (recent or pending.anchorers):
-            return False
         # The anchorer calls at its slot: this reading is the slot's time.
         self._idle_slot_ms = self._clock.now_ms()
         self._idle_behind = anchor_on_the_way
+        self._idle_waiting = not (recent or pending.anchorers)
+        if self._idle_waiting:
+            return False
+        return self._send_idle_notice(pending, tip_height)
+
+    def anchor_ordered(self, pending: PendingAnchors, tip_height: int, *, live: bool) -> bool:
+        """An anchor joined the pending block without cutting it: send a notice that waited.
+
+        After a quiet spell a member with nothing new at its slot sends no notice
+        then (:meth:`notify_idle`: a quiet consortium stays quiet), but keeps the
+        slot. Another member's anchor of that slot reaching the order shows anchoring
+        active again, and the notice goes out now, while the slot lasts: the first
+        block after a quiet spell is then cut by its round instead of waiting half an
+        interval for a cut marker (decision 0067) and the marker's pass. A member
+        with an anchor of its own in the block sends none. Returns whether a notice
+        was sent.
+        """
+        if not (self._idle_waiting and live):
+            return False
+        if self._member_id in pending.anchorers or not self._idle_claim_current():
+            self._idle_waiting = False
+            return False
+        if not pending.anchorers:
+            return False
+        self._idle_waiting = False
         return self._send_idle_notice(pending, tip_height)
 
     def _idle_claim_current(self) -> bool:
