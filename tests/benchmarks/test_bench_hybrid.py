@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from cli_support import medledger_command
 from medledger.benchmarks.hybrid import (
     BenchNetwork,
     HybridSettings,
+    offer,
     schedule,
     workload,
 )
@@ -234,3 +237,36 @@ def test_the_one_process_layout_still_runs(tmp_path: Path) -> None:
         (step,) = run["steps"]
         assert step["offered_per_s"] == 50
         assert step["acked"] == step["records"] and step["errors"] == 0
+
+
+def test_a_record_is_timed_from_its_issue_or_when_it_was_due_whichever_came_first() -> None:
+    """The loop's millisecond timer rounding is not counted; a busy loop's lateness is."""
+    issued: list[tuple[float, float, float]] = []  # (offset, issued, called)
+
+    class Recorder:
+        async def write(self, i: int, resource: dict[str, Any], at: float, step: Any) -> None:
+            issued.append((resource["offset"], at, time.perf_counter()))
+            if resource["offset"] == 0.02:
+                time.sleep(0.015)  # the loop busy: the next record starts late
+
+    queues = deque((k / 100, {"offset": k / 100}) for k in range(6))
+
+    async def go() -> float:
+        start = time.perf_counter() + 0.02
+        await offer(Recorder(), [queues], start, 1, None, lambda: None)  # type: ignore[arg-type]
+        return start
+
+    start = asyncio.run(go())
+    assert [o for o, _, _ in issued] == [k / 100 for k in range(6)]
+    for offset, at, called in issued:
+        due = start + offset
+        assert at <= due  # never timed from after it was due
+        # From its issue, or from when it was due if the loop was busy until after.
+        assert at == pytest.approx(min(due, called), abs=0.002)
+        assert called >= due - 0.003  # woken at most about the loop's resolution early
+    # Issued ahead of the loop's timer rounding and timed from the issue (the old timing,
+    # from when it was due, counted the rounding: up to 1 ms).
+    assert any(at < start + offset - 0.0005 for offset, at, _ in issued)
+    _, late_at, late_called = issued[3]  # due at 0.03, the loop held until 0.035
+    assert late_called > start + 0.03
+    assert late_at == start + 0.03  # timed from when it was due: the wait counts
