@@ -502,3 +502,47 @@ def test_a_notice_is_not_sent_again_once_its_slots_block_is_cut(network: MakeNet
         assert [n["height"] for n in await idle_notices(net)] == [2]
 
     net.run(scenario)
+
+
+class SteppedClock:
+    """The members' wall clock: the system's, moved ahead by whole slots by the test."""
+
+    def __init__(self) -> None:
+        self.ahead_ms = 0
+
+    def now_ms(self) -> int:
+        return now_ms() + self.ahead_ms
+
+
+def test_a_member_idle_again_at_the_next_slot_says_so_again_for_the_same_block(
+    network: MakeNetwork,
+) -> None:
+    """A slot where every member is idle leaves a block of notices alone, still pending.
+    The next slot's anchors join that block, and a member idle again must say so for
+    that slot: its first notice is a slot too old to count beside them."""
+    params = ConsortiumParams(cut_after_ms=600_000, anchor_interval_ms=1000)
+    net = network(4, params=params)
+    clock, wall = FakeMonotonic(), SteppedClock()
+
+    async def scenario(net: Network) -> None:
+        await net.start(*MEMBERS, monotonic=clock, clock=wall)
+        await first_round_by_marker(net)  # every member anchored: all four in the round
+        # Slot 1: nobody has anything new. Four notices for block 2, nothing to cut.
+        assert all(net.members[mid].notify_idle() for mid in MEMBERS)
+        for _ in range(500):  # bounded: 5 s
+            if len(await idle_notices(net)) == 4:
+                break
+            await asyncio.sleep(0.01)
+        await everyone_read_so_far(net)  # the notices are in every member's order
+        assert tips(net) == {1}
+        # Slot 2: three anchor, h3 is idle again and says so for the same block.
+        wall.ahead_ms += params.anchor_interval_ms
+        for mid in MEMBERS[:3]:
+            await anchor(net, mid, 2, time_ms=wall.now_ms())
+        assert net.members["h3"].notify_idle()
+        await final_everywhere(net, 2)  # by the round: no marker was published
+        notices = await idle_notices(net)
+        assert [n["height"] for n in notices] == [2] * 5
+        assert len(block_tx_hashes(net, "h0", 2)) == 4  # the access tx and three anchors
+
+    net.run(scenario)

@@ -109,6 +109,9 @@ class AnchorRounds:
         # newest height this member sent an idle notice for.
         self._anchors_cut_at: float | None = None
         self._idle_sent_height = 0
+        # The slot of the newest notice sent (for ``_idle_sent_height``): a block that
+        # collected only notices stays pending, and at a later slot it needs a new one.
+        self._idle_sent_slot = -(10**15)
         # The slot (wall-clock ms) this member last said it had nothing new at, and
         # whether its own anchor from an earlier slot was still on its way then.
         self._idle_slot_ms: int | None = None
@@ -208,7 +211,8 @@ class AnchorRounds:
         ``anchor_on_the_way``: that anchor was sent but is not in the order yet.
         ``pending`` is the pending block's (after block ``tip_height``); ``live``:
         the member has replayed the order. Sent only where the genesis enables idle
-        notices, once live, by a voter, at most once per height, and only while
+        notices, once live, by a voter, at most once per height and slot (a block
+        that collected only notices is still pending at the next slot), and only while
         anchoring is active: anchors are pending, or the newest block with anchors
         was cut at most ``_IDLE_ACTIVE_INTERVALS`` anchor intervals ago by this
         member's monotonic clock. A consortium where nobody anchors therefore stores
@@ -282,11 +286,17 @@ class AnchorRounds:
             return False
         behind = self._idle_behind or any(self._from_earlier_slot(t) for t in pending.anchor_times)
         height = tip_height + (2 if behind else 1)
-        if height <= self._idle_sent_height:
+        # Once per height and slot: a block of notices alone (every member idle) is not
+        # cut, and a notice counts only beside anchors of its own slot, so a member idle
+        # again when the next slot's anchors join that block must say so again.
+        next_slot = self._idle_sent_slot + self._params.anchor_interval_ms // 2
+        if height < self._idle_sent_height or (
+            height == self._idle_sent_height and slot < next_slot
+        ):
             return False
         if self._voters(height).by_fingerprint(self._key.fingerprint) is None:
             return False
-        self._idle_sent_height = height
+        self._idle_sent_height, self._idle_sent_slot = height, slot
         signed = idle_notice_bytes(self._chain_id, height, slot)
         notice = canonical_bytes(
             {
@@ -296,8 +306,8 @@ class AnchorRounds:
                 "signature": self._key.sign(signed).to_json(),
             }
         )
-        # One id per member and height, as for cut markers.
-        self._send(notice, f"idle-{self._consortium}-{height}-{self._member_id}", height)
+        # One id per member, height and slot (the order drops a repeated id).
+        self._send(notice, f"idle-{self._consortium}-{height}-{self._member_id}-{slot}", height)
         return True
 
     def after_cut(
