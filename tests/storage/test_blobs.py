@@ -336,19 +336,8 @@ def test_a_torn_file_is_replaced_through_the_pool(store: FileBlobStore) -> None:
 
 
 def test_without_o_tmpfile_blobs_go_through_named_temporary_files(
-    store: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+    store: FileBlobStore, no_o_tmpfile: list[int]
 ) -> None:
-    real_open = os.open
-    refused = 0
-
-    def open_without_tmpfile(path: str, flags: int, mode: int = 0o777) -> int:
-        nonlocal refused
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            refused += 1
-            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-        return real_open(path, flags, mode)
-
-    monkeypatch.setattr("medledger.storage.tmpfile_pool.os.open", open_without_tmpfile)
     store.put(b"first")
     pool = store._tmpfiles
     deadline = time.monotonic() + 10
@@ -357,7 +346,7 @@ def test_without_o_tmpfile_blobs_go_through_named_temporary_files(
         time.sleep(0.002)
     batch = [os.urandom(3000) for _ in range(5)]
     assert [store.get(h) for h in store.put_many(batch)] == batch
-    assert pool.taken == 0 and refused == 1
+    assert pool.taken == 0 and no_o_tmpfile == [1]
     assert len(files(store.root)) == 6
     assert not [p for p in files(store.root) if p.name.startswith(".")]
 

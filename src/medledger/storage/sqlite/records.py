@@ -40,6 +40,19 @@ __all__ = ["SqliteRecordIndex"]
 _QUERIES = RecordQueries.for_dialect(SQLITE)
 
 
+def _create_tables(conn: sqlite3.Connection) -> None:
+    """Every table of the current schema, and its version, in a new index file."""
+    conn.executescript(
+        "BEGIN;"
+        + RECORDS_SCHEMA
+        + RECORDS_CHAIN_BASE
+        + RECORDS_DELETED
+        + RECORDS_PENDING_TOKENS
+        + "COMMIT;"
+    )
+    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),))
+
+
 class SqliteRecordIndex(RecordReads, RecordWrites):
     """:class:`~medledger.storage.ports.RecordIndex` in one SQLite file (WAL, ``synchronous=FULL``).
 
@@ -53,17 +66,7 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
             conn = sqlite3.connect(path, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(
-                    "BEGIN;"
-                    + RECORDS_SCHEMA
-                    + RECORDS_CHAIN_BASE
-                    + RECORDS_DELETED
-                    + RECORDS_PENDING_TOKENS
-                    + "COMMIT;"
-                )
-                conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
-                )
+                _create_tables(conn)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -83,17 +86,7 @@ class SqliteRecordIndex(RecordReads, RecordWrites):
             # Erased keys and tokens are overwritten, not left in free pages.
             self._writer.execute("PRAGMA secure_delete=ON")
             if new:
-                self._writer.executescript(
-                    "BEGIN;"
-                    + RECORDS_SCHEMA
-                    + RECORDS_CHAIN_BASE
-                    + RECORDS_DELETED
-                    + RECORDS_PENDING_TOKENS
-                    + "COMMIT;"
-                )
-                self._writer.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(RECORDS_SCHEMA_VERSION),)
-                )
+                _create_tables(self._writer)
             version = self._writer.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
