@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from medledger.core.errors import StorageError
+from medledger.core.errors import StorageError, StorageFull
 from medledger.node import Node, init_node, open_node
 from medledger.storage.keystore import KdfParams
 from medledger.storage.ports import VersionRow
@@ -135,7 +135,7 @@ def test_tokens_that_cannot_be_stored_fail_the_search_and_are_retried(
 
         async def flaky(row: VersionRow, tokens: set[bytes]) -> None:
             if failing[0]:
-                raise StorageError("the disk is full")
+                raise StorageFull("no space left; nothing was stored")
             await settle(row, tokens)
 
         monkeypatch.setattr(node.index, "settle_tokens", flaky)
@@ -143,9 +143,12 @@ def test_tokens_that_cannot_be_stored_fail_the_search_and_are_retried(
         with pytest.raises(StorageError, match="search tokens of 1 versions"):
             await _by_family(node)
         assert node.index.pending_tokens() == [("Patient", PATIENT["id"], 1)]
+        problems = node.records.health.problems(probe=False)
+        assert any("writes fail for lack of space" in p for p in problems), problems
         failing[0] = False  # the disk has room again: the next search retries them
         found = await _by_family(node)
         assert [s.id for s in found] == [PATIENT["id"]]  # type: ignore[attr-defined]
+        assert node.records.health.problems(probe=False) == []
 
     _on_node(root, go)
 

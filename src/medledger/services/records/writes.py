@@ -149,6 +149,7 @@ class RecordWriter:
         if self._unsettled:
             count = len(self._unsettled)
             raise StorageError(f"the search tokens of {count} versions could not be stored")
+        self._health.write_succeeded()
 
     def _settle_later(self, versions: Sequence[tuple[VersionRow, set[bytes]]]) -> None:
         """Commit acknowledged versions' tokens in the background."""
@@ -166,6 +167,8 @@ class RecordWriter:
                 # Left pending: searches wait for it; retried before the next write.
                 self._unsettled[(row.resource_type, row.id, row.version)] = (row, tokens)
                 log.warning("search tokens of a version not stored yet: %s", outcome)
+                if isinstance(outcome, StorageError):
+                    self._health.write_failed(outcome)  # a full disk: /readyz says so
 
     async def _write_once(self, intents: Sequence[WriteIntent]) -> list[StoredResource]:
         await self._recovery.ensure_recovered()
