@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,20 +169,7 @@ def test_a_search_gives_up_on_tokens_another_process_never_stores(
         latest = node.index.latest("Patient", PATIENT["id"])
         assert latest is not None
         # What another process's acknowledged, not yet settled, version looks like here.
-        await node.index.put_version(
-            VersionRow(
-                resource_type="Patient",
-                id="elsewhere",
-                version=1,
-                blob_hash=latest.blob_hash,
-                wrapped_dek=latest.wrapped_dek,
-                kek_id=latest.kek_id,
-                patient=latest.patient,
-                updated_ms=latest.updated_ms,
-                tx_hash=latest.tx_hash,
-            ),
-            None,
-        )
+        await node.index.put_version(replace(latest, id="elsewhere"), None)
         monkeypatch.setattr(service, "TOKENS_WAIT_S", 0.2)
         with pytest.raises(StorageError, match="search index is behind: 1 acknowledged"):
             await _by_family(node)
